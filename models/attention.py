@@ -1,0 +1,176 @@
+"""Attention with per-head sinks, and the metadata that says which keys a query sees.
+
+The model hands each layer's q/k/v to `meta.attend(...)`; the metadata object
+decides where keys come from:
+
+* `DenseMetadata`: several sequences flattened into one batch, no cache
+  (the parity path, and prefill without a cache).
+* `PagedMetadata`: the engine's paged KV cache. New keys/values are written
+  to their slots, then each sequence attends over its block table. Prefill
+  chunks and decode tokens of different sequences mix freely in one call.
+
+Both reduce to `attention_with_sinks`, the torch reference that fast kernels
+are tested against.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+NULL_BLOCK = 0  # block 0 of every pool stays zero: padding and freed window blocks point here
+
+
+def attention_with_sinks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor,
+                         mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """q [B,Q,Hq,D], k/v [B,L,K,D], sinks [Hq], mask [B,Q,L] (True = attend) -> [B,Q,Hq,D].
+
+    Softmax runs over the scores plus one sink logit per head whose
+    probability is dropped; computed in fp32 whatever the input dtype.
+    """
+    B, Q, Hq, D = q.shape
+    K = k.shape[2]
+    G = Hq // K
+    qg = q.float().view(B, Q, K, G, D)
+    s = torch.einsum("bqkgd,blkd->bkgql", qg, k.float()) * scale
+    s = s.masked_fill(~mask[:, None, None], float("-inf"))
+    sink = sinks.float().view(1, K, G, 1, 1).expand(B, K, G, Q, 1)
+    logits = torch.cat([s, sink], dim=-1)
+    logits = logits - logits.amax(dim=-1, keepdim=True)
+    p = torch.softmax(logits, dim=-1)[..., :-1]
+    o = torch.einsum("bkgql,blkd->bqkgd", p, v.float())
+    return o.reshape(B, Q, Hq, D).to(q.dtype)
+
+
+def _window_mask(qpos: torch.Tensor, kpos: torch.Tensor, kvalid: torch.Tensor, window: int | None) -> torch.Tensor:
+    """qpos [B,Q], kpos [B,L], kvalid [B,L] -> [B,Q,L] causal (+ sliding window) mask."""
+    m = (kpos[:, None, :] <= qpos[:, :, None]) & kvalid[:, None, :]
+    if window is not None:
+        m &= (qpos[:, :, None] - kpos[:, None, :]) < window
+    return m
+
+
+class _Varlen:
+    """Index maps between flat [N, ...] tokens and padded [B, Qmax, ...]."""
+
+    def __init__(self, query_start: torch.Tensor):
+        qs = query_start.to(torch.long)
+        lens = qs[1:] - qs[:-1]
+        self.B = lens.numel()
+        self.qmax = int(lens.max()) if self.B else 0
+        ar = torch.arange(self.qmax, device=qs.device)
+        self.valid = ar[None, :] < lens[:, None]                      # [B, Qmax]
+        self.index = (qs[:-1, None] + ar[None, :]).clamp(max=max(int(qs[-1]) - 1, 0))
+        self.lens = lens
+
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        return x[self.index]
+
+    def unpad(self, x: torch.Tensor) -> torch.Tensor:
+        return x[self.valid]
+
+
+@dataclass
+class DenseMetadata:
+    """Flattened sequences with no cache: token i of sequence b sits at position i."""
+    query_start: torch.Tensor  # [B+1] cumulative token counts
+    _vl: _Varlen = field(init=False, repr=False)
+
+    def __post_init__(self):
+        self._vl = _Varlen(self.query_start)
+
+    @classmethod
+    def single(cls, n: int, device=None) -> "DenseMetadata":
+        return cls(torch.tensor([0, n], device=device))
+
+    def attend(self, layer: int, q, k, v, sinks, window: int | None, scale: float) -> torch.Tensor:
+        vl = self._vl
+        pos = torch.arange(vl.qmax, device=q.device).expand(vl.B, -1)
+        mask = _window_mask(pos, pos, vl.valid, window)
+        out = attention_with_sinks(vl.pad(q), vl.pad(k), vl.pad(v), sinks, mask, scale)
+        return vl.unpad(out)
+
+
+@dataclass
+class KVCache:
+    """Per-layer paged K/V pools: k[layer], v[layer] are [num_blocks, block_size, K, D].
+
+    Layers of one group (e.g. all sliding-window layers) share block tables,
+    so their pools have the same number of blocks; groups may differ in size.
+    """
+    k: list[torch.Tensor]
+    v: list[torch.Tensor]
+    block_size: int
+
+    @classmethod
+    def allocate(cls, num_layers: int, blocks_per_layer: list[int], block_size: int, kv_heads: int,
+                 head_dim: int, dtype: torch.dtype, device="cpu") -> "KVCache":
+        shape = lambda n: (n, block_size, kv_heads, head_dim)  # noqa: E731
+        k = [torch.zeros(shape(blocks_per_layer[i]), dtype=dtype, device=device) for i in range(num_layers)]
+        v = [torch.zeros(shape(blocks_per_layer[i]), dtype=dtype, device=device) for i in range(num_layers)]
+        return cls(k, v, block_size)
+
+
+@dataclass
+class PagedMetadata:
+    """One engine step over the paged cache.
+
+    query_start [B+1]: new tokens of sequence b are flat rows qs[b]:qs[b+1].
+    context_lens [B]: tokens of b in the cache after this step (cached + new),
+    so the new tokens sit at positions context_len - q_len ... context_len - 1.
+    block_tables[group] [B, max_blocks]: physical block of each logical block;
+    entries for blocks a window no longer sees may be NULL_BLOCK.
+    slot_mapping[group] [N]: flat slot (block * block_size + offset) per new token.
+    layer_group[layer]: which group's tables a layer uses.
+    """
+    cache: KVCache
+    query_start: torch.Tensor
+    context_lens: torch.Tensor
+    block_tables: dict[str, torch.Tensor]
+    slot_mapping: dict[str, torch.Tensor]
+    layer_group: list[str]
+    _vl: _Varlen = field(init=False, repr=False)
+    _gather: dict = field(init=False, repr=False, default_factory=dict)
+
+    def __post_init__(self):
+        self._vl = _Varlen(self.query_start)
+
+    def _plan(self, group: str, window: int | None):
+        """Blocks to read per sequence and the mask; shared by all layers of a group."""
+        key = (group, window)
+        if key in self._gather:
+            return self._gather[key]
+        vl, bs = self._vl, self.cache.block_size
+        ctx = self.context_lens.to(torch.long)
+        first_q = ctx - vl.lens
+        qpos = first_q[:, None] + torch.arange(vl.qmax, device=ctx.device)[None, :]
+        if window is None:
+            start_blk = torch.zeros_like(ctx)
+        else:  # skip blocks entirely outside every query's window
+            start_blk = (first_q - window + 1).clamp(min=0) // bs
+        end_blk = (ctx + bs - 1) // bs
+        nb = int((end_blk - start_blk).max()) if vl.B else 0
+        j = start_blk[:, None] + torch.arange(nb, device=ctx.device)[None, :]
+        blk_valid = j < end_blk[:, None]
+        table = self.block_tables[group]
+        phys = torch.gather(table, 1, j.clamp(max=table.shape[1] - 1))
+        phys = torch.where(blk_valid, phys, torch.full_like(phys, NULL_BLOCK))
+        kpos = (j[:, :, None] * bs + torch.arange(bs, device=ctx.device)).reshape(vl.B, nb * bs)
+        kvalid = kpos < ctx[:, None]
+        mask = _window_mask(qpos, kpos, kvalid, window)
+        self._gather[key] = (phys, mask)
+        return phys, mask
+
+    def attend(self, layer: int, q, k, v, sinks, window: int | None, scale: float) -> torch.Tensor:
+        group = self.layer_group[layer]
+        kc, vc = self.cache.k[layer], self.cache.v[layer]
+        slots = self.slot_mapping[group]
+        kc.view(-1, *kc.shape[2:])[slots] = k.to(kc.dtype)
+        vc.view(-1, *vc.shape[2:])[slots] = v.to(vc.dtype)
+        phys, mask = self._plan(group, window)
+        B, nb = phys.shape
+        kk = kc[phys].reshape(B, nb * kc.shape[1], *kc.shape[2:])
+        vv = vc[phys].reshape(B, nb * vc.shape[1], *vc.shape[2:])
+        out = attention_with_sinks(self._vl.pad(q), kk.to(q.dtype), vv.to(q.dtype), sinks, mask, scale)
+        return self._vl.unpad(out)

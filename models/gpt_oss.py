@@ -1,0 +1,141 @@
+"""gpt-oss (20b / 120b and smaller random variants) in torch.
+
+Two entry points share every layer:
+* `logits(input_ids)`: one sequence, full causal forward, no cache (parity tests).
+* `forward(input_ids, positions, meta)`: the engine's call. Tokens of many
+  sequences are flattened into one batch; `meta` (see attention.py) says which
+  keys each token attends to and where the paged cache lives, so prefill
+  chunks and decode tokens run in the same step.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .attention import DenseMetadata
+from .config import GptOssConfig
+from .layers import MoE, QKVLinear, RMSNorm, Rotary, RowLinear
+from .weights import GLOBAL_NAMES, CheckpointReader, ShardSpec, open_checkpoint, read_attention, read_experts
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: GptOssConfig, layer: int, w: dict[str, torch.Tensor]):
+        super().__init__()
+        self.layer = layer
+        self.window = cfg.window(layer)
+        self.scale = 1.0 / math.sqrt(cfg.head_dim)
+        self.qkv = QKVLinear(w, cfg.head_dim)
+        self.o = RowLinear(w["o_w"], w["o_b"])
+        self.register_buffer("sinks", w["sinks"], persistent=False)
+
+    def forward(self, x, cos, sin, meta) -> torch.Tensor:
+        q, k, v = self.qkv(x)
+        q, k = Rotary.apply(q, cos, sin), Rotary.apply(k, cos, sin)
+        o = meta.attend(self.layer, q, k, v, self.sinks, self.window, self.scale)
+        return self.o(o.flatten(1))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GptOssConfig, layer: int, w: dict[str, torch.Tensor], experts):
+        super().__init__()
+        self.attn_norm = RMSNorm(w["attn_norm"], cfg.rms_norm_eps)
+        self.attn = Attention(cfg, layer, w)
+        self.mlp_norm = RMSNorm(w["mlp_norm"], cfg.rms_norm_eps)
+        self.moe = MoE(cfg, w["router_w"], w["router_b"], experts)
+
+    def forward(self, x, cos, sin, meta) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, meta)
+        return x + self.moe(self.mlp_norm(x))
+
+
+class GptOssForCausalLM(nn.Module):
+    def __init__(self, cfg: GptOssConfig, embed: torch.Tensor, blocks: list[Block],
+                 norm: torch.Tensor, unembed: torch.Tensor, shard: ShardSpec):
+        super().__init__()
+        self.config = cfg
+        self.shard = shard
+        self.register_buffer("embed", embed, persistent=False)
+        self.blocks = nn.ModuleList(blocks)
+        self.norm = RMSNorm(norm, cfg.rms_norm_eps)
+        self.register_buffer("unembed", unembed, persistent=False)
+        self.rotary = Rotary(cfg)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.device
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta) -> torch.Tensor:
+        """input_ids, positions [N] -> final hidden states [N, hidden] (after the last norm)."""
+        x = self.embed[input_ids]
+        cos, sin = self.rotary.cos_sin(positions, x.dtype)
+        for blk in self.blocks:
+            x = blk(x, cos, sin, meta)
+        return self.norm(x)
+
+    @torch.inference_mode()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(hidden, self.unembed).float()
+
+    @torch.inference_mode()
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """1-D LongTensor of T tokens -> [T, vocab] float logits (causal, no cache)."""
+        if input_ids.dim() != 1:
+            raise ValueError(f"logits() takes a 1-D tensor of token ids, got shape {tuple(input_ids.shape)}")
+        ids = input_ids.to(self.device)
+        pos = torch.arange(ids.numel(), device=self.device)
+        return self.compute_logits(self.forward(ids, pos, DenseMetadata.single(ids.numel(), self.device)))
+
+
+def _keep_packed(cfg: GptOssConfig, n_experts: int, dtype: torch.dtype, keep_mxfp4: bool | None) -> bool:
+    if cfg.quantization != "mxfp4":
+        return False
+    if keep_mxfp4 is not None:
+        return keep_mxfp4
+    # decode at load while the float experts stay small; beyond that keep the
+    # checkpoint's 4.25 bits per weight and decode one expert at a time
+    per_expert = 3 * cfg.hidden_size * cfg.intermediate_size * torch.finfo(dtype).bits // 8
+    return per_expert * n_experts * cfg.num_hidden_layers > 2 * 2**30
+
+
+def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+               shard: ShardSpec | None = None, keep_mxfp4: bool | None = None) -> GptOssForCausalLM:
+    """Load a gpt-oss checkpoint (HF or original/ layout, MXFP4 or float experts).
+
+    Reads tensor by tensor, and only the shard's experts and heads.
+    """
+    shard = shard or ShardSpec()
+    reader, cfg = open_checkpoint(path)
+    ids = shard.expert_ids(cfg)
+    packed = _keep_packed(cfg, len(ids), dtype, keep_mxfp4)
+    dev = torch.device(device)
+    names = GLOBAL_NAMES[reader.layout]
+    V, H = cfg.vocab_size, cfg.hidden_size
+
+    def to_dev(t: torch.Tensor) -> torch.Tensor:
+        return t.to(dev)
+
+    embed = to_dev(reader.read(names["embed"], (V, H)).to(dtype))
+    blocks = []
+    for i in range(cfg.num_hidden_layers):
+        w = {k: to_dev(v) for k, v in read_attention(reader, cfg, i, shard, dtype).items()}
+        ex = read_experts(reader, cfg, i, ids, dtype, packed)
+        for f in ("b1", "b2", "w1", "w2", "w1_blocks", "w1_scales", "w2_blocks", "w2_scales"):
+            t = getattr(ex, f)
+            if t is not None:
+                setattr(ex, f, to_dev(t))
+        blocks.append(Block(cfg, i, w, ex))
+    norm = to_dev(reader.read(names["norm"], (H,)).to(dtype))
+    unembed = to_dev(reader.read(names["unembed"], (V, H)).to(dtype))
+    return GptOssForCausalLM(cfg, embed, blocks, norm, unembed, shard)
+
+
+__all__ = ["GptOssForCausalLM", "load_model", "CheckpointReader"]

@@ -1,0 +1,166 @@
+"""Building blocks of the gpt-oss model: norm, RoPE, fused QKV, output
+projection, MoE. Each holds only its shard (a head range, a set of experts),
+so the parallel layer can reuse them and add the collectives around them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .config import GptOssConfig
+from .weights import ExpertWeights
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, weight: torch.Tensor, eps: float):
+        super().__init__()
+        # kept in fp32, as the reference does: the norm is where bf16 loses most
+        self.register_buffer("weight", weight.float(), persistent=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight * xf).to(x.dtype)
+
+
+def yarn_inv_freq(cfg: GptOssConfig) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies and the cos/sin scale ("concentration") of YaRN RoPE."""
+    d, base = cfg.head_dim, cfg.rope_theta
+    rs = cfg.rope_scaling
+    pos_freqs = base ** (torch.arange(0, d, 2, dtype=torch.float32) / d)
+    if rs.factor <= 1.0:
+        return 1.0 / pos_freqs, 1.0
+
+    def corr_dim(rot: float) -> float:
+        return d * math.log(rs.original_max_position_embeddings / (rot * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = corr_dim(rs.beta_fast), corr_dim(rs.beta_slow)
+    if rs.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, d - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(d // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    extrap = 1 - ramp  # 1 where the dimension keeps its original frequency
+    inv = (1.0 / (rs.factor * pos_freqs)) * (1 - extrap) + (1.0 / pos_freqs) * extrap
+    return inv, 0.1 * math.log(rs.factor) + 1.0
+
+
+class Rotary(nn.Module):
+    def __init__(self, cfg: GptOssConfig):
+        super().__init__()
+        inv, self.mscale = yarn_inv_freq(cfg)
+        self.register_buffer("inv_freq", inv, persistent=False)
+
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        f = positions.float()[:, None] * self.inv_freq[None, :]
+        return (f.cos() * self.mscale).to(dtype), (f.sin() * self.mscale).to(dtype)
+
+    @staticmethod
+    def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x [N, heads, D]; rotates the two halves (not interleaved pairs)."""
+        a, b = x.chunk(2, dim=-1)
+        c, s = cos[:, None, :], sin[:, None, :]
+        return torch.cat((a * c - b * s, b * c + a * s), dim=-1)
+
+
+class QKVLinear(nn.Module):
+    """Fused q/k/v projection for this shard's query and KV heads."""
+
+    def __init__(self, w: dict[str, torch.Tensor], head_dim: int):
+        super().__init__()
+        self.nq = w["q_w"].shape[0] // head_dim
+        self.nkv = w["k_w"].shape[0] // head_dim
+        self.head_dim = head_dim
+        self.register_buffer("weight", torch.cat([w["q_w"], w["k_w"], w["v_w"]]), persistent=False)
+        self.register_buffer("bias", torch.cat([w["q_b"], w["k_b"], w["v_b"]]), persistent=False)
+
+    def forward(self, x: torch.Tensor):
+        qkv = torch.nn.functional.linear(x, self.weight, self.bias)
+        d = self.head_dim
+        q, k, v = qkv.split([self.nq * d, self.nkv * d, self.nkv * d], dim=-1)
+        return q.view(-1, self.nq, d), k.view(-1, self.nkv, d), v.view(-1, self.nkv, d)
+
+
+class RowLinear(nn.Module):
+    """Output projection over this shard's heads; a sharded caller sums the partials."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.register_buffer("weight", weight, persistent=False)
+        self.register_buffer("bias", bias, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x, self.weight, self.bias)
+
+
+def swiglu(gate_up: torch.Tensor, limit: float, alpha: float) -> torch.Tensor:
+    """gpt-oss's clamped SwiGLU over interleaved (gate, linear) columns."""
+    gate = gate_up[..., 0::2].clamp(max=limit)
+    lin = gate_up[..., 1::2].clamp(-limit, limit)
+    return gate * torch.sigmoid(alpha * gate) * (lin + 1)
+
+
+class MoE(nn.Module):
+    """Top-k router over all experts; computes only this shard's experts.
+
+    With every expert local the result is the full MoE output; with a subset
+    it is that subset's share, for an expert-parallel caller to combine.
+    """
+
+    def __init__(self, cfg: GptOssConfig, router_w: torch.Tensor, router_b: torch.Tensor, experts: ExpertWeights):
+        super().__init__()
+        self.top_k = cfg.num_experts_per_tok
+        self.limit, self.alpha = cfg.swiglu_limit, cfg.swiglu_alpha
+        self.register_buffer("router_w", router_w, persistent=False)
+        self.register_buffer("router_b", router_b, persistent=False)
+        local = torch.full((cfg.num_local_experts,), -1, dtype=torch.long)
+        local[list(experts.ids)] = torch.arange(len(experts.ids))
+        self.register_buffer("global_to_local", local, persistent=False)
+        self.expert_ids = experts.ids
+        for name in ("b1", "b2", "w1", "w2", "w1_blocks", "w1_scales", "w2_blocks", "w2_scales"):
+            t = getattr(experts, name)
+            if t is not None:
+                self.register_buffer(name, t, persistent=False)
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = torch.nn.functional.linear(x, self.router_w, self.router_b)
+        top, idx = torch.topk(logits, self.top_k, dim=-1)
+        return idx, torch.softmax(top.float(), dim=-1).to(x.dtype)
+
+    def expert_weights(self, j: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        if getattr(self, "w1", None) is not None:
+            return self.w1[j], self.w2[j]
+        from . import mxfp4  # packed experts: decode just this one
+        return (mxfp4.decode(self.w1_blocks[j], self.w1_scales[j], dtype),
+                mxfp4.decode(self.w2_blocks[j], self.w2_scales[j], dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        idx, weights = self.route(x)
+        return self.compute(x, idx, weights)
+
+    def compute(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Weighted sum over the local experts among each token's top-k."""
+        out = torch.zeros_like(x)
+        local = self.global_to_local[idx].flatten()           # [N*k]
+        order = torch.argsort(local, stable=True)
+        counts = torch.bincount(local[order].clamp(min=0), minlength=len(self.expert_ids))
+        n_absent = int((local < 0).sum())
+        counts[0] -= n_absent  # tokens routed elsewhere sorted first under id -1
+        tok = order // self.top_k
+        w = weights.flatten()[order]
+        start = n_absent
+        for j, c in enumerate(counts.tolist()):
+            if c == 0:
+                continue
+            t = tok[start:start + c]
+            w1, w2 = self.expert_weights(j, x.dtype)
+            h = swiglu(torch.nn.functional.linear(x[t], w1, self.b1[j]), self.limit, self.alpha)
+            y = torch.nn.functional.linear(h, w2, self.b2[j])
+            out.index_add_(0, t, y * w[start:start + c, None])
+            start += c
+        return out
