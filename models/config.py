@@ -119,11 +119,13 @@ class GptOssConfig(BaseModel):
             "attention_bias": True,
             "attention_dropout": 0.0,
             "hidden_act": "silu",
-            "eos_token_id": self.eos_token_id,
-            "pad_token_id": self.pad_token_id,
             "torch_dtype": "bfloat16",
             "use_cache": True,
         }
+        # harmony's ids only exist in the real 201088-token vocab
+        for k in ("eos_token_id", "pad_token_id"):
+            if getattr(self, k) < self.vocab_size:
+                d[k] = getattr(self, k)
         if self.quantization == "mxfp4":
             d["quantization_config"] = {
                 "quant_method": "mxfp4",

@@ -1,0 +1,19 @@
+import os
+from pathlib import Path
+
+import pytest
+
+VOCAB = Path(__file__).resolve().parents[2] / "shared" / "vocab"
+if "TIKTOKEN_ENCODINGS_BASE" not in os.environ and (VOCAB / "o200k_base.tiktoken").exists():
+    os.environ["TIKTOKEN_ENCODINGS_BASE"] = str(VOCAB)
+
+
+@pytest.fixture(scope="session")
+def ckpt_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("ckpts")
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(ckpt_root):
+    from models.checkpoint import make_checkpoint
+    return make_checkpoint(ckpt_root / "tiny", "tiny", "hf", "mxfp4", seed=0)
