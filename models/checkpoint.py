@@ -73,37 +73,54 @@ def _mxfp4(seed: int, name: str, out: int, inp: int, n: int) -> tuple[torch.Tens
     return blocks, scales
 
 
-def logical_tensors(cfg: GptOssConfig, seed: int, experts: Experts) -> Iterator[tuple[str, int | None, torch.Tensor]]:
-    """Yield (logical name, layer or None, tensor); experts are [E, out, in] (or blocks/scales)."""
+def tensor_specs(cfg: GptOssConfig, experts: Experts) -> Iterator[tuple[str, int | None, tuple, str, float, float]]:
+    """(logical name, layer or None, shape, kind, std, mean) of every tensor, in file order.
+
+    kind is "normal" (bf16 draw), or "blocks"/"scales" for MXFP4 experts
+    (std then is the target weight std). Experts are [E, out, in].
+    """
     V, H, I = cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size
     Hq, K, D, E = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.num_local_experts
-    yield "embed", None, _normal(seed, "embed", (V, H), 1.0)
+    yield "embed", None, (V, H), "normal", 1.0, 0.0
     for i in range(cfg.num_hidden_layers):
-        p = f"{i}."
-        yield "attn_norm", i, _normal(seed, p + "attn_norm", (H,), 0.05, 1.0)
-        yield "mlp_norm", i, _normal(seed, p + "mlp_norm", (H,), 0.05, 1.0)
+        yield "attn_norm", i, (H,), "normal", 0.05, 1.0
+        yield "mlp_norm", i, (H,), "normal", 0.05, 1.0
         for n, rows in (("q", Hq * D), ("k", K * D), ("v", K * D)):
-            yield f"{n}_w", i, _normal(seed, p + n + "_w", (rows, H), 1 / math.sqrt(H))
-            yield f"{n}_b", i, _normal(seed, p + n + "_b", (rows,), 0.05)
-        yield "o_w", i, _normal(seed, p + "o_w", (H, Hq * D), 1 / math.sqrt(Hq * D))
-        yield "o_b", i, _normal(seed, p + "o_b", (H,), 0.05)
-        yield "sinks", i, _normal(seed, p + "sinks", (Hq,), 1.0)
-        yield "router_w", i, _normal(seed, p + "router_w", (E, H), 1 / math.sqrt(H))
-        yield "router_b", i, _normal(seed, p + "router_b", (E,), 0.1)
-        if experts == "mxfp4":
-            b, s = _mxfp4(seed, p + "w1", 2 * I, H, E)
-            yield "w1_blocks", i, b
-            yield "w1_scales", i, s
-            b, s = _mxfp4(seed, p + "w2", H, I, E)
-            yield "w2_blocks", i, b
-            yield "w2_scales", i, s
+            yield f"{n}_w", i, (rows, H), "normal", 1 / math.sqrt(H), 0.0
+            yield f"{n}_b", i, (rows,), "normal", 0.05, 0.0
+        yield "o_w", i, (H, Hq * D), "normal", 1 / math.sqrt(Hq * D), 0.0
+        yield "o_b", i, (H,), "normal", 0.05, 0.0
+        yield "sinks", i, (Hq,), "normal", 1.0, 0.0
+        yield "router_w", i, (E, H), "normal", 1 / math.sqrt(H), 0.0
+        yield "router_b", i, (E,), "normal", 0.1, 0.0
+        for w, out, inp in (("w1", 2 * I, H), ("w2", H, I)):
+            if experts == "mxfp4":
+                yield f"{w}_blocks", i, (E, out, inp // 32, 16), "blocks", 1 / math.sqrt(inp), 0.0
+                yield f"{w}_scales", i, (E, out, inp // 32), "scales", 1 / math.sqrt(inp), 0.0
+            else:
+                yield w, i, (E, out, inp), "normal", 1 / math.sqrt(inp), 0.0
+        yield "b1", i, (E, 2 * I), "normal", 0.05, 0.0
+        yield "b2", i, (E, H), "normal", 0.05, 0.0
+    yield "norm", None, (H,), "normal", 0.05, 1.0
+    yield "unembed", None, (V, H), "normal", 1 / math.sqrt(H), 0.0
+
+
+def spec_bytes(shape: tuple, kind: str) -> int:
+    return math.prod(shape) * (1 if kind in ("blocks", "scales") else 2)
+
+
+def logical_tensors(cfg: GptOssConfig, seed: int, experts: Experts) -> Iterator[tuple[str, int | None, torch.Tensor]]:
+    """Yield (logical name, layer or None, tensor), drawn one at a time."""
+    mx: dict = {}
+    for name, layer, shape, kind, std, mean in tensor_specs(cfg, experts):
+        key = name if layer is None else f"{layer}.{name}"
+        if kind == "normal":
+            yield name, layer, _normal(seed, key, shape, std, mean)
+        elif kind == "blocks":  # blocks and scales come from one draw, in that order
+            b, mx["scales"] = _mxfp4(seed, key.removesuffix("_blocks"), shape[1], shape[2] * 32, shape[0])
+            yield name, layer, b
         else:
-            yield "w1", i, _normal(seed, p + "w1", (E, 2 * I, H), 1 / math.sqrt(H))
-            yield "w2", i, _normal(seed, p + "w2", (E, H, I), 1 / math.sqrt(I))
-        yield "b1", i, _normal(seed, p + "b1", (E, 2 * I), 0.05)
-        yield "b2", i, _normal(seed, p + "b2", (E, H), 0.05)
-    yield "norm", None, _normal(seed, "norm", (H,), 0.05, 1.0)
-    yield "unembed", None, _normal(seed, "unembed", (V, H), 1 / math.sqrt(H))
+            yield name, layer, mx.pop("scales")
 
 
 class _ShardWriter:

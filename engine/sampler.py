@@ -1,0 +1,352 @@
+"""Batched token sampling: request parameters, logit processing, stop strings.
+
+Logit processing order (each row of the batch, all in batched tensor ops):
+
+    logit_bias -> repetition / frequency / presence penalties -> grammar mask
+    -> [logprobs are taken here] -> temperature -> top_k -> top_p -> min_p -> sample
+
+Bias and penalties come first so that they shape the distribution the grammar
+mask and the truncation steps see (a +100 bias is a way to force a token, and
+top_k must rank tokens *after* penalties). Logprobs are the log_softmax of the
+logits after bias/penalties/mask but BEFORE temperature and truncation, so they
+describe the (penalised, grammar-constrained) model rather than an artefact of
+the truncation knobs, and stay finite for every allowed token.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Annotated, Sequence
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+# Temperatures below this are treated as greedy: dividing logits by ~0 overflows
+# to inf and softmax turns it into NaN (vLLM uses the same cut-off).
+_GREEDY_EPS = 1e-5
+
+TokenId = Annotated[int, Field(ge=0)]
+Bias = Annotated[float, Field(ge=-100.0, le=100.0, allow_inf_nan=False)]
+
+
+class SamplingParams(BaseModel):
+    """Per-request sampling knobs (OpenAI / vLLM semantics)."""
+
+    # extra="forbid" so a misspelled knob fails loudly instead of being ignored.
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    temperature: float = Field(1.0, ge=0.0, allow_inf_nan=False, description="0 = greedy")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=-1, description="-1 or 0 = disabled")
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    repetition_penalty: float = Field(1.0, gt=0.0, allow_inf_nan=False)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[TokenId, Bias] = Field(default_factory=dict)
+    seed: int | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    stop: list[str] = Field(default_factory=list, max_length=4)
+    stop_token_ids: list[TokenId] = Field(default_factory=list)
+    n: int = Field(1, ge=1, le=128)
+    logprobs: bool = False
+    # Declared after `logprobs` so its validator can see that field.
+    top_logprobs: int = Field(0, ge=0, le=20)
+    ignore_eos: bool = False
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_as_list(cls, v):
+        # OpenAI accepts `"stop": "x"` as shorthand for `["x"]`.
+        if v is None:
+            return []
+        return [v] if isinstance(v, str) else v
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs_needs_logprobs(cls, v: int, info: ValidationInfo) -> int:
+        if v > 0 and not info.data.get("logprobs", False):
+            raise ValueError("top_logprobs > 0 requires logprobs=true")
+        return v
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < _GREEDY_EPS
+
+    @property
+    def has_penalties(self) -> bool:
+        return (self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0
+                or self.presence_penalty != 0.0)
+
+
+def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """Per-request RNG. The caller keeps it for the request's lifetime so that
+    step t of a seeded request always consumes the same random stream."""
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+IdSeq = Sequence[int] | torch.Tensor
+
+
+@dataclass
+class SamplingBatch:
+    """One decode step's worth of sampling inputs; every list has one entry per row."""
+
+    params: list[SamplingParams]
+    # Token history for penalties; None = empty for every row. repetition_penalty
+    # looks at prompt+output, frequency/presence at output only.
+    prompt_ids: Sequence[IdSeq] | None = None
+    output_ids: Sequence[IdSeq] | None = None
+    # Must be non-None for rows whose params carry a seed (see make_generator).
+    generators: Sequence[torch.Generator | None] | None = None
+    allowed: torch.Tensor | None = None  # [B, V] bool grammar mask, True = allowed
+
+    def __post_init__(self) -> None:
+        b = len(self.params)
+        for name in ("prompt_ids", "output_ids", "generators"):
+            v = getattr(self, name)
+            if v is not None and len(v) != b:
+                raise ValueError(f"SamplingBatch.{name} has {len(v)} rows, params has {b}")
+        if self.generators is None:
+            self.generators = [None] * b
+        for i, (p, g) in enumerate(zip(self.params, self.generators)):
+            if p.seed is not None and g is None and not p.greedy:
+                raise ValueError(f"row {i} has seed={p.seed} but no generator; "
+                                 "create one with make_generator(seed) and keep it across steps")
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: torch.Tensor  # [B] long
+    # [B] float, logprob of the chosen token; set for every row when any row asked.
+    logprobs: torch.Tensor | None = None
+    # One list per row, sorted by descending logprob; [] for rows that did not ask.
+    top_logprobs: list[list[tuple[int, float]]] | None = None
+
+
+def _flat_keys(ids: Sequence[IdSeq] | None, rows: list[int], vocab: int,
+               device: torch.device) -> torch.Tensor:
+    """History of `rows` as keys row * V + token, i.e. indices into logits.view(-1)."""
+    if ids is None:
+        return torch.empty(0, dtype=torch.long, device=device)
+    seqs = [torch.as_tensor(ids[i], dtype=torch.long, device=device).reshape(-1) for i in rows]
+    lens = torch.tensor([s.numel() for s in seqs], device=device)
+    tok = torch.cat(seqs)
+    row = torch.repeat_interleave(torch.tensor(rows, device=device), lens)
+    ok = (tok >= 0) & (tok < vocab)  # ids outside the logits row cannot be penalised
+    return row[ok] * vocab + tok[ok]
+
+
+class Sampler:
+    """Stateless batched sampler. `generator` feeds the unseeded rows (one shared
+    draw per step); None means torch's default generator."""
+
+    def __init__(self, generator: torch.Generator | None = None) -> None:
+        self.generator = generator
+
+    def sample(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
+        params = batch.params
+        if logits.dim() != 2 or logits.shape[0] != len(params):
+            raise ValueError(f"logits must be [B={len(params)}, V], got {tuple(logits.shape)}")
+        if self._plain_greedy(batch):
+            # Nothing modifies the logits, so argmax of the raw row is exact.
+            return self._finish(logits.float(), logits.argmax(-1), params)
+        x = self._process(logits, batch)
+        token_ids = torch.empty(len(params), dtype=torch.long, device=logits.device)
+        greedy = [i for i, p in enumerate(params) if p.greedy]
+        if greedy:
+            gi = torch.tensor(greedy, device=logits.device)
+            token_ids[gi] = x[gi].argmax(-1)
+        rest = [i for i, p in enumerate(params) if not p.greedy]
+        if rest:
+            rp = [params[i] for i in rest]
+            gens = [batch.generators[i] for i in rest]
+            if len(rest) < len(params):
+                ri = torch.tensor(rest, device=logits.device)
+                token_ids[ri] = self._race(self._truncate(x[ri], rp).softmax(-1), gens)
+            else:  # _truncate works in place; x is still needed only for logprobs
+                own = x.clone() if any(p.logprobs for p in params) else x
+                token_ids = self._race(self._truncate(own, rp).softmax(-1), gens)
+        return self._finish(x, token_ids, params)
+
+    def probs(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        """[B, V] distribution that `sample` draws from (one-hot for greedy rows).
+        Consumes no randomness; meant for tests, debugging and speculative decoding."""
+        x = self._process(logits, batch)
+        out = torch.zeros_like(x).scatter_(-1, x.argmax(-1, keepdim=True), 1.0)
+        rest = [i for i, p in enumerate(batch.params) if not p.greedy]
+        if rest:
+            ri = torch.tensor(rest, device=x.device)
+            out[ri] = self._truncate(x[ri], [batch.params[i] for i in rest]).softmax(-1)
+        return out
+
+    @staticmethod
+    def _plain_greedy(batch: SamplingBatch) -> bool:
+        return batch.allowed is None and all(
+            p.greedy and not p.has_penalties and not p.logit_bias for p in batch.params)
+
+    def _process(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        """Bias, penalties and grammar mask; returns a fresh float32 tensor."""
+        x = logits.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+        _, vocab = x.shape
+        dev = x.device
+        params = batch.params
+
+        rows, cols, vals = [], [], []
+        for i, p in enumerate(params):
+            for tok, bias in p.logit_bias.items():
+                if tok < vocab:  # ids past the (padded) vocab are silently ignored
+                    rows.append(i); cols.append(tok); vals.append(bias)
+        if rows:
+            x.index_put_((torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)),
+                         torch.tensor(vals, dtype=torch.float32, device=dev), accumulate=True)
+
+        pen = [i for i, p in enumerate(params) if p.has_penalties]
+        if pen:
+            # Penalties only touch tokens in the history, so work on the sparse
+            # (row, token) -> count pairs from torch.unique instead of dense [B, V]
+            # count tensors: O(history) rather than O(B * V) per step.
+            flat = x.view(-1)
+            okeys, ocnt = torch.unique(_flat_keys(batch.output_ids, pen, vocab, dev), return_counts=True)
+            rep = torch.tensor([p.repetition_penalty for p in params], device=dev)
+            if bool((rep != 1.0).any()):
+                seen = torch.unique(torch.cat([okeys, _flat_keys(batch.prompt_ids, pen, vocab, dev)]))
+                v, r = flat[seen], rep[seen // vocab]
+                # HF/vLLM: shrink positive logits, push negative ones further down.
+                flat[seen] = torch.where(v > 0, v / r, v * r)
+            freq = torch.tensor([p.frequency_penalty for p in params], device=dev)
+            pres = torch.tensor([p.presence_penalty for p in params], device=dev)
+            if bool((freq != 0).any() or (pres != 0).any()):
+                r = okeys // vocab
+                flat[okeys] = flat[okeys] - (freq[r] * ocnt + pres[r])
+
+        if batch.allowed is not None:
+            if batch.allowed.shape != x.shape:
+                raise ValueError(f"allowed mask {tuple(batch.allowed.shape)} != logits {tuple(x.shape)}")
+            # The grammar must allow at least one token per row (EOS at worst),
+            # otherwise the row is all -inf and its distribution is undefined.
+            x.masked_fill_(~batch.allowed.to(dev, torch.bool), float("-inf"))
+        return x
+
+    @staticmethod
+    def _truncate(x: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+        """Temperature, top_k, top_p, min_p on the non-greedy rows `x` [R, V], in
+        place (callers pass a private copy: at 200k vocab every pass counts).
+        Every row's arithmetic depends only on its own params (rows are grouped
+        by top_k, and a knob that is off leaves the row bit-identical), which is
+        what keeps a seeded row independent of the rest of the batch."""
+        vocab, dev = x.shape[1], x.device
+        if any(p.temperature != 1.0 for p in params):
+            x.div_(torch.tensor([p.temperature for p in params], device=dev)[:, None])
+        groups: dict[int, list[int]] = {}  # top_k (vocab = off) -> rows
+        for j, p in enumerate(params):
+            k = p.top_k if 0 < p.top_k < vocab else vocab
+            if k < vocab or p.top_p < 1.0:
+                groups.setdefault(k, []).append(j)
+        for k, rows in groups.items():
+            ri = torch.tensor(rows, device=dev)
+            sub = x[ri]
+            # topk(k) is far cheaper than sorting a 200k vocab; rows with only
+            # top_p need the full stable sort (ties break to the lower id).
+            if k < vocab:
+                vals, idx = sub.topk(k, dim=-1)
+            else:
+                vals, idx = sub.sort(dim=-1, descending=True, stable=True)
+            ps = [params[j].top_p for j in rows]
+            if any(p < 1.0 for p in ps):
+                # top_p=1 becomes inf so float rounding of the cumsum cannot cut the tail.
+                p_t = torch.tensor([p if p < 1.0 else math.inf for p in ps], device=dev)[:, None]
+                sp = vals.softmax(-1)  # over the top-k survivors: top_p sees the renormalised top-k
+                # Smallest nucleus: keep a token while the mass ranked above it is < p.
+                drop = (sp.cumsum(-1) - sp) >= p_t
+                drop[:, 0] = False
+                vals = vals.masked_fill(drop, float("-inf"))
+            x[ri] = torch.full_like(sub, float("-inf")).scatter_(-1, idx, vals)
+        mp = [j for j, p in enumerate(params) if p.min_p > 0]
+        if mp:
+            # p_i < min_p * p_max  <=>  logit_i - logit_max < log(min_p)
+            ri = torch.tensor(mp, device=dev)
+            sub = x[ri]
+            log_min_p = torch.tensor([math.log(params[j].min_p) for j in mp], device=dev)[:, None]
+            x[ri] = sub.masked_fill(sub < sub.max(dim=-1, keepdim=True).values + log_min_p, float("-inf"))
+        return x
+
+    def _race(self, probs: torch.Tensor, gens: Sequence[torch.Generator | None]) -> torch.Tensor:
+        """Exponential race: argmax(p_i / E_i), E_i ~ Exp(1), is an exact draw from p.
+        Each seeded row draws a full-vocab row of noise from its own generator, so
+        its stream never depends on batch composition; unseeded rows share one draw."""
+        # E = -log(U) is Exp(1); uniform_ + log_ is ~5x faster than exponential_ on CPU.
+        q = torch.empty_like(probs)
+        shared = [j for j, g in enumerate(gens) if g is None]
+        if len(shared) == len(gens):
+            q.uniform_(generator=self.generator)
+        elif shared:
+            q[torch.tensor(shared, device=q.device)] = torch.empty(
+                len(shared), q.shape[1], device=q.device).uniform_(generator=self.generator)
+        for j, g in enumerate(gens):
+            if g is not None:
+                q[j].uniform_(generator=g)
+        q.log_().neg_()
+        # U < 1 so E > 0, but guard anyway: 0/0 would be NaN, which argmax would pick.
+        # With E >= tiny, masked tokens (p == 0) score 0 and can never win.
+        q.clamp_min_(torch.finfo(q.dtype).tiny)
+        return (probs / q).argmax(-1)
+
+    @staticmethod
+    def _finish(x: torch.Tensor, token_ids: torch.Tensor, params: list[SamplingParams]) -> SamplerOutput:
+        if not any(p.logprobs for p in params):
+            return SamplerOutput(token_ids=token_ids)
+        lp = x.log_softmax(-1)
+        chosen = lp.gather(-1, token_ids[:, None]).squeeze(-1)
+        top: list[list[tuple[int, float]]] | None = None
+        kmax = max(p.top_logprobs for p in params)
+        if kmax > 0:
+            vals, ids = (t.tolist() for t in lp.topk(kmax, dim=-1))  # sorted, descending
+            # Masked tokens (-inf) are impossible choices and not JSON-encodable.
+            top = [[(t, v) for t, v in zip(ids[i][:p.top_logprobs], vals[i][:p.top_logprobs])
+                    if v != -math.inf] for i, p in enumerate(params)]
+        return SamplerOutput(token_ids=token_ids, logprobs=chosen, top_logprobs=top)
+
+
+class StopChecker:
+    """Incremental stop-string detection over detokenized text deltas.
+
+    Text that might be the beginning of a stop string is held back until it is
+    either completed (then dropped: stop text is never emitted) or ruled out
+    (then released), so a client never sees part of a stop sequence.
+    """
+
+    def __init__(self, stop: Sequence[str]) -> None:
+        self.stops = [s for s in stop if s]
+        self.matched: str | None = None  # the stop string that fired
+        self._held = ""
+
+    stopped = property(lambda self: self.matched is not None)
+
+    def feed(self, delta: str) -> tuple[str, bool]:
+        """Returns (text safe to emit now, whether a stop string was hit)."""
+        if self.stopped:
+            return "", True
+        if not self.stops:
+            return delta, False
+        buf = self._held + delta
+        # Earliest match wins; a match can only start inside the held suffix or
+        # the new delta, because every earlier position was ruled out already.
+        hits = [(i, s) for s in self.stops if (i := buf.find(s)) != -1]
+        if hits:
+            i, s = min(hits, key=lambda h: h[0])
+            self.matched, self._held = s, ""
+            return buf[:i], True
+        hold = 0
+        for s in self.stops:
+            for k in range(min(len(s) - 1, len(buf)), hold, -1):
+                if buf.endswith(s[:k]):
+                    hold = k
+                    break
+        self._held = buf[len(buf) - hold:]
+        return buf[:len(buf) - hold], False
+
+    def flush(self) -> str:
+        """At end of generation: release held-back text (nothing after a stop)."""
+        out, self._held = ("" if self.stopped else self._held), ""
+        return out
