@@ -1,0 +1,256 @@
+"""The engine: one step = schedule -> execute -> sample -> update."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from models.attention import NULL_BLOCK, KVCache, PagedMetadata
+
+from . import harmony
+from .grammar import GrammarMatcher, fill_masks
+from .kv_cache import BlockManager
+from .request import (ContextLengthError, EngineError, GenerateRequest, RequestOutput, ScheduledSeq,
+                      SchedulerOutput, Sequence, Usage)
+from .sampler import Sampler, SamplingBatch, StopChecker, make_generator
+from .scheduler import Scheduler
+
+
+class EngineConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    block_size: int = Field(16, ge=1)
+    num_blocks: int = Field(1024, ge=2, description="blocks in the full-attention pool")
+    num_sliding_blocks: int | None = Field(None, ge=2, description="default: enough for max_num_seqs windows")
+    max_num_seqs: int = Field(64, ge=1)
+    max_tokens_per_step: int = Field(512, ge=1)
+    max_model_len: int = Field(8192, ge=2)
+    enable_prefix_cache: bool = True
+
+
+@dataclass
+class ModelBatch:
+    """Tensors for one forward, and which rows get sampled."""
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    meta: PagedMetadata
+    sample_rows: torch.Tensor
+    sample_seqs: list[Sequence]
+
+
+class LLMEngine:
+    def __init__(self, model, config: EngineConfig = EngineConfig()):
+        self.model, self.config = model, config
+        mc = model.config
+        self.max_model_len = min(config.max_model_len, mc.max_position_embeddings)
+        bs = config.block_size
+        has_sliding = any(mc.window(i) for i in range(mc.num_hidden_layers))
+        window = mc.sliding_window if has_sliding else None
+        n_slide = config.num_sliding_blocks or (
+            config.max_num_seqs * ((mc.sliding_window + bs - 1) // bs + 2) + config.max_tokens_per_step // bs + 2)
+        self.groups = ["sliding" if mc.window(i) else "full" for i in range(mc.num_hidden_layers)]
+        self.blocks = BlockManager(config.num_blocks, n_slide, bs, window, config.enable_prefix_cache)
+        self.cache = KVCache.allocate(mc.num_hidden_layers,
+                                      [n_slide if g == "sliding" else config.num_blocks for g in self.groups],
+                                      bs, mc.num_key_value_heads, mc.head_dim, model.dtype, model.device)
+        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_tokens_per_step)
+        self.sampler = Sampler()
+        self.seqs: dict[str, list[Sequence]] = {}
+        self._arrival = itertools.count()
+        self.generated_tokens = 0
+        self.computed_tokens = 0
+        self._t0 = time.time()
+
+    # ---- requests -------------------------------------------------------------
+    def validate(self, req: GenerateRequest) -> None:
+        """Refuse what cannot run, before any compute."""
+        n = len(req.prompt_ids)
+        if n == 0:
+            raise EngineError("the prompt is empty")
+        if any(not 0 <= t < self.model.config.vocab_size for t in req.prompt_ids):
+            raise EngineError("the prompt holds token ids outside the vocabulary")
+        if n >= self.max_model_len:
+            raise ContextLengthError(
+                f"This model's maximum context length is {self.max_model_len} tokens; the prompt has {n} tokens.")
+        mt = req.params.max_tokens
+        if mt is not None and n + mt > self.max_model_len:
+            raise ContextLengthError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
+                f"{n + mt} tokens ({n} in the prompt, {mt} for the completion).")
+        need = -(-(n + (mt or 1)) // self.config.block_size)
+        if need > self.config.num_blocks - 1:
+            raise ContextLengthError(f"the request needs {need} KV blocks; the pool has {self.config.num_blocks - 1}")
+        if req.request_id in self.seqs:
+            raise EngineError(f"duplicate request id '{req.request_id}'")
+
+    def add_request(self, req: GenerateRequest) -> None:
+        self.validate(req)
+        seqs, first = [], None
+        for i in range(req.params.n):
+            p = req.params
+            gen = make_generator(p.seed + i) if p.seed is not None else None
+            s = Sequence(req, i, list(req.prompt_ids), len(req.prompt_ids), next(self._arrival), generator=gen,
+                         matcher=GrammarMatcher.from_spec(req.grammar) if req.grammar else None,
+                         parser=harmony.OutputParser() if req.harmony else None,
+                         stop=StopChecker(p.stop) if p.stop else None, wait_for=first)
+            first = first or s
+            seqs.append(s)
+            self.scheduler.add(s)
+        self.seqs[req.request_id] = seqs
+
+    def abort(self, request_id: str) -> bool:
+        seqs = self.seqs.pop(request_id, None)
+        for s in seqs or []:
+            self.scheduler.remove(s)
+        return seqs is not None
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    # ---- the step -------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        if not sched.items:
+            return []
+        batch = self._build_batch(sched)
+        hidden = self.model(batch.input_ids, batch.positions, batch.meta)
+        outputs: list[RequestOutput] = []
+        if batch.sample_seqs:
+            logits = self.model.compute_logits(hidden[batch.sample_rows])
+            sampled = self.sampler.sample(logits, self._sampling_batch(batch.sample_seqs, logits.shape[-1]))
+            outputs = self._update(sched, batch.sample_seqs, sampled)
+        else:
+            self._update(sched, [], None)
+        self.computed_tokens += sched.num_tokens
+        return outputs
+
+    def _build_batch(self, sched: SchedulerOutput) -> ModelBatch:
+        bs = self.config.block_size
+        ids, pos, qs, ctx, rows, sample_seqs = [], [], [0], [], [], []
+        slots = {g: [] for g in self.blocks.pools}
+        for it in sched.items:
+            s, a = it.seq, it.seq.num_computed
+            b = a + it.num_tokens
+            ids.extend(s.tokens[a:b])
+            pos.extend(range(a, b))
+            for g in slots:
+                t = s.blocks.tables[g]
+                slots[g].extend(t[p // bs] * bs + p % bs for p in range(a, b))
+            qs.append(qs[-1] + it.num_tokens)
+            ctx.append(b)
+            if it.samples:
+                rows.append(qs[-1] - 1)
+                sample_seqs.append(s)
+        dev = self.model.device
+        tables = {}
+        for g in slots:
+            width = max(len(it.seq.blocks.tables[g]) for it in sched.items)
+            tables[g] = torch.tensor([it.seq.blocks.tables[g] + [NULL_BLOCK] * (width - len(it.seq.blocks.tables[g]))
+                                      for it in sched.items], device=dev)
+        groups = self.groups if "sliding" in slots else ["full"] * len(self.groups)
+        meta = PagedMetadata(self.cache, torch.tensor(qs, device=dev), torch.tensor(ctx, device=dev), tables,
+                             {g: torch.tensor(v, device=dev, dtype=torch.long) for g, v in slots.items()}, groups)
+        return ModelBatch(torch.tensor(ids, device=dev), torch.tensor(pos, device=dev), meta,
+                          torch.tensor(rows, device=dev, dtype=torch.long), sample_seqs)
+
+    def _sampling_batch(self, seqs: list[Sequence], vocab: int) -> SamplingBatch:
+        allowed = None
+        if any(s.matcher for s in seqs):
+            allowed = fill_masks([s.matcher for s in seqs], vocab)
+        return SamplingBatch(params=[s.req.params for s in seqs],
+                             prompt_ids=[s.tokens[:s.prompt_len] for s in seqs],
+                             output_ids=[s.output_ids for s in seqs],
+                             generators=[s.generator for s in seqs], allowed=allowed)
+
+    def _update(self, sched: SchedulerOutput, seqs: list[Sequence], sampled) -> list[RequestOutput]:
+        for it in sched.items:
+            it.seq.num_computed += it.num_tokens
+        outs = []
+        for row, s in enumerate(seqs):
+            tok = int(sampled.token_ids[row])
+            s.tokens.append(tok)
+            self.generated_tokens += 1
+            out = RequestOutput(s.req.request_id, s.index, [tok])
+            if sampled.logprobs is not None and s.req.params.logprobs:
+                top = sampled.top_logprobs[row] if sampled.top_logprobs else []
+                out.logprobs.append({"token": tok, "logprob": float(sampled.logprobs[row]), "top": top})
+            self._check_finish(s, tok, out)
+            outs.append(out)
+        for it in sched.items:
+            if it.seq.finished:
+                self._retire(it.seq)
+            else:
+                self.scheduler.after_step(it.seq)
+        return outs
+
+    def _check_finish(self, s: Sequence, tok: int, out: RequestOutput) -> None:
+        p = s.req.params
+        reason = None
+        if s.matcher is not None and not s.matcher.accept(tok):
+            reason = "stop"  # cannot happen under the mask; end cleanly if it does
+        if s.parser is not None:
+            out.events.extend(s.parser.feed([tok]))
+            if s.parser.is_done:
+                reason = "stop"
+        else:
+            text = harmony.decode(s.output_ids)
+            if not text.endswith("\ufffd"):  # hold back a partial UTF-8 character
+                out.text, s.text_sent = text[s.text_sent:], len(text)
+            if s.stop is not None:
+                out.text, hit = s.stop.feed(out.text)
+                reason = "stop" if hit else reason
+            if not p.ignore_eos and tok in (harmony.assistant_stop_tokens() + [199999]):
+                reason = "stop"
+        if tok in p.stop_token_ids:
+            reason = "stop"
+        n_out = len(s.output_ids)
+        if reason is None and ((p.max_tokens is not None and n_out >= p.max_tokens)
+                               or len(s.tokens) >= self.max_model_len):
+            reason = "length"
+        if reason is None:
+            return
+        s.finished = True
+        if s.parser is not None:
+            out.events.extend(s.parser.finish("length" if reason == "length" else "stop"))
+            fin = out.events[-1] if out.events else None
+            reason = getattr(fin, "finish_reason", reason)
+            out.error = getattr(fin, "error", None)
+        elif s.stop is not None and reason == "length":
+            out.text += s.stop.flush()
+        s.finish_reason = out.finish_reason = reason
+        out.finished = True
+        out.usage = Usage(s.prompt_len, n_out, s.parser.reasoning_tokens if s.parser else 0, s.cached_tokens)
+
+    def _retire(self, s: Sequence) -> None:
+        self.scheduler.remove(s)
+        group = self.seqs.get(s.req.request_id, [])
+        if group and all(x.finished for x in group):
+            del self.seqs[s.req.request_id]
+
+    # ---- sync convenience and stats ---------------------------------------------
+    def generate(self, requests: list[GenerateRequest]) -> dict[str, list[RequestOutput]]:
+        """Run requests to completion; returns every step output per request id."""
+        results: dict[str, list[RequestOutput]] = {r.request_id: [] for r in requests}
+        for r in requests:
+            self.add_request(r)
+        while self.has_work():
+            for o in self.step():
+                results[o.request_id].append(o)
+        return results
+
+    def stats(self) -> dict:
+        el = max(time.time() - self._t0, 1e-9)
+        return {"waiting": len(self.scheduler.waiting), "running": len(self.scheduler.running),
+                **{f"kv_{k}": v for k, v in self.blocks.usage().items()},
+                "prefix_hit_rate": self.blocks.hit_rate(), "preemptions": self.scheduler.num_preemptions,
+                "generated_tokens": self.generated_tokens, "tokens_per_s": self.generated_tokens / el}
+
+
+def output_tokens(outs: list[RequestOutput], index: int = 0) -> list[int]:
+    return [t for o in outs if o.index == index for t in o.token_ids]
+
+
+__all__ = ["EngineConfig", "LLMEngine", "ScheduledSeq", "output_tokens"]

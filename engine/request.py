@@ -1,0 +1,111 @@
+"""Types that cross the engine's boundaries: requests in, per-step outputs out,
+the scheduler's decision, and the errors a request gets before any compute."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .grammar import GrammarMatcher, GrammarSpec
+from .harmony import OutputParser
+from .kv_cache import SeqBlocks
+from .sampler import SamplingParams, StopChecker
+
+
+class EngineError(Exception):
+    """A request the engine refuses; `status`/`code` map onto an OpenAI error."""
+    status = 400
+    code = "invalid_request_error"
+
+
+class ContextLengthError(EngineError):
+    code = "context_length_exceeded"
+
+
+class EngineOverloadedError(EngineError):
+    status = 503
+    code = "engine_overloaded"
+
+
+@dataclass
+class GenerateRequest:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    # chat requests parse their output as harmony; raw completions decode text
+    harmony: bool = True
+    grammar: GrammarSpec | None = None
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    reasoning_tokens: int = 0
+    cached_tokens: int = 0
+
+
+@dataclass
+class RequestOutput:
+    """What one step produced for one choice (index) of one request."""
+    request_id: str
+    index: int
+    token_ids: list[int]
+    events: list[Any] = field(default_factory=list)   # harmony events (engine.harmony)
+    text: str = ""                                      # raw completions: decoded delta
+    logprobs: list[dict] = field(default_factory=list)  # {"token", "logprob", "top": [(id, lp)]}
+    finished: bool = False
+    finish_reason: str | None = None
+    error: str | None = None
+    usage: Usage | None = None
+
+
+@dataclass
+class Sequence:
+    """One choice of one request, as the scheduler and engine track it."""
+    req: GenerateRequest
+    index: int
+    tokens: list[int]
+    prompt_len: int
+    arrival: int
+    num_computed: int = 0
+    cached_tokens: int = 0
+    blocks: SeqBlocks = field(default_factory=SeqBlocks)
+    generator: torch.Generator | None = None
+    matcher: GrammarMatcher | None = None
+    parser: OutputParser | None = None
+    stop: StopChecker | None = None
+    text_sent: int = 0          # raw mode: characters of decoded output already emitted
+    wait_for: "Sequence | None" = None  # n > 1: siblings wait for the first prefill, then share its blocks
+    finished: bool = False
+    finish_reason: str | None = None
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.tokens[self.prompt_len:]
+
+    @property
+    def to_compute(self) -> int:
+        return len(self.tokens) - self.num_computed
+
+
+@dataclass
+class ScheduledSeq:
+    seq: Sequence
+    num_tokens: int
+
+    @property
+    def samples(self) -> bool:
+        return self.seq.num_computed + self.num_tokens == len(self.seq.tokens)
+
+
+@dataclass
+class SchedulerOutput:
+    items: list[ScheduledSeq]
+    preempted: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(i.num_tokens for i in self.items)
