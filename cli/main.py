@@ -26,16 +26,11 @@ def resolve_model(spec: str) -> Path:
 
 
 def cmd_checkpoint_make(args) -> int:
-    from models.checkpoint import PRESETS, logical_tensors, make_checkpoint
+    from models.checkpoint import PRESETS, make_checkpoint, spec_bytes, tensor_specs
 
     if args.dry_run:
         cfg = PRESETS[args.preset]
-        total = 0
-        for name, layer, t in logical_tensors(cfg.model_copy(update={"num_hidden_layers": 1,
-                                                                     "layer_types": cfg.layer_types[:1]}),
-                                              args.seed, args.experts):
-            n = t.numel() * t.element_size()
-            total += n if layer is None else n * cfg.num_hidden_layers
+        total = sum(spec_bytes(shape, kind) for _, _, shape, kind, _, _ in tensor_specs(cfg, args.experts))
         print(f"preset {args.preset}: {cfg.num_hidden_layers} layers, {cfg.num_local_experts} experts, "
               f"{total / 1e9:.2f} GB of tensors ({args.experts} experts)")
         return 0
@@ -52,62 +47,15 @@ def cmd_checkpoint_make(args) -> int:
     return 0
 
 
-def _greedy(model, prompt: list[int], max_tokens: int, stop: set[int]) -> list[int]:
-    """Greedy decode over the paged-cache forward, one sequence (the engine does many)."""
-    import torch
-
-    from models.attention import KVCache, PagedMetadata
-
-    cfg, bs = model.config, 16
-    nblocks = (len(prompt) + max_tokens) // bs + 2
-    cache = KVCache.allocate(cfg.num_hidden_layers, [nblocks] * cfg.num_hidden_layers, bs,
-                             cfg.num_key_value_heads, cfg.head_dim, model.dtype)
-    table = torch.arange(1, nblocks).unsqueeze(0)  # block 0 is the null block
-    groups = ["all"] * cfg.num_hidden_layers
-    out, new, ctx = [], list(prompt), 0
-    while len(out) < max_tokens:
-        pos = torch.arange(ctx, ctx + len(new))
-        slots = table[0, pos // bs] * bs + pos % bs
-        ctx += len(new)
-        meta = PagedMetadata(cache, torch.tensor([0, len(new)]), torch.tensor([ctx]),
-                             {"all": table}, {"all": slots}, groups)
-        h = model(torch.tensor(new), pos, meta)
-        tok = int(model.compute_logits(h[-1:]).argmax(-1))
-        out.append(tok)
-        if tok in stop:
-            break
-        new = [tok]
-    return out
-
-
 def cmd_serve(args) -> int:
-    import torch
+    from cli import generate
 
-    from models import load_model
-
-    path = resolve_model(args.model)
     print("HTTP serving arrives with the Ray Serve deployments; until then `serve` runs the most real job "
-          "available: a greedy harmony generation through the model.", file=sys.stderr)
-    model = load_model(path, dtype=torch.float32)
-    try:
-        from openai_harmony import (Conversation, HarmonyEncodingName, Message, Role, SystemContent,
-                                    load_harmony_encoding)
-        enc = load_harmony_encoding(HarmonyEncodingName.HARMONY_GPT_OSS)
-    except Exception as e:  # no vocab offline
-        print(f"gptoss serve: cannot load the harmony encoding ({e}); set TIKTOKEN_ENCODINGS_BASE", file=sys.stderr)
-        return 1
-    convo = Conversation.from_messages([
-        Message.from_role_and_content(Role.SYSTEM, SystemContent.new()),
-        Message.from_role_and_content(Role.USER, args.prompt),
-    ])
-    prompt = enc.render_conversation_for_completion(convo, Role.ASSISTANT)
-    t0 = time.time()
-    toks = _greedy(model, prompt, args.max_tokens, set(enc.stop_tokens_for_assistant_actions()))
-    dt = time.time() - t0
-    print(f"model: {path}")
-    print(f"prompt ({len(prompt)} tokens): {enc.decode(prompt)!r}")
-    print(f"completion ({len(toks)} tokens, {len(toks) / dt:.1f} tok/s): {enc.decode(toks)!r}")
-    return 0
+          "available: one chat request through the engine (harmony prompt, grammar-constrained output).",
+          file=sys.stderr)
+    ns = generate.build_parser_defaults(model=args.model, prompt=args.prompt, max_tokens=args.max_tokens,
+                                        max_reasoning_tokens=32, seed=0)
+    return generate.run(ns)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -130,18 +78,22 @@ def build_parser() -> argparse.ArgumentParser:
     sv = sub.add_parser("serve", help="serve the OpenAI API")
     sv.add_argument("--model", default="demo", help="checkpoint directory, or 'demo'")
     sv.add_argument("--prompt", default="What is the capital of France?")
-    sv.add_argument("--max-tokens", type=int, default=32)
+    sv.add_argument("--max-tokens", type=int, default=96)
     sv.set_defaults(fn=cmd_serve)
+
+    from cli import generate
+    generate.add_parser(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from cli.generate import UsageError
     from models.config import ConfigError
     from models.weights import CheckpointError
     try:
         return args.fn(args)
-    except (ConfigError, CheckpointError) as e:
+    except (ConfigError, CheckpointError, UsageError) as e:
         print(f"gptoss {args.cmd}: {e}", file=sys.stderr)
         return 2
 

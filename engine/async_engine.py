@@ -1,0 +1,105 @@
+"""The engine interface the Serve layer depends on, and its in-process implementation.
+
+`AsyncEngine` runs `LLMEngine.step()` in one background thread (torch releases
+the GIL in its kernels) and fans each step's outputs out to per-request asyncio
+queues. If a step raises, every in-flight request ends with an error output
+and the engine keeps serving: no stream is left hanging.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from typing import AsyncIterator, Protocol
+
+from .core import LLMEngine
+from .request import GenerateRequest, RequestOutput
+
+log = logging.getLogger(__name__)
+
+
+class EngineClient(Protocol):
+    def generate(self, request: GenerateRequest) -> AsyncIterator[RequestOutput]: ...
+    def abort(self, request_id: str) -> None: ...
+    def stats(self) -> dict: ...
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self._lock = threading.Lock()
+        self._work = threading.Event()
+        self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._stopped = False
+        self._thread = threading.Thread(target=self._loop, name="engine-loop", daemon=True)
+        self._thread.start()
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[RequestOutput]:
+        """Yields step outputs until every choice of the request has finished.
+
+        Raises `EngineError` (typed, before any compute) for a request that
+        cannot run. Leaving the iterator early (client gone) aborts the request.
+        """
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+        rid = request.request_id
+        with self._lock:
+            self.engine.add_request(request)  # validates; raises before anything is queued
+            self._queues[rid] = (loop, q)
+        self._work.set()
+        pending = request.params.n
+        try:
+            while pending:
+                out: RequestOutput = await q.get()
+                if out.finished:
+                    pending -= 1
+                yield out
+        finally:
+            if pending:
+                self.abort(rid)
+            self._queues.pop(rid, None)
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            self.engine.abort(request_id)
+            self._queues.pop(request_id, None)
+
+    def stats(self) -> dict:
+        with self._lock:
+            return self.engine.stats()
+
+    def shutdown(self) -> None:
+        self._stopped = True
+        self._work.set()
+        self._thread.join(timeout=10)
+
+    def _deliver(self, out: RequestOutput) -> None:
+        target = self._queues.get(out.request_id)
+        if target is not None:
+            loop, q = target
+            loop.call_soon_threadsafe(q.put_nowait, out)
+
+    def _loop(self) -> None:
+        while not self._stopped:
+            self._work.wait()
+            with self._lock:
+                if not self.engine.has_work():
+                    self._work.clear()
+                    continue
+                try:
+                    outs = self.engine.step()
+                except Exception as e:  # a failed step must not strand any stream
+                    log.exception("engine step failed")
+                    outs = self._fail_all(f"engine step failed: {type(e).__name__}: {e}")
+            for o in outs:
+                self._deliver(o)
+
+    def _fail_all(self, msg: str) -> list[RequestOutput]:
+        outs = []
+        for rid, seqs in list(self.engine.seqs.items()):
+            for s in seqs:
+                if not s.finished:
+                    outs.append(RequestOutput(rid, s.index, [], finished=True, finish_reason="error", error=msg))
+            self.engine.abort(rid)
+        return outs

@@ -1,0 +1,69 @@
+"""`gptoss generate` end to end (subprocess, the demo-shaped tiny checkpoint)."""
+
+import json
+import subprocess
+import sys
+
+import jsonschema
+import pytest
+
+GPTOSS = [sys.executable, "-m", "cli.main"]
+SCHEMA = {"type": "object", "additionalProperties": False, "required": ["city", "pop"],
+          "properties": {"city": {"type": "string", "maxLength": 12},
+                         "pop": {"type": "integer", "minimum": 0, "maximum": 9999}}}
+TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "Weather for a city",
+    "parameters": {"type": "object", "additionalProperties": False, "required": ["city"],
+                   "properties": {"city": {"type": "string", "maxLength": 10}}}}}]
+
+
+def run(*args, ok=True):
+    r = subprocess.run([*GPTOSS, "generate", *args], capture_output=True, text=True, timeout=300)
+    if ok:
+        assert r.returncode == 0, r.stderr
+    return r
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    (d / "schema.json").write_text(json.dumps(SCHEMA))
+    (d / "tools.json").write_text(json.dumps(TOOLS))
+    (d / "messages.json").write_text(json.dumps([{"role": "system", "content": "Be brief."},
+                                                 {"role": "user", "content": "Weather in Paris?"}]))
+    return d
+
+
+def test_json_schema_output(tiny_ckpt, files):
+    r = run("--model", str(tiny_ckpt), "--prompt", "A city as JSON", "--json-schema", str(files / "schema.json"),
+            "--max-reasoning-tokens", "8", "--max-tokens", "120", "--seed", "3", "--json")
+    out = json.loads(r.stdout)
+    assert out["finish_reason"] == "stop", out
+    jsonschema.validate(json.loads(out["content"]), SCHEMA)
+    assert out["usage"]["completion_tokens"] <= 120
+
+
+def test_required_tool_call(tiny_ckpt, files):
+    r = run("--model", str(tiny_ckpt), "--messages", str(files / "messages.json"), "--tools",
+            str(files / "tools.json"), "--tool-choice", "required", "--max-reasoning-tokens", "4",
+            "--max-tokens", "80", "--seed", "1", "--reasoning-effort", "low", "--json")
+    out = json.loads(r.stdout)
+    assert out["finish_reason"] == "tool_calls", out
+    [call] = out["tool_calls"]
+    assert call["name"] == "get_weather"
+    jsonschema.validate(json.loads(call["arguments"]), TOOLS[0]["function"]["parameters"])
+
+
+def test_bad_flags_are_named(tiny_ckpt, files, tmp_path):
+    cases = [
+        (["--temperature", "-1"], "--temperature"),
+        (["--tool-choice", "nope", "--tools", str(files / "tools.json")], "--tool-choice"),
+        (["--tool-choice", "required"], "--tool-choice"),
+        (["--json-schema", str(tmp_path / "missing.json")], "--json-schema"),
+        (["--reasoning-effort", "max"], "--reasoning-effort"),
+        (["--tp", "2"], "--tp"),
+    ]
+    for args, flag in cases:
+        r = run("--model", str(tiny_ckpt), *args, ok=False)
+        assert r.returncode == 2, (args, r.stderr)
+        assert flag in r.stderr and "Traceback" not in r.stderr, r.stderr
