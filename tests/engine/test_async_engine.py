@@ -1,0 +1,112 @@
+"""The Serve-facing interface: concurrent streams, abort on early exit, failed steps end streams."""
+
+import asyncio
+
+import pytest
+import torch
+
+from engine.async_engine import AsyncEngine
+from engine.core import EngineConfig, LLMEngine, output_tokens
+from engine.request import ContextLengthError, GenerateRequest
+from engine.sampler import SamplingParams
+from models import load_model
+
+
+@pytest.fixture(scope="module")
+def model(tiny_ckpt):
+    return load_model(tiny_ckpt)
+
+
+def _req(rid, n_prompt, n_out, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return GenerateRequest(rid, torch.randint(0, 199000, (n_prompt,), generator=g).tolist(),
+                           SamplingParams(temperature=0, max_tokens=n_out, ignore_eos=True), harmony=False)
+
+
+def test_concurrent_streams_match_sync_engine(model):
+    reqs = [_req(f"r{i}", 5 + 7 * i, 6 + i, seed=i) for i in range(6)]
+    ref = LLMEngine(model, EngineConfig(block_size=4)).generate(reqs)
+    eng = AsyncEngine(LLMEngine(model, EngineConfig(block_size=4)))
+
+    async def one(r):
+        return [o async for o in eng.generate(r)]
+
+    async def main():
+        return await asyncio.gather(*(one(r) for r in reqs))
+
+    try:
+        got = asyncio.run(main())
+    finally:
+        eng.shutdown()
+    for r, outs in zip(reqs, got):
+        assert output_tokens(outs) == output_tokens(ref[r.request_id])
+        assert outs[-1].finished and outs[-1].usage.completion_tokens == r.params.max_tokens
+
+
+def test_leaving_the_stream_aborts_and_frees_blocks(model):
+    eng = AsyncEngine(LLMEngine(model, EngineConfig(block_size=4)))
+
+    async def main():
+        n = 0
+        async for _ in eng.generate(_req("long", 30, 500)):
+            n += 1
+            if n == 3:
+                break
+        await asyncio.sleep(0.05)
+        return n
+
+    try:
+        assert asyncio.run(main()) == 3
+        s = eng.stats()
+        assert s["running"] == 0 and s["waiting"] == 0 and s["kv_full_used"] == 0
+    finally:
+        eng.shutdown()
+
+
+def test_typed_error_before_compute(model):
+    eng = AsyncEngine(LLMEngine(model, EngineConfig(max_model_len=64)))
+
+    async def main():
+        async for _ in eng.generate(_req("big", 80, 4)):
+            pass
+
+    try:
+        with pytest.raises(ContextLengthError, match="maximum context length is 64"):
+            asyncio.run(main())
+        assert eng.engine.computed_tokens == 0
+    finally:
+        eng.shutdown()
+
+
+def test_failed_step_ends_every_stream_with_an_error(model):
+    llm = LLMEngine(model, EngineConfig(block_size=4))
+    eng = AsyncEngine(llm)
+    real = llm.step
+    calls = {"n": 0}
+
+    def flaky():
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("simulated device fault")
+        return real()
+
+    llm.step = flaky
+
+    async def main():
+        async def one(r):
+            return [o async for o in eng.generate(r)]
+        return await asyncio.wait_for(asyncio.gather(one(_req("a", 10, 50)), one(_req("b", 12, 50, 1))), 60)
+
+    try:
+        res = asyncio.run(main())
+        for outs in res:
+            assert outs[-1].finished and outs[-1].finish_reason == "error" and "simulated" in outs[-1].error
+        # the engine keeps serving after the failure
+        after = asyncio.run(asyncio.wait_for(_collect(eng, _req("c", 8, 5)), 60))
+        assert after[-1].finish_reason == "length"
+    finally:
+        eng.shutdown()
+
+
+async def _collect(eng, r):
+    return [o async for o in eng.generate(r)]
