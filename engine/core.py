@@ -45,12 +45,18 @@ class LLMEngine:
     def __init__(self, model, config: EngineConfig = EngineConfig()):
         self.model, self.config = model, config
         mc = model.config
-        self.max_model_len = min(config.max_model_len, mc.max_position_embeddings)
         bs = config.block_size
+        # A sequence must fit the full pool on its own (block 0 is the null block), else one
+        # without max_tokens would outgrow it, preempt itself and never run again.
+        self.max_model_len = min(config.max_model_len, mc.max_position_embeddings, (config.num_blocks - 1) * bs)
         has_sliding = any(mc.window(i) for i in range(mc.num_hidden_layers))
         window = mc.sliding_window if has_sliding else None
         n_slide = config.num_sliding_blocks or (
             config.max_num_seqs * ((mc.sliding_window + bs - 1) // bs + 2) + config.max_tokens_per_step // bs + 2)
+        min_slide = -(-(mc.sliding_window + config.max_tokens_per_step) // bs) + 2  # one window + one chunk
+        if has_sliding and n_slide < min_slide:
+            raise ValueError(f"num_sliding_blocks={n_slide} cannot hold one sequence's window and step "
+                             f"(needs >= {min_slide})")
         self.groups = ["sliding" if mc.window(i) else "full" for i in range(mc.num_hidden_layers)]
         self.blocks = BlockManager(config.num_blocks, n_slide, bs, window, config.enable_prefix_cache)
         self.cache = KVCache.allocate(mc.num_hidden_layers,

@@ -49,6 +49,7 @@ _O200K_PATTERN = "|".join([
 # schemas with keywords llguidance doesn't implement usable instead of failing the request.
 _JSON_OPTIONS = {"whitespace_flexible": False, "lenient": True}
 _TOOL_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,128}")
+_NO_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": False}
 
 
 @functools.lru_cache(maxsize=1)
@@ -138,7 +139,9 @@ def _normalize_tools(tools: Sequence[dict]) -> list[tuple[str, dict]]:
         # beyond OpenAI's name charset (plus '.') could not round-trip through a parse.
         if not isinstance(name, str) or not _TOOL_NAME.fullmatch(name):
             raise ValueError(f"invalid tool name {name!r}")
-        out.append((name, t.get("parameters") or {"type": "object"}))
+        # OpenAI: omitting parameters defines a function with an empty parameter list
+        # (harmony renders it as `() => any`), so its arguments can only be {}.
+        out.append((name, t.get("parameters") or _NO_PARAMETERS))
     return out
 
 

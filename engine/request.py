@@ -71,7 +71,8 @@ class Sequence:
     prompt_len: int
     arrival: int
     num_computed: int = 0
-    cached_tokens: int = 0
+    cached_tokens: int = 0      # prompt tokens served from the prefix cache at first admission
+    admitted: bool = False
     blocks: SeqBlocks = field(default_factory=SeqBlocks)
     generator: torch.Generator | None = None
     matcher: GrammarMatcher | None = None

@@ -74,13 +74,15 @@ class Scheduler:
                 continue
             if seq.num_computed == 0:
                 seq.num_computed = self.blocks.match_prefix(seq.blocks, seq.tokens)
-                seq.cached_tokens = max(seq.cached_tokens, min(seq.num_computed, seq.prompt_len))
+                if not seq.admitted:  # a preempted sequence's own recomputed blocks are not a cache saving
+                    seq.cached_tokens = min(seq.num_computed, seq.prompt_len)
             n = min(seq.to_compute, budget)
             if not self.blocks.allocate(seq.blocks, seq.num_computed + n):
                 self.blocks.free(seq.blocks)
                 seq.num_computed = 0
                 self.waiting.appendleft(seq)
                 break
+            seq.admitted = True
             self.running.append(seq)
             items.append(ScheduledSeq(seq, n))
             budget -= n
