@@ -9,9 +9,10 @@ from dataclasses import dataclass
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from models.attention import NULL_BLOCK, KVCache, PagedMetadata
+from models.attention import NULL_BLOCK
 
 from . import harmony
+from .executor import CacheSpec, LocalExecutor, StepInput
 from .grammar import GrammarMatcher, fill_masks
 from .kv_cache import BlockManager
 from .request import (ContextLengthError, EngineError, GenerateRequest, RequestOutput, ScheduledSeq,
@@ -31,20 +32,12 @@ class EngineConfig(BaseModel):
     enable_prefix_cache: bool = True
 
 
-@dataclass
-class ModelBatch:
-    """Tensors for one forward, and which rows get sampled."""
-    input_ids: torch.Tensor
-    positions: torch.Tensor
-    meta: PagedMetadata
-    sample_rows: torch.Tensor
-    sample_seqs: list[Sequence]
-
-
 class LLMEngine:
-    def __init__(self, model, config: EngineConfig = EngineConfig()):
-        self.model, self.config = model, config
-        mc = model.config
+    """`model` runs in this process; `executor_factory(cache_spec)` runs it elsewhere (rank workers)."""
+
+    def __init__(self, model=None, config: EngineConfig = EngineConfig(), executor_factory=None, model_config=None):
+        self.config = config
+        mc = model.config if model is not None else model_config
         bs = config.block_size
         # A sequence must fit the full pool on its own (block 0 is the null block), else one
         # without max_tokens would outgrow it, preempt itself and never run again.
@@ -57,11 +50,11 @@ class LLMEngine:
         if has_sliding and n_slide < min_slide:
             raise ValueError(f"num_sliding_blocks={n_slide} cannot hold one sequence's window and step "
                              f"(needs >= {min_slide})")
-        self.groups = ["sliding" if mc.window(i) else "full" for i in range(mc.num_hidden_layers)]
+        self.vocab_size = mc.vocab_size
         self.blocks = BlockManager(config.num_blocks, n_slide, bs, window, config.enable_prefix_cache)
-        self.cache = KVCache.allocate(mc.num_hidden_layers,
-                                      [n_slide if g == "sliding" else config.num_blocks for g in self.groups],
-                                      bs, mc.num_key_value_heads, mc.head_dim, model.dtype, model.device)
+        groups = tuple("sliding" if mc.window(i) else "full" for i in range(mc.num_hidden_layers))
+        spec = CacheSpec(bs, {"full": config.num_blocks, "sliding": n_slide}, groups)
+        self.executor = executor_factory(spec) if executor_factory else LocalExecutor(model, spec)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_tokens_per_step)
         self.sampler = Sampler()
         self.seqs: dict[str, list[Sequence]] = {}
@@ -76,7 +69,7 @@ class LLMEngine:
         n = len(req.prompt_ids)
         if n == 0:
             raise EngineError("the prompt is empty")
-        if any(not 0 <= t < self.model.config.vocab_size for t in req.prompt_ids):
+        if any(not 0 <= t < self.vocab_size for t in req.prompt_ids):
             raise EngineError("the prompt holds token ids outside the vocabulary")
         if n >= self.max_model_len:
             raise ContextLengthError(
@@ -121,19 +114,16 @@ class LLMEngine:
         sched = self.scheduler.schedule()
         if not sched.items:
             return []
-        batch = self._build_batch(sched)
-        hidden = self.model(batch.input_ids, batch.positions, batch.meta)
-        outputs: list[RequestOutput] = []
-        if batch.sample_seqs:
-            logits = self.model.compute_logits(hidden[batch.sample_rows])
-            sampled = self.sampler.sample(logits, self._sampling_batch(batch.sample_seqs, logits.shape[-1]))
-            outputs = self._update(sched, batch.sample_seqs, sampled)
-        else:
-            self._update(sched, [], None)
+        step, sample_seqs = self._build_step(sched)
+        logits = self.executor.execute(step)
+        sampled = None
+        if sample_seqs:
+            sampled = self.sampler.sample(logits, self._sampling_batch(sample_seqs, logits.shape[-1]))
+        outputs = self._update(sched, sample_seqs, sampled)
         self.computed_tokens += sched.num_tokens
         return outputs
 
-    def _build_batch(self, sched: SchedulerOutput) -> ModelBatch:
+    def _build_step(self, sched: SchedulerOutput) -> tuple[StepInput, list[Sequence]]:
         bs = self.config.block_size
         ids, pos, qs, ctx, rows, sample_seqs = [], [], [0], [], [], []
         slots = {g: [] for g in self.blocks.pools}
@@ -150,17 +140,15 @@ class LLMEngine:
             if it.samples:
                 rows.append(qs[-1] - 1)
                 sample_seqs.append(s)
-        dev = self.model.device
         tables = {}
         for g in slots:
             width = max(len(it.seq.blocks.tables[g]) for it in sched.items)
             tables[g] = torch.tensor([it.seq.blocks.tables[g] + [NULL_BLOCK] * (width - len(it.seq.blocks.tables[g]))
-                                      for it in sched.items], device=dev)
-        groups = self.groups if "sliding" in slots else ["full"] * len(self.groups)
-        meta = PagedMetadata(self.cache, torch.tensor(qs, device=dev), torch.tensor(ctx, device=dev), tables,
-                             {g: torch.tensor(v, device=dev, dtype=torch.long) for g, v in slots.items()}, groups)
-        return ModelBatch(torch.tensor(ids, device=dev), torch.tensor(pos, device=dev), meta,
-                          torch.tensor(rows, device=dev, dtype=torch.long), sample_seqs)
+                                      for it in sched.items])
+        step = StepInput(torch.tensor(ids), torch.tensor(pos), torch.tensor(qs), torch.tensor(ctx), tables,
+                         {g: torch.tensor(v, dtype=torch.long) for g, v in slots.items()},
+                         torch.tensor(rows, dtype=torch.long))
+        return step, sample_seqs
 
     def _sampling_batch(self, seqs: list[Sequence], vocab: int) -> SamplingBatch:
         allowed = None

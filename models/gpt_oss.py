@@ -23,29 +23,33 @@ from .weights import GLOBAL_NAMES, CheckpointReader, ShardSpec, open_checkpoint,
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: GptOssConfig, layer: int, w: dict[str, torch.Tensor]):
+    """Attention over this rank's heads; the TP group sums the output projections."""
+
+    def __init__(self, cfg: GptOssConfig, layer: int, w: dict[str, torch.Tensor], comm):
         super().__init__()
+        self.comm = comm
         self.layer = layer
         self.window = cfg.window(layer)
         self.scale = 1.0 / math.sqrt(cfg.head_dim)
         self.qkv = QKVLinear(w, cfg.head_dim)
-        self.o = RowLinear(w["o_w"], w["o_b"])
+        # the bias joins the sum once: on TP rank 0
+        self.o = RowLinear(w["o_w"], w["o_b"] if comm.tp_rank == 0 else None)
         self.register_buffer("sinks", w["sinks"], persistent=False)
 
     def forward(self, x, cos, sin, meta) -> torch.Tensor:
         q, k, v = self.qkv(x)
         q, k = Rotary.apply(q, cos, sin), Rotary.apply(k, cos, sin)
         o = meta.attend(self.layer, q, k, v, self.sinks, self.window, self.scale)
-        return self.o(o.flatten(1))
+        return self.comm.tp_all_reduce(self.o(o.flatten(1)))
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: GptOssConfig, layer: int, w: dict[str, torch.Tensor], experts):
+    def __init__(self, cfg: GptOssConfig, layer: int, w: dict[str, torch.Tensor], experts, comm, copies=None):
         super().__init__()
         self.attn_norm = RMSNorm(w["attn_norm"], cfg.rms_norm_eps)
-        self.attn = Attention(cfg, layer, w)
+        self.attn = Attention(cfg, layer, w, comm)
         self.mlp_norm = RMSNorm(w["mlp_norm"], cfg.rms_norm_eps)
-        self.moe = MoE(cfg, w["router_w"], w["router_b"], experts)
+        self.moe = MoE(cfg, w["router_w"], w["router_b"], experts, comm, copies)
 
     def forward(self, x, cos, sin, meta) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), cos, sin, meta)
@@ -54,10 +58,12 @@ class Block(nn.Module):
 
 class GptOssForCausalLM(nn.Module):
     def __init__(self, cfg: GptOssConfig, embed: torch.Tensor, blocks: list[Block],
-                 norm: torch.Tensor, unembed: torch.Tensor, shard: ShardSpec):
+                 norm: torch.Tensor, unembed: torch.Tensor, shard: ShardSpec, comm):
         super().__init__()
         self.config = cfg
         self.shard = shard
+        self.comm = comm
+        self.vocab_start = shard.vocab[0] if shard.vocab else 0
         self.register_buffer("embed", embed, persistent=False)
         self.blocks = nn.ModuleList(blocks)
         self.norm = RMSNorm(norm, cfg.rms_norm_eps)
@@ -75,15 +81,25 @@ class GptOssForCausalLM(nn.Module):
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta) -> torch.Tensor:
         """input_ids, positions [N] -> final hidden states [N, hidden] (after the last norm)."""
-        x = self.embed[input_ids]
+        x = self.embed_tokens(input_ids)
         cos, sin = self.rotary.cos_sin(positions, x.dtype)
         for blk in self.blocks:
             x = blk(x, cos, sin, meta)
         return self.norm(x)
 
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.comm.tp_size == 1:
+            return self.embed[ids]
+        # vocab-parallel: each TP rank looks up the ids in its rows, the group sums
+        local = ids - self.vocab_start
+        hit = (local >= 0) & (local < self.embed.shape[0])
+        x = self.embed[local.clamp(0, self.embed.shape[0] - 1)] * hit[:, None].to(self.embed.dtype)
+        return self.comm.tp_all_reduce(x)
+
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.linear(hidden, self.unembed).float()
+        logits = torch.nn.functional.linear(hidden, self.unembed).float()
+        return self.comm.tp_all_gather_last(logits)[:, : self.config.vocab_size]
 
     @torch.inference_mode()
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -107,11 +123,16 @@ def _keep_packed(cfg: GptOssConfig, n_experts: int, dtype: torch.dtype, keep_mxf
 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-               shard: ShardSpec | None = None, keep_mxfp4: bool | None = None) -> GptOssForCausalLM:
+               shard: ShardSpec | None = None, keep_mxfp4: bool | None = None, comm=None,
+               expert_copies: list[list[int]] | None = None) -> GptOssForCausalLM:
     """Load a gpt-oss checkpoint (HF or original/ layout, MXFP4 or float experts).
 
-    Reads tensor by tensor, and only the shard's experts and heads.
+    Reads tensor by tensor, and only the shard's experts, heads and vocab rows.
+    `comm` (parallel.comm) joins the model to its TP/EP groups; `expert_copies[e]`
+    lists the EP ranks holding expert e.
     """
+    from parallel.comm import LocalComm
+    comm = comm or LocalComm()
     shard = shard or ShardSpec()
     reader, cfg = open_checkpoint(path)
     ids = shard.expert_ids(cfg)
@@ -123,7 +144,8 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
     def to_dev(t: torch.Tensor) -> torch.Tensor:
         return t.to(dev)
 
-    embed = to_dev(reader.read(names["embed"], (V, H)).to(dtype))
+    vrows = slice(*shard.vocab) if shard.vocab else None
+    embed = to_dev(reader.read(names["embed"], (V, H), vrows).to(dtype))
     blocks = []
     for i in range(cfg.num_hidden_layers):
         w = {k: to_dev(v) for k, v in read_attention(reader, cfg, i, shard, dtype).items()}
@@ -132,10 +154,13 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
             t = getattr(ex, f)
             if t is not None:
                 setattr(ex, f, to_dev(t))
-        blocks.append(Block(cfg, i, w, ex))
+        blocks.append(Block(cfg, i, w, ex, comm, expert_copies))
     norm = to_dev(reader.read(names["norm"], (H,)).to(dtype))
-    unembed = to_dev(reader.read(names["unembed"], (V, H)).to(dtype))
-    return GptOssForCausalLM(cfg, embed, blocks, norm, unembed, shard)
+    unembed = reader.read(names["unembed"], (V, H), vrows).to(dtype)
+    if shard.vocab and comm.tp_size > 1:  # equal shards for the all-gather; padded rows are cut after it
+        rows = -(-V // comm.tp_size)
+        unembed = torch.cat([unembed, unembed.new_zeros(rows - unembed.shape[0], H)])
+    return GptOssForCausalLM(cfg, embed, blocks, norm, to_dev(unembed), shard, comm)
 
 
 __all__ = ["GptOssForCausalLM", "load_model", "CheckpointReader"]

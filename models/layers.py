@@ -106,22 +106,35 @@ def swiglu(gate_up: torch.Tensor, limit: float, alpha: float) -> torch.Tensor:
 
 
 class MoE(nn.Module):
-    """Top-k router over all experts; computes only this shard's experts.
+    """Top-k router over all experts; computes this shard's experts.
 
-    With every expert local the result is the full MoE output; with a subset
-    it is that subset's share, for an expert-parallel caller to combine.
+    Single process: the full MoE. With a `comm` spanning several ranks, each
+    TP rank takes a slice of the tokens, sends every (token, expert) pair to
+    the EP rank owning that expert (all-to-all, sizes exchanged first), gets
+    the expert outputs back and combines them; the TP group then gathers the
+    slices. `copies` says which EP ranks hold each expert: a hot expert may
+    live on several, and its tokens are split between the copies.
     """
 
-    def __init__(self, cfg: GptOssConfig, router_w: torch.Tensor, router_b: torch.Tensor, experts: ExpertWeights):
+    def __init__(self, cfg: GptOssConfig, router_w: torch.Tensor, router_b: torch.Tensor, experts: ExpertWeights,
+                 comm=None, copies: list[list[int]] | None = None):
         super().__init__()
         self.top_k = cfg.num_experts_per_tok
         self.limit, self.alpha = cfg.swiglu_limit, cfg.swiglu_alpha
+        self.comm = comm
         self.register_buffer("router_w", router_w, persistent=False)
         self.register_buffer("router_b", router_b, persistent=False)
         local = torch.full((cfg.num_local_experts,), -1, dtype=torch.long)
         local[list(experts.ids)] = torch.arange(len(experts.ids))
         self.register_buffer("global_to_local", local, persistent=False)
         self.expert_ids = experts.ids
+        copies = copies or [[0] for _ in range(cfg.num_local_experts)]
+        width = max(len(c) for c in copies)
+        self.register_buffer("copy_rank", torch.tensor([c + [c[0]] * (width - len(c)) for c in copies]),
+                             persistent=False)
+        self.register_buffer("n_copies", torch.tensor([len(c) for c in copies]), persistent=False)
+        # tokens routed to each expert since the last reset (expert-load stats)
+        self.register_buffer("load", torch.zeros(cfg.num_local_experts, dtype=torch.long), persistent=False)
         for name in ("b1", "b2", "w1", "w2", "w1_blocks", "w1_scales", "w2_blocks", "w2_scales"):
             t = getattr(experts, name)
             if t is not None:
@@ -130,6 +143,7 @@ class MoE(nn.Module):
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = torch.nn.functional.linear(x, self.router_w, self.router_b)
         top, idx = torch.topk(logits, self.top_k, dim=-1)
+        self.load += torch.bincount(idx.flatten(), minlength=self.load.numel())
         return idx, torch.softmax(top.float(), dim=-1).to(x.dtype)
 
     def expert_weights(self, j: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,28 +153,53 @@ class MoE(nn.Module):
         return (mxfp4.decode(self.w1_blocks[j], self.w1_scales[j], dtype),
                 mxfp4.decode(self.w2_blocks[j], self.w2_scales[j], dtype))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        idx, weights = self.route(x)
-        return self.compute(x, idx, weights)
-
-    def compute(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Weighted sum over the local experts among each token's top-k."""
-        out = torch.zeros_like(x)
-        local = self.global_to_local[idx].flatten()           # [N*k]
-        order = torch.argsort(local, stable=True)
-        counts = torch.bincount(local[order].clamp(min=0), minlength=len(self.expert_ids))
-        n_absent = int((local < 0).sum())
-        counts[0] -= n_absent  # tokens routed elsewhere sorted first under id -1
-        tok = order // self.top_k
-        w = weights.flatten()[order]
-        start = n_absent
-        for j, c in enumerate(counts.tolist()):
+    def run_experts(self, rows: torch.Tensor, local_ids: torch.Tensor) -> torch.Tensor:
+        """rows[i] through local expert local_ids[i] (unweighted), grouped by expert."""
+        out = torch.empty_like(rows)
+        order = torch.argsort(local_ids, stable=True)
+        counts = torch.bincount(local_ids, minlength=len(self.expert_ids)).tolist()
+        start = 0
+        for j, c in enumerate(counts):
             if c == 0:
                 continue
-            t = tok[start:start + c]
-            w1, w2 = self.expert_weights(j, x.dtype)
-            h = swiglu(torch.nn.functional.linear(x[t], w1, self.b1[j]), self.limit, self.alpha)
-            y = torch.nn.functional.linear(h, w2, self.b2[j])
-            out.index_add_(0, t, y * w[start:start + c, None])
+            sel = order[start:start + c]
+            w1, w2 = self.expert_weights(j, rows.dtype)
+            h = swiglu(torch.nn.functional.linear(rows[sel], w1, self.b1[j]), self.limit, self.alpha)
+            out[sel] = torch.nn.functional.linear(h, w2, self.b2[j])
             start += c
         return out
+
+    def compute(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Weighted sum over the local experts among each token's top-k (absent ones skipped)."""
+        local = self.global_to_local[idx].flatten()
+        keep = (local >= 0).nonzero().squeeze(1)
+        tok = keep // self.top_k
+        y = self.run_experts(x[tok], local[keep])
+        return torch.zeros_like(x).index_add_(0, tok, y * weights.flatten()[keep, None])
+
+    def owners(self, idx: torch.Tensor) -> torch.Tensor:
+        """EP rank that computes each (token, expert) pair; copies take turns."""
+        flat = idx.flatten()
+        slot = torch.arange(flat.numel(), device=flat.device) % self.n_copies[flat]
+        return self.copy_rank[flat, slot]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = self.comm
+        if c is None or (c.tp_size == 1 and c.ep_size == 1):
+            idx, weights = self.route(x)
+            return self.compute(x, idx, weights)
+        n, t = x.shape[0], c.tp_size
+        counts = [n // t + (1 if r < n % t else 0) for r in range(t)]
+        start = sum(counts[:c.tp_rank])
+        xs = x[start:start + counts[c.tp_rank]]
+        idx, weights = self.route(xs)
+        dest = self.owners(idx)
+        order = torch.argsort(dest, stable=True)
+        send = torch.bincount(dest, minlength=c.ep_size).tolist()
+        tok = order // self.top_k
+        rows, recv = c.ep_all_to_all(xs[tok], send)
+        eids, _ = c.ep_all_to_all(idx.flatten()[order], send)
+        y = self.run_experts(rows, self.global_to_local[eids])
+        back = c.ep_all_to_all_back(y, send, recv)
+        out = torch.zeros_like(xs).index_add_(0, tok, back * weights.flatten()[order, None])
+        return c.tp_all_gather_rows(out, counts)

@@ -130,11 +130,13 @@ class ShardSpec:
     """Which part of the model a process keeps.
 
     experts: global expert ids to load (None = all). q_heads / kv_heads:
-    [start, stop) head ranges for attention (None = all).
+    [start, stop) head ranges for attention (None = all). vocab: [start, stop)
+    rows of the embedding and unembedding (None = all).
     """
     experts: tuple[int, ...] | None = None
     q_heads: tuple[int, int] | None = None
     kv_heads: tuple[int, int] | None = None
+    vocab: tuple[int, int] | None = None
 
     def expert_ids(self, cfg: GptOssConfig) -> tuple[int, ...]:
         ids = tuple(range(cfg.num_local_experts)) if self.experts is None else tuple(self.experts)

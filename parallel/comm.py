@@ -1,0 +1,134 @@
+"""Named process groups (TP, EP, world) and the collectives the model uses.
+
+This is the only module that calls torch.distributed. Model code talks to a
+`Comm`; a single process gets `LocalComm`, whose collectives are identities.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from .layout import RankLayout
+
+
+class LocalComm:
+    """One process holds everything: every collective is a no-op."""
+    tp_size = ep_size = world = 1
+    tp_rank = ep_rank = rank = 0
+
+    def tp_all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def tp_all_gather_last(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def tp_all_gather_rows(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        return x
+
+    def ep_all_to_all(self, x: torch.Tensor, send_counts: list[int]) -> tuple[torch.Tensor, list[int]]:
+        return x, list(send_counts)
+
+    def ep_all_to_all_back(self, x: torch.Tensor, send_counts: list[int], recv_counts: list[int]) -> torch.Tensor:
+        return x
+
+
+@dataclass
+class RendezvousSpec:
+    rank: int
+    world: int
+    init_method: str            # e.g. "tcp://127.0.0.1:29500" or "file:///tmp/rdzv"
+    backend: str | None = None  # default: nccl on CUDA, gloo on CPU
+
+
+class DistComm:
+    """Collectives over the TP and EP groups of one rank's layout."""
+
+    def __init__(self, layout: list[RankLayout], rank: int, spec: RendezvousSpec, device: torch.device):
+        self.me = layout[rank]
+        self.rank, self.world = rank, spec.world
+        self.tp_size, self.ep_size = self.me.tp, self.me.ep
+        self.tp_rank, self.ep_rank = self.me.tp_rank, self.me.ep_rank
+        self.device = device
+        backend = spec.backend or ("nccl" if device.type == "cuda" else "gloo")
+        if not dist.is_initialized():
+            dist.init_process_group(backend, init_method=spec.init_method, rank=rank, world_size=spec.world)
+        # every rank creates every group, in the same order (a torch.distributed rule)
+        tp_sets = sorted({r.tp_ranks for r in layout})
+        ep_sets = sorted({r.ep_ranks for r in layout})
+        self.tp_group = self.ep_group = None
+        for ranks in tp_sets:
+            g = dist.new_group(list(ranks))
+            if rank in ranks:
+                self.tp_group = g
+        for ranks in ep_sets:
+            g = dist.new_group(list(ranks))
+            if rank in ranks:
+                self.ep_group = g
+
+    def tp_all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tp_size > 1:
+            dist.all_reduce(x, group=self.tp_group)
+        return x
+
+    def tp_all_gather_last(self, x: torch.Tensor) -> torch.Tensor:
+        """Concatenate equal-shaped shards along the last dim (vocab-parallel logits)."""
+        if self.tp_size == 1:
+            return x
+        parts = [torch.empty_like(x) for _ in range(self.tp_size)]
+        dist.all_gather(parts, x.contiguous(), group=self.tp_group)
+        return torch.cat(parts, dim=-1)
+
+    def tp_all_gather_rows(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """Concatenate row shards of known (possibly unequal) sizes along dim 0."""
+        if self.tp_size == 1:
+            return x
+        m = max(counts)
+        pad = torch.zeros(m, *x.shape[1:], dtype=x.dtype, device=x.device)
+        pad[: x.shape[0]] = x
+        parts = [torch.empty_like(pad) for _ in range(self.tp_size)]
+        dist.all_gather(parts, pad, group=self.tp_group)
+        return torch.cat([p[:c] for p, c in zip(parts, counts)])
+
+    def ep_all_to_all(self, x: torch.Tensor, send_counts: list[int]) -> tuple[torch.Tensor, list[int]]:
+        """Send rows x[...] in rank order with `send_counts`; sizes are exchanged first."""
+        if self.ep_size == 1:
+            return x, list(send_counts)
+        sc = torch.tensor(send_counts, dtype=torch.long, device=x.device)
+        rc = torch.empty_like(sc)
+        dist.all_to_all_single(rc, sc, group=self.ep_group)
+        recv_counts = rc.tolist()
+        out = torch.empty(sum(recv_counts), *x.shape[1:], dtype=x.dtype, device=x.device)
+        dist.all_to_all_single(out, x.contiguous(), recv_counts, list(send_counts), group=self.ep_group)
+        return out, recv_counts
+
+    def ep_all_to_all_back(self, x: torch.Tensor, send_counts: list[int], recv_counts: list[int]) -> torch.Tensor:
+        """The reverse trip: results return to the ranks that sent the rows."""
+        if self.ep_size == 1:
+            return x
+        out = torch.empty(sum(send_counts), *x.shape[1:], dtype=x.dtype, device=x.device)
+        dist.all_to_all_single(out, x.contiguous(), list(send_counts), list(recv_counts), group=self.ep_group)
+        return out
+
+    def barrier(self):
+        dist.barrier()
+
+    def shutdown(self):
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rank_env_defaults():
+    # several ranks on few cores: one thread each, else OpenMP spinning stalls every collective
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
