@@ -109,10 +109,10 @@ class MoE(nn.Module):
     """Top-k router over all experts; computes this shard's experts.
 
     Single process: the full MoE. With a `comm` spanning several ranks, each
-    TP rank takes a slice of the tokens, sends every (token, expert) pair to
+    rank of the split group (ranks holding the same tokens) takes a slice, sends every (token, expert) pair to
     the EP rank owning that expert (all-to-all, sizes exchanged first), gets
-    the expert outputs back and combines them; the TP group then gathers the
-    slices. `copies` says which EP ranks hold each expert: a hot expert may
+    the expert outputs back and combines them; the split group then gathers
+    the slices. `copies` says which EP ranks hold each expert: a hot expert may
     live on several, and its tokens are split between the copies.
     """
 
@@ -185,13 +185,13 @@ class MoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = self.comm
-        if c is None or (c.tp_size == 1 and c.ep_size == 1):
+        if c is None or (c.split_size == 1 and c.ep_size == 1):
             idx, weights = self.route(x)
             return self.compute(x, idx, weights)
-        n, t = x.shape[0], c.tp_size
+        n, t = x.shape[0], c.split_size
         counts = [n // t + (1 if r < n % t else 0) for r in range(t)]
-        start = sum(counts[:c.tp_rank])
-        xs = x[start:start + counts[c.tp_rank]]
+        start = sum(counts[:c.split_rank])
+        xs = x[start:start + counts[c.split_rank]]
         idx, weights = self.route(xs)
         dest = self.owners(idx)
         order = torch.argsort(dest, stable=True)
@@ -202,4 +202,4 @@ class MoE(nn.Module):
         y = self.run_experts(rows, self.global_to_local[eids])
         back = c.ep_all_to_all_back(y, send, recv)
         out = torch.zeros_like(xs).index_add_(0, tok, back * weights.flatten()[order, None])
-        return c.tp_all_gather_rows(out, counts)
+        return c.split_all_gather_rows(out, counts)

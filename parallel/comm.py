@@ -17,8 +17,8 @@ from .layout import RankLayout
 
 class LocalComm:
     """One process holds everything: every collective is a no-op."""
-    tp_size = ep_size = world = 1
-    tp_rank = ep_rank = rank = 0
+    tp_size = ep_size = split_size = world = 1
+    tp_rank = ep_rank = split_rank = rank = 0
 
     def tp_all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         return x
@@ -26,7 +26,7 @@ class LocalComm:
     def tp_all_gather_last(self, x: torch.Tensor) -> torch.Tensor:
         return x
 
-    def tp_all_gather_rows(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    def split_all_gather_rows(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
         return x
 
     def ep_all_to_all(self, x: torch.Tensor, send_counts: list[int]) -> tuple[torch.Tensor, list[int]]:
@@ -52,22 +52,23 @@ class DistComm:
         self.rank, self.world = rank, spec.world
         self.tp_size, self.ep_size = self.me.tp, self.me.ep
         self.tp_rank, self.ep_rank = self.me.tp_rank, self.me.ep_rank
+        self.split_size, self.split_rank = len(self.me.split_ranks), self.me.split_rank
         self.device = device
         backend = spec.backend or ("nccl" if device.type == "cuda" else "gloo")
         if not dist.is_initialized():
             dist.init_process_group(backend, init_method=spec.init_method, rank=rank, world_size=spec.world)
         # every rank creates every group, in the same order (a torch.distributed rule)
-        tp_sets = sorted({r.tp_ranks for r in layout})
-        ep_sets = sorted({r.ep_ranks for r in layout})
-        self.tp_group = self.ep_group = None
-        for ranks in tp_sets:
+        self.tp_group = self._groups({r.tp_ranks for r in layout})
+        self.ep_group = self._groups({r.ep_ranks for r in layout})
+        self.split_group = self._groups({r.split_ranks for r in layout})
+
+    def _groups(self, sets: set[tuple[int, ...]]):
+        mine = None
+        for ranks in sorted(sets):
             g = dist.new_group(list(ranks))
-            if rank in ranks:
-                self.tp_group = g
-        for ranks in ep_sets:
-            g = dist.new_group(list(ranks))
-            if rank in ranks:
-                self.ep_group = g
+            if self.rank in ranks:
+                mine = g
+        return mine
 
     def tp_all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp_size > 1:
@@ -82,15 +83,15 @@ class DistComm:
         dist.all_gather(parts, x.contiguous(), group=self.tp_group)
         return torch.cat(parts, dim=-1)
 
-    def tp_all_gather_rows(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        """Concatenate row shards of known (possibly unequal) sizes along dim 0."""
-        if self.tp_size == 1:
+    def split_all_gather_rows(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """Concatenate the split group's row slices (known, possibly unequal sizes)."""
+        if self.split_size == 1:
             return x
         m = max(counts)
         pad = torch.zeros(m, *x.shape[1:], dtype=x.dtype, device=x.device)
         pad[: x.shape[0]] = x
-        parts = [torch.empty_like(pad) for _ in range(self.tp_size)]
-        dist.all_gather(parts, pad, group=self.tp_group)
+        parts = [torch.empty_like(pad) for _ in range(self.split_size)]
+        dist.all_gather(parts, pad, group=self.split_group)
         return torch.cat([p[:c] for p, c in zip(parts, counts)])
 
     def ep_all_to_all(self, x: torch.Tensor, send_counts: list[int]) -> tuple[torch.Tensor, list[int]]:

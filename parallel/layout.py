@@ -1,10 +1,15 @@
 """The one function that decides who does what: `resolve_layout`.
 
 World = max(tp, ep) ranks. Attention runs tensor-parallel in groups of `tp`
-consecutive ranks; there are world/tp such groups, each serving its own share
-of the sequences (attention data parallelism). Experts are spread over groups
-of `ep` consecutive ranks; with ep < world each EP group holds every expert.
-Tokens cross to the ranks owning their experts inside their EP group.
+consecutive ranks; with world > tp there are world/tp such groups, which
+either each serve their own share of the sequences (`attn_dp=True`, attention
+data parallelism) or all run the same batch (replicated attention, what the
+engine uses today). Experts are spread over groups of `ep` consecutive ranks;
+with ep < world each EP group holds every expert. Before the MoE, the ranks
+holding the same tokens (the "split group": the TP group under attention DP,
+else the whole world) each take a slice; each slice's (token, expert) pairs
+travel to the ranks owning the experts inside the EP group, and the split
+group gathers the slices back.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ class RankLayout:
     ep_rank: int
     tp_ranks: tuple[int, ...]    # global ranks of this rank's TP group
     ep_ranks: tuple[int, ...]    # global ranks of this rank's EP group
+    split_ranks: tuple[int, ...]  # ranks holding the same tokens before the MoE
+    split_rank: int
     q_heads: tuple[int, int]     # [start, stop) query heads kept
     kv_heads: tuple[int, int]    # [start, stop) KV heads kept (replicated when tp > KV heads)
     vocab: tuple[int, int]       # [start, stop) rows of the (un)embedding kept
@@ -52,7 +59,7 @@ def contiguous_placement(num_experts: int, ep: int) -> list[tuple[int, ...]]:
 
 
 def resolve_layout(cfg: GptOssConfig, tp: int = 1, ep: int = 1, gpus_per_node: int = 8,
-                   placement: list[tuple[int, ...]] | None = None) -> list[RankLayout]:
+                   placement: list[tuple[int, ...]] | None = None, attn_dp: bool = False) -> list[RankLayout]:
     """Every rank's share of the model and its groups, for `tp` x `ep`."""
     for name, v in (("tp", tp), ("ep", ep), ("gpus_per_node", gpus_per_node)):
         if v < 1:
@@ -92,6 +99,8 @@ def resolve_layout(cfg: GptOssConfig, tp: int = 1, ep: int = 1, gpus_per_node: i
             rank=r, world=world, tp=tp, ep=ep, tp_rank=tr, dp_rank=dr, ep_rank=er,
             tp_ranks=tuple(range(dr * tp, (dr + 1) * tp)),
             ep_ranks=tuple(range((r // ep) * ep, (r // ep + 1) * ep)),
+            split_ranks=tuple(range(dr * tp, (dr + 1) * tp)) if attn_dp else tuple(range(world)),
+            split_rank=tr if attn_dp else r,
             q_heads=(tr * qh, (tr + 1) * qh), kv_heads=kv,
             vocab=(min(tr * vs, V), min((tr + 1) * vs, V)), experts=tuple(placement[er]),
             node=r // gpus_per_node, local_gpu=r % gpus_per_node))

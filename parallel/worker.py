@@ -1,0 +1,193 @@
+"""Rank workers and the driver that steps them.
+
+A worker hosts one rank's shard (its experts, heads and vocab rows) and its
+share of the KV cache, and runs whatever the driver sends: engine steps,
+plain forwards (tests), stats. Every rank runs every step, so the collectives
+inside the model line up; the results come back from rank 0 (and, with
+attention data parallelism, from the first rank of each attention group).
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import traceback
+from dataclasses import dataclass, field
+
+import torch
+
+from .layout import RankLayout, resolve_layout
+
+
+@dataclass
+class WorkerSpec:
+    path: str
+    tp: int
+    ep: int
+    dtype: torch.dtype = torch.float32
+    device: str = "cpu"
+    placement: list[tuple[int, ...]] | None = None
+    init_method: str = ""
+    attn_dp: bool = False
+    keep_mxfp4: bool | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def expert_copies(layout: list[RankLayout]) -> list[list[int]]:
+    """For each expert, the EP ranks (within an EP group) that hold it."""
+    group = [r for r in layout if r.ep_ranks == layout[0].ep_ranks]
+    n = max(e for r in group for e in r.experts) + 1
+    return [[r.ep_rank for r in group if e in r.experts] for e in range(n)]
+
+
+def build_rank_model(spec: WorkerSpec, rank: int):
+    from models import ShardSpec, load_model
+    from models.config import load_config
+    from models.weights import resolve_layout as resolve_ckpt
+
+    from .comm import DistComm, RendezvousSpec, rank_env_defaults
+    rank_env_defaults()
+    cfg = load_config(resolve_ckpt(spec.path)[0])
+    layout = resolve_layout(cfg, spec.tp, spec.ep, placement=spec.placement, attn_dp=spec.attn_dp)
+    me = layout[rank]
+    device = torch.device(spec.device if spec.device == "cpu" else f"cuda:{me.local_gpu}")
+    comm = DistComm(layout, rank, RendezvousSpec(rank, me.world, spec.init_method), device)
+    shard = ShardSpec(experts=me.experts, q_heads=me.q_heads, kv_heads=me.kv_heads,
+                      vocab=me.vocab if me.tp > 1 else None)
+    model = load_model(spec.path, spec.dtype, device, shard=shard, keep_mxfp4=spec.keep_mxfp4, comm=comm,
+                       expert_copies=expert_copies(layout))
+    return model, comm, layout
+
+
+def _worker_main(spec: WorkerSpec, rank: int, conn) -> None:
+    from engine.executor import allocate_cache, run_step
+    from models.attention import DenseMetadata
+    try:
+        model, comm, layout = build_rank_model(spec, rank)
+        me = layout[rank]
+        conn.send(("ready", None))
+    except Exception:
+        conn.send(("error", traceback.format_exc()))
+        return
+    cache = cache_spec = None
+    while True:
+        kind, payload = conn.recv()
+        try:
+            if kind == "stop":
+                comm.shutdown()
+                conn.send(("ok", None))
+                return
+            if kind == "cache":
+                cache_spec = payload
+                cache = allocate_cache(model, cache_spec)
+                reply = None
+            elif kind == "step":
+                logits = run_step(model, cache, cache_spec, payload)
+                reply = logits if rank == 0 else None  # every attention group computed the same rows
+            elif kind == "logits":  # payload: one list of 1-D token tensors per attention group
+                seqs = payload[me.dp_rank if spec.attn_dp else 0]
+                ids = torch.cat(seqs) if seqs else torch.zeros(0, dtype=torch.long)
+                pos = torch.cat([torch.arange(len(s)) for s in seqs]) if seqs else ids
+                qs = torch.tensor([0] + [len(s) for s in seqs]).cumsum(0)
+                h = model(ids.to(model.device), pos.to(model.device), DenseMetadata(qs.to(model.device)))
+                logits = model.compute_logits(h)
+                reply = logits.cpu() if me.tp_rank == 0 else None
+            elif kind == "expert_load":
+                reply = torch.stack([b.moe.load for b in model.blocks]).cpu()
+            elif kind == "memory":
+                reply = sum(b.numel() * b.element_size() for b in model.buffers())
+            else:
+                raise ValueError(f"unknown message {kind!r}")
+            conn.send(("ok", reply))
+        except Exception:
+            conn.send(("error", traceback.format_exc()))
+
+
+class WorkerError(RuntimeError):
+    """A rank worker failed; the message carries its traceback."""
+
+
+class RankWorkers:
+    """Starts `world` local rank processes (gloo on CPU) and talks to them."""
+
+    def __init__(self, spec: WorkerSpec, timeout: float = 600.0):
+        from models.config import load_config
+        from models.weights import resolve_layout as resolve_ckpt
+
+        from .comm import free_port
+        cfg = load_config(resolve_ckpt(spec.path)[0])
+        self.config = cfg
+        self.layout = resolve_layout(cfg, spec.tp, spec.ep, placement=spec.placement, attn_dp=spec.attn_dp)
+        self.attn_dp = spec.attn_dp
+        if not spec.init_method:
+            spec.init_method = f"tcp://127.0.0.1:{free_port()}"
+        ctx = mp.get_context("spawn")
+        self.timeout = timeout
+        self.conns, self.procs = [], []
+        for r in range(len(self.layout)):
+            parent, child = ctx.Pipe()
+            p = ctx.Process(target=_worker_main, args=(spec, r, child), daemon=True)
+            p.start()
+            self.conns.append(parent)
+            self.procs.append(p)
+        self._gather("ready")
+
+    def _gather(self, what: str) -> list:
+        out = []
+        for r, c in enumerate(self.conns):
+            if not c.poll(self.timeout):
+                raise WorkerError(f"rank {r} did not answer '{what}' within {self.timeout:.0f} s")
+            kind, payload = c.recv()
+            if kind == "error":
+                raise WorkerError(f"rank {r} failed on '{what}':\n{payload}")
+            out.append(payload)
+        return out
+
+    def call(self, kind: str, payload=None) -> list:
+        for c in self.conns:
+            c.send((kind, payload))
+        return self._gather(kind)
+
+    def logits(self, seqs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Full causal logits per sequence; under attention DP, sequences are dealt round-robin."""
+        dp = self.layout[0].dp if self.attn_dp else 1
+        groups = [[s for i, s in enumerate(seqs) if i % dp == g] for g in range(dp)]
+        replies = self.call("logits", groups)
+        out: list[torch.Tensor | None] = [None] * len(seqs)
+        for g in range(dp):
+            lead = next(r for r in self.layout if (r.dp_rank == g or not self.attn_dp) and r.tp_rank == 0).rank
+            rows = replies[lead]
+            start = 0
+            for i in range(g, len(seqs), dp):
+                out[i] = rows[start:start + len(seqs[i])]
+                start += len(seqs[i])
+        return out
+
+    def shutdown(self):
+        try:
+            self.call("stop")
+        except Exception:
+            pass
+        for p in self.procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+
+
+class MultiProcessExecutor:
+    """The engine's executor over rank workers (attention replicated across attention groups)."""
+
+    def __init__(self, workers: RankWorkers, cache_spec):
+        if workers.attn_dp:
+            raise ValueError("engine steps under attention data parallelism are not supported yet")
+        self.workers = workers
+        self.config = workers.config
+        workers.call("cache", cache_spec)
+
+    def execute(self, step) -> torch.Tensor:
+        return self.workers.call("step", step)[0]
+
+    def expert_load(self) -> torch.Tensor:
+        return sum(self.workers.call("expert_load"))
+
+    def shutdown(self) -> None:
+        self.workers.shutdown()
