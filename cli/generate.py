@@ -30,8 +30,8 @@ def add_parser(sub) -> None:
     g.add_argument("--tool-choice", default="auto", help="auto | required | none | a tool's name")
     g.add_argument("--no-grammar", action="store_true", help="do not constrain output to harmony structure")
     g.add_argument("--json", action="store_true", help="print one JSON object")
-    g.add_argument("--tp", type=int, default=1, help="tensor-parallel size (1 until the parallel issue lands)")
-    g.add_argument("--ep", type=int, default=1, help="expert-parallel size (1 until the parallel issue lands)")
+    g.add_argument("--tp", type=int, default=1, help="tensor-parallel size for attention (local rank processes)")
+    g.add_argument("--ep", type=int, default=1, help="expert-parallel size (local rank processes)")
     g.set_defaults(fn=run)
 
 
@@ -126,20 +126,26 @@ def run(args) -> int:
     import torch
 
     from cli.main import resolve_model
-    from engine.core import EngineConfig, LLMEngine
+    from engine.core import EngineConfig, build_engine
     from engine.request import EngineError
-    from models import load_model
+    from models.config import load_config
+    from models.weights import resolve_layout as resolve_ckpt
+    from parallel.layout import LayoutError, resolve_layout
 
-    if args.tp != 1 or args.ep != 1:
-        raise UsageError("--tp/--ep: only 1 is supported until expert/tensor parallelism lands")
     req = build_request(args)
-    model = load_model(resolve_model(args.model), dtype=torch.float32)
-    engine = LLMEngine(model, EngineConfig())
+    path = resolve_model(args.model)
+    try:
+        resolve_layout(load_config(resolve_ckpt(path)[0]), args.tp, args.ep)
+    except LayoutError as e:
+        raise UsageError(str(e)) from None
+    engine = build_engine(path, EngineConfig(), args.tp, args.ep, torch.float32)
     t0 = time.time()
     try:
         outs = engine.generate([req])[req.request_id]
     except EngineError as e:
         raise UsageError(f"--max-tokens/--prompt: {e}") from None
+    finally:
+        engine.shutdown()
     res = collect(outs)
     if args.json:
         print(json.dumps(res))

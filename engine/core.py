@@ -235,6 +235,13 @@ class LLMEngine:
                 results[o.request_id].append(o)
         return results
 
+    def shutdown(self) -> None:
+        self.executor.shutdown()
+
+    def expert_load(self) -> torch.Tensor:
+        """[layers, experts] tokens routed to each expert since start."""
+        return self.executor.expert_load()
+
     def stats(self) -> dict:
         el = max(time.time() - self._t0, 1e-9)
         return {"waiting": len(self.scheduler.waiting), "running": len(self.scheduler.running),
@@ -243,8 +250,20 @@ class LLMEngine:
                 "generated_tokens": self.generated_tokens, "tokens_per_s": self.generated_tokens / el}
 
 
+def build_engine(path, config: EngineConfig = EngineConfig(), tp: int = 1, ep: int = 1,
+                 dtype: torch.dtype = torch.float32, device: str = "cpu") -> LLMEngine:
+    """An engine over one process (tp = ep = 1) or over tp x ep local rank workers."""
+    if tp == 1 and ep == 1:
+        from models import load_model
+        return LLMEngine(load_model(path, dtype, device), config)
+    from parallel.worker import MultiProcessExecutor, RankWorkers, WorkerSpec
+    workers = RankWorkers(WorkerSpec(str(path), tp, ep, dtype, device))
+    return LLMEngine(None, config, executor_factory=lambda spec: MultiProcessExecutor(workers, spec),
+                     model_config=workers.config)
+
+
 def output_tokens(outs: list[RequestOutput], index: int = 0) -> list[int]:
     return [t for o in outs if o.index == index for t in o.token_ids]
 
 
-__all__ = ["EngineConfig", "LLMEngine", "ScheduledSeq", "output_tokens"]
+__all__ = ["EngineConfig", "LLMEngine", "ScheduledSeq", "build_engine", "output_tokens"]

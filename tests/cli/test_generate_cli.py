@@ -61,7 +61,8 @@ def test_bad_flags_are_named(tiny_ckpt, files, tmp_path):
         (["--tool-choice", "required"], "--tool-choice"),
         (["--json-schema", str(tmp_path / "missing.json")], "--json-schema"),
         (["--reasoning-effort", "max"], "--reasoning-effort"),
-        (["--tp", "2"], "--tp"),
+        (["--tp", "3"], "--tp 3"),
+        (["--ep", "0"], "--ep"),
     ]
     for args, flag in cases:
         r = run("--model", str(tiny_ckpt), *args, ok=False)
