@@ -135,6 +135,7 @@ class MoE(nn.Module):
         self.register_buffer("n_copies", torch.tensor([len(c) for c in copies]), persistent=False)
         # tokens routed to each expert since the last reset (expert-load stats)
         self.register_buffer("load", torch.zeros(cfg.num_local_experts, dtype=torch.long), persistent=False)
+        self.received = 0  # (token, expert) pairs this rank computed: the EP load it carries
         for name in ("b1", "b2", "w1", "w2", "w1_blocks", "w1_scales", "w2_blocks", "w2_scales"):
             t = getattr(experts, name)
             if t is not None:
@@ -199,6 +200,7 @@ class MoE(nn.Module):
         tok = order // self.top_k
         rows, recv = c.ep_all_to_all(xs[tok], send)
         eids, _ = c.ep_all_to_all(idx.flatten()[order], send)
+        self.received += int(rows.shape[0])
         y = self.run_experts(rows, self.global_to_local[eids])
         back = c.ep_all_to_all_back(y, send, recv)
         out = torch.zeros_like(xs).index_add_(0, tok, back * weights.flatten()[order, None])

@@ -93,6 +93,8 @@ def _worker_main(spec: WorkerSpec, rank: int, conn) -> None:
                 reply = logits.cpu() if me.tp_rank == 0 else None
             elif kind == "expert_load":
                 reply = torch.stack([b.moe.load for b in model.blocks]).cpu()
+            elif kind == "received":
+                reply = sum(b.moe.received for b in model.blocks)
             elif kind == "memory":
                 reply = sum(b.numel() * b.element_size() for b in model.buffers())
             else:
