@@ -190,9 +190,10 @@ class LLMEngine:
             if s.parser.is_done:
                 reason = "stop"
         else:
-            text = harmony.decode(s.output_ids)
-            if not text.endswith("\ufffd"):  # hold back a partial UTF-8 character
-                out.text, s.text_sent = text[s.text_sent:], len(text)
+            # decode only the tokens not yet emitted; hold them back while they end mid-character
+            text = harmony.decode(s.output_ids[s.text_sent:])
+            if not text.endswith("\ufffd"):
+                out.text, s.text_sent = text, len(s.output_ids)
             if s.stop is not None:
                 out.text, hit = s.stop.feed(out.text)
                 reason = "stop" if hit else reason

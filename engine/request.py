@@ -78,7 +78,7 @@ class Sequence:
     matcher: GrammarMatcher | None = None
     parser: OutputParser | None = None
     stop: StopChecker | None = None
-    text_sent: int = 0          # raw mode: characters of decoded output already emitted
+    text_sent: int = 0          # raw mode: output tokens whose text was already emitted
     wait_for: "Sequence | None" = None  # n > 1: siblings wait for the first prefill, then share its blocks
     finished: bool = False
     finish_reason: str | None = None
