@@ -58,48 +58,63 @@ def build_rank_model(spec: WorkerSpec, rank: int):
     return model, comm, layout
 
 
+class RankRuntime:
+    """One rank's shard, cache and message handler; hosted by a process or a Ray actor."""
+
+    def __init__(self, spec: WorkerSpec, rank: int):
+        self.spec, self.rank = spec, rank
+        self.model, self.comm, layout = build_rank_model(spec, rank)
+        self.me = layout[rank]
+        self.cache = self.cache_spec = None
+
+    def ping(self) -> bool:
+        return True
+
+    def handle(self, kind: str, payload=None):
+        from engine.executor import allocate_cache, run_step
+        from models.attention import DenseMetadata
+        model, me = self.model, self.me
+        if kind == "stop":
+            self.comm.shutdown()
+            return None
+        if kind == "cache":
+            self.cache_spec = payload
+            self.cache = allocate_cache(model, payload)
+            return None
+        if kind == "step":
+            logits = run_step(model, self.cache, self.cache_spec, payload)
+            return logits.cpu() if self.rank == 0 else None  # every attention group computed the same rows
+        if kind == "logits":  # payload: one list of 1-D token tensors per attention group
+            seqs = payload[me.dp_rank if self.spec.attn_dp else 0]
+            ids = torch.cat(seqs) if seqs else torch.zeros(0, dtype=torch.long)
+            pos = torch.cat([torch.arange(len(s)) for s in seqs]) if seqs else ids
+            qs = torch.tensor([0] + [len(s) for s in seqs]).cumsum(0)
+            h = model(ids.to(model.device), pos.to(model.device), DenseMetadata(qs.to(model.device)))
+            logits = model.compute_logits(h)
+            return logits.cpu() if me.tp_rank == 0 else None
+        if kind == "expert_load":
+            return torch.stack([b.moe.load for b in model.blocks]).cpu()
+        if kind == "received":
+            return sum(b.moe.received for b in model.blocks)
+        if kind == "memory":
+            return sum(b.numel() * b.element_size() for b in model.buffers())
+        raise ValueError(f"unknown message {kind!r}")
+
+
 def _worker_main(spec: WorkerSpec, rank: int, conn) -> None:
-    from engine.executor import allocate_cache, run_step
-    from models.attention import DenseMetadata
     try:
-        model, comm, layout = build_rank_model(spec, rank)
-        me = layout[rank]
+        rt = RankRuntime(spec, rank)
         conn.send(("ready", None))
     except Exception:
         conn.send(("error", traceback.format_exc()))
         return
-    cache = cache_spec = None
     while True:
         kind, payload = conn.recv()
         try:
-            if kind == "stop":
-                comm.shutdown()
-                conn.send(("ok", None))
-                return
-            if kind == "cache":
-                cache_spec = payload
-                cache = allocate_cache(model, cache_spec)
-                reply = None
-            elif kind == "step":
-                logits = run_step(model, cache, cache_spec, payload)
-                reply = logits if rank == 0 else None  # every attention group computed the same rows
-            elif kind == "logits":  # payload: one list of 1-D token tensors per attention group
-                seqs = payload[me.dp_rank if spec.attn_dp else 0]
-                ids = torch.cat(seqs) if seqs else torch.zeros(0, dtype=torch.long)
-                pos = torch.cat([torch.arange(len(s)) for s in seqs]) if seqs else ids
-                qs = torch.tensor([0] + [len(s) for s in seqs]).cumsum(0)
-                h = model(ids.to(model.device), pos.to(model.device), DenseMetadata(qs.to(model.device)))
-                logits = model.compute_logits(h)
-                reply = logits.cpu() if me.tp_rank == 0 else None
-            elif kind == "expert_load":
-                reply = torch.stack([b.moe.load for b in model.blocks]).cpu()
-            elif kind == "received":
-                reply = sum(b.moe.received for b in model.blocks)
-            elif kind == "memory":
-                reply = sum(b.numel() * b.element_size() for b in model.buffers())
-            else:
-                raise ValueError(f"unknown message {kind!r}")
+            reply = rt.handle(kind, payload)
             conn.send(("ok", reply))
+            if kind == "stop":
+                return
         except Exception:
             conn.send(("error", traceback.format_exc()))
 
@@ -176,9 +191,9 @@ class RankWorkers:
 
 
 class MultiProcessExecutor:
-    """The engine's executor over rank workers (attention replicated across attention groups)."""
+    """The engine's executor over rank workers (RankWorkers, or Ray actors with the same `call`)."""
 
-    def __init__(self, workers: RankWorkers, cache_spec):
+    def __init__(self, workers, cache_spec):
         if workers.attn_dp:
             raise ValueError("engine steps under attention data parallelism are not supported yet")
         self.workers = workers

@@ -1,0 +1,78 @@
+"""The typed configuration of a deployment: one source for `gptoss serve`,
+`gptoss serve-config` (Serve YAML for `serve deploy`) and the helm values."""
+
+from __future__ import annotations
+
+import re
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from engine.core import EngineConfig
+
+
+class AutoscalingConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    target_queue_depth: float = Field(4.0, gt=0, description="waiting + running requests per replica group")
+    max_kv_usage: float = Field(0.9, gt=0, le=1, description="KV pressure that also triggers a scale-up")
+    upscale_delay_s: float = Field(2.0, ge=0)
+    downscale_delay_s: float = Field(10.0, ge=0)
+
+    @model_validator(mode="after")
+    def _bounds(self):
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) exceeds max_replicas ({self.max_replicas})")
+        return self
+
+
+class ModelGroupConfig(BaseModel):
+    """One model served by a set of replica groups of tp x ep ranks each."""
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    name: str = Field("gpt-oss", description="the `model` clients ask for")
+    path: str = Field("demo", description="checkpoint directory, or 'demo'")
+    tp: int = Field(1, ge=1)
+    ep: int = Field(1, ge=1)
+    use_gpu: bool = False
+    cpus_per_rank: float = Field(1.0, gt=0)
+    max_pending: int = Field(256, ge=1, description="requests per group beyond which clients get 429")
+    autoscaling: AutoscalingConfig = AutoscalingConfig()
+    engine: EngineConfig = EngineConfig()
+
+    @model_validator(mode="after")
+    def _name(self):
+        if not re.fullmatch(r"[A-Za-z0-9._:/-]{1,128}", self.name):
+            raise ValueError(f"invalid model name {self.name!r}")
+        return self
+
+    @property
+    def world(self) -> int:
+        return max(self.tp, self.ep)
+
+
+class ServeConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    app_name: str = "gptoss"
+    models: list[ModelGroupConfig] = Field(default_factory=lambda: [ModelGroupConfig()])
+
+    @model_validator(mode="after")
+    def _unique(self):
+        names = [m.name for m in self.models]
+        if len(set(names)) != len(names) or not names:
+            raise ValueError(f"model names must be unique and non-empty: {names}")
+        return self
+
+    def serve_yaml(self) -> dict:
+        """The Serve config file (`serve deploy FILE`) equivalent to `gptoss serve` with this config."""
+        return {
+            "proxy_location": "EveryNode",
+            "http_options": {"host": self.host, "port": self.port},
+            "applications": [{
+                "name": self.app_name,
+                "route_prefix": "/",
+                "import_path": "deployments.serve_app:app_builder",
+                "args": {"config": self.model_dump(mode="json")},
+            }],
+        }

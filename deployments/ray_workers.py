@@ -1,0 +1,59 @@
+"""Rank workers as Ray actors inside a replica's placement group.
+
+Same `call` interface as parallel.worker.RankWorkers, so the engine's
+MultiProcessExecutor drives either. Actor death surfaces as `WorkerError`,
+which fails the step; the replica then reports itself unhealthy and Serve
+replaces it.
+"""
+
+from __future__ import annotations
+
+import ray
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from parallel.layout import resolve_layout
+from parallel.worker import RankRuntime, WorkerError, WorkerSpec
+
+
+class RayRankWorkers:
+    def __init__(self, spec: WorkerSpec, use_gpu: bool, cpus_per_rank: float, timeout: float = 600.0):
+        from models.config import load_config
+        from models.weights import resolve_layout as resolve_ckpt
+        from parallel.comm import free_port
+
+        self.config = load_config(resolve_ckpt(spec.path)[0])
+        self.layout = resolve_layout(self.config, spec.tp, spec.ep, placement=spec.placement,
+                                     attn_dp=spec.attn_dp)
+        self.attn_dp = spec.attn_dp
+        self.timeout = timeout
+        if not spec.init_method:
+            spec.init_method = f"tcp://127.0.0.1:{free_port()}"  # one node; multi-node uses the head's IP
+        pg = ray.util.get_current_placement_group()
+        actor = ray.remote(RankRuntime)
+        self.actors = []
+        for r in range(len(self.layout)):
+            opts = {"num_cpus": cpus_per_rank, "num_gpus": 1 if use_gpu else 0, "max_restarts": 0}
+            if pg is not None:
+                opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=r)
+            self.actors.append(actor.options(**opts).remote(spec, r))
+        self.call_each("ping")
+
+    def call_each(self, method: str, *args) -> list:
+        try:
+            return ray.get([getattr(a, method).remote(*args) for a in self.actors], timeout=self.timeout)
+        except Exception as e:
+            raise WorkerError(f"a rank worker failed: {type(e).__name__}: {e}") from None
+
+    def call(self, kind: str, payload=None) -> list:
+        return self.call_each("handle", kind, payload)
+
+    def alive(self) -> bool:
+        try:
+            ray.get([a.ping.remote() for a in self.actors], timeout=10)
+            return True
+        except Exception:
+            return False
+
+    def shutdown(self):
+        for a in self.actors:
+            ray.kill(a, no_restart=True)

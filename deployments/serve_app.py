@@ -1,0 +1,146 @@
+"""The Ray Serve application: an OpenAI ingress and one replica-group deployment per model.
+
+    Ingress (FastAPI, deployments.openai_api) --model--> ReplicaGroup[model] (autoscaled)
+                                                          each replica: placement group of
+                                                          tp x ep bundles, rank actors, engine
+
+Routing by `model` happens in the ingress (one handle per model); within a
+model, Serve's request router picks the replica group (queue length aware).
+Autoscaling uses cluster.autoscaling.QueueDepthPolicy on the groups'
+published queue depth and KV pressure.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import AsyncIterator
+
+from ray import serve
+
+from cluster.config import ModelGroupConfig, ServeConfig
+
+log = logging.getLogger(__name__)
+
+
+class ReplicaGroup:
+    """One replica group: a model sharded over tp x ep ranks, and its engine."""
+
+    def __init__(self, group: dict):
+        import torch
+
+        from cli.main import resolve_model
+        from engine.async_engine import AsyncEngine
+        from engine.core import LLMEngine
+        from models import load_model
+        self.cfg = ModelGroupConfig(**group)
+        path = resolve_model(self.cfg.path)
+        self.workers = None
+        if self.cfg.world == 1:
+            torch.set_num_threads(max(1, int(self.cfg.cpus_per_rank)))
+            llm = LLMEngine(load_model(path, torch.float32), self.cfg.engine)
+        else:
+            from parallel.worker import MultiProcessExecutor, WorkerSpec
+
+            from .ray_workers import RayRankWorkers
+            self.workers = RayRankWorkers(WorkerSpec(str(path), self.cfg.tp, self.cfg.ep),
+                                          self.cfg.use_gpu, self.cfg.cpus_per_rank)
+            llm = LLMEngine(None, self.cfg.engine, model_config=self.workers.config,
+                            executor_factory=lambda spec: MultiProcessExecutor(self.workers, spec))
+        self.engine = AsyncEngine(llm)
+        self.failed: str | None = None
+
+    async def generate(self, request) -> AsyncIterator:
+        from engine.request import EngineOverloadedError
+        if self.failed:
+            raise EngineOverloadedError(f"replica group unhealthy: {self.failed}")
+        async for out in self.engine.generate(request):
+            if out.finish_reason == "error":
+                self.failed = out.error  # a rank died or a step failed: let Serve replace us
+            yield out
+
+    def stats(self) -> dict:
+        return self.engine.stats()
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        s = self.engine.stats()
+        used, free = s.get("kv_full_used", 0), s.get("kv_full_free", 1)
+        return {"queue_depth": float(s["waiting"] + s["running"]), "kv_usage": used / max(used + free, 1)}
+
+    def check_health(self) -> None:
+        if self.failed:
+            raise RuntimeError(self.failed)
+        if self.workers is not None and not self.workers.alive():
+            raise RuntimeError("a rank worker died")
+
+
+class RemoteEngine:
+    """EngineClient over a replica-group handle. Leaving the stream cancels the
+    call, which closes the replica's generator and aborts the request there."""
+
+    def __init__(self, handle, name: str):
+        self.handle, self.name = handle, name
+
+    async def generate(self, request) -> AsyncIterator:
+        gen = self.handle.options(stream=True).generate.remote(request)
+        try:
+            async for out in gen:
+                yield out
+        finally:
+            gen.cancel()
+
+    def abort(self, request_id: str) -> None:
+        pass  # cancellation of the stream aborts in the replica
+
+    def stats(self) -> dict:
+        return {}
+
+
+class Ingress:
+    def __init__(self, handles: dict, config: dict):
+        self.cfg = ServeConfig(**config)
+        self.handles = handles
+
+    def __serve_build_asgi_app__(self):
+        from .openai_api import build_app
+        engines = {name: RemoteEngine(h, name) for name, h in self.handles.items()}
+        limits = {m.name: m.max_pending * max(1, m.autoscaling.max_replicas) for m in self.cfg.models}
+        return build_app(engines, max_pending=limits)
+
+
+def group_deployment(m: ModelGroupConfig):
+    a = m.autoscaling
+    bundles = [{"GPU": 1, "CPU": m.cpus_per_rank} if m.use_gpu else {"CPU": m.cpus_per_rank}
+               for _ in range(m.world)]
+    opts = dict(
+        name=f"group-{m.name.replace('/', '-')}",
+        autoscaling_config={
+            "min_replicas": a.min_replicas, "max_replicas": a.max_replicas, "initial_replicas": a.min_replicas,
+            "upscale_delay_s": 0, "downscale_delay_s": 0,  # our policy does the smoothing
+            "metrics_interval_s": 0.5, "look_back_period_s": 2,
+            "policy": {"policy_function": "cluster.autoscaling:QueueDepthPolicy",
+                       "policy_kwargs": {"target_queue_depth": a.target_queue_depth,
+                                         "max_kv_usage": a.max_kv_usage,
+                                         "upscale_delay_s": a.upscale_delay_s,
+                                         "downscale_delay_s": a.downscale_delay_s}},
+        },
+        max_ongoing_requests=m.max_pending,
+        health_check_period_s=2, health_check_timeout_s=30,
+        graceful_shutdown_timeout_s=120,  # scale-down drains in-flight requests
+    )
+    if m.world > 1:
+        opts.update(placement_group_bundles=bundles, placement_group_strategy="PACK",
+                    ray_actor_options={"num_cpus": 0.1})
+    else:
+        opts["ray_actor_options"] = {"num_cpus": m.cpus_per_rank, "num_gpus": 1 if m.use_gpu else 0}
+    return serve.deployment(ReplicaGroup).options(**opts)
+
+
+def build_application(cfg: ServeConfig):
+    handles = {m.name: group_deployment(m).bind(m.model_dump(mode="json")) for m in cfg.models}
+    ingress = serve.deployment(serve.ingress()(Ingress)).options(name="ingress", ray_actor_options={"num_cpus": 0.1})
+    return ingress.bind(handles, cfg.model_dump(mode="json"))
+
+
+def app_builder(args: dict):
+    """Import path for `serve deploy` / `serve run` (see `gptoss serve-config`)."""
+    return build_application(ServeConfig(**args["config"]))
