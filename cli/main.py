@@ -47,17 +47,6 @@ def cmd_checkpoint_make(args) -> int:
     return 0
 
 
-def cmd_serve(args) -> int:
-    from cli import generate
-
-    print("HTTP serving arrives with the Ray Serve deployments; until then `serve` runs the most real job "
-          "available: one chat request through the engine (harmony prompt, grammar-constrained output).",
-          file=sys.stderr)
-    ns = generate.build_parser_defaults(model=args.model, prompt=args.prompt, max_tokens=args.max_tokens,
-                                        max_reasoning_tokens=32, seed=0)
-    return generate.run(ns)
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gptoss", description="Serve OpenAI's gpt-oss models.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -75,14 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     mk.add_argument("--dry-run", action="store_true", help="print the size without writing")
     mk.set_defaults(fn=cmd_checkpoint_make)
 
-    sv = sub.add_parser("serve", help="serve the OpenAI API")
-    sv.add_argument("--model", default="demo", help="checkpoint directory, or 'demo'")
-    sv.add_argument("--prompt", default="What is the capital of France?")
-    sv.add_argument("--max-tokens", type=int, default=96)
-    sv.set_defaults(fn=cmd_serve)
-
-    from cli import generate
+    from cli import generate, serve
     generate.add_parser(sub)
+    serve.add_parsers(sub)
     return p
 
 

@@ -1,0 +1,91 @@
+"""`gptoss serve` (the OpenAI API on Ray Serve) and `gptoss serve-config` (its Serve YAML)."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+
+def _add_common(p) -> None:
+    p.add_argument("--model", default="demo", help="checkpoint directory, or 'demo'")
+    p.add_argument("--name", default="gpt-oss", help="the model name clients send")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--ep", type=int, default=1)
+    p.add_argument("--min-replicas", type=int, default=1)
+    p.add_argument("--max-replicas", type=int, default=1)
+    p.add_argument("--gpu", action="store_true", help="one GPU per rank")
+    p.add_argument("--cpus-per-rank", type=float, default=1.0)
+
+
+def add_parsers(sub) -> None:
+    s = sub.add_parser("serve", help="serve the OpenAI API on Ray Serve")
+    _add_common(s)
+    s.add_argument("--address", help="join an existing Ray cluster (default: start a local one)")
+    s.set_defaults(fn=run_serve)
+    c = sub.add_parser("serve-config", help="write the Serve YAML for `serve deploy`")
+    _add_common(c)
+    c.add_argument("--out", default="-", help="file to write (default stdout)")
+    c.set_defaults(fn=run_serve_config)
+
+
+def build_config(args):
+    from pydantic import ValidationError
+
+    from cli.generate import UsageError
+    from cluster.config import AutoscalingConfig, ModelGroupConfig, ServeConfig
+    try:
+        group = ModelGroupConfig(name=args.name, path=args.model, tp=args.tp, ep=args.ep, use_gpu=args.gpu,
+                                 cpus_per_rank=args.cpus_per_rank,
+                                 autoscaling=AutoscalingConfig(min_replicas=args.min_replicas,
+                                                               max_replicas=args.max_replicas))
+        return ServeConfig(host=args.host, port=args.port, models=[group])
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = [str(x) for x in err["loc"] if not str(x).isdigit()]
+        field = loc[-1] if loc else next((f for f in ("min_replicas", "max_replicas") if f in err["msg"]), "config")
+        flag = {"path": "model", "use_gpu": "gpu"}.get(field, field)
+        raise UsageError(f"--{flag.replace('_', '-')}: {err['msg']}") from None
+
+
+def run_serve_config(args) -> int:
+    import yaml
+    text = yaml.safe_dump(build_config(args).serve_yaml(), sort_keys=False)
+    if args.out == "-":
+        sys.stdout.write(text)
+    else:
+        with open(args.out, "w") as f:
+            f.write(text)
+        print(f"wrote {args.out}; deploy with: serve deploy {args.out}", file=sys.stderr)
+    return 0
+
+
+def run_serve(args) -> int:
+    from cli.main import resolve_model
+    cfg = build_config(args)
+    resolve_model(args.model)  # build the demo checkpoint once, before replicas race for it
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import ray
+    from ray import serve
+
+    from deployments.serve_app import build_application
+    if args.address:
+        ray.init(address=args.address)
+    else:
+        ray.init(num_cpus=max(os.cpu_count() or 2, cfg.models[0].world + 1), include_dashboard=True)
+    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    serve.run(build_application(cfg), name=cfg.app_name, route_prefix="/")
+    url = f"http://{cfg.host}:{cfg.port}"
+    print(f"\nOpenAI API ready at {url}/v1  (model '{args.name}')\n"
+          f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
+          f"    -d '{{\"model\": \"{args.name}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hi\"}}], "
+          f"\"max_tokens\": 64}}'\n"
+          f"Ray dashboard: http://127.0.0.1:8265   (Ctrl-C stops)", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.shutdown()
+    return 0
