@@ -35,10 +35,11 @@ def attention_with_sinks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sink
     qg = q.float().view(B, Q, K, G, D)
     s = torch.einsum("bqkgd,blkd->bkgql", qg, k.float()) * scale
     s = s.masked_fill(~mask[:, None, None], float("-inf"))
-    sink = sinks.float().view(1, K, G, 1, 1).expand(B, K, G, Q, 1)
-    logits = torch.cat([s, sink], dim=-1)
-    logits = logits - logits.amax(dim=-1, keepdim=True)
-    p = torch.softmax(logits, dim=-1)[..., :-1]
+    # the sink joins the normalisation as one more logit per head, then is dropped
+    sink = sinks.float().view(1, K, G, 1, 1)
+    m = torch.maximum(s.amax(dim=-1, keepdim=True), sink)
+    p = torch.exp(s - m)
+    p = p / (p.sum(dim=-1, keepdim=True) + torch.exp(sink - m))
     o = torch.einsum("bkgql,blkd->bqkgd", p, v.float())
     return o.reshape(B, Q, Hq, D).to(q.dtype)
 
@@ -113,6 +114,16 @@ class KVCache:
 
 
 @dataclass
+class _Part:
+    """Sequences attended together: all decodes in one part, each prefill chunk in its own,
+    so one-token queries are never padded to a long chunk."""
+    seqs: torch.Tensor
+    rows: torch.Tensor
+    vl: _Varlen
+    plans: dict = field(default_factory=dict)
+
+
+@dataclass
 class PagedMetadata:
     """One engine step over the paged cache.
 
@@ -130,19 +141,33 @@ class PagedMetadata:
     block_tables: dict[str, torch.Tensor]
     slot_mapping: dict[str, torch.Tensor]
     layer_group: list[str]
-    _vl: _Varlen = field(init=False, repr=False)
-    _gather: dict = field(init=False, repr=False, default_factory=dict)
+    _parts: list = field(init=False, repr=False)
 
     def __post_init__(self):
-        self._vl = _Varlen(self.query_start)
+        qs = self.query_start.to(torch.long)
+        lens = qs[1:] - qs[:-1]
+        dev = qs.device
+        groups = []
+        decode = (lens == 1).nonzero().squeeze(1)
+        if decode.numel():
+            groups.append(decode)
+        groups += [b.view(1) for b in (lens > 1).nonzero().squeeze(1)]
+        self._parts = []
+        for seqs in groups:
+            sl = lens[seqs]
+            # a decode part has one row per sequence; a prefill part is one sequence's chunk
+            rows = qs[seqs] if int(sl.max()) == 1 else torch.arange(int(qs[seqs[0]]), int(qs[seqs[0] + 1]),
+                                                                   device=dev)
+            sub_qs = torch.cat([torch.zeros(1, dtype=torch.long, device=dev), sl.cumsum(0)])
+            self._parts.append(_Part(seqs, rows, _Varlen(sub_qs)))
 
-    def _plan(self, group: str, window: int | None):
+    def _plan(self, part: _Part, group: str, window: int | None):
         """Blocks to read per sequence and the mask; shared by all layers of a group."""
         key = (group, window)
-        if key in self._gather:
-            return self._gather[key]
-        vl, bs = self._vl, self.cache.block_size
-        ctx = self.context_lens.to(torch.long)
+        if key in part.plans:
+            return part.plans[key]
+        vl, bs = part.vl, self.cache.block_size
+        ctx = self.context_lens.to(torch.long)[part.seqs]
         first_q = ctx - vl.lens
         qpos = first_q[:, None] + torch.arange(vl.qmax, device=ctx.device)[None, :]
         if window is None:
@@ -153,13 +178,13 @@ class PagedMetadata:
         nb = int((end_blk - start_blk).max()) if vl.B else 0
         j = start_blk[:, None] + torch.arange(nb, device=ctx.device)[None, :]
         blk_valid = j < end_blk[:, None]
-        table = self.block_tables[group]
+        table = self.block_tables[group][part.seqs]
         phys = torch.gather(table, 1, j.clamp(max=table.shape[1] - 1))
         phys = torch.where(blk_valid, phys, torch.full_like(phys, NULL_BLOCK))
         kpos = (j[:, :, None] * bs + torch.arange(bs, device=ctx.device)).reshape(vl.B, nb * bs)
         kvalid = kpos < ctx[:, None]
         mask = _window_mask(qpos, kpos, kvalid, window)
-        self._gather[key] = (phys, mask)
+        part.plans[key] = (phys, mask)
         return phys, mask
 
     def attend(self, layer: int, q, k, v, sinks, window: int | None, scale: float) -> torch.Tensor:
@@ -168,9 +193,12 @@ class PagedMetadata:
         slots = self.slot_mapping[group]
         kc.view(-1, *kc.shape[2:])[slots] = k.to(kc.dtype)
         vc.view(-1, *vc.shape[2:])[slots] = v.to(vc.dtype)
-        phys, mask = self._plan(group, window)
-        B, nb = phys.shape
-        kk = kc[phys].reshape(B, nb * kc.shape[1], *kc.shape[2:])
-        vv = vc[phys].reshape(B, nb * vc.shape[1], *vc.shape[2:])
-        out = attention_with_sinks(self._vl.pad(q), kk.to(q.dtype), vv.to(q.dtype), sinks, mask, scale)
-        return self._vl.unpad(out)
+        out = torch.empty_like(q)
+        for part in self._parts:
+            phys, mask = self._plan(part, group, window)
+            B, nb = phys.shape
+            kk = kc[phys].reshape(B, nb * kc.shape[1], *kc.shape[2:])
+            vv = vc[phys].reshape(B, nb * vc.shape[1], *vc.shape[2:])
+            res = attention_with_sinks(part.vl.pad(q[part.rows]), kk.to(q.dtype), vv.to(q.dtype), sinks, mask, scale)
+            out[part.rows] = part.vl.unpad(res)
+        return out

@@ -158,9 +158,9 @@ class MoE(nn.Module):
         """rows[i] through local expert local_ids[i] (unweighted), grouped by expert."""
         out = torch.empty_like(rows)
         order = torch.argsort(local_ids, stable=True)
-        counts = torch.bincount(local_ids, minlength=len(self.expert_ids)).tolist()
+        counts = torch.bincount(local_ids, minlength=len(self.expert_ids))
         start = 0
-        for j, c in enumerate(counts):
+        for j, c in enumerate(counts.tolist()):
             if c == 0:
                 continue
             sel = order[start:start + c]
