@@ -8,11 +8,16 @@ replaces it.
 
 from __future__ import annotations
 
+import uuid
+
 import ray
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from parallel.layout import resolve_layout
 from parallel.worker import RankRuntime, WorkerError, WorkerSpec
+
+
+NAMESPACE = "gptoss"
 
 
 class RayRankWorkers:
@@ -31,8 +36,11 @@ class RayRankWorkers:
         pg = ray.util.get_current_placement_group()
         actor = ray.remote(RankRuntime)
         self.actors = []
+        group = uuid.uuid4().hex[:8]
         for r in range(len(self.layout)):
-            opts = {"num_cpus": cpus_per_rank, "num_gpus": 1 if use_gpu else 0, "max_restarts": 0}
+            # named, so operators (and tests) can find a group's ranks in the Ray state API
+            opts = {"num_cpus": cpus_per_rank, "num_gpus": 1 if use_gpu else 0, "max_restarts": 0,
+                    "name": f"gptoss-rank-{group}-{r}", "namespace": NAMESPACE}
             if pg is not None:
                 opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=r)
             self.actors.append(actor.options(**opts).remote(spec, r))
