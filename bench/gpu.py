@@ -1,0 +1,317 @@
+"""GPU benchmark: decode, prefill and 1k-in/1k-out throughput of gpt-oss beside a bandwidth roofline.
+
+    python -m bench.gpu [--models gpt-oss-120b,gpt-oss-20b] [--ckpt-dir DIR] [--batches 1,8,64,256]
+    python -m bench.gpu --dry-run        # the whole flow on CPU with the tiny preset (what the tests run)
+
+Random full-shape checkpoints (MXFP4 experts, HF layout) are written on first
+use, as `python -m cli.main checkpoint make DIR/<preset> --preset <preset>`
+would, and loaded with load_model(dtype=bf16, keep_mxfp4=True). Every number
+runs through engine.core.LLMEngine (scheduler, sampler and all):
+* decode: B sequences with --decode-context-token prompts; steps timed once
+  every sequence is decoding; tokens/s = B * steps / time.
+* prefill: --prefill-seqs prompts of --prefill-len tokens, max_tokens=1,
+  chunked at --max-tokens-per-step; tokens/s = prompt tokens / time.
+* throughput: --requests prompts of --isl tokens, --osl outputs each, at most
+  --concurrency running; output tokens/s.
+
+Roofline: bytes one step must move (attention + router weights, the experts
+the step's tokens are expected to touch under uniform routing, KV read and
+written, embedding rows, unembedding, logits) over the device-to-device copy
+bandwidth measured in this run; activations are left out. Prefill also gets a
+compute roofline from a measured bf16 matmul; its roofline is the lower. The
+throughput roofline is decode at batch --concurrency with context isl + osl/2
+(prefill time ignored). JSON goes to --out (one file per model); a markdown
+summary for BENCHMARKS.md is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import random
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def copy_bandwidth(dev: torch.device, nbytes: int, reps: int = 10) -> float:
+    """Bytes/s of a large device-to-device copy, counting the read and the write."""
+    a = torch.empty(nbytes, dtype=torch.uint8, device=dev)
+    b = torch.empty_like(a)
+    b.copy_(a)
+    sync(dev)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        b.copy_(a)
+    sync(dev)
+    return 2 * nbytes * reps / (time.perf_counter() - t0)
+
+
+def matmul_flops(dev: torch.device, n: int, reps: int = 10) -> float:
+    a = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
+    a @ b
+    sync(dev)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync(dev)
+    return 2 * n ** 3 * reps / (time.perf_counter() - t0)
+
+
+class Roofline:
+    """Bytes (and FLOPs) of one engine step of a gpt-oss config, weights in bf16 + MXFP4 experts."""
+
+    def __init__(self, cfg):
+        self.cfg = c = cfg
+        H, I, D = c.hidden_size, c.intermediate_size, c.head_dim
+        self.attn = ((c.num_attention_heads + 2 * c.num_key_value_heads) * D * H
+                     + c.num_attention_heads * D * H) * 2 + c.num_local_experts * H * 2 + 2 * H * 4
+        self.expert = 3 * I * H * 17 // 32 + (2 * I + H) * 2   # 4 bits + 1 scale byte per 32, bf16 biases
+        self.kv_token = 2 * c.num_key_value_heads * D * 2        # k and v, bf16, per layer
+        self.unembed = c.vocab_size * H * 2
+        self.active_params = (self.attn // 2) + c.num_experts_per_tok * 3 * I * H
+
+    def experts_touched(self, tokens: int) -> float:
+        E, k = self.cfg.num_local_experts, self.cfg.num_experts_per_tok
+        return E * (1 - (1 - k / E) ** tokens)
+
+    def step_bytes(self, tokens: int, contexts: list[int], sampled: int) -> float:
+        c = self.cfg
+        kv = 0
+        for layer in range(c.num_hidden_layers):
+            w = c.window(layer)
+            kv += sum(min(n, w) if w else n for n in contexts) * self.kv_token
+        per_layer = self.attn + self.experts_touched(tokens) * self.expert
+        return (c.num_hidden_layers * per_layer + kv + tokens * self.kv_token * c.num_hidden_layers
+                + tokens * c.hidden_size * 2 + (self.unembed + sampled * c.vocab_size * 4 if sampled else 0))
+
+    def step_flops(self, tokens: int, contexts: list[int], sampled: int) -> float:
+        c = self.cfg
+        attn = sum(4 * c.num_attention_heads * c.head_dim * (min(n, c.window(i)) if c.window(i) else n)
+                   for i in range(c.num_hidden_layers) for n in contexts)
+        unembed_params = c.vocab_size * c.hidden_size
+        return 2 * self.active_params * c.num_hidden_layers * tokens + attn + 2 * sampled * unembed_params
+
+
+def requests(n: int, prompt_len: int, max_tokens: int, seed: int, vocab: int = 199998):
+    from engine.request import GenerateRequest
+    from engine.sampler import SamplingParams
+    rng = random.Random(seed)
+    return [GenerateRequest(f"r{seed}-{i}", [rng.randrange(vocab) for _ in range(prompt_len)],
+                            SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True), harmony=False)
+            for i in range(n)]
+
+
+def engine(model, seqs: int, max_len: int, step_tokens: int):
+    from engine.core import EngineConfig, LLMEngine
+    bs = 16
+    cfg = EngineConfig(block_size=bs, num_blocks=seqs * -(-max_len // bs) + 64, max_num_seqs=seqs,
+                       max_tokens_per_step=step_tokens, max_model_len=max_len + bs, enable_prefix_cache=False)
+    eng = LLMEngine(model, cfg)
+    eng.generate(requests(1, 8, 2, seed=999))  # warm-up: allocations, Triton compiles
+    return eng
+
+
+def bench_decode(model, dev, B: int, ctx: int, steps: int, warm: int, step_tokens: int):
+    # sequences prefilled early decode while the rest prefill: leave them tokens for the timed steps
+    out_len = steps + warm + 2 * (-(-B * ctx // max(step_tokens, B))) + 2
+    eng = engine(model, B, ctx + out_len, max(step_tokens, B))
+    reqs = requests(B, ctx, out_len, seed=B)
+    for r in reqs:
+        eng.add_request(r)
+    while not all(len(s.output_ids) for r in reqs for s in eng.seqs[r.request_id]):
+        eng.step()
+    for _ in range(warm):
+        eng.step()
+    sync(dev)
+    g0, t0 = eng.generated_tokens, time.perf_counter()
+    for _ in range(steps):
+        eng.step()
+    sync(dev)
+    dt = time.perf_counter() - t0
+    return (eng.generated_tokens - g0) / dt, dt / steps
+
+
+def bench_prefill(model, dev, n: int, length: int, step_tokens: int):
+    eng = engine(model, n, length + 2, step_tokens)
+    reqs = requests(n, length, 1, seed=7)
+    sync(dev)
+    t0 = time.perf_counter()
+    eng.generate(reqs)
+    sync(dev)
+    return n * length / (time.perf_counter() - t0)
+
+
+def bench_throughput(model, dev, n: int, isl: int, osl: int, conc: int, step_tokens: int):
+    eng = engine(model, conc, isl + osl + 2, step_tokens)
+    reqs = requests(n, isl, osl, seed=11)
+    sync(dev)
+    t0 = time.perf_counter()
+    eng.generate(reqs)
+    sync(dev)
+    return n * osl / (time.perf_counter() - t0)
+
+
+def checkpoint(preset: str, ckpt_dir: Path) -> tuple[Path, bool]:
+    path = ckpt_dir / preset
+    if (path / "config.json").exists():
+        return path, False
+    from models.checkpoint import make_checkpoint
+    print(f"writing {path} (= python -m cli.main checkpoint make {path} --preset {preset})", file=sys.stderr)
+    make_checkpoint(path, preset, "hf", "mxfp4", seed=0, overwrite=True)
+    return path, True
+
+
+def run_model(preset: str, a, dev: torch.device, bw: float, flops: float, command: str) -> dict:
+    from kernels import dispatch
+    from models import load_model
+    path, created = checkpoint(preset, Path(a.ckpt_dir))
+    t0 = time.perf_counter()
+    model = load_model(path, dtype=torch.bfloat16, device=dev, keep_mxfp4=True)
+    print(f"loaded {preset} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    roof = Roofline(model.config)
+    rows = []
+
+    def add(kind, batch, context, tok_s, step_tokens, contexts, sampled, extra=None):
+        nbytes = roof.step_bytes(step_tokens, contexts, sampled)
+        mem = step_tokens / (nbytes / bw)
+        roofline, bound = mem, "memory"
+        if kind == "prefill":
+            comp = step_tokens / (roof.step_flops(step_tokens, contexts, sampled) / flops)
+            roofline, bound = min(mem, comp), ("memory" if mem <= comp else "compute")
+        rows.append({"kind": kind, "batch": batch, "context": context, "tokens_per_s": tok_s,
+                     "roofline_tokens_per_s": roofline, "roofline_bound": bound,
+                     "fraction_of_roofline": tok_s / roofline, "bytes_per_step": nbytes, **(extra or {})})
+        print(f"  {kind:10} batch {batch:4} context {context:6}: {tok_s:10.1f} tok/s "
+              f"(roofline {roofline:10.1f}, {bound})", file=sys.stderr)
+
+    for B in a.batches:
+        tok_s, step_s = bench_decode(model, dev, B, a.decode_context, a.decode_steps, a.warmup_steps,
+                                     a.max_tokens_per_step)
+        ctx = a.decode_context + a.warmup_steps + a.decode_steps // 2
+        add("decode", B, ctx, tok_s, B, [ctx] * B, B, {"step_ms": step_s * 1e3})
+    tok_s = bench_prefill(model, dev, a.prefill_seqs, a.prefill_len, a.max_tokens_per_step)
+    chunk = min(a.max_tokens_per_step, a.prefill_seqs * a.prefill_len)
+    add("prefill", a.prefill_seqs, a.prefill_len, tok_s, chunk, [a.prefill_len // 2] * max(1, chunk // a.prefill_len),
+        max(1, chunk // a.prefill_len))
+    tok_s = bench_throughput(model, dev, a.requests, a.isl, a.osl, a.concurrency, a.max_tokens_per_step)
+    ctx = a.isl + a.osl // 2
+    add("throughput", a.concurrency, ctx, tok_s, a.concurrency, [ctx] * a.concurrency, a.concurrency,
+        {"isl": a.isl, "osl": a.osl, "requests": a.requests, "metric": "output tokens/s"})
+    del model
+    if created and a.delete_created:
+        import shutil
+        shutil.rmtree(path)
+    gpu = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {"gpu": gpu, "model": preset, "dtype": "bfloat16", "experts": "mxfp4", "command": command,
+            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "kernels": os.environ.get("GPTOSS_KERNELS", "auto"), "use_triton": dispatch.use_triton(dev),
+            "torch": torch.__version__, "triton": triton_version, "dry_run": a.dry_run,
+            "copy_bandwidth_GBps": bw / 1e9, "matmul_TFLOPs": flops / 1e12,
+            "results": [{"gpu": gpu, "model": preset, "command": command, **r} for r in rows]}
+
+
+def markdown(res: dict) -> str:
+    out = [f"### {res['model']} on {res['gpu']}",
+           f"bf16 + MXFP4 experts, kernels {res['kernels']} (triton: {res['use_triton']}), copy bandwidth "
+           f"{res['copy_bandwidth_GBps']:.0f} GB/s, bf16 matmul {res['matmul_TFLOPs']:.1f} TFLOP/s. "
+           f"`{res['command']}`", "",
+           "| workload | batch | context | tokens/s | roofline tokens/s | bound | % of roofline |",
+           "|---|---:|---:|---:|---:|---|---:|"]
+    for r in res["results"]:
+        out.append(f"| {r['kind']} | {r['batch']} | {r['context']} | {r['tokens_per_s']:.1f} | "
+                   f"{r['roofline_tokens_per_s']:.1f} | {r['roofline_bound']} | {100 * r['fraction_of_roofline']:.1f} |")
+    return "\n".join(out)
+
+
+def parse(argv=None):
+    ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("--models", default="gpt-oss-120b,gpt-oss-20b", help="presets, comma separated")
+    ap.add_argument("--ckpt-dir", default=str(Path.home() / ".cache" / "gptoss" / "bench"))
+    ap.add_argument("--delete-created", action="store_true", help="remove checkpoints this run wrote (disk space)")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--kernels", choices=["auto", "torch", "triton"], help="sets GPTOSS_KERNELS")
+    ap.add_argument("--batches", type=ints, default=[1, 8, 64, 256])
+    ap.add_argument("--decode-context", type=int, default=1024)
+    ap.add_argument("--decode-steps", type=int, default=32)
+    ap.add_argument("--warmup-steps", type=int, default=4)
+    ap.add_argument("--prefill-seqs", type=int, default=8)
+    ap.add_argument("--prefill-len", type=int, default=2048)
+    ap.add_argument("--max-tokens-per-step", type=int, default=8192)
+    ap.add_argument("--isl", type=int, default=1024)
+    ap.add_argument("--osl", type=int, default=1024)
+    ap.add_argument("--concurrency", type=int, default=256)
+    ap.add_argument("--requests", type=int, default=512)
+    ap.add_argument("--copy-gib", type=float, default=2.0)
+    ap.add_argument("--out", help="results directory (default bench/results; a temp dir for --dry-run)")
+    ap.add_argument("--dry-run", action="store_true", help="tiny preset on CPU, tiny sizes: exercises the flow")
+    a = ap.parse_args(argv)
+    if a.dry_run:
+        a.models, a.device, a.batches = "tiny", "cpu", [1, 2, 4]
+        a.decode_context, a.decode_steps, a.warmup_steps = 12, 3, 1
+        a.prefill_seqs, a.prefill_len, a.max_tokens_per_step = 2, 24, 32
+        a.isl, a.osl, a.concurrency, a.requests, a.copy_gib = 12, 6, 3, 5, 1 / 128
+    return a
+
+
+def find_vocab() -> None:
+    """Raw-mode output decoding needs the o200k vocabulary; offline machines keep a copy (see README)."""
+    if "TIKTOKEN_ENCODINGS_BASE" in os.environ:
+        return
+    root = Path(__file__).resolve().parents[1]
+    for d in (root.parent / "shared" / "vocab", root / "shared" / "vocab", root / "vocab"):
+        if (d / "o200k_base.tiktoken").exists():
+            os.environ["TIKTOKEN_ENCODINGS_BASE"] = str(d)
+            return
+
+
+def main(argv=None) -> int:
+    a = parse(argv)
+    find_vocab()
+    command = "python -m bench.gpu " + " ".join(sys.argv[1:] if argv is None else argv)
+    if a.kernels:
+        os.environ["GPTOSS_KERNELS"] = a.kernels
+    dev = torch.device(a.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        print("bench.gpu: no CUDA device here (use --dry-run to exercise the flow on CPU)", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory() as tmp:
+        if a.dry_run:
+            a.ckpt_dir = tmp
+        out = Path(a.out or (Path(tmp) / "results" if a.dry_run else "bench/results"))
+        out.mkdir(parents=True, exist_ok=True)
+        bw = copy_bandwidth(dev, int(a.copy_gib * 2 ** 30))
+        flops = matmul_flops(dev, 256 if a.dry_run else 8192)
+        print(f"copy bandwidth {bw / 1e9:.1f} GB/s, bf16 matmul {flops / 1e12:.2f} TFLOP/s", file=sys.stderr)
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        for preset in a.models.split(","):
+            res = run_model(preset, a, dev, bw, flops, command)
+            slug = re.sub(r"[^a-z0-9]+", "-", res["gpu"].lower()).strip("-")
+            f = out / f"gpu-{preset}-{slug}-{stamp}.json"
+            f.write_text(json.dumps(res, indent=1) + "\n")
+            print(markdown(res) + f"\n\n(wrote {f})\n", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,211 @@
+"""Paged attention with per-head sinks and sliding windows (decode, prefill, chunked prefill).
+
+One kernel serves every step shape PagedMetadata.attend accepts: sequence b has
+q_len = query_start[b+1] - query_start[b] new tokens at positions
+context_len - q_len .. context_len - 1, and reads keys 0..context_len-1 (or
+the window) from the paged cache through its block-table row, the new tokens'
+keys included (attend writes them before attending).
+
+A program owns one (sequence, KV head, query tile): its rows are BLOCK_M // G
+query tokens x the G query heads sharing that KV head, so K/V are read once
+per tile for the whole GQA group and a decode token still fills a 16-row dot.
+Keys are gathered token by token through the block table, so any block size
+works, and blocks wholly outside the window are never visited (freed window
+blocks are NULL in the table and must not be read).
+
+Softmax state starts at the sink (m = sink, l = 1, acc = 0): the sink joins
+the normaliser exactly once and a row never holds -inf, so fully masked key
+blocks need no special case. With NUM_SPLITS > 1 (long decode, few programs)
+each split handles a slice of the keys, only split 0 carries the sink, and
+`_merge_kernel` combines the partial (m, l, acc).
+"""
+
+import torch
+
+from models.attention import attention_with_sinks
+
+from ._triton import interpreting, jit_module, next_pow2, tl, triton
+
+LOG2E = 1.4426950408889634
+
+
+def paged_attention_reference(q, k_cache, v_cache, block_table, query_start, context_lens, sinks,
+                              window, scale) -> torch.Tensor:
+    """PagedMetadata.attend's result (minus its cache write) through the model's attention_with_sinks.
+
+    One sequence at a time over all its blocks, the window applied by the mask
+    (NULL entries are read and masked, so the pool must hold finite values, as
+    the engine's zeroed NULL block does). It leans on no PagedMetadata
+    internals and never calls attend(), so attend may call the dispatcher,
+    whose CPU path lands here, without recursing."""
+    out = torch.empty_like(q)
+    bs = k_cache.shape[1]
+    qs, ctx = query_start.tolist(), context_lens.tolist()
+    for b in range(len(ctx)):
+        q0, q1, n = qs[b], qs[b + 1], ctx[b]
+        if q1 == q0:
+            continue
+        phys = block_table[b, :-(-n // bs)]
+        kk = k_cache[phys].flatten(0, 1)[:n].to(q.dtype)
+        vv = v_cache[phys].flatten(0, 1)[:n].to(q.dtype)
+        kpos = torch.arange(n, device=q.device)
+        qpos = kpos[n - (q1 - q0):]
+        mask = kpos[None, :] <= qpos[:, None]
+        if window is not None:
+            mask &= qpos[:, None] - kpos[None, :] < window
+        out[q0:q1] = attention_with_sinks(q[None, q0:q1], kk[None], vv[None], sinks, mask[None], scale)[0]
+    return out
+
+
+def _attn_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, qs_ptr, ctx_ptr, sink_ptr, o_ptr, pm_ptr, pl_ptr,
+                 qk_scale, window, n_tokens, Hq, D,
+                 s_qn, s_qh, s_kb, s_ks, s_kh, s_bt,
+                 G: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_D: tl.constexpr, HAS_WINDOW: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                 DOT_BF16: tl.constexpr):
+    b = tl.program_id(0)
+    kh = tl.program_id(1)
+    qt = tl.program_id(2) // NUM_SPLITS
+    sp = tl.program_id(2) % NUM_SPLITS
+    QT: tl.constexpr = BLOCK_M // G  # query tokens per tile
+    q0 = tl.load(qs_ptr + b)
+    qlen = tl.load(qs_ptr + b + 1) - q0
+    ctx = tl.load(ctx_ptr + b)
+    if qt * QT >= qlen:
+        return
+    r = tl.arange(0, BLOCK_M)
+    i = qt * QT + r // G
+    rvalid = (r < QT * G) & (i < qlen)
+    head = kh * G + r % G
+    qpos = ctx - qlen + i
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < D
+    tok = (q0 + i).to(tl.int64)
+    q = tl.load(q_ptr + tok[:, None] * s_qn + head[:, None] * s_qh + d[None, :],
+                mask=rvalid[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+
+    first = ctx - qlen + qt * QT
+    hi = tl.minimum(first + QT, ctx)
+    lo = 0
+    if HAS_WINDOW:
+        lo = tl.maximum(first - window + 1, 0)
+    per_split = tl.cdiv(tl.cdiv(hi - lo, BLOCK_N), NUM_SPLITS) * BLOCK_N
+    start = lo + sp * per_split
+    end = tl.minimum(hi, start + per_split)
+
+    sink = tl.load(sink_ptr + head, mask=rvalid, other=0.0).to(tl.float32) * 1.4426950408889634
+    m = tl.where(sp == 0, sink, -1.0e30)
+    l_i = tl.where(sp == 0, 1.0, 0.0) + tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    row = bt_ptr + b.to(tl.int64) * s_bt
+    for n0 in range(start, end, BLOCK_N):
+        kpos = n0 + tl.arange(0, BLOCK_N)
+        kval = kpos < end
+        page = tl.load(row + kpos // PAGE, mask=kval, other=0).to(tl.int64)
+        base = page * s_kb + (kpos % PAGE) * s_ks + kh * s_kh
+        kvmask = kval[None, :] & dmask[:, None]
+        kt = tl.load(k_ptr + base[None, :] + d[:, None], mask=kvmask, other=0.0).to(tl.float32)  # [D, N]
+        if DOT_BF16:
+            s = tl.dot(q.to(tl.bfloat16), kt.to(tl.bfloat16))
+        else:
+            s = tl.dot(q, kt, input_precision="ieee")
+        see = kval[None, :] & (kpos[None, :] <= qpos[:, None])
+        if HAS_WINDOW:
+            see = see & (qpos[:, None] - kpos[None, :] < window)
+        s = tl.where(see, s * qk_scale, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        alpha = tl.exp2(m - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        vt = tl.load(v_ptr + base[:, None] + d[None, :], mask=kval[:, None] & dmask[None, :], other=0.0).to(tl.float32)  # [N, D]
+        if DOT_BF16:
+            acc = tl.dot(p.to(tl.bfloat16), vt.to(tl.bfloat16), acc * alpha[:, None])
+        else:
+            acc = tl.dot(p, vt, acc * alpha[:, None], input_precision="ieee")
+        m = m_new
+
+    omask = rvalid[:, None] & dmask[None, :]
+    if NUM_SPLITS == 1:
+        out = acc / l_i[:, None]
+        tl.store(o_ptr + tok[:, None] * (Hq * D) + head[:, None] * D + d[None, :],
+                 out.to(o_ptr.dtype.element_ty), mask=omask)
+    else:  # partials [splits, N, Hq, (D)]; unnormalised, merged below
+        prow = (sp * n_tokens + tok) * Hq + head
+        tl.store(o_ptr + prow[:, None] * D + d[None, :], acc, mask=omask)
+        tl.store(pm_ptr + prow, m, mask=rvalid)
+        tl.store(pl_ptr + prow, l_i, mask=rvalid)
+
+
+def _merge_kernel(po_ptr, pm_ptr, pl_ptr, o_ptr, n_rows, D, NUM_SPLITS: tl.constexpr,
+                  BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)  # (token, head)
+    s = tl.arange(0, BLOCK_S)
+    smask = s < NUM_SPLITS
+    d = tl.arange(0, BLOCK_D)
+    m = tl.load(pm_ptr + s * n_rows + row, mask=smask, other=-1.0e30)
+    w = tl.exp2(m - tl.max(m, 0))
+    l_tot = tl.sum(tl.load(pl_ptr + s * n_rows + row, mask=smask, other=0.0) * w, 0)
+    acc = tl.load(po_ptr + (s[:, None] * n_rows + row) * D + d[None, :],
+                  mask=smask[:, None] & (d[None, :] < D), other=0.0)
+    out = tl.sum(acc * w[:, None], 0) / l_tot
+    tl.store(o_ptr + row * D + d, out.to(o_ptr.dtype.element_ty), mask=d < D)
+
+
+_KERNELS = ("_attn_kernel", "_merge_kernel")
+
+
+def paged_attention(q, k_cache, v_cache, block_table, query_start, context_lens, sinks, window, scale,
+                    max_query_len: int | None = None, num_splits: int | None = None) -> torch.Tensor:
+    """q [N, Hq, D]; k/v_cache [blocks, block_size, K, D]; block_table [B, max_blocks];
+    query_start [B+1]; context_lens [B]; sinks [Hq] -> [N, Hq, D] in q.dtype.
+
+    max_query_len: longest q_len in the step (pass it to avoid a device->host
+    read, e.g. 1 for decode under CUDA graphs). num_splits: key-range splits
+    per program (None = heuristic: only decode with few programs splits).
+    """
+    N, Hq, D = q.shape
+    _, page, K, _ = k_cache.shape
+    B = context_lens.numel()
+    out = torch.empty(N, Hq, D, dtype=q.dtype, device=q.device)
+    if N == 0 or B == 0:
+        return out
+    if v_cache.shape != k_cache.shape or v_cache.stride() != k_cache.stride():
+        raise ValueError("k and v caches must have the same shape and strides")
+    if Hq % K:
+        raise ValueError(f"{Hq} query heads are not a multiple of {K} KV heads")
+    jit_module(globals(), _KERNELS)
+    G = Hq // K
+    if max_query_len is None:
+        max_query_len = int((query_start[1:] - query_start[:-1]).max())
+    interp = interpreting()
+    tokens_per_tile = 1 if max_query_len == 1 else (16 if interp else 128) // G
+    block_m = max(16, next_pow2(G * max(tokens_per_tile, 1)))
+    block_n = 16 if interp else 64
+    if num_splits is None:
+        num_splits = 1 if (max_query_len > 1 or not q.is_cuda) else max(1, min(8, 256 // (B * K)))
+    qt = triton.cdiv(max_query_len, block_m // G)
+    dot_bf16 = q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)
+    if num_splits > 1:
+        po = torch.empty(num_splits, N, Hq, D, dtype=torch.float32, device=q.device)
+        pm = torch.empty(num_splits, N, Hq, dtype=torch.float32, device=q.device)
+        pl = torch.empty_like(pm)
+    else:
+        po, pm, pl = out, out, out  # unused
+    q = q.contiguous() if q.stride(-1) != 1 else q
+    if block_table.stride(-1) != 1:
+        block_table = block_table.contiguous()
+    query_start, context_lens, sinks = query_start.contiguous(), context_lens.contiguous(), sinks.contiguous()
+    launch = {} if interp else dict(num_warps=4, num_stages=2)
+    _attn_kernel[(B, K, qt * num_splits)](
+        q, k_cache, v_cache, block_table, query_start, context_lens, sinks, po, pm, pl,
+        float(scale) * LOG2E, int(window or 0), N, Hq, D,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_table.stride(0),
+        G=G, PAGE=page, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, next_pow2(D)),
+        HAS_WINDOW=window is not None, NUM_SPLITS=num_splits, DOT_BF16=dot_bf16, **launch)
+    if num_splits > 1:
+        _merge_kernel[(N * Hq,)](po, pm, pl, out, N * Hq, D, NUM_SPLITS=num_splits,
+                                 BLOCK_S=max(2, next_pow2(num_splits)), BLOCK_D=next_pow2(D))
+    return out
+
+
+__all__ = ["paged_attention", "paged_attention_reference"]

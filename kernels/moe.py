@@ -1,0 +1,239 @@
+"""gpt-oss MoE over MXFP4 experts: route, align, two grouped matmuls, combine.
+
+1. `route`: top-k of the router logits, softmax over the k picked (as MoE.route).
+2. `align`: (token, slot) pairs sorted by local expert, each expert's run padded
+   to a multiple of BLOCK_M, and tile -> expert. The tile count has a static
+   bound (pairs/BLOCK_M + experts hit), so nothing here reads a value back to
+   the host and a decode step stays capturable in a CUDA graph.
+3. `_w1_kernel`: per (tile, column block) gathers the tile's token rows of x,
+   multiplies by W1[e]^T decoded from MXFP4 in registers, adds b1 and applies
+   the clamped SwiGLU to each (gate 2j, linear 2j+1) row pair of W1, writing
+   activation column j. W1 is read once per tile, never dequantised to memory.
+4. `_w2_kernel`: activations @ W2[e]^T + b2, times the pair's router weight.
+5. `_combine_kernel`: sums each token's k pair rows (absent experts skipped).
+
+Layouts are the checkpoint's: w1_blocks [E, 2I, H/32, 16], w1_scales [E, 2I, H/32],
+w2_blocks [E, H, I/32, 16], w2_scales [E, H, I/32], b1 [E, 2I], b2 [E, H], where
+E counts this rank's experts and `global_to_local` (-1 = not here) maps router ids.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from models import mxfp4
+from models.layers import swiglu
+
+from ._triton import interpreting, jit_module, tl, triton
+
+
+def route(logits: torch.Tensor, top_k: int, dtype: torch.dtype | None = None):
+    """Same ops as models.layers.MoE.route after its linear layer."""
+    top, idx = torch.topk(logits, top_k, dim=-1)
+    return idx, torch.softmax(top.float(), dim=-1).to(dtype or logits.dtype)
+
+
+def moe_reference(x, idx, weights, w1_blocks, w1_scales, b1, w2_blocks, w2_scales, b2,
+                  global_to_local=None, limit: float = 7.0, alpha: float = 1.702) -> torch.Tensor:
+    """MoE.compute's arithmetic (same op order), as a function of the packed weights.
+
+    Kept separate from the module so MoE.compute may call the dispatcher,
+    which calls this on CPU, without recursing."""
+    top_k = idx.shape[1]
+    local = (global_to_local[idx] if global_to_local is not None else idx).flatten()
+    keep = (local >= 0).nonzero().squeeze(1)
+    tok, lid = keep // top_k, local[keep]
+    rows = x[tok]
+    y = torch.empty_like(rows)
+    for j in torch.unique(lid).tolist():
+        sel = (lid == j).nonzero().squeeze(1)
+        w1 = mxfp4.decode(w1_blocks[j], w1_scales[j], x.dtype)
+        w2 = mxfp4.decode(w2_blocks[j], w2_scales[j], x.dtype)
+        h = swiglu(F.linear(rows[sel], w1, b1[j]), limit, alpha)
+        y[sel] = F.linear(h, w2, b2[j])
+    return torch.zeros_like(x).index_add_(0, tok, y * weights.flatten()[keep, None])
+
+
+def align(idx: torch.Tensor, global_to_local, n_local: int, block_m: int):
+    """-> sorted_ids [T*BM] (pair id, or P for padding), tile_expert [T] (-1 = spare), valid [P]."""
+    flat = idx.reshape(-1)
+    P, dev = flat.numel(), flat.device
+    loc = global_to_local[flat] if global_to_local is not None else flat
+    valid = loc >= 0
+    key = torch.where(valid, loc, torch.full_like(loc, n_local))  # absent pairs sort last
+    order = torch.argsort(key, stable=True)
+    # scatter_add, not bincount: bincount reads its max back to the host
+    counts = torch.zeros(n_local + 1, dtype=torch.long, device=dev).scatter_add_(0, key, torch.ones_like(key))
+    counts = counts[:n_local]
+    tiles = (counts + block_m - 1) // block_m
+    tile_end = torch.cumsum(tiles, 0)
+    skey = key[order]
+    ek = skey.clamp(max=n_local - 1)
+    rank = torch.arange(P, device=dev) - (torch.cumsum(counts, 0) - counts)[ek]
+    max_tiles = -(-P // block_m) + min(n_local, P)
+    dest = torch.where(skey < n_local, (tile_end - tiles)[ek] * block_m + rank,
+                       torch.full_like(rank, max_tiles * block_m))
+    sorted_ids = torch.full((max_tiles * block_m + 1,), P, dtype=torch.int32, device=dev)
+    sorted_ids.scatter_(0, dest, order.to(torch.int32))  # absent pairs all land in the dropped last slot
+    te = torch.searchsorted(tile_end, torch.arange(max_tiles, device=dev), right=True)
+    tile_expert = torch.where(te < n_local, te, torch.full_like(te, -1)).to(torch.int32)
+    return sorted_ids[:-1], tile_expert, valid
+
+
+# ---------------------------------------------------------------- Triton kernels
+
+def _fp4(c, scale):
+    """E2M1 codes (int32, 0..15) -> fp32 by building the float's bits, times the block scale."""
+    mag = c & 7
+    e = mag >> 1
+    m = mag & 1
+    normal = ((e + 126) << 23) | (m << 22)          # 2**(e-1) * (1 + m/2)
+    sub = tl.where(m == 1, 0x3F000000, 0)           # e == 0: 0.5 or 0
+    bits = tl.where(e == 0, sub, normal) | ((c & 8) << 28)
+    return bits.to(tl.float32, bitcast=True) * scale
+
+
+def _dot(a, w, acc, DOT_BF16: tl.constexpr):
+    # decoded FP4 x power-of-two scales are exact in bf16, so bf16 tensor cores lose nothing on w;
+    # the interpreter computes bf16 dots wrongly (NOTES §4), hence the fp32 path
+    if DOT_BF16:
+        return tl.dot(a.to(tl.bfloat16), w.to(tl.bfloat16), acc)
+    return tl.dot(a, w, acc, input_precision="ieee")
+
+
+def _mx_tile(wb_ptr, ws_ptr, rows, rmask, kbyte, kmask, ROW_BYTES):
+    """Transposed weight tile [HALF_K, BN] of rows `rows` as (even-k values, odd-k values)."""
+    msk = kmask[:, None] & rmask[None, :]
+    b = tl.load(wb_ptr + rows[None, :] * ROW_BYTES + kbyte[:, None], mask=msk, other=0).to(tl.int32)
+    s = tl.load(ws_ptr + rows[None, :] * (ROW_BYTES // 16) + (kbyte // 16)[:, None], mask=msk, other=0)
+    scale = (s.to(tl.int32) << 23).to(tl.float32, bitcast=True)  # 2**(s-127)
+    return _fp4(b & 15, scale), _fp4(b >> 4, scale)
+
+
+def _w1_kernel(x_ptr, wb_ptr, ws_ptr, b_ptr, act_ptr, sorted_ptr, tile_e_ptr, n_pairs, H, I, stride_x,
+               TOP_K: tl.constexpr, LIMIT: tl.constexpr, ALPHA: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_BF16: tl.constexpr):
+    t = tl.program_id(0)
+    e = tl.load(tile_e_ptr + t).to(tl.int64)
+    if e < 0:
+        return
+    rows = t * BLOCK_M + tl.arange(0, BLOCK_M)
+    pair = tl.load(sorted_ptr + rows)
+    rvalid = pair < n_pairs
+    tok = (pair // TOP_K).to(tl.int64)
+    j = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    jvalid = j < I
+    gate_rows = (2 * j).to(tl.int64)
+    wb = wb_ptr + e * (2 * I) * (H // 2)
+    ws = ws_ptr + e * (2 * I) * (H // 32)
+    acc_g = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    acc_l = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        kbyte = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        kmask = kbyte < H // 2
+        amask = rvalid[:, None] & kmask[None, :]
+        a_ptr = x_ptr + tok[:, None] * stride_x + 2 * kbyte[None, :]
+        a_ev = tl.load(a_ptr, mask=amask, other=0.0).to(tl.float32)   # low nibbles are even k
+        a_od = tl.load(a_ptr + 1, mask=amask, other=0.0).to(tl.float32)
+        g_lo, g_hi = _mx_tile(wb, ws, gate_rows, jvalid, kbyte, kmask, H // 2)
+        acc_g = _dot(a_od, g_hi, _dot(a_ev, g_lo, acc_g, DOT_BF16), DOT_BF16)
+        l_lo, l_hi = _mx_tile(wb, ws, gate_rows + 1, jvalid, kbyte, kmask, H // 2)
+        acc_l = _dot(a_od, l_hi, _dot(a_ev, l_lo, acc_l, DOT_BF16), DOT_BF16)
+    gate = acc_g + tl.load(b_ptr + e * 2 * I + gate_rows, mask=jvalid, other=0.0).to(tl.float32)[None, :]
+    lin = acc_l + tl.load(b_ptr + e * 2 * I + gate_rows + 1, mask=jvalid, other=0.0).to(tl.float32)[None, :]
+    gate = tl.minimum(gate, LIMIT)
+    lin = tl.minimum(tl.maximum(lin, -LIMIT), LIMIT)
+    h = gate * tl.sigmoid(ALPHA * gate) * (lin + 1.0)
+    out = act_ptr + rows.to(tl.int64)[:, None] * I + j[None, :]
+    tl.store(out, h.to(act_ptr.dtype.element_ty), mask=rvalid[:, None] & jvalid[None, :])
+
+
+def _w2_kernel(act_ptr, wb_ptr, ws_ptr, b_ptr, rw_ptr, y_ptr, sorted_ptr, tile_e_ptr, n_pairs, H, I,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_BF16: tl.constexpr):
+    t = tl.program_id(0)
+    e = tl.load(tile_e_ptr + t).to(tl.int64)
+    if e < 0:
+        return
+    rows = (t * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    pair = tl.load(sorted_ptr + rows)
+    rvalid = pair < n_pairs
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    nvalid = n < H
+    wb = wb_ptr + e * H * (I // 2)
+    ws = ws_ptr + e * H * (I // 32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for k0 in range(0, I, BLOCK_K):
+        kbyte = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        kmask = kbyte < I // 2
+        amask = rvalid[:, None] & kmask[None, :]
+        a_ptr = act_ptr + rows[:, None] * I + 2 * kbyte[None, :]
+        a_ev = tl.load(a_ptr, mask=amask, other=0.0).to(tl.float32)
+        a_od = tl.load(a_ptr + 1, mask=amask, other=0.0).to(tl.float32)
+        w_lo, w_hi = _mx_tile(wb, ws, n.to(tl.int64), nvalid, kbyte, kmask, I // 2)
+        acc = _dot(a_od, w_hi, _dot(a_ev, w_lo, acc, DOT_BF16), DOT_BF16)
+    acc += tl.load(b_ptr + e * H + n, mask=nvalid, other=0.0).to(tl.float32)[None, :]
+    rw = tl.load(rw_ptr + pair, mask=rvalid, other=0.0)
+    acc = acc * rw[:, None]
+    out = y_ptr + pair.to(tl.int64)[:, None] * H + n[None, :]
+    tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=rvalid[:, None] & nvalid[None, :])
+
+
+def _combine_kernel(y_ptr, valid_ptr, out_ptr, H, TOP_K: tl.constexpr, BLOCK_H: tl.constexpr):
+    m = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    acc = tl.zeros((BLOCK_H,), tl.float32)
+    for s in tl.static_range(TOP_K):
+        # rows of absent experts were never written: an empty column range skips them
+        lim = tl.where(tl.load(valid_ptr + m * TOP_K + s) != 0, H, 0)
+        acc += tl.load(y_ptr + (m * TOP_K + s) * H + cols, mask=cols < lim, other=0.0).to(tl.float32)
+    tl.store(out_ptr + m * H + cols, acc.to(out_ptr.dtype.element_ty), mask=cols < H)
+
+
+_KERNELS = ("_fp4", "_dot", "_mx_tile", "_w1_kernel", "_w2_kernel", "_combine_kernel")
+
+
+def _config(pairs: int, n_local: int, interp: bool) -> dict:
+    if interp:  # the interpreter's cost grows with tile volume: smallest legal tiles
+        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32)
+    per_expert = pairs / max(n_local, 1)
+    bm = 16 if per_expert <= 16 else 32 if per_expert <= 64 else 64
+    return dict(BLOCK_M=bm, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3)
+
+
+def moe_mxfp4(x: torch.Tensor, routing, w1_blocks, w1_scales, b1, w2_blocks, w2_scales, b2, *,
+              top_k: int = 4, global_to_local: torch.Tensor | None = None, limit: float = 7.0,
+              alpha: float = 1.702) -> torch.Tensor:
+    """x [N, H]; routing = router logits [N, E_global] or (idx [N, k], weights [N, k]) -> [N, H] in x.dtype."""
+    idx, weights = route(routing, top_k, x.dtype) if isinstance(routing, torch.Tensor) else routing
+    N, H = x.shape
+    E, I = w1_blocks.shape[0], w1_blocks.shape[1] // 2
+    k = idx.shape[1]
+    if N == 0:
+        return torch.zeros_like(x)
+    if H % 32 or I % 32:
+        raise ValueError(f"hidden {H} and intermediate {I} must be multiples of 32 (MXFP4 blocks)")
+    jit_module(globals(), _KERNELS)
+    interp = interpreting()
+    cfg = _config(N * k, E, interp)
+    meta = {kk: v for kk, v in cfg.items() if kk.startswith("BLOCK")}
+    launch = {kk: v for kk, v in cfg.items() if kk.startswith("num_")}
+    bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    dot_bf16 = x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
+    x = x.contiguous()
+    sorted_ids, tile_expert, valid = align(idx, global_to_local, E, bm)
+    T = tile_expert.numel()
+    act = torch.empty(T * bm, I, dtype=x.dtype, device=x.device)
+    _w1_kernel[(T, triton.cdiv(I, bn))](
+        x, w1_blocks, w1_scales, b1, act, sorted_ids, tile_expert, N * k, H, I, x.stride(0),
+        TOP_K=k, LIMIT=float(limit), ALPHA=float(alpha), DOT_BF16=dot_bf16, **meta, **launch)
+    y = torch.empty(N * k, H, dtype=x.dtype, device=x.device)
+    rw = weights.reshape(-1).float().contiguous()
+    _w2_kernel[(T, triton.cdiv(H, bn))](
+        act, w2_blocks, w2_scales, b2, rw, y, sorted_ids, tile_expert, N * k, H, I,
+        DOT_BF16=dot_bf16, **meta, **launch)
+    out = torch.empty_like(x)
+    bh = min(1024, triton.next_power_of_2(H))
+    _combine_kernel[(N, triton.cdiv(H, bh))](y, valid.to(torch.int8), out, H, TOP_K=k, BLOCK_H=bh)
+    return out
+
+
+__all__ = ["align", "moe_mxfp4", "moe_reference", "route"]

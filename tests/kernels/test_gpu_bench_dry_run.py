@@ -1,0 +1,44 @@
+"""bench/gpu.py cannot run without a GPU here; --dry-run runs its whole flow on CPU (tiny preset)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_help():
+    r = subprocess.run([sys.executable, "-m", "bench.gpu", "--help"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0 and "--dry-run" in r.stdout
+
+
+def test_dry_run_writes_results_and_markdown(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", GPTOSS_KERNELS="auto")
+    env.pop("TRITON_INTERPRET", None)
+    r = subprocess.run([sys.executable, "-m", "bench.gpu", "--dry-run", "--out", str(tmp_path)], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    files = list(tmp_path.glob("gpu-tiny-*.json"))
+    assert len(files) == 1
+    res = json.loads(files[0].read_text())
+    assert res["model"] == "tiny" and res["dry_run"] and res["copy_bandwidth_GBps"] > 0
+    kinds = [(x["kind"], x["batch"]) for x in res["results"]]
+    assert kinds == [("decode", 1), ("decode", 2), ("decode", 4), ("prefill", 2), ("throughput", 3)]
+    for x in res["results"]:
+        assert x["tokens_per_s"] > 0 and x["roofline_tokens_per_s"] > 0 and x["bytes_per_step"] > 0
+        assert x["gpu"] == res["gpu"] and x["command"].startswith("python -m bench.gpu")
+    assert "| workload | batch |" in r.stdout and "| decode | 4 |" in r.stdout
+
+
+def test_roofline_matches_the_published_estimate():
+    """NOTES §5: gpt-oss-120b batch-1 decode moves ~1.9 GB attention + ~1.9 GB experts + ~1.2 GB unembedding."""
+    from bench.gpu import Roofline
+    from models.checkpoint import PRESETS
+    roof = Roofline(PRESETS["gpt-oss-120b"])
+    nbytes = roof.step_bytes(1, [1], 1)
+    assert 4.8e9 < nbytes < 5.3e9
+    assert 800 < 1 / (nbytes / 4.3e12) < 900
+    assert roof.step_bytes(64, [1024] * 64, 64) > roof.step_bytes(8, [1024] * 8, 8)

@@ -1,0 +1,115 @@
+"""MXFP4 MoE kernel (Triton interpreter) against models.layers.MoE on the tiny config."""
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported anywhere
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+pytest.importorskip("triton")
+
+from kernels.moe import align, moe_mxfp4, moe_reference, route  # noqa: E402
+from tests.kernels.cases import E, H, TOP_K as K, moe_module, packed, tokens  # noqa: E402
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # the interpreter runs numpy per program; threads only add overhead
+    yield
+    torch.set_num_threads(n)
+
+
+def _close(out, ref, rel):
+    err = (out.float() - ref.float()).abs().max().item()
+    assert err <= rel * ref.float().abs().max().item() + 1e-6, f"max err {err}, ref max {ref.abs().max()}"
+
+
+@pytest.mark.parametrize("n", [1, 5, 33])
+def test_routed_from_logits_matches_module_fp32(n):
+    m, x = moe_module(), tokens(n, seed=n)
+    logits = F.linear(x, m.router_w, m.router_b)
+    out = moe_mxfp4(x, logits, *packed(m), top_k=K, limit=m.limit, alpha=m.alpha)
+    _close(out, m(x), 1e-4)
+
+
+def test_expert_with_all_tokens_and_expert_with_none():
+    m, x = moe_module(), tokens(33, seed=7)
+    g = torch.Generator().manual_seed(3)
+    others = torch.stack([torch.randperm(6, generator=g)[:K - 1] for _ in range(33)])
+    others = torch.tensor([0, 1, 3, 4, 5, 6])[others]               # expert 7 never chosen
+    idx = torch.cat([torch.full((33, 1), 2), others], dim=1)          # expert 2 takes every token (3 tiles)
+    weights = torch.softmax(torch.randn(33, K, generator=g), -1)
+    ref = m.compute(x, idx, weights)
+    _close(moe_mxfp4(x, (idx, weights), *packed(m)), ref, 1e-4)
+    torch.testing.assert_close(moe_reference(x, idx, weights, *packed(m)), ref, rtol=1e-6, atol=1e-6)
+
+
+def test_bf16_error_no_worse_than_the_bf16_module():
+    n = 17
+    m32, m16 = moe_module(torch.float32), moe_module(torch.bfloat16)
+    x16 = tokens(n, seed=11, dtype=torch.bfloat16)
+    idx, w = route(F.linear(x16.float(), m32.router_w, m32.router_b), K)
+    truth = moe_module(torch.float32)
+    truth.b1, truth.b2 = m16.b1.float(), m16.b2.float()  # same (bf16-rounded) biases, fp32 math
+    ref = truth.compute(x16.float(), idx, w.bfloat16().float())
+    out = moe_mxfp4(x16, (idx, w.bfloat16()), *packed(m16))
+    assert out.dtype == torch.bfloat16
+    err_kernel = (out.float() - ref).abs().max().item()
+    err_model = (m16.compute(x16, idx, w.bfloat16()).float() - ref).abs().max().item()
+    assert err_kernel <= 2 * err_model + 1e-3, (err_kernel, err_model)
+    assert err_kernel <= 2e-2 * ref.abs().max().item()
+
+
+def test_local_expert_subset_skips_absent_experts():
+    ids_a, ids_b = (1, 3, 4, 6), (0, 2, 5, 7)
+    ma, mb, full = moe_module(ids=ids_a), moe_module(ids=ids_b), moe_module()
+    x = tokens(9, seed=5)
+    idx, w = full.route(x)
+    out_a = moe_mxfp4(x, (idx, w), *packed(ma), global_to_local=ma.global_to_local)
+    _close(out_a, ma.compute(x, idx, w), 1e-4)
+    out_b = moe_mxfp4(x, (idx, w), *packed(mb), global_to_local=mb.global_to_local)
+    _close(out_a + out_b, full.compute(x, idx, w), 1e-4)
+    # a token none of whose experts is local gets exactly zero
+    only7 = torch.tensor([[7, 5, 2, 0]])
+    z = moe_mxfp4(x[:1], (only7, torch.full((1, 4), 0.25)), *packed(ma), global_to_local=ma.global_to_local)
+    assert torch.equal(z, torch.zeros_like(z))
+
+
+def test_expert_parallel_rows_form_matches_run_experts():
+    m = moe_module(ids=(1, 3, 4, 6))
+    rows = tokens(6, seed=9)
+    local = torch.tensor([3, 0, 0, 2, 1, 3])
+    out = moe_mxfp4(rows, (local[:, None], torch.ones(6, 1)), *packed(m), top_k=1)
+    _close(out, m.run_experts(rows, local), 1e-4)
+
+
+def test_empty_batch():
+    m = moe_module()
+    out = moe_mxfp4(torch.zeros(0, H), torch.zeros(0, E), *packed(m))
+    assert out.shape == (0, H)
+
+
+@pytest.mark.parametrize("block_m", [1, 4, 16])
+def test_align_covers_each_local_pair_once_in_expert_order(block_m):
+    g = torch.Generator().manual_seed(block_m)
+    idx = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(13)])
+    g2l = torch.tensor([-1, 0, 1, -1, 2, 3, -1, 4])
+    sorted_ids, tile_e, valid = align(idx, g2l, 5, block_m)
+    P = idx.numel()
+    local = g2l[idx.flatten()]
+    assert torch.equal(valid, local >= 0)
+    assert sorted_ids.numel() == tile_e.numel() * block_m
+    real = sorted_ids[sorted_ids < P]
+    assert sorted(real.tolist()) == (local >= 0).nonzero().squeeze(1).tolist()
+    for t, e in enumerate(tile_e.tolist()):
+        ids = sorted_ids[t * block_m:(t + 1) * block_m]
+        ids = ids[ids < P]
+        if e < 0:
+            assert ids.numel() == 0
+        else:
+            assert ids.numel() > 0 and bool((local[ids.long()] == e).all())
+    used = tile_e[tile_e >= 0]
+    assert torch.equal(used, used.sort().values)  # tiles in expert order, spare tiles at the end
