@@ -21,7 +21,7 @@ NAMESPACE = "gptoss"
 
 
 class RayRankWorkers:
-    def __init__(self, spec: WorkerSpec, use_gpu: bool, cpus_per_rank: float, timeout: float = 600.0):
+    def __init__(self, spec: WorkerSpec, use_gpu: bool, cpus_per_rank: float, timeout: float = 180.0):
         from models.config import load_config
         from models.weights import resolve_layout as resolve_ckpt
         from parallel.comm import free_port

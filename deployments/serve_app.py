@@ -20,6 +20,7 @@ from ray import serve
 from cluster.config import ModelGroupConfig, ServeConfig
 
 log = logging.getLogger(__name__)
+REPLICA_CPUS = 0.1  # the driver of a multi-rank group: scheduler + sampler, the ranks do the math
 
 
 class ReplicaGroup:
@@ -111,6 +112,7 @@ def group_deployment(m: ModelGroupConfig):
     a = m.autoscaling
     bundles = [{"GPU": 1, "CPU": m.cpus_per_rank} if m.use_gpu else {"CPU": m.cpus_per_rank}
                for _ in range(m.world)]
+    bundles[0] = {**bundles[0], "CPU": bundles[0]["CPU"] + REPLICA_CPUS}  # the replica itself lands in bundle 0
     opts = dict(
         name=f"group-{m.name.replace('/', '-')}",
         autoscaling_config={
@@ -129,7 +131,7 @@ def group_deployment(m: ModelGroupConfig):
     )
     if m.world > 1:
         opts.update(placement_group_bundles=bundles, placement_group_strategy="PACK",
-                    ray_actor_options={"num_cpus": 0.1})
+                    ray_actor_options={"num_cpus": REPLICA_CPUS})
     else:
         opts["ray_actor_options"] = {"num_cpus": m.cpus_per_rank, "num_gpus": 1 if m.use_gpu else 0}
     return serve.deployment(ReplicaGroup).options(**opts)

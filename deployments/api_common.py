@@ -1,0 +1,171 @@
+"""Pieces every endpoint shares: the OpenAI error type, ids, sampling parameters,
+token strings for logprobs, SSE framing and usage blocks."""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import secrets
+import time
+from typing import Any, Optional
+
+from pydantic import ValidationError
+
+from engine.request import Usage
+from engine.sampler import SamplingParams
+
+_TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 429: "rate_limit_error",
+          500: "server_error", 503: "server_error"}
+
+
+class APIError(Exception):
+    """An error the client gets as OpenAI error JSON: {"error": {message, type, param, code}}."""
+
+    def __init__(self, status: int, message: str, *, param: Optional[str] = None, code: Optional[str] = None,
+                 type: Optional[str] = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.type = type or _TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}{secrets.token_hex(12)}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+_UNION_TAGS = {"str", "int", "float", "bool", "dict", "none", "message", "function_call", "function_call_output",
+               "reasoning"}
+
+
+def loc_to_param(loc) -> Optional[str]:
+    """pydantic error location -> OpenAI `param` ("messages[0].content"); union member
+    and discriminator tags that pydantic puts in locations are left out."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part == "body" and not out:
+            continue
+        elif isinstance(part, str) and not any(c in part for c in "[]'(),") and part not in _UNION_TAGS:
+            out += f".{part}" if out else part
+    return out or None
+
+
+def describe_errors(errors: list) -> tuple[Optional[str], str]:
+    """(param, message) of the most specific pydantic error: for a union, the branch
+    that got furthest says more than "Input should be a valid string"."""
+    err = max(errors, key=lambda x: len(x.get("loc", ()))) if errors else {}
+    param = loc_to_param(err.get("loc", ()))
+    return param, err.get("msg", "invalid request")
+
+
+def validation_error(e: ValidationError) -> APIError:
+    param, msg = describe_errors(e.errors())
+    return APIError(400, f"{param}: {msg}" if param else msg, param=param, code="invalid_value")
+
+
+def sampling_params(*, temperature=None, top_p=None, top_k=None, min_p=None, repetition_penalty=None,
+                    frequency_penalty=None, presence_penalty=None, logit_bias=None, seed=None, stop=None,
+                    max_tokens=None, n=1, logprobs=False, top_logprobs=None, ignore_eos=False) -> SamplingParams:
+    kw: dict[str, Any] = dict(
+        temperature=1.0 if temperature is None else temperature,
+        # top_p=0 means "only the most likely token"; the sampler needs p > 0.
+        top_p=1.0 if top_p is None else max(top_p, 1e-9),
+        top_k=top_k or 0, min_p=min_p or 0.0,
+        repetition_penalty=1.0 if repetition_penalty is None else repetition_penalty,
+        frequency_penalty=frequency_penalty or 0.0, presence_penalty=presence_penalty or 0.0,
+        logit_bias={int(k): float(v) for k, v in (logit_bias or {}).items()},
+        seed=seed, stop=stop or [], max_tokens=max_tokens, n=n, logprobs=bool(logprobs),
+        top_logprobs=top_logprobs or 0, ignore_eos=ignore_eos)
+    try:
+        return SamplingParams(**kw)
+    except ValidationError as e:
+        raise validation_error(e) from None
+
+
+# ------------------------------------------------------------------------ tokens
+
+
+@functools.lru_cache(maxsize=65536)
+def token_bytes(token_id: int) -> bytes:
+    from engine.harmony import get_encoding
+    enc = get_encoding()
+    try:
+        return bytes(enc._inner.decode_bytes([int(token_id)]))
+    except Exception:  # noqa: BLE001 - an id the tokenizer cannot decode
+        try:
+            return enc.decode([int(token_id)]).encode()
+        except Exception:  # noqa: BLE001
+            return f"<|token_{token_id}|>".encode()
+
+
+def token_str(token_id: int) -> str:
+    b = token_bytes(token_id)
+    try:
+        return b.decode("utf-8")
+    except UnicodeDecodeError:  # part of a multi-byte character: OpenAI's "bytes:" notation
+        return "bytes:" + "".join(f"\\x{c:02x}" for c in b)
+
+
+def finite(lp: float) -> float:
+    return lp if math.isfinite(lp) else -9999.0
+
+
+def chat_logprob(entry: dict) -> dict:
+    """Engine logprob entry {"token", "logprob", "top"} -> OpenAI chat logprob content item."""
+    tid = entry["token"]
+    return {"token": token_str(tid), "logprob": finite(entry["logprob"]), "bytes": list(token_bytes(tid)),
+            "top_logprobs": [{"token": token_str(t), "logprob": finite(lp), "bytes": list(token_bytes(t))}
+                             for t, lp in entry.get("top") or []]}
+
+
+# --------------------------------------------------------------------- framing
+
+
+def sse(data: Any, event: Optional[str] = None) -> str:
+    text = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+    return (f"event: {event}\n" if event else "") + f"data: {text}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+class UsageTotals:
+    """Usage over the choices of one or more engine requests."""
+
+    def __init__(self) -> None:
+        self.prompt = self.completion = self.reasoning = self.cached = 0
+
+    def add_prompt(self, n_tokens: int) -> None:
+        self.prompt += n_tokens
+
+    def add_choice(self, usage: Optional[Usage], tokens_seen: int, first_of_prompt: bool) -> None:
+        """`first_of_prompt`: the choice whose usage speaks for its prompt's cache hits."""
+        self.completion += usage.completion_tokens if usage else tokens_seen
+        self.reasoning += usage.reasoning_tokens if usage else 0
+        if first_of_prompt and usage:
+            self.cached += usage.cached_tokens
+
+    def chat(self) -> dict:
+        return {"prompt_tokens": self.prompt, "completion_tokens": self.completion,
+                "total_tokens": self.prompt + self.completion,
+                "prompt_tokens_details": {"cached_tokens": self.cached},
+                "completion_tokens_details": {"reasoning_tokens": self.reasoning}}
+
+    def responses(self) -> dict:
+        return {"input_tokens": self.prompt, "input_tokens_details": {"cached_tokens": self.cached},
+                "output_tokens": self.completion, "output_tokens_details": {"reasoning_tokens": self.reasoning},
+                "total_tokens": self.prompt + self.completion}
+
+
+def engine_failure(out) -> APIError:
+    """A choice that ended with finish_reason "error" (the engine failed under it)."""
+    return APIError(503, f"the engine failed while generating: {out.error or 'unknown error'}",
+                    code="engine_error")

@@ -1,0 +1,248 @@
+"""POST /v1/chat/completions: OpenAI chat request -> harmony prompt + grammar -> engine
+outputs -> chat.completion (or chat.completion.chunk SSE stream).
+
+Harmony channels map as: analysis -> `reasoning_content`, final (and preambles on
+commentary) -> `content`, `functions.NAME` recipients -> `tool_calls`. The parser
+emits typed events, so reasoning can never reach `content`.
+"""
+
+from __future__ import annotations
+
+from typing import AsyncIterator, Optional
+
+from engine import harmony
+from engine.grammar import GrammarSpec, build_grammar
+from engine.harmony import ContentDelta, ReasoningDelta, ToolCallDelta, ToolCallStart
+from engine.request import GenerateRequest, RequestOutput
+from engine.sampler import StopChecker
+
+from .api_common import SSE_DONE, APIError, UsageTotals, chat_logprob, engine_failure, new_id, now, sampling_params, sse
+from .protocol import ChatCompletionRequest
+
+_FINISH = {"stop": "stop", "length": "length", "tool_calls": "tool_calls", "abort": "stop"}
+
+
+def text_of(content) -> Optional[str]:
+    if content is None or isinstance(content, str):
+        return content
+    return "".join(p.text for p in content)
+
+
+def effort_of(e: Optional[str]) -> str:
+    return "low" if e == "minimal" else (e or "medium")
+
+
+def tool_choice_for_grammar(choice, names: list[str], param: str = "tool_choice"):
+    """API tool_choice (already parsed) -> GrammarSpec.tool_choice; checks it against the tools."""
+    if choice is None:
+        return "auto" if names else "none"
+    if isinstance(choice, str):
+        if choice == "required" and not names:
+            raise APIError(400, "tool_choice 'required' needs at least one tool in `tools`", param=param)
+        return choice
+    name = choice.function.name if hasattr(choice, "function") else choice.name
+    if name not in names:
+        raise APIError(400, f"tool_choice names function {name!r}, which is not in `tools`", param=param)
+    return {"name": name}
+
+
+def check_grammar(spec: GrammarSpec, param: Optional[str]) -> None:
+    try:
+        build_grammar(spec)
+    except ValueError as e:
+        raise APIError(400, str(e), param=param) from None
+
+
+def build_request(req: ChatCompletionRequest, rid: str) -> GenerateRequest:
+    messages = []
+    for m in req.messages:
+        d = {"role": m.role, "content": text_of(m.content), "name": m.name, "tool_call_id": m.tool_call_id}
+        if m.role == "assistant":
+            d["reasoning_content"] = m.reasoning_content or m.reasoning
+            d["tool_calls"] = [{"id": c.id, "name": c.function.name, "arguments": c.function.arguments}
+                               for c in m.tool_calls or []] or None
+        messages.append(d)
+    tools = [{"name": t.function.name, "description": t.function.description,
+              "parameters": t.function.parameters} for t in req.tools or []]
+    choice = tool_choice_for_grammar(req.tool_choice, [t["name"] for t in tools])
+    rf = None
+    if req.response_format is not None and req.response_format.type != "text":
+        rf = {"type": req.response_format.type}
+        if rf["type"] == "json_schema":
+            js = req.response_format.json_schema
+            if js is None:
+                raise APIError(400, "response_format of type json_schema needs a `json_schema` object",
+                               param="response_format.json_schema")
+            rf["schema"] = js.schema_ if js.schema_ is not None else {"type": "object"}
+    try:
+        prompt = harmony.render_chat(messages, tools=tools or None, reasoning_effort=effort_of(req.reasoning_effort))
+    except (harmony.HarmonyInputError, ValueError) as e:
+        raise APIError(400, str(e), param="messages") from None
+    spec = GrammarSpec(response_format=rf, tools=tools if choice != "none" else [], tool_choice=choice,
+                       max_reasoning_tokens=req.max_reasoning_tokens, harmony=True)
+    check_grammar(spec, "response_format" if rf else "tools")
+    params = sampling_params(
+        temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p,
+        repetition_penalty=req.repetition_penalty, frequency_penalty=req.frequency_penalty,
+        presence_penalty=req.presence_penalty, logit_bias=req.logit_bias, seed=req.seed,
+        max_tokens=req.max_completion_tokens or req.max_tokens, n=req.n, logprobs=req.logprobs,
+        top_logprobs=req.top_logprobs if req.logprobs else None)
+    if req.top_logprobs and not req.logprobs:
+        raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
+    return GenerateRequest(rid, prompt, params, harmony=True, grammar=spec)
+
+
+class ChatChoice:
+    """One choice's state: turns engine outputs into deltas and accumulates the message."""
+
+    def __init__(self, index: int, stop: list[str], want_logprobs: bool):
+        self.index = index
+        self.reasoning: list[str] = []
+        self.content: list[str] = []
+        self.calls: dict[int, dict] = {}
+        self.logprobs: list[dict] = []
+        self._pending_lp: list[dict] = []
+        self._in_content = False
+        self._stop = StopChecker(stop) if stop else None
+        self._want_lp = want_logprobs
+        self.finish_reason: Optional[str] = None
+        self.usage = None
+        self.tokens_seen = 0
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    def feed(self, out: RequestOutput) -> list[tuple[dict, Optional[list], Optional[str]]]:
+        """-> [(delta, logprobs for the delta or None, finish_reason or None)]."""
+        if self.done:
+            return []
+        self.tokens_seen += len(out.token_ids)
+        if out.finished and out.finish_reason == "error":
+            raise engine_failure(out)
+        kinds = {type(e) for e in out.events}
+        if self._want_lp:
+            # Only tokens of the answer text count as content logprobs: not harmony
+            # headers, reasoning or tool-call arguments.
+            content_step = ContentDelta in kinds or (
+                self._in_content and not kinds & {ReasoningDelta, ToolCallStart, ToolCallDelta}
+                and not out.finished)
+            if content_step:
+                self._pending_lp.extend(chat_logprob(e) for e in out.logprobs)
+        pieces: list[tuple[dict, Optional[list], Optional[str]]] = []
+        for ev in out.events:
+            if isinstance(ev, ReasoningDelta):
+                self._in_content = False
+                self.reasoning.append(ev.text)
+                pieces.append(({"reasoning_content": ev.text}, None, None))
+            elif isinstance(ev, ContentDelta):
+                self._in_content = True
+                text, hit = (ev.text, False) if self._stop is None else self._stop.feed(ev.text)
+                if text:
+                    pieces.append(self._content(text))
+                if hit:
+                    return pieces + [self._finish("stop")]
+            elif isinstance(ev, ToolCallStart):
+                self._in_content = False
+                self.calls[ev.index] = {"id": ev.id, "type": "function",
+                                        "function": {"name": ev.name, "arguments": ""}}
+                pieces.append(({"tool_calls": [{"index": ev.index, "id": ev.id, "type": "function",
+                                                "function": {"name": ev.name, "arguments": ""}}]}, None, None))
+            elif isinstance(ev, ToolCallDelta):
+                self.calls[ev.index]["function"]["arguments"] += ev.arguments
+                pieces.append(({"tool_calls": [{"index": ev.index, "function": {"arguments": ev.arguments}}]},
+                               None, None))
+        if out.finished:
+            if self._stop is not None and (held := self._stop.flush()):
+                pieces.append(self._content(held))
+            self.usage = out.usage
+            pieces.append(self._finish(_FINISH.get(out.finish_reason or "stop", "stop")))
+        return pieces
+
+    def _content(self, text: str):
+        self.content.append(text)
+        lp, self._pending_lp = self._pending_lp, []
+        self.logprobs.extend(lp)
+        return {"content": text}, (lp if self._want_lp else None), None
+
+    def _finish(self, reason: str):
+        self.finish_reason = reason
+        lp, self._pending_lp = self._pending_lp, []  # content tokens still held back (a stop string)
+        return {}, None, reason
+
+    def message(self) -> dict:
+        content = "".join(self.content)
+        msg = {"role": "assistant", "content": content if content or not self.calls else None,
+               "reasoning_content": "".join(self.reasoning) or None}
+        if self.calls:
+            msg["tool_calls"] = [self.calls[k] for k in sorted(self.calls)]
+        return msg
+
+
+class ChatHandler:
+    prompt_param = "messages"
+
+    def __init__(self, body: ChatCompletionRequest, fingerprint: Optional[str]):
+        self.body = body
+        self.id = new_id("chatcmpl-")
+        self.created = now()
+        self.fingerprint = fingerprint
+        self.requests = [build_request(body, self.id)]
+        rf = body.response_format
+        self.schema_param = "response_format" if rf and rf.type != "text" else "tools"
+        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        self.choices = [ChatChoice(i, stop, body.logprobs) for i in range(body.n)]
+        self.usage = UsageTotals()
+        self.usage.add_prompt(len(self.requests[0].prompt_ids))
+
+    @property
+    def stream_requested(self) -> bool:
+        return self.body.stream
+
+    def _feed(self, out: RequestOutput):
+        ch = self.choices[out.index]
+        pieces = ch.feed(out)
+        if ch.done and pieces and pieces[-1][2] is not None:
+            self.usage.add_choice(ch.usage, ch.tokens_seen, ch.index == 0)
+        return pieces
+
+    def _check_complete(self) -> None:
+        if not all(c.done for c in self.choices):
+            raise APIError(503, "the engine ended the request before it finished", code="engine_error")
+
+    async def collect(self, outputs: AsyncIterator[tuple[int, RequestOutput]]) -> dict:
+        async for _, out in outputs:
+            self._feed(out)
+            if all(c.done for c in self.choices):
+                break
+        self._check_complete()
+        choices = [{"index": c.index, "message": c.message(), "finish_reason": c.finish_reason,
+                    "logprobs": {"content": c.logprobs} if self.body.logprobs else None} for c in self.choices]
+        return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.body.model,
+                "system_fingerprint": self.fingerprint, "choices": choices, "usage": self.usage.chat()}
+
+    def _chunk(self, choices: list[dict], usage=None) -> str:
+        d = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.body.model,
+             "system_fingerprint": self.fingerprint, "choices": choices}
+        if self.body.stream_options and self.body.stream_options.include_usage:
+            d["usage"] = usage
+        return sse(d)
+
+    async def stream(self, outputs: AsyncIterator[tuple[int, RequestOutput]]) -> AsyncIterator[str]:
+        for c in self.choices:
+            yield self._chunk([{"index": c.index, "delta": {"role": "assistant", "content": ""},
+                                "logprobs": None, "finish_reason": None}])
+        async for _, out in outputs:
+            for delta, lp, finish in self._feed(out):
+                yield self._chunk([{"index": out.index, "delta": delta,
+                                    "logprobs": {"content": lp} if lp is not None else None,
+                                    "finish_reason": finish}])
+            if all(c.done for c in self.choices):
+                break
+        self._check_complete()
+        if self.body.stream_options and self.body.stream_options.include_usage:
+            yield self._chunk([], self.usage.chat())
+        yield SSE_DONE
+
+    def error_events(self, err: APIError) -> list[str]:
+        return [sse(err.body()), SSE_DONE]

@@ -1,0 +1,391 @@
+"""The OpenAI-compatible HTTP API over one or more engines, as a plain FastAPI app.
+
+`build_app({"gpt-oss-120b": engine, ...})` serves /v1/chat/completions,
+/v1/responses, /v1/completions, /v1/models, /health and /ready. An engine is
+anything with the `EngineClient` shape (engine.async_engine): an in-process
+`AsyncEngine`, or a client of a remote one (the Ray Serve layer wraps this app
+and supplies such clients; nothing here knows about Ray).
+
+Guarantees: every error is OpenAI error JSON with the right status (never a
+stack trace); a request the engine refuses fails before any byte of a stream is
+sent, so it gets a real status code; a stream that fails later ends with an
+error event and `data: [DONE]`, never a hang; a client that goes away aborts its
+engine request; each model admits at most `max_pending` requests at once (429
+beyond).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+from typing import AsyncIterator, Awaitable, Callable, Mapping, Optional, Union
+
+import anyio
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from engine.async_engine import EngineClient
+from engine.request import GenerateRequest, RequestOutput
+
+from .api_common import APIError, describe_errors
+from .chat_api import ChatHandler
+from .completions_api import CompletionHandler
+from .protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse,
+                       ErrorResponse, ModelCard, ModelList, ResponseObject, ResponsesRequest)
+from .responses_api import ResponseBuilder
+
+log = logging.getLogger(__name__)
+
+_ERRORS = {status: {"model": ErrorResponse} for status in (400, 404, 429, 503)}
+
+
+class _ClientGone(Exception):
+    pass
+
+
+def _maybe_schedule(result) -> None:
+    """Engine clients may be sync or async; never wait on cleanup calls."""
+    if inspect.isawaitable(result):
+        asyncio.ensure_future(result)
+
+
+def _engine_error(e: BaseException, param: str, schema_param: Optional[str] = None) -> APIError:
+    """Typed refusals (EngineError and look-alikes with .status/.code) keep their status."""
+    status, code = getattr(e, "status", None), getattr(e, "code", None)
+    # A remote engine's error may wrap the original (Ray's RayTaskError.cause), whose
+    # own text carries a remote traceback: report the cause's message only.
+    cause = getattr(e, "cause", None)
+    text = str(cause if isinstance(cause, BaseException) else e).strip()
+    msg = text.splitlines()[0] if text else type(e).__name__
+    if isinstance(status, int) and isinstance(code, str):
+        return APIError(status, msg, param=param if code == "context_length_exceeded" else None, code=code)
+    if isinstance(e, ValueError):  # e.g. a JSON schema the grammar compiler rejects
+        return APIError(400, msg, param=schema_param, code="invalid_value")
+    log.error("engine refused to start a request: %s: %s", type(e).__name__, e)
+    return APIError(503, "the engine is unavailable", code="engine_unavailable")
+
+
+class _Slot:
+    def __init__(self, counts: dict, model: str):
+        self._counts, self._model, self._held = counts, model, True
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self._counts[self._model] -= 1
+
+
+class _Run:
+    """The engine requests of one API request: started together, merged into one
+    (request index, output) iterator, and always cleaned up by `close`."""
+
+    def __init__(self, engine: EngineClient, requests: list[GenerateRequest], slot: _Slot):
+        self.engine, self.requests, self.slot = engine, requests, slot
+        self._iters: list = []
+        self._left = [r.params.n for r in requests]  # unfinished choices per request
+        self._buffer: list[tuple[int, RequestOutput]] = []
+        self._queue: Optional[asyncio.Queue] = None
+        self._pumps: list[asyncio.Task] = []
+        self._closed = False
+
+    async def start(self, param: str, schema_param: Optional[str] = None) -> None:
+        """Returns once every request has produced its first output; raises APIError otherwise."""
+        self._iters = [None] * len(self.requests)
+
+        async def first(i: int, r: GenerateRequest):
+            it = self.engine.generate(r)
+            if inspect.isawaitable(it):
+                it = await it
+            self._iters[i] = it
+            try:
+                return i, await it.__anext__()
+            except StopAsyncIteration:
+                return i, None
+            except Exception:
+                self._left[i] = 0  # refused: nothing of it runs in the engine
+                raise
+
+        tasks = [asyncio.ensure_future(first(i, r)) for i, r in enumerate(self.requests)]
+        try:
+            results = await asyncio.gather(*tasks)
+        except BaseException as e:
+            for t in tasks:  # a sibling that failed must not leave the others running
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await self.close()
+            if isinstance(e, Exception):
+                raise _engine_error(e, param, schema_param) from None
+            raise
+        self._buffer = [(i, out) for i, out in results if out is not None]
+        if len(self.requests) > 1:
+            self._queue = asyncio.Queue()
+            self._pumps = [asyncio.ensure_future(self._pump(i, it)) for i, it in enumerate(self._iters)]
+
+    async def _pump(self, i: int, it) -> None:
+        try:
+            async for out in it:
+                await self._queue.put((i, out))
+        except Exception as e:  # noqa: BLE001 - handed to the consumer
+            await self._queue.put((i, e))
+        finally:
+            await self._queue.put((i, None))
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> tuple[int, RequestOutput]:
+        while True:
+            if not any(self._left):
+                raise StopAsyncIteration
+            if self._buffer:
+                i, out = self._buffer.pop(0)
+            elif self._queue is None:
+                i, out = 0, await self._iters[0].__anext__()
+            else:
+                i, out = await self._queue.get()
+                if isinstance(out, Exception):
+                    raise out
+                if out is None:
+                    if self._left[i]:
+                        raise StopAsyncIteration  # ended early: the handler reports it
+                    continue
+            if out.finished:
+                self._left[i] -= 1
+            return i, out
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        with anyio.CancelScope(shield=True):
+            for t in self._pumps:
+                t.cancel()
+            for t in self._pumps:
+                try:
+                    await t
+                except BaseException:  # noqa: BLE001
+                    pass
+            for it in self._iters:
+                if it is None:
+                    continue
+                try:
+                    await it.aclose()
+                except BaseException:  # noqa: BLE001 - cleanup must go on
+                    pass
+        for r, left in zip(self.requests, self._left):
+            if left:
+                log.info("aborting %s (%d choices unfinished)", r.request_id, left)
+                try:
+                    _maybe_schedule(self.engine.abort(r.request_id))
+                except Exception:  # noqa: BLE001
+                    log.exception("abort of %s failed", r.request_id)
+        self.slot.release()
+
+
+class _SSEResponse(StreamingResponse):
+    """SSE that always watches for the client going away (whatever the ASGI
+    version) and always runs `on_close`, so the engine request is aborted."""
+    media_type = "text/event-stream"
+
+    def __init__(self, content, on_close: Callable[[], Awaitable[None]]):
+        super().__init__(content, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            async with anyio.create_task_group() as tg:
+                async def stream() -> None:
+                    try:
+                        await self.stream_response(send)
+                    except OSError:
+                        pass  # the client went away mid-send
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(stream)
+                await self.listen_for_disconnect(receive)
+                tg.cancel_scope.cancel()
+        finally:
+            with anyio.CancelScope(shield=True):
+                try:
+                    await self.body_iterator.aclose()
+                except BaseException:  # noqa: BLE001
+                    pass
+                await self._on_close()
+
+
+async def _unless_disconnected(request: Request, coro):
+    """Run `coro`; if the client disconnects first, cancel it and raise _ClientGone."""
+    async def watch() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            await asyncio.sleep(0.05)  # servers block here; guard against one that does not
+
+    task, watcher = asyncio.ensure_future(coro), asyncio.ensure_future(watch())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not task.done():
+            task.cancel()
+            try:
+                await task
+            except BaseException:  # noqa: BLE001
+                pass
+            watcher.cancel()
+            raise _ClientGone()
+        watcher.cancel()
+    return task.result()
+
+
+def build_app(engines: Mapping[str, EngineClient], *, max_pending: Union[int, Mapping[str, int]] = 256,
+              ready: Optional[Callable[[], Union[bool, Awaitable[bool]]]] = None,
+              system_fingerprint: Optional[str] = None, owned_by: str = "gptoss-serve",
+              title: str = "gpt-oss OpenAI-compatible API") -> FastAPI:
+    """The API over `engines` (model name -> engine client; read on every request,
+    so a caller may fill it after building the app).
+
+    max_pending: in-flight requests admitted per model (an int for all, or per
+        model name); one more gets 429.
+    ready: what /ready reports (sync or async); default: at least one engine.
+    """
+    app = FastAPI(title=title, version="1.0")
+    pending: dict[str, int] = {}
+    created = int(time.time())
+
+    def limit(model: str) -> int:
+        return max_pending if isinstance(max_pending, int) else max_pending.get(model, 256)
+
+    def engine_for(model: str) -> EngineClient:
+        eng = engines.get(model)
+        if eng is None:
+            raise APIError(404, f"The model '{model}' does not exist (served: {', '.join(engines) or 'none'})",
+                           param="model", code="model_not_found")
+        return eng
+
+    def admit(model: str) -> _Slot:
+        n = pending.get(model, 0)
+        if n >= limit(model):
+            raise APIError(429, f"too many pending requests for model '{model}' ({n}); retry later",
+                           code="rate_limit_exceeded")
+        pending[model] = n + 1
+        return _Slot(pending, model)
+
+    # ------------------------------------------------------------------ errors
+    @app.exception_handler(APIError)
+    async def _api_error(_, e: APIError):
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_, e: RequestValidationError):
+        errors = list(e.errors())
+        if any(x.get("type") == "json_invalid" for x in errors):
+            e2 = APIError(400, "the request body is not valid JSON", code="invalid_json")
+            return JSONResponse(e2.body(), status_code=400)
+        param, msg = describe_errors(errors)
+        if param is None and any(x.get("type") == "missing" for x in errors):
+            msg = "a JSON request body is required"
+        return JSONResponse(APIError(400, f"{param}: {msg}" if param else msg, param=param,
+                                     code="invalid_value").body(), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_, e: StarletteHTTPException):
+        return JSONResponse(APIError(e.status_code, str(e.detail)).body(), status_code=e.status_code)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_, e: Exception):
+        log.exception("unhandled error")
+        return JSONResponse(APIError(500, "internal server error").body(), status_code=500)
+
+    # ------------------------------------------------------------ generation
+    async def serve(request: Request, model: str, make_handler):
+        engine = engine_for(model)
+        # Rendering a long prompt is CPU work: keep it off the event loop.
+        handler = await run_in_threadpool(make_handler)
+        run = _Run(engine, handler.requests, admit(model))
+        try:
+            if handler.stream_requested:
+                await _unless_disconnected(request, run.start(handler.prompt_param, handler.schema_param))
+
+                async def events() -> AsyncIterator[str]:
+                    try:
+                        async for chunk in handler.stream(run):
+                            yield chunk
+                    except APIError as e:
+                        log.warning("stream %s failed: %s", handler.id, e.message)
+                        for chunk in handler.error_events(e):
+                            yield chunk
+                    except Exception:  # noqa: BLE001
+                        log.exception("stream %s failed", handler.id)
+                        for chunk in handler.error_events(APIError(503, "the engine failed", code="engine_error")):
+                            yield chunk
+
+                return _SSEResponse(events(), on_close=run.close)
+
+            async def complete():
+                await run.start(handler.prompt_param, handler.schema_param)
+                try:
+                    return await handler.collect(run)
+                except APIError:
+                    raise
+                except Exception:
+                    log.exception("request %s failed", handler.id)
+                    raise APIError(503, "the engine failed", code="engine_error") from None
+
+            body = await _unless_disconnected(request, complete())
+            await run.close()
+            return JSONResponse(body)
+        except _ClientGone:
+            log.info("client went away before %s finished", handler.id)
+            await run.close()
+            return Response(status_code=499)
+        except BaseException:
+            await run.close()
+            raise
+
+    # ------------------------------------------------------------------ routes
+    @app.post("/v1/chat/completions", response_model=None, responses={
+        200: {"model": ChatCompletionResponse,
+              "description": "chat.completion, or with stream=true an SSE stream of chat.completion.chunk"},
+        **_ERRORS})
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        return await serve(request, body.model, lambda: ChatHandler(body, system_fingerprint))
+
+    @app.post("/v1/completions", response_model=None, responses={
+        200: {"model": CompletionResponse, "description": "text_completion, or an SSE stream of them"}, **_ERRORS})
+    async def completions(body: CompletionRequest, request: Request):
+        return await serve(request, body.model, lambda: CompletionHandler(body, system_fingerprint))
+
+    @app.post("/v1/responses", response_model=None, responses={
+        200: {"model": ResponseObject, "description": "a Response, or with stream=true its SSE events"},
+        **_ERRORS})
+    async def responses(body: ResponsesRequest, request: Request):
+        return await serve(request, body.model, lambda: ResponseBuilder(body, system_fingerprint))
+
+    @app.get("/v1/models", response_model=ModelList)
+    async def models():
+        return {"object": "list", "data": [ModelCard(id=m, created=created, owned_by=owned_by).model_dump()
+                                           for m in engines]}
+
+    @app.get("/v1/models/{model}", response_model=ModelCard, responses={404: {"model": ErrorResponse}})
+    async def model_card(model: str):
+        engine_for(model)
+        return ModelCard(id=model, created=created, owned_by=owned_by)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/ready", responses={503: {"model": ErrorResponse}})
+    async def is_ready():
+        ok = ready() if ready is not None else bool(engines)
+        if inspect.isawaitable(ok):
+            ok = await ok
+        if not ok:
+            return JSONResponse(APIError(503, "the engines are not loaded yet", code="not_ready").body(),
+                                status_code=503)
+        return {"status": "ready", "models": list(engines)}
+
+    return app

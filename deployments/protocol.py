@@ -1,0 +1,337 @@
+"""Pydantic models of the OpenAI-compatible API: request bodies (validated, and what
+/openapi.json describes) and the documented shapes of responses and errors.
+
+Requests ignore fields they do not know (clients written for OpenAI or vLLM send
+many harmless extras); every field they do know is validated, so a bad value is
+a 400 that names the parameter rather than something silently dropped.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
+
+Effort = Literal["minimal", "low", "medium", "high"]
+
+
+class _Req(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+
+# ------------------------------------------------------------------ shared pieces
+
+
+class TextPart(_Req):
+    """A text content part. Images, audio and files are not supported by gpt-oss."""
+    type: Literal["text", "input_text", "output_text"] = "text"
+    text: str
+
+
+class JsonSchemaFormat(_Req):
+    name: Optional[str] = None
+    description: Optional[str] = None
+    schema_: Optional[dict[str, Any]] = Field(None, alias="schema")
+    strict: Optional[bool] = None
+
+
+class ResponseFormat(_Req):
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    json_schema: Optional[JsonSchemaFormat] = None
+
+
+class StreamOptions(_Req):
+    include_usage: bool = False
+
+
+class SamplingFields(_Req):
+    """Sampling knobs shared by every endpoint (OpenAI names plus vLLM's common extras)."""
+    temperature: Optional[float] = Field(None, ge=0.0, le=2.0)
+    top_p: Optional[float] = Field(None, ge=0.0, le=1.0)
+    top_k: Optional[int] = Field(None, ge=-1, description="0 or -1 = disabled")
+    min_p: Optional[float] = Field(None, ge=0.0, le=1.0)
+    repetition_penalty: Optional[float] = Field(None, gt=0.0, le=10.0)
+    frequency_penalty: Optional[float] = Field(None, ge=-2.0, le=2.0)
+    presence_penalty: Optional[float] = Field(None, ge=-2.0, le=2.0)
+    logit_bias: Optional[dict[str, float]] = Field(None, description="token id (as a string) -> bias in [-100, 100]")
+    seed: Optional[int] = None
+    stop: Optional[Union[str, list[str]]] = Field(None, description="up to 4 stop strings")
+    user: Optional[str] = None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, v):
+        for k, b in (v or {}).items():
+            if not k.strip().isdigit():
+                raise ValueError(f"logit_bias keys must be token ids, got {k!r}")
+            if not -100.0 <= b <= 100.0:
+                raise ValueError(f"logit_bias values must be in [-100, 100], got {b} for token {k}")
+        return v
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v):
+        if isinstance(v, list) and len(v) > 4:
+            raise ValueError("at most 4 stop sequences")
+        return v
+
+
+# ---------------------------------------------------------------- chat completions
+
+
+class FunctionCall(_Req):
+    name: str
+    arguments: str = ""
+
+    @field_validator("arguments", mode="before")
+    @classmethod
+    def _args_as_text(cls, v):
+        return json.dumps(v) if isinstance(v, (dict, list)) else v
+
+
+class ToolCall(_Req):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ChatMessage(_Req):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Optional[Union[str, list[TextPart]]] = None
+    reasoning_content: Optional[str] = Field(None, description="assistant chain of thought (analysis channel)")
+    reasoning: Optional[str] = Field(None, description="alias of reasoning_content")
+    tool_calls: Optional[list[ToolCall]] = None
+    tool_call_id: Optional[str] = None
+    name: Optional[str] = None
+
+
+class FunctionDef(_Req):
+    name: str
+    description: Optional[str] = None
+    parameters: Optional[dict[str, Any]] = None
+    strict: Optional[bool] = None
+
+
+class ChatTool(_Req):
+    type: Literal["function"] = "function"
+    function: FunctionDef
+
+
+class _Named(_Req):
+    name: str
+
+
+class NamedToolChoice(_Req):
+    type: Literal["function"] = "function"
+    function: _Named
+
+
+class ChatCompletionRequest(SamplingFields):
+    model: str
+    messages: list[ChatMessage] = Field(min_length=1)
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+    max_tokens: Optional[int] = Field(None, ge=1, description="deprecated alias of max_completion_tokens")
+    max_completion_tokens: Optional[int] = Field(
+        None, ge=1, description="cap on generated tokens, reasoning included")
+    n: int = Field(1, ge=1, le=128)
+    logprobs: bool = False
+    top_logprobs: Optional[int] = Field(None, ge=0, le=20)
+    tools: Optional[list[ChatTool]] = None
+    tool_choice: Optional[Union[Literal["none", "auto", "required"], NamedToolChoice]] = None
+    parallel_tool_calls: Optional[bool] = None
+    response_format: Optional[ResponseFormat] = None
+    reasoning_effort: Optional[Effort] = Field(None, description="minimal is served as low")
+    max_reasoning_tokens: Optional[int] = Field(
+        None, ge=0, description="extension: cap on reasoning tokens (0 = no reasoning), grammar-enforced")
+
+
+# ----------------------------------------------------------------- text completions
+
+
+class CompletionRequest(SamplingFields):
+    model: str
+    prompt: Union[str, list[str], list[int], list[list[int]]] = Field(
+        description="raw text (no chat template) or token ids; a list of prompts makes one choice set each")
+    max_tokens: Optional[int] = Field(16, ge=1)
+    n: int = Field(1, ge=1, le=128)
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+    logprobs: Optional[int] = Field(None, ge=0, le=20, description="number of top logprobs per token")
+    echo: bool = False
+    suffix: Optional[str] = None
+    best_of: Optional[int] = Field(None, ge=1)
+    ignore_eos: bool = False
+
+
+# --------------------------------------------------------------------- responses
+
+
+class InputMessage(_Req):
+    type: Literal["message"] = "message"
+    role: Literal["user", "system", "developer", "assistant"]
+    content: Union[str, list[TextPart]]
+    id: Optional[str] = None
+    status: Optional[str] = None
+
+
+class FunctionCallItem(_Req):
+    type: Literal["function_call"]
+    call_id: str
+    name: str
+    arguments: str = ""
+    id: Optional[str] = None
+    status: Optional[str] = None
+
+
+class FunctionCallOutputItem(_Req):
+    type: Literal["function_call_output"]
+    call_id: str
+    output: Union[str, list[TextPart]]
+    id: Optional[str] = None
+    status: Optional[str] = None
+
+
+class ReasoningText(_Req):
+    type: str = "reasoning_text"
+    text: str = ""
+
+
+class ReasoningItem(_Req):
+    """Earlier reasoning: its text goes back to the model ahead of the next call."""
+    type: Literal["reasoning"]
+    id: Optional[str] = None
+    summary: list[ReasoningText] = Field(default_factory=list)
+    content: Optional[list[ReasoningText]] = None
+    encrypted_content: Optional[str] = None
+
+
+def _item_kind(v: Any) -> Optional[str]:
+    if isinstance(v, dict):
+        return v.get("type") or ("message" if "role" in v else None)
+    return getattr(v, "type", None)
+
+
+InputItem = Annotated[
+    Union[Annotated[InputMessage, Tag("message")], Annotated[FunctionCallItem, Tag("function_call")],
+          Annotated[FunctionCallOutputItem, Tag("function_call_output")],
+          Annotated[ReasoningItem, Tag("reasoning")]],
+    Discriminator(_item_kind)]
+
+
+class ResponsesTool(_Req):
+    type: Literal["function"]
+    name: str
+    description: Optional[str] = None
+    parameters: Optional[dict[str, Any]] = None
+    strict: Optional[bool] = None
+
+
+class ResponsesNamedToolChoice(_Req):
+    type: Literal["function"]
+    name: str
+
+
+class TextFormat(_Req):
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    name: Optional[str] = None
+    description: Optional[str] = None
+    schema_: Optional[dict[str, Any]] = Field(None, alias="schema")
+    strict: Optional[bool] = None
+
+
+class TextConfig(_Req):
+    format: Optional[TextFormat] = None
+
+
+class ReasoningConfig(_Req):
+    effort: Optional[Effort] = None
+    summary: Optional[str] = None
+
+
+class ResponsesRequest(_Req):
+    model: str
+    input: Union[str, list[InputItem]]
+    instructions: Optional[str] = None
+    reasoning: Optional[ReasoningConfig] = None
+    tools: Optional[list[ResponsesTool]] = None
+    tool_choice: Optional[Union[Literal["none", "auto", "required"], ResponsesNamedToolChoice]] = None
+    parallel_tool_calls: Optional[bool] = None
+    text: Optional[TextConfig] = None
+    max_output_tokens: Optional[int] = Field(None, ge=1)
+    temperature: Optional[float] = Field(None, ge=0.0, le=2.0)
+    top_p: Optional[float] = Field(None, ge=0.0, le=1.0)
+    seed: Optional[int] = None
+    stream: bool = False
+    store: Optional[bool] = None
+    metadata: Optional[dict[str, str]] = None
+    previous_response_id: Optional[str] = Field(None, description="not supported: send the whole input instead")
+    max_reasoning_tokens: Optional[int] = Field(None, ge=0, description="extension: cap on reasoning tokens")
+    user: Optional[str] = None
+
+
+# ------------------------------------------------------- documented response shapes
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: Optional[str] = None
+    code: Optional[str] = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorInfo
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: Optional[dict[str, int]] = None
+    completion_tokens_details: Optional[dict[str, int]] = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    system_fingerprint: Optional[str] = None
+    choices: list[dict[str, Any]]
+    usage: Usage
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[dict[str, Any]]
+    usage: Usage
+
+
+class ResponseObject(BaseModel):
+    id: str
+    object: Literal["response"] = "response"
+    created_at: int
+    status: Literal["completed", "incomplete", "failed", "in_progress"]
+    model: str
+    output: list[dict[str, Any]]
+    output_text: Optional[str] = None
+    usage: Optional[dict[str, Any]] = None
+    error: Optional[dict[str, Any]] = None
+    incomplete_details: Optional[dict[str, Any]] = None

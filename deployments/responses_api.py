@@ -1,0 +1,254 @@
+"""POST /v1/responses: input items -> harmony prompt + grammar -> output items.
+
+Output items follow the harmony messages one to one: analysis -> a `reasoning`
+item (reasoning_text content), final/preamble -> a `message` item (output_text),
+a `functions.NAME` call -> a `function_call` item. Streaming emits the official
+event sequence; the non-streaming response is assembled by the same builder, so
+both always agree.
+
+Multi-turn agent input is accepted as coding agents send it: earlier `reasoning`,
+assistant `message`, `function_call` and `function_call_output` items, in order.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import AsyncIterator, Optional
+
+from engine import harmony
+from engine.grammar import GrammarSpec
+from engine.harmony import ContentDelta, ReasoningDelta, ToolCallDelta, ToolCallStart
+from engine.request import GenerateRequest, RequestOutput
+
+from .api_common import APIError, SSE_DONE, UsageTotals, engine_failure, new_id, now, sampling_params, sse
+from .chat_api import check_grammar, effort_of, text_of, tool_choice_for_grammar
+from .protocol import (FunctionCallItem, FunctionCallOutputItem, InputMessage, ReasoningItem, ResponsesRequest)
+
+
+def to_messages(req: ResponsesRequest) -> list[dict]:
+    msgs: list[dict] = []
+    if req.instructions:
+        msgs.append({"role": "developer", "content": req.instructions})
+    items = [InputMessage(role="user", content=req.input)] if isinstance(req.input, str) else req.input
+    reasoning: list[str] = []  # reasoning items wait for the assistant message they belong to
+    prev = None
+    for item in items:
+        if isinstance(item, ReasoningItem):
+            parts = item.content if item.content else item.summary
+            reasoning.extend(p.text for p in parts if p.text)
+        elif isinstance(item, InputMessage):
+            m = {"role": item.role, "content": text_of(item.content)}
+            if item.role == "assistant":
+                m["reasoning_content"] = "\n".join(reasoning) or None
+                reasoning = []
+            msgs.append(m)
+        elif isinstance(item, FunctionCallItem):
+            call = {"id": item.call_id, "name": item.name, "arguments": item.arguments}
+            last = msgs[-1] if msgs else None
+            if isinstance(prev, (FunctionCallItem, InputMessage)) and last and last["role"] == "assistant" \
+                    and not reasoning:
+                # same turn: text before a call is its preamble
+                last.setdefault("tool_calls", []).append(call)
+            else:
+                msgs.append({"role": "assistant", "content": None, "tool_calls": [call],
+                             "reasoning_content": "\n".join(reasoning) or None})
+                reasoning = []
+        elif isinstance(item, FunctionCallOutputItem):
+            msgs.append({"role": "tool", "tool_call_id": item.call_id, "content": text_of(item.output)})
+        prev = item
+    return msgs
+
+
+def _response_format(req: ResponsesRequest) -> Optional[dict]:
+    fmt = req.text.format if req.text else None
+    if fmt is None or fmt.type == "text":
+        return None
+    if fmt.type == "json_object":
+        return {"type": "json_object"}
+    return {"type": "json_schema", "schema": fmt.schema_ if fmt.schema_ is not None else {"type": "object"}}
+
+
+def build_request(req: ResponsesRequest, rid: str) -> GenerateRequest:
+    if req.previous_response_id:
+        raise APIError(400, "previous_response_id is not supported (responses are not stored); "
+                            "send the whole conversation in `input`", param="previous_response_id")
+    tools = [{"name": t.name, "description": t.description, "parameters": t.parameters} for t in req.tools or []]
+    choice = tool_choice_for_grammar(req.tool_choice, [t["name"] for t in tools])
+    effort = effort_of(req.reasoning.effort if req.reasoning else None)
+    try:
+        prompt = harmony.render_chat(to_messages(req), tools=tools or None, reasoning_effort=effort)
+    except (harmony.HarmonyInputError, ValueError) as e:
+        raise APIError(400, str(e).replace("messages[", "input message ["), param="input") from None
+    rf = _response_format(req)
+    spec = GrammarSpec(response_format=rf, tools=tools if choice != "none" else [], tool_choice=choice,
+                       max_reasoning_tokens=req.max_reasoning_tokens, harmony=True)
+    check_grammar(spec, "text.format" if rf else "tools")
+    params = sampling_params(temperature=req.temperature, top_p=req.top_p, seed=req.seed,
+                             max_tokens=req.max_output_tokens)
+    return GenerateRequest(rid, prompt, params, harmony=True, grammar=spec)
+
+
+class ResponseBuilder:
+    """Engine outputs -> Responses events, and the Response object they describe."""
+
+    prompt_param = "input"
+
+    def __init__(self, body: ResponsesRequest, fingerprint: Optional[str] = None):
+        self.body = body
+        self.id = new_id("resp_")
+        self.created = now()
+        self.requests = [build_request(body, self.id)]
+        self.schema_param = "text.format" if _response_format(body) else "tools"
+        self.usage = UsageTotals()
+        self.usage.add_prompt(len(self.requests[0].prompt_ids))
+        self.output: list[dict] = []
+        self._cur: Optional[str] = None  # kind of the open item: reasoning | message | tool
+        self._seq = 0
+        self._tokens = 0
+        self.status = "in_progress"
+        self.error: Optional[dict] = None
+        self.finish_reason: Optional[str] = None
+
+    @property
+    def stream_requested(self) -> bool:
+        return self.body.stream
+
+    # ---------------------------------------------------------------- the object
+    def response(self) -> dict:
+        b = self.body
+        fmt = b.text.format.model_dump(by_alias=True, exclude_none=True) if b.text and b.text.format else {"type": "text"}
+        tc = b.tool_choice if isinstance(b.tool_choice, str) or b.tool_choice is None else b.tool_choice.model_dump()
+        texts = [c["text"] for it in self.output if it["type"] == "message" for c in it["content"]]
+        return {
+            "id": self.id, "object": "response", "created_at": self.created, "status": self.status,
+            "model": b.model, "output": self.output, "output_text": "".join(texts),
+            "error": self.error,
+            "incomplete_details": {"reason": "max_output_tokens"} if self.status == "incomplete" else None,
+            "instructions": b.instructions, "max_output_tokens": b.max_output_tokens,
+            "parallel_tool_calls": b.parallel_tool_calls if b.parallel_tool_calls is not None else True,
+            "previous_response_id": None, "reasoning": {"effort": effort_of(b.reasoning.effort if b.reasoning
+                                                                            else None), "summary": None},
+            "store": False, "temperature": b.temperature if b.temperature is not None else 1.0,
+            "text": {"format": fmt}, "tool_choice": tc or "auto",
+            "tools": [t.model_dump(exclude_none=True) for t in b.tools or []],
+            "top_p": b.top_p if b.top_p is not None else 1.0, "truncation": "disabled",
+            "usage": self.usage.responses() if self.status != "in_progress" else None,
+            "metadata": b.metadata or {}, "user": b.user,
+        }
+
+    def _ev(self, type_: str, **fields) -> dict:
+        ev = {"type": type_, "sequence_number": self._seq, **fields}
+        self._seq += 1
+        return ev
+
+    def start(self) -> list[dict]:
+        return [self._ev("response.created", response=self.response()),
+                self._ev("response.in_progress", response=self.response())]
+
+    # ------------------------------------------------------------------ items
+    def _open(self, kind: str, **call) -> list[dict]:
+        evs = self._close("completed")
+        idx = len(self.output)
+        if kind == "reasoning":
+            item = {"id": new_id("rs_"), "type": "reasoning", "summary": [], "content": [], "status": "in_progress"}
+            part = {"type": "reasoning_text", "text": ""}
+        elif kind == "message":
+            item = {"id": new_id("msg_"), "type": "message", "role": "assistant", "status": "in_progress",
+                    "content": []}
+            part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+        else:
+            item = {"id": new_id("fc_"), "type": "function_call", "status": "in_progress",
+                    "call_id": call["call_id"], "name": call["name"], "arguments": ""}
+            part = None
+        self.output.append(item)
+        self._cur = kind
+        evs.append(self._ev("response.output_item.added", output_index=idx, item=json.loads(json.dumps(item))))
+        if part is not None:
+            item["content"].append(part)
+            evs.append(self._ev("response.content_part.added", item_id=item["id"], output_index=idx,
+                                content_index=0, part=dict(part)))
+        return evs
+
+    def _close(self, status: str) -> list[dict]:
+        if self._cur is None:
+            return []
+        idx, item = len(self.output) - 1, self.output[-1]
+        item["status"] = status
+        ids = {"item_id": item["id"], "output_index": idx}
+        evs = []
+        if self._cur == "tool":
+            evs.append(self._ev("response.function_call_arguments.done", **ids, name=item["name"],
+                                arguments=item["arguments"]))
+        else:
+            part = item["content"][0]
+            kind = "reasoning_text" if self._cur == "reasoning" else "output_text"
+            extra = {} if self._cur == "reasoning" else {"logprobs": []}
+            evs.append(self._ev(f"response.{kind}.done", **ids, content_index=0, text=part["text"], **extra))
+            evs.append(self._ev("response.content_part.done", **ids, content_index=0, part=dict(part)))
+        evs.append(self._ev("response.output_item.done", output_index=idx, item=json.loads(json.dumps(item))))
+        self._cur = None
+        return evs
+
+    def feed(self, out: RequestOutput) -> list[dict]:
+        self._tokens += len(out.token_ids)
+        if out.finished and out.finish_reason == "error":
+            raise engine_failure(out)
+        evs: list[dict] = []
+        for ev in out.events:
+            if isinstance(ev, ReasoningDelta):
+                if self._cur != "reasoning":
+                    evs += self._open("reasoning")
+                evs += self._text_delta("response.reasoning_text.delta", ev.text)
+            elif isinstance(ev, ContentDelta):
+                if self._cur != "message":
+                    evs += self._open("message")
+                evs += self._text_delta("response.output_text.delta", ev.text, logprobs=[])
+            elif isinstance(ev, ToolCallStart):
+                evs += self._open("tool", call_id=ev.id, name=ev.name)
+            elif isinstance(ev, ToolCallDelta) and self._cur == "tool":
+                self.output[-1]["arguments"] += ev.arguments
+                evs.append(self._ev("response.function_call_arguments.delta", item_id=self.output[-1]["id"],
+                                    output_index=len(self.output) - 1, delta=ev.arguments))
+        if out.finished:
+            self.finish_reason = out.finish_reason
+            self.usage.add_choice(out.usage, self._tokens, True)
+            incomplete = out.finish_reason == "length"
+            evs += self._close("incomplete" if incomplete else "completed")
+            self.status = "incomplete" if incomplete else "completed"
+            evs.append(self._ev("response.incomplete" if incomplete else "response.completed",
+                                response=self.response()))
+        return evs
+
+    def _text_delta(self, type_: str, text: str, **extra) -> list[dict]:
+        item = self.output[-1]
+        item["content"][0]["text"] += text
+        return [self._ev(type_, item_id=item["id"], output_index=len(self.output) - 1, content_index=0,
+                         delta=text, **extra)]
+
+    # ------------------------------------------------------------- the handler
+    async def collect(self, outputs: AsyncIterator[tuple[int, RequestOutput]]) -> dict:
+        async for _, out in outputs:
+            self.feed(out)
+            if self.finish_reason is not None:
+                break
+        if self.finish_reason is None:
+            raise APIError(503, "the engine ended the request before it finished", code="engine_error")
+        return self.response()
+
+    async def stream(self, outputs: AsyncIterator[tuple[int, RequestOutput]]) -> AsyncIterator[str]:
+        for ev in self.start():
+            yield sse(ev, ev["type"])
+        async for _, out in outputs:
+            for ev in self.feed(out):
+                yield sse(ev, ev["type"])
+            if self.finish_reason is not None:
+                return
+        raise APIError(503, "the engine ended the request before it finished", code="engine_error")
+
+    def error_events(self, err: APIError) -> list[str]:
+        evs = self._close("incomplete")
+        self.status, self.error = "failed", {"code": err.code or err.type, "message": err.message}
+        evs.append(self._ev("response.failed", response=self.response()))
+        # Also carries OpenAI's {"error": {...}} object, so SDK clients raise instead of ending quietly.
+        evs.append(self._ev("error", code=err.code, message=err.message, param=err.param, error=err.body()["error"]))
+        return [sse(ev, ev["type"]) for ev in evs] + [SSE_DONE]

@@ -1,0 +1,199 @@
+"""Errors are OpenAI error JSON with the right status; failures mid-stream end the
+stream with an error event and [DONE]; admission control; client disconnects abort."""
+
+import asyncio
+import json
+import time
+
+import httpx
+import openai
+import pytest
+
+HI = [{"role": "user", "content": "hi"}]
+
+
+def sse_events(text: str) -> list:
+    out = []
+    for block in text.strip().split("\n\n"):
+        data = [ln[len("data: "):] for ln in block.split("\n") if ln.startswith("data: ")]
+        if data:
+            out.append(data[0] if data[0] == "[DONE]" else json.loads(data[0]))
+    return out
+
+
+def test_unknown_model_404(client):
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model="nope", messages=HI, max_tokens=2)
+    assert e.value.status_code == 404
+    assert e.value.body["code"] == "model_not_found" and e.value.body["param"] == "model"
+    with pytest.raises(openai.NotFoundError):
+        client.responses.create(model="nope", input="hi")
+
+
+def test_bad_parameters_400_name_the_param(api, client):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="demo", messages=HI, temperature=5)
+    assert e.value.body["param"] == "temperature" and e.value.body["type"] == "invalid_request_error"
+    cases = [
+        ("/v1/chat/completions", {"model": "demo", "messages": [{"role": "robot", "content": "x"}]},
+         "messages[0].role"),
+        ("/v1/chat/completions", {"model": "demo", "messages": HI, "top_logprobs": 3}, "top_logprobs"),
+        ("/v1/chat/completions", {"model": "demo", "messages": HI, "tool_choice": "required"}, "tool_choice"),
+        ("/v1/chat/completions", {"model": "demo", "messages": HI, "logit_bias": {"abc": 1}}, "logit_bias"),
+        ("/v1/chat/completions", {"model": "demo", "messages": []}, "messages"),
+        ("/v1/responses", {"model": "demo", "input": "x", "max_output_tokens": 0}, "max_output_tokens"),
+        ("/v1/responses", {"model": "demo", "input": "x", "previous_response_id": "resp_1"},
+         "previous_response_id"),
+        ("/v1/completions", {"model": "demo", "prompt": "x", "n": 0}, "n"),
+    ]
+    for path, body, param in cases:
+        r = httpx.post(api.url + path, json=body)
+        assert r.status_code == 400, (path, body, r.text)
+        err = r.json()["error"]
+        assert err["param"] == param, (body, err)
+        assert "Traceback" not in r.text
+    r = httpx.post(api.url + "/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+    r = httpx.get(api.url + "/v1/nothing")
+    assert r.status_code == 404 and "error" in r.json()
+
+
+def test_schema_the_grammar_rejects_is_a_400(api):
+    rf = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}
+    r = httpx.post(api.url + "/v1/chat/completions", timeout=60,
+                   json={"model": "demo", "messages": HI, "response_format": rf, "stream": True})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "response_format", r.text
+    tools = [{"type": "function", "name": "f", "parameters": {"type": "object", "properties": {"a": {"$ref": "#/x"}}}}]
+    r = httpx.post(api.url + "/v1/responses", timeout=60,
+                   json={"model": "demo", "input": "hi", "tools": tools, "tool_choice": "required"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tools", r.text
+
+
+def test_context_too_long_400(api, client):
+    long = [{"role": "user", "content": "hello " * 2000}]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="demo", messages=long, max_tokens=4)
+    assert e.value.body["code"] == "context_length_exceeded" and e.value.body["param"] == "messages"
+    # streaming too: the refusal comes as a status code before any event
+    r = httpx.post(api.url + "/v1/chat/completions",
+                   json={"model": "demo", "messages": long, "max_tokens": 4, "stream": True})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.responses.create(model="demo", input="hello " * 2000)
+    assert e.value.body["code"] == "context_length_exceeded" and e.value.body["param"] == "input"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="demo", prompt="x", max_tokens=5000)
+    assert e.value.body["code"] == "context_length_exceeded"
+    assert api.wait_idle("demo")["running"] == 0
+
+
+def test_429_beyond_max_pending(api):
+    body = {"model": "limited", "messages": HI, "max_tokens": 400, "stream": True,
+            "extra": 1, "max_reasoning_tokens": 0}
+
+    async def main():
+        async with httpx.AsyncClient(base_url=api.url, timeout=60) as c:
+            async def hold(started: asyncio.Event, release: asyncio.Event):
+                async with c.stream("POST", "/v1/chat/completions", json=body) as r:
+                    assert r.status_code == 200
+                    async for _ in r.aiter_lines():
+                        started.set()
+                        await release.wait()
+                        return
+
+            release = asyncio.Event()
+            started = [asyncio.Event(), asyncio.Event()]
+            holders = [asyncio.create_task(hold(s, release)) for s in started]
+            await asyncio.gather(*(s.wait() for s in started))
+            rejected = await asyncio.gather(*(c.post("/v1/chat/completions", json={**body, "stream": False})
+                                              for _ in range(3)))
+            release.set()
+            await asyncio.gather(*holders)
+            return rejected
+
+    for r in asyncio.run(main()):
+        assert r.status_code == 429
+        assert r.json()["error"]["code"] == "rate_limit_exceeded"
+    assert api.wait_idle("limited")["running"] == 0
+    # the slots came back: the model admits again
+    r = httpx.post(api.url + "/v1/chat/completions", json={**body, "stream": False, "max_tokens": 3}, timeout=60)
+    assert r.status_code == 200, r.text
+
+
+def test_engine_unavailable_503(client):
+    with pytest.raises(openai.InternalServerError) as e:
+        client.chat.completions.create(model="overloaded", messages=HI, max_tokens=4, stream=True)
+    assert e.value.status_code == 503 and e.value.body["code"] == "engine_overloaded"
+    with pytest.raises(openai.InternalServerError) as e:
+        client.responses.create(model="down", input="hi")
+    assert e.value.status_code == 503 and e.value.body["code"] == "engine_unavailable"
+    assert "no route" not in e.value.body["message"]  # internals stay in the server log
+
+
+def test_engine_failure_mid_stream_ends_with_error_event(api, client):
+    flaky = api.engines["flaky"].engine
+    flaky.fail_after = 6
+    try:
+        r = httpx.post(api.url + "/v1/chat/completions", timeout=60,
+                       json={"model": "flaky", "messages": HI, "max_tokens": 200, "stream": True})
+    finally:
+        flaky.fail_after = None
+    assert r.status_code == 200
+    events = sse_events(r.text)
+    assert events[-1] == "[DONE]" and "error" in events[-2]
+    assert events[-2]["error"]["type"] == "server_error" and "Traceback" not in r.text
+    assert any("choices" in e for e in events[:-2])  # it did stream before failing
+    # the SDK turns the error event into an exception, not a silent end
+    flaky.fail_after = 6
+    try:
+        with pytest.raises(openai.APIError):
+            for _ in client.chat.completions.create(model="flaky", messages=HI, max_tokens=200, stream=True):
+                pass
+        flaky.fail_after = 3
+        with pytest.raises(openai.InternalServerError) as e:  # non-streaming: a 503
+            client.chat.completions.create(model="flaky", messages=HI, max_tokens=200)
+        assert e.value.status_code == 503
+    finally:
+        flaky.fail_after = None
+    # the engine keeps serving afterwards
+    ok = client.chat.completions.create(model="flaky", messages=HI, max_tokens=4)
+    assert ok.choices[0].finish_reason == "length"
+
+
+def test_transport_failure_mid_stream(api, client):
+    for path, body in [("/v1/chat/completions", {"messages": HI}), ("/v1/responses", {"input": "hi"}),
+                       ("/v1/completions", {"prompt": "hi"})]:
+        r = httpx.post(api.url + path, timeout=60,
+                       json={"model": "dropping", "stream": True, "max_tokens": 100, "max_output_tokens": 100,
+                             **body})
+        events = sse_events(r.text)
+        assert r.status_code == 200 and events[-1] == "[DONE]", path
+        assert "error" in events[-2] and events[-2]["error"]["code"] == "engine_error", path
+    assert api.engines["dropping"].aborted
+    assert api.wait_idle("demo-b")["running"] == 0
+    with pytest.raises(openai.APIError):
+        for _ in client.responses.create(model="dropping", input="hi", max_output_tokens=100, stream=True):
+            pass
+
+
+def test_client_disconnect_aborts(api):
+    body = {"model": "demo", "messages": HI, "max_tokens": 900, "max_reasoning_tokens": 0}
+    with httpx.Client(base_url=api.url, timeout=60) as c:
+        with c.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
+            # Keep the line iterator referenced: dropping a half-read httpx iterator closes
+            # the connection, which is the disconnect this test makes on purpose below.
+            it = r.iter_lines()
+            lines = [next(it) for _ in range(5)]
+            time.sleep(0.2)
+            s = api.engines["demo"].stats()
+            assert s["running"] + s["waiting"] == 1, (s, lines)  # still generating
+            r.close()
+    t0 = time.time()
+    assert api.wait_idle("demo", timeout=5)["running"] == 0
+    assert time.time() - t0 < 5
+    # non-streaming: the client gives up (read timeout) and the engine stops too
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(api.url + "/v1/chat/completions", json=body, timeout=httpx.Timeout(60, read=1.0))
+    s = api.wait_idle("demo", timeout=5)
+    assert s["running"] == 0 and s["waiting"] == 0
+    assert s["kv_full_used"] == 0
