@@ -53,7 +53,8 @@ def loc_to_param(loc) -> Optional[str]:
             out += f"[{part}]"
         elif part == "body" and not out:
             continue
-        elif isinstance(part, str) and not any(c in part for c in "[]'(),") and part not in _UNION_TAGS:
+        elif isinstance(part, str) and not any(c in part for c in "[]'(),") and part not in _UNION_TAGS \
+                and not part[:1].isupper():  # model class names of union members
             out += f".{part}" if out else part
     return out or None
 

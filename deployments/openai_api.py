@@ -156,6 +156,9 @@ class _Run:
                     continue
             if out.finished:
                 self._left[i] -= 1
+                if out.error and out.finish_reason != "error":
+                    # malformed model output: the parser stopped cleanly, the client gets what parsed
+                    log.warning("request %s: %s", out.request_id, out.error)
             return i, out
 
     async def close(self) -> None:
@@ -253,6 +256,7 @@ def build_app(engines: Mapping[str, EngineClient], *, max_pending: Union[int, Ma
     """
     app = FastAPI(title=title, version="1.0")
     pending: dict[str, int] = {}
+    app.state.pending = pending  # model -> admitted, unfinished requests (for metrics)
     created = int(time.time())
 
     def limit(model: str) -> int:
