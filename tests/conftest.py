@@ -1,7 +1,11 @@
 import os
 from pathlib import Path
 
-import pytest
+# Triton reads this when it is first imported, and other tests import it early
+# (through torch / transformers): kernels run in the interpreter on CPU.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 VOCAB = Path(__file__).resolve().parents[2] / "shared" / "vocab"
 if "TIKTOKEN_ENCODINGS_BASE" not in os.environ and (VOCAB / "o200k_base.tiktoken").exists():
