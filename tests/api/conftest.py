@@ -110,7 +110,7 @@ class Server:
         self.thread.join(timeout=10)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def api(tiny_ckpt):
     from deployments.openai_api import build_app
     from engine.async_engine import AsyncEngine
@@ -134,6 +134,7 @@ def api(tiny_ckpt):
     state = {"ready": True}
     app = build_app(engines, max_pending={"limited": 2}, ready=lambda: state["ready"])
     srv = Server(app, engines)
+    srv.app = app
     srv.ready_state = state
     yield srv
     srv.stop()
@@ -142,6 +143,6 @@ def api(tiny_ckpt):
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def client(api):
     return api.client()

@@ -153,7 +153,7 @@ def test_json_schema_response_format(client):
 
 def test_json_object_and_content_parts(client):
     r = client.chat.completions.create(
-        model="demo", max_tokens=200, seed=11, response_format={"type": "json_object"},
+        model="demo", max_tokens=80, seed=11, response_format={"type": "json_object"},
         messages=[{"role": "system", "content": [{"type": "text", "text": "Reply in JSON."}]},
                   {"role": "user", "content": [{"type": "text", "text": "Hello"}, {"type": "text", "text": "!"}]}],
         extra_body={"max_reasoning_tokens": 0})

@@ -45,6 +45,13 @@ def test_bad_parameters_400_name_the_param(api, client):
         ("/v1/responses", {"model": "demo", "input": "x", "previous_response_id": "resp_1"},
          "previous_response_id"),
         ("/v1/completions", {"model": "demo", "prompt": "x", "n": 0}, "n"),
+        ("/v1/chat/completions", {"model": "demo", "messages": HI, "tools": [{"type": "function", "function": {}}]},
+         "tools[0].function.name"),
+        ("/v1/chat/completions", {"model": "demo", "messages": HI, "response_format": {"type": "json_schema"}},
+         "response_format.json_schema"),
+        ("/v1/responses", {"model": "demo", "input": [{"type": "function_call", "name": "f"}]}, "input[0].call_id"),
+        ("/v1/responses", {"model": "demo", "input": "x", "tools": [{"type": "function", "name": "f"}],
+                           "tool_choice": {"type": "function", "name": "g"}}, "tool_choice"),
     ]
     for path, body, param in cases:
         r = httpx.post(api.url + path, json=body)
@@ -197,3 +204,8 @@ def test_client_disconnect_aborts(api):
     s = api.wait_idle("demo", timeout=5)
     assert s["running"] == 0 and s["waiting"] == 0
     assert s["kv_full_used"] == 0
+    # every admission slot taken so far (all endpoints, all failure paths) was given back
+    t0 = time.time()
+    while any(api.app.state.pending.values()) and time.time() - t0 < 5:
+        time.sleep(0.05)
+    assert not any(api.app.state.pending.values()), api.app.state.pending
