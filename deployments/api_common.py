@@ -170,3 +170,13 @@ def engine_failure(out) -> APIError:
     """A choice that ended with finish_reason "error" (the engine failed under it)."""
     return APIError(503, f"the engine failed while generating: {out.error or 'unknown error'}",
                     code="engine_error")
+
+
+def stream_chunk(rid: str, obj: str, created: int, body, fingerprint: Optional[str], choices: list[dict],
+                 usage=None) -> str:
+    """One SSE chunk of a chat or text completion stream (usage only when the client asked)."""
+    d = {"id": rid, "object": obj, "created": created, "model": body.model,
+         "system_fingerprint": fingerprint, "choices": choices}
+    if body.stream_options and body.stream_options.include_usage:
+        d["usage"] = usage
+    return sse(d)

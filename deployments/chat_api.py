@@ -16,7 +16,8 @@ from engine.harmony import ContentDelta, ReasoningDelta, ToolCallDelta, ToolCall
 from engine.request import GenerateRequest, RequestOutput
 from engine.sampler import StopChecker
 
-from .api_common import SSE_DONE, APIError, UsageTotals, chat_logprob, engine_failure, new_id, now, sampling_params, sse
+from .api_common import (SSE_DONE, APIError, UsageTotals, chat_logprob, engine_failure, new_id, now, sampling_params,
+                         sse, stream_chunk)
 from .protocol import ChatCompletionRequest
 
 _FINISH = {"stop": "stop", "length": "length", "tool_calls": "tool_calls", "abort": "stop"}
@@ -222,11 +223,7 @@ class ChatHandler:
                 "system_fingerprint": self.fingerprint, "choices": choices, "usage": self.usage.chat()}
 
     def _chunk(self, choices: list[dict], usage=None) -> str:
-        d = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.body.model,
-             "system_fingerprint": self.fingerprint, "choices": choices}
-        if self.body.stream_options and self.body.stream_options.include_usage:
-            d["usage"] = usage
-        return sse(d)
+        return stream_chunk(self.id, "chat.completion.chunk", self.created, self.body, self.fingerprint, choices, usage)
 
     async def stream(self, outputs: AsyncIterator[tuple[int, RequestOutput]]) -> AsyncIterator[str]:
         for c in self.choices:

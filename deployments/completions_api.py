@@ -10,7 +10,7 @@ from engine import harmony
 from engine.request import GenerateRequest, RequestOutput
 
 from .api_common import (SSE_DONE, APIError, UsageTotals, engine_failure, finite, new_id, now, sampling_params, sse,
-                         token_str)
+                         stream_chunk, token_str)
 from .protocol import CompletionRequest
 
 
@@ -120,11 +120,7 @@ class CompletionHandler:
                 "system_fingerprint": self.fingerprint, "choices": choices, "usage": self.usage.chat()}
 
     def _chunk(self, choices: list[dict], usage=None) -> str:
-        d = {"id": self.id, "object": "text_completion", "created": self.created, "model": self.body.model,
-             "system_fingerprint": self.fingerprint, "choices": choices}
-        if self.body.stream_options and self.body.stream_options.include_usage:
-            d["usage"] = usage
-        return sse(d)
+        return stream_chunk(self.id, "text_completion", self.created, self.body, self.fingerprint, choices, usage)
 
     async def stream(self, outputs: AsyncIterator[tuple[int, RequestOutput]]) -> AsyncIterator[str]:
         if self.body.echo:

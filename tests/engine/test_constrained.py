@@ -25,24 +25,7 @@ from models import load_model
 N = 50
 MAX_TOKENS = 200
 
-PERSON = {
-    "type": "object",
-    "properties": {
-        "name": {"type": "string", "maxLength": 12},
-        "age": {"type": "integer", "minimum": 0, "maximum": 150},
-        "color": {"enum": ["red", "green", "blue"]},
-        "tags": {"type": "array", "items": {"type": "string", "maxLength": 6}, "maxItems": 3},
-    },
-    "required": ["name", "age", "color", "tags"],
-    "additionalProperties": False,
-}
-WEATHER = {
-    "type": "object",
-    "properties": {"city": {"type": "string", "maxLength": 10},
-                   "unit": {"enum": ["c", "f"]}},
-    "required": ["city", "unit"],
-    "additionalProperties": False,
-}
+from tests.schemas import PERSON, WEATHER  # noqa: E402
 TOOLS = [
     {"name": "get_weather", "description": "Current weather in a city", "parameters": WEATHER},
     # No parameters: an empty parameter list (harmony renders `() => any`), so only {} fits.

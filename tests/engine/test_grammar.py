@@ -18,24 +18,7 @@ from engine.grammar import (
 
 V = MODEL_VOCAB_SIZE
 
-PERSON = {
-    "type": "object",
-    "properties": {
-        "name": {"type": "string", "maxLength": 12},
-        "age": {"type": "integer", "minimum": 0, "maximum": 150},
-        "color": {"enum": ["red", "green", "blue"]},
-        "tags": {"type": "array", "items": {"type": "string", "maxLength": 6}, "maxItems": 3},
-    },
-    "required": ["name", "age", "color", "tags"],
-    "additionalProperties": False,
-}
-WEATHER = {
-    "type": "object",
-    "properties": {"city": {"type": "string", "maxLength": 10},
-                   "unit": {"enum": ["c", "f"]}},
-    "required": ["city", "unit"],
-    "additionalProperties": False,
-}
+from tests.schemas import PERSON, WEATHER  # noqa: E402
 ADD = {
     "type": "object",
     "properties": {"a": {"type": "integer", "minimum": -99, "maximum": 99},

@@ -1,28 +1,18 @@
 """Every parallel layout gives the single-process logits (fp32, gloo, real processes)."""
 
-import shutil
-
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 from models import load_model
 from parallel.worker import RankWorkers, WorkerSpec
+
+from .ckpt import with_router_bias
 
 
 @pytest.fixture(scope="module")
 def skewed_ckpt(tiny_ckpt, tmp_path_factory):
     """The tiny checkpoint with routers biased so expert 0 gets every token and expert 7 none."""
-    d = tmp_path_factory.mktemp("skewed") / "ck"
-    shutil.copytree(tiny_ckpt, d)
-    f = d / "model.safetensors"
-    t = load_file(str(f))
-    for k in [k for k in t if k.endswith("router.bias")]:
-        b = t[k].float()
-        b[0], b[7] = 50.0, -50.0
-        t[k] = b.to(t[k].dtype)
-    save_file(t, str(f), metadata={"format": "pt"})
-    return d
+    return with_router_bias(tiny_ckpt, tmp_path_factory.mktemp("skewed") / "ck", {0: 50.0, 7: -50.0}, replace=True)
 
 
 def _seqs(n_list, seed=0):

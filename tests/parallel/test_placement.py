@@ -1,14 +1,13 @@
 """Load-aware placement with redundant hot experts: outputs unchanged, rank load evened out."""
 
-import shutil
-
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 from models import load_model
 from parallel.placement import imbalance, plan_placement, rank_loads
 from parallel.worker import RankWorkers, WorkerSpec
+
+from .ckpt import with_router_bias
 
 
 def test_planner_balances_and_replicates():
@@ -28,17 +27,7 @@ def test_planner_balances_and_replicates():
 @pytest.fixture(scope="module")
 def hot_ckpt(tiny_ckpt, tmp_path_factory):
     """Routers biased towards experts 0 and 1 (both on rank 0 under contiguous placement)."""
-    d = tmp_path_factory.mktemp("hot") / "ck"
-    shutil.copytree(tiny_ckpt, d)
-    f = d / "model.safetensors"
-    t = load_file(str(f))
-    for k in [k for k in t if k.endswith("router.bias")]:
-        b = t[k].float()
-        b[0] += 4.0
-        b[1] += 3.0
-        t[k] = b.to(t[k].dtype)
-    save_file(t, str(f), metadata={"format": "pt"})
-    return d
+    return with_router_bias(tiny_ckpt, tmp_path_factory.mktemp("hot") / "ck", {0: 4.0, 1: 3.0})
 
 
 def test_redundant_placement_same_output_lower_max_load(hot_ckpt):
