@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     from cli import generate, serve
     generate.add_parser(sub)
     serve.add_parsers(sub)
+    from cli import dashboards
+    dashboards.add_parsers(sub)
     return p
 
 

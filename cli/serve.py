@@ -24,6 +24,8 @@ def add_parsers(sub) -> None:
     s = sub.add_parser("serve", help="serve the OpenAI API on Ray Serve")
     _add_common(s)
     s.add_argument("--address", help="join an existing Ray cluster (default: start a local one)")
+    s.add_argument("--metrics-port", type=int, default=8080,
+                   help="local Ray only: port of Ray's Prometheus endpoint (/metrics) with the gptoss_* metrics")
     s.set_defaults(fn=run_serve)
     c = sub.add_parser("serve-config", help="write the Serve YAML for `serve deploy`")
     _add_common(c)
@@ -63,6 +65,7 @@ def run_serve_config(args) -> int:
 
 
 def run_serve(args) -> int:
+    from cli.generate import UsageError
     from cli.main import resolve_model
     cfg = build_config(args)
     resolve_model(args.model)  # build the demo checkpoint once, before replicas race for it
@@ -74,15 +77,19 @@ def run_serve(args) -> int:
     if args.address:
         ray.init(address=args.address)
     else:
-        ray.init(num_cpus=max(os.cpu_count() or 2, cfg.models[0].world + 1), include_dashboard=True)
+        if not 0 < args.metrics_port < 65536:
+            raise UsageError(f"--metrics-port: {args.metrics_port} is not a port number")
+        ray.init(num_cpus=max(os.cpu_count() or 2, cfg.models[0].world + 1), include_dashboard=True,
+                 _metrics_export_port=args.metrics_port)
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
     serve.run(build_application(cfg), name=cfg.app_name, route_prefix="/")
     url = f"http://{cfg.host}:{cfg.port}"
+    metrics = "see the cluster's metrics port" if args.address else f"http://127.0.0.1:{args.metrics_port}/metrics"
     print(f"\nOpenAI API ready at {url}/v1  (model '{args.name}')\n"
           f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
           f"    -d '{{\"model\": \"{args.name}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hi\"}}], "
           f"\"max_tokens\": 64}}'\n"
-          f"Ray dashboard: http://127.0.0.1:8265   (Ctrl-C stops)", flush=True)
+          f"Ray dashboard: http://127.0.0.1:8265   metrics: {metrics}   (Ctrl-C stops)", flush=True)
     try:
         while True:
             time.sleep(3600)

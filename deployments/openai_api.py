@@ -246,15 +246,19 @@ async def _unless_disconnected(request: Request, coro):
 def build_app(engines: Mapping[str, EngineClient], *, max_pending: Union[int, Mapping[str, int]] = 256,
               ready: Optional[Callable[[], Union[bool, Awaitable[bool]]]] = None,
               system_fingerprint: Optional[str] = None, owned_by: str = "gptoss-serve",
-              title: str = "gpt-oss OpenAI-compatible API") -> FastAPI:
+              title: str = "gpt-oss OpenAI-compatible API", metrics=None) -> FastAPI:
     """The API over `engines` (model name -> engine client; read on every request,
     so a caller may fill it after building the app).
 
     max_pending: in-flight requests admitted per model (an int for all, or per
         model name); one more gets 429.
     ready: what /ready reports (sync or async); default: at least one engine.
+    metrics: an observability.metrics.MetricsRecorder for request metrics (None: off).
     """
     app = FastAPI(title=title, version="1.0")
+    if metrics is not None:
+        from observability.tracking import RequestCounter
+        app.add_middleware(RequestCounter, recorder=metrics)
     pending: dict[str, int] = {}
     app.state.pending = pending  # model -> admitted, unfinished requests (for metrics)
     created = int(time.time())
@@ -306,6 +310,10 @@ def build_app(engines: Mapping[str, EngineClient], *, max_pending: Union[int, Ma
     # ------------------------------------------------------------ generation
     async def serve(request: Request, model: str, make_handler):
         engine = engine_for(model)
+        request.state.model = model
+        if metrics is not None:
+            from observability.tracking import TrackedEngine
+            engine = TrackedEngine(engine, metrics, model)
         # Rendering a long prompt is CPU work: keep it off the event loop.
         handler = await run_in_threadpool(make_handler)
         run = _Run(engine, handler.requests, admit(model))

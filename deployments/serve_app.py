@@ -13,6 +13,8 @@ published queue depth and KV pressure.
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from typing import AsyncIterator
 
 from ray import serve
@@ -20,6 +22,7 @@ from ray import serve
 from cluster.config import ModelGroupConfig, ServeConfig
 
 log = logging.getLogger(__name__)
+METRICS_INTERVAL_S = 2.0
 REPLICA_CPUS = 0.1  # the driver of a multi-rank group: scheduler + sampler, the ranks do the math
 
 
@@ -49,6 +52,24 @@ class ReplicaGroup:
                             executor_factory=lambda spec: MultiProcessExecutor(self.workers, spec))
         self.engine = AsyncEngine(llm)
         self.failed: str | None = None
+        self._publisher = threading.Thread(target=self._publish_metrics, name="metrics", daemon=True)
+        self._publisher.start()
+
+    def _publish_metrics(self) -> None:
+        """Engine state -> Ray metrics, every METRICS_INTERVAL_S, between engine steps."""
+        from observability.metrics import MetricsRecorder
+        from observability.tracking import EnginePublisher
+        try:
+            replica = serve.get_replica_context().replica_id.unique_id
+        except Exception:  # outside Serve (tests constructing the class directly)
+            replica = "local"
+        pub = EnginePublisher(MetricsRecorder("ray", model=self.cfg.name, replica=replica))
+        while not self.failed:
+            time.sleep(METRICS_INTERVAL_S)
+            try:
+                pub.publish(self.engine.snapshot())
+            except Exception:  # a dead rank shows up in check_health, not here
+                log.debug("metrics snapshot failed", exc_info=True)
 
     async def generate(self, request) -> AsyncIterator:
         from engine.request import EngineOverloadedError
@@ -102,10 +123,12 @@ class Ingress:
         self.handles = handles
 
     def __serve_build_asgi_app__(self):
+        from observability.metrics import MetricsRecorder
+
         from .openai_api import build_app
         engines = {name: RemoteEngine(h, name) for name, h in self.handles.items()}
         limits = {m.name: m.max_pending * max(1, m.autoscaling.max_replicas) for m in self.cfg.models}
-        return build_app(engines, max_pending=limits)
+        return build_app(engines, max_pending=limits, metrics=MetricsRecorder("ray"))
 
 
 def group_deployment(m: ModelGroupConfig):
@@ -120,7 +143,7 @@ def group_deployment(m: ModelGroupConfig):
             "upscale_delay_s": 0, "downscale_delay_s": 0,  # our policy does the smoothing
             "metrics_interval_s": 0.5, "look_back_period_s": 2,
             "policy": {"policy_function": "cluster.autoscaling:QueueDepthPolicy",
-                       "policy_kwargs": {"target_queue_depth": a.target_queue_depth,
+                       "policy_kwargs": {"model": m.name, "target_queue_depth": a.target_queue_depth,
                                          "max_kv_usage": a.max_kv_usage,
                                          "upscale_delay_s": a.upscale_delay_s,
                                          "downscale_delay_s": a.downscale_delay_s}},

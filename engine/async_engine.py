@@ -69,6 +69,14 @@ class AsyncEngine:
         with self._lock:
             return self.engine.stats()
 
+    def snapshot(self) -> dict:
+        """stats() plus the expert loads [layers, experts] and the all-to-all times
+        since the last snapshot, taken between steps (rank workers answer one call at a time)."""
+        with self._lock:
+            ex = self.engine.executor
+            return {**self.engine.stats(), "expert_load": self.engine.expert_load(),
+                    "all_to_all": ex.comm_times() if hasattr(ex, "comm_times") else {}}
+
     def shutdown(self) -> None:
         self._stopped = True
         self._work.set()

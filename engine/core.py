@@ -87,14 +87,14 @@ class LLMEngine:
 
     def add_request(self, req: GenerateRequest) -> None:
         self.validate(req)
-        seqs, first = [], None
+        seqs, first, now = [], None, time.monotonic()
         for i in range(req.params.n):
             p = req.params
             gen = make_generator(p.seed + i) if p.seed is not None else None
             s = Sequence(req, i, list(req.prompt_ids), len(req.prompt_ids), next(self._arrival), generator=gen,
                          matcher=GrammarMatcher.from_spec(req.grammar) if req.grammar else None,
                          parser=harmony.OutputParser() if req.harmony else None,
-                         stop=StopChecker(p.stop) if p.stop else None, wait_for=first)
+                         stop=StopChecker(p.stop) if p.stop else None, wait_for=first, t_arrival=now)
             first = first or s
             seqs.append(s)
             self.scheduler.add(s)
@@ -218,6 +218,7 @@ class LLMEngine:
         s.finish_reason = out.finish_reason = reason
         out.finished = True
         out.usage = Usage(s.prompt_len, n_out, s.parser.reasoning_tokens if s.parser else 0, s.cached_tokens)
+        out.queue_time = (s.t_scheduled or s.t_arrival) - s.t_arrival
 
     def _retire(self, s: Sequence) -> None:
         self.scheduler.remove(s)

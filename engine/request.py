@@ -60,6 +60,7 @@ class RequestOutput:
     finish_reason: str | None = None
     error: str | None = None
     usage: Usage | None = None
+    queue_time: float | None = None  # on the final output: arrival to first scheduled step, seconds
 
 
 @dataclass
@@ -82,6 +83,8 @@ class Sequence:
     wait_for: "Sequence | None" = None  # n > 1: siblings wait for the first prefill, then share its blocks
     finished: bool = False
     finish_reason: str | None = None
+    t_arrival: float = 0.0          # time.monotonic() at add_request
+    t_scheduled: float | None = None  # first admission into the running batch
 
     @property
     def output_ids(self) -> list[int]:

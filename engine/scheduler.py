@@ -10,6 +10,7 @@ to the front of the queue with its generated tokens as part of its prompt.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 
 from .kv_cache import BlockManager
@@ -83,6 +84,8 @@ class Scheduler:
                 self.waiting.appendleft(seq)
                 break
             seq.admitted = True
+            if seq.t_scheduled is None:
+                seq.t_scheduled = time.monotonic()
             self.running.append(seq)
             items.append(ScheduledSeq(seq, n))
             budget -= n

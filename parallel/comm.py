@@ -7,6 +7,7 @@ This is the only module that calls torch.distributed. Model code talks to a
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -54,6 +55,7 @@ class DistComm:
         self.tp_rank, self.ep_rank = self.me.tp_rank, self.me.ep_rank
         self.split_size, self.split_rank = len(self.me.split_ranks), self.me.split_rank
         self.device = device
+        self._a2a, self._step_times = 0.0, []
         backend = spec.backend or ("nccl" if device.type == "cuda" else "gloo")
         if not dist.is_initialized():
             dist.init_process_group(backend, init_method=spec.init_method, rank=rank, world_size=spec.world)
@@ -94,24 +96,39 @@ class DistComm:
         dist.all_gather(parts, pad, group=self.split_group)
         return torch.cat([p[:c] for p, c in zip(parts, counts)])
 
+    def take_times(self) -> list[float]:
+        """All-to-all seconds per forward since the last call (the metrics poll drains it)."""
+        out, self._step_times = self._step_times, []
+        return out
+
+    def end_forward(self) -> None:
+        if self._a2a:
+            self._step_times.append(self._a2a)
+            del self._step_times[:-4096]  # nobody polling: keep a bounded tail
+        self._a2a = 0.0
+
     def ep_all_to_all(self, x: torch.Tensor, send_counts: list[int]) -> tuple[torch.Tensor, list[int]]:
         """Send rows x[...] in rank order with `send_counts`; sizes are exchanged first."""
         if self.ep_size == 1:
             return x, list(send_counts)
+        t0 = time.perf_counter()
         sc = torch.tensor(send_counts, dtype=torch.long, device=x.device)
         rc = torch.empty_like(sc)
         dist.all_to_all_single(rc, sc, group=self.ep_group)
         recv_counts = rc.tolist()
         out = torch.empty(sum(recv_counts), *x.shape[1:], dtype=x.dtype, device=x.device)
         dist.all_to_all_single(out, x.contiguous(), recv_counts, list(send_counts), group=self.ep_group)
+        self._a2a += time.perf_counter() - t0  # host wall time; the counts exchange syncs with the device
         return out, recv_counts
 
     def ep_all_to_all_back(self, x: torch.Tensor, send_counts: list[int], recv_counts: list[int]) -> torch.Tensor:
         """The reverse trip: results return to the ranks that sent the rows."""
         if self.ep_size == 1:
             return x
+        t0 = time.perf_counter()
         out = torch.empty(sum(send_counts), *x.shape[1:], dtype=x.dtype, device=x.device)
         dist.all_to_all_single(out, x.contiguous(), list(send_counts), list(recv_counts), group=self.ep_group)
+        self._a2a += time.perf_counter() - t0
         return out
 
     def barrier(self):

@@ -83,6 +83,8 @@ class RankRuntime:
             return None
         if kind == "step":
             logits = run_step(model, self.cache, self.cache_spec, payload)
+            if hasattr(self.comm, "end_forward"):
+                self.comm.end_forward()
             return logits.cpu() if self.rank == 0 else None  # every attention group computed the same rows
         if kind == "logits":  # payload: one list of 1-D token tensors per attention group
             seqs = payload[me.dp_rank if self.spec.attn_dp else 0]
@@ -94,6 +96,8 @@ class RankRuntime:
             return logits.cpu() if me.tp_rank == 0 else None
         if kind == "expert_load":
             return torch.stack([b.moe.load for b in model.blocks]).cpu()
+        if kind == "comm_times":
+            return self.comm.take_times() if hasattr(self.comm, "take_times") else []
         if kind == "received":
             return sum(b.moe.received for b in model.blocks)
         if kind == "memory":
@@ -205,6 +209,10 @@ class MultiProcessExecutor:
 
     def expert_load(self) -> torch.Tensor:
         return sum(self.workers.call("expert_load"))
+
+    def comm_times(self) -> dict[int, list[float]]:
+        """rank -> all-to-all seconds per step since the last call."""
+        return dict(enumerate(self.workers.call("comm_times")))
 
     def shutdown(self) -> None:
         self.workers.shutdown()

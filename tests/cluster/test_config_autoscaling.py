@@ -33,15 +33,51 @@ def test_decide_waits_for_the_delay_and_resets_on_change():
 
 
 def test_policy_reads_published_metrics():
-    pol = QueueDepthPolicy(target_queue_depth=2.0, upscale_delay_s=0.0, downscale_delay_s=0.0)
+    pol = QueueDepthPolicy(target_queue_depth=2.0, upscale_delay_s=0.0, downscale_delay_s=0.0,
+                           metrics_backend=None)
     ctx = SimpleNamespace(aggregated_metrics={"queue_depth": {"a": 5.0}, "kv_usage": {"a": 0.2}},
-                          total_num_requests=0, current_num_replicas=1, capacity_adjusted_min_replicas=1,
-                          capacity_adjusted_max_replicas=4, policy_state={}, current_time=10.0)
+                          total_num_requests=0, current_num_replicas=1, target_num_replicas=1,
+                          capacity_adjusted_min_replicas=1, capacity_adjusted_max_replicas=4, policy_state={},
+                          current_time=10.0)
     assert pol(ctx)[0] == 3
     ctx.aggregated_metrics = None
     ctx.total_num_requests = 0
-    ctx.current_num_replicas = 3
+    ctx.current_num_replicas = ctx.target_num_replicas = 3
     assert pol(ctx)[0] == 1
+
+
+def test_policy_holds_its_target_while_new_groups_start():
+    """Serve reports the running count; a scale-up in progress must not be undone by it."""
+    pol = QueueDepthPolicy(target_queue_depth=2.0, upscale_delay_s=1.0, downscale_delay_s=5.0,
+                           metrics_backend=None)
+    ctx = SimpleNamespace(aggregated_metrics={"queue_depth": {"a": 8.0}}, total_num_requests=0,
+                          current_num_replicas=1, target_num_replicas=1, capacity_adjusted_min_replicas=1,
+                          capacity_adjusted_max_replicas=2, policy_state={}, current_time=0.0)
+    n, ctx.policy_state = pol(ctx)
+    assert n == 1  # the desire must hold for the upscale delay first
+    ctx.current_time = 1.5
+    n, ctx.policy_state = pol(ctx)
+    assert n == 2
+    ctx.target_num_replicas, ctx.current_time = 2, 2.0  # group 2 is still starting: 1 running
+    for t in (2.0, 3.0, 4.0):
+        ctx.current_time = t
+        n, ctx.policy_state = pol(ctx)
+        assert n == 2
+
+
+def test_policy_records_its_decisions():
+    from observability.metrics import BY_NAME
+    pol = QueueDepthPolicy(target_queue_depth=2.0, upscale_delay_s=0.0, downscale_delay_s=0.0, model="m",
+                           metrics_backend="prometheus")
+    ctx = SimpleNamespace(aggregated_metrics={"queue_depth": {"a": 3.0, "b": 4.0}}, total_num_requests=0,
+                          current_num_replicas=1, target_num_replicas=1, capacity_adjusted_min_replicas=1,
+                          capacity_adjusted_max_replicas=8, policy_state={}, current_time=0.0)
+    assert pol(ctx)[0] == 4
+    reg = pol._rec.registry
+    assert reg.get_sample_value(BY_NAME["gptoss_queue_depth"].exported_name(), {"model": "m"}) == 7.0
+    assert reg.get_sample_value(BY_NAME["gptoss_replica_groups"].exported_name(), {"model": "m"}) == 4.0
+    assert reg.get_sample_value(BY_NAME["gptoss_autoscaling_decisions"].exported_name(),
+                                {"model": "m", "direction": "up"}) == 1.0
 
 
 def test_config_validation_and_yaml(tmp_path):

@@ -1,6 +1,13 @@
-"""The whole stack on a live local Ray: ingress -> replica groups -> engine, through the openai SDK."""
+"""The whole stack on a live local Ray: ingress -> replica groups -> engine, through the openai SDK.
+
+One Ray cluster for the module; tests run in file order and later ones rely on
+the load the earlier ones made (the Prometheus test reads their metrics).
+"""
 
 import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -12,19 +19,51 @@ from cluster.config import AutoscalingConfig, ModelGroupConfig, ServeConfig  # n
 from engine.core import EngineConfig  # noqa: E402
 
 PORT = 8765
+METRICS_PORT = 18765
+PROM_PORT = 19090
+
+
+PROM_CONFIG = """
+global: {scrape_interval: 1s, evaluation_interval: 1s}
+scrape_configs:
+  - job_name: ray
+    static_configs: [{targets: ["127.0.0.1:%d"]}]
+"""
 
 
 @pytest.fixture(scope="module")
-def app(tiny_ckpt):
+def prometheus(tmp_path_factory):
+    """A real Prometheus (Debian's package; .ci/run installs it) scraping Ray's metrics endpoint
+    from the start, so rates and quantiles see the load of every test in this module."""
+    import shutil
+    import subprocess
+    exe = shutil.which("prometheus")
+    if exe is None:
+        yield None
+        return
+    d = tmp_path_factory.mktemp("prom")
+    (d / "prometheus.yml").write_text(PROM_CONFIG % METRICS_PORT)
+    proc = subprocess.Popen([exe, f"--config.file={d / 'prometheus.yml'}", f"--storage.tsdb.path={d / 'data'}",
+                             f"--web.listen-address=127.0.0.1:{PROM_PORT}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    yield f"http://127.0.0.1:{PROM_PORT}"
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def app(tiny_ckpt, prometheus):
     from deployments.serve_app import build_application
     eng = EngineConfig(block_size=16, num_blocks=256, max_num_seqs=16, max_tokens_per_step=256, max_model_len=2048)
+    # a KV pool the burst overflows: requests get preempted and must still all finish
+    small = EngineConfig(block_size=16, num_blocks=48, max_num_seqs=16, max_tokens_per_step=256, max_model_len=512)
     cfg = ServeConfig(port=PORT, models=[
-        ModelGroupConfig(name="tiny", path=str(tiny_ckpt), cpus_per_rank=0.5, engine=eng,
+        ModelGroupConfig(name="tiny", path=str(tiny_ckpt), cpus_per_rank=0.5, engine=small,
                          autoscaling=AutoscalingConfig(min_replicas=1, max_replicas=2, target_queue_depth=2,
                                                        upscale_delay_s=0.5, downscale_delay_s=3)),
         ModelGroupConfig(name="tiny-ep2", path=str(tiny_ckpt), ep=2, cpus_per_rank=0.5, engine=eng),
     ])
-    ray.init(num_cpus=8, include_dashboard=False, runtime_env={"env_vars": {
+    ray.init(num_cpus=8, include_dashboard=False, _metrics_export_port=METRICS_PORT, runtime_env={"env_vars": {
         "TIKTOKEN_ENCODINGS_BASE": os.environ.get("TIKTOKEN_ENCODINGS_BASE", ""), "OMP_NUM_THREADS": "1"}})
     serve.start(http_options={"host": "127.0.0.1", "port": PORT})
     serve.run(build_application(cfg), name="gptoss", route_prefix="/")
@@ -50,3 +89,107 @@ def test_ep2_group_gives_the_same_greedy_output(app):
     a, b = _chat(app, "tiny"), _chat(app, "tiny-ep2")
     assert a.choices[0].message.content == b.choices[0].message.content
     assert a.usage.completion_tokens == b.usage.completion_tokens
+
+
+def _running(deployment: str) -> int:
+    st = serve.status().applications["gptoss"].deployments[deployment]
+    return st.replica_states.get("RUNNING", 0)
+
+
+def _burst_request(client, i):
+    r = client.completions.create(model="tiny", prompt=f"burst {i}", max_tokens=120, temperature=0,
+                                  extra_body={"ignore_eos": True})
+    return r.usage.completion_tokens
+
+
+def test_burst_scales_groups_up_then_back_down(app):
+    """Queue depth drives the group count 1 -> 2 -> 1 and no request of the burst is lost."""
+    assert _running("group-tiny") == 1
+    seen, futures = 1, []
+    with ThreadPoolExecutor(24) as pool:
+        deadline = time.time() + 90
+        while seen < 2 and time.time() < deadline:
+            while sum(not f.done() for f in futures) < 16:  # keep the queue deep until a 2nd group runs
+                futures.append(pool.submit(_burst_request, app, len(futures)))
+            time.sleep(0.5)
+            seen = max(seen, _running("group-tiny"))
+        results = [f.result(timeout=180) for f in futures]
+    assert seen == 2, "the group count never rose to 2 under the burst"
+    assert results and all(n == 120 for n in results), results
+    deadline = time.time() + 60
+    while _running("group-tiny") > 1 and time.time() < deadline:
+        time.sleep(1)
+    assert _running("group-tiny") == 1, "the group count did not return to 1 after the load"
+
+
+def _stream(client, model, progress, key):
+    """Stream a long completion; returns (chunks, error or None)."""
+    chunks = 0
+    try:
+        stream = client.completions.create(model=model, prompt=f"stream {key}", max_tokens=150, temperature=0,
+                                           stream=True, extra_body={"ignore_eos": True})
+        for _ in stream:
+            chunks += 1
+            progress[key] = chunks
+    except openai.APIError as e:
+        return chunks, e
+    return chunks, None
+
+
+def test_killing_a_rank_ends_its_streams_with_an_error_and_the_group_is_replaced(app):
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+             if a["name"].startswith("gptoss-rank-")]
+    assert len(names) == 2, names  # the EP2 group's two ranks (single-rank groups have none)
+    progress: dict = {}
+    with ThreadPoolExecutor(2) as pool:
+        victim = pool.submit(_stream, app, "tiny-ep2", progress, "victim")
+        other = pool.submit(_stream, app, "tiny", progress, "other")
+        deadline = time.time() + 60
+        while progress.get("victim", 0) < 5 and time.time() < deadline:
+            time.sleep(0.1)
+        assert progress.get("victim", 0) >= 5, "the EP2 stream never started"
+        ray.kill(ray.get_actor(sorted(names)[1], namespace="gptoss"), no_restart=True)
+        v_chunks, v_err = victim.result(timeout=120)
+        o_chunks, o_err = other.result(timeout=180)
+    assert v_err is not None and v_chunks < 150, "the broken group's stream did not end with an error"
+    assert o_err is None and o_chunks >= 150, (o_chunks, o_err)  # the other group was not disturbed
+    deadline, last = time.time() + 150, None
+    while time.time() < deadline:
+        try:
+            r = _chat(app, "tiny-ep2")
+            assert r.usage.completion_tokens > 0
+            break
+        except openai.APIError as e:  # 503 until Serve has replaced the unhealthy group
+            last = e
+            time.sleep(2)
+    else:
+        pytest.fail(f"the EP2 group was not replaced: {last}")
+    fresh = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+             if a["name"].startswith("gptoss-rank-")]
+    assert len(fresh) == 2 and not set(fresh) & set(names)
+
+
+def test_prometheus_scrapes_every_dashboard_query_under_load(app, prometheus):
+    """A real Prometheus scrapes Ray's metrics endpoint; every panel's PromQL returns data."""
+    if prometheus is None:
+        pytest.skip("prometheus is not installed (.ci/run installs it: apt-get install prometheus)")
+    import httpx
+
+    from observability.dashboards import panel_queries
+    with ThreadPoolExecutor(8) as pool:  # fresh load on both models, so rates over the window are live
+        futs = [pool.submit(_chat, app, m) for m in ("tiny", "tiny-ep2") * 6]
+        assert all(f.result(timeout=180).usage.completion_tokens > 0 for f in futs)
+    queries = panel_queries(__rate_interval="5m")
+    assert len(queries) >= 20
+    deadline = time.time() + 90  # Ray exports every few seconds; Prometheus scrapes every second
+    while True:
+        empty = []
+        for uid, title, expr in queries:
+            r = httpx.get(f"{prometheus}/api/v1/query", params={"query": expr}, timeout=10).json()
+            assert r["status"] == "success", (uid, title, expr, r)
+            if not r["data"]["result"]:
+                empty.append(f"{uid} / {title}: {expr}")
+        if not empty or time.time() > deadline:
+            break
+        time.sleep(3)
+    assert not empty, "panels without data:\n" + "\n".join(empty)
