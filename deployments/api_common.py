@@ -180,3 +180,33 @@ def stream_chunk(rid: str, obj: str, created: int, body, fingerprint: Optional[s
     if body.stream_options and body.stream_options.include_usage:
         d["usage"] = usage
     return sse(d)
+
+
+def api_keys_from_env(var: str = "GPTOSS_API_KEYS") -> frozenset[str]:
+    """Comma-separated keys (the helm chart fills this from its Secret); empty: no auth."""
+    import os
+    return frozenset(k.strip() for k in os.environ.get(var, "").split(",") if k.strip())
+
+
+class BearerAuth:
+    """ASGI middleware: /v1/* needs `Authorization: Bearer <one of keys>`; /health and /ready stay open
+    for probes. Constant-time comparison, so a key cannot be guessed byte by byte from timings."""
+
+    def __init__(self, app, keys: frozenset[str]):
+        self.app, self.keys = app, [k.encode() for k in keys]
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            auth = dict(scope.get("headers") or []).get(b"authorization", b"")
+            scheme, _, token = auth.partition(b" ")
+            if scheme.lower() != b"bearer" or not any(secrets.compare_digest(token.strip(), k) for k in self.keys):
+                import json
+                err = APIError(401, "Incorrect API key provided. Pass it as 'Authorization: Bearer <key>'.",
+                               code="invalid_api_key")
+                body = json.dumps(err.body()).encode()
+                await send({"type": "http.response.start", "status": 401,
+                            "headers": [(b"content-type", b"application/json"),
+                                        (b"content-length", str(len(body)).encode())]})
+                await send({"type": "http.response.body", "body": body})
+                return
+        await self.app(scope, receive, send)

@@ -32,7 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from engine.async_engine import EngineClient
 from engine.request import GenerateRequest, RequestOutput
 
-from .api_common import APIError, describe_errors
+from .api_common import APIError, BearerAuth, describe_errors
 from .chat_api import ChatHandler
 from .completions_api import CompletionHandler
 from .protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse,
@@ -246,7 +246,8 @@ async def _unless_disconnected(request: Request, coro):
 def build_app(engines: Mapping[str, EngineClient], *, max_pending: Union[int, Mapping[str, int]] = 256,
               ready: Optional[Callable[[], Union[bool, Awaitable[bool]]]] = None,
               system_fingerprint: Optional[str] = None, owned_by: str = "gptoss-serve",
-              title: str = "gpt-oss OpenAI-compatible API", metrics=None) -> FastAPI:
+              title: str = "gpt-oss OpenAI-compatible API", metrics=None,
+              api_keys: Optional[frozenset] = None) -> FastAPI:
     """The API over `engines` (model name -> engine client; read on every request,
     so a caller may fill it after building the app).
 
@@ -254,8 +255,11 @@ def build_app(engines: Mapping[str, EngineClient], *, max_pending: Union[int, Ma
         model name); one more gets 429.
     ready: what /ready reports (sync or async); default: at least one engine.
     metrics: an observability.metrics.MetricsRecorder for request metrics (None: off).
+    api_keys: when non-empty, /v1/* requires `Authorization: Bearer <key>` (401 otherwise).
     """
     app = FastAPI(title=title, version="1.0")
+    if api_keys:
+        app.add_middleware(BearerAuth, keys=frozenset(api_keys))
     if metrics is not None:
         from observability.tracking import RequestCounter
         app.add_middleware(RequestCounter, recorder=metrics)

@@ -5,7 +5,8 @@
                                                           tp x ep bundles, rank actors, engine
 
 Routing by `model` happens in the ingress (one handle per model); within a
-model, Serve's request router picks the replica group (queue length aware).
+model, deployments.router.PrefixAffinityRouter picks the replica group by
+prefix affinity and queue length.
 Autoscaling uses cluster.autoscaling.QueueDepthPolicy on the groups'
 published queue depth and KV pressure.
 """
@@ -125,10 +126,11 @@ class Ingress:
     def __serve_build_asgi_app__(self):
         from observability.metrics import MetricsRecorder
 
+        from .api_common import api_keys_from_env
         from .openai_api import build_app
         engines = {name: RemoteEngine(h, name) for name, h in self.handles.items()}
         limits = {m.name: m.max_pending * max(1, m.autoscaling.max_replicas) for m in self.cfg.models}
-        return build_app(engines, max_pending=limits, metrics=MetricsRecorder("ray"))
+        return build_app(engines, max_pending=limits, metrics=MetricsRecorder("ray"), api_keys=api_keys_from_env())
 
 
 def group_deployment(m: ModelGroupConfig):
@@ -148,6 +150,8 @@ def group_deployment(m: ModelGroupConfig):
                                          "upscale_delay_s": a.upscale_delay_s,
                                          "downscale_delay_s": a.downscale_delay_s}},
         },
+        request_router_config={"request_router_class": "deployments.router.PrefixAffinityRouter",
+                               "request_router_kwargs": {"block": m.engine.block_size}},
         max_ongoing_requests=m.max_pending,
         health_check_period_s=2, health_check_timeout_s=30,
         graceful_shutdown_timeout_s=120,  # scale-down drains in-flight requests

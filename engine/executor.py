@@ -2,15 +2,31 @@
 
 The engine hands an executor one `StepInput` per step (plain tensors, so it
 can cross a process boundary) and gets back the logits of the rows it samples.
+
+On CUDA with the Triton kernels, LocalExecutor replays pure-decode steps as
+CUDA graphs, one per batch-size bucket (kernels/cuda_graphs.py): the step is
+padded to its bucket by `pad_decode_step` (a pure function, tested on CPU),
+its hidden states come from the graph and the logits of the sampled rows are
+computed eagerly (one large matmul gains nothing from a graph, and a static
+[bucket, vocab] output would cost memory). Prefill and mixed steps, batches
+past the largest bucket and everything off CUDA run eagerly.
+`GPTOSS_CUDA_GRAPHS=0` or `LocalExecutor(..., cuda_graphs=False)` turns graphs off.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 from dataclasses import dataclass
 
 import torch
 
-from models.attention import KVCache, PagedMetadata
+from kernels import dispatch
+from kernels.cuda_graphs import DEFAULT_BUCKETS, DecodeGraphRunner, bucket_for
+from models.attention import NULL_BLOCK, KVCache, PagedMetadata
+
+log = logging.getLogger(__name__)
+GRAPHS_ENV = "GPTOSS_CUDA_GRAPHS"
 
 
 @dataclass
@@ -38,23 +54,171 @@ def allocate_cache(model, spec: CacheSpec) -> KVCache:
                             heads, model.config.head_dim, model.dtype, model.device)
 
 
-def run_step(model, cache: KVCache, spec: CacheSpec, step: StepInput) -> torch.Tensor:
+def _max_query_len(query_start: torch.Tensor) -> int | None:
+    # read from the engine's CPU tensors so the Triton path needs no device->host sync
+    if query_start.device.type != "cpu" or query_start.numel() < 2:
+        return None
+    return int((query_start[1:] - query_start[:-1]).max())
+
+
+def run_step(model, cache: KVCache, spec: CacheSpec, step: StepInput, num_real_tokens: int | None = None
+             ) -> torch.Tensor:
+    """Eager step. num_real_tokens: rows past it are padding (left out of the expert load)."""
     dev = model.device
+    mask = None
+    if num_real_tokens is not None:
+        mask = torch.arange(step.input_ids.numel(), device=dev) < num_real_tokens
     meta = PagedMetadata(cache, step.query_start.to(dev), step.context_lens.to(dev),
                          {g: t.to(dev) for g, t in step.block_tables.items()},
-                         {g: t.to(dev) for g, t in step.slot_mapping.items()}, list(spec.layer_group))
+                         {g: t.to(dev) for g, t in step.slot_mapping.items()}, list(spec.layer_group),
+                         max_query_len=_max_query_len(step.query_start), token_mask=mask)
     hidden = model(step.input_ids.to(dev), step.positions.to(dev), meta)
     return model.compute_logits(hidden[step.sample_rows.to(dev)])
 
 
+# ---------------------------------------------------------------- decode steps as CUDA graphs
+
+def decode_bucket(step: StepInput, buckets: tuple[int, ...]) -> int | None:
+    """The bucket of a pure-decode step (every sequence brings exactly one token), else None."""
+    n = step.context_lens.numel()
+    if n == 0 or step.input_ids.numel() != n:
+        return None
+    if not torch.equal(step.query_start.cpu(), torch.arange(n + 1, dtype=step.query_start.dtype)):
+        return None
+    return bucket_for(n, buckets)
+
+
+def pad_decode_step(step: StepInput, bucket: int, width: int, block_size: int) -> StepInput | None:
+    """A decode step of n sequences padded to `bucket` sequences and block tables `width` wide.
+
+    Each padding row is a one-token sequence of its own (token 0 at position 0, context 1,
+    a table of NULL_BLOCK only) writing its k/v to slot 0 of the null block and reading it
+    back: real sequences never read that slot unmasked (the torch path masks NULL entries,
+    the kernel never visits them), padding rows all write the same values there, and their
+    outputs are finite and ignored (sample_rows keeps the real rows). None when a table is
+    wider than `width` (the step then runs eagerly)."""
+    n = step.context_lens.numel()
+    p = bucket - n
+    if p < 0 or any(t.shape[1] > width for t in step.block_tables.values()):
+        return None
+
+    def grow(t: torch.Tensor, value) -> torch.Tensor:
+        return torch.cat([t, t.new_full((p,), value)])
+
+    def table(t: torch.Tensor) -> torch.Tensor:
+        out = t.new_full((bucket, width), NULL_BLOCK)
+        out[:n, :t.shape[1]] = t
+        return out
+
+    return StepInput(
+        input_ids=grow(step.input_ids, 0), positions=grow(step.positions, 0),
+        query_start=torch.arange(bucket + 1, dtype=step.query_start.dtype),
+        context_lens=grow(step.context_lens, 1),
+        block_tables={g: table(t) for g, t in step.block_tables.items()},
+        slot_mapping={g: grow(t, NULL_BLOCK * block_size) for g, t in step.slot_mapping.items()},
+        sample_rows=step.sample_rows)
+
+
+def empty_step(groups) -> StepInput:
+    """A step of no sequence: pad_decode_step turns it into an all-padding step (graph capture)."""
+    z = torch.zeros(0, dtype=torch.long)
+    return StepInput(z, z, torch.zeros(1, dtype=torch.long), z, {g: z.view(0, 1) for g in groups},
+                     {g: z for g in groups}, z)
+
+
+def graphs_supported(model) -> bool:
+    """Static conditions for capturing the decode forward: on CUDA, one process (no collectives),
+    MXFP4 experts (the torch expert loop reads counts on the host). That the Triton kernels run
+    (dispatch.use_triton) is checked per step, since GPTOSS_KERNELS may change."""
+    comm = model.comm
+    return (model.device.type == "cuda" and torch.cuda.is_available()
+            and comm.tp_size == 1 and comm.ep_size == 1 and comm.split_size == 1
+            and all(b.moe.packed for b in model.blocks))
+
+
+def _graphs_enabled(flag: bool | None) -> bool:
+    if flag is not None:
+        return flag
+    return os.environ.get(GRAPHS_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
 class LocalExecutor:
-    def __init__(self, model, spec: CacheSpec):
+    """cuda_graphs: None = on unless GPTOSS_CUDA_GRAPHS=0 (and only where graphs_supported)."""
+
+    def __init__(self, model, spec: CacheSpec, cuda_graphs: bool | None = None,
+                 graph_buckets: tuple[int, ...] = DEFAULT_BUCKETS):
         self.model, self.spec = model, spec
         self.config = model.config
         self.cache = allocate_cache(model, spec)
+        self.graphs: DecodeGraphRunner | None = None
+        if _graphs_enabled(cuda_graphs) and graphs_supported(model):
+            self.graphs = DecodeGraphRunner(self._graph_forward, buckets=graph_buckets, enabled=True)
+        # tables padded to a width fixed up front, so a growing sequence never outgrows its graph:
+        # no table is wider than the full pool, nor than the longest position in blocks
+        pool = spec.blocks.get("full", max(spec.blocks.values()))
+        self.graph_width = min(pool, -(-model.config.max_position_embeddings // spec.block_size))
 
     def execute(self, step: StepInput) -> torch.Tensor:
+        if self.graphs is not None and dispatch.use_triton(self.model.device):
+            bucket = decode_bucket(step, self.graphs.buckets)
+            padded = None if bucket is None else pad_decode_step(step, bucket, self.graph_width,
+                                                                 self.spec.block_size)
+            if padded is not None:
+                return self._replay(padded, step.context_lens.numel())
         return run_step(self.model, self.cache, self.spec, step)
+
+    def _graph_forward(self, t: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The captured function: the decode forward on static inputs, no host reads."""
+        groups = [k.split("/", 1)[1] for k in t if k.startswith("table/")]
+        meta = PagedMetadata(self.cache, t["query_start"], t["context_lens"],
+                             {g: t["table/" + g] for g in groups}, {g: t["slot/" + g] for g in groups},
+                             list(self.spec.layer_group), max_query_len=1, token_mask=t["token_mask"])
+        return self.model(t["input_ids"], t["positions"], meta)
+
+    def _graph_inputs(self, padded: StepInput, n: int) -> dict[str, torch.Tensor]:
+        bucket = padded.context_lens.numel()
+        inputs = {"input_ids": padded.input_ids, "positions": padded.positions,
+                  "query_start": padded.query_start, "context_lens": padded.context_lens,
+                  "token_mask": torch.arange(bucket) < n,
+                  **{"table/" + g: t for g, t in padded.block_tables.items()},
+                  **{"slot/" + g: t for g, t in padded.slot_mapping.items()}}
+        return {k: v.to(self.model.device, non_blocking=True) for k, v in inputs.items()}
+
+    def _capture(self, bucket: int, inputs: dict[str, torch.Tensor]) -> bool:
+        # warm-up runs count expert load and rewrite this step's k/v (the same values):
+        # restore the load so that only replays count
+        loads = [b.moe.load.clone() for b in self.model.blocks]
+        try:
+            self.graphs.capture(bucket, inputs, bucket)
+            ok = True
+        except Exception:  # a failed capture must not take the engine down: decode eagerly from now on
+            log.exception("CUDA graph capture failed for bucket %d; decode steps run eagerly", bucket)
+            self.graphs, ok = None, False
+        for b, saved in zip(self.model.blocks, loads):
+            b.moe.load.copy_(saved)
+        return ok
+
+    def _replay(self, padded: StepInput, n: int) -> torch.Tensor:
+        bucket = padded.context_lens.numel()
+        inputs = self._graph_inputs(padded, n)
+        if bucket not in self.graphs.graphs and self.graphs.active(inputs) and not self._capture(bucket, inputs):
+            return run_step(self.model, self.cache, self.spec, padded, num_real_tokens=n)
+        hidden = self.graphs.run(inputs, bucket)  # a view of the graph's output buffer: index it now
+        return self.model.compute_logits(hidden[padded.sample_rows.to(self.model.device)])
+
+    def capture_graphs(self) -> int:
+        """Capture every bucket now, largest first (the smaller graphs reuse its memory pool), instead of
+        on each bucket's first step. The steps are all padding: they write only the null block and count
+        no expert load. Returns the number of graphs held."""
+        if self.graphs is None or not dispatch.use_triton(self.model.device):
+            return 0
+        empty = empty_step(self.spec.blocks)
+        for b in sorted(self.graphs.buckets, reverse=True):
+            if b not in self.graphs.graphs:
+                padded = pad_decode_step(empty, b, self.graph_width, self.spec.block_size)
+                if not self._capture(b, self._graph_inputs(padded, 0)):
+                    return 0
+        return len(self.graphs.graphs)
 
     def expert_load(self) -> torch.Tensor:
         return torch.stack([b.moe.load for b in self.model.blocks])

@@ -1,4 +1,4 @@
-"""CUDA-graph replay of decode steps, one graph per batch-size bucket (a sketch to wire in).
+"""CUDA-graph replay of decode steps, one graph per batch-size bucket (used by engine.executor.LocalExecutor).
 
 Why: a gpt-oss decode step is hundreds of small launches (per layer: norms,
 qkv, rope, attention, router, three MoE kernels, ...). At batch 1-64 the GPU
@@ -16,14 +16,16 @@ What a graph fixes, and how this class copes:
 * No host syncs inside. The captured function may not read device values
   on the host (.item(), int(t), .tolist(), torch.bincount on CUDA, boolean
   masks). kernels.dispatch.paged_attention(max_query_len=1) and
-  kernels.dispatch.moe qualify; PagedMetadata's _Varlen/_plan (int(...)) do
-  not, so the decode path needs metadata built from static sizes.
-* Padding rows must be harmless. Recommended pads for a decode step:
-  input_ids 0, positions 0, context_lens 1, block_tables NULL_BLOCK,
-  query_start "last" (padded sequences get zero query tokens, so attention
-  skips them), slot_mapping = a scratch slot (reserve one KV block for it:
-  padded tokens still write k/v, and repeating a real slot would race with
-  the real write).
+  kernels.dispatch.moe qualify; PagedMetadata builds its host-reading
+  _Varlen/_plan only on the torch path, so a graph needs the Triton path and
+  PagedMetadata(max_query_len=1).
+* Padding rows must be harmless. The executor pads before calling `run`
+  (engine.executor.pad_decode_step): each padding row is a one-token
+  sequence of its own (input 0, position 0, context 1, a NULL_BLOCK table)
+  writing k/v to slot 0 of the null block, which real sequences never read
+  unmasked, so every row has a finite output and nothing real is touched.
+  (This class's own pad rules, e.g. query_start "last" = empty padded
+  sequences, also keep real rows right but leave the padded rows' outputs unset.)
 * The output is the graph's static buffer: `run` returns a view of its
   first n rows that the next replay of that bucket overwrites.
 
@@ -84,14 +86,15 @@ class DecodeGraphRunner:
         self.eager_calls = 0
         self.replays = 0
 
-    def _active(self, inputs: Mapping[str, torch.Tensor]) -> bool:
+    def active(self, inputs: Mapping[str, torch.Tensor]) -> bool:
+        """Whether `run` would replay graphs for these inputs (CUDA and not disabled)."""
         dev = next(iter(inputs.values())).device
         on_cuda = dev.type == "cuda" and torch.cuda.is_available()
         return on_cuda if self.enabled is None else (self.enabled and on_cuda)
 
     def run(self, inputs: Mapping[str, torch.Tensor], n: int) -> torch.Tensor:
         bucket = bucket_for(n, self.buckets)
-        if bucket is None or not self._active(inputs):
+        if bucket is None or not self.active(inputs):
             self.eager_calls += 1
             return self.fn(dict(inputs))
         if bucket not in self.graphs:

@@ -17,32 +17,21 @@ CPU only under TRITON_INTERPRET=1, which is how the tests run the kernels).
 (These live in kernels.dispatch, not kernels/__init__: a function `kernels.moe`
 would be overwritten by the submodule kernels/moe.py as soon as it is imported.)
 
-Wiring into models/. Kernel modules are imported lazily, so `from kernels
-import dispatch` at the top of models/attention.py or models/layers.py makes
-no import cycle. The torch paths never call PagedMetadata.attend, MoE.compute
-or RMSNorm.forward, so calling these from there cannot recurse; still, keep
-the model's own torch code for CPU where it is cheaper (attend caches its plan
-per layer group; the reference rebuilds it per call):
+Where models/ calls these (each site keeps the model's own torch code for
+the torch mode, so CPU numbers are unchanged and no site can recurse: the
+references here never call back into the modules):
 
-* PagedMetadata.attend, after writing the new k/v into their slots:
-      if dispatch.use_triton(q.device):
-          return dispatch.paged_attention(q, kc, vc, self.block_tables[group], self.query_start,
-                                          self.context_lens, sinks, window, scale,
-                                          max_query_len=self._vl.qmax)
-* MoE.compute(x, idx, weights), packed experts only (self.w1_blocks present):
-      if dispatch.use_triton(x.device):
-          return dispatch.moe(x, (idx, weights), self.w1_blocks, self.w1_scales, self.b1,
-                              self.w2_blocks, self.w2_scales, self.b2, top_k=self.top_k,
-                              global_to_local=self.global_to_local, limit=self.limit, alpha=self.alpha)
-  MoE.run_experts(rows, local_ids) (expert-parallel path: unweighted, ids already local) is
-      dispatch.moe(rows, (local_ids[:, None], rows.new_ones(len(rows), 1)), <same weights>,
-                   top_k=1, global_to_local=None)
-  Dense (unquantised) experts keep the module's torch path.
-* Block.forward, fusing the residual add into the next norm:
-      h, x = dispatch.rmsnorm(attn_out, self.mlp_norm.weight, self.mlp_norm.eps, residual=x)
-  gives h = mlp_norm(x + attn_out) and x = x + attn_out, rounded as the unfused code rounds them.
+* PagedMetadata.attend, after writing the new k/v into their slots ->
+  paged_attention(..., max_query_len=meta.max_query_len) (the executor passes
+  it from its CPU tensors; 1 under CUDA graphs, so no host read).
+* MoE.compute (packed MXFP4 experts) -> moe(x, (idx, weights), ...), and the
+  expert-parallel MoE.run_experts -> moe(rows, (local_ids[:, None], ones), top_k=1,
+  global_to_local=None). Dense (unquantised) experts keep the torch path.
+* RMSNorm.forward -> rmsnorm(x, ...); Block.forward fuses the residual add into
+  the MoE's norm: h, x = rmsnorm(attn_out, w, eps, residual=x).
 
-Decode steps can be replayed as CUDA graphs per batch bucket: kernels.cuda_graphs.DecodeGraphRunner.
+Decode steps are replayed as CUDA graphs per batch bucket by engine.executor.LocalExecutor
+(kernels.cuda_graphs.DecodeGraphRunner); those steps need the Triton path, which has no host syncs.
 """
 
 import functools

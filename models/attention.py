@@ -10,7 +10,8 @@ decides where keys come from:
   chunks and decode tokens of different sequences mix freely in one call.
 
 Both reduce to `attention_with_sinks`, the torch reference that fast kernels
-are tested against.
+are tested against. Where kernels.dispatch picks Triton (CUDA by default),
+`PagedMetadata.attend` hands the step to the paged-attention kernel instead.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+
+from kernels import dispatch  # imports no kernel module until a kernel is called: no cycle
 
 NULL_BLOCK = 0  # block 0 of every pool stays zero: padding and freed window blocks point here
 
@@ -134,6 +137,14 @@ class PagedMetadata:
     entries for blocks a window no longer sees may be NULL_BLOCK.
     slot_mapping[group] [N]: flat slot (block * block_size + offset) per new token.
     layer_group[layer]: which group's tables a layer uses.
+    max_query_len: longest q_len, when the caller knows it without a device read
+    (the executor from its CPU tensors; 1 for a decode step captured in a CUDA graph).
+    token_mask [N] bool: which rows are real tokens (None = all); a CUDA-graph
+    step padded to its bucket counts only real rows in the MoE's expert load.
+
+    Nothing here reads device values on the host unless the torch path runs:
+    its per-part plans are built on its first attend, so the Triton path
+    (dispatch.use_triton) stays free of host syncs and capturable in a graph.
     """
     cache: KVCache
     query_start: torch.Tensor
@@ -141,9 +152,17 @@ class PagedMetadata:
     block_tables: dict[str, torch.Tensor]
     slot_mapping: dict[str, torch.Tensor]
     layer_group: list[str]
-    _parts: list = field(init=False, repr=False)
+    max_query_len: int | None = None
+    token_mask: torch.Tensor | None = None
+    _parts_cache: list | None = field(default=None, init=False, repr=False)
 
-    def __post_init__(self):
+    @property
+    def _parts(self) -> list:
+        if self._parts_cache is None:
+            self._parts_cache = self._split_parts()
+        return self._parts_cache
+
+    def _split_parts(self) -> list:
         qs = self.query_start.to(torch.long)
         lens = qs[1:] - qs[:-1]
         dev = qs.device
@@ -152,14 +171,15 @@ class PagedMetadata:
         if decode.numel():
             groups.append(decode)
         groups += [b.view(1) for b in (lens > 1).nonzero().squeeze(1)]
-        self._parts = []
+        parts = []
         for seqs in groups:
             sl = lens[seqs]
             # a decode part has one row per sequence; a prefill part is one sequence's chunk
             rows = qs[seqs] if int(sl.max()) == 1 else torch.arange(int(qs[seqs[0]]), int(qs[seqs[0] + 1]),
                                                                    device=dev)
             sub_qs = torch.cat([torch.zeros(1, dtype=torch.long, device=dev), sl.cumsum(0)])
-            self._parts.append(_Part(seqs, rows, _Varlen(sub_qs)))
+            parts.append(_Part(seqs, rows, _Varlen(sub_qs)))
+        return parts
 
     def _plan(self, part: _Part, group: str, window: int | None):
         """Blocks to read per sequence and the mask; shared by all layers of a group."""
@@ -193,6 +213,13 @@ class PagedMetadata:
         slots = self.slot_mapping[group]
         kc.view(-1, *kc.shape[2:])[slots] = k.to(kc.dtype)
         vc.view(-1, *vc.shape[2:])[slots] = v.to(vc.dtype)
+        if dispatch.use_triton(q.device):
+            if self.max_query_len is None:  # one host read per step, not per layer
+                self.max_query_len = int((self.query_start[1:] - self.query_start[:-1]).max()) \
+                    if self.context_lens.numel() else 0
+            return dispatch.paged_attention(q, kc, vc, self.block_tables[group], self.query_start,
+                                            self.context_lens, sinks, window, scale,
+                                            max_query_len=self.max_query_len)
         out = torch.empty_like(q)
         for part in self._parts:
             phys, mask = self._plan(part, group, window)

@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from kernels import dispatch
+
 from .attention import DenseMetadata
 from .config import GptOssConfig
 from .layers import MoE, QKVLinear, RMSNorm, Rotary, RowLinear
@@ -52,8 +54,13 @@ class Block(nn.Module):
         self.moe = MoE(cfg, w["router_w"], w["router_b"], experts, comm, copies)
 
     def forward(self, x, cos, sin, meta) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, meta)
-        return x + self.moe(self.mlp_norm(x))
+        a = self.attn(self.attn_norm(x), cos, sin, meta)
+        if dispatch.use_triton(x.device):  # one kernel: h = mlp_norm(x + a), x = x + a (same rounding)
+            h, x = dispatch.rmsnorm(a, self.mlp_norm.weight, self.mlp_norm.eps, residual=x)
+        else:
+            x = x + a
+            h = self.mlp_norm(x)
+        return x + self.moe(h, getattr(meta, "token_mask", None))
 
 
 class GptOssForCausalLM(nn.Module):

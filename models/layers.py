@@ -10,6 +10,8 @@ import math
 import torch
 from torch import nn
 
+from kernels import dispatch  # kernel modules load lazily, on the first Triton call
+
 from .config import GptOssConfig
 from .weights import ExpertWeights
 
@@ -22,6 +24,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if dispatch.use_triton(x.device):
+            return dispatch.rmsnorm(x, self.weight, self.eps)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return (self.weight * xf).to(x.dtype)
@@ -141,10 +145,18 @@ class MoE(nn.Module):
             if t is not None:
                 self.register_buffer(name, t, persistent=False)
 
-    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    @property
+    def packed(self) -> bool:
+        """Experts kept as MXFP4 blocks: the Triton MoE reads these directly."""
+        return getattr(self, "w1_blocks", None) is not None
+
+    def route(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         logits = torch.nn.functional.linear(x, self.router_w, self.router_b)
         top, idx = torch.topk(logits, self.top_k, dim=-1)
-        self.load += torch.bincount(idx.flatten(), minlength=self.load.numel())
+        # index_add_, not bincount: bincount reads its max back to the host, which a CUDA graph
+        # cannot capture; token_mask leaves a graph's padding rows out of the load (same counts)
+        ones = torch.ones_like(idx) if token_mask is None else token_mask.to(idx.dtype)[:, None].expand_as(idx)
+        self.load.index_add_(0, idx.flatten(), ones.flatten())
         return idx, torch.softmax(top.float(), dim=-1).to(x.dtype)
 
     def expert_weights(self, j: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -154,8 +166,16 @@ class MoE(nn.Module):
         return (mxfp4.decode(self.w1_blocks[j], self.w1_scales[j], dtype),
                 mxfp4.decode(self.w2_blocks[j], self.w2_scales[j], dtype))
 
+    def _moe_kernel(self, x, routing, top_k, global_to_local):
+        return dispatch.moe(x, routing, self.w1_blocks, self.w1_scales, self.b1, self.w2_blocks, self.w2_scales,
+                            self.b2, top_k=top_k, global_to_local=global_to_local, limit=self.limit,
+                            alpha=self.alpha)
+
     def run_experts(self, rows: torch.Tensor, local_ids: torch.Tensor) -> torch.Tensor:
         """rows[i] through local expert local_ids[i] (unweighted), grouped by expert."""
+        if self.packed and dispatch.use_triton(rows.device):
+            # the EP path: each (row, expert) pair is a one-expert "token" with weight 1 (exact in fp32)
+            return self._moe_kernel(rows, (local_ids[:, None], rows.new_ones(len(rows), 1)), 1, None)
         out = torch.empty_like(rows)
         order = torch.argsort(local_ids, stable=True)
         counts = torch.bincount(local_ids, minlength=len(self.expert_ids))
@@ -172,6 +192,8 @@ class MoE(nn.Module):
 
     def compute(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Weighted sum over the local experts among each token's top-k (absent ones skipped)."""
+        if self.packed and dispatch.use_triton(x.device):
+            return self._moe_kernel(x, (idx, weights), self.top_k, self.global_to_local)
         local = self.global_to_local[idx].flatten()
         keep = (local >= 0).nonzero().squeeze(1)
         tok = keep // self.top_k
@@ -184,10 +206,12 @@ class MoE(nn.Module):
         slot = torch.arange(flat.numel(), device=flat.device) % self.n_copies[flat]
         return self.copy_rank[flat, slot]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """token_mask [N] bool: rows counted in the expert load (None = all); only the single-group
+        path takes one (CUDA graphs run there), a split group's slices count every row."""
         c = self.comm
         if c is None or (c.split_size == 1 and c.ep_size == 1):
-            idx, weights = self.route(x)
+            idx, weights = self.route(x, token_mask)
             return self.compute(x, idx, weights)
         n, t = x.shape[0], c.split_size
         counts = [n // t + (1 if r < n % t else 0) for r in range(t)]

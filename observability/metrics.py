@@ -62,7 +62,7 @@ CATALOGUE: tuple[MetricSpec, ...] = (
     MetricSpec("gptoss_preemptions", "counter", "Sequences preempted (recomputed later) for KV space", R),
     MetricSpec("gptoss_expert_tokens", "counter", "Tokens routed to each expert", M + ("layer", "expert")),
     MetricSpec("gptoss_expert_imbalance", "gauge",
-               "Max over mean expert load in a layer over the last interval (1 = balanced)", M + ("layer",)),
+               "Max over mean expert load in a layer over its last interval with traffic (1 = balanced)", M + ("layer",)),
     MetricSpec("gptoss_all_to_all_seconds", "histogram", "Expert-parallel all-to-all time per forward step, by rank",
                M + ("rank",), COMM_BUCKETS),
     # autoscaling policy (in the Serve controller)

@@ -94,6 +94,7 @@ class EnginePublisher:
         self.rec = recorder
         self.prev_preemptions = 0
         self.prev_load: torch.Tensor | None = None
+        self.imbalance: dict[int, float] = {}  # layer -> max/mean load of its last interval with traffic
 
     def publish(self, snap: dict) -> None:
         r = self.rec
@@ -119,8 +120,11 @@ class EnginePublisher:
         self.prev_load = load
         for layer, row in enumerate(delta.tolist()):
             total = sum(row)
-            if total <= 0:
-                continue
-            for e, n in enumerate(row):
-                self.rec.inc("gptoss_expert_tokens", n, layer=layer, expert=e)
-            self.rec.set("gptoss_expert_imbalance", max(row) * len(row) / total, layer=layer)
+            if total > 0:
+                for e, n in enumerate(row):
+                    self.rec.inc("gptoss_expert_tokens", n, layer=layer, expert=e)
+                self.imbalance[layer] = max(row) * len(row) / total
+        # re-set every interval: an idle interval has no imbalance of its own, and a gauge
+        # nobody sets goes stale on the scrape side
+        for layer, v in self.imbalance.items():
+            self.rec.set("gptoss_expert_imbalance", v, layer=layer)
