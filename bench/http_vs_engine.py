@@ -1,6 +1,7 @@
 """The serving stack's cost: the same workload through HTTP + Ray Serve vs the engine alone.
 
-    python -m bench.http_vs_engine [--preset small] [--requests 32] [--rounds 2] [--out bench/results/http_vs_engine.json]
+    python -m bench.http_vs_engine [--preset small] [--requests 32] [--rounds 2] [--stream] [--replica-threads N]
+                                   [--out bench/results/http_vs_engine.json]
 
 Both sides run one replica group of one rank on the same random checkpoint,
 with the same engine config, on seeded token-id prompts (16..256 tokens) and
@@ -60,11 +61,20 @@ async def engine_round(eng, work, tag: str) -> tuple[float, int]:
     return time.perf_counter() - t0, sum(counts)
 
 
-async def http_round(client, work) -> tuple[float, int]:
+async def http_round(client, work, stream: bool = False) -> tuple[float, int]:
     async def one(p, o):
-        r = await client.completions.create(model="bench", prompt=p, max_tokens=o, temperature=0,
+        if not stream:
+            r = await client.completions.create(model="bench", prompt=p, max_tokens=o, temperature=0,
+                                                extra_body={"ignore_eos": True})
+            return r.usage.completion_tokens
+        n = 0
+        s = await client.completions.create(model="bench", prompt=p, max_tokens=o, temperature=0, stream=True,
+                                            stream_options={"include_usage": True},
                                             extra_body={"ignore_eos": True})
-        return r.usage.completion_tokens
+        async for chunk in s:
+            if chunk.usage is not None:
+                n = chunk.usage.completion_tokens
+        return n
     t0 = time.perf_counter()
     counts = await asyncio.gather(*(one(p, o) for p, o in work))
     return time.perf_counter() - t0, sum(counts)
@@ -119,17 +129,20 @@ async def run(args, ckpt: Path) -> dict:
     ray.init(num_cpus=(os.cpu_count() or 2) + 1, include_dashboard=False,  # + the ingress and proxy
              runtime_env={"env_vars": {k: os.environ[k] for k in ("TIKTOKEN_ENCODINGS_BASE",) if k in os.environ}})
     serve.start(http_options={"host": "127.0.0.1", "port": PORT})
-    group = ModelGroupConfig(name="bench", path=str(ckpt), cpus_per_rank=float(threads), engine=cfg_engine,
+    group = ModelGroupConfig(name="bench", path=str(ckpt), cpus_per_rank=float(args.replica_threads or threads),
+                             engine=cfg_engine,
                              max_pending=args.requests * 2)
     serve.run(build_application(ServeConfig(port=PORT, models=[group])), name="bench", route_prefix="/")
     client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{PORT}/v1", api_key="x", max_retries=0, timeout=600)
     await http_round(client, work[:2])
 
-    rounds = {"engine": [], "http": []}
+    rounds = {"engine": [], "http": [], **({"http_stream": []} if args.stream else {})}
     try:
         for r in range(args.rounds):
             rounds["engine"].append(await engine_round(eng, work, f"r{r}"))
             rounds["http"].append(await http_round(client, work))
+            if args.stream:
+                rounds["http_stream"].append(await http_round(client, work, stream=True))
         prompt = work[0][0][:64]
         ttft = {"engine": await engine_ttft(eng, prompt, 10), "http": await http_ttft(client, prompt, 10)}
     finally:
@@ -140,10 +153,13 @@ async def run(args, ckpt: Path) -> dict:
     return {
         "date": datetime.date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "preset": args.preset, "requests": args.requests, "torch_threads": threads,
+        "replica_threads": args.replica_threads or threads,
         "output_tokens": rounds["engine"][0][1],
         "rounds": {k: [{"seconds": round(w, 3), "tok_per_s": round(n / w, 1)} for w, n in v] for k, v in rounds.items()},
         "engine_tok_per_s": round(best["engine"], 1), "http_tok_per_s": round(best["http"], 1),
         "ratio": round(best["http"] / best["engine"], 3),
+        **({"http_stream_tok_per_s": round(best["http_stream"], 1),
+            "stream_ratio": round(best["http_stream"] / best["engine"], 3)} if args.stream else {}),
         "ttft_engine_ms": round(ttft["engine"] * 1e3, 1), "ttft_http_ms": round(ttft["http"] * 1e3, 1),
         "ttft_added_ms": round((ttft["http"] - ttft["engine"]) * 1e3, 1),
         "command": "python -m bench.http_vs_engine " + " ".join(sys.argv[1:]),
@@ -156,6 +172,9 @@ def main(argv=None) -> int:
     p.add_argument("--requests", type=int, default=32)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stream", action="store_true", help="also time the HTTP side with streaming (SSE) responses")
+    p.add_argument("--replica-threads", type=int, default=0,
+                   help="torch threads of the replica group (default: this process's, as the engine side)")
     p.add_argument("--out", default="bench/results/http_vs_engine.json")
     args = p.parse_args(argv)
     if args.requests < 1 or args.rounds < 1:

@@ -90,7 +90,8 @@ def build_request(req: ChatCompletionRequest, rid: str) -> GenerateRequest:
         top_logprobs=req.top_logprobs if req.logprobs else None)
     if req.top_logprobs and not req.logprobs:
         raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
-    return GenerateRequest(rid, prompt, params, harmony=True, grammar=spec)
+    # stop strings are matched here, on the deltas: those requests need every step
+    return GenerateRequest(rid, prompt, params, harmony=True, grammar=spec, hold=not req.stream and not req.stop)
 
 
 class ChatChoice:

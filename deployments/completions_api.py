@@ -87,7 +87,8 @@ class CompletionHandler:
             stop=[body.stop] if isinstance(body.stop, str) else body.stop, max_tokens=body.max_tokens, n=body.n,
             logprobs=body.logprobs is not None, top_logprobs=body.logprobs, ignore_eos=body.ignore_eos)
         prompts = _prompts(body.prompt)
-        self.requests = [GenerateRequest(f"{self.id}-{i}", ids, params, harmony=False, grammar=None)
+        self.requests = [GenerateRequest(f"{self.id}-{i}", ids, params, harmony=False, grammar=None,
+                                         hold=not body.stream)
                          for i, (_, ids) in enumerate(prompts)]
         self.choices = [_Choice(i * body.n + j, text if body.echo else "")
                         for i, (text, _) in enumerate(prompts) for j in range(body.n)]

@@ -85,7 +85,7 @@ def build_request(req: ResponsesRequest, rid: str) -> GenerateRequest:
     check_grammar(spec, "text.format" if rf else "tools")
     params = sampling_params(temperature=req.temperature, top_p=req.top_p, seed=req.seed,
                              max_tokens=req.max_output_tokens)
-    return GenerateRequest(rid, prompt, params, harmony=True, grammar=spec)
+    return GenerateRequest(rid, prompt, params, harmony=True, grammar=spec, hold=not req.stream)
 
 
 class ResponseBuilder:

@@ -166,7 +166,11 @@ def group_deployment(m: ModelGroupConfig):
 
 def build_application(cfg: ServeConfig):
     handles = {m.name: group_deployment(m).bind(m.model_dump(mode="json")) for m in cfg.models}
-    ingress = serve.deployment(serve.ingress()(Ingress)).options(name="ingress", ray_actor_options={"num_cpus": 0.1})
+    # Serve's default (5 in flight per replica) would cap every model's batch at 5; the ingress
+    # does its own per-model admission (429 past max_pending x max_replicas).
+    in_flight = sum(m.max_pending * max(1, m.autoscaling.max_replicas) for m in cfg.models) + 16
+    ingress = serve.deployment(serve.ingress()(Ingress)).options(
+        name="ingress", ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=in_flight)
     return ingress.bind(handles, cfg.model_dump(mode="json"))
 
 

@@ -11,10 +11,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from collections import deque
 from typing import AsyncIterator, Protocol
 
 from .core import LLMEngine
-from .request import GenerateRequest, RequestOutput
+from .request import GenerateRequest, RequestOutput, merge_outputs
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +50,29 @@ class AsyncEngine:
             self._queues[rid] = (loop, q)
         self._work.set()
         pending = request.params.n
+        # A consumer that falls behind the engine (a remote client, a busy event loop) gets the
+        # steps it missed as one output per choice: per-item costs stay flat however fast the
+        # engine runs. Chat logprobs are attributed per step, so those requests stay per step.
+        coalesce = not request.params.logprobs
+        backlog: deque[RequestOutput] = deque()
+        held: dict[int, RequestOutput] = {}
+        started: set[int] = set()
         try:
             while pending:
-                out: RequestOutput = await q.get()
+                if not backlog:
+                    backlog.append(await q.get())
+                while not q.empty():
+                    backlog.append(q.get_nowait())
+                out = backlog.popleft()
+                while coalesce and backlog and backlog[0].index == out.index and not out.finished:
+                    out = merge_outputs(out, backlog.popleft())
+                i = out.index
+                if i in held:
+                    out = merge_outputs(held.pop(i), out)
+                if request.hold and coalesce and i in started and not out.finished:
+                    held[i] = out
+                    continue
+                started.add(i)
                 if out.finished:
                     pending -= 1
                 yield out

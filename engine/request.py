@@ -37,6 +37,9 @@ class GenerateRequest:
     # chat requests parse their output as harmony; raw completions decode text
     harmony: bool = True
     grammar: GrammarSpec | None = None
+    # the consumer needs no per-step stream (a non-streaming API call): after each choice's first
+    # output (its time to first token) the rest arrives merged, as one finished output
+    hold: bool = False
 
 
 @dataclass
@@ -61,6 +64,12 @@ class RequestOutput:
     error: str | None = None
     usage: Usage | None = None
     queue_time: float | None = None  # on the final output: arrival to first scheduled step, seconds
+
+
+def merge_outputs(a: RequestOutput, b: RequestOutput) -> RequestOutput:
+    """Two consecutive outputs of one choice as one (what a consumer that fell behind gets)."""
+    return RequestOutput(a.request_id, a.index, a.token_ids + b.token_ids, a.events + b.events, a.text + b.text,
+                         a.logprobs + b.logprobs, b.finished, b.finish_reason, b.error, b.usage, b.queue_time)
 
 
 @dataclass

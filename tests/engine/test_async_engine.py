@@ -110,3 +110,65 @@ def test_failed_step_ends_every_stream_with_an_error(model):
 
 async def _collect(eng, r):
     return [o async for o in eng.generate(r)]
+
+
+def test_a_consumer_that_falls_behind_gets_merged_outputs_with_the_same_content(tiny_ckpt):
+    """Outputs that piled up while the consumer was busy arrive merged per choice, same tokens and usage."""
+    import asyncio
+
+    import torch
+
+    from engine.async_engine import AsyncEngine
+    from engine.core import EngineConfig, LLMEngine
+    from engine.request import GenerateRequest
+    from engine.sampler import SamplingParams
+    from models import load_model
+
+    eng = AsyncEngine(LLMEngine(load_model(tiny_ckpt, torch.float32), EngineConfig(block_size=8, num_blocks=64)))
+
+    async def run(delay):
+        outs = []
+        req = GenerateRequest(f"slow-{delay}", [5, 6, 7], SamplingParams(temperature=0, max_tokens=24,
+                                                                        ignore_eos=True), harmony=False)
+        async for o in eng.generate(req):
+            outs.append(o)
+            await asyncio.sleep(delay)
+        return outs
+    try:
+        fast, slow = asyncio.run(run(0)), asyncio.run(run(0.05))
+    finally:
+        eng.shutdown()
+    toks = lambda outs: [t for o in outs for t in o.token_ids]  # noqa: E731
+    assert toks(fast) == toks(slow) and len(toks(slow)) == 24
+    assert "".join(o.text for o in fast) == "".join(o.text for o in slow)
+    assert len(slow) < len(fast)  # merged
+    assert slow[-1].finished and slow[-1].usage.completion_tokens == 24 and slow[-1].queue_time is not None
+
+
+def test_hold_gives_the_first_output_then_one_finished_output_per_choice(tiny_ckpt):
+    import asyncio
+
+    import torch
+
+    from engine.async_engine import AsyncEngine
+    from engine.core import EngineConfig, LLMEngine
+    from engine.request import GenerateRequest
+    from engine.sampler import SamplingParams
+    from models import load_model
+
+    eng = AsyncEngine(LLMEngine(load_model(tiny_ckpt, torch.float32), EngineConfig(block_size=8, num_blocks=64)))
+
+    async def run(hold):
+        req = GenerateRequest(f"h-{hold}", [5, 6, 7], SamplingParams(temperature=0, max_tokens=16, n=2,
+                                                                    ignore_eos=True), harmony=False, hold=hold)
+        return [o async for o in eng.generate(req)]
+    try:
+        streamed, held = asyncio.run(run(False)), asyncio.run(run(True))
+    finally:
+        eng.shutdown()
+    assert len(held) == 4  # per choice: the first token, then everything else at once
+    for i in (0, 1):
+        mine = [o for o in held if o.index == i]
+        assert len(mine[0].token_ids) == 1 and mine[1].finished and len(mine[1].token_ids) == 15
+        assert [t for o in mine for t in o.token_ids] == \
+            [t for o in streamed if o.index == i for t in o.token_ids]
