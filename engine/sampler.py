@@ -137,6 +137,29 @@ def _flat_keys(ids: Sequence[IdSeq] | None, rows: list[int], vocab: int,
     return row[ok] * vocab + tok[ok]
 
 
+def first_argmax(x: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """x [B, V] -> [B] index of the first maximum of each row, as torch.argmax.
+
+    argmax / max(dim) over a 201k vocab are scalar loops on CPU; amax is vectorised and
+    ~6x faster. So: the max of each `chunk`-wide slice (one amax pass), the first slice
+    that holds the row's max, and argmax within that slice only. Rows with a NaN take
+    torch's own argmax (amax and == cannot locate a NaN)."""
+    B, V = x.shape
+    if V <= chunk or x.device.type != "cpu":
+        return x.argmax(-1)
+    full = V // chunk * chunk
+    per = x[:, :full].reshape(B, V // chunk, chunk).amax(-1)
+    if full < V:
+        per = torch.cat([per, x[:, full:].amax(-1, keepdim=True)], 1)
+    best = per.amax(-1, keepdim=True)
+    if bool(best.isnan().any()):
+        return x.argmax(-1)
+    first = (per == best).to(torch.uint8).argmax(-1)  # first slice holding the max
+    # the slice's columns; the last slice may be short: clamping repeats column V-1 after itself
+    cols = (first[:, None] * chunk + torch.arange(chunk, device=x.device)).clamp_(max=V - 1)
+    return cols.gather(1, x.gather(1, cols).argmax(-1, keepdim=True)).squeeze(1)
+
+
 class Sampler:
     """Stateless batched sampler. `generator` feeds the unseeded rows (one shared
     draw per step); None means torch's default generator."""
@@ -150,14 +173,13 @@ class Sampler:
             raise ValueError(f"logits must be [B={len(params)}, V], got {tuple(logits.shape)}")
         if self._plain_greedy(batch):
             # Nothing modifies the logits, so argmax of the raw row is exact.
-            # max(dim).indices: the first maximum, like argmax, and faster on CPU
-            return self._finish(logits.float(), logits.max(-1).indices, params)
+            return self._finish(logits.float(), first_argmax(logits), params)
         x = self._process(logits, batch)
         token_ids = torch.empty(len(params), dtype=torch.long, device=logits.device)
         greedy = [i for i, p in enumerate(params) if p.greedy]
         if greedy:
             gi = torch.tensor(greedy, device=logits.device)
-            token_ids[gi] = x[gi].argmax(-1)
+            token_ids[gi] = first_argmax(x[gi])
         rest = [i for i, p in enumerate(params) if not p.greedy]
         if rest:
             rp = [params[i] for i in rest]

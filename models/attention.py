@@ -31,18 +31,22 @@ def attention_with_sinks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sink
 
     Softmax runs over the scores plus one sink logit per head whose
     probability is dropped; computed in fp32 whatever the input dtype.
+    A NaN score of a masked key is not ignored (cached k holds none unless the model made NaNs).
     """
     B, Q, Hq, D = q.shape
     K = k.shape[2]
     G = Hq // K
     qg = q.float().view(B, Q, K, G, D)
-    s = torch.einsum("bqkgd,blkd->bkgql", qg, k.float()) * scale
-    s = s.masked_fill(~mask[:, None, None], float("-inf"))
+    s = torch.einsum("bqkgd,blkd->bkgql", qg, k.float()).mul_(scale)
     # the sink joins the normalisation as one more logit per head, then is dropped
     sink = sinks.float().view(1, K, G, 1, 1)
-    m = torch.maximum(s.amax(dim=-1, keepdim=True), sink)
-    p = torch.exp(s - m)
-    p = p / (p.sum(dim=-1, keepdim=True) + torch.exp(sink - m))
+    bias = torch.zeros(mask.shape, dtype=s.dtype, device=s.device).masked_fill_(~mask, float("-inf"))
+    m = torch.maximum(s.add(bias[:, None, None]).amax(dim=-1, keepdim=True), sink)  # max over kept keys
+    # Masked keys weigh exp(-inf) = 0, but on CPU exp of -inf (or of anything below about -87)
+    # takes a slow path, ~15-100x. So exp runs on the raw scores and masked keys are zeroed
+    # after: kept keys have s - m <= 0 already, the clamp only stops a masked one overflowing.
+    p = s.sub_(m).clamp_(max=0).exp_().mul_(mask[:, None, None])
+    p.div_(p.sum(dim=-1, keepdim=True) + torch.exp(sink - m))
     o = torch.einsum("bkgql,blkd->bqkgd", p, v.float())
     return o.reshape(B, Q, Hq, D).to(q.dtype)
 
@@ -182,7 +186,11 @@ class PagedMetadata:
         return parts
 
     def _plan(self, part: _Part, group: str, window: int | None):
-        """Blocks to read per sequence and the mask; shared by all layers of a group."""
+        """Cache rows to read per sequence and the mask; shared by all layers of a group.
+
+        The rows index a pool viewed as [slots * kv_heads, head_dim] and come out ordered
+        [sequence, kv head, key]: one index_select then gives k/v in the [B, K, L, D] memory
+        layout that attention_with_sinks' einsums use, so they run without permuting copies."""
         key = (group, window)
         if key in part.plans:
             return part.plans[key]
@@ -201,11 +209,15 @@ class PagedMetadata:
         table = self.block_tables[group][part.seqs]
         phys = torch.gather(table, 1, j.clamp(max=table.shape[1] - 1))
         phys = torch.where(blk_valid, phys, torch.full_like(phys, NULL_BLOCK))
-        kpos = (j[:, :, None] * bs + torch.arange(bs, device=ctx.device)).reshape(vl.B, nb * bs)
+        offs = torch.arange(bs, device=ctx.device)
+        kpos = (j[:, :, None] * bs + offs).reshape(vl.B, nb * bs)
         kvalid = kpos < ctx[:, None]
         mask = _window_mask(qpos, kpos, kvalid, window)
-        part.plans[key] = (phys, mask)
-        return phys, mask
+        heads = self.cache.k[0].shape[2]
+        slots = (phys[:, :, None] * bs + offs).reshape(vl.B, 1, nb * bs)
+        rows = (slots * heads + torch.arange(heads, device=ctx.device)[:, None]).flatten()
+        part.plans[key] = (rows, mask)
+        return rows, mask
 
     def attend(self, layer: int, q, k, v, sinks, window: int | None, scale: float) -> torch.Tensor:
         group = self.layer_group[layer]
@@ -221,11 +233,13 @@ class PagedMetadata:
                                             self.context_lens, sinks, window, scale,
                                             max_query_len=self.max_query_len)
         out = torch.empty_like(q)
+        K, D = kc.shape[2:]
         for part in self._parts:
-            phys, mask = self._plan(part, group, window)
-            B, nb = phys.shape
-            kk = kc[phys].reshape(B, nb * kc.shape[1], *kc.shape[2:])
-            vv = vc[phys].reshape(B, nb * vc.shape[1], *vc.shape[2:])
+            rows, mask = self._plan(part, group, window)
+            B, L = mask.shape[0], mask.shape[2]
+            # [B, K, L, D] in memory, handed over as the [B, L, K, D] view the reference takes
+            kk = kc.view(-1, D).index_select(0, rows).view(B, K, L, D).transpose(1, 2)
+            vv = vc.view(-1, D).index_select(0, rows).view(B, K, L, D).transpose(1, 2)
             res = attention_with_sinks(part.vl.pad(q[part.rows]), kk.to(q.dtype), vv.to(q.dtype), sinks, mask, scale)
             out[part.rows] = part.vl.unpad(res)
         return out

@@ -20,7 +20,7 @@ from kernels import dispatch
 
 from .attention import DenseMetadata
 from .config import GptOssConfig
-from .layers import MoE, QKVLinear, RMSNorm, Rotary, RowLinear
+from .layers import MoE, PackedLinear, QKVLinear, RMSNorm, Rotary, RowLinear
 from .weights import GLOBAL_NAMES, CheckpointReader, ShardSpec, open_checkpoint, read_attention, read_experts
 
 
@@ -75,6 +75,7 @@ class GptOssForCausalLM(nn.Module):
         self.blocks = nn.ModuleList(blocks)
         self.norm = RMSNorm(norm, cfg.rms_norm_eps)
         self.register_buffer("unembed", unembed, persistent=False)
+        self._unembed = PackedLinear()
         self.rotary = Rotary(cfg)
 
     @property
@@ -105,7 +106,7 @@ class GptOssForCausalLM(nn.Module):
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = torch.nn.functional.linear(hidden, self.unembed).float()
+        logits = self._unembed(hidden, self.unembed).float()
         return self.comm.tp_all_gather_last(logits)[:, : self.config.vocab_size]
 
     @torch.inference_mode()

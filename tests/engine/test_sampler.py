@@ -6,6 +6,7 @@ from pydantic import ValidationError
 
 from engine.sampler import (
     Sampler,
+    first_argmax,
     SamplerOutput,
     SamplingBatch,
     SamplingParams,
@@ -46,6 +47,21 @@ def test_greedy_picks_argmax():
     out = Sampler().sample(logits, batch_of(SamplingParams(temperature=0), SamplingParams(temperature=0)))
     assert out.token_ids.tolist() == [1, 0]
     assert out.logprobs is None and out.top_logprobs is None
+
+
+@pytest.mark.parametrize("vocab", [7, 1024, 1025, 201088])
+def test_first_argmax_equals_torch_argmax_with_ties_infs_and_nans(vocab):
+    g = torch.Generator().manual_seed(vocab)
+    x = torch.randn(6, vocab, generator=g)
+    x[1, [vocab // 3, vocab // 2, vocab - 1]] = 50.0           # ties in different slices: first wins
+    x[2, -1] = 50.0                                            # the max in the short last slice
+    x[3] = float("-inf")                                       # nothing but -inf: index 0
+    x[4, [vocab // 2, vocab - 1]] = float("inf")
+    x[5] = torch.randint(0, 3, (vocab,), generator=g).float()  # many ties
+    assert torch.equal(first_argmax(x), x.argmax(-1))
+    x[0, vocab // 2] = float("nan")                            # a NaN row: torch's own answer
+    assert torch.equal(first_argmax(x), x.argmax(-1))
+    assert first_argmax(x[:0]).shape == (0,)
 
 
 def test_greedy_ignores_seed_and_needs_no_generator():
