@@ -3,16 +3,22 @@
     python -m bench.gpu [--models gpt-oss-120b,gpt-oss-20b] [--ckpt-dir DIR] [--batches 1,8,64,256]
     python -m bench.gpu --dry-run        # the whole flow on CPU with the tiny preset (what the tests run)
 
-Random full-shape checkpoints (MXFP4 experts, HF layout) are written on first
-use, as `python -m cli.main checkpoint make DIR/<preset> --preset <preset>`
-would, and loaded with load_model(dtype=bf16, keep_mxfp4=True). Every number
-runs through engine.core.LLMEngine (scheduler, sampler and all):
+Weights: random full-shape checkpoints (MXFP4 experts, HF layout), loaded with
+load_model(dtype=bf16, keep_mxfp4=True). `--weights memory` (default) draws each
+tensor on the device as it is loaded (models.checkpoint.RandomCheckpoint: the
+tensors `gptoss checkpoint make` writes, without ~65 GB of disk for 120b);
+`--weights disk` writes the checkpoint under --ckpt-dir on first use, as
+`python -m cli.main checkpoint make DIR/<preset> --preset <preset>` would, and
+loads it. Every number runs through engine.core.LLMEngine (scheduler, sampler and all):
 * decode: B sequences with --decode-context-token prompts; steps timed once
   every sequence is decoding; tokens/s = B * steps / time.
 * prefill: --prefill-seqs prompts of --prefill-len tokens, max_tokens=1,
   chunked at --max-tokens-per-step; tokens/s = prompt tokens / time.
 * throughput: --requests prompts of --isl tokens, --osl outputs each, at most
-  --concurrency running; output tokens/s.
+  --concurrency running; output tokens/s. --throughput-seconds caps the phase:
+  tokens/s is then the tokens generated up to the cap over the time taken.
+The JSON file is rewritten after every measurement, so a run cut short (a
+device time limit) keeps what it measured.
 
 Roofline: bytes one step must move (attention + router weights, the experts
 the step's tokens are expected to touch under uniform routing, KV read and
@@ -155,14 +161,19 @@ def bench_prefill(model, dev, n: int, length: int, step_tokens: int):
     return n * length / (time.perf_counter() - t0)
 
 
-def bench_throughput(model, dev, n: int, isl: int, osl: int, conc: int, step_tokens: int):
+def bench_throughput(model, dev, n: int, isl: int, osl: int, conc: int, step_tokens: int, cap_s: float = 0):
+    """-> (output tokens/s, requests finished); stops stepping after cap_s seconds when cap_s > 0."""
     eng = engine(model, conc, isl + osl + 2, step_tokens)
     reqs = requests(n, isl, osl, seed=11)
+    for r in reqs:
+        eng.add_request(r)
     sync(dev)
-    t0 = time.perf_counter()
-    eng.generate(reqs)
+    g0, t0 = eng.generated_tokens, time.perf_counter()
+    finished = 0
+    while eng.has_work() and not (cap_s and time.perf_counter() - t0 > cap_s):
+        finished += sum(o.finished for o in eng.step())
     sync(dev)
-    return n * osl / (time.perf_counter() - t0)
+    return (eng.generated_tokens - g0) / (time.perf_counter() - t0), finished
 
 
 def checkpoint(preset: str, ckpt_dir: Path) -> tuple[Path, bool]:
@@ -170,18 +181,49 @@ def checkpoint(preset: str, ckpt_dir: Path) -> tuple[Path, bool]:
     if (path / "config.json").exists():
         return path, False
     from models.checkpoint import make_checkpoint
-    print(f"writing {path} (= python -m cli.main checkpoint make {path} --preset {preset})", file=sys.stderr)
+    log(f"writing {path} (= python -m cli.main checkpoint make {path} --preset {preset})")
     make_checkpoint(path, preset, "hf", "mxfp4", seed=0, overwrite=True)
     return path, True
 
 
-def run_model(preset: str, a, dev: torch.device, bw: float, flops: float, command: str) -> dict:
-    from kernels import dispatch
+def load(preset: str, a, dev: torch.device):
     from models import load_model
-    path, created = checkpoint(preset, Path(a.ckpt_dir))
+    created = False
+    if a.weights == "memory":
+        from models.checkpoint import RandomCheckpoint
+        source = RandomCheckpoint(preset, "mxfp4", seed=0, device=dev)
+    else:
+        source, created = checkpoint(preset, Path(a.ckpt_dir))
     t0 = time.perf_counter()
-    model = load_model(path, dtype=torch.bfloat16, device=dev, keep_mxfp4=True)
-    print(f"loaded {preset} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    model = load_model(source, dtype=torch.bfloat16, device=dev, keep_mxfp4=True)
+    sync(dev)
+    log(f"loaded {preset} ({a.weights}) in {time.perf_counter() - t0:.1f} s")
+    return model, source if created else None
+
+
+def gpu_name(dev: torch.device) -> str:
+    return torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
+
+
+def log(msg: str) -> None:
+    print(time.strftime("%H:%M:%S ") + msg, file=sys.stderr, flush=True)
+
+
+def run_model(preset: str, a, dev: torch.device, bw: float, flops: float, command: str, save) -> dict:
+    """Measure one preset; `save(result)` is called after every measurement with the result so far."""
+    from kernels import dispatch
+    model, created = load(preset, a, dev)
+    gpu = gpu_name(dev)
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    res = {"gpu": gpu, "model": preset, "dtype": "bfloat16", "experts": "mxfp4", "command": command,
+           "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "weights": a.weights,
+           "kernels": os.environ.get("GPTOSS_KERNELS", "auto"), "use_triton": dispatch.use_triton(dev),
+           "torch": torch.__version__, "triton": triton_version, "dry_run": a.dry_run,
+           "copy_bandwidth_GBps": bw / 1e9, "matmul_TFLOPs": flops / 1e12, "complete": False, "results": []}
     roof = Roofline(model.config)
     rows = []
 
@@ -192,11 +234,16 @@ def run_model(preset: str, a, dev: torch.device, bw: float, flops: float, comman
         if kind == "prefill":
             comp = step_tokens / (roof.step_flops(step_tokens, contexts, sampled) / flops)
             roofline, bound = min(mem, comp), ("memory" if mem <= comp else "compute")
-        rows.append({"kind": kind, "batch": batch, "context": context, "tokens_per_s": tok_s,
-                     "roofline_tokens_per_s": roofline, "roofline_bound": bound,
-                     "fraction_of_roofline": tok_s / roofline, "bytes_per_step": nbytes, **(extra or {})})
-        print(f"  {kind:10} batch {batch:4} context {context:6}: {tok_s:10.1f} tok/s "
-              f"(roofline {roofline:10.1f}, {bound})", file=sys.stderr)
+        rows.append({"gpu": gpu, "model": preset, "command": command, "kind": kind, "batch": batch,
+                     "context": context, "tokens_per_s": tok_s, "roofline_tokens_per_s": roofline,
+                     "roofline_bound": bound, "fraction_of_roofline": tok_s / roofline, "bytes_per_step": nbytes,
+                     **(extra or {})})
+        if dev.type == "cuda":
+            res["peak_memory_GiB"] = torch.cuda.max_memory_allocated(dev) / 2 ** 30
+        res["results"] = rows
+        save(res)
+        log(f"  {kind:10} batch {batch:4} context {context:6}: {tok_s:10.1f} tok/s "
+            f"(roofline {roofline:10.1f}, {bound})")
 
     for B in a.batches:
         tok_s, step_s = bench_decode(model, dev, B, a.decode_context, a.decode_steps, a.warmup_steps,
@@ -207,26 +254,19 @@ def run_model(preset: str, a, dev: torch.device, bw: float, flops: float, comman
     chunk = min(a.max_tokens_per_step, a.prefill_seqs * a.prefill_len)
     add("prefill", a.prefill_seqs, a.prefill_len, tok_s, chunk, [a.prefill_len // 2] * max(1, chunk // a.prefill_len),
         max(1, chunk // a.prefill_len))
-    tok_s = bench_throughput(model, dev, a.requests, a.isl, a.osl, a.concurrency, a.max_tokens_per_step)
+    tok_s, done = bench_throughput(model, dev, a.requests, a.isl, a.osl, a.concurrency, a.max_tokens_per_step,
+                                   a.throughput_seconds)
     ctx = a.isl + a.osl // 2
     add("throughput", a.concurrency, ctx, tok_s, a.concurrency, [ctx] * a.concurrency, a.concurrency,
-        {"isl": a.isl, "osl": a.osl, "requests": a.requests, "metric": "output tokens/s"})
+        {"isl": a.isl, "osl": a.osl, "requests": a.requests, "requests_finished": done,
+         "metric": "output tokens/s"})
     del model
-    if created and a.delete_created:
+    if created is not None and a.delete_created:
         import shutil
-        shutil.rmtree(path)
-    gpu = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
-    try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    return {"gpu": gpu, "model": preset, "dtype": "bfloat16", "experts": "mxfp4", "command": command,
-            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "kernels": os.environ.get("GPTOSS_KERNELS", "auto"), "use_triton": dispatch.use_triton(dev),
-            "torch": torch.__version__, "triton": triton_version, "dry_run": a.dry_run,
-            "copy_bandwidth_GBps": bw / 1e9, "matmul_TFLOPs": flops / 1e12,
-            "results": [{"gpu": gpu, "model": preset, "command": command, **r} for r in rows]}
+        shutil.rmtree(created)
+    res["complete"] = True
+    save(res)
+    return res
 
 
 def markdown(res: dict) -> str:
@@ -262,16 +302,17 @@ def parse(argv=None):
     ap.add_argument("--osl", type=int, default=1024)
     ap.add_argument("--concurrency", type=int, default=256)
     ap.add_argument("--requests", type=int, default=512)
+    ap.add_argument("--throughput-seconds", type=float, default=0, help="cap on the throughput phase (0 = none)")
+    ap.add_argument("--weights", choices=["memory", "disk"], default="memory",
+                    help="draw random weights on the device (memory) or write/read a checkpoint (disk)")
     ap.add_argument("--copy-gib", type=float, default=2.0)
     ap.add_argument("--out", help="results directory (default bench/results; a temp dir for --dry-run)")
     ap.add_argument("--dry-run", action="store_true", help="tiny preset on CPU, tiny sizes: exercises the flow")
-    a = ap.parse_args(argv)
-    if a.dry_run:
-        a.models, a.device, a.batches = "tiny", "cpu", [1, 2, 4]
-        a.decode_context, a.decode_steps, a.warmup_steps = 12, 3, 1
-        a.prefill_seqs, a.prefill_len, a.max_tokens_per_step = 2, 24, 32
-        a.isl, a.osl, a.concurrency, a.requests, a.copy_gib = 12, 6, 3, 5, 1 / 128
-    return a
+    if ap.parse_args(argv).dry_run:  # tiny defaults; flags given explicitly still win
+        ap.set_defaults(models="tiny", device="cpu", batches=[1, 2, 4], decode_context=12, decode_steps=3,
+                        warmup_steps=1, prefill_seqs=2, prefill_len=24, max_tokens_per_step=32, isl=12, osl=6,
+                        concurrency=3, requests=5, copy_gib=1 / 128)
+    return ap.parse_args(argv)
 
 
 def find_vocab() -> None:
@@ -302,13 +343,13 @@ def main(argv=None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         bw = copy_bandwidth(dev, int(a.copy_gib * 2 ** 30))
         flops = matmul_flops(dev, 256 if a.dry_run else 8192)
-        print(f"copy bandwidth {bw / 1e9:.1f} GB/s, bf16 matmul {flops / 1e12:.2f} TFLOP/s", file=sys.stderr)
+        log(f"copy bandwidth {bw / 1e9:.1f} GB/s, bf16 matmul {flops / 1e12:.2f} TFLOP/s")
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        slug = re.sub(r"[^a-z0-9]+", "-", gpu_name(dev).lower()).strip("-")
         for preset in a.models.split(","):
-            res = run_model(preset, a, dev, bw, flops, command)
-            slug = re.sub(r"[^a-z0-9]+", "-", res["gpu"].lower()).strip("-")
             f = out / f"gpu-{preset}-{slug}-{stamp}.json"
-            f.write_text(json.dumps(res, indent=1) + "\n")
+            save = lambda res, f=f: f.write_text(json.dumps(res, indent=1) + "\n")  # noqa: E731
+            res = run_model(preset, a, dev, bw, flops, command, save)
             print(markdown(res) + f"\n\n(wrote {f})\n", flush=True)
     return 0
 

@@ -55,21 +55,22 @@ Format = Literal["hf", "original", "both"]
 Experts = Literal["mxfp4", "bf16"]
 
 
-def _gen(seed: int, name: str) -> torch.Generator:
-    return torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
+def _gen(seed: int, name: str, device: str | torch.device = "cpu") -> torch.Generator:
+    return torch.Generator(device=device).manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
 
 
-def _normal(seed: int, name: str, shape, std: float, mean: float = 0.0) -> torch.Tensor:
-    return (torch.randn(shape, generator=_gen(seed, name)) * std + mean).to(torch.bfloat16)
+def _normal(seed: int, name: str, shape, std: float, mean: float = 0.0, device="cpu") -> torch.Tensor:
+    g = _gen(seed, name, device)
+    return (torch.randn(shape, generator=g, device=g.device) * std + mean).to(torch.bfloat16)
 
 
-def _mxfp4(seed: int, name: str, out: int, inp: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _mxfp4(seed: int, name: str, out: int, inp: int, n: int, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """Random blocks with scales chosen so each weight has std ~ 1/sqrt(inp)."""
-    g = _gen(seed, name)
-    blocks = torch.randint(0, 256, (n, out, inp // 32, 16), dtype=torch.uint8, generator=g)
+    g = _gen(seed, name, device)
+    blocks = torch.randint(0, 256, (n, out, inp // 32, 16), dtype=torch.uint8, generator=g, device=g.device)
     rms_code = math.sqrt(68.5 / 8)  # rms of the 16 E2M1 values
     s0 = 127 + round(math.log2(1.0 / (math.sqrt(inp) * rms_code)))
-    scales = (s0 + torch.randint(-1, 2, (n, out, inp // 32), generator=g)).to(torch.uint8)
+    scales = (s0 + torch.randint(-1, 2, (n, out, inp // 32), generator=g, device=g.device)).to(torch.uint8)
     return blocks, scales
 
 
@@ -226,3 +227,72 @@ def make_checkpoint(out: str | Path, preset: str | GptOssConfig = "tiny", fmt: F
     if fmt == "both":
         write_checkpoint(out / "original", cfg, "original", seed, experts, shard_bytes)
     return out
+
+
+class RandomCheckpoint:
+    """What make_checkpoint(preset, "hf", experts, seed) writes, as a reader that draws each
+    tensor when it is read: a stand-in for a checkpoint path in open_checkpoint / load_model.
+
+    For full-size runs: gpt-oss-120b is ~65 GB, which would otherwise be drawn on the CPU,
+    written to disk (more than some GPU machines have) and read back before the first step.
+    On the CPU the draws are the file's, so a model loaded from here equals one loaded from
+    the written checkpoint (tested); on another device they run there with that device's
+    generator: the same names, shapes, dtypes and distributions, other numbers.
+    """
+
+    layout = "hf"
+
+    def __init__(self, preset: str | GptOssConfig, experts: Experts = "mxfp4", seed: int = 0,
+                 device: str | torch.device = "cpu"):
+        if isinstance(preset, str) and preset not in PRESETS:
+            raise ValueError(f"unknown preset '{preset}' (choose from {', '.join(PRESETS)})")
+        cfg = PRESETS[preset] if isinstance(preset, str) else preset
+        self.config = cfg.model_copy(update={"quantization": "mxfp4" if experts == "mxfp4" else None})
+        self.seed, self.device = seed, torch.device(device)
+        self.dir = f"random:{preset if isinstance(preset, str) else 'custom'}"  # names it in errors
+        self._specs: dict[str, tuple] = {}
+        for logical, layer, shape, kind, std, mean in tensor_specs(self.config, experts):
+            name = GLOBAL_NAMES["hf"][logical] if layer is None else layer_tensor_names("hf", layer)[logical]
+            self._specs[name] = (logical, layer, tuple(shape), kind, std, mean)
+        self._other_half: dict[str, torch.Tensor] = {}  # blocks and scales come from one draw
+
+    def has(self, name: str) -> bool:
+        return name in self._specs
+
+    def _spec(self, name: str) -> tuple:
+        from .weights import CheckpointError
+        if name not in self._specs:
+            raise CheckpointError(f"missing tensor '{name}' in checkpoint '{self.dir}'")
+        return self._specs[name]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        logical, _, shape, *_ = self._spec(name)
+        return (shape[0], shape[2], shape[1]) if logical in ("w1", "w2") else shape  # hf keeps (in, out)
+
+    def _draw(self, name: str) -> torch.Tensor:
+        logical, layer, shape, kind, std, mean = self._spec(name)
+        key = logical if layer is None else f"{layer}.{logical}"
+        if kind == "normal":
+            t = _normal(self.seed, key, shape, std, mean, self.device)
+            return t.transpose(1, 2).contiguous() if logical in ("w1", "w2") else t
+        if name in self._other_half:
+            return self._other_half.pop(name)
+        base = key.removesuffix("_blocks").removesuffix("_scales")
+        b, sc = _mxfp4(self.seed, base, shape[1], shape[2] * 32, shape[0], self.device)
+        mine, other = (b, sc) if kind == "blocks" else (sc, b)
+        partner = name[: -len("blocks")] + "scales" if kind == "blocks" else name[: -len("scales")] + "blocks"
+        self._other_half[partner] = other
+        return mine
+
+    def read(self, name: str, shape=None, rows=None, dim: int = 0) -> torch.Tensor:
+        """As CheckpointReader.read: the tensor, or only `rows` of it along `dim`."""
+        from .weights import CheckpointError
+        full = self.shape(name)
+        if shape is not None and full != tuple(shape):
+            raise CheckpointError(f"tensor '{name}' in '{self.dir}' has shape {full}, expected {tuple(shape)}")
+        t = self._draw(name)
+        if rows is None:
+            return t
+        if isinstance(rows, slice):
+            return t[rows] if dim == 0 else t[:, rows]
+        return t.index_select(dim, torch.as_tensor(list(rows), device=t.device))

@@ -281,7 +281,10 @@ def read_attention(r: CheckpointReader, cfg: GptOssConfig, layer: int, shard: Sh
     return {k: v.to(dtype) for k, v in out.items()}
 
 
-def open_checkpoint(path: str | Path) -> tuple[CheckpointReader, GptOssConfig]:
+def open_checkpoint(path) -> tuple[CheckpointReader, GptOssConfig]:
+    """`path`: a checkpoint directory, or a reader that carries its config (models.checkpoint.RandomCheckpoint)."""
+    if hasattr(path, "read") and hasattr(path, "config"):
+        return path, path.config
     r = CheckpointReader(path)
     cfg = load_config(r.dir)
     if cfg.quantization is None and r.has(_names(r.layout, 0)["w1_blocks"]):

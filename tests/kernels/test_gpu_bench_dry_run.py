@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -15,22 +17,38 @@ def test_help():
     assert r.returncode == 0 and "--dry-run" in r.stdout
 
 
-def test_dry_run_writes_results_and_markdown(tmp_path):
+@pytest.mark.parametrize("weights", ["memory", "disk"])
+def test_dry_run_writes_results_and_markdown(tmp_path, weights):
     env = dict(os.environ, OMP_NUM_THREADS="1", GPTOSS_KERNELS="auto")
     env.pop("TRITON_INTERPRET", None)
-    r = subprocess.run([sys.executable, "-m", "bench.gpu", "--dry-run", "--out", str(tmp_path)], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, "-m", "bench.gpu", "--dry-run", "--weights", weights, "--out", str(tmp_path)],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     files = list(tmp_path.glob("gpu-tiny-*.json"))
     assert len(files) == 1
     res = json.loads(files[0].read_text())
     assert res["model"] == "tiny" and res["dry_run"] and res["copy_bandwidth_GBps"] > 0
+    assert res["complete"] and res["weights"] == weights
     kinds = [(x["kind"], x["batch"]) for x in res["results"]]
     assert kinds == [("decode", 1), ("decode", 2), ("decode", 4), ("prefill", 2), ("throughput", 3)]
     for x in res["results"]:
         assert x["tokens_per_s"] > 0 and x["roofline_tokens_per_s"] > 0 and x["bytes_per_step"] > 0
         assert x["gpu"] == res["gpu"] and x["command"].startswith("python -m bench.gpu")
     assert "| workload | batch |" in r.stdout and "| decode | 4 |" in r.stdout
+    assert res["results"][-1]["requests_finished"] == 5
+
+
+def test_throughput_cap_keeps_partial_results(tmp_path):
+    """--throughput-seconds stops the phase early and the JSON written so far survives a cut-short run."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", GPTOSS_KERNELS="auto")
+    env.pop("TRITON_INTERPRET", None)
+    r = subprocess.run([sys.executable, "-m", "bench.gpu", "--dry-run", "--batches", "1", "--requests", "400",
+                        "--throughput-seconds", "0.5", "--out", str(tmp_path)],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(next(tmp_path.glob("gpu-tiny-*.json")).read_text())
+    thr = res["results"][-1]
+    assert thr["kind"] == "throughput" and thr["tokens_per_s"] > 0 and thr["requests_finished"] < 400
 
 
 def test_roofline_matches_the_published_estimate():

@@ -66,6 +66,42 @@ def test_real_shapes_of_full_presets():
         assert shapes["q_w"] == (4096, 2880) and shapes["k_w"] == (512, 2880)
 
 
+@pytest.mark.parametrize("experts", ["mxfp4", "bf16"])
+def test_in_memory_random_checkpoint_equals_the_written_one(tmp_path, experts):
+    """RandomCheckpoint draws on read what make_checkpoint writes: same names, shapes and (on CPU)
+    values, so a model loaded either way is the same, whole or sharded by experts and heads."""
+    from models.checkpoint import RandomCheckpoint
+    from models.weights import ShardSpec
+    path = make_checkpoint(tmp_path / "ck", "tiny", "hf", experts, seed=3)
+    mem, disk = RandomCheckpoint("tiny", experts, seed=3), CheckpointReader(path)
+    assert set(mem._specs) == set(disk.weight_map)
+    for name in disk.weight_map:
+        assert mem.shape(name) == disk.shape(name), name
+        assert torch.equal(mem.read(name), disk.read(name)), name
+    # a scales tensor read before its blocks (and rows of it) comes from the same draw
+    n = "model.layers.1.mlp.experts.down_proj_scales" if experts == "mxfp4" else "model.layers.1.mlp.experts.down_proj"
+    assert torch.equal(mem.read(n, rows=[1, 2, 5]), disk.read(n, rows=[1, 2, 5]))
+    ids = torch.arange(20)
+    assert torch.equal(load_model(RandomCheckpoint("tiny", experts, seed=3)).logits(ids), load_model(path).logits(ids))
+    shard = ShardSpec(experts=(2, 6), q_heads=(0, 2), kv_heads=(0, 1), vocab=(1000, 150000))
+    kw = {"keep_mxfp4": True} if experts == "mxfp4" else {}  # the packed blocks themselves, as on GPU
+    a = dict(load_model(RandomCheckpoint("tiny", experts, seed=3), shard=shard, **kw).named_buffers())
+    b = dict(load_model(path, shard=shard, **kw).named_buffers())
+    assert a.keys() == b.keys() and any("w1" in k for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_in_memory_random_checkpoint_errors():
+    from models.checkpoint import RandomCheckpoint
+    with pytest.raises(ValueError, match="unknown preset 'huge'"):
+        RandomCheckpoint("huge")
+    r = RandomCheckpoint("tiny")
+    with pytest.raises(CheckpointError, match="missing tensor 'nope'"):
+        r.read("nope")
+    with pytest.raises(CheckpointError, match="has shape"):
+        r.read("lm_head.weight", (3, 3))
+
+
 # ---- bad checkpoints: one clear error naming the tensor or file ------------------
 
 def _copy(src, dst):
