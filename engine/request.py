@@ -72,9 +72,12 @@ def merge_outputs(a: RequestOutput, b: RequestOutput) -> RequestOutput:
                          a.logprobs + b.logprobs, b.finished, b.finish_reason, b.error, b.usage, b.queue_time)
 
 
-@dataclass
+@dataclass(eq=False)
 class Sequence:
-    """One choice of one request, as the scheduler and engine track it."""
+    """One choice of one request, as the scheduler and engine track it.
+
+    Compared by identity: it is an entity, and the scheduler's membership tests
+    (`seq in running`) must not compare every field of every sequence, every step."""
     req: GenerateRequest
     index: int
     tokens: list[int]

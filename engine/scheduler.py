@@ -49,17 +49,17 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         budget = self.max_tokens_per_step
         items: list[ScheduledSeq] = []
-        preempted = 0
+        evicted: set[int] = set()  # ids of sequences preempted below to make room
         for seq in list(self.running):
             if budget == 0:
                 break
-            if seq not in self.running:  # preempted below to make room
+            if id(seq) in evicted:
                 continue
             n = min(seq.to_compute, budget)
             while not self.blocks.allocate(seq.blocks, seq.num_computed + n):
                 victim = self.running[-1]
                 self._preempt(victim)
-                preempted += 1
+                evicted.add(id(victim))
                 if victim is seq:
                     break
             else:
@@ -90,7 +90,7 @@ class Scheduler:
             items.append(ScheduledSeq(seq, n))
             budget -= n
         self.waiting.extendleft(reversed(skipped))
-        return SchedulerOutput(items, preempted)
+        return SchedulerOutput(items, len(evicted))
 
     def after_step(self, seq: Sequence):
         """Register completed blocks for prefix reuse, then drop KV the window no longer sees."""
