@@ -1,4 +1,4 @@
-"""Optional Triton import and deferred `triton.jit`.
+"""Optional Triton import, deferred `triton.jit`, and the launch hook kernels.aot records through.
 
 Kernel modules also hold the torch references the CPU path runs, so they must
 import without Triton. And `triton.jit` picks interpreter vs compiler from
@@ -6,6 +6,7 @@ TRITON_INTERPRET at decoration time: decorating at import would freeze that
 choice before a test sets the variable, so kernels are jitted on first launch.
 """
 
+from contextlib import contextmanager
 from types import SimpleNamespace
 
 try:
@@ -18,6 +19,7 @@ except ImportError:  # the stub only has to survive `def f(X: tl.constexpr)` at 
     HAVE_TRITON = False
 
 _jitted: set[str] = set()
+_recorded: list | None = None  # set inside recording()
 
 
 def jit_module(g: dict, names: tuple[str, ...]) -> None:
@@ -26,7 +28,7 @@ def jit_module(g: dict, names: tuple[str, ...]) -> None:
     Helpers called from kernels must be listed too: kernels look them up in
     the same globals, and compiled kernels can only call jitted functions.
     """
-    if g["__name__"] in _jitted:
+    if g["__name__"] in _jitted or _recorded is not None:
         return
     if not HAVE_TRITON:
         raise RuntimeError("triton is not installed; the torch path (GPTOSS_KERNELS=torch) needs no kernels")
@@ -35,10 +37,41 @@ def jit_module(g: dict, names: tuple[str, ...]) -> None:
     _jitted.add(g["__name__"])
 
 
+def launch(kernel, grid, *args, **kwargs) -> None:
+    """kernel[grid](*args, **kwargs); inside recording(), only noted (plain function, args, kwargs)."""
+    if _recorded is not None:
+        _recorded.append((getattr(kernel, "fn", kernel), args, kwargs))
+        return
+    kernel[grid](*args, **kwargs)
+
+
+@contextmanager
+def recording():
+    """Collect the launches launchers make for a GPU, on meta tensors, without running anything.
+
+    This is how kernels.aot compiles exactly what runs: the launchers' own
+    config choice, argument values and dtypes. Inside, meta tensors count as
+    GPU tensors and the interpreter is off whatever TRITON_INTERPRET says, and
+    nothing is jitted, so a process whose tests interpret the kernels keeps them
+    interpreted. Yields the list of launches.
+    """
+    global _recorded
+    prev, _recorded = _recorded, []
+    try:
+        yield _recorded
+    finally:
+        _recorded = prev
+
+
+def on_gpu(t) -> bool:
+    """Whether t's kernels run compiled on a GPU (not in the interpreter on CPU tensors)."""
+    return t.is_cuda or (_recorded is not None and t.is_meta)
+
+
 def next_pow2(n: int) -> int:
     return 1 << max(int(n) - 1, 0).bit_length()
 
 
 def interpreting() -> bool:
     import os
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return _recorded is None and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

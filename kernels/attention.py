@@ -24,7 +24,7 @@ import torch
 
 from models.attention import attention_with_sinks
 
-from ._triton import interpreting, jit_module, next_pow2, tl, triton
+from ._triton import interpreting, jit_module, launch, next_pow2, on_gpu, tl, triton
 
 LOG2E = 1.4426950408889634
 
@@ -182,9 +182,9 @@ def paged_attention(q, k_cache, v_cache, block_table, query_start, context_lens,
     block_m = max(16, next_pow2(G * max(tokens_per_tile, 1)))
     block_n = 16 if interp else 64
     if num_splits is None:
-        num_splits = 1 if (max_query_len > 1 or not q.is_cuda) else max(1, min(8, 256 // (B * K)))
+        num_splits = 1 if (max_query_len > 1 or not on_gpu(q)) else max(1, min(8, 256 // (B * K)))
     qt = triton.cdiv(max_query_len, block_m // G)
-    dot_bf16 = q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)
+    dot_bf16 = on_gpu(q) and q.dtype in (torch.bfloat16, torch.float16)
     if num_splits > 1:
         po = torch.empty(num_splits, N, Hq, D, dtype=torch.float32, device=q.device)
         pm = torch.empty(num_splits, N, Hq, dtype=torch.float32, device=q.device)
@@ -195,16 +195,18 @@ def paged_attention(q, k_cache, v_cache, block_table, query_start, context_lens,
     if block_table.stride(-1) != 1:
         block_table = block_table.contiguous()
     query_start, context_lens, sinks = query_start.contiguous(), context_lens.contiguous(), sinks.contiguous()
-    launch = {} if interp else dict(num_warps=4, num_stages=2)
-    _attn_kernel[(B, K, qt * num_splits)](
-        q, k_cache, v_cache, block_table, query_start, context_lens, sinks, po, pm, pl,
-        float(scale) * LOG2E, int(window or 0), N, Hq, D,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_table.stride(0),
-        G=G, PAGE=page, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, next_pow2(D)),
-        HAS_WINDOW=window is not None, NUM_SPLITS=num_splits, DOT_BF16=dot_bf16, **launch)
+    # a 128-row prefill tile keeps q, s, p and acc [128, 64] in registers: 4 warps need more than
+    # 255 per thread and spill on sm_90 (python -m kernels.aot), 8 do not
+    opts = {} if interp else dict(num_warps=8 if block_m >= 128 else 4, num_stages=2)
+    launch(_attn_kernel, (B, K, qt * num_splits),
+           q, k_cache, v_cache, block_table, query_start, context_lens, sinks, po, pm, pl,
+           float(scale) * LOG2E, int(window or 0), N, Hq, D,
+           q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_table.stride(0),
+           G=G, PAGE=page, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, next_pow2(D)),
+           HAS_WINDOW=window is not None, NUM_SPLITS=num_splits, DOT_BF16=dot_bf16, **opts)
     if num_splits > 1:
-        _merge_kernel[(N * Hq,)](po, pm, pl, out, N * Hq, D, NUM_SPLITS=num_splits,
-                                 BLOCK_S=max(2, next_pow2(num_splits)), BLOCK_D=next_pow2(D))
+        launch(_merge_kernel, (N * Hq,), po, pm, pl, out, N * Hq, D, NUM_SPLITS=num_splits,
+               BLOCK_S=max(2, next_pow2(num_splits)), BLOCK_D=next_pow2(D))
     return out
 
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from models import mxfp4
 from models.layers import swiglu
 
-from ._triton import interpreting, jit_module, tl, triton
+from ._triton import interpreting, jit_module, launch, on_gpu, tl, triton
 
 
 def route(logits: torch.Tensor, top_k: int, dtype: torch.dtype | None = None):
@@ -215,24 +215,24 @@ def moe_mxfp4(x: torch.Tensor, routing, w1_blocks, w1_scales, b1, w2_blocks, w2_
     interp = interpreting()
     cfg = _config(N * k, E, interp)
     meta = {kk: v for kk, v in cfg.items() if kk.startswith("BLOCK")}
-    launch = {kk: v for kk, v in cfg.items() if kk.startswith("num_")}
+    opts = {kk: v for kk, v in cfg.items() if kk.startswith("num_")}
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
-    dot_bf16 = x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
+    dot_bf16 = on_gpu(x) and x.dtype in (torch.bfloat16, torch.float16)
     x = x.contiguous()
     sorted_ids, tile_expert, valid = align(idx, global_to_local, E, bm)
     T = tile_expert.numel()
     act = torch.empty(T * bm, I, dtype=x.dtype, device=x.device)
-    _w1_kernel[(T, triton.cdiv(I, bn))](
-        x, w1_blocks, w1_scales, b1, act, sorted_ids, tile_expert, N * k, H, I, x.stride(0),
-        TOP_K=k, LIMIT=float(limit), ALPHA=float(alpha), DOT_BF16=dot_bf16, **meta, **launch)
+    launch(_w1_kernel, (T, triton.cdiv(I, bn)),
+           x, w1_blocks, w1_scales, b1, act, sorted_ids, tile_expert, N * k, H, I, x.stride(0),
+           TOP_K=k, LIMIT=float(limit), ALPHA=float(alpha), DOT_BF16=dot_bf16, **meta, **opts)
     y = torch.empty(N * k, H, dtype=x.dtype, device=x.device)
     rw = weights.reshape(-1).float().contiguous()
-    _w2_kernel[(T, triton.cdiv(H, bn))](
-        act, w2_blocks, w2_scales, b2, rw, y, sorted_ids, tile_expert, N * k, H, I,
-        DOT_BF16=dot_bf16, **meta, **launch)
+    launch(_w2_kernel, (T, triton.cdiv(H, bn)),
+           act, w2_blocks, w2_scales, b2, rw, y, sorted_ids, tile_expert, N * k, H, I,
+           DOT_BF16=dot_bf16, **meta, **opts)
     out = torch.empty_like(x)
     bh = min(1024, triton.next_power_of_2(H))
-    _combine_kernel[(N, triton.cdiv(H, bh))](y, valid.to(torch.int8), out, H, TOP_K=k, BLOCK_H=bh)
+    launch(_combine_kernel, (N, triton.cdiv(H, bh)), y, valid.to(torch.int8), out, H, TOP_K=k, BLOCK_H=bh)
     return out
 
 

@@ -8,7 +8,7 @@ the result is the one the unfused model computes.
 
 import torch
 
-from ._triton import interpreting, jit_module, next_pow2, tl
+from ._triton import interpreting, jit_module, launch, next_pow2, tl
 
 
 def rmsnorm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
@@ -37,9 +37,12 @@ def _rmsnorm_kernel(x_ptr, r_ptr, w_ptr, o_ptr, h_ptr, H, eps, s_x, s_r,
     tl.store(o_ptr + row * H + c, (w * (hf * inv)).to(o_ptr.dtype.element_ty), mask=msk)
 
 
+_KERNELS = ("_rmsnorm_kernel",)
+
+
 def rmsnorm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
     """x [N, H] (last dim contiguous) -> out, or (out, x + residual) when a residual is given."""
-    jit_module(globals(), ("_rmsnorm_kernel",))
+    jit_module(globals(), _KERNELS)
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     if x2.stride(-1) != 1:
@@ -54,9 +57,9 @@ def rmsnorm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: 
             r2 = r2.contiguous()
         h = torch.empty(N, H, dtype=x.dtype, device=x.device)
     if N:
-        launch = {} if interpreting() else dict(num_warps=8 if H >= 2048 else 4)
-        _rmsnorm_kernel[(N,)](x2, r2, weight, out, h, H, float(eps), x2.stride(0), r2.stride(0),
-                              HAS_RES=residual is not None, BLOCK=next_pow2(H), **launch)
+        opts = {} if interpreting() else dict(num_warps=8 if H >= 2048 else 4)
+        launch(_rmsnorm_kernel, (N,), x2, r2, weight, out, h, H, float(eps), x2.stride(0), r2.stride(0),
+               HAS_RES=residual is not None, BLOCK=next_pow2(H), **opts)
     out = out.view(shape)
     return out if residual is None else (out, h.view(shape))
 

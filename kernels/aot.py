@@ -1,0 +1,273 @@
+"""Compile every Triton kernel for a GPU ahead of time, without one, and report its resources.
+
+    python -m kernels.aot [--arch 90]
+
+The interpreter tests accept code the real compiler rejects and say nothing
+about register spills or shared memory. This compiles each kernel for the
+target (Triton bundles ptxas) at every configuration its launcher picks for
+gpt-oss-20b and -120b at decode batches 1, 8, 64, 256 and an 8192-token
+prefill chunk, and checks: it compiles, ptxas spills nothing, and the shared
+memory fits one block on the target.
+
+The launches are not described here but recorded from the launchers themselves,
+run on meta tensors (kernels._triton.recording), and bound by Triton's own
+launch binder, so constexprs, num_warps/num_stages, dtypes and argument
+specialisation (alignment, divisibility by 16) are the ones a GPU run compiles.
+`_pack_args` and `create_function_from_signature` are Triton internals (3.9).
+"""
+
+import argparse
+import contextlib
+import dataclasses
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import _triton
+
+MODELS = ("gpt-oss-20b", "gpt-oss-120b")
+DECODE_BATCHES = (1, 8, 64, 256)
+PREFILL_CHUNK = 8192
+BLOCK_SIZE = 16  # engine.core's default KV block
+DECODE_CONTEXT = 4096  # only the divisibility of derived arguments depends on it
+# largest dynamic shared memory one block may opt into, by compute capability
+SMEM_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
+MAX_REGS = 255
+
+
+def _step_launches(cfg, n_seqs: int, q_len: int, context: int) -> list:
+    """What one sliding + one full layer launch on CUDA: both norms, attention, MoE."""
+    from . import attention, moe, rmsnorm
+    H, I, E, k = cfg.hidden_size, cfg.intermediate_size, cfg.num_local_experts, cfg.num_experts_per_tok
+    Hq, K, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    N = n_seqs * q_len
+    bf16, meta = torch.bfloat16, dict(device="meta")
+    x = torch.empty(N, H, dtype=bf16, **meta)
+    width = -(-context // BLOCK_SIZE)
+    pool = n_seqs * width + 1
+    cache = torch.empty(pool, BLOCK_SIZE, K, D, dtype=bf16, **meta)
+    # the engine builds these from Python ints: int64
+    table = torch.empty(n_seqs, width, dtype=torch.long, **meta)
+    qs, ctx = torch.empty(n_seqs + 1, dtype=torch.long, **meta), torch.empty(n_seqs, dtype=torch.long, **meta)
+    with _triton.recording() as launches:
+        norm_w = torch.empty(H, **meta)  # models.layers.RMSNorm keeps it in fp32
+        rmsnorm.rmsnorm_triton(x, norm_w, cfg.rms_norm_eps)
+        rmsnorm.rmsnorm_triton(x, norm_w, cfg.rms_norm_eps, residual=x)
+        q = torch.empty(N, Hq, D, dtype=bf16, **meta)
+        sinks = torch.empty(Hq, dtype=bf16, **meta)
+        for window in (cfg.sliding_window, None):
+            attention.paged_attention(q, cache, cache, table, qs, ctx, sinks, window, D ** -0.5,
+                                      max_query_len=q_len)
+        u8 = dict(dtype=torch.uint8, **meta)
+        experts = (torch.empty(E, 2 * I, H // 32, 16, **u8), torch.empty(E, 2 * I, H // 32, **u8),
+                   torch.empty(E, 2 * I, dtype=bf16, **meta), torch.empty(E, H, I // 32, 16, **u8),
+                   torch.empty(E, H, I // 32, **u8), torch.empty(E, H, dtype=bf16, **meta))
+        routing = (torch.empty(N, k, dtype=torch.long, **meta), torch.empty(N, k, dtype=bf16, **meta))
+        moe.moe_mxfp4(x, routing, *experts, top_k=k)
+    return launches
+
+
+def workloads():
+    """-> [(use label, launches)] for every model and step shape covered."""
+    from models.checkpoint import PRESETS
+    out = []
+    for name in MODELS:
+        short = name.removeprefix("gpt-oss-")
+        for b in DECODE_BATCHES:
+            out.append((f"{short} d{b}", _step_launches(PRESETS[name], b, 1, DECODE_CONTEXT)))
+        out.append((f"{short} p{PREFILL_CHUNK}", _step_launches(PRESETS[name], 1, PREFILL_CHUNK, PREFILL_CHUNK)))
+    return out
+
+
+@dataclass
+class Config:
+    """One distinct compilation: what triton.compile gets, and which step shapes launch it."""
+    kernel: str
+    src: object  # triton.compiler.ASTSource
+    options: object  # the backend's options dataclass
+    uses: list[str] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        names = self.src.fn.arg_names
+        # floats (SwiGLU limit/alpha) are model constants, not tile choices
+        cex = [f"{names[i[0]]}={v}" for i, v in self.src.constants.items() if not isinstance(v, float)]
+        # integer arguments the launch could not specialise as multiples of 16 (a separate compilation)
+        odd = [f"{n}%16" for i, n in enumerate(names) if self.src.signature[n] in ("i32", "i64")
+               and not any(a[0] == "tt.divisibility" for a in self.src.attrs.get((i,), []))]
+        return " ".join(cex + odd + [f"w{self.options.num_warps}", f"s{self.options.num_stages}"])
+
+
+@dataclass(frozen=True)
+class Usage:
+    kernel: str
+    config: str
+    uses: str
+    regs: int = 0
+    spill_stores: int = 0
+    spill_loads: int = 0
+    smem: int = 0
+    num_warps: int = 0
+    num_stages: int = 0
+    error: str | None = None
+
+    def problems(self, arch: int) -> list[str]:
+        if self.error:
+            return [f"does not compile: {self.error}"]
+        out = []
+        if self.spill_stores or self.spill_loads:
+            out.append(f"spills {self.spill_stores} B stored / {self.spill_loads} B loaded")
+        if self.smem > SMEM_LIMIT[arch]:
+            out.append(f"shared memory {self.smem} B > {SMEM_LIMIT[arch]} B")
+        if self.regs > MAX_REGS:
+            out.append(f"{self.regs} registers > {MAX_REGS}")
+        return out
+
+
+def _compiled_copies(module) -> dict:
+    """Compiler-jitted copies of the module's kernels and helpers, in a globals dict of their own.
+
+    Not the module's own: under TRITON_INTERPRET those are interpreted
+    functions, and kernels resolve helpers through their globals."""
+    from triton.runtime.jit import JITFunction
+    g = dict(vars(module))
+    for n in module._KERNELS:
+        f = getattr(g[n], "fn", g[n])
+        c = types.FunctionType(f.__code__, g, f.__name__, f.__defaults__, f.__closure__)
+        c.__annotations__, c.__kwdefaults__, c.__qualname__ = f.__annotations__, f.__kwdefaults__, f.__qualname__
+        c.__module__, c.__doc__ = f.__module__, f.__doc__
+        g[n] = c
+    for n in module._KERNELS:
+        g[n] = JITFunction(g[n])
+    return g
+
+
+def plan(arch: int = 90) -> list[Config]:
+    """Distinct compilations over all workloads, in first-use order."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton import knobs
+    from triton.runtime.jit import create_function_from_signature
+    backend = make_backend(GPUTarget("cuda", arch, 32))
+    # the options JITFunction.run adds before binding
+    run_opts = dict(debug=knobs.runtime.debug, instrumentation_mode=knobs.compilation.instrumentation_mode,
+                    fpsan_homomorphic_casts=knobs.compilation.fpsan_homomorphic_casts)
+    copies, configs = {}, {}
+    for use, launches in workloads():
+        for fn, args, kwargs in launches:
+            mod = sys.modules[fn.__module__]
+            if mod not in copies:
+                copies[mod] = _compiled_copies(mod)
+            jf = copies[mod][fn.__name__]
+            kw = dict(kwargs, **run_opts)
+            bound, spec, opts = create_function_from_signature(jf.signature, jf.params, backend)(*args, **kw)
+            options, sig, cex, attrs = jf._pack_args(backend, kw, bound, spec, opts)
+            key = (fn.__name__, repr(sig), repr(cex), repr(attrs), repr(options))
+            if key not in configs:
+                configs[key] = Config(fn.__name__, ASTSource(jf, sig, cex, attrs), options)
+            if use not in configs[key].uses:
+                configs[key].uses.append(use)
+    return list(configs.values())
+
+
+def _ptxas_log(backend, ptx: str, options, arch: int) -> str:
+    """ptxas -v's report, from Triton's own ptxas step (same flags), which the compile cache may have skipped."""
+    from triton import knobs
+    buf = io.StringIO()
+    with knobs.nvidia.scope(), contextlib.redirect_stdout(buf):
+        knobs.nvidia.dump_ptxas_log = True
+        backend.make_cubin(ptx, {}, options, arch)
+    return buf.getvalue()
+
+
+def _num(pattern: str, text: str) -> int:
+    return sum(int(m) for m in re.findall(pattern, text))
+
+
+def compile_config(c: Config, arch: int = 90) -> Usage:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    target = GPUTarget("cuda", arch, 32)
+    base = dict(kernel=c.kernel, config=c.label, uses=_uses(c.uses))
+    try:
+        with contextlib.redirect_stdout(sys.stderr):  # ptxas failures print the PTX; keep stdout for --json
+            k = triton.compile(c.src, target=target, options=c.options.__dict__)
+        log = _ptxas_log(make_backend(target), k.asm["ptx"], c.options, arch)
+    except Exception as e:  # noqa: BLE001 - any compiler failure is the finding
+        msg = [ln for ln in str(e).strip().splitlines() if ln.strip()] or [""]
+        where = f"{msg[0]} ... " if len(msg) > 1 else ""  # a CompilationError's first line is where, its last what
+        return Usage(**base, error=f"{type(e).__name__}: {where}{msg[-1]}"[:500])
+    return Usage(**base, regs=_num(r"Used (\d+) registers", log), spill_stores=_num(r"(\d+) bytes spill stores", log),
+                 spill_loads=_num(r"(\d+) bytes spill loads", log), smem=k.metadata.shared,
+                 num_warps=k.metadata.num_warps, num_stages=k.metadata.num_stages)
+
+
+def _uses(uses: list[str]) -> str:
+    """["20b d1", "20b d8", "120b d1", "120b d8"] -> "20b,120b: d1 d8"."""
+    by_model: dict[str, list[str]] = {}
+    for u in uses:
+        m, step = u.split(" ", 1)
+        by_model.setdefault(m, []).append(step)
+    groups: dict[tuple, list[str]] = {}
+    for m, steps in by_model.items():
+        groups.setdefault(tuple(steps), []).append(m)
+    return "; ".join(f"{','.join(ms)}: {' '.join(steps)}" for steps, ms in groups.items())
+
+
+def _compiler_usable() -> bool:
+    # triton.language's own jitted helpers (tl.sum, tl.sigmoid, ...) are interpreted for good
+    # when triton was first imported under TRITON_INTERPRET=1, as the test suite does
+    import triton.language as tl
+    from triton.runtime.jit import JITFunction
+    return isinstance(tl.sum, JITFunction)
+
+
+def check(arch: int = 90) -> list[Usage]:
+    """Usage of every planned compilation, in plan order; in a fresh process if this one interprets."""
+    if _compiler_usable():
+        return [compile_config(c, arch) for c in plan(arch)]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-m", "kernels.aot", "--arch", str(arch), "--json"], env=env,
+                       cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True)
+    if not r.stdout.strip():
+        raise RuntimeError(f"kernels.aot subprocess failed ({r.returncode}):\n{r.stderr[-4000:]}")
+    return [Usage(**u) for u in json.loads(r.stdout.strip().splitlines()[-1])]
+
+
+def table(rows: list[Usage], arch: int = 90) -> str:
+    head = ("kernel", "config", "used by", "regs", "spill st/ld B", "smem B", "status")
+    body = [(u.kernel, u.config, u.uses, str(u.regs), f"{u.spill_stores}/{u.spill_loads}", str(u.smem),
+             "; ".join(u.problems(arch)) or "ok") for u in rows]
+    widths = [max(len(r[i]) for r in [head, *body]) for i in range(len(head))]
+    line = lambda r: "| " + " | ".join(s.ljust(w) for s, w in zip(r, widths)) + " |"  # noqa: E731
+    return "\n".join([line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, body)])
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--arch", type=int, default=90, choices=sorted(SMEM_LIMIT),
+                   help="compute capability (90 = H100/H200)")
+    p.add_argument("--json", action="store_true", help="print the usages as JSON instead of a table")
+    a = p.parse_args(argv)
+    rows = check(a.arch)
+    bad = [u for u in rows if u.problems(a.arch)]
+    if a.json:
+        print(json.dumps([dataclasses.asdict(u) for u in rows]))
+        return 1 if bad else 0
+    print(table(rows, a.arch))
+    print(f"\nsm_{a.arch}: {len(rows)} compilations, {len(bad)} with problems "
+          f"(shared memory limit {SMEM_LIMIT[a.arch]} B, {MAX_REGS} registers)")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
