@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -143,8 +145,12 @@ class LLMEngine:
         tables = {}
         for g in slots:
             width = max(len(it.seq.blocks.tables[g]) for it in sched.items)
-            tables[g] = torch.tensor([it.seq.blocks.tables[g] + [NULL_BLOCK] * (width - len(it.seq.blocks.tables[g]))
-                                      for it in sched.items])
+            # row by row into numpy: ~7x faster than torch.tensor on nested lists at batch 256
+            t = np.full((len(sched.items), width), NULL_BLOCK, dtype=np.int64)
+            for i, it in enumerate(sched.items):
+                row = it.seq.blocks.tables[g]
+                t[i, :len(row)] = row
+            tables[g] = torch.from_numpy(t)
         step = StepInput(torch.tensor(ids), torch.tensor(pos), torch.tensor(qs), torch.tensor(ctx), tables,
                          {g: torch.tensor(v, dtype=torch.long) for g, v in slots.items()},
                          torch.tensor(rows, dtype=torch.long))
@@ -154,23 +160,26 @@ class LLMEngine:
         allowed = None
         if any(s.matcher for s in seqs):
             allowed = fill_masks([s.matcher for s in seqs], vocab)
-        return SamplingBatch(params=[s.req.params for s in seqs],
-                             prompt_ids=[s.tokens[:s.prompt_len] for s in seqs],
-                             output_ids=[s.output_ids for s in seqs],
-                             generators=[s.generator for s in seqs], allowed=allowed)
+        params = [s.req.params for s in seqs]
+        history = {}
+        if any(p.has_penalties for p in params):  # copying every history each step costs O(batch x length)
+            history = dict(prompt_ids=[s.tokens[:s.prompt_len] for s in seqs], output_ids=[s.output_ids for s in seqs])
+        return SamplingBatch(params=params, generators=[s.generator for s in seqs], allowed=allowed, **history)
 
     def _update(self, sched: SchedulerOutput, seqs: list[Sequence], sampled) -> list[RequestOutput]:
         for it in sched.items:
             it.seq.num_computed += it.num_tokens
         outs = []
+        tokens = sampled.token_ids.tolist() if seqs else []  # one transfer, not one per row
+        logprobs = sampled.logprobs.tolist() if seqs and sampled.logprobs is not None else None
         for row, s in enumerate(seqs):
-            tok = int(sampled.token_ids[row])
+            tok = tokens[row]
             s.tokens.append(tok)
             self.generated_tokens += 1
             out = RequestOutput(s.req.request_id, s.index, [tok])
-            if sampled.logprobs is not None and s.req.params.logprobs:
+            if logprobs is not None and s.req.params.logprobs:
                 top = sampled.top_logprobs[row] if sampled.top_logprobs else []
-                out.logprobs.append({"token": tok, "logprob": float(sampled.logprobs[row]), "top": top})
+                out.logprobs.append({"token": tok, "logprob": logprobs[row], "top": top})
             self._check_finish(s, tok, out)
             outs.append(out)
         for it in sched.items:
@@ -191,17 +200,17 @@ class LLMEngine:
                 reason = "stop"
         else:
             # decode only the tokens not yet emitted; hold them back while they end mid-character
-            text = harmony.decode(s.output_ids[s.text_sent:])
+            text = harmony.decode(s.tokens[s.prompt_len + s.text_sent:])
             if not text.endswith("\ufffd"):
-                out.text, s.text_sent = text, len(s.output_ids)
+                out.text, s.text_sent = text, len(s.tokens) - s.prompt_len
             if s.stop is not None:
                 out.text, hit = s.stop.feed(out.text)
                 reason = "stop" if hit else reason
-            if not p.ignore_eos and tok in (harmony.assistant_stop_tokens() + [199999]):
+            if not p.ignore_eos and tok in _raw_eos():
                 reason = "stop"
         if tok in p.stop_token_ids:
             reason = "stop"
-        n_out = len(s.output_ids)
+        n_out = len(s.tokens) - s.prompt_len  # not s.output_ids: that copies the output every token
         if reason is None and ((p.max_tokens is not None and n_out >= p.max_tokens)
                                or len(s.tokens) >= self.max_model_len):
             reason = "length"
@@ -250,6 +259,12 @@ class LLMEngine:
                 **{f"kv_{k}": v for k, v in self.blocks.usage().items()},
                 "prefix_hit_rate": self.blocks.hit_rate(), "preemptions": self.scheduler.num_preemptions,
                 "generated_tokens": self.generated_tokens, "tokens_per_s": self.generated_tokens / el}
+
+
+@functools.lru_cache(maxsize=1)
+def _raw_eos() -> frozenset[int]:
+    """Tokens that end a raw completion: the assistant's stop tokens and <|endoftext|>."""
+    return frozenset(harmony.assistant_stop_tokens() + [199999])
 
 
 def build_engine(path, config: EngineConfig = EngineConfig(), tp: int = 1, ep: int = 1,

@@ -79,6 +79,7 @@ class _Pool:
 class SeqBlocks:
     tables: dict[str, list[int]] = field(default_factory=lambda: {"full": [], "sliding": []})
     hashes: list[int] = field(default_factory=list)   # chain hashes of completed full blocks
+    slid: int = 0  # sliding-table entries before this index are released (NULL_BLOCK)
 
 
 class BlockManager:
@@ -126,6 +127,7 @@ class BlockManager:
         if sl is not None:
             lo = max(0, k * self.bs - self.window) // self.bs
             seq.tables["sliding"] = [NULL_BLOCK] * lo + [sl.take_cached(h) for h in chain[lo:k]]
+            seq.slid = lo
         seq.hashes = chain[:k]
         self.hit_tokens += k * self.bs
         return k * self.bs
@@ -157,6 +159,9 @@ class BlockManager:
 
     def allocate(self, seq: SeqBlocks, total_tokens: int) -> bool:
         """Grow the tables to hold `total_tokens`; all-or-nothing."""
+        need = -(-total_tokens // self.bs)
+        if all(len(seq.tables[n]) >= need for n in self.pools):  # most decode steps: the last block has room
+            return True
         if not self.can_allocate(seq, total_tokens):
             return False
         for name, k in self.blocks_needed(seq, total_tokens).items():
@@ -169,12 +174,14 @@ class BlockManager:
         if self.window is None:
             return
         t, pool = seq.tables["sliding"], self.pools["sliding"]
-        for i in range(len(t)):
-            if (i + 1) * self.bs > next_pos - self.window + 1:
-                break
+        # block i is out of reach once (i + 1) * bs <= next_pos - window + 1; resume where the last
+        # call stopped, so a step costs O(new releases), not O(context / block size) per sequence
+        end = min(len(t), max(0, (next_pos - self.window + 1) // self.bs))
+        for i in range(seq.slid, end):
             if t[i] != NULL_BLOCK:
                 pool.release(t[i])
                 t[i] = NULL_BLOCK
+        seq.slid = max(seq.slid, end)
 
     def free(self, seq: SeqBlocks):
         for name, pool in self.pools.items():
@@ -182,6 +189,7 @@ class BlockManager:
                 pool.release(b)
             seq.tables[name] = []
         seq.hashes = []
+        seq.slid = 0
 
     def slot(self, seq: SeqBlocks, group: str, pos: int) -> int:
         return seq.tables[group][pos // self.bs] * self.bs + pos % self.bs
