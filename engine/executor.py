@@ -88,8 +88,12 @@ def decode_bucket(step: StepInput, buckets: tuple[int, ...]) -> int | None:
     return bucket_for(n, buckets)
 
 
-def pad_decode_step(step: StepInput, bucket: int, width: int, block_size: int) -> StepInput | None:
-    """A decode step of n sequences padded to `bucket` sequences and block tables `width` wide.
+def pad_decode_step(step: StepInput, bucket: int, width: int, block_size: int,
+                    full_width: bool = False) -> StepInput | None:
+    """A decode step of n sequences padded to `bucket` sequences; its block tables keep their own
+    width (the graph runner pads them on the device) unless `full_width`: then `width` wide, the
+    shape a graph is captured with. A host-side [256, 8192] table per pool every step would be
+    tens of MB built and copied per decode step.
 
     Each padding row is a one-token sequence of its own (token 0 at position 0, context 1,
     a table of NULL_BLOCK only) writing its k/v to slot 0 of the null block and reading it
@@ -106,7 +110,7 @@ def pad_decode_step(step: StepInput, bucket: int, width: int, block_size: int) -
         return torch.cat([t, t.new_full((p,), value)])
 
     def table(t: torch.Tensor) -> torch.Tensor:
-        out = t.new_full((bucket, width), NULL_BLOCK)
+        out = t.new_full((bucket, width if full_width else t.shape[1]), NULL_BLOCK)
         out[:n, :t.shape[1]] = t
         return out
 
@@ -152,7 +156,8 @@ class LocalExecutor:
         self.cache = allocate_cache(model, spec)
         self.graphs: DecodeGraphRunner | None = None
         if _graphs_enabled(cuda_graphs) and graphs_supported(model):
-            self.graphs = DecodeGraphRunner(self._graph_forward, buckets=graph_buckets, enabled=True)
+            self.graphs = DecodeGraphRunner(self._graph_forward, buckets=graph_buckets, enabled=True,
+                                            pads={f"table/{g}": NULL_BLOCK for g in spec.blocks})
         # tables padded to a width fixed up front, so a growing sequence never outgrows its graph:
         # no table is wider than the full pool, nor than the longest position in blocks
         pool = spec.blocks.get("full", max(spec.blocks.values()))
@@ -201,8 +206,11 @@ class LocalExecutor:
     def _replay(self, padded: StepInput, n: int) -> torch.Tensor:
         bucket = padded.context_lens.numel()
         inputs = self._graph_inputs(padded, n)
-        if bucket not in self.graphs.graphs and self.graphs.active(inputs) and not self._capture(bucket, inputs):
-            return run_step(self.model, self.cache, self.spec, padded, num_real_tokens=n)
+        if bucket not in self.graphs.graphs and self.graphs.active(inputs):
+            # captured at the full width, so later steps' narrower tables are padded into it on the device
+            wide = pad_decode_step(padded, bucket, self.graph_width, self.spec.block_size, full_width=True)
+            if not self._capture(bucket, self._graph_inputs(wide, n)):
+                return run_step(self.model, self.cache, self.spec, padded, num_real_tokens=n)
         hidden = self.graphs.run(inputs, bucket)  # a view of the graph's output buffer: index it now
         return self.model.compute_logits(hidden[padded.sample_rows.to(self.model.device)])
 
@@ -215,7 +223,7 @@ class LocalExecutor:
         empty = empty_step(self.spec.blocks)
         for b in sorted(self.graphs.buckets, reverse=True):
             if b not in self.graphs.graphs:
-                padded = pad_decode_step(empty, b, self.graph_width, self.spec.block_size)
+                padded = pad_decode_step(empty, b, self.graph_width, self.spec.block_size, full_width=True)
                 if not self._capture(b, self._graph_inputs(padded, 0)):
                     return 0
         return len(self.graphs.graphs)

@@ -56,13 +56,20 @@ def test_pad_decode_step_layout():
     assert p.positions.tolist() == [5, 6, 7] + [0] * 5
     assert p.query_start.tolist() == list(range(9))        # each padding row is its own 1-token sequence
     assert p.context_lens.tolist() == [6, 6, 6] + [1] * 5
+    wide = pad_decode_step(s, 8, width=5, block_size=BS, full_width=True)
     for g in ("full", "sliding"):
-        assert p.block_tables[g].shape == (8, 5)
-        assert p.block_tables[g][:3, :2].tolist() == s.block_tables[g].tolist()
-        assert (p.block_tables[g][:3, 2:] == NULL_BLOCK).all() and (p.block_tables[g][3:] == NULL_BLOCK).all()
+        assert p.block_tables[g].shape == (8, 2)            # its own width: the graph pads it on the device
+        assert wide.block_tables[g].shape == (8, 5)         # the capture shape
+        assert torch.equal(wide.block_tables[g][:, :2], p.block_tables[g])
+        assert p.block_tables[g][:3].tolist() == s.block_tables[g].tolist()
+        assert (wide.block_tables[g][:3, 2:] == NULL_BLOCK).all() and (p.block_tables[g][3:] == NULL_BLOCK).all()
         assert p.slot_mapping[g].tolist() == [7, 8, 9] + [NULL_BLOCK * BS] * 5   # slot 0 of the null block
     assert torch.equal(p.sample_rows, s.sample_rows)
     assert all(t.dtype == getattr(s, f).dtype for f, t in vars(p).items() if isinstance(t, torch.Tensor))
+    again = pad_decode_step(p, 8, width=5, block_size=BS, full_width=True)  # widening a padded step
+    assert all(torch.equal(getattr(again, f), getattr(wide, f)) for f in ("input_ids", "positions", "query_start",
+                                                                          "context_lens", "sample_rows"))
+    assert all(torch.equal(again.block_tables[g], wide.block_tables[g]) for g in wide.block_tables)
     assert pad_decode_step(s, 3, width=2, block_size=BS) is not None   # already a bucket's size
     assert pad_decode_step(s, 4, width=1, block_size=BS) is None       # a table wider than the graph's
 
@@ -128,7 +135,7 @@ def test_padded_decode_step_computes_the_unpadded_one(decode_case, monkeypatch, 
         assert torch.isfinite(b[NULL_BLOCK, 0]).all()
     # the all-padding step LocalExecutor.capture_graphs records: touches no real block, counts nothing
     c_cache = copy()
-    dummy = pad_decode_step(empty_step(spec.blocks), 4, width=12, block_size=BS)
+    dummy = pad_decode_step(empty_step(spec.blocks), 4, width=12, block_size=BS, full_width=True)
     assert run_step(m, c_cache, spec, dummy, num_real_tokens=0).shape == (0, m.config.vocab_size)
     assert torch.equal(load(), l2)
     for a, c in zip(cache.k + cache.v, c_cache.k + c_cache.v):
