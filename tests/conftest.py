@@ -21,3 +21,15 @@ def ckpt_root(tmp_path_factory):
 def tiny_ckpt(ckpt_root):
     from models.checkpoint import make_checkpoint
     return make_checkpoint(ckpt_root / "tiny", "tiny", "hf", "mxfp4", seed=0)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Modules of tiny-model work use it (pytestmark = pytest.mark.usefixtures("one_thread")): their
+    ops are microseconds long, and torch's spinning OpenMP workers make them far slower on a small
+    shared host than one thread."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

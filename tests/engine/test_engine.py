@@ -24,14 +24,7 @@ CFG = EngineConfig(block_size=BS, max_tokens_per_step=STEP)
 TEXT_VOCAB = 199998  # ids below the harmony special tokens
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The tiny model's ops are microseconds long; on a small shared host torch's
-    # spinning OpenMP workers make them ~30x slower than a single thread.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

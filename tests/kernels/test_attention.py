@@ -13,12 +13,7 @@ from kernels.attention import paged_attention, paged_attention_reference  # noqa
 from tests.kernels.cases import DECODE, MIXED, attention_step  # noqa: E402
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("window", [None, 5])

@@ -23,12 +23,7 @@ BS = 4
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()  # tiny ops: torch's OpenMP spinning only slows a shared host
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def step(qlens, tables=None, bs=BS):

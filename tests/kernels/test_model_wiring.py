@@ -28,12 +28,7 @@ PLAN = [(9, 0), (11, 5), (1, 7), (1, 1), (1, 1)]
 LENS = (23, 14)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()  # tiny ops: torch's OpenMP spinning only slows a shared host
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
