@@ -20,6 +20,7 @@ except ImportError:  # the stub only has to survive `def f(X: tl.constexpr)` at 
 
 _jitted: set[str] = set()
 _recorded: list | None = None  # set inside recording()
+_captured: list | None = None  # set inside capturing()
 
 
 def jit_module(g: dict, names: tuple[str, ...]) -> None:
@@ -42,6 +43,9 @@ def launch(kernel, grid, *args, **kwargs) -> None:
     if _recorded is not None:
         _recorded.append((getattr(kernel, "fn", kernel), args, kwargs))
         return
+    if _captured is not None:
+        _captured.append((kernel, grid, args, kwargs))
+        return
     kernel[grid](*args, **kwargs)
 
 
@@ -61,6 +65,22 @@ def recording():
         yield _recorded
     finally:
         _recorded = prev
+
+
+@contextmanager
+def capturing():
+    """Collect launches as (jitted kernel, grid, args, kwargs) instead of running them; yields the list.
+
+    Unlike recording() this changes nothing else (real tensors, interpreter as
+    configured): kernels.tune lets a launcher build its real arguments, then
+    replays and times one kernel alone with `kernel[grid](*args, **kwargs)`.
+    """
+    global _captured
+    prev, _captured = _captured, []
+    try:
+        yield _captured
+    finally:
+        _captured = prev
 
 
 def on_gpu(t) -> bool:

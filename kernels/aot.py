@@ -12,7 +12,9 @@ memory fits one block on the target.
 The launches are not described here but recorded from the launchers themselves,
 run on meta tensors (kernels._triton.recording), and bound by Triton's own
 launch binder, so constexprs, num_warps/num_stages, dtypes and argument
-specialisation (alignment, divisibility by 16) are the ones a GPU run compiles.
+specialisation (alignment, divisibility by 16) are the ones a GPU run compiles,
+measured configs included (kernels.tuned: this machine's GPU's file, or the one
+GPTOSS_KERNEL_CONFIGS names).
 `_pack_args` and `create_function_from_signature` are Triton internals (3.9).
 """
 
@@ -152,6 +154,11 @@ def _compiled_copies(module) -> dict:
 
 def plan(arch: int = 90) -> list[Config]:
     """Distinct compilations over all workloads, in first-use order."""
+    return bind(workloads(), arch)
+
+
+def bind(uses: list, arch: int = 90) -> list[Config]:
+    """[(use label, recorded launches)] -> their distinct compilations, in first-use order."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
     from triton import knobs
@@ -161,7 +168,7 @@ def plan(arch: int = 90) -> list[Config]:
     run_opts = dict(debug=knobs.runtime.debug, instrumentation_mode=knobs.compilation.instrumentation_mode,
                     fpsan_homomorphic_casts=knobs.compilation.fpsan_homomorphic_casts)
     copies, configs = {}, {}
-    for use, launches in workloads():
+    for use, launches in uses:
         for fn, args, kwargs in launches:
             mod = sys.modules[fn.__module__]
             if mod not in copies:

@@ -24,6 +24,7 @@ import torch
 
 from models.attention import attention_with_sinks
 
+from . import tuned
 from ._triton import interpreting, jit_module, launch, next_pow2, on_gpu, tl, triton
 
 LOG2E = 1.4426950408889634
@@ -154,6 +155,33 @@ def _merge_kernel(po_ptr, pm_ptr, pl_ptr, o_ptr, n_rows, D, NUM_SPLITS: tl.const
 _KERNELS = ("_attn_kernel", "_merge_kernel")
 
 
+def _default_config(max_query_len: int, B: int, K: int, G: int, gpu: bool, interp: bool) -> dict:
+    tokens_per_tile = 1 if max_query_len == 1 else (16 if interp else 128) // G
+    block_m = max(16, next_pow2(G * max(tokens_per_tile, 1)))
+    cfg = dict(BLOCK_M=block_m, BLOCK_N=16 if interp else 64,
+               NUM_SPLITS=1 if (max_query_len > 1 or not gpu) else max(1, min(8, 256 // (B * K))))
+    if not interp:
+        # a 128-row prefill tile keeps q, s, p and acc [128, 64] in registers: 4 warps need more than
+        # 255 per thread and spill on sm_90 (python -m kernels.aot), 8 do not
+        cfg.update(num_warps=8 if block_m >= 128 else 4, num_stages=2)
+    return cfg
+
+
+def tuning_shape(Hq: int, K: int, D: int, page: int, window: int | None, dtype) -> str:
+    return tuned.shape_key(Hq=Hq, K=K, D=D, page=page, window=window, dtype=dtype)
+
+
+def _config(q, page: int, K: int, B: int, N: int, max_query_len: int, window, interp: bool) -> dict:
+    """The measured config for this device and shape (kernels.tuned), else the default.
+
+    Decode (one token per sequence) is looked up by sequences, anything else by tokens."""
+    Hq, D = q.shape[1], q.shape[2]
+    decode = max_query_len == 1
+    hit = tuned.lookup("attn_decode" if decode else "attn_prefill", tuning_shape(Hq, K, D, page, window, q.dtype),
+                       B if decode else N, q.device)
+    return hit if hit is not None else _default_config(max_query_len, B, K, Hq // K, on_gpu(q), interp)
+
+
 def paged_attention(q, k_cache, v_cache, block_table, query_start, context_lens, sinks, window, scale,
                     max_query_len: int | None = None, num_splits: int | None = None) -> torch.Tensor:
     """q [N, Hq, D]; k/v_cache [blocks, block_size, K, D]; block_table [B, max_blocks];
@@ -178,11 +206,10 @@ def paged_attention(q, k_cache, v_cache, block_table, query_start, context_lens,
     if max_query_len is None:
         max_query_len = int((query_start[1:] - query_start[:-1]).max())
     interp = interpreting()
-    tokens_per_tile = 1 if max_query_len == 1 else (16 if interp else 128) // G
-    block_m = max(16, next_pow2(G * max(tokens_per_tile, 1)))
-    block_n = 16 if interp else 64
-    if num_splits is None:
-        num_splits = 1 if (max_query_len > 1 or not on_gpu(q)) else max(1, min(8, 256 // (B * K)))
+    cfg = _config(q, page, K, B, N, max_query_len, window, interp)
+    if num_splits is not None:
+        cfg["NUM_SPLITS"] = num_splits
+    block_m, num_splits = cfg["BLOCK_M"], cfg["NUM_SPLITS"]
     qt = triton.cdiv(max_query_len, block_m // G)
     dot_bf16 = on_gpu(q) and q.dtype in (torch.bfloat16, torch.float16)
     if num_splits > 1:
@@ -195,14 +222,12 @@ def paged_attention(q, k_cache, v_cache, block_table, query_start, context_lens,
     if block_table.stride(-1) != 1:
         block_table = block_table.contiguous()
     query_start, context_lens, sinks = query_start.contiguous(), context_lens.contiguous(), sinks.contiguous()
-    # a 128-row prefill tile keeps q, s, p and acc [128, 64] in registers: 4 warps need more than
-    # 255 per thread and spill on sm_90 (python -m kernels.aot), 8 do not
-    opts = {} if interp else dict(num_warps=8 if block_m >= 128 else 4, num_stages=2)
+    opts = {k: v for k, v in cfg.items() if k.startswith("num_")}
     launch(_attn_kernel, (B, K, qt * num_splits),
            q, k_cache, v_cache, block_table, query_start, context_lens, sinks, po, pm, pl,
            float(scale) * LOG2E, int(window or 0), N, Hq, D,
            q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_table.stride(0),
-           G=G, PAGE=page, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, next_pow2(D)),
+           G=G, PAGE=page, BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], BLOCK_D=max(16, next_pow2(D)),
            HAS_WINDOW=window is not None, NUM_SPLITS=num_splits, DOT_BF16=dot_bf16, **opts)
     if num_splits > 1:
         launch(_merge_kernel, (N * Hq,), po, pm, pl, out, N * Hq, D, NUM_SPLITS=num_splits,

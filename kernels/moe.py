@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from models import mxfp4
 from models.layers import swiglu
 
+from . import tuned
 from ._triton import interpreting, jit_module, launch, on_gpu, tl, triton
 
 
@@ -191,12 +192,35 @@ def _combine_kernel(y_ptr, valid_ptr, out_ptr, H, TOP_K: tl.constexpr, BLOCK_H: 
 _KERNELS = ("_fp4", "_dot", "_mx_tile", "_w1_kernel", "_w2_kernel", "_combine_kernel")
 
 
-def _config(pairs: int, n_local: int, interp: bool) -> dict:
+def _default_config(pairs: int, n_local: int, interp: bool) -> dict:
     if interp:  # the interpreter's cost grows with tile volume: smallest legal tiles
         return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32)
     per_expert = pairs / max(n_local, 1)
     bm = 16 if per_expert <= 16 else 32 if per_expert <= 64 else 64
     return dict(BLOCK_M=bm, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3)
+
+
+def tuning_shape(H: int, I: int, n_local: int, top_k: int, dtype) -> str:
+    return tuned.shape_key(H=H, I=I, E=n_local, top_k=top_k, dtype=dtype)
+
+
+def _config(n_tokens: int, H: int, I: int, n_local: int, top_k: int, x: torch.Tensor, interp: bool):
+    """(w1 config, w2 config): the measured ones for this device and shape (kernels.tuned), else the default.
+
+    Both or neither: the two kernels must agree on BLOCK_M (align's tiles)."""
+    shape = tuning_shape(H, I, n_local, top_k, x.dtype)
+    c1 = tuned.lookup("moe_w1", shape, n_tokens, x.device)
+    c2 = tuned.lookup("moe_w2", shape, n_tokens, x.device)
+    if c1 is not None and c2 is not None and c1["BLOCK_M"] == c2["BLOCK_M"]:
+        return c1, c2
+    d = _default_config(n_tokens * top_k, n_local, interp)
+    return d, d
+
+
+def _split(cfg: dict) -> tuple[dict, dict]:
+    """-> (constexprs, launch options)."""
+    return ({k: v for k, v in cfg.items() if k.startswith("BLOCK")},
+            {k: v for k, v in cfg.items() if k.startswith("num_")})
 
 
 def moe_mxfp4(x: torch.Tensor, routing, w1_blocks, w1_scales, b1, w2_blocks, w2_scales, b2, *,
@@ -213,21 +237,21 @@ def moe_mxfp4(x: torch.Tensor, routing, w1_blocks, w1_scales, b1, w2_blocks, w2_
         raise ValueError(f"hidden {H} and intermediate {I} must be multiples of 32 (MXFP4 blocks)")
     jit_module(globals(), _KERNELS)
     interp = interpreting()
-    cfg = _config(N * k, E, interp)
-    meta = {kk: v for kk, v in cfg.items() if kk.startswith("BLOCK")}
-    opts = {kk: v for kk, v in cfg.items() if kk.startswith("num_")}
-    bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    cfg1, cfg2 = _config(N, H, I, E, k, x, interp)
+    bm = cfg1["BLOCK_M"]
     dot_bf16 = on_gpu(x) and x.dtype in (torch.bfloat16, torch.float16)
     x = x.contiguous()
     sorted_ids, tile_expert, valid = align(idx, global_to_local, E, bm)
     T = tile_expert.numel()
     act = torch.empty(T * bm, I, dtype=x.dtype, device=x.device)
-    launch(_w1_kernel, (T, triton.cdiv(I, bn)),
+    meta, opts = _split(cfg1)
+    launch(_w1_kernel, (T, triton.cdiv(I, meta["BLOCK_N"])),
            x, w1_blocks, w1_scales, b1, act, sorted_ids, tile_expert, N * k, H, I, x.stride(0),
            TOP_K=k, LIMIT=float(limit), ALPHA=float(alpha), DOT_BF16=dot_bf16, **meta, **opts)
     y = torch.empty(N * k, H, dtype=x.dtype, device=x.device)
     rw = weights.reshape(-1).float().contiguous()
-    launch(_w2_kernel, (T, triton.cdiv(H, bn)),
+    meta, opts = _split(cfg2)
+    launch(_w2_kernel, (T, triton.cdiv(H, meta["BLOCK_N"])),
            act, w2_blocks, w2_scales, b2, rw, y, sorted_ids, tile_expert, N * k, H, I,
            DOT_BF16=dot_bf16, **meta, **opts)
     out = torch.empty_like(x)

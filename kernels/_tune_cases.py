@@ -1,0 +1,155 @@
+"""What kernels.tune sweeps: inputs at a model's shapes, candidate configs, and the sm_90 compile check.
+
+Inputs are built on any device: on "meta" they are the shapes alone, which is
+how a compile worker records a candidate's launch (kernels._triton.recording)
+and binds it exactly as the GPU run will (kernels.aot).
+"""
+
+import torch
+
+PAGE = 16  # engine.core's default KV block
+MOE_STAGES, ATTN_STAGES = (2, 4), (1, 3)  # tried on the phase-1 leaders (their base: the defaults' 3 and 2)
+
+
+def _gen(device, seed: int):
+    return None if torch.device(device).type == "meta" else torch.Generator(device).manual_seed(seed)
+
+
+def _u8(shape, lo, hi, device, g):
+    if g is None:
+        return torch.empty(shape, dtype=torch.uint8, device=device)
+    return torch.randint(lo, hi, shape, dtype=torch.uint8, device=device, generator=g)
+
+
+def _randn(shape, dtype, device, g, std=1.0):
+    if g is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    return (torch.randn(shape, device=device, generator=g) * std).to(dtype)
+
+
+def moe_weights(cfg, dtype, device, seed: int = 0) -> tuple:
+    """(w1_blocks, w1_scales, b1, w2_blocks, w2_scales, b2): random bytes hit every E2M1 code;
+    scales 2**-6..-3 keep outputs O(1)."""
+    H, I, E = cfg.hidden_size, cfg.intermediate_size, cfg.num_local_experts
+    g = _gen(device, seed)
+    return (_u8((E, 2 * I, H // 32, 16), 0, 256, device, g), _u8((E, 2 * I, H // 32), 121, 125, device, g),
+            _randn((E, 2 * I), dtype, device, g, 0.1), _u8((E, H, I // 32, 16), 0, 256, device, g),
+            _u8((E, H, I // 32), 121, 125, device, g), _randn((E, H), dtype, device, g, 0.1))
+
+
+def moe_tokens(cfg, n: int, dtype, device, seed: int = 1) -> tuple:
+    """(x, (idx, weights)): each token's top-k experts drawn uniformly without repeats."""
+    H, E, k = cfg.hidden_size, cfg.num_local_experts, cfg.num_experts_per_tok
+    g = _gen(device, seed)
+    if g is None:
+        return torch.empty(n, H, dtype=dtype, device=device), (
+            torch.empty(n, k, dtype=torch.long, device=device), torch.empty(n, k, dtype=dtype, device=device))
+    idx = torch.rand(n, E, device=device, generator=g).topk(k, dim=1).indices
+    w = torch.softmax(torch.randn(n, k, device=device, generator=g), -1).to(dtype)
+    return _randn((n, H), dtype, device, g), (idx, w)
+
+
+def attn_inputs(cfg, n: int, decode: bool, window, context: int, dtype, device, seed: int = 2):
+    """-> (paged_attention args, kwargs). decode: n sequences of one new token at `context`;
+    else one n-token prefill chunk from position 0. Tables are shuffled blocks, as after churn."""
+    Hq, K, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    B, ctx, N = (n, context, n) if decode else (1, n, n)
+    width = -(-ctx // PAGE)
+    pool = B * width + 1
+    g = _gen(device, seed)
+    kc, vc = (_randn((pool, PAGE, K, D), dtype, device, g) for _ in range(2))
+    if g is None:
+        table = torch.empty(B, width, dtype=torch.long, device=device)
+        qs, ctxs = (torch.empty(m, dtype=torch.long, device=device) for m in (B + 1, B))
+    else:
+        table = (torch.randperm(pool - 1, device=device, generator=g) + 1).view(B, width)
+        qs = torch.arange(B + 1, device=device) * (N // B)
+        ctxs = torch.full((B,), ctx, dtype=torch.long, device=device)
+    q, sinks = _randn((N, Hq, D), dtype, device, g), _randn((Hq,), dtype, device, g)
+    return (q, kc, vc, table, qs, ctxs, sinks, window, D ** -0.5), dict(max_query_len=1 if decode else N)
+
+
+def moe_block_ms(cfg, n: int) -> list[int]:
+    """BLOCK_M worth trying: a tile need not be taller than an expert's expected rows, nor under half the default's."""
+    from .moe import _default_config
+    per_expert = n * cfg.num_experts_per_tok / cfg.num_local_experts
+    d = _default_config(n * cfg.num_experts_per_tok, cfg.num_local_experts, False)["BLOCK_M"]
+    return [b for b in (16, 32, 64, 128) if b == d or (d // 2 <= b <= max(16, per_expert))]
+
+
+def moe_candidates(kernel: str, bm: int) -> list[dict]:
+    """Phase 1 for moe_w1 / moe_w2 at one BLOCK_M, at the default's 3 stages.
+
+    Small M is a weight stream: wider BLOCK_K (more bytes per row per load) and
+    narrower BLOCK_N (more programs over the SMs) are the levers; large M is
+    compute: wider N. Bounds: decoded weight values per thread (w1 decodes two
+    tiles, gate and linear) 16..128, accumulators <= 64, so the set stays ~20
+    and the register file is not hopeless; the compile check decides the rest."""
+    tiles = 2 if kernel == "moe_w1" else 1
+    out = []
+    for bn in (16, 32, 64, 128):
+        if bm >= 64 and bn < 32:
+            continue
+        for bk in (64, 128, 256, 512):
+            for w in (4, 8):
+                per_thread, acc = tiles * bn * bk / (32 * w), tiles * bm * bn / (32 * w)
+                if 16 <= per_thread <= 128 and acc <= 64:
+                    out.append(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=3))
+    return out
+
+
+def attn_candidates(decode: bool, cfg, n: int, window) -> list[dict]:
+    """Phase 1 at the default's 2 stages. Decode: key block and warps x key-range splits, splits only
+    while B*K*splits <= 2048 programs (~16 per SM; beyond, the merge costs more than it spreads) and
+    at most 4 under a sliding window (~128 keys); a decode tile is one token x G heads, so BLOCK_M is
+    the default's. Prefill: 8 or 16 query tokens x G heads per tile."""
+    K, G = cfg.num_key_value_heads, cfg.num_attention_heads // cfg.num_key_value_heads
+    if decode:
+        bm = max(16, 1 << (G - 1).bit_length())
+        splits = [s for s in (1, 2, 4, 8, 16) if s == 1 or (n * K * s <= 2048 and (window is None or s <= 4))]
+        return [dict(BLOCK_M=bm, BLOCK_N=bn, NUM_SPLITS=s, num_warps=w, num_stages=2)
+                for s in splits for bn in (32, 64, 128) for w in (2, 4)]
+    return [dict(BLOCK_M=bm, BLOCK_N=bn, NUM_SPLITS=1, num_warps=w, num_stages=2)
+            for bm in (8 * G, 16 * G) if bm >= 16 for bn in (32, 64, 128) for w in (4, 8)]
+
+
+def dry_candidates(kernel: str, default: dict) -> list[dict]:
+    """Two per kernel under the interpreter: the default and one other small tile."""
+    alt = {"moe_w1": dict(BLOCK_N=16), "moe_w2": dict(BLOCK_N=16),
+           "attn_decode": dict(BLOCK_N=32, NUM_SPLITS=2), "attn_prefill": dict(BLOCK_M=32, BLOCK_N=32)}[kernel]
+    return [dict(default), {**default, **alt}]
+
+
+def make_call(family: str, cfg, n: int, window, context: int, dtype, device, weights=None):
+    """-> (launcher, args, kwargs, reference): launcher(*args, **kwargs) is this family's launch at batch n
+    (under whatever tuned.forced / capturing the caller set); reference() is the torch result."""
+    if family == "moe":
+        from .moe import moe_mxfp4, moe_reference
+        x, (idx, w) = moe_tokens(cfg, n, dtype, device)
+        ws = weights if weights is not None else moe_weights(cfg, dtype, device)
+        return (moe_mxfp4, (x, (idx, w), *ws), dict(top_k=cfg.num_experts_per_tok),
+                lambda: moe_reference(x, idx, w, *ws))
+    from .attention import paged_attention, paged_attention_reference
+    args, kw = attn_inputs(cfg, n, family == "attn_decode", window, context, dtype, device)
+    return paged_attention, args, kw, lambda: paged_attention_reference(*args)
+
+
+def compile_job(job: dict) -> list[dict]:
+    """In a compile worker (no TRITON_INTERPRET): record the candidate's launch on meta tensors, compile the
+    kernels in job["check"] for sm_<arch> and return kernels.aot's Usage of each, as dicts."""
+    import dataclasses
+
+    from models.checkpoint import PRESETS
+
+    from . import _triton, aot, tuned
+    try:
+        fn, args, kw, _ = make_call(job["family"], PRESETS[job["model"]], job["n"], job["window"], job["context"],
+                                    getattr(torch, job["dtype"]), "meta")
+        with tuned.forced(job["forced"]), _triton.recording() as launches:
+            fn(*args, **kw)
+        mine = [ln for ln in launches if ln[0].__name__ in job["check"]]
+        compiles = aot.bind([("tune x", mine)], job["arch"])
+        return [dataclasses.asdict(aot.compile_config(c, job["arch"])) for c in compiles]
+    except Exception as e:  # noqa: BLE001 - a candidate the launcher or binder rejects is skipped, not fatal
+        return [dict(kernel=",".join(job["check"]), config=repr(job["forced"]), uses="",
+                     error=f"{type(e).__name__}: {e}"[:300])]

@@ -1,0 +1,420 @@
+"""Measure the kernels' launch configs on this GPU and write them where the launchers look (kernels.tuned).
+
+    python -m kernels.tune [--models gpt-oss-120b,gpt-oss-20b] [--batches 1,8,64,256,8192] [--out kernels/configs]
+    python -m kernels.tune --dry-run    # the whole flow on CPU under TRITON_INTERPRET=1, tiny shapes
+
+Per model shape and batch bucket (tokens per step): MoE w1 and w2, swept per
+BLOCK_M (the two must share it) keeping the BLOCK_M with the lowest sum;
+paged attention for the sliding and the full layers, as decode (batch =
+sequences of --context tokens) below --prefill-from and as one prefill chunk
+of that many tokens from there on. Every candidate is compiled first for this
+GPU's arch in worker processes and dropped when kernels.aot reports a compile
+error, a spill or too much shared memory (the workers also fill Triton's cache,
+so the timing process compiles nothing); the rest are timed on random inputs
+(MXFP4 weights, bf16 activations, routing uniform over experts), captured in a
+CUDA graph and replayed under triton.testing.do_bench (L2 flushed before each
+rep, median), and the three fastest are retried at other num_stages. The
+winner must match the torch reference or nothing is written for it. Results
+merge into <out>/<device name>.json, rewritten after every shape so a run cut
+short keeps what it measured. Candidate sets: kernels/_tune_cases.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import _tune_cases as cases
+from . import tuned
+
+DRY = dict(models="tiny", batches="1,8", prefill_from=8, context=40)
+DRY_TIMER = "time.perf_counter around the Triton interpreter on CPU: interpreter times, not GPU times"
+GPU_TIMER = "triton.testing.do_bench of a CUDA-graph replay (CUDA events, L2 flushed per rep, median)"
+PLAIN_TIMER = "triton.testing.do_bench of plain launches (CUDA events, L2 flushed per rep, median)"
+
+
+@dataclass
+class Task:
+    family: str  # moe | attn_decode | attn_prefill
+    model: str  # the preset the shapes come from
+    models: list[str]  # every model with this shape
+    n: int  # batch bucket: tokens (moe, prefill) or sequences (decode)
+    window: int | None = None
+
+
+@dataclass
+class Result:
+    kernel: str
+    shape: str
+    label: str
+    batch: int
+    best: dict | None = None
+    best_us: float | None = None
+    default: dict | None = None
+    default_us: float | None = None
+    timed: int = 0
+    rejected: list[str] = field(default_factory=list)
+    check_err: float | None = None
+    check_ok: bool = False
+
+
+class Tuner:
+    def __init__(self, a, device: torch.device, dtype, arch: int, pool):
+        self.a, self.device, self.dtype, self.arch, self.pool = a, device, dtype, arch, pool
+        self.dry = a.dry_run
+        self.graphs = True
+        self._weights: dict[str, tuple] = {}
+
+    # ------------------------------------------------------------- timing
+    def time_us(self, fns) -> float:
+        def run():
+            for f in fns:
+                f()
+        if self.dry:  # the interpreter compiles nothing: no warm-up
+            reps = []
+            for _ in range(2):
+                t0 = time.perf_counter()
+                run()
+                reps.append(time.perf_counter() - t0)
+            return statistics.median(reps) * 1e6
+        import triton.testing
+        run()  # loads the kernels the compile workers left in Triton's cache, outside the capture
+        torch.cuda.synchronize()
+        fn = run
+        if self.graphs:
+            # replayed as one graph, as decode runs (kernels.cuda_graphs): back-to-back launches (attention +
+            # merge) leave no host-launch gaps in the measured time, and the host's launch cost is not counted
+            try:
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    run()
+                fn = graph.replay
+            except Exception as e:  # noqa: BLE001 - still a GPU time, with launch gaps; the JSON says so
+                self.graphs = False
+                print(f"CUDA graph capture failed ({type(e).__name__}: {e}); timing plain launches", file=sys.stderr)
+        return triton.testing.do_bench(fn, warmup=self.a.warmup_ms, rep=self.a.rep_ms, return_mode="median") * 1e3
+
+    @property
+    def timer(self) -> str:
+        return DRY_TIMER if self.dry else GPU_TIMER if self.graphs else PLAIN_TIMER
+
+    def measure(self, call, forced: dict, timed: set[str] | None) -> float:
+        """Time the launches of kernels `timed` (None: all) that the launcher makes under `forced`,
+        after running the ones before them once (w2 reads w1's output)."""
+        from ._triton import capturing
+        fn, args, kw, _ = call
+        with tuned.forced(forced), capturing() as launches:
+            fn(*args, **kw)
+        replays = [(getattr(k, "fn", k).__name__, lambda k=k, g=g, a=a, w=w: k[g](*a, **w))
+                   for k, g, a, w in launches]
+        first = next(i for i, (name, _) in enumerate(replays) if timed is None or name in timed)
+        for _, f in replays[:first]:
+            f()
+        return self.time_us([f for name, f in replays[first:] if timed is None or name in timed])
+
+    # ------------------------------------------------------------- sweeping
+    def job(self, task: Task, forced: dict, check: list[str]) -> dict:
+        return dict(family=task.family, model=task.model, n=task.n, window=task.window, context=self.a.context,
+                    dtype=str(self.dtype).removeprefix("torch."), forced=forced, check=check, arch=self.arch)
+
+    def sweep(self, task, call, kernel: str, cands: list[dict], others: dict, timed, check, res: Result,
+              stages=()) -> list[tuple[float, dict]]:
+        """-> [(us, config)] fastest first; phase 2 retries the three fastest at `stages`."""
+        out: list[tuple[float, dict]] = []
+        seen: list[dict] = []
+        for phase in (0, 1):
+            if phase:
+                cands = [{**c, "num_stages": s} for _, c in out[:3] for s in stages]
+            cands = [c for c in cands if c not in seen]
+            seen += cands
+            usages = self.pool.map(cases.compile_job, [self.job(task, {kernel: c, **others}, check) for c in cands])
+            for c, us in zip(cands, usages):
+                bad = [f"{u['kernel']}: {'; '.join(_problems(u, self.arch))}" for u in us if _problems(u, self.arch)]
+                if bad:
+                    res.rejected.append(f"{_fmt(c)} -> {bad[0]}"[:300])
+                    continue
+                try:
+                    out.append((self.measure(call, {kernel: c, **others}, timed), c))
+                except Exception as e:  # noqa: BLE001 - e.g. out of resources at launch: not a candidate
+                    res.rejected.append(f"{_fmt(c)} -> {type(e).__name__}: {e}"[:300])
+                    continue
+                res.timed += 1
+            out.sort(key=lambda t: t[0])
+            if not stages or not out:
+                break
+        return out
+
+    def check(self, call, forced: dict) -> tuple[float, bool]:
+        fn, args, kw, reference = call
+        with tuned.forced(forced):
+            got = fn(*args, **kw).float()
+        ref = reference().float()
+        err = ((got - ref).abs().max() / ref.abs().max().clamp_min(1e-6)).item()
+        return err, err <= (1e-4 if self.dtype == torch.float32 else 2e-2)
+
+    # ------------------------------------------------------------- families
+    def moe(self, task: Task) -> list[Result]:
+        from models.checkpoint import PRESETS
+
+        from .moe import _default_config, tuning_shape
+        cfg = PRESETS[task.model]
+        if task.model not in self._weights:
+            self._weights = {task.model: cases.moe_weights(cfg, self.dtype, self.device)}  # one model's at a time
+        call = cases.make_call("moe", cfg, task.n, None, 0, self.dtype, self.device, self._weights[task.model])
+        k, E = cfg.num_experts_per_tok, cfg.num_local_experts
+        shape = tuning_shape(cfg.hidden_size, cfg.intermediate_size, E, k, self.dtype)
+        d = _default_config(task.n * k, E, self.dry)
+        label = f"{task.model.removeprefix('gpt-oss-')} E={E}"
+        results = {kn: Result(kn, shape, label, task.n, default=d) for kn in ("moe_w1", "moe_w2")}
+        per_bm: dict[int, dict[str, list]] = {}
+        for bm in ([d["BLOCK_M"]] if self.dry else cases.moe_block_ms(cfg, task.n)):
+            base = {**d, "BLOCK_M": bm}
+            per_bm[bm] = {}
+            for kn, other, kernel in (("moe_w1", "moe_w2", "_w1_kernel"), ("moe_w2", "moe_w1", "_w2_kernel")):
+                cands = cases.dry_candidates(kn, d) if self.dry else cases.moe_candidates(kn, bm)
+                if bm == d["BLOCK_M"] and d not in cands:
+                    cands = [d, *cands]
+                runs = self.sweep(task, call, kn, cands, {other: base}, {kernel}, [kernel], results[kn],
+                                  () if self.dry else cases.MOE_STAGES)
+                per_bm[bm][kn] = runs
+                if bm == d["BLOCK_M"]:
+                    results[kn].default_us = next((t for t, c in runs if c == d), None)
+        full = {bm: r for bm, r in per_bm.items() if r["moe_w1"] and r["moe_w2"]}
+        if full:
+            bm = min(full, key=lambda b: full[b]["moe_w1"][0][0] + full[b]["moe_w2"][0][0])
+            for kn in results:
+                results[kn].best_us, results[kn].best = full[bm][kn][0]
+            err, ok = self.check(call, {kn: r.best for kn, r in results.items()})
+            for r in results.values():
+                r.check_err, r.check_ok = err, ok
+        return list(results.values())
+
+    def attention(self, task: Task) -> list[Result]:
+        from models.checkpoint import PRESETS
+
+        from .attention import _default_config, tuning_shape
+        cfg = PRESETS[task.model]
+        decode = task.family == "attn_decode"
+        call = cases.make_call(task.family, cfg, task.n, task.window, self.a.context, self.dtype, self.device)
+        K, Hq, D = cfg.num_key_value_heads, cfg.num_attention_heads, cfg.head_dim
+        shape = tuning_shape(Hq, K, D, cases.PAGE, task.window, self.dtype)
+        d = _default_config(1 if decode else task.n, task.n if decode else 1, K, Hq // K, not self.dry, self.dry)
+        label = f"{','.join(m.removeprefix('gpt-oss-') for m in task.models)} " + (
+            f"window={task.window}" if task.window else "full") + (f" ctx={self.a.context}" if decode else "")
+        res = Result(task.family, shape, label, task.n, default=d)
+        cands = (cases.dry_candidates(task.family, d) if self.dry
+                 else cases.attn_candidates(decode, cfg, task.n, task.window))
+        if d not in cands:
+            cands = [d, *cands]
+        runs = self.sweep(task, call, task.family, cands, {}, None, ["_attn_kernel", "_merge_kernel"], res,
+                          () if self.dry else cases.ATTN_STAGES)
+        res.default_us = next((t for t, c in runs if c == d), None)
+        if runs:
+            res.best_us, res.best = runs[0]
+            res.check_err, res.check_ok = self.check(call, {task.family: res.best})
+        return [res]
+
+
+def _problems(u: dict, arch: int) -> list[str]:
+    from .aot import Usage
+    return Usage(**u).problems(arch)
+
+
+def _us(t: float | None) -> str:
+    return "-" if t is None else f"{t:.1f} us"
+
+
+def _fmt(c: dict | None) -> str:
+    if not c:
+        return "-"
+    short = dict(BLOCK_M="M", BLOCK_N="N", BLOCK_K="K", NUM_SPLITS="splits", num_warps="w", num_stages="s")
+    return " ".join(f"{short.get(k, k)}{'=' if k == 'NUM_SPLITS' else ''}{v}" for k, v in c.items())
+
+
+def tasks(models: list[str], batches: list[int], families: set[str], prefill_from: int) -> list[Task]:
+    """Smallest batches first (batch-1 decode is what the defaults were least sure of), so a run cut
+    short has written those; attention shapes shared by several models are tuned once."""
+    from models.checkpoint import PRESETS
+    out: list[Task] = []
+    for n in batches:
+        if "moe" in families:
+            out += [Task("moe", m, [m], n) for m in models]
+        if "attn" not in families:
+            continue
+        fam = "attn_decode" if n < prefill_from else "attn_prefill"
+        by_shape: dict[tuple, Task] = {}
+        for m in models:
+            c = PRESETS[m]
+            for w in (c.sliding_window, None):
+                key = (c.num_attention_heads, c.num_key_value_heads, c.head_dim, w)
+                if key in by_shape:
+                    by_shape[key].models.append(m)
+                else:
+                    by_shape[key] = Task(fam, m, [m], n, w)
+        out += list(by_shape.values())
+    return out
+
+
+class Store:
+    """<out>/<device>.json: entries keyed by (kernel, shape, batch), merged into what the file holds."""
+
+    def __init__(self, path: Path, header: dict):
+        self.path, self.header = path, header
+        old = json.loads(path.read_text()) if path.exists() else {}
+        self.entries = {(e["kernel"], e["shape"], e["batch"]): e for e in old.get("entries", [])}
+
+    def add(self, r: Result, extra: dict) -> None:
+        self.entries[(r.kernel, r.shape, r.batch)] = dict(
+            kernel=r.kernel, shape=r.shape, batch=r.batch, config=r.best, us=round(r.best_us, 2),
+            default_config=r.default, default_us=None if r.default_us is None else round(r.default_us, 2),
+            candidates_timed=r.timed, check_rel_err=r.check_err, **extra, rejected=r.rejected)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".json.tmp")
+        body = dict(self.header, updated=_now(), entries=sorted(self.entries.values(),
+                                                                key=lambda e: (e["kernel"], e["shape"], e["batch"])))
+        tmp.write_text(json.dumps(body, indent=1) + "\n")
+        os.replace(tmp, self.path)
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def table(rows: list[Result]) -> str:
+    head = ("kernel", "shape", "batch", "default us", "best us", "speedup", "best config")
+    body = []
+    for r in rows:
+        sp = f"{r.default_us / r.best_us:.2f}x" if r.default_us and r.best_us else "-"
+        cfg = _fmt(r.best) + ("" if r.check_ok or r.best is None else f" (REJECTED: error {r.check_err:.1e})")
+        body.append((r.kernel, r.label, str(r.batch), f"{r.default_us:.1f}" if r.default_us else "-",
+                     f"{r.best_us:.1f}" if r.best_us else "-", sp, cfg))
+    widths = [max(len(x[i]) for x in [head, *body]) for i in range(len(head))]
+    line = lambda x: "| " + " | ".join(s.ljust(w) for s, w in zip(x, widths)) + " |"  # noqa: E731
+    return "\n".join([line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, body)])
+
+
+class _Pool:
+    """Compile workers: separate processes both for the cores and because Triton imported under
+    TRITON_INTERPRET=1 (the dry run) can no longer compile for a GPU (kernels.aot._compiler_usable)."""
+
+    def __init__(self, n: int):
+        import multiprocessing as mp
+        saved = os.environ.pop("TRITON_INTERPRET", None)
+        try:  # spawned workers inherit the environment as it is now
+            self.pool = mp.get_context("spawn").Pool(n)
+        finally:
+            if saved is not None:
+                os.environ["TRITON_INTERPRET"] = saved
+
+    def map(self, fn, jobs):
+        return self.pool.map(fn, jobs, chunksize=1) if jobs else []
+
+    def close(self):
+        self.pool.terminate()
+
+
+def parse(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", default="gpt-oss-120b,gpt-oss-20b")
+    p.add_argument("--batches", default="1,8,64,256,8192", help="tokens per step (decode: sequences)")
+    p.add_argument("--kernels", default="moe,attn", help="families to tune: moe, attn")
+    p.add_argument("--out", type=Path, default=None, help=f"default {tuned.CONFIG_DIR} (dry run: a temp dir)")
+    p.add_argument("--context", type=int, default=2048, help="decode attention context (tokens)")
+    p.add_argument("--prefill-from", type=int, default=1024, help="batches from here tune attention as prefill")
+    p.add_argument("--jobs", type=int, default=max(1, min(16, (os.cpu_count() or 2) - 1)), help="compile workers")
+    p.add_argument("--warmup-ms", type=int, default=10)
+    p.add_argument("--rep-ms", type=int, default=40)
+    p.add_argument("--max-seconds", type=float, default=None,
+                   help="start no new shape after this long (what is done is written; for capped device time)")
+    p.add_argument("--dry-run", action="store_true", help="CPU, TRITON_INTERPRET=1, tiny shapes, 2 candidates each")
+    a = p.parse_args(argv)
+    if a.dry_run:
+        for k, v in DRY.items():
+            if p.get_default(k) == getattr(a, k):
+                setattr(a, k, v)
+    a.models = [m for m in a.models.split(",") if m]
+    a.batches = sorted({int(b) for b in a.batches.split(",") if b})
+    a.kernels = {k for k in a.kernels.split(",") if k}
+    return a
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    a = parse(argv)
+    if a.dry_run:
+        if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+            sys.exit("--dry-run needs TRITON_INTERPRET=1 before triton is imported")
+        os.environ["TRITON_INTERPRET"] = "1"
+        out = Path(a.out or tempfile.mkdtemp(prefix="kernel-tune-dry-"))
+        if out.resolve().is_relative_to(tuned.CONFIG_DIR):
+            sys.exit(f"--dry-run writes interpreter times: not into {tuned.CONFIG_DIR}")
+        device, dtype, arch, name = torch.device("cpu"), torch.float32, 90, "cpu interpreter"
+        torch.set_num_threads(1)  # the interpreter runs numpy per program; threads only add overhead
+    else:
+        if not torch.cuda.is_available():
+            sys.exit("no CUDA device: kernels.tune measures on a GPU (--dry-run runs the flow on CPU)")
+        if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+            sys.exit("unset TRITON_INTERPRET: interpreter times are not GPU times")
+        from .aot import SMEM_LIMIT
+        device, dtype = torch.device("cuda"), torch.bfloat16
+        major, minor = torch.cuda.get_device_capability()
+        arch, name = 10 * major + minor, torch.cuda.get_device_name()
+        if arch not in SMEM_LIMIT:
+            sys.exit(f"sm_{arch}: kernels.aot knows no shared-memory limit for it")
+        out = a.out or tuned.CONFIG_DIR
+    import triton
+    path = tuned.device_file(name, out)
+    header = dict(device=name, arch=arch, dry_run=a.dry_run, timer=DRY_TIMER if a.dry_run else GPU_TIMER,
+                  triton=triton.__version__, torch=torch.__version__,
+                  command="python -m kernels.tune " + " ".join(argv))
+    store = Store(path, header)
+    todo = tasks(a.models, a.batches, a.kernels, a.prefill_from)
+    if a.dry_run:
+        print(f"DRY RUN on CPU: times below are {DRY_TIMER}; writing {path}, never {tuned.CONFIG_DIR}", flush=True)
+    pool = _Pool(min(a.jobs, 2 if a.dry_run else 16))  # the dry run compiles ~2 candidates at a time
+    rows: list[Result] = []
+    tuner = Tuner(a, device, dtype, arch, pool)
+    t_all = time.perf_counter()
+    try:
+        for i, t in enumerate(todo):
+            t0 = time.perf_counter()
+            if a.max_seconds is not None and t0 - t_all > a.max_seconds:
+                print(f"--max-seconds {a.max_seconds:g} reached: {len(todo) - i} shapes not tuned", file=sys.stderr)
+                break
+            res = tuner.moe(t) if t.family == "moe" else tuner.attention(t)
+            for r in res:
+                print(f"  {r.kernel} {r.label} batch {r.batch}: default {_us(r.default_us)} -> best {_us(r.best_us)}"
+                      f" ({_fmt(r.best)})", file=sys.stderr)
+                if r.best is not None and r.check_ok:
+                    store.add(r, dict(models=t.models, measured=_now(), timer=tuner.timer,
+                                      **({"context": a.context} if t.family == "attn_decode" else {})))
+                elif r.best is not None:
+                    print(f"{r.kernel} {r.label} batch {r.batch}: best config {_fmt(r.best)} does not match the "
+                          f"reference (relative error {r.check_err:.2e}); not written", file=sys.stderr)
+            rows += res
+            print(f"{t.family} {','.join(t.models)} batch {t.n}"
+                  f"{f' window {t.window}' if t.window else ''}: {sum(r.timed for r in res)} timed, "
+                  f"{sum(len(r.rejected) for r in res)} rejected, {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    finally:
+        pool.close()
+    if a.dry_run:
+        print(f"times: {DRY_TIMER}")
+    print(table(rows))
+    failed = [r for r in rows if r.best is not None and not r.check_ok]
+    print(f"\n{len(rows)} configs, {len(failed)} failed the reference check; {time.perf_counter() - t_all:.0f} s; "
+          f"written to {path}" + (" (interpreter times: a dry run)" if a.dry_run else ""))
+    return 1 if failed or any(r.best is None for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,172 @@
+"""kernels.tune (no GPU here: its --dry-run flow on CPU) and the launchers obeying a tuned-config JSON."""
+
+import json
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported anywhere
+
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton")
+
+from kernels import tuned  # noqa: E402
+from kernels._triton import capturing  # noqa: E402
+from kernels.attention import paged_attention, tuning_shape as attn_shape  # noqa: E402
+from kernels.moe import moe_mxfp4, tuning_shape as moe_shape  # noqa: E402
+from tests.kernels.cases import DECODE, H, HEAD_DIM, I, KV_HEADS, MIXED, E, TOP_K, attention_step, moe_module, \
+    packed, tokens  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_dry_run_tunes_every_family_and_writes_only_to_its_temp_dir(tmp_path):
+    before = sorted(tuned.CONFIG_DIR.glob("*")) if tuned.CONFIG_DIR.exists() else []
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop(tuned.ENV, None)
+    r = subprocess.run([sys.executable, "-m", "kernels.tune", "--dry-run", "--out", str(tmp_path)], cwd=ROOT,
+                       env=env, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "interpreter times, not GPU times" in r.stdout
+    assert "| kernel" in r.stdout and "best config" in r.stdout
+    (path,) = tmp_path.glob("*.json")
+    res = json.loads(path.read_text())
+    assert res["dry_run"] and "interpreter" in res["timer"]
+    got = {(e["kernel"], e["batch"]) for e in res["entries"]}
+    assert got == {(k, b) for k in ("moe_w1", "moe_w2") for b in (1, 8)} | {("attn_decode", 1), ("attn_prefill", 8)}
+    for e in res["entries"]:
+        assert e["us"] > 0 and e["default_us"] > 0 and e["check_rel_err"] < 1e-4
+        assert e["candidates_timed"] >= 1 and "interpreter" in e["timer"]
+    assert {e["shape"] for e in res["entries"] if e["kernel"] == "attn_decode"} == {
+        attn_shape(4, KV_HEADS, HEAD_DIM, 16, w, torch.float32) for w in (16, None)}
+    after = sorted(tuned.CONFIG_DIR.glob("*")) if tuned.CONFIG_DIR.exists() else []
+    assert after == before
+    # and it refuses to put interpreter times where the launchers look
+    r = subprocess.run([sys.executable, "-m", "kernels.tune", "--dry-run", "--out", str(tuned.CONFIG_DIR)], cwd=ROOT,
+                       env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and "interpreter times" in r.stderr
+
+
+def _entry(kernel, shape, batch, config):
+    return dict(kernel=kernel, shape=shape, batch=batch, config=config, us=1.0)
+
+
+MOE_SHAPE = moe_shape(H, I, E, TOP_K, torch.float32)
+MOE_W1 = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=64)
+MOE_W2 = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64)
+DECODE_CFG = dict(BLOCK_M=16, BLOCK_N=32, NUM_SPLITS=2)
+PREFILL_CFG = dict(BLOCK_M=32, BLOCK_N=32, NUM_SPLITS=1)
+
+
+@pytest.fixture
+def config_file(tmp_path, monkeypatch):
+    path = tmp_path / "configs.json"
+    entries = [_entry("moe_w1", MOE_SHAPE, 8, MOE_W1), _entry("moe_w2", MOE_SHAPE, 8, MOE_W2),
+               _entry("moe_w1", MOE_SHAPE, 1, dict(MOE_W1, BLOCK_K=32)), _entry("moe_w2", MOE_SHAPE, 1, MOE_W2),
+               _entry("moe_w1", moe_shape(H, I, E, TOP_K, torch.bfloat16), 64, dict(MOE_W1, BLOCK_N=64))]
+    for w in (None, 5):
+        shape = attn_shape(2 * KV_HEADS, KV_HEADS, HEAD_DIM, 4, w, torch.float32)
+        entries += [_entry("attn_decode", shape, 4, DECODE_CFG), _entry("attn_prefill", shape, 64, PREFILL_CFG)]
+    path.write_text(json.dumps(dict(device="test", entries=entries)))
+    monkeypatch.setenv(tuned.ENV, str(path))
+    return path
+
+
+def _launch_kwargs(fn, *args, **kw):
+    with capturing() as launches:
+        fn(*args, **kw)
+    return {getattr(k, "fn", k).__name__: w for k, _, _, w in launches}
+
+
+def _has(kwargs, cfg):
+    return all(kwargs[k] == v for k, v in cfg.items() if k != "NUM_SPLITS")
+
+
+def test_moe_launcher_uses_the_file_nearest_bucket_above_and_matches_the_module(config_file, monkeypatch):
+    m = moe_module()
+    for n, w1 in ((5, MOE_W1), (8, MOE_W1), (1, dict(MOE_W1, BLOCK_K=32))):
+        x = tokens(n, seed=n)
+        idx, w = m.route(x)
+        kw = _launch_kwargs(moe_mxfp4, x, (idx, w), *packed(m))
+        assert _has(kw["_w1_kernel"], w1) and _has(kw["_w2_kernel"], MOE_W2), n
+        out = moe_mxfp4(x, (idx, w), *packed(m))
+        ref = m.compute(x, idx, w)
+        assert (out - ref).abs().max() <= 1e-4 * ref.abs().max() + 1e-6
+    x = tokens(9, seed=9)  # past the largest bucket: the default
+    kw = _launch_kwargs(moe_mxfp4, x, m.route(x), *packed(m))
+    assert kw["_w1_kernel"]["BLOCK_N"] == 32 and kw["_w1_kernel"]["BLOCK_K"] == 32
+    monkeypatch.setenv(tuned.ENV, "off")
+    x = tokens(5, seed=5)
+    kw = _launch_kwargs(moe_mxfp4, x, m.route(x), *packed(m))
+    assert kw["_w1_kernel"]["BLOCK_N"] == 32
+
+
+def test_attention_launcher_uses_the_file_and_matches_attend(config_file):
+    for window in (None, 5):
+        args, ref = attention_step(DECODE, 4, 2, window, seed=7)
+        kw = _launch_kwargs(paged_attention, *args, max_query_len=1)
+        assert _has(kw["_attn_kernel"], DECODE_CFG) and kw["_attn_kernel"]["NUM_SPLITS"] == 2
+        assert kw["_merge_kernel"]["NUM_SPLITS"] == 2
+        torch.testing.assert_close(paged_attention(*args, max_query_len=1), ref, rtol=1e-5, atol=2e-5)
+        args, ref = attention_step(MIXED, 4, 2, window, seed=8)
+        kw = _launch_kwargs(paged_attention, *args)
+        assert _has(kw["_attn_kernel"], PREFILL_CFG) and "_merge_kernel" not in kw
+        torch.testing.assert_close(paged_attention(*args), ref, rtol=1e-5, atol=2e-5)
+
+
+def test_lookup_rules(config_file, monkeypatch):
+    dev = torch.device("cpu")
+    assert tuned.lookup("moe_w1", MOE_SHAPE, 2, dev) == MOE_W1
+    assert tuned.lookup("moe_w1", MOE_SHAPE, 9, dev) is None
+    assert tuned.lookup("moe_w1", MOE_SHAPE.replace("E=8", "E=4"), 2, dev) is None  # exact shape only
+    assert tuned.lookup("moe_w1", MOE_SHAPE, 2, dev) is not tuned.lookup("moe_w1", MOE_SHAPE, 2, dev)  # copies
+    with tuned.forced({"moe_w1": {"BLOCK_M": 32}}):
+        assert tuned.lookup("moe_w1", MOE_SHAPE, 2, dev) == {"BLOCK_M": 32}
+    monkeypatch.setenv(tuned.ENV, str(config_file.with_name("missing.json")))
+    with pytest.raises(FileNotFoundError, match="off"):
+        tuned.lookup("moe_w1", MOE_SHAPE, 2, dev)
+    monkeypatch.delenv(tuned.ENV)
+    assert tuned.lookup("moe_w1", MOE_SHAPE, 2, dev) is None  # CPU tensors: no device file
+    assert tuned.device_file("NVIDIA H200").name == "NVIDIA_H200.json"
+
+
+def test_moe_w1_w2_must_agree_on_block_m(tmp_path, monkeypatch):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(dict(entries=[_entry("moe_w1", MOE_SHAPE, 8, MOE_W1),
+                                             _entry("moe_w2", MOE_SHAPE, 8, dict(MOE_W2, BLOCK_M=32))])))
+    monkeypatch.setenv(tuned.ENV, str(path))
+    m, x = moe_module(), tokens(3)
+    kw = _launch_kwargs(moe_mxfp4, x, m.route(x), *packed(m))
+    assert kw["_w1_kernel"]["BLOCK_N"] == 32 and kw["_w2_kernel"]["BLOCK_N"] == 32  # both defaults
+
+
+def test_aot_compiles_the_tuned_configs(tmp_path, monkeypatch):
+    """kernels.aot records the launchers, so a config file changes what it compiles (no compiling here)."""
+    from kernels import aot
+    path = tmp_path / "h200.json"
+    big = moe_shape(2880, 2880, 128, 4, torch.bfloat16)
+    w1 = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, num_warps=8, num_stages=4)
+    dec = dict(BLOCK_M=16, BLOCK_N=128, NUM_SPLITS=16, num_warps=2, num_stages=3)
+    path.write_text(json.dumps(dict(entries=[
+        _entry("moe_w1", big, 1, w1), _entry("moe_w2", big, 1, dict(w1, BLOCK_N=16)),
+        _entry("attn_decode", attn_shape(64, 8, 64, 16, None, torch.bfloat16), 1, dec)])))
+    monkeypatch.setenv(tuned.ENV, str(path))
+    labels = {(c.kernel, c.label): c.uses for c in aot.plan(90)}
+    w1_label = "TOP_K=4 BLOCK_M=16 BLOCK_N=32 BLOCK_K=128 DOT_BF16=True n_pairs%16 w8 s4"
+    assert labels[("_w1_kernel", w1_label)] == ["120b d1"]
+    assert labels[("_w2_kernel", "BLOCK_M=16 BLOCK_N=16 BLOCK_K=128 DOT_BF16=True n_pairs%16 w8 s4")] == ["120b d1"]
+    assert [u for (k, lab), u in labels.items() if k == "_attn_kernel" and "NUM_SPLITS=16" in lab] == [
+        ["20b d1", "120b d1"]]
+    assert any(k == "_merge_kernel" and "NUM_SPLITS=16" in lab for k, lab in labels)
