@@ -295,4 +295,7 @@ class RandomCheckpoint:
             return t
         if isinstance(rows, slice):
             return t[rows] if dim == 0 else t[:, rows]
-        return t.index_select(dim, torch.as_tensor(list(rows), device=t.device))
+        ids = list(rows)
+        if ids and ids == list(range(ids[0], ids[0] + len(ids))):  # a run (all experts, say): a view, no copy
+            return t.narrow(dim, ids[0], len(ids))
+        return t.index_select(dim, torch.as_tensor(ids, device=t.device))
