@@ -279,7 +279,39 @@ def markdown(res: dict) -> str:
     for r in res["results"]:
         out.append(f"| {r['kind']} | {r['batch']} | {r['context']} | {r['tokens_per_s']:.1f} | "
                    f"{r['roofline_tokens_per_s']:.1f} | {r['roofline_bound']} | {100 * r['fraction_of_roofline']:.1f} |")
+    if not res.get("complete", True):
+        out += ["", "(cut short: the run ended before its last measurement)"]
     return "\n".join(out)
+
+
+BEGIN, END = "<!-- bench.gpu results: begin -->", "<!-- bench.gpu results: end -->"
+
+
+def update_benchmarks(results: Path, target: Path) -> int:
+    """Put the newest result per (GPU, model) found under `results` between BEGIN and END in `target`
+    (appended with a heading the first time): GPU runs happen on another machine, whose JSON comes back
+    as files, and BENCHMARKS.md is written from them here, never by hand."""
+    newest: dict[tuple[str, str], tuple[str, dict]] = {}
+    for f in sorted(results.glob("gpu-*.json")):
+        res = json.loads(f.read_text())
+        if res.get("dry_run") or not res.get("results"):
+            continue
+        key = (res["gpu"], res["model"])
+        if key not in newest or res["date"] > newest[key][0]:
+            newest[key] = (res["date"], res)
+    if not newest:
+        print(f"bench.gpu: no GPU results (gpu-*.json, not dry runs) under {results}", file=sys.stderr)
+        return 2
+    body = "\n\n".join(f"{markdown(res)}\n\nMeasured {date}." for date, res in newest.values())
+    block = f"{BEGIN}\n{body}\n{END}"
+    text = target.read_text() if target.exists() else ""
+    if BEGIN in text and END in text:
+        text = text[:text.index(BEGIN)] + block + text[text.index(END) + len(END):]
+    else:
+        text = text.rstrip("\n") + "\n\n## GPU (bench/gpu.py)\n\n" + block + "\n"
+    target.write_text(text)
+    print(f"wrote {len(newest)} result table(s) into {target}", file=sys.stderr)
+    return 0
 
 
 def parse(argv=None):
@@ -308,6 +340,10 @@ def parse(argv=None):
     ap.add_argument("--copy-gib", type=float, default=2.0)
     ap.add_argument("--out", help="results directory (default bench/results; a temp dir for --dry-run)")
     ap.add_argument("--dry-run", action="store_true", help="tiny preset on CPU, tiny sizes: exercises the flow")
+    ap.add_argument("--update-benchmarks", metavar="RESULTS_DIR",
+                    help="measure nothing: write the newest GPU result per (GPU, model) in RESULTS_DIR into "
+                         "--benchmarks-file between its bench.gpu markers")
+    ap.add_argument("--benchmarks-file", default="BENCHMARKS.md")
     if ap.parse_args(argv).dry_run:  # tiny defaults; flags given explicitly still win
         ap.set_defaults(models="tiny", device="cpu", batches=[1, 2, 4], decode_context=12, decode_steps=3,
                         warmup_steps=1, prefill_seqs=2, prefill_len=24, max_tokens_per_step=32, isl=12, osl=6,
@@ -328,6 +364,8 @@ def find_vocab() -> None:
 
 def main(argv=None) -> int:
     a = parse(argv)
+    if a.update_benchmarks:
+        return update_benchmarks(Path(a.update_benchmarks), Path(a.benchmarks_file))
     find_vocab()
     command = "python -m bench.gpu " + " ".join(sys.argv[1:] if argv is None else argv)
     if a.kernels:

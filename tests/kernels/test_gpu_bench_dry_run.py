@@ -60,3 +60,38 @@ def test_roofline_matches_the_published_estimate():
     assert 4.8e9 < nbytes < 5.3e9
     assert 800 < 1 / (nbytes / 4.3e12) < 900
     assert roof.step_bytes(64, [1024] * 64, 64) > roof.step_bytes(8, [1024] * 8, 8)
+
+
+def test_update_benchmarks_writes_the_newest_result_per_gpu_and_model(tmp_path):
+    """GPU JSON that came back from the device machine goes into BENCHMARKS.md between markers,
+    newest per (GPU, model), replacing the previous block; dry runs are never written."""
+    from bench.gpu import BEGIN, END, main
+
+    def result(model, date, tok_s, dry=False):
+        row = {"kind": "decode", "batch": 1, "context": 1024, "tokens_per_s": tok_s, "roofline_tokens_per_s": 860.0,
+               "roofline_bound": "memory", "fraction_of_roofline": tok_s / 860.0}
+        return {"gpu": "NVIDIA H200", "model": model, "date": date, "dry_run": dry, "kernels": "auto",
+                "use_triton": True, "copy_bandwidth_GBps": 4300.0, "matmul_TFLOPs": 700.0, "complete": True,
+                "command": "python -m bench.gpu", "results": [row]}
+
+    res = tmp_path / "results"
+    res.mkdir()
+    for name, r in {"a": result("gpt-oss-120b", "2026-12-01T10:00:00", 300.0),
+                    "b": result("gpt-oss-120b", "2026-12-01T11:00:00", 450.5),
+                    "c": result("gpt-oss-20b", "2026-12-01T10:30:00", 900.25),
+                    "d": result("tiny", "2026-12-01T12:00:00", 5.0, dry=True)}.items():
+        (res / f"gpu-{name}.json").write_text(json.dumps(r))
+    bm = tmp_path / "BENCHMARKS.md"
+    bm.write_text("# Benchmarks\n\nearlier text\n")
+    assert main(["--update-benchmarks", str(res), "--benchmarks-file", str(bm)]) == 0
+    text = bm.read_text()
+    assert text.startswith("# Benchmarks\n\nearlier text\n") and text.count(BEGIN) == 1 and text.count(END) == 1
+    assert "| decode | 1 | 1024 | 450.5 | 860.0 | memory | 52.4 |" in text and "| 300.0 |" not in text
+    assert "900.2" in text and "tiny" not in text
+    (res / "gpu-b.json").unlink()
+    assert main(["--update-benchmarks", str(res), "--benchmarks-file", str(bm)]) == 0
+    text = bm.read_text()
+    assert text.count(BEGIN) == 1 and "| 300.0 |" in text and "450.5" not in text
+    empty = tmp_path / "none"
+    empty.mkdir()
+    assert main(["--update-benchmarks", str(empty), "--benchmarks-file", str(bm)]) == 2

@@ -1,0 +1,156 @@
+"""Each Triton kernel against its torch reference at the real gpt-oss shapes, on the GPU.
+
+    python -m kernels.check [--models gpt-oss-120b,gpt-oss-20b] [--tokens 1,8,64,256,2048]
+    python -m kernels.check --dry-run     # tiny shapes on CPU under TRITON_INTERPRET=1 (what CI runs)
+
+The kernel tests (tests/kernels) run under the interpreter on tiny shapes;
+this runs the compiled kernels at the shapes the models use (2880 hidden,
+128 or 32 experts, 64 query / 8 KV heads, contexts past the 128-token window
+and past many blocks). Inputs are bf16, as on the GPU. Each output is compared
+with the reference computed in fp32 from the same inputs; the kernel passes
+when its error is at most twice the bf16 reference's own error plus 1e-3 (of
+the fp32 output's largest magnitude). Exits 1 if any case fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+
+import torch
+
+from models.attention import NULL_BLOCK
+from models.checkpoint import PRESETS
+
+
+def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((a.float() - ref).abs().max() / ref.abs().max().clamp(min=1e-30)).item()
+
+
+def verdict(kernel_out, ref32, ref16) -> tuple[float, float, bool]:
+    ek, e16 = rel_err(kernel_out, ref32), rel_err(ref16, ref32)
+    return ek, e16, bool(math.isfinite(ek) and ek <= 2 * e16 + 1e-3)
+
+
+def moe_case(cfg, n: int, dev, dtype, gen):
+    from . import moe
+    E, H, I, k = cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size, cfg.num_experts_per_tok
+    s0 = 127 + round(math.log2(1 / (math.sqrt(H) * math.sqrt(68.5 / 8))))  # weights ~ 1/sqrt(fan-in)
+
+    def mx(o, i):
+        return (torch.randint(0, 256, (E, o, i // 32, 16), dtype=torch.uint8, device=dev, generator=gen),
+                torch.randint(s0 - 1, s0 + 2, (E, o, i // 32), dtype=torch.uint8, device=dev, generator=gen))
+
+    (w1b, w1s), (w2b, w2s) = mx(2 * I, H), mx(H, I)
+    b1 = torch.randn(E, 2 * I, device=dev, generator=gen) * 0.05
+    b2 = torch.randn(E, H, device=dev, generator=gen) * 0.05
+    x = torch.randn(n, H, device=dev, generator=gen)
+    logits = torch.randn(n, E, device=dev, generator=gen)
+    idx, w = moe.route(logits, k, torch.float32)
+    ref32 = moe.moe_reference(x, idx, w, w1b, w1s, b1, w2b, w2s, b2)
+    xb, b1b, b2b, wb = x.to(dtype), b1.to(dtype), b2.to(dtype), w.to(dtype)
+    ref16 = moe.moe_reference(xb, idx, wb, w1b, w1s, b1b, w2b, w2s, b2b)
+    out = moe.moe_mxfp4(xb, (idx, wb), w1b, w1s, b1b, w2b, w2s, b2b, top_k=k)
+    return verdict(out, ref32, ref16)
+
+
+def attention_case(cfg, seqs: list[tuple[int, int]], window, dev, dtype, gen, bs: int = 16):
+    """seqs: (context length after the step, new tokens) per sequence; tables over shuffled blocks,
+    blocks the window no longer sees set to NULL_BLOCK as the engine's BlockManager leaves them."""
+    from . import attention
+    Hq, K, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    nblocks = 1 + sum(-(-c // bs) for c, _ in seqs)
+    kc = torch.randn(nblocks, bs, K, D, device=dev, generator=gen)
+    vc = torch.randn(nblocks, bs, K, D, device=dev, generator=gen)
+    kc[NULL_BLOCK] = 0
+    vc[NULL_BLOCK] = 0
+    perm = (torch.randperm(nblocks - 1, device=dev, generator=gen) + 1).tolist()
+    tables, used = [], 0
+    for ctx, ql in seqs:
+        t = perm[used:used + -(-ctx // bs)]
+        used += len(t)
+        if window is not None:
+            t = [NULL_BLOCK if (j + 1) * bs <= ctx - ql - window + 1 else b for j, b in enumerate(t)]
+        tables.append(t)
+    width = max(map(len, tables))
+    bt = torch.tensor([t + [NULL_BLOCK] * (width - len(t)) for t in tables], device=dev)
+    qs = torch.tensor([0] + torch.tensor([q for _, q in seqs]).cumsum(0).tolist(), device=dev)
+    ctx = torch.tensor([c for c, _ in seqs], device=dev)
+    q = torch.randn(int(qs[-1]), Hq, D, device=dev, generator=gen)
+    sinks = torch.randn(Hq, device=dev, generator=gen)
+    args = (bt, qs, ctx)
+    ref32 = attention.paged_attention_reference(q, kc, vc, *args, sinks, window, D ** -0.5)
+    qb, kb, vb, sb = q.to(dtype), kc.to(dtype), vc.to(dtype), sinks.to(dtype)
+    ref16 = attention.paged_attention_reference(qb, kb, vb, *args, sb, window, D ** -0.5)
+    out = attention.paged_attention(qb, kb, vb, *args, sb, window, D ** -0.5,
+                                    max_query_len=max(q for _, q in seqs))
+    return verdict(out, ref32, ref16)
+
+
+def rmsnorm_case(cfg, n: int, dev, dtype, gen):
+    from . import rmsnorm
+    H = cfg.hidden_size
+    x, r = (torch.randn(n, H, device=dev, generator=gen) for _ in range(2))
+    w = 1 + 0.05 * torch.randn(H, device=dev, generator=gen)
+    o32, h32 = rmsnorm.rmsnorm_reference(x, w, 1e-5, r)
+    o16, h16 = rmsnorm.rmsnorm_reference(x.to(dtype), w, 1e-5, r.to(dtype))
+    ok, hk = rmsnorm.rmsnorm_triton(x.to(dtype), w, 1e-5, r.to(dtype))
+    (e1, b1, p1), (e2, b2, p2) = verdict(ok, o32, o16), verdict(hk, h32, h16)
+    return max(e1, e2), max(b1, b2), p1 and p2
+
+
+def cases(models: list[str], tokens: list[int], dry: bool):
+    """(name, thunk) per case; thunk(dev, dtype, gen) -> (kernel error, bf16 reference error, passed)."""
+    for name in models:
+        cfg = PRESETS[name]
+        for n in tokens:
+            yield f"{name} moe tokens={n}", lambda d, t, g, c=cfg, n=n: moe_case(c, n, d, t, g)
+        yield f"{name} rmsnorm+residual tokens={max(tokens)}", \
+            lambda d, t, g, c=cfg, n=max(tokens): rmsnorm_case(c, n, d, t, g)
+        w = cfg.sliding_window
+        long_ctx = 40 if dry else 4100
+        decode = [(1, 1), (w - 1, 1), (w + 3, 1), (long_ctx, 1)]
+        mixed = [(long_ctx, 1), (w + 40, w + 40), (2 * w + 17, 37), (5, 5)]
+        for label, seqs in (("decode", decode), ("decode x64", decode * (2 if dry else 16)), ("prefill+decode", mixed)):
+            for window in (w, None):
+                yield (f"{name} attention {label} {'window' if window else 'full'}",
+                       lambda d, t, g, c=cfg, s=seqs, win=window: attention_case(c, s, win, d, t, g))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", default="gpt-oss-120b,gpt-oss-20b")
+    ap.add_argument("--tokens", default="1,8,64,256,2048", help="MoE / RMSNorm token counts")
+    ap.add_argument("--dry-run", action="store_true", help="tiny preset, CPU, Triton interpreter")
+    a = ap.parse_args(argv)
+    unknown = [m for m in a.models.split(",") if m not in PRESETS]
+    if unknown:
+        print(f"kernels.check: --models: unknown {', '.join(unknown)} (choose from {', '.join(PRESETS)})",
+              file=sys.stderr)
+        return 2
+    if a.dry_run:
+        if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+            print("kernels.check --dry-run: set TRITON_INTERPRET=1 (before Python starts)", file=sys.stderr)
+            return 2
+        models, tokens, dev, dtype = ["tiny"], [1, 5, 24], torch.device("cpu"), torch.float32
+    else:
+        if not torch.cuda.is_available():
+            print("kernels.check: no CUDA device (use --dry-run on CPU)", file=sys.stderr)
+            return 2
+        models, dev, dtype = a.models.split(","), torch.device("cuda"), torch.bfloat16
+        tokens = [int(x) for x in a.tokens.split(",")]
+    gen = torch.Generator(device=dev).manual_seed(0)
+    print(f"| case | kernel error | {dtype} reference error | ok |\n|---|---:|---:|---|")
+    failed = 0
+    for name, run in cases(models, tokens, a.dry_run):
+        ek, e16, ok = run(dev, dtype, gen)
+        failed += not ok
+        print(f"| {name} | {ek:.2e} | {e16:.2e} | {'ok' if ok else 'FAIL'} |", flush=True)
+    print(f"{failed} of the cases failed" if failed else "all cases passed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,40 @@
+"""kernels.check: the kernels against their references at given shapes (real ones on a GPU);
+here its dry run on tiny shapes under the interpreter, and its verdict on a wrong kernel."""
+
+import pytest
+
+from kernels import check
+
+pytest.importorskip("triton")
+
+
+def test_dry_run_passes_every_case(capsys):
+    assert check.main(["--dry-run"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| tiny ")]
+    assert len(rows) == 10 and all(line.endswith("| ok |") for line in rows)
+    assert "moe tokens=24" in out and "attention prefill+decode window" in out
+
+
+def test_a_wrong_kernel_fails(monkeypatch, capsys):
+    from kernels import moe
+    real = moe.moe_mxfp4
+    monkeypatch.setattr(moe, "moe_mxfp4", lambda *a, **kw: real(*a, **kw) * 1.01)
+    assert check.main(["--dry-run"]) == 1
+    out = capsys.readouterr().out
+    assert "| tiny moe tokens=1 |" in out and "FAIL" in out and "3 of the cases failed" in out
+
+
+def test_verdict_allows_twice_the_bf16_reference_error():
+    import torch
+    ref = torch.tensor([1.0, -2.0, 4.0])
+    assert check.verdict(ref + 0.004, ref, ref + 0.002)[2]        # 1e-3 vs 5e-4: within 2x + 1e-3
+    assert not check.verdict(ref + 0.04, ref, ref + 0.002)[2]     # 1e-2: not
+    assert not check.verdict(ref * float("nan"), ref, ref)[2]
+
+
+def test_cli_errors_name_the_flag(capsys):
+    assert check.main(["--models", "gpt-oss-120b,nope"]) == 2
+    assert "--models: unknown nope" in capsys.readouterr().err
+    if not __import__("torch").cuda.is_available():
+        assert check.main([]) == 2 and "no CUDA device" in capsys.readouterr().err
