@@ -15,7 +15,9 @@ launch binder, so constexprs, num_warps/num_stages, dtypes and argument
 specialisation (alignment, divisibility by 16) are the ones a GPU run compiles,
 measured configs included (kernels.tuned: this machine's GPU's file, or the one
 GPTOSS_KERNEL_CONFIGS names).
-`_pack_args` and `create_function_from_signature` are Triton internals (3.9).
+`_pack_args` and `create_function_from_signature` are Triton internals with the same
+signatures in 3.6 (the GPU image's) and 3.9; the options JITFunction.run adds
+before binding differ, and `bind` feature-detects them.
 """
 
 import argparse
@@ -165,8 +167,10 @@ def bind(uses: list, arch: int = 90) -> list[Config]:
     from triton.runtime.jit import create_function_from_signature
     backend = make_backend(GPUTarget("cuda", arch, 32))
     # the options JITFunction.run adds before binding
-    run_opts = dict(debug=knobs.runtime.debug, instrumentation_mode=knobs.compilation.instrumentation_mode,
-                    fpsan_homomorphic_casts=knobs.compilation.fpsan_homomorphic_casts)
+    run_opts = dict(debug=knobs.runtime.debug, instrumentation_mode=knobs.compilation.instrumentation_mode)
+    # Triton 3.9 added the FP sanitizer's option (and its knob); 3.6 has neither
+    if hasattr(knobs.compilation, "fpsan_homomorphic_casts"):
+        run_opts["fpsan_homomorphic_casts"] = knobs.compilation.fpsan_homomorphic_casts
     copies, configs = {}, {}
     for use, launches in uses:
         for fn, args, kwargs in launches:
