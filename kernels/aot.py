@@ -47,8 +47,10 @@ SMEM_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448, 120: 
 MAX_REGS = 255
 
 
-def _step_launches(cfg, n_seqs: int, q_len: int, context: int) -> list:
-    """What one sliding + one full layer launch on CUDA: both norms, attention, MoE."""
+def _step_launches(cfg, n_seqs: int, q_len: int, context: int, ep: int = 1) -> list:
+    """What one sliding + one full layer launch on CUDA: both norms, attention, MoE. With ep > 1, the
+    MoE as one expert-parallel rank runs it (MoE.run_experts): its E/ep experts over the rows routed
+    to it (N*k/ep expected), one expert per row (top_k=1)."""
     from . import attention, moe, rmsnorm
     H, I, E, k = cfg.hidden_size, cfg.intermediate_size, cfg.num_local_experts, cfg.num_experts_per_tok
     Hq, K, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -71,11 +73,12 @@ def _step_launches(cfg, n_seqs: int, q_len: int, context: int) -> list:
             attention.paged_attention(q, cache, cache, table, qs, ctx, sinks, window, D ** -0.5,
                                       max_query_len=q_len)
         u8 = dict(dtype=torch.uint8, **meta)
+        E, rows, top = (E, N, k) if ep == 1 else (E // ep, max(1, N * k // ep), 1)
         experts = (torch.empty(E, 2 * I, H // 32, 16, **u8), torch.empty(E, 2 * I, H // 32, **u8),
                    torch.empty(E, 2 * I, dtype=bf16, **meta), torch.empty(E, H, I // 32, 16, **u8),
                    torch.empty(E, H, I // 32, **u8), torch.empty(E, H, dtype=bf16, **meta))
-        routing = (torch.empty(N, k, dtype=torch.long, **meta), torch.empty(N, k, dtype=bf16, **meta))
-        moe.moe_mxfp4(x, routing, *experts, top_k=k)
+        routing = (torch.empty(rows, top, dtype=torch.long, **meta), torch.empty(rows, top, dtype=bf16, **meta))
+        moe.moe_mxfp4(torch.empty(rows, H, dtype=bf16, **meta), routing, *experts, top_k=top)
     return launches
 
 
@@ -88,6 +91,10 @@ def workloads():
         for b in DECODE_BATCHES:
             out.append((f"{short} d{b}", _step_launches(PRESETS[name], b, 1, DECODE_CONTEXT)))
         out.append((f"{short} p{PREFILL_CHUNK}", _step_launches(PRESETS[name], 1, PREFILL_CHUNK, PREFILL_CHUNK)))
+    for b in DECODE_BATCHES:  # 120b over 8 expert-parallel ranks (helm/gptoss/values-120b-ep8.yaml)
+        out.append((f"120b ep8 d{b}", _step_launches(PRESETS["gpt-oss-120b"], b, 1, DECODE_CONTEXT, ep=8)))
+    out.append((f"120b ep8 p{PREFILL_CHUNK}", _step_launches(PRESETS["gpt-oss-120b"], 1, PREFILL_CHUNK,
+                                                            PREFILL_CHUNK, ep=8)))
     return out
 
 

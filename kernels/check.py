@@ -34,9 +34,11 @@ def verdict(kernel_out, ref32, ref16) -> tuple[float, float, bool]:
     return ek, e16, bool(math.isfinite(ek) and ek <= 2 * e16 + 1e-3)
 
 
-def moe_case(cfg, n: int, dev, dtype, gen):
+def moe_case(cfg, n: int, dev, dtype, gen, ep: int = 1):
+    """ep > 1: the rows form one expert-parallel rank runs (MoE.run_experts): its E/ep experts,
+    n rows each routed to one of them with weight 1."""
     from . import moe
-    E, H, I, k = cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size, cfg.num_experts_per_tok
+    E, H, I, k = cfg.num_local_experts // ep, cfg.hidden_size, cfg.intermediate_size, cfg.num_experts_per_tok
     s0 = 127 + round(math.log2(1 / (math.sqrt(H) * math.sqrt(68.5 / 8))))  # weights ~ 1/sqrt(fan-in)
 
     def mx(o, i):
@@ -47,8 +49,12 @@ def moe_case(cfg, n: int, dev, dtype, gen):
     b1 = torch.randn(E, 2 * I, device=dev, generator=gen) * 0.05
     b2 = torch.randn(E, H, device=dev, generator=gen) * 0.05
     x = torch.randn(n, H, device=dev, generator=gen)
-    logits = torch.randn(n, E, device=dev, generator=gen)
-    idx, w = moe.route(logits, k, torch.float32)
+    if ep == 1:
+        idx, w = moe.route(torch.randn(n, E, device=dev, generator=gen), k, torch.float32)
+    else:
+        k = 1
+        idx = torch.randint(0, E, (n, 1), device=dev, generator=gen)
+        w = torch.ones(n, 1, device=dev)
     ref32 = moe.moe_reference(x, idx, w, w1b, w1s, b1, w2b, w2s, b2)
     xb, b1b, b2b, wb = x.to(dtype), b1.to(dtype), b2.to(dtype), w.to(dtype)
     ref16 = moe.moe_reference(xb, idx, wb, w1b, w1s, b1b, w2b, w2s, b2b)
@@ -107,6 +113,9 @@ def cases(models: list[str], tokens: list[int], dry: bool):
         cfg = PRESETS[name]
         for n in tokens:
             yield f"{name} moe tokens={n}", lambda d, t, g, c=cfg, n=n: moe_case(c, n, d, t, g)
+        ep = 2 if dry else 8
+        for n in (tokens[0], tokens[-1]):
+            yield f"{name} moe ep{ep} rank rows={n}", lambda d, t, g, c=cfg, n=n, ep=ep: moe_case(c, n, d, t, g, ep)
         yield f"{name} rmsnorm+residual tokens={max(tokens)}", \
             lambda d, t, g, c=cfg, n=max(tokens): rmsnorm_case(c, n, d, t, g)
         w = cfg.sliding_window

@@ -12,8 +12,8 @@ def test_dry_run_passes_every_case(capsys):
     assert check.main(["--dry-run"]) == 0
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith("| tiny ")]
-    assert len(rows) == 10 and all(line.endswith("| ok |") for line in rows)
-    assert "moe tokens=24" in out and "attention prefill+decode window" in out
+    assert len(rows) == 12 and all(line.endswith("| ok |") for line in rows)
+    assert "moe tokens=24" in out and "moe ep2 rank rows=24" in out and "attention prefill+decode window" in out
 
 
 def test_a_wrong_kernel_fails(monkeypatch, capsys):
@@ -22,7 +22,7 @@ def test_a_wrong_kernel_fails(monkeypatch, capsys):
     monkeypatch.setattr(moe, "moe_mxfp4", lambda *a, **kw: real(*a, **kw) * 1.01)
     assert check.main(["--dry-run"]) == 1
     out = capsys.readouterr().out
-    assert "| tiny moe tokens=1 |" in out and "FAIL" in out and "3 of the cases failed" in out
+    assert "| tiny moe tokens=1 |" in out and "FAIL" in out and "5 of the cases failed" in out
 
 
 def test_verdict_allows_twice_the_bf16_reference_error():
