@@ -48,10 +48,10 @@ MAX_REGS = 255
 
 
 def _step_launches(cfg, n_seqs: int, q_len: int, context: int, ep: int = 1) -> list:
-    """What one sliding + one full layer launch on CUDA: both norms, attention, MoE. With ep > 1, the
+    """What one sliding + one full layer launch on CUDA: both norms, rotary, attention, MoE. With ep > 1, the
     MoE as one expert-parallel rank runs it (MoE.run_experts): its E/ep experts over the rows routed
     to it (N*k/ep expected), one expert per row (top_k=1)."""
-    from . import attention, moe, rmsnorm
+    from . import attention, moe, rmsnorm, rope
     H, I, E, k = cfg.hidden_size, cfg.intermediate_size, cfg.num_local_experts, cfg.num_experts_per_tok
     Hq, K, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     N = n_seqs * q_len
@@ -67,6 +67,11 @@ def _step_launches(cfg, n_seqs: int, q_len: int, context: int, ep: int = 1) -> l
         norm_w = torch.empty(H, **meta)  # models.layers.RMSNorm keeps it in fp32
         rmsnorm.rmsnorm_triton(x, norm_w, cfg.rms_norm_eps)
         rmsnorm.rmsnorm_triton(x, norm_w, cfg.rms_norm_eps, residual=x)
+        # q, k: views of the fused qkv projection's output (models.layers.QKVLinear); cos/sin in the model dtype
+        qkv = torch.empty(N, (Hq + 2 * K) * D, dtype=bf16, **meta)
+        qv, kv, _ = qkv.split([Hq * D, K * D, K * D], dim=-1)
+        cos_sin = torch.empty(N, D // 2, dtype=bf16, **meta)
+        rope.rope_triton(qv.view(-1, Hq, D), kv.view(-1, K, D), cos_sin, cos_sin)
         q = torch.empty(N, Hq, D, dtype=bf16, **meta)
         sinks = torch.empty(Hq, dtype=bf16, **meta)
         for window in (cfg.sliding_window, None):

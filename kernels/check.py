@@ -5,7 +5,7 @@
 
 The kernel tests (tests/kernels) run under the interpreter on tiny shapes;
 this runs the compiled kernels at the shapes the models use (2880 hidden,
-128 or 32 experts, 64 query / 8 KV heads, contexts past the 128-token window
+128 or 32 experts, 64 query / 8 KV heads (attention, rotary), contexts past the 128-token window
 and past many blocks). Inputs are bf16, as on the GPU. Each output is compared
 with the reference computed in fp32 from the same inputs; the kernel passes
 when its error is at most twice the bf16 reference's own error plus 1e-3 (of
@@ -107,6 +107,29 @@ def rmsnorm_case(cfg, n: int, dev, dtype, gen):
     return max(e1, e2), max(b1, b2), p1 and p2
 
 
+def rope_case(cfg, n: int, dev, dtype, gen):
+    """q and k as views of one fused qkv output, cos/sin from Rotary.cos_sin at positions up to the
+    longest context, each in the dtype compared."""
+    from models.layers import Rotary
+
+    from . import rope
+    Hq, K, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    qkv = torch.randn(n, (Hq + 2 * K) * D, device=dev, generator=gen)
+    pos = torch.randint(0, cfg.max_position_embeddings, (n,), device=dev, generator=gen)
+    rot = Rotary(cfg).to(dev)
+
+    def views(t):
+        q, k, _ = t.split([Hq * D, K * D, K * D], dim=-1)
+        return q.view(-1, Hq, D), k.view(-1, K, D)
+
+    q32, k32 = rope.rope_reference(*views(qkv), *rot.cos_sin(pos, torch.float32))
+    xb, (cb, sb) = views(qkv.to(dtype)), rot.cos_sin(pos, dtype)
+    q16, k16 = rope.rope_reference(*xb, cb, sb)
+    qk, kk = rope.rope_triton(*xb, cb, sb)
+    (e1, b1, p1), (e2, b2, p2) = verdict(qk, q32, q16), verdict(kk, k32, k16)
+    return max(e1, e2), max(b1, b2), p1 and p2
+
+
 def cases(models: list[str], tokens: list[int], dry: bool):
     """(name, thunk) per case; thunk(dev, dtype, gen) -> (kernel error, bf16 reference error, passed)."""
     for name in models:
@@ -118,6 +141,8 @@ def cases(models: list[str], tokens: list[int], dry: bool):
             yield f"{name} moe ep{ep} rank rows={n}", lambda d, t, g, c=cfg, n=n, ep=ep: moe_case(c, n, d, t, g, ep)
         yield f"{name} rmsnorm+residual tokens={max(tokens)}", \
             lambda d, t, g, c=cfg, n=max(tokens): rmsnorm_case(c, n, d, t, g)
+        for n in (tokens[0], tokens[-1]):
+            yield f"{name} rope q+k tokens={n}", lambda d, t, g, c=cfg, n=n: rope_case(c, n, d, t, g)
         w = cfg.sliding_window
         long_ctx = 40 if dry else 4100
         decode = [(1, 1), (w - 1, 1), (w + 3, 1), (long_ctx, 1)]
@@ -131,7 +156,7 @@ def cases(models: list[str], tokens: list[int], dry: bool):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", default="gpt-oss-120b,gpt-oss-20b")
-    ap.add_argument("--tokens", default="1,8,64,256,2048", help="MoE / RMSNorm token counts")
+    ap.add_argument("--tokens", default="1,8,64,256,2048", help="MoE / RMSNorm / rotary token counts")
     ap.add_argument("--dry-run", action="store_true", help="tiny preset, CPU, Triton interpreter")
     a = ap.parse_args(argv)
     unknown = [m for m in a.models.split(",") if m not in PRESETS]

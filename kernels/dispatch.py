@@ -7,9 +7,10 @@
     dispatch.moe(x, routing, w1_blocks, w1_scales, b1, w2_blocks, w2_scales, b2, *, top_k=4,
                  global_to_local=None, limit=7.0, alpha=1.702) -> [N, H]
     dispatch.rmsnorm(x, weight, eps, residual=None) -> out | (out, x + residual)
+    dispatch.rope(q, k, cos, sin) -> (q, k) rotated (q [N, Hq, D], k [N, K, D], cos/sin [N, D/2])
 
 Each call runs the Triton kernel when `use_triton(device)`, else the torch
-reference beside it (kernels/attention.py, moe.py, rmsnorm.py), whose numbers
+reference beside it (kernels/attention.py, moe.py, rmsnorm.py, rope.py), whose numbers
 are the model's. GPTOSS_KERNELS picks: `auto` (default; Triton on CUDA when
 triton imports), `torch` (always the references), `triton` (always Triton; on
 CPU only under TRITON_INTERPRET=1, which is how the tests run the kernels).
@@ -29,6 +30,8 @@ references here never call back into the modules):
   global_to_local=None). Dense (unquantised) experts keep the torch path.
 * RMSNorm.forward -> rmsnorm(x, ...); Block.forward fuses the residual add into
   the MoE's norm: h, x = rmsnorm(attn_out, w, eps, residual=x).
+* Rotary.apply_qk (Attention.forward's rotation of q and k) -> rope(q, k, cos, sin): one launch
+  for both, instead of the ~14 small kernels of two torch rotations.
 
 Decode steps are replayed as CUDA graphs per batch bucket by engine.executor.LocalExecutor
 (kernels.cuda_graphs.DecodeGraphRunner); those steps need the Triton path, which has no host syncs.
@@ -97,4 +100,11 @@ def rmsnorm(x, weight, eps: float, residual=None):
     return r.rmsnorm_reference(x, weight, eps, residual)
 
 
-__all__ = ["moe", "paged_attention", "rmsnorm", "triton_available", "use_triton"]
+def rope(q, k, cos, sin):
+    from . import rope as r
+    if use_triton(q.device):
+        return r.rope_triton(q, k, cos, sin)
+    return r.rope_reference(q, k, cos, sin)
+
+
+__all__ = ["moe", "paged_attention", "rmsnorm", "rope", "triton_available", "use_triton"]

@@ -24,7 +24,7 @@ from models import mxfp4
 from models.layers import swiglu
 
 from . import tuned
-from ._triton import interpreting, jit_module, launch, on_gpu, tl, triton
+from ._triton import interpreting, jit_module, launch, next_pow2, on_gpu, tl, triton
 
 
 def route(logits: torch.Tensor, top_k: int, dtype: torch.dtype | None = None):
@@ -189,7 +189,67 @@ def _combine_kernel(y_ptr, valid_ptr, out_ptr, H, TOP_K: tl.constexpr, BLOCK_H: 
     tl.store(out_ptr + m * H + cols, acc.to(out_ptr.dtype.element_ty), mask=cols < H)
 
 
-_KERNELS = ("_fp4", "_dot", "_mx_tile", "_w1_kernel", "_w2_kernel", "_combine_kernel")
+def _align_kernel(idx_ptr, g2l_ptr, sorted_ptr, tile_e_ptr, valid_ptr, n_pairs, n_local, max_tiles,
+                  HAS_MAP: tl.constexpr, BLOCK_M: tl.constexpr, E_PAD: tl.constexpr, CHUNK: tl.constexpr,
+                  TILES: tl.constexpr):
+    """`align` in one program: a stable counting sort of the pairs by local expert.
+
+    Pass 1 counts each expert's pairs (one-hot [CHUNK, E_PAD] summed over the
+    chunk) and writes `valid`; the tile layout is the cumsum of the padded tile
+    counts; the tiles' experts and padding slots are written next; pass 2 walks
+    the chunks again and scatters each pair to its expert's start + its rank
+    (cumsum of the one-hot down the chunk + the running per-expert count).
+    Every slot of sorted_ids is written exactly once, so the two writers need
+    no ordering between them."""
+    cols = tl.arange(0, E_PAD)
+    lanes = tl.arange(0, CHUNK)
+    real_e = cols < n_local
+    counts = tl.zeros((E_PAD,), tl.int32)
+    for c0 in range(0, n_pairs, CHUNK):
+        p = c0 + lanes
+        pm = p < n_pairs
+        loc = tl.load(idx_ptr + p, mask=pm, other=0).to(tl.int32)
+        if HAS_MAP:
+            loc = tl.load(g2l_ptr + loc, mask=pm, other=-1).to(tl.int32)
+        key = tl.where(pm & (loc >= 0), loc, -1)
+        tl.store(valid_ptr + p, (key >= 0).to(tl.int8), mask=pm)
+        counts += tl.sum((key[:, None] == cols[None, :]).to(tl.int32), axis=0)
+    tiles = (counts + BLOCK_M - 1) // BLOCK_M
+    tile_end = tl.cumsum(tiles, axis=0)
+    tile_start = tile_end - tiles
+    # tile -> expert (searchsorted right of tile_end), and P in every slot no pair will take
+    rows = tl.arange(0, BLOCK_M)
+    for t0 in range(0, max_tiles, TILES):
+        t = t0 + tl.arange(0, TILES)
+        tm = t < max_tiles
+        te = tl.sum((real_e[None, :] & (tile_end[None, :] <= t[:, None])).to(tl.int32), axis=1)
+        spare = te >= n_local
+        tl.store(tile_e_ptr + t, tl.where(spare, -1, te), mask=tm)
+        hit = (te[:, None] == cols[None, :]).to(tl.int32)
+        cnt = tl.sum(hit * counts[None, :], axis=1)
+        first = tl.sum(hit * tile_start[None, :], axis=1)
+        used = tl.where(spare, 0, tl.minimum(tl.maximum(cnt - (t - first) * BLOCK_M, 0), BLOCK_M))
+        pad = (rows[None, :] >= used[:, None]) & tm[:, None]
+        tl.store(sorted_ptr + t[:, None] * BLOCK_M + rows[None, :],
+                 tl.full((TILES, BLOCK_M), 0, tl.int32) + n_pairs, mask=pad)
+    # pass 2: stable scatter
+    seen = tile_start * BLOCK_M
+    for c0 in range(0, n_pairs, CHUNK):
+        p = c0 + lanes
+        pm = p < n_pairs
+        loc = tl.load(idx_ptr + p, mask=pm, other=0).to(tl.int32)
+        if HAS_MAP:
+            loc = tl.load(g2l_ptr + loc, mask=pm, other=-1).to(tl.int32)
+        key = tl.where(pm & (loc >= 0), loc, -1)
+        hot = (key[:, None] == cols[None, :]).to(tl.int32)
+        incl = tl.cumsum(hot, axis=0)
+        dest = tl.sum(hot * (incl + seen[None, :]), axis=1) - 1
+        tl.store(sorted_ptr + dest, p, mask=key >= 0)
+        seen += tl.sum(hot, axis=0)
+
+
+_KERNELS = ("_fp4", "_dot", "_mx_tile", "_w1_kernel", "_w2_kernel", "_combine_kernel",
+            "_align_kernel")
 
 
 def _default_config(pairs: int, n_local: int, interp: bool) -> dict:
@@ -223,6 +283,34 @@ def _split(cfg: dict) -> tuple[dict, dict]:
             {k: v for k, v in cfg.items() if k.startswith("num_")})
 
 
+def _align_config(P: int, n_local: int, block_m: int) -> dict:
+    """Tiles of ~16 int32 per thread: the one-hot [CHUNK, E_PAD] and the padding block [TILES, BLOCK_M]."""
+    num_warps = 4 if P <= 2048 else 16
+    budget = 16 * 32 * num_warps
+    e_pad = max(16, next_pow2(n_local))
+    chunk = max(16, min(next_pow2(P), budget // e_pad))
+    tiles = max(1, min(chunk, budget // block_m))
+    return dict(E_PAD=e_pad, CHUNK=chunk, TILES=tiles, num_warps=num_warps)
+
+
+def align_triton(idx: torch.Tensor, global_to_local, n_local: int, block_m: int):
+    """`align` as one Triton launch (CUDA, or the interpreter): same sorted_ids and tile_expert,
+    valid as int8 (what _combine_kernel reads). Static shapes, no host reads: graph-capturable."""
+    jit_module(globals(), _KERNELS)
+    flat = idx.reshape(-1)
+    P, dev = flat.numel(), flat.device
+    max_tiles = -(-P // block_m) + min(n_local, P)
+    sorted_ids = torch.empty(max_tiles * block_m, dtype=torch.int32, device=dev)
+    tile_expert = torch.empty(max_tiles, dtype=torch.int32, device=dev)
+    valid = torch.empty(P, dtype=torch.int8, device=dev)
+    if P == 0:
+        return sorted_ids, tile_expert, valid
+    g2l = global_to_local if global_to_local is not None else flat
+    launch(_align_kernel, (1,), flat, g2l, sorted_ids, tile_expert, valid, P, n_local, max_tiles,
+           HAS_MAP=global_to_local is not None, BLOCK_M=block_m, **_align_config(P, n_local, block_m))
+    return sorted_ids, tile_expert, valid
+
+
 def moe_mxfp4(x: torch.Tensor, routing, w1_blocks, w1_scales, b1, w2_blocks, w2_scales, b2, *,
               top_k: int = 4, global_to_local: torch.Tensor | None = None, limit: float = 7.0,
               alpha: float = 1.702) -> torch.Tensor:
@@ -241,7 +329,7 @@ def moe_mxfp4(x: torch.Tensor, routing, w1_blocks, w1_scales, b1, w2_blocks, w2_
     bm = cfg1["BLOCK_M"]
     dot_bf16 = on_gpu(x) and x.dtype in (torch.bfloat16, torch.float16)
     x = x.contiguous()
-    sorted_ids, tile_expert, valid = align(idx, global_to_local, E, bm)
+    sorted_ids, tile_expert, valid = align_triton(idx, global_to_local, E, bm)
     T = tile_expert.numel()
     act = torch.empty(T * bm, I, dtype=x.dtype, device=x.device)
     meta, opts = _split(cfg1)
@@ -256,8 +344,8 @@ def moe_mxfp4(x: torch.Tensor, routing, w1_blocks, w1_scales, b1, w2_blocks, w2_
            DOT_BF16=dot_bf16, **meta, **opts)
     out = torch.empty_like(x)
     bh = min(1024, triton.next_power_of_2(H))
-    launch(_combine_kernel, (N, triton.cdiv(H, bh)), y, valid.to(torch.int8), out, H, TOP_K=k, BLOCK_H=bh)
+    launch(_combine_kernel, (N, triton.cdiv(H, bh)), y, valid, out, H, TOP_K=k, BLOCK_H=bh)
     return out
 
 
-__all__ = ["align", "moe_mxfp4", "moe_reference", "route"]
+__all__ = ["align", "align_triton", "moe_mxfp4", "moe_reference", "route"]

@@ -40,7 +40,7 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, meta) -> torch.Tensor:
         q, k, v = self.qkv(x)
-        q, k = Rotary.apply(q, cos, sin), Rotary.apply(k, cos, sin)
+        q, k = Rotary.apply_qk(q, k, cos, sin)
         o = meta.attend(self.layer, q, k, v, self.sinks, self.window, self.scale)
         return self.comm.tp_all_reduce(self.o(o.flatten(1)))
 

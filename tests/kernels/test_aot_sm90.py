@@ -28,7 +28,8 @@ def test_every_kernel_is_covered():
     import kernels.attention
     import kernels.moe
     import kernels.rmsnorm
-    mods = (kernels.attention, kernels.moe, kernels.rmsnorm)
+    import kernels.rope
+    mods = (kernels.attention, kernels.moe, kernels.rmsnorm, kernels.rope)
     assert {c.kernel for c in CONFIGS} == {n for m in mods for n in m._KERNELS if n.endswith("_kernel")}
 
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F  # noqa: E402
 
 pytest.importorskip("triton")
 
-from kernels.moe import align, moe_mxfp4, moe_reference, route  # noqa: E402
+from kernels.moe import align, align_triton, moe_mxfp4, moe_reference, route  # noqa: E402
 from tests.kernels.cases import E, H, TOP_K as K, moe_module, packed, tokens  # noqa: E402
 
 
@@ -113,3 +113,54 @@ def test_align_covers_each_local_pair_once_in_expert_order(block_m):
             assert ids.numel() > 0 and bool((local[ids.long()] == e).all())
     used = tile_e[tile_e >= 0]
     assert torch.equal(used, used.sort().values)  # tiles in expert order, spare tiles at the end
+
+
+def _align_case(seed):
+    """A random routing: P = 1..300 pairs, n_local 1/8/16/128, block_m 16/32/64, maybe an EP map."""
+    g = torch.Generator().manual_seed(seed)
+    pick = lambda xs: xs[int(torch.randint(len(xs), (1,), generator=g))]  # noqa: E731
+    n_local, bm, k = pick([1, 8, 16, 128]), pick([16, 32, 64]), pick([1, 2, 4])
+    n = int(torch.randint(1, 300 // k + 1, (1,), generator=g))
+    mapped = seed % 2 == 1
+    n_global = 2 * n_local + 3 if mapped else n_local
+    g2l = None
+    if mapped:  # n_local of the n_global experts are here, in a random order; the rest map to -1
+        g2l = torch.full((n_global,), -1, dtype=torch.long)
+        g2l[torch.randperm(n_global, generator=g)[:n_local]] = torch.arange(n_local)
+    kind = seed % 5
+    if kind == 0:    # skewed: one expert takes every pair
+        idx = torch.full((n, k), int(torch.randint(n_global, (1,), generator=g)))
+    elif kind == 1:  # skewed: a few hot experts
+        hot = torch.randint(n_global, (3,), generator=g)
+        idx = hot[torch.randint(3, (n, k), generator=g)]
+    else:
+        idx = torch.randint(n_global, (n, k), generator=g)
+    return idx, g2l, n_local, bm
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_align_triton_equals_torch_align(seed):
+    idx, g2l, n_local, bm = _align_case(seed)
+    ref = align(idx, g2l, n_local, bm)
+    out = align_triton(idx, g2l, n_local, bm)
+    assert out[0].dtype == ref[0].dtype == out[1].dtype == ref[1].dtype == torch.int32
+    assert out[0].shape == ref[0].shape and out[1].shape == ref[1].shape
+    assert torch.equal(out[0], ref[0]), (seed, idx.shape, n_local, bm)
+    assert torch.equal(out[1], ref[1])
+    assert out[2].dtype == torch.int8 and torch.equal(out[2].bool(), ref[2])
+
+
+@pytest.mark.parametrize("n_local,g2l", [(8, None), (5, torch.tensor([-1, 0, 1, -1, 2, 3, -1, 4]))])
+def test_align_triton_edge_cases(n_local, g2l):
+    n_global = 8
+    cases = [torch.zeros(1, 1, dtype=torch.long),                       # one pair
+             torch.full((1, 4), 3),                                     # absent (under the map) or one expert
+             torch.tensor([[7, 5, 2, 0]]),
+             torch.arange(n_global).repeat(40, 1)[:, :4],               # exact multiples of block_m
+             torch.arange(64 * 4).reshape(64, 4) % n_global]
+    for idx in cases:
+        for bm in (4, 16, 32):
+            ref = align(idx, g2l, n_local, bm)
+            out = align_triton(idx, g2l, n_local, bm)
+            assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1]), (idx.tolist(), bm)
+            assert torch.equal(out[2].bool(), ref[2])

@@ -1,0 +1,76 @@
+"""MoE routing after the router's linear layer: top-k, softmax over the k picked, expert-load count.
+
+torch needs five kernels for this per layer (topk, a cast, softmax, a cast
+back, the load's index_add_); at batch 1 on a GPU each costs more to start than
+to run, so one program per token does it all: k rounds of "take the row's
+maximum, then mask it", the softmax of the k picked in fp32, and an atomic add
+of the token's k experts into the load counter (skipped for padding rows).
+Ties pick the lowest expert id; torch.topk leaves their order unspecified.
+"""
+
+import torch
+
+from ._triton import jit_module, launch, next_pow2, tl
+
+
+def route_reference(logits: torch.Tensor, top_k: int, load: torch.Tensor | None = None,
+                    token_mask: torch.Tensor | None = None):
+    """MoE.route's arithmetic after its linear layer -> (idx [N, k] int64, weights [N, k] logits.dtype)."""
+    top, idx = torch.topk(logits, top_k, dim=-1)
+    if load is not None:
+        ones = torch.ones_like(idx) if token_mask is None else token_mask.to(idx.dtype)[:, None].expand_as(idx)
+        load.index_add_(0, idx.flatten(), ones.flatten())
+    return idx, torch.softmax(top.float(), dim=-1).to(logits.dtype)
+
+
+def _route_kernel(l_ptr, idx_ptr, w_ptr, load_ptr, mask_ptr, E, s_l,
+                  TOP_K: tl.constexpr, BLOCK_E: tl.constexpr, HAS_LOAD: tl.constexpr, HAS_MASK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    e = tl.arange(0, BLOCK_E)
+    x = tl.load(l_ptr + row * s_l + e, mask=e < E, other=float("-inf")).to(tl.float32)
+    count = 1
+    if HAS_MASK:
+        count = tl.load(mask_ptr + row).to(tl.int32)
+    kk = tl.arange(0, TOP_K)
+    vals = tl.zeros((TOP_K,), tl.float32)
+    ids = tl.zeros((TOP_K,), tl.int32)
+    for i in tl.static_range(TOP_K):
+        m = tl.max(x, 0)
+        j = tl.min(tl.where(x == m, e, BLOCK_E), 0)  # the lowest id holding the maximum
+        vals = tl.where(kk == i, m, vals)
+        ids = tl.where(kk == i, j, ids)
+        x = tl.where(e == j, float("-inf"), x)
+    # softmax of the picked logits rounded to the logits' dtype first, as torch.topk returns them
+    v = vals.to(l_ptr.dtype.element_ty).to(tl.float32)
+    p = tl.exp(v - tl.max(v, 0))
+    p = p / tl.sum(p, 0)
+    tl.store(idx_ptr + row * TOP_K + kk, ids.to(tl.int64))
+    tl.store(w_ptr + row * TOP_K + kk, p.to(w_ptr.dtype.element_ty))
+    if HAS_LOAD:
+        add = tl.zeros((TOP_K,), tl.int64) + count
+        tl.atomic_add(load_ptr + ids, add, mask=add != 0)
+
+
+_KERNELS = ("_route_kernel",)
+
+
+def route_triton(logits: torch.Tensor, top_k: int, load: torch.Tensor | None = None,
+                 token_mask: torch.Tensor | None = None):
+    """logits [N, E] (last dim contiguous) -> (idx [N, k] int64, weights [N, k]); adds to `load` [E] int64."""
+    jit_module(globals(), _KERNELS)
+    N, E = logits.shape
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    idx = torch.empty(N, top_k, dtype=torch.long, device=logits.device)
+    w = torch.empty(N, top_k, dtype=logits.dtype, device=logits.device)
+    if N:
+        if load is not None and load.dtype != torch.long:
+            raise ValueError(f"load must be int64, got {load.dtype}")
+        launch(_route_kernel, (N,), logits, idx, w, load if load is not None else idx,
+               token_mask if token_mask is not None else idx, E, logits.stride(0),
+               TOP_K=top_k, BLOCK_E=max(16, next_pow2(E)), HAS_LOAD=load is not None,
+               HAS_MASK=token_mask is not None)
+    return idx, w
+
+
+__all__ = ["route_reference", "route_triton"]

@@ -1,0 +1,92 @@
+"""Rotary embedding of q and k in one launch (Triton interpreter) against models.layers.Rotary."""
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported anywhere
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from kernels.rope import rope_reference  # noqa: E402
+from models.checkpoint import PRESETS  # noqa: E402
+from models.layers import Rotary  # noqa: E402
+
+
+def _data(n, hq, kv, d, dtype, seed=0):
+    """q, k as the model has them: views of one fused qkv output [n, (hq + 2 kv) * d]; cos/sin as
+    Rotary.cos_sin computes them (tiny preset's yarn scaling), at scattered positions."""
+    g = torch.Generator().manual_seed(seed)
+    qkv = (torch.randn(n, (hq + 2 * kv) * d, generator=g) * 2).to(dtype)
+    q, k, _ = qkv.split([hq * d, kv * d, kv * d], dim=-1)
+    q, k = q.view(-1, hq, d), k.view(-1, kv, d)
+    cfg = PRESETS["gpt-oss-120b"].model_copy(update={"head_dim": d})  # real YaRN scaling and theta
+    pos = torch.randint(0, 5000, (n,), generator=g)
+    cos, sin = Rotary(cfg).cos_sin(pos, dtype)
+    return q, k, cos, sin
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_reference_is_rotary_apply_bit_for_bit(dtype):
+    q, k, cos, sin = _data(7, 4, 2, 16, dtype)
+    rq, rk = rope_reference(q, k, cos, sin)
+    assert torch.equal(rq, Rotary.apply(q, cos, sin)) and torch.equal(rk, Rotary.apply(k, cos, sin))
+    aq, ak = Rotary.apply_qk(q, k, cos, sin)  # GPTOSS_KERNELS=auto on CPU: the torch path
+    assert torch.equal(aq, rq) and torch.equal(ak, rk)
+
+
+def _ulp(x: torch.Tensor) -> torch.Tensor:
+    """One bf16 ulp at |x| (8 significant bits), at least the smallest normal's."""
+    e = torch.frexp(x.float().abs().clamp(min=2.0 ** -126))[1]
+    return torch.ldexp(torch.ones_like(e, dtype=torch.float32), e - 8)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n,hq,kv,d", [(1, 1, 1, 4), (5, 4, 2, 16), (3, 8, 1, 64), (2, 6, 3, 12), (4, 64, 8, 64)])
+def test_kernel_matches_reference(n, hq, kv, d, dtype):
+    pytest.importorskip("triton")
+    from kernels.rope import rope_triton
+    q, k, cos, sin = _data(n, hq, kv, d, dtype, seed=n * 31 + hq)
+    assert n == 1 or q.stride(0) == k.stride(0) == (hq + 2 * kv) * d  # strided views of the fused qkv
+    before = (q.clone(), k.clone())
+    gq, gk = rope_triton(q, k, cos, sin)
+    rq, rk = rope_reference(q, k, cos, sin)
+    assert gq.shape == rq.shape and gk.shape == rk.shape and gq.dtype == dtype
+    assert torch.equal(q, before[0]) and torch.equal(k, before[1])  # inputs untouched
+    for g, r in ((gq, rq), (gk, rk)):
+        if dtype == torch.float32:
+            torch.testing.assert_close(g, r, rtol=0, atol=1e-6)
+        else:
+            # same inputs, same roundings; the interpreter truncates fp32 -> bf16 where torch rounds
+            # to nearest even, an ulp per rounding (products, then the difference): allow two of the
+            # products' size plus one of the result's
+            a = q if g is gq else k
+            scale = (a.float().abs().amax(-1, keepdim=True) * cos.float().abs().amax(-1)[:, None, None])
+            assert bool(((g.float() - r.float()).abs() <= _ulp(r) + 2 * _ulp(scale)).all())
+
+
+def test_contiguous_inputs_and_no_tokens():
+    pytest.importorskip("triton")
+    from kernels.rope import rope_triton
+    q, k, cos, sin = _data(3, 4, 2, 8, torch.float32)
+    gq, gk = rope_triton(q.contiguous(), k.contiguous(), cos, sin)
+    rq, rk = rope_reference(q, k, cos, sin)
+    torch.testing.assert_close(gq, rq, rtol=0, atol=1e-6)
+    torch.testing.assert_close(gk, rk, rtol=0, atol=1e-6)
+    q0, k0, c0, s0 = _data(0, 4, 2, 8, torch.float32)
+    eq, ek = rope_triton(q0, k0, c0, s0)
+    assert eq.shape == (0, 4, 8) and ek.shape == (0, 2, 8)
+
+
+def test_dispatch_picks_the_kernel_under_triton_mode(monkeypatch):
+    pytest.importorskip("triton")
+    from kernels import dispatch, rope
+    q, k, cos, sin = _data(2, 2, 1, 8, torch.float32)
+    seen = []
+    real = rope.rope_triton
+    monkeypatch.setattr(rope, "rope_triton", lambda *a: seen.append(1) or real(*a))
+    monkeypatch.setenv("GPTOSS_KERNELS", "triton")
+    gq, gk = Rotary.apply_qk(q, k, cos, sin)
+    assert seen == [1]
+    torch.testing.assert_close(gq, Rotary.apply(q, cos, sin), rtol=0, atol=1e-6)
+    monkeypatch.setenv("GPTOSS_KERNELS", "torch")
+    assert torch.equal(dispatch.rope(q, k, cos, sin)[1], Rotary.apply(k, cos, sin)) and seen == [1]
