@@ -57,7 +57,18 @@ class Counter(TorchDispatchMode):
 
 
 def count(batch: int = 1) -> dict:
+    saved = os.environ.get("GPTOSS_KERNELS")
     os.environ["GPTOSS_KERNELS"] = "triton"
+    try:
+        return _count(batch)
+    finally:  # callers (tests) get their kernel choice back
+        if saved is None:
+            os.environ.pop("GPTOSS_KERNELS", None)
+        else:
+            os.environ["GPTOSS_KERNELS"] = saved
+
+
+def _count(batch: int) -> dict:
     from engine.core import EngineConfig, LLMEngine
     from engine.request import GenerateRequest
     from engine.sampler import SamplingParams

@@ -83,6 +83,10 @@ def _step_launches(cfg, n_seqs: int, q_len: int, context: int, ep: int = 1) -> l
                    torch.empty(E, 2 * I, dtype=bf16, **meta), torch.empty(E, H, I // 32, 16, **u8),
                    torch.empty(E, H, I // 32, **u8), torch.empty(E, H, dtype=bf16, **meta))
         routing = (torch.empty(rows, top, dtype=torch.long, **meta), torch.empty(rows, top, dtype=bf16, **meta))
+        from . import route  # every rank routes its own tokens over all experts
+        route.route_triton(torch.empty(N, cfg.num_local_experts, dtype=bf16, **meta), k,
+                           torch.empty(cfg.num_local_experts, dtype=torch.long, **meta),
+                           torch.empty(N, dtype=torch.bool, **meta))
         moe.moe_mxfp4(torch.empty(rows, H, dtype=bf16, **meta), routing, *experts, top_k=top)
     return launches
 

@@ -100,6 +100,14 @@ def rmsnorm(x, weight, eps: float, residual=None):
     return r.rmsnorm_reference(x, weight, eps, residual)
 
 
+def route(logits, top_k: int, load=None, token_mask=None):
+    """Top-k of router logits, softmax over the picked, expert-load count -> (idx [N, k], weights [N, k])."""
+    from . import route as r
+    if use_triton(logits.device):
+        return r.route_triton(logits, top_k, load, token_mask)
+    return r.route_reference(logits, top_k, load, token_mask)
+
+
 def rope(q, k, cos, sin):
     from . import rope as r
     if use_triton(q.device):
@@ -107,4 +115,4 @@ def rope(q, k, cos, sin):
     return r.rope_reference(q, k, cos, sin)
 
 
-__all__ = ["moe", "paged_attention", "rmsnorm", "rope", "triton_available", "use_triton"]
+__all__ = ["moe", "paged_attention", "rmsnorm", "rope", "route", "triton_available", "use_triton"]

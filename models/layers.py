@@ -195,6 +195,8 @@ class MoE(nn.Module):
 
     def route(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         logits = torch.nn.functional.linear(x, self.router_w, self.router_b)
+        if dispatch.use_triton(x.device):  # one launch instead of five (kernels/route.py)
+            return dispatch.route(logits, self.top_k, self.load, token_mask)
         top, idx = torch.topk(logits, self.top_k, dim=-1)
         # index_add_, not bincount: bincount reads its max back to the host, which a CUDA graph
         # cannot capture; token_mask leaves a graph's padding rows out of the load (same counts)

@@ -1,0 +1,17 @@
+"""bench.decode_launches: the GPU path's kernels per decode layer stay fused (66 before the align,
+rotary and routing kernels; 15 with them)."""
+
+import pytest
+
+pytest.importorskip("triton")
+
+
+def test_a_decode_layer_launches_at_most_15_kernels():
+    from bench.decode_launches import count
+    r = count(batch=2)
+    ops = r["layer_ops"]
+    assert r["per_layer"] <= 15, ops
+    for k in ("triton._route_kernel", "triton._align_kernel", "triton._rope_kernel", "triton._attn_kernel",
+              "triton._w1_kernel", "triton._w2_kernel", "triton._combine_kernel"):
+        assert ops.get(k) == 1, (k, ops)
+    assert not any(k in ops for k in ("torch.topk", "torch.argsort", "torch.cat", "torch._local_scalar_dense"))
