@@ -189,6 +189,14 @@ def _combine_kernel(y_ptr, valid_ptr, out_ptr, H, TOP_K: tl.constexpr, BLOCK_H: 
     tl.store(out_ptr + m * H + cols, acc.to(out_ptr.dtype.element_ty), mask=cols < H)
 
 
+def _local_keys(idx_ptr, g2l_ptr, p, pm, HAS_MAP: tl.constexpr):
+    """Local expert of pairs p (-1: absent from this rank, or past the last pair)."""
+    loc = tl.load(idx_ptr + p, mask=pm, other=0).to(tl.int32)
+    if HAS_MAP:
+        loc = tl.load(g2l_ptr + loc, mask=pm, other=-1).to(tl.int32)
+    return tl.where(pm & (loc >= 0), loc, -1)
+
+
 def _align_kernel(idx_ptr, g2l_ptr, sorted_ptr, tile_e_ptr, valid_ptr, n_pairs, n_local, max_tiles,
                   HAS_MAP: tl.constexpr, BLOCK_M: tl.constexpr, E_PAD: tl.constexpr, CHUNK: tl.constexpr,
                   TILES: tl.constexpr):
@@ -208,10 +216,7 @@ def _align_kernel(idx_ptr, g2l_ptr, sorted_ptr, tile_e_ptr, valid_ptr, n_pairs, 
     for c0 in range(0, n_pairs, CHUNK):
         p = c0 + lanes
         pm = p < n_pairs
-        loc = tl.load(idx_ptr + p, mask=pm, other=0).to(tl.int32)
-        if HAS_MAP:
-            loc = tl.load(g2l_ptr + loc, mask=pm, other=-1).to(tl.int32)
-        key = tl.where(pm & (loc >= 0), loc, -1)
+        key = _local_keys(idx_ptr, g2l_ptr, p, pm, HAS_MAP)
         tl.store(valid_ptr + p, (key >= 0).to(tl.int8), mask=pm)
         counts += tl.sum((key[:, None] == cols[None, :]).to(tl.int32), axis=0)
     tiles = (counts + BLOCK_M - 1) // BLOCK_M
@@ -237,10 +242,7 @@ def _align_kernel(idx_ptr, g2l_ptr, sorted_ptr, tile_e_ptr, valid_ptr, n_pairs, 
     for c0 in range(0, n_pairs, CHUNK):
         p = c0 + lanes
         pm = p < n_pairs
-        loc = tl.load(idx_ptr + p, mask=pm, other=0).to(tl.int32)
-        if HAS_MAP:
-            loc = tl.load(g2l_ptr + loc, mask=pm, other=-1).to(tl.int32)
-        key = tl.where(pm & (loc >= 0), loc, -1)
+        key = _local_keys(idx_ptr, g2l_ptr, p, pm, HAS_MAP)
         hot = (key[:, None] == cols[None, :]).to(tl.int32)
         incl = tl.cumsum(hot, axis=0)
         dest = tl.sum(hot * (incl + seen[None, :]), axis=1) - 1
@@ -249,7 +251,7 @@ def _align_kernel(idx_ptr, g2l_ptr, sorted_ptr, tile_e_ptr, valid_ptr, n_pairs, 
 
 
 _KERNELS = ("_fp4", "_dot", "_mx_tile", "_w1_kernel", "_w2_kernel", "_combine_kernel",
-            "_align_kernel")
+            "_local_keys", "_align_kernel")
 
 
 def _default_config(pairs: int, n_local: int, interp: bool) -> dict:

@@ -24,12 +24,7 @@ from tests.kernels.cases import DECODE, H, HEAD_DIM, I, KV_HEADS, MIXED, E, TOP_
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_dry_run_tunes_every_family_and_writes_only_to_its_temp_dir(tmp_path):
