@@ -121,20 +121,22 @@ def requests(n: int, prompt_len: int, max_tokens: int, seed: int, vocab: int = 1
             for i in range(n)]
 
 
-def engine(model, seqs: int, max_len: int, step_tokens: int):
+def engine(model, seqs: int, max_len: int, step_tokens: int, overlap: bool | None = None):
     from engine.core import EngineConfig, LLMEngine
     bs = 16
     cfg = EngineConfig(block_size=bs, num_blocks=seqs * -(-max_len // bs) + 64, max_num_seqs=seqs,
-                       max_tokens_per_step=step_tokens, max_model_len=max_len + bs, enable_prefix_cache=False)
+                       max_tokens_per_step=step_tokens, max_model_len=max_len + bs, enable_prefix_cache=False,
+                       overlap_scheduling=overlap)
     eng = LLMEngine(model, cfg)
     eng.generate(requests(1, 8, 2, seed=999))  # warm-up: allocations, Triton compiles
     return eng
 
 
-def bench_decode(model, dev, B: int, ctx: int, steps: int, warm: int, step_tokens: int):
+def bench_decode(model, dev, B: int, ctx: int, steps: int, warm: int, step_tokens: int,
+                 overlap: bool | None = None):
     # sequences prefilled early decode while the rest prefill: leave them tokens for the timed steps
     out_len = steps + warm + 2 * (-(-B * ctx // max(step_tokens, B))) + 2
-    eng = engine(model, B, ctx + out_len, max(step_tokens, B))
+    eng = engine(model, B, ctx + out_len, max(step_tokens, B), overlap)
     reqs = requests(B, ctx, out_len, seed=B)
     for r in reqs:
         eng.add_request(r)
@@ -249,7 +251,13 @@ def run_model(preset: str, a, dev: torch.device, bw: float, flops: float, comman
         tok_s, step_s = bench_decode(model, dev, B, a.decode_context, a.decode_steps, a.warmup_steps,
                                      a.max_tokens_per_step)
         ctx = a.decode_context + a.warmup_steps + a.decode_steps // 2
-        add("decode", B, ctx, tok_s, B, [ctx] * B, B, {"step_ms": step_s * 1e3})
+        extra = {"step_ms": step_s * 1e3}
+        if B in a.lockstep_batches:  # the same decode without overlapped scheduling, measured just after
+            lock_s, lock_step = bench_decode(model, dev, B, a.decode_context, a.decode_steps, a.warmup_steps,
+                                             a.max_tokens_per_step, overlap=False)
+            extra.update(lockstep_tokens_per_s=lock_s, lockstep_step_ms=lock_step * 1e3,
+                         overlap_speedup=tok_s / lock_s)
+        add("decode", B, ctx, tok_s, B, [ctx] * B, B, extra)
     tok_s = bench_prefill(model, dev, a.prefill_seqs, a.prefill_len, a.max_tokens_per_step)
     chunk = min(a.max_tokens_per_step, a.prefill_seqs * a.prefill_len)
     add("prefill", a.prefill_seqs, a.prefill_len, tok_s, chunk, [a.prefill_len // 2] * max(1, chunk // a.prefill_len),
@@ -279,6 +287,12 @@ def markdown(res: dict) -> str:
     for r in res["results"]:
         out.append(f"| {r['kind']} | {r['batch']} | {r['context']} | {r['tokens_per_s']:.1f} | "
                    f"{r['roofline_tokens_per_s']:.1f} | {r['roofline_bound']} | {100 * r['fraction_of_roofline']:.1f} |")
+    lock = [r for r in res["results"] if "lockstep_tokens_per_s" in r]
+    if lock:
+        out += ["", "Overlapped scheduling (the default on CUDA) against lockstep, decode measured back to back: " +
+                "; ".join(f"batch {r['batch']}: {r['tokens_per_s']:.1f} vs {r['lockstep_tokens_per_s']:.1f} tok/s "
+                          f"({r['overlap_speedup']:.2f}x, {r['step_ms']:.2f} vs {r['lockstep_step_ms']:.2f} ms/step)"
+                          for r in lock)]
     if not res.get("complete", True):
         out += ["", "(cut short: the run ended before its last measurement)"]
     return "\n".join(out)
@@ -326,6 +340,8 @@ def parse(argv=None):
     ap.add_argument("--batches", type=ints, default=[1, 8, 64, 256])
     ap.add_argument("--decode-context", type=int, default=1024)
     ap.add_argument("--decode-steps", type=int, default=32)
+    ap.add_argument("--lockstep-batches", type=ints, default=[1, 8],
+                    help="decode batches also measured with overlapped scheduling off (0 for none)")
     ap.add_argument("--warmup-steps", type=int, default=4)
     ap.add_argument("--prefill-seqs", type=int, default=8)
     ap.add_argument("--prefill-len", type=int, default=2048)

@@ -19,7 +19,7 @@ from .grammar import GrammarMatcher, fill_masks
 from .kv_cache import BlockManager
 from .request import (ContextLengthError, EngineError, GenerateRequest, RequestOutput, ScheduledSeq,
                       SchedulerOutput, Sequence, Usage)
-from .sampler import Sampler, SamplingBatch, StopChecker, make_generator
+from .sampler import Sampler, SamplerOutput, SamplingBatch, StopChecker, make_generator
 from .scheduler import Scheduler
 
 
@@ -32,6 +32,9 @@ class EngineConfig(BaseModel):
     max_tokens_per_step: int = Field(512, ge=1)
     max_model_len: int = Field(8192, ge=2)
     enable_prefix_cache: bool = True
+    overlap_scheduling: bool | None = Field(
+        None, description="schedule step N+1 while step N runs on the device (None: on where the executor "
+                          "runs asynchronously, i.e. on CUDA)")
 
 
 class LLMEngine:
@@ -60,6 +63,10 @@ class LLMEngine:
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_tokens_per_step)
         self.sampler = Sampler()
         self.seqs: dict[str, list[Sequence]] = {}
+        self.overlap = (config.overlap_scheduling if config.overlap_scheduling is not None
+                        else getattr(self.executor, "asynchronous", False))
+        self._inflight: _Launched | None = None
+        self._lockstep: set[Sequence] = set()  # live sequences that need each token before the next step
         self._arrival = itertools.count()
         self.generated_tokens = 0
         self.computed_tokens = 0
@@ -89,14 +96,17 @@ class LLMEngine:
 
     def add_request(self, req: GenerateRequest) -> None:
         self.validate(req)
-        seqs, first, now = [], None, time.monotonic()
+        seqs, first, now, n = [], None, time.monotonic(), len(req.prompt_ids)
         for i in range(req.params.n):
             p = req.params
-            gen = make_generator(p.seed + i) if p.seed is not None else None
-            s = Sequence(req, i, list(req.prompt_ids), len(req.prompt_ids), next(self._arrival), generator=gen,
+            s = Sequence(req, i, list(req.prompt_ids), len(req.prompt_ids), next(self._arrival),
                          matcher=GrammarMatcher.from_spec(req.grammar) if req.grammar else None,
                          parser=harmony.OutputParser() if req.harmony else None,
-                         stop=StopChecker(p.stop) if p.stop else None, wait_for=first, t_arrival=now)
+                         stop=StopChecker(p.stop) if p.stop else None, wait_for=first, t_arrival=now,
+                         max_len=min(self.max_model_len, n + p.max_tokens) if p.max_tokens is not None
+                         else self.max_model_len)
+            if s.matcher is not None or p.has_penalties:
+                self._lockstep.add(s)
             first = first or s
             seqs.append(s)
             self.scheduler.add(s)
@@ -105,34 +115,75 @@ class LLMEngine:
     def abort(self, request_id: str) -> bool:
         seqs = self.seqs.pop(request_id, None)
         for s in seqs or []:
+            if not s.finished:
+                s.finished, s.finish_reason = True, "abort"  # a step in flight must drop its token
+            self._lockstep.discard(s)
             self.scheduler.remove(s)
         return seqs is not None
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or self._inflight is not None
 
     # ---- the step -------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        sched = self.scheduler.schedule()
+        """One step: schedule -> execute -> sample -> update. With overlap on, the update is the
+        previous step's: this step is enqueued behind it before its tokens are read, so the device
+        never waits on the host between steps (see _overlapping)."""
+        try:
+            if self._overlapping():
+                launched = self._launch(self.scheduler.schedule())
+                outs = self._complete(self._inflight)
+                self._inflight = launched
+                return outs
+            outs = self._complete(self._inflight)
+            self._inflight = None
+            return outs + self._complete(self._launch(self.scheduler.schedule()))
+        except BaseException:
+            self._inflight = None
+            raise
+
+    def _overlapping(self) -> bool:
+        """Overlap needs no token before the next step: a grammar mask must see the token first,
+        and penalties count it, so while such a sequence lives the engine runs in lockstep."""
+        return self.overlap and not self._lockstep
+
+    def _launch(self, sched: SchedulerOutput) -> _Launched | None:
         if not sched.items:
-            return []
+            return None
         step, sample_seqs = self._build_step(sched)
         logits = self.executor.execute(step)
         sampled = None
         if sample_seqs:
             sampled = self.sampler.sample(logits, self._sampling_batch(sample_seqs, logits.shape[-1], logits.device))
-        outputs = self._update(sched, sample_seqs, sampled)
+        for it in sched.items:
+            it.seq.num_computed += it.num_tokens
+        for row, s in enumerate(sample_seqs):
+            s.pending += 1
+            s.pending_row = row
+        for it in sched.items:
+            self.scheduler.after_step(it.seq)
         self.computed_tokens += sched.num_tokens
-        return outputs
+        return _Launched(sched, sample_seqs, sampled, *_to_host(sampled))
+
+    def _complete(self, launched: _Launched | None) -> list[RequestOutput]:
+        if launched is None:
+            return []
+        if launched.ready is not None:
+            launched.ready.synchronize()
+        return self._update(launched)
 
     def _build_step(self, sched: SchedulerOutput) -> tuple[StepInput, list[Sequence]]:
         bs = self.config.block_size
-        ids, pos, qs, ctx, rows, sample_seqs = [], [], [0], [], [], []
+        ids, pos, qs, ctx, rows, sample_seqs, fill = [], [], [0], [], [], [], []
         slots = {g: [] for g in self.blocks.pools}
         for it in sched.items:
             s, a = it.seq, it.seq.num_computed
             b = a + it.num_tokens
-            ids.extend(s.tokens[a:b])
+            known = s.tokens[a:b]
+            ids.extend(known)
+            if len(known) < b - a:  # its input is the token the step in flight samples
+                fill.append((len(ids), s.pending_row))
+                ids.append(0)
             pos.extend(range(a, b))
             for g in slots:
                 t = s.blocks.tables[g]
@@ -151,7 +202,13 @@ class LLMEngine:
                 row = it.seq.blocks.tables[g]
                 t[i, :len(row)] = row
             tables[g] = torch.from_numpy(t)
-        step = StepInput(torch.tensor(ids), torch.tensor(pos), torch.tensor(qs), torch.tensor(ctx), tables,
+        input_ids = torch.tensor(ids)
+        if fill:  # on the device, behind the step that samples them: no wait for the host copy
+            prev = self._inflight.sampled.token_ids
+            dst, src = torch.tensor(fill).to(prev.device, non_blocking=True).unbind(1)
+            input_ids = input_ids.to(prev.device, non_blocking=True)
+            input_ids[dst] = prev[src]
+        step = StepInput(input_ids, torch.tensor(pos), torch.tensor(qs), torch.tensor(ctx), tables,
                          {g: torch.tensor(v, dtype=torch.long) for g, v in slots.items()},
                          torch.tensor(rows, dtype=torch.long))
         return step, sample_seqs
@@ -164,31 +221,38 @@ class LLMEngine:
             dev = device if device is not None and torch.device(device).type != "cpu" else None
             allowed = fill_masks([s.matcher for s in seqs], vocab, dev)
         params = [s.req.params for s in seqs]
+        for s, p in zip(seqs, params):
+            if s.generator is None and p.seed is not None:
+                # made at its first draw, on the logits' device: a CPU generator cannot fill a CUDA row
+                s.generator = make_generator(p.seed + s.index, device if device is not None else "cpu")
         history = {}
         if any(p.has_penalties for p in params):  # copying every history each step costs O(batch x length)
             history = dict(prompt_ids=[s.tokens[:s.prompt_len] for s in seqs], output_ids=[s.output_ids for s in seqs])
         return SamplingBatch(params=params, generators=[s.generator for s in seqs], allowed=allowed, **history)
 
-    def _update(self, sched: SchedulerOutput, seqs: list[Sequence], sampled) -> list[RequestOutput]:
-        for it in sched.items:
-            it.seq.num_computed += it.num_tokens
-        outs = []
-        tokens = sampled.token_ids.tolist() if seqs else []  # one transfer, not one per row
-        logprobs = sampled.logprobs.tolist() if seqs and sampled.logprobs is not None else None
-        for row, s in enumerate(seqs):
+    def _update(self, done: _Launched) -> list[RequestOutput]:
+        outs, ended = [], []
+        tokens = done.tokens.tolist() if done.seqs else []  # one transfer, not one per row
+        logprobs = done.logprobs.tolist() if done.logprobs is not None else None
+        for row, s in enumerate(done.seqs):
+            s.pending -= 1
+            if s.finished:  # ended (or aborted) while this step was in flight: its token is moot
+                continue
             tok = tokens[row]
             s.tokens.append(tok)
             self.generated_tokens += 1
             out = RequestOutput(s.req.request_id, s.index, [tok])
             if logprobs is not None and s.req.params.logprobs:
-                top = sampled.top_logprobs[row] if sampled.top_logprobs else []
+                top = done.sampled.top_logprobs[row] if done.sampled.top_logprobs else []
                 out.logprobs.append({"token": tok, "logprob": logprobs[row], "top": top})
             self._check_finish(s, tok, out)
+            if s.finished:
+                ended.append(s)
             outs.append(out)
-        for it in sched.items:
-            if it.seq.finished:
-                self._retire(it.seq)
-            else:
+        for s in ended:
+            self._retire(s)
+        for it in done.sched.items:
+            if not it.seq.finished:
                 self.scheduler.after_step(it.seq)
         return outs
 
@@ -233,6 +297,7 @@ class LLMEngine:
         out.queue_time = (s.t_scheduled or s.t_arrival) - s.t_arrival
 
     def _retire(self, s: Sequence) -> None:
+        self._lockstep.discard(s)
         self.scheduler.remove(s)
         group = self.seqs.get(s.req.request_id, [])
         if group and all(x.finished for x in group):
@@ -262,6 +327,33 @@ class LLMEngine:
                 **{f"kv_{k}": v for k, v in self.blocks.usage().items()},
                 "prefix_hit_rate": self.blocks.hit_rate(), "preemptions": self.scheduler.num_preemptions,
                 "generated_tokens": self.generated_tokens, "tokens_per_s": self.generated_tokens / el}
+
+
+@dataclass
+class _Launched:
+    """A step on the device whose sampled tokens the host has not read yet."""
+    sched: SchedulerOutput
+    seqs: list[Sequence]            # the sequences of the sampled rows, in row order
+    sampled: SamplerOutput | None   # on the device
+    tokens: torch.Tensor | None     # host copies, complete once `ready` is
+    logprobs: torch.Tensor | None
+    ready: torch.cuda.Event | None
+
+
+def _to_host(sampled: SamplerOutput | None) -> tuple:
+    """Start the copies of the sampled ids (and logprobs) to the host without waiting for them."""
+    if sampled is None:
+        return None, None, None
+    tok, lp = sampled.token_ids, sampled.logprobs
+    if tok.device.type != "cuda":
+        return tok, lp, None
+
+    def copy(t):
+        return None if t is None else torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+    tok, lp = copy(tok), copy(lp)
+    ready = torch.cuda.Event()
+    ready.record()
+    return tok, lp, ready
 
 
 @functools.lru_cache(maxsize=1)

@@ -54,6 +54,33 @@ def allocate_cache(model, spec: CacheSpec) -> KVCache:
                             heads, model.config.head_dim, model.dtype, model.device)
 
 
+def to_device(tensors: dict[str, torch.Tensor], dev: torch.device, pack: bool | None = None
+              ) -> dict[str, torch.Tensor]:
+    """Move host tensors to `dev`. On CUDA (pack=None) the int64 ones cross as one pinned,
+    asynchronous copy: one transfer instead of one per tensor, and a copy from pageable memory
+    could make the host wait for the work already queued, while the engine wants to schedule
+    the next step as the device runs this one."""
+    pack = dev.type == "cuda" if pack is None else pack
+    out = {k: v.to(dev) for k, v in tensors.items() if v.device.type != "cpu" or v.dtype != torch.long}
+    host = {k: v for k, v in tensors.items() if k not in out}
+    if not pack or not host:
+        return {**out, **{k: v.to(dev) for k, v in host.items()}}
+    buf = torch.empty(sum(v.numel() for v in host.values()), dtype=torch.long, pin_memory=dev.type == "cuda")
+    torch.cat([v.reshape(-1) for v in host.values()], out=buf)
+    flat, off = buf.to(dev, non_blocking=True), 0
+    for k, v in host.items():
+        out[k] = flat[off:off + v.numel()].view(v.shape)
+        off += v.numel()
+    return out
+
+
+def step_tensors(step: StepInput) -> dict[str, torch.Tensor]:
+    return {"input_ids": step.input_ids, "positions": step.positions, "query_start": step.query_start,
+            "context_lens": step.context_lens, "sample_rows": step.sample_rows,
+            **{"table/" + g: t for g, t in step.block_tables.items()},
+            **{"slot/" + g: t for g, t in step.slot_mapping.items()}}
+
+
 def _max_query_len(query_start: torch.Tensor) -> int | None:
     # read from the engine's CPU tensors so the Triton path needs no device->host sync
     if query_start.device.type != "cpu" or query_start.numel() < 2:
@@ -68,12 +95,12 @@ def run_step(model, cache: KVCache, spec: CacheSpec, step: StepInput, num_real_t
     mask = None
     if num_real_tokens is not None:
         mask = torch.arange(step.input_ids.numel(), device=dev) < num_real_tokens
-    meta = PagedMetadata(cache, step.query_start.to(dev), step.context_lens.to(dev),
-                         {g: t.to(dev) for g, t in step.block_tables.items()},
-                         {g: t.to(dev) for g, t in step.slot_mapping.items()}, list(spec.layer_group),
-                         max_query_len=_max_query_len(step.query_start), token_mask=mask)
-    hidden = model(step.input_ids.to(dev), step.positions.to(dev), meta)
-    return model.compute_logits(hidden[step.sample_rows.to(dev)])
+    t = to_device(step_tensors(step), dev)
+    meta = PagedMetadata(cache, t["query_start"], t["context_lens"],
+                         {g: t["table/" + g] for g in step.block_tables}, {g: t["slot/" + g] for g in step.slot_mapping},
+                         list(spec.layer_group), max_query_len=_max_query_len(step.query_start), token_mask=mask)
+    hidden = model(t["input_ids"], t["positions"], meta)
+    return model.compute_logits(hidden[t["sample_rows"]])
 
 
 # ---------------------------------------------------------------- decode steps as CUDA graphs
@@ -163,6 +190,11 @@ class LocalExecutor:
         pool = spec.blocks.get("full", max(spec.blocks.values()))
         self.graph_width = min(pool, -(-model.config.max_position_embeddings // spec.block_size))
 
+    @property
+    def asynchronous(self) -> bool:
+        """Work is queued, not done, when execute returns: the engine may schedule ahead."""
+        return self.model.device.type == "cuda"
+
     def execute(self, step: StepInput) -> torch.Tensor:
         if self.graphs is not None and dispatch.use_triton(self.model.device):
             bucket = decode_bucket(step, self.graphs.buckets)
@@ -180,14 +212,12 @@ class LocalExecutor:
                              list(self.spec.layer_group), max_query_len=1, token_mask=t["token_mask"])
         return self.model(t["input_ids"], t["positions"], meta)
 
-    def _graph_inputs(self, padded: StepInput, n: int) -> dict[str, torch.Tensor]:
-        bucket = padded.context_lens.numel()
-        inputs = {"input_ids": padded.input_ids, "positions": padded.positions,
-                  "query_start": padded.query_start, "context_lens": padded.context_lens,
-                  "token_mask": torch.arange(bucket) < n,
-                  **{"table/" + g: t for g, t in padded.block_tables.items()},
-                  **{"slot/" + g: t for g, t in padded.slot_mapping.items()}}
-        return {k: v.to(self.model.device, non_blocking=True) for k, v in inputs.items()}
+    def _graph_inputs(self, padded: StepInput, n: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """The graph's inputs on the device, and the rows to sample (not a graph input)."""
+        dev = self.model.device
+        inputs = to_device(step_tensors(padded), dev)
+        inputs["token_mask"] = torch.arange(padded.context_lens.numel(), device=dev) < n
+        return inputs, inputs.pop("sample_rows")
 
     def _capture(self, bucket: int, inputs: dict[str, torch.Tensor]) -> bool:
         # warm-up runs count expert load and rewrite this step's k/v (the same values):
@@ -205,14 +235,14 @@ class LocalExecutor:
 
     def _replay(self, padded: StepInput, n: int) -> torch.Tensor:
         bucket = padded.context_lens.numel()
-        inputs = self._graph_inputs(padded, n)
+        inputs, rows = self._graph_inputs(padded, n)
         if bucket not in self.graphs.graphs and self.graphs.active(inputs):
             # captured at the full width, so later steps' narrower tables are padded into it on the device
             wide = pad_decode_step(padded, bucket, self.graph_width, self.spec.block_size, full_width=True)
-            if not self._capture(bucket, self._graph_inputs(wide, n)):
+            if not self._capture(bucket, self._graph_inputs(wide, n)[0]):
                 return run_step(self.model, self.cache, self.spec, padded, num_real_tokens=n)
         hidden = self.graphs.run(inputs, bucket)  # a view of the graph's output buffer: index it now
-        return self.model.compute_logits(hidden[padded.sample_rows.to(self.model.device)])
+        return self.model.compute_logits(hidden[rows])
 
     def capture_graphs(self) -> int:
         """Capture every bucket now, largest first (the smaller graphs reuse its memory pool), instead of
@@ -224,7 +254,7 @@ class LocalExecutor:
         for b in sorted(self.graphs.buckets, reverse=True):
             if b not in self.graphs.graphs:
                 padded = pad_decode_step(empty, b, self.graph_width, self.spec.block_size, full_width=True)
-                if not self._capture(b, self._graph_inputs(padded, 0)):
+                if not self._capture(b, self._graph_inputs(padded, 0)[0]):
                     return 0
         return len(self.graphs.graphs)
 

@@ -95,6 +95,13 @@ class Sequence:
     wait_for: "Sequence | None" = None  # n > 1: siblings wait for the first prefill, then share its blocks
     finished: bool = False
     finish_reason: str | None = None
+    # Overlapped scheduling: tokens sampled by a step still on the device (at most one when the
+    # scheduler runs), the row of that step's sampled ids holding the newest, and where the
+    # sequence must stop (prompt + max_tokens, max_model_len), so that a step whose pending token
+    # is known to end it is not scheduled.
+    pending: int = 0
+    pending_row: int = -1
+    max_len: int | None = None
     t_arrival: float = 0.0          # time.monotonic() at add_request
     t_scheduled: float | None = None  # first admission into the running batch
 
@@ -104,7 +111,12 @@ class Sequence:
 
     @property
     def to_compute(self) -> int:
-        return len(self.tokens) - self.num_computed
+        return len(self.tokens) + self.pending - self.num_computed
+
+    @property
+    def ends_with_pending(self) -> bool:
+        """The token on the device is this sequence's last (its length cap): no step needs scheduling."""
+        return self.pending > 0 and self.max_len is not None and len(self.tokens) + self.pending >= self.max_len
 
 
 @dataclass
@@ -114,7 +126,7 @@ class ScheduledSeq:
 
     @property
     def samples(self) -> bool:
-        return self.seq.num_computed + self.num_tokens == len(self.seq.tokens)
+        return self.seq.num_computed + self.num_tokens == len(self.seq.tokens) + self.seq.pending
 
 
 @dataclass

@@ -173,7 +173,7 @@ class Sampler:
             raise ValueError(f"logits must be [B={len(params)}, V], got {tuple(logits.shape)}")
         if self._plain_greedy(batch):
             # Nothing modifies the logits, so argmax of the raw row is exact.
-            return self._finish(logits.float(), first_argmax(logits), params)
+            return self._finish(logits, first_argmax(logits), params)
         x = self._process(logits, batch)
         token_ids = torch.empty(len(params), dtype=torch.long, device=logits.device)
         greedy = [i for i, p in enumerate(params) if p.greedy]
@@ -319,7 +319,7 @@ class Sampler:
     def _finish(x: torch.Tensor, token_ids: torch.Tensor, params: list[SamplingParams]) -> SamplerOutput:
         if not any(p.logprobs for p in params):
             return SamplerOutput(token_ids=token_ids)
-        lp = x.log_softmax(-1)
+        lp = x.float().log_softmax(-1)  # float() copies only bf16 logits, and only when logprobs are asked
         chosen = lp.gather(-1, token_ids[:, None]).squeeze(-1)
         top: list[list[tuple[int, float]]] | None = None
         kmax = max(p.top_logprobs for p in params)

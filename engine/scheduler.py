@@ -53,7 +53,7 @@ class Scheduler:
         for seq in list(self.running):
             if budget == 0:
                 break
-            if id(seq) in evicted:
+            if id(seq) in evicted or seq.ends_with_pending:
                 continue
             n = min(seq.to_compute, budget)
             while not self.blocks.allocate(seq.blocks, seq.num_computed + n):
@@ -69,6 +69,9 @@ class Scheduler:
         skipped: list[Sequence] = []
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting.popleft()
+            if seq.pending:  # preempted while a step was in flight: recompute once its token is known
+                skipped.append(seq)
+                continue
             if seq.wait_for is not None and seq.wait_for.num_computed < seq.prompt_len and \
                     not seq.wait_for.finished:
                 skipped.append(seq)
@@ -93,6 +96,11 @@ class Scheduler:
         return SchedulerOutput(items, len(evicted))
 
     def after_step(self, seq: Sequence):
-        """Register completed blocks for prefix reuse, then drop KV the window no longer sees."""
-        self.blocks.commit_full_blocks(seq.blocks, seq.tokens, seq.num_computed)
+        """Register completed blocks for prefix reuse, then drop KV the window no longer sees.
+
+        Called when a step is launched and again when its tokens arrive: a block holding a token
+        still on the device is hashed at the second call. Blocks are released, and registered,
+        while the step that writes or reads them may still run: the device runs steps in order,
+        so a later step that reuses them runs after it."""
+        self.blocks.commit_full_blocks(seq.blocks, seq.tokens, min(seq.num_computed, len(seq.tokens)))
         self.blocks.slide(seq.blocks, seq.num_computed)

@@ -36,6 +36,10 @@ def test_dry_run_writes_results_and_markdown(tmp_path, weights):
         assert x["gpu"] == res["gpu"] and x["command"].startswith("python -m bench.gpu")
     assert "| workload | batch |" in r.stdout and "| decode | 4 |" in r.stdout
     assert res["results"][-1]["requests_finished"] == 5
+    # batch 1 is measured with overlapped scheduling off too (--lockstep-batches 1,8 by default)
+    [lock] = [x for x in res["results"] if "lockstep_tokens_per_s" in x]
+    assert lock["batch"] == 1 and lock["lockstep_tokens_per_s"] > 0 and lock["overlap_speedup"] > 0
+    assert "Overlapped scheduling" in r.stdout and "batch 1:" in r.stdout
 
 
 def test_throughput_cap_keeps_partial_results(tmp_path):
