@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from models.attention import NULL_BLOCK
 
 from . import harmony
-from .executor import CacheSpec, LocalExecutor, StepInput
+from .executor import CacheSpec, LocalExecutor, StepInput, to_device
 from .grammar import GrammarMatcher, fill_masks
 from .kv_cache import BlockManager
 from .request import (ContextLengthError, EngineError, GenerateRequest, RequestOutput, ScheduledSeq,
@@ -205,8 +205,9 @@ class LLMEngine:
         input_ids = torch.tensor(ids)
         if fill:  # on the device, behind the step that samples them: no wait for the host copy
             prev = self._inflight.sampled.token_ids
-            dst, src = torch.tensor(fill).to(prev.device, non_blocking=True).unbind(1)
-            input_ids = input_ids.to(prev.device, non_blocking=True)
+            t = to_device({"ids": input_ids, "fill": torch.tensor(fill)}, prev.device)
+            dst, src = t["fill"].unbind(1)
+            input_ids = t["ids"]
             input_ids[dst] = prev[src]
         step = StepInput(input_ids, torch.tensor(pos), torch.tensor(qs), torch.tensor(ctx), tables,
                          {g: torch.tensor(v, dtype=torch.long) for g, v in slots.items()},
