@@ -23,6 +23,14 @@ _recorded: list | None = None  # set inside recording()
 _captured: list | None = None  # set inside capturing()
 
 
+def no_specialize(g: dict, name: str) -> tuple[str, ...]:
+    """The arguments of kernel `name` (module globals `g`: its `_NO_SPECIALIZE`) that change from step
+    to step: token and pair counts, the block-table width. Triton would compile one copy per value
+    class (1, a multiple of 16, anything else) of each; those classes change nothing in these kernels'
+    code worth a compile stall in the middle of serving."""
+    return tuple(g.get("_NO_SPECIALIZE", {}).get(name, ()))
+
+
 def jit_module(g: dict, names: tuple[str, ...]) -> None:
     """Replace the plain functions `names` in module globals `g` by jitted ones, once.
 
@@ -34,7 +42,7 @@ def jit_module(g: dict, names: tuple[str, ...]) -> None:
     if not HAVE_TRITON:
         raise RuntimeError("triton is not installed; the torch path (GPTOSS_KERNELS=torch) needs no kernels")
     for n in names:
-        g[n] = triton.jit(g[n])
+        g[n] = triton.jit(g[n], do_not_specialize=no_specialize(g, n))
     _jitted.add(g["__name__"])
 
 

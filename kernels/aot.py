@@ -120,8 +120,11 @@ class Config:
         names = self.src.fn.arg_names
         # floats (SwiGLU limit/alpha) are model constants, not tile choices
         cex = [f"{names[i[0]]}={v}" for i, v in self.src.constants.items() if not isinstance(v, float)]
-        # integer arguments the launch could not specialise as multiples of 16 (a separate compilation)
+        # integer arguments the launch could not specialise as multiples of 16 (a separate compilation),
+        # leaving out those never specialised (kernels._triton.no_specialize)
+        never = set(getattr(self.src.fn, "do_not_specialize", ()))
         odd = [f"{n}%16" for i, n in enumerate(names) if self.src.signature[n] in ("i32", "i64")
+               and i not in never and n not in never
                and not any(a[0] == "tt.divisibility" for a in self.src.attrs.get((i,), []))]
         return " ".join(cex + odd + [f"w{self.options.num_warps}", f"s{self.options.num_stages}"])
 
@@ -166,7 +169,7 @@ def _compiled_copies(module) -> dict:
         c.__module__, c.__doc__ = f.__module__, f.__doc__
         g[n] = c
     for n in module._KERNELS:
-        g[n] = JITFunction(g[n])
+        g[n] = JITFunction(g[n], do_not_specialize=_triton.no_specialize(g, n))
     return g
 
 

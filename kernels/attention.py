@@ -153,6 +153,7 @@ def _merge_kernel(po_ptr, pm_ptr, pl_ptr, o_ptr, n_rows, D, NUM_SPLITS: tl.const
 
 
 _KERNELS = ("_attn_kernel", "_merge_kernel")
+_NO_SPECIALIZE = {"_attn_kernel": ("n_tokens", "s_bt"), "_merge_kernel": ("n_rows",)}
 
 
 def _default_config(max_query_len: int, B: int, K: int, G: int, gpu: bool, interp: bool) -> dict:

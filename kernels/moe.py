@@ -252,6 +252,7 @@ def _align_kernel(idx_ptr, g2l_ptr, sorted_ptr, tile_e_ptr, valid_ptr, n_pairs, 
 
 _KERNELS = ("_fp4", "_dot", "_mx_tile", "_w1_kernel", "_w2_kernel", "_combine_kernel",
             "_local_keys", "_align_kernel")
+_NO_SPECIALIZE = {"_w1_kernel": ("n_pairs",), "_w2_kernel": ("n_pairs",), "_align_kernel": ("n_pairs", "max_tiles")}
 
 
 def _default_config(pairs: int, n_local: int, interp: bool) -> dict:

@@ -190,6 +190,8 @@ def test_packed_host_to_device_copy_keeps_every_tensor():
         assert got[k].dtype == v.dtype and got[k].shape == v.shape and torch.equal(got[k], v), k
     # the int64 tensors were packed into one buffer (one transfer on CUDA)
     assert got["ids"].untyped_storage().data_ptr() == got["table"].untyped_storage().data_ptr()
+    base = got["ids"].untyped_storage().data_ptr()  # each starts 128 bytes in: aligned for the kernels
+    assert all((got[k].data_ptr() - base) % 128 == 0 for k in ("ids", "table", "empty"))
 
 
 CUDA_OVERLAP = r"""

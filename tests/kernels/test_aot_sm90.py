@@ -43,3 +43,23 @@ def test_compiles_without_spills_within_limits(i):
     assert 0 < u.regs <= 255, where
     assert u.smem <= min(228 * 1024, aot.SMEM_LIMIT[ARCH]), where
     assert u.num_warps == CONFIGS[i].options.num_warps, where
+
+
+def test_step_shapes_do_not_multiply_compilations():
+    """A server meets every token count and block-table width. Within one launch configuration
+    (same tiles, splits, warps) those must not each need a compilation of their own: Triton would
+    otherwise compile per value class (1, a multiple of 16, other) of every such argument, a stall
+    of seconds in the middle of serving. Over 24 step shapes, one compilation per configuration."""
+    from models.checkpoint import PRESETS
+    cfg = PRESETS["gpt-oss-20b"]
+    # decode batches 17..32 all pick one split count; prefill chunks of 2..500 tokens one tile set
+    shapes = [(b, 1, ctx) for b in (17, 19, 24, 32) for ctx in (100, 1000, 4099)]
+    shapes += [(1, q, q + extra) for q in (2, 3, 16, 17, 100, 500) for extra in (0, 33)]
+    uses = [(f"{b}x{q}@{c}", aot._step_launches(cfg, b, q, c)) for b, q, c in shapes]
+    per_kernel = {}
+    for c in aot.bind(uses, ARCH):
+        per_kernel[c.kernel] = per_kernel.get(c.kernel, 0) + 1
+    # attention: decode and prefill tiles, each with and without the window; MoE: decode and prefill
+    # tiles (align: two chunk sizes for prefill); norms with and without the residual
+    assert per_kernel["_attn_kernel"] == 4, per_kernel
+    assert max(per_kernel.values()) <= 4 and sum(per_kernel.values()) <= 16, per_kernel
