@@ -49,6 +49,15 @@ class ModelGroupConfig(BaseModel):
     def world(self) -> int:
         return max(self.tp, self.ep)
 
+    @property
+    def device(self) -> str:
+        return "cuda" if self.use_gpu else "cpu"
+
+    @property
+    def dtype(self) -> str:
+        """bf16 with MXFP4 experts on GPUs (the Triton kernels' path), fp32 on CPUs."""
+        return "bfloat16" if self.use_gpu else "float32"
+
 
 class ServeConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")

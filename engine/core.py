@@ -315,6 +315,12 @@ class LLMEngine:
                 results[o.request_id].append(o)
         return results
 
+    def warmup(self) -> dict:
+        """Compile the kernels and capture the decode graphs now (executor.warmup); {} where the
+        executor has nothing to warm."""
+        fn = getattr(self.executor, "warmup", None)
+        return fn(self.config.max_tokens_per_step) if fn is not None else {}
+
     def shutdown(self) -> None:
         self.executor.shutdown()
 
@@ -364,13 +370,14 @@ def _raw_eos() -> frozenset[int]:
 
 
 def build_engine(path, config: EngineConfig = EngineConfig(), tp: int = 1, ep: int = 1,
-                 dtype: torch.dtype = torch.float32, device: str = "cpu") -> LLMEngine:
+                 dtype: torch.dtype = torch.float32, device: str = "cpu", keep_mxfp4: bool | None = None
+                 ) -> LLMEngine:
     """An engine over one process (tp = ep = 1) or over tp x ep local rank workers."""
     if tp == 1 and ep == 1:
         from models import load_model
-        return LLMEngine(load_model(path, dtype, device), config)
+        return LLMEngine(load_model(path, dtype, device, keep_mxfp4=keep_mxfp4), config)
     from parallel.worker import MultiProcessExecutor, RankWorkers, WorkerSpec
-    workers = RankWorkers(WorkerSpec(str(path), tp, ep, dtype, device))
+    workers = RankWorkers(WorkerSpec(str(path), tp, ep, dtype, device, keep_mxfp4=keep_mxfp4))
     return LLMEngine(None, config, executor_factory=lambda spec: MultiProcessExecutor(workers, spec),
                      model_config=workers.config)
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -155,6 +156,17 @@ def pad_decode_step(step: StepInput, bucket: int, width: int, block_size: int,
         sample_rows=step.sample_rows)
 
 
+def null_step(tokens: int, spec: CacheSpec) -> StepInput:
+    """One sequence of `tokens` tokens whose whole table is the null block: it writes and reads only
+    that block (as padding rows do), so running it changes no real sequence's KV."""
+    n_blocks = -(-tokens // spec.block_size)
+    z = torch.zeros(tokens, dtype=torch.long)
+    return StepInput(z, torch.arange(tokens), torch.tensor([0, tokens]), torch.tensor([tokens]),
+                     {g: torch.full((1, n_blocks), NULL_BLOCK) for g in spec.blocks},
+                     {g: torch.full((tokens,), NULL_BLOCK * spec.block_size) for g in spec.blocks},
+                     torch.tensor([tokens - 1]))
+
+
 def empty_step(groups) -> StepInput:
     """A step of no sequence: pad_decode_step turns it into an all-padding step (graph capture)."""
     z = torch.zeros(0, dtype=torch.long)
@@ -262,6 +274,24 @@ class LocalExecutor:
                 if not self._capture(b, self._graph_inputs(padded, 0)[0]):
                     return 0
         return len(self.graphs.graphs)
+
+    def warmup(self, max_tokens: int) -> dict:
+        """Compile every kernel configuration before traffic arrives, instead of in the middle of a
+        request (seconds per compilation on a GPU): prefill steps of 1, 2, 4, ... `max_tokens` tokens
+        (launchers pick tiles by size class, and powers of two reach every class; token counts are
+        not specialised, kernels._triton.no_specialize), then every decode graph. The steps touch
+        only the null block and count no expert load. Returns what ran."""
+        t0 = time.perf_counter()
+        sizes = [1 << i for i in range(max(1, max_tokens).bit_length()) if 1 << i < max_tokens] + [max_tokens]
+        loads = [b.moe.load.clone() for b in self.model.blocks]
+        for n in sizes:
+            run_step(self.model, self.cache, self.spec, null_step(n, self.spec), num_real_tokens=0)
+        for b, saved in zip(self.model.blocks, loads):
+            b.moe.load.copy_(saved)
+        graphs = self.capture_graphs()
+        if self.model.device.type == "cuda":
+            torch.cuda.synchronize(self.model.device)
+        return {"prefill_sizes": sizes, "graphs": graphs, "seconds": time.perf_counter() - t0}
 
     def expert_load(self) -> torch.Tensor:
         return torch.stack([b.moe.load for b in self.model.blocks])

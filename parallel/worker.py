@@ -49,7 +49,9 @@ def build_rank_model(spec: WorkerSpec, rank: int):
     cfg = load_config(resolve_ckpt(spec.path)[0])
     layout = resolve_layout(cfg, spec.tp, spec.ep, placement=spec.placement, attn_dp=spec.attn_dp)
     me = layout[rank]
-    device = torch.device(spec.device if spec.device == "cpu" else f"cuda:{me.local_gpu}")
+    # a Ray actor given one GPU sees only that one (CUDA_VISIBLE_DEVICES), as cuda:0
+    local = me.local_gpu if spec.device != "cpu" and torch.cuda.device_count() > 1 else 0
+    device = torch.device(spec.device if spec.device == "cpu" else f"cuda:{local}")
     comm = DistComm(layout, rank, RendezvousSpec(rank, me.world, spec.init_method), device)
     shard = ShardSpec(experts=me.experts, q_heads=me.q_heads, kv_heads=me.kv_heads,
                       vocab=me.vocab if me.tp > 1 else None)

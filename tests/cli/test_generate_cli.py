@@ -64,6 +64,9 @@ def test_bad_flags_are_named(tiny_ckpt, files, tmp_path):
         (["--tp", "3"], "--tp 3"),
         (["--ep", "0"], "--ep"),
     ]
+    import torch
+    if not torch.cuda.is_available():
+        cases.append((["--gpu", "--prompt", "hi"], "--gpu: no CUDA device"))
     for args, flag in cases:
         r = run("--model", str(tiny_ckpt), *args, ok=False)
         assert r.returncode == 2, (args, r.stderr)
