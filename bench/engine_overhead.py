@@ -1,12 +1,13 @@
 """Host time per engine step outside the model and the sampler, by decode batch size.
 
     python -m bench.engine_overhead [--batches 1,8,64,256] [--context 1024] [--steps 50]
+    python -m bench.engine_overhead --ranks 2x2 [--batches 1,8,64] [--steps 20]
 
 On a GPU a decode step is a CUDA-graph replay plus this host time (scheduling,
 batch building, output handling, block bookkeeping) unless the two overlap, so
 it bounds the step rate: 430 tok/s at batch 1 leaves 2.3 ms for the whole step.
 Measured on CPU with the tiny model as the time inside the engine's own parts of
-a step (scheduler.schedule, _build_step, _sampling_batch, _update), which is
+a step (scheduler.schedule, _build_step, _sample_spec, _update), which is
 what stays on the host on any device. Greedy raw requests with ignore_eos, so
 every sequence decodes for the whole measurement.
 """
@@ -39,7 +40,7 @@ def measure(batch: int, context: int, steps: int, warmup: int = 3) -> dict:
 
     eng.scheduler.schedule = timed(eng.scheduler.schedule, "schedule")
     eng._build_step = timed(eng._build_step, "build")
-    eng._sampling_batch = timed(eng._sampling_batch, "sampling_batch")
+    eng._sample_spec = timed(eng._sample_spec, "sampling_batch")
     eng._update = timed(eng._update, "update")
     for r in requests(batch, context, steps + warmup + 4, seed=batch):
         eng.add_request(r)
@@ -57,15 +58,84 @@ def measure(batch: int, context: int, steps: int, warmup: int = 3) -> dict:
             "host_us_per_sequence": host * 1e6 / batch, **{f"{k}_ms": v * 1e3 / steps for k, v in parts.items()}}
 
 
+def measure_ranks(workers, batch: int, steps: int, sample_on_rank: bool) -> dict:
+    """Decode ms per step of an engine over rank workers, and the pickled bytes rank 0 sends back
+    per step: sampled token ids (sample_on_rank) or the [batch, vocab] logits (the engine samples)."""
+    import pickle
+
+    from bench.gpu import requests
+    from engine.core import EngineConfig, LLMEngine
+    from parallel.worker import MultiProcessExecutor
+    cfg = EngineConfig(block_size=16, num_blocks=batch * 4 + 8, max_num_seqs=batch, max_tokens_per_step=max(batch, 64))
+    eng = LLMEngine(None, cfg, model_config=workers.config,
+                    executor_factory=lambda spec: MultiProcessExecutor(workers, spec, sample_on_rank))
+    sizes, real = [], workers.call
+
+    def call(kind, payload=None):
+        out = real(kind, payload)
+        if kind.startswith("step"):
+            sizes.append(len(pickle.dumps(out[0])))
+        return out
+    workers.call = call
+    try:
+        for r in requests(batch, 8, steps + 12, seed=batch):
+            eng.add_request(r)
+        for _ in range(4):
+            eng.step()
+        sizes.clear()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            eng.step()
+        return {"ms_per_step": (time.perf_counter() - t0) * 1e3 / steps, "bytes_back": sum(sizes) / len(sizes)}
+    finally:
+        workers.call = real
+        for rid in list(eng.seqs):
+            eng.abort(rid)
+
+
+def ranks_table(tp: int, ep: int, batches: list[int], steps: int, rounds: int = 2) -> None:
+    import tempfile
+    from pathlib import Path
+
+    from models.checkpoint import make_checkpoint
+
+    from parallel.worker import RankWorkers, WorkerSpec
+    with tempfile.TemporaryDirectory() as d:
+        path = make_checkpoint(Path(d) / "tiny", "tiny", "hf", "mxfp4", seed=0)
+        workers = RankWorkers(WorkerSpec(str(path), tp, ep))
+        try:
+            print("| batch | logits back: ms/step | tokens back: ms/step | speedup | bytes back per step (logits / tokens) |")
+            print("|---:|---:|---:|---:|---|")
+            for b in batches:
+                best = {}
+                for _ in range(rounds):  # interleaved, best of `rounds`
+                    for on_rank in (False, True):
+                        r = measure_ranks(workers, b, steps, on_rank)
+                        if on_rank not in best or r["ms_per_step"] < best[on_rank]["ms_per_step"]:
+                            best[on_rank] = r
+                lg, tk = best[False], best[True]
+                print(f"| {b} | {lg['ms_per_step']:.1f} | {tk['ms_per_step']:.1f} | "
+                      f"{lg['ms_per_step'] / tk['ms_per_step']:.2f}x | {lg['bytes_back']:,.0f} / {tk['bytes_back']:,.0f} |",
+                      flush=True)
+        finally:
+            workers.shutdown()
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--batches", default="1,8,64,256")
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--ranks", metavar="TPxEP",
+                    help="instead: decode over tp x ep local rank workers, sampling on rank 0 vs in the engine")
     a = ap.parse_args(argv)
     from bench.gpu import find_vocab
     find_vocab()
     torch.set_num_threads(1)
+    if a.ranks:
+        tp, ep = (int(x) for x in a.ranks.lower().split("x"))
+        ranks_table(tp, ep, [int(x) for x in a.batches.split(",")], a.steps)
+        return 0
     print("| batch | context | host ms/step | host us/sequence | schedule / build / sampling batch / update ms |")
     print("|---:|---:|---:|---:|---|")
     for b in (int(x) for x in a.batches.split(",")):

@@ -15,11 +15,11 @@ from models.attention import NULL_BLOCK
 
 from . import harmony
 from .executor import CacheSpec, LocalExecutor, StepInput, to_device
-from .grammar import GrammarMatcher, fill_masks
+from .grammar import GrammarMatcher, fill_packed
 from .kv_cache import BlockManager
 from .request import (ContextLengthError, EngineError, GenerateRequest, RequestOutput, ScheduledSeq,
                       SchedulerOutput, Sequence, Usage)
-from .sampler import Sampler, SamplerOutput, SamplingBatch, StopChecker, make_generator
+from .sampler import SampleSpec, SamplerOutput, StopChecker
 from .scheduler import Scheduler
 
 
@@ -61,12 +61,12 @@ class LLMEngine:
         spec = CacheSpec(bs, {"full": config.num_blocks, "sliding": n_slide}, groups)
         self.executor = executor_factory(spec) if executor_factory else LocalExecutor(model, spec)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_tokens_per_step)
-        self.sampler = Sampler()
         self.seqs: dict[str, list[Sequence]] = {}
         self.overlap = (config.overlap_scheduling if config.overlap_scheduling is not None
                         else getattr(self.executor, "asynchronous", False))
         self._inflight: _Launched | None = None
         self._lockstep: set[Sequence] = set()  # live sequences that need each token before the next step
+        self._released: list[int] = []  # seeded sequences gone since the last sampling step
         self._arrival = itertools.count()
         self.generated_tokens = 0
         self.computed_tokens = 0
@@ -117,6 +117,8 @@ class LLMEngine:
         for s in seqs or []:
             if not s.finished:
                 s.finished, s.finish_reason = True, "abort"  # a step in flight must drop its token
+                if s.req.params.seed is not None:
+                    self._released.append(s.arrival)
             self._lockstep.discard(s)
             self.scheduler.remove(s)
         return seqs is not None
@@ -151,10 +153,8 @@ class LLMEngine:
         if not sched.items:
             return None
         step, sample_seqs = self._build_step(sched)
-        logits = self.executor.execute(step)
-        sampled = None
-        if sample_seqs:
-            sampled = self.sampler.sample(logits, self._sampling_batch(sample_seqs, logits.shape[-1], logits.device))
+        # sampled where the logits are (this process or rank 0): only token ids come back
+        sampled = self.executor.execute_sampled(step, self._sample_spec(sample_seqs) if sample_seqs else None)
         for it in sched.items:
             it.seq.num_computed += it.num_tokens
         for row, s in enumerate(sample_seqs):
@@ -214,22 +214,19 @@ class LLMEngine:
                          torch.tensor(rows, dtype=torch.long))
         return step, sample_seqs
 
-    def _sampling_batch(self, seqs: list[Sequence], vocab: int, device=None) -> SamplingBatch:
-        allowed = None
-        if any(s.matcher for s in seqs):
-            # on a GPU only the packed bitmask crosses (1/8 of a [batch, vocab] bool mask: 1.6 MB, not
-            # 13 MB, per step at batch 64) and unpacks there
-            dev = device if device is not None and torch.device(device).type != "cpu" else None
-            allowed = fill_masks([s.matcher for s in seqs], vocab, dev)
+    def _sample_spec(self, seqs: list[Sequence]) -> SampleSpec:
         params = [s.req.params for s in seqs]
-        for s, p in zip(seqs, params):
-            if s.generator is None and p.seed is not None:
-                # made at its first draw, on the logits' device: a CPU generator cannot fill a CUDA row
-                s.generator = make_generator(p.seed + s.index, device if device is not None else "cpu")
+        bitmask = free = None
+        if any(s.matcher for s in seqs):
+            # packed: 1/8 of a [batch, vocab] bool mask crosses to the sampler, which unpacks it there
+            bitmask, free = fill_packed([s.matcher for s in seqs])
         history = {}
         if any(p.has_penalties for p in params):  # copying every history each step costs O(batch x length)
             history = dict(prompt_ids=[s.tokens[:s.prompt_len] for s in seqs], output_ids=[s.output_ids for s in seqs])
-        return SamplingBatch(params=params, generators=[s.generator for s in seqs], allowed=allowed, **history)
+        released, self._released = self._released, []
+        return SampleSpec(params, [s.arrival for s in seqs],
+                          [p.seed + s.index if p.seed is not None else None for s, p in zip(seqs, params)],
+                          bitmask, free, released=released, **history)
 
     def _update(self, done: _Launched) -> list[RequestOutput]:
         outs, ended = [], []
@@ -299,6 +296,8 @@ class LLMEngine:
 
     def _retire(self, s: Sequence) -> None:
         self._lockstep.discard(s)
+        if s.req.params.seed is not None:
+            self._released.append(s.arrival)  # the sampler drops its generator
         self.scheduler.remove(s)
         group = self.seqs.get(s.req.request_id, [])
         if group and all(x.finished for x in group):

@@ -26,6 +26,8 @@ from kernels import dispatch
 from kernels.cuda_graphs import DEFAULT_BUCKETS, DecodeGraphRunner, bucket_for
 from models.attention import NULL_BLOCK, KVCache, PagedMetadata
 
+from .sampler import SampleSpec, SamplerOutput, SamplerState
+
 log = logging.getLogger(__name__)
 GRAPHS_ENV = "GPTOSS_CUDA_GRAPHS"
 
@@ -198,6 +200,7 @@ class LocalExecutor:
         self.model, self.spec = model, spec
         self.config = model.config
         self.cache = allocate_cache(model, spec)
+        self.sampling = SamplerState()
         self.graphs: DecodeGraphRunner | None = None
         if _graphs_enabled(cuda_graphs) and graphs_supported(model):
             self.graphs = DecodeGraphRunner(self._graph_forward, buckets=graph_buckets, enabled=True,
@@ -211,6 +214,10 @@ class LocalExecutor:
     def asynchronous(self) -> bool:
         """Work is queued, not done, when execute returns: the engine may schedule ahead."""
         return self.model.device.type == "cuda"
+
+    def execute_sampled(self, step: StepInput, spec: SampleSpec | None) -> SamplerOutput | None:
+        logits = self.execute(step)
+        return self.sampling.sample(logits, spec) if spec is not None else None
 
     def execute(self, step: StepInput) -> torch.Tensor:
         if self.graphs is not None and dispatch.use_triton(self.model.device):

@@ -350,6 +350,16 @@ def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int,
     return torch.cat([bits, pad], dim=1)
 
 
+def fill_packed(matchers: Sequence[GrammarMatcher | None]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int32 [B, W] packed masks, bool [B] rows without a matcher): what crosses to the sampler."""
+    bitmask = fill_bitmask(matchers)
+    # A row with nothing allowed would turn softmax into NaN; end such a sequence instead.
+    empty = ~bitmask.ne(0).any(dim=1)
+    if bool(empty.any()):
+        bitmask[empty, RETURN // 32] = 1 << (RETURN % 32)
+    return bitmask, torch.tensor([m is None for m in matchers], dtype=torch.bool)
+
+
 def fill_masks(matchers: Sequence[GrammarMatcher | None], vocab_size: int,
                device: torch.device | str | None = None) -> torch.Tensor:
     """bool [B, vocab_size], True = allowed; rows with no matcher are all True.
@@ -357,12 +367,7 @@ def fill_masks(matchers: Sequence[GrammarMatcher | None], vocab_size: int,
     With `device`, only the packed mask (1/8 of the bytes) crosses to it and the
     unpacking runs there, off the CPU that llguidance needs.
     """
-    bitmask = fill_bitmask(matchers)
-    # A row with nothing allowed would turn softmax into NaN; end such a sequence instead.
-    empty = ~bitmask.ne(0).any(dim=1)
-    if bool(empty.any()):
-        bitmask[empty, RETURN // 32] = 1 << (RETURN % 32)
-    free = torch.tensor([m is None for m in matchers], dtype=torch.bool)
+    bitmask, free = fill_packed(matchers)
     if device is not None:
         bitmask, free = bitmask.to(device), free.to(device)
     return unpack_bitmask(bitmask, vocab_size, free)

@@ -6,7 +6,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 
 from .grammar import GrammarMatcher, GrammarSpec
 from .harmony import OutputParser
@@ -87,7 +86,6 @@ class Sequence:
     cached_tokens: int = 0      # prompt tokens served from the prefix cache at first admission
     admitted: bool = False
     blocks: SeqBlocks = field(default_factory=SeqBlocks)
-    generator: torch.Generator | None = None
     matcher: GrammarMatcher | None = None
     parser: OutputParser | None = None
     stop: StopChecker | None = None

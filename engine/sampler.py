@@ -16,7 +16,7 @@ the truncation knobs, and stay finite for every allowed token.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Sequence
 
 import torch
@@ -329,6 +329,48 @@ class Sampler:
             top = [[(t, v) for t, v in zip(ids[i][:p.top_logprobs], vals[i][:p.top_logprobs])
                     if v != -math.inf] for i, p in enumerate(params)]
         return SamplerOutput(token_ids=token_ids, logprobs=chosen, top_logprobs=top)
+
+
+@dataclass
+class SampleSpec:
+    """A step's sampling inputs in a form that crosses to an executor in another process: no device
+    tensors, no generator objects (the executor's SamplerState owns those)."""
+
+    params: list[SamplingParams]
+    keys: list[int]                  # per row: the sequence (engine-unique), whose generator a seed selects
+    seeds: list[int | None]          # per row: the seed of its choice's stream (request seed + choice index)
+    bitmask: torch.Tensor | None = None  # packed grammar masks, int32 [B, ceil(V/32)] (engine.grammar)
+    free: torch.Tensor | None = None     # bool [B]: rows without a grammar
+    prompt_ids: list[list[int]] | None = None  # penalties only
+    output_ids: list[list[int]] | None = None
+    released: list[int] = field(default_factory=list)  # sequences gone since the last spec
+
+
+class SamplerState:
+    """The sampling side of an executor: the sampler, and each seeded sequence's generator, made on the
+    logits' device at its first draw and kept across steps (and preemptions) until released. Where
+    the logits are made, so only token ids leave: a [batch, 201k] logits tensor per step would
+    otherwise cross from the rank that holds it."""
+
+    def __init__(self) -> None:
+        self.sampler = Sampler()
+        self.generators: dict[int, torch.Generator] = {}
+
+    def sample(self, logits: torch.Tensor, spec: SampleSpec) -> SamplerOutput:
+        for k in spec.released:
+            self.generators.pop(k, None)
+        gens = []
+        for k, seed in zip(spec.keys, spec.seeds):
+            if seed is not None and k not in self.generators:
+                self.generators[k] = make_generator(seed, logits.device)
+            gens.append(self.generators.get(k) if seed is not None else None)
+        allowed = None
+        if spec.bitmask is not None:
+            from .grammar import unpack_bitmask  # llguidance loads only where grammars are used
+            dev = logits.device
+            allowed = unpack_bitmask(spec.bitmask.to(dev, non_blocking=True), logits.shape[-1],
+                                     spec.free.to(dev, non_blocking=True))
+        return self.sampler.sample(logits, SamplingBatch(spec.params, spec.prompt_ids, spec.output_ids, gens, allowed))
 
 
 class StopChecker:

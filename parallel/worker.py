@@ -68,12 +68,15 @@ class RankRuntime:
         self.model, self.comm, layout = build_rank_model(spec, rank)
         self.me = layout[rank]
         self.cache = self.cache_spec = None
+        from engine.sampler import SamplerState
+        self.sampling = SamplerState()
 
     def ping(self) -> bool:
         return True
 
     def handle(self, kind: str, payload=None):
         from engine.executor import allocate_cache, run_step
+        from engine.sampler import SamplerOutput
         from models.attention import DenseMetadata
         model, me = self.model, self.me
         if kind == "stop":
@@ -83,11 +86,19 @@ class RankRuntime:
             self.cache_spec = payload
             self.cache = allocate_cache(model, payload)
             return None
-        if kind == "step":
-            logits = run_step(model, self.cache, self.cache_spec, payload)
+        if kind in ("step", "step_sampled"):
+            step, spec = payload if kind == "step_sampled" else (payload, None)
+            logits = run_step(model, self.cache, self.cache_spec, step)
             if hasattr(self.comm, "end_forward"):
                 self.comm.end_forward()
-            return logits.cpu() if self.rank == 0 else None  # every attention group computed the same rows
+            if self.rank != 0:  # every attention group computed the same rows
+                return None
+            if kind == "step":
+                return logits.cpu()
+            # sampled here: token ids cross back, not [batch, vocab] logits
+            out = self.sampling.sample(logits, spec) if spec is not None else None
+            return None if out is None else SamplerOutput(
+                out.token_ids.cpu(), None if out.logprobs is None else out.logprobs.cpu(), out.top_logprobs)
         if kind == "logits":  # payload: one list of 1-D token tensors per attention group
             seqs = payload[me.dp_rank if self.spec.attn_dp else 0]
             ids = torch.cat(seqs) if seqs else torch.zeros(0, dtype=torch.long)
@@ -199,15 +210,26 @@ class RankWorkers:
 class MultiProcessExecutor:
     """The engine's executor over rank workers (RankWorkers, or Ray actors with the same `call`)."""
 
-    def __init__(self, workers, cache_spec):
+    def __init__(self, workers, cache_spec, sample_on_rank: bool = True):
+        """sample_on_rank=False brings the logits back and samples here (for measurements)."""
         if workers.attn_dp:
             raise ValueError("engine steps under attention data parallelism are not supported yet")
         self.workers = workers
         self.config = workers.config
+        self.sample_on_rank = sample_on_rank
+        self.sampling = None
         workers.call("cache", cache_spec)
 
     def execute(self, step) -> torch.Tensor:
         return self.workers.call("step", step)[0]
+
+    def execute_sampled(self, step, spec):
+        if self.sample_on_rank:
+            return self.workers.call("step_sampled", (step, spec))[0]
+        from engine.sampler import SamplerState
+        self.sampling = self.sampling or SamplerState()
+        logits = self.execute(step)
+        return self.sampling.sample(logits, spec) if spec is not None else None
 
     def expert_load(self) -> torch.Tensor:
         return sum(self.workers.call("expert_load"))

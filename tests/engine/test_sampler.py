@@ -365,3 +365,19 @@ def test_stop_in_single_delta_and_earliest_of_several():
     assert sc.feed("answer\n") == ("answer", False)
     assert sc.feed("User: hi") == ("\n", True)
     assert StopChecker([]).feed("anything") == ("anything", False)
+
+
+def test_sampler_state_keeps_a_generator_per_sequence_until_released():
+    from engine.sampler import SampleSpec, SamplerState
+    st = SamplerState()
+    p = SamplingParams(temperature=1.0, seed=5)
+    logits = torch.randn(2, 50, generator=torch.Generator().manual_seed(0))
+    spec = lambda released=(): SampleSpec([p, p], keys=[1, 2], seeds=[5, 6], released=list(released))  # noqa: E731
+    a = [st.sample(logits, spec()).token_ids.tolist() for _ in range(6)]
+    assert set(st.generators) == {1, 2}
+    # the same streams as generators made by hand, one per sequence, drawn step after step
+    g1, g2 = make_generator(5), make_generator(6)
+    ref = [Sampler().sample(logits, SamplingBatch([p, p], generators=[g1, g2])).token_ids.tolist() for _ in range(6)]
+    assert a == ref
+    st.sample(logits[:1], SampleSpec([p], keys=[3], seeds=[7], released=[1, 2]))
+    assert set(st.generators) == {3}

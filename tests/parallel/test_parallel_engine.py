@@ -45,3 +45,49 @@ def test_cli_generate_ep2_tp2_equals_single(tiny_ckpt):
     assert one.returncode == 0 and two.returncode == 0, one.stderr + two.stderr
     a, b = json.loads(one.stdout), json.loads(two.stdout)
     assert a == b and a["usage"]["completion_tokens"] > 0
+
+
+def _mixed():
+    """Seeded sampling (n = 2), penalties, logprobs and a grammar: everything the sampler keeps or is sent."""
+    from engine.grammar import GrammarSpec
+    g = torch.Generator().manual_seed(8)
+    ids = lambda n: torch.randint(0, 199000, (n,), generator=g).tolist()  # noqa: E731
+    return [GenerateRequest("seeded", ids(12), SamplingParams(temperature=1.0, seed=11, n=2, max_tokens=10,
+                                                              ignore_eos=True), harmony=False),
+            GenerateRequest("pen", ids(7), SamplingParams(temperature=0, frequency_penalty=2.0, max_tokens=10,
+                                                          ignore_eos=True), harmony=False),
+            GenerateRequest("lp", ids(9), SamplingParams(temperature=0, logprobs=True, top_logprobs=3, max_tokens=6,
+                                                         ignore_eos=True), harmony=False),
+            GenerateRequest("gram", ids(6), SamplingParams(temperature=0.8, seed=4, max_tokens=20),
+                            grammar=GrammarSpec(max_reasoning_tokens=4, max_content_tokens=8))]
+
+
+def test_ranks_sample_and_return_only_token_ids(tiny_ckpt):
+    """Rank 0 samples (its own seeded generators, the packed grammar masks, penalties), so a step
+    sends back token ids, not [batch, vocab] logits; what a client sees equals one process."""
+    cfg = EngineConfig(block_size=4, max_tokens_per_step=32)
+    ref = build_engine(tiny_ckpt, cfg).generate(_mixed())
+    e = build_engine(tiny_ckpt, cfg, tp=2, ep=1)
+    replies = []
+    real = e.executor.workers.call
+
+    def call(kind, payload=None):
+        out = real(kind, payload)
+        if kind == "step_sampled":
+            replies.append(out[0])
+        return out
+    e.executor.workers.call = call
+    try:
+        got = e.generate(_mixed())
+    finally:
+        e.shutdown()
+    for rid, outs in ref.items():
+        for i in {o.index for o in outs}:
+            assert output_tokens(got[rid], i) == output_tokens(outs, i), (rid, i)
+        lp = [x for o in outs for x in o.logprobs]
+        lp2 = [x for o in got[rid] for x in o.logprobs]
+        assert [x["token"] for x in lp] == [x["token"] for x in lp2]
+        assert all(abs(a["logprob"] - b["logprob"]) < 1e-4 for a, b in zip(lp, lp2))
+    sampled = [r for r in replies if r is not None]
+    assert sampled and all(r.token_ids.dim() == 1 and r.token_ids.numel() <= 5 for r in sampled)
+    assert any(r.logprobs is not None for r in sampled)
