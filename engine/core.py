@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from kernels.cuda_graphs import DEFAULT_BUCKETS, bucket_for
 from models.attention import NULL_BLOCK
 
 from . import harmony
@@ -59,7 +60,11 @@ class LLMEngine:
         self.blocks = BlockManager(config.num_blocks, n_slide, bs, window, config.enable_prefix_cache)
         groups = tuple("sliding" if mc.window(i) else "full" for i in range(mc.num_hidden_layers))
         spec = CacheSpec(bs, {"full": config.num_blocks, "sliding": n_slide}, groups)
-        self.executor = executor_factory(spec) if executor_factory else LocalExecutor(model, spec)
+        # decode graphs for batch buckets up to the first that holds max_num_seqs: no larger step exists
+        buckets = tuple(b for b in DEFAULT_BUCKETS if b < config.max_num_seqs)
+        buckets += (bucket_for(config.max_num_seqs, DEFAULT_BUCKETS) or DEFAULT_BUCKETS[-1],)
+        self.executor = executor_factory(spec) if executor_factory else LocalExecutor(model, spec,
+                                                                                      graph_buckets=buckets)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_tokens_per_step)
         self.seqs: dict[str, list[Sequence]] = {}
         self.overlap = (config.overlap_scheduling if config.overlap_scheduling is not None

@@ -199,6 +199,8 @@ class LocalExecutor:
                  graph_buckets: tuple[int, ...] = DEFAULT_BUCKETS):
         self.model, self.spec = model, spec
         self.config = model.config
+        if model.device.type == "cuda":
+            torch.cuda.set_device(model.device)  # Triton launches, and graphs capture, on the current device
         self.cache = allocate_cache(model, spec)
         self.sampling = SamplerState()
         self.graphs: DecodeGraphRunner | None = None

@@ -124,15 +124,15 @@ class SamplerOutput:
     top_logprobs: list[list[tuple[int, float]]] | None = None
 
 
-def _flat_keys(ids: Sequence[IdSeq] | None, rows: list[int], vocab: int,
-               device: torch.device) -> torch.Tensor:
-    """History of `rows` as keys row * V + token, i.e. indices into logits.view(-1)."""
+def _flat_keys(ids: Sequence[IdSeq] | None, rows: list[int], vocab: int) -> torch.Tensor:
+    """History of `rows` as keys row * V + token, i.e. indices into logits.view(-1); on the CPU
+    (histories are host lists: built there, they cross to the logits' device once, sorted)."""
     if ids is None:
-        return torch.empty(0, dtype=torch.long, device=device)
-    seqs = [torch.as_tensor(ids[i], dtype=torch.long, device=device).reshape(-1) for i in rows]
-    lens = torch.tensor([s.numel() for s in seqs], device=device)
+        return torch.empty(0, dtype=torch.long)
+    seqs = [torch.as_tensor(ids[i], dtype=torch.long).reshape(-1).cpu() for i in rows]
+    lens = torch.tensor([s.numel() for s in seqs])
     tok = torch.cat(seqs)
-    row = torch.repeat_interleave(torch.tensor(rows, device=device), lens)
+    row = torch.repeat_interleave(torch.tensor(rows), lens)
     ok = (tok >= 0) & (tok < vocab)  # ids outside the logits row cannot be penalised
     return row[ok] * vocab + tok[ok]
 
@@ -229,17 +229,19 @@ class Sampler:
             # Penalties only touch tokens in the history, so work on the sparse
             # (row, token) -> count pairs from torch.unique instead of dense [B, V]
             # count tensors: O(history) rather than O(B * V) per step.
+            # The keys are counted on the host, where the histories are; no device value is read back.
             flat = x.view(-1)
-            okeys, ocnt = torch.unique(_flat_keys(batch.output_ids, pen, vocab, dev), return_counts=True)
-            rep = torch.tensor([p.repetition_penalty for p in params], device=dev)
-            if bool((rep != 1.0).any()):
-                seen = torch.unique(torch.cat([okeys, _flat_keys(batch.prompt_ids, pen, vocab, dev)]))
+            okeys, ocnt = torch.unique(_flat_keys(batch.output_ids, pen, vocab), return_counts=True)
+            if any(p.repetition_penalty != 1.0 for p in params):
+                rep = torch.tensor([p.repetition_penalty for p in params], device=dev)
+                seen = torch.unique(torch.cat([okeys, _flat_keys(batch.prompt_ids, pen, vocab)])).to(dev)
                 v, r = flat[seen], rep[seen // vocab]
                 # HF/vLLM: shrink positive logits, push negative ones further down.
                 flat[seen] = torch.where(v > 0, v / r, v * r)
-            freq = torch.tensor([p.frequency_penalty for p in params], device=dev)
-            pres = torch.tensor([p.presence_penalty for p in params], device=dev)
-            if bool((freq != 0).any() or (pres != 0).any()):
+            if any(p.frequency_penalty != 0 or p.presence_penalty != 0 for p in params):
+                freq = torch.tensor([p.frequency_penalty for p in params], device=dev)
+                pres = torch.tensor([p.presence_penalty for p in params], device=dev)
+                okeys, ocnt = okeys.to(dev), ocnt.to(dev)
                 r = okeys // vocab
                 flat[okeys] = flat[okeys] - (freq[r] * ocnt + pres[r])
 

@@ -168,7 +168,8 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
     if shard.vocab and comm.tp_size > 1:  # equal shards for the all-gather; padded rows are cut after it
         rows = -(-V // comm.tp_size)
         unembed = torch.cat([unembed, unembed.new_zeros(rows - unembed.shape[0], H)])
-    return GptOssForCausalLM(cfg, embed, blocks, norm, to_dev(unembed), shard, comm)
+    model = GptOssForCausalLM(cfg, embed, blocks, norm, to_dev(unembed), shard, comm)
+    return model.to(dev)  # the buffers modules make themselves (rotary frequencies, expert maps, loads)
 
 
 __all__ = ["GptOssForCausalLM", "load_model", "CheckpointReader"]

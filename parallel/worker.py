@@ -49,9 +49,12 @@ def build_rank_model(spec: WorkerSpec, rank: int):
     cfg = load_config(resolve_ckpt(spec.path)[0])
     layout = resolve_layout(cfg, spec.tp, spec.ep, placement=spec.placement, attn_dp=spec.attn_dp)
     me = layout[rank]
-    # a Ray actor given one GPU sees only that one (CUDA_VISIBLE_DEVICES), as cuda:0
-    local = me.local_gpu if spec.device != "cpu" and torch.cuda.device_count() > 1 else 0
-    device = torch.device(spec.device if spec.device == "cpu" else f"cuda:{local}")
+    device = torch.device("cpu")
+    if spec.device != "cpu":
+        # a Ray actor given one GPU sees only that one (CUDA_VISIBLE_DEVICES), as cuda:0; and Triton
+        # launches on the current device, so it must be this rank's
+        device = torch.device(f"cuda:{me.local_gpu % max(1, torch.cuda.device_count())}")
+        torch.cuda.set_device(device)
     comm = DistComm(layout, rank, RendezvousSpec(rank, me.world, spec.init_method), device)
     shard = ShardSpec(experts=me.experts, q_heads=me.q_heads, kv_heads=me.kv_heads,
                       vocab=me.vocab if me.tp > 1 else None)

@@ -1,0 +1,70 @@
+"""The CUDA path, run on the meta device: a stand-in for a GPU that holds no data. Any host read of
+a device value (.item(), bool(t), .tolist(), nonzero, boolean-mask indexing) raises there, and so
+does any CPU tensor meeting a device tensor. So a forward that completes on meta, with the Triton
+launches recorded instead of run, has no host syncs (a CUDA graph can capture it, and overlapped
+scheduling is never stalled by it) and creates no tensor on the wrong device."""
+
+import pytest
+import torch
+
+from engine.executor import CacheSpec, LocalExecutor, null_step, pad_decode_step, run_step
+from engine.sampler import SampleSpec, SamplingParams
+from kernels import _triton
+from models import load_model
+
+pytest.importorskip("triton")
+BS = 16
+
+
+@pytest.fixture(scope="module")
+def meta_executor(tiny_ckpt):
+    m = load_model(tiny_ckpt, torch.bfloat16, "meta", keep_mxfp4=True)
+    groups = tuple("sliding" if m.config.window(i) else "full" for i in range(m.config.num_hidden_layers))
+    return LocalExecutor(m, CacheSpec(BS, {"full": 64, "sliding": 64}, groups), cuda_graphs=False)
+
+
+@pytest.fixture(autouse=True)
+def triton_path(monkeypatch):
+    monkeypatch.setenv("GPTOSS_KERNELS", "triton")  # with the suite's TRITON_INTERPRET=1: meta counts as a GPU
+
+
+def _decode_step(n: int, spec: CacheSpec):
+    """n decoding sequences of different lengths, in their own blocks."""
+    ctx = [3 + 7 * i for i in range(n)]
+    tables, slots, nxt = {g: [] for g in spec.blocks}, {g: [] for g in spec.blocks}, 1
+    for c in ctx:
+        k = -(-c // BS)
+        for g in spec.blocks:
+            tables[g].append(list(range(nxt, nxt + k)))
+            slots[g].append((nxt + (c - 1) // BS) * BS + (c - 1) % BS)
+        nxt += k
+    w = max(len(t) for t in tables["full"])
+    from engine.executor import StepInput
+    return StepInput(torch.arange(n), torch.tensor([c - 1 for c in ctx]), torch.arange(n + 1), torch.tensor(ctx),
+                     {g: torch.tensor([t + [0] * (w - len(t)) for t in tables[g]]) for g in spec.blocks},
+                     {g: torch.tensor(slots[g]) for g in spec.blocks}, torch.arange(n))
+
+
+@pytest.mark.parametrize("n,bucket", [(1, 1), (3, 4), (5, 8)])
+def test_graph_forward_has_no_host_reads(meta_executor, n, bucket):
+    ex = meta_executor
+    padded = pad_decode_step(_decode_step(n, ex.spec), bucket, ex.graph_width, BS, full_width=True)
+    inputs, rows = ex._graph_inputs(padded, n)
+    with _triton.recording() as launches:
+        hidden = ex._graph_forward(inputs)
+        logits = ex.model.compute_logits(hidden[rows])
+    assert hidden.device.type == "meta" and hidden.shape == (bucket, ex.model.config.hidden_size)
+    assert logits.shape == (n, ex.model.config.vocab_size)
+    kernels = {fn.__name__ for fn, _, _ in launches}
+    assert {"_attn_kernel", "_w1_kernel", "_w2_kernel", "_route_kernel", "_align_kernel"} <= kernels
+
+
+@pytest.mark.parametrize("tokens", [1, 5, 40])
+def test_eager_prefill_and_sampling_have_no_host_reads(meta_executor, tokens):
+    ex = meta_executor
+    with _triton.recording():
+        logits = run_step(ex.model, ex.cache, ex.spec, null_step(tokens, ex.spec), num_real_tokens=tokens)
+        for p in (SamplingParams(temperature=0), SamplingParams(temperature=0.7, top_p=0.9, top_k=50),
+                  SamplingParams(temperature=1.0, logprobs=True)):
+            out = ex.sampling.sample(logits, SampleSpec([p], keys=[0], seeds=[None]))
+            assert out.token_ids.device.type == "meta"
