@@ -107,6 +107,38 @@ def workloads():
     return out
 
 
+def model_launches(preset: str, batches=DECODE_BATCHES, prefill: int = PREFILL_CHUNK) -> list:
+    """-> [(use label, launches)] recorded from the model itself (not the launchers called by hand), on
+    the meta device with GPTOSS_KERNELS=triton: a decode graph forward per batch and an eager prefill,
+    at full size. What a GPU run of one process launches, to check `workloads()` against."""
+    from engine.executor import CacheSpec, LocalExecutor, empty_step, null_step, pad_decode_step, run_step
+    from models import load_model
+    from models.checkpoint import RandomCheckpoint
+    saved = {k: os.environ.get(k) for k in ("GPTOSS_KERNELS", "TRITON_INTERPRET")}
+    os.environ.update(GPTOSS_KERNELS="triton", TRITON_INTERPRET="1")  # meta counts as a GPU; nothing runs
+    try:
+        m = load_model(RandomCheckpoint(preset, "mxfp4", device="meta"), torch.bfloat16, "meta", keep_mxfp4=True)
+        groups = tuple("sliding" if m.config.window(i) else "full" for i in range(m.config.num_hidden_layers))
+        ex = LocalExecutor(m, CacheSpec(BLOCK_SIZE, {"full": 8192, "sliding": 2048}, groups), cuda_graphs=False)
+        short, uses = preset.removeprefix("gpt-oss-"), []
+        for b in batches:
+            inputs, _ = ex._graph_inputs(pad_decode_step(empty_step(ex.spec.blocks), b, ex.graph_width, BLOCK_SIZE,
+                                                         full_width=True), b)
+            with _triton.recording() as launches:
+                ex._graph_forward(inputs)
+            uses.append((f"{short} d{b}", launches))
+        with _triton.recording() as launches:
+            run_step(m, ex.cache, ex.spec, null_step(prefill, ex.spec), num_real_tokens=prefill)
+        uses.append((f"{short} p{prefill}", launches))
+        return uses
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 @dataclass
 class Config:
     """One distinct compilation: what triton.compile gets, and which step shapes launch it."""

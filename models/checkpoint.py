@@ -55,22 +55,24 @@ Format = Literal["hf", "original", "both"]
 Experts = Literal["mxfp4", "bf16"]
 
 
-def _gen(seed: int, name: str, device: str | torch.device = "cpu") -> torch.Generator:
+def _gen(seed: int, name: str, device: str | torch.device = "cpu") -> torch.Generator | None:
+    if torch.device(device).type == "meta":  # shapes only (full-size dry runs): no numbers to draw
+        return None
     return torch.Generator(device=device).manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
 
 
 def _normal(seed: int, name: str, shape, std: float, mean: float = 0.0, device="cpu") -> torch.Tensor:
     g = _gen(seed, name, device)
-    return (torch.randn(shape, generator=g, device=g.device) * std + mean).to(torch.bfloat16)
+    return (torch.randn(shape, generator=g, device=device) * std + mean).to(torch.bfloat16)
 
 
 def _mxfp4(seed: int, name: str, out: int, inp: int, n: int, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """Random blocks with scales chosen so each weight has std ~ 1/sqrt(inp)."""
     g = _gen(seed, name, device)
-    blocks = torch.randint(0, 256, (n, out, inp // 32, 16), dtype=torch.uint8, generator=g, device=g.device)
+    blocks = torch.randint(0, 256, (n, out, inp // 32, 16), dtype=torch.uint8, generator=g, device=device)
     rms_code = math.sqrt(68.5 / 8)  # rms of the 16 E2M1 values
     s0 = 127 + round(math.log2(1.0 / (math.sqrt(inp) * rms_code)))
-    scales = (s0 + torch.randint(-1, 2, (n, out, inp // 32), generator=g, device=g.device)).to(torch.uint8)
+    scales = (s0 + torch.randint(-1, 2, (n, out, inp // 32), generator=g, device=device)).to(torch.uint8)
     return blocks, scales
 
 

@@ -175,6 +175,7 @@ class MoE(nn.Module):
         local[list(experts.ids)] = torch.arange(len(experts.ids))
         self.register_buffer("global_to_local", local, persistent=False)
         self.expert_ids = experts.ids
+        self.identity_map = list(experts.ids) == list(range(cfg.num_local_experts))
         copies = copies or [[0] for _ in range(cfg.num_local_experts)]
         width = max(len(c) for c in copies)
         self.register_buffer("copy_rank", torch.tensor([c + [c[0]] * (width - len(c)) for c in copies]),
@@ -238,7 +239,9 @@ class MoE(nn.Module):
     def compute(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Weighted sum over the local experts among each token's top-k (absent ones skipped)."""
         if self.packed and dispatch.use_triton(x.device):
-            return self._moe_kernel(x, (idx, weights), self.top_k, self.global_to_local)
+            # every expert here in router order (no EP): router ids are local ids, no map to read
+            g2l = None if self.identity_map else self.global_to_local
+            return self._moe_kernel(x, (idx, weights), self.top_k, g2l)
         local = self.global_to_local[idx].flatten()
         keep = (local >= 0).nonzero().squeeze(1)
         tok = keep // self.top_k

@@ -63,3 +63,18 @@ def test_step_shapes_do_not_multiply_compilations():
     # tiles (align: two chunk sizes for prefill); norms with and without the residual
     assert per_kernel["_attn_kernel"] == 4, per_kernel
     assert max(per_kernel.values()) <= 4 and sum(per_kernel.values()) <= 16, per_kernel
+
+
+def test_plan_covers_what_the_model_launches():
+    """The plan is built from the launchers called by hand; the model must launch nothing else. Recorded
+    from the full-size models themselves on the meta device (aot.model_launches): every distinct
+    compilation they need is in the plan. (It found the MoE reading an identity expert map, HAS_MAP,
+    in every single-process run, a variant the plan never compiled.)"""
+    def key(c):
+        return c.kernel, repr(c.src.signature), repr(c.src.constants), repr(c.src.attrs), repr(c.options)
+    planned = {key(c) for c in CONFIGS}
+    for preset in aot.MODELS:
+        real = aot.bind(aot.model_launches(preset), ARCH)
+        assert len(real) >= 9
+        missing = [f"{c.kernel} {c.label} ({', '.join(c.uses)})" for c in real if key(c) not in planned]
+        assert not missing, missing

@@ -68,3 +68,25 @@ def test_eager_prefill_and_sampling_have_no_host_reads(meta_executor, tokens):
                   SamplingParams(temperature=1.0, logprobs=True)):
             out = ex.sampling.sample(logits, SampleSpec([p], keys=[0], seeds=[None]))
             assert out.token_ids.device.type == "meta"
+
+
+@pytest.mark.parametrize("preset", ["gpt-oss-20b", "gpt-oss-120b"])
+def test_full_size_models_on_meta(preset):
+    """The real shapes through the whole GPU path, in seconds and no memory: weights drawn as shapes
+    (RandomCheckpoint on meta), a decode graph forward at batch 64 with the engine's table width,
+    an 8192-token eager prefill, and greedy sampling over the 201k vocabulary."""
+    from models.checkpoint import RandomCheckpoint
+    m = load_model(RandomCheckpoint(preset, "mxfp4", device="meta"), torch.bfloat16, "meta", keep_mxfp4=True)
+    nbytes = sum(t.numel() * t.element_size() for t in list(m.parameters()) + list(m.buffers()))
+    assert (12e9 < nbytes < 14.5e9) if preset == "gpt-oss-20b" else (60e9 < nbytes < 66e9), nbytes
+    groups = tuple("sliding" if m.config.window(i) else "full" for i in range(m.config.num_hidden_layers))
+    ex = LocalExecutor(m, CacheSpec(BS, {"full": 8192, "sliding": 2048}, groups), cuda_graphs=False)
+    padded = pad_decode_step(_decode_step(40, ex.spec), 64, ex.graph_width, BS, full_width=True)
+    inputs, rows = ex._graph_inputs(padded, 40)
+    with _triton.recording() as launches:
+        hidden = ex._graph_forward(inputs)
+        logits = run_step(m, ex.cache, ex.spec, null_step(8192, ex.spec), num_real_tokens=8192)
+        out = ex.sampling.sample(m.compute_logits(hidden[rows]), SampleSpec([SamplingParams(temperature=0)] * 40,
+                                                                            keys=list(range(40)), seeds=[None] * 40))
+    assert hidden.shape == (64, 2880) and logits.shape == (1, 201088) and out.token_ids.shape == (40,)
+    assert len(launches) >= 2 * 9 * m.config.num_hidden_layers  # norms, rope, attention, route, align, w1, w2, combine
