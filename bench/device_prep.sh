@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 pkgs=()
-for p in pydantic pydantic-core annotated-types typing-inspection openai-harmony llguidance; do
+for p in pydantic pydantic-core annotated-types typing-inspection typing-extensions openai-harmony llguidance; do
     v=$("$PY" -m pip show "$p" 2>/dev/null | sed -n 's/^Version: //p')
     [ -n "$v" ] || { echo "device_prep: $p is not installed here (run make test first)" >&2; exit 2; }
     pkgs+=("$p==$v")

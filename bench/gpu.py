@@ -65,11 +65,13 @@ def copy_bandwidth(dev: torch.device, nbytes: int, reps: int = 10) -> float:
     return 2 * nbytes * reps / (time.perf_counter() - t0)
 
 
-def matmul_flops(dev: torch.device, n: int, reps: int = 10) -> float:
+def matmul_flops(dev: torch.device, n: int, reps: int = 10, warm_s: float = 0.5) -> float:
     a = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
     b = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
-    a @ b
-    sync(dev)
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < warm_s:  # an idle GPU clocks down: bring it to speed first
+        a @ b
+        sync(dev)
     t0 = time.perf_counter()
     for _ in range(reps):
         a @ b
@@ -105,9 +107,12 @@ class Roofline:
                 + tokens * c.hidden_size * 2 + (self.unembed + sampled * c.vocab_size * 4 if sampled else 0))
 
     def step_flops(self, tokens: int, contexts: list[int], sampled: int) -> float:
+        """contexts: one (mean) attended length per sequence; the step's tokens are its sequences'
+        queries, evenly (decode: one each; a prefill chunk: its length each)."""
         c = self.cfg
-        attn = sum(4 * c.num_attention_heads * c.head_dim * (min(n, c.window(i)) if c.window(i) else n)
-                   for i in range(c.num_hidden_layers) for n in contexts)
+        queries = tokens / max(len(contexts), 1)
+        attn = queries * sum(4 * c.num_attention_heads * c.head_dim * (min(n, c.window(i)) if c.window(i) else n)
+                             for i in range(c.num_hidden_layers) for n in contexts)
         unembed_params = c.vocab_size * c.hidden_size
         return 2 * self.active_params * c.num_hidden_layers * tokens + attn + 2 * sampled * unembed_params
 

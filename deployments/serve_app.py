@@ -31,32 +31,13 @@ class ReplicaGroup:
     """One replica group: a model sharded over tp x ep ranks, and its engine."""
 
     def __init__(self, group: dict):
-        import torch
-
-        from cli.main import resolve_model
         from engine.async_engine import AsyncEngine
-        from engine.core import LLMEngine
-        from models import load_model
-        self.cfg = cfg = ModelGroupConfig(**group)
-        path = resolve_model(cfg.path)
-        self.workers = None
-        dtype, keep_mxfp4 = getattr(torch, cfg.dtype), True if cfg.use_gpu else None
-        if cfg.world == 1:
-            torch.set_num_threads(max(1, int(cfg.cpus_per_rank)))
-            if cfg.use_gpu and not torch.cuda.is_available():
-                raise RuntimeError(f"model group '{cfg.name}': use_gpu is set but this replica sees no CUDA "
-                                   "device (is the GPU resource available to Ray?)")
-            llm = LLMEngine(load_model(path, dtype, cfg.device, keep_mxfp4=keep_mxfp4), cfg.engine)
-            if cfg.use_gpu:  # kernels compiled and decode graphs captured before the first request
-                log.info("model group '%s' warmed up: %s", cfg.name, llm.warmup())
-        else:
-            from parallel.worker import MultiProcessExecutor, WorkerSpec
 
-            from .ray_workers import RayRankWorkers
-            spec = WorkerSpec(str(path), cfg.tp, cfg.ep, dtype=dtype, device=cfg.device, keep_mxfp4=keep_mxfp4)
-            self.workers = RayRankWorkers(spec, cfg.use_gpu, cfg.cpus_per_rank)
-            llm = LLMEngine(None, cfg.engine, model_config=self.workers.config,
-                            executor_factory=lambda spec: MultiProcessExecutor(self.workers, spec))
+        from .group_engine import build_group_engine
+        from .ray_workers import RayRankWorkers
+        self.cfg = cfg = ModelGroupConfig(**group)
+        llm, self.workers = build_group_engine(
+            cfg, lambda spec: RayRankWorkers(spec, cfg.use_gpu, cfg.cpus_per_rank))
         self.engine = AsyncEngine(llm)
         self.failed: str | None = None
         self._publisher = threading.Thread(target=self._publish_metrics, name="metrics", daemon=True)

@@ -165,9 +165,8 @@ def run(model, graphs):
     import os
     os.environ["GPTOSS_CUDA_GRAPHS"] = "1" if graphs else "0"
     eng = LLMEngine(model, EngineConfig(block_size=4, num_blocks=64, max_tokens_per_step=16, max_num_seqs=8))
-    if graphs and sys.argv[3] == "upfront":
-        from kernels.cuda_graphs import DEFAULT_BUCKETS
-        assert eng.executor.capture_graphs() == len(DEFAULT_BUCKETS)
+    if graphs and sys.argv[3] == "upfront":  # buckets up to max_num_seqs: 1, 2, 4, 8
+        assert eng.executor.graphs.buckets == (1, 2, 4, 8) and eng.executor.capture_graphs() == 4
     logits, real = [], eng.executor.execute
 
     def execute(s):

@@ -55,6 +55,19 @@ def test_throughput_cap_keeps_partial_results(tmp_path):
     assert thr["kind"] == "throughput" and thr["tokens_per_s"] > 0 and thr["requests_finished"] < 400
 
 
+def test_prefill_flops_count_attention_per_query():
+    from bench.gpu import Roofline
+    from models.checkpoint import PRESETS
+    cfg = PRESETS["gpt-oss-120b"]
+    roof = Roofline(cfg)
+    per_query = sum(4 * cfg.num_attention_heads * cfg.head_dim * (min(4096, cfg.window(i)) if cfg.window(i) else 4096)
+                    for i in range(cfg.num_hidden_layers))
+    # one 8192-token chunk attending 4096 positions on average: every query pays for its context
+    assert roof.step_flops(8192, [4096], 1) - roof.step_flops(8192, [0], 1) == pytest.approx(8192 * per_query)
+    # decode: one query per sequence
+    assert roof.step_flops(4, [4096] * 4, 4) - roof.step_flops(4, [0] * 4, 4) == pytest.approx(4 * per_query)
+
+
 def test_roofline_matches_the_published_estimate():
     """NOTES §5: gpt-oss-120b batch-1 decode moves ~1.9 GB attention + ~1.9 GB experts + ~1.2 GB unembedding."""
     from bench.gpu import Roofline
