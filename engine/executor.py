@@ -203,6 +203,7 @@ class LocalExecutor:
             torch.cuda.set_device(model.device)  # Triton launches, and graphs capture, on the current device
         self.cache = allocate_cache(model, spec)
         self.sampling = SamplerState()
+        self.buckets = graph_buckets
         self.graphs: DecodeGraphRunner | None = None
         if _graphs_enabled(cuda_graphs) and graphs_supported(model):
             self.graphs = DecodeGraphRunner(self._graph_forward, buckets=graph_buckets, enabled=True,

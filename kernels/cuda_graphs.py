@@ -41,7 +41,7 @@ from typing import Callable, Mapping
 
 import torch
 
-DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 320, 384, 448, 512)
 Pad = float | int | str  # a fill value, or "last" to repeat the last real row
 
 

@@ -279,3 +279,9 @@ def test_warmup_touches_no_real_state(model):
         for o in eng.step():
             res[o.request_id].append(o)
     assert summary(res) == ref
+
+
+def test_graph_buckets_stop_at_the_first_that_holds_max_num_seqs(model):
+    for n, last in ((8, 8), (100, 128), (256, 256), (300, 320), (512, 512), (2000, 512)):
+        b = LLMEngine(model, SYNC.model_copy(update={"max_num_seqs": n, "num_blocks": 4096})).executor.buckets
+        assert b[-1] == last and list(b) == sorted(b) and b[0] == 1, (n, b)
