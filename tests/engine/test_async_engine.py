@@ -23,10 +23,9 @@ def _req(rid, n_prompt, n_out, seed=0):
                            SamplingParams(temperature=0, max_tokens=n_out, ignore_eos=True), harmony=False)
 
 
-def test_concurrent_streams_match_sync_engine(model):
-    reqs = [_req(f"r{i}", 5 + 7 * i, 6 + i, seed=i) for i in range(6)]
-    ref = LLMEngine(model, EngineConfig(block_size=4)).generate(reqs)
-    eng = AsyncEngine(LLMEngine(model, EngineConfig(block_size=4)))
+def stream_all(engine: LLMEngine, reqs) -> list[list]:
+    """Every request streamed concurrently through an AsyncEngine over `engine`; outputs per request."""
+    eng = AsyncEngine(engine)
 
     async def one(r):
         return [o async for o in eng.generate(r)]
@@ -35,9 +34,15 @@ def test_concurrent_streams_match_sync_engine(model):
         return await asyncio.gather(*(one(r) for r in reqs))
 
     try:
-        got = asyncio.run(main())
+        return asyncio.run(main())
     finally:
         eng.shutdown()
+
+
+def test_concurrent_streams_match_sync_engine(model):
+    reqs = [_req(f"r{i}", 5 + 7 * i, 6 + i, seed=i) for i in range(6)]
+    ref = LLMEngine(model, EngineConfig(block_size=4)).generate(reqs)
+    got = stream_all(LLMEngine(model, EngineConfig(block_size=4)), reqs)
     for r, outs in zip(reqs, got):
         assert output_tokens(outs) == output_tokens(ref[r.request_id])
         assert outs[-1].finished and outs[-1].usage.completion_tokens == r.params.max_tokens

@@ -5,17 +5,16 @@ On CUDA this hides the host's work behind the device's; on CPU execution is sync
 so here it is forced on and must give exactly the lockstep engine's results: tokens,
 finish reasons, usage, preemption and abort behaviour.
 """
-import asyncio
-
 import pytest
 import torch
 
-from engine.async_engine import AsyncEngine
 from engine.core import EngineConfig, LLMEngine, output_tokens
 from engine.grammar import GrammarSpec
 from engine.request import GenerateRequest
 from engine.sampler import SamplingParams
 from models import load_model
+
+from .test_async_engine import stream_all
 
 BS = 4
 SYNC = EngineConfig(block_size=BS, max_tokens_per_step=48, overlap_scheduling=False)
@@ -161,18 +160,7 @@ def test_grammar_and_penalties_run_in_lockstep(model):
 def test_async_engine_streams_with_overlap(model, mixed):
     reqs = [r for r in mixed if r.params.n == 1][:5]
     ref = summary(run(LLMEngine(model, SYNC), reqs))
-    eng = AsyncEngine(LLMEngine(model, OVERLAP))
-
-    async def one(r):
-        return [o async for o in eng.generate(r)]
-
-    async def main():
-        return await asyncio.gather(*(one(r) for r in reqs))
-
-    try:
-        got = asyncio.run(main())
-    finally:
-        eng.shutdown()
+    got = stream_all(LLMEngine(model, OVERLAP), reqs)
     assert summary({r.request_id: outs for r, outs in zip(reqs, got)}) == ref
 
 
