@@ -52,8 +52,18 @@ class RayRankWorkers:
         except Exception as e:
             raise WorkerError(f"a rank worker failed: {type(e).__name__}: {e}") from None
 
+    def submit(self, kind: str, payload=None) -> list:
+        """Send to every rank now (a Ray actor runs its calls in the order sent); `collect` later."""
+        return [a.handle.remote(kind, payload) for a in self.actors]
+
+    def collect(self, refs: list) -> list:
+        try:
+            return ray.get(refs, timeout=self.timeout)
+        except Exception as e:
+            raise WorkerError(f"a rank worker failed: {type(e).__name__}: {e}") from None
+
     def call(self, kind: str, payload=None) -> list:
-        return self.call_each("handle", kind, payload)
+        return self.collect(self.submit(kind, payload))
 
     def alive(self) -> bool:
         try:

@@ -15,7 +15,7 @@ from kernels.cuda_graphs import DEFAULT_BUCKETS, bucket_for
 from models.attention import NULL_BLOCK
 
 from . import harmony
-from .executor import CacheSpec, LocalExecutor, StepInput, to_device
+from .executor import CacheSpec, LocalExecutor, StepInput
 from .grammar import GrammarMatcher, fill_packed
 from .kv_cache import BlockManager
 from .request import (ContextLengthError, EngineError, GenerateRequest, RequestOutput, ScheduledSeq,
@@ -175,6 +175,9 @@ class LLMEngine:
             return []
         if launched.ready is not None:
             launched.ready.synchronize()
+            if launched.tokens is None and hasattr(launched.ready, "output"):  # a rank step's reply
+                launched.sampled = out = launched.ready.output
+                launched.tokens, launched.logprobs = (out.token_ids, out.logprobs) if out is not None else (None, None)
         return self._update(launched)
 
     def _build_step(self, sched: SchedulerOutput) -> tuple[StepInput, list[Sequence]]:
@@ -207,16 +210,10 @@ class LLMEngine:
                 row = it.seq.blocks.tables[g]
                 t[i, :len(row)] = row
             tables[g] = torch.from_numpy(t)
-        input_ids = torch.tensor(ids)
-        if fill:  # on the device, behind the step that samples them: no wait for the host copy
-            prev = self._inflight.sampled.token_ids
-            t = to_device({"ids": input_ids, "fill": torch.tensor(fill)}, prev.device)
-            dst, src = t["fill"].unbind(1)
-            input_ids = t["ids"]
-            input_ids[dst] = prev[src]
-        step = StepInput(input_ids, torch.tensor(pos), torch.tensor(qs), torch.tensor(ctx), tables,
+        # pending inputs are filled by the executor, where the step in flight samples them (fill_pending)
+        step = StepInput(torch.tensor(ids), torch.tensor(pos), torch.tensor(qs), torch.tensor(ctx), tables,
                          {g: torch.tensor(v, dtype=torch.long) for g, v in slots.items()},
-                         torch.tensor(rows, dtype=torch.long))
+                         torch.tensor(rows, dtype=torch.long), torch.tensor(fill) if fill else None)
         return step, sample_seqs
 
     def _sample_spec(self, seqs: list[Sequence]) -> SampleSpec:
@@ -345,16 +342,19 @@ class _Launched:
     """A step on the device whose sampled tokens the host has not read yet."""
     sched: SchedulerOutput
     seqs: list[Sequence]            # the sequences of the sampled rows, in row order
-    sampled: SamplerOutput | None   # on the device
+    sampled: SamplerOutput | None   # on the device (rank workers: set from the reply when read)
     tokens: torch.Tensor | None     # host copies, complete once `ready` is
     logprobs: torch.Tensor | None
-    ready: torch.cuda.Event | None
+    ready: object | None            # a CUDA event, or the rank step (parallel.worker._RankStep)
 
 
-def _to_host(sampled: SamplerOutput | None) -> tuple:
-    """Start the copies of the sampled ids (and logprobs) to the host without waiting for them."""
+def _to_host(sampled) -> tuple:
+    """Start the copies of the sampled ids (and logprobs) to the host without waiting for them. A step
+    sent to rank workers (no SamplerOutput yet) is its own `ready`: its reply carries host tensors."""
     if sampled is None:
         return None, None, None
+    if not isinstance(sampled, SamplerOutput):
+        return None, None, sampled
     tok, lp = sampled.token_ids, sampled.logprobs
     if tok.device.type != "cuda":
         return tok, lp, None

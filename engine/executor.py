@@ -15,6 +15,7 @@ past the largest bucket and everything off CUDA run eagerly.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -41,6 +42,9 @@ class StepInput:
     block_tables: dict[str, torch.Tensor]
     slot_mapping: dict[str, torch.Tensor]
     sample_rows: torch.Tensor
+    # overlapped scheduling: [n, 2] (row of input_ids, row of the previous step's samples) for inputs
+    # that step sampled and the engine has not read yet; the executor fills them where they are
+    fill: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -80,6 +84,18 @@ def to_device(tensors: dict[str, torch.Tensor], dev: torch.device, pack: bool | 
     for (k, v), a in zip(host.items(), starts):
         out[k] = flat[a:a + v.numel()].view(v.shape)
     return out
+
+
+def fill_pending(step: StepInput, last: torch.Tensor) -> StepInput:
+    """The step with its pending inputs taken from `last` (the previous step's sampled ids, on the
+    device that sampled them), on that device: no wait for those ids to reach the host."""
+    if step.fill is None:
+        return step
+    t = to_device({"ids": step.input_ids, "fill": step.fill}, last.device)
+    dst, src = t["fill"].unbind(1)
+    ids = t["ids"]
+    ids[dst] = last[src]
+    return dataclasses.replace(step, input_ids=ids, fill=None)
 
 
 def step_tensors(step: StepInput) -> dict[str, torch.Tensor]:
@@ -223,6 +239,7 @@ class LocalExecutor:
         return self.sampling.sample(logits, spec) if spec is not None else None
 
     def execute(self, step: StepInput) -> torch.Tensor:
+        step = fill_pending(step, self.sampling.last) if step.fill is not None else step
         if self.graphs is not None and dispatch.use_triton(self.model.device):
             bucket = decode_bucket(step, self.graphs.buckets)
             padded = None if bucket is None else pad_decode_step(step, bucket, self.graph_width,

@@ -357,6 +357,7 @@ class SamplerState:
     def __init__(self) -> None:
         self.sampler = Sampler()
         self.generators: dict[int, torch.Generator] = {}
+        self.last: torch.Tensor | None = None  # the latest step's sampled ids, where they were sampled
 
     def sample(self, logits: torch.Tensor, spec: SampleSpec) -> SamplerOutput:
         for k in spec.released:
@@ -372,7 +373,9 @@ class SamplerState:
             dev = logits.device
             allowed = unpack_bitmask(spec.bitmask.to(dev, non_blocking=True), logits.shape[-1],
                                      spec.free.to(dev, non_blocking=True))
-        return self.sampler.sample(logits, SamplingBatch(spec.params, spec.prompt_ids, spec.output_ids, gens, allowed))
+        out = self.sampler.sample(logits, SamplingBatch(spec.params, spec.prompt_ids, spec.output_ids, gens, allowed))
+        self.last = out.token_ids
+        return out
 
 
 class StopChecker:

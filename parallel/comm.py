@@ -36,6 +36,9 @@ class LocalComm:
     def ep_all_to_all_back(self, x: torch.Tensor, send_counts: list[int], recv_counts: list[int]) -> torch.Tensor:
         return x
 
+    def broadcast_from_first(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
 
 @dataclass
 class RendezvousSpec:
@@ -130,6 +133,11 @@ class DistComm:
         dist.all_to_all_single(out, x.contiguous(), list(send_counts), list(recv_counts), group=self.ep_group)
         self._a2a += time.perf_counter() - t0
         return out
+
+    def broadcast_from_first(self, x: torch.Tensor) -> torch.Tensor:
+        """x from global rank 0 to every rank, in place (the sampled ids each rank's next step may read)."""
+        dist.broadcast(x, src=0)
+        return x
 
     def barrier(self):
         dist.barrier()

@@ -79,7 +79,6 @@ class RankRuntime:
 
     def handle(self, kind: str, payload=None):
         from engine.executor import allocate_cache, run_step
-        from engine.sampler import SamplerOutput
         from models.attention import DenseMetadata
         model, me = self.model, self.me
         if kind == "stop":
@@ -89,19 +88,13 @@ class RankRuntime:
             self.cache_spec = payload
             self.cache = allocate_cache(model, payload)
             return None
-        if kind in ("step", "step_sampled"):
-            step, spec = payload if kind == "step_sampled" else (payload, None)
-            logits = run_step(model, self.cache, self.cache_spec, step)
+        if kind == "step":
+            logits = run_step(model, self.cache, self.cache_spec, payload)
             if hasattr(self.comm, "end_forward"):
                 self.comm.end_forward()
-            if self.rank != 0:  # every attention group computed the same rows
-                return None
-            if kind == "step":
-                return logits.cpu()
-            # sampled here: token ids cross back, not [batch, vocab] logits
-            out = self.sampling.sample(logits, spec) if spec is not None else None
-            return None if out is None else SamplerOutput(
-                out.token_ids.cpu(), None if out.logprobs is None else out.logprobs.cpu(), out.top_logprobs)
+            return logits.cpu() if self.rank == 0 else None  # every attention group computed the same rows
+        if kind == "step_sampled":
+            return self._step_sampled(*payload)
         if kind == "logits":  # payload: one list of 1-D token tensors per attention group
             seqs = payload[me.dp_rank if self.spec.attn_dp else 0]
             ids = torch.cat(seqs) if seqs else torch.zeros(0, dtype=torch.long)
@@ -119,6 +112,30 @@ class RankRuntime:
         if kind == "memory":
             return sum(b.numel() * b.element_size() for b in model.buffers())
         raise ValueError(f"unknown message {kind!r}")
+
+
+    def _step_sampled(self, step, spec):
+        """Run the step; rank 0 samples where the logits are and sends back token ids (not [batch,
+        vocab] logits); every rank keeps the ids (broadcast from rank 0): the next step, sent before
+        the engine reads these, takes its pending inputs from them (overlapped scheduling)."""
+        from engine.executor import fill_pending, run_step
+        from engine.sampler import SamplerOutput
+        if step.fill is not None:
+            step = fill_pending(step, self.sampling.last)
+        logits = run_step(self.model, self.cache, self.cache_spec, step)
+        if hasattr(self.comm, "end_forward"):
+            self.comm.end_forward()
+        if spec is None:
+            return None
+        out = self.sampling.sample(logits, spec) if self.rank == 0 else None
+        if self.comm.world > 1:
+            ids = out.token_ids if out is not None else torch.empty(len(spec.params), dtype=torch.long,
+                                                                     device=self.model.device)
+            self.sampling.last = self.comm.broadcast_from_first(ids)
+        if out is None:
+            return None
+        return SamplerOutput(out.token_ids.cpu(), None if out.logprobs is None else out.logprobs.cpu(),
+                             out.top_logprobs)
 
 
 def _worker_main(spec: WorkerSpec, rank: int, conn) -> None:
@@ -169,20 +186,31 @@ class RankWorkers:
         self._gather("ready")
 
     def _gather(self, what: str) -> list:
-        out = []
+        """Every rank's reply, read before raising the first error: a reply left unread would be
+        taken as the answer to the next message."""
+        out, err = [], None
         for r, c in enumerate(self.conns):
             if not c.poll(self.timeout):
                 raise WorkerError(f"rank {r} did not answer '{what}' within {self.timeout:.0f} s")
             kind, payload = c.recv()
-            if kind == "error":
-                raise WorkerError(f"rank {r} failed on '{what}':\n{payload}")
+            if kind == "error" and err is None:
+                err = WorkerError(f"rank {r} failed on '{what}':\n{payload}")
             out.append(payload)
+        if err is not None:
+            raise err
         return out
 
-    def call(self, kind: str, payload=None) -> list:
+    def submit(self, kind: str, payload=None):
+        """Send to every rank now; `collect` the replies later (ranks answer in the order sent)."""
         for c in self.conns:
             c.send((kind, payload))
-        return self._gather(kind)
+        return kind
+
+    def collect(self, ticket) -> list:
+        return self._gather(ticket)
+
+    def call(self, kind: str, payload=None) -> list:
+        return self.collect(self.submit(kind, payload))
 
     def logits(self, seqs: list[torch.Tensor]) -> list[torch.Tensor]:
         """Full causal logits per sequence; under attention DP, sequences are dealt round-robin."""
@@ -210,6 +238,21 @@ class RankWorkers:
                 p.kill()
 
 
+class _RankStep:
+    """A step sent to the ranks whose reply has not been read: `synchronize()` reads it (and every
+    step sent before it) into `output`."""
+
+    def __init__(self, executor: "MultiProcessExecutor", ticket):
+        self.executor, self.ticket = executor, ticket
+        self.done, self.output, self.error = False, None, None
+
+    def synchronize(self) -> None:
+        """Raises what the ranks raised for this step, even when another call read its reply first."""
+        self.executor._drain(self)
+        if self.error is not None:
+            raise self.error
+
+
 class MultiProcessExecutor:
     """The engine's executor over rank workers (RankWorkers, or Ray actors with the same `call`)."""
 
@@ -221,25 +264,52 @@ class MultiProcessExecutor:
         self.config = workers.config
         self.sample_on_rank = sample_on_rank
         self.sampling = None
+        self._sent: list[_RankStep] = []  # steps sent, replies not read, oldest first
         workers.call("cache", cache_spec)
 
+    @property
+    def asynchronous(self) -> bool:
+        """The ranks compute in their own processes: the engine may schedule the next step meanwhile."""
+        return self.sample_on_rank
+
     def execute(self, step) -> torch.Tensor:
+        self._drain()
         return self.workers.call("step", step)[0]
 
     def execute_sampled(self, step, spec):
+        """-> a _RankStep (sent, not waited for) whose `output` is rank 0's SamplerOutput once synchronized."""
         if self.sample_on_rank:
-            return self.workers.call("step_sampled", (step, spec))[0]
+            sent = _RankStep(self, self.workers.submit("step_sampled", (step, spec)))
+            self._sent.append(sent)
+            return sent
         from engine.sampler import SamplerState
         self.sampling = self.sampling or SamplerState()
         logits = self.execute(step)
         return self.sampling.sample(logits, spec) if spec is not None else None
 
+    def _drain(self, upto: _RankStep | None = None) -> None:
+        """Read replies in the order sent, through `upto` (default: all): the ranks answer one message
+        at a time, so any other call must first take the replies of the steps before it."""
+        while self._sent and (upto is None or not upto.done):
+            sent = self._sent.pop(0)
+            try:
+                sent.output = self.workers.collect(sent.ticket)[0]
+            except Exception as e:  # kept for the engine, which fails the step when it reads it
+                sent.error = e
+            sent.done = True
+
     def expert_load(self) -> torch.Tensor:
+        self._drain()
         return sum(self.workers.call("expert_load"))
 
     def comm_times(self) -> dict[int, list[float]]:
         """rank -> all-to-all seconds per step since the last call."""
+        self._drain()
         return dict(enumerate(self.workers.call("comm_times")))
 
     def shutdown(self) -> None:
+        try:
+            self._drain()
+        except Exception:  # a failed step is reported where it is read; shutting down goes on
+            pass
         self.workers.shutdown()

@@ -68,19 +68,30 @@ def test_ranks_sample_and_return_only_token_ids(tiny_ckpt):
     cfg = EngineConfig(block_size=4, max_tokens_per_step=32)
     ref = build_engine(tiny_ckpt, cfg).generate(_mixed())
     e = build_engine(tiny_ckpt, cfg, tp=2, ep=1)
-    replies = []
-    real = e.executor.workers.call
+    replies, inflight = [], []
+    real = e.executor.workers.collect
 
-    def call(kind, payload=None):
-        out = real(kind, payload)
-        if kind == "step_sampled":
+    def collect(ticket):
+        out = real(ticket)
+        if ticket == "step_sampled":
             replies.append(out[0])
         return out
-    e.executor.workers.call = call
+    e.executor.workers.collect = collect
+    assert e.overlap  # ranks compute in their own processes: the engine schedules the next step meanwhile
     try:
         got = e.generate(_mixed())
+        assert not e.seqs
+        plain = GenerateRequest("plain", [3, 1, 4, 1, 5], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
+                                harmony=False)
+        e.add_request(plain)
+        overlapped = []
+        while e.has_work():
+            e.step()
+            overlapped.append(e._inflight is not None and not e._inflight.ready.done)
     finally:
         e.shutdown()
+    # with no grammar or penalty request left, each step was sent before the previous one's reply was read
+    assert sum(overlapped) >= len(overlapped) - 2
     for rid, outs in ref.items():
         for i in {o.index for o in outs}:
             assert output_tokens(got[rid], i) == output_tokens(outs, i), (rid, i)
@@ -91,3 +102,24 @@ def test_ranks_sample_and_return_only_token_ids(tiny_ckpt):
     sampled = [r for r in replies if r is not None]
     assert sampled and all(r.token_ids.dim() == 1 and r.token_ids.numel() <= 5 for r in sampled)
     assert any(r.logprobs is not None for r in sampled)
+
+
+def test_a_failed_rank_step_is_raised_where_the_engine_reads_it(tiny_ckpt):
+    """A step sent to the ranks fails there; another call reads its reply first (a metrics snapshot):
+    that call still works, and the engine gets the error when it reads the step."""
+    import dataclasses
+
+    from engine.sampler import SampleSpec
+    from parallel.worker import WorkerError
+    e = build_engine(tiny_ckpt, EngineConfig(block_size=4, max_tokens_per_step=32), tp=1, ep=2)
+    try:
+        e.generate(_reqs()[:1])
+        e.add_request(_reqs()[1])
+        step, seqs = e._build_step(e.scheduler.schedule())
+        bad = dataclasses.replace(step, slot_mapping={g: t + 10 ** 9 for g, t in step.slot_mapping.items()})
+        sent = e.executor.execute_sampled(bad, SampleSpec([s.req.params for s in seqs], [0], [None]))
+        assert int(e.executor.expert_load().sum()) > 0  # drained the failed step's reply, then answered
+        with pytest.raises(WorkerError, match="failed on 'step_sampled'"):
+            sent.synchronize()
+    finally:
+        e.shutdown()
