@@ -127,11 +127,18 @@ class RankRuntime:
             self.comm.end_forward()
         if spec is None:
             return None
-        out = self.sampling.sample(logits, spec) if self.rank == 0 else None
+        out, failed = None, None
+        if self.rank == 0:
+            try:
+                out = self.sampling.sample(logits, spec)
+            except Exception as e:  # the other ranks wait in the broadcast: release them, then report
+                failed = e
         if self.comm.world > 1:
-            ids = out.token_ids if out is not None else torch.empty(len(spec.params), dtype=torch.long,
-                                                                     device=self.model.device)
+            ids = out.token_ids if out is not None else torch.full((len(spec.params),), -1, dtype=torch.long,
+                                                                    device=self.model.device)
             self.sampling.last = self.comm.broadcast_from_first(ids)
+        if failed is not None:
+            raise failed
         if out is None:
             return None
         return SamplerOutput(out.token_ids.cpu(), None if out.logprobs is None else out.logprobs.cpu(),
@@ -274,6 +281,11 @@ class MultiProcessExecutor:
 
     def execute(self, step) -> torch.Tensor:
         self._drain()
+        if step.fill is not None:  # sampled here (sample_on_rank=False): the ids to fill are here too
+            if self.sampling is None or self.sampling.last is None:
+                raise ValueError("a step with pending inputs needs the previous step sampled by this executor")
+            from engine.executor import fill_pending
+            step = fill_pending(step, self.sampling.last)
         return self.workers.call("step", step)[0]
 
     def execute_sampled(self, step, spec):

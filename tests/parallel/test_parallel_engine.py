@@ -123,3 +123,37 @@ def test_a_failed_rank_step_is_raised_where_the_engine_reads_it(tiny_ckpt):
             sent.synchronize()
     finally:
         e.shutdown()
+
+
+def test_sampling_failing_on_rank_0_is_reported_and_the_ranks_go_on(tiny_ckpt):
+    """Only rank 0 samples: if that raises, the ranks waiting for its ids are released, the engine
+    gets rank 0's error, and the group still answers."""
+    from engine.sampler import SampleSpec
+    from parallel.worker import WorkerError
+    e = build_engine(tiny_ckpt, EngineConfig(block_size=4, max_tokens_per_step=32), tp=2, ep=1)
+    e.executor.workers.timeout = 60
+    try:
+        e.add_request(_reqs()[0])
+        step, seqs = e._build_step(e.scheduler.schedule())
+        bad = SampleSpec([SamplingParams(temperature=0)] * 3, [0, 1, 2], [None] * 3)  # 3 rows, 1 logit row
+        with pytest.raises(WorkerError, match="rank 0 failed on 'step_sampled'"):
+            e.executor.execute_sampled(step, bad).synchronize()
+        assert int(e.executor.expert_load().sum()) > 0
+    finally:
+        e.shutdown()
+
+
+def test_overlap_with_engine_side_sampling(tiny_ckpt, reference):
+    """sample_on_rank=False (measurements): the logits come back and the executor samples and fills
+    the pending inputs itself, so forced overlap still gives the reference tokens."""
+    from engine.core import LLMEngine
+    from parallel.worker import MultiProcessExecutor, RankWorkers, WorkerSpec
+    workers = RankWorkers(WorkerSpec(str(tiny_ckpt), 1, 2))
+    e = LLMEngine(None, EngineConfig(block_size=4, max_tokens_per_step=32, overlap_scheduling=True),
+                  model_config=workers.config,
+                  executor_factory=lambda spec: MultiProcessExecutor(workers, spec, sample_on_rank=False))
+    try:
+        got = {k: output_tokens(v) for k, v in e.generate(_reqs()).items()}
+    finally:
+        e.shutdown()
+    assert got == reference
