@@ -16,8 +16,8 @@ log = logging.getLogger(__name__)
 
 def build_group_engine(cfg: ModelGroupConfig, make_workers: Callable | None = None):
     """-> (LLMEngine, rank workers or None). On GPUs (use_gpu): bf16 with MXFP4 experts, the Triton
-    kernels' path, and a one-rank group warms up (kernels compiled, decode graphs captured) before
-    it returns; without CUDA such a group refuses to start."""
+    kernels' path, and the group warms up (kernels compiled, decode graphs captured, on every rank)
+    before it returns; without CUDA a one-rank group refuses to start."""
     from cli.main import resolve_model
     from engine.core import LLMEngine
     from models import load_model
@@ -32,9 +32,13 @@ def build_group_engine(cfg: ModelGroupConfig, make_workers: Callable | None = No
         if cfg.use_gpu:
             log.info("model group '%s' warmed up: %s", cfg.name, llm.warmup())
         return llm, None
+    from engine.executor import graph_buckets
     from parallel.worker import MultiProcessExecutor, RankWorkers, WorkerSpec
     spec = WorkerSpec(str(path), cfg.tp, cfg.ep, dtype=dtype, device=cfg.device, keep_mxfp4=keep_mxfp4)
     workers = (make_workers or RankWorkers)(spec)
+    buckets = graph_buckets(cfg.engine.max_num_seqs)
     llm = LLMEngine(None, cfg.engine, model_config=workers.config,
-                    executor_factory=lambda s: MultiProcessExecutor(workers, s))
+                    executor_factory=lambda s: MultiProcessExecutor(workers, s, graph_buckets=buckets))
+    if cfg.use_gpu:
+        log.info("model group '%s' warmed up: %s", cfg.name, llm.warmup())
     return llm, workers

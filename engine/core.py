@@ -11,11 +11,10 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from kernels.cuda_graphs import DEFAULT_BUCKETS, bucket_for
 from models.attention import NULL_BLOCK
 
 from . import harmony
-from .executor import CacheSpec, LocalExecutor, StepInput
+from .executor import CacheSpec, LocalExecutor, StepInput, graph_buckets
 from .grammar import GrammarMatcher, fill_packed
 from .kv_cache import BlockManager
 from .request import (ContextLengthError, EngineError, GenerateRequest, RequestOutput, ScheduledSeq,
@@ -60,11 +59,8 @@ class LLMEngine:
         self.blocks = BlockManager(config.num_blocks, n_slide, bs, window, config.enable_prefix_cache)
         groups = tuple("sliding" if mc.window(i) else "full" for i in range(mc.num_hidden_layers))
         spec = CacheSpec(bs, {"full": config.num_blocks, "sliding": n_slide}, groups)
-        # decode graphs for batch buckets up to the first that holds max_num_seqs: no larger step exists
-        buckets = tuple(b for b in DEFAULT_BUCKETS if b < config.max_num_seqs)
-        buckets += (bucket_for(config.max_num_seqs, DEFAULT_BUCKETS) or DEFAULT_BUCKETS[-1],)
-        self.executor = executor_factory(spec) if executor_factory else LocalExecutor(model, spec,
-                                                                                      graph_buckets=buckets)
+        self.executor = executor_factory(spec) if executor_factory else LocalExecutor(
+            model, spec, graph_buckets=graph_buckets(config.max_num_seqs))
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_tokens_per_step)
         self.seqs: dict[str, list[Sequence]] = {}
         self.overlap = (config.overlap_scheduling if config.overlap_scheduling is not None

@@ -192,14 +192,27 @@ def empty_step(groups) -> StepInput:
                      {g: z for g in groups}, z)
 
 
-def graphs_supported(model) -> bool:
-    """Static conditions for capturing the decode forward: on CUDA, one process (no collectives),
-    MXFP4 experts (the torch expert loop reads counts on the host). That the Triton kernels run
-    (dispatch.use_triton) is checked per step, since GPTOSS_KERNELS may change."""
+def static_forward_supported(model) -> bool:
+    """Whether the decode forward can run with no host reads (PagedMetadata(static=True)): MXFP4
+    experts (the torch expert loop reads counts on the host) and, over several ranks, MoE layers
+    that need no all-to-all sizes: one EP rank (the split group's slices are gathered at sizes
+    known up front), or an EP group holding the same tokens that may combine by all-reduce."""
     comm = model.comm
-    return (model.device.type == "cuda" and torch.cuda.is_available()
-            and comm.tp_size == 1 and comm.ep_size == 1 and comm.split_size == 1
-            and all(b.moe.packed for b in model.blocks))
+    moe_ok = comm.ep_size == 1 or (comm.ep_replicated and all(b.moe.combine != "all_to_all" for b in model.blocks))
+    return moe_ok and all(b.moe.packed for b in model.blocks)
+
+
+def graphs_supported(model) -> bool:
+    """Static conditions for capturing the decode forward: on CUDA, and a static forward exists
+    (its collectives, NCCL all-reduces and all-gathers of fixed sizes, are captured with it). That
+    the Triton kernels run (dispatch.use_triton) is checked per step, since GPTOSS_KERNELS may change."""
+    return model.device.type == "cuda" and torch.cuda.is_available() and static_forward_supported(model)
+
+
+def graph_buckets(max_num_seqs: int) -> tuple[int, ...]:
+    """Decode graph buckets up to the first that holds max_num_seqs: no larger decode step exists."""
+    buckets = tuple(b for b in DEFAULT_BUCKETS if b < max_num_seqs)
+    return buckets + (bucket_for(max_num_seqs, DEFAULT_BUCKETS) or DEFAULT_BUCKETS[-1],)
 
 
 def _graphs_enabled(flag: bool | None) -> bool:
@@ -209,9 +222,11 @@ def _graphs_enabled(flag: bool | None) -> bool:
 
 
 class LocalExecutor:
-    """cuda_graphs: None = on unless GPTOSS_CUDA_GRAPHS=0 (and only where graphs_supported)."""
+    """cuda_graphs: None = on unless GPTOSS_CUDA_GRAPHS=0 (and only where graphs_supported);
+    "eager" = decode steps take the graph path (padded to a bucket, static forward) but run eagerly,
+    on any device: the graph path's logic, checked off CUDA."""
 
-    def __init__(self, model, spec: CacheSpec, cuda_graphs: bool | None = None,
+    def __init__(self, model, spec: CacheSpec, cuda_graphs: bool | str | None = None,
                  graph_buckets: tuple[int, ...] = DEFAULT_BUCKETS):
         self.model, self.spec = model, spec
         self.config = model.config
@@ -221,9 +236,13 @@ class LocalExecutor:
         self.sampling = SamplerState()
         self.buckets = graph_buckets
         self.graphs: DecodeGraphRunner | None = None
-        if _graphs_enabled(cuda_graphs) and graphs_supported(model):
-            self.graphs = DecodeGraphRunner(self._graph_forward, buckets=graph_buckets, enabled=True,
-                                            pads={f"table/{g}": NULL_BLOCK for g in spec.blocks})
+        pads = {f"table/{g}": NULL_BLOCK for g in spec.blocks}
+        if cuda_graphs == "eager":
+            if not static_forward_supported(model):
+                raise ValueError("this model has no static decode forward (see static_forward_supported)")
+            self.graphs = DecodeGraphRunner(self._graph_forward, buckets=graph_buckets, enabled=False, pads=pads)
+        elif _graphs_enabled(cuda_graphs) and graphs_supported(model):
+            self.graphs = DecodeGraphRunner(self._graph_forward, buckets=graph_buckets, enabled=True, pads=pads)
         # tables padded to a width fixed up front, so a growing sequence never outgrows its graph:
         # no table is wider than the full pool, nor than the longest position in blocks
         pool = spec.blocks.get("full", max(spec.blocks.values()))
@@ -240,7 +259,7 @@ class LocalExecutor:
 
     def execute(self, step: StepInput) -> torch.Tensor:
         step = fill_pending(step, self.sampling.last) if step.fill is not None else step
-        if self.graphs is not None and dispatch.use_triton(self.model.device):
+        if self.graphs is not None and (self.graphs.enabled is False or dispatch.use_triton(self.model.device)):
             bucket = decode_bucket(step, self.graphs.buckets)
             padded = None if bucket is None else pad_decode_step(step, bucket, self.graph_width,
                                                                  self.spec.block_size)
@@ -253,7 +272,8 @@ class LocalExecutor:
         groups = [k.split("/", 1)[1] for k in t if k.startswith("table/")]
         meta = PagedMetadata(self.cache, t["query_start"], t["context_lens"],
                              {g: t["table/" + g] for g in groups}, {g: t["slot/" + g] for g in groups},
-                             list(self.spec.layer_group), max_query_len=1, token_mask=t["token_mask"])
+                             list(self.spec.layer_group), max_query_len=1, token_mask=t["token_mask"],
+                             static=True)
         return self.model(t["input_ids"], t["positions"], meta)
 
     def _graph_inputs(self, padded: StepInput, n: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -292,7 +312,7 @@ class LocalExecutor:
         """Capture every bucket now, largest first (the smaller graphs reuse its memory pool), instead of
         on each bucket's first step. The steps are all padding: they write only the null block and count
         no expert load. Returns the number of graphs held."""
-        if self.graphs is None or not dispatch.use_triton(self.model.device):
+        if self.graphs is None or not self.graphs.enabled or not dispatch.use_triton(self.model.device):
             return 0
         empty = empty_step(self.spec.blocks)
         for b in sorted(self.graphs.buckets, reverse=True):

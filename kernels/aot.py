@@ -49,8 +49,10 @@ MAX_REGS = 255
 
 def _step_launches(cfg, n_seqs: int, q_len: int, context: int, ep: int = 1) -> list:
     """What one sliding + one full layer launch on CUDA: both norms, rotary, attention, MoE. With ep > 1, the
-    MoE as one expert-parallel rank runs it (MoE.run_experts): its E/ep experts over the rows routed
-    to it (N*k/ep expected), one expert per row (top_k=1)."""
+    MoE as one expert-parallel rank runs it (models.layers.MoE): a decode step (a CUDA graph) combines
+    by all-reduce, so the rank runs all N tokens' top-k through its E/ep experts with an expert map;
+    a prefill step's all-to-all brings it the rows routed to it (N*k/ep expected), one expert per
+    row (top_k=1, MoE.run_experts)."""
     from . import attention, moe, rmsnorm, rope
     H, I, E, k = cfg.hidden_size, cfg.intermediate_size, cfg.num_local_experts, cfg.num_experts_per_tok
     Hq, K, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -78,7 +80,8 @@ def _step_launches(cfg, n_seqs: int, q_len: int, context: int, ep: int = 1) -> l
             attention.paged_attention(q, cache, cache, table, qs, ctx, sinks, window, D ** -0.5,
                                       max_query_len=q_len)
         u8 = dict(dtype=torch.uint8, **meta)
-        E, rows, top = (E, N, k) if ep == 1 else (E // ep, max(1, N * k // ep), 1)
+        static_ep = ep > 1 and q_len == 1
+        E, rows, top = (E, N, k) if ep == 1 else (E // ep, N, k) if static_ep else (E // ep, max(1, N * k // ep), 1)
         experts = (torch.empty(E, 2 * I, H // 32, 16, **u8), torch.empty(E, 2 * I, H // 32, **u8),
                    torch.empty(E, 2 * I, dtype=bf16, **meta), torch.empty(E, H, I // 32, 16, **u8),
                    torch.empty(E, H, I // 32, **u8), torch.empty(E, H, dtype=bf16, **meta))
@@ -87,7 +90,8 @@ def _step_launches(cfg, n_seqs: int, q_len: int, context: int, ep: int = 1) -> l
         route.route_triton(torch.empty(N, cfg.num_local_experts, dtype=bf16, **meta), k,
                            torch.empty(cfg.num_local_experts, dtype=torch.long, **meta),
                            torch.empty(N, dtype=torch.bool, **meta))
-        moe.moe_mxfp4(torch.empty(rows, H, dtype=bf16, **meta), routing, *experts, top_k=top)
+        g2l = torch.empty(cfg.num_local_experts, dtype=torch.long, **meta) if static_ep else None
+        moe.moe_mxfp4(torch.empty(rows, H, dtype=bf16, **meta), routing, *experts, top_k=top, global_to_local=g2l)
     return launches
 
 
@@ -107,29 +111,39 @@ def workloads():
     return out
 
 
-def model_launches(preset: str, batches=DECODE_BATCHES, prefill: int = PREFILL_CHUNK) -> list:
+def model_launches(preset: str, batches=DECODE_BATCHES, prefill: int = PREFILL_CHUNK, ep: int = 1) -> list:
     """-> [(use label, launches)] recorded from the model itself (not the launchers called by hand), on
     the meta device with GPTOSS_KERNELS=triton: a decode graph forward per batch and an eager prefill,
-    at full size. What a GPU run of one process launches, to check `workloads()` against."""
+    at full size. What a GPU run of one process launches, to check `workloads()` against. ep > 1: the
+    decode graphs of EP rank 0 of `ep` (its experts, collectives standing in as identities); its
+    prefill exchanges sizes on the host, which meta cannot, so it is left out."""
     from engine.executor import CacheSpec, LocalExecutor, empty_step, null_step, pad_decode_step, run_step
     from models import load_model
     from models.checkpoint import RandomCheckpoint
     saved = {k: os.environ.get(k) for k in ("GPTOSS_KERNELS", "TRITON_INTERPRET")}
     os.environ.update(GPTOSS_KERNELS="triton", TRITON_INTERPRET="1")  # meta counts as a GPU; nothing runs
     try:
-        m = load_model(RandomCheckpoint(preset, "mxfp4", device="meta"), torch.bfloat16, "meta", keep_mxfp4=True)
+        from models import ShardSpec
+        from parallel.comm import StandInComm
+        from parallel.layout import contiguous_placement
+        ckpt = RandomCheckpoint(preset, "mxfp4", device="meta")
+        per_rank = contiguous_placement(ckpt.config.num_local_experts, ep)
+        copies = [[r for r, ids in enumerate(per_rank) if e in ids] for e in range(ckpt.config.num_local_experts)]
+        m = load_model(ckpt, torch.bfloat16, "meta", keep_mxfp4=True, shard=ShardSpec(experts=per_rank[0]),
+                       comm=StandInComm(ep, 0) if ep > 1 else None, expert_copies=copies)
         groups = tuple("sliding" if m.config.window(i) else "full" for i in range(m.config.num_hidden_layers))
         ex = LocalExecutor(m, CacheSpec(BLOCK_SIZE, {"full": 8192, "sliding": 2048}, groups), cuda_graphs=False)
-        short, uses = preset.removeprefix("gpt-oss-"), []
+        short, uses = preset.removeprefix("gpt-oss-") + (f" ep{ep}" if ep > 1 else ""), []
         for b in batches:
             inputs, _ = ex._graph_inputs(pad_decode_step(empty_step(ex.spec.blocks), b, ex.graph_width, BLOCK_SIZE,
                                                          full_width=True), b)
             with _triton.recording() as launches:
                 ex._graph_forward(inputs)
             uses.append((f"{short} d{b}", launches))
-        with _triton.recording() as launches:
-            run_step(m, ex.cache, ex.spec, null_step(prefill, ex.spec), num_real_tokens=prefill)
-        uses.append((f"{short} p{prefill}", launches))
+        if ep == 1:
+            with _triton.recording() as launches:
+                run_step(m, ex.cache, ex.spec, null_step(prefill, ex.spec), num_real_tokens=prefill)
+            uses.append((f"{short} p{prefill}", launches))
         return uses
     finally:
         for k, v in saved.items():

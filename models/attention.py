@@ -145,6 +145,8 @@ class PagedMetadata:
     (the executor from its CPU tensors; 1 for a decode step captured in a CUDA graph).
     token_mask [N] bool: which rows are real tokens (None = all); a CUDA-graph
     step padded to its bucket counts only real rows in the MoE's expert load.
+    static: the step is captured in a CUDA graph, so no layer may read a device
+    value on the host (the expert-parallel MoE then combines by all-reduce).
 
     Nothing here reads device values on the host unless the torch path runs:
     its per-part plans are built on its first attend, so the Triton path
@@ -158,6 +160,7 @@ class PagedMetadata:
     layer_group: list[str]
     max_query_len: int | None = None
     token_mask: torch.Tensor | None = None
+    static: bool = False
     _parts_cache: list | None = field(default=None, init=False, repr=False)
 
     @property

@@ -46,12 +46,13 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: GptOssConfig, layer: int, w: dict[str, torch.Tensor], experts, comm, copies=None):
+    def __init__(self, cfg: GptOssConfig, layer: int, w: dict[str, torch.Tensor], experts, comm, copies=None,
+                 moe_combine: str = "auto"):
         super().__init__()
         self.attn_norm = RMSNorm(w["attn_norm"], cfg.rms_norm_eps)
         self.attn = Attention(cfg, layer, w, comm)
         self.mlp_norm = RMSNorm(w["mlp_norm"], cfg.rms_norm_eps)
-        self.moe = MoE(cfg, w["router_w"], w["router_b"], experts, comm, copies)
+        self.moe = MoE(cfg, w["router_w"], w["router_b"], experts, comm, copies, moe_combine)
 
     def forward(self, x, cos, sin, meta) -> torch.Tensor:
         a = self.attn(self.attn_norm(x), cos, sin, meta)
@@ -60,7 +61,7 @@ class Block(nn.Module):
         else:
             x = x + a
             h = self.mlp_norm(x)
-        return x + self.moe(h, getattr(meta, "token_mask", None))
+        return x + self.moe(h, getattr(meta, "token_mask", None), getattr(meta, "static", False))
 
 
 class GptOssForCausalLM(nn.Module):
@@ -132,12 +133,13 @@ def _keep_packed(cfg: GptOssConfig, n_experts: int, dtype: torch.dtype, keep_mxf
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                shard: ShardSpec | None = None, keep_mxfp4: bool | None = None, comm=None,
-               expert_copies: list[list[int]] | None = None) -> GptOssForCausalLM:
+               expert_copies: list[list[int]] | None = None, moe_combine: str = "auto") -> GptOssForCausalLM:
     """Load a gpt-oss checkpoint (HF or original/ layout, MXFP4 or float experts).
 
     Reads tensor by tensor, and only the shard's experts, heads and vocab rows.
     `comm` (parallel.comm) joins the model to its TP/EP groups; `expert_copies[e]`
-    lists the EP ranks holding expert e.
+    lists the EP ranks holding expert e; `moe_combine` picks how EP ranks combine
+    expert outputs (models.layers.MoE).
     """
     from parallel.comm import LocalComm
     comm = comm or LocalComm()
@@ -162,7 +164,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
             t = getattr(ex, f)
             if t is not None:
                 setattr(ex, f, to_dev(t))
-        blocks.append(Block(cfg, i, w, ex, comm, expert_copies))
+        blocks.append(Block(cfg, i, w, ex, comm, expert_copies, moe_combine))
     norm = to_dev(reader.read(names["norm"], (H,)).to(dtype))
     unembed = reader.read(names["unembed"], (V, H), vrows).to(dtype)
     if shard.vocab and comm.tp_size > 1:  # equal shards for the all-gather; padded rows are cut after it

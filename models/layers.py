@@ -155,17 +155,33 @@ def swiglu(gate_up: torch.Tensor, limit: float, alpha: float) -> torch.Tensor:
 class MoE(nn.Module):
     """Top-k router over all experts; computes this shard's experts.
 
-    Single process: the full MoE. With a `comm` spanning several ranks, each
-    rank of the split group (ranks holding the same tokens) takes a slice, sends every (token, expert) pair to
-    the EP rank owning that expert (all-to-all, sizes exchanged first), gets
-    the expert outputs back and combines them; the split group then gathers
-    the slices. `copies` says which EP ranks hold each expert: a hot expert may
-    live on several, and its tokens are split between the copies.
+    Single process: the full MoE. Over several ranks, the ranks holding the
+    same tokens (the split group) each take a slice of them. Each rank sends
+    every (token, expert) pair of its slice to the EP rank owning that expert
+    (all-to-all, sizes exchanged first), gets the expert outputs back and
+    combines them; the split group then gathers the slices. `copies` says which
+    EP ranks hold each expert: a hot expert may live on several, and its pairs
+    are split between the copies.
+
+    The all-to-all sizes are read on the host, which a CUDA graph cannot
+    capture. So a static step (a decode step replayed as a graph) whose tokens
+    the whole EP group holds combines by all-reduce instead ("all_reduce"):
+    every EP rank routes all tokens, runs the pairs of the experts it is the
+    first copy of, and the EP group sums the partial outputs: fixed shapes, no
+    host reads, and one [N, hidden] all-reduce in place of two all-to-alls of
+    the pairs and a gather. `combine` forces one way for every step
+    ("all_to_all" or "all_reduce"); "auto" takes the all-reduce for static steps only.
+    With one EP rank, the split group's slices need no exchange either way.
     """
 
+    COMBINES = ("auto", "all_to_all", "all_reduce")
+
     def __init__(self, cfg: GptOssConfig, router_w: torch.Tensor, router_b: torch.Tensor, experts: ExpertWeights,
-                 comm=None, copies: list[list[int]] | None = None):
+                 comm=None, copies: list[list[int]] | None = None, combine: str = "auto"):
         super().__init__()
+        if combine not in self.COMBINES:
+            raise ValueError(f"combine must be one of {self.COMBINES}, got {combine!r}")
+        self.combine = combine
         self.top_k = cfg.num_experts_per_tok
         self.limit, self.alpha = cfg.swiglu_limit, cfg.swiglu_alpha
         self.comm = comm
@@ -181,6 +197,12 @@ class MoE(nn.Module):
         self.register_buffer("copy_rank", torch.tensor([c + [c[0]] * (width - len(c)) for c in copies]),
                              persistent=False)
         self.register_buffer("n_copies", torch.tensor([len(c) for c in copies]), persistent=False)
+        # all-reduce combine: the local experts this rank is the first copy of (each pair computed once)
+        ep_rank = comm.ep_rank if comm is not None else 0
+        first = torch.tensor([c[0] == ep_rank for c in copies])
+        self.register_buffer("first_copy_local", torch.where(first, local, -1), persistent=False)
+        # under the all-reduce every rank routes every token: one rank counts the expert load
+        self.counts_all = comm is None or comm.rank == 0
         # tokens routed to each expert since the last reset (expert-load stats)
         self.register_buffer("load", torch.zeros(cfg.num_local_experts, dtype=torch.long), persistent=False)
         self.received = 0  # (token, expert) pairs this rank computed: the EP load it carries
@@ -236,13 +258,15 @@ class MoE(nn.Module):
             start += c
         return out
 
-    def compute(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Weighted sum over the local experts among each token's top-k (absent ones skipped)."""
+    def compute(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor,
+                local_map: torch.Tensor | None = None) -> torch.Tensor:
+        """Weighted sum over the local experts among each token's top-k (absent ones skipped).
+        local_map[e]: this rank's index of expert e, -1 = skip (default: global_to_local)."""
         if self.packed and dispatch.use_triton(x.device):
             # every expert here in router order (no EP): router ids are local ids, no map to read
-            g2l = None if self.identity_map else self.global_to_local
+            g2l = local_map if local_map is not None else None if self.identity_map else self.global_to_local
             return self._moe_kernel(x, (idx, weights), self.top_k, g2l)
-        local = self.global_to_local[idx].flatten()
+        local = (self.global_to_local if local_map is None else local_map)[idx].flatten()
         keep = (local >= 0).nonzero().squeeze(1)
         tok = keep // self.top_k
         y = self.run_experts(x[tok], local[keep])
@@ -254,18 +278,31 @@ class MoE(nn.Module):
         slot = torch.arange(flat.numel(), device=flat.device) % self.n_copies[flat]
         return self.copy_rank[flat, slot]
 
-    def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """token_mask [N] bool: rows counted in the expert load (None = all); only the single-group
-        path takes one (CUDA graphs run there), a split group's slices count every row."""
+    def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None, static: bool = False
+                ) -> torch.Tensor:
+        """token_mask [N] bool: rows counted in the expert load (None = all). static: no host reads
+        (the step is captured in a CUDA graph)."""
         c = self.comm
         if c is None or (c.split_size == 1 and c.ep_size == 1):
             idx, weights = self.route(x, token_mask)
             return self.compute(x, idx, weights)
+        if c.ep_size > 1 and c.ep_replicated and (self.combine == "all_reduce"
+                                                  or (self.combine == "auto" and static)):
+            if not self.counts_all:
+                token_mask = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+            idx, weights = self.route(x, token_mask)
+            return c.ep_all_reduce(self.compute(x, idx, weights, self.first_copy_local))
+        if static and c.ep_size > 1:
+            raise RuntimeError("a static MoE step needs an all-reduce combine: the EP group must hold the same "
+                               "tokens (replicated attention) and combine must not be 'all_to_all'")
         n, t = x.shape[0], c.split_size
         counts = [n // t + (1 if r < n % t else 0) for r in range(t)]
         start = sum(counts[:c.split_rank])
         xs = x[start:start + counts[c.split_rank]]
-        idx, weights = self.route(xs)
+        mask = None if token_mask is None else token_mask[start:start + counts[c.split_rank]]
+        idx, weights = self.route(xs, mask)
+        if c.ep_size == 1:  # every rank holds every expert: its slice needs no exchange
+            return c.split_all_gather_rows(self.compute(xs, idx, weights), counts)
         dest = self.owners(idx)
         order = torch.argsort(dest, stable=True)
         send = torch.bincount(dest, minlength=c.ep_size).tolist()

@@ -20,6 +20,7 @@ class LocalComm:
     """One process holds everything: every collective is a no-op."""
     tp_size = ep_size = split_size = world = 1
     tp_rank = ep_rank = split_rank = rank = 0
+    ep_replicated = True
 
     def tp_all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         return x
@@ -36,8 +37,21 @@ class LocalComm:
     def ep_all_to_all_back(self, x: torch.Tensor, send_counts: list[int], recv_counts: list[int]) -> torch.Tensor:
         return x
 
+    def ep_all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
     def broadcast_from_first(self, x: torch.Tensor) -> torch.Tensor:
         return x
+
+
+class StandInComm(LocalComm):
+    """EP rank `ep_rank` of `ep_size` (all tokens replicated), alone: its collectives return their
+    input. For checks of one rank's forward in one process (its launches and host reads on the meta
+    device, kernels.aot.model_launches); the outputs are not the group's."""
+
+    def __init__(self, ep_size: int, ep_rank: int):
+        self.ep_size = self.split_size = self.world = ep_size
+        self.ep_rank = self.split_rank = self.rank = ep_rank
 
 
 @dataclass
@@ -57,6 +71,8 @@ class DistComm:
         self.tp_size, self.ep_size = self.me.tp, self.me.ep
         self.tp_rank, self.ep_rank = self.me.tp_rank, self.me.ep_rank
         self.split_size, self.split_rank = len(self.me.split_ranks), self.me.split_rank
+        # the whole EP group holds the same tokens: the MoE may combine by all-reduce (models.layers.MoE)
+        self.ep_replicated = set(self.me.ep_ranks) <= set(self.me.split_ranks)
         self.device = device
         self._a2a, self._step_times = 0.0, []
         backend = spec.backend or ("nccl" if device.type == "cuda" else "gloo")
@@ -133,6 +149,12 @@ class DistComm:
         dist.all_to_all_single(out, x.contiguous(), list(send_counts), list(recv_counts), group=self.ep_group)
         self._a2a += time.perf_counter() - t0
         return out
+
+    def ep_all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum the EP group's partial MoE outputs (fixed shape, no host reads: a CUDA graph captures it)."""
+        if self.ep_size > 1:
+            dist.all_reduce(x, group=self.ep_group)
+        return x
 
     def broadcast_from_first(self, x: torch.Tensor) -> torch.Tensor:
         """x from global rank 0 to every rank, in place (the sampled ids each rank's next step may read)."""

@@ -29,6 +29,8 @@ class WorkerSpec:
     init_method: str = ""
     attn_dp: bool = False
     keep_mxfp4: bool | None = None
+    moe_combine: str = "auto"   # models.layers.MoE: "auto" | "all_to_all" | "all_reduce"
+    cuda_graphs: bool | None = None  # engine.executor.LocalExecutor: decode steps as CUDA graphs
     extra: dict = field(default_factory=dict)
 
 
@@ -59,7 +61,7 @@ def build_rank_model(spec: WorkerSpec, rank: int):
     shard = ShardSpec(experts=me.experts, q_heads=me.q_heads, kv_heads=me.kv_heads,
                       vocab=me.vocab if me.tp > 1 else None)
     model = load_model(spec.path, spec.dtype, device, shard=shard, keep_mxfp4=spec.keep_mxfp4, comm=comm,
-                       expert_copies=expert_copies(layout))
+                       expert_copies=expert_copies(layout), moe_combine=spec.moe_combine)
     return model, comm, layout
 
 
@@ -70,31 +72,30 @@ class RankRuntime:
         self.spec, self.rank = spec, rank
         self.model, self.comm, layout = build_rank_model(spec, rank)
         self.me = layout[rank]
-        self.cache = self.cache_spec = None
-        from engine.sampler import SamplerState
-        self.sampling = SamplerState()
+        self.executor = None  # engine.executor.LocalExecutor over this rank's shard, made by "cache"
 
     def ping(self) -> bool:
         return True
 
     def handle(self, kind: str, payload=None):
-        from engine.executor import allocate_cache, run_step
         from models.attention import DenseMetadata
         model, me = self.model, self.me
         if kind == "stop":
             self.comm.shutdown()
             return None
-        if kind == "cache":
-            self.cache_spec = payload
-            self.cache = allocate_cache(model, payload)
+        if kind == "cache":  # payload: (CacheSpec, decode graph buckets)
+            from engine.executor import LocalExecutor
+            spec, buckets = payload
+            self.executor = LocalExecutor(model, spec, cuda_graphs=self.spec.cuda_graphs, graph_buckets=buckets)
             return None
         if kind == "step":
-            logits = run_step(model, self.cache, self.cache_spec, payload)
-            if hasattr(self.comm, "end_forward"):
-                self.comm.end_forward()
+            logits = self.executor.execute(payload)
+            self.comm.end_forward()
             return logits.cpu() if self.rank == 0 else None  # every attention group computed the same rows
         if kind == "step_sampled":
             return self._step_sampled(*payload)
+        if kind == "warmup":  # every rank runs the same steps, so their collectives line up
+            return self.executor.warmup(payload)
         if kind == "logits":  # payload: one list of 1-D token tensors per attention group
             seqs = payload[me.dp_rank if self.spec.attn_dp else 0]
             ids = torch.cat(seqs) if seqs else torch.zeros(0, dtype=torch.long)
@@ -118,25 +119,22 @@ class RankRuntime:
         """Run the step; rank 0 samples where the logits are and sends back token ids (not [batch,
         vocab] logits); every rank keeps the ids (broadcast from rank 0): the next step, sent before
         the engine reads these, takes its pending inputs from them (overlapped scheduling)."""
-        from engine.executor import fill_pending, run_step
         from engine.sampler import SamplerOutput
-        if step.fill is not None:
-            step = fill_pending(step, self.sampling.last)
-        logits = run_step(self.model, self.cache, self.cache_spec, step)
-        if hasattr(self.comm, "end_forward"):
-            self.comm.end_forward()
+        sampling = self.executor.sampling
+        logits = self.executor.execute(step)  # pending inputs filled from sampling.last
+        self.comm.end_forward()
         if spec is None:
             return None
         out, failed = None, None
         if self.rank == 0:
             try:
-                out = self.sampling.sample(logits, spec)
+                out = sampling.sample(logits, spec)
             except Exception as e:  # the other ranks wait in the broadcast: release them, then report
                 failed = e
         if self.comm.world > 1:
             ids = out.token_ids if out is not None else torch.full((len(spec.params),), -1, dtype=torch.long,
                                                                     device=self.model.device)
-            self.sampling.last = self.comm.broadcast_from_first(ids)
+            sampling.last = self.comm.broadcast_from_first(ids)
         if failed is not None:
             raise failed
         if out is None:
@@ -263,8 +261,9 @@ class _RankStep:
 class MultiProcessExecutor:
     """The engine's executor over rank workers (RankWorkers, or Ray actors with the same `call`)."""
 
-    def __init__(self, workers, cache_spec, sample_on_rank: bool = True):
-        """sample_on_rank=False brings the logits back and samples here (for measurements)."""
+    def __init__(self, workers, cache_spec, sample_on_rank: bool = True, graph_buckets: tuple[int, ...] | None = None):
+        """sample_on_rank=False brings the logits back and samples here (for measurements).
+        graph_buckets: the ranks' decode graph buckets (engine.executor.graph_buckets; default all)."""
         if workers.attn_dp:
             raise ValueError("engine steps under attention data parallelism are not supported yet")
         self.workers = workers
@@ -272,7 +271,8 @@ class MultiProcessExecutor:
         self.sample_on_rank = sample_on_rank
         self.sampling = None
         self._sent: list[_RankStep] = []  # steps sent, replies not read, oldest first
-        workers.call("cache", cache_spec)
+        from kernels.cuda_graphs import DEFAULT_BUCKETS
+        workers.call("cache", (cache_spec, graph_buckets or DEFAULT_BUCKETS))
 
     @property
     def asynchronous(self) -> bool:
@@ -309,6 +309,12 @@ class MultiProcessExecutor:
             except Exception as e:  # kept for the engine, which fails the step when it reads it
                 sent.error = e
             sent.done = True
+
+    def warmup(self, max_tokens: int) -> dict:
+        """Every rank compiles its kernels and captures its decode graphs (LocalExecutor.warmup), in
+        step: the captures record each graph's collectives. Returns rank 0's report."""
+        self._drain()
+        return self.workers.call("warmup", max_tokens)[0]
 
     def expert_load(self) -> torch.Tensor:
         self._drain()

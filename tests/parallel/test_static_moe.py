@@ -1,0 +1,98 @@
+"""Expert-parallel decode steps with no host reads, the form a CUDA graph captures: the MoE combines
+by all-reduce over the EP group (models.layers.MoE), the ranks run the graph path of their
+LocalExecutor (padded to a bucket, static forward; eagerly here, on CPU). Tokens and expert load
+equal one process, and only the steps that are not pure decode use the all-to-all."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from engine.core import EngineConfig, LLMEngine, build_engine, output_tokens
+from engine.executor import decode_bucket, graphs_supported, static_forward_supported
+from engine.request import GenerateRequest
+from engine.sampler import SamplingParams
+from parallel.worker import MultiProcessExecutor, RankWorkers, WorkerSpec
+
+BUCKETS = (1, 2, 4, 8)
+CFG = EngineConfig(block_size=4, max_tokens_per_step=32, max_num_seqs=8)
+
+
+def _reqs():
+    g = torch.Generator().manual_seed(9)
+    return [GenerateRequest(f"r{i}", torch.randint(0, 199000, (n,), generator=g).tolist(),
+                            SamplingParams(temperature=0, max_tokens=m, ignore_eos=True), harmony=False)
+            for i, (n, m) in enumerate([(5, 12), (23, 8), (40, 14), (9, 15), (17, 6)])]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_ckpt):
+    e = build_engine(tiny_ckpt, CFG, keep_mxfp4=True)
+    return {k: output_tokens(v) for k, v in e.generate(_reqs()).items()}, e.expert_load()
+
+
+def _run(ckpt, tp, ep, **spec):
+    workers = RankWorkers(WorkerSpec(str(ckpt), tp, ep, keep_mxfp4=True, **spec))
+    e = LLMEngine(None, CFG, model_config=workers.config,
+                  executor_factory=lambda s: MultiProcessExecutor(workers, s, graph_buckets=BUCKETS))
+    steps = []
+    real = e.executor.execute_sampled
+
+    def execute_sampled(step, sample):
+        steps.append(decode_bucket(step, BUCKETS) is not None)
+        return real(step, sample)
+    e.executor.execute_sampled = execute_sampled
+    try:
+        out = {k: output_tokens(v) for k, v in e.generate(_reqs()).items()}
+        return out, e.expert_load(), steps, e.executor.comm_times(), workers.call("received")
+    finally:
+        e.shutdown()
+
+
+@pytest.mark.parametrize("tp,ep,placement", [(1, 2, None), (2, 2, None),
+                                             (1, 2, [(0, 1, 2, 3, 4), (4, 5, 6, 7, 0)])])  # experts 0 and 4 twice
+def test_decode_steps_combine_by_all_reduce_over_ranks(tiny_ckpt, reference, tp, ep, placement):
+    tokens, load = reference
+    got, got_load, steps, times, received = _run(tiny_ckpt, tp, ep, cuda_graphs="eager", placement=placement)
+    assert got == tokens
+    assert torch.equal(got_load, load)  # one rank counts what every rank routes; padding rows not at all
+    decode = sum(steps)
+    assert 0 < decode < len(steps)
+    # an all-to-all step leaves a time on every rank; the decode steps left none
+    assert all(len(t) == len(steps) - decode for t in times.values()), (len(steps), decode, times)
+    assert sum(received) > 0
+
+
+def test_all_reduce_combine_for_every_step(tiny_ckpt, reference):
+    """moe_combine="all_reduce": prefill and mixed steps too, eagerly (no graph path)."""
+    tokens, load = reference
+    got, got_load, steps, times, received = _run(tiny_ckpt, 1, 2, moe_combine="all_reduce",
+                                                  placement=[(0, 1, 2, 3, 4), (4, 5, 6, 7, 0)])
+    assert got == tokens and torch.equal(got_load, load)
+    assert all(not t for t in times.values()) and sum(received) == 0  # no pair went through an all-to-all
+
+
+def test_which_models_have_a_static_forward():
+    def model(ep, replicated=True, combine="auto", packed=True, cuda=False):
+        comm = SimpleNamespace(ep_size=ep, ep_replicated=replicated)
+        moe = SimpleNamespace(combine=combine, packed=packed)
+        return SimpleNamespace(comm=comm, blocks=[SimpleNamespace(moe=moe)] * 2,
+                               device=torch.device("cuda" if cuda else "cpu"))
+    assert static_forward_supported(model(1))
+    assert static_forward_supported(model(8))
+    assert not static_forward_supported(model(8, combine="all_to_all"))
+    assert not static_forward_supported(model(8, replicated=False))  # attention DP: tokens differ per rank
+    assert not static_forward_supported(model(1, packed=False))       # the torch expert loop reads counts
+    assert not graphs_supported(model(8))                             # no CUDA here
+
+
+def test_static_step_refuses_the_all_to_all(tiny_ckpt):
+    from models import load_model
+    from models.layers import MoE
+    from parallel.comm import StandInComm
+    m = load_model(tiny_ckpt, comm=StandInComm(2, 0), moe_combine="all_to_all")
+    x = torch.randn(3, m.config.hidden_size)
+    with pytest.raises(RuntimeError, match="all-reduce combine"):
+        m.blocks[0].moe(x, static=True)
+    with pytest.raises(ValueError, match="combine"):
+        MoE(m.config, m.blocks[0].moe.router_w, m.blocks[0].moe.router_b, None, combine="gather")
