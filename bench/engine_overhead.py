@@ -1,7 +1,7 @@
 """Host time per engine step outside the model and the sampler, by decode batch size.
 
     python -m bench.engine_overhead [--batches 1,8,64,256] [--context 1024] [--steps 50]
-    python -m bench.engine_overhead --ranks 2x2 [--batches 1,8,64] [--steps 20]
+    python -m bench.engine_overhead --ranks 2x2 [--batches 1,8,64] [--steps 20] [--combine]
 
 On a GPU a decode step is a CUDA-graph replay plus this host time (scheduling,
 batch building, output handling, block bookkeeping) unless the two overlap, so
@@ -127,6 +127,32 @@ def ranks_table(tp: int, ep: int, batches: list[int], steps: int, rounds: int = 
             workers.shutdown()
 
 
+def combine_table(tp: int, ep: int, batches: list[int], steps: int, rounds: int = 2) -> None:
+    """Decode ms/step over rank workers whose MoE combines by all-to-all vs by all-reduce
+    (models.layers.MoE), both alive, rounds interleaved, best of `rounds`; sampling on rank 0, overlapped."""
+    import tempfile
+    from pathlib import Path
+
+    from models.checkpoint import make_checkpoint
+    from parallel.worker import RankWorkers, WorkerSpec
+    with tempfile.TemporaryDirectory() as d:
+        path = make_checkpoint(Path(d) / "tiny", "tiny", "hf", "mxfp4", seed=0)
+        sets = {c: RankWorkers(WorkerSpec(str(path), tp, ep, moe_combine=c)) for c in ("all_to_all", "all_reduce")}
+        try:
+            print("| batch | all-to-all ms/step | all-reduce ms/step | all-to-all / all-reduce |")
+            print("|---:|---:|---:|---:|")
+            for b in batches:
+                best = {}
+                for _ in range(rounds):
+                    for c, w in sets.items():
+                        best[c] = min(best.get(c, float("inf")), measure_ranks(w, b, steps, True, True)["ms_per_step"])
+                a2a, ar = best["all_to_all"], best["all_reduce"]
+                print(f"| {b} | {a2a:.1f} | {ar:.1f} | {a2a / ar:.2f}x |", flush=True)
+        finally:
+            for w in sets.values():
+                w.shutdown()
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--batches", default="1,8,64,256")
@@ -134,13 +160,17 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--ranks", metavar="TPxEP",
                     help="instead: decode over tp x ep local rank workers, sampling on rank 0 vs in the engine")
+    ap.add_argument("--combine", action="store_true",
+                    help="with --ranks: the MoE combining by all-to-all vs by all-reduce instead")
     a = ap.parse_args(argv)
+    if a.combine and not a.ranks:
+        ap.error("--combine needs --ranks TPxEP")
     from bench.gpu import find_vocab
     find_vocab()
     torch.set_num_threads(1)
     if a.ranks:
         tp, ep = (int(x) for x in a.ranks.lower().split("x"))
-        ranks_table(tp, ep, [int(x) for x in a.batches.split(",")], a.steps)
+        (combine_table if a.combine else ranks_table)(tp, ep, [int(x) for x in a.batches.split(",")], a.steps)
         return 0
     print("| batch | context | host ms/step | host us/sequence | schedule / build / sampling batch / update ms |")
     print("|---:|---:|---:|---:|---|")

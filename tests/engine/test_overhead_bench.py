@@ -19,3 +19,17 @@ def test_ranks_table_measures_both_ways(capsys):
     assert cells[0] == "2" and all(float(c) > 0 for c in cells[1:4])
     logits_bytes, token_bytes = (int(x.replace(",", "")) for x in cells[5].split(" / "))
     assert logits_bytes > 2 * 201088 * 4 and token_bytes < 2000  # [2, vocab] fp32 vs two token ids
+
+
+def test_combine_table_measures_both_combines(capsys):
+    import pytest
+
+    from bench.engine_overhead import combine_table, main
+    combine_table(tp=1, ep=2, batches=[2], steps=2, rounds=1)
+    row = capsys.readouterr().out.strip().splitlines()[-1]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[0] == "2" and float(cells[1]) > 0 and float(cells[2]) > 0
+    assert float(cells[3].rstrip("x")) == pytest.approx(float(cells[1]) / float(cells[2]), rel=0.05)
+    with pytest.raises(SystemExit):
+        main(["--combine"])  # needs --ranks
+    assert "--combine needs --ranks" in capsys.readouterr().err
