@@ -73,8 +73,8 @@ def measure_ranks(workers, batch: int, steps: int, sample_on_rank: bool, overlap
                     executor_factory=lambda spec: MultiProcessExecutor(workers, spec, sample_on_rank))
     sizes, real = [], workers.collect
 
-    def collect(ticket):
-        out = real(ticket)
+    def collect(ticket, timeout=None):
+        out = real(ticket, timeout)
         if ticket in ("step", "step_sampled"):
             sizes.append(len(pickle.dumps(out[0])))
         return out

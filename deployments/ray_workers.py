@@ -21,7 +21,10 @@ NAMESPACE = "gptoss"
 
 
 class RayRankWorkers:
-    def __init__(self, spec: WorkerSpec, use_gpu: bool, cpus_per_rank: float, timeout: float = 180.0):
+    def __init__(self, spec: WorkerSpec, use_gpu: bool, cpus_per_rank: float, timeout: float = 180.0,
+                 startup_timeout: float = 1800.0):
+        """timeout: per call; startup_timeout: for the ranks to load their shards (a 120b EP8 rank
+        reads ~11 GB) and for warmup (every kernel size class compiled, every decode graph captured)."""
         from models.config import load_config
         from models.weights import resolve_layout as resolve_ckpt
         from parallel.comm import free_port
@@ -44,11 +47,12 @@ class RayRankWorkers:
             if pg is not None:
                 opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=r)
             self.actors.append(actor.options(**opts).remote(spec, r))
-        self.call_each("ping")
+        self.startup_timeout = startup_timeout
+        self.call_each("ping", timeout=startup_timeout)
 
-    def call_each(self, method: str, *args) -> list:
+    def call_each(self, method: str, *args, timeout: float | None = None) -> list:
         try:
-            return ray.get([getattr(a, method).remote(*args) for a in self.actors], timeout=self.timeout)
+            return ray.get([getattr(a, method).remote(*args) for a in self.actors], timeout=timeout or self.timeout)
         except Exception as e:
             raise WorkerError(f"a rank worker failed: {type(e).__name__}: {e}") from None
 
@@ -56,14 +60,14 @@ class RayRankWorkers:
         """Send to every rank now (a Ray actor runs its calls in the order sent); `collect` later."""
         return [a.handle.remote(kind, payload) for a in self.actors]
 
-    def collect(self, refs: list) -> list:
+    def collect(self, refs: list, timeout: float | None = None) -> list:
         try:
-            return ray.get(refs, timeout=self.timeout)
+            return ray.get(refs, timeout=timeout or self.timeout)
         except Exception as e:
             raise WorkerError(f"a rank worker failed: {type(e).__name__}: {e}") from None
 
-    def call(self, kind: str, payload=None) -> list:
-        return self.collect(self.submit(kind, payload))
+    def call(self, kind: str, payload=None, timeout: float | None = None) -> list:
+        return self.collect(self.submit(kind, payload), timeout)
 
     def alive(self) -> bool:
         try:

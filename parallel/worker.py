@@ -161,6 +161,9 @@ def _worker_main(spec: WorkerSpec, rank: int, conn) -> None:
             conn.send(("error", traceback.format_exc()))
 
 
+WARMUP_TIMEOUT = 1800.0  # seconds: compiling every kernel size class and capturing every graph, cold
+
+
 class WorkerError(RuntimeError):
     """A rank worker failed; the message carries its traceback."""
 
@@ -190,13 +193,14 @@ class RankWorkers:
             self.procs.append(p)
         self._gather("ready")
 
-    def _gather(self, what: str) -> list:
+    def _gather(self, what: str, timeout: float | None = None) -> list:
         """Every rank's reply, read before raising the first error: a reply left unread would be
         taken as the answer to the next message."""
         out, err = [], None
+        timeout = timeout or self.timeout
         for r, c in enumerate(self.conns):
-            if not c.poll(self.timeout):
-                raise WorkerError(f"rank {r} did not answer '{what}' within {self.timeout:.0f} s")
+            if not c.poll(timeout):
+                raise WorkerError(f"rank {r} did not answer '{what}' within {timeout:.0f} s")
             kind, payload = c.recv()
             if kind == "error" and err is None:
                 err = WorkerError(f"rank {r} failed on '{what}':\n{payload}")
@@ -211,11 +215,11 @@ class RankWorkers:
             c.send((kind, payload))
         return kind
 
-    def collect(self, ticket) -> list:
-        return self._gather(ticket)
+    def collect(self, ticket, timeout: float | None = None) -> list:
+        return self._gather(ticket, timeout)
 
-    def call(self, kind: str, payload=None) -> list:
-        return self.collect(self.submit(kind, payload))
+    def call(self, kind: str, payload=None, timeout: float | None = None) -> list:
+        return self.collect(self.submit(kind, payload), timeout)
 
     def logits(self, seqs: list[torch.Tensor]) -> list[torch.Tensor]:
         """Full causal logits per sequence; under attention DP, sequences are dealt round-robin."""
@@ -314,7 +318,7 @@ class MultiProcessExecutor:
         """Every rank compiles its kernels and captures its decode graphs (LocalExecutor.warmup), in
         step: the captures record each graph's collectives. Returns rank 0's report."""
         self._drain()
-        return self.workers.call("warmup", max_tokens)[0]
+        return self.workers.call("warmup", max_tokens, timeout=WARMUP_TIMEOUT)[0]
 
     def expert_load(self) -> torch.Tensor:
         self._drain()

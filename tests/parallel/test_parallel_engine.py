@@ -71,8 +71,8 @@ def test_ranks_sample_and_return_only_token_ids(tiny_ckpt):
     replies, inflight = [], []
     real = e.executor.workers.collect
 
-    def collect(ticket):
-        out = real(ticket)
+    def collect(ticket, timeout=None):
+        out = real(ticket, timeout)
         if ticket == "step_sampled":
             replies.append(out[0])
         return out

@@ -31,10 +31,14 @@ def reference(tiny_ckpt):
     return {k: output_tokens(v) for k, v in e.generate(_reqs()).items()}, e.expert_load()
 
 
-def _run(ckpt, tp, ep, **spec):
+def _run(ckpt, tp, ep, warmup=False, **spec):
     workers = RankWorkers(WorkerSpec(str(ckpt), tp, ep, keep_mxfp4=True, **spec))
     e = LLMEngine(None, CFG, model_config=workers.config,
                   executor_factory=lambda s: MultiProcessExecutor(workers, s, graph_buckets=BUCKETS))
+    if warmup:  # every rank runs the same null steps (their collectives line up); nothing is counted
+        report = e.warmup()
+        assert report["prefill_sizes"] == [1, 2, 4, 8, 16, 32] and report["graphs"] == 0  # no CUDA here
+        e.executor.comm_times()
     steps = []
     real = e.executor.execute_sampled
 
@@ -49,11 +53,11 @@ def _run(ckpt, tp, ep, **spec):
         e.shutdown()
 
 
-@pytest.mark.parametrize("tp,ep,placement", [(1, 2, None), (2, 2, None),
-                                             (1, 2, [(0, 1, 2, 3, 4), (4, 5, 6, 7, 0)])])  # experts 0 and 4 twice
-def test_decode_steps_combine_by_all_reduce_over_ranks(tiny_ckpt, reference, tp, ep, placement):
+@pytest.mark.parametrize("tp,ep,placement,warmup", [(1, 2, None, True), (2, 2, None, False),
+                                                    (1, 2, [(0, 1, 2, 3, 4), (4, 5, 6, 7, 0)], False)])  # 0, 4 twice
+def test_decode_steps_combine_by_all_reduce_over_ranks(tiny_ckpt, reference, tp, ep, placement, warmup):
     tokens, load = reference
-    got, got_load, steps, times, received = _run(tiny_ckpt, tp, ep, cuda_graphs="eager", placement=placement)
+    got, got_load, steps, times, received = _run(tiny_ckpt, tp, ep, warmup, cuda_graphs="eager", placement=placement)
     assert got == tokens
     assert torch.equal(got_load, load)  # one rank counts what every rank routes; padding rows not at all
     decode = sum(steps)
