@@ -20,6 +20,33 @@ from parallel.worker import RankRuntime, WorkerError, WorkerSpec
 NAMESPACE = "gptoss"
 
 
+class RankActor:
+    """One rank as a Ray actor. Made empty first, so that rank 0 can say where the group's rendezvous
+    will be (its node's address: a group may span nodes, e.g. helm's 120b EP8 over two 4-GPU pods,
+    where 127.0.0.1 would be each rank's own host); `start` then loads the shard and joins."""
+
+    def __init__(self):
+        self.rt: RankRuntime | None = None
+
+    def address(self) -> tuple[str, int]:
+        from parallel.comm import free_port
+        return ray.util.get_node_ip_address(), free_port("0.0.0.0")
+
+    def start(self, spec: WorkerSpec, rank: int) -> bool:
+        self.rt = RankRuntime(spec, rank)
+        return True
+
+    def ping(self) -> bool:
+        return True
+
+    def handle(self, kind: str, payload=None):
+        return self.rt.handle(kind, payload)
+
+
+def rendezvous_url(ip: str, port: int) -> str:
+    return f"tcp://[{ip}]:{port}" if ":" in ip else f"tcp://{ip}:{port}"
+
+
 class RayRankWorkers:
     def __init__(self, spec: WorkerSpec, use_gpu: bool, cpus_per_rank: float, timeout: float = 180.0,
                  startup_timeout: float = 1800.0):
@@ -27,17 +54,14 @@ class RayRankWorkers:
         reads ~11 GB) and for warmup (every kernel size class compiled, every decode graph captured)."""
         from models.config import load_config
         from models.weights import resolve_layout as resolve_ckpt
-        from parallel.comm import free_port
 
         self.config = load_config(resolve_ckpt(spec.path)[0])
         self.layout = resolve_layout(self.config, spec.tp, spec.ep, placement=spec.placement,
                                      attn_dp=spec.attn_dp)
         self.attn_dp = spec.attn_dp
         self.timeout = timeout
-        if not spec.init_method:
-            spec.init_method = f"tcp://127.0.0.1:{free_port()}"  # one node; multi-node uses the head's IP
         pg = ray.util.get_current_placement_group()
-        actor = ray.remote(RankRuntime)
+        actor = ray.remote(RankActor)
         self.actors = []
         group = uuid.uuid4().hex[:8]
         for r in range(len(self.layout)):
@@ -46,13 +70,16 @@ class RayRankWorkers:
                     "name": f"gptoss-rank-{group}-{r}", "namespace": NAMESPACE}
             if pg is not None:
                 opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=r)
-            self.actors.append(actor.options(**opts).remote(spec, r))
+            self.actors.append(actor.options(**opts).remote())
         self.startup_timeout = startup_timeout
-        self.call_each("ping", timeout=startup_timeout)
+        if not spec.init_method:  # at rank 0's node, which every rank can reach
+            spec.init_method = rendezvous_url(*self._get([self.actors[0].address.remote()], startup_timeout)[0])
+        self.init_method = spec.init_method
+        self._get([a.start.remote(spec, r) for r, a in enumerate(self.actors)], startup_timeout)
 
-    def call_each(self, method: str, *args, timeout: float | None = None) -> list:
+    def _get(self, refs: list, timeout: float | None = None) -> list:
         try:
-            return ray.get([getattr(a, method).remote(*args) for a in self.actors], timeout=timeout or self.timeout)
+            return ray.get(refs, timeout=timeout or self.timeout)
         except Exception as e:
             raise WorkerError(f"a rank worker failed: {type(e).__name__}: {e}") from None
 
@@ -61,10 +88,7 @@ class RayRankWorkers:
         return [a.handle.remote(kind, payload) for a in self.actors]
 
     def collect(self, refs: list, timeout: float | None = None) -> list:
-        try:
-            return ray.get(refs, timeout=timeout or self.timeout)
-        except Exception as e:
-            raise WorkerError(f"a rank worker failed: {type(e).__name__}: {e}") from None
+        return self._get(refs, timeout)
 
     def call(self, kind: str, payload=None, timeout: float | None = None) -> list:
         return self.collect(self.submit(kind, payload), timeout)

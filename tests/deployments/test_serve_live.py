@@ -91,6 +91,26 @@ def test_ep2_group_gives_the_same_greedy_output(app):
     assert a.usage.completion_tokens == b.usage.completion_tokens
 
 
+def test_rank_actors_meet_at_rank_0s_node_address(app, tiny_ckpt):
+    """A group may span nodes (helm's 120b EP8: two 4-GPU pods), so its ranks rendezvous at the address
+    rank 0's actor reports for its node, not at 127.0.0.1; a tp1 x ep2 group started so computes
+    one process's logits."""
+    import torch
+
+    from deployments.ray_workers import RayRankWorkers
+    from models import load_model
+    from parallel.worker import WorkerSpec
+    w = RayRankWorkers(WorkerSpec(str(tiny_ckpt), 1, 2), use_gpu=False, cpus_per_rank=0.5)
+    try:
+        assert w.init_method.startswith(f"tcp://{ray.util.get_node_ip_address()}:"), w.init_method
+        seq = torch.randint(0, 199000, (11,), generator=torch.Generator().manual_seed(3))
+        got = w.call("logits", [[seq]])[0]
+    finally:
+        w.shutdown()
+    want = load_model(tiny_ckpt).logits(seq)
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+
+
 def _running(deployment: str) -> int:
     st = serve.status().applications["gptoss"].deployments[deployment]
     return st.replica_states.get("RUNNING", 0)
