@@ -40,5 +40,9 @@ def build_group_engine(cfg: ModelGroupConfig, make_workers: Callable | None = No
     llm = LLMEngine(None, cfg.engine, model_config=workers.config,
                     executor_factory=lambda s: MultiProcessExecutor(workers, s, graph_buckets=buckets))
     if cfg.use_gpu:
-        log.info("model group '%s' warmed up: %s", cfg.name, llm.warmup())
+        try:
+            log.info("model group '%s' warmed up: %s", cfg.name, llm.warmup())
+        except BaseException:
+            llm.shutdown()  # the rank workers hold GPUs
+            raise
     return llm, workers

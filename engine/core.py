@@ -378,7 +378,9 @@ def build_engine(path, config: EngineConfig = EngineConfig(), tp: int = 1, ep: i
         return LLMEngine(load_model(path, dtype, device, keep_mxfp4=keep_mxfp4), config)
     from parallel.worker import MultiProcessExecutor, RankWorkers, WorkerSpec
     workers = RankWorkers(WorkerSpec(str(path), tp, ep, dtype, device, keep_mxfp4=keep_mxfp4))
-    return LLMEngine(None, config, executor_factory=lambda spec: MultiProcessExecutor(workers, spec),
+    buckets = graph_buckets(config.max_num_seqs)
+    return LLMEngine(None, config, executor_factory=lambda spec: MultiProcessExecutor(workers, spec,
+                                                                                      graph_buckets=buckets),
                      model_config=workers.config)
 
 

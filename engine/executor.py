@@ -291,11 +291,17 @@ class LocalExecutor:
             self.graphs.capture(bucket, inputs, bucket)
             ok = True
         except Exception:  # a failed capture must not take the engine down: decode eagerly from now on
-            log.exception("CUDA graph capture failed for bucket %d; decode steps run eagerly", bucket)
-            self.graphs, ok = None, False
+            log.exception("CUDA graph capture failed for bucket %d", bucket)
+            ok = False
         for b, saved in zip(self.model.blocks, loads):
             b.moe.load.copy_(saved)
-        return ok
+        # over ranks, all keep graphs or none: the eager fallback is the same static forward (same
+        # collectives as a replay), and a rank still capturing the next bucket needs every rank there
+        if not self.model.comm.all_ok(ok):
+            log.warning("CUDA graph capture failed on a rank (bucket %d): decode steps run eagerly", bucket)
+            self.graphs.enabled = False
+            return False
+        return True
 
     def _replay(self, padded: StepInput, n: int) -> torch.Tensor:
         bucket = padded.context_lens.numel()
@@ -303,8 +309,7 @@ class LocalExecutor:
         if bucket not in self.graphs.graphs and self.graphs.active(inputs):
             # captured at the full width, so later steps' narrower tables are padded into it on the device
             wide = pad_decode_step(padded, bucket, self.graph_width, self.spec.block_size, full_width=True)
-            if not self._capture(bucket, self._graph_inputs(wide, n)[0]):
-                return run_step(self.model, self.cache, self.spec, padded, num_real_tokens=n)
+            self._capture(bucket, self._graph_inputs(wide, n)[0])  # failed: the runner calls it eagerly
         hidden = self.graphs.run(inputs, bucket)  # a view of the graph's output buffer: index it now
         return self.model.compute_logits(hidden[rows])
 

@@ -166,10 +166,10 @@ class MoE(nn.Module):
     The all-to-all sizes are read on the host, which a CUDA graph cannot
     capture. So a static step (a decode step replayed as a graph) whose tokens
     the whole EP group holds combines by all-reduce instead ("all_reduce"):
-    every EP rank routes all tokens, runs the pairs of the experts it is the
-    first copy of, and the EP group sums the partial outputs: fixed shapes, no
-    host reads, and one [N, hidden] all-reduce in place of two all-to-alls of
-    the pairs and a gather. `combine` forces one way for every step
+    every EP rank routes all tokens, runs the pairs it owns (`owners`: the
+    copies of an expert take turns), and the EP group sums the partial
+    outputs: fixed shapes, no host reads, and one [N, hidden] all-reduce in
+    place of two all-to-alls of the pairs and a gather. `combine` forces one way for every step
     ("all_to_all" or "all_reduce"); "auto" takes the all-reduce for static steps only.
     With one EP rank, the split group's slices need no exchange either way.
     """
@@ -197,15 +197,16 @@ class MoE(nn.Module):
         self.register_buffer("copy_rank", torch.tensor([c + [c[0]] * (width - len(c)) for c in copies]),
                              persistent=False)
         self.register_buffer("n_copies", torch.tensor([len(c) for c in copies]), persistent=False)
-        # all-reduce combine: the local experts this rank is the first copy of (each pair computed once)
-        ep_rank = comm.ep_rank if comm is not None else 0
-        first = torch.tensor([c[0] == ep_rank for c in copies])
-        self.register_buffer("first_copy_local", torch.where(first, local, -1), persistent=False)
+        # all-reduce combine: a pair this rank does not own is sent to expert id E, which maps to -1 (skipped)
+        self.ep_rank = comm.ep_rank if comm is not None else 0
+        self.register_buffer("local_or_skip", torch.cat([local, local.new_full((1,), -1)]), persistent=False)
         # under the all-reduce every rank routes every token: one rank counts the expert load
         self.counts_all = comm is None or comm.rank == 0
         # tokens routed to each expert since the last reset (expert-load stats)
         self.register_buffer("load", torch.zeros(cfg.num_local_experts, dtype=torch.long), persistent=False)
-        self.received = 0  # (token, expert) pairs this rank computed: the EP load it carries
+        # (token, expert) pairs the all-to-all brought this rank: the EP load it carries in prefill and
+        # mixed steps (the all-reduce combine of decode steps exchanges no pairs and counts none)
+        self.received = 0
         for name in ("b1", "b2", "w1", "w2", "w1_blocks", "w1_scales", "w2_blocks", "w2_scales"):
             t = getattr(experts, name)
             if t is not None:
@@ -291,7 +292,9 @@ class MoE(nn.Module):
             if not self.counts_all:
                 token_mask = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
             idx, weights = self.route(x, token_mask)
-            return c.ep_all_reduce(self.compute(x, idx, weights, self.first_copy_local))
+            # each pair computed once, by its owner: copies of a hot expert take turns, as in the all-to-all
+            mine = torch.where(self.owners(idx).view_as(idx) == self.ep_rank, idx, len(self.global_to_local))
+            return c.ep_all_reduce(self.compute(x, mine, weights, self.local_or_skip))
         if static and c.ep_size > 1:
             raise RuntimeError("a static MoE step needs an all-reduce combine: the EP group must hold the same "
                                "tokens (replicated attention) and combine must not be 'all_to_all'")

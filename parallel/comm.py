@@ -40,6 +40,9 @@ class LocalComm:
     def ep_all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         return x
 
+    def all_ok(self, ok: bool) -> bool:
+        return ok
+
     def broadcast_from_first(self, x: torch.Tensor) -> torch.Tensor:
         return x
 
@@ -155,6 +158,12 @@ class DistComm:
         if self.ep_size > 1:
             dist.all_reduce(x, group=self.ep_group)
         return x
+
+    def all_ok(self, ok: bool) -> bool:
+        """Whether every rank says ok (a decision all ranks must take together)."""
+        t = torch.tensor([int(ok)], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return bool(t.item())
 
     def broadcast_from_first(self, x: torch.Tensor) -> torch.Tensor:
         """x from global rank 0 to every rank, in place (the sampled ids each rank's next step may read)."""

@@ -10,6 +10,7 @@ attention data parallelism, from the first rank of each attention group).
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import traceback
 from dataclasses import dataclass, field
 
@@ -30,7 +31,19 @@ class WorkerSpec:
     attn_dp: bool = False
     keep_mxfp4: bool | None = None
     moe_combine: str = "auto"   # models.layers.MoE: "auto" | "all_to_all" | "all_reduce"
-    cuda_graphs: bool | None = None  # engine.executor.LocalExecutor: decode steps as CUDA graphs
+    # engine.executor.LocalExecutor's decode graphs (True / False / "eager") and GPTOSS_KERNELS: None / ""
+    # = this (the driver's) environment. Decided here, once: ranks whose settings differed (Ray actors
+    # do not inherit the driver's environment) would run different collectives and hang.
+    cuda_graphs: bool | str | None = None
+    kernels: str = ""
+
+    def __post_init__(self):
+        import os
+
+        from engine.executor import _graphs_enabled
+        if self.cuda_graphs is None:
+            self.cuda_graphs = _graphs_enabled(None)
+        self.kernels = self.kernels or os.environ.get("GPTOSS_KERNELS", "auto")
     extra: dict = field(default_factory=dict)
 
 
@@ -48,6 +61,7 @@ def build_rank_model(spec: WorkerSpec, rank: int):
 
     from .comm import DistComm, RendezvousSpec, rank_env_defaults
     rank_env_defaults()
+    os.environ["GPTOSS_KERNELS"] = spec.kernels
     cfg = load_config(resolve_ckpt(spec.path)[0])
     layout = resolve_layout(cfg, spec.tp, spec.ep, placement=spec.placement, attn_dp=spec.attn_dp)
     me = layout[rank]
@@ -87,7 +101,8 @@ class RankRuntime:
             from engine.executor import LocalExecutor
             spec, buckets = payload
             self.executor = LocalExecutor(model, spec, cuda_graphs=self.spec.cuda_graphs, graph_buckets=buckets)
-            return None
+            g = self.executor.graphs
+            return None if g is None else "graphs" if g.enabled else "eager graph path"
         if kind == "step":
             logits = self.executor.execute(payload)
             self.comm.end_forward()
@@ -95,7 +110,12 @@ class RankRuntime:
         if kind == "step_sampled":
             return self._step_sampled(*payload)
         if kind == "warmup":  # every rank runs the same steps, so their collectives line up
-            return self.executor.warmup(payload)
+            report = self.executor.warmup(payload)
+            self.comm.end_forward()  # warmup's all-to-all time and pairs are not traffic's
+            self.comm.take_times()
+            for b in model.blocks:
+                b.moe.received = 0
+            return report
         if kind == "logits":  # payload: one list of 1-D token tensors per attention group
             seqs = payload[me.dp_rank if self.spec.attn_dp else 0]
             ids = torch.cat(seqs) if seqs else torch.zeros(0, dtype=torch.long)
@@ -276,7 +296,10 @@ class MultiProcessExecutor:
         self.sampling = None
         self._sent: list[_RankStep] = []  # steps sent, replies not read, oldest first
         from kernels.cuda_graphs import DEFAULT_BUCKETS
-        workers.call("cache", (cache_spec, graph_buckets or DEFAULT_BUCKETS))
+        modes = workers.call("cache", (cache_spec, graph_buckets or DEFAULT_BUCKETS))
+        if len(set(modes)) > 1:  # they would run different collectives in a decode step and hang
+            raise WorkerError(f"the ranks disagree on running decode steps as CUDA graphs: {modes}")
+        self.decode_mode = modes[0]
 
     @property
     def asynchronous(self) -> bool:

@@ -229,16 +229,25 @@ def test_graph_replay_matches_eager_on_cuda(tiny_ckpt, dtype, tol, capture):
 
 EP_CUDA_CHECK = r"""
 import json, sys, torch
+import torch.distributed as dist
 from engine.core import EngineConfig, LLMEngine, output_tokens
 from engine.executor import LocalExecutor
 from engine.request import GenerateRequest
 from engine.sampler import SamplingParams
 from models import ShardSpec, load_model
-from parallel.comm import StandInComm
+from parallel.comm import StandInComm, free_port
 
-# EP rank 0 of 2 (experts 0-3, and a second copy of expert 4 that rank 1 computes), collectives as identities
+class NcclStandIn(StandInComm):
+    # the EP all-reduce through a real NCCL group of one rank (a sum over one member is the identity):
+    # torch.distributed's NCCL collective captured in the graph, as on a real group
+    def ep_all_reduce(self, x):
+        dist.all_reduce(x)
+        return x
+
+dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+# EP rank 0 of 2: experts 0-4, expert 4 also on rank 1 (the two copies take turns)
 m = load_model(sys.argv[1], device="cuda", keep_mxfp4=True, shard=ShardSpec(experts=(0, 1, 2, 3, 4)),
-               comm=StandInComm(2, 0), expert_copies=[[0]] * 4 + [[1, 0]] + [[1]] * 3,
+               comm=NcclStandIn(2, 0), expert_copies=[[0]] * 4 + [[1, 0]] + [[1]] * 3,
                moe_combine="all_reduce")  # prefill too: the stand-in has no all-to-all partner
 
 def run(graphs):
@@ -262,15 +271,17 @@ t0, lg0, _ = run("eager")
 t1, lg1, replays = run(True)
 errs = [((a - b).abs().max() / a.abs().max()).item() for a, b in zip(lg0, lg1) if a.numel()]
 print(json.dumps(dict(same_tokens=t0 == t1, steps=(len(lg0), len(lg1)), errs=errs, replays=replays)))
+dist.destroy_process_group()
 """
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_ep_rank_static_decode_captures_on_cuda(tiny_ckpt):
-    """One expert-parallel rank's decode step (the all-reduce combine: every token through this rank's
-    first-copy experts, an expert map, the load counted) captured as CUDA graphs and replayed, against
-    the same static forward run eagerly: fp32, the same tokens and logits. The collectives stand in
-    as identities: NCCL will not put two ranks on the one GPU a device run has."""
+    """One expert-parallel rank's decode step (the all-reduce combine: every token routed, this rank's
+    pairs through its experts by an expert map, the load counted, the EP all-reduce a real NCCL
+    collective over a group of one) captured as CUDA graphs and replayed, against the same static
+    forward run eagerly: fp32, the same tokens and logits. A group of one, since NCCL will not put
+    two ranks on the one GPU a device run has."""
     env = {**os.environ, "TRITON_INTERPRET": "0", "GPTOSS_KERNELS": "auto"}
     r = subprocess.run([sys.executable, "-c", EP_CUDA_CHECK, str(tiny_ckpt)], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=600)

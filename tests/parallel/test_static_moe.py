@@ -100,3 +100,64 @@ def test_static_step_refuses_the_all_to_all(tiny_ckpt):
         m.blocks[0].moe(x, static=True)
     with pytest.raises(ValueError, match="combine"):
         MoE(m.config, m.blocks[0].moe.router_w, m.blocks[0].moe.router_b, None, combine="gather")
+
+
+def test_all_reduce_partials_sum_to_the_moe_and_copies_share_the_pairs(tiny_ckpt):
+    """Each EP rank's static MoE output is its share; the shares sum to the whole MoE, every (token,
+    expert) pair is computed by exactly one rank, and an expert held twice has its pairs split."""
+    from models import ShardSpec, load_model
+    from parallel.comm import StandInComm
+    full = load_model(tiny_ckpt)
+    E = full.config.num_local_experts
+    placement = [(0, 1, 2, 3, 4), (4, 5, 6, 7, 0)]
+    copies = [[r for r, p in enumerate(placement) if e in p] for e in range(E)]
+    x = torch.randn(64, full.config.hidden_size, generator=torch.Generator().manual_seed(1))
+    want = full.blocks[0].moe(x)
+    parts, pairs = [], []
+    for r in range(2):
+        moe = load_model(tiny_ckpt, shard=ShardSpec(experts=placement[r]), comm=StandInComm(2, r),
+                         expert_copies=copies).blocks[0].moe
+        real, seen = moe.compute, []
+        moe.compute = lambda x, idx, w, m=None, real=real, seen=seen: (seen.append(idx), real(x, idx, w, m))[1]
+        parts.append(moe(x, static=True))
+        pairs.append(seen[0])
+    torch.testing.assert_close(parts[0] + parts[1], want, rtol=0, atol=1e-5 * want.abs().max().item())
+    assert torch.equal((pairs[0] < E) ^ (pairs[1] < E), torch.ones_like(pairs[0], dtype=torch.bool))
+    for e in (0, 4):  # two copies each: both ranks compute some of their pairs
+        assert (pairs[0] == e).sum() > 0 and (pairs[1] == e).sum() > 0
+    assert (pairs[1] == 1).sum() == 0 and (pairs[0] == 5).sum() == 0  # single copies stay home
+
+
+def test_ranks_keep_or_drop_graphs_together(tiny_ckpt, monkeypatch):
+    """A capture that fails anywhere makes every rank run its decode steps through the same static
+    forward eagerly (the collectives a replay runs): here this rank's capture succeeded and another's
+    did not (its comm says so), so this rank drops its graphs too."""
+    from engine.executor import LocalExecutor, pad_decode_step
+    from kernels.cuda_graphs import DecodeGraphRunner
+    from models import load_model
+    from parallel.comm import LocalComm
+    m = load_model(tiny_ckpt, keep_mxfp4=True)
+    spec = LLMEngine(m, CFG).executor.spec
+    ex = LocalExecutor(m, spec, cuda_graphs="eager", graph_buckets=BUCKETS)
+    ex.graphs = DecodeGraphRunner(ex._graph_forward, buckets=BUCKETS, enabled=True)
+    monkeypatch.setattr(ex.graphs, "capture", lambda *a: None)       # this rank: fine
+    monkeypatch.setattr(LocalComm, "all_ok", lambda self, ok: False)  # another rank: failed
+    from engine.executor import empty_step
+    padded = pad_decode_step(empty_step(spec.blocks), 4, ex.graph_width, spec.block_size, full_width=True)
+    assert not ex._capture(4, ex._graph_inputs(padded, 0)[0])
+    assert ex.graphs.enabled is False and ex.capture_graphs() == 0
+
+
+def test_driver_refuses_ranks_that_disagree_on_graphs():
+    from parallel.worker import WorkerError
+    workers = SimpleNamespace(attn_dp=False, config=None, call=lambda kind, payload=None, timeout=None: ["graphs", None])
+    with pytest.raises(WorkerError, match="disagree"):
+        MultiProcessExecutor(workers, None)
+
+
+def test_worker_spec_takes_the_drivers_settings(monkeypatch):
+    monkeypatch.setenv("GPTOSS_CUDA_GRAPHS", "0")
+    monkeypatch.setenv("GPTOSS_KERNELS", "torch")
+    s = WorkerSpec("p", 1, 2)
+    assert s.cuda_graphs is False and s.kernels == "torch"  # fixed here, sent to every rank
+    assert WorkerSpec("p", 1, 2, cuda_graphs="eager", kernels="triton").kernels == "triton"
