@@ -15,7 +15,9 @@ loads it. Every number runs through engine.core.LLMEngine (scheduler, sampler an
 * prefill: --prefill-seqs prompts of --prefill-len tokens, max_tokens=1,
   chunked at --max-tokens-per-step; tokens/s = prompt tokens / time.
 * throughput: --requests prompts of --isl tokens, --osl outputs each, at most
-  --concurrency running; output tokens/s. --throughput-seconds caps the phase:
+  --concurrency running; output tokens/s. The engine warms up first, as a
+  Serve group does (every decode graph captured: the batch shrinks through
+  every bucket as requests finish). --throughput-seconds caps the phase:
   tokens/s is then the tokens generated up to the cap over the time taken.
 The JSON file is rewritten after every measurement, so a run cut short (a
 device time limit) keeps what it measured.
@@ -171,6 +173,7 @@ def bench_prefill(model, dev, n: int, length: int, step_tokens: int):
 def bench_throughput(model, dev, n: int, isl: int, osl: int, conc: int, step_tokens: int, cap_s: float = 0):
     """-> (output tokens/s, requests finished); stops stepping after cap_s seconds when cap_s > 0."""
     eng = engine(model, conc, isl + osl + 2, step_tokens)
+    log(f"throughput engine warmed up: {eng.warmup()}")
     reqs = requests(n, isl, osl, seed=11)
     for r in reqs:
         eng.add_request(r)
@@ -353,8 +356,9 @@ def parse(argv=None):
     ap.add_argument("--max-tokens-per-step", type=int, default=8192)
     ap.add_argument("--isl", type=int, default=1024)
     ap.add_argument("--osl", type=int, default=1024)
-    ap.add_argument("--concurrency", type=int, default=256)
-    ap.add_argument("--requests", type=int, default=512)
+    # the most sequences in flight that fit beside 120b's weights on an H200 at 1k/1k (~38 GB of KV)
+    ap.add_argument("--concurrency", type=int, default=512)
+    ap.add_argument("--requests", type=int, default=1024)
     ap.add_argument("--throughput-seconds", type=float, default=0, help="cap on the throughput phase (0 = none)")
     ap.add_argument("--weights", choices=["memory", "disk"], default="memory",
                     help="draw random weights on the device (memory) or write/read a checkpoint (disk)")
