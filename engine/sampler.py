@@ -16,6 +16,7 @@ the truncation knobs, and stay finite for every allowed token.
 from __future__ import annotations
 
 import math
+import random
 from dataclasses import dataclass, field
 from typing import Annotated, Sequence
 
@@ -100,6 +101,10 @@ class SamplingBatch:
     # Must be non-None for rows whose params carry a seed (see make_generator).
     generators: Sequence[torch.Generator | None] | None = None
     allowed: torch.Tensor | None = None  # [B, V] bool grammar mask, True = allowed
+    # [B] int64 Philox keys, on the logits' device: rows that only scale by temperature draw with the
+    # fused kernel (kernels/sample.py) from these instead of their generators (SamplerState sets them
+    # where the Triton kernels run)
+    keys: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         b = len(self.params)
@@ -135,6 +140,28 @@ def _flat_keys(ids: Sequence[IdSeq] | None, rows: list[int], vocab: int) -> torc
     row = torch.repeat_interleave(torch.tensor(rows), lens)
     ok = (tok >= 0) & (tok < vocab)  # ids outside the logits row cannot be penalised
     return row[ok] * vocab + tok[ok]
+
+
+def _temperature_only(p: SamplingParams, vocab: int) -> bool:
+    """A sampled row that no truncation touches: the fused kernel draws it in one pass."""
+    return not (0 < p.top_k < vocab) and p.top_p >= 1.0 and p.min_p <= 0
+
+
+_M64 = 2**64 - 1
+
+
+def _mix64(z: int) -> int:
+    """splitmix64's finaliser: nearby inputs (seed, seed + 1; draw n, n + 1) give unrelated keys."""
+    z = (z + 0x9E3779B97F4A7C15) & _M64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+    return z ^ (z >> 31)
+
+
+def philox_key(seed: int, draw: int) -> int:
+    """The 64-bit key (as a signed int64) of a seeded sequence's `draw`-th draw."""
+    k = _mix64(_mix64(seed & _M64) ^ draw)
+    return k - 2**64 if k >= 2**63 else k
 
 
 def first_argmax(x: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
@@ -181,6 +208,14 @@ class Sampler:
             gi = torch.tensor(greedy, device=logits.device)
             token_ids[gi] = first_argmax(x[gi])
         rest = [i for i, p in enumerate(params) if not p.greedy]
+        if rest and batch.keys is not None:
+            fused = [i for i in rest if _temperature_only(params[i], x.shape[1])]
+            if fused:
+                from kernels import dispatch
+                fi = torch.tensor(fused, device=logits.device)
+                inv_t = torch.tensor([1.0 / params[i].temperature for i in fused], device=logits.device)
+                token_ids[fi] = dispatch.sample(x[fi], inv_t, batch.keys[fi])
+                rest = [i for i in rest if i not in set(fused)]
         if rest:
             rp = [params[i] for i in rest]
             gens = [batch.generators[i] for i in rest]
@@ -357,11 +392,14 @@ class SamplerState:
     def __init__(self) -> None:
         self.sampler = Sampler()
         self.generators: dict[int, torch.Generator] = {}
+        self.draws: dict[int, int] = {}  # seeded sequence -> draws so far: its next Philox key
+        self.rng = random.Random()       # unseeded rows' keys
         self.last: torch.Tensor | None = None  # the latest step's sampled ids, where they were sampled
 
     def sample(self, logits: torch.Tensor, spec: SampleSpec) -> SamplerOutput:
         for k in spec.released:
             self.generators.pop(k, None)
+            self.draws.pop(k, None)
         gens = []
         for k, seed in zip(spec.keys, spec.seeds):
             if seed is not None and k not in self.generators:
@@ -373,9 +411,25 @@ class SamplerState:
             dev = logits.device
             allowed = unpack_bitmask(spec.bitmask.to(dev, non_blocking=True), logits.shape[-1],
                                      spec.free.to(dev, non_blocking=True))
-        out = self.sampler.sample(logits, SamplingBatch(spec.params, spec.prompt_ids, spec.output_ids, gens, allowed))
+        from kernels import dispatch
+        keys = self._keys(spec).to(logits.device, non_blocking=True) if dispatch.use_triton(logits.device) else None
+        out = self.sampler.sample(logits, SamplingBatch(spec.params, spec.prompt_ids, spec.output_ids, gens, allowed,
+                                                        keys))
         self.last = out.token_ids
         return out
+
+    def _keys(self, spec: SampleSpec) -> torch.Tensor:
+        """Per row: a seeded sequence's key for its next draw (so its stream depends on its seed and
+        how many tokens it drew, not on the batch), or fresh random bits."""
+        out = []
+        for k, seed, p in zip(spec.keys, spec.seeds, spec.params):
+            if seed is None or p.greedy:
+                out.append(self.rng.getrandbits(64) - 2**63)
+                continue
+            n = self.draws.get(k, 0)
+            self.draws[k] = n + 1
+            out.append(philox_key(seed, n))
+        return torch.tensor(out, dtype=torch.int64)
 
 
 class StopChecker:

@@ -108,6 +108,13 @@ def workloads():
         out.append((f"120b ep8 d{b}", _step_launches(PRESETS["gpt-oss-120b"], b, 1, DECODE_CONTEXT, ep=8)))
     out.append((f"120b ep8 p{PREFILL_CHUNK}", _step_launches(PRESETS["gpt-oss-120b"], 1, PREFILL_CHUNK,
                                                             PREFILL_CHUNK, ep=8)))
+    from . import sample  # the sampler's temperature-only rows: fp32 logits over the vocabulary
+    V = PRESETS["gpt-oss-120b"].vocab_size
+    for b in DECODE_BATCHES:
+        with _triton.recording() as launches:
+            sample.sample_triton(torch.empty(b, V, device="meta"), torch.empty(b, device="meta"),
+                                 torch.empty(b, dtype=torch.long, device="meta"))
+        out.append((f"sample b{b}", launches))
     return out
 
 

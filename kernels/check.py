@@ -130,6 +130,20 @@ def rope_case(cfg, n: int, dev, dtype, gen):
     return max(e1, e2), max(b1, b2), p1 and p2
 
 
+def sample_case(V: int, n: int, dev, dtype, gen):
+    """n rows of V fp32 logits (what engine.sampler hands the kernel, whatever the model dtype): the
+    kernel's draw against the reference's, as the gap between their Gumbel scores over the row's
+    largest |score| (0 when they agree; a last-bit difference in log may flip a near tie)."""
+    from . import sample
+    x = torch.randn(n, V, device=dev, generator=gen) * 4
+    inv_t = torch.rand(n, device=dev, generator=gen) + 0.5
+    keys = torch.randint(-2**62, 2**62, (n,), device=dev, generator=gen)
+    got, want = sample.sample_triton(x, inv_t, keys), sample.sample_reference(x, inv_t, keys)
+    s = x * inv_t[:, None] - torch.log(-torch.log(sample.philox_uniform(keys, V).to(dev)))
+    gap = ((s.gather(1, want[:, None]) - s.gather(1, got[:, None])).abs() / s.abs().amax(1, keepdim=True)).max()
+    return float(gap), 0.0, bool(gap <= 1e-5)
+
+
 def cases(models: list[str], tokens: list[int], dry: bool):
     """(name, thunk) per case; thunk(dev, dtype, gen) -> (kernel error, bf16 reference error, passed)."""
     for name in models:
@@ -143,6 +157,9 @@ def cases(models: list[str], tokens: list[int], dry: bool):
             lambda d, t, g, c=cfg, n=max(tokens): rmsnorm_case(c, n, d, t, g)
         for n in (tokens[0], tokens[-1]):
             yield f"{name} rope q+k tokens={n}", lambda d, t, g, c=cfg, n=n: rope_case(c, n, d, t, g)
+        V = 3000 if dry else cfg.vocab_size  # the interpreter walks a 201k row slowly
+        for n in (tokens[0], min(tokens[-1], 256)):
+            yield f"{name} sample rows={n} vocab={V}", lambda d, t, g, V=V, n=n: sample_case(V, n, d, t, g)
         w = cfg.sliding_window
         long_ctx = 40 if dry else 4100
         decode = [(1, 1), (w - 1, 1), (w + 3, 1), (long_ctx, 1)]

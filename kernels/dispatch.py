@@ -8,6 +8,7 @@
                  global_to_local=None, limit=7.0, alpha=1.702) -> [N, H]
     dispatch.rmsnorm(x, weight, eps, residual=None) -> out | (out, x + residual)
     dispatch.rope(q, k, cos, sin) -> (q, k) rotated (q [N, Hq, D], k [N, K, D], cos/sin [N, D/2])
+    dispatch.sample(x, inv_temperature, keys) -> [B] token ids drawn from softmax(x * inv_temperature)
 
 Each call runs the Triton kernel when `use_triton(device)`, else the torch
 reference beside it (kernels/attention.py, moe.py, rmsnorm.py, rope.py), whose numbers
@@ -32,6 +33,8 @@ references here never call back into the modules):
   the MoE's norm: h, x = rmsnorm(attn_out, w, eps, residual=x).
 * Rotary.apply_qk (Attention.forward's rotation of q and k) -> rope(q, k, cos, sin): one launch
   for both, instead of the ~14 small kernels of two torch rotations.
+* engine.sampler.Sampler, for sampled rows that only scale by temperature, when SamplerState
+  gives them Philox keys (it does where use_triton) -> sample(x, inv_t, keys): one pass per row.
 
 Decode steps are replayed as CUDA graphs per batch bucket by engine.executor.LocalExecutor
 (kernels.cuda_graphs.DecodeGraphRunner); those steps need the Triton path, which has no host syncs.
@@ -115,4 +118,12 @@ def rope(q, k, cos, sin):
     return r.rope_reference(q, k, cos, sin)
 
 
-__all__ = ["moe", "paged_attention", "rmsnorm", "rope", "route", "triton_available", "use_triton"]
+def sample(x: torch.Tensor, inv_temperature: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """Exact draws from softmax(x * inv_temperature), one per row, keyed per row (kernels/sample.py)."""
+    from . import sample as s
+    if use_triton(x.device):
+        return s.sample_triton(x, inv_temperature, keys)
+    return s.sample_reference(x, inv_temperature, keys)
+
+
+__all__ = ["moe", "paged_attention", "rmsnorm", "rope", "route", "sample", "triton_available", "use_triton"]

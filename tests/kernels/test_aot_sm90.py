@@ -30,7 +30,8 @@ def test_every_kernel_is_covered():
     import kernels.rmsnorm
     import kernels.rope
     import kernels.route
-    mods = (kernels.attention, kernels.moe, kernels.rmsnorm, kernels.rope, kernels.route)
+    import kernels.sample
+    mods = (kernels.attention, kernels.moe, kernels.rmsnorm, kernels.rope, kernels.route, kernels.sample)
     assert {c.kernel for c in CONFIGS} == {n for m in mods for n in m._KERNELS if n.endswith("_kernel")}
 
 

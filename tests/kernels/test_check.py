@@ -12,8 +12,9 @@ def test_dry_run_passes_every_case(capsys):
     assert check.main(["--dry-run"]) == 0
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith("| tiny ")]
-    assert len(rows) == 14 and all(line.endswith("| ok |") for line in rows)
+    assert len(rows) == 16 and all(line.endswith("| ok |") for line in rows)
     assert "moe tokens=24" in out and "moe ep2 rank rows=24" in out and "attention prefill+decode window" in out
+    assert "sample rows=24 vocab=3000" in out
 
 
 def test_a_wrong_kernel_fails(monkeypatch, capsys):
