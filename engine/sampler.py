@@ -114,6 +114,8 @@ class SamplingBatch:
                 raise ValueError(f"SamplingBatch.{name} has {len(v)} rows, params has {b}")
         if self.generators is None:
             self.generators = [None] * b
+        if self.keys is not None and len(self.keys) != b:
+            raise ValueError(f"SamplingBatch.keys has {len(self.keys)} rows, params has {b}")
         for i, (p, g) in enumerate(zip(self.params, self.generators)):
             if p.seed is not None and g is None and not p.greedy:
                 raise ValueError(f"row {i} has seed={p.seed} but no generator; "
@@ -140,6 +142,13 @@ def _flat_keys(ids: Sequence[IdSeq] | None, rows: list[int], vocab: int) -> torc
     row = torch.repeat_interleave(torch.tensor(rows), lens)
     ok = (tok >= 0) & (tok < vocab)  # ids outside the logits row cannot be penalised
     return row[ok] * vocab + tok[ok]
+
+
+def _to(dev: torch.device, values: list, dtype: torch.dtype) -> torch.Tensor:
+    """A small host list on `dev`. On CUDA through pinned memory, asynchronously: a copy from pageable
+    memory makes the host wait for the queued work, which overlapped scheduling must not."""
+    t = torch.tensor(values, dtype=dtype)
+    return t.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else t.to(dev)
 
 
 def _temperature_only(p: SamplingParams, vocab: int) -> bool:
@@ -205,22 +214,27 @@ class Sampler:
         token_ids = torch.empty(len(params), dtype=torch.long, device=logits.device)
         greedy = [i for i, p in enumerate(params) if p.greedy]
         if greedy:
-            gi = torch.tensor(greedy, device=logits.device)
+            gi = _to(logits.device, greedy, torch.long)
             token_ids[gi] = first_argmax(x[gi])
         rest = [i for i, p in enumerate(params) if not p.greedy]
         if rest and batch.keys is not None:
             fused = [i for i in rest if _temperature_only(params[i], x.shape[1])]
             if fused:
                 from kernels import dispatch
-                fi = torch.tensor(fused, device=logits.device)
-                inv_t = torch.tensor([1.0 / params[i].temperature for i in fused], device=logits.device)
-                token_ids[fi] = dispatch.sample(x[fi], inv_t, batch.keys[fi])
-                rest = [i for i in rest if i not in set(fused)]
+                dev = logits.device
+                inv_t = _to(dev, [1.0 / params[i].temperature for i in fused], torch.float32)
+                if len(fused) == len(params):  # the common batch: no gathers
+                    token_ids = dispatch.sample(x, inv_t, batch.keys)
+                else:
+                    fi = _to(dev, fused, torch.long)
+                    token_ids[fi] = dispatch.sample(x[fi], inv_t, batch.keys[fi])
+                done = set(fused)
+                rest = [i for i in rest if i not in done]
         if rest:
             rp = [params[i] for i in rest]
             gens = [batch.generators[i] for i in rest]
             if len(rest) < len(params):
-                ri = torch.tensor(rest, device=logits.device)
+                ri = _to(logits.device, rest, torch.long)
                 token_ids[ri] = self._race(self._truncate(x[ri], rp).softmax(-1), gens)
             else:  # _truncate works in place; x is still needed only for logprobs
                 own = x.clone() if any(p.logprobs for p in params) else x
@@ -412,7 +426,10 @@ class SamplerState:
             allowed = unpack_bitmask(spec.bitmask.to(dev, non_blocking=True), logits.shape[-1],
                                      spec.free.to(dev, non_blocking=True))
         from kernels import dispatch
-        keys = self._keys(spec).to(logits.device, non_blocking=True) if dispatch.use_triton(logits.device) else None
+        keys = None
+        if dispatch.use_triton(logits.device):
+            keys = self._keys(spec)
+            keys = keys.pin_memory().to(logits.device, non_blocking=True) if logits.is_cuda else keys.to(logits.device)
         out = self.sampler.sample(logits, SamplingBatch(spec.params, spec.prompt_ids, spec.output_ids, gens, allowed,
                                                         keys))
         self.last = out.token_ids

@@ -73,7 +73,9 @@ def _step_launches(cfg, n_seqs: int, q_len: int, context: int, ep: int = 1) -> l
         qkv = torch.empty(N, (Hq + 2 * K) * D, dtype=bf16, **meta)
         qv, kv, _ = qkv.split([Hq * D, K * D, K * D], dim=-1)
         cos_sin = torch.empty(N, D // 2, dtype=bf16, **meta)
-        rope.rope_triton(qv.view(-1, Hq, D), kv.view(-1, K, D), cos_sin, cos_sin)
+        vv = qkv[:, (Hq + K) * D:].view(-1, K, D)  # rotated into the cache with v (PagedMetadata.rope_into_cache)
+        slots = torch.empty(N, dtype=torch.long, **meta)
+        rope.rope_into_cache_triton(qv.view(-1, Hq, D), kv.view(-1, K, D), vv, cos_sin, cos_sin, cache, cache, slots)
         q = torch.empty(N, Hq, D, dtype=bf16, **meta)
         sinks = torch.empty(Hq, dtype=bf16, **meta)
         for window in (cfg.sliding_window, None):
@@ -91,7 +93,8 @@ def _step_launches(cfg, n_seqs: int, q_len: int, context: int, ep: int = 1) -> l
                            torch.empty(cfg.num_local_experts, dtype=torch.long, **meta),
                            torch.empty(N, dtype=torch.bool, **meta))
         g2l = torch.empty(cfg.num_local_experts, dtype=torch.long, **meta) if static_ep else None
-        moe.moe_mxfp4(torch.empty(rows, H, dtype=bf16, **meta), routing, *experts, top_k=top, global_to_local=g2l)
+        xm = torch.empty(rows, H, dtype=bf16, **meta)  # one process adds the residual in the combine
+        moe.moe_mxfp4(xm, routing, *experts, top_k=top, global_to_local=g2l, residual=xm if ep == 1 else None)
     return launches
 
 

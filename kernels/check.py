@@ -109,7 +109,7 @@ def rmsnorm_case(cfg, n: int, dev, dtype, gen):
 
 def rope_case(cfg, n: int, dev, dtype, gen):
     """q and k as views of one fused qkv output, cos/sin from Rotary.cos_sin at positions up to the
-    longest context, each in the dtype compared."""
+    longest context, each in the dtype compared; rotated into new tensors, and into the cache."""
     from models.layers import Rotary
 
     from . import rope
@@ -127,7 +127,15 @@ def rope_case(cfg, n: int, dev, dtype, gen):
     q16, k16 = rope.rope_reference(*xb, cb, sb)
     qk, kk = rope.rope_triton(*xb, cb, sb)
     (e1, b1, p1), (e2, b2, p2) = verdict(qk, q32, q16), verdict(kk, k32, k16)
-    return max(e1, e2), max(b1, b2), p1 and p2
+    # the paged step's form: k (rotated) and v written to their slots in the cache
+    v = qkv.to(dtype)[:, (Hq + K) * D:].view(n, K, D)
+    kc, vc = (torch.zeros(-(-n // 16), 16, K, D, dtype=dtype, device=dev) for _ in range(2))
+    slots = torch.randperm(kc.shape[0] * 16, device=dev, generator=gen)[:n]
+    qc = rope.rope_into_cache_triton(*xb, v, cb, sb, kc, vc, slots)
+    flat = lambda c: c.view(-1, K, D)[slots]  # noqa: E731
+    (e3, b3, p3), (e4, b4, p4) = verdict(qc, q32, q16), verdict(flat(kc), k32, k16)
+    p5 = torch.equal(flat(vc), v)
+    return max(e1, e2, e3, e4), max(b1, b2, b3, b4), p1 and p2 and p3 and p4 and p5
 
 
 def sample_case(V: int, n: int, dev, dtype, gen):

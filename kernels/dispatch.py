@@ -5,9 +5,10 @@
     dispatch.paged_attention(q, k_cache, v_cache, block_table, query_start, context_lens, sinks,
                              window, scale, max_query_len=None) -> [N, Hq, D]
     dispatch.moe(x, routing, w1_blocks, w1_scales, b1, w2_blocks, w2_scales, b2, *, top_k=4,
-                 global_to_local=None, limit=7.0, alpha=1.702) -> [N, H]
+                 global_to_local=None, limit=7.0, alpha=1.702, residual=None) -> [N, H]
     dispatch.rmsnorm(x, weight, eps, residual=None) -> out | (out, x + residual)
     dispatch.rope(q, k, cos, sin) -> (q, k) rotated (q [N, Hq, D], k [N, K, D], cos/sin [N, D/2])
+    dispatch.rope_into_cache(q, k, v, cos, sin, k_cache, v_cache, slots) -> q rotated; k (rotated), v stored
     dispatch.sample(x, inv_temperature, keys) -> [B] token ids drawn from softmax(x * inv_temperature)
 
 Each call runs the Triton kernel when `use_triton(device)`, else the torch
@@ -32,7 +33,8 @@ references here never call back into the modules):
 * RMSNorm.forward -> rmsnorm(x, ...); Block.forward fuses the residual add into
   the MoE's norm: h, x = rmsnorm(attn_out, w, eps, residual=x).
 * Rotary.apply_qk (Attention.forward's rotation of q and k) -> rope(q, k, cos, sin): one launch
-  for both, instead of the ~14 small kernels of two torch rotations.
+  for both, instead of the ~14 small kernels of two torch rotations; over the paged cache,
+  PagedMetadata.rope_into_cache -> rope_into_cache: the rotation and both cache writes in one.
 * engine.sampler.Sampler, for sampled rows that only scale by temperature, when SamplerState
   gives them Philox keys (it does where use_triton) -> sample(x, inv_t, keys): one pass per row.
 
@@ -85,15 +87,17 @@ def paged_attention(q, k_cache, v_cache, block_table, query_start, context_lens,
 
 
 def moe(x, routing, w1_blocks, w1_scales, b1, w2_blocks, w2_scales, b2, *, top_k: int = 4,
-        global_to_local=None, limit: float = 7.0, alpha: float = 1.702) -> torch.Tensor:
-    """routing: router logits [N, E_global] (routed as MoE.route) or (idx [N, k], weights [N, k])."""
+        global_to_local=None, limit: float = 7.0, alpha: float = 1.702, residual=None) -> torch.Tensor:
+    """routing: router logits [N, E_global] (routed as MoE.route) or (idx [N, k], weights [N, k]);
+    residual: return residual + the MoE output (fused into the kernel's combine)."""
     from . import moe as m
     if use_triton(x.device):
         return m.moe_mxfp4(x, routing, w1_blocks, w1_scales, b1, w2_blocks, w2_scales, b2, top_k=top_k,
-                           global_to_local=global_to_local, limit=limit, alpha=alpha)
+                           global_to_local=global_to_local, limit=limit, alpha=alpha, residual=residual)
     idx, weights = m.route(routing, top_k, x.dtype) if isinstance(routing, torch.Tensor) else routing
-    return m.moe_reference(x, idx, weights, w1_blocks, w1_scales, b1, w2_blocks, w2_scales, b2,
-                           global_to_local=global_to_local, limit=limit, alpha=alpha)
+    out = m.moe_reference(x, idx, weights, w1_blocks, w1_scales, b1, w2_blocks, w2_scales, b2,
+                          global_to_local=global_to_local, limit=limit, alpha=alpha)
+    return out if residual is None else residual + out
 
 
 def rmsnorm(x, weight, eps: float, residual=None):
@@ -118,6 +122,14 @@ def rope(q, k, cos, sin):
     return r.rope_reference(q, k, cos, sin)
 
 
+def rope_into_cache(q, k, v, cos, sin, k_cache, v_cache, slots):
+    """Rotate q and k, store k and v at their cache slots -> the rotated q (kernels/rope.py)."""
+    from . import rope as r
+    if use_triton(q.device):
+        return r.rope_into_cache_triton(q, k, v, cos, sin, k_cache, v_cache, slots)
+    return r.rope_into_cache_reference(q, k, v, cos, sin, k_cache, v_cache, slots)
+
+
 def sample(x: torch.Tensor, inv_temperature: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     """Exact draws from softmax(x * inv_temperature), one per row, keyed per row (kernels/sample.py)."""
     from . import sample as s
@@ -126,4 +138,5 @@ def sample(x: torch.Tensor, inv_temperature: torch.Tensor, keys: torch.Tensor) -
     return s.sample_reference(x, inv_temperature, keys)
 
 
-__all__ = ["moe", "paged_attention", "rmsnorm", "rope", "route", "sample", "triton_available", "use_triton"]
+__all__ = ["moe", "paged_attention", "rmsnorm", "rope", "rope_into_cache", "route", "sample", "triton_available",
+           "use_triton"]

@@ -10,7 +10,8 @@
    the clamped SwiGLU to each (gate 2j, linear 2j+1) row pair of W1, writing
    activation column j. W1 is read once per tile, never dequantised to memory.
 4. `_w2_kernel`: activations @ W2[e]^T + b2, times the pair's router weight.
-5. `_combine_kernel`: sums each token's k pair rows (absent experts skipped).
+5. `_combine_kernel`: sums each token's k pair rows (absent experts skipped), and adds the
+   residual stream when given (the block's `x + moe(h)`, same rounding, one launch fewer).
 
 Layouts are the checkpoint's: w1_blocks [E, 2I, H/32, 16], w1_scales [E, 2I, H/32],
 w2_blocks [E, H, I/32, 16], w2_scales [E, H, I/32], b1 [E, 2I], b2 [E, H], where
@@ -178,7 +179,8 @@ def _w2_kernel(act_ptr, wb_ptr, ws_ptr, b_ptr, rw_ptr, y_ptr, sorted_ptr, tile_e
     tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=rvalid[:, None] & nvalid[None, :])
 
 
-def _combine_kernel(y_ptr, valid_ptr, out_ptr, H, TOP_K: tl.constexpr, BLOCK_H: tl.constexpr):
+def _combine_kernel(y_ptr, valid_ptr, res_ptr, out_ptr, H, s_res, TOP_K: tl.constexpr, HAS_RES: tl.constexpr,
+                    BLOCK_H: tl.constexpr):
     m = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     acc = tl.zeros((BLOCK_H,), tl.float32)
@@ -186,7 +188,11 @@ def _combine_kernel(y_ptr, valid_ptr, out_ptr, H, TOP_K: tl.constexpr, BLOCK_H: 
         # rows of absent experts were never written: an empty column range skips them
         lim = tl.where(tl.load(valid_ptr + m * TOP_K + s) != 0, H, 0)
         acc += tl.load(y_ptr + (m * TOP_K + s) * H + cols, mask=cols < lim, other=0.0).to(tl.float32)
-    tl.store(out_ptr + m * H + cols, acc.to(out_ptr.dtype.element_ty), mask=cols < H)
+    out = acc.to(out_ptr.dtype.element_ty)
+    if HAS_RES:  # round the MoE output first, as the unfused `x + moe(h)` does
+        out = (tl.load(res_ptr + m * s_res + cols, mask=cols < H, other=0.0).to(tl.float32)
+               + out.to(tl.float32)).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + m * H + cols, out, mask=cols < H)
 
 
 def _local_keys(idx_ptr, g2l_ptr, p, pm, HAS_MAP: tl.constexpr):
@@ -316,14 +322,15 @@ def align_triton(idx: torch.Tensor, global_to_local, n_local: int, block_m: int)
 
 def moe_mxfp4(x: torch.Tensor, routing, w1_blocks, w1_scales, b1, w2_blocks, w2_scales, b2, *,
               top_k: int = 4, global_to_local: torch.Tensor | None = None, limit: float = 7.0,
-              alpha: float = 1.702) -> torch.Tensor:
-    """x [N, H]; routing = router logits [N, E_global] or (idx [N, k], weights [N, k]) -> [N, H] in x.dtype."""
+              alpha: float = 1.702, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """x [N, H]; routing = router logits [N, E_global] or (idx [N, k], weights [N, k]) -> [N, H] in x.dtype;
+    residual [N, H]: returns residual + the MoE output instead."""
     idx, weights = route(routing, top_k, x.dtype) if isinstance(routing, torch.Tensor) else routing
     N, H = x.shape
     E, I = w1_blocks.shape[0], w1_blocks.shape[1] // 2
     k = idx.shape[1]
     if N == 0:
-        return torch.zeros_like(x)
+        return torch.zeros_like(x) if residual is None else residual.clone()
     if H % 32 or I % 32:
         raise ValueError(f"hidden {H} and intermediate {I} must be multiples of 32 (MXFP4 blocks)")
     jit_module(globals(), _KERNELS)
@@ -347,7 +354,9 @@ def moe_mxfp4(x: torch.Tensor, routing, w1_blocks, w1_scales, b1, w2_blocks, w2_
            DOT_BF16=dot_bf16, **meta, **opts)
     out = torch.empty_like(x)
     bh = min(1024, triton.next_power_of_2(H))
-    launch(_combine_kernel, (N, triton.cdiv(H, bh)), y, valid, out, H, TOP_K=k, BLOCK_H=bh)
+    res = residual if residual is None or residual.stride(-1) == 1 else residual.contiguous()
+    launch(_combine_kernel, (N, triton.cdiv(H, bh)), y, valid, x if res is None else res, out, H,
+           x.stride(0) if res is None else res.stride(0), TOP_K=k, HAS_RES=res is not None, BLOCK_H=bh)
     return out
 
 

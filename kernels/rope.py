@@ -11,6 +11,10 @@ forward. q [N, Hq, D] and k [N, K, D] may be strided views (the split of the
 fused qkv output); one program per token rotates all its q and k heads into
 new contiguous tensors. Writing outputs rather than in place keeps the kernel
 free of load/store races between warps that replicate small tiles.
+
+`rope_into_cache` is the paged step's form: the rotated k and the step's v go
+straight to their cache slots (what PagedMetadata.attend would write next), so
+one launch replaces the rotation and the two cache writes of every layer.
 """
 
 import torch
@@ -25,13 +29,22 @@ def rope_reference(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: tor
     return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
 
+def rope_into_cache_reference(q, k, v, cos, sin, k_cache, v_cache, slots):
+    """Rotate q and k, write k and v into the flat cache slots (as PagedMetadata.attend does);
+    returns the rotated q."""
+    q, k = rope_reference(q, k, cos, sin)
+    k_cache.view(-1, *k_cache.shape[2:])[slots] = k.to(k_cache.dtype)
+    v_cache.view(-1, *v_cache.shape[2:])[slots] = v.to(v_cache.dtype)
+    return q
+
+
 def _rotate(x, cos, sin):
     a, b = x.chunk(2, dim=-1)
     c, s = cos[:, None, :], sin[:, None, :]
     return torch.cat((a * c - b * s, b * c + a * s), dim=-1)
 
 
-def _rope_heads(x_ptr, o_ptr, row, c, s, heads, half, s_xn, s_xh,
+def _rope_heads(x_ptr, o_ptr, row, orow, c, s, heads, half, s_xn, s_xh,
                 BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
     h = tl.arange(0, BLOCK_H)[:, None]
     j = tl.arange(0, BLOCK_HALF)[None, :]
@@ -43,24 +56,61 @@ def _rope_heads(x_ptr, o_ptr, row, c, s, heads, half, s_xn, s_xh,
     af, bf = a.to(tl.float32), b.to(tl.float32)
     ac, bs = (af * c).to(dt).to(tl.float32), (bf * s).to(dt).to(tl.float32)
     bc, as_ = (bf * c).to(dt).to(tl.float32), (af * s).to(dt).to(tl.float32)
-    oa = o_ptr + row * heads * (2 * half) + h * (2 * half) + j
+    oa = o_ptr + orow * heads * (2 * half) + h * (2 * half) + j
     tl.store(oa, (ac - bs).to(dt), mask=msk)
     tl.store(oa + half, (bc + as_).to(dt), mask=msk)
 
 
-def _rope_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, qo_ptr, ko_ptr, Hq, K, half,
-                 s_qn, s_qh, s_kn, s_kh, s_cn, s_sn,
-                 BLOCK_HQ: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_HALF: tl.constexpr):
+def _rope_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, qo_ptr, ko_ptr, v_ptr, vo_ptr, slot_ptr, Hq, K, half,
+                 s_qn, s_qh, s_kn, s_kh, s_cn, s_sn, s_vn, s_vh,
+                 TO_CACHE: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_HALF: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     j = tl.arange(0, BLOCK_HALF)[None, :]
     cm = j < half
     c = tl.load(cos_ptr + row * s_cn + j, mask=cm, other=0.0).to(tl.float32)
     s = tl.load(sin_ptr + row * s_sn + j, mask=cm, other=0.0).to(tl.float32)
-    _rope_heads(q_ptr, qo_ptr, row, c, s, Hq, half, s_qn, s_qh, BLOCK_HQ, BLOCK_HALF)
-    _rope_heads(k_ptr, ko_ptr, row, c, s, K, half, s_kn, s_kh, BLOCK_K, BLOCK_HALF)
+    _rope_heads(q_ptr, qo_ptr, row, row, c, s, Hq, half, s_qn, s_qh, BLOCK_HQ, BLOCK_HALF)
+    if TO_CACHE:  # k and v rows go to the token's cache slot ([slots, K, D] contiguous)
+        slot = tl.load(slot_ptr + row).to(tl.int64)
+        _rope_heads(k_ptr, ko_ptr, row, slot, c, s, K, half, s_kn, s_kh, BLOCK_K, BLOCK_HALF)
+        h = tl.arange(0, BLOCK_K)[:, None]
+        d = tl.arange(0, 2 * BLOCK_HALF)[None, :]
+        msk = (h < K) & (d < 2 * half)
+        val = tl.load(v_ptr + row * s_vn + h * s_vh + d, mask=msk, other=0.0)
+        tl.store(vo_ptr + slot * K * (2 * half) + h * (2 * half) + d, val.to(vo_ptr.dtype.element_ty), mask=msk)
+    else:
+        _rope_heads(k_ptr, ko_ptr, row, row, c, s, K, half, s_kn, s_kh, BLOCK_K, BLOCK_HALF)
 
 
 _KERNELS = ("_rope_heads", "_rope_kernel")
+
+
+def _checked(q, k, cos, sin):
+    N, Hq, D = q.shape
+    if D % 2 or k.shape[0] != N or k.shape[2] != D or cos.shape != (N, D // 2) or sin.shape != cos.shape:
+        raise ValueError(f"rope: q {tuple(q.shape)}, k {tuple(k.shape)}, cos {tuple(cos.shape)}, "
+                         f"sin {tuple(sin.shape)}")
+    return tuple(t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, cos, sin))
+
+
+def rope_into_cache_triton(q, k, v, cos, sin, k_cache, v_cache, slots):
+    """As rope_into_cache_reference, in one launch (no host reads: capturable in a CUDA graph)."""
+    jit_module(globals(), _KERNELS)
+    q, k, cos, sin = _checked(q, k, cos, sin)
+    v = v if v.stride(-1) == 1 else v.contiguous()
+    N, Hq, D = q.shape
+    K = k.shape[1]
+    if k_cache.shape[2:] != (K, D) or v_cache.shape != k_cache.shape or v.shape != k.shape \
+            or not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError(f"rope_into_cache: k {tuple(k.shape)}, v {tuple(v.shape)}, caches {tuple(k_cache.shape)}, "
+                         f"{tuple(v_cache.shape)} (contiguous [blocks, block_size, K, D])")
+    qo = torch.empty(N, Hq, D, dtype=q.dtype, device=q.device)
+    if N:
+        launch(_rope_kernel, (N,), q, k, cos, sin, qo, k_cache, v, v_cache, slots, Hq, K, D // 2,
+               q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0), sin.stride(0),
+               v.stride(0), v.stride(1), TO_CACHE=True,
+               BLOCK_HQ=next_pow2(Hq), BLOCK_K=next_pow2(K), BLOCK_HALF=next_pow2(D // 2))
+    return qo
 
 
 def rope_triton(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
@@ -68,22 +118,16 @@ def rope_triton(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.
 
     No host reads: capturable in a CUDA graph."""
     jit_module(globals(), _KERNELS)
+    q, k, cos, sin = _checked(q, k, cos, sin)
     N, Hq, D = q.shape
     K = k.shape[1]
-    if D % 2 or k.shape[0] != N or k.shape[2] != D or cos.shape != (N, D // 2) or sin.shape != cos.shape:
-        raise ValueError(f"rope: q {tuple(q.shape)}, k {tuple(k.shape)}, cos {tuple(cos.shape)}, "
-                         f"sin {tuple(sin.shape)}")
-    q = q if q.stride(-1) == 1 else q.contiguous()
-    k = k if k.stride(-1) == 1 else k.contiguous()
-    cos = cos if cos.stride(-1) == 1 else cos.contiguous()
-    sin = sin if sin.stride(-1) == 1 else sin.contiguous()
     qo = torch.empty(N, Hq, D, dtype=q.dtype, device=q.device)
     ko = torch.empty(N, K, D, dtype=k.dtype, device=k.device)
     if N:
-        launch(_rope_kernel, (N,), q, k, cos, sin, qo, ko, Hq, K, D // 2,
-               q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0), sin.stride(0),
-               BLOCK_HQ=next_pow2(Hq), BLOCK_K=next_pow2(K), BLOCK_HALF=next_pow2(D // 2))
+        launch(_rope_kernel, (N,), q, k, cos, sin, qo, ko, k, ko, cos, Hq, K, D // 2,
+               q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0), sin.stride(0), 0, 0,
+               TO_CACHE=False, BLOCK_HQ=next_pow2(Hq), BLOCK_K=next_pow2(K), BLOCK_HALF=next_pow2(D // 2))
     return qo, ko
 
 
-__all__ = ["rope_reference", "rope_triton"]
+__all__ = ["rope_into_cache_reference", "rope_into_cache_triton", "rope_reference", "rope_triton"]

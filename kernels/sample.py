@@ -8,7 +8,13 @@ seeded row for its noise.
 U_i is Philox 4x32-10 (Triton's tl.rand) keyed by the row's 64-bit key and counted by vocabulary
 index: a row's draw depends on its key alone. engine.sampler.SamplerState derives a seeded
 sequence's key from (seed, draw number), so its stream does not depend on the batch it is in.
-`philox_uniform` is the same generator in torch, `sample_reference` the same draw.
+`philox_uniform` is the same generator in torch, `sample_reference` the same draw (up to the last
+bit of the scores: a GPU may fuse x * inv_t - g into one FMA, so a near tie may go either way).
+NaN logits are never drawn.
+
+Philox and two logs per element make this compute-bound for a single SM, so a row is split over
+programs (enough to fill the GPU at small batches); each writes its first maximum, and the
+splits' first maximum, in index order, is the row's.
 """
 
 import torch
@@ -50,43 +56,62 @@ def sample_reference(x: torch.Tensor, inv_temperature: torch.Tensor, keys: torch
     """x [B, V] logits (masked entries -inf), inv_temperature [B], keys [B] int64 -> [B] token ids."""
     u = philox_uniform(keys, x.shape[1]).to(x.device)
     s = x.float() * inv_temperature.float()[:, None] - torch.log(-torch.log(u))
-    return s.argmax(-1)
+    return s.nan_to_num(nan=float("-inf")).argmax(-1)
 
 
-def _sample_kernel(x_ptr, s_row, inv_t_ptr, key_ptr, out_ptr, V, BLOCK: tl.constexpr):
+def _sample_kernel(x_ptr, s_row, inv_t_ptr, key_ptr, best_ptr, arg_ptr, V, CHUNK,
+                   BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
     inv_t = tl.load(inv_t_ptr + row)
     key = tl.load(key_ptr + row)
     best = tl.full([BLOCK], float("-inf"), tl.float32)
-    arg = tl.zeros([BLOCK], dtype=tl.int32)
-    for start in range(0, V, BLOCK):
+    arg = tl.full([BLOCK], V, dtype=tl.int32)
+    lo = split * CHUNK
+    for start in range(lo, lo + CHUNK, BLOCK):
         offs = start + tl.arange(0, BLOCK)
-        m = offs < V
+        m = (offs < V) & (offs < lo + CHUNK)
         x = tl.load(x_ptr + row * s_row + offs, mask=m, other=float("-inf")).to(tl.float32)
         s = x * inv_t - tl.log(-tl.log(tl.rand(key, offs)))
-        better = m & (s > best)  # strict: each lane keeps its first maximum
+        better = m & (s > best)  # strict: each lane keeps its first maximum; NaN never wins
         best = tl.where(better, s, best)
         arg = tl.where(better, offs, arg)
     top = tl.max(best, 0)
-    tl.store(out_ptr + row, tl.min(tl.where(best == top, arg, V), 0).to(tl.int64))
+    n = tl.num_programs(1)
+    tl.store(best_ptr + row * n + split, top)
+    tl.store(arg_ptr + row * n + split, tl.min(tl.where(best == top, arg, V), 0).to(tl.int64))
 
 
 _KERNELS = ("_sample_kernel",)
 
 
+def _splits(B: int, V: int, block: int, device) -> int:
+    """Programs per row: about two per SM over the batch, none of them empty."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    return max(1, min(-(-2 * sms // B), -(-V // block)))
+
+
 def sample_triton(x: torch.Tensor, inv_temperature: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """As sample_reference, one program per row (a decode step's few hundred rows fill the GPU; one
-    row's 201k logits are 0.8 MB, a few microseconds for one SM)."""
+    """As sample_reference: [B, splits] programs write each split's best (score, first index), and
+    torch picks the first split holding the row's maximum (torch.max returns the first index)."""
     jit_module(globals(), _KERNELS)
     if x.stride(-1) != 1:
         x = x.contiguous()
     B, V = x.shape
-    out = torch.empty(B, dtype=torch.long, device=x.device)
-    if B:
-        opts = {} if interpreting() else dict(num_warps=8)
-        launch(_sample_kernel, (B,), x, x.stride(0), inv_temperature.to(torch.float32).contiguous(),
-               keys.to(torch.int64).contiguous(), out, V, BLOCK=2048 if not interpreting() else 512, **opts)
-    return out
+    if not B:
+        return torch.empty(0, dtype=torch.long, device=x.device)
+    block = 512 if interpreting() else 1024
+    splits = _splits(B, V, block, x.device)
+    chunk = -(-(-(-V // splits)) // block) * block  # whole blocks; the last split may be shorter
+    splits = -(-V // chunk)
+    best = torch.empty(B, splits, dtype=torch.float32, device=x.device)
+    arg = torch.empty(B, splits, dtype=torch.long, device=x.device)
+    opts = {} if interpreting() else dict(num_warps=4)
+    launch(_sample_kernel, (B, splits), x, x.stride(0), inv_temperature.to(torch.float32).contiguous(),
+           keys.to(torch.int64).contiguous(), best, arg, V, chunk, BLOCK=block, **opts)
+    if splits == 1:
+        return arg.view(B)
+    return arg.gather(1, best.argmax(1, keepdim=True)).view(B)
 
 
 __all__ = ["philox_uniform", "sample_reference", "sample_triton"]

@@ -222,12 +222,20 @@ class PagedMetadata:
         part.plans[key] = (rows, mask)
         return rows, mask
 
+    def rope_into_cache(self, layer: int, q, k, v, cos, sin) -> torch.Tensor:
+        """Rotate q and k and store this step's k and v in the layer's cache (one launch on the Triton
+        path); returns the rotated q, for attend(layer, q, None, None, ...)."""
+        slots = self.slot_mapping[self.layer_group[layer]]
+        return dispatch.rope_into_cache(q, k, v, cos, sin, self.cache.k[layer], self.cache.v[layer], slots)
+
     def attend(self, layer: int, q, k, v, sinks, window: int | None, scale: float) -> torch.Tensor:
+        """k, v None: already in the cache (rope_into_cache)."""
         group = self.layer_group[layer]
         kc, vc = self.cache.k[layer], self.cache.v[layer]
-        slots = self.slot_mapping[group]
-        kc.view(-1, *kc.shape[2:])[slots] = k.to(kc.dtype)
-        vc.view(-1, *vc.shape[2:])[slots] = v.to(vc.dtype)
+        if k is not None:
+            slots = self.slot_mapping[group]
+            kc.view(-1, *kc.shape[2:])[slots] = k.to(kc.dtype)
+            vc.view(-1, *vc.shape[2:])[slots] = v.to(vc.dtype)
         if dispatch.use_triton(q.device):
             if self.max_query_len is None:  # one host read per step, not per layer
                 self.max_query_len = int((self.query_start[1:] - self.query_start[:-1]).max()) \

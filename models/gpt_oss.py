@@ -40,7 +40,11 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, meta) -> torch.Tensor:
         q, k, v = self.qkv(x)
-        q, k = Rotary.apply_qk(q, k, cos, sin)
+        if dispatch.use_triton(q.device) and hasattr(meta, "rope_into_cache"):
+            # the paged step on the GPU: rotation and both cache writes in one launch
+            q, k, v = meta.rope_into_cache(self.layer, q, k, v, cos, sin), None, None
+        else:
+            q, k = Rotary.apply_qk(q, k, cos, sin)
         o = meta.attend(self.layer, q, k, v, self.sinks, self.window, self.scale)
         return self.comm.tp_all_reduce(self.o(o.flatten(1)))
 
@@ -61,7 +65,7 @@ class Block(nn.Module):
         else:
             x = x + a
             h = self.mlp_norm(x)
-        return x + self.moe(h, getattr(meta, "token_mask", None), getattr(meta, "static", False))
+        return self.moe(h, getattr(meta, "token_mask", None), getattr(meta, "static", False), residual=x)
 
 
 class GptOssForCausalLM(nn.Module):

@@ -235,10 +235,10 @@ class MoE(nn.Module):
         return (mxfp4.decode(self.w1_blocks[j], self.w1_scales[j], dtype),
                 mxfp4.decode(self.w2_blocks[j], self.w2_scales[j], dtype))
 
-    def _moe_kernel(self, x, routing, top_k, global_to_local):
+    def _moe_kernel(self, x, routing, top_k, global_to_local, residual=None):
         return dispatch.moe(x, routing, self.w1_blocks, self.w1_scales, self.b1, self.w2_blocks, self.w2_scales,
                             self.b2, top_k=top_k, global_to_local=global_to_local, limit=self.limit,
-                            alpha=self.alpha)
+                            alpha=self.alpha, residual=residual)
 
     def run_experts(self, rows: torch.Tensor, local_ids: torch.Tensor) -> torch.Tensor:
         """rows[i] through local expert local_ids[i] (unweighted), grouped by expert."""
@@ -260,18 +260,20 @@ class MoE(nn.Module):
         return out
 
     def compute(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor,
-                local_map: torch.Tensor | None = None) -> torch.Tensor:
+                local_map: torch.Tensor | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
         """Weighted sum over the local experts among each token's top-k (absent ones skipped).
-        local_map[e]: this rank's index of expert e, -1 = skip (default: global_to_local)."""
+        local_map[e]: this rank's index of expert e, -1 = skip (default: global_to_local);
+        residual: returns residual + that sum (the kernel adds it in its combine)."""
         if self.packed and dispatch.use_triton(x.device):
             # every expert here in router order (no EP): router ids are local ids, no map to read
             g2l = local_map if local_map is not None else None if self.identity_map else self.global_to_local
-            return self._moe_kernel(x, (idx, weights), self.top_k, g2l)
+            return self._moe_kernel(x, (idx, weights), self.top_k, g2l, residual)
         local = (self.global_to_local if local_map is None else local_map)[idx].flatten()
         keep = (local >= 0).nonzero().squeeze(1)
         tok = keep // self.top_k
         y = self.run_experts(x[tok], local[keep])
-        return torch.zeros_like(x).index_add_(0, tok, y * weights.flatten()[keep, None])
+        out = torch.zeros_like(x).index_add_(0, tok, y * weights.flatten()[keep, None])
+        return out if residual is None else residual + out
 
     def owners(self, idx: torch.Tensor) -> torch.Tensor:
         """EP rank that computes each (token, expert) pair; copies take turns."""
@@ -279,14 +281,20 @@ class MoE(nn.Module):
         slot = torch.arange(flat.numel(), device=flat.device) % self.n_copies[flat]
         return self.copy_rank[flat, slot]
 
-    def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None, static: bool = False
-                ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None, static: bool = False,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
         """token_mask [N] bool: rows counted in the expert load (None = all). static: no host reads
-        (the step is captured in a CUDA graph)."""
+        (the step is captured in a CUDA graph). residual: returns residual + the MoE output."""
         c = self.comm
         if c is None or (c.split_size == 1 and c.ep_size == 1):
             idx, weights = self.route(x, token_mask)
-            return self.compute(x, idx, weights)
+            return self.compute(x, idx, weights, residual=residual)
+        out = self._exchange(x, token_mask, static)
+        return out if residual is None else residual + out
+
+    def _exchange(self, x: torch.Tensor, token_mask: torch.Tensor | None, static: bool) -> torch.Tensor:
+        """The MoE output over several ranks (see the class doc)."""
+        c = self.comm
         if c.ep_size > 1 and c.ep_replicated and (self.combine == "all_reduce"
                                                   or (self.combine == "auto" and static)):
             if not self.counts_all:

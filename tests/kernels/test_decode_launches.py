@@ -1,16 +1,18 @@
 """bench.decode_launches: the GPU path's kernels per decode layer stay fused (66 before the align,
-rotary and routing kernels; 15 with them)."""
+rotary and routing kernels; 15 with them; 12 since rotary writes the cache and the MoE's combine
+adds the residual)."""
 
 import pytest
 
 pytest.importorskip("triton")
 
 
-def test_a_decode_layer_launches_at_most_15_kernels():
+def test_a_decode_layer_launches_at_most_12_kernels():
     from bench.decode_launches import count
     r = count(batch=2)
     ops = r["layer_ops"]
-    assert r["per_layer"] <= 15, ops
+    assert r["per_layer"] <= 12, ops
+    assert "torch.index_put_" not in ops and "torch.add" not in ops, ops  # fused: cache writes, residual
     for k in ("triton._route_kernel", "triton._align_kernel", "triton._rope_kernel", "triton._attn_kernel",
               "triton._w1_kernel", "triton._w2_kernel", "triton._combine_kernel"):
         assert ops.get(k) == 1, (k, ops)

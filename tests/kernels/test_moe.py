@@ -86,6 +86,29 @@ def test_expert_parallel_rows_form_matches_run_experts():
     _close(out, m.run_experts(rows, local), 1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_residual_added_in_the_combine_is_the_unfused_add(dtype):
+    """The block's `x + moe(h)` in the combine: the MoE output rounded first, then added, as unfused.
+    Bit for bit in fp32; in bf16 within one rounding of the sum (the interpreter rounds fp32 -> bf16
+    toward zero, a GPU to nearest, as torch does)."""
+    m, h = moe_module(dtype), tokens(7, seed=4, dtype=dtype)
+    res = tokens(7, seed=5, dtype=dtype) * 4
+    routing = route(F.linear(h.float(), m.router_w.float(), m.router_b.float()), K, dtype)
+    plain = moe_mxfp4(h, routing, *packed(m))
+
+    def same(out):
+        if dtype == torch.float32:
+            return torch.equal(out, res + plain)
+        exact = res.float() + plain.float()
+        return bool(((out.float() - exact).abs() <= exact.abs() * 2 ** -7).all())
+    assert same(moe_mxfp4(h, routing, *packed(m), residual=res))
+    wide = torch.zeros(7, 2 * H, dtype=dtype)
+    wide[:, ::2] = res                                            # a strided residual view
+    assert same(moe_mxfp4(h, routing, *packed(m), residual=wide[:, ::2]))
+    assert not same(moe_mxfp4(h, routing, *packed(m), residual=res * 2))
+    assert torch.equal(moe_mxfp4(h[:0], routing[0][:0], *packed(m), residual=res[:0]), res[:0])
+
+
 def test_empty_batch():
     m = moe_module()
     out = moe_mxfp4(torch.zeros(0, H), torch.zeros(0, E), *packed(m))

@@ -90,3 +90,34 @@ def test_dispatch_picks_the_kernel_under_triton_mode(monkeypatch):
     torch.testing.assert_close(gq, Rotary.apply(q, cos, sin), rtol=0, atol=1e-6)
     monkeypatch.setenv("GPTOSS_KERNELS", "torch")
     assert torch.equal(dispatch.rope(q, k, cos, sin)[1], Rotary.apply(k, cos, sin)) and seen == [1]
+
+
+@pytest.mark.parametrize("n,hq,kv,d", [(1, 1, 1, 4), (5, 4, 2, 16), (6, 8, 1, 64), (3, 64, 8, 64)])
+def test_rope_into_cache_matches_reference(n, hq, kv, d):
+    """The paged form: rotated k and the step's v land in their slots (scattered, over several
+    blocks, two tokens sharing the null block's slot 0 as padding rows do); nothing else in the
+    caches changes; the rotated q comes back."""
+    pytest.importorskip("triton")
+    from kernels.rope import rope_into_cache_reference, rope_into_cache_triton
+    g = torch.Generator().manual_seed(n + d)
+    qkv = torch.randn(n, (hq + 2 * kv) * d, generator=g)
+    q, k, v = (t.view(n, -1, d) for t in qkv.split([hq * d, kv * d, kv * d], dim=-1))
+    _, _, cos, sin = _data(n, hq, kv, d, torch.float32, seed=n)
+    blocks, bs = 6, 4
+    slots = torch.randperm(blocks * bs - bs, generator=g)[:n] + bs   # real blocks 1..5
+    if n > 2:
+        slots[-2:] = 0                                              # padding rows: the null block's slot 0
+        v[-1], k[-1] = v[-2], k[-2]                                 # which write the same values
+        cos[-1], sin[-1] = cos[-2], sin[-2]
+    caches = [torch.randn(blocks, bs, kv, d, generator=g) for _ in range(2)]
+    ref_c = [c.clone() for c in caches]
+    rq = rope_into_cache_reference(q, k, v, cos, sin, *ref_c, slots)
+    got_c = [c.clone() for c in caches]
+    gq = rope_into_cache_triton(q, k, v, cos, sin, *got_c, slots)
+    torch.testing.assert_close(gq, rq, rtol=0, atol=1e-6)
+    for gc, rc, c in zip(got_c, ref_c, caches):
+        torch.testing.assert_close(gc, rc, rtol=0, atol=1e-6)
+        untouched = torch.ones(blocks * bs, dtype=torch.bool)
+        untouched[slots] = False
+        assert torch.equal(gc.view(blocks * bs, -1)[untouched], c.view(blocks * bs, -1)[untouched])
+    assert not torch.equal(got_c[0], caches[0]) and not torch.equal(got_c[1], caches[1])
