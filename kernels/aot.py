@@ -76,6 +76,7 @@ def _step_launches(cfg, n_seqs: int, q_len: int, context: int, ep: int = 1) -> l
         vv = qkv[:, (Hq + K) * D:].view(-1, K, D)  # rotated into the cache with v (PagedMetadata.rope_into_cache)
         slots = torch.empty(N, dtype=torch.long, **meta)
         rope.rope_into_cache_triton(qv.view(-1, Hq, D), kv.view(-1, K, D), vv, cos_sin, cos_sin, cache, cache, slots)
+        rope.rope_triton(qv.view(-1, Hq, D), kv.view(-1, K, D), cos_sin, cos_sin)  # dense forwards (model.logits)
         q = torch.empty(N, Hq, D, dtype=bf16, **meta)
         sinks = torch.empty(Hq, dtype=bf16, **meta)
         for window in (cfg.sliding_window, None):

@@ -354,6 +354,8 @@ def moe_mxfp4(x: torch.Tensor, routing, w1_blocks, w1_scales, b1, w2_blocks, w2_
            DOT_BF16=dot_bf16, **meta, **opts)
     out = torch.empty_like(x)
     bh = min(1024, triton.next_power_of_2(H))
+    if residual is not None and residual.shape != x.shape:
+        raise ValueError(f"residual {tuple(residual.shape)} must have x's shape {tuple(x.shape)}")
     res = residual if residual is None or residual.stride(-1) == 1 else residual.contiguous()
     launch(_combine_kernel, (N, triton.cdiv(H, bh)), y, valid, x if res is None else res, out, H,
            x.stride(0) if res is None else res.stride(0), TOP_K=k, HAS_RES=res is not None, BLOCK_H=bh)

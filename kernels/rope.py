@@ -101,9 +101,11 @@ def rope_into_cache_triton(q, k, v, cos, sin, k_cache, v_cache, slots):
     N, Hq, D = q.shape
     K = k.shape[1]
     if k_cache.shape[2:] != (K, D) or v_cache.shape != k_cache.shape or v.shape != k.shape \
-            or not (k_cache.is_contiguous() and v_cache.is_contiguous()):
-        raise ValueError(f"rope_into_cache: k {tuple(k.shape)}, v {tuple(v.shape)}, caches {tuple(k_cache.shape)}, "
-                         f"{tuple(v_cache.shape)} (contiguous [blocks, block_size, K, D])")
+            or not (k_cache.is_contiguous() and v_cache.is_contiguous()) or k_cache.dtype != k.dtype:
+        # (the rotation rounds in the output's dtype: a cache of another dtype would round k differently)
+        raise ValueError(f"rope_into_cache: k {tuple(k.shape)} {k.dtype}, v {tuple(v.shape)}, caches "
+                         f"{tuple(k_cache.shape)} {k_cache.dtype}, {tuple(v_cache.shape)} (contiguous "
+                         "[blocks, block_size, K, D] in k's dtype)")
     qo = torch.empty(N, Hq, D, dtype=q.dtype, device=q.device)
     if N:
         launch(_rope_kernel, (N,), q, k, cos, sin, qo, k_cache, v, v_cache, slots, Hq, K, D // 2,

@@ -65,9 +65,9 @@ def _sample_kernel(x_ptr, s_row, inv_t_ptr, key_ptr, best_ptr, arg_ptr, V, CHUNK
     split = tl.program_id(1)
     inv_t = tl.load(inv_t_ptr + row)
     key = tl.load(key_ptr + row)
-    best = tl.full([BLOCK], float("-inf"), tl.float32)
-    arg = tl.full([BLOCK], V, dtype=tl.int32)
     lo = split * CHUNK
+    best = tl.full([BLOCK], float("-inf"), tl.float32)
+    arg = tl.zeros([BLOCK], dtype=tl.int32) + lo  # a row with no finite score: its first index, as torch
     for start in range(lo, lo + CHUNK, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         m = (offs < V) & (offs < lo + CHUNK)

@@ -92,7 +92,7 @@ def test_dispatch_picks_the_kernel_under_triton_mode(monkeypatch):
     assert torch.equal(dispatch.rope(q, k, cos, sin)[1], Rotary.apply(k, cos, sin)) and seen == [1]
 
 
-@pytest.mark.parametrize("n,hq,kv,d", [(1, 1, 1, 4), (5, 4, 2, 16), (6, 8, 1, 64), (3, 64, 8, 64)])
+@pytest.mark.parametrize("n,hq,kv,d", [(1, 1, 1, 4), (5, 4, 2, 16), (6, 8, 1, 64), (3, 64, 8, 64), (4, 3, 3, 12)])
 def test_rope_into_cache_matches_reference(n, hq, kv, d):
     """The paged form: rotated k and the step's v land in their slots (scattered, over several
     blocks, two tokens sharing the null block's slot 0 as padding rows do); nothing else in the

@@ -67,11 +67,13 @@ def test_first_maximum_wins_across_lanes_blocks_and_splits():
     for r, ids in enumerate(cases):
         x[r, list(ids)] = 1e30
     x[0, 50] = float("nan")
-    keys, inv_t = KEYS[:len(cases)], torch.ones(len(cases))
-    want = torch.tensor([min(c) for c in cases])
+    x = torch.cat([x, torch.full((1, V), float("-inf")), torch.full((1, V), float("nan"))])  # nothing drawable
+    keys, inv_t = KEYS[:len(x)], torch.ones(len(x))
+    want = torch.tensor([min(c) for c in cases] + [0, 0])  # torch's argmax of an all -inf row: 0
     assert torch.equal(sample_reference(x, inv_t, keys), want)
-    for b in (1, len(cases)):                             # one row: split over 4+ programs here
+    for b in (1, len(x)):                                 # one row: split over 4+ programs here
         assert torch.equal(sample_triton(x[:b], inv_t[:b], keys[:b]), want[:b])
+    assert torch.equal(sample_triton(x[-1:], inv_t[:1], keys[:1]), want[-1:])
 
 
 def test_reference_draws_from_softmax_over_temperature():
