@@ -17,6 +17,9 @@ def _add_common(p) -> None:
     p.add_argument("--min-replicas", type=int, default=1)
     p.add_argument("--max-replicas", type=int, default=1)
     p.add_argument("--gpu", action="store_true", help="one GPU per rank")
+    p.add_argument("--kv-cache-fraction", type=float, default=None,
+                   help="with --gpu: the KV cache fills this fraction of each GPU's memory after weights and "
+                        "activations (default 0.9 with --gpu)")
     p.add_argument("--cpus-per-rank", type=float, default=1.0)
 
 
@@ -38,9 +41,11 @@ def build_config(args):
 
     from cli.generate import UsageError
     from cluster.config import AutoscalingConfig, ModelGroupConfig, ServeConfig
+    from engine.core import EngineConfig
+    fraction = args.kv_cache_fraction if args.kv_cache_fraction is not None else 0.9 if args.gpu else None
     try:
         group = ModelGroupConfig(name=args.name, path=args.model, tp=args.tp, ep=args.ep, use_gpu=args.gpu,
-                                 cpus_per_rank=args.cpus_per_rank,
+                                 cpus_per_rank=args.cpus_per_rank, engine=EngineConfig(kv_cache_fraction=fraction),
                                  autoscaling=AutoscalingConfig(min_replicas=args.min_replicas,
                                                                max_replicas=args.max_replicas))
         return ServeConfig(host=args.host, port=args.port, models=[group])
@@ -49,6 +54,8 @@ def build_config(args):
         loc = [str(x) for x in err["loc"] if not str(x).isdigit()]
         field = loc[-1] if loc else next((f for f in ("min_replicas", "max_replicas") if f in err["msg"]), "config")
         flag = {"path": "model", "use_gpu": "gpu"}.get(field, field)
+        if "kv_cache_fraction" in err["msg"] or field == "kv_cache_fraction":
+            flag = "kv_cache_fraction"
         raise UsageError(f"--{flag.replace('_', '-')}: {err['msg']}") from None
 
 

@@ -43,6 +43,9 @@ class ModelGroupConfig(BaseModel):
     def _name(self):
         if not re.fullmatch(r"[A-Za-z0-9._:/-]{1,128}", self.name):
             raise ValueError(f"invalid model name {self.name!r}")
+        if self.engine.kv_cache_fraction is not None and not self.use_gpu:
+            raise ValueError("engine.kv_cache_fraction sizes the KV cache from GPU memory: it needs use_gpu "
+                             "(on CPUs set engine.num_blocks)")
         return self
 
     @property

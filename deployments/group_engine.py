@@ -33,11 +33,12 @@ def build_group_engine(cfg: ModelGroupConfig, make_workers: Callable | None = No
             log.info("model group '%s' warmed up: %s", cfg.name, llm.warmup())
         return llm, None
     from engine.executor import graph_buckets
-    from parallel.worker import MultiProcessExecutor, RankWorkers, WorkerSpec
+    from parallel.worker import MultiProcessExecutor, RankWorkers, WorkerSpec, fit_kv
     spec = WorkerSpec(str(path), cfg.tp, cfg.ep, dtype=dtype, device=cfg.device, keep_mxfp4=keep_mxfp4)
     workers = (make_workers or RankWorkers)(spec)
-    buckets = graph_buckets(cfg.engine.max_num_seqs)
-    llm = LLMEngine(None, cfg.engine, model_config=workers.config,
+    engine_cfg = fit_kv(workers, cfg.engine)
+    buckets = graph_buckets(engine_cfg.max_num_seqs)
+    llm = LLMEngine(None, engine_cfg, model_config=workers.config,
                     executor_factory=lambda s: MultiProcessExecutor(workers, s, graph_buckets=buckets))
     if cfg.use_gpu:
         try:

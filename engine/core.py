@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from models.attention import NULL_BLOCK
 
-from . import harmony
+from . import harmony, kv_budget
 from .executor import CacheSpec, LocalExecutor, StepInput, graph_buckets
 from .grammar import GrammarMatcher, fill_packed
 from .kv_cache import BlockManager
@@ -31,6 +31,10 @@ class EngineConfig(BaseModel):
     max_num_seqs: int = Field(64, ge=1)
     max_tokens_per_step: int = Field(512, ge=1)
     max_model_len: int = Field(8192, ge=2)
+    kv_cache_fraction: float | None = Field(
+        None, gt=0, lt=1, description="on GPUs: size the full-attention KV pool to fill this fraction of each "
+                                      "GPU's memory, after the weights, the sliding pool and the largest step's "
+                                      "activations (num_blocks is then ignored; see engine/kv_budget.py)")
     enable_prefix_cache: bool = True
     overlap_scheduling: bool | None = Field(
         None, description="schedule step N+1 while step N runs on the device (None: on where the executor "
@@ -41,6 +45,9 @@ class LLMEngine:
     """`model` runs in this process; `executor_factory(cache_spec)` runs it elsewhere (rank workers)."""
 
     def __init__(self, model=None, config: EngineConfig = EngineConfig(), executor_factory=None, model_config=None):
+        if model is not None and config.kv_cache_fraction is not None:  # rank workers: sized by the caller
+            config = kv_budget.fit(config, [kv_budget.measure_kv_blocks(model, config)
+                                            if model.device.type == "cuda" else None])
         self.config = config
         mc = model.config if model is not None else model_config
         bs = config.block_size
@@ -49,8 +56,7 @@ class LLMEngine:
         self.max_model_len = min(config.max_model_len, mc.max_position_embeddings, (config.num_blocks - 1) * bs)
         has_sliding = any(mc.window(i) for i in range(mc.num_hidden_layers))
         window = mc.sliding_window if has_sliding else None
-        n_slide = config.num_sliding_blocks or (
-            config.max_num_seqs * ((mc.sliding_window + bs - 1) // bs + 2) + config.max_tokens_per_step // bs + 2)
+        n_slide = kv_budget.sliding_blocks(config, mc)
         min_slide = -(-(mc.sliding_window + config.max_tokens_per_step) // bs) + 2  # one window + one chunk
         if has_sliding and n_slide < min_slide:
             raise ValueError(f"num_sliding_blocks={n_slide} cannot hold one sequence's window and step "
@@ -376,8 +382,9 @@ def build_engine(path, config: EngineConfig = EngineConfig(), tp: int = 1, ep: i
     if tp == 1 and ep == 1:
         from models import load_model
         return LLMEngine(load_model(path, dtype, device, keep_mxfp4=keep_mxfp4), config)
-    from parallel.worker import MultiProcessExecutor, RankWorkers, WorkerSpec
+    from parallel.worker import MultiProcessExecutor, RankWorkers, WorkerSpec, fit_kv
     workers = RankWorkers(WorkerSpec(str(path), tp, ep, dtype, device, keep_mxfp4=keep_mxfp4))
+    config = fit_kv(workers, config)
     buckets = graph_buckets(config.max_num_seqs)
     return LLMEngine(None, config, executor_factory=lambda spec: MultiProcessExecutor(workers, spec,
                                                                                       graph_buckets=buckets),

@@ -109,6 +109,9 @@ class RankRuntime:
             return logits.cpu() if self.rank == 0 else None  # every attention group computed the same rows
         if kind == "step_sampled":
             return self._step_sampled(*payload)
+        if kind == "kv_blocks":  # payload: EngineConfig; before "cache"
+            from engine.kv_budget import measure_kv_blocks
+            return measure_kv_blocks(model, payload) if model.device.type == "cuda" else None
         if kind == "warmup":  # every rank runs the same steps, so their collectives line up
             report = self.executor.warmup(payload)
             self.comm.end_forward()  # warmup's all-to-all time and pairs are not traffic's
@@ -179,6 +182,15 @@ def _worker_main(spec: WorkerSpec, rank: int, conn) -> None:
                 return
         except Exception:
             conn.send(("error", traceback.format_exc()))
+
+
+def fit_kv(workers, config):
+    """config with num_blocks measured on every rank (EngineConfig.kv_cache_fraction), the smallest;
+    the ranks step the same measuring forward, so their collectives line up."""
+    if config.kv_cache_fraction is None:
+        return config
+    from engine.kv_budget import fit
+    return fit(config, workers.call("kv_blocks", config, timeout=WARMUP_TIMEOUT))
 
 
 WARMUP_TIMEOUT = 1800.0  # seconds: compiling every kernel size class and capturing every graph, cold
