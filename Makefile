@@ -7,6 +7,14 @@ DEMO := .demo/tiny
 
 .PHONY: setup serve test clean
 
+# harmony's o200k vocabulary: a local copy when one sits beside the checkout (offline machines);
+# otherwise openai-harmony downloads it on first use
+ifeq ($(TIKTOKEN_ENCODINGS_BASE),)
+ifneq ($(wildcard ../shared/vocab/*.tiktoken),)
+export TIKTOKEN_ENCODINGS_BASE := $(abspath ../shared/vocab)
+endif
+endif
+
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip

@@ -71,10 +71,25 @@ def run_serve_config(args) -> int:
     return 0
 
 
+def check_vocabulary() -> None:
+    """Harmony needs the o200k vocabulary for every request: fail now, with the fix, rather than
+    answer each request with a 500 (offline machines need a local copy)."""
+    from cli.generate import UsageError
+    from engine import harmony
+    try:
+        harmony.get_encoding()
+    except Exception as e:
+        where = os.environ.get("TIKTOKEN_ENCODINGS_BASE")
+        hint = (f"TIKTOKEN_ENCODINGS_BASE={where} does not hold it" if where else
+                "offline? download o200k_base.tiktoken and set TIKTOKEN_ENCODINGS_BASE to its folder")
+        raise UsageError(f"cannot load harmony's o200k vocabulary ({hint}): {e}") from None
+
+
 def run_serve(args) -> int:
     from cli.generate import UsageError
     from cli.main import resolve_model
     cfg = build_config(args)
+    check_vocabulary()
     resolve_model(args.model)  # build the demo checkpoint once, before replicas race for it
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
