@@ -11,7 +11,9 @@ tensors `gptoss checkpoint make` writes, without ~65 GB of disk for 120b);
 `python -m cli.main checkpoint make DIR/<preset> --preset <preset>` would, and
 loads it. Every number runs through engine.core.LLMEngine (scheduler, sampler and all):
 * decode: B sequences with --decode-context-token prompts; steps timed once
-  every sequence is decoding; tokens/s = B * steps / time.
+  every sequence is decoding; tokens/s = B * steps / time. Greedy; the
+  --sampled-batches also at temperature 1 (the fused sampling kernel) and
+  the --lockstep-batches also without overlapped scheduling, back to back.
 * prefill: --prefill-seqs prompts of --prefill-len tokens, max_tokens=1,
   chunked at --max-tokens-per-step; tokens/s = prompt tokens / time.
 * throughput: --requests prompts of --isl tokens, --osl outputs each, at most
@@ -119,12 +121,13 @@ class Roofline:
         return 2 * self.active_params * c.num_hidden_layers * tokens + attn + 2 * sampled * unembed_params
 
 
-def requests(n: int, prompt_len: int, max_tokens: int, seed: int, vocab: int = 199998):
+def requests(n: int, prompt_len: int, max_tokens: int, seed: int, vocab: int = 199998, temperature: float = 0):
     from engine.request import GenerateRequest
     from engine.sampler import SamplingParams
     rng = random.Random(seed)
     return [GenerateRequest(f"r{seed}-{i}", [rng.randrange(vocab) for _ in range(prompt_len)],
-                            SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True), harmony=False)
+                            SamplingParams(temperature=temperature, max_tokens=max_tokens, ignore_eos=True),
+                            harmony=False)
             for i in range(n)]
 
 
@@ -140,11 +143,11 @@ def engine(model, seqs: int, max_len: int, step_tokens: int, overlap: bool | Non
 
 
 def bench_decode(model, dev, B: int, ctx: int, steps: int, warm: int, step_tokens: int,
-                 overlap: bool | None = None):
+                 overlap: bool | None = None, temperature: float = 0):
     # sequences prefilled early decode while the rest prefill: leave them tokens for the timed steps
     out_len = steps + warm + 2 * (-(-B * ctx // max(step_tokens, B))) + 2
     eng = engine(model, B, ctx + out_len, max(step_tokens, B), overlap)
-    reqs = requests(B, ctx, out_len, seed=B)
+    reqs = requests(B, ctx, out_len, seed=B, temperature=temperature)
     for r in reqs:
         eng.add_request(r)
     while not all(len(s.output_ids) for r in reqs for s in eng.seqs[r.request_id]):
@@ -265,6 +268,10 @@ def run_model(preset: str, a, dev: torch.device, bw: float, flops: float, comman
                                              a.max_tokens_per_step, overlap=False)
             extra.update(lockstep_tokens_per_s=lock_s, lockstep_step_ms=lock_step * 1e3,
                          overlap_speedup=tok_s / lock_s)
+        if B in a.sampled_batches:  # temperature 1 (the API's default): drawn by the fused sampling kernel
+            smp_s, smp_step = bench_decode(model, dev, B, a.decode_context, a.decode_steps, a.warmup_steps,
+                                           a.max_tokens_per_step, temperature=1.0)
+            extra.update(sampled_tokens_per_s=smp_s, sampled_step_ms=smp_step * 1e3)
         add("decode", B, ctx, tok_s, B, [ctx] * B, B, extra)
     tok_s = bench_prefill(model, dev, a.prefill_seqs, a.prefill_len, a.max_tokens_per_step)
     chunk = min(a.max_tokens_per_step, a.prefill_seqs * a.prefill_len)
@@ -301,6 +308,11 @@ def markdown(res: dict) -> str:
                 "; ".join(f"batch {r['batch']}: {r['tokens_per_s']:.1f} vs {r['lockstep_tokens_per_s']:.1f} tok/s "
                           f"({r['overlap_speedup']:.2f}x, {r['step_ms']:.2f} vs {r['lockstep_step_ms']:.2f} ms/step)"
                           for r in lock)]
+    smp = [r for r in res["results"] if "sampled_tokens_per_s" in r]
+    if smp:
+        out += ["", "Decode at temperature 1 (sampled by the fused kernel) against greedy, back to back: " +
+                "; ".join(f"batch {r['batch']}: {r['sampled_tokens_per_s']:.1f} vs {r['tokens_per_s']:.1f} tok/s "
+                          f"({r['sampled_step_ms']:.2f} vs {r['step_ms']:.2f} ms/step)" for r in smp)]
     if not res.get("complete", True):
         out += ["", "(cut short: the run ended before its last measurement)"]
     return "\n".join(out)
@@ -350,6 +362,8 @@ def parse(argv=None):
     ap.add_argument("--decode-steps", type=int, default=32)
     ap.add_argument("--lockstep-batches", type=ints, default=[1, 8],
                     help="decode batches also measured with overlapped scheduling off (0 for none)")
+    ap.add_argument("--sampled-batches", type=ints, default=[1, 64],
+                    help="decode batches also measured at temperature 1 (the fused sampling kernel)")
     ap.add_argument("--warmup-steps", type=int, default=4)
     ap.add_argument("--prefill-seqs", type=int, default=8)
     ap.add_argument("--prefill-len", type=int, default=2048)
@@ -370,7 +384,8 @@ def parse(argv=None):
                          "--benchmarks-file between its bench.gpu markers")
     ap.add_argument("--benchmarks-file", default="BENCHMARKS.md")
     if ap.parse_args(argv).dry_run:  # tiny defaults; flags given explicitly still win
-        ap.set_defaults(models="tiny", device="cpu", batches=[1, 2, 4], decode_context=12, decode_steps=3,
+        ap.set_defaults(models="tiny", device="cpu", batches=[1, 2, 4], sampled_batches=[2], decode_context=12,
+                        decode_steps=3,
                         warmup_steps=1, prefill_seqs=2, prefill_len=24, max_tokens_per_step=32, isl=12, osl=6,
                         concurrency=3, requests=5, copy_gib=1 / 128)
     return ap.parse_args(argv)

@@ -40,6 +40,10 @@ def test_dry_run_writes_results_and_markdown(tmp_path, weights):
     [lock] = [x for x in res["results"] if "lockstep_tokens_per_s" in x]
     assert lock["batch"] == 1 and lock["lockstep_tokens_per_s"] > 0 and lock["overlap_speedup"] > 0
     assert "Overlapped scheduling" in r.stdout and "batch 1:" in r.stdout
+    # and batch 2 at temperature 1 (--sampled-batches; 1,64 by default)
+    [smp] = [x for x in res["results"] if "sampled_tokens_per_s" in x]
+    assert smp["batch"] == 2 and smp["sampled_tokens_per_s"] > 0 and smp["sampled_step_ms"] > 0
+    assert "Decode at temperature 1" in r.stdout
 
 
 def test_throughput_cap_keeps_partial_results(tmp_path):
