@@ -21,6 +21,10 @@ def _add_common(p) -> None:
                    help="with --gpu: the KV cache fills this fraction of each GPU's memory after weights and "
                         "activations (default 0.9 with --gpu)")
     p.add_argument("--cpus-per-rank", type=float, default=1.0)
+    # the engine's sizes (EngineConfig; unset: its defaults)
+    p.add_argument("--max-num-seqs", type=int, help="sequences decoding at once (engine default 64)")
+    p.add_argument("--max-tokens-per-step", type=int, help="prompt tokens a step may prefill (default 512)")
+    p.add_argument("--max-model-len", type=int, help="longest prompt + output, in tokens (default 8192)")
 
 
 def add_parsers(sub) -> None:
@@ -43,9 +47,12 @@ def build_config(args):
     from cluster.config import AutoscalingConfig, ModelGroupConfig, ServeConfig
     from engine.core import EngineConfig
     fraction = args.kv_cache_fraction if args.kv_cache_fraction is not None else 0.9 if args.gpu else None
+    sizes = {k: getattr(args, k) for k in ("max_num_seqs", "max_tokens_per_step", "max_model_len")
+             if getattr(args, k) is not None}
     try:
         group = ModelGroupConfig(name=args.name, path=args.model, tp=args.tp, ep=args.ep, use_gpu=args.gpu,
-                                 cpus_per_rank=args.cpus_per_rank, engine=EngineConfig(kv_cache_fraction=fraction),
+                                 cpus_per_rank=args.cpus_per_rank,
+                                 engine=EngineConfig(kv_cache_fraction=fraction, **sizes),
                                  autoscaling=AutoscalingConfig(min_replicas=args.min_replicas,
                                                                max_replicas=args.max_replicas))
         return ServeConfig(host=args.host, port=args.port, models=[group])

@@ -114,3 +114,16 @@ def test_ranks_measure_and_the_driver_takes_their_answer(tiny_ckpt, monkeypatch)
     finally:
         monkeypatch.undo()
         w.shutdown()
+
+
+def test_serve_cli_engine_sizes():
+    from cli.generate import UsageError
+    from cli.main import build_parser
+    from cli.serve import build_config
+    p = build_parser()
+    eng = build_config(p.parse_args(["serve-config", "--gpu", "--max-num-seqs", "256", "--max-tokens-per-step",
+                                     "4096", "--max-model-len", "32768"])).models[0].engine
+    assert (eng.max_num_seqs, eng.max_tokens_per_step, eng.max_model_len) == (256, 4096, 32768)
+    assert build_config(p.parse_args(["serve-config"])).models[0].engine == EngineConfig()  # unset: defaults
+    with pytest.raises(UsageError, match="^--max-num-seqs: "):
+        build_config(p.parse_args(["serve-config", "--max-num-seqs", "0"]))
