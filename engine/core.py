@@ -46,8 +46,7 @@ class LLMEngine:
 
     def __init__(self, model=None, config: EngineConfig = EngineConfig(), executor_factory=None, model_config=None):
         if model is not None and config.kv_cache_fraction is not None:  # rank workers: sized by the caller
-            config = kv_budget.fit(config, [kv_budget.measure_kv_blocks(model, config)
-                                            if model.device.type == "cuda" else None])
+            config = kv_budget.fit(config, [kv_budget.measure_kv_blocks(model, config)])
         self.config = config
         mc = model.config if model is not None else model_config
         bs = config.block_size

@@ -40,16 +40,15 @@ def plan_blocks(total: int, free: int, fraction: float, peak: int, full_block: i
     return max(0, budget // max(1, full_block))
 
 
-def measure_kv_blocks(model, config) -> int:
-    """This rank's full-pool blocks under config.kv_cache_fraction (CUDA only)."""
-    from .executor import CacheSpec, null_step, run_step
+def measure_kv_blocks(model, config) -> int | None:
+    """This rank's full-pool blocks under config.kv_cache_fraction; None off CUDA (`fit` then keeps
+    num_blocks)."""
+    from .executor import CacheSpec, allocate_cache, null_step, run_step
     if model.device.type != "cuda":
-        raise ValueError("kv_cache_fraction sizes the KV cache from GPU memory; this model is on "
-                         f"{model.device.type} (set num_blocks instead)")
+        return None
     cfg, bs = model.config, config.block_size
     groups = tuple("sliding" if cfg.window(i) else "full" for i in range(cfg.num_hidden_layers))
     tiny = CacheSpec(bs, {"full": 1, "sliding": 1}, groups)  # null steps touch only block 0
-    from .executor import allocate_cache
     cache = allocate_cache(model, tiny)
     loads = [b.moe.load.clone() for b in model.blocks]
     torch.cuda.synchronize(model.device)

@@ -426,16 +426,13 @@ class SamplerState:
             allowed = unpack_bitmask(spec.bitmask.to(dev, non_blocking=True), logits.shape[-1],
                                      spec.free.to(dev, non_blocking=True))
         from kernels import dispatch
-        keys = None
-        if dispatch.use_triton(logits.device):
-            keys = self._keys(spec)
-            keys = keys.pin_memory().to(logits.device, non_blocking=True) if logits.is_cuda else keys.to(logits.device)
+        keys = _to(logits.device, self._keys(spec), torch.int64) if dispatch.use_triton(logits.device) else None
         out = self.sampler.sample(logits, SamplingBatch(spec.params, spec.prompt_ids, spec.output_ids, gens, allowed,
                                                         keys))
         self.last = out.token_ids
         return out
 
-    def _keys(self, spec: SampleSpec) -> torch.Tensor:
+    def _keys(self, spec: SampleSpec) -> list[int]:
         """Per row: a seeded sequence's key for its next draw (so its stream depends on its seed and
         how many tokens it drew, not on the batch), or fresh random bits."""
         out = []
@@ -446,7 +443,7 @@ class SamplerState:
             n = self.draws.get(k, 0)
             self.draws[k] = n + 1
             out.append(philox_key(seed, n))
-        return torch.tensor(out, dtype=torch.int64)
+        return out
 
 
 class StopChecker:

@@ -90,9 +90,11 @@ def _step_launches(cfg, n_seqs: int, q_len: int, context: int, ep: int = 1) -> l
                    torch.empty(E, H, I // 32, **u8), torch.empty(E, H, dtype=bf16, **meta))
         routing = (torch.empty(rows, top, dtype=torch.long, **meta), torch.empty(rows, top, dtype=bf16, **meta))
         from . import route  # every rank routes its own tokens over all experts
-        route.route_triton(torch.empty(N, cfg.num_local_experts, dtype=bf16, **meta), k,
-                           torch.empty(cfg.num_local_experts, dtype=torch.long, **meta),
+        route_logits = torch.empty(N, cfg.num_local_experts, dtype=bf16, **meta)
+        route.route_triton(route_logits, k, torch.empty(cfg.num_local_experts, dtype=torch.long, **meta),
                            torch.empty(N, dtype=torch.bool, **meta))
+        if static_ep:  # under the all-reduce only rank 0 counts the load: the others route without
+            route.route_triton(route_logits, k, None, torch.empty(N, dtype=torch.bool, **meta))
         g2l = torch.empty(cfg.num_local_experts, dtype=torch.long, **meta) if static_ep else None
         xm = torch.empty(rows, H, dtype=bf16, **meta)  # one process adds the residual in the combine
         moe.moe_mxfp4(xm, routing, *experts, top_k=top, global_to_local=g2l, residual=xm if ep == 1 else None)
@@ -126,7 +128,8 @@ def model_launches(preset: str, batches=DECODE_BATCHES, prefill: int = PREFILL_C
     """-> [(use label, launches)] recorded from the model itself (not the launchers called by hand), on
     the meta device with GPTOSS_KERNELS=triton: a decode graph forward per batch and an eager prefill,
     at full size. What a GPU run of one process launches, to check `workloads()` against. ep > 1: the
-    decode graphs of EP rank 0 of `ep` (its experts, collectives standing in as identities); its
+    decode graphs of EP rank 1 of `ep` (its experts, collectives standing in as identities; not rank 0,
+    which alone counts the expert load under the all-reduce: rank 0 launches what one process does); its
     prefill exchanges sizes on the host, which meta cannot, so it is left out."""
     from engine.executor import CacheSpec, LocalExecutor, empty_step, null_step, pad_decode_step, run_step
     from models import load_model
@@ -140,8 +143,8 @@ def model_launches(preset: str, batches=DECODE_BATCHES, prefill: int = PREFILL_C
         ckpt = RandomCheckpoint(preset, "mxfp4", device="meta")
         per_rank = contiguous_placement(ckpt.config.num_local_experts, ep)
         copies = [[r for r, ids in enumerate(per_rank) if e in ids] for e in range(ckpt.config.num_local_experts)]
-        m = load_model(ckpt, torch.bfloat16, "meta", keep_mxfp4=True, shard=ShardSpec(experts=per_rank[0]),
-                       comm=StandInComm(ep, 0) if ep > 1 else None, expert_copies=copies)
+        m = load_model(ckpt, torch.bfloat16, "meta", keep_mxfp4=True, shard=ShardSpec(experts=per_rank[1 if ep > 1 else 0]),
+                       comm=StandInComm(ep, 1) if ep > 1 else None, expert_copies=copies)
         groups = tuple("sliding" if m.config.window(i) else "full" for i in range(m.config.num_hidden_layers))
         ex = LocalExecutor(m, CacheSpec(BLOCK_SIZE, {"full": 8192, "sliding": 2048}, groups), cuda_graphs=False)
         short, uses = preset.removeprefix("gpt-oss-") + (f" ep{ep}" if ep > 1 else ""), []

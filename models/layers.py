@@ -217,15 +217,18 @@ class MoE(nn.Module):
         """Experts kept as MXFP4 blocks: the Triton MoE reads these directly."""
         return getattr(self, "w1_blocks", None) is not None
 
-    def route(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def route(self, x: torch.Tensor, token_mask: torch.Tensor | None = None, count: bool = True
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """count: add the routed tokens (token_mask's rows) to the expert load."""
         logits = torch.nn.functional.linear(x, self.router_w, self.router_b)
         if dispatch.use_triton(x.device):  # one launch instead of five (kernels/route.py)
-            return dispatch.route(logits, self.top_k, self.load, token_mask)
+            return dispatch.route(logits, self.top_k, self.load if count else None, token_mask)
         top, idx = torch.topk(logits, self.top_k, dim=-1)
-        # index_add_, not bincount: bincount reads its max back to the host, which a CUDA graph
-        # cannot capture; token_mask leaves a graph's padding rows out of the load (same counts)
-        ones = torch.ones_like(idx) if token_mask is None else token_mask.to(idx.dtype)[:, None].expand_as(idx)
-        self.load.index_add_(0, idx.flatten(), ones.flatten())
+        if count:
+            # index_add_, not bincount: bincount reads its max back to the host, which a CUDA graph
+            # cannot capture; token_mask leaves a graph's padding rows out of the load (same counts)
+            ones = torch.ones_like(idx) if token_mask is None else token_mask.to(idx.dtype)[:, None].expand_as(idx)
+            self.load.index_add_(0, idx.flatten(), ones.flatten())
         return idx, torch.softmax(top.float(), dim=-1).to(x.dtype)
 
     def expert_weights(self, j: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -297,9 +300,7 @@ class MoE(nn.Module):
         c = self.comm
         if c.ep_size > 1 and c.ep_replicated and (self.combine == "all_reduce"
                                                   or (self.combine == "auto" and static)):
-            if not self.counts_all:
-                token_mask = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-            idx, weights = self.route(x, token_mask)
+            idx, weights = self.route(x, token_mask, count=self.counts_all)
             # each pair computed once, by its owner: copies of a hot expert take turns, as in the all-to-all
             mine = torch.where(self.owners(idx).view_as(idx) == self.ep_rank, idx, len(self.global_to_local))
             return c.ep_all_reduce(self.compute(x, mine, weights, self.local_or_skip))

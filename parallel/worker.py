@@ -38,8 +38,6 @@ class WorkerSpec:
     kernels: str = ""
 
     def __post_init__(self):
-        import os
-
         from engine.executor import _graphs_enabled
         if self.cuda_graphs is None:
             self.cuda_graphs = _graphs_enabled(None)
@@ -111,7 +109,7 @@ class RankRuntime:
             return self._step_sampled(*payload)
         if kind == "kv_blocks":  # payload: EngineConfig; before "cache"
             from engine.kv_budget import measure_kv_blocks
-            return measure_kv_blocks(model, payload) if model.device.type == "cuda" else None
+            return measure_kv_blocks(model, payload)
         if kind == "warmup":  # every rank runs the same steps, so their collectives line up
             report = self.executor.warmup(payload)
             self.comm.end_forward()  # warmup's all-to-all time and pairs are not traffic's
