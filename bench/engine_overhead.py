@@ -2,6 +2,7 @@
 
     python -m bench.engine_overhead [--batches 1,8,64,256] [--context 1024] [--steps 50]
     python -m bench.engine_overhead --ranks 2x2 [--batches 1,8,64] [--steps 20] [--combine]
+    python -m bench.engine_overhead --ranks 1x2 --attn-dp [--context 1024]
 
 On a GPU a decode step is a CUDA-graph replay plus this host time (scheduling,
 batch building, output handling, block bookkeeping) unless the two overlap, so
@@ -58,18 +59,23 @@ def measure(batch: int, context: int, steps: int, warmup: int = 3) -> dict:
             "host_us_per_sequence": host * 1e6 / batch, **{f"{k}_ms": v * 1e3 / steps for k, v in parts.items()}}
 
 
-def measure_ranks(workers, batch: int, steps: int, sample_on_rank: bool, overlap: bool = False) -> dict:
+def measure_ranks(workers, batch: int, steps: int, sample_on_rank: bool, overlap: bool = False,
+                  context: int = 8) -> dict:
     """Decode ms per step of an engine over rank workers, and the pickled bytes rank 0 sends back
     per step: sampled token ids (sample_on_rank) or the [batch, vocab] logits (the engine samples);
-    with `overlap`, each step is sent before the previous one's reply is read."""
+    with `overlap`, each step is sent before the previous one's reply is read. Under attention data
+    parallelism (workers.attn_dp) also the most KV blocks one attention group held."""
     import pickle
 
     from bench.gpu import requests
     from engine.core import EngineConfig, LLMEngine
     from parallel.worker import MultiProcessExecutor
-    cfg = EngineConfig(block_size=16, num_blocks=batch * 4 + 8, max_num_seqs=batch, max_tokens_per_step=max(batch, 64),
-                       overlap_scheduling=overlap)
-    eng = LLMEngine(None, cfg, model_config=workers.config,
+    per_seq = -(-(context + steps + 16) // 16) + 1
+    cfg = EngineConfig(block_size=16, num_blocks=batch * per_seq + 8, max_num_seqs=batch,
+                       max_tokens_per_step=max(batch, 64, min(batch * context, 4096)), overlap_scheduling=overlap,
+                       max_model_len=context + steps + 32)
+    dp = workers.layout[0].dp if workers.attn_dp else 1
+    eng = LLMEngine(None, cfg, model_config=workers.config, data_parallel=dp,
                     executor_factory=lambda spec: MultiProcessExecutor(workers, spec, sample_on_rank))
     sizes, real = [], workers.collect
 
@@ -80,15 +86,19 @@ def measure_ranks(workers, batch: int, steps: int, sample_on_rank: bool, overlap
         return out
     workers.collect = collect
     try:
-        for r in requests(batch, 8, steps + 12, seed=batch):
+        for r in requests(batch, context, steps + 12, seed=batch):
             eng.add_request(r)
+        while any(s.num_computed < s.prompt_len for ss in eng.seqs.values() for s in ss):
+            eng.step()
         for _ in range(4):
             eng.step()
         sizes.clear()
         t0 = time.perf_counter()
         for _ in range(steps):
             eng.step()
-        return {"ms_per_step": (time.perf_counter() - t0) * 1e3 / steps, "bytes_back": sum(sizes) / len(sizes)}
+        groups = getattr(eng.blocks, "groups", [eng.blocks])
+        return {"ms_per_step": (time.perf_counter() - t0) * 1e3 / steps, "bytes_back": sum(sizes) / len(sizes),
+                "kv_blocks_per_rank": max(g.usage()["full_used"] for g in groups)}
     finally:
         workers.collect = real
         for rid in list(eng.seqs):
@@ -153,6 +163,37 @@ def combine_table(tp: int, ep: int, batches: list[int], steps: int, rounds: int 
                 w.shutdown()
 
 
+def attn_dp_table(tp: int, ep: int, batches: list[int], steps: int, context: int, rounds: int = 2) -> None:
+    """Decode ms/step and KV blocks per rank with replicated attention vs attention data parallelism
+    (ep/tp groups, each its own sequences), both alive, rounds interleaved, best of `rounds`."""
+    import tempfile
+    from pathlib import Path
+
+    from models.checkpoint import make_checkpoint
+    from parallel.worker import RankWorkers, WorkerSpec
+    with tempfile.TemporaryDirectory() as d:
+        path = make_checkpoint(Path(d) / "tiny", "tiny", "hf", "mxfp4", seed=0)
+        sets = {dp: RankWorkers(WorkerSpec(str(path), tp, ep, attn_dp=dp)) for dp in (False, True)}
+        try:
+            print(f"| batch | context | replicated ms/step | attention DP ms/step | speedup "
+                  f"| KV blocks per rank (replicated / DP) |")
+            print("|---:|---:|---:|---:|---:|---|")
+            for b in batches:
+                best = {}
+                for _ in range(rounds):
+                    for dp, w in sets.items():
+                        r = measure_ranks(w, b, steps, True, True, context)
+                        if dp not in best or r["ms_per_step"] < best[dp]["ms_per_step"]:
+                            best[dp] = r
+                rep, dp = best[False], best[True]
+                print(f"| {b} | {context} | {rep['ms_per_step']:.1f} | {dp['ms_per_step']:.1f} | "
+                      f"{rep['ms_per_step'] / dp['ms_per_step']:.2f}x | {rep['kv_blocks_per_rank']} / "
+                      f"{dp['kv_blocks_per_rank']} |", flush=True)
+        finally:
+            for w in sets.values():
+                w.shutdown()
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--batches", default="1,8,64,256")
@@ -162,15 +203,21 @@ def main(argv=None) -> int:
                     help="instead: decode over tp x ep local rank workers, sampling on rank 0 vs in the engine")
     ap.add_argument("--combine", action="store_true",
                     help="with --ranks: the MoE combining by all-to-all vs by all-reduce instead")
+    ap.add_argument("--attn-dp", action="store_true",
+                    help="with --ranks: replicated attention vs attention data parallelism instead")
     a = ap.parse_args(argv)
-    if a.combine and not a.ranks:
-        ap.error("--combine needs --ranks TPxEP")
+    if (a.combine or a.attn_dp) and not a.ranks:
+        ap.error(f"--{'combine' if a.combine else 'attn-dp'} needs --ranks TPxEP")
     from bench.gpu import find_vocab
     find_vocab()
     torch.set_num_threads(1)
     if a.ranks:
         tp, ep = (int(x) for x in a.ranks.lower().split("x"))
-        (combine_table if a.combine else ranks_table)(tp, ep, [int(x) for x in a.batches.split(",")], a.steps)
+        batches = [int(x) for x in a.batches.split(",")]
+        if a.attn_dp:
+            attn_dp_table(tp, ep, batches, a.steps, a.context)
+        else:
+            (combine_table if a.combine else ranks_table)(tp, ep, batches, a.steps)
         return 0
     print("| batch | context | host ms/step | host us/sequence | schedule / build / sampling batch / update ms |")
     print("|---:|---:|---:|---:|---|")

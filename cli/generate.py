@@ -32,6 +32,8 @@ def add_parser(sub) -> None:
     g.add_argument("--json", action="store_true", help="print one JSON object")
     g.add_argument("--tp", type=int, default=1, help="tensor-parallel size for attention (local rank processes)")
     g.add_argument("--ep", type=int, default=1, help="expert-parallel size (local rank processes)")
+    g.add_argument("--attn-dp", action="store_true",
+                   help="attention data parallelism: the ep/tp attention groups each serve their own sequences")
     g.add_argument("--gpu", action="store_true",
                    help="run on CUDA: bf16 with MXFP4 experts through the Triton kernels (one GPU per rank)")
     g.set_defaults(fn=run)
@@ -137,13 +139,13 @@ def run(args) -> int:
     req = build_request(args)
     path = resolve_model(args.model)
     try:
-        resolve_layout(load_config(resolve_ckpt(path)[0]), args.tp, args.ep)
+        resolve_layout(load_config(resolve_ckpt(path)[0]), args.tp, args.ep, attn_dp=args.attn_dp)
     except LayoutError as e:
         raise UsageError(str(e)) from None
     if args.gpu and not torch.cuda.is_available():
         raise UsageError("--gpu: no CUDA device on this machine")
     runtime = dict(dtype=torch.bfloat16, device="cuda", keep_mxfp4=True) if args.gpu else dict(dtype=torch.float32)
-    engine = build_engine(path, EngineConfig(), args.tp, args.ep, **runtime)
+    engine = build_engine(path, EngineConfig(), args.tp, args.ep, attn_dp=args.attn_dp, **runtime)
     t0 = time.time()
     try:
         outs = engine.generate([req])[req.request_id]

@@ -14,6 +14,9 @@ def _add_common(p) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--ep", type=int, default=1)
+    p.add_argument("--attn-dp", action="store_true",
+                   help="attention data parallelism: each of the ep/tp attention groups serves its own "
+                        "sequences and holds only their KV (needs --ep > --tp)")
     p.add_argument("--min-replicas", type=int, default=1)
     p.add_argument("--max-replicas", type=int, default=1)
     p.add_argument("--gpu", action="store_true", help="one GPU per rank")
@@ -50,7 +53,8 @@ def build_config(args):
     sizes = {k: getattr(args, k) for k in ("max_num_seqs", "max_tokens_per_step", "max_model_len")
              if getattr(args, k) is not None}
     try:
-        group = ModelGroupConfig(name=args.name, path=args.model, tp=args.tp, ep=args.ep, use_gpu=args.gpu,
+        group = ModelGroupConfig(name=args.name, path=args.model, tp=args.tp, ep=args.ep, attn_dp=args.attn_dp,
+                                 use_gpu=args.gpu,
                                  cpus_per_rank=args.cpus_per_rank,
                                  engine=EngineConfig(kv_cache_fraction=fraction, **sizes),
                                  autoscaling=AutoscalingConfig(min_replicas=args.min_replicas,
@@ -59,10 +63,11 @@ def build_config(args):
     except ValidationError as e:
         err = e.errors()[0]
         loc = [str(x) for x in err["loc"] if not str(x).isdigit()]
-        field = loc[-1] if loc else next((f for f in ("min_replicas", "max_replicas") if f in err["msg"]), "config")
+        # a model validator's error has no field: the message names the one it is about
+        named = next((f for f in ("kv_cache_fraction", "attn_dp", "min_replicas", "max_replicas")
+                      if f in err["msg"]), None)
+        field = named or (loc[-1] if loc else "config")
         flag = {"path": "model", "use_gpu": "gpu"}.get(field, field)
-        if "kv_cache_fraction" in err["msg"] or field == "kv_cache_fraction":
-            flag = "kv_cache_fraction"
         raise UsageError(f"--{flag.replace('_', '-')}: {err['msg']}") from None
 
 

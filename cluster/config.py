@@ -33,6 +33,9 @@ class ModelGroupConfig(BaseModel):
     path: str = Field("demo", description="checkpoint directory, or 'demo'")
     tp: int = Field(1, ge=1)
     ep: int = Field(1, ge=1)
+    attn_dp: bool = Field(False, description="attention data parallelism: the group's ep/tp attention groups "
+                                             "each serve their own sequences and hold only their KV (needs "
+                                             "ep > tp); off, every attention group runs the whole batch")
     use_gpu: bool = False
     cpus_per_rank: float = Field(1.0, gt=0)
     max_pending: int = Field(256, ge=1, description="requests per group beyond which clients get 429")
@@ -43,6 +46,9 @@ class ModelGroupConfig(BaseModel):
     def _name(self):
         if not re.fullmatch(r"[A-Za-z0-9._:/-]{1,128}", self.name):
             raise ValueError(f"invalid model name {self.name!r}")
+        if self.attn_dp and self.ep <= self.tp:
+            raise ValueError(f"attn_dp needs ep > tp (attention groups = ep / tp): tp={self.tp}, ep={self.ep} "
+                             "has one attention group")
         if self.engine.kv_cache_fraction is not None and not self.use_gpu:
             raise ValueError("engine.kv_cache_fraction sizes the KV cache from GPU memory: it needs use_gpu "
                              "(on CPUs set engine.num_blocks)")

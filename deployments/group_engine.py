@@ -19,7 +19,7 @@ def build_group_engine(cfg: ModelGroupConfig, make_workers: Callable | None = No
     kernels' path, and the group warms up (kernels compiled, decode graphs captured, on every rank)
     before it returns; without CUDA a one-rank group refuses to start."""
     from cli.main import resolve_model
-    from engine.core import LLMEngine
+    from engine.core import LLMEngine, engine_over_workers
     from models import load_model
     path = resolve_model(cfg.path)
     dtype, keep_mxfp4 = getattr(torch, cfg.dtype), True if cfg.use_gpu else None
@@ -32,14 +32,15 @@ def build_group_engine(cfg: ModelGroupConfig, make_workers: Callable | None = No
         if cfg.use_gpu:
             log.info("model group '%s' warmed up: %s", cfg.name, llm.warmup())
         return llm, None
-    from engine.executor import graph_buckets
-    from parallel.worker import MultiProcessExecutor, RankWorkers, WorkerSpec, fit_kv
-    spec = WorkerSpec(str(path), cfg.tp, cfg.ep, dtype=dtype, device=cfg.device, keep_mxfp4=keep_mxfp4)
+    from parallel.worker import RankWorkers, WorkerSpec
+    spec = WorkerSpec(str(path), cfg.tp, cfg.ep, dtype=dtype, device=cfg.device, keep_mxfp4=keep_mxfp4,
+                      attn_dp=cfg.attn_dp)
     workers = (make_workers or RankWorkers)(spec)
-    engine_cfg = fit_kv(workers, cfg.engine)
-    buckets = graph_buckets(engine_cfg.max_num_seqs)
-    llm = LLMEngine(None, engine_cfg, model_config=workers.config,
-                    executor_factory=lambda s: MultiProcessExecutor(workers, s, graph_buckets=buckets))
+    try:
+        llm = engine_over_workers(workers, cfg.engine)
+    except BaseException:
+        workers.shutdown()
+        raise
     if cfg.use_gpu:
         try:
             log.info("model group '%s' warmed up: %s", cfg.name, llm.warmup())

@@ -8,6 +8,7 @@ replaces it.
 
 from __future__ import annotations
 
+import re
 import uuid
 
 import ray
@@ -49,7 +50,7 @@ def rendezvous_url(ip: str, port: int) -> str:
 
 class RayRankWorkers:
     def __init__(self, spec: WorkerSpec, use_gpu: bool, cpus_per_rank: float, timeout: float = 180.0,
-                 startup_timeout: float = 1800.0):
+                 startup_timeout: float = 1800.0, label: str = ""):
         """timeout: per call; startup_timeout: for the ranks to load their shards (a 120b EP8 rank
         reads ~11 GB) and for warmup (every kernel size class compiled, every decode graph captured)."""
         from models.config import load_config
@@ -63,9 +64,9 @@ class RayRankWorkers:
         pg = ray.util.get_current_placement_group()
         actor = ray.remote(RankActor)
         self.actors = []
-        group = uuid.uuid4().hex[:8]
+        # named "gptoss-rank-<model>-<group>-<rank>", so operators (and tests) find a model's ranks
+        group = (re.sub(r"[^A-Za-z0-9._-]", "_", label) + "-" if label else "") + uuid.uuid4().hex[:8]
         for r in range(len(self.layout)):
-            # named, so operators (and tests) can find a group's ranks in the Ray state API
             opts = {"num_cpus": cpus_per_rank, "num_gpus": 1 if use_gpu else 0, "max_restarts": 0,
                     "name": f"gptoss-rank-{group}-{r}", "namespace": NAMESPACE}
             if pg is not None:
@@ -86,6 +87,10 @@ class RayRankWorkers:
     def submit(self, kind: str, payload=None) -> list:
         """Send to every rank now (a Ray actor runs its calls in the order sent); `collect` later."""
         return [a.handle.remote(kind, payload) for a in self.actors]
+
+    def submit_each(self, kind: str, payloads: list) -> list:
+        """Send each rank its own payload (payloads[rank])."""
+        return [a.handle.remote(kind, p) for a, p in zip(self.actors, payloads, strict=True)]
 
     def collect(self, refs: list, timeout: float | None = None) -> list:
         return self._get(refs, timeout)

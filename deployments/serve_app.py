@@ -37,7 +37,7 @@ class ReplicaGroup:
         from .ray_workers import RayRankWorkers
         self.cfg = cfg = ModelGroupConfig(**group)
         llm, self.workers = build_group_engine(
-            cfg, lambda spec: RayRankWorkers(spec, cfg.use_gpu, cfg.cpus_per_rank))
+            cfg, lambda spec: RayRankWorkers(spec, cfg.use_gpu, cfg.cpus_per_rank, label=cfg.name))
         self.engine = AsyncEngine(llm)
         self.failed: str | None = None
         self._publisher = threading.Thread(target=self._publish_metrics, name="metrics", daemon=True)

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from models.attention import NULL_BLOCK
 
 from . import harmony, kv_budget
+from .data_parallel import DataParallelBlocks
 from .executor import CacheSpec, LocalExecutor, StepInput, graph_buckets
 from .grammar import GrammarMatcher, fill_packed
 from .kv_cache import BlockManager
@@ -44,7 +45,10 @@ class EngineConfig(BaseModel):
 class LLMEngine:
     """`model` runs in this process; `executor_factory(cache_spec)` runs it elsewhere (rank workers)."""
 
-    def __init__(self, model=None, config: EngineConfig = EngineConfig(), executor_factory=None, model_config=None):
+    def __init__(self, model=None, config: EngineConfig = EngineConfig(), executor_factory=None, model_config=None,
+                 data_parallel: int = 1):
+        """data_parallel: attention groups of the executor's ranks (engine.data_parallel), each with its
+        own KV pools of config's sizes."""
         if model is not None and config.kv_cache_fraction is not None:  # rank workers: sized by the caller
             config = kv_budget.fit(config, [kv_budget.measure_kv_blocks(model, config)])
         self.config = config
@@ -61,7 +65,9 @@ class LLMEngine:
             raise ValueError(f"num_sliding_blocks={n_slide} cannot hold one sequence's window and step "
                              f"(needs >= {min_slide})")
         self.vocab_size = mc.vocab_size
-        self.blocks = BlockManager(config.num_blocks, n_slide, bs, window, config.enable_prefix_cache)
+        args = (config.num_blocks, n_slide, bs, window, config.enable_prefix_cache)
+        self.data_parallel = data_parallel
+        self.blocks = DataParallelBlocks(data_parallel, *args) if data_parallel > 1 else BlockManager(*args)
         groups = tuple("sliding" if mc.window(i) else "full" for i in range(mc.num_hidden_layers))
         spec = CacheSpec(bs, {"full": config.num_blocks, "sliding": n_slide}, groups)
         self.executor = executor_factory(spec) if executor_factory else LocalExecutor(
@@ -184,7 +190,7 @@ class LLMEngine:
     def _build_step(self, sched: SchedulerOutput) -> tuple[StepInput, list[Sequence]]:
         bs = self.config.block_size
         ids, pos, qs, ctx, rows, sample_seqs, fill = [], [], [0], [], [], [], []
-        slots = {g: [] for g in self.blocks.pools}
+        slots = {g: [] for g in self.blocks.pool_names}
         for it in sched.items:
             s, a = it.seq, it.seq.num_computed
             b = a + it.num_tokens
@@ -214,7 +220,8 @@ class LLMEngine:
         # pending inputs are filled by the executor, where the step in flight samples them (fill_pending)
         step = StepInput(torch.tensor(ids), torch.tensor(pos), torch.tensor(qs), torch.tensor(ctx), tables,
                          {g: torch.tensor(v, dtype=torch.long) for g, v in slots.items()},
-                         torch.tensor(rows, dtype=torch.long), torch.tensor(fill) if fill else None)
+                         torch.tensor(rows, dtype=torch.long), torch.tensor(fill) if fill else None,
+                         torch.tensor([it.seq.blocks.group for it in sched.items]) if self.data_parallel > 1 else None)
         return step, sample_seqs
 
     def _sample_spec(self, seqs: list[Sequence]) -> SampleSpec:
@@ -375,23 +382,30 @@ def _raw_eos() -> frozenset[int]:
 
 
 def build_engine(path, config: EngineConfig = EngineConfig(), tp: int = 1, ep: int = 1,
-                 dtype: torch.dtype = torch.float32, device: str = "cpu", keep_mxfp4: bool | None = None
-                 ) -> LLMEngine:
+                 dtype: torch.dtype = torch.float32, device: str = "cpu", keep_mxfp4: bool | None = None,
+                 attn_dp: bool = False) -> LLMEngine:
     """An engine over one process (tp = ep = 1) or over tp x ep local rank workers."""
     if tp == 1 and ep == 1:
         from models import load_model
         return LLMEngine(load_model(path, dtype, device, keep_mxfp4=keep_mxfp4), config)
-    from parallel.worker import MultiProcessExecutor, RankWorkers, WorkerSpec, fit_kv
-    workers = RankWorkers(WorkerSpec(str(path), tp, ep, dtype, device, keep_mxfp4=keep_mxfp4))
+    from parallel.worker import RankWorkers, WorkerSpec
+    return engine_over_workers(RankWorkers(WorkerSpec(str(path), tp, ep, dtype, device, keep_mxfp4=keep_mxfp4,
+                                                      attn_dp=attn_dp)), config)
+
+
+def engine_over_workers(workers, config: EngineConfig) -> LLMEngine:
+    """An engine driving started rank workers (RankWorkers or Ray actors), its KV sized on the ranks
+    (kv_cache_fraction) and, under attention data parallelism, one set of pools per attention group."""
+    from parallel.worker import MultiProcessExecutor, fit_kv
     config = fit_kv(workers, config)
     buckets = graph_buckets(config.max_num_seqs)
-    return LLMEngine(None, config, executor_factory=lambda spec: MultiProcessExecutor(workers, spec,
-                                                                                      graph_buckets=buckets),
-                     model_config=workers.config)
+    dp = workers.layout[0].dp if workers.attn_dp else 1
+    return LLMEngine(None, config, model_config=workers.config, data_parallel=dp,
+                     executor_factory=lambda spec: MultiProcessExecutor(workers, spec, graph_buckets=buckets))
 
 
 def output_tokens(outs: list[RequestOutput], index: int = 0) -> list[int]:
     return [t for o in outs if o.index == index for t in o.token_ids]
 
 
-__all__ = ["EngineConfig", "LLMEngine", "ScheduledSeq", "build_engine", "output_tokens"]
+__all__ = ["EngineConfig", "LLMEngine", "ScheduledSeq", "build_engine", "engine_over_workers", "output_tokens"]

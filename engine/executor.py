@@ -45,6 +45,12 @@ class StepInput:
     # overlapped scheduling: [n, 2] (row of input_ids, row of the previous step's samples) for inputs
     # that step sampled and the engine has not read yet; the executor fills them where they are
     fill: torch.Tensor | None = None
+    # attention data parallelism: [sequences] the attention group each sequence's KV lives in
+    groups: torch.Tensor | None = None
+    # attention data parallelism, a group's sub-step: the decode bucket every group pads to (all run
+    # the static forward, whose MoE gathers every group's tokens), or 0: every group runs eagerly (the
+    # all-to-all). The ranks must agree, so the driver decides; None: the executor decides (one group).
+    pad_to: int | None = None
 
 
 @dataclass(frozen=True)
@@ -198,7 +204,10 @@ def static_forward_supported(model) -> bool:
     that need no all-to-all sizes: one EP rank (the split group's slices are gathered at sizes
     known up front), or an EP group holding the same tokens that may combine by all-reduce."""
     comm = model.comm
-    moe_ok = comm.ep_size == 1 or (comm.ep_replicated and all(b.moe.combine != "all_to_all" for b in model.blocks))
+    # an EP group holding the same tokens all-reduces; one of attention-DP ranks (tp 1) gathers every
+    # rank's tokens first and reduce-scatters (models.layers.MoE)
+    moe_ok = comm.ep_size == 1 or ((comm.ep_replicated or comm.split_size == 1)
+                                   and all(b.moe.combine != "all_to_all" for b in model.blocks))
     return moe_ok and all(b.moe.packed for b in model.blocks)
 
 
@@ -259,7 +268,15 @@ class LocalExecutor:
 
     def execute(self, step: StepInput) -> torch.Tensor:
         step = fill_pending(step, self.sampling.last) if step.fill is not None else step
-        if self.graphs is not None and (self.graphs.enabled is False or dispatch.use_triton(self.model.device)):
+        graph_path = self.graphs is not None and (self.graphs.enabled is False or dispatch.use_triton(self.model.device))
+        if step.pad_to is not None:  # attention DP: the driver chose for every group
+            if step.pad_to and graph_path:
+                padded = pad_decode_step(step, step.pad_to, self.graph_width, self.spec.block_size)
+                if padded is None:  # no table outgrows graph_width (the pool, the longest position)
+                    raise RuntimeError(f"a decode step does not fit bucket {step.pad_to}")
+                return self._replay(padded, step.context_lens.numel())
+            return run_step(self.model, self.cache, self.spec, step)
+        if graph_path:
             bucket = decode_bucket(step, self.graphs.buckets)
             padded = None if bucket is None else pad_decode_step(step, bucket, self.graph_width,
                                                                  self.spec.block_size)

@@ -80,6 +80,7 @@ class SeqBlocks:
     tables: dict[str, list[int]] = field(default_factory=lambda: {"full": [], "sliding": []})
     hashes: list[int] = field(default_factory=list)   # chain hashes of completed full blocks
     slid: int = 0  # sliding-table entries before this index are released (NULL_BLOCK)
+    group: int | None = None  # attention data parallelism: whose pools hold the blocks (engine.data_parallel)
 
 
 class BlockManager:
@@ -94,6 +95,14 @@ class BlockManager:
         self.hit_tokens = 0
         self.query_tokens = 0
 
+    @property
+    def pool_names(self) -> list[str]:
+        return list(self.pools)
+
+    def shares_pool(self, a: SeqBlocks, b: SeqBlocks) -> bool:
+        """Whether freeing a's blocks can make room for b's (always, with one set of pools)."""
+        return True
+
     # ---- prefix cache ------------------------------------------------------
     def _chain(self, tokens: list[int], n_blocks: int, parent: int = 0) -> list[int]:
         out = []
@@ -101,6 +110,17 @@ class BlockManager:
             parent = hash((parent, tuple(tokens[i * self.bs:(i + 1) * self.bs])))
             out.append(parent)
         return out
+
+    def chain(self, tokens: list[int]) -> list[int]:
+        """The hashes of the full blocks a prompt's prefix match may use."""
+        return self._chain(tokens, (len(tokens) - 1) // self.bs) if self.prefix_cache else []
+
+    def cached_blocks(self, chain: list[int]) -> int:
+        """How many leading blocks of `chain` the full pool holds (a probe: takes nothing)."""
+        by_hash, k = self.pools["full"].by_hash, 0
+        while k < len(chain) and chain[k] in by_hash:
+            k += 1
+        return k
 
     def match_prefix(self, seq: SeqBlocks, tokens: list[int]) -> int:
         """Attach cached blocks for the longest usable prefix; returns the tokens covered.

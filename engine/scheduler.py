@@ -57,7 +57,8 @@ class Scheduler:
                 continue
             n = min(seq.to_compute, budget)
             while not self.blocks.allocate(seq.blocks, seq.num_computed + n):
-                victim = self.running[-1]
+                # the latest admitted whose blocks come from the same pools (attention groups)
+                victim = next(v for v in reversed(self.running) if self.blocks.shares_pool(v.blocks, seq.blocks))
                 self._preempt(victim)
                 evicted.add(id(victim))
                 if victim is seq:

@@ -171,6 +171,9 @@ class MoE(nn.Module):
     outputs: fixed shapes, no host reads, and one [N, hidden] all-reduce in
     place of two all-to-alls of the pairs and a gather. `combine` forces one way for every step
     ("all_to_all" or "all_reduce"); "auto" takes the all-reduce for static steps only.
+    Under attention data parallelism (tp 1: each rank holds its own tokens, padded to one bucket)
+    a static step gathers the EP group's tokens first and sums by reduce-scatter, each rank keeping
+    its own rows: the same fixed shapes, the all-reduce's traffic.
     With one EP rank, the split group's slices need no exchange either way.
     """
 
@@ -304,9 +307,17 @@ class MoE(nn.Module):
             # each pair computed once, by its owner: copies of a hot expert take turns, as in the all-to-all
             mine = torch.where(self.owners(idx).view_as(idx) == self.ep_rank, idx, len(self.global_to_local))
             return c.ep_all_reduce(self.compute(x, mine, weights, self.local_or_skip))
+        if static and c.ep_size > 1 and c.split_size == 1 and self.combine != "all_to_all":
+            # attention DP (each rank its own tokens, every decode step padded to one bucket): gather the
+            # EP group's tokens, run the pairs owned here, sum and hand each rank back its rows
+            xa = c.ep_all_gather_rows(x)
+            ma = None if token_mask is None else c.ep_all_gather_rows(token_mask.to(torch.uint8)).bool()
+            idx, weights = self.route(xa, ma, count=self.counts_all)
+            mine = torch.where(self.owners(idx).view_as(idx) == self.ep_rank, idx, len(self.global_to_local))
+            return c.ep_reduce_scatter_rows(self.compute(xa, mine, weights, self.local_or_skip))
         if static and c.ep_size > 1:
-            raise RuntimeError("a static MoE step needs an all-reduce combine: the EP group must hold the same "
-                               "tokens (replicated attention) and combine must not be 'all_to_all'")
+            raise RuntimeError("a static MoE step needs the all-reduce combine (the EP group holds the same "
+                               "tokens) or, under attention DP, tp 1; and combine must not be 'all_to_all'")
         n, t = x.shape[0], c.split_size
         counts = [n // t + (1 if r < n % t else 0) for r in range(t)]
         start = sum(counts[:c.split_rank])

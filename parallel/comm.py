@@ -40,6 +40,12 @@ class LocalComm:
     def ep_all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         return x
 
+    def ep_all_gather_rows(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def ep_reduce_scatter_rows(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
     def all_ok(self, ok: bool) -> bool:
         return ok
 
@@ -159,6 +165,24 @@ class DistComm:
             dist.all_reduce(x, group=self.ep_group)
         return x
 
+    def ep_all_gather_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """The EP group's equal-sized row blocks, in EP rank order (fixed shape: a graph captures it)."""
+        if self.ep_size == 1:
+            return x
+        out = torch.empty(self.ep_size * x.shape[0], *x.shape[1:], dtype=x.dtype, device=x.device)
+        (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(
+            out, x.contiguous(), group=self.ep_group)
+        return out
+
+    def ep_reduce_scatter_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum over the EP group, each rank keeping its own block of rows (the inverse of the gather)."""
+        if self.ep_size == 1:
+            return x
+        out = torch.empty(x.shape[0] // self.ep_size, *x.shape[1:], dtype=x.dtype, device=x.device)
+        (getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor)(
+            out, x.contiguous(), group=self.ep_group)
+        return out
+
     def all_ok(self, ok: bool) -> bool:
         """Whether every rank says ok (a decision all ranks must take together)."""
         t = torch.tensor([int(ok)], device=self.device)
@@ -166,8 +190,10 @@ class DistComm:
         return bool(t.item())
 
     def broadcast_from_first(self, x: torch.Tensor) -> torch.Tensor:
-        """x from global rank 0 to every rank, in place (the sampled ids each rank's next step may read)."""
-        dist.broadcast(x, src=0)
+        """x from the split group's first rank to the group, in place (the sampled ids each rank's next
+        step may read): rank 0 to all, or within each attention group under attention DP."""
+        if self.split_size > 1:
+            dist.broadcast(x, src=self.me.split_ranks[0], group=self.split_group)
         return x
 
     def barrier(self):

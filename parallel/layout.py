@@ -74,6 +74,9 @@ def resolve_layout(cfg: GptOssConfig, tp: int = 1, ep: int = 1, gpus_per_node: i
         raise LayoutError(f"--tp {tp} exceeds the {K} KV heads and is not a multiple of them")
     if tp <= K and K % tp:
         raise LayoutError(f"--tp {tp} does not divide the {K} KV heads")
+    if attn_dp and world == tp:
+        raise LayoutError(f"--attn-dp needs --ep larger than --tp (attention groups = ep / tp); --tp {tp} "
+                          f"--ep {ep} makes one group")
     if ep > cfg.num_local_experts:
         raise LayoutError(f"--ep {ep} exceeds the {cfg.num_local_experts} experts")
     placement = placement or contiguous_placement(cfg.num_local_experts, ep)

@@ -104,7 +104,8 @@ class RankRuntime:
         if kind == "step":
             logits = self.executor.execute(payload)
             self.comm.end_forward()
-            return logits.cpu() if self.rank == 0 else None  # every attention group computed the same rows
+            # rank 0, or each attention group's first rank (the others hold the same rows)
+            return logits.cpu() if self.me.split_rank == 0 else None
         if kind == "step_sampled":
             return self._step_sampled(*payload)
         if kind == "kv_blocks":  # payload: EngineConfig; before "cache"
@@ -137,9 +138,10 @@ class RankRuntime:
 
 
     def _step_sampled(self, step, spec):
-        """Run the step; rank 0 samples where the logits are and sends back token ids (not [batch,
-        vocab] logits); every rank keeps the ids (broadcast from rank 0): the next step, sent before
-        the engine reads these, takes its pending inputs from them (overlapped scheduling)."""
+        """Run the step; the first rank of the ranks holding these rows (rank 0; under attention
+        data parallelism, each group's first) samples where the logits are and sends back token ids
+        (not [batch, vocab] logits); its peers keep the ids too (a broadcast): the next step, sent
+        before the engine reads these, takes its pending inputs from them (overlapped scheduling)."""
         from engine.sampler import SamplerOutput
         sampling = self.executor.sampling
         logits = self.executor.execute(step)  # pending inputs filled from sampling.last
@@ -147,12 +149,12 @@ class RankRuntime:
         if spec is None:
             return None
         out, failed = None, None
-        if self.rank == 0:
+        if self.me.split_rank == 0:
             try:
                 out = sampling.sample(logits, spec)
             except Exception as e:  # the other ranks wait in the broadcast: release them, then report
                 failed = e
-        if self.comm.world > 1:
+        if self.comm.split_size > 1:
             ids = out.token_ids if out is not None else torch.full((len(spec.params),), -1, dtype=torch.long,
                                                                     device=self.model.device)
             sampling.last = self.comm.broadcast_from_first(ids)
@@ -245,6 +247,12 @@ class RankWorkers:
             c.send((kind, payload))
         return kind
 
+    def submit_each(self, kind: str, payloads: list):
+        """Send each rank its own payload (payloads[rank])."""
+        for c, p in zip(self.conns, payloads, strict=True):
+            c.send((kind, p))
+        return kind
+
     def collect(self, ticket, timeout: float | None = None) -> list:
         return self._gather(ticket, timeout)
 
@@ -281,8 +289,10 @@ class _RankStep:
     """A step sent to the ranks whose reply has not been read: `synchronize()` reads it (and every
     step sent before it) into `output`."""
 
-    def __init__(self, executor: "MultiProcessExecutor", ticket):
+    def __init__(self, executor: "MultiProcessExecutor", ticket, merge=None):
+        """merge: every rank's reply -> the step's output (default rank 0's)."""
         self.executor, self.ticket = executor, ticket
+        self.merge = merge or (lambda replies: replies[0])
         self.done, self.output, self.error = False, None, None
 
     def synchronize(self) -> None:
@@ -298,14 +308,19 @@ class MultiProcessExecutor:
     def __init__(self, workers, cache_spec, sample_on_rank: bool = True, graph_buckets: tuple[int, ...] | None = None):
         """sample_on_rank=False brings the logits back and samples here (for measurements).
         graph_buckets: the ranks' decode graph buckets (engine.executor.graph_buckets; default all)."""
-        if workers.attn_dp:
-            raise ValueError("engine steps under attention data parallelism are not supported yet")
+        from kernels.cuda_graphs import DEFAULT_BUCKETS
         self.workers = workers
+        self.splitter, self.leads = None, [0]
+        if workers.attn_dp:  # each attention group runs its own sub-step; its first rank answers for it
+            from engine.data_parallel import StepSplitter
+            dp = workers.layout[0].dp
+            self.splitter = StepSplitter(dp, graph_buckets or DEFAULT_BUCKETS)
+            self.leads = [next(r.rank for r in workers.layout if r.dp_rank == g and r.tp_rank == 0)
+                          for g in range(dp)]
         self.config = workers.config
         self.sample_on_rank = sample_on_rank
         self.sampling = None
         self._sent: list[_RankStep] = []  # steps sent, replies not read, oldest first
-        from kernels.cuda_graphs import DEFAULT_BUCKETS
         modes = workers.call("cache", (cache_spec, graph_buckets or DEFAULT_BUCKETS))
         if len(set(modes)) > 1:  # they would run different collectives in a decode step and hang
             raise WorkerError(f"the ranks disagree on running decode steps as CUDA graphs: {modes}")
@@ -323,12 +338,27 @@ class MultiProcessExecutor:
                 raise ValueError("a step with pending inputs needs the previous step sampled by this executor")
             from engine.executor import fill_pending
             step = fill_pending(step, self.sampling.last)
-        return self.workers.call("step", step)[0]
+        if self.splitter is None:
+            return self.workers.call("step", step)[0]
+        from engine.data_parallel import merge_logits
+        split = self.splitter.split(step, None)
+        replies = self.workers.collect(self.workers.submit_each("step", self._per_rank(split.steps)))
+        return merge_logits([replies[r] for r in self.leads], split.rows, split.num_rows)
+
+    def _per_rank(self, per_group: list) -> list:
+        return [per_group[r.dp_rank] for r in self.workers.layout]
 
     def execute_sampled(self, step, spec):
         """-> a _RankStep (sent, not waited for) whose `output` is rank 0's SamplerOutput once synchronized."""
         if self.sample_on_rank:
-            sent = _RankStep(self, self.workers.submit("step_sampled", (step, spec)))
+            if self.splitter is None:
+                sent = _RankStep(self, self.workers.submit("step_sampled", (step, spec)))
+            else:
+                from engine.data_parallel import merge_samples
+                split = self.splitter.split(step, spec)
+                ticket = self.workers.submit_each("step_sampled", self._per_rank(list(zip(split.steps, split.specs))))
+                sent = _RankStep(self, ticket, lambda replies: None if spec is None else merge_samples(
+                    [replies[r] for r in self.leads], split.rows, split.num_rows))
             self._sent.append(sent)
             return sent
         from engine.sampler import SamplerState
@@ -342,7 +372,7 @@ class MultiProcessExecutor:
         while self._sent and (upto is None or not upto.done):
             sent = self._sent.pop(0)
             try:
-                sent.output = self.workers.collect(sent.ticket)[0]
+                sent.output = sent.merge(self.workers.collect(sent.ticket))
             except Exception as e:  # kept for the engine, which fails the step when it reads it
                 sent.error = e
             sent.done = True

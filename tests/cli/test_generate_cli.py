@@ -63,6 +63,7 @@ def test_bad_flags_are_named(tiny_ckpt, files, tmp_path):
         (["--reasoning-effort", "max"], "--reasoning-effort"),
         (["--tp", "3"], "--tp 3"),
         (["--ep", "0"], "--ep"),
+        (["--tp", "2", "--ep", "2", "--attn-dp"], "--attn-dp needs --ep larger than --tp"),
     ]
     import torch
     if not torch.cuda.is_available():

@@ -104,3 +104,9 @@ def test_serve_config_cli(tmp_path):
     r = subprocess.run([sys.executable, "-m", "cli.main", "serve-config", "--min-replicas", "3",
                         "--max-replicas", "2"], capture_output=True, text=True)
     assert r.returncode == 2 and "--min-replicas" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, "-m", "cli.main", "serve-config", "--ep", "4", "--attn-dp"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and yaml.safe_load(r.stdout)["applications"][0]["args"]["config"]["models"][0]["attn_dp"]
+    r = subprocess.run([sys.executable, "-m", "cli.main", "serve-config", "--tp", "2", "--ep", "2", "--attn-dp"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "--attn-dp: " in r.stderr and "ep > tp" in r.stderr and "Traceback" not in r.stderr

@@ -62,6 +62,7 @@ def app(tiny_ckpt, prometheus):
                          autoscaling=AutoscalingConfig(min_replicas=1, max_replicas=2, target_queue_depth=2,
                                                        upscale_delay_s=0.5, downscale_delay_s=3)),
         ModelGroupConfig(name="tiny-ep2", path=str(tiny_ckpt), ep=2, cpus_per_rank=0.5, engine=eng),
+        ModelGroupConfig(name="tiny-dp2", path=str(tiny_ckpt), ep=2, attn_dp=True, cpus_per_rank=0.5, engine=eng),
     ])
     ray.init(num_cpus=8, include_dashboard=False, _metrics_export_port=METRICS_PORT, runtime_env={"env_vars": {
         "TIKTOKEN_ENCODINGS_BASE": os.environ.get("TIKTOKEN_ENCODINGS_BASE", ""), "OMP_NUM_THREADS": "1"}})
@@ -80,7 +81,7 @@ def _chat(client, model, **kw):
 
 def test_models_and_chat(app):
     ids = {m.id for m in app.models.list().data}
-    assert {"tiny", "tiny-ep2"} <= ids
+    assert {"tiny", "tiny-ep2", "tiny-dp2"} <= ids
     r = _chat(app, "tiny")
     assert r.choices[0].finish_reason in ("stop", "length") and r.usage.completion_tokens > 0
 
@@ -89,6 +90,24 @@ def test_ep2_group_gives_the_same_greedy_output(app):
     a, b = _chat(app, "tiny"), _chat(app, "tiny-ep2")
     assert a.choices[0].message.content == b.choices[0].message.content
     assert a.usage.completion_tokens == b.usage.completion_tokens
+
+
+def test_attention_data_parallel_group_serves_like_one_process(app):
+    """A tp1 x ep2 group with attention data parallelism (two attention groups, each with its own
+    sequences and KV on its Ray actor): concurrent chats, plain and streamed, give one process's text."""
+    prompts = [f"Say something about {w}" for w in ("cats", "the sea", "Paris", "numbers", "rain", "tea")]
+
+    def chat(model, p, stream=False):
+        kw = dict(model=model, messages=[{"role": "user", "content": p}], temperature=0, max_tokens=24,
+                  extra_body={"max_reasoning_tokens": 6})
+        if not stream:
+            return app.chat.completions.create(**kw).choices[0].message.content
+        return "".join(c.choices[0].delta.content or "" for c in app.chat.completions.create(stream=True, **kw)
+                       if c.choices)
+    with ThreadPoolExecutor(6) as pool:
+        want = list(pool.map(lambda p: chat("tiny", p), prompts))
+        got = list(pool.map(lambda ip: chat("tiny-dp2", ip[1], stream=ip[0] % 2 == 1), enumerate(prompts)))
+    assert got == want and all(want)
 
 
 def test_rank_actors_meet_at_rank_0s_node_address(app, tiny_ckpt):
@@ -161,8 +180,8 @@ def _stream(client, model, progress, key):
 
 def test_killing_a_rank_ends_its_streams_with_an_error_and_the_group_is_replaced(app):
     names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-             if a["name"].startswith("gptoss-rank-")]
-    assert len(names) == 2, names  # the EP2 group's two ranks (single-rank groups have none)
+             if a["name"].startswith("gptoss-rank-tiny-ep2-")]
+    assert len(names) == 2, names  # the EP2 group's two ranks
     progress: dict = {}
     with ThreadPoolExecutor(2) as pool:
         victim = pool.submit(_stream, app, "tiny-ep2", progress, "victim")
@@ -188,7 +207,7 @@ def test_killing_a_rank_ends_its_streams_with_an_error_and_the_group_is_replaced
     else:
         pytest.fail(f"the EP2 group was not replaced: {last}")
     fresh = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-             if a["name"].startswith("gptoss-rank-")]
+             if a["name"].startswith("gptoss-rank-tiny-ep2-")]
     assert len(fresh) == 2 and not set(fresh) & set(names)
 
 

@@ -37,14 +37,62 @@ def test_engine_over_ranks_matches_one_process(tiny_ckpt, reference, tp, ep):
     assert int(load.sum()) > 0
 
 
+@pytest.mark.parametrize("tp,ep", [(1, 2), (2, 4)])
+def test_attention_data_parallel_engine_matches_one_process(tiny_ckpt, reference, tp, ep):
+    """Each attention group holds and computes only its own sequences (its own KV pools, a sub-step
+    per group, an empty one when it has none) and the tokens equal one process's; under tp=2 a
+    group's two ranks share their sampled ids. Small pools force preemptions inside a group."""
+    cfg = EngineConfig(block_size=4, max_tokens_per_step=32, num_blocks=16)
+    e = build_engine(tiny_ckpt, cfg, tp=tp, ep=ep, attn_dp=True)
+    dp = ep // tp
+    both, empty = False, False
+    try:
+        assert e.data_parallel == dp and e.overlap
+        for r in _reqs():
+            e.add_request(r)
+        outs = {r.request_id: [] for r in _reqs()}
+        while e.has_work():
+            for o in e.step():
+                outs[o.request_id].append(o)
+            both |= min(e.blocks.live) > 0
+            empty |= e.has_work() and min(e.blocks.live) == 0 < max(e.blocks.live)
+        got = {k: output_tokens(v) for k, v in outs.items()}
+        assert e.blocks.usage()["full_used"] == 0
+        preempted = e.scheduler.num_preemptions
+    finally:
+        e.shutdown()
+    assert got == reference
+    assert both and empty and preempted > 0
+
+
+def test_attention_data_parallel_samples_like_one_process(tiny_ckpt):
+    """Seeded choices, penalties, logprobs and grammars, sampled by each group's own first rank."""
+    cfg = EngineConfig(block_size=4, max_tokens_per_step=32)
+    ref = build_engine(tiny_ckpt, cfg).generate(_mixed())
+    e = build_engine(tiny_ckpt, cfg, tp=1, ep=2, attn_dp=True)
+    try:
+        got = e.generate(_mixed())
+    finally:
+        e.shutdown()
+    for rid, outs in ref.items():
+        for i in {o.index for o in outs}:
+            assert output_tokens(got[rid], i) == output_tokens(outs, i), (rid, i)
+        lp = [x for o in outs for x in o.logprobs]
+        lp2 = [x for o in got[rid] for x in o.logprobs]
+        assert [x["token"] for x in lp] == [x["token"] for x in lp2] and (rid != "lp" or lp)
+        assert all(abs(a["logprob"] - b["logprob"]) < 1e-4 and a["top"][0][0] == b["top"][0][0]
+                   for a, b in zip(lp, lp2))
+
+
 def test_cli_generate_ep2_tp2_equals_single(tiny_ckpt):
     base = [sys.executable, "-m", "cli.main", "generate", "--model", str(tiny_ckpt), "--temperature", "0",
             "--max-tokens", "24", "--max-reasoning-tokens", "6", "--json", "--prompt", "Hello there"]
     one = subprocess.run(base + ["--tp", "1", "--ep", "1"], capture_output=True, text=True, timeout=300)
     two = subprocess.run(base + ["--tp", "2", "--ep", "2"], capture_output=True, text=True, timeout=300)
-    assert one.returncode == 0 and two.returncode == 0, one.stderr + two.stderr
-    a, b = json.loads(one.stdout), json.loads(two.stdout)
-    assert a == b and a["usage"]["completion_tokens"] > 0
+    dp = subprocess.run(base + ["--tp", "1", "--ep", "2", "--attn-dp"], capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0 and two.returncode == 0 and dp.returncode == 0, one.stderr + two.stderr + dp.stderr
+    a, b, c = json.loads(one.stdout), json.loads(two.stdout), json.loads(dp.stdout)
+    assert a == b == c and a["usage"]["completion_tokens"] > 0
 
 
 def _mixed():
@@ -143,14 +191,16 @@ def test_sampling_failing_on_rank_0_is_reported_and_the_ranks_go_on(tiny_ckpt):
         e.shutdown()
 
 
-def test_overlap_with_engine_side_sampling(tiny_ckpt, reference):
-    """sample_on_rank=False (measurements): the logits come back and the executor samples and fills
-    the pending inputs itself, so forced overlap still gives the reference tokens."""
+@pytest.mark.parametrize("attn_dp", [False, True])
+def test_overlap_with_engine_side_sampling(tiny_ckpt, reference, attn_dp):
+    """sample_on_rank=False (measurements): the logits come back (under attention DP, each group's
+    rows, merged in order) and the executor samples and fills the pending inputs itself, so forced
+    overlap still gives the reference tokens."""
     from engine.core import LLMEngine
     from parallel.worker import MultiProcessExecutor, RankWorkers, WorkerSpec
-    workers = RankWorkers(WorkerSpec(str(tiny_ckpt), 1, 2))
+    workers = RankWorkers(WorkerSpec(str(tiny_ckpt), 1, 2, attn_dp=attn_dp))
     e = LLMEngine(None, EngineConfig(block_size=4, max_tokens_per_step=32, overlap_scheduling=True),
-                  model_config=workers.config,
+                  model_config=workers.config, data_parallel=2 if attn_dp else 1,
                   executor_factory=lambda spec: MultiProcessExecutor(workers, spec, sample_on_rank=False))
     try:
         got = {k: output_tokens(v) for k, v in e.generate(_reqs()).items()}

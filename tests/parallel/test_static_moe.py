@@ -33,7 +33,7 @@ def reference(tiny_ckpt):
 
 def _run(ckpt, tp, ep, warmup=False, **spec):
     workers = RankWorkers(WorkerSpec(str(ckpt), tp, ep, keep_mxfp4=True, **spec))
-    e = LLMEngine(None, CFG, model_config=workers.config,
+    e = LLMEngine(None, CFG, model_config=workers.config, data_parallel=ep // tp if spec.get("attn_dp") else 1,
                   executor_factory=lambda s: MultiProcessExecutor(workers, s, graph_buckets=BUCKETS))
     if warmup:  # every rank runs the same null steps (their collectives line up); nothing is counted
         report = e.warmup()
@@ -67,6 +67,22 @@ def test_decode_steps_combine_by_all_reduce_over_ranks(tiny_ckpt, reference, tp,
     assert sum(received) > 0
 
 
+@pytest.mark.parametrize("placement", [None, [(0, 1, 2, 3, 4), (4, 5, 6, 7, 0)]])
+def test_attention_dp_decode_gathers_and_reduce_scatters(tiny_ckpt, reference, placement):
+    """tp1 x ep2 with attention data parallelism: in a pure-decode step every group pads to one bucket
+    (an empty group too) and the MoE gathers both groups' tokens and reduce-scatters the sums, with
+    no all-to-all; the tokens and the expert load equal one process."""
+    tokens, load = reference
+    got, got_load, steps, times, received = _run(tiny_ckpt, 1, 2, True, cuda_graphs="eager", attn_dp=True,
+                                                  placement=placement)
+    assert got == tokens
+    assert torch.equal(got_load, load)
+    decode = sum(steps)
+    assert 0 < decode < len(steps)
+    assert all(len(t) == len(steps) - decode for t in times.values()), (len(steps), decode, times)
+    assert sum(received) > 0
+
+
 def test_all_reduce_combine_for_every_step(tiny_ckpt, reference):
     """moe_combine="all_reduce": prefill and mixed steps too, eagerly (no graph path)."""
     tokens, load = reference
@@ -77,15 +93,17 @@ def test_all_reduce_combine_for_every_step(tiny_ckpt, reference):
 
 
 def test_which_models_have_a_static_forward():
-    def model(ep, replicated=True, combine="auto", packed=True, cuda=False):
-        comm = SimpleNamespace(ep_size=ep, ep_replicated=replicated)
+    def model(ep, replicated=True, combine="auto", packed=True, cuda=False, split=None):
+        comm = SimpleNamespace(ep_size=ep, ep_replicated=replicated, split_size=split or (ep if replicated else 1))
         moe = SimpleNamespace(combine=combine, packed=packed)
         return SimpleNamespace(comm=comm, blocks=[SimpleNamespace(moe=moe)] * 2,
                                device=torch.device("cuda" if cuda else "cpu"))
     assert static_forward_supported(model(1))
     assert static_forward_supported(model(8))
     assert not static_forward_supported(model(8, combine="all_to_all"))
-    assert not static_forward_supported(model(8, replicated=False))  # attention DP: tokens differ per rank
+    assert static_forward_supported(model(8, replicated=False))  # attention DP, tp 1: gather, reduce-scatter
+    assert not static_forward_supported(model(8, replicated=False, split=2))  # attention DP over tp 2
+    assert not static_forward_supported(model(8, replicated=False, combine="all_to_all"))
     assert not static_forward_supported(model(1, packed=False))       # the torch expert loop reads counts
     assert not graphs_supported(model(8))                             # no CUDA here
 
