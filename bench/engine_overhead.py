@@ -70,10 +70,13 @@ def measure_ranks(workers, batch: int, steps: int, sample_on_rank: bool, overlap
     from bench.gpu import requests
     from engine.core import EngineConfig, LLMEngine
     from parallel.worker import MultiProcessExecutor
-    per_seq = -(-(context + steps + 16) // 16) + 1
+    step_tokens = max(batch, 64, min(batch * context, 4096))
+    # every sequence still decodes when the last prompt is in: the first ones decode during the prefill
+    out_len = steps + 12 + -(-batch * context // step_tokens)
+    per_seq = -(-(context + out_len) // 16) + 1
     cfg = EngineConfig(block_size=16, num_blocks=batch * per_seq + 8, max_num_seqs=batch,
-                       max_tokens_per_step=max(batch, 64, min(batch * context, 4096)), overlap_scheduling=overlap,
-                       max_model_len=context + steps + 32)
+                       max_tokens_per_step=step_tokens, overlap_scheduling=overlap,
+                       max_model_len=context + out_len + 16)
     dp = workers.layout[0].dp if workers.attn_dp else 1
     eng = LLMEngine(None, cfg, model_config=workers.config, data_parallel=dp,
                     executor_factory=lambda spec: MultiProcessExecutor(workers, spec, sample_on_rank))
@@ -86,7 +89,7 @@ def measure_ranks(workers, batch: int, steps: int, sample_on_rank: bool, overlap
         return out
     workers.collect = collect
     try:
-        for r in requests(batch, context, steps + 12, seed=batch):
+        for r in requests(batch, context, out_len, seed=batch):
             eng.add_request(r)
         while any(s.num_computed < s.prompt_len for ss in eng.seqs.values() for s in ss):
             eng.step()

@@ -47,12 +47,13 @@ SMEM_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448, 120: 
 MAX_REGS = 255
 
 
-def _step_launches(cfg, n_seqs: int, q_len: int, context: int, ep: int = 1) -> list:
+def _step_launches(cfg, n_seqs: int, q_len: int, context: int, ep: int = 1, attn_dp: bool = False) -> list:
     """What one sliding + one full layer launch on CUDA: both norms, rotary, attention, MoE. With ep > 1, the
     MoE as one expert-parallel rank runs it (models.layers.MoE): a decode step (a CUDA graph) combines
     by all-reduce, so the rank runs all N tokens' top-k through its E/ep experts with an expert map;
     a prefill step's all-to-all brings it the rows routed to it (N*k/ep expected), one expert per
-    row (top_k=1, MoE.run_experts)."""
+    row (top_k=1, MoE.run_experts). attn_dp: each rank holds its own n_seqs (tp 1), and a decode step's
+    MoE gathers the EP group's tokens: the rank routes and runs ep x N rows."""
     from . import attention, moe, rmsnorm, rope
     H, I, E, k = cfg.hidden_size, cfg.intermediate_size, cfg.num_local_experts, cfg.num_experts_per_tok
     Hq, K, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -84,17 +85,18 @@ def _step_launches(cfg, n_seqs: int, q_len: int, context: int, ep: int = 1) -> l
                                       max_query_len=q_len)
         u8 = dict(dtype=torch.uint8, **meta)
         static_ep = ep > 1 and q_len == 1
-        E, rows, top = (E, N, k) if ep == 1 else (E // ep, N, k) if static_ep else (E // ep, max(1, N * k // ep), 1)
+        gathered = N * ep if static_ep and attn_dp else N
+        E, rows, top = (E, N, k) if ep == 1 else (E // ep, gathered, k) if static_ep else (E // ep, max(1, N * k // ep), 1)
         experts = (torch.empty(E, 2 * I, H // 32, 16, **u8), torch.empty(E, 2 * I, H // 32, **u8),
                    torch.empty(E, 2 * I, dtype=bf16, **meta), torch.empty(E, H, I // 32, 16, **u8),
                    torch.empty(E, H, I // 32, **u8), torch.empty(E, H, dtype=bf16, **meta))
         routing = (torch.empty(rows, top, dtype=torch.long, **meta), torch.empty(rows, top, dtype=bf16, **meta))
         from . import route  # every rank routes its own tokens over all experts
-        route_logits = torch.empty(N, cfg.num_local_experts, dtype=bf16, **meta)
+        route_logits = torch.empty(gathered, cfg.num_local_experts, dtype=bf16, **meta)
         route.route_triton(route_logits, k, torch.empty(cfg.num_local_experts, dtype=torch.long, **meta),
-                           torch.empty(N, dtype=torch.bool, **meta))
+                           torch.empty(gathered, dtype=torch.bool, **meta))
         if static_ep:  # under the all-reduce only rank 0 counts the load: the others route without
-            route.route_triton(route_logits, k, None, torch.empty(N, dtype=torch.bool, **meta))
+            route.route_triton(route_logits, k, None, torch.empty(gathered, dtype=torch.bool, **meta))
         g2l = torch.empty(cfg.num_local_experts, dtype=torch.long, **meta) if static_ep else None
         xm = torch.empty(rows, H, dtype=bf16, **meta)  # one process adds the residual in the combine
         moe.moe_mxfp4(xm, routing, *experts, top_k=top, global_to_local=g2l, residual=xm if ep == 1 else None)
@@ -114,6 +116,9 @@ def workloads():
         out.append((f"120b ep8 d{b}", _step_launches(PRESETS["gpt-oss-120b"], b, 1, DECODE_CONTEXT, ep=8)))
     out.append((f"120b ep8 p{PREFILL_CHUNK}", _step_launches(PRESETS["gpt-oss-120b"], 1, PREFILL_CHUNK,
                                                             PREFILL_CHUNK, ep=8)))
+    for b in DECODE_BATCHES:  # ... with attention data parallelism (the preset's mode): b sequences per rank
+        out.append((f"120b ep8 dp d{b}", _step_launches(PRESETS["gpt-oss-120b"], b, 1, DECODE_CONTEXT, ep=8,
+                                                        attn_dp=True)))
     from . import sample  # the sampler's temperature-only rows: fp32 logits over the vocabulary
     V = PRESETS["gpt-oss-120b"].vocab_size
     for b in DECODE_BATCHES:
@@ -124,13 +129,15 @@ def workloads():
     return out
 
 
-def model_launches(preset: str, batches=DECODE_BATCHES, prefill: int = PREFILL_CHUNK, ep: int = 1) -> list:
+def model_launches(preset: str, batches=DECODE_BATCHES, prefill: int = PREFILL_CHUNK, ep: int = 1,
+                   attn_dp: bool = False) -> list:
     """-> [(use label, launches)] recorded from the model itself (not the launchers called by hand), on
     the meta device with GPTOSS_KERNELS=triton: a decode graph forward per batch and an eager prefill,
     at full size. What a GPU run of one process launches, to check `workloads()` against. ep > 1: the
     decode graphs of EP rank 1 of `ep` (its experts, collectives standing in as identities; not rank 0,
     which alone counts the expert load under the all-reduce: rank 0 launches what one process does); its
-    prefill exchanges sizes on the host, which meta cannot, so it is left out."""
+    prefill exchanges sizes on the host, which meta cannot, so it is left out. attn_dp: that rank
+    under attention data parallelism (its own tokens; the MoE gathers the group's)."""
     from engine.executor import CacheSpec, LocalExecutor, empty_step, null_step, pad_decode_step, run_step
     from models import load_model
     from models.checkpoint import RandomCheckpoint
@@ -144,10 +151,10 @@ def model_launches(preset: str, batches=DECODE_BATCHES, prefill: int = PREFILL_C
         per_rank = contiguous_placement(ckpt.config.num_local_experts, ep)
         copies = [[r for r, ids in enumerate(per_rank) if e in ids] for e in range(ckpt.config.num_local_experts)]
         m = load_model(ckpt, torch.bfloat16, "meta", keep_mxfp4=True, shard=ShardSpec(experts=per_rank[1 if ep > 1 else 0]),
-                       comm=StandInComm(ep, 1) if ep > 1 else None, expert_copies=copies)
+                       comm=StandInComm(ep, 1, attn_dp) if ep > 1 else None, expert_copies=copies)
         groups = tuple("sliding" if m.config.window(i) else "full" for i in range(m.config.num_hidden_layers))
         ex = LocalExecutor(m, CacheSpec(BLOCK_SIZE, {"full": 8192, "sliding": 2048}, groups), cuda_graphs=False)
-        short, uses = preset.removeprefix("gpt-oss-") + (f" ep{ep}" if ep > 1 else ""), []
+        short, uses = preset.removeprefix("gpt-oss-") + (f" ep{ep}" if ep > 1 else "") + (" dp" if attn_dp else ""), []
         for b in batches:
             inputs, _ = ex._graph_inputs(pad_decode_step(empty_step(ex.spec.blocks), b, ex.graph_width, BLOCK_SIZE,
                                                          full_width=True), b)

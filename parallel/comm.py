@@ -58,9 +58,19 @@ class StandInComm(LocalComm):
     input. For checks of one rank's forward in one process (its launches and host reads on the meta
     device, kernels.aot.model_launches); the outputs are not the group's."""
 
-    def __init__(self, ep_size: int, ep_rank: int):
-        self.ep_size = self.split_size = self.world = ep_size
-        self.ep_rank = self.split_rank = self.rank = ep_rank
+    def __init__(self, ep_size: int, ep_rank: int, attn_dp: bool = False):
+        """attn_dp: a rank of ep attention-DP groups of tp 1 (its own tokens): the gather returns ep
+        times the rows and the reduce-scatter a 1/ep share, as the real ones do."""
+        self.ep_size = self.world = ep_size
+        self.ep_rank = self.rank = ep_rank
+        self.split_size, self.split_rank = (1, 0) if attn_dp else (ep_size, ep_rank)
+        self.ep_replicated = not attn_dp
+
+    def ep_all_gather_rows(self, x: torch.Tensor) -> torch.Tensor:
+        return x.repeat(self.ep_size, *[1] * (x.dim() - 1)) if self.ep_size > 1 and not self.ep_replicated else x
+
+    def ep_reduce_scatter_rows(self, x: torch.Tensor) -> torch.Tensor:
+        return x[: x.shape[0] // self.ep_size] if self.ep_size > 1 and not self.ep_replicated else x
 
 
 @dataclass
