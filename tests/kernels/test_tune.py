@@ -163,5 +163,5 @@ def test_aot_compiles_the_tuned_configs(tmp_path, monkeypatch):
     assert labels[("_w1_kernel", w1_label)] == ["120b d1"]
     assert labels[("_w2_kernel", "BLOCK_M=16 BLOCK_N=16 BLOCK_K=128 DOT_BF16=True w8 s4")] == ["120b d1"]
     assert [u for (k, lab), u in labels.items() if k == "_attn_kernel" and "NUM_SPLITS=16" in lab] == [
-        ["20b d1", "120b d1", "120b ep8 d1"]]  # attention is the same on an expert-parallel rank
+        ["20b d1", "120b d1", "120b ep8 d1", "120b ep8 dp d1"]]  # attention is the same on an expert-parallel rank
     assert any(k == "_merge_kernel" and "NUM_SPLITS=16" in lab for k, lab in labels)
