@@ -202,12 +202,12 @@ def static_forward_supported(model) -> bool:
     """Whether the decode forward can run with no host reads (PagedMetadata(static=True)): MXFP4
     experts (the torch expert loop reads counts on the host) and, over several ranks, MoE layers
     that need no all-to-all sizes: one EP rank (the split group's slices are gathered at sizes
-    known up front), or an EP group holding the same tokens that may combine by all-reduce."""
+    known up front), an EP group holding the same tokens that may combine by all-reduce, or
+    attention-DP groups whose decode steps pad to one bucket and gather every group's tokens."""
     comm = model.comm
-    # an EP group holding the same tokens all-reduces; one of attention-DP ranks (tp 1) gathers every
-    # rank's tokens first and reduce-scatters (models.layers.MoE)
-    moe_ok = comm.ep_size == 1 or ((comm.ep_replicated or comm.split_size == 1)
-                                   and all(b.moe.combine != "all_to_all" for b in model.blocks))
+    # an EP group holding the same tokens all-reduces; attention-DP ranks gather every group's tokens
+    # first and reduce-scatter (models.layers.MoE); the all-to-all reads its sizes on the host
+    moe_ok = comm.ep_size == 1 or all(b.moe.combine != "all_to_all" for b in model.blocks)
     return moe_ok and all(b.moe.packed for b in model.blocks)
 
 

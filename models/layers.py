@@ -171,9 +171,10 @@ class MoE(nn.Module):
     outputs: fixed shapes, no host reads, and one [N, hidden] all-reduce in
     place of two all-to-alls of the pairs and a gather. `combine` forces one way for every step
     ("all_to_all" or "all_reduce"); "auto" takes the all-reduce for static steps only.
-    Under attention data parallelism (tp 1: each rank holds its own tokens, padded to one bucket)
-    a static step gathers the EP group's tokens first and sums by reduce-scatter, each rank keeping
-    its own rows: the same fixed shapes, the all-reduce's traffic.
+    Under attention data parallelism (each attention group holds its own tokens, padded to one
+    bucket) a static step gathers the EP group's tokens first, each TP rank sending a share of its
+    group's, and sums by reduce-scatter, each rank keeping its share (`_gathered`): the same fixed
+    shapes, the all-reduce's traffic.
     With one EP rank, the split group's slices need no exchange either way.
     """
 
@@ -298,6 +299,27 @@ class MoE(nn.Module):
         out = self._exchange(x, token_mask, static)
         return out if residual is None else residual + out
 
+    def _gathered(self, x: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
+        """Attention DP, every decode step padded to one bucket: each TP rank of a group takes an equal
+        share of its group's rows (the group's TP ranks hold the same rows), the EP group gathers all
+        shares, so each token is routed once, runs the pairs owned here, and reduce-scatters the sums;
+        the TP group then reassembles its rows. Fixed shapes, no host reads (a CUDA graph captures it)."""
+        c = self.comm
+        n, t = x.shape[0], c.split_size
+        s = -(-n // t)
+        if s * t != n:  # a share per TP rank: pad with rows that count in no load
+            x = torch.cat([x, x.new_zeros(s * t - n, *x.shape[1:])])
+            keep = torch.arange(s * t, device=x.device) < n
+            token_mask = keep if token_mask is None else torch.cat([token_mask, keep[n:]])
+        lo = c.split_rank * s
+        xs, ms = x[lo:lo + s], None if token_mask is None else token_mask[lo:lo + s]
+        xa = c.ep_all_gather_rows(xs)
+        ma = None if ms is None else c.ep_all_gather_rows(ms.to(torch.uint8)).bool()
+        idx, weights = self.route(xa, ma, count=self.counts_all)
+        mine = torch.where(self.owners(idx).view_as(idx) == self.ep_rank, idx, len(self.global_to_local))
+        out = c.ep_reduce_scatter_rows(self.compute(xa, mine, weights, self.local_or_skip))
+        return c.split_all_gather_rows(out, [s] * t)[:n]
+
     def _exchange(self, x: torch.Tensor, token_mask: torch.Tensor | None, static: bool) -> torch.Tensor:
         """The MoE output over several ranks (see the class doc)."""
         c = self.comm
@@ -307,17 +329,11 @@ class MoE(nn.Module):
             # each pair computed once, by its owner: copies of a hot expert take turns, as in the all-to-all
             mine = torch.where(self.owners(idx).view_as(idx) == self.ep_rank, idx, len(self.global_to_local))
             return c.ep_all_reduce(self.compute(x, mine, weights, self.local_or_skip))
-        if static and c.ep_size > 1 and c.split_size == 1 and self.combine != "all_to_all":
-            # attention DP (each rank its own tokens, every decode step padded to one bucket): gather the
-            # EP group's tokens, run the pairs owned here, sum and hand each rank back its rows
-            xa = c.ep_all_gather_rows(x)
-            ma = None if token_mask is None else c.ep_all_gather_rows(token_mask.to(torch.uint8)).bool()
-            idx, weights = self.route(xa, ma, count=self.counts_all)
-            mine = torch.where(self.owners(idx).view_as(idx) == self.ep_rank, idx, len(self.global_to_local))
-            return c.ep_reduce_scatter_rows(self.compute(xa, mine, weights, self.local_or_skip))
+        if static and c.ep_size > 1 and self.combine != "all_to_all":
+            return self._gathered(x, token_mask)
         if static and c.ep_size > 1:
-            raise RuntimeError("a static MoE step needs the all-reduce combine (the EP group holds the same "
-                               "tokens) or, under attention DP, tp 1; and combine must not be 'all_to_all'")
+            raise RuntimeError("a static MoE step needs the all-reduce combine or, under attention DP, the "
+                               "gathered one: combine must not be 'all_to_all'")
         n, t = x.shape[0], c.split_size
         counts = [n // t + (1 if r < n % t else 0) for r in range(t)]
         start = sum(counts[:c.split_rank])

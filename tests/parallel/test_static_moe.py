@@ -67,13 +67,15 @@ def test_decode_steps_combine_by_all_reduce_over_ranks(tiny_ckpt, reference, tp,
     assert sum(received) > 0
 
 
-@pytest.mark.parametrize("placement", [None, [(0, 1, 2, 3, 4), (4, 5, 6, 7, 0)]])
-def test_attention_dp_decode_gathers_and_reduce_scatters(tiny_ckpt, reference, placement):
-    """tp1 x ep2 with attention data parallelism: in a pure-decode step every group pads to one bucket
-    (an empty group too) and the MoE gathers both groups' tokens and reduce-scatters the sums, with
-    no all-to-all; the tokens and the expert load equal one process."""
+@pytest.mark.parametrize("tp,ep,placement", [(1, 2, None), (1, 2, [(0, 1, 2, 3, 4), (4, 5, 6, 7, 0)]),
+                                             (2, 4, None)])
+def test_attention_dp_decode_gathers_and_reduce_scatters(tiny_ckpt, reference, tp, ep, placement):
+    """Attention data parallelism: in a pure-decode step every group pads to one bucket (an empty
+    group too), each TP rank of a group sends a share of its rows, and the MoE gathers every group's
+    tokens and reduce-scatters the sums, with no all-to-all; the tokens and the expert load equal one
+    process. At tp 2 a bucket of 1 leaves one TP rank a padding row."""
     tokens, load = reference
-    got, got_load, steps, times, received = _run(tiny_ckpt, 1, 2, True, cuda_graphs="eager", attn_dp=True,
+    got, got_load, steps, times, received = _run(tiny_ckpt, tp, ep, tp == 1, cuda_graphs="eager", attn_dp=True,
                                                   placement=placement)
     assert got == tokens
     assert torch.equal(got_load, load)
@@ -102,7 +104,7 @@ def test_which_models_have_a_static_forward():
     assert static_forward_supported(model(8))
     assert not static_forward_supported(model(8, combine="all_to_all"))
     assert static_forward_supported(model(8, replicated=False))  # attention DP, tp 1: gather, reduce-scatter
-    assert not static_forward_supported(model(8, replicated=False, split=2))  # attention DP over tp 2
+    assert static_forward_supported(model(8, replicated=False, split=2))  # attention DP over tp 2: shares
     assert not static_forward_supported(model(8, replicated=False, combine="all_to_all"))
     assert not static_forward_supported(model(1, packed=False))       # the torch expert loop reads counts
     assert not graphs_supported(model(8))                             # no CUDA here
