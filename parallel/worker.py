@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .layout import RankLayout, resolve_layout
+from .replies import FAILURE_GRACE_S, BrokenGuard, GroupBroken, WorkerError  # noqa: F401 (re-exported)
 
 
 @dataclass
@@ -196,14 +197,12 @@ def fit_kv(workers, config):
 WARMUP_TIMEOUT = 1800.0  # seconds: compiling every kernel size class and capturing every graph, cold
 
 
-class WorkerError(RuntimeError):
-    """A rank worker failed; the message carries its traceback."""
-
-
 class RankWorkers:
     """Starts `world` local rank processes (gloo on CPU) and talks to them."""
 
-    def __init__(self, spec: WorkerSpec, timeout: float = 600.0):
+    def __init__(self, spec: WorkerSpec, timeout: float = 600.0, grace: float = FAILURE_GRACE_S):
+        """timeout: per call; grace: how long the other ranks may take to answer once one failed
+        (parallel.replies)."""
         from models.config import load_config
         from models.weights import resolve_layout as resolve_ckpt
 
@@ -215,42 +214,63 @@ class RankWorkers:
         if not spec.init_method:
             spec.init_method = f"tcp://127.0.0.1:{free_port()}"
         ctx = mp.get_context("spawn")
-        self.timeout = timeout
+        self.timeout, self.grace = timeout, grace
+        self.guard = BrokenGuard()
         self.conns, self.procs = [], []
         for r in range(len(self.layout)):
             parent, child = ctx.Pipe()
             p = ctx.Process(target=_worker_main, args=(spec, r, child), daemon=True)
             p.start()
+            child.close()  # the child's end lives in the child only
             self.conns.append(parent)
             self.procs.append(p)
-        self._gather("ready")
+        try:
+            self._gather("ready")
+        except Exception:
+            self._kill()
+            raise
+
+    def _wait(self, pending: list[int], seconds: float) -> list[tuple[int, bool, object]]:
+        """The replies of the pending ranks that arrive within `seconds`; a rank whose process
+        exited answers with that."""
+        from multiprocessing.connection import wait
+        watch = {self.conns[r]: r for r in pending} | {self.procs[r].sentinel: r for r in pending}
+        out, seen = [], set()
+        for ready in wait(list(watch), timeout=seconds):
+            r = watch[ready]
+            if r in seen:
+                continue
+            seen.add(r)
+            c = self.conns[r]
+            if c.poll():
+                try:
+                    kind, payload = c.recv()
+                    out.append((r, kind != "error", payload))
+                    continue
+                except (EOFError, OSError):
+                    pass
+            self.procs[r].join(timeout=1)
+            if not self.procs[r].is_alive():
+                out.append((r, False, f"the rank process exited (code {self.procs[r].exitcode})"))
+        return out
 
     def _gather(self, what: str, timeout: float | None = None) -> list:
-        """Every rank's reply, read before raising the first error: a reply left unread would be
-        taken as the answer to the next message."""
-        out, err = [], None
-        timeout = timeout or self.timeout
-        for r, c in enumerate(self.conns):
-            if not c.poll(timeout):
-                raise WorkerError(f"rank {r} did not answer '{what}' within {timeout:.0f} s")
-            kind, payload = c.recv()
-            if kind == "error" and err is None:
-                err = WorkerError(f"rank {r} failed on '{what}':\n{payload}")
-            out.append(payload)
-        if err is not None:
-            raise err
-        return out
+        """Every rank's reply (parallel.replies.gather): all read before raising the first error,
+        since a reply left unread would be taken as the answer to the next message."""
+        return self.guard.gather(len(self.conns), self._wait, what, timeout or self.timeout, self.grace)
 
     def submit(self, kind: str, payload=None):
         """Send to every rank now; `collect` the replies later (ranks answer in the order sent)."""
-        for c in self.conns:
-            c.send((kind, payload))
-        return kind
+        return self.submit_each(kind, [payload] * len(self.conns))
 
     def submit_each(self, kind: str, payloads: list):
         """Send each rank its own payload (payloads[rank])."""
-        for c, p in zip(self.conns, payloads, strict=True):
-            c.send((kind, p))
+        self.guard.check()
+        for r, (c, p) in enumerate(zip(self.conns, payloads, strict=True)):
+            try:
+                c.send((kind, p))
+            except OSError:  # the rank's process is gone: the ranks sent to already are out of step
+                raise self.guard.fail(f"rank {r}'s process exited (code {self.procs[r].exitcode})") from None
         return kind
 
     def collect(self, ticket, timeout: float | None = None) -> list:
@@ -258,6 +278,9 @@ class RankWorkers:
 
     def call(self, kind: str, payload=None, timeout: float | None = None) -> list:
         return self.collect(self.submit(kind, payload), timeout)
+
+    def alive(self) -> bool:
+        return self.guard.broken is None and all(p.is_alive() for p in self.procs)
 
     def logits(self, seqs: list[torch.Tensor]) -> list[torch.Tensor]:
         """Full causal logits per sequence; under attention DP, sequences are dealt round-robin."""
@@ -275,14 +298,19 @@ class RankWorkers:
         return out
 
     def shutdown(self):
-        try:
-            self.call("stop")
-        except Exception:
-            pass
-        for p in self.procs:
-            p.join(timeout=10)
+        if self.guard.broken is None:
+            try:
+                self.call("stop", timeout=30)
+            except Exception:
+                pass
+        self._kill()
+
+    def _kill(self):
+        for p in self.procs:  # a rank stuck in a collective never reads "stop"
+            p.join(timeout=10 if self.guard.broken is None else 0)
             if p.is_alive():
                 p.kill()
+                p.join(timeout=10)
 
 
 class _RankStep:

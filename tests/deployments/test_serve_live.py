@@ -113,17 +113,27 @@ def test_attention_data_parallel_group_serves_like_one_process(app):
 def test_rank_actors_meet_at_rank_0s_node_address(app, tiny_ckpt):
     """A group may span nodes (helm's 120b EP8: two 4-GPU pods), so its ranks rendezvous at the address
     rank 0's actor reports for its node, not at 127.0.0.1; a tp1 x ep2 group started so computes
-    one process's logits."""
+    one process's logits. Then rank 1 fails before a collective: the driver reports it within the
+    grace, not the call's timeout, while rank 0 still waits in the collective, and the group is broken."""
+    import time
+
     import torch
 
     from deployments.ray_workers import RayRankWorkers
     from models import load_model
+    from parallel.replies import GroupBroken
     from parallel.worker import WorkerSpec
-    w = RayRankWorkers(WorkerSpec(str(tiny_ckpt), 1, 2), use_gpu=False, cpus_per_rank=0.5)
+    w = RayRankWorkers(WorkerSpec(str(tiny_ckpt), 1, 2), use_gpu=False, cpus_per_rank=0.5, grace=3)
     try:
         assert w.init_method.startswith(f"tcp://{ray.util.get_node_ip_address()}:"), w.init_method
         seq = torch.randint(0, 199000, (11,), generator=torch.Generator().manual_seed(3))
         got = w.call("logits", [[seq]])[0]
+        t0 = time.monotonic()
+        with pytest.raises(GroupBroken, match=r"(?s)rank 1 failed on 'logits'.*TypeError.*ranks \[0\] were still busy"):
+            w.collect(w.submit_each("logits", [[[seq]], None]))
+        assert time.monotonic() - t0 < 30 and not w.alive()
+        with pytest.raises(GroupBroken, match="broken and must be restarted"):
+            w.call("memory")
     finally:
         w.shutdown()
     want = load_model(tiny_ckpt).logits(seq)
