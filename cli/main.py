@@ -77,11 +77,17 @@ def main(argv: list[str] | None = None) -> int:
     from cli.generate import UsageError
     from models.config import ConfigError
     from models.weights import CheckpointError
+    from parallel.replies import WorkerError
     try:
         return args.fn(args)
     except (ConfigError, CheckpointError, UsageError) as e:
         print(f"gptoss {args.cmd}: {e}", file=sys.stderr)
         return 2
+    except WorkerError as e:  # not the user's input: a rank failed (its traceback goes to the log)
+        import logging
+        logging.getLogger("gptoss").debug("rank failure", exc_info=True)
+        print(f"gptoss {args.cmd}: a rank worker failed: {e.summary}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -20,15 +20,15 @@ FAILURE_GRACE_S = 20.0  # after a rank fails, how long its peers may take to ans
 
 
 class WorkerError(RuntimeError):
-    """A rank worker failed; the message carries its traceback."""
+    """A rank worker failed; the message carries its traceback, `summary` says it in one line."""
+
+    def __init__(self, message: str, summary: str | None = None):
+        super().__init__(message)
+        self.summary = summary or message.splitlines()[0]
 
 
 class GroupBroken(WorkerError):
     """The ranks are out of step (some never answered): the group must be restarted."""
-
-    def __init__(self, message: str, summary: str):
-        super().__init__(message)
-        self.summary = summary
 
 
 # wait(pending ranks, seconds) -> (rank, ok, payload) for each rank that answered meanwhile (maybe none)
@@ -40,29 +40,31 @@ def gather(n: int, wait: Wait, what: str, timeout: float, grace: float = FAILURE
     answered, GroupBroken when some rank has not answered in time."""
     out: list = [None] * n
     pending = list(range(n))
-    error, failed_at, cause = None, 0.0, ""
+    errors, causes, failed_at = [], [], 0.0
     deadline = time.monotonic() + timeout
     while pending:
-        end = deadline if error is None else min(deadline, failed_at + grace)
+        end = deadline if not errors else min(deadline, failed_at + grace)
         left = end - time.monotonic()
         if left <= 0:
             break
         for r, ok, payload in wait(list(pending), left):
             pending.remove(r)
             out[r] = payload
-            if not ok and error is None:
-                error, failed_at = f"rank {r} failed on '{what}':\n{payload}", time.monotonic()
+            if not ok:  # every failed rank is named: which one failed first may be a race
+                failed_at = failed_at or time.monotonic()
+                errors.append(f"rank {r} failed on '{what}':\n{payload}")
                 last = (str(payload).strip().splitlines() or [""])[-1]  # a traceback's exception line
-                cause = f"rank {r} failed on '{what}' ({last})"
+                causes.append(f"rank {r} failed on '{what}' ({last})")
+    error, cause = "\n".join(errors), "; ".join(causes)
     if pending:
-        if error is not None:
+        if errors:
             raise GroupBroken(f"{error}\nranks {pending} were still busy {grace:.0f} s later (waiting in a "
                               "collective the failed rank never joined): the rank group must be restarted",
                               f"{cause}; ranks {pending} never answered")
         raise GroupBroken(f"ranks {pending} did not answer '{what}' within {timeout:.0f} s: "
                           "the rank group must be restarted", f"ranks {pending} did not answer '{what}' in time")
-    if error is not None:
-        raise WorkerError(error)
+    if errors:
+        raise WorkerError(error, cause)
     return out
 
 

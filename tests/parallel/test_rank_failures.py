@@ -35,10 +35,11 @@ def test_replies_come_back_in_rank_order():
 
 
 def test_a_failure_everyone_answers_is_an_error_not_a_broken_group():
-    wait = _fake({0: (0.0, True, 1), 1: (0.0, False, "Traceback ...\nValueError: bad"), 2: (0.1, True, 3)})
+    wait = _fake({0: (0.0, True, 1), 1: (0.0, False, "Traceback ...\nValueError: bad"), 2: (0.1, False, "gone")})
     with pytest.raises(WorkerError, match="rank 1 failed on 'step'") as e:
         gather(3, wait, "step", 5, grace=1)
     assert not isinstance(e.value, GroupBroken)
+    assert e.value.summary == "rank 1 failed on 'step' (ValueError: bad); rank 2 failed on 'step' (gone)"
 
 
 def test_peers_stuck_after_a_failure_break_the_group_after_the_grace():
@@ -87,6 +88,7 @@ def test_a_dead_rank_process_is_reported_not_waited_for(workers):
     ticket = workers.submit_each("logits", [[[seq]], [[seq]]])
     workers.procs[1].kill()
     t0 = time.monotonic()
+    # rank 0 may see the lost connection first: each failed rank is named
     with pytest.raises(WorkerError, match=r"rank 1 failed on 'logits':\nthe rank process exited \(code -9\)"):
         workers.collect(ticket)
     assert time.monotonic() - t0 < 20
@@ -127,3 +129,18 @@ def test_an_engine_over_a_broken_group_fails_its_requests_and_says_why(tiny_ckpt
             e.executor.expert_load()
     finally:
         e.shutdown()
+
+
+def test_the_cli_reports_a_failed_rank_in_one_line(tiny_ckpt, monkeypatch, capsys):
+    from cli.main import main
+    real = RankWorkers.submit_each
+
+    def poisoned(self, kind, payloads):
+        self.grace = 3
+        return real(self, kind, [payloads[0], None] if kind == "step_sampled" else payloads)
+    monkeypatch.setattr(RankWorkers, "submit_each", poisoned)
+    rc = main(["generate", "--model", str(tiny_ckpt), "--prompt", "hi", "--max-tokens", "4", "--tp", "1", "--ep", "2"])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert err.startswith("gptoss generate: a rank worker failed: rank 1 failed on 'step_sampled' (TypeError"), err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
