@@ -192,8 +192,7 @@ def merge_samples(outs: list[SamplerOutput | None], rows: list[torch.Tensor], n:
 
 def merge_logits(logits: list[torch.Tensor], rows: list[torch.Tensor], n: int) -> torch.Tensor:
     """The groups' logits rows in the step's row order."""
-    vocab = next(x.shape[-1] for x in logits)
-    out = torch.empty(n, vocab, dtype=logits[0].dtype)
+    out = torch.empty(n, logits[0].shape[-1], dtype=logits[0].dtype)
     for x, r in zip(logits, rows):
         out[r] = x
     return out

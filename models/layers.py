@@ -315,20 +315,23 @@ class MoE(nn.Module):
         xs, ms = x[lo:lo + s], None if token_mask is None else token_mask[lo:lo + s]
         xa = c.ep_all_gather_rows(xs)
         ma = None if ms is None else c.ep_all_gather_rows(ms.to(torch.uint8)).bool()
-        idx, weights = self.route(xa, ma, count=self.counts_all)
-        mine = torch.where(self.owners(idx).view_as(idx) == self.ep_rank, idx, len(self.global_to_local))
-        out = c.ep_reduce_scatter_rows(self.compute(xa, mine, weights, self.local_or_skip))
+        out = c.ep_reduce_scatter_rows(self._owned_pairs(xa, ma))
         return c.split_all_gather_rows(out, [s] * t)[:n]
+
+    def _owned_pairs(self, x: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
+        """Every EP rank routes all of x; this rank's share of the MoE output: the (token, expert)
+        pairs it owns (copies of a hot expert take turns, as in the all-to-all), each computed once
+        in the EP group. One rank counts the expert load."""
+        idx, weights = self.route(x, token_mask, count=self.counts_all)
+        mine = torch.where(self.owners(idx).view_as(idx) == self.ep_rank, idx, len(self.global_to_local))
+        return self.compute(x, mine, weights, self.local_or_skip)
 
     def _exchange(self, x: torch.Tensor, token_mask: torch.Tensor | None, static: bool) -> torch.Tensor:
         """The MoE output over several ranks (see the class doc)."""
         c = self.comm
         if c.ep_size > 1 and c.ep_replicated and (self.combine == "all_reduce"
                                                   or (self.combine == "auto" and static)):
-            idx, weights = self.route(x, token_mask, count=self.counts_all)
-            # each pair computed once, by its owner: copies of a hot expert take turns, as in the all-to-all
-            mine = torch.where(self.owners(idx).view_as(idx) == self.ep_rank, idx, len(self.global_to_local))
-            return c.ep_all_reduce(self.compute(x, mine, weights, self.local_or_skip))
+            return c.ep_all_reduce(self._owned_pairs(x, token_mask))
         if static and c.ep_size > 1 and self.combine != "all_to_all":
             return self._gathered(x, token_mask)
         if static and c.ep_size > 1:

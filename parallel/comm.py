@@ -128,10 +128,7 @@ class DistComm:
         if self.split_size == 1:
             return x
         if len(set(counts)) == 1:  # equal slices (a static step's shares): one gather, no padding copies
-            out = torch.empty(self.split_size * x.shape[0], *x.shape[1:], dtype=x.dtype, device=x.device)
-            (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(
-                out, x.contiguous(), group=self.split_group)
-            return out
+            return _gather_rows(x, self.split_size, self.split_group)
         m = max(counts)
         pad = torch.zeros(m, *x.shape[1:], dtype=x.dtype, device=x.device)
         pad[: x.shape[0]] = x
@@ -182,12 +179,7 @@ class DistComm:
 
     def ep_all_gather_rows(self, x: torch.Tensor) -> torch.Tensor:
         """The EP group's equal-sized row blocks, in EP rank order (fixed shape: a graph captures it)."""
-        if self.ep_size == 1:
-            return x
-        out = torch.empty(self.ep_size * x.shape[0], *x.shape[1:], dtype=x.dtype, device=x.device)
-        (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(
-            out, x.contiguous(), group=self.ep_group)
-        return out
+        return x if self.ep_size == 1 else _gather_rows(x, self.ep_size, self.ep_group)
 
     def ep_reduce_scatter_rows(self, x: torch.Tensor) -> torch.Tensor:
         """Sum over the EP group, each rank keeping its own block of rows (the inverse of the gather)."""
@@ -217,6 +209,13 @@ class DistComm:
     def shutdown(self):
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _gather_rows(x: torch.Tensor, size: int, group) -> torch.Tensor:
+    """The group's equal-sized row blocks concatenated in group rank order (one fixed-shape gather)."""
+    out = torch.empty(size * x.shape[0], *x.shape[1:], dtype=x.dtype, device=x.device)
+    (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(out, x.contiguous(), group=group)
+    return out
 
 
 def free_port(host: str = "127.0.0.1") -> int:

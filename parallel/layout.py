@@ -110,6 +110,14 @@ def resolve_layout(cfg: GptOssConfig, tp: int = 1, ep: int = 1, gpus_per_node: i
     return out
 
 
+def group_leads(layout: list[RankLayout], attn_dp: bool) -> list[int]:
+    """The rank answering for each attention group's rows (its first TP rank), in group order;
+    without attention DP every rank holds the same rows and rank 0 answers."""
+    if not attn_dp:
+        return [0]
+    return [r.rank for r in sorted(layout, key=lambda r: r.dp_rank) if r.tp_rank == 0]
+
+
 def placement_bundles(layout: list[RankLayout], use_gpu: bool, cpus_per_rank: float = 1.0) -> list[dict]:
     """Ray placement-group bundles, one per rank (a GPU each on GPU clusters)."""
     return [{"GPU": 1, "CPU": cpus_per_rank} if use_gpu else {"CPU": cpus_per_rank} for _ in layout]

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .layout import RankLayout, resolve_layout
+from .layout import RankLayout, group_leads, resolve_layout
 from .replies import FAILURE_GRACE_S, BrokenGuard, GroupBroken, WorkerError  # noqa: F401 (re-exported)
 
 
@@ -284,12 +284,12 @@ class RankWorkers:
 
     def logits(self, seqs: list[torch.Tensor]) -> list[torch.Tensor]:
         """Full causal logits per sequence; under attention DP, sequences are dealt round-robin."""
-        dp = self.layout[0].dp if self.attn_dp else 1
+        leads = group_leads(self.layout, self.attn_dp)
+        dp = len(leads)
         groups = [[s for i, s in enumerate(seqs) if i % dp == g] for g in range(dp)]
         replies = self.call("logits", groups)
         out: list[torch.Tensor | None] = [None] * len(seqs)
-        for g in range(dp):
-            lead = next(r for r in self.layout if (r.dp_rank == g or not self.attn_dp) and r.tp_rank == 0).rank
+        for g, lead in enumerate(leads):
             rows = replies[lead]
             start = 0
             for i in range(g, len(seqs), dp):
@@ -338,13 +338,10 @@ class MultiProcessExecutor:
         graph_buckets: the ranks' decode graph buckets (engine.executor.graph_buckets; default all)."""
         from kernels.cuda_graphs import DEFAULT_BUCKETS
         self.workers = workers
-        self.splitter, self.leads = None, [0]
+        self.splitter, self.leads = None, group_leads(workers.layout, workers.attn_dp)
         if workers.attn_dp:  # each attention group runs its own sub-step; its first rank answers for it
             from engine.data_parallel import StepSplitter
-            dp = workers.layout[0].dp
-            self.splitter = StepSplitter(dp, graph_buckets or DEFAULT_BUCKETS)
-            self.leads = [next(r.rank for r in workers.layout if r.dp_rank == g and r.tp_rank == 0)
-                          for g in range(dp)]
+            self.splitter = StepSplitter(len(self.leads), graph_buckets or DEFAULT_BUCKETS)
         self.config = workers.config
         self.sample_on_rank = sample_on_rank
         self.sampling = None

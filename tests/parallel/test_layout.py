@@ -1,7 +1,7 @@
 import pytest
 
 from models.checkpoint import PRESETS
-from parallel.layout import LayoutError, placement_bundles, resolve_layout
+from parallel.layout import LayoutError, group_leads, placement_bundles, resolve_layout
 
 
 def test_tp2_x_dp2_ep4_on_four_ranks():
@@ -16,6 +16,13 @@ def test_tp2_x_dp2_ep4_on_four_ranks():
     assert [r.node for r in lay] == [0, 0, 1, 1] and [r.local_gpu for r in lay] == [0, 1, 0, 1]
     # the global rank is not the TP rank
     assert lay[2].rank == 2 and lay[2].tp_rank == 0
+
+
+def test_each_attention_group_answers_through_its_first_tp_rank():
+    cfg = PRESETS["gpt-oss-120b"]
+    assert group_leads(resolve_layout(cfg, tp=2, ep=8, attn_dp=True), True) == [0, 2, 4, 6]
+    assert group_leads(resolve_layout(cfg, tp=1, ep=4, attn_dp=True), True) == [0, 1, 2, 3]
+    assert group_leads(resolve_layout(cfg, tp=2, ep=8), False) == [0]  # every rank holds the same rows
 
 
 def test_replicated_attention_splits_tokens_over_the_world():

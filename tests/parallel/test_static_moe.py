@@ -170,7 +170,7 @@ def test_ranks_keep_or_drop_graphs_together(tiny_ckpt, monkeypatch):
 
 def test_driver_refuses_ranks_that_disagree_on_graphs():
     from parallel.worker import WorkerError
-    workers = SimpleNamespace(attn_dp=False, config=None, call=lambda kind, payload=None, timeout=None: ["graphs", None])
+    workers = SimpleNamespace(attn_dp=False, layout=None, config=None, call=lambda kind, payload=None, timeout=None: ["graphs", None])
     with pytest.raises(WorkerError, match="disagree"):
         MultiProcessExecutor(workers, None)
 
