@@ -16,6 +16,9 @@ loads it. Every number runs through engine.core.LLMEngine (scheduler, sampler an
   the --lockstep-batches also without overlapped scheduling, back to back.
 * prefill: --prefill-seqs prompts of --prefill-len tokens, max_tokens=1,
   chunked at --max-tokens-per-step; tokens/s = prompt tokens / time.
+* profile (--profile-batches, after the decode timing on the same engine): device time per kernel
+  category beside the bytes the roofline says it moves (bench.step_profile), kernels per step, the
+  Chrome trace beside the JSON. --phases runs a subset (e.g. decode alone while tuning kernels).
 * throughput: --requests prompts of --isl tokens, --osl outputs each, at most
   --concurrency running; output tokens/s. The engine warms up first, as a
   Serve group does (every decode graph captured: the batch shrinks through
@@ -49,6 +52,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from bench import step_profile
 
 
 def sync(dev: torch.device) -> None:
@@ -89,9 +94,14 @@ class Roofline:
     def __init__(self, cfg):
         self.cfg = c = cfg
         H, I, D = c.hidden_size, c.intermediate_size, c.head_dim
-        self.attn = ((c.num_attention_heads + 2 * c.num_key_value_heads) * D * H
-                     + c.num_attention_heads * D * H) * 2 + c.num_local_experts * H * 2 + 2 * H * 4
-        self.expert = 3 * I * H * 17 // 32 + (2 * I + H) * 2   # 4 bits + 1 scale byte per 32, bf16 biases
+        # q, k, v, o projections and the router, bf16
+        self.dense = ((c.num_attention_heads + 2 * c.num_key_value_heads) * D * H
+                      + c.num_attention_heads * D * H) * 2 + c.num_local_experts * H * 2
+        self.norms = 2 * H * 4  # fp32
+        self.attn = self.dense + self.norms
+        # 4 bits + 1 scale byte per 32 weights, bf16 biases
+        self.w1, self.w2 = 2 * I * H * 17 / 32 + 2 * I * 2, I * H * 17 / 32 + H * 2
+        self.expert = self.w1 + self.w2
         self.kv_token = 2 * c.num_key_value_heads * D * 2        # k and v, bf16, per layer
         self.unembed = c.vocab_size * H * 2
         self.active_params = (self.attn // 2) + c.num_experts_per_tok * 3 * I * H
@@ -100,15 +110,21 @@ class Roofline:
         E, k = self.cfg.num_local_experts, self.cfg.num_experts_per_tok
         return E * (1 - (1 - k / E) ** tokens)
 
-    def step_bytes(self, tokens: int, contexts: list[int], sampled: int) -> float:
-        c = self.cfg
+    def step_parts(self, tokens: int, contexts: list[int], sampled: int) -> dict[str, float]:
+        """Bytes one step moves, by what moves them (bench.step_profile puts kernels beside these)."""
+        c, L = self.cfg, self.cfg.num_hidden_layers
         kv = 0
-        for layer in range(c.num_hidden_layers):
+        for layer in range(L):
             w = c.window(layer)
             kv += sum(min(n, w) if w else n for n in contexts) * self.kv_token
-        per_layer = self.attn + self.experts_touched(tokens) * self.expert
-        return (c.num_hidden_layers * per_layer + kv + tokens * self.kv_token * c.num_hidden_layers
-                + tokens * c.hidden_size * 2 + (self.unembed + sampled * c.vocab_size * 4 if sampled else 0))
+        touched = self.experts_touched(tokens)
+        return {"dense weights": L * self.dense, "norm weights": L * self.norms, "experts w1": L * touched * self.w1,
+                "experts w2": L * touched * self.w2, "kv read": kv, "kv write": tokens * self.kv_token * L,
+                "embedding": tokens * c.hidden_size * 2,
+                "unembedding": self.unembed + sampled * c.vocab_size * 4 if sampled else 0}
+
+    def step_bytes(self, tokens: int, contexts: list[int], sampled: int) -> float:
+        return sum(self.step_parts(tokens, contexts, sampled).values())
 
     def step_flops(self, tokens: int, contexts: list[int], sampled: int) -> float:
         """contexts: one (mean) attended length per sequence; the step's tokens are its sequences'
@@ -143,9 +159,10 @@ def engine(model, seqs: int, max_len: int, step_tokens: int, overlap: bool | Non
 
 
 def bench_decode(model, dev, B: int, ctx: int, steps: int, warm: int, step_tokens: int,
-                 overlap: bool | None = None, temperature: float = 0):
+                 overlap: bool | None = None, temperature: float = 0, profile_steps: int = 0, profile=None):
+    """-> (tokens/s, s/step, profile(eng.step, profile_steps) run after the timing, or None)."""
     # sequences prefilled early decode while the rest prefill: leave them tokens for the timed steps
-    out_len = steps + warm + 2 * (-(-B * ctx // max(step_tokens, B))) + 2
+    out_len = steps + warm + profile_steps + 2 * (-(-B * ctx // max(step_tokens, B))) + 2
     eng = engine(model, B, ctx + out_len, max(step_tokens, B), overlap)
     reqs = requests(B, ctx, out_len, seed=B, temperature=temperature)
     for r in reqs:
@@ -160,7 +177,8 @@ def bench_decode(model, dev, B: int, ctx: int, steps: int, warm: int, step_token
         eng.step()
     sync(dev)
     dt = time.perf_counter() - t0
-    return (eng.generated_tokens - g0) / dt, dt / steps
+    prof = profile(eng.step, profile_steps) if profile_steps and profile else None
+    return (eng.generated_tokens - g0) / dt, dt / steps, prof
 
 
 def bench_prefill(model, dev, n: int, length: int, step_tokens: int):
@@ -258,31 +276,43 @@ def run_model(preset: str, a, dev: torch.device, bw: float, flops: float, comman
         log(f"  {kind:10} batch {batch:4} context {context:6}: {tok_s:10.1f} tok/s "
             f"(roofline {roofline:10.1f}, {bound})")
 
-    for B in a.batches:
-        tok_s, step_s = bench_decode(model, dev, B, a.decode_context, a.decode_steps, a.warmup_steps,
-                                     a.max_tokens_per_step)
+    for B in a.batches if "decode" in a.phases else ():
         ctx = a.decode_context + a.warmup_steps + a.decode_steps // 2
+
+        def prof(step, n, B=B, trace=Path(a.out) / f"profile-{preset}-b{B}.json.gz" if a.out else None):
+            try:  # a profiler failure costs the profile, not the rest of the device time
+                return step_profile.profile(step, n, dev, roof.step_parts(B, [ctx] * B, B), bw, trace)
+            except Exception as e:  # noqa: BLE001
+                log(f"  profile of batch {B} failed: {type(e).__name__}: {e}")
+                return {"error": f"{type(e).__name__}: {e}"[:500]}
+        tok_s, step_s, profiled = bench_decode(model, dev, B, a.decode_context, a.decode_steps, a.warmup_steps,
+                                               a.max_tokens_per_step, profile_steps=a.profile_steps
+                                               if B in a.profile_batches else 0, profile=prof)
         extra = {"step_ms": step_s * 1e3}
+        if profiled:
+            extra["profile"] = profiled
         if B in a.lockstep_batches:  # the same decode without overlapped scheduling, measured just after
-            lock_s, lock_step = bench_decode(model, dev, B, a.decode_context, a.decode_steps, a.warmup_steps,
+            lock_s, lock_step, _ = bench_decode(model, dev, B, a.decode_context, a.decode_steps, a.warmup_steps,
                                              a.max_tokens_per_step, overlap=False)
             extra.update(lockstep_tokens_per_s=lock_s, lockstep_step_ms=lock_step * 1e3,
                          overlap_speedup=tok_s / lock_s)
         if B in a.sampled_batches:  # temperature 1 (the API's default): drawn by the fused sampling kernel
-            smp_s, smp_step = bench_decode(model, dev, B, a.decode_context, a.decode_steps, a.warmup_steps,
+            smp_s, smp_step, _ = bench_decode(model, dev, B, a.decode_context, a.decode_steps, a.warmup_steps,
                                            a.max_tokens_per_step, temperature=1.0)
             extra.update(sampled_tokens_per_s=smp_s, sampled_step_ms=smp_step * 1e3)
         add("decode", B, ctx, tok_s, B, [ctx] * B, B, extra)
-    tok_s = bench_prefill(model, dev, a.prefill_seqs, a.prefill_len, a.max_tokens_per_step)
-    chunk = min(a.max_tokens_per_step, a.prefill_seqs * a.prefill_len)
-    add("prefill", a.prefill_seqs, a.prefill_len, tok_s, chunk, [a.prefill_len // 2] * max(1, chunk // a.prefill_len),
-        max(1, chunk // a.prefill_len))
-    tok_s, done = bench_throughput(model, dev, a.requests, a.isl, a.osl, a.concurrency, a.max_tokens_per_step,
-                                   a.throughput_seconds)
-    ctx = a.isl + a.osl // 2
-    add("throughput", a.concurrency, ctx, tok_s, a.concurrency, [ctx] * a.concurrency, a.concurrency,
-        {"isl": a.isl, "osl": a.osl, "requests": a.requests, "requests_finished": done,
-         "metric": "output tokens/s"})
+    if "prefill" in a.phases:
+        tok_s = bench_prefill(model, dev, a.prefill_seqs, a.prefill_len, a.max_tokens_per_step)
+        chunk = min(a.max_tokens_per_step, a.prefill_seqs * a.prefill_len)
+        add("prefill", a.prefill_seqs, a.prefill_len, tok_s, chunk,
+            [a.prefill_len // 2] * max(1, chunk // a.prefill_len), max(1, chunk // a.prefill_len))
+    if "throughput" in a.phases:
+        tok_s, done = bench_throughput(model, dev, a.requests, a.isl, a.osl, a.concurrency, a.max_tokens_per_step,
+                                       a.throughput_seconds)
+        ctx = a.isl + a.osl // 2
+        add("throughput", a.concurrency, ctx, tok_s, a.concurrency, [ctx] * a.concurrency, a.concurrency,
+            {"isl": a.isl, "osl": a.osl, "requests": a.requests, "requests_finished": done,
+             "metric": "output tokens/s"})
     del model
     if created is not None and a.delete_created:
         import shutil
@@ -313,6 +343,9 @@ def markdown(res: dict) -> str:
         out += ["", "Decode at temperature 1 (sampled by the fused kernel) against greedy, back to back: " +
                 "; ".join(f"batch {r['batch']}: {r['sampled_tokens_per_s']:.1f} vs {r['tokens_per_s']:.1f} tok/s "
                           f"({r['sampled_step_ms']:.2f} vs {r['step_ms']:.2f} ms/step)" for r in smp)]
+    for r in res["results"]:
+        if "profile" in r:
+            out += step_profile.markdown(r)
     if not res.get("complete", True):
         out += ["", "(cut short: the run ended before its last measurement)"]
     return "\n".join(out)
@@ -348,6 +381,17 @@ def update_benchmarks(results: Path, target: Path) -> int:
     return 0
 
 
+PHASES = ("decode", "prefill", "throughput")
+
+
+def phases(s: str) -> list[str]:
+    out = [x for x in s.split(",") if x]
+    bad = [x for x in out if x not in PHASES]
+    if bad or not out:
+        raise argparse.ArgumentTypeError(f"unknown phase(s) {','.join(bad) or '(none)'}; choose from {','.join(PHASES)}")
+    return out
+
+
 def parse(argv=None):
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
@@ -365,6 +409,11 @@ def parse(argv=None):
     ap.add_argument("--sampled-batches", type=ints, default=[1, 64],
                     help="decode batches also measured at temperature 1 (the fused sampling kernel)")
     ap.add_argument("--warmup-steps", type=int, default=4)
+    ap.add_argument("--profile-batches", type=ints, default=[1, 64],
+                    help="decode batches also profiled (bench.step_profile: time per kernel category beside the "
+                         "bytes it moves; the Chrome trace beside the JSON); 0 for none")
+    ap.add_argument("--profile-steps", type=int, default=10)
+    ap.add_argument("--phases", type=phases, default=PHASES, help="comma separated, of: " + ",".join(PHASES))
     ap.add_argument("--prefill-seqs", type=int, default=8)
     ap.add_argument("--prefill-len", type=int, default=2048)
     ap.add_argument("--max-tokens-per-step", type=int, default=8192)
@@ -385,7 +434,7 @@ def parse(argv=None):
     ap.add_argument("--benchmarks-file", default="BENCHMARKS.md")
     if ap.parse_args(argv).dry_run:  # tiny defaults; flags given explicitly still win
         ap.set_defaults(models="tiny", device="cpu", batches=[1, 2, 4], sampled_batches=[2], decode_context=12,
-                        decode_steps=3,
+                        decode_steps=3, profile_batches=[2], profile_steps=2,
                         warmup_steps=1, prefill_seqs=2, prefill_len=24, max_tokens_per_step=32, isl=12, osl=6,
                         concurrency=3, requests=5, copy_gib=1 / 128)
     return ap.parse_args(argv)
@@ -419,6 +468,7 @@ def main(argv=None) -> int:
             a.ckpt_dir = tmp
         out = Path(a.out or (Path(tmp) / "results" if a.dry_run else "bench/results"))
         out.mkdir(parents=True, exist_ok=True)
+        a.out = str(out)
         bw = copy_bandwidth(dev, int(a.copy_gib * 2 ** 30))
         flops = matmul_flops(dev, 256 if a.dry_run else 8192)
         log(f"copy bandwidth {bw / 1e9:.1f} GB/s, bf16 matmul {flops / 1e12:.2f} TFLOP/s")

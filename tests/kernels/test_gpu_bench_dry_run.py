@@ -44,6 +44,15 @@ def test_dry_run_writes_results_and_markdown(tmp_path, weights):
     [smp] = [x for x in res["results"] if "sampled_tokens_per_s" in x]
     assert smp["batch"] == 2 and smp["sampled_tokens_per_s"] > 0 and smp["sampled_step_ms"] > 0
     assert "Decode at temperature 1" in r.stdout
+    # and profiled (--profile-batches; 1,64 by default): time by category, the trace beside the JSON
+    [prof] = [x for x in res["results"] if "profile" in x]
+    p = prof["profile"]
+    assert prof["batch"] == 2 and p["steps"] == 2 and p["busy_ms_per_step"] > 0 and p["kernels_per_step"] > 10
+    assert sum(c["share"] for c in p["categories"]) == pytest.approx(1)
+    [lin] = [c for c in p["categories"] if c["category"] == "linear"]  # on CPU every matmul is aten::linear
+    assert lin["ms_per_step"] > 0 and lin["bytes_per_step"] > 0 and lin["GBps"] > 0
+    assert (tmp_path / p["trace"]).stat().st_size > 1000
+    assert "Decode batch 2, where a step's time goes" in r.stdout and "| linear |" in r.stdout
 
 
 def test_throughput_cap_keeps_partial_results(tmp_path):
@@ -57,6 +66,21 @@ def test_throughput_cap_keeps_partial_results(tmp_path):
     res = json.loads(next(tmp_path.glob("gpu-tiny-*.json")).read_text())
     thr = res["results"][-1]
     assert thr["kind"] == "throughput" and thr["tokens_per_s"] > 0 and thr["requests_finished"] < 400
+
+
+def test_phases_run_a_subset_and_a_bad_phase_names_the_flag(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", GPTOSS_KERNELS="auto")
+    env.pop("TRITON_INTERPRET", None)
+    r = subprocess.run([sys.executable, "-m", "bench.gpu", "--dry-run", "--phases", "decode", "--batches", "1",
+                        "--profile-batches", "0", "--out", str(tmp_path)],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(next(tmp_path.glob("gpu-tiny-*.json")).read_text())
+    assert [x["kind"] for x in res["results"]] == ["decode"] and res["complete"]
+    assert not any("profile" in x for x in res["results"]) and not list(tmp_path.glob("profile-*"))
+    r = subprocess.run([sys.executable, "-m", "bench.gpu", "--dry-run", "--phases", "decode,warmup"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "--phases" in r.stderr and "warmup" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_prefill_flops_count_attention_per_query():
