@@ -11,6 +11,14 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def dry_run(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    """`python -m bench.gpu --dry-run ARGS` with the torch kernels (no interpreter), one thread."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", GPTOSS_KERNELS="auto")
+    env.pop("TRITON_INTERPRET", None)
+    return subprocess.run([sys.executable, "-m", "bench.gpu", "--dry-run", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
 def test_help():
     r = subprocess.run([sys.executable, "-m", "bench.gpu", "--help"], cwd=ROOT, capture_output=True, text=True,
                        timeout=60)
@@ -19,10 +27,7 @@ def test_help():
 
 @pytest.mark.parametrize("weights", ["memory", "disk"])
 def test_dry_run_writes_results_and_markdown(tmp_path, weights):
-    env = dict(os.environ, OMP_NUM_THREADS="1", GPTOSS_KERNELS="auto")
-    env.pop("TRITON_INTERPRET", None)
-    r = subprocess.run([sys.executable, "-m", "bench.gpu", "--dry-run", "--weights", weights, "--out", str(tmp_path)],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    r = dry_run("--weights", weights, "--out", str(tmp_path))
     assert r.returncode == 0, r.stderr[-3000:]
     files = list(tmp_path.glob("gpu-tiny-*.json"))
     assert len(files) == 1
@@ -57,11 +62,7 @@ def test_dry_run_writes_results_and_markdown(tmp_path, weights):
 
 def test_throughput_cap_keeps_partial_results(tmp_path):
     """--throughput-seconds stops the phase early and the JSON written so far survives a cut-short run."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", GPTOSS_KERNELS="auto")
-    env.pop("TRITON_INTERPRET", None)
-    r = subprocess.run([sys.executable, "-m", "bench.gpu", "--dry-run", "--batches", "1", "--requests", "400",
-                        "--throughput-seconds", "0.5", "--out", str(tmp_path)],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    r = dry_run("--batches", "1", "--requests", "400", "--throughput-seconds", "0.5", "--out", str(tmp_path))
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(next(tmp_path.glob("gpu-tiny-*.json")).read_text())
     thr = res["results"][-1]
@@ -69,17 +70,12 @@ def test_throughput_cap_keeps_partial_results(tmp_path):
 
 
 def test_phases_run_a_subset_and_a_bad_phase_names_the_flag(tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1", GPTOSS_KERNELS="auto")
-    env.pop("TRITON_INTERPRET", None)
-    r = subprocess.run([sys.executable, "-m", "bench.gpu", "--dry-run", "--phases", "decode", "--batches", "1",
-                        "--profile-batches", "0", "--out", str(tmp_path)],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    r = dry_run("--phases", "decode", "--batches", "1", "--profile-batches", "0", "--out", str(tmp_path))
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(next(tmp_path.glob("gpu-tiny-*.json")).read_text())
     assert [x["kind"] for x in res["results"]] == ["decode"] and res["complete"]
     assert not any("profile" in x for x in res["results"]) and not list(tmp_path.glob("profile-*"))
-    r = subprocess.run([sys.executable, "-m", "bench.gpu", "--dry-run", "--phases", "decode,warmup"],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    r = dry_run("--phases", "decode,warmup", timeout=60)
     assert r.returncode == 2 and "--phases" in r.stderr and "warmup" in r.stderr and "Traceback" not in r.stderr
 
 
