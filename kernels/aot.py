@@ -6,7 +6,8 @@ The interpreter tests accept code the real compiler rejects and say nothing
 about register spills or shared memory. This compiles each kernel for the
 target (Triton bundles ptxas) at every configuration its launcher picks for
 gpt-oss-20b and -120b at decode batches 1, 8, 64, 256 and an 8192-token
-prefill chunk, and checks: it compiles, ptxas spills nothing, and the shared
+prefill chunk (and 120b as one rank of 8 expert-parallel ones: replicated
+attention, attention DP, attention DP in TP groups of 2), and checks: it compiles, ptxas spills nothing, and the shared
 memory fits one block on the target.
 
 The launches are not described here but recorded from the launchers themselves,
@@ -47,16 +48,18 @@ SMEM_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448, 120: 
 MAX_REGS = 255
 
 
-def _step_launches(cfg, n_seqs: int, q_len: int, context: int, ep: int = 1, attn_dp: bool = False) -> list:
+def _step_launches(cfg, n_seqs: int, q_len: int, context: int, ep: int = 1, attn_dp: bool = False,
+                   tp: int = 1) -> list:
     """What one sliding + one full layer launch on CUDA: both norms, rotary, attention, MoE. With ep > 1, the
     MoE as one expert-parallel rank runs it (models.layers.MoE): a decode step (a CUDA graph) combines
     by all-reduce, so the rank runs all N tokens' top-k through its E/ep experts with an expert map;
     a prefill step's all-to-all brings it the rows routed to it (N*k/ep expected), one expert per
-    row (top_k=1, MoE.run_experts). attn_dp: each rank holds its own n_seqs (tp 1), and a decode step's
-    MoE gathers the EP group's tokens: the rank routes and runs ep x N rows."""
+    row (top_k=1, MoE.run_experts). attn_dp: each attention group holds its own n_seqs, and a decode
+    step's MoE gathers the EP group's tokens: each rank takes a 1/tp share of its group's rows, so it
+    routes and runs ep x ceil(N / tp) rows. tp: the rank's attention heads are 1/tp of the model's."""
     from . import attention, moe, rmsnorm, rope
     H, I, E, k = cfg.hidden_size, cfg.intermediate_size, cfg.num_local_experts, cfg.num_experts_per_tok
-    Hq, K, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    Hq, K, D = cfg.num_attention_heads // tp, max(1, cfg.num_key_value_heads // tp), cfg.head_dim
     N = n_seqs * q_len
     bf16, meta = torch.bfloat16, dict(device="meta")
     x = torch.empty(N, H, dtype=bf16, **meta)
@@ -85,7 +88,7 @@ def _step_launches(cfg, n_seqs: int, q_len: int, context: int, ep: int = 1, attn
                                       max_query_len=q_len)
         u8 = dict(dtype=torch.uint8, **meta)
         static_ep = ep > 1 and q_len == 1
-        gathered = N * ep if static_ep and attn_dp else N
+        gathered = -(-N // tp) * ep if static_ep and attn_dp else N
         E, rows, top = (E, N, k) if ep == 1 else (E // ep, gathered, k) if static_ep else (E // ep, max(1, N * k // ep), 1)
         experts = (torch.empty(E, 2 * I, H // 32, 16, **u8), torch.empty(E, 2 * I, H // 32, **u8),
                    torch.empty(E, 2 * I, dtype=bf16, **meta), torch.empty(E, H, I // 32, 16, **u8),
@@ -119,6 +122,9 @@ def workloads():
     for b in DECODE_BATCHES:  # ... with attention data parallelism (the preset's mode): b sequences per rank
         out.append((f"120b ep8 dp d{b}", _step_launches(PRESETS["gpt-oss-120b"], b, 1, DECODE_CONTEXT, ep=8,
                                                         attn_dp=True)))
+        # and in groups of 2 TP ranks: b sequences per group, each rank half the heads and half the rows
+        out.append((f"120b tp2 ep8 dp d{b}", _step_launches(PRESETS["gpt-oss-120b"], b, 1, DECODE_CONTEXT, ep=8,
+                                                            attn_dp=True, tp=2)))
     from . import sample  # the sampler's temperature-only rows: fp32 logits over the vocabulary
     V = PRESETS["gpt-oss-120b"].vocab_size
     for b in DECODE_BATCHES:
@@ -130,38 +136,40 @@ def workloads():
 
 
 def model_launches(preset: str, batches=DECODE_BATCHES, prefill: int = PREFILL_CHUNK, ep: int = 1,
-                   attn_dp: bool = False) -> list:
+                   attn_dp: bool = False, tp: int = 1) -> list:
     """-> [(use label, launches)] recorded from the model itself (not the launchers called by hand), on
     the meta device with GPTOSS_KERNELS=triton: a decode graph forward per batch and an eager prefill,
     at full size. What a GPU run of one process launches, to check `workloads()` against. ep > 1: the
     decode graphs of EP rank 1 of `ep` (its experts, collectives standing in as identities; not rank 0,
     which alone counts the expert load under the all-reduce: rank 0 launches what one process does); its
     prefill exchanges sizes on the host, which meta cannot, so it is left out. attn_dp: that rank
-    under attention data parallelism (its own tokens; the MoE gathers the group's)."""
+    under attention data parallelism (its own tokens; the MoE gathers the group's). tp > 1: rank 1 is
+    TP rank 1 (half the heads, the second share of the group's rows), loaded as a worker loads it."""
     from engine.executor import CacheSpec, LocalExecutor, empty_step, null_step, pad_decode_step, run_step
     from models import load_model
     from models.checkpoint import RandomCheckpoint
     saved = {k: os.environ.get(k) for k in ("GPTOSS_KERNELS", "TRITON_INTERPRET")}
     os.environ.update(GPTOSS_KERNELS="triton", TRITON_INTERPRET="1")  # meta counts as a GPU; nothing runs
     try:
-        from models import ShardSpec
         from parallel.comm import StandInComm
-        from parallel.layout import contiguous_placement
+        from parallel.layout import resolve_layout, shard_spec
+        from parallel.worker import expert_copies
         ckpt = RandomCheckpoint(preset, "mxfp4", device="meta")
-        per_rank = contiguous_placement(ckpt.config.num_local_experts, ep)
-        copies = [[r for r, ids in enumerate(per_rank) if e in ids] for e in range(ckpt.config.num_local_experts)]
-        m = load_model(ckpt, torch.bfloat16, "meta", keep_mxfp4=True, shard=ShardSpec(experts=per_rank[1 if ep > 1 else 0]),
-                       comm=StandInComm(ep, 1, attn_dp) if ep > 1 else None, expert_copies=copies)
+        layout = resolve_layout(ckpt.config, tp, ep, attn_dp=attn_dp)
+        me = layout[1 if len(layout) > 1 else 0]
+        m = load_model(ckpt, torch.bfloat16, "meta", keep_mxfp4=True, shard=shard_spec(me),
+                       comm=StandInComm.of(me) if len(layout) > 1 else None, expert_copies=expert_copies(layout))
         groups = tuple("sliding" if m.config.window(i) else "full" for i in range(m.config.num_hidden_layers))
         ex = LocalExecutor(m, CacheSpec(BLOCK_SIZE, {"full": 8192, "sliding": 2048}, groups), cuda_graphs=False)
-        short, uses = preset.removeprefix("gpt-oss-") + (f" ep{ep}" if ep > 1 else "") + (" dp" if attn_dp else ""), []
+        short = preset.removeprefix("gpt-oss-") + "".join(f" {n}{v}" for n, v in (("tp", tp), ("ep", ep)) if v > 1)
+        short, uses = short + (" dp" if attn_dp else ""), []
         for b in batches:
             inputs, _ = ex._graph_inputs(pad_decode_step(empty_step(ex.spec.blocks), b, ex.graph_width, BLOCK_SIZE,
                                                          full_width=True), b)
             with _triton.recording() as launches:
                 ex._graph_forward(inputs)
             uses.append((f"{short} d{b}", launches))
-        if ep == 1:
+        if ep == 1 and tp == 1:
             with _triton.recording() as launches:
                 run_step(m, ex.cache, ex.spec, null_step(prefill, ex.spec), num_real_tokens=prefill)
             uses.append((f"{short} p{prefill}", launches))

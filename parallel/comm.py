@@ -66,6 +66,26 @@ class StandInComm(LocalComm):
         self.split_size, self.split_rank = (1, 0) if attn_dp else (ep_size, ep_rank)
         self.ep_replicated = not attn_dp
 
+    @classmethod
+    def of(cls, me: RankLayout) -> StandInComm:
+        """Rank `me` of any layout (tp > 1 too): TP collectives return what the real ones' shapes are."""
+        c = cls(me.ep, me.ep_rank)
+        c.tp_size, c.tp_rank, c.rank, c.world = me.tp, me.tp_rank, me.rank, me.world
+        c.split_size, c.split_rank = len(me.split_ranks), me.split_rank
+        c.ep_replicated = set(me.ep_ranks) <= set(me.split_ranks)  # as DistComm decides it
+        return c
+
+    def tp_all_gather_last(self, x: torch.Tensor) -> torch.Tensor:
+        return x.repeat(*[1] * (x.dim() - 1), self.tp_size) if self.tp_size > 1 else x
+
+    def split_all_gather_rows(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        if self.split_size == 1:
+            return x
+        out = x.new_zeros(sum(counts), *x.shape[1:])
+        lo = sum(counts[:self.split_rank])
+        out[lo:lo + x.shape[0]] = x
+        return out
+
     def ep_all_gather_rows(self, x: torch.Tensor) -> torch.Tensor:
         return x.repeat(self.ep_size, *[1] * (x.dim() - 1)) if self.ep_size > 1 and not self.ep_replicated else x
 

@@ -110,6 +110,14 @@ def resolve_layout(cfg: GptOssConfig, tp: int = 1, ep: int = 1, gpus_per_node: i
     return out
 
 
+def shard_spec(me: RankLayout):
+    """What rank `me` loads of the checkpoint: its experts and attention heads, and with tp > 1 its
+    vocabulary rows (the (un)embedding is vocab-parallel then)."""
+    from models import ShardSpec
+    return ShardSpec(experts=me.experts, q_heads=me.q_heads, kv_heads=me.kv_heads,
+                     vocab=me.vocab if me.tp > 1 else None)
+
+
 def group_leads(layout: list[RankLayout], attn_dp: bool) -> list[int]:
     """The rank answering for each attention group's rows (its first TP rank), in group order;
     without attention DP every rank holds the same rows and rank 0 answers."""

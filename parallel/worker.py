@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .layout import RankLayout, group_leads, resolve_layout
+from .layout import RankLayout, group_leads, resolve_layout, shard_spec
 from .replies import FAILURE_GRACE_S, BrokenGuard, GroupBroken, WorkerError  # noqa: F401 (re-exported)
 
 
@@ -54,7 +54,7 @@ def expert_copies(layout: list[RankLayout]) -> list[list[int]]:
 
 
 def build_rank_model(spec: WorkerSpec, rank: int):
-    from models import ShardSpec, load_model
+    from models import load_model
     from models.config import load_config
     from models.weights import resolve_layout as resolve_ckpt
 
@@ -71,9 +71,7 @@ def build_rank_model(spec: WorkerSpec, rank: int):
         device = torch.device(f"cuda:{me.local_gpu % max(1, torch.cuda.device_count())}")
         torch.cuda.set_device(device)
     comm = DistComm(layout, rank, RendezvousSpec(rank, me.world, spec.init_method), device)
-    shard = ShardSpec(experts=me.experts, q_heads=me.q_heads, kv_heads=me.kv_heads,
-                      vocab=me.vocab if me.tp > 1 else None)
-    model = load_model(spec.path, spec.dtype, device, shard=shard, keep_mxfp4=spec.keep_mxfp4, comm=comm,
+    model = load_model(spec.path, spec.dtype, device, shard=shard_spec(me), keep_mxfp4=spec.keep_mxfp4, comm=comm,
                        expert_copies=expert_copies(layout), moe_combine=spec.moe_combine)
     return model, comm, layout
 

@@ -75,9 +75,12 @@ def test_plan_covers_what_the_model_launches():
     def key(c):
         return c.kernel, repr(c.src.signature), repr(c.src.constants), repr(c.src.attrs), repr(c.options)
     planned = {key(c) for c in CONFIGS}
-    # and one rank of 120b ep8, with replicated attention and with attention DP (helm's preset)
-    for preset, ep, dp in [(m, 1, False) for m in aot.MODELS] + [("gpt-oss-120b", 8, False), ("gpt-oss-120b", 8, True)]:
-        real = aot.bind(aot.model_launches(preset, ep=ep, attn_dp=dp), ARCH)
+    # and one rank of 120b ep8, with replicated attention and with attention DP (helm's preset), and
+    # TP rank 1 of an attention-DP group of 2 (half the heads, the second share of the group's rows)
+    cases = [(m, 1, 1, False) for m in aot.MODELS] + [("gpt-oss-120b", 1, 8, False), ("gpt-oss-120b", 1, 8, True),
+                                                      ("gpt-oss-120b", 2, 8, True)]
+    for preset, tp, ep, dp in cases:
+        real = aot.bind(aot.model_launches(preset, ep=ep, attn_dp=dp, tp=tp), ARCH)
         assert len(real) >= 9
         missing = [f"{c.kernel} {c.label} ({', '.join(c.uses)})" for c in real if key(c) not in planned]
         assert not missing, missing
