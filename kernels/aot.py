@@ -101,8 +101,11 @@ def _step_launches(cfg, n_seqs: int, q_len: int, context: int, ep: int = 1, attn
         if static_ep:  # under the all-reduce only rank 0 counts the load: the others route without
             route.route_triton(route_logits, k, None, torch.empty(gathered, dtype=torch.bool, **meta))
         g2l = torch.empty(cfg.num_local_experts, dtype=torch.long, **meta) if static_ep else None
-        xm = torch.empty(rows, H, dtype=bf16, **meta)  # one process adds the residual in the combine
-        moe.moe_mxfp4(xm, routing, *experts, top_k=top, global_to_local=g2l, residual=xm if ep == 1 else None)
+        xm = torch.empty(rows, H, dtype=bf16, **meta)
+        # one process adds the residual and applies the next norm in the combine (EP ranks: a fused
+        # rmsnorm with residual after the exchange, launched above)
+        moe.moe_mxfp4(xm, routing, *experts, top_k=top, global_to_local=g2l,
+                      **(dict(residual=xm, norm=(norm_w, cfg.rms_norm_eps)) if ep == 1 else {}))
     return launches
 
 

@@ -60,11 +60,16 @@ def moe_case(cfg, n: int, dev, dtype, gen, ep: int = 1):
     ref16 = moe.moe_reference(xb, idx, wb, w1b, w1s, b1b, w2b, w2s, b2b)
     out = moe.moe_mxfp4(xb, (idx, wb), w1b, w1s, b1b, w2b, w2s, b2b, top_k=k)
     e, b, ok = verdict(out, ref32, ref16)
-    if ep == 1:  # one process adds the residual in the combine: the unfused add's rounding
+    if ep == 1:  # one process adds the residual in the combine (the unfused add's rounding), and the
+        # next RMSNorm of that sum (what the model launches)
+        from .rmsnorm import rmsnorm_reference
         r = torch.randn(n, cfg.hidden_size, device=dev, generator=gen).to(dtype)
-        fused = moe.moe_mxfp4(xb, (idx, wb), w1b, w1s, b1b, w2b, w2s, b2b, top_k=k, residual=r)
+        nw = 1 + 0.05 * torch.randn(cfg.hidden_size, device=dev, generator=gen)
+        fused, normed = moe.moe_mxfp4(xb, (idx, wb), w1b, w1s, b1b, w2b, w2s, b2b, top_k=k, residual=r,
+                                      norm=(nw, cfg.rms_norm_eps))
         ok = ok and bool(((fused.float() - (r + out).float()).abs()
                           <= (r + out).float().abs() * 2 ** -7 + 1e-6).all())
+        ok = ok and rel_err(normed, rmsnorm_reference(fused.float(), nw, cfg.rms_norm_eps)) <= 2 ** -7
     return e, b, ok
 
 

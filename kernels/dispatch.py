@@ -87,17 +87,20 @@ def paged_attention(q, k_cache, v_cache, block_table, query_start, context_lens,
 
 
 def moe(x, routing, w1_blocks, w1_scales, b1, w2_blocks, w2_scales, b2, *, top_k: int = 4,
-        global_to_local=None, limit: float = 7.0, alpha: float = 1.702, residual=None) -> torch.Tensor:
+        global_to_local=None, limit: float = 7.0, alpha: float = 1.702, residual=None, norm=None):
     """routing: router logits [N, E_global] (routed as MoE.route) or (idx [N, k], weights [N, k]);
-    residual: return residual + the MoE output (fused into the kernel's combine)."""
+    residual: return residual + the MoE output (fused into the kernel's combine); norm (weight, eps),
+    with residual: return (that sum, its RMSNorm) (fused too)."""
     from . import moe as m
     if use_triton(x.device):
         return m.moe_mxfp4(x, routing, w1_blocks, w1_scales, b1, w2_blocks, w2_scales, b2, top_k=top_k,
-                           global_to_local=global_to_local, limit=limit, alpha=alpha, residual=residual)
+                           global_to_local=global_to_local, limit=limit, alpha=alpha, residual=residual,
+                           norm=norm)
     idx, weights = m.route(routing, top_k, x.dtype) if isinstance(routing, torch.Tensor) else routing
     out = m.moe_reference(x, idx, weights, w1_blocks, w1_scales, b1, w2_blocks, w2_scales, b2,
                           global_to_local=global_to_local, limit=limit, alpha=alpha)
-    return out if residual is None else residual + out
+    out = out if residual is None else residual + out
+    return out if norm is None else (out, rmsnorm(out, norm[0], norm[1]))
 
 
 def rmsnorm(x, weight, eps: float, residual=None):

@@ -11,7 +11,9 @@
    activation column j. W1 is read once per tile, never dequantised to memory.
 4. `_w2_kernel`: activations @ W2[e]^T + b2, times the pair's router weight.
 5. `_combine_kernel`: sums each token's k pair rows (absent experts skipped), and adds the
-   residual stream when given (the block's `x + moe(h)`, same rounding, one launch fewer).
+   residual stream when given (the block's `x + moe(h)`, same rounding, one launch fewer); with
+   `norm` it also writes the next RMSNorm of that sum (the next block's attention norm, or the
+   final one), as kernels.rmsnorm computes it: one launch fewer per layer again.
 
 Layouts are the checkpoint's: w1_blocks [E, 2I, H/32, 16], w1_scales [E, 2I, H/32],
 w2_blocks [E, H, I/32, 16], w2_scales [E, H, I/32], b1 [E, 2I], b2 [E, H], where
@@ -179,8 +181,8 @@ def _w2_kernel(act_ptr, wb_ptr, ws_ptr, b_ptr, rw_ptr, y_ptr, sorted_ptr, tile_e
     tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=rvalid[:, None] & nvalid[None, :])
 
 
-def _combine_kernel(y_ptr, valid_ptr, res_ptr, out_ptr, H, s_res, TOP_K: tl.constexpr, HAS_RES: tl.constexpr,
-                    BLOCK_H: tl.constexpr):
+def _combine_kernel(y_ptr, valid_ptr, res_ptr, out_ptr, nw_ptr, h_ptr, H, s_res, eps, TOP_K: tl.constexpr,
+                    HAS_RES: tl.constexpr, NORM: tl.constexpr, BLOCK_H: tl.constexpr):
     m = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     acc = tl.zeros((BLOCK_H,), tl.float32)
@@ -193,6 +195,11 @@ def _combine_kernel(y_ptr, valid_ptr, res_ptr, out_ptr, H, s_res, TOP_K: tl.cons
         out = (tl.load(res_ptr + m * s_res + cols, mask=cols < H, other=0.0).to(tl.float32)
                + out.to(tl.float32)).to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + m * H + cols, out, mask=cols < H)
+    if NORM:  # one program holds the whole row (BLOCK_H >= H): normalise the stored, rounded sum
+        xf = out.to(tl.float32)
+        inv = tl.rsqrt(tl.sum(xf * xf, 0) / H + eps)
+        w = tl.load(nw_ptr + cols, mask=cols < H, other=0.0).to(tl.float32)
+        tl.store(h_ptr + m * H + cols, (w * (xf * inv)).to(h_ptr.dtype.element_ty), mask=cols < H)
 
 
 def _local_keys(idx_ptr, g2l_ptr, p, pm, HAS_MAP: tl.constexpr):
@@ -322,15 +329,20 @@ def align_triton(idx: torch.Tensor, global_to_local, n_local: int, block_m: int)
 
 def moe_mxfp4(x: torch.Tensor, routing, w1_blocks, w1_scales, b1, w2_blocks, w2_scales, b2, *,
               top_k: int = 4, global_to_local: torch.Tensor | None = None, limit: float = 7.0,
-              alpha: float = 1.702, residual: torch.Tensor | None = None) -> torch.Tensor:
+              alpha: float = 1.702, residual: torch.Tensor | None = None,
+              norm: tuple[torch.Tensor, float] | None = None):
     """x [N, H]; routing = router logits [N, E_global] or (idx [N, k], weights [N, k]) -> [N, H] in x.dtype;
-    residual [N, H]: returns residual + the MoE output instead."""
+    residual [N, H]: returns residual + the MoE output instead; norm (weight [H], eps), with a residual:
+    returns (that sum s, rmsnorm(s)), the pair kernels.rmsnorm would give for the next norm."""
+    if norm is not None and residual is None:
+        raise ValueError("norm is fused after the residual add: pass residual too")
     idx, weights = route(routing, top_k, x.dtype) if isinstance(routing, torch.Tensor) else routing
     N, H = x.shape
     E, I = w1_blocks.shape[0], w1_blocks.shape[1] // 2
     k = idx.shape[1]
     if N == 0:
-        return torch.zeros_like(x) if residual is None else residual.clone()
+        out = torch.zeros_like(x) if residual is None else residual.clone()
+        return out if norm is None else (out, torch.empty_like(out))
     if H % 32 or I % 32:
         raise ValueError(f"hidden {H} and intermediate {I} must be multiples of 32 (MXFP4 blocks)")
     jit_module(globals(), _KERNELS)
@@ -353,13 +365,17 @@ def moe_mxfp4(x: torch.Tensor, routing, w1_blocks, w1_scales, b1, w2_blocks, w2_
            act, w2_blocks, w2_scales, b2, rw, y, sorted_ids, tile_expert, N * k, H, I,
            DOT_BF16=dot_bf16, **meta, **opts)
     out = torch.empty_like(x)
-    bh = min(1024, triton.next_power_of_2(H))
     if residual is not None and residual.shape != x.shape:
         raise ValueError(f"residual {tuple(residual.shape)} must have x's shape {tuple(x.shape)}")
     res = residual if residual is None or residual.stride(-1) == 1 else residual.contiguous()
-    launch(_combine_kernel, (N, triton.cdiv(H, bh)), y, valid, x if res is None else res, out, H,
-           x.stride(0) if res is None else res.stride(0), TOP_K=k, HAS_RES=res is not None, BLOCK_H=bh)
-    return out
+    normed = torch.empty_like(x) if norm is not None else out
+    bh = triton.next_power_of_2(H) if norm is not None else min(1024, triton.next_power_of_2(H))
+    opts = dict(num_warps=8) if norm is not None and H >= 2048 and not interp else {}
+    launch(_combine_kernel, (N, triton.cdiv(H, bh)), y, valid, x if res is None else res, out,
+           norm[0] if norm is not None else out, normed, H, x.stride(0) if res is None else res.stride(0),
+           float(norm[1]) if norm is not None else 0.0, TOP_K=k, HAS_RES=res is not None, NORM=norm is not None,
+           BLOCK_H=bh, **opts)
+    return out if norm is None else (out, normed)
 
 
 __all__ = ["align", "align_triton", "moe_mxfp4", "moe_reference", "route"]

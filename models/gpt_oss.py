@@ -58,14 +58,17 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(w["mlp_norm"], cfg.rms_norm_eps)
         self.moe = MoE(cfg, w["router_w"], w["router_b"], experts, comm, copies, moe_combine)
 
-    def forward(self, x, cos, sin, meta) -> torch.Tensor:
-        a = self.attn(self.attn_norm(x), cos, sin, meta)
+    def forward(self, x, h, cos, sin, meta, next_norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: the residual stream, h = attn_norm(x) (the previous block fused it into its MoE combine)
+        -> (the new stream x', next_norm(x')): the next block's attention norm, or the model's last."""
+        a = self.attn(h, cos, sin, meta)
         if dispatch.use_triton(x.device):  # one kernel: h = mlp_norm(x + a), x = x + a (same rounding)
             h, x = dispatch.rmsnorm(a, self.mlp_norm.weight, self.mlp_norm.eps, residual=x)
         else:
             x = x + a
             h = self.mlp_norm(x)
-        return self.moe(h, getattr(meta, "token_mask", None), getattr(meta, "static", False), residual=x)
+        return self.moe(h, getattr(meta, "token_mask", None), getattr(meta, "static", False), residual=x,
+                        norm=next_norm)
 
 
 class GptOssForCausalLM(nn.Module):
@@ -96,9 +99,11 @@ class GptOssForCausalLM(nn.Module):
         """input_ids, positions [N] -> final hidden states [N, hidden] (after the last norm)."""
         x = self.embed_tokens(input_ids)
         cos, sin = self.rotary.cos_sin(positions, x.dtype)
-        for blk in self.blocks:
-            x = blk(x, cos, sin, meta)
-        return self.norm(x)
+        h = self.blocks[0].attn_norm(x)
+        norms = [b.attn_norm for b in self.blocks[1:]] + [self.norm]
+        for blk, nxt in zip(self.blocks, norms):
+            x, h = blk(x, h, cos, sin, meta, nxt)
+        return h
 
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         if self.comm.tp_size == 1:

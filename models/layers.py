@@ -152,6 +152,19 @@ def swiglu(gate_up: torch.Tensor, limit: float, alpha: float) -> torch.Tensor:
     return gate * torch.sigmoid(alpha * gate) * (lin + 1)
 
 
+def _add_norm(out: torch.Tensor, residual: torch.Tensor | None, norm):
+    """residual + out, and with `norm` (an RMSNorm) (that, norm(that)): one fused kernel on the GPU."""
+    if residual is None:
+        return out
+    if norm is None:
+        return residual + out
+    if dispatch.use_triton(out.device):
+        h, x = dispatch.rmsnorm(out, norm.weight, norm.eps, residual=residual)
+        return x, h
+    x = residual + out
+    return x, norm(x)
+
+
 class MoE(nn.Module):
     """Top-k router over all experts; computes this shard's experts.
 
@@ -242,10 +255,11 @@ class MoE(nn.Module):
         return (mxfp4.decode(self.w1_blocks[j], self.w1_scales[j], dtype),
                 mxfp4.decode(self.w2_blocks[j], self.w2_scales[j], dtype))
 
-    def _moe_kernel(self, x, routing, top_k, global_to_local, residual=None):
+    def _moe_kernel(self, x, routing, top_k, global_to_local, residual=None, norm=None):
         return dispatch.moe(x, routing, self.w1_blocks, self.w1_scales, self.b1, self.w2_blocks, self.w2_scales,
                             self.b2, top_k=top_k, global_to_local=global_to_local, limit=self.limit,
-                            alpha=self.alpha, residual=residual)
+                            alpha=self.alpha, residual=residual,
+                            norm=None if norm is None else (norm.weight, norm.eps))
 
     def run_experts(self, rows: torch.Tensor, local_ids: torch.Tensor) -> torch.Tensor:
         """rows[i] through local expert local_ids[i] (unweighted), grouped by expert."""
@@ -267,20 +281,21 @@ class MoE(nn.Module):
         return out
 
     def compute(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor,
-                local_map: torch.Tensor | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
+                local_map: torch.Tensor | None = None, residual: torch.Tensor | None = None, norm=None):
         """Weighted sum over the local experts among each token's top-k (absent ones skipped).
         local_map[e]: this rank's index of expert e, -1 = skip (default: global_to_local);
-        residual: returns residual + that sum (the kernel adds it in its combine)."""
+        residual: returns residual + that sum (the kernel adds it in its combine); norm (an RMSNorm),
+        with residual: returns (that, norm(that)) (the kernel's combine normalises it too)."""
         if self.packed and dispatch.use_triton(x.device):
             # every expert here in router order (no EP): router ids are local ids, no map to read
             g2l = local_map if local_map is not None else None if self.identity_map else self.global_to_local
-            return self._moe_kernel(x, (idx, weights), self.top_k, g2l, residual)
+            return self._moe_kernel(x, (idx, weights), self.top_k, g2l, residual, norm)
         local = (self.global_to_local if local_map is None else local_map)[idx].flatten()
         keep = (local >= 0).nonzero().squeeze(1)
         tok = keep // self.top_k
         y = self.run_experts(x[tok], local[keep])
         out = torch.zeros_like(x).index_add_(0, tok, y * weights.flatten()[keep, None])
-        return out if residual is None else residual + out
+        return _add_norm(out, residual, norm)
 
     def owners(self, idx: torch.Tensor) -> torch.Tensor:
         """EP rank that computes each (token, expert) pair; copies take turns."""
@@ -289,15 +304,15 @@ class MoE(nn.Module):
         return self.copy_rank[flat, slot]
 
     def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None, static: bool = False,
-                residual: torch.Tensor | None = None) -> torch.Tensor:
+                residual: torch.Tensor | None = None, norm=None):
         """token_mask [N] bool: rows counted in the expert load (None = all). static: no host reads
-        (the step is captured in a CUDA graph). residual: returns residual + the MoE output."""
+        (the step is captured in a CUDA graph). residual: returns residual + the MoE output; norm (an
+        RMSNorm, the next one the model applies), with residual: returns (that, norm(that))."""
         c = self.comm
         if c is None or (c.split_size == 1 and c.ep_size == 1):
             idx, weights = self.route(x, token_mask)
-            return self.compute(x, idx, weights, residual=residual)
-        out = self._exchange(x, token_mask, static)
-        return out if residual is None else residual + out
+            return self.compute(x, idx, weights, residual=residual, norm=norm)
+        return _add_norm(self._exchange(x, token_mask, static), residual, norm)
 
     def _gathered(self, x: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
         """Attention DP, every decode step padded to one bucket: each TP rank of a group takes an equal

@@ -109,6 +109,29 @@ def test_residual_added_in_the_combine_is_the_unfused_add(dtype):
     assert torch.equal(moe_mxfp4(h[:0], routing[0][:0], *packed(m), residual=res[:0]), res[:0])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_next_norm_in_the_combine_is_the_rmsnorm_of_the_sum(dtype):
+    """With `norm`, the combine also writes the next RMSNorm of the (rounded) residual sum, which the
+    block would otherwise launch apart (the next attention norm): the sum is the residual variant's
+    to the bit, its norm the rmsnorm reference's within the summation order of the squares."""
+    from kernels.rmsnorm import rmsnorm_reference
+    m, h = moe_module(dtype), tokens(7, seed=4, dtype=dtype)
+    res = tokens(7, seed=5, dtype=dtype) * 4
+    w = torch.rand(H, generator=torch.Generator().manual_seed(9)) + 0.5
+    routing = route(F.linear(h.float(), m.router_w.float(), m.router_b.float()), K, dtype)
+    summed = moe_mxfp4(h, routing, *packed(m), residual=res)
+    out, normed = moe_mxfp4(h, routing, *packed(m), residual=res, norm=(w, 1e-5))
+    assert torch.equal(out, summed)
+    want = rmsnorm_reference(summed, w, 1e-5)
+    tol = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=2 ** -7, atol=2 ** -7)
+    torch.testing.assert_close(normed, want, **tol)
+    assert not torch.allclose(normed, rmsnorm_reference(summed, w * 2, 1e-5), **tol)  # the weight is applied
+    with pytest.raises(ValueError, match="residual"):
+        moe_mxfp4(h, routing, *packed(m), norm=(w, 1e-5))
+    empty = moe_mxfp4(h[:0], routing[0][:0], *packed(m), residual=res[:0], norm=(w, 1e-5))
+    assert [t.shape for t in empty] == [(0, H), (0, H)]
+
+
 def test_empty_batch():
     m = moe_module()
     out = moe_mxfp4(torch.zeros(0, H), torch.zeros(0, E), *packed(m))
