@@ -16,9 +16,10 @@ loads it. Every number runs through engine.core.LLMEngine (scheduler, sampler an
   the --lockstep-batches also without overlapped scheduling, back to back.
 * prefill: --prefill-seqs prompts of --prefill-len tokens, max_tokens=1,
   chunked at --max-tokens-per-step; tokens/s = prompt tokens / time.
-* profile (--profile-batches, after the decode timing on the same engine): device time per kernel
-  category beside the bytes the roofline says it moves (bench.step_profile), kernels per step, the
-  Chrome trace beside the JSON. --phases runs a subset (e.g. decode alone while tuning kernels).
+* profile, last (CUPTI may leave later work slower once it has run): decode at --profile-batches
+  again, timed, then --profile-steps steps under torch.profiler: device time per kernel category
+  beside the bytes the roofline says it moves (bench.step_profile), kernels per step, the Chrome
+  trace beside the JSON. --phases runs a subset (e.g. decode,profile while tuning kernels).
 * throughput: --requests prompts of --isl tokens, --osl outputs each, at most
   --concurrency running; output tokens/s. The engine warms up first, as a
   Serve group does (every decode graph captured: the batch shrinks through
@@ -276,21 +277,11 @@ def run_model(preset: str, a, dev: torch.device, bw: float, flops: float, comman
         log(f"  {kind:10} batch {batch:4} context {context:6}: {tok_s:10.1f} tok/s "
             f"(roofline {roofline:10.1f}, {bound})")
 
+    ctx = a.decode_context + a.warmup_steps + a.decode_steps // 2
     for B in a.batches if "decode" in a.phases else ():
-        ctx = a.decode_context + a.warmup_steps + a.decode_steps // 2
-
-        def prof(step, n, B=B, trace=Path(a.out) / f"profile-{preset}-b{B}.json.gz" if a.out else None):
-            try:  # a profiler failure costs the profile, not the rest of the device time
-                return step_profile.profile(step, n, dev, roof.step_parts(B, [ctx] * B, B), bw, trace)
-            except Exception as e:  # noqa: BLE001
-                log(f"  profile of batch {B} failed: {type(e).__name__}: {e}")
-                return {"error": f"{type(e).__name__}: {e}"[:500]}
-        tok_s, step_s, profiled = bench_decode(model, dev, B, a.decode_context, a.decode_steps, a.warmup_steps,
-                                               a.max_tokens_per_step, profile_steps=a.profile_steps
-                                               if B in a.profile_batches else 0, profile=prof)
+        tok_s, step_s, _ = bench_decode(model, dev, B, a.decode_context, a.decode_steps, a.warmup_steps,
+                                        a.max_tokens_per_step)
         extra = {"step_ms": step_s * 1e3}
-        if profiled:
-            extra["profile"] = profiled
         if B in a.lockstep_batches:  # the same decode without overlapped scheduling, measured just after
             lock_s, lock_step, _ = bench_decode(model, dev, B, a.decode_context, a.decode_steps, a.warmup_steps,
                                              a.max_tokens_per_step, overlap=False)
@@ -313,6 +304,21 @@ def run_model(preset: str, a, dev: torch.device, bw: float, flops: float, comman
         add("throughput", a.concurrency, ctx, tok_s, a.concurrency, [ctx] * a.concurrency, a.concurrency,
             {"isl": a.isl, "osl": a.osl, "requests": a.requests, "requests_finished": done,
              "metric": "output tokens/s"})
+    for B in a.profile_batches if "profile" in a.phases else ():
+        def prof(step, n, B=B, trace=Path(a.out) / f"profile-{preset}-b{B}.json.gz" if a.out else None):
+            try:  # a profiler failure costs the profile, not the rest of the device time
+                return step_profile.profile(step, n, dev, roof.step_parts(B, [ctx] * B, B), bw, trace)
+            except Exception as e:  # noqa: BLE001
+                log(f"  profile of batch {B} failed: {type(e).__name__}: {e}")
+                return {"error": f"{type(e).__name__}: {e}"[:500]}
+        tok_s, step_s, profiled = bench_decode(model, dev, B, a.decode_context, a.decode_steps, a.warmup_steps,
+                                               a.max_tokens_per_step, profile_steps=a.profile_steps, profile=prof)
+        res.setdefault("profiles", []).append({"kind": "decode", "batch": B, "context": ctx, "tokens_per_s": tok_s,
+                                               "step_ms": step_s * 1e3, "profile": profiled})
+        save(res)
+        log(f"  profiled decode batch {B}: " + ("failed" if "error" in profiled else
+                                                f"{profiled['busy_ms_per_step']:.3f} ms busy of {step_s * 1e3:.3f} "
+                                                f"ms per step, {profiled['kernels_per_step']:.0f} kernels"))
     del model
     if created is not None and a.delete_created:
         import shutil
@@ -343,9 +349,8 @@ def markdown(res: dict) -> str:
         out += ["", "Decode at temperature 1 (sampled by the fused kernel) against greedy, back to back: " +
                 "; ".join(f"batch {r['batch']}: {r['sampled_tokens_per_s']:.1f} vs {r['tokens_per_s']:.1f} tok/s "
                           f"({r['sampled_step_ms']:.2f} vs {r['step_ms']:.2f} ms/step)" for r in smp)]
-    for r in res["results"]:
-        if "profile" in r:
-            out += step_profile.markdown(r)
+    for r in res.get("profiles", []):
+        out += step_profile.markdown(r)
     if not res.get("complete", True):
         out += ["", "(cut short: the run ended before its last measurement)"]
     return "\n".join(out)
@@ -381,7 +386,7 @@ def update_benchmarks(results: Path, target: Path) -> int:
     return 0
 
 
-PHASES = ("decode", "prefill", "throughput")
+PHASES = ("decode", "prefill", "throughput", "profile")
 
 
 def phases(s: str) -> list[str]:
@@ -410,8 +415,8 @@ def parse(argv=None):
                     help="decode batches also measured at temperature 1 (the fused sampling kernel)")
     ap.add_argument("--warmup-steps", type=int, default=4)
     ap.add_argument("--profile-batches", type=ints, default=[1, 64],
-                    help="decode batches also profiled (bench.step_profile: time per kernel category beside the "
-                         "bytes it moves; the Chrome trace beside the JSON); 0 for none")
+                    help="decode batches profiled in the last phase (bench.step_profile: time per kernel category "
+                         "beside the bytes it moves; the Chrome trace beside the JSON)")
     ap.add_argument("--profile-steps", type=int, default=10)
     ap.add_argument("--phases", type=phases, default=PHASES, help="comma separated, of: " + ",".join(PHASES))
     ap.add_argument("--prefill-seqs", type=int, default=8)

@@ -2,9 +2,10 @@
 bytes each category must move (bench.gpu's Roofline), so a GPU run that misses its roofline says
 which kernel to work on next.
 
-bench.gpu profiles the decode batches in --profile-batches after timing them, on the same engine:
-the JSON row gets `profile` (categories, top kernels, kernels per step, device-busy time per step)
-and the optional Chrome trace goes beside it (`profile-<model>-b<B>.json.gz`, for Perfetto).
+bench.gpu profiles decode at --profile-batches in its last phase (a run of CUPTI may leave later
+work slower), each after a timed run on the same engine: the JSON's `profiles` get the categories,
+top kernels, kernels and device-busy time per step; the Chrome trace goes beside the JSON
+(`profile-<model>-b<B>.json.gz`, for Perfetto).
 
 On CUDA the events are the device's kernels, graph replays included (CUPTI reports each kernel a
 replayed graph runs, though no CPU op launches it). On CPU (--dry-run) the top-level torch ops stand
@@ -138,7 +139,7 @@ def profile(step, steps: int, dev: torch.device, parts: dict[str, float], bandwi
 
 
 def markdown(row: dict) -> list[str]:
-    """A profiled decode row of bench.gpu's results as a table."""
+    """One of bench.gpu's profiles (batch, step_ms, profile) as a table."""
     p = row["profile"]
     if "error" in p:
         return ["", f"Decode batch {row['batch']}: the profile failed ({p['error']})."]

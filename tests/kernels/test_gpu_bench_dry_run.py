@@ -49,10 +49,11 @@ def test_dry_run_writes_results_and_markdown(tmp_path, weights):
     [smp] = [x for x in res["results"] if "sampled_tokens_per_s" in x]
     assert smp["batch"] == 2 and smp["sampled_tokens_per_s"] > 0 and smp["sampled_step_ms"] > 0
     assert "Decode at temperature 1" in r.stdout
-    # and profiled (--profile-batches; 1,64 by default): time by category, the trace beside the JSON
-    [prof] = [x for x in res["results"] if "profile" in x]
+    # and profiled last (--profile-batches; 1,64 by default): time by category, the trace beside the JSON
+    [prof] = res["profiles"]
     p = prof["profile"]
-    assert prof["batch"] == 2 and p["steps"] == 2 and p["busy_ms_per_step"] > 0 and p["kernels_per_step"] > 10
+    assert prof["batch"] == 2 and prof["step_ms"] > 0 and prof["tokens_per_s"] > 0
+    assert p["steps"] == 2 and p["busy_ms_per_step"] > 0 and p["kernels_per_step"] > 10
     assert sum(c["share"] for c in p["categories"]) == pytest.approx(1)
     [lin] = [c for c in p["categories"] if c["category"] == "linear"]  # on CPU every matmul is aten::linear
     assert lin["ms_per_step"] > 0 and lin["bytes_per_step"] > 0 and lin["GBps"] > 0
@@ -70,11 +71,11 @@ def test_throughput_cap_keeps_partial_results(tmp_path):
 
 
 def test_phases_run_a_subset_and_a_bad_phase_names_the_flag(tmp_path):
-    r = dry_run("--phases", "decode", "--batches", "1", "--profile-batches", "0", "--out", str(tmp_path))
+    r = dry_run("--phases", "decode", "--batches", "1", "--out", str(tmp_path))
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(next(tmp_path.glob("gpu-tiny-*.json")).read_text())
     assert [x["kind"] for x in res["results"]] == ["decode"] and res["complete"]
-    assert not any("profile" in x for x in res["results"]) and not list(tmp_path.glob("profile-*"))
+    assert "profiles" not in res and not list(tmp_path.glob("profile-*"))
     r = dry_run("--phases", "decode,warmup", timeout=60)
     assert r.returncode == 2 and "--phases" in r.stderr and "warmup" in r.stderr and "Traceback" not in r.stderr
 
