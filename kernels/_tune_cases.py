@@ -127,8 +127,11 @@ def make_call(family: str, cfg, n: int, window, context: int, dtype, device, wei
         from .moe import moe_mxfp4, moe_reference
         x, (idx, w) = moe_tokens(cfg, n, dtype, device)
         ws = weights if weights is not None else moe_weights(cfg, dtype, device)
-        return (moe_mxfp4, (x, (idx, w), *ws), dict(top_k=cfg.num_experts_per_tok),
-                lambda: moe_reference(x, idx, w, *ws))
+        # the map a model's MoE passes (MoE.local_or_skip): every expert here, then id E -> none
+        E = cfg.num_local_experts
+        g2l = torch.cat([torch.arange(E, device=device), torch.full((1,), -1, device=device)])
+        return (moe_mxfp4, (x, (idx, w), *ws), dict(top_k=cfg.num_experts_per_tok, global_to_local=g2l),
+                lambda: moe_reference(x, idx, w, *ws, global_to_local=g2l))
     from .attention import paged_attention, paged_attention_reference
     args, kw = attn_inputs(cfg, n, family == "attn_decode", window, context, dtype, device)
     return paged_attention, args, kw, lambda: paged_attention_reference(*args)

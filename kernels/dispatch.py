@@ -110,12 +110,13 @@ def rmsnorm(x, weight, eps: float, residual=None):
     return r.rmsnorm_reference(x, weight, eps, residual)
 
 
-def route(logits, top_k: int, load=None, token_mask=None):
-    """Top-k of router logits, softmax over the picked, expert-load count -> (idx [N, k], weights [N, k])."""
+def route(logits, top_k: int, load=None, token_mask=None, drop_masked: bool = False):
+    """Top-k of router logits, softmax over the picked, expert-load count -> (idx [N, k], weights [N, k]);
+    drop_masked: rows token_mask leaves out (padding) get expert id E, which no rank holds."""
     from . import route as r
     if use_triton(logits.device):
-        return r.route_triton(logits, top_k, load, token_mask)
-    return r.route_reference(logits, top_k, load, token_mask)
+        return r.route_triton(logits, top_k, load, token_mask, drop_masked)
+    return r.route_reference(logits, top_k, load, token_mask, drop_masked)
 
 
 def rope(q, k, cos, sin):

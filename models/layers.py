@@ -211,9 +211,10 @@ class MoE(nn.Module):
         self.identity_map = list(experts.ids) == list(range(cfg.num_local_experts))
         copies = copies or [[0] for _ in range(cfg.num_local_experts)]
         width = max(len(c) for c in copies)
-        self.register_buffer("copy_rank", torch.tensor([c + [c[0]] * (width - len(c)) for c in copies]),
-                             persistent=False)
-        self.register_buffer("n_copies", torch.tensor([len(c) for c in copies]), persistent=False)
+        # one more row for expert id E (a graph's padding rows, MoE.route's drop_masked): owned by no rank
+        self.register_buffer("copy_rank", torch.tensor([c + [c[0]] * (width - len(c)) for c in copies]
+                                                       + [[-1] * width]), persistent=False)
+        self.register_buffer("n_copies", torch.tensor([len(c) for c in copies] + [1]), persistent=False)
         # all-reduce combine: a pair this rank does not own is sent to expert id E, which maps to -1 (skipped)
         self.ep_rank = comm.ep_rank if comm is not None else 0
         self.register_buffer("local_or_skip", torch.cat([local, local.new_full((1,), -1)]), persistent=False)
@@ -234,19 +235,14 @@ class MoE(nn.Module):
         """Experts kept as MXFP4 blocks: the Triton MoE reads these directly."""
         return getattr(self, "w1_blocks", None) is not None
 
-    def route(self, x: torch.Tensor, token_mask: torch.Tensor | None = None, count: bool = True
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-        """count: add the routed tokens (token_mask's rows) to the expert load."""
+    def route(self, x: torch.Tensor, token_mask: torch.Tensor | None = None, count: bool = True,
+              drop_masked: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """count: add the routed tokens (token_mask's rows) to the expert load (index_add_, not bincount,
+        which reads its max back to the host: a CUDA graph cannot capture that). drop_masked: the rows
+        token_mask leaves out (a graph's padding) get expert id E, which local_or_skip maps to none.
+        On the GPU one launch instead of five (kernels/route.py)."""
         logits = torch.nn.functional.linear(x, self.router_w, self.router_b)
-        if dispatch.use_triton(x.device):  # one launch instead of five (kernels/route.py)
-            return dispatch.route(logits, self.top_k, self.load if count else None, token_mask)
-        top, idx = torch.topk(logits, self.top_k, dim=-1)
-        if count:
-            # index_add_, not bincount: bincount reads its max back to the host, which a CUDA graph
-            # cannot capture; token_mask leaves a graph's padding rows out of the load (same counts)
-            ones = torch.ones_like(idx) if token_mask is None else token_mask.to(idx.dtype)[:, None].expand_as(idx)
-            self.load.index_add_(0, idx.flatten(), ones.flatten())
-        return idx, torch.softmax(top.float(), dim=-1).to(x.dtype)
+        return dispatch.route(logits, self.top_k, self.load if count else None, token_mask, drop_masked)
 
     def expert_weights(self, j: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         if getattr(self, "w1", None) is not None:
@@ -298,20 +294,23 @@ class MoE(nn.Module):
         return _add_norm(out, residual, norm)
 
     def owners(self, idx: torch.Tensor) -> torch.Tensor:
-        """EP rank that computes each (token, expert) pair; copies take turns."""
+        """EP rank that computes each (token, expert) pair; copies take turns; expert id E: -1 (none)."""
         flat = idx.flatten()
         slot = torch.arange(flat.numel(), device=flat.device) % self.n_copies[flat]
         return self.copy_rank[flat, slot]
 
     def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None, static: bool = False,
                 residual: torch.Tensor | None = None, norm=None):
-        """token_mask [N] bool: rows counted in the expert load (None = all). static: no host reads
+        """token_mask [N] bool: the real rows (None = all); the others, a graph's padding, reach no expert
+        and stay out of the expert load (their output is the residual alone). static: no host reads
         (the step is captured in a CUDA graph). residual: returns residual + the MoE output; norm (an
         RMSNorm, the next one the model applies), with residual: returns (that, norm(that))."""
         c = self.comm
         if c is None or (c.split_size == 1 and c.ep_size == 1):
-            idx, weights = self.route(x, token_mask)
-            return self.compute(x, idx, weights, residual=residual, norm=norm)
+            # a graph's padding rows (token_mask) reach no expert: no weight reads, no matmul rows for
+            # them. Always through the map (one gather per pair): one kernel variant, masked or not
+            idx, weights = self.route(x, token_mask, drop_masked=True)
+            return self.compute(x, idx, weights, self.local_or_skip, residual, norm)
         return _add_norm(self._exchange(x, token_mask, static), residual, norm)
 
     def _gathered(self, x: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
@@ -337,7 +336,7 @@ class MoE(nn.Module):
         """Every EP rank routes all of x; this rank's share of the MoE output: the (token, expert)
         pairs it owns (copies of a hot expert take turns, as in the all-to-all), each computed once
         in the EP group. One rank counts the expert load."""
-        idx, weights = self.route(x, token_mask, count=self.counts_all)
+        idx, weights = self.route(x, token_mask, count=self.counts_all, drop_masked=True)
         mine = torch.where(self.owners(idx).view_as(idx) == self.ep_rank, idx, len(self.global_to_local))
         return self.compute(x, mine, weights, self.local_or_skip)
 

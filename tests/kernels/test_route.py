@@ -32,3 +32,19 @@ def test_without_load_or_mask_ties_and_strided_rows():
     assert torch.equal(idx[[0, 1, 3, 4, 5]], ref_idx[[0, 1, 3, 4, 5]])
     e, _ = route_triton(torch.empty(0, 8), 4)
     assert e.shape == (0, 4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_masked_rows_can_route_to_no_expert(dtype):
+    """drop_masked: a graph's padding rows get expert id E (none) in both implementations; the real
+    rows, their weights and the load are what they are without it."""
+    n, E, k = 7, 32, 4
+    logits = torch.randn(n, E, generator=torch.Generator().manual_seed(5)).to(dtype)
+    mask = torch.tensor([True, False, True, True, False, False, True])
+    for fn in (route_reference, route_triton):
+        load, plain_load = torch.zeros(E, dtype=torch.long), torch.zeros(E, dtype=torch.long)
+        idx, w = fn(logits, k, load, mask, drop_masked=True)
+        pidx, pw = fn(logits, k, plain_load, mask)
+        assert torch.equal(idx[mask], pidx[mask]) and (idx[~mask] == E).all() and (pidx[~mask] < E).all()
+        assert torch.equal(w, pw) and torch.equal(load, plain_load) and int(load.sum()) == k * int(mask.sum())
+        assert torch.equal(fn(logits, k, drop_masked=True)[0], fn(logits, k)[0])  # no mask: nothing dropped

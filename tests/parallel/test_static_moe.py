@@ -181,3 +181,42 @@ def test_worker_spec_takes_the_drivers_settings(monkeypatch):
     s = WorkerSpec("p", 1, 2)
     assert s.cuda_graphs is False and s.kernels == "torch"  # fixed here, sent to every rank
     assert WorkerSpec("p", 1, 2, cuda_graphs="eager", kernels="triton").kernels == "triton"
+
+
+@pytest.mark.parametrize("kernels", ["torch", "triton"])
+def test_padding_rows_reach_no_expert(tiny_ckpt, kernels, monkeypatch):
+    """A graph step's padding rows (token_mask False) are routed to no expert: no pair of theirs is
+    computed (no weight reads, no matmul rows), their MoE output is the residual alone, and the real
+    rows get exactly what they get without the padding. One process, and two EP ranks (all-reduce)."""
+    import kernels.moe as kmoe
+    from models import ShardSpec, load_model
+    from parallel.comm import StandInComm
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("GPTOSS_KERNELS", kernels)
+    m = load_model(tiny_ckpt, keep_mxfp4=True).blocks[0].moe
+    H, k = m.router_w.shape[1], m.top_k
+    g = torch.Generator().manual_seed(3)
+    x, res = torch.randn(8, H, generator=g), torch.randn(8, H, generator=g)
+    mask = torch.tensor([True, True, True, False, False, False, False, False])  # batch 3 in the bucket of 8
+    pairs, real_align = [], kmoe.align_triton
+
+    def align(idx, g2l, *a):  # the pairs the expert matmuls will run (valid ones)
+        out = real_align(idx, g2l, *a)
+        pairs.append(int((out[2] != 0).sum()))
+        return out
+    monkeypatch.setattr(kmoe, "align_triton", align)
+    got = m(x, mask, static=True, residual=res)
+    want = m(x[:3], residual=res[:3])
+    if kernels == "triton":
+        assert pairs == [3 * k, 3 * k]  # padded, then unpadded: the same pairs
+    torch.testing.assert_close(got[:3], want, rtol=0, atol=1e-6)
+    assert torch.equal(got[3:], res[3:])
+    # two EP ranks combining by all-reduce: the padding rows' pairs are on neither rank
+    E = m.router_w.shape[0]
+    seen = []
+    for r, ids in enumerate([tuple(range(E // 2)), tuple(range(E // 2, E))]):
+        moe = load_model(tiny_ckpt, keep_mxfp4=True, shard=ShardSpec(experts=ids), comm=StandInComm(2, r)).blocks[0].moe
+        real = moe.compute
+        moe.compute = lambda x, idx, *a, real=real: (seen.append(idx), real(x, idx, *a))[1]
+        moe(x, mask, static=True)
+    assert all((s[3:] == E).all() for s in seen) and int(sum((s[:3] < E).sum() for s in seen)) == 3 * k
