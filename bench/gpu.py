@@ -12,8 +12,11 @@ tensors `gptoss checkpoint make` writes, without ~65 GB of disk for 120b);
 loads it. Every number runs through engine.core.LLMEngine (scheduler, sampler and all):
 * decode: B sequences with --decode-context-token prompts; steps timed once
   every sequence is decoding; tokens/s = B * steps / time. Greedy; the
-  --sampled-batches also at temperature 1 (the fused sampling kernel) and
-  the --lockstep-batches also without overlapped scheduling, back to back.
+  --sampled-batches also at temperature 1 (the fused sampling kernel), the
+  --lockstep-batches also without overlapped scheduling, and the --padded-batches
+  also padded to the next graph bucket (batch 1 in the bucket of 2: on the GPU
+  two rows let cuBLAS add each linear's bias inside the GEMM, where its one-row
+  path launches a copy of its own), back to back.
 * prefill: --prefill-seqs prompts of --prefill-len tokens, max_tokens=1,
   chunked at --max-tokens-per-step; tokens/s = prompt tokens / time.
 * profile, last (CUPTI may leave later work slower once it has run): decode at --profile-batches
@@ -148,23 +151,28 @@ def requests(n: int, prompt_len: int, max_tokens: int, seed: int, vocab: int = 1
             for i in range(n)]
 
 
-def engine(model, seqs: int, max_len: int, step_tokens: int, overlap: bool | None = None):
+def engine(model, seqs: int, max_len: int, step_tokens: int, overlap: bool | None = None, padded: bool = False):
+    """padded: no decode graph of `seqs` rows: a step of `seqs` sequences pads to the next bucket up."""
     from engine.core import EngineConfig, LLMEngine
+    from engine.executor import LocalExecutor, graph_buckets
     bs = 16
     cfg = EngineConfig(block_size=bs, num_blocks=seqs * -(-max_len // bs) + 64, max_num_seqs=seqs,
                        max_tokens_per_step=step_tokens, max_model_len=max_len + bs, enable_prefix_cache=False,
                        overlap_scheduling=overlap)
-    eng = LLMEngine(model, cfg)
+    buckets = tuple(b for b in graph_buckets(2 * seqs) if b != seqs)
+    eng = LLMEngine(model, cfg, executor_factory=(lambda spec: LocalExecutor(model, spec, graph_buckets=buckets))
+                    if padded else None)
     eng.generate(requests(1, 8, 2, seed=999))  # warm-up: allocations, Triton compiles
     return eng
 
 
 def bench_decode(model, dev, B: int, ctx: int, steps: int, warm: int, step_tokens: int,
-                 overlap: bool | None = None, temperature: float = 0, profile_steps: int = 0, profile=None):
+                 overlap: bool | None = None, temperature: float = 0, profile_steps: int = 0, profile=None,
+                 padded: bool = False):
     """-> (tokens/s, s/step, profile(eng.step, profile_steps) run after the timing, or None)."""
     # sequences prefilled early decode while the rest prefill: leave them tokens for the timed steps
     out_len = steps + warm + profile_steps + 2 * (-(-B * ctx // max(step_tokens, B))) + 2
-    eng = engine(model, B, ctx + out_len, max(step_tokens, B), overlap)
+    eng = engine(model, B, ctx + out_len, max(step_tokens, B), overlap, padded)
     reqs = requests(B, ctx, out_len, seed=B, temperature=temperature)
     for r in reqs:
         eng.add_request(r)
@@ -291,6 +299,10 @@ def run_model(preset: str, a, dev: torch.device, bw: float, flops: float, comman
             smp_s, smp_step, _ = bench_decode(model, dev, B, a.decode_context, a.decode_steps, a.warmup_steps,
                                            a.max_tokens_per_step, temperature=1.0)
             extra.update(sampled_tokens_per_s=smp_s, sampled_step_ms=smp_step * 1e3)
+        if B in a.padded_batches:  # the step padded to the next bucket (its padding rows reach no expert)
+            pad_s, pad_step, _ = bench_decode(model, dev, B, a.decode_context, a.decode_steps, a.warmup_steps,
+                                              a.max_tokens_per_step, padded=True)
+            extra.update(padded_tokens_per_s=pad_s, padded_step_ms=pad_step * 1e3)
         add("decode", B, ctx, tok_s, B, [ctx] * B, B, extra)
     if "prefill" in a.phases:
         tok_s = bench_prefill(model, dev, a.prefill_seqs, a.prefill_len, a.max_tokens_per_step)
@@ -349,6 +361,13 @@ def markdown(res: dict) -> str:
         out += ["", "Decode at temperature 1 (sampled by the fused kernel) against greedy, back to back: " +
                 "; ".join(f"batch {r['batch']}: {r['sampled_tokens_per_s']:.1f} vs {r['tokens_per_s']:.1f} tok/s "
                           f"({r['sampled_step_ms']:.2f} vs {r['step_ms']:.2f} ms/step)" for r in smp)]
+    pad = [r for r in res["results"] if "padded_tokens_per_s" in r]
+    if pad:
+        out += ["", "Decode padded to the next graph bucket (batch 1 in the bucket of 2: cuBLAS's one-row path "
+                "adds a linear's bias in a kernel of its own, its two-row path in the GEMM) against its own "
+                "bucket, back to back: " +
+                "; ".join(f"batch {r['batch']}: {r['padded_tokens_per_s']:.1f} vs {r['tokens_per_s']:.1f} tok/s "
+                          f"({r['padded_step_ms']:.2f} vs {r['step_ms']:.2f} ms/step)" for r in pad)]
     for r in res.get("profiles", []):
         out += step_profile.markdown(r)
     if not res.get("complete", True):
@@ -413,6 +432,9 @@ def parse(argv=None):
                     help="decode batches also measured with overlapped scheduling off (0 for none)")
     ap.add_argument("--sampled-batches", type=ints, default=[1, 64],
                     help="decode batches also measured at temperature 1 (the fused sampling kernel)")
+    ap.add_argument("--padded-batches", type=ints, default=[1],
+                    help="decode batches also measured with their steps padded to the next graph bucket "
+                         "(0 for none)")
     ap.add_argument("--warmup-steps", type=int, default=4)
     ap.add_argument("--profile-batches", type=ints, default=[1, 64],
                     help="decode batches profiled in the last phase (bench.step_profile: time per kernel category "

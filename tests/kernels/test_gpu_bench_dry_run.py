@@ -49,6 +49,10 @@ def test_dry_run_writes_results_and_markdown(tmp_path, weights):
     [smp] = [x for x in res["results"] if "sampled_tokens_per_s" in x]
     assert smp["batch"] == 2 and smp["sampled_tokens_per_s"] > 0 and smp["sampled_step_ms"] > 0
     assert "Decode at temperature 1" in r.stdout
+    # and batch 1 padded to the bucket of 2 (--padded-batches; 1 by default)
+    [pad] = [x for x in res["results"] if "padded_tokens_per_s" in x]
+    assert pad["batch"] == 1 and pad["padded_tokens_per_s"] > 0 and pad["padded_step_ms"] > 0
+    assert "Decode padded to the next graph bucket" in r.stdout
     # and profiled last (--profile-batches; 1,64 by default): time by category, the trace beside the JSON
     [prof] = res["profiles"]
     p = prof["profile"]
@@ -137,3 +141,17 @@ def test_update_benchmarks_writes_the_newest_result_per_gpu_and_model(tmp_path):
     empty = tmp_path / "none"
     empty.mkdir()
     assert main(["--update-benchmarks", str(empty), "--benchmarks-file", str(bm)]) == 2
+
+
+def test_padded_engine_has_no_graph_of_its_own_batch():
+    """--padded-batches: the engine's graph buckets skip the batch, so its decode steps pad to the next."""
+    import torch
+
+    from bench.gpu import engine
+    from models import load_model
+    from models.checkpoint import RandomCheckpoint
+    model = load_model(RandomCheckpoint("tiny"), dtype=torch.float32, keep_mxfp4=True)
+    assert engine(model, 1, 64, 32, padded=True).executor.buckets == (2,)
+    assert engine(model, 1, 64, 32).executor.buckets == (1,)
+    b8 = engine(model, 8, 64, 32, padded=True).executor.buckets
+    assert 8 not in b8 and b8[-1] == 16
