@@ -8,8 +8,9 @@ of the token's k experts into the load counter (skipped for padding rows).
 Ties pick the lowest expert id; torch.topk leaves their order unspecified.
 With `drop_masked`, padding rows route to expert id E, which no rank holds
 (MoE.local_or_skip maps it to -1): a CUDA graph's padding rows then cost no
-expert reads and no matmul rows, where they would otherwise each pull in up to
-k experts of their own (at batch 3 in the bucket of 4, a third more MoE bytes).
+expert reads and no matmul rows, where they would otherwise pull in up to k
+experts more per layer (all padding rows are the same token; at batch 3 in the
+bucket of 4 about a third more MoE bytes under uniform routing).
 """
 
 import torch
