@@ -134,6 +134,18 @@ def test_update_benchmarks_writes_the_newest_result_per_gpu_and_model(tmp_path):
     assert text.startswith("# Benchmarks\n\nearlier text\n") and text.count(BEGIN) == 1 and text.count(END) == 1
     assert "| decode | 1 | 1024 | 450.5 | 860.0 | memory | 52.4 |" in text and "| 300.0 |" not in text
     assert "900.2" in text and "tiny" not in text
+    # a profile that came back with a result is written too, as its table
+    prof = {"source": "cuda kernels", "busy_ms_per_step": 1.8, "kernels_per_step": 409.0,
+            "categories": [{"category": "moe w1", "ms_per_step": 0.5, "share": 0.3, "bytes_per_step": 1.3e9,
+                            "GBps": 2600.0, "of_copy_bandwidth": 0.6}],
+            "top_kernels": [{"name": "_w1_kernel", "ms_per_step": 0.5, "calls_per_step": 36, "us_per_call": 13.9}]}
+    withp = result("gpt-oss-20b", "2026-12-01T13:00:00", 950.0)
+    withp["profiles"] = [{"kind": "decode", "batch": 1, "step_ms": 2.1, "profile": prof}]
+    (res / "gpu-e.json").write_text(json.dumps(withp))
+    assert main(["--update-benchmarks", str(res), "--benchmarks-file", str(bm)]) == 0
+    text = bm.read_text()
+    assert "| moe w1 | 0.500 | 30.0% | 1300.0 MB | 2600 | 60% |" in text and "409 kernels per step" in text
+    (res / "gpu-e.json").unlink()
     (res / "gpu-b.json").unlink()
     assert main(["--update-benchmarks", str(res), "--benchmarks-file", str(bm)]) == 0
     text = bm.read_text()
