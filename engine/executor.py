@@ -349,12 +349,15 @@ class LocalExecutor:
         request (seconds per compilation on a GPU): prefill steps of 1, 2, 4, ... `max_tokens` tokens
         (launchers pick tiles by size class, and powers of two reach every class; token counts are
         not specialised, kernels._triton.no_specialize), then every decode graph. The steps touch
-        only the null block and count no expert load. Returns what ran."""
+        only the null block and leave the expert load as it was. The prefill steps run unmasked, as
+        real prefills do (a mask is a kernel variant of its own, and masked rows reach no expert:
+        nothing would be compiled for them); the decode graphs compile the masked variants. Returns
+        what ran."""
         t0 = time.perf_counter()
         sizes = [1 << i for i in range(max(1, max_tokens).bit_length()) if 1 << i < max_tokens] + [max_tokens]
         loads = [b.moe.load.clone() for b in self.model.blocks]
         for n in sizes:
-            run_step(self.model, self.cache, self.spec, null_step(n, self.spec), num_real_tokens=0)
+            run_step(self.model, self.cache, self.spec, null_step(n, self.spec))
         for b, saved in zip(self.model.blocks, loads):
             b.moe.load.copy_(saved)
         graphs = self.capture_graphs()

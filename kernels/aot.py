@@ -181,7 +181,7 @@ def model_launches(preset: str, batches=DECODE_BATCHES, prefill: int = PREFILL_C
             uses.append((f"{short} d{b}", launches))
         if ep == 1 and tp == 1:
             with _triton.recording() as launches:
-                run_step(m, ex.cache, ex.spec, null_step(prefill, ex.spec), num_real_tokens=prefill)
+                run_step(m, ex.cache, ex.spec, null_step(prefill, ex.spec))  # a real prefill: no mask
             uses.append((f"{short} p{prefill}", launches))
         return uses
     finally:

@@ -92,3 +92,22 @@ def test_full_size_models_on_meta(preset):
     # per layer and forward: the MLP norm (with the residual add), rope (into the cache), attention, route,
     # align, w1, w2, the combine (adding the residual and applying the next norm); once: the first norm
     assert len(launches) == 2 * (8 * m.config.num_hidden_layers + 1)
+
+
+def test_warmup_compiles_what_a_real_prefill_launches(meta_executor):
+    """The warm-up exists so that no kernel variant compiles in the middle of serving (seconds on a
+    GPU). Its prefill steps must launch every variant a real prefill does: same kernels, same
+    constexprs and launch options (a real prefill has no padding mask, so neither may they)."""
+    ex = meta_executor
+
+    def variants(launches):
+        return {(fn.__name__, tuple(sorted((k, v) for k, v in kw.items() if not isinstance(v, torch.Tensor))))
+                for fn, _, kw in launches}
+    with _triton.recording() as warm:
+        ex.warmup(128)
+    seen = variants(warm)
+    for tokens in (3, 37, 100):
+        with _triton.recording() as real:
+            run_step(ex.model, ex.cache, ex.spec, null_step(tokens, ex.spec))
+        missing = variants(real) - seen
+        assert not missing, (tokens, missing)
