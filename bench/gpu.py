@@ -58,6 +58,7 @@ from pathlib import Path
 import torch
 
 from bench import step_profile
+from bench.gpu_report import BEGIN, END, markdown, update_benchmarks  # noqa: F401 (BEGIN, END: re-exported)
 
 
 def sync(dev: torch.device) -> None:
@@ -338,71 +339,6 @@ def run_model(preset: str, a, dev: torch.device, bw: float, flops: float, comman
     res["complete"] = True
     save(res)
     return res
-
-
-def markdown(res: dict) -> str:
-    out = [f"### {res['model']} on {res['gpu']}",
-           f"bf16 + MXFP4 experts, kernels {res['kernels']} (triton: {res['use_triton']}), copy bandwidth "
-           f"{res['copy_bandwidth_GBps']:.0f} GB/s, bf16 matmul {res['matmul_TFLOPs']:.1f} TFLOP/s. "
-           f"`{res['command']}`", "",
-           "| workload | batch | context | tokens/s | roofline tokens/s | bound | % of roofline |",
-           "|---|---:|---:|---:|---:|---|---:|"]
-    for r in res["results"]:
-        out.append(f"| {r['kind']} | {r['batch']} | {r['context']} | {r['tokens_per_s']:.1f} | "
-                   f"{r['roofline_tokens_per_s']:.1f} | {r['roofline_bound']} | {100 * r['fraction_of_roofline']:.1f} |")
-    lock = [r for r in res["results"] if "lockstep_tokens_per_s" in r]
-    if lock:
-        out += ["", "Overlapped scheduling (the default on CUDA) against lockstep, decode measured back to back: " +
-                "; ".join(f"batch {r['batch']}: {r['tokens_per_s']:.1f} vs {r['lockstep_tokens_per_s']:.1f} tok/s "
-                          f"({r['overlap_speedup']:.2f}x, {r['step_ms']:.2f} vs {r['lockstep_step_ms']:.2f} ms/step)"
-                          for r in lock)]
-    smp = [r for r in res["results"] if "sampled_tokens_per_s" in r]
-    if smp:
-        out += ["", "Decode at temperature 1 (sampled by the fused kernel) against greedy, back to back: " +
-                "; ".join(f"batch {r['batch']}: {r['sampled_tokens_per_s']:.1f} vs {r['tokens_per_s']:.1f} tok/s "
-                          f"({r['sampled_step_ms']:.2f} vs {r['step_ms']:.2f} ms/step)" for r in smp)]
-    pad = [r for r in res["results"] if "padded_tokens_per_s" in r]
-    if pad:
-        out += ["", "Decode padded to the next graph bucket (batch 1 in the bucket of 2: cuBLAS's one-row path "
-                "adds a linear's bias in a kernel of its own, its two-row path in the GEMM) against its own "
-                "bucket, back to back: " +
-                "; ".join(f"batch {r['batch']}: {r['padded_tokens_per_s']:.1f} vs {r['tokens_per_s']:.1f} tok/s "
-                          f"({r['padded_step_ms']:.2f} vs {r['step_ms']:.2f} ms/step)" for r in pad)]
-    for r in res.get("profiles", []):
-        out += step_profile.markdown(r)
-    if not res.get("complete", True):
-        out += ["", "(cut short: the run ended before its last measurement)"]
-    return "\n".join(out)
-
-
-BEGIN, END = "<!-- bench.gpu results: begin -->", "<!-- bench.gpu results: end -->"
-
-
-def update_benchmarks(results: Path, target: Path) -> int:
-    """Put the newest result per (GPU, model) found under `results` between BEGIN and END in `target`
-    (appended with a heading the first time): GPU runs happen on another machine, whose JSON comes back
-    as files, and BENCHMARKS.md is written from them here, never by hand."""
-    newest: dict[tuple[str, str], tuple[str, dict]] = {}
-    for f in sorted(results.glob("gpu-*.json")):
-        res = json.loads(f.read_text())
-        if res.get("dry_run") or not res.get("results"):
-            continue
-        key = (res["gpu"], res["model"])
-        if key not in newest or res["date"] > newest[key][0]:
-            newest[key] = (res["date"], res)
-    if not newest:
-        print(f"bench.gpu: no GPU results (gpu-*.json, not dry runs) under {results}", file=sys.stderr)
-        return 2
-    body = "\n\n".join(f"{markdown(res)}\n\nMeasured {date}." for date, res in newest.values())
-    block = f"{BEGIN}\n{body}\n{END}"
-    text = target.read_text() if target.exists() else ""
-    if BEGIN in text and END in text:
-        text = text[:text.index(BEGIN)] + block + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip("\n") + "\n\n## GPU (bench/gpu.py)\n\n" + block + "\n"
-    target.write_text(text)
-    print(f"wrote {len(newest)} result table(s) into {target}", file=sys.stderr)
-    return 0
 
 
 PHASES = ("decode", "prefill", "throughput", "profile")
