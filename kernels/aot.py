@@ -97,17 +97,15 @@ def _step_launches(cfg, n_seqs: int, q_len: int, context: int, ep: int = 1, attn
         from . import route  # every rank routes its own tokens over all experts
         route_logits = torch.empty(gathered, cfg.num_local_experts, dtype=bf16, **meta)
         load = torch.empty(cfg.num_local_experts, dtype=torch.long, **meta)
-        mask = torch.empty(gathered, dtype=torch.bool, **meta)
-        # graph steps (and warm-ups) mask their padding rows, which then route to no expert, except in
-        # the all-to-all of an expert-parallel prefill (padding there only stays out of the load)
-        drop = ep == 1 or static_ep
-        route.route_triton(route_logits, k, load, mask, drop_masked=drop)
-        if static_ep:  # under the all-reduce only rank 0 counts the load: the others route without
-            route.route_triton(route_logits, k, None, mask, drop_masked=True)
-        if ep == 1 and q_len > 1:  # a real prefill has no padding rows: no mask
+        if q_len == 1:  # a decode graph masks its padding rows, which route to no expert
+            mask = torch.empty(gathered, dtype=torch.bool, **meta)
+            route.route_triton(route_logits, k, load, mask, drop_masked=True)
+            if static_ep:  # under the all-reduce only rank 0 counts the load: the others route without
+                route.route_triton(route_logits, k, None, mask, drop_masked=True)
+        else:  # a prefill (and the warm-up's) has no padding rows: no mask
             route.route_triton(route_logits, k, load)
         # the expert map (MoE.local_or_skip: padding rows' id E -> none) but in an EP prefill's all-to-all
-        g2l = torch.empty(cfg.num_local_experts + 1, dtype=torch.long, **meta) if drop else None
+        g2l = torch.empty(cfg.num_local_experts + 1, dtype=torch.long, **meta) if ep == 1 or static_ep else None
         xm = torch.empty(rows, H, dtype=bf16, **meta)
         # one process adds the residual and applies the next norm in the combine (EP ranks: a fused
         # rmsnorm with residual after the exchange, launched above)

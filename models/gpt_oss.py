@@ -20,7 +20,7 @@ from kernels import dispatch
 
 from .attention import DenseMetadata
 from .config import GptOssConfig
-from .layers import MoE, PackedLinear, QKVLinear, RMSNorm, Rotary, RowLinear
+from .layers import MoE, PackedLinear, QKVLinear, RMSNorm, Rotary, RowLinear, add_norm
 from .weights import GLOBAL_NAMES, CheckpointReader, ShardSpec, open_checkpoint, read_attention, read_experts
 
 
@@ -61,12 +61,7 @@ class Block(nn.Module):
     def forward(self, x, h, cos, sin, meta, next_norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
         """x: the residual stream, h = attn_norm(x) (the previous block fused it into its MoE combine)
         -> (the new stream x', next_norm(x')): the next block's attention norm, or the model's last."""
-        a = self.attn(h, cos, sin, meta)
-        if dispatch.use_triton(x.device):  # one kernel: h = mlp_norm(x + a), x = x + a (same rounding)
-            h, x = dispatch.rmsnorm(a, self.mlp_norm.weight, self.mlp_norm.eps, residual=x)
-        else:
-            x = x + a
-            h = self.mlp_norm(x)
+        x, h = add_norm(self.attn(h, cos, sin, meta), x, self.mlp_norm)  # one kernel on the GPU
         return self.moe(h, getattr(meta, "token_mask", None), getattr(meta, "static", False), residual=x,
                         norm=next_norm)
 

@@ -152,7 +152,7 @@ def swiglu(gate_up: torch.Tensor, limit: float, alpha: float) -> torch.Tensor:
     return gate * torch.sigmoid(alpha * gate) * (lin + 1)
 
 
-def _add_norm(out: torch.Tensor, residual: torch.Tensor | None, norm):
+def add_norm(out: torch.Tensor, residual: torch.Tensor | None, norm):
     """residual + out, and with `norm` (an RMSNorm) (that, norm(that)): one fused kernel on the GPU."""
     if residual is None:
         return out
@@ -291,7 +291,7 @@ class MoE(nn.Module):
         tok = keep // self.top_k
         y = self.run_experts(x[tok], local[keep])
         out = torch.zeros_like(x).index_add_(0, tok, y * weights.flatten()[keep, None])
-        return _add_norm(out, residual, norm)
+        return add_norm(out, residual, norm)
 
     def owners(self, idx: torch.Tensor) -> torch.Tensor:
         """EP rank that computes each (token, expert) pair; copies take turns; expert id E: -1 (none)."""
@@ -311,7 +311,7 @@ class MoE(nn.Module):
             # them. Always through the map (one gather per pair): one kernel variant, masked or not
             idx, weights = self.route(x, token_mask, drop_masked=True)
             return self.compute(x, idx, weights, self.local_or_skip, residual, norm)
-        return _add_norm(self._exchange(x, token_mask, static), residual, norm)
+        return add_norm(self._exchange(x, token_mask, static), residual, norm)
 
     def _gathered(self, x: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
         """Attention DP, every decode step padded to one bucket: each TP rank of a group takes an equal
