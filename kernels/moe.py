@@ -9,6 +9,9 @@
    multiplies by W1[e]^T decoded from MXFP4 in registers, adds b1 and applies
    the clamped SwiGLU to each (gate 2j, linear 2j+1) row pair of W1, writing
    activation column j. W1 is read once per tile, never dequantised to memory.
+   On a GPU with 16-bit activations the tiles go to tl.dot_scaled as stored
+   (E2M1 bytes, E8M0 scales; 2x the kernels' own decode on an H200, see
+   BENCHMARKS.md "GPU"); the own decode (`_mx_tile`) is the fp32 path.
 4. `_w2_kernel`: activations @ W2[e]^T + b2, times the pair's router weight.
 5. `_combine_kernel`: sums each token's k pair rows (absent experts skipped), and adds the
    residual stream when given (the block's `x + moe(h)`, same rounding, one launch fewer); with
@@ -113,9 +116,28 @@ def _mx_tile(wb_ptr, ws_ptr, rows, rmask, kbyte, kmask, ROW_BYTES):
     return _fp4(b & 15, scale), _fp4(b >> 4, scale)
 
 
+def _mx_scales(ws_ptr, rows, rmask, k0, K, BLOCK_K: tl.constexpr):
+    """E8M0 scales [BN, BLOCK_K/32] of rows `rows` from k0 (past K: masked, 2**0)."""
+    kblk = k0 // 32 + tl.arange(0, BLOCK_K // 32)
+    return tl.load(ws_ptr + rows[:, None] * (K // 32) + kblk[None, :],
+                   mask=rmask[:, None] & (kblk < K // 32)[None, :], other=127)
+
+
+def _mx_dot(a_ptrs, amask, wb_ptr, s, rows, rmask, k0, K, acc, BLOCK_K: tl.constexpr):
+    """acc + a[:, k0:k0+BLOCK_K] @ W[rows, k0:k0+BLOCK_K]^T through tl.dot_scaled: the packed E2M1
+    bytes [BLOCK_K/2, BN] and their scales s (_mx_scales) go in as stored; Triton upcasts in registers.
+    The callers load s one step ahead: the bytes and activations are pipelined by Triton (async
+    copies), the scales are not, and a plain load each step stalled every step on its latency."""
+    kbyte = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+    w = tl.load(wb_ptr + rows[None, :] * (K // 2) + kbyte[:, None],
+                mask=(kbyte < K // 2)[:, None] & rmask[None, :], other=0)
+    a = tl.load(a_ptrs, mask=amask, other=0.0).to(tl.bfloat16)
+    return tl.dot_scaled(a, None, "bf16", w, s, "e2m1", acc)
+
+
 def _w1_kernel(x_ptr, wb_ptr, ws_ptr, b_ptr, act_ptr, sorted_ptr, tile_e_ptr, n_pairs, H, I, stride_x,
                TOP_K: tl.constexpr, LIMIT: tl.constexpr, ALPHA: tl.constexpr, BLOCK_M: tl.constexpr,
-               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_BF16: tl.constexpr):
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_BF16: tl.constexpr, SCALED: tl.constexpr):
     t = tl.program_id(0)
     e = tl.load(tile_e_ptr + t).to(tl.int64)
     if e < 0:
@@ -131,17 +153,30 @@ def _w1_kernel(x_ptr, wb_ptr, ws_ptr, b_ptr, act_ptr, sorted_ptr, tile_e_ptr, n_
     ws = ws_ptr + e * (2 * I) * (H // 32)
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     acc_l = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    for k0 in range(0, H, BLOCK_K):
-        kbyte = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-        kmask = kbyte < H // 2
-        amask = rvalid[:, None] & kmask[None, :]
-        a_ptr = x_ptr + tok[:, None] * stride_x + 2 * kbyte[None, :]
-        a_ev = tl.load(a_ptr, mask=amask, other=0.0).to(tl.float32)   # low nibbles are even k
-        a_od = tl.load(a_ptr + 1, mask=amask, other=0.0).to(tl.float32)
-        g_lo, g_hi = _mx_tile(wb, ws, gate_rows, jvalid, kbyte, kmask, H // 2)
-        acc_g = _dot(a_od, g_hi, _dot(a_ev, g_lo, acc_g, DOT_BF16), DOT_BF16)
-        l_lo, l_hi = _mx_tile(wb, ws, gate_rows + 1, jvalid, kbyte, kmask, H // 2)
-        acc_l = _dot(a_od, l_hi, _dot(a_ev, l_lo, acc_l, DOT_BF16), DOT_BF16)
+    if SCALED:
+        sg = _mx_scales(ws, gate_rows, jvalid, 0, H, BLOCK_K)
+        sl = _mx_scales(ws, gate_rows + 1, jvalid, 0, H, BLOCK_K)
+        for k0 in range(0, H, BLOCK_K):
+            sg_next = _mx_scales(ws, gate_rows, jvalid, k0 + BLOCK_K, H, BLOCK_K)
+            sl_next = _mx_scales(ws, gate_rows + 1, jvalid, k0 + BLOCK_K, H, BLOCK_K)
+            k = k0 + tl.arange(0, BLOCK_K)
+            a_ptrs = x_ptr + tok[:, None] * stride_x + k[None, :]
+            amask = rvalid[:, None] & (k < H)[None, :]
+            acc_g = _mx_dot(a_ptrs, amask, wb, sg, gate_rows, jvalid, k0, H, acc_g, BLOCK_K)
+            acc_l = _mx_dot(a_ptrs, amask, wb, sl, gate_rows + 1, jvalid, k0, H, acc_l, BLOCK_K)
+            sg, sl = sg_next, sl_next
+    else:
+        for k0 in range(0, H, BLOCK_K):
+            kbyte = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+            kmask = kbyte < H // 2
+            amask = rvalid[:, None] & kmask[None, :]
+            a_ptr = x_ptr + tok[:, None] * stride_x + 2 * kbyte[None, :]
+            a_ev = tl.load(a_ptr, mask=amask, other=0.0).to(tl.float32)   # low nibbles are even k
+            a_od = tl.load(a_ptr + 1, mask=amask, other=0.0).to(tl.float32)
+            g_lo, g_hi = _mx_tile(wb, ws, gate_rows, jvalid, kbyte, kmask, H // 2)
+            acc_g = _dot(a_od, g_hi, _dot(a_ev, g_lo, acc_g, DOT_BF16), DOT_BF16)
+            l_lo, l_hi = _mx_tile(wb, ws, gate_rows + 1, jvalid, kbyte, kmask, H // 2)
+            acc_l = _dot(a_od, l_hi, _dot(a_ev, l_lo, acc_l, DOT_BF16), DOT_BF16)
     gate = acc_g + tl.load(b_ptr + e * 2 * I + gate_rows, mask=jvalid, other=0.0).to(tl.float32)[None, :]
     lin = acc_l + tl.load(b_ptr + e * 2 * I + gate_rows + 1, mask=jvalid, other=0.0).to(tl.float32)[None, :]
     gate = tl.minimum(gate, LIMIT)
@@ -152,7 +187,8 @@ def _w1_kernel(x_ptr, wb_ptr, ws_ptr, b_ptr, act_ptr, sorted_ptr, tile_e_ptr, n_
 
 
 def _w2_kernel(act_ptr, wb_ptr, ws_ptr, b_ptr, rw_ptr, y_ptr, sorted_ptr, tile_e_ptr, n_pairs, H, I,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_BF16: tl.constexpr):
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_BF16: tl.constexpr,
+               SCALED: tl.constexpr):
     t = tl.program_id(0)
     e = tl.load(tile_e_ptr + t).to(tl.int64)
     if e < 0:
@@ -165,15 +201,24 @@ def _w2_kernel(act_ptr, wb_ptr, ws_ptr, b_ptr, rw_ptr, y_ptr, sorted_ptr, tile_e
     wb = wb_ptr + e * H * (I // 2)
     ws = ws_ptr + e * H * (I // 32)
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    for k0 in range(0, I, BLOCK_K):
-        kbyte = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-        kmask = kbyte < I // 2
-        amask = rvalid[:, None] & kmask[None, :]
-        a_ptr = act_ptr + rows[:, None] * I + 2 * kbyte[None, :]
-        a_ev = tl.load(a_ptr, mask=amask, other=0.0).to(tl.float32)
-        a_od = tl.load(a_ptr + 1, mask=amask, other=0.0).to(tl.float32)
-        w_lo, w_hi = _mx_tile(wb, ws, n.to(tl.int64), nvalid, kbyte, kmask, I // 2)
-        acc = _dot(a_od, w_hi, _dot(a_ev, w_lo, acc, DOT_BF16), DOT_BF16)
+    if SCALED:
+        s = _mx_scales(ws, n.to(tl.int64), nvalid, 0, I, BLOCK_K)
+        for k0 in range(0, I, BLOCK_K):
+            s_next = _mx_scales(ws, n.to(tl.int64), nvalid, k0 + BLOCK_K, I, BLOCK_K)
+            k = k0 + tl.arange(0, BLOCK_K)
+            acc = _mx_dot(act_ptr + rows[:, None] * I + k[None, :], rvalid[:, None] & (k < I)[None, :],
+                          wb, s, n.to(tl.int64), nvalid, k0, I, acc, BLOCK_K)
+            s = s_next
+    else:
+        for k0 in range(0, I, BLOCK_K):
+            kbyte = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+            kmask = kbyte < I // 2
+            amask = rvalid[:, None] & kmask[None, :]
+            a_ptr = act_ptr + rows[:, None] * I + 2 * kbyte[None, :]
+            a_ev = tl.load(a_ptr, mask=amask, other=0.0).to(tl.float32)
+            a_od = tl.load(a_ptr + 1, mask=amask, other=0.0).to(tl.float32)
+            w_lo, w_hi = _mx_tile(wb, ws, n.to(tl.int64), nvalid, kbyte, kmask, I // 2)
+            acc = _dot(a_od, w_hi, _dot(a_ev, w_lo, acc, DOT_BF16), DOT_BF16)
     acc += tl.load(b_ptr + e * H + n, mask=nvalid, other=0.0).to(tl.float32)[None, :]
     rw = tl.load(rw_ptr + pair, mask=rvalid, other=0.0)
     acc = acc * rw[:, None]
@@ -263,7 +308,7 @@ def _align_kernel(idx_ptr, g2l_ptr, sorted_ptr, tile_e_ptr, valid_ptr, n_pairs, 
         seen += tl.sum(hot, axis=0)
 
 
-_KERNELS = ("_fp4", "_dot", "_mx_tile", "_w1_kernel", "_w2_kernel", "_combine_kernel",
+_KERNELS = ("_fp4", "_dot", "_mx_tile", "_mx_scales", "_mx_dot", "_w1_kernel", "_w2_kernel", "_combine_kernel",
             "_local_keys", "_align_kernel")
 _NO_SPECIALIZE = {"_w1_kernel": ("n_pairs",), "_w2_kernel": ("n_pairs",), "_align_kernel": ("n_pairs", "max_tiles")}
 
@@ -330,10 +375,12 @@ def align_triton(idx: torch.Tensor, global_to_local, n_local: int, block_m: int)
 def moe_mxfp4(x: torch.Tensor, routing, w1_blocks, w1_scales, b1, w2_blocks, w2_scales, b2, *,
               top_k: int = 4, global_to_local: torch.Tensor | None = None, limit: float = 7.0,
               alpha: float = 1.702, residual: torch.Tensor | None = None,
-              norm: tuple[torch.Tensor, float] | None = None):
+              norm: tuple[torch.Tensor, float] | None = None, scaled: bool | None = None):
     """x [N, H]; routing = router logits [N, E_global] or (idx [N, k], weights [N, k]) -> [N, H] in x.dtype;
     residual [N, H]: returns residual + the MoE output instead; norm (weight [H], eps), with a residual:
-    returns (that sum s, rmsnorm(s)), the pair kernels.rmsnorm would give for the next norm."""
+    returns (that sum s, rmsnorm(s)), the pair kernels.rmsnorm would give for the next norm.
+    scaled: the expert matmuls through tl.dot_scaled (default: on a GPU with 16-bit activations)
+    rather than the kernels' own E2M1 decode; the latter stays as the fp32 path and for comparison."""
     if norm is not None and residual is None:
         raise ValueError("norm is fused after the residual add: pass residual too")
     idx, weights = route(routing, top_k, x.dtype) if isinstance(routing, torch.Tensor) else routing
@@ -350,6 +397,7 @@ def moe_mxfp4(x: torch.Tensor, routing, w1_blocks, w1_scales, b1, w2_blocks, w2_
     cfg1, cfg2 = _config(N, H, I, E, k, x, interp)
     bm = cfg1["BLOCK_M"]
     dot_bf16 = on_gpu(x) and x.dtype in (torch.bfloat16, torch.float16)
+    scaled = dot_bf16 if scaled is None else scaled
     x = x.contiguous()
     sorted_ids, tile_expert, valid = align_triton(idx, global_to_local, E, bm)
     T = tile_expert.numel()
@@ -357,13 +405,13 @@ def moe_mxfp4(x: torch.Tensor, routing, w1_blocks, w1_scales, b1, w2_blocks, w2_
     meta, opts = _split(cfg1)
     launch(_w1_kernel, (T, triton.cdiv(I, meta["BLOCK_N"])),
            x, w1_blocks, w1_scales, b1, act, sorted_ids, tile_expert, N * k, H, I, x.stride(0),
-           TOP_K=k, LIMIT=float(limit), ALPHA=float(alpha), DOT_BF16=dot_bf16, **meta, **opts)
+           TOP_K=k, LIMIT=float(limit), ALPHA=float(alpha), DOT_BF16=dot_bf16, SCALED=scaled, **meta, **opts)
     y = torch.empty(N * k, H, dtype=x.dtype, device=x.device)
     rw = weights.reshape(-1).float().contiguous()
     meta, opts = _split(cfg2)
     launch(_w2_kernel, (T, triton.cdiv(H, meta["BLOCK_N"])),
            act, w2_blocks, w2_scales, b2, rw, y, sorted_ids, tile_expert, N * k, H, I,
-           DOT_BF16=dot_bf16, **meta, **opts)
+           DOT_BF16=dot_bf16, SCALED=scaled, **meta, **opts)
     out = torch.empty_like(x)
     if residual is not None and residual.shape != x.shape:
         raise ValueError(f"residual {tuple(residual.shape)} must have x's shape {tuple(x.shape)}")

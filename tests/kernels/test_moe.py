@@ -63,6 +63,28 @@ def test_bf16_error_no_worse_than_the_bf16_module():
     assert err_kernel <= 2e-2 * ref.abs().max().item()
 
 
+@pytest.mark.parametrize("block_k", [32, 128])  # two K steps (scales prefetched across them); one, half masked
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_scaled_dot_path_matches_the_module(dtype, block_k):
+    """The GPU default for 16-bit activations (tl.dot_scaled on the stored E2M1 bytes and E8M0 scales,
+    the scales loaded one K step ahead), forced here under the interpreter: within bf16 rounding of the
+    fp32 module (the activations enter the dot as bf16), on local experts through the map, and in bf16
+    equal to the kernels' own decode up to the summation order."""
+    from kernels import tuned
+    ids = (1, 3, 4, 6)
+    m32, m = moe_module(ids=ids), moe_module(dtype, ids=ids)
+    x = tokens(9, seed=4)
+    idx, w = moe_module().route(x)
+    cfg = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=block_k)
+    with tuned.forced({"moe_w1": cfg, "moe_w2": cfg}):
+        out = moe_mxfp4(x.to(dtype), (idx, w.to(dtype)), *packed(m), global_to_local=m.global_to_local, scaled=True)
+        own = moe_mxfp4(x.to(dtype), (idx, w.to(dtype)), *packed(m), global_to_local=m.global_to_local, scaled=False)
+    ref = m32.compute(x, idx, w)
+    _close(out, ref, 2e-2)
+    if dtype == torch.bfloat16:
+        _close(out, own, 1e-2)
+
+
 def test_local_expert_subset_skips_absent_experts():
     ids_a, ids_b = (1, 3, 4, 6), (0, 2, 5, 7)
     ma, mb, full = moe_module(ids=ids_a), moe_module(ids=ids_b), moe_module()

@@ -1,0 +1,115 @@
+"""The MoE kernel's variants side by side, in one run, at a model's shapes.
+
+    python -m bench.moe_variants [--model gpt-oss-120b] [--tokens 1,8,64,256]
+    python -m bench.moe_variants --dry-run    # tiny preset on CPU under TRITON_INTERPRET=1 (the flow only)
+
+Per token count (routing uniform over the experts, as kernels.tune draws it):
+`own` is the kernels' own E2M1 decode feeding bf16 dots, `scaled` the same
+launch through tl.dot_scaled (the default on a GPU for 16-bit activations),
+both at the launcher's default config, and `scaled tuned` at the config that
+kernels/configs holds for this device (when it has one). Each is checked
+against moe_reference (max error over max |reference|) and timed as a CUDA-graph
+replay under triton.testing.do_bench; GB/s counts the expert weights the step
+touches (every routed expert's W1 and W2 once) over that time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+
+def _timer(fn, cuda: bool) -> float:
+    """Seconds per call: graph replay under do_bench on CUDA; one perf_counter call otherwise."""
+    if not cuda:
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+    import triton
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()  # compiles outside the capture
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return triton.testing.do_bench(g.replay, warmup=20, rep=100) / 1e3
+
+
+def run(model: str, tokens: list[int], device: str, dtype) -> list[dict]:
+    from kernels import _tune_cases as cases
+    from kernels import tuned
+    from kernels.moe import _default_config
+    from models.checkpoint import PRESETS
+    cfg = PRESETS[model]
+    ws = cases.moe_weights(cfg, dtype, device)
+    per_expert = sum(t[0].numel() * t.element_size() for t in ws)
+    cuda = torch.device(device).type == "cuda"
+    rows = []
+    for n in tokens:
+        f, args, kw, ref = cases.make_call("moe", cfg, n, None, 0, dtype, device, ws)
+        r = ref().float()
+        touched = torch.unique(args[1][0]).numel()
+        d = _default_config(n * cfg.num_experts_per_tok, cfg.num_local_experts, not cuda)
+        variants = [("own", False, {"moe_w1": d, "moe_w2": d}), ("scaled", True, {"moe_w1": d, "moe_w2": d})]
+        if cuda and tuned.lookup("moe_w1", _shape(cfg, dtype), n, args[0].device) is not None:
+            variants.append(("scaled tuned", True, {}))
+        for name, scaled, forced in variants:
+            with tuned.forced(forced):
+                call = lambda: f(*args, **kw, scaled=scaled)  # noqa: E731
+                err = ((call().float() - r).abs().max() / r.abs().max()).item()
+                sec = _timer(call, cuda)
+            rows.append(dict(tokens=n, experts=touched, variant=name, us=sec * 1e6, rel_err=err,
+                             GBps=touched * per_expert / sec / 1e9))
+    return rows
+
+
+def _shape(cfg, dtype) -> str:
+    from kernels.moe import tuning_shape
+    return tuning_shape(cfg.hidden_size, cfg.intermediate_size, cfg.num_local_experts, cfg.num_experts_per_tok, dtype)
+
+
+def table(rows: list[dict]) -> str:
+    out = ["| tokens | experts touched | variant | us | max error / max | weight GB/s |", "|---:|---:|---|---:|---:|---:|"]
+    out += [f"| {r['tokens']} | {r['experts']} | {r['variant']} | {r['us']:.1f} | {r['rel_err']:.1e} | {r['GBps']:.0f} |"
+            for r in rows]
+    return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="gpt-oss-120b")
+    ap.add_argument("--tokens", default="1,8,64,256", help="tokens per step, comma separated")
+    ap.add_argument("--dry-run", action="store_true", help="tiny preset, CPU, Triton interpreter")
+    a = ap.parse_args(argv)
+    try:
+        tokens = [int(t) for t in a.tokens.split(",") if t]
+    except ValueError:
+        ap.error(f"--tokens: comma-separated integers, not {a.tokens!r}")
+    if a.dry_run:
+        if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+            print("bench.moe_variants --dry-run: set TRITON_INTERPRET=1 (before Python starts)", file=sys.stderr)
+            return 2
+        model, device = "tiny", "cpu"
+    elif not torch.cuda.is_available():
+        print("bench.moe_variants: needs CUDA (or --dry-run)", file=sys.stderr)
+        return 2
+    else:
+        model, device = a.model, "cuda"
+    from models.checkpoint import PRESETS
+    if model not in PRESETS:
+        ap.error(f"--model: unknown preset {model!r}; choose from {', '.join(sorted(PRESETS))}")
+    name = torch.cuda.get_device_name() if device == "cuda" else "CPU (interpreter)"
+    print(f"### MoE variants, {model} on {name}\n\n`python -m bench.moe_variants {' '.join(argv or sys.argv[1:])}`\n")
+    print(table(run(model, tokens, device, torch.bfloat16)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
