@@ -38,7 +38,8 @@ def triton_categories() -> dict[str, str]:
     by_module = {attention: "attention", rmsnorm: "rmsnorm", rope: "rope + kv write", route: "moe route/align/combine",
                  sample: "sampling", moe: "moe route/align/combine"}
     out = {n: cat for mod, cat in by_module.items() for n in mod._KERNELS if n.endswith("_kernel")}
-    out.update({"_w1_kernel": "moe w1", "_w2_kernel": "moe w2"})
+    out.update({"_w1_kernel": "moe w1", "_w2_kernel": "moe w2", "_w1_gemv_kernel": "moe w1",
+                "_w2_gemv_kernel": "moe w2"})
     return out
 
 

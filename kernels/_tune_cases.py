@@ -74,7 +74,8 @@ def moe_block_ms(cfg, n: int) -> list[int]:
     from .moe import _default_config
     per_expert = n * cfg.num_experts_per_tok / cfg.num_local_experts
     d = _default_config(n * cfg.num_experts_per_tok, cfg.num_local_experts, False)["BLOCK_M"]
-    return [b for b in (16, 32, 64, 128) if b == d or (d // 2 <= b <= max(16, per_expert))]
+    gemv = [1] if per_expert <= 1 else []  # about one pair per expert: single-pair tiles (kernels.moe_gemv)
+    return gemv + [b for b in (16, 32, 64, 128) if b == d or (d // 2 <= b <= max(16, per_expert))]
 
 
 def moe_candidates(kernel: str, bm: int) -> list[dict]:
@@ -86,6 +87,10 @@ def moe_candidates(kernel: str, bm: int) -> list[dict]:
     tiles, gate and linear) 16..128, accumulators <= 64, so the set stays ~20
     and the register file is not hopeless; the compile check decides the rest."""
     tiles = 2 if kernel == "moe_w1" else 1
+    if bm == 1:  # kernels.moe_gemv: rows per program x bytes per K step, at 2 stages
+        return [dict(GEMV=True, BLOCK_M=1, BLOCK_N=bn, BLOCK_KB=kb, num_warps=w, num_stages=2)
+                for bn in (8, 16, 32) for kb in (32, 64, 128) for w in (2, 4)
+                if 8 <= tiles * bn * kb / (32 * w) <= 64]
     out = []
     for bn in (16, 32, 64, 128):
         if bm >= 64 and bn < 32:
@@ -117,6 +122,8 @@ def dry_candidates(kernel: str, default: dict) -> list[dict]:
     """Two per kernel under the interpreter: the default and one other small tile."""
     alt = {"moe_w1": dict(BLOCK_N=16), "moe_w2": dict(BLOCK_N=16),
            "attn_decode": dict(BLOCK_N=32, NUM_SPLITS=2), "attn_prefill": dict(BLOCK_M=32, BLOCK_N=32)}[kernel]
+    if default.get("GEMV"):
+        alt = dict(BLOCK_N=8)
     return [dict(default), {**default, **alt}]
 
 

@@ -34,7 +34,7 @@ def verdict(kernel_out, ref32, ref16) -> tuple[float, float, bool]:
     return ek, e16, bool(math.isfinite(ek) and ek <= 2 * e16 + 1e-3)
 
 
-def moe_case(cfg, n: int, dev, dtype, gen, ep: int = 1):
+def moe_case(cfg, n: int, dev, dtype, gen, ep: int = 1, gemv: bool = False):
     """ep > 1: the rows form one expert-parallel rank runs (MoE.run_experts): its E/ep experts,
     n rows each routed to one of them with weight 1."""
     from . import moe
@@ -58,8 +58,13 @@ def moe_case(cfg, n: int, dev, dtype, gen, ep: int = 1):
     ref32 = moe.moe_reference(x, idx, w, w1b, w1s, b1, w2b, w2s, b2)
     xb, b1b, b2b, wb = x.to(dtype), b1.to(dtype), b2.to(dtype), w.to(dtype)
     ref16 = moe.moe_reference(xb, idx, wb, w1b, w1s, b1b, w2b, w2s, b2b)
-    out = moe.moe_mxfp4(xb, (idx, wb), w1b, w1s, b1b, w2b, w2s, b2b, top_k=k)
+    from . import tuned
+    g = moe.gemv_config(torch.device(dev).type == "cpu") if gemv else None
+    with tuned.forced({"moe_w1": g, "moe_w2": g} if gemv else {}):
+        out = moe.moe_mxfp4(xb, (idx, wb), w1b, w1s, b1b, w2b, w2s, b2b, top_k=k)
     e, b, ok = verdict(out, ref32, ref16)
+    if gemv:
+        return e, b, ok
     if ep == 1:  # one process adds the residual in the combine (the unfused add's rounding), and the
         # next RMSNorm of that sum (what the model launches)
         from .rmsnorm import rmsnorm_reference
@@ -169,6 +174,8 @@ def cases(models: list[str], tokens: list[int], dry: bool):
         cfg = PRESETS[name]
         for n in tokens:
             yield f"{name} moe tokens={n}", lambda d, t, g, c=cfg, n=n: moe_case(c, n, d, t, g)
+        for n in tokens[:2]:  # the single-pair tiles (kernels.moe_gemv), whatever the config file picks
+            yield f"{name} moe gemv tokens={n}", lambda d, t, g, c=cfg, n=n: moe_case(c, n, d, t, g, gemv=True)
         ep = 2 if dry else 8
         for n in (tokens[0], tokens[-1]):
             yield f"{name} moe ep{ep} rank rows={n}", lambda d, t, g, c=cfg, n=n, ep=ep: moe_case(c, n, d, t, g, ep)

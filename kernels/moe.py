@@ -11,7 +11,8 @@
    activation column j. W1 is read once per tile, never dequantised to memory.
    On a GPU with 16-bit activations the tiles go to tl.dot_scaled as stored
    (E2M1 bytes, E8M0 scales; 2x the kernels' own decode on an H200, see
-   BENCHMARKS.md "GPU"); the own decode (`_mx_tile`) is the fp32 path.
+   BENCHMARKS.md "GPU"); the own decode (`_mx_tile`) is the fp32 path. A config
+   with GEMV runs both matmuls as kernels.moe_gemv's single-pair tiles instead.
 4. `_w2_kernel`: activations @ W2[e]^T + b2, times the pair's router weight.
 5. `_combine_kernel`: sums each token's k pair rows (absent experts skipped), and adds the
    residual stream when given (the block's `x + moe(h)`, same rounding, one launch fewer); with
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 from models import mxfp4
 from models.layers import swiglu
 
+from . import moe_gemv as gemv_kernels
 from . import tuned
 from ._triton import interpreting, jit_module, launch, next_pow2, on_gpu, tl, triton
 
@@ -321,6 +323,13 @@ def _default_config(pairs: int, n_local: int, interp: bool) -> dict:
     return dict(BLOCK_M=bm, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3)
 
 
+def gemv_config(interp: bool = False) -> dict:
+    """The single-pair tiles of kernels.moe_gemv (both kernels; BLOCK_M 1 is align's tile). Not a default
+    yet: chosen where kernels.tune measured it faster (kernels/configs), or forced."""
+    return dict(GEMV=True, BLOCK_M=1, BLOCK_N=16, BLOCK_KB=32 if interp else 64,
+                **({} if interp else dict(num_warps=4, num_stages=2)))
+
+
 def tuning_shape(H: int, I: int, n_local: int, top_k: int, dtype) -> str:
     return tuned.shape_key(H=H, I=I, E=n_local, top_k=top_k, dtype=dtype)
 
@@ -393,6 +402,7 @@ def moe_mxfp4(x: torch.Tensor, routing, w1_blocks, w1_scales, b1, w2_blocks, w2_
     if H % 32 or I % 32:
         raise ValueError(f"hidden {H} and intermediate {I} must be multiples of 32 (MXFP4 blocks)")
     jit_module(globals(), _KERNELS)
+    jit_module(vars(gemv_kernels), gemv_kernels._KERNELS)
     interp = interpreting()
     cfg1, cfg2 = _config(N, H, I, E, k, x, interp)
     bm = cfg1["BLOCK_M"]
@@ -402,16 +412,18 @@ def moe_mxfp4(x: torch.Tensor, routing, w1_blocks, w1_scales, b1, w2_blocks, w2_
     sorted_ids, tile_expert, valid = align_triton(idx, global_to_local, E, bm)
     T = tile_expert.numel()
     act = torch.empty(T * bm, I, dtype=x.dtype, device=x.device)
-    meta, opts = _split(cfg1)
-    launch(_w1_kernel, (T, triton.cdiv(I, meta["BLOCK_N"])),
-           x, w1_blocks, w1_scales, b1, act, sorted_ids, tile_expert, N * k, H, I, x.stride(0),
-           TOP_K=k, LIMIT=float(limit), ALPHA=float(alpha), DOT_BF16=dot_bf16, SCALED=scaled, **meta, **opts)
-    y = torch.empty(N * k, H, dtype=x.dtype, device=x.device)
     rw = weights.reshape(-1).float().contiguous()
+    y = torch.empty(N * k, H, dtype=x.dtype, device=x.device)
+    gemv = bool(cfg1.get("GEMV"))
+    w1, w2 = (gemv_kernels._w1_gemv_kernel, gemv_kernels._w2_gemv_kernel) if gemv else (_w1_kernel, _w2_kernel)
+    own = {} if gemv else dict(DOT_BF16=dot_bf16, SCALED=scaled)
+    meta, opts = _split(cfg1)
+    launch(w1, (T, triton.cdiv(I, meta["BLOCK_N"])),
+           x, w1_blocks, w1_scales, b1, act, sorted_ids, tile_expert, N * k, H, I, x.stride(0),
+           TOP_K=k, LIMIT=float(limit), ALPHA=float(alpha), **own, **meta, **opts)
     meta, opts = _split(cfg2)
-    launch(_w2_kernel, (T, triton.cdiv(H, meta["BLOCK_N"])),
-           act, w2_blocks, w2_scales, b2, rw, y, sorted_ids, tile_expert, N * k, H, I,
-           DOT_BF16=dot_bf16, SCALED=scaled, **meta, **opts)
+    launch(w2, (T, triton.cdiv(H, meta["BLOCK_N"])),
+           act, w2_blocks, w2_scales, b2, rw, y, sorted_ids, tile_expert, N * k, H, I, **own, **meta, **opts)
     out = torch.empty_like(x)
     if residual is not None and residual.shape != x.shape:
         raise ValueError(f"residual {tuple(residual.shape)} must have x's shape {tuple(x.shape)}")

@@ -4,7 +4,8 @@
     python -m kernels.tune --dry-run    # the whole flow on CPU under TRITON_INTERPRET=1, tiny shapes
 
 Per model shape and batch bucket (tokens per step): MoE w1 and w2, swept per
-BLOCK_M (the two must share it) keeping the BLOCK_M with the lowest sum;
+BLOCK_M (the two must share it) keeping the BLOCK_M with the lowest sum (BLOCK_M 1,
+tried where there is about one pair per expert, is kernels.moe_gemv's single-pair tiles);
 paged attention for the sliding and the full layers, as decode (batch =
 sequences of --context tokens) below --prefill-from and as one prefill chunk
 of that many tokens from there on. Every candidate is compiled first for this
@@ -166,7 +167,7 @@ class Tuner:
     def moe(self, task: Task) -> list[Result]:
         from models.checkpoint import PRESETS
 
-        from .moe import _default_config, tuning_shape
+        from .moe import _default_config, gemv_config, tuning_shape
         cfg = PRESETS[task.model]
         if task.model not in self._weights:
             self._weights = {task.model: cases.moe_weights(cfg, self.dtype, self.device)}  # one model's at a time
@@ -177,11 +178,15 @@ class Tuner:
         label = f"{task.model.removeprefix('gpt-oss-')} E={E}"
         results = {kn: Result(kn, shape, label, task.n, default=d) for kn in ("moe_w1", "moe_w2")}
         per_bm: dict[int, dict[str, list]] = {}
-        for bm in ([d["BLOCK_M"]] if self.dry else cases.moe_block_ms(cfg, task.n)):
-            base = {**d, "BLOCK_M": bm}
+        bms = cases.moe_block_ms(cfg, task.n)
+        if self.dry:  # the default's tiles, and single-pair tiles where the sweep tries them
+            bms = [b for b in bms if b in (1, d["BLOCK_M"])]
+        for bm in bms:
+            base = gemv_config(self.dry) if bm == 1 else {**d, "BLOCK_M": bm}
             per_bm[bm] = {}
-            for kn, other, kernel in (("moe_w1", "moe_w2", "_w1_kernel"), ("moe_w2", "moe_w1", "_w2_kernel")):
-                cands = cases.dry_candidates(kn, d) if self.dry else cases.moe_candidates(kn, bm)
+            w1, w2 = ("_w1_gemv_kernel", "_w2_gemv_kernel") if bm == 1 else ("_w1_kernel", "_w2_kernel")
+            for kn, other, kernel in (("moe_w1", "moe_w2", w1), ("moe_w2", "moe_w1", w2)):
+                cands = cases.dry_candidates(kn, base) if self.dry else cases.moe_candidates(kn, bm)
                 if bm == d["BLOCK_M"] and d not in cands:
                     cands = [d, *cands]
                 runs = self.sweep(task, call, kn, cands, {other: base}, {kernel}, [kernel], results[kn],
@@ -238,7 +243,9 @@ def _fmt(c: dict | None) -> str:
     if not c:
         return "-"
     short = dict(BLOCK_M="M", BLOCK_N="N", BLOCK_K="K", NUM_SPLITS="splits", num_warps="w", num_stages="s")
-    return " ".join(f"{short.get(k, k)}{'=' if k == 'NUM_SPLITS' else ''}{v}" for k, v in c.items())
+    short.update(BLOCK_KB="KB")
+    return " ".join("gemv" if k == "GEMV" else f"{short.get(k, k)}{'=' if k == 'NUM_SPLITS' else ''}{v}"
+                    for k, v in c.items())
 
 
 def tasks(models: list[str], batches: list[int], families: set[str], prefill_from: int) -> list[Task]:

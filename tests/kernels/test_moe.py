@@ -85,6 +85,30 @@ def test_scaled_dot_path_matches_the_module(dtype, block_k):
         _close(out, own, 1e-2)
 
 
+@pytest.mark.parametrize("block_kb", [16, 64])  # two K steps; one, half masked
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gemv_tiles_match_the_module(dtype, block_kb):
+    """kernels.moe_gemv (one pair per tile, E2M1 decoded through fp16 patterns, scales per 16-byte
+    block): fp32 equal to the module up to summation order; bf16 within the bf16 module's error; a
+    local subset through the map (pairs of absent experts skipped: summed with the other half, the
+    full layer); an expert taking every token (many single-pair tiles of one expert)."""
+    from kernels import tuned
+    from kernels.moe import gemv_config
+    cfg = dict(gemv_config(True), BLOCK_KB=block_kb)
+    x = tokens(9, seed=4)
+    full = moe_module()
+    idx, w = full.route(x)
+    idx[:, 0] = 2
+    ma, mb = moe_module(dtype, ids=(1, 3, 4, 6)), moe_module(dtype, ids=(0, 2, 5, 7))
+    with tuned.forced({"moe_w1": cfg, "moe_w2": cfg}):
+        out_a = moe_mxfp4(x.to(dtype), (idx, w.to(dtype)), *packed(ma), global_to_local=ma.global_to_local)
+        out_b = moe_mxfp4(x.to(dtype), (idx, w.to(dtype)), *packed(mb), global_to_local=mb.global_to_local)
+    ref = full.compute(x, idx, w)
+    _close(out_a.float() + out_b.float(), ref, 1e-4 if dtype == torch.float32 else 2e-2)
+    if dtype == torch.float32:
+        _close(out_a, moe_module(ids=(1, 3, 4, 6)).compute(x, idx, w), 1e-5)
+
+
 def test_local_expert_subset_skips_absent_experts():
     ids_a, ids_b = (1, 3, 4, 6), (0, 2, 5, 7)
     ma, mb, full = moe_module(ids=ids_a), moe_module(ids=ids_b), moe_module()

@@ -165,3 +165,16 @@ def test_aot_compiles_the_tuned_configs(tmp_path, monkeypatch):
     assert [u for (k, lab), u in labels.items() if k == "_attn_kernel" and "NUM_SPLITS=16" in lab] == [
         ["20b d1", "120b d1", "120b ep8 d1", "120b ep8 dp d1"]]  # attention is the same on an expert-parallel rank
     assert any(k == "_merge_kernel" and "NUM_SPLITS=16" in lab for k, lab in labels)
+
+
+def test_decode_batches_also_sweep_single_pair_tiles():
+    """Where a step has about one (token, expert) pair per expert, BLOCK_M 1 (kernels.moe_gemv) is swept
+    beside the MMA tiles; its candidates are all single-pair configs; larger steps do not try it."""
+    from kernels import _tune_cases as cases
+    from models.checkpoint import PRESETS
+    big = PRESETS["gpt-oss-120b"]
+    assert cases.moe_block_ms(big, 1)[0] == 1 and cases.moe_block_ms(big, 32)[0] == 1
+    assert 1 not in cases.moe_block_ms(big, 64)
+    for kn in ("moe_w1", "moe_w2"):
+        cands = cases.moe_candidates(kn, 1)
+        assert len(cands) >= 6 and all(c["GEMV"] and c["BLOCK_M"] == 1 and "BLOCK_KB" in c for c in cands)
