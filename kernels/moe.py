@@ -416,7 +416,7 @@ def moe_mxfp4(x: torch.Tensor, routing, w1_blocks, w1_scales, b1, w2_blocks, w2_
     y = torch.empty(N * k, H, dtype=x.dtype, device=x.device)
     gemv = bool(cfg1.get("GEMV"))
     w1, w2 = (gemv_kernels._w1_gemv_kernel, gemv_kernels._w2_gemv_kernel) if gemv else (_w1_kernel, _w2_kernel)
-    own = {} if gemv else dict(DOT_BF16=dot_bf16, SCALED=scaled)
+    own = dict(PTX=not interp) if gemv else dict(DOT_BF16=dot_bf16, SCALED=scaled)
     meta, opts = _split(cfg1)
     launch(w1, (T, triton.cdiv(I, meta["BLOCK_N"])),
            x, w1_blocks, w1_scales, b1, act, sorted_ids, tile_expert, N * k, H, I, x.stride(0),

@@ -12,8 +12,8 @@ def test_dry_run_passes_every_case(capsys):
     assert check.main(["--dry-run"]) == 0
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith("| tiny ")]
-    assert len(rows) == 16 and all(line.endswith("| ok |") for line in rows)
-    assert "moe tokens=24" in out and "moe ep2 rank rows=24" in out and "attention prefill+decode window" in out
+    assert len(rows) == 18 and all(line.endswith("| ok |") for line in rows)
+    assert "moe tokens=24" in out and "moe ep2 rank rows=24" in out and "moe gemv tokens=1" in out and "attention prefill+decode window" in out
     assert "sample rows=24 vocab=3000" in out
 
 
@@ -26,7 +26,8 @@ def test_a_wrong_kernel_fails(monkeypatch, capsys):
     monkeypatch.setattr(moe, "moe_mxfp4", wrong)
     assert check.main(["--dry-run"]) == 1
     out = capsys.readouterr().out
-    assert "| tiny moe tokens=1 |" in out and "FAIL" in out and "5 of the cases failed" in out
+    # the 3 token counts, the 2 single-pair (gemv) cases and the 2 EP rank cases
+    assert "| tiny moe tokens=1 |" in out and "FAIL" in out and "7 of the cases failed" in out
 
 
 def test_verdict_allows_twice_the_bf16_reference_error():
