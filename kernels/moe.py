@@ -411,10 +411,10 @@ def moe_mxfp4(x: torch.Tensor, routing, w1_blocks, w1_scales, b1, w2_blocks, w2_
     x = x.contiguous()
     sorted_ids, tile_expert, valid = align_triton(idx, global_to_local, E, bm)
     T = tile_expert.numel()
-    act = torch.empty(T * bm, I, dtype=x.dtype, device=x.device)
+    gemv = bool(cfg1.get("GEMV"))  # its W1 hands W2 fp32 activations: no bf16 widening in W2's loop
+    act = torch.empty(T * bm, I, dtype=torch.float32 if gemv else x.dtype, device=x.device)
     rw = weights.reshape(-1).float().contiguous()
     y = torch.empty(N * k, H, dtype=x.dtype, device=x.device)
-    gemv = bool(cfg1.get("GEMV"))
     w1, w2 = (gemv_kernels._w1_gemv_kernel, gemv_kernels._w2_gemv_kernel) if gemv else (_w1_kernel, _w2_kernel)
     own = dict(PTX=not interp) if gemv else dict(DOT_BF16=dot_bf16, SCALED=scaled)
     meta, opts = _split(cfg1)

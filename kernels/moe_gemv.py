@@ -15,7 +15,9 @@ and ~15% of copy bandwidth at batch 1 (BENCHMARKS.md "GPU"). Here:
   are summed unscaled in registers and the block's E8M0 scale multiplies that
   sum once (the 2**14 once per output);
 - tiles are single pairs (align with BLOCK_M=1): a program is (pair, block of
-  output rows), so even one token fills the GPU with programs.
+  output rows), so even one token fills the GPU with programs;
+- W1 writes its activations in fp32 (kernels.moe allocates them so), so W2's
+  loop widens no bf16: fewer instructions, and one rounding fewer than the MMA path.
 
 Selected by a config with GEMV (kernels.tuned; bench.moe_variants compares it
 with the MMA path); the reference is kernels.moe.moe_reference, and
