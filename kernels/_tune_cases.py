@@ -120,10 +120,9 @@ def attn_candidates(decode: bool, cfg, n: int, window) -> list[dict]:
 
 def dry_candidates(kernel: str, default: dict) -> list[dict]:
     """Two per kernel under the interpreter: the default and one other small tile."""
-    alt = {"moe_w1": dict(BLOCK_N=16), "moe_w2": dict(BLOCK_N=16),
-           "attn_decode": dict(BLOCK_N=32, NUM_SPLITS=2), "attn_prefill": dict(BLOCK_M=32, BLOCK_N=32)}[kernel]
-    if default.get("GEMV"):
-        alt = dict(BLOCK_N=8)
+    alt = dict(BLOCK_N=8) if default.get("GEMV") else {
+        "moe_w1": dict(BLOCK_N=16), "moe_w2": dict(BLOCK_N=16),
+        "attn_decode": dict(BLOCK_N=32, NUM_SPLITS=2), "attn_prefill": dict(BLOCK_M=32, BLOCK_N=32)}[kernel]
     return [dict(default), {**default, **alt}]
 
 

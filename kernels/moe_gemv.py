@@ -76,6 +76,21 @@ def _x_pairs(row_ptr, blk, K, NB: tl.constexpr):
     return ev[None, :, :], od[None, :, :]
 
 
+def _rows_dot(x_row, w_rows, s_rows, rmask, K, ROWS: tl.constexpr, BLOCK_KB: tl.constexpr, PTX: tl.constexpr):
+    """W[rows] @ x over K -> [ROWS] fp32: w_rows [ROWS, 1, 1] / s_rows [ROWS, 1] point at each row's bytes
+    and scales, x_row at the token's K activations."""
+    NB: tl.constexpr = BLOCK_KB // 16
+    acc = tl.zeros((ROWS, NB), tl.float32)
+    for kb0 in range(0, K // 2, BLOCK_KB):
+        blk = kb0 // 16 + tl.arange(0, NB)
+        bmask = blk < K // 32
+        x_ev, x_od = _x_pairs(x_row, blk, K, NB)
+        off = blk[:, None] * 16 + tl.arange(0, 16)[None, :]
+        acc += _block_dot(w_rows + off[None, :, :], rmask[:, None, None] & bmask[None, :, None], x_ev, x_od,
+                          s_rows + blk[None, :], rmask[:, None] & bmask[None, :], PTX)
+    return tl.sum(acc, axis=1)
+
+
 def _w1_gemv_kernel(x_ptr, wb_ptr, ws_ptr, b_ptr, act_ptr, sorted_ptr, tile_e_ptr, n_pairs, H, I, stride_x,
                     TOP_K: tl.constexpr, LIMIT: tl.constexpr, ALPHA: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_KB: tl.constexpr, PTX: tl.constexpr):
@@ -86,21 +101,12 @@ def _w1_gemv_kernel(x_ptr, wb_ptr, ws_ptr, b_ptr, act_ptr, sorted_ptr, tile_e_pt
     if (e < 0) | (pair >= n_pairs):
         return
     R: tl.constexpr = 2 * BLOCK_N  # W1's gate and linear rows interleave: rows 2j, 2j+1
-    NB: tl.constexpr = BLOCK_KB // 16
     r = tl.program_id(1) * R + tl.arange(0, R)
     rmask = r < 2 * I
-    x_row = x_ptr + (pair // TOP_K).to(tl.int64) * stride_x
-    w_rows = wb_ptr + (e * (2 * I) + r.to(tl.int64))[:, None, None] * (H // 2)
-    s_rows = ws_ptr + (e * (2 * I) + r.to(tl.int64))[:, None] * (H // 32)
-    acc = tl.zeros((R, NB), tl.float32)
-    for kb0 in range(0, H // 2, BLOCK_KB):
-        blk = kb0 // 16 + tl.arange(0, NB)
-        bmask = blk < H // 32
-        x_ev, x_od = _x_pairs(x_row, blk, H, NB)
-        off = blk[:, None] * 16 + tl.arange(0, 16)[None, :]
-        acc += _block_dot(w_rows + off[None, :, :], rmask[:, None, None] & bmask[None, :, None], x_ev, x_od,
-                          s_rows + blk[None, :], rmask[:, None] & bmask[None, :], PTX)
-    y = tl.sum(acc, axis=1) + tl.load(b_ptr + e * 2 * I + r, mask=rmask, other=0.0).to(tl.float32)
+    row = e * (2 * I) + r.to(tl.int64)
+    y = _rows_dot(x_ptr + (pair // TOP_K).to(tl.int64) * stride_x, wb_ptr + row[:, None, None] * (H // 2),
+                  ws_ptr + row[:, None] * (H // 32), rmask, H, R, BLOCK_KB, PTX)
+    y += tl.load(b_ptr + e * 2 * I + r, mask=rmask, other=0.0).to(tl.float32)
     gate, lin = tl.split(tl.reshape(y, (BLOCK_N, 2)))
     gate = tl.minimum(gate, LIMIT)
     lin = tl.minimum(tl.maximum(lin, -LIMIT), LIMIT)
@@ -117,24 +123,15 @@ def _w2_gemv_kernel(act_ptr, wb_ptr, ws_ptr, b_ptr, rw_ptr, y_ptr, sorted_ptr, t
     pair = tl.load(sorted_ptr + t)
     if (e < 0) | (pair >= n_pairs):
         return
-    NB: tl.constexpr = BLOCK_KB // 16
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = n < H
-    a_row = act_ptr + t.to(tl.int64) * I
-    w_rows = wb_ptr + (e * H + n.to(tl.int64))[:, None, None] * (I // 2)
-    s_rows = ws_ptr + (e * H + n.to(tl.int64))[:, None] * (I // 32)
-    acc = tl.zeros((BLOCK_N, NB), tl.float32)
-    for kb0 in range(0, I // 2, BLOCK_KB):
-        blk = kb0 // 16 + tl.arange(0, NB)
-        bmask = blk < I // 32
-        a_ev, a_od = _x_pairs(a_row, blk, I, NB)
-        off = blk[:, None] * 16 + tl.arange(0, 16)[None, :]
-        acc += _block_dot(w_rows + off[None, :, :], nmask[:, None, None] & bmask[None, :, None], a_ev, a_od,
-                          s_rows + blk[None, :], nmask[:, None] & bmask[None, :], PTX)
-    y = tl.sum(acc, axis=1) + tl.load(b_ptr + e * H + n, mask=nmask, other=0.0).to(tl.float32)
+    row = e * H + n.to(tl.int64)
+    y = _rows_dot(act_ptr + t.to(tl.int64) * I, wb_ptr + row[:, None, None] * (I // 2),
+                  ws_ptr + row[:, None] * (I // 32), nmask, I, BLOCK_N, BLOCK_KB, PTX)
+    y += tl.load(b_ptr + e * H + n, mask=nmask, other=0.0).to(tl.float32)
     y = y * tl.load(rw_ptr + pair)
     tl.store(y_ptr + pair.to(tl.int64) * H + n, y.to(y_ptr.dtype.element_ty), mask=nmask)
 
 
-_KERNELS = ("_e2m1_x16k", "_block_dot", "_x_pairs", "_w1_gemv_kernel", "_w2_gemv_kernel")
+_KERNELS = ("_e2m1_x16k", "_block_dot", "_x_pairs", "_rows_dot", "_w1_gemv_kernel", "_w2_gemv_kernel")
 _NO_SPECIALIZE = {"_w1_gemv_kernel": ("n_pairs",), "_w2_gemv_kernel": ("n_pairs",)}

@@ -242,8 +242,8 @@ def _us(t: float | None) -> str:
 def _fmt(c: dict | None) -> str:
     if not c:
         return "-"
-    short = dict(BLOCK_M="M", BLOCK_N="N", BLOCK_K="K", NUM_SPLITS="splits", num_warps="w", num_stages="s")
-    short.update(BLOCK_KB="KB")
+    short = dict(BLOCK_M="M", BLOCK_N="N", BLOCK_K="K", BLOCK_KB="KB", NUM_SPLITS="splits", num_warps="w",
+                 num_stages="s")
     return " ".join("gemv" if k == "GEMV" else f"{short.get(k, k)}{'=' if k == 'NUM_SPLITS' else ''}{v}"
                     for k, v in c.items())
 
