@@ -45,7 +45,7 @@ def _timer(fn, cuda: bool) -> float:
 def run(model: str, tokens: list[int], device: str, dtype) -> list[dict]:
     from kernels import _tune_cases as cases
     from kernels import tuned
-    from kernels.moe import _default_config, gemv_config
+    from kernels.moe import _default_config, gemv_configs
     from models.checkpoint import PRESETS
     cfg = PRESETS[model]
     ws = cases.moe_weights(cfg, dtype, device)
@@ -57,9 +57,8 @@ def run(model: str, tokens: list[int], device: str, dtype) -> list[dict]:
         r = ref().float()
         touched = torch.unique(args[1][0]).numel()
         d = _default_config(n * cfg.num_experts_per_tok, cfg.num_local_experts, not cuda)
-        g = gemv_config(not cuda)
         variants = [("own", False, {"moe_w1": d, "moe_w2": d}), ("scaled", True, {"moe_w1": d, "moe_w2": d}),
-                    ("gemv", None, {"moe_w1": g, "moe_w2": g})]
+                    ("gemv", None, gemv_configs(not cuda))]
         if cuda and tuned.lookup("moe_w1", _shape(cfg, dtype), n, args[0].device) is not None:
             variants.append(("scaled tuned", True, {}))
         for name, scaled, forced in variants:

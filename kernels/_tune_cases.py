@@ -87,10 +87,10 @@ def moe_candidates(kernel: str, bm: int) -> list[dict]:
     tiles, gate and linear) 16..128, accumulators <= 64, so the set stays ~20
     and the register file is not hopeless; the compile check decides the rest."""
     tiles = 2 if kernel == "moe_w1" else 1
-    if bm == 1:  # kernels.moe_gemv: rows per program x bytes per K step, at 2 stages
+    if bm == 1:  # kernels.moe_gemv: rows per program x bytes per K step; a thread takes 1-4 16-byte blocks
         return [dict(GEMV=True, BLOCK_M=1, BLOCK_N=bn, BLOCK_KB=kb, num_warps=w, num_stages=2)
-                for bn in (8, 16, 32, 64, 128) for kb in (32, 64, 128) for w in (2, 4, 8)
-                if 8 <= tiles * bn * kb / (32 * w) <= 64]  # weight bytes a thread holds per K step
+                for bn in (8, 16, 32, 64, 128) for kb in (16, 32, 64, 128) for w in (2, 4, 8)
+                if 16 <= tiles * bn * kb / (32 * w) <= 64]  # weight bytes a thread holds per K step
     out = []
     for bn in (16, 32, 64, 128):
         if bm >= 64 and bn < 32:

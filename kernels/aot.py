@@ -134,9 +134,8 @@ def workloads():
         out.append((f"120b tp2 ep8 dp d{b}", _step_launches(PRESETS["gpt-oss-120b"], b, 1, DECODE_CONTEXT, ep=8,
                                                             attn_dp=True, tp=2)))
     from . import moe as moe_mod, moe_gemv, tuned
-    g = moe_mod.gemv_config()
     for name in MODELS:  # the single-pair expert tiles (kernels.moe_gemv) kernels.tune may pick for decode
-        with tuned.forced({"moe_w1": g, "moe_w2": g}):
+        with tuned.forced(moe_mod.gemv_configs()):
             step = _step_launches(PRESETS[name], 1, 1, DECODE_CONTEXT)
         gemv_only = [ln for ln in step if ln[0].__name__ in ("_align_kernel", *moe_gemv._KERNELS)]
         out.append((f"{name.removeprefix('gpt-oss-')} gemv d1", gemv_only))

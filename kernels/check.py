@@ -59,8 +59,7 @@ def moe_case(cfg, n: int, dev, dtype, gen, ep: int = 1, gemv: bool = False):
     xb, b1b, b2b, wb = x.to(dtype), b1.to(dtype), b2.to(dtype), w.to(dtype)
     ref16 = moe.moe_reference(xb, idx, wb, w1b, w1s, b1b, w2b, w2s, b2b)
     from . import tuned
-    g = moe.gemv_config(torch.device(dev).type == "cpu") if gemv else None
-    with tuned.forced({"moe_w1": g, "moe_w2": g} if gemv else {}):
+    with tuned.forced(moe.gemv_configs(torch.device(dev).type == "cpu") if gemv else {}):
         out = moe.moe_mxfp4(xb, (idx, wb), w1b, w1s, b1b, w2b, w2s, b2b, top_k=k)
     e, b, ok = verdict(out, ref32, ref16)
     if gemv:

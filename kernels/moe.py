@@ -12,7 +12,7 @@
    On a GPU with 16-bit activations the tiles go to tl.dot_scaled as stored
    (E2M1 bytes, E8M0 scales; 2x the kernels' own decode on an H200, see
    BENCHMARKS.md "GPU"); the own decode (`_mx_tile`) is the fp32 path. A config
-   with GEMV runs both matmuls as kernels.moe_gemv's single-pair tiles instead.
+   with GEMV runs both matmuls as kernels.moe_gemv's single-pair tiles instead (16-bit activations).
 4. `_w2_kernel`: activations @ W2[e]^T + b2, times the pair's router weight.
 5. `_combine_kernel`: sums each token's k pair rows (absent experts skipped), and adds the
    residual stream when given (the block's `x + moe(h)`, same rounding, one launch fewer); with
@@ -323,11 +323,18 @@ def _default_config(pairs: int, n_local: int, interp: bool) -> dict:
     return dict(BLOCK_M=bm, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3)
 
 
-def gemv_config(interp: bool = False) -> dict:
-    """The single-pair tiles of kernels.moe_gemv (both kernels; BLOCK_M 1 is align's tile). Not a default
-    yet: chosen where kernels.tune measured it faster (kernels/configs), or forced."""
-    return dict(GEMV=True, BLOCK_M=1, BLOCK_N=16, BLOCK_KB=32 if interp else 64,
+def gemv_config(interp: bool = False, kernel: str = "moe_w1") -> dict:
+    """The single-pair tiles of kernels.moe_gemv (BLOCK_M 1 is align's tile): 32 W1 rows (16 column pairs) or
+    32 W2 rows a program, one 16-byte block each per thread at 4 warps. Not a default yet: chosen where
+    kernels.tune measured it faster (kernels/configs), or forced (gemv_configs)."""
+    bn = 16 if kernel == "moe_w1" else 32
+    return dict(GEMV=True, BLOCK_M=1, BLOCK_N=bn, BLOCK_KB=32 if interp else 64,
                 **({} if interp else dict(num_warps=4, num_stages=2)))
+
+
+def gemv_configs(interp: bool = False) -> dict:
+    """{kernel: config} forcing the single-pair tiles for both matmuls (kernels.tuned.forced)."""
+    return {k: gemv_config(interp, k) for k in ("moe_w1", "moe_w2")}
 
 
 def tuning_shape(H: int, I: int, n_local: int, top_k: int, dtype) -> str:
@@ -405,22 +412,31 @@ def moe_mxfp4(x: torch.Tensor, routing, w1_blocks, w1_scales, b1, w2_blocks, w2_
     jit_module(vars(gemv_kernels), gemv_kernels._KERNELS)
     interp = interpreting()
     cfg1, cfg2 = _config(N, H, I, E, k, x, interp)
+    if cfg1.get("GEMV") and x.dtype == torch.float32:  # its fp16 products serve 16-bit activations
+        cfg1 = cfg2 = _default_config(N * k, E, interp)
     bm = cfg1["BLOCK_M"]
     dot_bf16 = on_gpu(x) and x.dtype in (torch.bfloat16, torch.float16)
     scaled = dot_bf16 if scaled is None else scaled
     x = x.contiguous()
     sorted_ids, tile_expert, valid = align_triton(idx, global_to_local, E, bm)
     T = tile_expert.numel()
-    gemv = bool(cfg1.get("GEMV"))  # its W1 hands W2 fp32 activations: no bf16 widening in W2's loop
-    act = torch.empty(T * bm, I, dtype=torch.float32 if gemv else x.dtype, device=x.device)
+    gemv = bool(cfg1.get("GEMV"))  # its tiles take fp16(x * 2**-XS) and hand W2 their activations so
+    act = torch.empty(T * bm, I, dtype=torch.float16 if gemv else x.dtype, device=x.device)
     rw = weights.reshape(-1).float().contiguous()
     y = torch.empty(N * k, H, dtype=x.dtype, device=x.device)
-    w1, w2 = (gemv_kernels._w1_gemv_kernel, gemv_kernels._w2_gemv_kernel) if gemv else (_w1_kernel, _w2_kernel)
-    own = dict(PTX=not interp) if gemv else dict(DOT_BF16=dot_bf16, SCALED=scaled)
     meta, opts = _split(cfg1)
-    launch(w1, (T, triton.cdiv(I, meta["BLOCK_N"])),
-           x, w1_blocks, w1_scales, b1, act, sorted_ids, tile_expert, N * k, H, I, x.stride(0),
-           TOP_K=k, LIMIT=float(limit), ALPHA=float(alpha), **own, **meta, **opts)
+    grid1 = (T, triton.cdiv(I, meta["BLOCK_N"]))
+    if gemv:
+        x16 = torch.empty(N, H, dtype=torch.float16, device=x.device)
+        launch(gemv_kernels._x16_kernel, (N, triton.cdiv(H, 1024)), x, x16, H, x.stride(0), BLOCK=1024)
+        launch(gemv_kernels._w1_gemv_kernel, grid1, x16, w1_blocks, w1_scales, b1, act, sorted_ids, tile_expert,
+               N * k, H, I, TOP_K=k, LIMIT=float(limit), ALPHA=float(alpha), PTX=not interp, **meta, **opts)
+    else:
+        launch(_w1_kernel, grid1, x, w1_blocks, w1_scales, b1, act, sorted_ids, tile_expert, N * k, H, I,
+               x.stride(0), TOP_K=k, LIMIT=float(limit), ALPHA=float(alpha), DOT_BF16=dot_bf16, SCALED=scaled,
+               **meta, **opts)
+    w2 = gemv_kernels._w2_gemv_kernel if gemv else _w2_kernel
+    own = dict(PTX=not interp) if gemv else dict(DOT_BF16=dot_bf16, SCALED=scaled)
     meta, opts = _split(cfg2)
     launch(w2, (T, triton.cdiv(H, meta["BLOCK_N"])),
            act, w2_blocks, w2_scales, b2, rw, y, sorted_ids, tile_expert, N * k, H, I, **own, **meta, **opts)

@@ -2,46 +2,71 @@
 
 At a handful of tokens per step each expert sees about one row, so a 16-row
 MMA tile is 15/16 padding and the step is a stream of weight bytes; what it
-costs is the instructions spent turning each E2M1 nibble into a number. On an
-H200, tl.dot_scaled (kernels.moe) measured ~14 instructions per weight value
-and ~15% of copy bandwidth at batch 1 (BENCHMARKS.md "GPU"). Here:
+costs is the instructions spent per weight byte. On an H200, tl.dot_scaled
+(kernels.moe) measured ~14 instructions per weight value and ~15% of copy
+bandwidth at batch 1 (BENCHMARKS.md "GPU"). Here a thread owns whole 16-byte
+scale blocks (32 values of one row, one E8M0 scale), and on CUDA one PTX block
+(_BLOCK_PTX) does all of a block's work in registers:
 
-- on CUDA, 8 nibbles (one 32-bit word) become fp32 through byte-permute table
-  lookups in PTX (_E2M1_PTX, ~3 instructions a value; tests/kernels/test_moe_gemv_ptx.py
-  runs it on a model of its instructions); under the interpreter a nibble becomes
-  an fp16 bit pattern (5 integer ops) equal to the value times 2**-14 exactly,
-  subnormals included (the conversion to fp32 keeps fp16 subnormals);
-- each thread owns whole 16-byte scale blocks, so the 32 products of a block
-  are summed unscaled in registers and the block's E8M0 scale multiplies that
-  sum once (the 2**14 once per output);
-- tiles are single pairs (align with BLOCK_M=1): a program is (pair, block of
-  output rows), so even one token fills the GPU with programs;
-- W1 writes its activations in fp32 (kernels.moe allocates them so), so W2's
-  loop widens no bf16: fewer instructions, and one rounding fewer than the MMA path.
+- it loads the 16 weight bytes (one vector load, streamed past L1), the
+  token's 32 activations and the scale itself, so Triton never moves the
+  operands between layouts (no shared-memory round trips in the loop);
+- E2M1 -> fp16 is one byte-permute table lookup per 4 values (every E2M1
+  magnitude is exact in an fp16 high byte, low byte zero), the signs spread by
+  prmt's sign-replicate mode, the bytes paired into half2 by one more prmt;
+- the products accumulate as half2 fused multiply-adds (two values an
+  instruction) against fp16 activations, 16 per half, then widen to fp32 once
+  and take the block's scale: ~17 instructions per 8 values, all told.
 
-Selected by a config with GEMV (kernels.tuned; bench.moe_variants compares it
-with the MMA path); the reference is kernels.moe.moe_reference, and
-tests/kernels/test_moe.py compares the two under the interpreter.
+fp16 needs range: activations enter as fp16(x * 2**-XS) (made once per step by
+_x16_kernel; W1 hands W2 its SwiGLU output so), which keeps a block's 16-term
+half sums below fp16's max for |x| < 2**16, and the 2**XS comes back through the
+scale's exponent. The products are exact and a block's sum rounds to fp16
+(2**-11 relative), below the bf16 path's own rounding; the tiles serve 16-bit
+activations (fp32 ones take kernels.moe's MMA path).
+
+Under the interpreter (CPU tests) the same loads and sums run as Triton ops
+(E2M1 through fp16 patterns); tests/kernels/test_moe_gemv_ptx.py runs the PTX
+on a model of its instructions. Selected by a config with GEMV (kernels.tuned;
+bench.moe_variants compares it with the MMA path).
 """
 
 from ._triton import HAVE_TRITON, tl
 
-# E2M1 -> fp32 for 8 values (one 32-bit word of 4 bytes) in PTX: byte-permute (prmt) lookups of the
-# bf16 bytes of the 8 magnitudes, the sign bits spread to byte lanes by prmt's sign-replicate mode, the
-# bytes paired into bf16x2 and widened: ~23 instructions per 8 values, where the arithmetic decode
-# below costs ~8 per value. Outputs $0-$3: even k (low nibbles), $4-$7: odd k; input $8.
-_E2M1_PTX_TEXT = """{
-.reg .b32 th0, th1, tl0, tl1, m, mb, ha, la, hb, lb, x4, sa, sb, p0, p1, p2, p3;
-mov.b32 th0, 0x3F3F3F00; mov.b32 th1, 0x40404040; mov.b32 tl0, 0xC0800000; mov.b32 tl1, 0xC0804000;
-and.b32 m, $8, 0x77777777; shr.u32 mb, m, 16;
-prmt.b32 ha, th0, th1, m; prmt.b32 la, tl0, tl1, m; prmt.b32 hb, th0, th1, mb; prmt.b32 lb, tl0, tl1, mb;
-shl.b32 x4, $8, 4; prmt.b32 sa, x4, $8, 0xD9C8; prmt.b32 sb, x4, $8, 0xFBEA;
-lop3.b32 ha, ha, sa, 0x80808080, 0xF8; lop3.b32 hb, hb, sb, 0x80808080, 0xF8;
-prmt.b32 p0, la, ha, 0x5140; prmt.b32 p1, la, ha, 0x7362; prmt.b32 p2, lb, hb, 0x5140; prmt.b32 p3, lb, hb, 0x7362;
-shl.b32 $0, p0, 16; shl.b32 $1, p1, 16; shl.b32 $2, p2, 16; shl.b32 $3, p3, 16;
-and.b32 $4, p0, 0xFFFF0000; and.b32 $5, p1, 0xFFFF0000; and.b32 $6, p2, 0xFFFF0000; and.b32 $7, p3, 0xFFFF0000;
-}"""
-_E2M1_PTX = tl.constexpr(_E2M1_PTX_TEXT) if HAVE_TRITON else None  # jitted code reads constexpr globals only
+_XS = 7  # activations are stored as fp16(x * 2**-XS): a block's half sums (16 x 6 x |x| 2**-XS) stay < 65504
+XS = tl.constexpr(_XS) if HAVE_TRITON else _XS
+X16_SCALE = tl.constexpr(2.0 ** -_XS) if HAVE_TRITON else 2.0 ** -_XS
+
+# One word (8 E2M1 values, k = 8i..8i+7 of the block) against its 4 half2 activation pairs {W}, {X0}..{X3}:
+# magnitudes' fp16 high bytes by table (t0: 0, .5, 1, 1.5; t1: 2, 3, 4, 6), each nibble's sign bit
+# replicated into a byte (bytes of W<<4 hold the even k's signs, W's the odd k's), OR-ed into bit 7,
+# then {0, h_k, 0, h_k+1} = half2 (k, k+1), fma'd into acc.
+_WORD = """and.b32 m, {W}, 0x77777777; shr.u32 mb, m, 16; prmt.b32 h, t0, t1, m; prmt.b32 hb, t0, t1, mb;
+shl.b32 sh, {W}, 4; prmt.b32 sa, sh, {W}, 0xD9C8; prmt.b32 sb, sh, {W}, 0xFBEA;
+lop3.b32 h, h, sa, 0x80808080, 0xF8; lop3.b32 hb, hb, sb, 0x80808080, 0xF8;
+prmt.b32 q, h, z, 0x1404; fma.rn.f16x2 acc, q, {X0}, acc; prmt.b32 q, h, z, 0x3424; fma.rn.f16x2 acc, q, {X1}, acc;
+prmt.b32 q, hb, z, 0x1404; fma.rn.f16x2 acc, q, {X2}, acc; prmt.b32 q, hb, z, 0x3424; fma.rn.f16x2 acc, q, {X3}, acc;
+"""
+# $0-$3: a block's 16 weight bytes (streamed past L1), $4: its E8M0 scale byte; $5, $6: their addresses.
+# A step of their own, so the loop can issue the next step's loads before this one's arithmetic.
+_LOAD_PTX_TEXT = "ld.global.nc.L1::no_allocate.v4.b32 {$0, $1, $2, $3}, [$5]; ld.global.nc.u8 $4, [$6];"
+_LOAD_PTX = tl.constexpr(_LOAD_PTX_TEXT) if HAVE_TRITON else None
+# $0 (f32) = sum over one 16-byte block ($1-$4) of E2M1 * x16, times 2**($5 - 127 + XS), $5 the block's
+# E8M0 scale; $6: the address of its 32 fp16 activations (64 bytes, 64-bit).
+_BLOCK_PTX_TEXT = ("""{
+.reg .b32 x<16>, s, t0, t1, z, m, mb, h, hb, sh, sa, sb, q, acc;
+.reg .b16 lo, hi;
+.reg .f32 f0, f1;
+ld.global.nc.v4.b32 {x0, x1, x2, x3}, [$6];
+ld.global.nc.v4.b32 {x4, x5, x6, x7}, [$6+16];
+ld.global.nc.v4.b32 {x8, x9, x10, x11}, [$6+32];
+ld.global.nc.v4.b32 {x12, x13, x14, x15}, [$6+48];
+mov.b32 t0, 0x3E3C3800; mov.b32 t1, 0x46444240; mov.b32 z, 0; mov.b32 acc, 0;
+""" + "".join(_WORD.format(W=f"${i + 1}", X0=f"x{4 * i}", X1=f"x{4 * i + 1}", X2=f"x{4 * i + 2}", X3=f"x{4 * i + 3}")
+              for i in range(4)) + f"""mov.b32 {{lo, hi}}, acc; cvt.f32.f16 f0, lo; cvt.f32.f16 f1, hi; add.f32 f0, f0, f1;
+add.u32 s, $5, {_XS}; shl.b32 s, s, 23; mov.b32 f1, s; mul.f32 $0, f0, f1;
+}}""")
+_BLOCK_PTX = tl.constexpr(_BLOCK_PTX_TEXT) if HAVE_TRITON else None  # jitted code reads constexpr globals only
 
 
 def _e2m1_x16k(c):
@@ -50,51 +75,65 @@ def _e2m1_x16k(c):
     return bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
 
 
-def _block_dot(w_ptrs, wmask, x_ev, x_od, s_ptrs, smask, PTX: tl.constexpr):
-    """Sum over the loaded [R, NB, 16] bytes of (even, odd) nibble * (x_ev, x_od), per 16-byte block,
-    times each block's scale -> [R, NB]. PTX: decoded by _E2M1_PTX (exact values); else by _e2m1_x16k
-    (values * 2**-14, so the block scale carries the 2**14)."""
-    b = tl.load(w_ptrs, mask=wmask, other=0)
-    s = tl.load(s_ptrs, mask=smask, other=0).to(tl.int32)
+def _load_blocks(w_ptr, s_ptr, PTX: tl.constexpr):
+    """[R, NB] pointers to 16-byte weight blocks and their scales -> (4 int32 words, scale as int32)."""
     if PTX:
-        ev, od = tl.inline_asm_elementwise(_E2M1_PTX, "=r,=r,=r,=r,=r,=r,=r,=r,r", [b],
-                                           dtype=(tl.float32, tl.float32), is_pure=True, pack=4)
-        unit = s << 23
-    else:
-        bi = b.to(tl.int32)
-        ev, od = _e2m1_x16k(bi & 15), _e2m1_x16k(bi >> 4)
-        unit = (s + 14) << 23
-    part = tl.sum(ev * x_ev + od * x_od, axis=2)
-    return part * unit.to(tl.float32, bitcast=True)  # 2**(s-127) (* 2**14); s == 0 reads as 0, not 2**-127
+        return tl.inline_asm_elementwise(_LOAD_PTX, "=r,=r,=r,=r,=r,l,l", [w_ptr.to(tl.int64), s_ptr.to(tl.int64)],
+                                         dtype=(tl.int32,) * 5, is_pure=True, pack=1)
+    wp = w_ptr.to(tl.pointer_type(tl.int32))
+    return tl.load(wp), tl.load(wp + 1), tl.load(wp + 2), tl.load(wp + 3), tl.load(s_ptr).to(tl.int32)
 
 
-def _x_pairs(row_ptr, blk, K, NB: tl.constexpr):
-    """A token's activations over scale blocks `blk` as (even k, odd k) [1, NB, 16] fp32."""
-    off = blk[:, None] * 32 + tl.arange(0, 32)[None, :]
-    xv = tl.load(row_ptr + off, mask=(off < K), other=0.0).to(tl.float32)
-    ev, od = tl.split(tl.reshape(xv, (NB, 16, 2)))
-    return ev[None, :, :], od[None, :, :]
+def _word_dot(w, x_ptr, i: tl.constexpr):
+    """Word i of a block (k = 8i..8i+7, low nibble first) against its fp16 activations, in fp32 * 2**-14."""
+    n = tl.arange(0, 8)[None, None, :]
+    c = (w[:, :, None] >> (4 * n)) & 15
+    return tl.sum(_e2m1_x16k(c) * tl.load(x_ptr[:, :, None] + 8 * i + n).to(tl.float32), axis=2)
 
 
-def _rows_dot(x_row, w_rows, s_rows, rmask, K, ROWS: tl.constexpr, BLOCK_KB: tl.constexpr, PTX: tl.constexpr):
-    """W[rows] @ x over K -> [ROWS] fp32: w_rows [ROWS, 1, 1] / s_rows [ROWS, 1] point at each row's bytes
-    and scales, x_row at the token's K activations."""
+def _block_sums(w0, w1, w2, w3, s, x_ptr, PTX: tl.constexpr):
+    """A block's words and scale ([R, NB] each) and [R, NB] pointers to its 32 fp16 activations -> its sum
+    of E2M1 * x16 times 2**(scale - 127 + XS) (fp32; scale 0 reads as 2**-127)."""
+    if PTX:
+        return tl.inline_asm_elementwise(_BLOCK_PTX, "=r,r,r,r,r,r,l", [w0, w1, w2, w3, s, x_ptr.to(tl.int64)],
+                                         dtype=tl.float32, is_pure=True, pack=1)
+    part = _word_dot(w0, x_ptr, 0) + _word_dot(w1, x_ptr, 1) + _word_dot(w2, x_ptr, 2) + _word_dot(w3, x_ptr, 3)
+    return part * ((s + (14 + XS)) << 23).to(tl.float32, bitcast=True)
+
+
+def _rows_dot(x_row, w_rows, s_rows, K, ROWS: tl.constexpr, BLOCK_KB: tl.constexpr, PTX: tl.constexpr):
+    """W[rows] @ x over K -> [ROWS] fp32 (x * 2**XS undone): w_rows / s_rows [ROWS] point at each row's
+    bytes and scales (every row a real one), x_row at the token's K fp16 activations. Each step's
+    weights are loaded a step ahead (the last step's spare blocks reread a real one, summed as 0)."""
     NB: tl.constexpr = BLOCK_KB // 16
+    n_blk = K // 32
     acc = tl.zeros((ROWS, NB), tl.float32)
-    for kb0 in range(0, K // 2, BLOCK_KB):
-        blk = kb0 // 16 + tl.arange(0, NB)
-        bmask = blk < K // 32
-        x_ev, x_od = _x_pairs(x_row, blk, K, NB)
-        off = blk[:, None] * 16 + tl.arange(0, 16)[None, :]
-        acc += _block_dot(w_rows + off[None, :, :], rmask[:, None, None] & bmask[None, :, None], x_ev, x_od,
-                          s_rows + blk[None, :], rmask[:, None] & bmask[None, :], PTX)
+    zero = tl.zeros((ROWS, NB), tl.int32)
+    blk = tl.minimum(tl.arange(0, NB), n_blk - 1)
+    w0, w1, w2, w3, s = _load_blocks(w_rows[:, None] + blk[None, :] * 16, s_rows[:, None] + blk[None, :], PTX)
+    for b0 in range(0, n_blk, NB):
+        live = (b0 + tl.arange(0, NB)) < n_blk
+        nxt = tl.minimum(b0 + NB + tl.arange(0, NB), n_blk - 1)
+        n0, n1, n2, n3, ns = _load_blocks(w_rows[:, None] + nxt[None, :] * 16, s_rows[:, None] + nxt[None, :], PTX)
+        part = _block_sums(w0, w1, w2, w3, s, x_row + (zero + blk[None, :] * 32), PTX)
+        acc += tl.where(live[None, :], part, 0.0)
+        w0, w1, w2, w3, s, blk = n0, n1, n2, n3, ns, nxt
     return tl.sum(acc, axis=1)
 
 
-def _w1_gemv_kernel(x_ptr, wb_ptr, ws_ptr, b_ptr, act_ptr, sorted_ptr, tile_e_ptr, n_pairs, H, I, stride_x,
+def _x16_kernel(x_ptr, out_ptr, H, stride_x, BLOCK: tl.constexpr):
+    """out[n] = fp16(x[n] * 2**-XS): the W1 tiles' activations."""
+    n = tl.program_id(0)
+    h = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    v = tl.load(x_ptr + n.to(tl.int64) * stride_x + h, mask=h < H, other=0.0).to(tl.float32)
+    tl.store(out_ptr + n.to(tl.int64) * H + h, (v * X16_SCALE).to(tl.float16), mask=h < H)
+
+
+def _w1_gemv_kernel(x_ptr, wb_ptr, ws_ptr, b_ptr, act_ptr, sorted_ptr, tile_e_ptr, n_pairs, H, I,
                     TOP_K: tl.constexpr, LIMIT: tl.constexpr, ALPHA: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_KB: tl.constexpr, PTX: tl.constexpr):
-    """act[t, j] = swiglu(x[tok] @ W1[e, 2j]^T + b, x[tok] @ W1[e, 2j+1]^T + b) for BLOCK_N columns j."""
+    """act[t, j] = fp16(swiglu(x[tok] @ W1[e, 2j]^T + b, x[tok] @ W1[e, 2j+1]^T + b) * 2**-XS) for BLOCK_N
+    columns j; x: _x16_kernel's [N, H]."""
     t = tl.program_id(0)
     e = tl.load(tile_e_ptr + t).to(tl.int64)
     pair = tl.load(sorted_ptr + t)
@@ -102,17 +141,16 @@ def _w1_gemv_kernel(x_ptr, wb_ptr, ws_ptr, b_ptr, act_ptr, sorted_ptr, tile_e_pt
         return
     R: tl.constexpr = 2 * BLOCK_N  # W1's gate and linear rows interleave: rows 2j, 2j+1
     r = tl.program_id(1) * R + tl.arange(0, R)
-    rmask = r < 2 * I
-    row = e * (2 * I) + r.to(tl.int64)
-    y = _rows_dot(x_ptr + (pair // TOP_K).to(tl.int64) * stride_x, wb_ptr + row[:, None, None] * (H // 2),
-                  ws_ptr + row[:, None] * (H // 32), rmask, H, R, BLOCK_KB, PTX)
-    y += tl.load(b_ptr + e * 2 * I + r, mask=rmask, other=0.0).to(tl.float32)
+    row = e * (2 * I) + tl.minimum(r, 2 * I - 1).to(tl.int64)
+    y = _rows_dot(x_ptr + (pair // TOP_K).to(tl.int64) * H, wb_ptr + row * (H // 2), ws_ptr + row * (H // 32),
+                  H, R, BLOCK_KB, PTX)
+    y += tl.load(b_ptr + row).to(tl.float32)
     gate, lin = tl.split(tl.reshape(y, (BLOCK_N, 2)))
     gate = tl.minimum(gate, LIMIT)
     lin = tl.minimum(tl.maximum(lin, -LIMIT), LIMIT)
     h = gate * tl.sigmoid(ALPHA * gate) * (lin + 1.0)
     j = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    tl.store(act_ptr + t.to(tl.int64) * I + j, h.to(act_ptr.dtype.element_ty), mask=j < I)
+    tl.store(act_ptr + t.to(tl.int64) * I + j, (h * X16_SCALE).to(tl.float16), mask=j < I)
 
 
 def _w2_gemv_kernel(act_ptr, wb_ptr, ws_ptr, b_ptr, rw_ptr, y_ptr, sorted_ptr, tile_e_ptr, n_pairs, H, I,
@@ -124,14 +162,13 @@ def _w2_gemv_kernel(act_ptr, wb_ptr, ws_ptr, b_ptr, rw_ptr, y_ptr, sorted_ptr, t
     if (e < 0) | (pair >= n_pairs):
         return
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    nmask = n < H
-    row = e * H + n.to(tl.int64)
-    y = _rows_dot(act_ptr + t.to(tl.int64) * I, wb_ptr + row[:, None, None] * (I // 2),
-                  ws_ptr + row[:, None] * (I // 32), nmask, I, BLOCK_N, BLOCK_KB, PTX)
-    y += tl.load(b_ptr + e * H + n, mask=nmask, other=0.0).to(tl.float32)
+    row = e * H + tl.minimum(n, H - 1).to(tl.int64)
+    y = _rows_dot(act_ptr + t.to(tl.int64) * I, wb_ptr + row * (I // 2), ws_ptr + row * (I // 32), I,
+                  BLOCK_N, BLOCK_KB, PTX)
+    y += tl.load(b_ptr + row).to(tl.float32)
     y = y * tl.load(rw_ptr + pair)
-    tl.store(y_ptr + pair.to(tl.int64) * H + n, y.to(y_ptr.dtype.element_ty), mask=nmask)
+    tl.store(y_ptr + pair.to(tl.int64) * H + n, y.to(y_ptr.dtype.element_ty), mask=n < H)
 
 
-_KERNELS = ("_e2m1_x16k", "_block_dot", "_x_pairs", "_rows_dot", "_w1_gemv_kernel", "_w2_gemv_kernel")
+_KERNELS = ("_e2m1_x16k", "_load_blocks", "_word_dot", "_block_sums", "_rows_dot", "_x16_kernel", "_w1_gemv_kernel", "_w2_gemv_kernel")
 _NO_SPECIALIZE = {"_w1_gemv_kernel": ("n_pairs",), "_w2_gemv_kernel": ("n_pairs",)}
