@@ -39,7 +39,7 @@ def triton_categories() -> dict[str, str]:
                  sample: "sampling", moe: "moe route/align/combine"}
     out = {n: cat for mod, cat in by_module.items() for n in mod._KERNELS if n.endswith("_kernel")}
     out.update({"_w1_kernel": "moe w1", "_w2_kernel": "moe w2", "_w1_gemv_kernel": "moe w1",
-                "_w2_gemv_kernel": "moe w2"})
+                "_w2_gemv_kernel": "moe w2", "_x16_kernel": "moe w1", "_linear_kernel": "linear"})
     return out
 
 

@@ -8,7 +8,8 @@ and binds it exactly as the GPU run will (kernels.aot).
 import torch
 
 PAGE = 16  # engine.core's default KV block
-MOE_STAGES, ATTN_STAGES = (2, 4), (1, 3)  # tried on the phase-1 leaders (their base: the defaults' 3 and 2)
+# tried on the phase-1 leaders (their base: the defaults' 3 and 2; linear's 3)
+MOE_STAGES, ATTN_STAGES, LINEAR_STAGES = (2, 4), (1, 3), (4, 6)
 
 
 def _gen(device, seed: int):
@@ -120,15 +121,39 @@ def attn_candidates(decode: bool, cfg, n: int, window) -> list[dict]:
 
 def dry_candidates(kernel: str, default: dict) -> list[dict]:
     """Two per kernel under the interpreter: the default and one other small tile."""
-    alt = dict(BLOCK_N=8) if default.get("GEMV") else {
+    alt = dict(BLOCK_N=8) if default.get("GEMV") else {"linear": dict(BLOCK_N=32),
         "moe_w1": dict(BLOCK_N=16), "moe_w2": dict(BLOCK_N=16),
         "attn_decode": dict(BLOCK_N=32, NUM_SPLITS=2), "attn_prefill": dict(BLOCK_M=32, BLOCK_N=32)}[kernel]
     return [dict(default), {**default, **alt}]
 
 
-def make_call(family: str, cfg, n: int, window, context: int, dtype, device, weights=None):
+LINEARS = ("qkv", "o", "router", "unembed")  # a decode step's dense linears (one process: no TP shards)
+
+
+def linear_shape(cfg, which: str) -> tuple[int, int, bool]:
+    """-> (out features N, in features K, has bias) of one of LINEARS at a model's shapes."""
+    H, D, Hq, K = cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
+    return {"qkv": ((Hq + 2 * K) * D, H, True), "o": (H, Hq * D, True), "router": (cfg.num_local_experts, H, True),
+            "unembed": (cfg.vocab_size, H, False)}[which]
+
+
+def linear_candidates(n: int) -> list[dict]:
+    """Phase 1 at 3 stages: output features per program x K per step; a stage's weight tile 4-64 KB."""
+    return [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=3)
+            for bn in (16, 32, 64, 128) for bk in (64, 128, 256, 512) for w in (4, 8)
+            if 4096 <= bn * bk * 2 <= 65536 and (w == 4 or bn * bk >= 8192)]
+
+
+def make_call(family: str, cfg, n: int, window, context: int, dtype, device, weights=None, linear: str | None = None):
     """-> (launcher, args, kwargs, reference): launcher(*args, **kwargs) is this family's launch at batch n
     (under whatever tuned.forced / capturing the caller set); reference() is the torch result."""
+    if family == "linear":
+        from .linear import linear as launcher, linear_reference
+        N, K, bias = linear_shape(cfg, linear)
+        g = _gen(device, 3)
+        x, w = _randn((n, K), dtype, device, g), _randn((N, K), dtype, device, g, K ** -0.5)
+        b = _randn((N,), dtype, device, g, 0.1) if bias else None
+        return launcher, (x, w, b), {}, lambda: linear_reference(x, w, b)
     if family == "moe":
         from .moe import moe_mxfp4, moe_reference
         x, (idx, w) = moe_tokens(cfg, n, dtype, device)
@@ -153,7 +178,7 @@ def compile_job(job: dict) -> list[dict]:
     from . import _triton, aot, tuned
     try:
         fn, args, kw, _ = make_call(job["family"], PRESETS[job["model"]], job["n"], job["window"], job["context"],
-                                    getattr(torch, job["dtype"]), "meta")
+                                    getattr(torch, job["dtype"]), "meta", linear=job.get("linear"))
         with tuned.forced(job["forced"]), _triton.recording() as launches:
             fn(*args, **kw)
         mine = [ln for ln in launches if ln[0].__name__ in job["check"]]

@@ -46,6 +46,7 @@ DECODE_CONTEXT = 4096  # only the divisibility of derived arguments depends on i
 # largest dynamic shared memory one block may opt into, by compute capability
 SMEM_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
 MAX_REGS = 255
+LINEAR_SAMPLE = dict(BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=4)
 
 
 def _step_launches(cfg, n_seqs: int, q_len: int, context: int, ep: int = 1, attn_dp: bool = False,
@@ -139,6 +140,20 @@ def workloads():
             step = _step_launches(PRESETS[name], 1, 1, DECODE_CONTEXT)
         gemv_only = [ln for ln in step if ln[0].__name__ in ("_align_kernel", *moe_gemv._KERNELS)]
         out.append((f"{name.removeprefix('gpt-oss-')} gemv d1", gemv_only))
+    from . import _tune_cases as cases, linear as lin  # the decode linears, where kernels.tune wrote an entry
+    for b in DECODE_BATCHES:
+        if b > lin.MAX_ROWS:
+            continue
+        with _triton.recording() as launches:
+            for name in MODELS:
+                for which in cases.LINEARS:
+                    N, K, bias = cases.linear_shape(PRESETS[name], which)
+                    x, w = (torch.empty(*shape, dtype=torch.bfloat16, device="meta") for shape in ((b, K), (N, K)))
+                    bb = torch.empty(N, dtype=torch.bfloat16, device="meta") if bias else None
+                    # a representative tile where this GPU has no entry (the candidates' middle)
+                    with tuned.forced({} if lin.config_for(x, w, bb) else {"linear": LINEAR_SAMPLE}):
+                        lin.linear(x, w, bb)
+        out.append((f"linear d{b}", launches))
     from . import sample  # the sampler's temperature-only rows: fp32 logits over the vocabulary
     V = PRESETS["gpt-oss-120b"].vocab_size
     for b in DECODE_BATCHES:

@@ -10,6 +10,7 @@
     dispatch.rope(q, k, cos, sin) -> (q, k) rotated (q [N, Hq, D], k [N, K, D], cos/sin [N, D/2])
     dispatch.rope_into_cache(q, k, v, cos, sin, k_cache, v_cache, slots) -> q rotated; k (rotated), v stored
     dispatch.sample(x, inv_temperature, keys) -> [B] token ids drawn from softmax(x * inv_temperature)
+    dispatch.linear(x, weight, bias=None) -> F.linear, or kernels/linear.py where a measured config says
 
 Each call runs the Triton kernel when `use_triton(device)`, else the torch
 reference beside it (kernels/attention.py, moe.py, rmsnorm.py, rope.py), whose numbers
@@ -35,6 +36,8 @@ references here never call back into the modules):
 * Rotary.apply_qk (Attention.forward's rotation of q and k) -> rope(q, k, cos, sin): one launch
   for both, instead of the ~14 small kernels of two torch rotations; over the paged cache,
   PagedMetadata.rope_into_cache -> rope_into_cache: the rotation and both cache writes in one.
+* QKVLinear, RowLinear, MoE.route's router and the unembedding (PackedLinear off its oneDNN path) ->
+  linear(x, w, b): kernels/linear.py only where kernels.tune wrote an entry (it beat cuBLAS), else F.linear.
 * engine.sampler.Sampler, for sampled rows that only scale by temperature, when SamplerState
   gives them Philox keys (it does where use_triton) -> sample(x, inv_t, keys): one pass per row.
 
@@ -74,6 +77,15 @@ def use_triton(device) -> bool:
     if not on_cuda and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
         raise RuntimeError("GPTOSS_KERNELS=triton on a non-CUDA device needs TRITON_INTERPRET=1")
     return True
+
+
+def linear(x, weight, bias=None):
+    """F.linear, or kernels.linear's launch where use_triton and kernels.tune measured it faster than
+    cuBLAS for this GPU, shape and row count (kernels/configs): a decode step's weight streams."""
+    if use_triton(x.device):
+        from . import linear as lin
+        return lin.linear(x, weight, bias)
+    return torch.nn.functional.linear(x, weight, bias)
 
 
 def paged_attention(q, k_cache, v_cache, block_table, query_start, context_lens, sinks, window, scale,

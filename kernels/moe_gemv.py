@@ -63,7 +63,8 @@ ld.global.nc.v4.b32 {x8, x9, x10, x11}, [$6+32];
 ld.global.nc.v4.b32 {x12, x13, x14, x15}, [$6+48];
 mov.b32 t0, 0x3E3C3800; mov.b32 t1, 0x46444240; mov.b32 z, 0; mov.b32 acc, 0;
 """ + "".join(_WORD.format(W=f"${i + 1}", X0=f"x{4 * i}", X1=f"x{4 * i + 1}", X2=f"x{4 * i + 2}", X3=f"x{4 * i + 3}")
-              for i in range(4)) + f"""mov.b32 {{lo, hi}}, acc; cvt.f32.f16 f0, lo; cvt.f32.f16 f1, hi; add.f32 f0, f0, f1;
+              for i in range(4)) + f"""mov.b32 {{lo, hi}}, acc;
+cvt.f32.f16 f0, lo; cvt.f32.f16 f1, hi; add.f32 f0, f0, f1;
 add.u32 s, $5, {_XS}; shl.b32 s, s, 23; mov.b32 f1, s; mul.f32 $0, f0, f1;
 }}""")
 _BLOCK_PTX = tl.constexpr(_BLOCK_PTX_TEXT) if HAVE_TRITON else None  # jitted code reads constexpr globals only
@@ -170,5 +171,6 @@ def _w2_gemv_kernel(act_ptr, wb_ptr, ws_ptr, b_ptr, rw_ptr, y_ptr, sorted_ptr, t
     tl.store(y_ptr + pair.to(tl.int64) * H + n, y.to(y_ptr.dtype.element_ty), mask=n < H)
 
 
-_KERNELS = ("_e2m1_x16k", "_load_blocks", "_word_dot", "_block_sums", "_rows_dot", "_x16_kernel", "_w1_gemv_kernel", "_w2_gemv_kernel")
+_KERNELS = ("_e2m1_x16k", "_load_blocks", "_word_dot", "_block_sums", "_rows_dot", "_x16_kernel", "_w1_gemv_kernel",
+            "_w2_gemv_kernel")
 _NO_SPECIALIZE = {"_w1_gemv_kernel": ("n_pairs",), "_w2_gemv_kernel": ("n_pairs",)}

@@ -8,7 +8,10 @@ BLOCK_M (the two must share it) keeping the BLOCK_M with the lowest sum (BLOCK_M
 tried where there is about one pair per expert, is kernels.moe_gemv's single-pair tiles);
 paged attention for the sliding and the full layers, as decode (batch =
 sequences of --context tokens) below --prefill-from and as one prefill chunk
-of that many tokens from there on. Every candidate is compiled first for this
+of that many tokens from there on; the dense linears of a decode step (qkv, o,
+router, unembedding; batches up to 64) against cuBLAS, timed the same way, an
+entry written only where kernels.linear wins (without one the model calls
+cuBLAS). Every candidate is compiled first for this
 GPU's arch in worker processes and dropped when kernels.aot reports a compile
 error, a spill or too much shared memory (the workers also fill Triton's cache,
 so the timing process compiles nothing); the rest are timed on random inputs
@@ -46,11 +49,12 @@ PLAIN_TIMER = "triton.testing.do_bench of plain launches (CUDA events, L2 flushe
 
 @dataclass
 class Task:
-    family: str  # moe | attn_decode | attn_prefill
+    family: str  # moe | attn_decode | attn_prefill | linear
     model: str  # the preset the shapes come from
     models: list[str]  # every model with this shape
-    n: int  # batch bucket: tokens (moe, prefill) or sequences (decode)
+    n: int  # batch bucket: tokens (moe, prefill, linear) or sequences (decode)
     window: int | None = None
+    linear: str | None = None  # which of _tune_cases.LINEARS
 
 
 @dataclass
@@ -67,6 +71,7 @@ class Result:
     rejected: list[str] = field(default_factory=list)
     check_err: float | None = None
     check_ok: bool = False
+    beaten: bool = False  # a baseline outside the kernels (cuBLAS) was faster: nothing to write
 
 
 class Tuner:
@@ -125,7 +130,8 @@ class Tuner:
 
     # ------------------------------------------------------------- sweeping
     def job(self, task: Task, forced: dict, check: list[str]) -> dict:
-        return dict(family=task.family, model=task.model, n=task.n, window=task.window, context=self.a.context,
+        return dict(family=task.family, model=task.model, n=task.n, window=task.window, linear=task.linear,
+                    context=self.a.context,
                     dtype=str(self.dtype).removeprefix("torch."), forced=forced, check=check, arch=self.arch)
 
     def sweep(self, task, call, kernel: str, cands: list[dict], others: dict, timed, check, res: Result,
@@ -232,6 +238,30 @@ class Tuner:
         return [res]
 
 
+    def linear(self, task: Task) -> list[Result]:
+        """kernels.linear against cuBLAS (F.linear, timed the same way): the kernel's config is written
+        only where it is faster, since without an entry the model calls cuBLAS."""
+        from models.checkpoint import PRESETS
+
+        from .linear import tuning_shape
+        cfg = PRESETS[task.model]
+        call = cases.make_call("linear", cfg, task.n, None, 0, self.dtype, self.device, linear=task.linear)
+        N, K, bias = cases.linear_shape(cfg, task.linear)
+        label = f"{','.join(m.removeprefix('gpt-oss-') for m in task.models)} {task.linear} {N}x{K}"
+        res = Result("linear", tuning_shape(N, K, bias, self.dtype), label, task.n)
+        _, args, _, _ = call
+        res.default_us = self.time_us([lambda: torch.nn.functional.linear(*args)])  # cuBLAS on a GPU
+        cands = (cases.dry_candidates("linear", dict(BLOCK_N=16, BLOCK_K=32)) if self.dry
+                 else cases.linear_candidates(task.n))
+        runs = self.sweep(task, call, "linear", cands, {}, {"_linear_kernel"}, ["_linear_kernel"], res,
+                          () if self.dry else cases.LINEAR_STAGES)
+        if runs:
+            res.best_us, res.best = runs[0]
+            res.check_err, res.check_ok = self.check(call, {"linear": res.best})
+            res.beaten = not self.dry and res.best_us >= res.default_us
+        return [res]
+
+
 def _problems(u: dict, arch: int) -> list[str]:
     from .aot import Usage
     return Usage(**u).problems(arch)
@@ -250,14 +280,26 @@ def _fmt(c: dict | None) -> str:
                     for k, v in c.items())
 
 
-def tasks(models: list[str], batches: list[int], families: set[str], prefill_from: int) -> list[Task]:
+def tasks(models: list[str], batches: list[int], families: set[str], prefill_from: int,
+          linears: tuple[str, ...] = cases.LINEARS) -> list[Task]:
     """Smallest batches first (batch-1 decode is what the defaults were least sure of), so a run cut
-    short has written those; attention shapes shared by several models are tuned once."""
+    short has written those; attention and linear shapes shared by several models are tuned once."""
     from models.checkpoint import PRESETS
+    from .linear import MAX_ROWS
     out: list[Task] = []
     for n in batches:
         if "moe" in families:
             out += [Task("moe", m, [m], n) for m in models]
+        if "linear" in families and n <= MAX_ROWS:
+            by_shape: dict[tuple, Task] = {}
+            for m in models:
+                for which in linears:
+                    key = cases.linear_shape(PRESETS[m], which)
+                    if key in by_shape:
+                        by_shape[key].models.append(m)
+                    else:
+                        by_shape[key] = Task("linear", m, [m], n, linear=which)
+            out += list(by_shape.values())
         if "attn" not in families:
             continue
         fam = "attn_decode" if n < prefill_from else "attn_prefill"
@@ -336,7 +378,8 @@ def parse(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", default="gpt-oss-120b,gpt-oss-20b")
     p.add_argument("--batches", default="1,8,64,256,8192", help="tokens per step (decode: sequences)")
-    p.add_argument("--kernels", default="moe,attn", help="families to tune: moe, attn")
+    p.add_argument("--kernels", default="moe,attn,linear",
+                   help="families to tune: moe, attn, linear (decode linears against cuBLAS, batches <= 64)")
     p.add_argument("--out", type=Path, default=None, help=f"default {tuned.CONFIG_DIR} (dry run: a temp dir)")
     p.add_argument("--context", type=int, default=2048, help="decode attention context (tokens)")
     p.add_argument("--prefill-from", type=int, default=1024, help="batches from here tune attention as prefill")
@@ -387,7 +430,9 @@ def main(argv=None) -> int:
                   triton=triton.__version__, torch=torch.__version__,
                   command="python -m kernels.tune " + " ".join(argv))
     store = Store(path, header)
-    todo = tasks(a.models, a.batches, a.kernels, a.prefill_from)
+    # the dry run leaves out the unembedding: the real vocabulary through the interpreter takes minutes
+    todo = tasks(a.models, a.batches, a.kernels, a.prefill_from,
+                 tuple(w for w in cases.LINEARS if not (a.dry_run and w == "unembed")))
     if a.dry_run:
         print(f"DRY RUN on CPU: times below are {DRY_TIMER}; writing {path}, never {tuned.CONFIG_DIR}", flush=True)
     pool = _Pool(min(a.jobs, 2 if a.dry_run else 16))  # the dry run compiles ~2 candidates at a time
@@ -400,11 +445,15 @@ def main(argv=None) -> int:
             if a.max_seconds is not None and t0 - t_all > a.max_seconds:
                 print(f"--max-seconds {a.max_seconds:g} reached: {len(todo) - i} shapes not tuned", file=sys.stderr)
                 break
-            res = tuner.moe(t) if t.family == "moe" else tuner.attention(t)
+            res = (tuner.moe(t) if t.family == "moe" else tuner.linear(t) if t.family == "linear"
+                   else tuner.attention(t))
             for r in res:
                 print(f"  {r.kernel} {r.label} batch {r.batch}: default {_us(r.default_us)} -> best {_us(r.best_us)}"
                       f" ({_fmt(r.best)})", file=sys.stderr)
-                if r.best is not None and r.check_ok:
+                if r.beaten:
+                    print(f"{r.kernel} {r.label} batch {r.batch}: cuBLAS {_us(r.default_us)} beats the best "
+                          f"candidate ({_us(r.best_us)}); not written (the model keeps cuBLAS)", file=sys.stderr)
+                elif r.best is not None and r.check_ok:
                     store.add(r, dict(models=t.models, measured=_now(), timer=tuner.timer,
                                       **({"context": a.context} if t.family == "attn_decode" else {})))
                 elif r.best is not None:

@@ -92,7 +92,7 @@ class QKVLinear(nn.Module):
         self.register_buffer("bias", torch.cat([w["q_b"], w["k_b"], w["v_b"]]), persistent=False)
 
     def forward(self, x: torch.Tensor):
-        qkv = torch.nn.functional.linear(x, self.weight, self.bias)
+        qkv = dispatch.linear(x, self.weight, self.bias)
         d = self.head_dim
         q, k, v = qkv.split([self.nq * d, self.nkv * d, self.nkv * d], dim=-1)
         return q.view(-1, self.nq, d), k.view(-1, self.nkv, d), v.view(-1, self.nkv, d)
@@ -114,7 +114,7 @@ class PackedLinear:
     for a row depends neither on how many rows are batched nor on the thread count, and
     equals MKL's for 12 rows or more (fewer rows take other MKL kernels, whose last bits
     differ). Costs one more copy of the weight; anything else (CUDA, other dtypes, no
-    rows) takes plain F.linear.
+    rows) takes dispatch.linear (F.linear, or a measured Triton launch on a GPU).
     """
 
     available = _onednn_packing()
@@ -126,7 +126,7 @@ class PackedLinear:
     def __call__(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         if not (self.available and x.shape[0] and weight.device.type == "cpu"
                 and weight.dtype == x.dtype == torch.float32 and x.dim() == 2 and weight.dim() == 2):
-            return torch.nn.functional.linear(x, weight)
+            return dispatch.linear(x, weight)
         if self._plain is not weight:  # first call, or the model's weight was replaced
             self._packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
             self._plain = weight
@@ -142,7 +142,7 @@ class RowLinear(nn.Module):
         self.register_buffer("bias", bias, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.linear(x, self.weight, self.bias)
+        return dispatch.linear(x, self.weight, self.bias)
 
 
 def swiglu(gate_up: torch.Tensor, limit: float, alpha: float) -> torch.Tensor:
@@ -241,7 +241,7 @@ class MoE(nn.Module):
         which reads its max back to the host: a CUDA graph cannot capture that). drop_masked: the rows
         token_mask leaves out (a graph's padding) get expert id E, which local_or_skip maps to none.
         On the GPU one launch instead of five (kernels/route.py)."""
-        logits = torch.nn.functional.linear(x, self.router_w, self.router_b)
+        logits = dispatch.linear(x, self.router_w, self.router_b)
         return dispatch.route(logits, self.top_k, self.load if count else None, token_mask, drop_masked)
 
     def expert_weights(self, j: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -40,6 +40,8 @@ def test_every_kernel_a_decode_step_launches_has_a_category(tiny_ckpt, monkeypat
     ("Memcpy DtoD (Device -> Device)", "gpu_memcpy", "copy"),
     ("void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>>", "kernel", "other"),
     ("aten::addmm", "cpu_op", "linear"),
+    ("_linear_kernel", "kernel", "linear"),  # kernels.linear, where tuned
+    ("_x16_kernel", "kernel", "moe w1"),  # the gemv W1's fp16 activations
     ("aten::index_add_", "cpu_op", "other"),
 ])
 def test_vendor_kernel_names(name, cat, expect):

@@ -40,7 +40,10 @@ def test_dry_run_tunes_every_family_and_writes_only_to_its_temp_dir(tmp_path):
     res = json.loads(path.read_text())
     assert res["dry_run"] and "interpreter" in res["timer"]
     got = {(e["kernel"], e["batch"]) for e in res["entries"]}
-    assert got == {(k, b) for k in ("moe_w1", "moe_w2") for b in (1, 8)} | {("attn_decode", 1), ("attn_prefill", 8)}
+    assert got == {(k, b) for k in ("moe_w1", "moe_w2", "linear") for b in (1, 8)} | {
+        ("attn_decode", 1), ("attn_prefill", 8)}
+    # qkv, o and the router (the dry run leaves out the unembedding's real vocabulary)
+    assert len({e["shape"] for e in res["entries"] if e["kernel"] == "linear"}) == 3
     for e in res["entries"]:
         assert e["us"] > 0 and e["default_us"] > 0 and e["check_rel_err"] < 1e-4
         assert e["candidates_timed"] >= 1 and "interpreter" in e["timer"]

@@ -1,0 +1,101 @@
+"""Decode-sized linear layers, y = x @ W^T + b for a few rows, as one Triton launch where kernels.tune
+measured it faster than cuBLAS on this GPU, for this shape and batch.
+
+At batch 1 a decode step's linears (fused qkv, the output projection, the router, the unembedding)
+are streams of bf16 weights: on an H200 cuBLAS ran them at 58% of copy bandwidth, ~1.26 ms of a
+5.08 ms gpt-oss-120b step, and with more launches than the linears themselves (BENCHMARKS.md
+"GPU"). Here a program owns BLOCK_N output features for up to BLOCK_M rows and streams its
+[BLOCK_N, K] slice of W through a software-pipelined loop (num_stages) into tensor-core dots, the
+rows padded to the MMA's 16 (the MMA has the spare throughput, the stream has none); the bias is
+added in the epilogue, in fp32, before the one rounding to the output dtype.
+
+It is never a default: with no measured entry (kernels/configs, kernels.tuned) the call is
+F.linear, cuBLAS on a GPU. kernels.tune's "linear" family times cuBLAS beside the candidates and
+writes an entry only where a candidate wins and matches the reference. The reference is
+`linear_reference` (F.linear in fp32); tests/kernels/test_linear.py compares the two under the
+interpreter.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from . import tuned
+from ._triton import interpreting, jit_module, launch, on_gpu, tl, triton
+
+MAX_ROWS = 64  # beyond, a linear is a GEMM cuBLAS is built for: never looked up
+
+
+def linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return F.linear(x.float(), weight.float(), None if bias is None else bias.float())
+
+
+def _linear_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_x, stride_w, stride_y,
+                   HAS_BIAS: tl.constexpr, DOT_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr):
+    """y[rows, cols] = x[rows] @ W[cols]^T (+ b[cols]) for BLOCK_N cols and BLOCK_M rows."""
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rk = tl.arange(0, BLOCK_K)
+    x_rows = x_ptr + rm.to(tl.int64)[:, None] * stride_x
+    w_rows = w_ptr + rn.to(tl.int64)[:, None] * stride_w
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + rk
+        x = tl.load(x_rows + k[None, :], mask=(rm < M)[:, None] & (k < K)[None, :], other=0.0)
+        w = tl.load(w_rows + k[None, :], mask=(rn < N)[:, None] & (k < K)[None, :], other=0.0)
+        if DOT_BF16:
+            acc = tl.dot(x, tl.trans(w), acc)
+        else:  # fp32 operands (the interpreter's tl.dot mishandles bf16, NOTES section 4)
+            acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + rm.to(tl.int64)[:, None] * stride_y + rn[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=(rm < M)[:, None] & (rn < N)[None, :])
+
+
+_KERNELS = ("_linear_kernel",)
+_NO_SPECIALIZE = {"_linear_kernel": ("M",)}
+
+
+def tuning_shape(N: int, K: int, bias: bool, dtype) -> str:
+    return tuned.shape_key(N=N, K=K, bias=bias, dtype=dtype)
+
+
+def config_for(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> dict | None:
+    """The measured config for this launch, or None (then F.linear)."""
+    if x.dim() != 2 or not 0 < x.shape[0] <= MAX_ROWS or weight.dim() != 2:
+        return None
+    return tuned.lookup("linear", tuning_shape(*weight.shape, bias is not None, x.dtype), x.shape[0], x.device)
+
+
+def linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cfg: dict) -> torch.Tensor:
+    """x [M, K] @ weight [N, K]^T + bias [N] -> [M, N] in x.dtype, at config cfg (BLOCK_N, BLOCK_K,
+    optional BLOCK_M (default: M rounded up to 16..64), num_warps, num_stages)."""
+    jit_module(globals(), _KERNELS)
+    M, K = x.shape
+    N = weight.shape[0]
+    if weight.shape[1] != K or (bias is not None and bias.shape != (N,)):
+        raise ValueError(f"linear: x {tuple(x.shape)}, weight {tuple(weight.shape)}, bias "
+                         f"{None if bias is None else tuple(bias.shape)} do not fit")
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    if weight.stride(-1) != 1:
+        weight = weight.contiguous()
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    meta = {k: v for k, v in cfg.items() if k.startswith("BLOCK")}
+    meta.setdefault("BLOCK_M", max(16, min(64, triton.next_power_of_2(M))))
+    opts = {} if interpreting() else {k: v for k, v in cfg.items() if k.startswith("num_")}
+    launch(_linear_kernel, (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(M, meta["BLOCK_M"])),
+           x, weight, bias if bias is not None else y, y, M, N, K, x.stride(0), weight.stride(0), y.stride(0),
+           HAS_BIAS=bias is not None, DOT_BF16=on_gpu(x) and x.dtype in (torch.bfloat16, torch.float16),
+           **meta, **opts)
+    return y
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """kernels.linear's launch where a measured config exists for it, else F.linear."""
+    cfg = config_for(x, weight, bias)
+    return F.linear(x, weight, bias) if cfg is None else linear_triton(x, weight, bias, cfg)
+
+
+__all__ = ["MAX_ROWS", "config_for", "linear", "linear_reference", "linear_triton", "tuning_shape"]

@@ -1,0 +1,90 @@
+"""kernels.linear (Triton interpreter) against F.linear, and the dispatch that picks it only where a
+measured config exists."""
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported anywhere
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+pytest.importorskip("triton")
+
+from kernels import _triton, tuned  # noqa: E402
+from kernels.linear import MAX_ROWS, linear, linear_reference, linear_triton, tuning_shape  # noqa: E402
+
+
+def _case(M, N, K, dtype=torch.float32, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, K, generator=g).to(dtype)
+    w = (torch.randn(N, K, generator=g) / K ** 0.5).to(dtype)
+    b = (torch.randn(N, generator=g) * 0.1).to(dtype) if bias else None
+    return x, w, b
+
+
+@pytest.mark.parametrize("M,N,K,cfg", [
+    (1, 40, 96, dict(BLOCK_N=16, BLOCK_K=32)),     # N and K past the last full tile
+    (3, 64, 64, dict(BLOCK_N=32, BLOCK_K=64)),     # one K step
+    (17, 24, 80, dict(BLOCK_N=16, BLOCK_K=32, BLOCK_M=16)),  # two row tiles
+])
+@pytest.mark.parametrize("bias", [True, False])
+def test_matches_f_linear_fp32(M, N, K, cfg, bias):
+    x, w, b = _case(M, N, K, bias=bias, seed=M)
+    torch.testing.assert_close(linear_triton(x, w, b, cfg), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_within_the_bf16_reference_error():
+    x, w, b = _case(5, 48, 128, torch.bfloat16)
+    out = linear_triton(x, w, b, dict(BLOCK_N=16, BLOCK_K=64))
+    assert out.dtype == torch.bfloat16
+    ref = linear_reference(x, w, b)
+    err, err_torch = (out.float() - ref).abs().max(), (F.linear(x, w, b).float() - ref).abs().max()
+    assert err <= 2 * err_torch + 1e-3, (err, err_torch)
+
+
+def test_strided_rows_and_a_bad_shape():
+    x, w, b = _case(4, 32, 64)
+    wide = torch.randn(4, 100)
+    wide[:, 10:74] = x
+    torch.testing.assert_close(linear_triton(wide[:, 10:74], w, b, dict(BLOCK_N=16, BLOCK_K=32)), F.linear(x, w, b),
+                               rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="do not fit"):
+        linear_triton(x, w[:, :32], b, dict(BLOCK_N=16, BLOCK_K=32))
+
+
+def test_linear_runs_the_kernel_only_with_a_measured_config():
+    """No entry: F.linear (cuBLAS on a GPU), not a launch. An entry for the shape and batch bucket: the
+    kernel. Rows past MAX_ROWS: F.linear whatever the file says."""
+    x, w, b = _case(2, 32, 64)
+    with _triton.recording() as launches:
+        linear(x, w, b)
+    assert launches == []
+    cfg = dict(BLOCK_N=16, BLOCK_K=32)
+    with tuned.forced({"linear": cfg}), _triton.recording() as launches:
+        linear(x, w, b)
+    assert [fn.__name__ for fn, _, _ in launches] == ["_linear_kernel"]
+    with tuned.forced({"linear": cfg}):
+        torch.testing.assert_close(linear(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+        big = torch.randn(MAX_ROWS + 1, 64)
+        with _triton.recording() as launches:
+            linear(big, w, b)
+        assert launches == []
+
+
+def test_entry_is_found_by_shape_and_batch(tmp_path, monkeypatch):
+    import json
+    x, w, b = _case(3, 32, 64)
+    shape = tuning_shape(32, 64, True, torch.float32)
+    (tmp_path / "c.json").write_text(json.dumps(dict(entries=[
+        dict(kernel="linear", shape=shape, batch=8, config=dict(BLOCK_N=16, BLOCK_K=32))])))
+    monkeypatch.setenv(tuned.ENV, str(tmp_path / "c.json"))
+    tuned.clear_cache()
+    try:
+        with _triton.recording() as launches:
+            linear(x, w, b)       # 3 rows: the bucket of 8
+            linear(x, w, None)    # no bias: another shape, no entry
+            linear(torch.randn(9, 64), w, b)  # past the largest bucket
+        assert [fn.__name__ for fn, _, _ in launches] == ["_linear_kernel"]
+    finally:
+        tuned.clear_cache()
