@@ -167,14 +167,37 @@ def sample_case(V: int, n: int, dev, dtype, gen):
     return float(gap), 0.0, bool(gap <= 1e-5)
 
 
+def linear_case(cfg, which: str, n: int, dev, dtype, gen, dry: bool):
+    """One of a decode step's linears (kernels.linear) at n rows: at this GPU's measured config for the
+    shape, else kernels.aot's sample tile (dry: a small one, and the vocabulary cut to 3000 rows)."""
+    from . import _tune_cases as tc, aot, linear, tuned
+    N, K, bias = tc.linear_shape(cfg, which)
+    N = min(N, 3000) if dry else N
+    x = torch.randn(n, K, device=dev, generator=gen)
+    w = torch.randn(N, K, device=dev, generator=gen) * K ** -0.5
+    b = torch.randn(N, device=dev, generator=gen) * 0.1 if bias else None
+    xb, wb, bb = x.to(dtype), w.to(dtype), None if b is None else b.to(dtype)
+    ref32, ref16 = linear.linear_reference(x, w, b), linear.linear_reference(xb, wb, bb).to(dtype)
+    cfg_l = linear.config_for(xb, wb, bb) or (dict(BLOCK_N=32, BLOCK_K=64) if dry else aot.LINEAR_SAMPLE)
+    with tuned.forced({"linear": cfg_l}):
+        out = linear.linear(xb, wb, bb)
+    return verdict(out, ref32, ref16)
+
+
 def cases(models: list[str], tokens: list[int], dry: bool):
     """(name, thunk) per case; thunk(dev, dtype, gen) -> (kernel error, bf16 reference error, passed)."""
     for name in models:
         cfg = PRESETS[name]
         for n in tokens:
             yield f"{name} moe tokens={n}", lambda d, t, g, c=cfg, n=n: moe_case(c, n, d, t, g)
-        for n in tokens[:2]:  # the single-pair tiles (kernels.moe_gemv), whatever the config file picks
-            yield f"{name} moe gemv tokens={n}", lambda d, t, g, c=cfg, n=n: moe_case(c, n, d, t, g, gemv=True)
+        for n in tokens[:2]:  # the single-pair tiles (kernels.moe_gemv; 16-bit activations, also in the dry run)
+            yield f"{name} moe gemv tokens={n}", lambda d, t, g, c=cfg, n=n: moe_case(c, n, d, torch.bfloat16, g,
+                                                                                      gemv=True)
+        from ._tune_cases import LINEARS
+        for which in LINEARS:  # the decode linears (kernels.linear), at the configs a tuned file picks
+            for n in tokens[:2]:
+                yield f"{name} linear {which} rows={n}", \
+                    lambda d, t, g, c=cfg, w=which, n=n: linear_case(c, w, n, d, t, g, dry)
         ep = 2 if dry else 8
         for n in (tokens[0], tokens[-1]):
             yield f"{name} moe ep{ep} rank rows={n}", lambda d, t, g, c=cfg, n=n, ep=ep: moe_case(c, n, d, t, g, ep)

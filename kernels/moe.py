@@ -423,7 +423,8 @@ def moe_mxfp4(x: torch.Tensor, routing, w1_blocks, w1_scales, b1, w2_blocks, w2_
     gemv = bool(cfg1.get("GEMV"))  # its tiles take fp16(x * 2**-XS) and hand W2 their activations so
     act = torch.empty(T * bm, I, dtype=torch.float16 if gemv else x.dtype, device=x.device)
     rw = weights.reshape(-1).float().contiguous()
-    y = torch.empty(N * k, H, dtype=x.dtype, device=x.device)
+    # the gemv tiles hand the combine fp32 rows (a few per step): the sum of a token's k rows rounds once
+    y = torch.empty(N * k, H, dtype=torch.float32 if gemv else x.dtype, device=x.device)
     meta, opts = _split(cfg1)
     grid1 = (T, triton.cdiv(I, meta["BLOCK_N"]))
     if gemv:

@@ -12,22 +12,32 @@ def test_dry_run_passes_every_case(capsys):
     assert check.main(["--dry-run"]) == 0
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith("| tiny ")]
-    assert len(rows) == 18 and all(line.endswith("| ok |") for line in rows)
+    assert len(rows) == 26 and all(line.endswith("| ok |") for line in rows)
     assert "moe tokens=24" in out and "moe ep2 rank rows=24" in out and "moe gemv tokens=1" in out and "attention prefill+decode window" in out
     assert "sample rows=24 vocab=3000" in out
+    assert all(f"linear {w} rows={n}" in out for w in ("qkv", "o", "router", "unembed") for n in (1, 5))
 
 
 def test_a_wrong_kernel_fails(monkeypatch, capsys):
     from kernels import moe
     real = moe.moe_mxfp4
-    def wrong(*a, **kw):  # 1% off, in whichever of its forms (the sum, or (sum, its norm)) is asked for
-        out = real(*a, **kw)
-        return tuple(t * 1.01 for t in out) if isinstance(out, tuple) else out * 1.01
+    def wrong(*a, **kw):  # 3% off (bf16 cases allow ~1.3%), in whichever of its forms (the sum, or (sum, its
+        out = real(*a, **kw)  # norm)) is asked for
+        return tuple(t * 1.03 for t in out) if isinstance(out, tuple) else out * 1.03
     monkeypatch.setattr(moe, "moe_mxfp4", wrong)
     assert check.main(["--dry-run"]) == 1
     out = capsys.readouterr().out
     # the 3 token counts, the 2 single-pair (gemv) cases and the 2 EP rank cases
     assert "| tiny moe tokens=1 |" in out and "FAIL" in out and "7 of the cases failed" in out
+
+
+def test_a_wrong_linear_fails(monkeypatch, capsys):
+    from kernels import linear
+    real = linear.linear
+    monkeypatch.setattr(linear, "linear", lambda *a, **kw: real(*a, **kw) * 1.01)
+    assert check.main(["--dry-run"]) == 1
+    out = capsys.readouterr().out
+    assert "| tiny linear qkv rows=1 |" in out and "8 of the cases failed" in out
 
 
 def test_verdict_allows_twice_the_bf16_reference_error():

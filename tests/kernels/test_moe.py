@@ -89,8 +89,8 @@ def test_scaled_dot_path_matches_the_module(dtype, block_k):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gemv_tiles_match_the_module(dtype, block_kb):
     """kernels.moe_gemv (one pair per tile, activations as fp16(x * 2**-XS), E2M1 through fp16 patterns,
-    a scale per 16-byte block): within the 16-bit module's error of the fp32 module, as close to it as
-    the MMA path is; a local subset through the map (pairs of absent experts skipped: summed with the
+    a scale per 16-byte block, fp32 rows to the combine): no further from the fp32 module than the MMA
+    path at the same dtype; a local subset through the map (pairs of absent experts skipped: summed with the
     other half, the full layer); an expert taking every token (many single-pair tiles of one expert)."""
     from kernels import tuned
     from kernels.moe import gemv_configs
@@ -107,7 +107,7 @@ def test_gemv_tiles_match_the_module(dtype, block_kb):
     mma = run(ma) + run(mb)
     ref = full.compute(x, idx, w)
     err, err_mma = ((out - ref).abs().max().item(), (mma - ref).abs().max().item())
-    assert err <= 1.5 * err_mma + 1e-4, (err, err_mma)
+    assert err <= err_mma + 1e-4, (err, err_mma)  # fp16 products, fp32 rows to the combine: no worse
     _close(out, ref, 2e-2)
 
 
