@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# One device-machine call of the GPU runbook (BENCHMARKS.md "GPU", Runbook), each step time-capped so
+# the call ends inside the tool's 10 minutes. Run there from the repo root, after bench/device_prep.sh
+# here, with `carry: [".whl", ".vocab"]`:
+#
+#   bash bench/device_round.sh correctness   # kernels.check, the CUDA tests, bench.moe_variants (~4 min)
+#   bash bench/device_round.sh tune          # kernels.tune (moe, linear; decode batches + one prefill chunk)
+#   bash bench/device_round.sh bench         # bench.gpu for gpt-oss-120b, then 20b
+#
+# Everything lands in $OUT (the device tool brings it back): log.txt, the JSON, and configs/ after a
+# tune (the merged file). Copy configs/*.json into kernels/configs/ here before the next call.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+step=${1:?"usage: bench/device_round.sh correctness|tune|bench"}
+case $step in correctness|tune|bench) ;; *) echo "device_round: unknown step $step (correctness, tune or bench)" >&2; exit 2 ;; esac
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+L=$OUT/log.txt
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || { echo "device_round: pip install of .whl/ failed (run bench/device_prep.sh here, carry .whl)" | tee -a "$L"; exit 1; }
+export PYTHONPATH=/tmp/site:$PWD TIKTOKEN_ENCODINGS_BASE=$PWD/.vocab PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1
+t0=$(date +%s)
+el() { echo "== $(($(date +%s) - t0)) s: $*" | tee -a "$L"; }
+run() { local cap=$1; shift; el "$*"; timeout "$cap" "$@" 2>&1 | grep -v Warn | tee -a "$L" | tail -60; }
+
+case $step in
+correctness)
+    nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv | tee -a "$L"
+    python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$L"
+    run 150 python3 -m kernels.check
+    run 150 python3 -m pytest -q -x -p no:cacheprovider \
+        tests/kernels/test_decode_graphs.py::test_graph_replay_matches_eager_on_cuda \
+        tests/kernels/test_decode_graphs.py::test_ep_rank_static_decode_captures_on_cuda \
+        tests/kernels/test_dispatch.py::test_runner_replays_on_cuda \
+        tests/engine/test_overlap.py::test_overlap_equals_lockstep_on_cuda \
+        tests/engine/test_kv_budget.py::test_fraction_sizes_the_pool_on_cuda \
+        tests/deployments/test_gpu_group.py::test_gpu_group_serves_on_the_gpu
+    run 120 python3 -m bench.moe_variants --model gpt-oss-120b --tokens 1,2,4,8,32,64
+    ;;
+tune)
+    # merged into the committed kernels/configs/<GPU>.json (the attention entries there stay), then copied out
+    run 480 python3 -m kernels.tune --kernels moe,linear --batches 1,8,64,256,8192 --max-seconds 400
+    mkdir -p "$OUT/configs" && cp kernels/configs/*.json "$OUT/configs/"
+    ;;
+bench)
+    run 300 python3 -m bench.gpu --models gpt-oss-120b --throughput-seconds 75 --out "$OUT"
+    run 220 python3 -m bench.gpu --models gpt-oss-20b --throughput-seconds 60 --out "$OUT"
+    ;;
+esac
+el done
