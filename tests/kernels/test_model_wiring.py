@@ -180,3 +180,44 @@ def test_engine_greedy_tokens_same_with_triton(packed_model, spy, monkeypatch):
     got, _ = greedy_engine_run(packed_model)
     assert spy["paged_attention"] and spy["moe"] and spy["rmsnorm"]
     assert got == ref and all(len(t) == 3 for t in ref.values())
+
+
+def test_tuned_decode_kernels_serve_through_the_model(tiny_ckpt, monkeypatch):
+    """Where a tuned file picks them (forced here), the decode linears (kernels.linear, through
+    dispatch.linear: qkv, o, router, unembedding) and the single-pair expert tiles (kernels.moe_gemv,
+    with its fp16 activations) run inside an engine's steps of a bf16 model: every step's logits
+    within bf16 rounding of the same run on the untuned Triton path (cuBLAS-style F.linear, MMA tiles)."""
+    from kernels import linear as lin, moe, tuned
+    m = load_model(tiny_ckpt, dtype=torch.bfloat16, keep_mxfp4=True)
+    monkeypatch.setenv("GPTOSS_KERNELS", "triton")
+
+    def run():
+        eng = LLMEngine(m, EngineConfig(block_size=BS, num_blocks=32, max_tokens_per_step=12, max_num_seqs=4))
+        logits, real = [], eng.executor.execute
+        eng.executor.execute = lambda s: logits.append(real(s).float()) or logits[-1]
+        g = torch.Generator().manual_seed(5)
+        for i, n in enumerate((7, 4)):
+            eng.add_request(GenerateRequest(f"r{i}", torch.randint(0, 199998, (n,), generator=g).tolist(),
+                                            SamplingParams(temperature=0, max_tokens=3, ignore_eos=True),
+                                            harmony=False))
+        while eng.has_work():
+            eng.step()
+        return logits
+
+    launched: list[str] = []
+    for mod in (moe, lin):
+        real_launch = mod.launch
+        monkeypatch.setattr(mod, "launch", lambda k, *a, _r=real_launch, **kw: (
+            launched.append(getattr(k, "fn", k).__name__), _r(k, *a, **kw))[1])
+    ref = run()
+    assert "_linear_kernel" not in launched and "_w1_kernel" in launched
+    launched.clear()
+    # wide tiles: the interpreter walks the unembedding's 201k rows program by program
+    with tuned.forced({"linear": dict(BLOCK_N=1024, BLOCK_K=64), **moe.gemv_configs(True)}):
+        got = run()
+    assert {"_linear_kernel", "_x16_kernel", "_w1_gemv_kernel", "_w2_gemv_kernel"} <= set(launched)
+    assert len(got) == len(ref) >= 3
+    for a, b in zip(got, ref):
+        assert a.shape == b.shape
+        if a.numel():
+            assert (a - b).abs().max() <= 3e-2 * b.abs().max() + 1e-3, (a - b).abs().max()
