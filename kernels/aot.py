@@ -135,11 +135,13 @@ def workloads():
         out.append((f"120b tp2 ep8 dp d{b}", _step_launches(PRESETS["gpt-oss-120b"], b, 1, DECODE_CONTEXT, ep=8,
                                                             attn_dp=True, tp=2)))
     from . import moe as moe_mod, moe_gemv, tuned
-    for name in MODELS:  # the single-pair expert tiles (kernels.moe_gemv) kernels.tune may pick for decode
+    # the single-pair expert tiles (kernels.moe_gemv) kernels.tune may pick for decode: at batch 1, and at 32
+    # (120b's one pair per expert; past X16_IN_ALIGN rows the fp16 activations take a launch of their own)
+    for name, b in (("gpt-oss-20b", 1), ("gpt-oss-120b", 1), ("gpt-oss-120b", 32)):
         with tuned.forced(moe_mod.gemv_configs()):
-            step = _step_launches(PRESETS[name], 1, 1, DECODE_CONTEXT)
+            step = _step_launches(PRESETS[name], b, 1, DECODE_CONTEXT)
         gemv_only = [ln for ln in step if ln[0].__name__ in ("_align_kernel", *moe_gemv._KERNELS)]
-        out.append((f"{name.removeprefix('gpt-oss-')} gemv d1", gemv_only))
+        out.append((f"{name.removeprefix('gpt-oss-')} gemv d{b}", gemv_only))
     from . import _tune_cases as cases, linear as lin  # the decode linears, where kernels.tune wrote an entry
     for b in DECODE_BATCHES:
         if b > lin.MAX_ROWS:

@@ -258,8 +258,9 @@ def _local_keys(idx_ptr, g2l_ptr, p, pm, HAS_MAP: tl.constexpr):
 
 
 def _align_kernel(idx_ptr, g2l_ptr, sorted_ptr, tile_e_ptr, valid_ptr, n_pairs, n_local, max_tiles,
+                  x_ptr, x16_ptr, n_rows, H, stride_x,
                   HAS_MAP: tl.constexpr, BLOCK_M: tl.constexpr, E_PAD: tl.constexpr, CHUNK: tl.constexpr,
-                  TILES: tl.constexpr):
+                  TILES: tl.constexpr, X16: tl.constexpr):
     """`align` in one program: a stable counting sort of the pairs by local expert.
 
     Pass 1 counts each expert's pairs (one-hot [CHUNK, E_PAD] summed over the
@@ -268,7 +269,16 @@ def _align_kernel(idx_ptr, g2l_ptr, sorted_ptr, tile_e_ptr, valid_ptr, n_pairs, 
     the chunks again and scatters each pair to its expert's start + its rank
     (cumsum of the one-hot down the chunk + the running per-expert count).
     Every slot of sorted_ids is written exactly once, so the two writers need
-    no ordering between them."""
+    no ordering between them. X16: also writes x16 = fp16(x * 2**-XS), the
+    activations kernels.moe_gemv's W1 reads (a decode step's few rows: one
+    launch fewer than kernels.moe_gemv._x16_kernel)."""
+    if X16:
+        xs = tl.arange(0, 1024)
+        for f0 in range(0, n_rows * H, 1024):
+            f = f0 + xs
+            r = f // H
+            v = tl.load(x_ptr + r.to(tl.int64) * stride_x + (f - r * H), mask=f < n_rows * H, other=0.0)
+            tl.store(x16_ptr + f, (v.to(tl.float32) * _X16_SCALE).to(tl.float16), mask=f < n_rows * H)
     cols = tl.arange(0, E_PAD)
     lanes = tl.arange(0, CHUNK)
     real_e = cols < n_local
@@ -312,7 +322,10 @@ def _align_kernel(idx_ptr, g2l_ptr, sorted_ptr, tile_e_ptr, valid_ptr, n_pairs, 
 
 _KERNELS = ("_fp4", "_dot", "_mx_tile", "_mx_scales", "_mx_dot", "_w1_kernel", "_w2_kernel", "_combine_kernel",
             "_local_keys", "_align_kernel")
-_NO_SPECIALIZE = {"_w1_kernel": ("n_pairs",), "_w2_kernel": ("n_pairs",), "_align_kernel": ("n_pairs", "max_tiles")}
+_NO_SPECIALIZE = {"_w1_kernel": ("n_pairs",), "_w2_kernel": ("n_pairs",),
+                  "_align_kernel": ("n_pairs", "max_tiles", "n_rows")}
+_X16_SCALE = gemv_kernels.X16_SCALE  # jitted code reads its own module's constexpr globals
+X16_IN_ALIGN = 16  # up to this many rows the align program converts them; more take _x16_kernel's grid
 
 
 def _default_config(pairs: int, n_local: int, interp: bool) -> dict:
@@ -370,9 +383,11 @@ def _align_config(P: int, n_local: int, block_m: int) -> dict:
     return dict(E_PAD=e_pad, CHUNK=chunk, TILES=tiles, num_warps=num_warps)
 
 
-def align_triton(idx: torch.Tensor, global_to_local, n_local: int, block_m: int):
+def align_triton(idx: torch.Tensor, global_to_local, n_local: int, block_m: int,
+                 x: torch.Tensor | None = None, x16: torch.Tensor | None = None):
     """`align` as one Triton launch (CUDA, or the interpreter): same sorted_ids and tile_expert,
-    valid as int8 (what _combine_kernel reads). Static shapes, no host reads: graph-capturable."""
+    valid as int8 (what _combine_kernel reads). Static shapes, no host reads: graph-capturable.
+    x [N, H], x16 [N, H] fp16: the same program also fills x16 with fp16(x * 2**-XS)."""
     jit_module(globals(), _KERNELS)
     flat = idx.reshape(-1)
     P, dev = flat.numel(), flat.device
@@ -383,8 +398,11 @@ def align_triton(idx: torch.Tensor, global_to_local, n_local: int, block_m: int)
     if P == 0:
         return sorted_ids, tile_expert, valid
     g2l = global_to_local if global_to_local is not None else flat
+    conv = x is not None and x16 is not None
     launch(_align_kernel, (1,), flat, g2l, sorted_ids, tile_expert, valid, P, n_local, max_tiles,
-           HAS_MAP=global_to_local is not None, BLOCK_M=block_m, **_align_config(P, n_local, block_m))
+           x if conv else flat, x16 if conv else flat, x.shape[0] if conv else 0, x.shape[1] if conv else 0,
+           x.stride(0) if conv else 0, HAS_MAP=global_to_local is not None, BLOCK_M=block_m, X16=conv,
+           **_align_config(P, n_local, block_m))
     return sorted_ids, tile_expert, valid
 
 
@@ -418,9 +436,11 @@ def moe_mxfp4(x: torch.Tensor, routing, w1_blocks, w1_scales, b1, w2_blocks, w2_
     dot_bf16 = on_gpu(x) and x.dtype in (torch.bfloat16, torch.float16)
     scaled = dot_bf16 if scaled is None else scaled
     x = x.contiguous()
-    sorted_ids, tile_expert, valid = align_triton(idx, global_to_local, E, bm)
-    T = tile_expert.numel()
     gemv = bool(cfg1.get("GEMV"))  # its tiles take fp16(x * 2**-XS) and hand W2 their activations so
+    x16 = torch.empty(N, H, dtype=torch.float16, device=x.device) if gemv else None
+    in_align = gemv and N <= X16_IN_ALIGN
+    sorted_ids, tile_expert, valid = align_triton(idx, global_to_local, E, bm, *((x, x16) if in_align else ()))
+    T = tile_expert.numel()
     act = torch.empty(T * bm, I, dtype=torch.float16 if gemv else x.dtype, device=x.device)
     rw = weights.reshape(-1).float().contiguous()
     # the gemv tiles hand the combine fp32 rows (a few per step): the sum of a token's k rows rounds once
@@ -428,8 +448,8 @@ def moe_mxfp4(x: torch.Tensor, routing, w1_blocks, w1_scales, b1, w2_blocks, w2_
     meta, opts = _split(cfg1)
     grid1 = (T, triton.cdiv(I, meta["BLOCK_N"]))
     if gemv:
-        x16 = torch.empty(N, H, dtype=torch.float16, device=x.device)
-        launch(gemv_kernels._x16_kernel, (N, triton.cdiv(H, 1024)), x, x16, H, x.stride(0), BLOCK=1024)
+        if not in_align:
+            launch(gemv_kernels._x16_kernel, (N, triton.cdiv(H, 1024)), x, x16, H, x.stride(0), BLOCK=1024)
         launch(gemv_kernels._w1_gemv_kernel, grid1, x16, w1_blocks, w1_scales, b1, act, sorted_ids, tile_expert,
                N * k, H, I, TOP_K=k, LIMIT=float(limit), ALPHA=float(alpha), PTX=not interp, **meta, **opts)
     else:

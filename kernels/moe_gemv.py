@@ -19,7 +19,8 @@ scale blocks (32 values of one row, one E8M0 scale), and on CUDA one PTX block
   and take the block's scale: ~17 instructions per 8 values, all told.
 
 fp16 needs range: activations enter as fp16(x * 2**-XS) (made once per step by
-_x16_kernel; W1 hands W2 its SwiGLU output so), which keeps a block's 16-term
+kernels.moe's align program, or past a few rows by _x16_kernel; W1 hands W2 its
+SwiGLU output so), which keeps a block's 16-term
 half sums below fp16's max for |x| < 2**16, and the 2**XS comes back through the
 scale's exponent. The products are exact and a block's sum rounds to fp16
 (2**-11 relative), below the bf16 path's own rounding; the tiles serve 16-bit
@@ -123,7 +124,7 @@ def _rows_dot(x_row, w_rows, s_rows, K, ROWS: tl.constexpr, BLOCK_KB: tl.constex
 
 
 def _x16_kernel(x_ptr, out_ptr, H, stride_x, BLOCK: tl.constexpr):
-    """out[n] = fp16(x[n] * 2**-XS): the W1 tiles' activations."""
+    """out[n] = fp16(x[n] * 2**-XS): the W1 tiles' activations, where the align program does not make them."""
     n = tl.program_id(0)
     h = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     v = tl.load(x_ptr + n.to(tl.int64) * stride_x + h, mask=h < H, other=0.0).to(tl.float32)

@@ -195,8 +195,9 @@ class Tuner:
                 cands = cases.dry_candidates(kn, base[kn]) if self.dry else cases.moe_candidates(kn, bm)
                 if bm == d["BLOCK_M"] and d not in cands:
                     cands = [d, *cands]
-                # the gemv W1 is timed with the fp16 copy of x it reads, made by a launch of its own
-                timed = {kernel, "_x16_kernel"} if kernel == "_w1_gemv_kernel" else {kernel}
+                # W1 is timed with align, which for the gemv tiles also makes the fp16 copy of x they
+                # read (or, past a few rows, _x16_kernel does)
+                timed = {kernel, "_align_kernel", "_x16_kernel"} if kn == "moe_w1" else {kernel}
                 runs = self.sweep(task, call, kn, cands, {other: base[other]}, timed, [kernel], results[kn],
                                   () if self.dry else cases.MOE_STAGES)
                 per_bm[bm][kn] = runs

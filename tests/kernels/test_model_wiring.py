@@ -215,7 +215,7 @@ def test_tuned_decode_kernels_serve_through_the_model(tiny_ckpt, monkeypatch):
     # wide tiles: the interpreter walks the unembedding's 201k rows program by program
     with tuned.forced({"linear": dict(BLOCK_N=1024, BLOCK_K=64), **moe.gemv_configs(True)}):
         got = run()
-    assert {"_linear_kernel", "_x16_kernel", "_w1_gemv_kernel", "_w2_gemv_kernel"} <= set(launched)
+    assert {"_linear_kernel", "_w1_gemv_kernel", "_w2_gemv_kernel"} <= set(launched)
     assert len(got) == len(ref) >= 3
     for a, b in zip(got, ref):
         assert a.shape == b.shape

@@ -85,9 +85,11 @@ def test_scaled_dot_path_matches_the_module(dtype, block_k):
         _close(out, own, 1e-2)
 
 
-@pytest.mark.parametrize("block_kb", [16, 64])  # two K steps; one with a spare block
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_gemv_tiles_match_the_module(dtype, block_kb):
+# block_kb: two K steps, or one with a spare block; n: x16 made by the align program, or (past X16_IN_ALIGN
+# rows) by a launch of its own
+@pytest.mark.parametrize("dtype,block_kb,n", [(torch.bfloat16, 16, 9), (torch.bfloat16, 64, 20),
+                                              (torch.float16, 16, 20), (torch.float16, 64, 9)])
+def test_gemv_tiles_match_the_module(dtype, block_kb, n):
     """kernels.moe_gemv (one pair per tile, activations as fp16(x * 2**-XS), E2M1 through fp16 patterns,
     a scale per 16-byte block, fp32 rows to the combine): no further from the fp32 module than the MMA
     path at the same dtype; a local subset through the map (pairs of absent experts skipped: summed with the
@@ -95,7 +97,7 @@ def test_gemv_tiles_match_the_module(dtype, block_kb):
     from kernels import tuned
     from kernels.moe import gemv_configs
     cfg = {k: dict(c, BLOCK_KB=block_kb) for k, c in gemv_configs(True).items()}
-    x = tokens(9, seed=4)
+    x = tokens(n, seed=4)
     full = moe_module()
     idx, w = full.route(x)
     idx[:, 0] = 2
@@ -254,6 +256,19 @@ def test_align_triton_equals_torch_align(seed):
     assert torch.equal(out[0], ref[0]), (seed, idx.shape, n_local, bm)
     assert torch.equal(out[1], ref[1])
     assert out[2].dtype == torch.int8 and torch.equal(out[2].bool(), ref[2])
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_align_also_makes_the_gemv_activations(rows):
+    """With x and x16, the align program also writes fp16(x * 2**-XS) (strided rows, past 1024 values),
+    and sorts exactly as without them."""
+    from kernels.moe_gemv import _XS
+    idx, g2l, n_local, bm = _align_case(3)
+    wide = torch.randn(rows, 1200) * 100
+    x, x16 = wide[:, 100:1100], torch.full((rows, 1000), float("nan"), dtype=torch.float16)
+    out = align_triton(idx, g2l, n_local, bm, x, x16)
+    assert all(torch.equal(a, b) for a, b in zip(out, align_triton(idx, g2l, n_local, bm)))
+    assert torch.equal(x16, (x * 2.0 ** -_XS).half())
 
 
 @pytest.mark.parametrize("n_local,g2l", [(8, None), (5, torch.tensor([-1, 0, 1, -1, 2, 3, -1, 4]))])
