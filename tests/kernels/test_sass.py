@@ -1,0 +1,49 @@
+"""kernels.sass: the longest loop of a kernel's SASS, compiled for sm_90 without a GPU."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kernels.sass import instructions, longest_loop, opcode
+
+ROOT = Path(__file__).resolve().parents[2]
+
+SASS = """
+        /*0000*/                   LDC R1, c[0x0][0x28] ;
+        /*0010*/                   S2R R0, SR_CTAID.X ;
+        /*0020*/                   IMAD R2, R0, 0x4, RZ ;
+        /*0030*/                   LDG.E.128 R4, desc[UR4][R2.64] ;
+        /*0040*/                   HFMA2 R6, R4, R5, R6 ;
+        /*0050*/               @P0 BRA 0x30 ;
+        /*0060*/                   FADD R7, R6, R6 ;
+        /*0070*/              @!P1 BRA 0x60 ;
+        /*0080*/                   EXIT ;
+"""
+
+
+def test_longest_backward_branch_is_the_loop():
+    ins = instructions(SASS)
+    assert len(ins) == 9 and ins[3] == (0x30, "LDG.E.128 R4, desc[UR4][R2.64]")
+    body = longest_loop(ins)
+    assert [opcode(t) for t in body] == ["LDG", "HFMA2", "BRA"]
+    assert longest_loop(instructions(SASS.replace("BRA 0x30", "BRA 0x80").replace("BRA 0x60", "BRA 0x90"))) == []
+
+
+def test_cli_reports_the_gemv_loop():
+    """The single-pair W2 tiles at 120b batch 1: their PTX block's half2 FMAs (16 per 16-byte block) and
+    table lookups are what the loop issues."""
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-m", "kernels.sass", "--kernel", "_w2_gemv_kernel", "--use", "120b gemv d1",
+                        "--ops"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    head, ops = r.stdout.splitlines()[:2]
+    n = int(head.split("loop ")[1].split()[0])
+    assert 50 < n < 200, head
+    assert "HFMA2 16" in ops and "PRMT" in ops, ops
+    bad = subprocess.run([sys.executable, "-m", "kernels.sass", "--kernel", "_nope_kernel"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "no planned configuration" in bad.stderr
