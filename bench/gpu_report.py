@@ -21,6 +21,11 @@ def markdown(res: dict) -> str:
     for r in res["results"]:
         out.append(f"| {r['kind']} | {r['batch']} | {r['context']} | {r['tokens_per_s']:.1f} | "
                    f"{r['roofline_tokens_per_s']:.1f} | {r['roofline_bound']} | {100 * r['fraction_of_roofline']:.1f} |")
+    paths = [r for r in res["results"] if r.get("kernel_paths")]
+    if paths:
+        out += ["", "Decode kernel paths (kernels/configs for this GPU): " + "; ".join(
+            f"batch {r['batch']}: MoE {r['kernel_paths']['moe']}, linears on kernels.linear: "
+            f"{', '.join(r['kernel_paths']['linears']) or 'none (cuBLAS)'}" for r in paths)]
     lock = [r for r in res["results"] if "lockstep_tokens_per_s" in r]
     if lock:
         out += ["", "Overlapped scheduling (the default on CUDA) against lockstep, decode measured back to back: " +

@@ -36,10 +36,14 @@ def test_dry_run_writes_results_and_markdown(tmp_path, weights):
     assert res["complete"] and res["weights"] == weights
     kinds = [(x["kind"], x["batch"]) for x in res["results"]]
     assert kinds == [("decode", 1), ("decode", 2), ("decode", 4), ("prefill", 2), ("throughput", 3)]
+    # each decode figure says which tiles it ran: no tuned file for the CPU, so the defaults and cuBLAS
+    assert all(x["kernel_paths"] == {"moe": "default", "moe_config": None, "linears": []}
+               for x in res["results"] if x["kind"] == "decode")
     for x in res["results"]:
         assert x["tokens_per_s"] > 0 and x["roofline_tokens_per_s"] > 0 and x["bytes_per_step"] > 0
         assert x["gpu"] == res["gpu"] and x["command"].startswith("python -m bench.gpu")
     assert "| workload | batch |" in r.stdout and "| decode | 4 |" in r.stdout
+    assert "batch 1: MoE default, linears on kernels.linear: none (cuBLAS)" in r.stdout
     assert res["results"][-1]["requests_finished"] == 5
     # batch 1 is measured with overlapped scheduling off too (--lockstep-batches 1,8 by default)
     [lock] = [x for x in res["results"] if "lockstep_tokens_per_s" in x]
@@ -167,3 +171,33 @@ def test_padded_engine_has_no_graph_of_its_own_batch():
     assert engine(model, 1, 64, 32).executor.buckets == (1,)
     b8 = engine(model, 8, 64, 32, padded=True).executor.buckets
     assert 8 not in b8 and b8[-1] == 16
+
+
+def test_kernel_paths_follow_the_tuned_file(tmp_path, monkeypatch):
+    """bench.gpu's record of which MoE tiles and decode linears a decode batch ran: from the same lookup
+    the launchers make (here a file given by GPTOSS_KERNEL_CONFIGS)."""
+    import torch
+
+    from bench.gpu_kernels import paths
+    from kernels import _tune_cases as cases, linear, tuned
+    from kernels.moe import gemv_config, tuning_shape
+    from models.checkpoint import PRESETS
+    cfg = PRESETS["gpt-oss-120b"]
+    shape = tuning_shape(cfg.hidden_size, cfg.intermediate_size, cfg.num_local_experts, cfg.num_experts_per_tok,
+                         torch.bfloat16)
+    mma = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3)
+    entries = [dict(kernel=k, shape=shape, batch=1, config=gemv_config(False, k)) for k in ("moe_w1", "moe_w2")]
+    entries += [dict(kernel=k, shape=shape, batch=64, config=mma) for k in ("moe_w1", "moe_w2")]
+    qkv = linear.tuning_shape(*cases.linear_shape(cfg, "qkv"), torch.bfloat16)
+    entries.append(dict(kernel="linear", shape=qkv, batch=8, config=dict(BLOCK_N=32, BLOCK_K=128)))
+    (tmp_path / "c.json").write_text(json.dumps(dict(entries=entries)))
+    monkeypatch.setenv(tuned.ENV, str(tmp_path / "c.json"))
+    tuned.clear_cache()
+    try:
+        cpu = torch.device("cpu")
+        p1, p8, p256 = paths(cfg, 1, cpu), paths(cfg, 8, cpu), paths(cfg, 256, cpu)
+    finally:
+        tuned.clear_cache()
+    assert p1["moe"] == "gemv" and p1["moe_config"]["GEMV"] and p1["linears"] == ["qkv"]
+    assert p8["moe"] == "tuned" and p8["moe_config"] == mma and p8["linears"] == ["qkv"]
+    assert p256 == {"moe": "default", "moe_config": None, "linears": []}
