@@ -58,6 +58,7 @@ from pathlib import Path
 import torch
 
 from bench import step_profile
+from bench.gpu_kernels import paths as kernel_paths
 from bench.gpu_report import BEGIN, END, markdown, update_benchmarks  # noqa: F401 (BEGIN, END: re-exported)
 
 
@@ -250,14 +251,6 @@ def log(msg: str) -> None:
     print(time.strftime("%H:%M:%S ") + msg, file=sys.stderr, flush=True)
 
 
-def kernel_paths(cfg, batch: int, dev: torch.device) -> dict:
-    """What a decode step of `batch` sequences runs here by this device's tuned configs (kernels/configs):
-    the MoE tiles ("gemv", "tuned", "default") and the decode linears on kernels.linear, so each figure
-    says what it measured."""
-    from bench.gpu_kernels import paths
-    return paths(cfg, batch, dev)
-
-
 def run_model(preset: str, a, dev: torch.device, bw: float, flops: float, command: str, save) -> dict:
     """Measure one preset; `save(result)` is called after every measurement with the result so far."""
     from kernels import dispatch
@@ -298,6 +291,7 @@ def run_model(preset: str, a, dev: torch.device, bw: float, flops: float, comman
     for B in a.batches if "decode" in a.phases else ():
         tok_s, step_s, _ = bench_decode(model, dev, B, a.decode_context, a.decode_steps, a.warmup_steps,
                                         a.max_tokens_per_step)
+        # what the GPU's tuned file picked for this batch (MoE tiles, linears), so the figure says what it measured
         extra = {"step_ms": step_s * 1e3, "kernel_paths": kernel_paths(model.config, B, dev)}
         if B in a.lockstep_batches:  # the same decode without overlapped scheduling, measured just after
             lock_s, lock_step, _ = bench_decode(model, dev, B, a.decode_context, a.decode_steps, a.warmup_steps,

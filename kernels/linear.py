@@ -61,11 +61,18 @@ def tuning_shape(N: int, K: int, bias: bool, dtype) -> str:
     return tuned.shape_key(N=N, K=K, bias=bias, dtype=dtype)
 
 
+def entry(N: int, K: int, bias: bool, rows: int, dtype, device) -> dict | None:
+    """The measured config of an N x K linear at `rows` rows on `device`, or None (then F.linear)."""
+    if not 0 < rows <= MAX_ROWS:
+        return None
+    return tuned.lookup("linear", tuning_shape(N, K, bias, dtype), rows, device)
+
+
 def config_for(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> dict | None:
     """The measured config for this launch, or None (then F.linear)."""
-    if x.dim() != 2 or not 0 < x.shape[0] <= MAX_ROWS or weight.dim() != 2:
+    if x.dim() != 2 or weight.dim() != 2:
         return None
-    return tuned.lookup("linear", tuning_shape(*weight.shape, bias is not None, x.dtype), x.shape[0], x.device)
+    return entry(*weight.shape, bias is not None, x.shape[0], x.dtype, x.device)
 
 
 def linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cfg: dict) -> torch.Tensor:
@@ -98,4 +105,4 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias) if cfg is None else linear_triton(x, weight, bias, cfg)
 
 
-__all__ = ["MAX_ROWS", "config_for", "linear", "linear_reference", "linear_triton", "tuning_shape"]
+__all__ = ["MAX_ROWS", "config_for", "entry", "linear", "linear_reference", "linear_triton", "tuning_shape"]
