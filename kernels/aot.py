@@ -142,6 +142,14 @@ def workloads():
             step = _step_launches(PRESETS[name], b, 1, DECODE_CONTEXT)
         gemv_only = [ln for ln in step if ln[0].__name__ in ("_align_kernel", *moe_gemv._KERNELS)]
         out.append((f"{name.removeprefix('gpt-oss-')} gemv d{b}", gemv_only))
+    # kernels.moe_rs's tiles (weights as the MMA's register operand) kernels.tune may pick for larger steps
+    from . import moe_rs
+    for name, b, bm in (("gpt-oss-20b", 64, 16), ("gpt-oss-120b", 64, 16), ("gpt-oss-120b", 256, 16),
+                        ("gpt-oss-120b", 256, 32)):
+        with tuned.forced(moe_mod.rs_configs(block_m=bm)):
+            step = _step_launches(PRESETS[name], b, 1, DECODE_CONTEXT)
+        rs_only = [ln for ln in step if ln[0].__name__ in moe_rs._KERNELS]
+        out.append((f"{name.removeprefix('gpt-oss-')} rs{bm} d{b}", rs_only))
     from . import _tune_cases as cases, linear as lin  # the decode linears, where kernels.tune wrote an entry
     for b in DECODE_BATCHES:
         if b > lin.MAX_ROWS:

@@ -24,6 +24,8 @@ w2_blocks [E, H, I/32, 16], w2_scales [E, H, I/32], b1 [E, 2I], b2 [E, H], where
 E counts this rank's experts and `global_to_local` (-1 = not here) maps router ids.
 """
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -31,6 +33,7 @@ from models import mxfp4
 from models.layers import swiglu
 
 from . import moe_gemv as gemv_kernels
+from . import moe_rs as rs_kernels
 from . import tuned
 from ._triton import interpreting, jit_module, launch, next_pow2, on_gpu, tl, triton
 
@@ -350,6 +353,21 @@ def gemv_configs(interp: bool = False) -> dict:
     return {k: gemv_config(interp, k) for k in ("moe_w1", "moe_w2")}
 
 
+def rs_config(interp: bool = False, kernel: str = "moe_w1", block_m: int = 16) -> dict:
+    """kernels.moe_rs's tiles (weights as the MMA's register operand): 64 W1 columns (gate and linear
+    rows: two 64-row operands) or 128 W2 rows a program, 4 warps (one warpgroup), 2 scale blocks a K step.
+    Not a default yet: chosen where kernels.tune measured it faster, or forced (rs_configs)."""
+    if interp:
+        return dict(RS=True, BLOCK_M=block_m, BLOCK_N=16, NSUB=1)
+    return dict(RS=True, BLOCK_M=block_m, BLOCK_N=64 if kernel == "moe_w1" else 128, NSUB=2, num_warps=4,
+                num_stages=3)
+
+
+def rs_configs(interp: bool = False, block_m: int = 16) -> dict:
+    """{kernel: config} forcing kernels.moe_rs's tiles for both matmuls (kernels.tuned.forced)."""
+    return {k: rs_config(interp, k, block_m) for k in ("moe_w1", "moe_w2")}
+
+
 def tuning_shape(H: int, I: int, n_local: int, top_k: int, dtype) -> str:
     return tuned.shape_key(H=H, I=I, E=n_local, top_k=top_k, dtype=dtype)
 
@@ -357,11 +375,13 @@ def tuning_shape(H: int, I: int, n_local: int, top_k: int, dtype) -> str:
 def _config(n_tokens: int, H: int, I: int, n_local: int, top_k: int, x: torch.Tensor, interp: bool):
     """(w1 config, w2 config): the measured ones for this device and shape (kernels.tuned), else the default.
 
-    Both or neither: the two kernels must agree on BLOCK_M (align's tiles)."""
+    Both or neither: the two kernels must agree on BLOCK_M (align's tiles) and on the path (GEMV, RS or
+    neither), since each path hands W2 its own activations."""
     shape = tuning_shape(H, I, n_local, top_k, x.dtype)
     c1 = tuned.lookup("moe_w1", shape, n_tokens, x.device)
     c2 = tuned.lookup("moe_w2", shape, n_tokens, x.device)
-    if c1 is not None and c2 is not None and c1["BLOCK_M"] == c2["BLOCK_M"]:
+    if (c1 is not None and c2 is not None and c1["BLOCK_M"] == c2["BLOCK_M"]
+            and all(bool(c1.get(p)) == bool(c2.get(p)) for p in ("GEMV", "RS"))):
         return c1, c2
     d = _default_config(n_tokens * top_k, n_local, interp)
     return d, d
@@ -369,7 +389,7 @@ def _config(n_tokens: int, H: int, I: int, n_local: int, top_k: int, x: torch.Te
 
 def _split(cfg: dict) -> tuple[dict, dict]:
     """-> (constexprs, launch options)."""
-    return ({k: v for k, v in cfg.items() if k.startswith("BLOCK")},
+    return ({k: v for k, v in cfg.items() if k.startswith("BLOCK") or k == "NSUB"},
             {k: v for k, v in cfg.items() if k.startswith("num_")})
 
 
@@ -428,26 +448,36 @@ def moe_mxfp4(x: torch.Tensor, routing, w1_blocks, w1_scales, b1, w2_blocks, w2_
         raise ValueError(f"hidden {H} and intermediate {I} must be multiples of 32 (MXFP4 blocks)")
     jit_module(globals(), _KERNELS)
     jit_module(vars(gemv_kernels), gemv_kernels._KERNELS)
+    jit_module(vars(rs_kernels), rs_kernels._KERNELS)
     interp = interpreting()
     cfg1, cfg2 = _config(N, H, I, E, k, x, interp)
-    if cfg1.get("GEMV") and x.dtype == torch.float32:  # its fp16 products serve 16-bit activations
+    if (cfg1.get("GEMV") or cfg1.get("RS")) and x.dtype == torch.float32:  # both serve 16-bit activations
         cfg1 = cfg2 = _default_config(N * k, E, interp)
     bm = cfg1["BLOCK_M"]
     dot_bf16 = on_gpu(x) and x.dtype in (torch.bfloat16, torch.float16)
     scaled = dot_bf16 if scaled is None else scaled
     x = x.contiguous()
     gemv = bool(cfg1.get("GEMV"))  # its tiles take fp16(x * 2**-XS) and hand W2 their activations so
+    rs = bool(cfg1.get("RS"))  # its tiles take bf16(x * 2**XC), K permuted (moe_rs.act_order), and hand W2 so
     x16 = torch.empty(N, H, dtype=torch.float16, device=x.device) if gemv else None
     in_align = gemv and N <= X16_IN_ALIGN
     sorted_ids, tile_expert, valid = align_triton(idx, global_to_local, E, bm, *((x, x16) if in_align else ()))
     T = tile_expert.numel()
-    act = torch.empty(T * bm, I, dtype=torch.float16 if gemv else x.dtype, device=x.device)
+    act = torch.empty(T * bm, I, dtype=torch.float16 if gemv else torch.bfloat16 if rs else x.dtype,
+                      device=x.device)
     rw = weights.reshape(-1).float().contiguous()
     # the gemv tiles hand the combine fp32 rows (a few per step): the sum of a token's k rows rounds once
     y = torch.empty(N * k, H, dtype=torch.float32 if gemv else x.dtype, device=x.device)
     meta, opts = _split(cfg1)
     grid1 = (T, triton.cdiv(I, meta["BLOCK_N"]))
-    if gemv:
+    if rs:  # a K step of NSUB scale blocks must divide both matmuls' K
+        nsub = math.gcd(meta["NSUB"], H // 32, I // 32)
+        meta = dict(meta, NSUB=nsub)
+        xp = torch.empty(N, H, dtype=torch.bfloat16, device=x.device)
+        launch(rs_kernels._xperm_kernel, (N, triton.cdiv(H, 1024)), x, xp, H, x.stride(0), BLOCK=1024)
+        launch(rs_kernels._w1_rs_kernel, grid1, xp, w1_blocks, w1_scales, b1, act, sorted_ids, tile_expert,
+               N * k, H, I, TOP_K=k, LIMIT=float(limit), ALPHA=float(alpha), PTX=not interp, **meta, **opts)
+    elif gemv:
         if not in_align:
             launch(gemv_kernels._x16_kernel, (N, triton.cdiv(H, 1024)), x, x16, H, x.stride(0), BLOCK=1024)
         launch(gemv_kernels._w1_gemv_kernel, grid1, x16, w1_blocks, w1_scales, b1, act, sorted_ids, tile_expert,
@@ -456,9 +486,11 @@ def moe_mxfp4(x: torch.Tensor, routing, w1_blocks, w1_scales, b1, w2_blocks, w2_
         launch(_w1_kernel, grid1, x, w1_blocks, w1_scales, b1, act, sorted_ids, tile_expert, N * k, H, I,
                x.stride(0), TOP_K=k, LIMIT=float(limit), ALPHA=float(alpha), DOT_BF16=dot_bf16, SCALED=scaled,
                **meta, **opts)
-    w2 = gemv_kernels._w2_gemv_kernel if gemv else _w2_kernel
-    own = dict(PTX=not interp) if gemv else dict(DOT_BF16=dot_bf16, SCALED=scaled)
+    w2 = gemv_kernels._w2_gemv_kernel if gemv else rs_kernels._w2_rs_kernel if rs else _w2_kernel
+    own = dict(PTX=not interp) if gemv or rs else dict(DOT_BF16=dot_bf16, SCALED=scaled)
     meta, opts = _split(cfg2)
+    if rs:
+        meta = dict(meta, NSUB=nsub)
     launch(w2, (T, triton.cdiv(H, meta["BLOCK_N"])),
            act, w2_blocks, w2_scales, b2, rw, y, sorted_ids, tile_expert, N * k, H, I, **own, **meta, **opts)
     out = torch.empty_like(x)

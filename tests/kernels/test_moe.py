@@ -113,6 +113,43 @@ def test_gemv_tiles_match_the_module(dtype, block_kb, n):
     _close(out, ref, 2e-2)
 
 
+# block_m: one tile per expert's run or several; nsub: K steps of one and two scale blocks
+@pytest.mark.parametrize("dtype,block_m,nsub,n", [(torch.bfloat16, 16, 1, 9), (torch.bfloat16, 16, 2, 20),
+                                                  (torch.float16, 32, 2, 20)])
+def test_rs_tiles_match_the_module(dtype, block_m, nsub, n):
+    """kernels.moe_rs (weights as the MMA's operand, K permuted, activations as bf16(x * 2**XC)): at bf16 no
+    further from the fp32 module than the MMA path (fp16 activations go through bf16 here, as tl.dot_scaled's
+    do on a GPU, so against the module only); a local subset through the map; an expert taking every token
+    (several tiles of one expert, a padded last one)."""
+    from kernels import tuned
+    from kernels.moe import rs_configs
+    cfg = {k: dict(c, NSUB=nsub) for k, c in rs_configs(True, block_m).items()}
+    x = tokens(n, seed=5)
+    full = moe_module()
+    idx, w = full.route(x)
+    idx[:, 0] = 2
+    ma, mb = moe_module(dtype, ids=(1, 3, 4, 6)), moe_module(dtype, ids=(0, 2, 5, 7))
+    run = lambda m: moe_mxfp4(x.to(dtype), (idx, w.to(dtype)), *packed(m),  # noqa: E731
+                              global_to_local=m.global_to_local).float()
+    with tuned.forced(cfg):
+        out = run(ma) + run(mb)
+    mma = run(ma) + run(mb)
+    ref = full.compute(x, idx, w)
+    err, err_mma = ((out - ref).abs().max().item(), (mma - ref).abs().max().item())
+    assert dtype != torch.bfloat16 or err <= 1.5 * err_mma + 1e-4, (err, err_mma)
+    _close(out, ref, 2e-2)
+
+
+def test_rs_activation_order_is_a_permutation_of_each_block():
+    """moe_rs.act_order: a bijection of each 32-block; the low nibble of byte 4c + 2h + i sits at operand
+    column 8h + 2c + i, its high nibble 16 further on."""
+    from kernels.moe_rs import act_order
+    pos = [act_order(k) for k in range(96)]
+    assert sorted(pos) == list(range(96)) and all(p // 32 == k // 32 for k, p in enumerate(pos))
+    assert [pos[2 * b] for b in range(16)] == [0, 1, 8, 9, 2, 3, 10, 11, 4, 5, 12, 13, 6, 7, 14, 15]
+    assert all(pos[2 * b + 1] == pos[2 * b] + 16 for b in range(48))
+
+
 def test_gemv_config_leaves_fp32_on_the_mma_path():
     """fp32 activations keep fp32 products: a forced gemv config runs the MMA path (identical output)."""
     from kernels import tuned

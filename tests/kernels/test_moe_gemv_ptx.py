@@ -54,6 +54,18 @@ def _fbits(v) -> int:
     return int(np.array([v], np.float32).view(np.uint32)[0])
 
 
+def _bf(bits: int) -> float:
+    """bf16 bits (low 16) -> value (subnormals kept)."""
+    return float(np.array([(bits & 0xFFFF) << 16], np.uint32).view(np.float32)[0])
+
+
+def _bf16_bits(v: float) -> int:
+    """Round to nearest even bf16 (v exact in fp32: a product of two bf16 values is)."""
+    b = int(np.array([v], np.float32).view(np.uint32)[0])
+    assert float(np.array([b], np.uint32).view(np.float32)[0]) == v, "not exact in fp32"
+    return ((b + 0x7FFF + ((b >> 16) & 1)) >> 16) & 0xFFFF
+
+
 def _fma_h2(a: int, b: int, c: int) -> int:
     halves = [_hbits(_h(a >> s) * _h(b >> s) + _h(c >> s)) for s in (0, 16)]
     return halves[0] | (halves[1] << 16)
@@ -109,6 +121,12 @@ def run_ptx(text: str, mem: dict[int, int], operands: dict[str, int]) -> dict[st
             r = _prmt(*src)
         elif op == "lop3.b32":
             r = _lop3(*src)
+        elif op == "min.u16x2":
+            r = sum(min((src[0] >> s) & 0xFFFF, (src[1] >> s) & 0xFFFF) << s for s in (0, 16))
+        elif op == "mad.lo.u32":
+            r = (src[0] * src[1] + src[2]) & M32
+        elif op == "mul.rn.bf16x2":
+            r = sum(_bf16_bits(_bf(src[0] >> s) * _bf(src[1] >> s)) << s for s in (0, 16))
         elif op == "fma.rn.f16x2":
             r = _fma_h2(*src)
         elif op == "cvt.f32.f16":

@@ -1,0 +1,192 @@
+"""The MoE's expert matmuls for steps of many tokens: MXFP4 weights as the tensor cores' register operand.
+
+Past a few tokens per expert the expert matmuls are tensor-core work, and on an
+H200 what bounded them was the upcast: tl.dot_scaled spent ~14 instructions per
+weight value turning E2M1 into the bf16 MMA operand (BENCHMARKS.md "GPU"; 27%
+of copy bandwidth at batch 64). Here the product is transposed, out^T = W @ x^T:
+the weights are the MMA's A operand, which Hopper's wgmma (and mma.sync) read
+from registers, so Triton loads the bytes straight into the operand's register
+layout (LDSM from the pipelined shared-memory copy) and the decode is one PTX
+statement on each thread's own registers (_DEC_PTX, 4 bytes a call):
+
+- E2M1 -> bf16 by bit placement: a nibble's sign to bit 15 and its 3 magnitude
+  bits to bits 8..6 make the bf16 of E2M1 * 2**-126 exactly (code 1, 0.5,
+  becomes the subnormal 2**-127), two shifts and a lop3 per two values;
+- one bf16x2 multiply by 2**(s - 1 - XC) (made once per row and block) takes
+  the block's E8M0 scale s and undoes the bias, so each value costs ~2.25
+  instructions, not ~14.
+
+Two bookkeeping choices make that possible without converting layouts:
+- a byte holds two values (low nibble k even, high nibble k odd), so each
+  16-byte block is two MMAs of K=16: the low nibbles against the even k's
+  activations, the high ones against the odd k's. Within a block the bytes
+  are taken in the order (ACT_ORDER) that puts a thread's 4 operand bytes
+  side by side in shared memory, so one LDSM lane holds them;
+- the activations enter permuted to match (the even-k half of each 32-block,
+  then the odd-k half, both in that byte order) and times 2**XC, which keeps
+  2**(s - 1 - XC) a normal bf16 for every realistic scale (s <= 192 is exact;
+  larger scales clamp, and blocks under 2**-62 lose precision, far outside
+  any trained model's weights). _xperm_kernel makes W1's input so, and W1
+  writes its SwiGLU output so for W2.
+
+Under the interpreter (CPU tests) the same loads and orders run with the decode
+in Triton ops and fp32 dots; tests/kernels/test_moe_rs_ptx.py runs the PTX on
+a model of its instructions. Selected by a config with RS (kernels.tuned,
+kernels.moe.rs_configs).
+"""
+
+from ._triton import HAVE_TRITON, tl
+
+_XC = 64  # activations enter as bf16(x * 2**XC)
+XC_SCALE = tl.constexpr(2.0 ** _XC) if HAVE_TRITON else 2.0 ** _XC
+S_MAX = 192  # larger E8M0 scales clamp here: 2**(S_MAX - 1 - XC) is the largest multiplier bf16 holds (2**127)
+# jitted code reads constexpr globals only
+_S_MAX = tl.constexpr(S_MAX) if HAVE_TRITON else S_MAX
+_M_BIAS = tl.constexpr(126 - _XC) if HAVE_TRITON else 126 - _XC  # exponent field of 2**(s - 1 - XC), less s
+
+# pack=4: $4 holds 4 weight bytes (elements 0..3), $5, $6 the bf16x2 multipliers of elements (0, 1), (2, 3)
+# -> $0, $1: bf16x2 of the low nibbles of elements (0, 1), (2, 3); $2, $3: the high nibbles'. Bytes of
+# elements 0, 1 go to bits 8-15 and 24-31 of u. A low nibble's magnitude (bits 8-10) shifts right 2 to bf16
+# bits 6-8 and its sign (11) left 4 to bit 15, nothing else landing there: lop3 0xA8 = (a | b) & mask.
+# A high nibble's magnitude (12-14) is masked, then shifted right 6; its sign is already at bit 15
+# (lop3 0xF8 = a | (u & mask)).
+_DEC_PTX_TEXT = """{
+.reg .b32 u, a, b;
+prmt.b32 u, $4, 0, 0x1404;
+shr.u32 a, u, 2; shl.b32 b, u, 4; lop3.b32 $0, a, b, 0x81C081C0, 0xA8;
+and.b32 a, u, 0x70007000; shr.u32 a, a, 6; lop3.b32 $2, a, u, 0x80008000, 0xF8;
+prmt.b32 u, $4, 0, 0x3424;
+shr.u32 a, u, 2; shl.b32 b, u, 4; lop3.b32 $1, a, b, 0x81C081C0, 0xA8;
+and.b32 a, u, 0x70007000; shr.u32 a, a, 6; lop3.b32 $3, a, u, 0x80008000, 0xF8;
+mul.rn.bf16x2 $0, $0, $5; mul.rn.bf16x2 $2, $2, $5;
+mul.rn.bf16x2 $1, $1, $6; mul.rn.bf16x2 $3, $3, $6;
+}"""
+_DEC_PTX = tl.constexpr(_DEC_PTX_TEXT) if HAVE_TRITON else None
+
+
+def act_order(k: int) -> int:
+    """Where activation k lands in the permuted order (within its 32-block, plus the block's start):
+    byte k // 2 = 4c + 2h + i is operand column 8h + 2c + i; odd k go to the block's second half."""
+    byte = (k % 32) >> 1
+    col = ((byte >> 1) & 1) * 8 + (byte >> 2) * 2 + (byte & 1)
+    return k - k % 32 + col + 16 * (k & 1)
+
+
+def _act_pos(k):
+    """act_order in Triton ops."""
+    byte = (k & 31) >> 1
+    return k - (k & 31) + ((byte >> 1) & 1) * 8 + (byte >> 2) * 2 + (byte & 1) + 16 * (k & 1)
+
+
+def _tile(wrow, srow, blk, PTX: tl.constexpr):
+    """Rows' block `blk` ([R] pointers to their bytes and scales) -> (low-nibble values, high-nibble values),
+    [R, 16] each, operand column c holding byte 4(c//2 % 4) + 2(c // 8) + c % 2 (see act_order), times 2**-XC."""
+    R: tl.constexpr = wrow.shape[0]
+    b = tl.load(wrow[:, None] + blk * 16 + tl.arange(0, 16)[None, :])
+    b = tl.reshape(tl.permute(tl.reshape(b, (R, 4, 2, 2)), (0, 2, 1, 3)), (R, 16))
+    # the block's multiplier 2**(s - 1 - XC) as bf16 bits, a normal number for every s
+    mult = ((tl.minimum(tl.load(srow + blk).to(tl.int32), _S_MAX) + _M_BIAS) << 7).to(tl.int16)
+    mult = tl.broadcast_to(mult.to(tl.bfloat16, bitcast=True)[:, None], (R, 16))
+    if PTX:
+        lo, hi = tl.inline_asm_elementwise(_DEC_PTX, "=r,=r,=r,=r,r,r,r", [b, mult],
+                                           dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+    else:
+        scale = mult.to(tl.float32)
+        c = b.to(tl.int32)
+        lo, hi = _e2m1(c & 15) * scale, _e2m1(c >> 4) * scale
+    return lo, hi
+
+
+def _e2m1(c):
+    """E2M1 codes (int32) -> the PTX's E2M1 * 2**-126, placed in fp32 bits the same way (code 1 a
+    subnormal), as the interpreter's bf16 casts flush subnormals."""
+    return (((c & 7) << 22) | ((c & 8) << 28)).to(tl.float32, bitcast=True)
+
+
+def _mma(w, x, acc, PTX: tl.constexpr):
+    if PTX:
+        acc = tl.dot(w, x, acc)
+    else:  # the interpreter's bf16 dots are wrong (NOTES §4)
+        acc = tl.dot(w, x.to(tl.float32), acc, input_precision="ieee")
+    return acc
+
+
+def _rows_mma(acc, wrow, srow, xcol, n_blk, NSUB: tl.constexpr, PTX: tl.constexpr):
+    """acc^T += W[rows] @ x'^T over K: wrow/srow [R] point at each row's bytes and scales, xcol [16, M] at
+    the permuted activations' first 16 of each token (n_blk 32-blocks; NSUB a step, dividing n_blk)."""
+    for kb in range(0, n_blk, NSUB):
+        for sb in tl.static_range(NSUB):
+            lo, hi = _tile(wrow, srow, kb + sb, PTX)
+            acc = _mma(lo, tl.load(xcol + (kb + sb) * 32), acc, PTX)
+            acc = _mma(hi, tl.load(xcol + (kb + sb) * 32 + 16), acc, PTX)
+    return acc
+
+
+def _xperm_kernel(x_ptr, out_ptr, H, stride_x, BLOCK: tl.constexpr):
+    """out[n, act_order(k)] = bf16(x[n, k] * 2**XC): W1's activations."""
+    n = tl.program_id(0).to(tl.int64)
+    k = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    v = tl.load(x_ptr + n * stride_x + k, mask=k < H, other=0.0).to(tl.float32)
+    tl.store(out_ptr + n * H + _act_pos(k), (v * XC_SCALE).to(tl.bfloat16), mask=k < H)
+
+
+def _w1_rs_kernel(x_ptr, wb_ptr, ws_ptr, b_ptr, act_ptr, sorted_ptr, tile_e_ptr, n_pairs, H, I,
+                  TOP_K: tl.constexpr, LIMIT: tl.constexpr, ALPHA: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr, NSUB: tl.constexpr, PTX: tl.constexpr):
+    """act'[row, act_order(j)] = bf16(swiglu(x[tok] @ W1[e, 2j]^T + b, x[tok] @ W1[e, 2j+1]^T + b) * 2**XC)
+    for BLOCK_N columns j and the tile's BLOCK_M rows; x: _xperm_kernel's [N, H]."""
+    t = tl.program_id(0)
+    e = tl.load(tile_e_ptr + t).to(tl.int64)
+    if e < 0:
+        return
+    rows = t * BLOCK_M + tl.arange(0, BLOCK_M)
+    pair = tl.load(sorted_ptr + rows)
+    rvalid = pair < n_pairs
+    tok = (tl.minimum(pair, n_pairs - 1) // TOP_K).to(tl.int64)  # padding rows read a real token, never stored
+    # the column block's gate and linear rows (2j, 2j+1) are 2 BLOCK_N consecutive rows of W1: one operand
+    r = tl.minimum(tl.program_id(1) * 2 * BLOCK_N + tl.arange(0, 2 * BLOCK_N), 2 * I - 1)
+    r = e * (2 * I) + r.to(tl.int64)
+    n_blk = H // 32
+    acc = _rows_mma(tl.zeros((2 * BLOCK_N, BLOCK_M), tl.float32), wb_ptr + r * (H // 2), ws_ptr + r * n_blk,
+                    x_ptr + tok[None, :] * H + tl.arange(0, 16)[:, None], n_blk, NSUB, PTX)
+    g, lin = tl.split(tl.permute(tl.reshape(acc, (BLOCK_N, 2, BLOCK_M)), (0, 2, 1)))
+    j = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    gate = e * (2 * I) + 2 * tl.minimum(j, I - 1).to(tl.int64)
+    g += tl.load(b_ptr + gate).to(tl.float32)[:, None]
+    lin += tl.load(b_ptr + gate + 1).to(tl.float32)[:, None]
+    g = tl.minimum(g, LIMIT)
+    lin = tl.minimum(tl.maximum(lin, -LIMIT), LIMIT)
+    h = g * tl.sigmoid(ALPHA * g) * (lin + 1.0)
+    out = act_ptr + rows.to(tl.int64)[None, :] * I + _act_pos(j)[:, None]
+    tl.store(out, (h * XC_SCALE).to(tl.bfloat16), mask=rvalid[None, :] & (j < I)[:, None])
+
+
+def _w2_rs_kernel(act_ptr, wb_ptr, ws_ptr, b_ptr, rw_ptr, y_ptr, sorted_ptr, tile_e_ptr, n_pairs, H, I,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NSUB: tl.constexpr, PTX: tl.constexpr):
+    """y[pair, n] = (act[row] @ W2[e, n]^T + b2[e, n]) * the pair's router weight, for BLOCK_N rows n;
+    act: _w1_rs_kernel's permuted, scaled rows."""
+    t = tl.program_id(0)
+    e = tl.load(tile_e_ptr + t).to(tl.int64)
+    if e < 0:
+        return
+    rows = (t * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    pair = tl.load(sorted_ptr + rows)
+    rvalid = pair < n_pairs
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row = e * H + tl.minimum(n, H - 1).to(tl.int64)
+    n_blk = I // 32
+    acc = _rows_mma(tl.zeros((BLOCK_N, BLOCK_M), tl.float32), wb_ptr + row * (I // 2), ws_ptr + row * n_blk,
+                    act_ptr + rows[None, :] * I + tl.arange(0, 16)[:, None], n_blk, NSUB, PTX)
+    acc += tl.load(b_ptr + row).to(tl.float32)[:, None]
+    acc = acc * tl.load(rw_ptr + pair, mask=rvalid, other=0.0)[None, :]
+    out = y_ptr + pair.to(tl.int64)[None, :] * H + n[:, None]
+    tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=rvalid[None, :] & (n < H)[:, None])
+
+
+_KERNELS = ("_act_pos", "_tile", "_e2m1", "_mma", "_rows_mma", "_xperm_kernel", "_w1_rs_kernel", "_w2_rs_kernel")
+_NO_SPECIALIZE = {"_w1_rs_kernel": ("n_pairs",), "_w2_rs_kernel": ("n_pairs",)}
+
+
+def multiplier_bits(s: int) -> int:
+    """_tile's bf16 multiplier for E8M0 scale s, as bits (what the PTX's $5/$6 halves hold)."""
+    return ((min(s, S_MAX) + 126 - _XC) << 7) & 0xFFFF
