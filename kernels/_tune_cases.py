@@ -79,7 +79,7 @@ def moe_block_ms(cfg, n: int) -> list[int]:
     return gemv + [b for b in (16, 32, 64, 128) if b == d or (d // 2 <= b <= max(16, per_expert))]
 
 
-def moe_candidates(kernel: str, bm: int) -> list[dict]:
+def moe_candidates(kernel: str, bm: int, rs: bool = False) -> list[dict]:
     """Phase 1 for moe_w1 / moe_w2 at one BLOCK_M, at the default's 3 stages.
 
     Small M is a weight stream: wider BLOCK_K (more bytes per row per load) and
@@ -88,6 +88,11 @@ def moe_candidates(kernel: str, bm: int) -> list[dict]:
     tiles, gate and linear) 16..128, accumulators <= 64, so the set stays ~20
     and the register file is not hopeless; the compile check decides the rest."""
     tiles = 2 if kernel == "moe_w1" else 1
+    if rs:  # kernels.moe_rs: operand rows a program (W1: 2 per column) x scale blocks a K step; a warpgroup
+        # (4 warps) takes 64-row MMAs, so rows >= 16 * warps; accumulators rows x BLOCK_M <= 64 a thread
+        return [dict(RS=True, BLOCK_M=bm, BLOCK_N=rows // tiles, NSUB=ns, num_warps=w, num_stages=3)
+                for rows in (64, 128, 256) for ns in (1, 2, 3) for w in (4, 8)
+                if rows >= 16 * w and rows * bm / (32 * w) <= 64]
     if bm == 1:  # kernels.moe_gemv: rows per program x bytes per K step; a thread takes 1-4 16-byte blocks
         return [dict(GEMV=True, BLOCK_M=1, BLOCK_N=bn, BLOCK_KB=kb, num_warps=w, num_stages=2)
                 for bn in (8, 16, 32, 64, 128) for kb in (16, 32, 64, 128) for w in (2, 4, 8)

@@ -34,7 +34,7 @@ def verdict(kernel_out, ref32, ref16) -> tuple[float, float, bool]:
     return ek, e16, bool(math.isfinite(ek) and ek <= 2 * e16 + 1e-3)
 
 
-def moe_case(cfg, n: int, dev, dtype, gen, ep: int = 1, gemv: bool = False):
+def moe_case(cfg, n: int, dev, dtype, gen, ep: int = 1, gemv: bool = False, rs: bool = False):
     """ep > 1: the rows form one expert-parallel rank runs (MoE.run_experts): its E/ep experts,
     n rows each routed to one of them with weight 1."""
     from . import moe
@@ -59,10 +59,11 @@ def moe_case(cfg, n: int, dev, dtype, gen, ep: int = 1, gemv: bool = False):
     xb, b1b, b2b, wb = x.to(dtype), b1.to(dtype), b2.to(dtype), w.to(dtype)
     ref16 = moe.moe_reference(xb, idx, wb, w1b, w1s, b1b, w2b, w2s, b2b)
     from . import tuned
-    with tuned.forced(moe.gemv_configs(torch.device(dev).type == "cpu") if gemv else {}):
+    cpu = torch.device(dev).type == "cpu"
+    with tuned.forced(moe.gemv_configs(cpu) if gemv else moe.rs_configs(cpu) if rs else {}):
         out = moe.moe_mxfp4(xb, (idx, wb), w1b, w1s, b1b, w2b, w2s, b2b, top_k=k)
     e, b, ok = verdict(out, ref32, ref16)
-    if gemv:
+    if gemv or rs:
         return e, b, ok
     if ep == 1:  # one process adds the residual in the combine (the unfused add's rounding), and the
         # next RMSNorm of that sum (what the model launches)
@@ -193,6 +194,9 @@ def cases(models: list[str], tokens: list[int], dry: bool):
         for n in tokens[:2]:  # the single-pair tiles (kernels.moe_gemv; 16-bit activations, also in the dry run)
             yield f"{name} moe gemv tokens={n}", lambda d, t, g, c=cfg, n=n: moe_case(c, n, d, torch.bfloat16, g,
                                                                                       gemv=True)
+        for n in tokens[1:]:  # the register-operand MMA tiles (kernels.moe_rs; 16-bit activations)
+            yield f"{name} moe rs tokens={n}", lambda d, t, g, c=cfg, n=n: moe_case(c, n, d, torch.bfloat16, g,
+                                                                                    rs=True)
         from ._tune_cases import LINEARS
         for which in LINEARS:  # the decode linears (kernels.linear), at the configs a tuned file picks
             for n in tokens[:2]:

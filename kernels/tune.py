@@ -173,7 +173,7 @@ class Tuner:
     def moe(self, task: Task) -> list[Result]:
         from models.checkpoint import PRESETS
 
-        from .moe import _default_config, gemv_configs, tuning_shape
+        from .moe import _default_config, gemv_configs, rs_configs, tuning_shape
         cfg = PRESETS[task.model]
         if task.model not in self._weights:
             self._weights = {task.model: cases.moe_weights(cfg, self.dtype, self.device)}  # one model's at a time
@@ -183,31 +183,40 @@ class Tuner:
         d = _default_config(task.n * k, E, self.dry)
         label = f"{task.model.removeprefix('gpt-oss-')} E={E}"
         results = {kn: Result(kn, shape, label, task.n, default=d) for kn in ("moe_w1", "moe_w2")}
-        per_bm: dict[int, dict[str, list]] = {}
+        # each path's W1 and W2 go together (each hands W2 its own activations): one group per path and BLOCK_M
+        groups: list[tuple[str, int, dict, tuple[str, str]]] = []
         bms = cases.moe_block_ms(cfg, task.n)
         if self.dry:  # the default's tiles, and single-pair tiles where the sweep tries them
             bms = [b for b in bms if b in (1, d["BLOCK_M"])]
         for bm in bms:
-            base = gemv_configs(self.dry) if bm == 1 else {kn: {**d, "BLOCK_M": bm} for kn in ("moe_w1", "moe_w2")}
-            per_bm[bm] = {}
-            w1, w2 = ("_w1_gemv_kernel", "_w2_gemv_kernel") if bm == 1 else ("_w1_kernel", "_w2_kernel")
+            if bm == 1:
+                groups.append(("gemv", 1, gemv_configs(self.dry), ("_w1_gemv_kernel", "_w2_gemv_kernel")))
+                continue
+            groups.append((f"mma{bm}", bm, {kn: {**d, "BLOCK_M": bm} for kn in ("moe_w1", "moe_w2")},
+                           ("_w1_kernel", "_w2_kernel")))
+            if self.dtype != torch.float32:  # kernels.moe_rs serves 16-bit activations
+                groups.append((f"rs{bm}", bm, rs_configs(self.dry, bm), ("_w1_rs_kernel", "_w2_rs_kernel")))
+        per_group: dict[str, dict[str, list]] = {}
+        for key, bm, base, (w1, w2) in groups:
+            per_group[key] = {}
             for kn, other, kernel in (("moe_w1", "moe_w2", w1), ("moe_w2", "moe_w1", w2)):
-                cands = cases.dry_candidates(kn, base[kn]) if self.dry else cases.moe_candidates(kn, bm)
-                if bm == d["BLOCK_M"] and d not in cands:
+                cands = (cases.dry_candidates(kn, base[kn]) if self.dry
+                         else cases.moe_candidates(kn, bm, rs=key.startswith("rs")))
+                if key == f"mma{d['BLOCK_M']}" and d not in cands:
                     cands = [d, *cands]
-                # W1 is timed with align, which for the gemv tiles also makes the fp16 copy of x they
-                # read (or, past a few rows, _x16_kernel does)
-                timed = {kernel, "_align_kernel", "_x16_kernel"} if kn == "moe_w1" else {kernel}
+                # W1 is timed with align, and with the copy of x the gemv tiles (align, or past a few rows
+                # _x16_kernel, makes it) and the rs tiles (_xperm_kernel) read
+                timed = {kernel, "_align_kernel", "_x16_kernel", "_xperm_kernel"} if kn == "moe_w1" else {kernel}
                 runs = self.sweep(task, call, kn, cands, {other: base[other]}, timed, [kernel], results[kn],
                                   () if self.dry else cases.MOE_STAGES)
-                per_bm[bm][kn] = runs
-                if bm == d["BLOCK_M"]:
+                per_group[key][kn] = runs
+                if key == f"mma{d['BLOCK_M']}":
                     results[kn].default_us = next((t for t, c in runs if c == d), None)
-        full = {bm: r for bm, r in per_bm.items() if r["moe_w1"] and r["moe_w2"]}
+        full = {key: r for key, r in per_group.items() if r["moe_w1"] and r["moe_w2"]}
         if full:
-            bm = min(full, key=lambda b: full[b]["moe_w1"][0][0] + full[b]["moe_w2"][0][0])
+            key = min(full, key=lambda g: full[g]["moe_w1"][0][0] + full[g]["moe_w2"][0][0])
             for kn in results:
-                results[kn].best_us, results[kn].best = full[bm][kn][0]
+                results[kn].best_us, results[kn].best = full[key][kn][0]
             err, ok = self.check(call, {kn: r.best for kn, r in results.items()})
             for r in results.values():
                 r.check_err, r.check_ok = err, ok
@@ -277,7 +286,7 @@ def _fmt(c: dict | None) -> str:
         return "-"
     short = dict(BLOCK_M="M", BLOCK_N="N", BLOCK_K="K", BLOCK_KB="KB", NUM_SPLITS="splits", num_warps="w",
                  num_stages="s")
-    return " ".join("gemv" if k == "GEMV" else f"{short.get(k, k)}{'=' if k == 'NUM_SPLITS' else ''}{v}"
+    return " ".join(k.lower() if k in ("GEMV", "RS") else f"{short.get(k, k)}{'=' if k == 'NUM_SPLITS' else ''}{v}"
                     for k, v in c.items())
 
 

@@ -12,8 +12,8 @@ def test_dry_run_passes_every_case(capsys):
     assert check.main(["--dry-run"]) == 0
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith("| tiny ")]
-    assert len(rows) == 26 and all(line.endswith("| ok |") for line in rows)
-    assert "moe tokens=24" in out and "moe ep2 rank rows=24" in out and "moe gemv tokens=1" in out and "attention prefill+decode window" in out
+    assert len(rows) == 28 and all(line.endswith("| ok |") for line in rows)
+    assert "moe tokens=24" in out and "moe ep2 rank rows=24" in out and "moe gemv tokens=1" in out and "moe rs tokens=24" in out and "attention prefill+decode window" in out
     assert "sample rows=24 vocab=3000" in out
     assert all(f"linear {w} rows={n}" in out for w in ("qkv", "o", "router", "unembed") for n in (1, 5))
 
@@ -28,7 +28,7 @@ def test_a_wrong_kernel_fails(monkeypatch, capsys):
     assert check.main(["--dry-run"]) == 1
     out = capsys.readouterr().out
     # the 3 token counts, the 2 single-pair (gemv) cases and the 2 EP rank cases
-    assert "| tiny moe tokens=1 |" in out and "FAIL" in out and "7 of the cases failed" in out
+    assert "| tiny moe tokens=1 |" in out and "FAIL" in out and "9 of the cases failed" in out
 
 
 def test_a_wrong_linear_fails(monkeypatch, capsys):
