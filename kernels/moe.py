@@ -147,9 +147,7 @@ def _w1_kernel(x_ptr, wb_ptr, ws_ptr, b_ptr, act_ptr, sorted_ptr, tile_e_ptr, n_
     e = tl.load(tile_e_ptr + t).to(tl.int64)
     if e < 0:
         return
-    rows = t * BLOCK_M + tl.arange(0, BLOCK_M)
-    pair = tl.load(sorted_ptr + rows)
-    rvalid = pair < n_pairs
+    rows, pair, rvalid = _tile_rows(sorted_ptr, n_pairs, BLOCK_M)
     tok = (pair // TOP_K).to(tl.int64)
     j = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     jvalid = j < I
@@ -187,7 +185,7 @@ def _w1_kernel(x_ptr, wb_ptr, ws_ptr, b_ptr, act_ptr, sorted_ptr, tile_e_ptr, n_
     gate = tl.minimum(gate, LIMIT)
     lin = tl.minimum(tl.maximum(lin, -LIMIT), LIMIT)
     h = gate * tl.sigmoid(ALPHA * gate) * (lin + 1.0)
-    out = act_ptr + rows.to(tl.int64)[:, None] * I + j[None, :]
+    out = act_ptr + rows[:, None] * I + j[None, :]
     tl.store(out, h.to(act_ptr.dtype.element_ty), mask=rvalid[:, None] & jvalid[None, :])
 
 
@@ -198,9 +196,7 @@ def _w2_kernel(act_ptr, wb_ptr, ws_ptr, b_ptr, rw_ptr, y_ptr, sorted_ptr, tile_e
     e = tl.load(tile_e_ptr + t).to(tl.int64)
     if e < 0:
         return
-    rows = (t * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    pair = tl.load(sorted_ptr + rows)
-    rvalid = pair < n_pairs
+    rows, pair, rvalid = _tile_rows(sorted_ptr, n_pairs, BLOCK_M)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     nvalid = n < H
     wb = wb_ptr + e * H * (I // 2)
@@ -323,7 +319,9 @@ def _align_kernel(idx_ptr, g2l_ptr, sorted_ptr, tile_e_ptr, valid_ptr, n_pairs, 
         seen += tl.sum(hot, axis=0)
 
 
-_KERNELS = ("_fp4", "_dot", "_mx_tile", "_mx_scales", "_mx_dot", "_w1_kernel", "_w2_kernel", "_combine_kernel",
+# shared with kernels.moe_rs, jitted again into this module's globals (where its kernels look)
+_tile_rows = getattr(rs_kernels._tile_rows, "fn", rs_kernels._tile_rows)
+_KERNELS = ("_tile_rows", "_fp4", "_dot", "_mx_tile", "_mx_scales", "_mx_dot", "_w1_kernel", "_w2_kernel", "_combine_kernel",
             "_local_keys", "_align_kernel")
 _NO_SPECIALIZE = {"_w1_kernel": ("n_pairs",), "_w2_kernel": ("n_pairs",),
                   "_align_kernel": ("n_pairs", "max_tiles", "n_rows")}

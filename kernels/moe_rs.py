@@ -122,6 +122,13 @@ def _rows_mma(acc, wrow, srow, xcol, n_blk, NSUB: tl.constexpr, PTX: tl.constexp
     return acc
 
 
+def _tile_rows(sorted_ptr, n_pairs, BLOCK_M: tl.constexpr):
+    """A tile's slots of align's sorted pairs (int64), their pair ids, and which hold a pair (not padding)."""
+    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    pair = tl.load(sorted_ptr + rows)
+    return rows, pair, pair < n_pairs
+
+
 def _xperm_kernel(x_ptr, out_ptr, H, stride_x, BLOCK: tl.constexpr):
     """out[n, act_order(k)] = bf16(x[n, k] * 2**XC): W1's activations."""
     n = tl.program_id(0).to(tl.int64)
@@ -139,9 +146,7 @@ def _w1_rs_kernel(x_ptr, wb_ptr, ws_ptr, b_ptr, act_ptr, sorted_ptr, tile_e_ptr,
     e = tl.load(tile_e_ptr + t).to(tl.int64)
     if e < 0:
         return
-    rows = t * BLOCK_M + tl.arange(0, BLOCK_M)
-    pair = tl.load(sorted_ptr + rows)
-    rvalid = pair < n_pairs
+    rows, pair, rvalid = _tile_rows(sorted_ptr, n_pairs, BLOCK_M)
     tok = (tl.minimum(pair, n_pairs - 1) // TOP_K).to(tl.int64)  # padding rows read a real token, never stored
     # the column block's gate and linear rows (2j, 2j+1) are 2 BLOCK_N consecutive rows of W1: one operand
     r = tl.minimum(tl.program_id(1) * 2 * BLOCK_N + tl.arange(0, 2 * BLOCK_N), 2 * I - 1)
@@ -157,7 +162,7 @@ def _w1_rs_kernel(x_ptr, wb_ptr, ws_ptr, b_ptr, act_ptr, sorted_ptr, tile_e_ptr,
     g = tl.minimum(g, LIMIT)
     lin = tl.minimum(tl.maximum(lin, -LIMIT), LIMIT)
     h = g * tl.sigmoid(ALPHA * g) * (lin + 1.0)
-    out = act_ptr + rows.to(tl.int64)[None, :] * I + _act_pos(j)[:, None]
+    out = act_ptr + rows[None, :] * I + _act_pos(j)[:, None]
     tl.store(out, (h * XC_SCALE).to(tl.bfloat16), mask=rvalid[None, :] & (j < I)[:, None])
 
 
@@ -169,9 +174,7 @@ def _w2_rs_kernel(act_ptr, wb_ptr, ws_ptr, b_ptr, rw_ptr, y_ptr, sorted_ptr, til
     e = tl.load(tile_e_ptr + t).to(tl.int64)
     if e < 0:
         return
-    rows = (t * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    pair = tl.load(sorted_ptr + rows)
-    rvalid = pair < n_pairs
+    rows, pair, rvalid = _tile_rows(sorted_ptr, n_pairs, BLOCK_M)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row = e * H + tl.minimum(n, H - 1).to(tl.int64)
     n_blk = I // 32
@@ -183,7 +186,7 @@ def _w2_rs_kernel(act_ptr, wb_ptr, ws_ptr, b_ptr, rw_ptr, y_ptr, sorted_ptr, til
     tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=rvalid[None, :] & (n < H)[:, None])
 
 
-_KERNELS = ("_act_pos", "_tile", "_e2m1", "_mma", "_rows_mma", "_xperm_kernel", "_w1_rs_kernel", "_w2_rs_kernel")
+_KERNELS = ("_act_pos", "_tile", "_tile_rows", "_e2m1", "_mma", "_rows_mma", "_xperm_kernel", "_w1_rs_kernel", "_w2_rs_kernel")
 _NO_SPECIALIZE = {"_w1_rs_kernel": ("n_pairs",), "_w2_rs_kernel": ("n_pairs",)}
 
 

@@ -85,6 +85,24 @@ def test_scaled_dot_path_matches_the_module(dtype, block_k):
         _close(out, own, 1e-2)
 
 
+def _split_layer(forced: dict, n: int, dtype, seed: int):
+    """The layer as two ranks' halves of the experts (through the map), expert 2 taking every token, under
+    `forced` configs and under the default MMA path -> (out, fp32 module's output, out's max error, MMA's)."""
+    from kernels import tuned
+    x = tokens(n, seed=seed)
+    full = moe_module()
+    idx, w = full.route(x)
+    idx[:, 0] = 2
+    ma, mb = moe_module(dtype, ids=(1, 3, 4, 6)), moe_module(dtype, ids=(0, 2, 5, 7))
+    run = lambda m: moe_mxfp4(x.to(dtype), (idx, w.to(dtype)), *packed(m),  # noqa: E731
+                              global_to_local=m.global_to_local).float()
+    with tuned.forced(forced):
+        out = run(ma) + run(mb)
+    mma = run(ma) + run(mb)
+    ref = full.compute(x, idx, w)
+    return out, ref, (out - ref).abs().max().item(), (mma - ref).abs().max().item()
+
+
 # block_kb: two K steps, or one with a spare block; n: x16 made by the align program, or (past X16_IN_ALIGN
 # rows) by a launch of its own
 @pytest.mark.parametrize("dtype,block_kb,n", [(torch.bfloat16, 16, 9), (torch.bfloat16, 64, 20),
@@ -94,21 +112,9 @@ def test_gemv_tiles_match_the_module(dtype, block_kb, n):
     a scale per 16-byte block, fp32 rows to the combine): no further from the fp32 module than the MMA
     path at the same dtype; a local subset through the map (pairs of absent experts skipped: summed with the
     other half, the full layer); an expert taking every token (many single-pair tiles of one expert)."""
-    from kernels import tuned
     from kernels.moe import gemv_configs
     cfg = {k: dict(c, BLOCK_KB=block_kb) for k, c in gemv_configs(True).items()}
-    x = tokens(n, seed=4)
-    full = moe_module()
-    idx, w = full.route(x)
-    idx[:, 0] = 2
-    ma, mb = moe_module(dtype, ids=(1, 3, 4, 6)), moe_module(dtype, ids=(0, 2, 5, 7))
-    run = lambda m: moe_mxfp4(x.to(dtype), (idx, w.to(dtype)), *packed(m),  # noqa: E731
-                              global_to_local=m.global_to_local).float()
-    with tuned.forced(cfg):
-        out = run(ma) + run(mb)
-    mma = run(ma) + run(mb)
-    ref = full.compute(x, idx, w)
-    err, err_mma = ((out - ref).abs().max().item(), (mma - ref).abs().max().item())
+    out, ref, err, err_mma = _split_layer(cfg, n, dtype, seed=4)
     assert err <= err_mma + 1e-4, (err, err_mma)  # fp16 products, fp32 rows to the combine: no worse
     _close(out, ref, 2e-2)
 
@@ -121,21 +127,9 @@ def test_rs_tiles_match_the_module(dtype, block_m, nsub, n):
     further from the fp32 module than the MMA path (fp16 activations go through bf16 here, as tl.dot_scaled's
     do on a GPU, so against the module only); a local subset through the map; an expert taking every token
     (several tiles of one expert, a padded last one)."""
-    from kernels import tuned
     from kernels.moe import rs_configs
     cfg = {k: dict(c, NSUB=nsub) for k, c in rs_configs(True, block_m).items()}
-    x = tokens(n, seed=5)
-    full = moe_module()
-    idx, w = full.route(x)
-    idx[:, 0] = 2
-    ma, mb = moe_module(dtype, ids=(1, 3, 4, 6)), moe_module(dtype, ids=(0, 2, 5, 7))
-    run = lambda m: moe_mxfp4(x.to(dtype), (idx, w.to(dtype)), *packed(m),  # noqa: E731
-                              global_to_local=m.global_to_local).float()
-    with tuned.forced(cfg):
-        out = run(ma) + run(mb)
-    mma = run(ma) + run(mb)
-    ref = full.compute(x, idx, w)
-    err, err_mma = ((out - ref).abs().max().item(), (mma - ref).abs().max().item())
+    out, ref, err, err_mma = _split_layer(cfg, n, dtype, seed=5)
     assert dtype != torch.bfloat16 or err <= 1.5 * err_mma + 1e-4, (err, err_mma)
     _close(out, ref, 2e-2)
 

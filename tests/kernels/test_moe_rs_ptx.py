@@ -1,9 +1,9 @@
-"""kernels.moe_rs's decode PTX (_DEC_PTX_TEXT: 4 weight bytes and their scales -> bf16x2 operand registers of
-the low and high nibbles, times the multipliers 2**(s - 1 - XC) the kernel makes per row and block) run on the instruction model of test_moe_gemv_ptx: the bit
-placement, selectors, lop3 table, scale clamp and element order the CPU suite cannot execute. Operand order
-is tl.inline_asm_elementwise's (the outputs' registers, then the inputs'); with pack=4 a 16-bit output of 4
-elements is 2 registers, elements (0, 1) then (2, 3), the lower element in the low half. kernels.check's
-"moe rs" cases run the real thing on a GPU."""
+"""kernels.moe_rs's decode PTX (_DEC_PTX_TEXT: 4 weight bytes and the multipliers 2**(s - 1 - XC) the kernel
+makes per row and block -> bf16x2 operand registers of the low and high nibbles) run on the instruction model
+of test_moe_gemv_ptx: the bit placement, selectors, lop3 tables, scale clamp and element order the CPU suite
+cannot execute. Operand order is tl.inline_asm_elementwise's (the outputs' registers, then the inputs'); with
+pack=4 a 16-bit operand of 4 elements is 2 registers, elements (0, 1) then (2, 3), the lower element in the
+low half. kernels.check's "moe rs" cases run the real thing on a GPU."""
 
 import itertools
 import random
