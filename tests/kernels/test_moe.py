@@ -134,6 +134,20 @@ def test_rs_tiles_match_the_module(dtype, block_m, nsub, n):
     _close(out, ref, 2e-2)
 
 
+def test_w1_and_w2_entries_on_different_paths_fall_back_to_the_default():
+    """Each path hands W2 its own activations (rs: permuted and scaled; gemv: fp16): a tuned W1 on one path
+    and W2 on another, even at the same BLOCK_M, is not run; both take the default tiles."""
+    from kernels import tuned
+    from kernels.moe import _config, _default_config, rs_config
+    x = tokens(4, seed=2).bfloat16()
+    d = _default_config(4 * K, E, True)
+    mixed = {"moe_w1": rs_config(True, "moe_w1", d["BLOCK_M"]), "moe_w2": d}
+    with tuned.forced(mixed):
+        assert _config(4, H, 64, E, K, x, True) == (d, d)
+    with tuned.forced({"moe_w1": mixed["moe_w1"], "moe_w2": rs_config(True, "moe_w2", d["BLOCK_M"])}):
+        assert _config(4, H, 64, E, K, x, True)[0]["RS"]
+
+
 def test_rs_activation_order_is_a_permutation_of_each_block():
     """moe_rs.act_order: a bijection of each 32-block; the low nibble of byte 4c + 2h + i sits at operand
     column 8h + 2c + i, its high nibble 16 further on."""
