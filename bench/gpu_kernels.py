@@ -12,6 +12,7 @@ def paths(cfg, batch: int, dev: torch.device, dtype=torch.bfloat16) -> dict:
     E, k = cfg.num_local_experts, cfg.num_experts_per_tok
     w1, _ = _config(batch, cfg.hidden_size, cfg.intermediate_size, E, k, torch.empty(0, dtype=dtype, device=dev),
                     False)
-    moe = "gemv" if w1.get("GEMV") else "rs" if w1.get("RS") else "default" if w1 == _default_config(batch * k, E, False) else "tuned"
+    path = "gemv" if w1.get("GEMV") else "rs" if w1.get("RS") else None
+    moe = path or ("default" if w1 == _default_config(batch * k, E, False) else "tuned")
     lin = [which for which in cases.LINEARS if linear.entry(*cases.linear_shape(cfg, which), batch, dtype, dev)]
     return {"moe": moe, "moe_config": None if moe == "default" else w1, "linears": lin}

@@ -321,8 +321,8 @@ def _align_kernel(idx_ptr, g2l_ptr, sorted_ptr, tile_e_ptr, valid_ptr, n_pairs, 
 
 # shared with kernels.moe_rs, jitted again into this module's globals (where its kernels look)
 _tile_rows = getattr(rs_kernels._tile_rows, "fn", rs_kernels._tile_rows)
-_KERNELS = ("_tile_rows", "_fp4", "_dot", "_mx_tile", "_mx_scales", "_mx_dot", "_w1_kernel", "_w2_kernel", "_combine_kernel",
-            "_local_keys", "_align_kernel")
+_KERNELS = ("_tile_rows", "_fp4", "_dot", "_mx_tile", "_mx_scales", "_mx_dot", "_w1_kernel", "_w2_kernel",
+            "_combine_kernel", "_local_keys", "_align_kernel")
 _NO_SPECIALIZE = {"_w1_kernel": ("n_pairs",), "_w2_kernel": ("n_pairs",),
                   "_align_kernel": ("n_pairs", "max_tiles", "n_rows")}
 _X16_SCALE = gemv_kernels.X16_SCALE  # jitted code reads its own module's constexpr globals
@@ -457,6 +457,8 @@ def moe_mxfp4(x: torch.Tensor, routing, w1_blocks, w1_scales, b1, w2_blocks, w2_
     x = x.contiguous()
     gemv = bool(cfg1.get("GEMV"))  # its tiles take fp16(x * 2**-XS) and hand W2 their activations so
     rs = bool(cfg1.get("RS"))  # its tiles take bf16(x * 2**XC), K permuted (moe_rs.act_order), and hand W2 so
+    if rs:  # a K step of NSUB scale blocks must divide the matmul's K (W1's H, W2's I)
+        cfg1, cfg2 = ({**c, "NSUB": math.gcd(c["NSUB"], K // 32)} for c, K in ((cfg1, H), (cfg2, I)))
     x16 = torch.empty(N, H, dtype=torch.float16, device=x.device) if gemv else None
     in_align = gemv and N <= X16_IN_ALIGN
     sorted_ids, tile_expert, valid = align_triton(idx, global_to_local, E, bm, *((x, x16) if in_align else ()))
@@ -468,9 +470,7 @@ def moe_mxfp4(x: torch.Tensor, routing, w1_blocks, w1_scales, b1, w2_blocks, w2_
     y = torch.empty(N * k, H, dtype=torch.float32 if gemv else x.dtype, device=x.device)
     meta, opts = _split(cfg1)
     grid1 = (T, triton.cdiv(I, meta["BLOCK_N"]))
-    if rs:  # a K step of NSUB scale blocks must divide both matmuls' K
-        nsub = math.gcd(meta["NSUB"], H // 32, I // 32)
-        meta = dict(meta, NSUB=nsub)
+    if rs:
         xp = torch.empty(N, H, dtype=torch.bfloat16, device=x.device)
         launch(rs_kernels._xperm_kernel, (N, triton.cdiv(H, 1024)), x, xp, H, x.stride(0), BLOCK=1024)
         launch(rs_kernels._w1_rs_kernel, grid1, xp, w1_blocks, w1_scales, b1, act, sorted_ids, tile_expert,
@@ -487,8 +487,6 @@ def moe_mxfp4(x: torch.Tensor, routing, w1_blocks, w1_scales, b1, w2_blocks, w2_
     w2 = gemv_kernels._w2_gemv_kernel if gemv else rs_kernels._w2_rs_kernel if rs else _w2_kernel
     own = dict(PTX=not interp) if gemv or rs else dict(DOT_BF16=dot_bf16, SCALED=scaled)
     meta, opts = _split(cfg2)
-    if rs:
-        meta = dict(meta, NSUB=nsub)
     launch(w2, (T, triton.cdiv(H, meta["BLOCK_N"])),
            act, w2_blocks, w2_scales, b2, rw, y, sorted_ids, tile_expert, N * k, H, I, **own, **meta, **opts)
     out = torch.empty_like(x)

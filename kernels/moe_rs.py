@@ -186,7 +186,8 @@ def _w2_rs_kernel(act_ptr, wb_ptr, ws_ptr, b_ptr, rw_ptr, y_ptr, sorted_ptr, til
     tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=rvalid[None, :] & (n < H)[:, None])
 
 
-_KERNELS = ("_act_pos", "_tile", "_tile_rows", "_e2m1", "_mma", "_rows_mma", "_xperm_kernel", "_w1_rs_kernel", "_w2_rs_kernel")
+_KERNELS = ("_act_pos", "_tile", "_tile_rows", "_e2m1", "_mma", "_rows_mma", "_xperm_kernel", "_w1_rs_kernel",
+            "_w2_rs_kernel")
 _NO_SPECIALIZE = {"_w1_rs_kernel": ("n_pairs",), "_w2_rs_kernel": ("n_pairs",)}
 
 
