@@ -43,7 +43,7 @@ tune)
     mkdir -p "$OUT/configs" && cp kernels/configs/*.json "$OUT/configs/"
     ;;
 bench)
-    run 300 python3 -m bench.gpu --models gpt-oss-120b --throughput-seconds 75 --out "$OUT"
+    run 300 python3 -m bench.gpu --models gpt-oss-120b --throughput-seconds 75 --profile-batches 1,64,256 --out "$OUT"
     run 220 python3 -m bench.gpu --models gpt-oss-20b --throughput-seconds 60 --out "$OUT"
     ;;
 esac

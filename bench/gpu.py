@@ -22,7 +22,7 @@ loads it. Every number runs through engine.core.LLMEngine (scheduler, sampler an
 * profile, last (CUPTI may leave later work slower once it has run): decode at --profile-batches
   again, timed, then --profile-steps steps under torch.profiler: device time per kernel category
   beside the bytes the roofline says it moves (bench.step_profile), kernels per step, the Chrome
-  trace beside the JSON. --phases runs a subset (e.g. decode,profile while tuning kernels).
+  trace beside the JSON; then --profile-prefill-steps full prefill chunks the same way. --phases runs a subset (e.g. decode,profile while tuning kernels).
 * throughput: --requests prompts of --isl tokens, --osl outputs each, at most
   --concurrency running; output tokens/s. The engine warms up first, as a
   Serve group does (every decode graph captured: the batch shrinks through
@@ -202,6 +202,17 @@ def bench_prefill(model, dev, n: int, length: int, step_tokens: int):
     return n * length / (time.perf_counter() - t0)
 
 
+def profile_prefill(model, dev, length: int, step_tokens: int, steps: int, profile):
+    """profile(eng.step, steps) over full prefill chunks of step_tokens tokens (prompts of `length`),
+    after one chunk unprofiled; -> (the profile, the chunk's sequences)."""
+    seqs = -(-(steps + 1) * step_tokens // length)
+    eng = engine(model, seqs, length + 2, step_tokens)
+    for r in requests(seqs, length, 1, seed=8):
+        eng.add_request(r)
+    eng.step()
+    return profile(eng.step, steps), max(1, step_tokens // length)
+
+
 def bench_throughput(model, dev, n: int, isl: int, osl: int, conc: int, step_tokens: int, cap_s: float = 0):
     """-> (output tokens/s, requests finished); stops stepping after cap_s seconds when cap_s > 0."""
     eng = engine(model, conc, isl + osl + 2, step_tokens)
@@ -310,22 +321,17 @@ def run_model(preset: str, a, dev: torch.device, bw: float, flops: float, comman
     if "prefill" in a.phases:
         tok_s = bench_prefill(model, dev, a.prefill_seqs, a.prefill_len, a.max_tokens_per_step)
         chunk = min(a.max_tokens_per_step, a.prefill_seqs * a.prefill_len)
-        add("prefill", a.prefill_seqs, a.prefill_len, tok_s, chunk,
-            [a.prefill_len // 2] * max(1, chunk // a.prefill_len), max(1, chunk // a.prefill_len))
+        add("prefill", a.prefill_seqs, a.prefill_len, tok_s, chunk, *_chunk_shape(chunk, a.prefill_len))
     if "throughput" in a.phases:
         tok_s, done = bench_throughput(model, dev, a.requests, a.isl, a.osl, a.concurrency, a.max_tokens_per_step,
                                        a.throughput_seconds)
-        ctx = a.isl + a.osl // 2
-        add("throughput", a.concurrency, ctx, tok_s, a.concurrency, [ctx] * a.concurrency, a.concurrency,
+        tctx = a.isl + a.osl // 2  # not ctx: the profiles below are decode at --decode-context
+        add("throughput", a.concurrency, tctx, tok_s, a.concurrency, [tctx] * a.concurrency, a.concurrency,
             {"isl": a.isl, "osl": a.osl, "requests": a.requests, "requests_finished": done,
              "metric": "output tokens/s"})
     for B in a.profile_batches if "profile" in a.phases else ():
-        def prof(step, n, B=B, trace=Path(a.out) / f"profile-{preset}-b{B}.json.gz" if a.out else None):
-            try:  # a profiler failure costs the profile, not the rest of the device time
-                return step_profile.profile(step, n, dev, roof.step_parts(B, [ctx] * B, B), bw, trace)
-            except Exception as e:  # noqa: BLE001
-                log(f"  profile of batch {B} failed: {type(e).__name__}: {e}")
-                return {"error": f"{type(e).__name__}: {e}"[:500]}
+        prof = _profiler(roof, dev, bw, B, [ctx] * B, B, Path(a.out) / f"profile-{preset}-b{B}.json.gz"
+                         if a.out else None, f"batch {B}")
         tok_s, step_s, profiled = bench_decode(model, dev, B, a.decode_context, a.decode_steps, a.warmup_steps,
                                                a.max_tokens_per_step, profile_steps=a.profile_steps, profile=prof)
         res.setdefault("profiles", []).append({"kind": "decode", "batch": B, "context": ctx, "tokens_per_s": tok_s,
@@ -334,6 +340,17 @@ def run_model(preset: str, a, dev: torch.device, bw: float, flops: float, comman
         log(f"  profiled decode batch {B}: " + ("failed" if "error" in profiled else
                                                 f"{profiled['busy_ms_per_step']:.3f} ms busy of {step_s * 1e3:.3f} "
                                                 f"ms per step, {profiled['kernels_per_step']:.0f} kernels"))
+    if "profile" in a.phases and a.profile_prefill_steps:
+        chunk = a.max_tokens_per_step
+        prof = _profiler(roof, dev, bw, chunk, *_chunk_shape(chunk, a.prefill_len),
+                         Path(a.out) / f"profile-{preset}-p{chunk}.json.gz" if a.out else None, f"prefill chunk {chunk}")
+        profiled, seqs = profile_prefill(model, dev, a.prefill_len, chunk, a.profile_prefill_steps, prof)
+        res.setdefault("profiles", []).append({"kind": "prefill", "batch": seqs, "tokens": chunk,
+                                               "context": a.prefill_len, "profile": profiled})
+        save(res)
+        log(f"  profiled prefill chunks of {chunk}: " + ("failed" if "error" in profiled else
+                                                         f"{profiled['busy_ms_per_step']:.3f} ms busy per chunk, "
+                                                         f"{profiled['kernels_per_step']:.0f} kernels"))
     del model
     if created is not None and a.delete_created:
         import shutil
@@ -341,6 +358,23 @@ def run_model(preset: str, a, dev: torch.device, bw: float, flops: float, comman
     res["complete"] = True
     save(res)
     return res
+
+
+def _chunk_shape(chunk: int, length: int) -> tuple[list[int], int]:
+    """A prefill chunk of prompts of `length` for the roofline: (mean attended lengths, sequences sampled)."""
+    n = max(1, chunk // length)
+    return [length // 2] * n, n
+
+
+def _profiler(roof, dev, bw: float, tokens: int, contexts: list[int], sampled: int, trace, what: str):
+    """-> profile(step, n): bench.step_profile of n steps beside the roofline's bytes for such a step."""
+    def prof(step, n):
+        try:  # a profiler failure costs the profile, not the rest of the device time
+            return step_profile.profile(step, n, dev, roof.step_parts(tokens, contexts, sampled), bw, trace)
+        except Exception as e:  # noqa: BLE001
+            log(f"  profile of {what} failed: {type(e).__name__}: {e}")
+            return {"error": f"{type(e).__name__}: {e}"[:500]}
+    return prof
 
 
 PHASES = ("decode", "prefill", "throughput", "profile")
@@ -378,6 +412,9 @@ def parse(argv=None):
                     help="decode batches profiled in the last phase (bench.step_profile: time per kernel category "
                          "beside the bytes it moves; the Chrome trace beside the JSON)")
     ap.add_argument("--profile-steps", type=int, default=10)
+    ap.add_argument("--profile-prefill-steps", type=int, default=3,
+                    help="full prefill chunks (--max-tokens-per-step tokens of --prefill-len prompts) profiled in "
+                         "the last phase, after one unprofiled (0 for none)")
     ap.add_argument("--phases", type=phases, default=PHASES, help="comma separated, of: " + ",".join(PHASES))
     ap.add_argument("--prefill-seqs", type=int, default=8)
     ap.add_argument("--prefill-len", type=int, default=2048)
@@ -399,7 +436,7 @@ def parse(argv=None):
     ap.add_argument("--benchmarks-file", default="BENCHMARKS.md")
     if ap.parse_args(argv).dry_run:  # tiny defaults; flags given explicitly still win
         ap.set_defaults(models="tiny", device="cpu", batches=[1, 2, 4], sampled_batches=[2], decode_context=12,
-                        decode_steps=3, profile_batches=[2], profile_steps=2,
+                        decode_steps=3, profile_batches=[2], profile_steps=2, profile_prefill_steps=2,
                         warmup_steps=1, prefill_seqs=2, prefill_len=24, max_tokens_per_step=32, isl=12, osl=6,
                         concurrency=3, requests=5, copy_gib=1 / 128)
     return ap.parse_args(argv)

@@ -142,10 +142,13 @@ def profile(step, steps: int, dev: torch.device, parts: dict[str, float], bandwi
 def markdown(row: dict) -> list[str]:
     """One of bench.gpu's profiles (batch, step_ms, profile) as a table."""
     p = row["profile"]
+    what = (f"Prefill chunks of {row['tokens']} tokens ({row['batch']} prompt{'s' * (row['batch'] != 1)} of "
+            f"{row['context']})"
+            if row.get("kind") == "prefill" else f"Decode batch {row['batch']}")
     if "error" in p:
-        return ["", f"Decode batch {row['batch']}: the profile failed ({p['error']})."]
+        return ["", f"{what}: the profile failed ({p['error']})."]
     step = f" of {row['step_ms']:.2f} ms wall (unprofiled)" if "step_ms" in row else ""
-    out = ["", f"Decode batch {row['batch']}, where a step's time goes ({p['source']}): "
+    out = ["", f"{what}, where a step's time goes ({p['source']}): "
                f"{p['busy_ms_per_step']:.3f} ms busy per step{step}, {p['kernels_per_step']:.0f} kernels per step.", "",
            "| category | ms/step | share | bytes/step (roofline model) | GB/s | of copy bandwidth |",
            "|---|---:|---:|---:|---:|---:|"]

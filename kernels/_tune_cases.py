@@ -89,9 +89,11 @@ def moe_candidates(kernel: str, bm: int, rs: bool = False) -> list[dict]:
     and the register file is not hopeless; the compile check decides the rest."""
     tiles = 2 if kernel == "moe_w1" else 1
     if rs:  # kernels.moe_rs: operand rows a program (W1: 2 per column) x scale blocks a K step; a warpgroup
-        # (4 warps) takes 64-row MMAs, so rows >= 16 * warps; accumulators rows x BLOCK_M <= 64 a thread
+        # (4 warps) takes 64-row MMAs, so rows >= 16 * warps; accumulators rows x BLOCK_M <= 64 a thread.
+        # Even steps pair the blocks into K=64 MMAs; 6 divides gpt-oss's 90 blocks (fewer instructions a
+        # byte, more registers), 2 any even count
         return [dict(RS=True, BLOCK_M=bm, BLOCK_N=rows // tiles, NSUB=ns, num_warps=w, num_stages=3)
-                for rows in (64, 128, 256) for ns in (2, 3) for w in (4, 8)
+                for rows in (64, 128, 256) for ns in (2, 6) for w in (4, 8)
                 if rows >= 16 * w and rows * bm / (32 * w) <= 64]
     if bm == 1:  # kernels.moe_gemv: rows per program x bytes per K step; a thread takes 1-4 16-byte blocks
         return [dict(GEMV=True, BLOCK_M=1, BLOCK_N=bn, BLOCK_KB=kb, num_warps=w, num_stages=2)

@@ -7,8 +7,10 @@ about register spills or shared memory. This compiles each kernel for the
 target (Triton bundles ptxas) at every configuration its launcher picks for
 gpt-oss-20b and -120b at decode batches 1, 8, 64, 256 and an 8192-token
 prefill chunk (and 120b as one rank of 8 expert-parallel ones: replicated
-attention, attention DP, attention DP in TP groups of 2), and checks: it compiles, ptxas spills nothing, and the shared
-memory fits one block on the target.
+attention, attention DP, attention DP in TP groups of 2), and checks: it compiles, ptxas spills nothing, the shared
+memory fits one block on the target, and ptxas keeps its wgmma asynchronous (no C7515 "serialized"
+report: each MMA then waits for the one before, found in every tensor-core MoE kernel under Triton 3.6
+until kernels.moe_rs._settle).
 
 The launches are not described here but recorded from the launchers themselves,
 run on meta tensors (kernels._triton.recording), and bound by Triton's own
@@ -145,11 +147,16 @@ def workloads():
     # kernels.moe_rs's tiles (weights as the MMA's register operand) kernels.tune may pick for larger steps
     from . import moe_rs
     for name, b, bm in (("gpt-oss-20b", 64, 16), ("gpt-oss-120b", 64, 16), ("gpt-oss-120b", 256, 16),
-                        ("gpt-oss-120b", 256, 32)):
-        with tuned.forced(moe_mod.rs_configs(block_m=bm)):
-            step = _step_launches(PRESETS[name], b, 1, DECODE_CONTEXT)
+                        ("gpt-oss-120b", 256, 32), ("gpt-oss-120b", 0, 64), ("gpt-oss-120b", 0, 128)):
+        # b 0: a prefill chunk; BLOCK_M 128 as two warpgroups (its accumulators would not fit one)
+        configs = moe_mod.rs_configs(block_m=bm)
+        if bm > 64:
+            configs = {k: dict(c, num_warps=8) for k, c in configs.items()}
+        with tuned.forced(configs):
+            step = (_step_launches(PRESETS[name], b, 1, DECODE_CONTEXT) if b else
+                    _step_launches(PRESETS[name], 1, PREFILL_CHUNK, PREFILL_CHUNK))
         rs_only = [ln for ln in step if ln[0].__name__ in moe_rs._KERNELS]
-        out.append((f"{name.removeprefix('gpt-oss-')} rs{bm} d{b}", rs_only))
+        out.append((f"{name.removeprefix('gpt-oss-')} rs{bm} " + (f"d{b}" if b else f"p{PREFILL_CHUNK}"), rs_only))
     from . import _tune_cases as cases, linear as lin  # the decode linears, where kernels.tune wrote an entry
     for b in DECODE_BATCHES:
         if b > lin.MAX_ROWS:
@@ -255,6 +262,7 @@ class Usage:
     num_warps: int = 0
     num_stages: int = 0
     error: str | None = None
+    serialized: str | None = None  # ptxas C7515: why it serialized the kernel's wgmma (each waited for in turn)
 
     def problems(self, arch: int) -> list[str]:
         if self.error:
@@ -266,6 +274,8 @@ class Usage:
             out.append(f"shared memory {self.smem} B > {SMEM_LIMIT[arch]} B")
         if self.regs > MAX_REGS:
             out.append(f"{self.regs} registers > {MAX_REGS}")
+        if self.serialized:
+            out.append(f"wgmma serialized: {self.serialized}")
         return out
 
 
@@ -352,7 +362,13 @@ def compile_config(c: Config, arch: int = 90) -> Usage:
         return Usage(**base, error=f"{type(e).__name__}: {where}{msg[-1]}"[:500])
     return Usage(**base, regs=_num(r"Used (\d+) registers", log), spill_stores=_num(r"(\d+) bytes spill stores", log),
                  spill_loads=_num(r"(\d+) bytes spill loads", log), smem=k.metadata.shared,
-                 num_warps=k.metadata.num_warps, num_stages=k.metadata.num_stages)
+                 num_warps=k.metadata.num_warps, num_stages=k.metadata.num_stages, serialized=_serialized(log))
+
+
+def _serialized(log: str) -> str | None:
+    """ptxas's reason for serializing wgmma (C7515, "Potential Performance Loss"), if it did."""
+    m = re.search(r"wgmma\.mma_async instructions are serialized due to (.*?)(?: in the function|$)", log, re.M)
+    return m.group(1) if m else None
 
 
 def _uses(uses: list[str]) -> str:

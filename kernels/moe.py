@@ -167,6 +167,8 @@ def _w1_kernel(x_ptr, wb_ptr, ws_ptr, b_ptr, act_ptr, sorted_ptr, tile_e_ptr, n_
             amask = rvalid[:, None] & (k < H)[None, :]
             acc_g = _mx_dot(a_ptrs, amask, wb, sg, gate_rows, jvalid, k0, H, acc_g, BLOCK_K)
             acc_l = _mx_dot(a_ptrs, amask, wb, sl, gate_rows + 1, jvalid, k0, H, acc_l, BLOCK_K)
+            if DOT_BF16:  # the step's MMAs finish in the step (kernels.moe_rs._settle: else ptxas serializes them)
+                acc_g, acc_l = _settle(acc_g), _settle(acc_l)
             sg, sl = sg_next, sl_next
     else:
         for k0 in range(0, H, BLOCK_K):
@@ -209,6 +211,8 @@ def _w2_kernel(act_ptr, wb_ptr, ws_ptr, b_ptr, rw_ptr, y_ptr, sorted_ptr, tile_e
             k = k0 + tl.arange(0, BLOCK_K)
             acc = _mx_dot(act_ptr + rows[:, None] * I + k[None, :], rvalid[:, None] & (k < I)[None, :],
                           wb, s, n.to(tl.int64), nvalid, k0, I, acc, BLOCK_K)
+            if DOT_BF16:
+                acc = _settle(acc)
             s = s_next
     else:
         for k0 in range(0, I, BLOCK_K):
@@ -321,7 +325,8 @@ def _align_kernel(idx_ptr, g2l_ptr, sorted_ptr, tile_e_ptr, valid_ptr, n_pairs, 
 
 # shared with kernels.moe_rs, jitted again into this module's globals (where its kernels look)
 _tile_rows = getattr(rs_kernels._tile_rows, "fn", rs_kernels._tile_rows)
-_KERNELS = ("_tile_rows", "_fp4", "_dot", "_mx_tile", "_mx_scales", "_mx_dot", "_w1_kernel", "_w2_kernel",
+_settle = getattr(rs_kernels._settle, "fn", rs_kernels._settle)
+_KERNELS = ("_tile_rows", "_settle", "_fp4", "_dot", "_mx_tile", "_mx_scales", "_mx_dot", "_w1_kernel", "_w2_kernel",
             "_combine_kernel", "_local_keys", "_align_kernel")
 _NO_SPECIALIZE = {"_w1_kernel": ("n_pairs",), "_w2_kernel": ("n_pairs",),
                   "_align_kernel": ("n_pairs", "max_tiles", "n_rows")}
@@ -357,7 +362,7 @@ def rs_config(interp: bool = False, kernel: str = "moe_w1", block_m: int = 16) -
     Not a default yet: chosen where kernels.tune measured it faster, or forced (rs_configs)."""
     if interp:
         return dict(RS=True, BLOCK_M=block_m, BLOCK_N=16, NSUB=1)
-    return dict(RS=True, BLOCK_M=block_m, BLOCK_N=64 if kernel == "moe_w1" else 128, NSUB=2, num_warps=4,
+    return dict(RS=True, BLOCK_M=block_m, BLOCK_N=64 if kernel == "moe_w1" else 128, NSUB=6, num_warps=4,
                 num_stages=3)
 
 

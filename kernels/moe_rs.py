@@ -17,17 +17,24 @@ statement on each thread's own registers (_DEC_PTX, 4 bytes a call):
   instructions, not ~14.
 
 Two bookkeeping choices make that possible without converting layouts:
-- a byte holds two values (low nibble k even, high nibble k odd), so each
-  16-byte block is two MMAs of K=16: the low nibbles against the even k's
-  activations, the high ones against the odd k's. Within a block the bytes
-  are taken in the order (ACT_ORDER) that puts a thread's 4 operand bytes
-  side by side in shared memory, so one LDSM lane holds them;
+- a byte holds two values (low nibble k even, high nibble k odd), so a
+  16-byte block decodes to 16 low-nibble columns (the even k's) and 16 high
+  ones (the odd k's), joined into one K=32 operand; two blocks join into one
+  K=64 MMA when a K step holds an even number of them (fewer MMAs, and one
+  wait a pair). Within a block the bytes are taken in the order (ACT_ORDER)
+  that puts a thread's 4 operand bytes side by side in shared memory, so one
+  LDSM lane holds them. The joins cost nothing: the halves differ in one
+  register bit of the operand layout;
 - the activations enter permuted to match (the even-k half of each 32-block,
   then the odd-k half, both in that byte order) and times 2**XC, which keeps
   2**(s - 1 - XC) a normal bf16 for every realistic scale (s <= 192 is exact;
   larger scales clamp, and blocks under 2**-62 lose precision, far outside
   any trained model's weights). _xperm_kernel makes W1's input so, and W1
   writes its SwiGLU output so for W2.
+
+Each K step ends with _settle, which waits for the step's MMAs: without it
+Triton 3.6 leaves the last one in flight across the loop's back edge and ptxas
+serializes every wgmma of the kernel (kernels.aot reports it).
 
 Under the interpreter (CPU tests) the same loads and orders run with the decode
 in Triton ops and fp32 dots; tests/kernels/test_moe_rs_ptx.py runs the PTX on
@@ -111,15 +118,38 @@ def _mma(w, x, acc, PTX: tl.constexpr):
     return acc
 
 
-def _rows_mma(acc, wrow, srow, xcol, n_blk, NSUB: tl.constexpr, PTX: tl.constexpr):
-    """acc^T += W[rows] @ x'^T over K: wrow/srow [R] point at each row's bytes and scales, xcol [16, M] at
-    the permuted activations' first 16 of each token (n_blk 32-blocks; NSUB a step, dividing n_blk)."""
+def _cat_k(a, b):
+    """[R, K] and [R, K] -> [R, 2K]: a's columns, then b's (conversion-free: the pair is a register bit)."""
+    return tl.reshape(tl.permute(tl.join(a, b), (0, 2, 1)), (a.shape[0], 2 * a.shape[1]))
+
+
+def _block(wrow, srow, blk, PTX: tl.constexpr):
+    """Block `blk` of the rows as one [R, 32] operand: the low nibbles' 16 columns, then the high ones'."""
+    lo, hi = _tile(wrow, srow, blk, PTX)
+    return _cat_k(lo, hi)
+
+
+def _rows_mma(acc, wrow, srow, xcol, n_blk, NSUB: tl.constexpr, BPD: tl.constexpr, PTX: tl.constexpr):
+    """acc^T += W[rows] @ x'^T over K: wrow/srow [R] point at each row's bytes and scales, xcol [32 BPD, M] at
+    the permuted activations' first 32 BPD of each token (n_blk 32-blocks; NSUB a step, dividing n_blk;
+    BPD blocks an MMA, 2 when NSUB is even: fewer, longer MMAs and waits)."""
     for kb in range(0, n_blk, NSUB):
-        for sb in tl.static_range(NSUB):
-            lo, hi = _tile(wrow, srow, kb + sb, PTX)
-            acc = _mma(lo, tl.load(xcol + (kb + sb) * 32), acc, PTX)
-            acc = _mma(hi, tl.load(xcol + (kb + sb) * 32 + 16), acc, PTX)
+        for sb in tl.static_range(0, NSUB, BPD):
+            w = _block(wrow, srow, kb + sb, PTX)
+            if BPD == 2:
+                w = _cat_k(w, _block(wrow, srow, kb + sb + 1, PTX))
+            acc = _mma(w, tl.load(xcol + (kb + sb) * 32), acc, PTX)
+        if PTX:  # the step's MMAs finish before the loop goes round: ptxas otherwise serializes every wgmma
+            acc = _settle(acc)
     return acc
+
+
+def _settle(acc):
+    """acc through a register move, which makes Triton wait for the MMAs that wrote it here. Triton 3.6
+    leaves a loop's last wgmma in flight across the back edge, and ptxas then serializes every wgmma of
+    the kernel (C7515: "non wgmma instructions defining accumulator registers ... between start and end
+    of the pipeline stage"), each waited for before the next issues; kernels.aot reports it."""
+    return tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [acc], dtype=tl.float32, is_pure=True, pack=1)
 
 
 def _tile_rows(sorted_ptr, n_pairs, BLOCK_M: tl.constexpr):
@@ -152,8 +182,9 @@ def _w1_rs_kernel(x_ptr, wb_ptr, ws_ptr, b_ptr, act_ptr, sorted_ptr, tile_e_ptr,
     r = tl.minimum(tl.program_id(1) * 2 * BLOCK_N + tl.arange(0, 2 * BLOCK_N), 2 * I - 1)
     r = e * (2 * I) + r.to(tl.int64)
     n_blk = H // 32
+    BPD: tl.constexpr = 2 - NSUB % 2
     acc = _rows_mma(tl.zeros((2 * BLOCK_N, BLOCK_M), tl.float32), wb_ptr + r * (H // 2), ws_ptr + r * n_blk,
-                    x_ptr + tok[None, :] * H + tl.arange(0, 16)[:, None], n_blk, NSUB, PTX)
+                    x_ptr + tok[None, :] * H + tl.arange(0, 32 * BPD)[:, None], n_blk, NSUB, BPD, PTX)
     g, lin = tl.split(tl.permute(tl.reshape(acc, (BLOCK_N, 2, BLOCK_M)), (0, 2, 1)))
     j = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     gate = e * (2 * I) + 2 * tl.minimum(j, I - 1).to(tl.int64)
@@ -178,16 +209,17 @@ def _w2_rs_kernel(act_ptr, wb_ptr, ws_ptr, b_ptr, rw_ptr, y_ptr, sorted_ptr, til
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row = e * H + tl.minimum(n, H - 1).to(tl.int64)
     n_blk = I // 32
+    BPD: tl.constexpr = 2 - NSUB % 2
     acc = _rows_mma(tl.zeros((BLOCK_N, BLOCK_M), tl.float32), wb_ptr + row * (I // 2), ws_ptr + row * n_blk,
-                    act_ptr + rows[None, :] * I + tl.arange(0, 16)[:, None], n_blk, NSUB, PTX)
+                    act_ptr + rows[None, :] * I + tl.arange(0, 32 * BPD)[:, None], n_blk, NSUB, BPD, PTX)
     acc += tl.load(b_ptr + row).to(tl.float32)[:, None]
     acc = acc * tl.load(rw_ptr + pair, mask=rvalid, other=0.0)[None, :]
     out = y_ptr + pair.to(tl.int64)[None, :] * H + n[:, None]
     tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=rvalid[None, :] & (n < H)[:, None])
 
 
-_KERNELS = ("_act_pos", "_tile", "_tile_rows", "_e2m1", "_mma", "_rows_mma", "_xperm_kernel", "_w1_rs_kernel",
-            "_w2_rs_kernel")
+_KERNELS = ("_act_pos", "_tile", "_tile_rows", "_settle", "_e2m1", "_mma", "_cat_k", "_block", "_rows_mma",
+            "_xperm_kernel", "_w1_rs_kernel", "_w2_rs_kernel")
 _NO_SPECIALIZE = {"_w1_rs_kernel": ("n_pairs",), "_w2_rs_kernel": ("n_pairs",)}
 
 

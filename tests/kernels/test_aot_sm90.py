@@ -1,6 +1,6 @@
 """Every Triton kernel compiles for sm_90 (H100/H200) at the launchers' real-model configurations,
-without spills, within a block's shared memory and the register file. No GPU needed: Triton bundles
-ptxas. The interpreter tests cannot see any of this.
+without spills, within a block's shared memory and the register file, with its wgmma left asynchronous.
+No GPU needed: Triton bundles ptxas. The interpreter tests cannot see any of this.
 
 The suite imports triton under TRITON_INTERPRET=1 (tests/conftest.py), which leaves triton.language
 interpreted for the whole process, so aot.check compiles in one fresh process, once per module."""
@@ -48,6 +48,7 @@ def test_compiles_without_spills_within_limits(i):
     assert 0 < u.regs <= 255, where
     assert u.smem <= min(228 * 1024, aot.SMEM_LIMIT[ARCH]), where
     assert u.num_warps == CONFIGS[i].options.num_warps, where
+    assert u.serialized is None, f"{where}: ptxas serializes its wgmma ({u.serialized})"
 
 
 def test_step_shapes_do_not_multiply_compilations():

@@ -58,15 +58,22 @@ def test_dry_run_writes_results_and_markdown(tmp_path, weights):
     assert pad["batch"] == 1 and pad["padded_tokens_per_s"] > 0 and pad["padded_step_ms"] > 0
     assert "Decode padded to the next graph bucket" in r.stdout
     # and profiled last (--profile-batches; 1,64 by default): time by category, the trace beside the JSON
-    [prof] = res["profiles"]
+    prof, pre = res["profiles"]
     p = prof["profile"]
     assert prof["batch"] == 2 and prof["step_ms"] > 0 and prof["tokens_per_s"] > 0
+    # at the decode figures' context, not the throughput phase's (which runs before it)
+    assert prof["context"] == [x["context"] for x in res["results"] if x["kind"] == "decode"][0]
     assert p["steps"] == 2 and p["busy_ms_per_step"] > 0 and p["kernels_per_step"] > 10
     assert sum(c["share"] for c in p["categories"]) == pytest.approx(1)
     [lin] = [c for c in p["categories"] if c["category"] == "linear"]  # on CPU every matmul is aten::linear
     assert lin["ms_per_step"] > 0 and lin["bytes_per_step"] > 0 and lin["GBps"] > 0
     assert (tmp_path / p["trace"]).stat().st_size > 1000
     assert "Decode batch 2, where a step's time goes" in r.stdout and "| linear |" in r.stdout
+    # then full prefill chunks (--profile-prefill-steps; 3 by default): 32-token chunks of 24-token prompts
+    q = pre["profile"]
+    assert (pre["kind"], pre["tokens"], pre["batch"], pre["context"]) == ("prefill", 32, 1, 24)
+    assert q["steps"] == 2 and q["busy_ms_per_step"] > 0 and (tmp_path / q["trace"]).stat().st_size > 1000
+    assert "Prefill chunks of 32 tokens (1 prompt of 24), where a step's time goes" in r.stdout
 
 
 def test_throughput_cap_keeps_partial_results(tmp_path):

@@ -134,6 +134,22 @@ def test_rs_tiles_match_the_module(dtype, block_m, nsub, n):
     _close(out, ref, 2e-2)
 
 
+@pytest.mark.parametrize("nsub", [3, 6])
+def test_rs_steps_of_several_blocks(nsub):
+    """K steps of several scale blocks at 6 blocks a row (H = I = 192): odd steps run one MMA a block,
+    even ones pair the blocks into K=64 MMAs (6: three a step); both against the fp32 reference."""
+    from kernels import _tune_cases as cases, tuned
+    from kernels.moe import rs_configs
+    from tests.kernels.cases import CFG
+    cfg = CFG.model_copy(update=dict(hidden_size=192, intermediate_size=192))
+    w = cases.moe_weights(cfg, torch.bfloat16, "cpu", seed=3)
+    x, (idx, rw) = cases.moe_tokens(cfg, 12, torch.bfloat16, "cpu", seed=4)
+    ref = moe_reference(x.float(), idx, rw.float(), *(t.float() if t.is_floating_point() else t for t in w))
+    with tuned.forced({k: dict(c, NSUB=nsub) for k, c in rs_configs(True, 16).items()}):
+        out = moe_mxfp4(x, (idx, rw), *w).float()
+    _close(out, ref, 2e-2)
+
+
 def test_w1_and_w2_entries_on_different_paths_fall_back_to_the_default():
     """Each path hands W2 its own activations (rs: permuted and scaled; gemv: fp16): a tuned W1 on one path
     and W2 on another, even at the same BLOCK_M, is not run; both take the default tiles."""
