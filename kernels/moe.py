@@ -260,21 +260,27 @@ def _local_keys(idx_ptr, g2l_ptr, p, pm, HAS_MAP: tl.constexpr):
     return tl.where(pm & (loc >= 0), loc, -1)
 
 
-def _align_kernel(idx_ptr, g2l_ptr, sorted_ptr, tile_e_ptr, valid_ptr, n_pairs, n_local, max_tiles,
+def _align_kernel(idx_ptr, g2l_ptr, sorted_ptr, tile_e_ptr, valid_ptr, cursor_ptr, n_pairs, n_local, max_tiles,
                   x_ptr, x16_ptr, n_rows, H, stride_x,
                   HAS_MAP: tl.constexpr, BLOCK_M: tl.constexpr, E_PAD: tl.constexpr, CHUNK: tl.constexpr,
                   TILES: tl.constexpr, X16: tl.constexpr):
-    """`align` in one program: a stable counting sort of the pairs by local expert.
+    """`align` in one program: a counting sort of the pairs by local expert.
 
-    Pass 1 counts each expert's pairs (one-hot [CHUNK, E_PAD] summed over the
-    chunk) and writes `valid`; the tile layout is the cumsum of the padded tile
-    counts; the tiles' experts and padding slots are written next; pass 2 walks
-    the chunks again and scatters each pair to its expert's start + its rank
-    (cumsum of the one-hot down the chunk + the running per-expert count).
-    Every slot of sorted_ids is written exactly once, so the two writers need
-    no ordering between them. X16: also writes x16 = fp16(x * 2**-XS), the
-    activations kernels.moe_gemv's W1 reads (a decode step's few rows: one
-    launch fewer than kernels.moe_gemv._x16_kernel)."""
+    Pass 1 counts each expert's pairs (a histogram of a CHUNK of keys at a time)
+    and writes `valid`; the tile layout is the cumsum of the padded tile counts;
+    the tiles' experts and padding slots are written next; pass 2 walks the
+    chunks again and takes each pair's slot from a per-expert cursor (cursor_ptr,
+    E_PAD int32 of scratch set to each expert's first slot) by atomic add. A
+    chunk is thousands of pairs (a decode step's in one), where a one-hot
+    [pairs, experts] per chunk held 16-64 and made the program a long serial
+    chain (31.5 us at 256 pairs on an H200). On a GPU the pairs of one expert
+    take its slots in any order, which changes nothing downstream (each slot's
+    rows are computed on their own; the combine reads by pair); the
+    interpreter's atomics run in lane order, so there the sort is stable and
+    equals `align`. Every slot of sorted_ids is written exactly once, so the
+    two writers need no ordering between them. X16: also writes x16 =
+    fp16(x * 2**-XS), the activations kernels.moe_gemv's W1 reads (a decode
+    step's few rows: one launch fewer than kernels.moe_gemv._x16_kernel)."""
     if X16:
         xs = tl.arange(0, 1024)
         for f0 in range(0, n_rows * H, 1024):
@@ -291,10 +297,11 @@ def _align_kernel(idx_ptr, g2l_ptr, sorted_ptr, tile_e_ptr, valid_ptr, n_pairs, 
         pm = p < n_pairs
         key = _local_keys(idx_ptr, g2l_ptr, p, pm, HAS_MAP)
         tl.store(valid_ptr + p, (key >= 0).to(tl.int8), mask=pm)
-        counts += tl.sum((key[:, None] == cols[None, :]).to(tl.int32), axis=0)
+        counts += tl.histogram(key, E_PAD, mask=key >= 0)
     tiles = (counts + BLOCK_M - 1) // BLOCK_M
     tile_end = tl.cumsum(tiles, axis=0)
     tile_start = tile_end - tiles
+    tl.store(cursor_ptr + cols, tile_start * BLOCK_M)
     # tile -> expert (searchsorted right of tile_end), and P in every slot no pair will take
     rows = tl.arange(0, BLOCK_M)
     for t0 in range(0, max_tiles, TILES):
@@ -310,17 +317,14 @@ def _align_kernel(idx_ptr, g2l_ptr, sorted_ptr, tile_e_ptr, valid_ptr, n_pairs, 
         pad = (rows[None, :] >= used[:, None]) & tm[:, None]
         tl.store(sorted_ptr + t[:, None] * BLOCK_M + rows[None, :],
                  tl.full((TILES, BLOCK_M), 0, tl.int32) + n_pairs, mask=pad)
-    # pass 2: stable scatter
-    seen = tile_start * BLOCK_M
+    tl.debug_barrier()  # the cursors' stores, seen by every thread's atomics
+    # pass 2: scatter
     for c0 in range(0, n_pairs, CHUNK):
         p = c0 + lanes
         pm = p < n_pairs
         key = _local_keys(idx_ptr, g2l_ptr, p, pm, HAS_MAP)
-        hot = (key[:, None] == cols[None, :]).to(tl.int32)
-        incl = tl.cumsum(hot, axis=0)
-        dest = tl.sum(hot * (incl + seen[None, :]), axis=1) - 1
+        dest = tl.atomic_add(cursor_ptr + tl.maximum(key, 0), 1, mask=key >= 0, sem="relaxed")
         tl.store(sorted_ptr + dest, p, mask=key >= 0)
-        seen += tl.sum(hot, axis=0)
 
 
 # shared with kernels.moe_rs, jitted again into this module's globals (where its kernels look)
@@ -397,20 +401,21 @@ def _split(cfg: dict) -> tuple[dict, dict]:
 
 
 def _align_config(P: int, n_local: int, block_m: int) -> dict:
-    """Tiles of ~16 int32 per thread: the one-hot [CHUNK, E_PAD] and the padding block [TILES, BLOCK_M]."""
+    """~16 int32 per thread: a chunk of pairs, and the tile pass's [TILES, E_PAD] and [TILES, BLOCK_M]."""
     num_warps = 4 if P <= 2048 else 16
     budget = 16 * 32 * num_warps
     e_pad = max(16, next_pow2(n_local))
-    chunk = max(16, min(next_pow2(P), budget // e_pad))
-    tiles = max(1, min(chunk, budget // block_m))
-    return dict(E_PAD=e_pad, CHUNK=chunk, TILES=tiles, num_warps=num_warps)
+    tiles = max(1, min(budget // e_pad, budget // block_m))
+    # the chunk is the budget whatever P: a launch configuration per warp count, not per power of 2 of P
+    return dict(E_PAD=e_pad, CHUNK=budget, TILES=tiles, num_warps=num_warps)
 
 
 def align_triton(idx: torch.Tensor, global_to_local, n_local: int, block_m: int,
                  x: torch.Tensor | None = None, x16: torch.Tensor | None = None):
-    """`align` as one Triton launch (CUDA, or the interpreter): same sorted_ids and tile_expert,
-    valid as int8 (what _combine_kernel reads). Static shapes, no host reads: graph-capturable.
-    x [N, H], x16 [N, H] fp16: the same program also fills x16 with fp16(x * 2**-XS)."""
+    """`align` as one Triton launch (CUDA, or the interpreter): the same tile_expert and the same pairs in
+    each expert's slots (on a GPU in any order within them), valid as int8 (what _combine_kernel reads).
+    Static shapes, no host reads: graph-capturable. x [N, H], x16 [N, H] fp16: the same program also fills
+    x16 with fp16(x * 2**-XS)."""
     jit_module(globals(), _KERNELS)
     flat = idx.reshape(-1)
     P, dev = flat.numel(), flat.device
@@ -422,10 +427,11 @@ def align_triton(idx: torch.Tensor, global_to_local, n_local: int, block_m: int,
         return sorted_ids, tile_expert, valid
     g2l = global_to_local if global_to_local is not None else flat
     conv = x is not None and x16 is not None
-    launch(_align_kernel, (1,), flat, g2l, sorted_ids, tile_expert, valid, P, n_local, max_tiles,
+    cfg = _align_config(P, n_local, block_m)
+    cursor = torch.empty(cfg["E_PAD"], dtype=torch.int32, device=dev)
+    launch(_align_kernel, (1,), flat, g2l, sorted_ids, tile_expert, valid, cursor, P, n_local, max_tiles,
            x if conv else flat, x16 if conv else flat, x.shape[0] if conv else 0, x.shape[1] if conv else 0,
-           x.stride(0) if conv else 0, HAS_MAP=global_to_local is not None, BLOCK_M=block_m, X16=conv,
-           **_align_config(P, n_local, block_m))
+           x.stride(0) if conv else 0, HAS_MAP=global_to_local is not None, BLOCK_M=block_m, X16=conv, **cfg)
     return sorted_ids, tile_expert, valid
 
 
