@@ -13,7 +13,8 @@ router, unembedding; batches up to 64) against cuBLAS, timed the same way, an
 entry written only where kernels.linear wins (without one the model calls
 cuBLAS). Every candidate is compiled first for this
 GPU's arch in worker processes and dropped when kernels.aot reports a compile
-error, a spill or too much shared memory (the workers also fill Triton's cache,
+error, a spill, too much shared memory or wgmma that ptxas serialized (none of
+the MoE candidates does under Triton 3.6 or 3.9; the workers also fill Triton's cache,
 so the timing process compiles nothing); the rest are timed on random inputs
 (MXFP4 weights, bf16 activations, routing uniform over experts), captured in a
 CUDA graph and replayed under triton.testing.do_bench (L2 flushed before each
