@@ -22,7 +22,8 @@ loads it. Every number runs through engine.core.LLMEngine (scheduler, sampler an
 * profile, last (CUPTI may leave later work slower once it has run): decode at --profile-batches
   again, timed, then --profile-steps steps under torch.profiler: device time per kernel category
   beside the bytes the roofline says it moves (bench.step_profile), kernels per step, the Chrome
-  trace beside the JSON; then --profile-prefill-steps full prefill chunks the same way. --phases runs a subset (e.g. decode,profile while tuning kernels).
+  trace beside the JSON; then --profile-prefill-steps full prefill chunks the same way. --phases
+  runs a subset (e.g. decode,profile while tuning kernels).
 * throughput: --requests prompts of --isl tokens, --osl outputs each, at most
   --concurrency running; output tokens/s. The engine warms up first, as a
   Serve group does (every decode graph captured: the batch shrinks through
@@ -342,8 +343,8 @@ def run_model(preset: str, a, dev: torch.device, bw: float, flops: float, comman
                                                 f"ms per step, {profiled['kernels_per_step']:.0f} kernels"))
     if "profile" in a.phases and a.profile_prefill_steps:
         chunk = a.max_tokens_per_step
-        prof = _profiler(roof, dev, bw, chunk, *_chunk_shape(chunk, a.prefill_len),
-                         Path(a.out) / f"profile-{preset}-p{chunk}.json.gz" if a.out else None, f"prefill chunk {chunk}")
+        trace = Path(a.out) / f"profile-{preset}-p{chunk}.json.gz" if a.out else None
+        prof = _profiler(roof, dev, bw, chunk, *_chunk_shape(chunk, a.prefill_len), trace, f"prefill chunk {chunk}")
         profiled, seqs = profile_prefill(model, dev, a.prefill_len, chunk, a.profile_prefill_steps, prof)
         res.setdefault("profiles", []).append({"kind": "prefill", "batch": seqs, "tokens": chunk,
                                                "context": a.prefill_len, "profile": profiled})

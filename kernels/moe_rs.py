@@ -129,10 +129,12 @@ def _block(wrow, srow, blk, PTX: tl.constexpr):
     return _cat_k(lo, hi)
 
 
-def _rows_mma(acc, wrow, srow, xcol, n_blk, NSUB: tl.constexpr, BPD: tl.constexpr, PTX: tl.constexpr):
-    """acc^T += W[rows] @ x'^T over K: wrow/srow [R] point at each row's bytes and scales, xcol [32 BPD, M] at
-    the permuted activations' first 32 BPD of each token (n_blk 32-blocks; NSUB a step, dividing n_blk;
-    BPD blocks an MMA, 2 when NSUB is even: fewer, longer MMAs and waits)."""
+def _rows_mma(acc, wrow, srow, xrow, n_blk, NSUB: tl.constexpr, PTX: tl.constexpr):
+    """acc^T += W[rows] @ x'^T over K: wrow/srow [R] point at each row's bytes and scales, xrow [M] at each
+    token's permuted activations (n_blk 32-blocks; NSUB a step, dividing n_blk). BPD blocks an MMA: 2 when
+    NSUB is even (fewer, longer MMAs and waits)."""
+    BPD: tl.constexpr = 2 - NSUB % 2
+    xcol = xrow[None, :] + tl.arange(0, 32 * BPD)[:, None]
     for kb in range(0, n_blk, NSUB):
         for sb in tl.static_range(0, NSUB, BPD):
             w = _block(wrow, srow, kb + sb, PTX)
@@ -182,9 +184,8 @@ def _w1_rs_kernel(x_ptr, wb_ptr, ws_ptr, b_ptr, act_ptr, sorted_ptr, tile_e_ptr,
     r = tl.minimum(tl.program_id(1) * 2 * BLOCK_N + tl.arange(0, 2 * BLOCK_N), 2 * I - 1)
     r = e * (2 * I) + r.to(tl.int64)
     n_blk = H // 32
-    BPD: tl.constexpr = 2 - NSUB % 2
     acc = _rows_mma(tl.zeros((2 * BLOCK_N, BLOCK_M), tl.float32), wb_ptr + r * (H // 2), ws_ptr + r * n_blk,
-                    x_ptr + tok[None, :] * H + tl.arange(0, 32 * BPD)[:, None], n_blk, NSUB, BPD, PTX)
+                    x_ptr + tok * H, n_blk, NSUB, PTX)
     g, lin = tl.split(tl.permute(tl.reshape(acc, (BLOCK_N, 2, BLOCK_M)), (0, 2, 1)))
     j = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     gate = e * (2 * I) + 2 * tl.minimum(j, I - 1).to(tl.int64)
@@ -209,9 +210,8 @@ def _w2_rs_kernel(act_ptr, wb_ptr, ws_ptr, b_ptr, rw_ptr, y_ptr, sorted_ptr, til
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row = e * H + tl.minimum(n, H - 1).to(tl.int64)
     n_blk = I // 32
-    BPD: tl.constexpr = 2 - NSUB % 2
     acc = _rows_mma(tl.zeros((BLOCK_N, BLOCK_M), tl.float32), wb_ptr + row * (I // 2), ws_ptr + row * n_blk,
-                    act_ptr + rows[None, :] * I + tl.arange(0, 32 * BPD)[:, None], n_blk, NSUB, BPD, PTX)
+                    act_ptr + rows * I, n_blk, NSUB, PTX)
     acc += tl.load(b_ptr + row).to(tl.float32)[:, None]
     acc = acc * tl.load(rw_ptr + pair, mask=rvalid, other=0.0)[None, :]
     out = y_ptr + pair.to(tl.int64)[None, :] * H + n[:, None]
