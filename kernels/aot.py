@@ -49,6 +49,8 @@ DECODE_CONTEXT = 4096  # only the divisibility of derived arguments depends on i
 SMEM_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
 MAX_REGS = 255
 LINEAR_SAMPLE = dict(BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=4)
+# and split-K, for the few-feature linears at batch 1 (the router, o-proj), where it is compiled too
+LINEAR_SPLIT_SAMPLE = dict(BLOCK_N=16, BLOCK_K=128, SPLIT_K=4, num_warps=4, num_stages=4)
 
 
 def _step_launches(cfg, n_seqs: int, q_len: int, context: int, ep: int = 1, attn_dp: bool = False,
@@ -170,6 +172,9 @@ def workloads():
                     # a representative tile where this GPU has no entry (the candidates' middle)
                     with tuned.forced({} if lin.config_for(x, w, bb) else {"linear": LINEAR_SAMPLE}):
                         lin.linear(x, w, bb)
+                    if b == 1 and which in ("router", "o"):
+                        with tuned.forced({"linear": LINEAR_SPLIT_SAMPLE}):
+                            lin.linear(x, w, bb)
         out.append((f"linear d{b}", launches))
     from . import sample  # the sampler's temperature-only rows: fp32 logits over the vocabulary
     V = PRESETS["gpt-oss-120b"].vocab_size

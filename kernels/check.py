@@ -168,9 +168,10 @@ def sample_case(V: int, n: int, dev, dtype, gen):
     return float(gap), 0.0, bool(gap <= 1e-5)
 
 
-def linear_case(cfg, which: str, n: int, dev, dtype, gen, dry: bool):
+def linear_case(cfg, which: str, n: int, dev, dtype, gen, dry: bool, split: bool = False):
     """One of a decode step's linears (kernels.linear) at n rows: at this GPU's measured config for the
-    shape, else kernels.aot's sample tile (dry: a small one, and the vocabulary cut to 3000 rows)."""
+    shape, else kernels.aot's sample tile (dry: a small one, and the vocabulary cut to 3000 rows).
+    split: at kernels.aot's split-K sample (the tile's last program reduces, in the same launch)."""
     from . import _tune_cases as tc, aot, linear, tuned
     N, K, bias = tc.linear_shape(cfg, which)
     N = min(N, 3000) if dry else N
@@ -180,6 +181,8 @@ def linear_case(cfg, which: str, n: int, dev, dtype, gen, dry: bool):
     xb, wb, bb = x.to(dtype), w.to(dtype), None if b is None else b.to(dtype)
     ref32, ref16 = linear.linear_reference(x, w, b), linear.linear_reference(xb, wb, bb).to(dtype)
     cfg_l = linear.config_for(xb, wb, bb) or (dict(BLOCK_N=32, BLOCK_K=64) if dry else aot.LINEAR_SAMPLE)
+    if split:
+        cfg_l = dict(BLOCK_N=32, BLOCK_K=64, SPLIT_K=3) if dry else aot.LINEAR_SPLIT_SAMPLE
     with tuned.forced({"linear": cfg_l}):
         out = linear.linear(xb, wb, bb)
     return verdict(out, ref32, ref16)
@@ -202,6 +205,9 @@ def cases(models: list[str], tokens: list[int], dry: bool):
             for n in tokens[:2]:
                 yield f"{name} linear {which} rows={n}", \
                     lambda d, t, g, c=cfg, w=which, n=n: linear_case(c, w, n, d, t, g, dry)
+        for which in ("router", "o"):  # split-K: its cross-program handoff is only real on a GPU
+            yield f"{name} linear {which} split-K rows={tokens[0]}", \
+                lambda d, t, g, c=cfg, w=which, n=tokens[0]: linear_case(c, w, n, d, t, g, dry, split=True)
         ep = 2 if dry else 8
         for n in (tokens[0], tokens[-1]):
             yield f"{name} moe ep{ep} rank rows={n}", lambda d, t, g, c=cfg, n=n, ep=ep: moe_case(c, n, d, t, g, ep)

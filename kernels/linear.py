@@ -9,6 +9,22 @@ are streams of bf16 weights: on an H200 cuBLAS ran them at 58% of copy bandwidth
 rows padded to the MMA's 16 (the MMA has the spare throughput, the stream has none); the bias is
 added in the epilogue, in fp32, before the one rounding to the output dtype.
 
+Split-K (config SPLIT_K > 1). With few features a program per BLOCK_N leaves most of 132 SMs idle (the
+router's 128: 4 programs of 32); cuBLAS splits K there, as a GEMM and then a second kernel
+(splitKreduce, 1.86 us a call, 72 a 120b step: bench/results). Here the split is one launch, grid
+(N tiles, row tiles, SPLIT_K): program s streams a K range of whole BLOCK_K steps (the last shorter,
+or empty) and stores its fp32 tile to `part` [SPLIT_K, padded rows, N]. Then a barrier, so all of its
+threads have stored, and one acq_rel atomic per program takes a ticket from the tile's counter; the
+program holding the last ticket sums part[0..SPLIT_K) in that fixed order (the same bits whichever
+program arrives last), read through L2 (.cg), adds the bias, rounds once, and sets the counter back
+to 0. On a GPU the release half publishes each partial and the last ticket's acquire sees them all;
+the interpreter runs the programs one after another, so the tile's last program reduces.
+The counters are not zeroed per call, which would be the extra launch again: one int32 buffer per
+(device, stream) is zeroed when first used and stays zero between launches, as every launch leaves
+it, so a CUDA graph replays correctly. Launches on another stream may overlap, so they get a buffer
+of their own (where a capture is a stream's first use, that graph holds the zeroing as one node), and
+graphs captured on one stream share its buffer: replay them one at a time, as one stream does.
+
 It is never a default: with no measured entry (kernels/configs, kernels.tuned) the call is
 F.linear, cuBLAS on a GPU. kernels.tune's "linear" family times cuBLAS beside the candidates and
 writes an entry only where a candidate wins and matches the reference. The reference is
@@ -29,17 +45,28 @@ def linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     return F.linear(x.float(), weight.float(), None if bias is None else bias.float())
 
 
-def _linear_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_x, stride_w, stride_y,
+def _bias_store(acc, b_ptr, y_ptr, rm, rn, M, N, stride_y, HAS_BIAS: tl.constexpr):
+    """The epilogue: + bias in fp32, one rounding to y's dtype."""
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + rm.to(tl.int64)[:, None] * stride_y + rn[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=(rm < M)[:, None] & (rn < N)[None, :])
+
+
+def _linear_kernel(x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, count_ptr, M, N, K, K_SPLIT, stride_x, stride_w, stride_y,
                    HAS_BIAS: tl.constexpr, DOT_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_K: tl.constexpr):
-    """y[rows, cols] = x[rows] @ W[cols]^T (+ b[cols]) for BLOCK_N cols and BLOCK_M rows."""
+                   BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+    """y[rows, cols] = x[rows] @ W[cols]^T (+ b[cols]) for BLOCK_N cols and BLOCK_M rows. SPLIT_K > 1: over
+    K[s * K_SPLIT:][:K_SPLIT] for s = program_id(2), into part[s]; the tile's last program sums part."""
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     rk = tl.arange(0, BLOCK_K)
     x_rows = x_ptr + rm.to(tl.int64)[:, None] * stride_x
     w_rows = w_ptr + rn.to(tl.int64)[:, None] * stride_w
+    k_lo = tl.program_id(2) * K_SPLIT if SPLIT_K > 1 else 0
+    k_hi = tl.minimum(k_lo + K_SPLIT, K) if SPLIT_K > 1 else K
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_lo, k_hi, BLOCK_K):  # K_SPLIT is a multiple of BLOCK_K: a step stays in its split
         k = k0 + rk
         x = tl.load(x_rows + k[None, :], mask=(rm < M)[:, None] & (k < K)[None, :], other=0.0)
         w = tl.load(w_rows + k[None, :], mask=(rn < N)[:, None] & (k < K)[None, :], other=0.0)
@@ -47,13 +74,27 @@ def _linear_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_x, stride_w, stri
             acc = tl.dot(x, tl.trans(w), acc)
         else:  # fp32 operands (the interpreter's tl.dot mishandles bf16, NOTES section 4)
             acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + rm.to(tl.int64)[:, None] * stride_y + rn[None, :], acc.to(y_ptr.dtype.element_ty),
-             mask=(rm < M)[:, None] & (rn < N)[None, :])
+    if SPLIT_K == 1:
+        _bias_store(acc, b_ptr, y_ptr, rm, rn, M, N, stride_y, HAS_BIAS)
+    else:
+        # part [SPLIT_K, M_pad, N] fp32, its rows padded to whole tiles: only columns are masked
+        parts = part_ptr + rm.to(tl.int64)[:, None] * N + rn[None, :]
+        split = (tl.num_programs(1) * BLOCK_M).to(tl.int64) * N
+        tl.store(parts + tl.program_id(2) * split, acc, mask=(rn < N)[None, :])
+        tl.debug_barrier()  # all of this program's threads have stored before its ticket is taken
+        count = count_ptr + tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
+        # a scalar atomic runs once per program; acq_rel: releases this partial, and the last arriver's
+        # acquire sees every earlier one's
+        if tl.atomic_add(count, 1, sem="acq_rel") == SPLIT_K - 1:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+            for s in tl.static_range(SPLIT_K):  # in split order, whoever came last: a deterministic sum
+                # .cg: from L2, where the other SMs' stores are, not from this SM's L1
+                acc += tl.load(parts + s * split, mask=(rn < N)[None, :], other=0.0, cache_modifier=".cg")
+            _bias_store(acc, b_ptr, y_ptr, rm, rn, M, N, stride_y, HAS_BIAS)
+            tl.store(count, 0)  # zero again for the next launch: a CUDA graph replays the same counters
 
 
-_KERNELS = ("_linear_kernel",)
+_KERNELS = ("_linear_kernel", "_bias_store")
 _NO_SPECIALIZE = {"_linear_kernel": ("M",)}
 
 
@@ -75,9 +116,25 @@ def config_for(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None)
     return entry(*weight.shape, bias is not None, x.shape[0], x.dtype, x.device)
 
 
+_counters: dict = {}  # (device, stream) -> int32 tile tickets, all zero between launches
+_retired: list = []  # outgrown counter buffers: a CUDA graph captured with one still replays into it
+
+
+def _tile_counters(device: torch.device, tiles: int) -> torch.Tensor:
+    """The split-K tickets of launches on this device's current stream, zeroed once, at first use."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None
+    c = _counters.get((device, stream))
+    if c is None or c.numel() < tiles:
+        if c is not None:
+            _retired.append(c)
+        c = _counters[(device, stream)] = torch.zeros(max(4096, triton.next_power_of_2(tiles)),
+                                                      dtype=torch.int32, device=device)
+    return c
+
+
 def linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cfg: dict) -> torch.Tensor:
     """x [M, K] @ weight [N, K]^T + bias [N] -> [M, N] in x.dtype, at config cfg (BLOCK_N, BLOCK_K,
-    optional BLOCK_M (default: M rounded up to 16..64), num_warps, num_stages)."""
+    optional BLOCK_M (default: M rounded up to 16..64), SPLIT_K (default 1), num_warps, num_stages)."""
     jit_module(globals(), _KERNELS)
     M, K = x.shape
     N = weight.shape[0]
@@ -91,9 +148,17 @@ def linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     meta = {k: v for k, v in cfg.items() if k.startswith("BLOCK")}
     meta.setdefault("BLOCK_M", max(16, min(64, triton.next_power_of_2(M))))
+    split = meta["SPLIT_K"] = cfg.get("SPLIT_K", 1)
+    grid = (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(M, meta["BLOCK_M"]), split)
+    # each split a whole number of K steps; the last may be shorter (or empty)
+    k_split = triton.cdiv(triton.cdiv(K, split), meta["BLOCK_K"]) * meta["BLOCK_K"] if split > 1 else K
+    part, count = y, y  # unused without a split
+    if split > 1:
+        part = torch.empty(split, grid[1] * meta["BLOCK_M"], N, dtype=torch.float32, device=x.device)
+        count = _tile_counters(x.device, grid[0] * grid[1])
     opts = {} if interpreting() else {k: v for k, v in cfg.items() if k.startswith("num_")}
-    launch(_linear_kernel, (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(M, meta["BLOCK_M"])),
-           x, weight, bias if bias is not None else y, y, M, N, K, x.stride(0), weight.stride(0), y.stride(0),
+    launch(_linear_kernel, grid, x, weight, bias if bias is not None else y, y, part, count, M, N, K, k_split,
+           x.stride(0), weight.stride(0), y.stride(0),
            HAS_BIAS=bias is not None, DOT_BF16=on_gpu(x) and x.dtype in (torch.bfloat16, torch.float16),
            **meta, **opts)
     return y

@@ -285,10 +285,10 @@ def _us(t: float | None) -> str:
 def _fmt(c: dict | None) -> str:
     if not c:
         return "-"
-    short = dict(BLOCK_M="M", BLOCK_N="N", BLOCK_K="K", BLOCK_KB="KB", NUM_SPLITS="splits", num_warps="w",
-                 num_stages="s")
+    short = dict(BLOCK_M="M", BLOCK_N="N", BLOCK_K="K", BLOCK_KB="KB", NUM_SPLITS="splits", SPLIT_K="split_k",
+                 num_warps="w", num_stages="s")
     return " ".join(k.lower() if k in ("GEMV", "RS") else
-                    f"{short.get(k, k)}{'=' if k == 'NUM_SPLITS' else ''}{v}" for k, v in c.items())
+                    f"{short.get(k, k)}{'=' if k in ('NUM_SPLITS', 'SPLIT_K') else ''}{v}" for k, v in c.items())
 
 
 def tasks(models: list[str], batches: list[int], families: set[str], prefill_from: int,

@@ -12,11 +12,12 @@ def test_dry_run_passes_every_case(capsys):
     assert check.main(["--dry-run"]) == 0
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith("| tiny ")]
-    assert len(rows) == 28 and all(line.endswith("| ok |") for line in rows)
+    assert len(rows) == 30 and all(line.endswith("| ok |") for line in rows)
     assert "moe tokens=24" in out and "moe ep2 rank rows=24" in out and "moe gemv tokens=1" in out
     assert "moe rs tokens=24" in out and "attention prefill+decode window" in out
     assert "sample rows=24 vocab=3000" in out
     assert all(f"linear {w} rows={n}" in out for w in ("qkv", "o", "router", "unembed") for n in (1, 5))
+    assert "linear router split-K rows=1" in out and "linear o split-K rows=1" in out
 
 
 def test_a_wrong_kernel_fails(monkeypatch, capsys):
@@ -38,7 +39,7 @@ def test_a_wrong_linear_fails(monkeypatch, capsys):
     monkeypatch.setattr(linear, "linear", lambda *a, **kw: real(*a, **kw) * 1.01)
     assert check.main(["--dry-run"]) == 1
     out = capsys.readouterr().out
-    assert "| tiny linear qkv rows=1 |" in out and "8 of the cases failed" in out
+    assert "| tiny linear qkv rows=1 |" in out and "10 of the cases failed" in out
 
 
 def test_verdict_allows_twice_the_bf16_reference_error():

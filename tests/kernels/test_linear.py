@@ -88,3 +88,46 @@ def test_entry_is_found_by_shape_and_batch(tmp_path, monkeypatch):
         assert [fn.__name__ for fn, _, _ in launches] == ["_linear_kernel"]
     finally:
         tuned.clear_cache()
+
+
+SPLITS = [  # K past a whole number of splits of whole steps; N past the last tile; two row tiles
+    (3, 40, 200, dict(BLOCK_N=16, BLOCK_K=32, SPLIT_K=2)),
+    (17, 40, 200, dict(BLOCK_N=16, BLOCK_K=32, BLOCK_M=16, SPLIT_K=3)),
+    (5, 24, 64, dict(BLOCK_N=16, BLOCK_K=32, SPLIT_K=3)),  # splits of one step: the third is empty
+]
+
+
+@pytest.mark.parametrize("M,N,K,cfg", SPLITS)
+@pytest.mark.parametrize("bias", [True, False])
+def test_split_k_matches_f_linear_fp32_in_one_launch(M, N, K, cfg, bias):
+    x, w, b = _case(M, N, K, bias=bias, seed=M)
+    with tuned.forced({"linear": cfg}), _triton.recording() as launches:
+        linear(x, w, b)
+    assert [fn.__name__ for fn, _, _ in launches] == ["_linear_kernel"]  # the reduction is in the same launch
+    assert launches[0][2]["SPLIT_K"] == cfg["SPLIT_K"]
+    torch.testing.assert_close(linear_triton(x, w, b, cfg), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+
+
+def test_split_k_counters_reset_themselves_for_the_next_launch():
+    """The tile tickets are zeroed once, not per call: each tile's last program sets its ticket back to
+    0, so a second launch (a CUDA graph replay) on the same counters reduces again, to the same bits."""
+    from kernels import linear as lin
+    M, N, K, cfg = SPLITS[1]
+    x, w, b = _case(M, N, K)
+    first = linear_triton(x, w, b, cfg)
+    counters = lin._tile_counters(x.device, 1)
+    tiles = -(-N // cfg["BLOCK_N"]) * -(-M // cfg["BLOCK_M"])
+    assert counters.numel() >= tiles and not counters.any()
+    again = linear_triton(x, w, b, cfg)
+    assert lin._tile_counters(x.device, 1) is counters and not counters.any()
+    assert torch.equal(first, again)
+
+
+def test_split_k_bf16_within_the_bf16_reference_error():
+    """Splits of 64, 64 and 32. (The interpreter's cast to bf16 truncates: up to one ulp, not half.)"""
+    x, w, b = _case(5, 48, 160, torch.bfloat16)
+    out = linear_triton(x, w, b, dict(BLOCK_N=16, BLOCK_K=32, SPLIT_K=3))
+    assert out.dtype == torch.bfloat16
+    ref = linear_reference(x, w, b)
+    err, err_torch = (out.float() - ref).abs().max(), (F.linear(x, w, b).float() - ref).abs().max()
+    assert err <= 2 * err_torch + 1e-3, (err, err_torch)
