@@ -91,6 +91,29 @@ def capturing():
         _captured = prev
 
 
+_tickets: dict = {}  # (device, stream) -> int32 arrival counters, all zero between launches
+_retired: list = []  # outgrown buffers: a CUDA graph captured with one still replays into it
+
+
+def tickets(device, n: int):
+    """At least n int32 arrival counters for launches on this device's current stream: the kernels whose
+    last program to finish (a ticket from an acq_rel atomic) completes the launch (kernels.linear's
+    split-K, kernels.moe_gate). Zeroed once, at first use, never per launch (that would be a launch of
+    its own): every launch's last program sets its counters back to 0, so the next launch and a CUDA
+    graph's replays find them so. Launches on another stream may overlap, so they get a buffer of their
+    own (where a capture is a stream's first use, that graph holds the zeroing as one node); launches and
+    graphs of one stream share its buffer, which holds while they run in that stream's order."""
+    import torch
+    device = torch.device(device)
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None
+    c = _tickets.get((device, stream))
+    if c is None or c.numel() < n:
+        if c is not None:
+            _retired.append(c)
+        c = _tickets[(device, stream)] = torch.zeros(max(4096, next_pow2(n)), dtype=torch.int32, device=device)
+    return c
+
+
 def on_gpu(t) -> bool:
     """Whether t's kernels run compiled on a GPU (not in the interpreter on CPU tensors)."""
     return t.is_cuda or (_recorded is not None and t.is_meta)

@@ -102,9 +102,11 @@ def _step_launches(cfg, n_seqs: int, q_len: int, context: int, ep: int = 1, attn
         from . import route  # every rank routes its own tokens over all experts
         route_logits = torch.empty(gathered, cfg.num_local_experts, dtype=bf16, **meta)
         load = torch.empty(cfg.num_local_experts, dtype=torch.long, **meta)
+        gate = ep == 1 and q_len == 1 and N <= moe.GATE_MAX_ROWS  # Block.forward through MoE.forward_block
         if q_len == 1:  # a decode graph masks its padding rows, which route to no expert
             mask = torch.empty(gathered, dtype=torch.bool, **meta)
-            route.route_triton(route_logits, k, load, mask, drop_masked=True)
+            if not gate:
+                route.route_triton(route_logits, k, load, mask, drop_masked=True)
             if static_ep:  # under the all-reduce only rank 0 counts the load: the others route without
                 route.route_triton(route_logits, k, None, mask, drop_masked=True)
         else:  # a prefill (and the warm-up's) has no padding rows: no mask
@@ -114,8 +116,14 @@ def _step_launches(cfg, n_seqs: int, q_len: int, context: int, ep: int = 1, attn
         xm = torch.empty(rows, H, dtype=bf16, **meta)
         # one process adds the residual and applies the next norm in the combine (EP ranks: a fused
         # rmsnorm with residual after the exchange, launched above)
-        moe.moe_mxfp4(xm, routing, *experts, top_k=top, global_to_local=g2l,
-                      **(dict(residual=xm, norm=(norm_w, cfg.rms_norm_eps)) if ep == 1 else {}))
+        if gate:  # the add, MLP norm, router, routing and align in one launch (kernels.moe_gate)
+            router_w, router_b = torch.empty(E, H, dtype=bf16, **meta), torch.empty(E, dtype=bf16, **meta)
+            moe.moe_block_mxfp4(xm, xm, (norm_w, cfg.rms_norm_eps), router_w, router_b, *experts, top_k=top,
+                                global_to_local=g2l, load=load, token_mask=mask, drop_masked=True,
+                                norm=(norm_w, cfg.rms_norm_eps))
+        else:
+            moe.moe_mxfp4(xm, routing, *experts, top_k=top, global_to_local=g2l,
+                          **(dict(residual=xm, norm=(norm_w, cfg.rms_norm_eps)) if ep == 1 else {}))
     return launches
 
 
@@ -144,7 +152,7 @@ def workloads():
     for name, b in (("gpt-oss-20b", 1), ("gpt-oss-120b", 1), ("gpt-oss-120b", 32)):
         with tuned.forced(moe_mod.gemv_configs()):
             step = _step_launches(PRESETS[name], b, 1, DECODE_CONTEXT)
-        gemv_only = [ln for ln in step if ln[0].__name__ in ("_align_kernel", *moe_gemv._KERNELS)]
+        gemv_only = [ln for ln in step if ln[0].__name__ in ("_align_kernel", "_gate_kernel", *moe_gemv._KERNELS)]
         out.append((f"{name.removeprefix('gpt-oss-')} gemv d{b}", gemv_only))
     # kernels.moe_rs's tiles (weights as the MMA's register operand) kernels.tune may pick for larger steps
     from . import moe_rs

@@ -34,11 +34,9 @@ def verdict(kernel_out, ref32, ref16) -> tuple[float, float, bool]:
     return ek, e16, bool(math.isfinite(ek) and ek <= 2 * e16 + 1e-3)
 
 
-def moe_case(cfg, n: int, dev, dtype, gen, ep: int = 1, gemv: bool = False, rs: bool = False):
-    """ep > 1: the rows form one expert-parallel rank runs (MoE.run_experts): its E/ep experts,
-    n rows each routed to one of them with weight 1."""
-    from . import moe
-    E, H, I, k = cfg.num_local_experts // ep, cfg.hidden_size, cfg.intermediate_size, cfg.num_experts_per_tok
+def _experts(cfg, E: int, dev, gen):
+    """Random MXFP4 experts at cfg's shapes -> (w1 blocks, w1 scales, b1, w2 blocks, w2 scales, b2), fp32 biases."""
+    H, I = cfg.hidden_size, cfg.intermediate_size
     s0 = 127 + round(math.log2(1 / (math.sqrt(H) * math.sqrt(68.5 / 8))))  # weights ~ 1/sqrt(fan-in)
 
     def mx(o, i):
@@ -46,8 +44,16 @@ def moe_case(cfg, n: int, dev, dtype, gen, ep: int = 1, gemv: bool = False, rs: 
                 torch.randint(s0 - 1, s0 + 2, (E, o, i // 32), dtype=torch.uint8, device=dev, generator=gen))
 
     (w1b, w1s), (w2b, w2s) = mx(2 * I, H), mx(H, I)
-    b1 = torch.randn(E, 2 * I, device=dev, generator=gen) * 0.05
-    b2 = torch.randn(E, H, device=dev, generator=gen) * 0.05
+    return (w1b, w1s, torch.randn(E, 2 * I, device=dev, generator=gen) * 0.05, w2b, w2s,
+            torch.randn(E, H, device=dev, generator=gen) * 0.05)
+
+
+def moe_case(cfg, n: int, dev, dtype, gen, ep: int = 1, gemv: bool = False, rs: bool = False):
+    """ep > 1: the rows form one expert-parallel rank runs (MoE.run_experts): its E/ep experts,
+    n rows each routed to one of them with weight 1."""
+    from . import moe
+    E, H, k = cfg.num_local_experts // ep, cfg.hidden_size, cfg.num_experts_per_tok
+    w1b, w1s, b1, w2b, w2s, b2 = _experts(cfg, E, dev, gen)
     x = torch.randn(n, H, device=dev, generator=gen)
     if ep == 1:
         idx, w = moe.route(torch.randn(n, E, device=dev, generator=gen), k, torch.float32)
@@ -188,6 +194,33 @@ def linear_case(cfg, which: str, n: int, dev, dtype, gen, dry: bool, split: bool
     return verdict(out, ref32, ref16)
 
 
+def gate_case(cfg, n: int, dev, dtype, gen):
+    """kernels.moe_gate's fused block (add, MLP norm, router, routing and align in one launch, then the
+    experts) against the launches it replaces, both at dtype: no further from the fp32 reference (the
+    unfused chain's routing, in fp32) than the unfused chain, and the same expert load. The last
+    program's handoff (an atomic ticket, logits read past L1) is only exercised on a GPU."""
+    from . import moe, rmsnorm, route
+    from .moe_gate import GATE_MAX_ROWS
+    E, H, k, eps = cfg.num_local_experts, cfg.hidden_size, cfg.num_experts_per_tok, cfg.rms_norm_eps
+    n = min(n, GATE_MAX_ROWS)
+    ws = _experts(cfg, E, dev, gen)
+    ws16 = tuple(t.to(dtype) if t.is_floating_point() else t for t in ws)
+    rw = (torch.randn(E, H, device=dev, generator=gen) / math.sqrt(H)).to(dtype)
+    rb = (torch.randn(E, device=dev, generator=gen) * 0.1).to(dtype)
+    o, r = (torch.randn(n, H, device=dev, generator=gen).to(dtype) for _ in range(2))
+    nw, nw2 = (1 + 0.05 * torch.randn(H, device=dev, generator=gen) for _ in range(2))
+    g2l = torch.cat([torch.arange(E, device=dev), torch.full((1,), -1, device=dev)])
+    loads = [torch.zeros(E, dtype=torch.long, device=dev) for _ in range(2)]
+    fused, _ = moe.moe_block_mxfp4(o, r, (nw, eps), rw, rb, *ws16, top_k=k, global_to_local=g2l, load=loads[0],
+                                   norm=(nw2, eps))
+    h, x = rmsnorm.rmsnorm_triton(o, nw, eps, r)
+    idx, w = route.route_triton(torch.nn.functional.linear(h, rw, rb), k, loads[1])
+    unfused, _ = moe.moe_mxfp4(h, (idx, w), *ws16, top_k=k, global_to_local=g2l, residual=x, norm=(nw2, eps))
+    ref32 = x.float() + moe.moe_reference(h.float(), idx, w.float(), *ws, global_to_local=g2l)
+    ek, e16, ok = verdict(fused, ref32, unfused)
+    return ek, e16, ok and torch.equal(loads[0], loads[1])
+
+
 def cases(models: list[str], tokens: list[int], dry: bool):
     """(name, thunk) per case; thunk(dev, dtype, gen) -> (kernel error, bf16 reference error, passed)."""
     for name in models:
@@ -200,6 +233,8 @@ def cases(models: list[str], tokens: list[int], dry: bool):
         for n in tokens[1:]:  # the register-operand MMA tiles (kernels.moe_rs; 16-bit activations)
             yield f"{name} moe rs tokens={n}", lambda d, t, g, c=cfg, n=n: moe_case(c, n, d, torch.bfloat16, g,
                                                                                     rs=True)
+        for n in tokens[:2]:  # a decode step's gate in one launch (kernels.moe_gate), then the experts
+            yield f"{name} moe gate block rows={min(n, 16)}", lambda d, t, g, c=cfg, n=n: gate_case(c, n, d, t, g)
         from ._tune_cases import LINEARS
         for which in LINEARS:  # the decode linears (kernels.linear), at the configs a tuned file picks
             for n in tokens[:2]:

@@ -6,6 +6,9 @@
                              window, scale, max_query_len=None) -> [N, Hq, D]
     dispatch.moe(x, routing, w1_blocks, w1_scales, b1, w2_blocks, w2_scales, b2, *, top_k=4,
                  global_to_local=None, limit=7.0, alpha=1.702, residual=None) -> [N, H]
+    dispatch.moe_block(o, residual, mlp_norm, router_w, router_b, w1_blocks, ..., b2, *, top_k, global_to_local,
+                       load, token_mask, drop_masked, limit, alpha, norm) -> residual + o + moe(...) [, its norm]
+    dispatch.fuses_gate(x) -> bool: whether moe_block's one-launch gate takes this step
     dispatch.rmsnorm(x, weight, eps, residual=None) -> out | (out, x + residual)
     dispatch.rope(q, k, cos, sin) -> (q, k) rotated (q [N, Hq, D], k [N, K, D], cos/sin [N, D/2])
     dispatch.rope_into_cache(q, k, v, cos, sin, k_cache, v_cache, slots) -> q rotated; k (rotated), v stored
@@ -31,6 +34,9 @@ references here never call back into the modules):
 * MoE.compute (packed MXFP4 experts) -> moe(x, (idx, weights), ...), and the
   expert-parallel MoE.run_experts -> moe(rows, (local_ids[:, None], ones), top_k=1,
   global_to_local=None). Dense (unquantised) experts keep the torch path.
+* Block.forward, where fuses_gate (a decode step's few rows) and the MoE is single-process and packed ->
+  MoE.forward_block -> moe_block: the MLP's residual add and norm, the router, routing and align in one
+  launch (kernels/moe_gate.py), then the experts as moe.
 * RMSNorm.forward -> rmsnorm(x, ...); Block.forward fuses the residual add into
   the MoE's norm: h, x = rmsnorm(attn_out, w, eps, residual=x).
 * Rotary.apply_qk (Attention.forward's rotation of q and k) -> rope(q, k, cos, sin): one launch
@@ -115,6 +121,39 @@ def moe(x, routing, w1_blocks, w1_scales, b1, w2_blocks, w2_scales, b2, *, top_k
     return out if norm is None else (out, rmsnorm(out, norm[0], norm[1]))
 
 
+def fuses_gate(x) -> bool:
+    """Whether moe_block's fused gate (kernels/moe_gate.py) takes a step of x's rows: the Triton path, at
+    most GATE_MAX_ROWS rows (GPTOSS_GATE_MAX_ROWS overrides it; 0 turns the fusion off, for A/B runs)."""
+    if not use_triton(x.device):
+        return False
+    from .moe_gate import GATE_MAX_ROWS
+    limit = os.environ.get("GPTOSS_GATE_MAX_ROWS", "").strip()
+    try:
+        limit = min(int(limit), GATE_MAX_ROWS) if limit else GATE_MAX_ROWS
+    except ValueError:
+        raise ValueError(f"GPTOSS_GATE_MAX_ROWS={limit!r}: give a row count (0 turns the fused gate off)") from None
+    return 0 < x.shape[0] <= limit
+
+
+def moe_block(o, residual, mlp_norm, router_w, router_b, w1_blocks, w1_scales, b1, w2_blocks, w2_scales, b2, *,
+              top_k: int = 4, global_to_local=None, load=None, token_mask=None, drop_masked: bool = False,
+              limit: float = 7.0, alpha: float = 1.702, norm=None):
+    """A block's MLP half from the attention output: x = residual + o, h = rmsnorm(x) (mlp_norm: weight, eps),
+    routed (as route) and through the experts (as moe) -> x + moe(h), or with norm (that, its rmsnorm)."""
+    from . import moe as m
+    if use_triton(o.device):
+        return m.moe_block_mxfp4(o, residual, mlp_norm, router_w, router_b, w1_blocks, w1_scales, b1, w2_blocks,
+                                 w2_scales, b2, top_k=top_k, global_to_local=global_to_local, load=load,
+                                 token_mask=token_mask, drop_masked=drop_masked, limit=limit, alpha=alpha,
+                                 norm=norm)
+    from .moe_gate import gate_reference
+    x, h, idx, w = gate_reference(o, residual, mlp_norm[0], mlp_norm[1], router_w, router_b, top_k, load,
+                                  token_mask, drop_masked)
+    out = x + m.moe_reference(h, idx, w, w1_blocks, w1_scales, b1, w2_blocks, w2_scales, b2,
+                              global_to_local=global_to_local, limit=limit, alpha=alpha)
+    return out if norm is None else (out, rmsnorm(out, norm[0], norm[1]))
+
+
 def rmsnorm(x, weight, eps: float, residual=None):
     from . import rmsnorm as r
     if use_triton(x.device):
@@ -154,5 +193,5 @@ def sample(x: torch.Tensor, inv_temperature: torch.Tensor, keys: torch.Tensor) -
     return s.sample_reference(x, inv_temperature, keys)
 
 
-__all__ = ["moe", "paged_attention", "rmsnorm", "rope", "rope_into_cache", "route", "sample", "triton_available",
+__all__ = ["fuses_gate", "moe", "moe_block", "paged_attention", "rmsnorm", "rope", "rope_into_cache", "route", "sample", "triton_available",
            "use_triton"]

@@ -19,11 +19,7 @@ program holding the last ticket sums part[0..SPLIT_K) in that fixed order (the s
 program arrives last), read through L2 (.cg), adds the bias, rounds once, and sets the counter back
 to 0. On a GPU the release half publishes each partial and the last ticket's acquire sees them all;
 the interpreter runs the programs one after another, so the tile's last program reduces.
-The counters are not zeroed per call, which would be the extra launch again: one int32 buffer per
-(device, stream) is zeroed when first used and stays zero between launches, as every launch leaves
-it, so a CUDA graph replays correctly. Launches on another stream may overlap, so they get a buffer
-of their own (where a capture is a stream's first use, that graph holds the zeroing as one node), and
-graphs captured on one stream share its buffer: replay them one at a time, as one stream does.
+The counters are not zeroed per call, which would be the extra launch again: `_triton.tickets`.
 
 It is never a default: with no measured entry (kernels/configs, kernels.tuned) the call is
 F.linear, cuBLAS on a GPU. kernels.tune's "linear" family times cuBLAS beside the candidates and
@@ -36,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from . import tuned
-from ._triton import interpreting, jit_module, launch, on_gpu, tl, triton
+from ._triton import interpreting, jit_module, launch, on_gpu, tickets, tl, triton
 
 MAX_ROWS = 64  # beyond, a linear is a GEMM cuBLAS is built for: never looked up
 
@@ -116,22 +112,6 @@ def config_for(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None)
     return entry(*weight.shape, bias is not None, x.shape[0], x.dtype, x.device)
 
 
-_counters: dict = {}  # (device, stream) -> int32 tile tickets, all zero between launches
-_retired: list = []  # outgrown counter buffers: a CUDA graph captured with one still replays into it
-
-
-def _tile_counters(device: torch.device, tiles: int) -> torch.Tensor:
-    """The split-K tickets of launches on this device's current stream, zeroed once, at first use."""
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None
-    c = _counters.get((device, stream))
-    if c is None or c.numel() < tiles:
-        if c is not None:
-            _retired.append(c)
-        c = _counters[(device, stream)] = torch.zeros(max(4096, triton.next_power_of_2(tiles)),
-                                                      dtype=torch.int32, device=device)
-    return c
-
-
 def linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cfg: dict) -> torch.Tensor:
     """x [M, K] @ weight [N, K]^T + bias [N] -> [M, N] in x.dtype, at config cfg (BLOCK_N, BLOCK_K,
     optional BLOCK_M (default: M rounded up to 16..64), SPLIT_K (default 1), num_warps, num_stages)."""
@@ -155,7 +135,7 @@ def linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     part, count = y, y  # unused without a split
     if split > 1:
         part = torch.empty(split, grid[1] * meta["BLOCK_M"], N, dtype=torch.float32, device=x.device)
-        count = _tile_counters(x.device, grid[0] * grid[1])
+        count = tickets(x.device, grid[0] * grid[1])
     opts = {} if interpreting() else {k: v for k, v in cfg.items() if k.startswith("num_")}
     launch(_linear_kernel, grid, x, weight, bias if bias is not None else y, y, part, count, M, N, K, k_split,
            x.stride(0), weight.stride(0), y.stride(0),

@@ -1,7 +1,9 @@
 """gpt-oss MoE over MXFP4 experts: route, align, two grouped matmuls, combine.
 
 1. `route`: top-k of the router logits, softmax over the k picked (as MoE.route).
-2. `align`: (token, slot) pairs sorted by local expert, each expert's run padded
+2. `align` (kernels.moe_gate, and there for decode steps the whole gate in one launch: the block's
+   add and MLP norm, the router, routing and align; `moe_block_mxfp4`): (token, slot) pairs sorted by
+   local expert, each expert's run padded
    to a multiple of BLOCK_M, and tile -> expert. The tile count has a static
    bound (pairs/BLOCK_M + experts hit), so nothing here reads a value back to
    the host and a decode step stays capturable in a CUDA graph.
@@ -25,6 +27,7 @@ E counts this rank's experts and `global_to_local` (-1 = not here) maps router i
 """
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +38,7 @@ from models.layers import swiglu
 from . import moe_gemv as gemv_kernels
 from . import moe_rs as rs_kernels
 from . import tuned
+from .moe_gate import GATE_MAX_ROWS, X16_IN_ALIGN, align, align_triton, gate_triton
 from ._triton import interpreting, jit_module, launch, next_pow2, on_gpu, tl, triton
 
 
@@ -63,32 +67,6 @@ def moe_reference(x, idx, weights, w1_blocks, w1_scales, b1, w2_blocks, w2_scale
         h = swiglu(F.linear(rows[sel], w1, b1[j]), limit, alpha)
         y[sel] = F.linear(h, w2, b2[j])
     return torch.zeros_like(x).index_add_(0, tok, y * weights.flatten()[keep, None])
-
-
-def align(idx: torch.Tensor, global_to_local, n_local: int, block_m: int):
-    """-> sorted_ids [T*BM] (pair id, or P for padding), tile_expert [T] (-1 = spare), valid [P]."""
-    flat = idx.reshape(-1)
-    P, dev = flat.numel(), flat.device
-    loc = global_to_local[flat] if global_to_local is not None else flat
-    valid = loc >= 0
-    key = torch.where(valid, loc, torch.full_like(loc, n_local))  # absent pairs sort last
-    order = torch.argsort(key, stable=True)
-    # scatter_add, not bincount: bincount reads its max back to the host
-    counts = torch.zeros(n_local + 1, dtype=torch.long, device=dev).scatter_add_(0, key, torch.ones_like(key))
-    counts = counts[:n_local]
-    tiles = (counts + block_m - 1) // block_m
-    tile_end = torch.cumsum(tiles, 0)
-    skey = key[order]
-    ek = skey.clamp(max=n_local - 1)
-    rank = torch.arange(P, device=dev) - (torch.cumsum(counts, 0) - counts)[ek]
-    max_tiles = -(-P // block_m) + min(n_local, P)
-    dest = torch.where(skey < n_local, (tile_end - tiles)[ek] * block_m + rank,
-                       torch.full_like(rank, max_tiles * block_m))
-    sorted_ids = torch.full((max_tiles * block_m + 1,), P, dtype=torch.int32, device=dev)
-    sorted_ids.scatter_(0, dest, order.to(torch.int32))  # absent pairs all land in the dropped last slot
-    te = torch.searchsorted(tile_end, torch.arange(max_tiles, device=dev), right=True)
-    tile_expert = torch.where(te < n_local, te, torch.full_like(te, -1)).to(torch.int32)
-    return sorted_ids[:-1], tile_expert, valid
 
 
 # ---------------------------------------------------------------- Triton kernels
@@ -252,90 +230,12 @@ def _combine_kernel(y_ptr, valid_ptr, res_ptr, out_ptr, nw_ptr, h_ptr, H, s_res,
         tl.store(h_ptr + m * H + cols, (w * (xf * inv)).to(h_ptr.dtype.element_ty), mask=cols < H)
 
 
-def _local_keys(idx_ptr, g2l_ptr, p, pm, HAS_MAP: tl.constexpr):
-    """Local expert of pairs p (-1: absent from this rank, or past the last pair)."""
-    loc = tl.load(idx_ptr + p, mask=pm, other=0).to(tl.int32)
-    if HAS_MAP:
-        loc = tl.load(g2l_ptr + loc, mask=pm, other=-1).to(tl.int32)
-    return tl.where(pm & (loc >= 0), loc, -1)
-
-
-def _align_kernel(idx_ptr, g2l_ptr, sorted_ptr, tile_e_ptr, valid_ptr, cursor_ptr, n_pairs, n_local, max_tiles,
-                  x_ptr, x16_ptr, n_rows, H, stride_x,
-                  HAS_MAP: tl.constexpr, BLOCK_M: tl.constexpr, E_PAD: tl.constexpr, CHUNK: tl.constexpr,
-                  TILES: tl.constexpr, X16: tl.constexpr):
-    """`align` in one program: a counting sort of the pairs by local expert.
-
-    Pass 1 counts each expert's pairs (a histogram of a CHUNK of keys at a time)
-    and writes `valid`; the tile layout is the cumsum of the padded tile counts;
-    the tiles' experts and padding slots are written next; pass 2 walks the
-    chunks again and takes each pair's slot from a per-expert cursor (cursor_ptr,
-    E_PAD int32 of scratch set to each expert's first slot) by atomic add. A
-    chunk is thousands of pairs (a decode step's in one), where a one-hot
-    [pairs, experts] per chunk held 16-64 and made the program a long serial
-    chain (31.5 us at 256 pairs on an H200). On a GPU the pairs of one expert
-    take its slots in any order, which changes nothing downstream (each slot's
-    rows are computed on their own; the combine reads by pair); the
-    interpreter's atomics run in lane order, so there the sort is stable and
-    equals `align`. Every slot of sorted_ids is written exactly once, so the
-    two writers need no ordering between them. X16: also writes x16 =
-    fp16(x * 2**-XS), the activations kernels.moe_gemv's W1 reads (a decode
-    step's few rows: one launch fewer than kernels.moe_gemv._x16_kernel)."""
-    if X16:
-        xs = tl.arange(0, 1024)
-        for f0 in range(0, n_rows * H, 1024):
-            f = f0 + xs
-            r = f // H
-            v = tl.load(x_ptr + r.to(tl.int64) * stride_x + (f - r * H), mask=f < n_rows * H, other=0.0)
-            tl.store(x16_ptr + f, (v.to(tl.float32) * _X16_SCALE).to(tl.float16), mask=f < n_rows * H)
-    cols = tl.arange(0, E_PAD)
-    lanes = tl.arange(0, CHUNK)
-    real_e = cols < n_local
-    counts = tl.zeros((E_PAD,), tl.int32)
-    for c0 in range(0, n_pairs, CHUNK):
-        p = c0 + lanes
-        pm = p < n_pairs
-        key = _local_keys(idx_ptr, g2l_ptr, p, pm, HAS_MAP)
-        tl.store(valid_ptr + p, (key >= 0).to(tl.int8), mask=pm)
-        counts += tl.histogram(key, E_PAD, mask=key >= 0)
-    tiles = (counts + BLOCK_M - 1) // BLOCK_M
-    tile_end = tl.cumsum(tiles, axis=0)
-    tile_start = tile_end - tiles
-    tl.store(cursor_ptr + cols, tile_start * BLOCK_M)
-    # tile -> expert (searchsorted right of tile_end), and P in every slot no pair will take
-    rows = tl.arange(0, BLOCK_M)
-    for t0 in range(0, max_tiles, TILES):
-        t = t0 + tl.arange(0, TILES)
-        tm = t < max_tiles
-        te = tl.sum((real_e[None, :] & (tile_end[None, :] <= t[:, None])).to(tl.int32), axis=1)
-        spare = te >= n_local
-        tl.store(tile_e_ptr + t, tl.where(spare, -1, te), mask=tm)
-        hit = (te[:, None] == cols[None, :]).to(tl.int32)
-        cnt = tl.sum(hit * counts[None, :], axis=1)
-        first = tl.sum(hit * tile_start[None, :], axis=1)
-        used = tl.where(spare, 0, tl.minimum(tl.maximum(cnt - (t - first) * BLOCK_M, 0), BLOCK_M))
-        pad = (rows[None, :] >= used[:, None]) & tm[:, None]
-        tl.store(sorted_ptr + t[:, None] * BLOCK_M + rows[None, :],
-                 tl.full((TILES, BLOCK_M), 0, tl.int32) + n_pairs, mask=pad)
-    tl.debug_barrier()  # the cursors' stores, seen by every thread's atomics
-    # pass 2: scatter
-    for c0 in range(0, n_pairs, CHUNK):
-        p = c0 + lanes
-        pm = p < n_pairs
-        key = _local_keys(idx_ptr, g2l_ptr, p, pm, HAS_MAP)
-        dest = tl.atomic_add(cursor_ptr + tl.maximum(key, 0), 1, mask=key >= 0, sem="relaxed")
-        tl.store(sorted_ptr + dest, p, mask=key >= 0)
-
-
 # shared with kernels.moe_rs, jitted again into this module's globals (where its kernels look)
 _tile_rows = getattr(rs_kernels._tile_rows, "fn", rs_kernels._tile_rows)
 _settle = getattr(rs_kernels._settle, "fn", rs_kernels._settle)
 _KERNELS = ("_tile_rows", "_settle", "_fp4", "_dot", "_mx_tile", "_mx_scales", "_mx_dot", "_w1_kernel", "_w2_kernel",
-            "_combine_kernel", "_local_keys", "_align_kernel")
-_NO_SPECIALIZE = {"_w1_kernel": ("n_pairs",), "_w2_kernel": ("n_pairs",),
-                  "_align_kernel": ("n_pairs", "max_tiles", "n_rows")}
-_X16_SCALE = gemv_kernels.X16_SCALE  # jitted code reads its own module's constexpr globals
-X16_IN_ALIGN = 16  # up to this many rows the align program converts them; more take _x16_kernel's grid
+            "_combine_kernel")
+_NO_SPECIALIZE = {"_w1_kernel": ("n_pairs",), "_w2_kernel": ("n_pairs",)}
 
 
 def _default_config(pairs: int, n_local: int, interp: bool) -> dict:
@@ -400,39 +300,40 @@ def _split(cfg: dict) -> tuple[dict, dict]:
             {k: v for k, v in cfg.items() if k.startswith("num_")})
 
 
-def _align_config(P: int, n_local: int, block_m: int) -> dict:
-    """~16 int32 per thread: a chunk of pairs, and the tile pass's [TILES, E_PAD] and [TILES, BLOCK_M]."""
-    num_warps = 4 if P <= 2048 else 16
-    budget = 16 * 32 * num_warps
-    e_pad = max(16, next_pow2(n_local))
-    tiles = max(1, min(budget // e_pad, budget // block_m))
-    # the chunk is the budget whatever P: a launch configuration per warp count, not per power of 2 of P
-    return dict(E_PAD=e_pad, CHUNK=budget, TILES=tiles, num_warps=num_warps)
+@dataclass
+class _Plan:
+    """One step's expert-matmul choices: configs (kernels.tuned or the default), path, tile rows."""
+    cfg1: dict
+    cfg2: dict
+    gemv: bool  # kernels.moe_gemv: W1 takes fp16(x * 2**-XS) and hands W2 its activations so
+    rs: bool  # kernels.moe_rs: W1 takes bf16(x * 2**XC), K permuted (moe_rs.act_order), and hands W2 so
+    dot_bf16: bool
+    scaled: bool
+
+    @property
+    def block_m(self) -> int:
+        return self.cfg1["BLOCK_M"]
 
 
-def align_triton(idx: torch.Tensor, global_to_local, n_local: int, block_m: int,
-                 x: torch.Tensor | None = None, x16: torch.Tensor | None = None):
-    """`align` as one Triton launch (CUDA, or the interpreter): the same tile_expert and the same pairs in
-    each expert's slots (on a GPU in any order within them), valid as int8 (what _combine_kernel reads).
-    Static shapes, no host reads: graph-capturable. x [N, H], x16 [N, H] fp16: the same program also fills
-    x16 with fp16(x * 2**-XS)."""
+def _plan(x: torch.Tensor, N: int, E: int, I: int, k: int, scaled: bool | None) -> _Plan:
+    H = x.shape[1]
+    if H % 32 or I % 32:
+        raise ValueError(f"hidden {H} and intermediate {I} must be multiples of 32 (MXFP4 blocks)")
+    interp = interpreting()
+    cfg1, cfg2 = _config(N, H, I, E, k, x, interp)
+    if (cfg1.get("GEMV") or cfg1.get("RS")) and x.dtype == torch.float32:  # both serve 16-bit activations
+        cfg1 = cfg2 = _default_config(N * k, E, interp)
+    if cfg1.get("RS"):  # a K step of NSUB scale blocks must divide the matmul's K (W1's H, W2's I)
+        cfg1, cfg2 = ({**c, "NSUB": math.gcd(c["NSUB"], K // 32)} for c, K in ((cfg1, H), (cfg2, I)))
+    dot_bf16 = on_gpu(x) and x.dtype in (torch.bfloat16, torch.float16)
+    return _Plan(cfg1, cfg2, bool(cfg1.get("GEMV")), bool(cfg1.get("RS")), dot_bf16,
+                 dot_bf16 if scaled is None else scaled)
+
+
+def _jit_all() -> None:
     jit_module(globals(), _KERNELS)
-    flat = idx.reshape(-1)
-    P, dev = flat.numel(), flat.device
-    max_tiles = -(-P // block_m) + min(n_local, P)
-    sorted_ids = torch.empty(max_tiles * block_m, dtype=torch.int32, device=dev)
-    tile_expert = torch.empty(max_tiles, dtype=torch.int32, device=dev)
-    valid = torch.empty(P, dtype=torch.int8, device=dev)
-    if P == 0:
-        return sorted_ids, tile_expert, valid
-    g2l = global_to_local if global_to_local is not None else flat
-    conv = x is not None and x16 is not None
-    cfg = _align_config(P, n_local, block_m)
-    cursor = torch.empty(cfg["E_PAD"], dtype=torch.int32, device=dev)
-    launch(_align_kernel, (1,), flat, g2l, sorted_ids, tile_expert, valid, cursor, P, n_local, max_tiles,
-           x if conv else flat, x16 if conv else flat, x.shape[0] if conv else 0, x.shape[1] if conv else 0,
-           x.stride(0) if conv else 0, HAS_MAP=global_to_local is not None, BLOCK_M=block_m, X16=conv, **cfg)
-    return sorted_ids, tile_expert, valid
+    jit_module(vars(gemv_kernels), gemv_kernels._KERNELS)
+    jit_module(vars(rs_kernels), rs_kernels._KERNELS)
 
 
 def moe_mxfp4(x: torch.Tensor, routing, w1_blocks, w1_scales, b1, w2_blocks, w2_scales, b2, *,
@@ -447,39 +348,63 @@ def moe_mxfp4(x: torch.Tensor, routing, w1_blocks, w1_scales, b1, w2_blocks, w2_
     if norm is not None and residual is None:
         raise ValueError("norm is fused after the residual add: pass residual too")
     idx, weights = route(routing, top_k, x.dtype) if isinstance(routing, torch.Tensor) else routing
-    N, H = x.shape
+    N = x.shape[0]
     E, I = w1_blocks.shape[0], w1_blocks.shape[1] // 2
     k = idx.shape[1]
     if N == 0:
         out = torch.zeros_like(x) if residual is None else residual.clone()
         return out if norm is None else (out, torch.empty_like(out))
-    if H % 32 or I % 32:
-        raise ValueError(f"hidden {H} and intermediate {I} must be multiples of 32 (MXFP4 blocks)")
-    jit_module(globals(), _KERNELS)
-    jit_module(vars(gemv_kernels), gemv_kernels._KERNELS)
-    jit_module(vars(rs_kernels), rs_kernels._KERNELS)
-    interp = interpreting()
-    cfg1, cfg2 = _config(N, H, I, E, k, x, interp)
-    if (cfg1.get("GEMV") or cfg1.get("RS")) and x.dtype == torch.float32:  # both serve 16-bit activations
-        cfg1 = cfg2 = _default_config(N * k, E, interp)
-    bm = cfg1["BLOCK_M"]
-    dot_bf16 = on_gpu(x) and x.dtype in (torch.bfloat16, torch.float16)
-    scaled = dot_bf16 if scaled is None else scaled
+    _jit_all()
+    plan = _plan(x, N, E, I, k, scaled)
     x = x.contiguous()
-    gemv = bool(cfg1.get("GEMV"))  # its tiles take fp16(x * 2**-XS) and hand W2 their activations so
-    rs = bool(cfg1.get("RS"))  # its tiles take bf16(x * 2**XC), K permuted (moe_rs.act_order), and hand W2 so
-    if rs:  # a K step of NSUB scale blocks must divide the matmul's K (W1's H, W2's I)
-        cfg1, cfg2 = ({**c, "NSUB": math.gcd(c["NSUB"], K // 32)} for c, K in ((cfg1, H), (cfg2, I)))
-    x16 = torch.empty(N, H, dtype=torch.float16, device=x.device) if gemv else None
-    in_align = gemv and N <= X16_IN_ALIGN
-    sorted_ids, tile_expert, valid = align_triton(idx, global_to_local, E, bm, *((x, x16) if in_align else ()))
+    x16 = torch.empty_like(x, dtype=torch.float16) if plan.gemv else None
+    in_align = plan.gemv and N <= X16_IN_ALIGN
+    aligned = align_triton(idx, global_to_local, E, plan.block_m, *((x, x16) if in_align else ()))
+    if plan.gemv and not in_align:
+        launch(gemv_kernels._x16_kernel, (N, triton.cdiv(x.shape[1], 1024)), x, x16, x.shape[1], x.stride(0),
+               BLOCK=1024)
+    return _experts(x, x16, weights.reshape(-1).float().contiguous(), aligned, plan, k, w1_blocks, w1_scales, b1,
+                    w2_blocks, w2_scales, b2, limit, alpha, residual, norm)
+
+
+def moe_block_mxfp4(o: torch.Tensor, residual: torch.Tensor, mlp_norm: tuple[torch.Tensor, float], router_w,
+                    router_b, w1_blocks, w1_scales, b1, w2_blocks, w2_scales, b2, *, top_k: int = 4,
+                    global_to_local: torch.Tensor | None = None, load: torch.Tensor | None = None,
+                    token_mask: torch.Tensor | None = None, drop_masked: bool = False, limit: float = 7.0,
+                    alpha: float = 1.702, norm: tuple[torch.Tensor, float] | None = None):
+    """A block's second half from the attention output o [N, H] (N <= GATE_MAX_ROWS) and the stream
+    `residual`: x = o + residual, h = rmsnorm(x) (mlp_norm: weight, eps), routed by router_w/router_b
+    (load, token_mask, drop_masked as kernels.route), then the experts -> x + moe(h), or with `norm`
+    (x + moe(h), its rmsnorm). The add, norm, router, routing and align are one launch (kernels.moe_gate)."""
+    N = o.shape[0]
+    E, I = w1_blocks.shape[0], w1_blocks.shape[1] // 2
+    _jit_all()
+    plan = _plan(o, N, E, I, top_k, None)
+    x16 = plan.gemv and N <= X16_IN_ALIGN
+    g = gate_triton(o, residual, mlp_norm[0], mlp_norm[1], router_w, router_b, top_k, E, plan.block_m,
+                    global_to_local, load, token_mask, drop_masked, x16=x16)
+    if plan.gemv and not x16:
+        g.x16 = torch.empty_like(g.h, dtype=torch.float16)
+        launch(gemv_kernels._x16_kernel, (N, triton.cdiv(g.h.shape[1], 1024)), g.h, g.x16, g.h.shape[1],
+               g.h.stride(0), BLOCK=1024)
+    return _experts(g.h, g.x16, g.weights, g.aligned, plan, top_k, w1_blocks, w1_scales, b1, w2_blocks, w2_scales,
+                    b2, limit, alpha, g.x, norm)
+
+
+def _experts(x, x16, rw, aligned, plan: _Plan, k: int, w1_blocks, w1_scales, b1, w2_blocks, w2_scales, b2,
+             limit, alpha, residual, norm):
+    """W1, W2 and the combine over aligned pairs; rw [N*k] fp32 router weights; x16: the gemv tiles' input."""
+    N, H = x.shape
+    I = w1_blocks.shape[1] // 2
+    interp = interpreting()
+    sorted_ids, tile_expert, valid = aligned
+    bm, gemv, rs = plan.block_m, plan.gemv, plan.rs
     T = tile_expert.numel()
     act = torch.empty(T * bm, I, dtype=torch.float16 if gemv else torch.bfloat16 if rs else x.dtype,
                       device=x.device)
-    rw = weights.reshape(-1).float().contiguous()
     # the gemv tiles hand the combine fp32 rows (a few per step): the sum of a token's k rows rounds once
     y = torch.empty(N * k, H, dtype=torch.float32 if gemv else x.dtype, device=x.device)
-    meta, opts = _split(cfg1)
+    meta, opts = _split(plan.cfg1)
     grid1 = (T, triton.cdiv(I, meta["BLOCK_N"]))
     if rs:
         xp = torch.empty(N, H, dtype=torch.bfloat16, device=x.device)
@@ -487,17 +412,15 @@ def moe_mxfp4(x: torch.Tensor, routing, w1_blocks, w1_scales, b1, w2_blocks, w2_
         launch(rs_kernels._w1_rs_kernel, grid1, xp, w1_blocks, w1_scales, b1, act, sorted_ids, tile_expert,
                N * k, H, I, TOP_K=k, LIMIT=float(limit), ALPHA=float(alpha), PTX=not interp, **meta, **opts)
     elif gemv:
-        if not in_align:
-            launch(gemv_kernels._x16_kernel, (N, triton.cdiv(H, 1024)), x, x16, H, x.stride(0), BLOCK=1024)
         launch(gemv_kernels._w1_gemv_kernel, grid1, x16, w1_blocks, w1_scales, b1, act, sorted_ids, tile_expert,
                N * k, H, I, TOP_K=k, LIMIT=float(limit), ALPHA=float(alpha), PTX=not interp, **meta, **opts)
     else:
         launch(_w1_kernel, grid1, x, w1_blocks, w1_scales, b1, act, sorted_ids, tile_expert, N * k, H, I,
-               x.stride(0), TOP_K=k, LIMIT=float(limit), ALPHA=float(alpha), DOT_BF16=dot_bf16, SCALED=scaled,
-               **meta, **opts)
+               x.stride(0), TOP_K=k, LIMIT=float(limit), ALPHA=float(alpha), DOT_BF16=plan.dot_bf16,
+               SCALED=plan.scaled, **meta, **opts)
     w2 = gemv_kernels._w2_gemv_kernel if gemv else rs_kernels._w2_rs_kernel if rs else _w2_kernel
-    own = dict(PTX=not interp) if gemv or rs else dict(DOT_BF16=dot_bf16, SCALED=scaled)
-    meta, opts = _split(cfg2)
+    own = dict(PTX=not interp) if gemv or rs else dict(DOT_BF16=plan.dot_bf16, SCALED=plan.scaled)
+    meta, opts = _split(plan.cfg2)
     launch(w2, (T, triton.cdiv(H, meta["BLOCK_N"])),
            act, w2_blocks, w2_scales, b2, rw, y, sorted_ids, tile_expert, N * k, H, I, **own, **meta, **opts)
     out = torch.empty_like(x)
@@ -514,4 +437,4 @@ def moe_mxfp4(x: torch.Tensor, routing, w1_blocks, w1_scales, b1, w2_blocks, w2_
     return out if norm is None else (out, normed)
 
 
-__all__ = ["align", "align_triton", "moe_mxfp4", "moe_reference", "route"]
+__all__ = ["GATE_MAX_ROWS", "align", "align_triton", "moe_block_mxfp4", "moe_mxfp4", "moe_reference", "route"]

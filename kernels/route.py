@@ -31,12 +31,17 @@ def route_reference(logits: torch.Tensor, top_k: int, load: torch.Tensor | None 
     return idx, torch.softmax(top.float(), dim=-1).to(logits.dtype)
 
 
-def _route_kernel(l_ptr, idx_ptr, w_ptr, load_ptr, mask_ptr, E, s_l,
-                  TOP_K: tl.constexpr, BLOCK_E: tl.constexpr, HAS_LOAD: tl.constexpr, HAS_MASK: tl.constexpr,
-                  DROP_MASKED: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
+def _route_row(l_ptr, idx_ptr, w_ptr, load_ptr, mask_ptr, row, E, s_l,
+               TOP_K: tl.constexpr, BLOCK_E: tl.constexpr, HAS_LOAD: tl.constexpr, HAS_MASK: tl.constexpr,
+               DROP_MASKED: tl.constexpr, L2_ONLY: tl.constexpr):
+    """Route token `row`. L2_ONLY: the logits were written by other programs of this launch (kernels.moe_gate),
+    so they are read past this SM's L1, which may hold a stale copy."""
     e = tl.arange(0, BLOCK_E)
-    x = tl.load(l_ptr + row * s_l + e, mask=e < E, other=float("-inf")).to(tl.float32)
+    if L2_ONLY:
+        x = tl.load(l_ptr + row * s_l + e, mask=e < E, other=float("-inf"), cache_modifier=".cg")
+    else:
+        x = tl.load(l_ptr + row * s_l + e, mask=e < E, other=float("-inf"))
+    x = x.to(tl.float32)
     count = 1
     if HAS_MASK:
         count = tl.load(mask_ptr + row).to(tl.int32)
@@ -57,14 +62,21 @@ def _route_kernel(l_ptr, idx_ptr, w_ptr, load_ptr, mask_ptr, E, s_l,
         ids_out = tl.where(count != 0, ids, E)
     else:
         ids_out = ids
-    tl.store(idx_ptr + row * TOP_K + kk, ids_out.to(tl.int64))
+    tl.store(idx_ptr + row * TOP_K + kk, ids_out.to(idx_ptr.dtype.element_ty))
     tl.store(w_ptr + row * TOP_K + kk, p.to(w_ptr.dtype.element_ty))
     if HAS_LOAD:
         add = tl.zeros((TOP_K,), tl.int64) + count
         tl.atomic_add(load_ptr + ids, add, mask=add != 0)
 
 
-_KERNELS = ("_route_kernel",)
+def _route_kernel(l_ptr, idx_ptr, w_ptr, load_ptr, mask_ptr, E, s_l,
+                  TOP_K: tl.constexpr, BLOCK_E: tl.constexpr, HAS_LOAD: tl.constexpr, HAS_MASK: tl.constexpr,
+                  DROP_MASKED: tl.constexpr):
+    _route_row(l_ptr, idx_ptr, w_ptr, load_ptr, mask_ptr, tl.program_id(0).to(tl.int64), E, s_l, TOP_K, BLOCK_E,
+               HAS_LOAD, HAS_MASK, DROP_MASKED, False)
+
+
+_KERNELS = ("_route_row", "_route_kernel")
 
 
 def route_triton(logits: torch.Tensor, top_k: int, load: torch.Tensor | None = None,

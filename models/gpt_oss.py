@@ -61,9 +61,13 @@ class Block(nn.Module):
     def forward(self, x, h, cos, sin, meta, next_norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
         """x: the residual stream, h = attn_norm(x) (the previous block fused it into its MoE combine)
         -> (the new stream x', next_norm(x')): the next block's attention norm, or the model's last."""
-        x, h = add_norm(self.attn(h, cos, sin, meta), x, self.mlp_norm)  # one kernel on the GPU
-        return self.moe(h, getattr(meta, "token_mask", None), getattr(meta, "static", False), residual=x,
-                        norm=next_norm)
+        o = self.attn(h, cos, sin, meta)
+        mask = getattr(meta, "token_mask", None)
+        fused = self.moe.forward_block(o, x, self.mlp_norm, mask, next_norm)  # a decode step on the GPU
+        if fused is not None:
+            return fused
+        x, h = add_norm(o, x, self.mlp_norm)  # one kernel on the GPU
+        return self.moe(h, mask, getattr(meta, "static", False), residual=x, norm=next_norm)
 
 
 class GptOssForCausalLM(nn.Module):

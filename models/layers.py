@@ -313,6 +313,20 @@ class MoE(nn.Module):
             return self.compute(x, idx, weights, self.local_or_skip, residual, norm)
         return add_norm(self._exchange(x, token_mask, static), residual, norm)
 
+    def forward_block(self, o: torch.Tensor, residual: torch.Tensor, mlp_norm, token_mask: torch.Tensor | None,
+                      norm=None):
+        """forward(mlp_norm(residual + o), token_mask, residual=residual + o, norm=norm) in one call where
+        kernels.moe_gate's fused gate applies (packed experts, one process, a decode step's few rows on the
+        Triton path: dispatch.fuses_gate), the add, norm, router, routing and align in one launch; else None."""
+        c = self.comm
+        if not (self.packed and (c is None or (c.split_size == 1 and c.ep_size == 1)) and dispatch.fuses_gate(o)):
+            return None
+        return dispatch.moe_block(o, residual, (mlp_norm.weight, mlp_norm.eps), self.router_w, self.router_b,
+                                  self.w1_blocks, self.w1_scales, self.b1, self.w2_blocks, self.w2_scales, self.b2,
+                                  top_k=self.top_k, global_to_local=self.local_or_skip, load=self.load,
+                                  token_mask=token_mask, drop_masked=True, limit=self.limit, alpha=self.alpha,
+                                  norm=None if norm is None else (norm.weight, norm.eps))
+
     def _gathered(self, x: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
         """Attention DP, every decode step padded to one bucket: each TP rank of a group takes an equal
         share of its group's rows (the group's TP ranks hold the same rows), the EP group gathers all

@@ -28,13 +28,14 @@ def test_every_kernel_is_covered():
     import kernels.attention
     import kernels.linear
     import kernels.moe
+    import kernels.moe_gate
     import kernels.moe_gemv
     import kernels.moe_rs
     import kernels.rmsnorm
     import kernels.rope
     import kernels.route
     import kernels.sample
-    mods = (kernels.attention, kernels.linear, kernels.moe, kernels.moe_gemv, kernels.moe_rs, kernels.rmsnorm,
+    mods = (kernels.attention, kernels.linear, kernels.moe, kernels.moe_gate, kernels.moe_gemv, kernels.moe_rs, kernels.rmsnorm,
             kernels.rope, kernels.route, kernels.sample)
     assert {c.kernel for c in CONFIGS} == {n for m in mods for n in m._KERNELS if n.endswith("_kernel")}
 

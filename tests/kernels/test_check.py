@@ -12,7 +12,8 @@ def test_dry_run_passes_every_case(capsys):
     assert check.main(["--dry-run"]) == 0
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith("| tiny ")]
-    assert len(rows) == 30 and all(line.endswith("| ok |") for line in rows)
+    assert len(rows) == 32 and all(line.endswith("| ok |") for line in rows)
+    assert "moe gate block rows=1" in out and "moe gate block rows=5" in out
     assert "moe tokens=24" in out and "moe ep2 rank rows=24" in out and "moe gemv tokens=1" in out
     assert "moe rs tokens=24" in out and "attention prefill+decode window" in out
     assert "sample rows=24 vocab=3000" in out
@@ -31,6 +32,15 @@ def test_a_wrong_kernel_fails(monkeypatch, capsys):
     out = capsys.readouterr().out
     # the 3 token counts, the 2 single-pair (gemv) cases and the 2 EP rank cases
     assert "| tiny moe tokens=1 |" in out and "FAIL" in out and "9 of the cases failed" in out
+
+
+def test_a_wrong_gate_fails(monkeypatch, capsys):
+    from kernels import moe
+    real = moe.moe_block_mxfp4
+    monkeypatch.setattr(moe, "moe_block_mxfp4", lambda *a, **kw: tuple(t * 1.03 for t in real(*a, **kw)))
+    assert check.main(["--dry-run"]) == 1
+    out = capsys.readouterr().out
+    assert "| tiny moe gate block rows=1 |" in out and "2 of the cases failed" in out
 
 
 def test_a_wrong_linear_fails(monkeypatch, capsys):

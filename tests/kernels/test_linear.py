@@ -111,15 +111,14 @@ def test_split_k_matches_f_linear_fp32_in_one_launch(M, N, K, cfg, bias):
 def test_split_k_counters_reset_themselves_for_the_next_launch():
     """The tile tickets are zeroed once, not per call: each tile's last program sets its ticket back to
     0, so a second launch (a CUDA graph replay) on the same counters reduces again, to the same bits."""
-    from kernels import linear as lin
     M, N, K, cfg = SPLITS[1]
     x, w, b = _case(M, N, K)
     first = linear_triton(x, w, b, cfg)
-    counters = lin._tile_counters(x.device, 1)
+    counters = _triton.tickets(x.device, 1)
     tiles = -(-N // cfg["BLOCK_N"]) * -(-M // cfg["BLOCK_M"])
     assert counters.numel() >= tiles and not counters.any()
     again = linear_triton(x, w, b, cfg)
-    assert lin._tile_counters(x.device, 1) is counters and not counters.any()
+    assert _triton.tickets(x.device, 1) is counters and not counters.any()
     assert torch.equal(first, again)
 
 

@@ -41,7 +41,7 @@ def packed_model(tiny_ckpt):
 @pytest.fixture
 def spy(monkeypatch):
     """Counts the dispatcher's calls (still running them)."""
-    calls = {"paged_attention": 0, "moe": 0, "rmsnorm": 0}
+    calls = {"paged_attention": 0, "moe": 0, "moe_block": 0, "rmsnorm": 0}
     for name in calls:
         real = getattr(dispatch, name)
 
@@ -96,16 +96,24 @@ def paged_run(m) -> list[torch.Tensor]:
     return outs
 
 
-def test_triton_forward_over_paged_metadata_matches_torch(packed_model, spy, monkeypatch):
+@pytest.mark.parametrize("gate_rows", ["", "8", "0"])
+def test_triton_forward_over_paged_metadata_matches_torch(packed_model, spy, monkeypatch, gate_rows):
+    """gate_rows (GPTOSS_GATE_MAX_ROWS): the fused gate (kernels.moe_gate) takes steps of up to that many
+    tokens: every step of PLAN by default, none at 0, the 2 of more than 8 tokens not at 8."""
     monkeypatch.setenv("GPTOSS_KERNELS", "torch")
     ref = paged_run(packed_model)
     assert not any(spy.values())  # the torch mode never reaches the dispatcher
     monkeypatch.setenv("GPTOSS_KERNELS", "triton")
+    monkeypatch.setenv("GPTOSS_GATE_MAX_ROWS", gate_rows)
     got = paged_run(packed_model)
     layers, steps = packed_model.config.num_hidden_layers, len(PLAN)
+    fused = sum(sum(step) <= int(gate_rows or 16) for step in PLAN)
+    assert 0 < fused < steps or gate_rows != "8"
     # per layer and step: one attention, one MoE (its combine adds the residual and applies the next
-    # attention norm, or the final one), the fused residual+MLP norm; plus the first attention norm per step
-    assert spy == {"paged_attention": layers * steps, "moe": layers * steps, "rmsnorm": (layers + 1) * steps}
+    # attention norm, or the final one), and the fused residual+MLP norm unless the gate (moe_block) holds
+    # it; plus the first attention norm per step
+    assert spy == {"paged_attention": layers * steps, "moe": layers * (steps - fused), "moe_block": layers * fused,
+                   "rmsnorm": layers * (steps - fused) + steps}
     # fp32 throughout: the kernels differ from the references only in summation order (tiled dots,
     # online softmax with exp2; MXFP4 is decoded exactly in registers), a few ulps per op. Through
     # two layers that measured <= 6e-7 of the logits' max |value| (~5, std ~1) on every step here;
@@ -177,8 +185,9 @@ def test_engine_greedy_tokens_same_with_triton(packed_model, spy, monkeypatch):
     monkeypatch.setenv("GPTOSS_KERNELS", "torch")
     ref, _ = greedy_engine_run(packed_model)
     monkeypatch.setenv("GPTOSS_KERNELS", "triton")
+    monkeypatch.setenv("GPTOSS_GATE_MAX_ROWS", "4")  # decode steps (3 rows) fused, prefill chunks (12) not
     got, _ = greedy_engine_run(packed_model)
-    assert spy["paged_attention"] and spy["moe"] and spy["rmsnorm"]
+    assert spy["paged_attention"] and spy["moe"] and spy["moe_block"] and spy["rmsnorm"]
     assert got == ref and all(len(t) == 3 for t in ref.values())
 
 
