@@ -17,7 +17,10 @@ Softmax state starts at the sink (m = sink, l = 1, acc = 0): the sink joins
 the normaliser exactly once and a row never holds -inf, so fully masked key
 blocks need no special case. With NUM_SPLITS > 1 (long decode, few programs)
 each split handles a slice of the keys, only split 0 carries the sink, and
-`_merge_kernel` combines the partial (m, l, acc).
+the tile's last split to finish (a ticket from an acq_rel atomic counter,
+`_triton.tickets`) merges the partial (m, l, acc) in split order: one launch,
+where a merge kernel of its own took ~1.4 us a layer plus a launch gap (the
+batch-1 profile's attention time beyond _attn_kernel, H200, BENCHMARKS.md).
 """
 
 import torch
@@ -25,7 +28,7 @@ import torch
 from models.attention import attention_with_sinks
 
 from . import tuned
-from ._triton import interpreting, jit_module, launch, next_pow2, on_gpu, tl, triton
+from ._triton import interpreting, jit_module, launch, next_pow2, on_gpu, tickets, tl, triton
 
 LOG2E = 1.4426950408889634
 
@@ -58,7 +61,7 @@ def paged_attention_reference(q, k_cache, v_cache, block_table, query_start, con
     return out
 
 
-def _attn_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, qs_ptr, ctx_ptr, sink_ptr, o_ptr, pm_ptr, pl_ptr,
+def _attn_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, qs_ptr, ctx_ptr, sink_ptr, o_ptr, po_ptr, pm_ptr, pl_ptr, cnt_ptr,
                  qk_scale, window, n_tokens, Hq, D,
                  s_qn, s_qh, s_kb, s_ks, s_kh, s_bt,
                  G: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -130,30 +133,39 @@ def _attn_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, qs_ptr, ctx_ptr, sink_ptr, o_ptr, 
         out = acc / l_i[:, None]
         tl.store(o_ptr + tok[:, None] * (Hq * D) + head[:, None] * D + d[None, :],
                  out.to(o_ptr.dtype.element_ty), mask=omask)
-    else:  # partials [splits, N, Hq, (D)]; unnormalised, merged below
-        prow = (sp * n_tokens + tok) * Hq + head
-        tl.store(o_ptr + prow[:, None] * D + d[None, :], acc, mask=omask)
-        tl.store(pm_ptr + prow, m, mask=rvalid)
-        tl.store(pl_ptr + prow, l_i, mask=rvalid)
+    else:  # partials [splits, N, Hq, (D)], unnormalised; the tile's last split to finish merges them
+        prow = tok * Hq + head
+        n_rows = n_tokens * Hq
+        tl.store(po_ptr + (sp * n_rows + prow)[:, None] * D + d[None, :], acc, mask=omask)
+        tl.store(pm_ptr + sp * n_rows + prow, m, mask=rvalid)
+        tl.store(pl_ptr + sp * n_rows + prow, l_i, mask=rvalid)
+        tl.debug_barrier()  # every thread's partials stored before the ticket releases them
+        cnt = cnt_ptr + (b * tl.num_programs(1) + kh) * (tl.num_programs(2) // NUM_SPLITS) + qt
+        if tl.atomic_add(cnt, 1, sem="acq_rel") == NUM_SPLITS - 1:
+            _merge_rows(po_ptr, pm_ptr, pl_ptr, o_ptr, prow, rvalid, d, dmask, n_rows, D, NUM_SPLITS)
+            tl.atomic_xchg(cnt, 0)
 
 
-def _merge_kernel(po_ptr, pm_ptr, pl_ptr, o_ptr, n_rows, D, NUM_SPLITS: tl.constexpr,
-                  BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)  # (token, head)
-    s = tl.arange(0, BLOCK_S)
-    smask = s < NUM_SPLITS
-    d = tl.arange(0, BLOCK_D)
-    m = tl.load(pm_ptr + s * n_rows + row, mask=smask, other=-1.0e30)
-    w = tl.exp2(m - tl.max(m, 0))
-    l_tot = tl.sum(tl.load(pl_ptr + s * n_rows + row, mask=smask, other=0.0) * w, 0)
-    acc = tl.load(po_ptr + (s[:, None] * n_rows + row) * D + d[None, :],
-                  mask=smask[:, None] & (d[None, :] < D), other=0.0)
-    out = tl.sum(acc * w[:, None], 0) / l_tot
-    tl.store(o_ptr + row * D + d, out.to(o_ptr.dtype.element_ty), mask=d < D)
+def _merge_rows(po_ptr, pm_ptr, pl_ptr, o_ptr, prow, rvalid, d, dmask, n_rows, D, NUM_SPLITS: tl.constexpr):
+    """o[prow] = the splits' partials merged in split order (the same bits whichever split finished last),
+    read past this SM's L1 (.cg): the other splits' programs wrote them."""
+    m = tl.full(prow.shape, -1.0e30, tl.float32)
+    for s in tl.static_range(NUM_SPLITS):
+        m = tl.maximum(m, tl.load(pm_ptr + s * n_rows + prow, mask=rvalid, other=-1.0e30, cache_modifier=".cg"))
+    l_tot = tl.zeros(prow.shape, tl.float32)
+    out = tl.zeros((prow.shape[0], d.shape[0]), tl.float32)
+    omask = rvalid[:, None] & dmask[None, :]
+    for s in tl.static_range(NUM_SPLITS):
+        w = tl.exp2(tl.load(pm_ptr + s * n_rows + prow, mask=rvalid, other=-1.0e30, cache_modifier=".cg") - m)
+        l_tot += tl.load(pl_ptr + s * n_rows + prow, mask=rvalid, other=0.0, cache_modifier=".cg") * w
+        out += tl.load(po_ptr + (s * n_rows + prow)[:, None] * D + d[None, :], mask=omask, other=0.0,
+                       cache_modifier=".cg") * w[:, None]
+    out = out / tl.where(rvalid, l_tot, 1.0)[:, None]
+    tl.store(o_ptr + prow[:, None] * D + d[None, :], out.to(o_ptr.dtype.element_ty), mask=omask)
 
 
-_KERNELS = ("_attn_kernel", "_merge_kernel")
-_NO_SPECIALIZE = {"_attn_kernel": ("n_tokens", "s_bt"), "_merge_kernel": ("n_rows",)}
+_KERNELS = ("_attn_kernel", "_merge_rows")
+_NO_SPECIALIZE = {"_attn_kernel": ("n_tokens", "s_bt")}
 
 
 def _default_config(max_query_len: int, B: int, K: int, G: int, gpu: bool, interp: bool) -> dict:
@@ -217,22 +229,20 @@ def paged_attention(q, k_cache, v_cache, block_table, query_start, context_lens,
         po = torch.empty(num_splits, N, Hq, D, dtype=torch.float32, device=q.device)
         pm = torch.empty(num_splits, N, Hq, dtype=torch.float32, device=q.device)
         pl = torch.empty_like(pm)
+        cnt = tickets(q.device, B * K * qt)
     else:
-        po, pm, pl = out, out, out  # unused
+        po, pm, pl, cnt = out, out, out, out  # unused
     q = q.contiguous() if q.stride(-1) != 1 else q
     if block_table.stride(-1) != 1:
         block_table = block_table.contiguous()
     query_start, context_lens, sinks = query_start.contiguous(), context_lens.contiguous(), sinks.contiguous()
     opts = {k: v for k, v in cfg.items() if k.startswith("num_")}
     launch(_attn_kernel, (B, K, qt * num_splits),
-           q, k_cache, v_cache, block_table, query_start, context_lens, sinks, po, pm, pl,
+           q, k_cache, v_cache, block_table, query_start, context_lens, sinks, out, po, pm, pl, cnt,
            float(scale) * LOG2E, int(window or 0), N, Hq, D,
            q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_table.stride(0),
            G=G, PAGE=page, BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], BLOCK_D=max(16, next_pow2(D)),
            HAS_WINDOW=window is not None, NUM_SPLITS=num_splits, DOT_BF16=dot_bf16, **opts)
-    if num_splits > 1:
-        launch(_merge_kernel, (N * Hq,), po, pm, pl, out, N * Hq, D, NUM_SPLITS=num_splits,
-               BLOCK_S=max(2, next_pow2(num_splits)), BLOCK_D=next_pow2(D))
     return out
 
 

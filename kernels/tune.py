@@ -240,7 +240,7 @@ class Tuner:
                  else cases.attn_candidates(decode, cfg, task.n, task.window))
         if d not in cands:
             cands = [d, *cands]
-        runs = self.sweep(task, call, task.family, cands, {}, None, ["_attn_kernel", "_merge_kernel"], res,
+        runs = self.sweep(task, call, task.family, cands, {}, None, ["_attn_kernel"], res,
                           () if self.dry else cases.ATTN_STAGES)
         res.default_us = next((t for t, c in runs if c == d), None)
         if runs:
