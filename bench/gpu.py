@@ -16,7 +16,9 @@ loads it. Every number runs through engine.core.LLMEngine (scheduler, sampler an
   --lockstep-batches also without overlapped scheduling, and the --padded-batches
   also padded to the next graph bucket (batch 1 in the bucket of 2: on the GPU
   two rows let cuBLAS add each linear's bias inside the GEMM, where its one-row
-  path launches a copy of its own), back to back.
+  path launches a copy of its own), and the --unfused-gate-batches also with
+  kernels.moe_gate's one-launch gate off (GPTOSS_GATE_MAX_ROWS=0: the MLP norm,
+  router, routing and align as launches of their own), back to back.
 * prefill: --prefill-seqs prompts of --prefill-len tokens, max_tokens=1,
   chunked at --max-tokens-per-step; tokens/s = prompt tokens / time.
 * profile, last (CUPTI may leave later work slower once it has run): decode at --profile-batches
@@ -45,6 +47,7 @@ summary for BENCHMARKS.md is printed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import math
@@ -167,6 +170,21 @@ def engine(model, seqs: int, max_len: int, step_tokens: int, overlap: bool | Non
                     if padded else None)
     eng.generate(requests(1, 8, 2, seed=999))  # warm-up: allocations, Triton compiles
     return eng
+
+
+@contextlib.contextmanager
+def env(**values):
+    """Environment variables set for the block (the kernel switches read them at each forward)."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def bench_decode(model, dev, B: int, ctx: int, steps: int, warm: int, step_tokens: int,
@@ -318,6 +336,11 @@ def run_model(preset: str, a, dev: torch.device, bw: float, flops: float, comman
             pad_s, pad_step, _ = bench_decode(model, dev, B, a.decode_context, a.decode_steps, a.warmup_steps,
                                               a.max_tokens_per_step, padded=True)
             extra.update(padded_tokens_per_s=pad_s, padded_step_ms=pad_step * 1e3)
+        if B in a.unfused_gate_batches:  # the MoE gate as separate launches (kernels.moe_gate off)
+            with env(GPTOSS_GATE_MAX_ROWS="0"):
+                ung_s, ung_step, _ = bench_decode(model, dev, B, a.decode_context, a.decode_steps, a.warmup_steps,
+                                                  a.max_tokens_per_step)
+            extra.update(unfused_gate_tokens_per_s=ung_s, unfused_gate_step_ms=ung_step * 1e3)
         add("decode", B, ctx, tok_s, B, [ctx] * B, B, extra)
     if "prefill" in a.phases:
         tok_s = bench_prefill(model, dev, a.prefill_seqs, a.prefill_len, a.max_tokens_per_step)
@@ -405,6 +428,8 @@ def parse(argv=None):
                     help="decode batches also measured with overlapped scheduling off (0 for none)")
     ap.add_argument("--sampled-batches", type=ints, default=[1, 64],
                     help="decode batches also measured at temperature 1 (the fused sampling kernel)")
+    ap.add_argument("--unfused-gate-batches", type=ints, default=[1],
+                    help="decode batches also measured with the one-launch MoE gate off (GPTOSS_GATE_MAX_ROWS=0)")
     ap.add_argument("--padded-batches", type=ints, default=[1],
                     help="decode batches also measured with their steps padded to the next graph bucket "
                          "(0 for none)")

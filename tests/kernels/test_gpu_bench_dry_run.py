@@ -57,6 +57,10 @@ def test_dry_run_writes_results_and_markdown(tmp_path, weights):
     [pad] = [x for x in res["results"] if "padded_tokens_per_s" in x]
     assert pad["batch"] == 1 and pad["padded_tokens_per_s"] > 0 and pad["padded_step_ms"] > 0
     assert "Decode padded to the next graph bucket" in r.stdout
+    # and batch 1 with the one-launch MoE gate off (--unfused-gate-batches; 1 by default)
+    [ung] = [x for x in res["results"] if "unfused_gate_tokens_per_s" in x]
+    assert ung["batch"] == 1 and ung["unfused_gate_tokens_per_s"] > 0 and ung["unfused_gate_step_ms"] > 0
+    assert "Decode with the one-launch MoE gate" in r.stdout
     # and profiled last (--profile-batches; 1,64 by default): time by category, the trace beside the JSON
     prof, pre = res["profiles"]
     p = prof["profile"]
