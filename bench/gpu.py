@@ -17,8 +17,8 @@ loads it. Every number runs through engine.core.LLMEngine (scheduler, sampler an
   also padded to the next graph bucket (batch 1 in the bucket of 2: on the GPU
   two rows let cuBLAS add each linear's bias inside the GEMM, where its one-row
   path launches a copy of its own), and the --unfused-gate-batches also with
-  kernels.moe_gate's one-launch gate off (GPTOSS_GATE_MAX_ROWS=0: the MLP norm,
-  router, routing and align as launches of their own), back to back.
+  the few-row MoE fusions off (GPTOSS_GATE_MAX_ROWS=0: the MLP norm, router,
+  routing, align and combine as launches of their own), back to back.
 * prefill: --prefill-seqs prompts of --prefill-len tokens, max_tokens=1,
   chunked at --max-tokens-per-step; tokens/s = prompt tokens / time.
 * profile, last (CUPTI may leave later work slower once it has run): decode at --profile-batches
@@ -429,7 +429,8 @@ def parse(argv=None):
     ap.add_argument("--sampled-batches", type=ints, default=[1, 64],
                     help="decode batches also measured at temperature 1 (the fused sampling kernel)")
     ap.add_argument("--unfused-gate-batches", type=ints, default=[1],
-                    help="decode batches also measured with the one-launch MoE gate off (GPTOSS_GATE_MAX_ROWS=0)")
+                    help="decode batches also measured with the few-row MoE fusions (the one-launch gate, "
+                         "the combine in W2) off: GPTOSS_GATE_MAX_ROWS=0")
     ap.add_argument("--padded-batches", type=ints, default=[1],
                     help="decode batches also measured with their steps padded to the next graph bucket "
                          "(0 for none)")

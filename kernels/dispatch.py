@@ -126,13 +126,8 @@ def fuses_gate(x) -> bool:
     most GATE_MAX_ROWS rows (GPTOSS_GATE_MAX_ROWS overrides it; 0 turns the fusion off, for A/B runs)."""
     if not use_triton(x.device):
         return False
-    from .moe_gate import GATE_MAX_ROWS
-    limit = os.environ.get("GPTOSS_GATE_MAX_ROWS", "").strip()
-    try:
-        limit = min(int(limit), GATE_MAX_ROWS) if limit else GATE_MAX_ROWS
-    except ValueError:
-        raise ValueError(f"GPTOSS_GATE_MAX_ROWS={limit!r}: give a row count (0 turns the fused gate off)") from None
-    return 0 < x.shape[0] <= limit
+    from .moe_gate import fused_rows
+    return fused_rows(x.shape[0])
 
 
 def moe_block(o, residual, mlp_norm, router_w, router_b, w1_blocks, w1_scales, b1, w2_blocks, w2_scales, b2, *,

@@ -35,11 +35,12 @@ import torch.nn.functional as F
 from models import mxfp4
 from models.layers import swiglu
 
+from . import moe_combine as combine_kernels
 from . import moe_gemv as gemv_kernels
 from . import moe_rs as rs_kernels
 from . import tuned
-from .moe_gate import GATE_MAX_ROWS, X16_IN_ALIGN, align, align_triton, gate_triton
-from ._triton import interpreting, jit_module, launch, next_pow2, on_gpu, tl, triton
+from .moe_gate import GATE_MAX_ROWS, X16_IN_ALIGN, align, align_triton, fused_rows, gate_triton
+from ._triton import interpreting, jit_module, launch, next_pow2, on_gpu, tickets, tl, triton
 
 
 def route(logits: torch.Tensor, top_k: int, dtype: torch.dtype | None = None):
@@ -170,11 +171,16 @@ def _w1_kernel(x_ptr, wb_ptr, ws_ptr, b_ptr, act_ptr, sorted_ptr, tile_e_ptr, n_
 
 
 def _w2_kernel(act_ptr, wb_ptr, ws_ptr, b_ptr, rw_ptr, y_ptr, sorted_ptr, tile_e_ptr, n_pairs, H, I,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_BF16: tl.constexpr,
+               cnt_ptr, valid_ptr, res_ptr, out_ptr, nw_ptr, h_ptr, n_rows, s_res, eps,
+               TOP_K: tl.constexpr, HAS_RES: tl.constexpr, NORM: tl.constexpr, BLOCK_H: tl.constexpr,
+               COMBINE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_BF16: tl.constexpr,
                SCALED: tl.constexpr):
     t = tl.program_id(0)
     e = tl.load(tile_e_ptr + t).to(tl.int64)
     if e < 0:
+        if COMBINE:  # a spare tile takes its ticket too: the launch's last program combines
+            _combine_tail(cnt_ptr, y_ptr, valid_ptr, res_ptr, out_ptr, nw_ptr, h_ptr, n_rows, H, s_res, eps, TOP_K,
+                          HAS_RES, NORM, BLOCK_H)
         return
     rows, pair, rvalid = _tile_rows(sorted_ptr, n_pairs, BLOCK_M)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -207,35 +213,19 @@ def _w2_kernel(act_ptr, wb_ptr, ws_ptr, b_ptr, rw_ptr, y_ptr, sorted_ptr, tile_e
     acc = acc * rw[:, None]
     out = y_ptr + pair.to(tl.int64)[:, None] * H + n[None, :]
     tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=rvalid[:, None] & nvalid[None, :])
-
-
-def _combine_kernel(y_ptr, valid_ptr, res_ptr, out_ptr, nw_ptr, h_ptr, H, s_res, eps, TOP_K: tl.constexpr,
-                    HAS_RES: tl.constexpr, NORM: tl.constexpr, BLOCK_H: tl.constexpr):
-    m = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    acc = tl.zeros((BLOCK_H,), tl.float32)
-    for s in tl.static_range(TOP_K):
-        # rows of absent experts were never written: an empty column range skips them
-        lim = tl.where(tl.load(valid_ptr + m * TOP_K + s) != 0, H, 0)
-        acc += tl.load(y_ptr + (m * TOP_K + s) * H + cols, mask=cols < lim, other=0.0).to(tl.float32)
-    out = acc.to(out_ptr.dtype.element_ty)
-    if HAS_RES:  # round the MoE output first, as the unfused `x + moe(h)` does
-        out = (tl.load(res_ptr + m * s_res + cols, mask=cols < H, other=0.0).to(tl.float32)
-               + out.to(tl.float32)).to(out_ptr.dtype.element_ty)
-    tl.store(out_ptr + m * H + cols, out, mask=cols < H)
-    if NORM:  # one program holds the whole row (BLOCK_H >= H): normalise the stored, rounded sum
-        xf = out.to(tl.float32)
-        inv = tl.rsqrt(tl.sum(xf * xf, 0) / H + eps)
-        w = tl.load(nw_ptr + cols, mask=cols < H, other=0.0).to(tl.float32)
-        tl.store(h_ptr + m * H + cols, (w * (xf * inv)).to(h_ptr.dtype.element_ty), mask=cols < H)
+    if COMBINE:
+        _combine_tail(cnt_ptr, y_ptr, valid_ptr, res_ptr, out_ptr, nw_ptr, h_ptr, n_rows, H, s_res, eps, TOP_K,
+                      HAS_RES, NORM, BLOCK_H)
 
 
 # shared with kernels.moe_rs, jitted again into this module's globals (where its kernels look)
 _tile_rows = getattr(rs_kernels._tile_rows, "fn", rs_kernels._tile_rows)
+_combine_row, _combine_tail, _combine_kernel = (getattr(f, "fn", f) for f in (
+    combine_kernels._combine_row, combine_kernels._combine_tail, combine_kernels._combine_kernel))
 _settle = getattr(rs_kernels._settle, "fn", rs_kernels._settle)
 _KERNELS = ("_tile_rows", "_settle", "_fp4", "_dot", "_mx_tile", "_mx_scales", "_mx_dot", "_w1_kernel", "_w2_kernel",
-            "_combine_kernel")
-_NO_SPECIALIZE = {"_w1_kernel": ("n_pairs",), "_w2_kernel": ("n_pairs",)}
+            "_combine_row", "_combine_tail", "_combine_kernel")
+_NO_SPECIALIZE = {"_w1_kernel": ("n_pairs",), "_w2_kernel": ("n_pairs", "n_rows", "s_res")}
 
 
 def _default_config(pairs: int, n_local: int, interp: bool) -> dict:
@@ -331,6 +321,7 @@ def _plan(x: torch.Tensor, N: int, E: int, I: int, k: int, scaled: bool | None) 
 
 
 def _jit_all() -> None:
+    jit_module(vars(combine_kernels), combine_kernels._KERNELS)  # where the aliased combine helpers look
     jit_module(globals(), _KERNELS)
     jit_module(vars(gemv_kernels), gemv_kernels._KERNELS)
     jit_module(vars(rs_kernels), rs_kernels._KERNELS)
@@ -418,22 +409,27 @@ def _experts(x, x16, rw, aligned, plan: _Plan, k: int, w1_blocks, w1_scales, b1,
         launch(_w1_kernel, grid1, x, w1_blocks, w1_scales, b1, act, sorted_ids, tile_expert, N * k, H, I,
                x.stride(0), TOP_K=k, LIMIT=float(limit), ALPHA=float(alpha), DOT_BF16=plan.dot_bf16,
                SCALED=plan.scaled, **meta, **opts)
-    w2 = gemv_kernels._w2_gemv_kernel if gemv else rs_kernels._w2_rs_kernel if rs else _w2_kernel
-    own = dict(PTX=not interp) if gemv or rs else dict(DOT_BF16=plan.dot_bf16, SCALED=plan.scaled)
-    meta, opts = _split(plan.cfg2)
-    launch(w2, (T, triton.cdiv(H, meta["BLOCK_N"])),
-           act, w2_blocks, w2_scales, b2, rw, y, sorted_ids, tile_expert, N * k, H, I, **own, **meta, **opts)
     out = torch.empty_like(x)
     if residual is not None and residual.shape != x.shape:
         raise ValueError(f"residual {tuple(residual.shape)} must have x's shape {tuple(x.shape)}")
     res = residual if residual is None or residual.stride(-1) == 1 else residual.contiguous()
     normed = torch.empty_like(x) if norm is not None else out
-    bh = triton.next_power_of_2(H) if norm is not None else min(1024, triton.next_power_of_2(H))
-    opts = dict(num_warps=8) if norm is not None and H >= 2048 and not interp else {}
-    launch(_combine_kernel, (N, triton.cdiv(H, bh)), y, valid, x if res is None else res, out,
-           norm[0] if norm is not None else out, normed, H, x.stride(0) if res is None else res.stride(0),
-           float(norm[1]) if norm is not None else 0.0, TOP_K=k, HAS_RES=res is not None, NORM=norm is not None,
-           BLOCK_H=bh, **opts)
+    tail = fused_rows(N)  # a decode step's few rows: the combine is the W2 launch's tail (kernels.moe_combine)
+    bh = triton.next_power_of_2(H) if norm is not None or tail else min(1024, triton.next_power_of_2(H))
+    combine = (valid, x if res is None else res, out, norm[0] if norm is not None else out, normed, N,
+               x.stride(0) if res is None else res.stride(0), float(norm[1]) if norm is not None else 0.0)
+    flags = dict(TOP_K=k, HAS_RES=res is not None, NORM=norm is not None, BLOCK_H=bh)
+    # without the tail W2 ignores the combine's arguments: fixed stand-ins, so they add no compilations
+    w2_flags = flags if tail else dict(TOP_K=1, HAS_RES=False, NORM=False, BLOCK_H=16)
+    w2_combine = combine if tail else (valid, y, y, y, y, N, 0, 0.0)
+    w2 = gemv_kernels._w2_gemv_kernel if gemv else rs_kernels._w2_rs_kernel if rs else _w2_kernel
+    own = dict(PTX=not interp) if gemv or rs else dict(DOT_BF16=plan.dot_bf16, SCALED=plan.scaled)
+    meta, opts = _split(plan.cfg2)
+    launch(w2, (T, triton.cdiv(H, meta["BLOCK_N"])), act, w2_blocks, w2_scales, b2, rw, y, sorted_ids, tile_expert,
+           N * k, H, I, tickets(x.device, 1), *w2_combine, COMBINE=tail, **w2_flags, **own, **meta, **opts)
+    if not tail:
+        opts = dict(num_warps=8) if norm is not None and H >= 2048 and not interp else {}
+        launch(_combine_kernel, (N, triton.cdiv(H, bh)), y, *combine[:5], H, *combine[6:], **flags, **opts)
     return out if norm is None else (out, normed)
 
 

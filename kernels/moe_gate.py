@@ -41,6 +41,19 @@ from . import route as route_kernels
 from ._triton import interpreting, jit_module, launch, next_pow2, tickets, tl
 
 GATE_MAX_ROWS = 16  # past this the norm recomputed per program and the serial routing tail outgrow the launches saved
+
+
+def fused_rows(n: int) -> bool:
+    """Whether a step of n rows takes the few-row fusions: this gate, and the MoE's combine as the W2
+    launch's tail (kernels.moe_combine). Up to GATE_MAX_ROWS rows; GPTOSS_GATE_MAX_ROWS lowers the
+    bound (0 turns both off, for A/B runs)."""
+    import os
+    limit = os.environ.get("GPTOSS_GATE_MAX_ROWS", "").strip()
+    try:
+        limit = min(int(limit), GATE_MAX_ROWS) if limit else GATE_MAX_ROWS
+    except ValueError:
+        raise ValueError(f"GPTOSS_GATE_MAX_ROWS={limit!r}: give a row count (0 turns the fused gate off)") from None
+    return 0 < n <= limit
 X16_IN_ALIGN = 16  # up to this many rows the align program converts them; more take _x16_kernel's grid
 _X16_SCALE = gemv_kernels.X16_SCALE  # jitted code reads its own module's constexpr globals
 
@@ -316,4 +329,4 @@ def gate_triton(o: torch.Tensor, residual: torch.Tensor, norm_w: torch.Tensor, e
     return Gate(x, h, idx, weights, aligned, x16_t)
 
 
-__all__ = ["GATE_MAX_ROWS", "Gate", "X16_IN_ALIGN", "align", "align_triton", "gate_reference", "gate_triton"]
+__all__ = ["GATE_MAX_ROWS", "Gate", "fused_rows", "X16_IN_ALIGN", "align", "align_triton", "gate_reference", "gate_triton"]

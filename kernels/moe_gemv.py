@@ -32,6 +32,7 @@ on a model of its instructions. Selected by a config with GEMV (kernels.tuned;
 bench.moe_variants compares it with the MMA path).
 """
 
+from . import moe_combine as combine_kernels
 from ._triton import HAVE_TRITON, tl
 
 _XS = 7  # activations are stored as fp16(x * 2**-XS): a block's half sums (16 x 6 x |x| 2**-XS) stay < 65504
@@ -156,12 +157,17 @@ def _w1_gemv_kernel(x_ptr, wb_ptr, ws_ptr, b_ptr, act_ptr, sorted_ptr, tile_e_pt
 
 
 def _w2_gemv_kernel(act_ptr, wb_ptr, ws_ptr, b_ptr, rw_ptr, y_ptr, sorted_ptr, tile_e_ptr, n_pairs, H, I,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KB: tl.constexpr, PTX: tl.constexpr):
+                    cnt_ptr, valid_ptr, res_ptr, out_ptr, nw_ptr, h_ptr, n_rows, s_res, eps,
+                    TOP_K: tl.constexpr, HAS_RES: tl.constexpr, NORM: tl.constexpr, BLOCK_H: tl.constexpr,
+                    COMBINE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KB: tl.constexpr, PTX: tl.constexpr):
     """y[pair, n] = (act[t] @ W2[e, n]^T + b2[e, n]) * the pair's router weight, for BLOCK_N rows n."""
     t = tl.program_id(0)
     e = tl.load(tile_e_ptr + t).to(tl.int64)
     pair = tl.load(sorted_ptr + t)
     if (e < 0) | (pair >= n_pairs):
+        if COMBINE:  # a spare tile takes its ticket too: the launch's last program combines
+            _combine_tail(cnt_ptr, y_ptr, valid_ptr, res_ptr, out_ptr, nw_ptr, h_ptr, n_rows, H, s_res, eps, TOP_K,
+                          HAS_RES, NORM, BLOCK_H)
         return
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row = e * H + tl.minimum(n, H - 1).to(tl.int64)
@@ -170,8 +176,14 @@ def _w2_gemv_kernel(act_ptr, wb_ptr, ws_ptr, b_ptr, rw_ptr, y_ptr, sorted_ptr, t
     y += tl.load(b_ptr + row).to(tl.float32)
     y = y * tl.load(rw_ptr + pair)
     tl.store(y_ptr + pair.to(tl.int64) * H + n, y.to(y_ptr.dtype.element_ty), mask=n < H)
+    if COMBINE:
+        _combine_tail(cnt_ptr, y_ptr, valid_ptr, res_ptr, out_ptr, nw_ptr, h_ptr, n_rows, H, s_res, eps, TOP_K,
+                      HAS_RES, NORM, BLOCK_H)
 
 
-_KERNELS = ("_e2m1_x16k", "_load_blocks", "_word_dot", "_block_sums", "_rows_dot", "_x16_kernel", "_w1_gemv_kernel",
-            "_w2_gemv_kernel")
-_NO_SPECIALIZE = {"_w1_gemv_kernel": ("n_pairs",), "_w2_gemv_kernel": ("n_pairs",)}
+# kernels.moe_combine's tail, jitted again into this module's globals (where its kernels look)
+_combine_row, _combine_tail = (getattr(f, "fn", f) for f in (combine_kernels._combine_row,
+                                                          combine_kernels._combine_tail))
+_KERNELS = ("_combine_row", "_combine_tail", "_e2m1_x16k", "_load_blocks", "_word_dot", "_block_sums", "_rows_dot",
+            "_x16_kernel", "_w1_gemv_kernel", "_w2_gemv_kernel")
+_NO_SPECIALIZE = {"_w1_gemv_kernel": ("n_pairs",), "_w2_gemv_kernel": ("n_pairs", "n_rows", "s_res")}

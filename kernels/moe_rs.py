@@ -42,6 +42,7 @@ a model of its instructions. Selected by a config with RS (kernels.tuned,
 kernels.moe.rs_configs).
 """
 
+from . import moe_combine as combine_kernels
 from ._triton import HAVE_TRITON, tl
 
 _XC = 64  # activations enter as bf16(x * 2**XC)
@@ -199,12 +200,17 @@ def _w1_rs_kernel(x_ptr, wb_ptr, ws_ptr, b_ptr, act_ptr, sorted_ptr, tile_e_ptr,
 
 
 def _w2_rs_kernel(act_ptr, wb_ptr, ws_ptr, b_ptr, rw_ptr, y_ptr, sorted_ptr, tile_e_ptr, n_pairs, H, I,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NSUB: tl.constexpr, PTX: tl.constexpr):
+                  cnt_ptr, valid_ptr, res_ptr, out_ptr, nw_ptr, h_ptr, n_rows, s_res, eps,
+                  TOP_K: tl.constexpr, HAS_RES: tl.constexpr, NORM: tl.constexpr, BLOCK_H: tl.constexpr,
+                  COMBINE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NSUB: tl.constexpr, PTX: tl.constexpr):
     """y[pair, n] = (act[row] @ W2[e, n]^T + b2[e, n]) * the pair's router weight, for BLOCK_N rows n;
     act: _w1_rs_kernel's permuted, scaled rows."""
     t = tl.program_id(0)
     e = tl.load(tile_e_ptr + t).to(tl.int64)
     if e < 0:
+        if COMBINE:  # a spare tile takes its ticket too: the launch's last program combines
+            _combine_tail(cnt_ptr, y_ptr, valid_ptr, res_ptr, out_ptr, nw_ptr, h_ptr, n_rows, H, s_res, eps, TOP_K,
+                          HAS_RES, NORM, BLOCK_H)
         return
     rows, pair, rvalid = _tile_rows(sorted_ptr, n_pairs, BLOCK_M)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -216,11 +222,17 @@ def _w2_rs_kernel(act_ptr, wb_ptr, ws_ptr, b_ptr, rw_ptr, y_ptr, sorted_ptr, til
     acc = acc * tl.load(rw_ptr + pair, mask=rvalid, other=0.0)[None, :]
     out = y_ptr + pair.to(tl.int64)[None, :] * H + n[:, None]
     tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=rvalid[None, :] & (n < H)[:, None])
+    if COMBINE:
+        _combine_tail(cnt_ptr, y_ptr, valid_ptr, res_ptr, out_ptr, nw_ptr, h_ptr, n_rows, H, s_res, eps, TOP_K,
+                      HAS_RES, NORM, BLOCK_H)
 
 
-_KERNELS = ("_act_pos", "_tile", "_tile_rows", "_settle", "_e2m1", "_mma", "_cat_k", "_block", "_rows_mma",
-            "_xperm_kernel", "_w1_rs_kernel", "_w2_rs_kernel")
-_NO_SPECIALIZE = {"_w1_rs_kernel": ("n_pairs",), "_w2_rs_kernel": ("n_pairs",)}
+# kernels.moe_combine's tail, jitted again into this module's globals (where its kernels look)
+_combine_row, _combine_tail = (getattr(f, "fn", f) for f in (combine_kernels._combine_row,
+                                                          combine_kernels._combine_tail))
+_KERNELS = ("_combine_row", "_combine_tail", "_act_pos", "_tile", "_tile_rows", "_settle", "_e2m1", "_mma", "_cat_k",
+            "_block", "_rows_mma", "_xperm_kernel", "_w1_rs_kernel", "_w2_rs_kernel")
+_NO_SPECIALIZE = {"_w1_rs_kernel": ("n_pairs",), "_w2_rs_kernel": ("n_pairs", "n_rows", "s_res")}
 
 
 def multiplier_bits(s: int) -> int:

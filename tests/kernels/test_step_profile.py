@@ -32,6 +32,19 @@ def test_every_kernel_a_decode_step_launches_has_a_category(tiny_ckpt, monkeypat
     assert {"rmsnorm", "rope + kv write", "moe route/align/combine"} <= set(cats.values())
 
 
+def test_every_triton_kernel_of_the_project_has_a_category():
+    """Tuned paths a default decode step never launches (gemv, rs, split-K linears) included."""
+    import importlib
+    import pkgutil
+    import kernels
+    cats = sp.triton_categories()
+    for info in pkgutil.iter_modules(kernels.__path__):
+        mod = importlib.import_module(f"kernels.{info.name}")
+        for n in getattr(mod, "_KERNELS", ()):
+            if n.endswith("_kernel"):
+                assert cats.get(n, "other") != "other", (info.name, n)
+
+
 @pytest.mark.parametrize("name,cat,expect", [
     ("nvjet_tst_64x8_64x16_4x1_v_bz_TNT", "kernel", "linear"),
     ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize64x64x64_execute_kernel__5x_cublas", "kernel", "linear"),
