@@ -47,7 +47,6 @@ summary for BENCHMARKS.md is printed.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import json
 import math
@@ -170,21 +169,6 @@ def engine(model, seqs: int, max_len: int, step_tokens: int, overlap: bool | Non
                     if padded else None)
     eng.generate(requests(1, 8, 2, seed=999))  # warm-up: allocations, Triton compiles
     return eng
-
-
-@contextlib.contextmanager
-def env(**values):
-    """Environment variables set for the block (the kernel switches read them at each forward)."""
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def bench_decode(model, dev, B: int, ctx: int, steps: int, warm: int, step_tokens: int,
@@ -337,7 +321,8 @@ def run_model(preset: str, a, dev: torch.device, bw: float, flops: float, comman
                                               a.max_tokens_per_step, padded=True)
             extra.update(padded_tokens_per_s=pad_s, padded_step_ms=pad_step * 1e3)
         if B in a.unfused_gate_batches:  # the MoE gate as separate launches (kernels.moe_gate off)
-            with env(GPTOSS_GATE_MAX_ROWS="0"):
+            from kernels._triton import environ
+            with environ(GPTOSS_GATE_MAX_ROWS="0"):
                 ung_s, ung_step, _ = bench_decode(model, dev, B, a.decode_context, a.decode_steps, a.warmup_steps,
                                                   a.max_tokens_per_step)
             extra.update(unfused_gate_tokens_per_s=ung_s, unfused_gate_step_ms=ung_step * 1e3)

@@ -58,6 +58,22 @@ def launch(kernel, grid, *args, **kwargs) -> None:
 
 
 @contextmanager
+def environ(**values: str):
+    """Environment variables set for the block, then restored (the kernel switches read them per call)."""
+    import os
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextmanager
 def recording():
     """Collect the launches launchers make for a GPU, on meta tensors, without running anything.
 

@@ -207,9 +207,7 @@ def model_launches(preset: str, batches=DECODE_BATCHES, prefill: int = PREFILL_C
     from engine.executor import CacheSpec, LocalExecutor, empty_step, null_step, pad_decode_step, run_step
     from models import load_model
     from models.checkpoint import RandomCheckpoint
-    saved = {k: os.environ.get(k) for k in ("GPTOSS_KERNELS", "TRITON_INTERPRET")}
-    os.environ.update(GPTOSS_KERNELS="triton", TRITON_INTERPRET="1")  # meta counts as a GPU; nothing runs
-    try:
+    with _triton.environ(GPTOSS_KERNELS="triton", TRITON_INTERPRET="1"):  # meta counts as a GPU; nothing runs
         from parallel.comm import StandInComm
         from parallel.layout import resolve_layout, shard_spec
         from parallel.worker import expert_copies
@@ -233,12 +231,6 @@ def model_launches(preset: str, batches=DECODE_BATCHES, prefill: int = PREFILL_C
                 run_step(m, ex.cache, ex.spec, null_step(prefill, ex.spec))  # a real prefill: no mask
             uses.append((f"{short} p{prefill}", launches))
         return uses
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 @dataclass

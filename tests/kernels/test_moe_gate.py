@@ -17,12 +17,7 @@ from kernels.rmsnorm import rmsnorm_reference  # noqa: E402
 from tests.kernels.cases import E, H, TOP_K as K, W, moe_module, packed, tokens  # noqa: E402
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _inputs(n, dtype=torch.float32, seed=0):
