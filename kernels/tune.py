@@ -297,6 +297,7 @@ def tasks(models: list[str], batches: list[int], families: set[str], prefill_fro
     short has written those; attention and linear shapes shared by several models are tuned once."""
     from models.checkpoint import PRESETS
     from .linear import MAX_ROWS
+    from .moe_gate import GATE_MAX_ROWS
     out: list[Task] = []
     for n in batches:
         if "moe" in families:
@@ -304,7 +305,8 @@ def tasks(models: list[str], batches: list[int], families: set[str], prefill_fro
         if "linear" in families and n <= MAX_ROWS:
             by_shape: dict[tuple, Task] = {}
             for m in models:
-                for which in linears:
+                # up to GATE_MAX_ROWS the router is inside kernels.moe_gate's launch: nothing to tune
+                for which in (w for w in linears if not (w == "router" and n <= GATE_MAX_ROWS)):
                     key = cases.linear_shape(PRESETS[m], which)
                     if key in by_shape:
                         by_shape[key].models.append(m)
