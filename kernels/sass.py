@@ -48,15 +48,17 @@ def instructions(sass: str) -> list[tuple[int, str]]:
 
 
 def longest_loop(ins: list[tuple[int, str]]) -> list[str]:
-    """The body (target .. branch, inclusive) of the backward branch spanning the most instructions."""
-    best: tuple[int, int] | None = None
+    """The body (target .. branch, inclusive) of the backward branch spanning the most instructions, among
+    loops that store nothing to global memory where there are any: a main loop accumulates in registers,
+    while a longer loop of stores is an epilogue's (kernels.moe_combine's tail: a row at a time)."""
+    spans = []
     for addr, text in ins:
         m = _BRANCH.search(text)
         if m and int(m.group(1), 16) < addr:
-            span = (int(m.group(1), 16), addr)
-            if best is None or span[1] - span[0] > best[1] - best[0]:
-                best = span
-    return [] if best is None else [t for a, t in ins if best[0] <= a <= best[1]]
+            lo = int(m.group(1), 16)
+            body = [t for a, t in ins if lo <= a <= addr]
+            spans.append((not any(opcode(t) == "STG" for t in body), addr - lo, body))
+    return max(spans, key=lambda s: s[:2])[2] if spans else []
 
 
 def opcode(text: str) -> str:

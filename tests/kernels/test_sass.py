@@ -30,6 +30,10 @@ def test_longest_backward_branch_is_the_loop():
     body = longest_loop(ins)
     assert [opcode(t) for t in body] == ["LDG", "HFMA2", "BRA"]
     assert longest_loop(instructions(SASS.replace("BRA 0x30", "BRA 0x80").replace("BRA 0x60", "BRA 0x90"))) == []
+    # a longer loop that stores (an epilogue's, a row at a time) is not the main loop
+    tail = SASS.replace("FADD R7, R6, R6", "STG.E desc[UR4][R2.64], R6").replace("BRA 0x60", "BRA 0x10")
+    assert [opcode(t) for t in longest_loop(instructions(tail))] == ["LDG", "HFMA2", "BRA"]
+    assert len(longest_loop(instructions(tail.replace("HFMA2 R6", "STG.E R6")))) == 7  # all store: the longest
 
 
 def test_cli_reports_the_gemv_loop():
