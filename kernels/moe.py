@@ -414,7 +414,8 @@ def _experts(x, x16, rw, aligned, plan: _Plan, k: int, w1_blocks, w1_scales, b1,
         raise ValueError(f"residual {tuple(residual.shape)} must have x's shape {tuple(x.shape)}")
     res = residual if residual is None or residual.stride(-1) == 1 else residual.contiguous()
     normed = torch.empty_like(x) if norm is not None else out
-    tail = fused_rows(N)  # a decode step's few rows: the combine is the W2 launch's tail (kernels.moe_combine)
+    # batch 1 or 2: the combine is the W2 launch's tail (kernels.moe_combine)
+    tail = N <= combine_kernels.TAIL_MAX_ROWS and fused_rows(N)
     bh = triton.next_power_of_2(H) if norm is not None or tail else min(1024, triton.next_power_of_2(H))
     combine = (valid, x if res is None else res, out, norm[0] if norm is not None else out, normed, N,
                x.stride(0) if res is None else res.stride(0), float(norm[1]) if norm is not None else 0.0)

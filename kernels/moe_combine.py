@@ -2,16 +2,20 @@
 plus the next RMSNorm of that sum; as a launch of its own, or as the tail of the W2 launch.
 
 `_combine_row` is one token's combine (kernels.moe's module docstring, step 5). `_combine_kernel` runs it
-for a step's rows. Up to a few rows (kernels.moe_gate.fused_rows) each W2 kernel (kernels.moe, .moe_gemv,
-.moe_rs) ends instead with `_combine_tail`: every W2 program, spare tiles included, takes a ticket from an
+for a step's rows. Up to TAIL_MAX_ROWS rows (and where kernels.moe_gate.fused_rows allows) each W2 kernel
+(kernels.moe, .moe_gemv, .moe_rs) ends instead with `_combine_tail`: every W2 program, spare tiles included, takes a ticket from an
 acq_rel atomic counter (kernels._triton.tickets) once its rows are stored, and the launch's last program
 combines every token, reading the pair rows the others wrote past its L1 (.cg), then resets the counter
 for the next launch or graph replay. At batch 1 on an H200 the combine was a launch of 3.1 us a layer
-(BENCHMARKS.md "GPU"); the tail is one program's pass over k + 1 rows. The sums are the same ops in the
-same order either way, so the two forms agree bit for bit.
+(BENCHMARKS.md "GPU"); the tail is one program's pass over k + 1 rows per token, a few L2 round trips
+each, one token after another: past a couple of tokens the combine's own launch, a program per token,
+is the shorter. The sums are the same ops in the same order either way, so the two forms agree bit for
+bit.
 """
 
 from ._triton import tl
+
+TAIL_MAX_ROWS = 2
 
 
 def _combine_row(y_ptr, valid_ptr, res_ptr, out_ptr, nw_ptr, h_ptr, m, cols, H, s_res, eps, TOP_K: tl.constexpr,

@@ -17,13 +17,14 @@ router and its reduction, routing, align: ~15 us a layer, 0.54 ms of a
 5.3 ms gpt-oss-120b step, BENCHMARKS.md "GPU"), each far shorter than its
 start-up. Here a program per (token, EB experts) recomputes the token's norm
 (a few KB, from L2) and its EB router logits, so the router's weights stream
-through ~32 SMs; the last program to finish (a ticket from an atomic counter)
-routes every token and aligns the pairs. That program reads the logits the
-others wrote past its L1 (.cg loads; the writers' barrier and acq_rel ticket
-order them) and resets the counter, so the next launch or a CUDA-graph replay
-finds it at 0 (`_triton.tickets`: zeroed once, never per launch, which would be
-a launch of its own). The interpreter runs programs one after another, so
-there the last program in grid order finishes the launch.
+through ~32 SMs; a token's last program to finish (a ticket from its atomic
+counter) routes it, and the last token routed (a ticket from a launch-wide
+counter) aligns the pairs. Each reads what the others wrote past its L1 (.cg
+loads; the writers' barrier and acq_rel ticket order them) and resets its
+counter, so the next launch or a CUDA-graph replay finds it at 0
+(`_triton.tickets`: zeroed once, never per launch, which would be a launch of
+its own). The interpreter runs programs one after another, so there each
+token's last program in grid order routes it.
 
 The numbers are the unfused path's: the add and the norm round as
 kernels.rmsnorm does, the logits are fp32 sums rounded to the activations'
@@ -95,9 +96,13 @@ def gate_reference(o, residual, norm_w, eps: float, router_w, router_b, top_k: i
 
 # ---------------------------------------------------------------- Triton kernels
 
-def _local_keys(idx_ptr, g2l_ptr, p, pm, HAS_MAP: tl.constexpr):
-    """Local expert of pairs p (-1: absent from this rank, or past the last pair)."""
-    loc = tl.load(idx_ptr + p, mask=pm, other=0).to(tl.int32)
+def _local_keys(idx_ptr, g2l_ptr, p, pm, HAS_MAP: tl.constexpr, L2_ONLY: tl.constexpr):
+    """Local expert of pairs p (-1: absent from this rank, or past the last pair). L2_ONLY: other programs of
+    this launch wrote the ids (_gate_kernel): read past this SM's L1."""
+    if L2_ONLY:
+        loc = tl.load(idx_ptr + p, mask=pm, other=0, cache_modifier=".cg").to(tl.int32)
+    else:
+        loc = tl.load(idx_ptr + p, mask=pm, other=0).to(tl.int32)
     if HAS_MAP:
         loc = tl.load(g2l_ptr + loc, mask=pm, other=-1).to(tl.int32)
     return tl.where(pm & (loc >= 0), loc, -1)
@@ -105,7 +110,7 @@ def _local_keys(idx_ptr, g2l_ptr, p, pm, HAS_MAP: tl.constexpr):
 
 def _align_pairs(idx_ptr, g2l_ptr, sorted_ptr, tile_e_ptr, valid_ptr, cursor_ptr, n_pairs, n_local, max_tiles,
                  HAS_MAP: tl.constexpr, BLOCK_M: tl.constexpr, E_PAD: tl.constexpr, CHUNK: tl.constexpr,
-                 TILES: tl.constexpr):
+                 TILES: tl.constexpr, L2_ONLY: tl.constexpr):
     """`align` in one program: a counting sort of the pairs by local expert.
 
     Pass 1 counts each expert's pairs (a histogram of a CHUNK of keys at a time)
@@ -128,7 +133,7 @@ def _align_pairs(idx_ptr, g2l_ptr, sorted_ptr, tile_e_ptr, valid_ptr, cursor_ptr
     for c0 in range(0, n_pairs, CHUNK):
         p = c0 + lanes
         pm = p < n_pairs
-        key = _local_keys(idx_ptr, g2l_ptr, p, pm, HAS_MAP)
+        key = _local_keys(idx_ptr, g2l_ptr, p, pm, HAS_MAP, L2_ONLY)
         tl.store(valid_ptr + p, (key >= 0).to(tl.int8), mask=pm)
         counts += tl.histogram(key, E_PAD, mask=key >= 0)
     tiles = (counts + BLOCK_M - 1) // BLOCK_M
@@ -155,7 +160,7 @@ def _align_pairs(idx_ptr, g2l_ptr, sorted_ptr, tile_e_ptr, valid_ptr, cursor_ptr
     for c0 in range(0, n_pairs, CHUNK):
         p = c0 + lanes
         pm = p < n_pairs
-        key = _local_keys(idx_ptr, g2l_ptr, p, pm, HAS_MAP)
+        key = _local_keys(idx_ptr, g2l_ptr, p, pm, HAS_MAP, L2_ONLY)
         dest = tl.atomic_add(cursor_ptr + tl.maximum(key, 0), 1, mask=key >= 0, sem="relaxed")
         tl.store(sorted_ptr + dest, p, mask=key >= 0)
 
@@ -174,7 +179,7 @@ def _align_kernel(idx_ptr, g2l_ptr, sorted_ptr, tile_e_ptr, valid_ptr, cursor_pt
             v = tl.load(x_ptr + r.to(tl.int64) * stride_x + (f - r * H), mask=f < n_rows * H, other=0.0)
             tl.store(x16_ptr + f, (v.to(tl.float32) * _X16_SCALE).to(tl.float16), mask=f < n_rows * H)
     _align_pairs(idx_ptr, g2l_ptr, sorted_ptr, tile_e_ptr, valid_ptr, cursor_ptr, n_pairs, n_local, max_tiles,
-                 HAS_MAP, BLOCK_M, E_PAD, CHUNK, TILES)
+                 HAS_MAP, BLOCK_M, E_PAD, CHUNK, TILES, False)
 
 
 def _gate_kernel(o_ptr, r_ptr, nw_ptr, rw_ptr, rb_ptr, x_ptr, h_ptr, x16_ptr, logit_ptr, count_ptr,
@@ -184,8 +189,8 @@ def _gate_kernel(o_ptr, r_ptr, nw_ptr, rw_ptr, rb_ptr, x_ptr, h_ptr, x16_ptr, lo
                  HAS_LOAD: tl.constexpr, HAS_MASK: tl.constexpr, DROP_MASKED: tl.constexpr, X16: tl.constexpr,
                  HAS_MAP: tl.constexpr, BLOCK_M: tl.constexpr, E_PAD: tl.constexpr, CHUNK: tl.constexpr,
                  TILES: tl.constexpr):
-    """Program (token, g): the token's add and norm, router logits of experts [g*EB, (g+1)*EB); the last
-    program of the launch routes every token and aligns the pairs (module docstring)."""
+    """Program (token, g): the token's add and norm, router logits of experts [g*EB, (g+1)*EB); the token's
+    last program routes it, the last token routed aligns the pairs (module docstring)."""
     row = tl.program_id(0).to(tl.int64)
     g = tl.program_id(1)
     c = tl.arange(0, BLOCK_H)
@@ -217,15 +222,16 @@ def _gate_kernel(o_ptr, r_ptr, nw_ptr, rw_ptr, rb_ptr, x_ptr, h_ptr, x16_ptr, lo
     logit = tl.sum(acc, 1) + tl.load(rb_ptr + e, mask=em, other=0.0).to(tl.float32)
     tl.store(logit_ptr + row * E + e, logit.to(logit_ptr.dtype.element_ty), mask=em)
     tl.debug_barrier()  # every thread's logits stored before the ticket releases them
-    ticket = tl.atomic_add(count_ptr, 1, sem="acq_rel")
-    if ticket == N * tl.num_programs(1) - 1:
-        for t in range(0, N):
-            _route_row(logit_ptr, idx_ptr, wt_ptr, load_ptr, mask_ptr, t, E, E, TOP_K, BLOCK_E, HAS_LOAD,
-                       HAS_MASK, DROP_MASKED, True)
-        tl.debug_barrier()  # the ids, seen by every thread of the align below
-        _align_pairs(idx_ptr, g2l_ptr, sorted_ptr, tile_e_ptr, valid_ptr, cursor_ptr, N * TOP_K, n_local,
-                     max_tiles, HAS_MAP, BLOCK_M, E_PAD, CHUNK, TILES)
-        tl.atomic_xchg(count_ptr, 0)
+    # the token's last program routes it (the tokens in parallel); the last token routed aligns every pair
+    if tl.atomic_add(count_ptr + 1 + row, 1, sem="acq_rel") == tl.num_programs(1) - 1:
+        _route_row(logit_ptr, idx_ptr, wt_ptr, load_ptr, mask_ptr, row, E, E, TOP_K, BLOCK_E, HAS_LOAD, HAS_MASK,
+                   DROP_MASKED, True)
+        tl.atomic_xchg(count_ptr + 1 + row, 0)
+        tl.debug_barrier()  # the token's ids stored before the launch-wide ticket releases them
+        if tl.atomic_add(count_ptr, 1, sem="acq_rel") == N - 1:
+            _align_pairs(idx_ptr, g2l_ptr, sorted_ptr, tile_e_ptr, valid_ptr, cursor_ptr, N * TOP_K, n_local,
+                         max_tiles, HAS_MAP, BLOCK_M, E_PAD, CHUNK, TILES, True)
+            tl.atomic_xchg(count_ptr, 0)
 
 
 # kernels.route's row, jitted again into this module's globals (where _gate_kernel looks)
@@ -320,7 +326,7 @@ def gate_triton(o: torch.Tensor, residual: torch.Tensor, norm_w: torch.Tensor, e
     if not interpreting():
         cfg["num_warps"] = 4
     launch(_gate_kernel, (N, -(-E // eb)), o, residual, norm_w, router_w, router_b, x, h,
-           x16_t if x16 else x, logits, tickets(dev, 1), idx, weights, load if load is not None else idx,
+           x16_t if x16 else x, logits, tickets(dev, N + 1), idx, weights, load if load is not None else idx,
            token_mask if token_mask is not None else idx, global_to_local if global_to_local is not None else idx,
            *aligned, cursor, N, H, E, n_local, aligned[1].numel(), o.stride(0), residual.stride(0), float(eps),
            TOP_K=top_k, EB=eb, BLOCK_H=bh, BLOCK_E=max(16, next_pow2(E)), HAS_LOAD=load is not None,

@@ -258,16 +258,18 @@ def test_next_norm_in_the_combine_is_the_rmsnorm_of_the_sum(dtype):
 @pytest.mark.parametrize("path", ["mma", "gemv", "rs"])
 @pytest.mark.parametrize("with_norm", [True, False])
 def test_combine_as_the_w2_tail_equals_its_own_launch(path, with_norm, monkeypatch):
-    """Up to GATE_MAX_ROWS rows the combine is the W2 launch's tail (kernels.moe_combine: the last of its
+    """Up to TAIL_MAX_ROWS rows the combine is the W2 launch's tail (kernels.moe_combine: the last of its
     programs, spare tiles included, combines every token); the same bits as the combine's own launch."""
     from kernels import _triton, tuned
     from kernels.moe import gemv_configs, rs_configs
     dtype = torch.float32 if path == "mma" else torch.bfloat16
-    m, h = moe_module(dtype), tokens(6, seed=14, dtype=dtype)
-    res = tokens(6, seed=15, dtype=dtype)
+    from kernels.moe_combine import TAIL_MAX_ROWS
+    n = TAIL_MAX_ROWS
+    m, h = moe_module(dtype), tokens(n, seed=14, dtype=dtype)
+    res = tokens(n, seed=15, dtype=dtype)
     w = torch.rand(H, generator=torch.Generator().manual_seed(16)) + 0.5
     idx, rw = route(F.linear(h.float(), m.router_w.float(), m.router_b.float()), K, dtype)
-    idx[2] = E  # a token no expert takes (a graph's padding row): its sum is the residual alone
+    idx[-1] = E  # a token no expert takes (a graph's padding row): its sum is the residual alone
     g2l = torch.cat([torch.arange(E), torch.tensor([-1])])
     kw = dict(global_to_local=g2l, residual=res, norm=(w, 1e-5) if with_norm else None)
     forced = {"mma": {}, "gemv": gemv_configs(True), "rs": rs_configs(True)}[path]
@@ -281,7 +283,11 @@ def test_combine_as_the_w2_tail_equals_its_own_launch(path, with_norm, monkeypat
     assert "_combine_kernel" not in names and names[-1].startswith("_w2_"), names
     for a, b in zip(tail if with_norm else (tail,), apart if with_norm else (apart,)):
         assert torch.equal(a, b)
-    assert torch.equal((tail[0] if with_norm else tail)[2], res[2])
+    assert torch.equal((tail[0] if with_norm else tail)[-1], res[-1])
+    with tuned.forced(forced), _triton.capturing() as launches:  # one row more: the combine's own launch
+        moe_mxfp4(tokens(n + 1, dtype=dtype), (torch.cat([idx, idx[:1]]), torch.cat([rw, rw[:1]])), *packed(m),
+                  **dict(kw, residual=tokens(n + 1, seed=3, dtype=dtype)))
+    assert getattr(launches[-1][0], "fn", launches[-1][0]).__name__ == "_combine_kernel"
     assert not _triton.tickets(h.device, 1).any()
 
 
