@@ -46,11 +46,11 @@ def markdown(res: dict) -> str:
                           f"({r['padded_step_ms']:.2f} vs {r['step_ms']:.2f} ms/step)" for r in pad)]
     ung = [r for r in res["results"] if "unfused_gate_tokens_per_s" in r]
     if ung:
+        pairs = "; ".join(f"batch {r['batch']}: {r['tokens_per_s']:.1f} vs {r['unfused_gate_tokens_per_s']:.1f} "
+                          f"tok/s ({r['step_ms']:.2f} vs {r['unfused_gate_step_ms']:.2f} ms/step)" for r in ung)
         out += ["", "Decode with the one-launch MoE gate (kernels/moe_gate.py: the MLP's add and norm, router, "
                 "routing and align) and the combine as W2's tail (kernels/moe_combine.py) against those as "
-                "launches of their own (GPTOSS_GATE_MAX_ROWS=0), back to back: " + "; ".join(f"batch {r['batch']}: {r['tokens_per_s']:.1f} vs "
-                                     f"{r['unfused_gate_tokens_per_s']:.1f} tok/s ({r['step_ms']:.2f} vs "
-                                     f"{r['unfused_gate_step_ms']:.2f} ms/step)" for r in ung)]
+                "launches of their own (GPTOSS_GATE_MAX_ROWS=0), back to back: " + pairs]
     for r in res.get("profiles", []):
         out += step_profile.markdown(r)
     if not res.get("complete", True):

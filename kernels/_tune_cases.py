@@ -99,7 +99,10 @@ def moe_candidates(kernel: str, bm: int, rs: bool = False) -> list[dict]:
         return [dict(GEMV=True, BLOCK_M=1, BLOCK_N=bn, BLOCK_KB=kb, num_warps=w, num_stages=2)
                 for bn in (8, 16, 32, 64, 128) for kb in (16, 32, 64, 128) for w in (2, 4, 8)
                 if 16 <= tiles * bn * kb / (32 * w) <= 64]  # weight bytes a thread holds per K step
-    out = []
+    # a decode step's few 16-row tiles leave SMs idle (0.85 waves at batch 1, BENCHMARKS.md "GPU"):
+    # the same tiles split over K (SPLIT_K), a few shapes at 2 and 4 splits
+    out = [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=3, SPLIT_K=s)
+           for bn in (32, 64) for bk in (64, 128) for s in (2, 4)] if bm == 16 else []
     for bn in (16, 32, 64, 128):
         if bm >= 64 and bn < 32:
             continue

@@ -154,6 +154,13 @@ def workloads():
             step = _step_launches(PRESETS[name], b, 1, DECODE_CONTEXT)
         gemv_only = [ln for ln in step if ln[0].__name__ in ("_align_kernel", "_gate_kernel", *moe_gemv._KERNELS)]
         out.append((f"{name.removeprefix('gpt-oss-')} gemv d{b}", gemv_only))
+    # the MMA tiles split over K (SPLIT_K) kernels.tune may pick for a decode step's few tiles: at batch 1
+    # (W2's slabs summed by its combine tail) and 8 (by the combine launch)
+    for b in (1, 8):
+        with tuned.forced(moe_mod.split_configs()):
+            step = _step_launches(PRESETS["gpt-oss-120b"], b, 1, DECODE_CONTEXT)
+        out.append((f"120b split d{b}", [ln for ln in step if ln[0].__name__ in (
+            "_w1_kernel", "_w2_kernel", "_combine_kernel")]))
     # kernels.moe_rs's tiles (weights as the MMA's register operand) kernels.tune may pick for larger steps
     from . import moe_rs
     for name, b, bm in (("gpt-oss-20b", 64, 16), ("gpt-oss-120b", 64, 16), ("gpt-oss-120b", 256, 16),

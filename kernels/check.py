@@ -48,9 +48,10 @@ def _experts(cfg, E: int, dev, gen):
             torch.randn(E, H, device=dev, generator=gen) * 0.05)
 
 
-def moe_case(cfg, n: int, dev, dtype, gen, ep: int = 1, gemv: bool = False, rs: bool = False):
+def moe_case(cfg, n: int, dev, dtype, gen, ep: int = 1, gemv: bool = False, rs: bool = False, split: bool = False):
     """ep > 1: the rows form one expert-parallel rank runs (MoE.run_experts): its E/ep experts,
-    n rows each routed to one of them with weight 1."""
+    n rows each routed to one of them with weight 1. split: the MMA tiles split over K (3 ways in the dry
+    run's 2 K steps, one split empty; 4 on the GPU), whose last-split handoff only a GPU exercises."""
     from . import moe
     E, H, k = cfg.num_local_experts // ep, cfg.hidden_size, cfg.num_experts_per_tok
     w1b, w1s, b1, w2b, w2s, b2 = _experts(cfg, E, dev, gen)
@@ -66,10 +67,12 @@ def moe_case(cfg, n: int, dev, dtype, gen, ep: int = 1, gemv: bool = False, rs: 
     ref16 = moe.moe_reference(xb, idx, wb, w1b, w1s, b1b, w2b, w2s, b2b)
     from . import tuned
     cpu = torch.device(dev).type == "cpu"
-    with tuned.forced(moe.gemv_configs(cpu) if gemv else moe.rs_configs(cpu) if rs else {}):
+    forced = (moe.gemv_configs(cpu) if gemv else moe.rs_configs(cpu) if rs else
+              moe.split_configs(cpu, 3 if cpu else 4) if split else {})
+    with tuned.forced(forced):
         out = moe.moe_mxfp4(xb, (idx, wb), w1b, w1s, b1b, w2b, w2s, b2b, top_k=k)
     e, b, ok = verdict(out, ref32, ref16)
-    if gemv or rs:
+    if gemv or rs or split:
         return e, b, ok
     if ep == 1:  # one process adds the residual in the combine (the unfused add's rounding), and the
         # next RMSNorm of that sum (what the model launches)
@@ -233,6 +236,8 @@ def cases(models: list[str], tokens: list[int], dry: bool):
         for n in tokens[1:]:  # the register-operand MMA tiles (kernels.moe_rs; 16-bit activations)
             yield f"{name} moe rs tokens={n}", lambda d, t, g, c=cfg, n=n: moe_case(c, n, d, torch.bfloat16, g,
                                                                                     rs=True)
+        for n in tokens[:2]:  # the MMA tiles split over K (W2's combine tail at 1 token, the combine launch at 8)
+            yield f"{name} moe split-K tokens={n}", lambda d, t, g, c=cfg, n=n: moe_case(c, n, d, t, g, split=True)
         for n in tokens[:2]:  # a decode step's gate in one launch (kernels.moe_gate), then the experts
             yield f"{name} moe gate block rows={min(n, 16)}", lambda d, t, g, c=cfg, n=n: gate_case(c, n, d, t, g)
         from ._tune_cases import LINEARS

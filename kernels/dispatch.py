@@ -188,5 +188,6 @@ def sample(x: torch.Tensor, inv_temperature: torch.Tensor, keys: torch.Tensor) -
     return s.sample_reference(x, inv_temperature, keys)
 
 
-__all__ = ["fuses_gate", "moe", "moe_block", "paged_attention", "rmsnorm", "rope", "rope_into_cache", "route", "sample", "triton_available",
+__all__ = ["fuses_gate", "moe", "moe_block", "paged_attention", "rmsnorm", "rope", "rope_into_cache", "route", "sample",
+           "triton_available",
            "use_triton"]

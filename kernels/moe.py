@@ -119,9 +119,47 @@ def _mx_dot(a_ptrs, amask, wb_ptr, s, rows, rmask, k0, K, acc, BLOCK_K: tl.const
     return tl.dot_scaled(a, None, "bf16", w, s, "e2m1", acc)
 
 
+def _split_sums(acc_g, acc_l, part_ptr, tk_ptr, rows, j, I, SPLIT_K: tl.constexpr):
+    """W1 split over K (grid axis 2): store this split's partial sums [rows, (gate, linear), j] in slab s of
+    part_ptr; the tile's last split to finish (an acq_rel ticket, kernels._triton.tickets) gets their sums
+    in split order (the same bits whichever came last) and True, the others zeros and False."""
+    base = part_ptr + rows[:, None] * (2 * I) + j[None, :]
+    slab = (tl.num_programs(0) * acc_g.shape[0]).to(tl.int64) * (2 * I)
+    jm = (j < I)[None, :]
+    tl.store(base + tl.program_id(2) * slab, acc_g, mask=jm)
+    tl.store(base + tl.program_id(2) * slab + I, acc_l, mask=jm)
+    tl.debug_barrier()  # every thread's partials stored before the ticket releases them
+    cnt = tk_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+    last = tl.atomic_add(cnt, 1, sem="acq_rel") == SPLIT_K - 1
+    g = tl.zeros(acc_g.shape, tl.float32)
+    lin = tl.zeros(acc_l.shape, tl.float32)
+    if last:
+        for sp in tl.static_range(SPLIT_K):  # .cg: the other splits' stores are in L2, not in this SM's L1
+            g += tl.load(base + sp * slab, mask=jm, other=0.0, cache_modifier=".cg")
+            lin += tl.load(base + sp * slab + I, mask=jm, other=0.0, cache_modifier=".cg")
+        tl.atomic_xchg(cnt, 0)
+    return g, lin, last
+
+
+def _swiglu_store(acc_g, acc_l, b_ptr, e, I, gate_rows, jvalid, act_ptr, rows, rvalid, j, LIMIT: tl.constexpr,
+                  ALPHA: tl.constexpr):
+    gate = acc_g + tl.load(b_ptr + e * 2 * I + gate_rows, mask=jvalid, other=0.0).to(tl.float32)[None, :]
+    lin = acc_l + tl.load(b_ptr + e * 2 * I + gate_rows + 1, mask=jvalid, other=0.0).to(tl.float32)[None, :]
+    gate = tl.minimum(gate, LIMIT)
+    lin = tl.minimum(tl.maximum(lin, -LIMIT), LIMIT)
+    h = gate * tl.sigmoid(ALPHA * gate) * (lin + 1.0)
+    out = act_ptr + rows[:, None] * I + j[None, :]
+    tl.store(out, h.to(act_ptr.dtype.element_ty), mask=rvalid[:, None] & jvalid[None, :])
+
+
 def _w1_kernel(x_ptr, wb_ptr, ws_ptr, b_ptr, act_ptr, sorted_ptr, tile_e_ptr, n_pairs, H, I, stride_x,
+               part_ptr, tk_ptr, K_SPLIT,
                TOP_K: tl.constexpr, LIMIT: tl.constexpr, ALPHA: tl.constexpr, BLOCK_M: tl.constexpr,
-               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_BF16: tl.constexpr, SCALED: tl.constexpr):
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_BF16: tl.constexpr, SCALED: tl.constexpr,
+               SPLIT_K: tl.constexpr):
+    """SPLIT_K > 1: program (tile, j block, s) sums K[s * K_SPLIT:][:K_SPLIT] (a whole number of K steps,
+    the last shorter or empty), the tile's last split finishes (_split_sums): more programs for a
+    decode step's few tiles."""
     t = tl.program_id(0)
     e = tl.load(tile_e_ptr + t).to(tl.int64)
     if e < 0:
@@ -135,10 +173,12 @@ def _w1_kernel(x_ptr, wb_ptr, ws_ptr, b_ptr, act_ptr, sorted_ptr, tile_e_ptr, n_
     ws = ws_ptr + e * (2 * I) * (H // 32)
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     acc_l = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    k_lo = tl.program_id(2) * K_SPLIT
+    k_hi = tl.minimum(k_lo + K_SPLIT, H)
     if SCALED:
-        sg = _mx_scales(ws, gate_rows, jvalid, 0, H, BLOCK_K)
-        sl = _mx_scales(ws, gate_rows + 1, jvalid, 0, H, BLOCK_K)
-        for k0 in range(0, H, BLOCK_K):
+        sg = _mx_scales(ws, gate_rows, jvalid, k_lo, H, BLOCK_K)
+        sl = _mx_scales(ws, gate_rows + 1, jvalid, k_lo, H, BLOCK_K)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
             sg_next = _mx_scales(ws, gate_rows, jvalid, k0 + BLOCK_K, H, BLOCK_K)
             sl_next = _mx_scales(ws, gate_rows + 1, jvalid, k0 + BLOCK_K, H, BLOCK_K)
             k = k0 + tl.arange(0, BLOCK_K)
@@ -150,7 +190,7 @@ def _w1_kernel(x_ptr, wb_ptr, ws_ptr, b_ptr, act_ptr, sorted_ptr, tile_e_ptr, n_
                 acc_g, acc_l = _settle(acc_g), _settle(acc_l)
             sg, sl = sg_next, sl_next
     else:
-        for k0 in range(0, H, BLOCK_K):
+        for k0 in range(k_lo, k_hi, BLOCK_K):
             kbyte = k0 // 2 + tl.arange(0, BLOCK_K // 2)
             kmask = kbyte < H // 2
             amask = rvalid[:, None] & kmask[None, :]
@@ -161,26 +201,27 @@ def _w1_kernel(x_ptr, wb_ptr, ws_ptr, b_ptr, act_ptr, sorted_ptr, tile_e_ptr, n_
             acc_g = _dot(a_od, g_hi, _dot(a_ev, g_lo, acc_g, DOT_BF16), DOT_BF16)
             l_lo, l_hi = _mx_tile(wb, ws, gate_rows + 1, jvalid, kbyte, kmask, H // 2)
             acc_l = _dot(a_od, l_hi, _dot(a_ev, l_lo, acc_l, DOT_BF16), DOT_BF16)
-    gate = acc_g + tl.load(b_ptr + e * 2 * I + gate_rows, mask=jvalid, other=0.0).to(tl.float32)[None, :]
-    lin = acc_l + tl.load(b_ptr + e * 2 * I + gate_rows + 1, mask=jvalid, other=0.0).to(tl.float32)[None, :]
-    gate = tl.minimum(gate, LIMIT)
-    lin = tl.minimum(tl.maximum(lin, -LIMIT), LIMIT)
-    h = gate * tl.sigmoid(ALPHA * gate) * (lin + 1.0)
-    out = act_ptr + rows[:, None] * I + j[None, :]
-    tl.store(out, h.to(act_ptr.dtype.element_ty), mask=rvalid[:, None] & jvalid[None, :])
+    if SPLIT_K > 1:
+        acc_g, acc_l, last = _split_sums(acc_g, acc_l, part_ptr, tk_ptr, rows, j, I, SPLIT_K)
+        if last:
+            _swiglu_store(acc_g, acc_l, b_ptr, e, I, gate_rows, jvalid, act_ptr, rows, rvalid, j, LIMIT, ALPHA)
+    else:
+        _swiglu_store(acc_g, acc_l, b_ptr, e, I, gate_rows, jvalid, act_ptr, rows, rvalid, j, LIMIT, ALPHA)
 
 
 def _w2_kernel(act_ptr, wb_ptr, ws_ptr, b_ptr, rw_ptr, y_ptr, sorted_ptr, tile_e_ptr, n_pairs, H, I,
-               cnt_ptr, valid_ptr, res_ptr, out_ptr, nw_ptr, h_ptr, n_rows, s_res, eps,
+               cnt_ptr, valid_ptr, res_ptr, out_ptr, nw_ptr, h_ptr, n_rows, s_res, eps, K_SPLIT,
                TOP_K: tl.constexpr, HAS_RES: tl.constexpr, NORM: tl.constexpr, BLOCK_H: tl.constexpr,
-               COMBINE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_BF16: tl.constexpr,
-               SCALED: tl.constexpr):
+               COMBINE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+               DOT_BF16: tl.constexpr, SCALED: tl.constexpr, SPLIT_K: tl.constexpr):
+    """SPLIT_K > 1: program (tile, n block, s) sums K[s * K_SPLIT:][:K_SPLIT] into slab s of y (fp32; the bias
+    in slab 0), and the combine sums the slabs: no launch or ticket of its own."""
     t = tl.program_id(0)
     e = tl.load(tile_e_ptr + t).to(tl.int64)
     if e < 0:
         if COMBINE:  # a spare tile takes its ticket too: the launch's last program combines
             _combine_tail(cnt_ptr, y_ptr, valid_ptr, res_ptr, out_ptr, nw_ptr, h_ptr, n_rows, H, s_res, eps, TOP_K,
-                          HAS_RES, NORM, BLOCK_H)
+                          HAS_RES, NORM, BLOCK_H, SPLIT_K)
         return
     rows, pair, rvalid = _tile_rows(sorted_ptr, n_pairs, BLOCK_M)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -188,9 +229,11 @@ def _w2_kernel(act_ptr, wb_ptr, ws_ptr, b_ptr, rw_ptr, y_ptr, sorted_ptr, tile_e
     wb = wb_ptr + e * H * (I // 2)
     ws = ws_ptr + e * H * (I // 32)
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    k_lo = tl.program_id(2) * K_SPLIT
+    k_hi = tl.minimum(k_lo + K_SPLIT, I)
     if SCALED:
-        s = _mx_scales(ws, n.to(tl.int64), nvalid, 0, I, BLOCK_K)
-        for k0 in range(0, I, BLOCK_K):
+        s = _mx_scales(ws, n.to(tl.int64), nvalid, k_lo, I, BLOCK_K)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
             s_next = _mx_scales(ws, n.to(tl.int64), nvalid, k0 + BLOCK_K, I, BLOCK_K)
             k = k0 + tl.arange(0, BLOCK_K)
             acc = _mx_dot(act_ptr + rows[:, None] * I + k[None, :], rvalid[:, None] & (k < I)[None, :],
@@ -199,7 +242,7 @@ def _w2_kernel(act_ptr, wb_ptr, ws_ptr, b_ptr, rw_ptr, y_ptr, sorted_ptr, tile_e
                 acc = _settle(acc)
             s = s_next
     else:
-        for k0 in range(0, I, BLOCK_K):
+        for k0 in range(k_lo, k_hi, BLOCK_K):
             kbyte = k0 // 2 + tl.arange(0, BLOCK_K // 2)
             kmask = kbyte < I // 2
             amask = rvalid[:, None] & kmask[None, :]
@@ -208,14 +251,15 @@ def _w2_kernel(act_ptr, wb_ptr, ws_ptr, b_ptr, rw_ptr, y_ptr, sorted_ptr, tile_e
             a_od = tl.load(a_ptr + 1, mask=amask, other=0.0).to(tl.float32)
             w_lo, w_hi = _mx_tile(wb, ws, n.to(tl.int64), nvalid, kbyte, kmask, I // 2)
             acc = _dot(a_od, w_hi, _dot(a_ev, w_lo, acc, DOT_BF16), DOT_BF16)
-    acc += tl.load(b_ptr + e * H + n, mask=nvalid, other=0.0).to(tl.float32)[None, :]
+    b_lim = tl.where(tl.program_id(2) == 0, H, 0)  # the bias joins one slab
+    acc += tl.load(b_ptr + e * H + n, mask=n < b_lim, other=0.0).to(tl.float32)[None, :]
     rw = tl.load(rw_ptr + pair, mask=rvalid, other=0.0)
     acc = acc * rw[:, None]
-    out = y_ptr + pair.to(tl.int64)[:, None] * H + n[None, :]
+    out = y_ptr + (tl.program_id(2) * n_pairs + pair).to(tl.int64)[:, None] * H + n[None, :]
     tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=rvalid[:, None] & nvalid[None, :])
     if COMBINE:
         _combine_tail(cnt_ptr, y_ptr, valid_ptr, res_ptr, out_ptr, nw_ptr, h_ptr, n_rows, H, s_res, eps, TOP_K,
-                      HAS_RES, NORM, BLOCK_H)
+                      HAS_RES, NORM, BLOCK_H, SPLIT_K)
 
 
 # shared with kernels.moe_rs, jitted again into this module's globals (where its kernels look)
@@ -223,9 +267,10 @@ _tile_rows = getattr(rs_kernels._tile_rows, "fn", rs_kernels._tile_rows)
 _combine_row, _combine_tail, _combine_kernel = (getattr(f, "fn", f) for f in (
     combine_kernels._combine_row, combine_kernels._combine_tail, combine_kernels._combine_kernel))
 _settle = getattr(rs_kernels._settle, "fn", rs_kernels._settle)
-_KERNELS = ("_tile_rows", "_settle", "_fp4", "_dot", "_mx_tile", "_mx_scales", "_mx_dot", "_w1_kernel", "_w2_kernel",
-            "_combine_row", "_combine_tail", "_combine_kernel")
-_NO_SPECIALIZE = {"_w1_kernel": ("n_pairs",), "_w2_kernel": ("n_pairs", "n_rows", "s_res")}
+_KERNELS = ("_tile_rows", "_settle", "_fp4", "_dot", "_mx_tile", "_mx_scales", "_mx_dot", "_split_sums",
+            "_swiglu_store", "_w1_kernel", "_w2_kernel", "_combine_row", "_combine_tail", "_combine_kernel")
+_NO_SPECIALIZE = {"_w1_kernel": ("n_pairs",), "_w2_kernel": ("n_pairs", "n_rows", "s_res"),
+                  **combine_kernels._NO_SPECIALIZE}
 
 
 def _default_config(pairs: int, n_local: int, interp: bool) -> dict:
@@ -265,6 +310,13 @@ def rs_configs(interp: bool = False, block_m: int = 16) -> dict:
     return {k: rs_config(interp, k, block_m) for k in ("moe_w1", "moe_w2")}
 
 
+def split_configs(interp: bool = False, splits: int = 4) -> dict:
+    """{kernel: config} forcing the MMA tiles split over K in both matmuls (kernels.tuned.forced): the
+    default tiles at BLOCK_M 16 with SPLIT_K. Not a default: chosen where kernels.tune measured it faster."""
+    base = _default_config(1, 1, interp)
+    return {k: dict(base, SPLIT_K=splits) for k in ("moe_w1", "moe_w2")}
+
+
 def tuning_shape(H: int, I: int, n_local: int, top_k: int, dtype) -> str:
     return tuned.shape_key(H=H, I=I, E=n_local, top_k=top_k, dtype=dtype)
 
@@ -282,6 +334,11 @@ def _config(n_tokens: int, H: int, I: int, n_local: int, top_k: int, x: torch.Te
         return c1, c2
     d = _default_config(n_tokens * top_k, n_local, interp)
     return d, d
+
+
+def _k_split(K: int, splits: int, block_k: int) -> int:
+    """K per split: a whole number of K steps (the last split shorter, or empty)."""
+    return triton.cdiv(triton.cdiv(K, splits), block_k) * block_k
 
 
 def _split(cfg: dict) -> tuple[dict, dict]:
@@ -393,8 +450,10 @@ def _experts(x, x16, rw, aligned, plan: _Plan, k: int, w1_blocks, w1_scales, b1,
     T = tile_expert.numel()
     act = torch.empty(T * bm, I, dtype=torch.float16 if gemv else torch.bfloat16 if rs else x.dtype,
                       device=x.device)
-    # the gemv tiles hand the combine fp32 rows (a few per step): the sum of a token's k rows rounds once
-    y = torch.empty(N * k, H, dtype=torch.float32 if gemv else x.dtype, device=x.device)
+    # the MMA tiles may split K (kernels.tune's SPLIT_K): W1's last split finishes, W2's slabs sum in the combine
+    s1, s2 = ((1, 1) if gemv or rs else (plan.cfg1.get("SPLIT_K", 1), plan.cfg2.get("SPLIT_K", 1)))
+    # the gemv tiles and W2's slabs hand the combine fp32 rows (a few per step): a token's sum rounds once
+    y = torch.empty(s2 * N * k, H, dtype=torch.float32 if gemv or s2 > 1 else x.dtype, device=x.device)
     meta, opts = _split(plan.cfg1)
     grid1 = (T, triton.cdiv(I, meta["BLOCK_N"]))
     if rs:
@@ -406,9 +465,11 @@ def _experts(x, x16, rw, aligned, plan: _Plan, k: int, w1_blocks, w1_scales, b1,
         launch(gemv_kernels._w1_gemv_kernel, grid1, x16, w1_blocks, w1_scales, b1, act, sorted_ids, tile_expert,
                N * k, H, I, TOP_K=k, LIMIT=float(limit), ALPHA=float(alpha), PTX=not interp, **meta, **opts)
     else:
-        launch(_w1_kernel, grid1, x, w1_blocks, w1_scales, b1, act, sorted_ids, tile_expert, N * k, H, I,
-               x.stride(0), TOP_K=k, LIMIT=float(limit), ALPHA=float(alpha), DOT_BF16=plan.dot_bf16,
-               SCALED=plan.scaled, **meta, **opts)
+        part = torch.empty(s1, T * bm, 2 * I, dtype=torch.float32, device=x.device) if s1 > 1 else rw
+        launch(_w1_kernel, (*grid1, s1), x, w1_blocks, w1_scales, b1, act, sorted_ids, tile_expert, N * k, H, I,
+               x.stride(0), part, tickets(x.device, T * grid1[1]), _k_split(H, s1, meta["BLOCK_K"]), TOP_K=k,
+               LIMIT=float(limit), ALPHA=float(alpha), DOT_BF16=plan.dot_bf16, SCALED=plan.scaled, SPLIT_K=s1,
+               **meta, **opts)
     out = torch.empty_like(x)
     if residual is not None and residual.shape != x.shape:
         raise ValueError(f"residual {tuple(residual.shape)} must have x's shape {tuple(x.shape)}")
@@ -424,13 +485,16 @@ def _experts(x, x16, rw, aligned, plan: _Plan, k: int, w1_blocks, w1_scales, b1,
     w2_flags = flags if tail else dict(TOP_K=1, HAS_RES=False, NORM=False, BLOCK_H=16)
     w2_combine = combine if tail else (valid, y, y, y, y, N, 0, 0.0)
     w2 = gemv_kernels._w2_gemv_kernel if gemv else rs_kernels._w2_rs_kernel if rs else _w2_kernel
-    own = dict(PTX=not interp) if gemv or rs else dict(DOT_BF16=plan.dot_bf16, SCALED=plan.scaled)
     meta, opts = _split(plan.cfg2)
-    launch(w2, (T, triton.cdiv(H, meta["BLOCK_N"])), act, w2_blocks, w2_scales, b2, rw, y, sorted_ids, tile_expert,
-           N * k, H, I, tickets(x.device, 1), *w2_combine, COMBINE=tail, **w2_flags, **own, **meta, **opts)
+    own = dict(PTX=not interp) if gemv or rs else dict(DOT_BF16=plan.dot_bf16, SCALED=plan.scaled, SPLIT_K=s2,
+                                                         K_SPLIT=_k_split(I, s2, meta["BLOCK_K"]))
+    launch(w2, (T, triton.cdiv(H, meta["BLOCK_N"]), s2), act, w2_blocks, w2_scales, b2, rw, y, sorted_ids,
+           tile_expert, N * k, H, I, tickets(x.device, 1), *w2_combine, COMBINE=tail, **w2_flags, **own, **meta,
+           **opts)
     if not tail:
         opts = dict(num_warps=8) if norm is not None and H >= 2048 and not interp else {}
-        launch(_combine_kernel, (N, triton.cdiv(H, bh)), y, *combine[:5], H, *combine[6:], **flags, **opts)
+        launch(_combine_kernel, (N, triton.cdiv(H, bh)), y, *combine[:6], H, *combine[6:], **flags, SPLIT=s2,
+               **opts)
     return out if norm is None else (out, normed)
 
 

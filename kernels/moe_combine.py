@@ -1,16 +1,17 @@
 """The MoE's combine: each token's k pair rows summed (absent experts skipped), plus the residual stream,
 plus the next RMSNorm of that sum; as a launch of its own, or as the tail of the W2 launch.
 
-`_combine_row` is one token's combine (kernels.moe's module docstring, step 5). `_combine_kernel` runs it
-for a step's rows. Up to TAIL_MAX_ROWS rows (and where kernels.moe_gate.fused_rows allows) each W2 kernel
-(kernels.moe, .moe_gemv, .moe_rs) ends instead with `_combine_tail`: every W2 program, spare tiles included, takes a ticket from an
-acq_rel atomic counter (kernels._triton.tickets) once its rows are stored, and the launch's last program
-combines every token, reading the pair rows the others wrote past its L1 (.cg), then resets the counter
-for the next launch or graph replay. At batch 1 on an H200 the combine was a launch of 3.1 us a layer
-(BENCHMARKS.md "GPU"); the tail is one program's pass over k + 1 rows per token, a few L2 round trips
-each, one token after another: past a couple of tokens the combine's own launch, a program per token,
-is the shorter. The sums are the same ops in the same order either way, so the two forms agree bit for
-bit.
+`_combine_row` is one token's combine (kernels.moe's module docstring, step 5). `_combine_kernel` runs
+it for a step's rows. Up to TAIL_MAX_ROWS rows (and where kernels.moe_gate.fused_rows allows) each W2
+kernel (kernels.moe, .moe_gemv, .moe_rs) ends instead with `_combine_tail`: every W2 program, spare
+tiles included, takes a ticket from an acq_rel atomic counter (kernels._triton.tickets) once its rows
+are stored, and the launch's last program combines every token, reading the pair rows the others wrote
+past its L1 (.cg), then resets the counter for the next launch or graph replay. At batch 1 on an H200
+the combine was a launch of 3.1 us a layer (BENCHMARKS.md "GPU"); the tail is one program's pass over
+k + 1 rows per token, a few L2 round trips each, one token after another: past a couple of tokens the
+combine's own launch, a program per token, is the shorter. The sums are the same ops in the same order
+either way, so the two forms agree bit for bit. Where the MMA W2 splits K, y holds a slab per split and
+both forms sum the slabs too, in split order.
 """
 
 from ._triton import tl
@@ -18,19 +19,21 @@ from ._triton import tl
 TAIL_MAX_ROWS = 2
 
 
-def _combine_row(y_ptr, valid_ptr, res_ptr, out_ptr, nw_ptr, h_ptr, m, cols, H, s_res, eps, TOP_K: tl.constexpr,
-                 HAS_RES: tl.constexpr, NORM: tl.constexpr, L2_ONLY: tl.constexpr):
+def _combine_row(y_ptr, valid_ptr, res_ptr, out_ptr, nw_ptr, h_ptr, m, cols, n_rows, H, s_res, eps,
+                 TOP_K: tl.constexpr, HAS_RES: tl.constexpr, NORM: tl.constexpr, L2_ONLY: tl.constexpr,
+                 SPLIT: tl.constexpr):
     """Token m over columns `cols` (all of H with NORM). L2_ONLY: y was written by other programs of this
-    launch."""
+    launch. SPLIT: y holds that many slabs of n_rows * TOP_K pair rows (W2 split over K), summed in order."""
     acc = tl.zeros(cols.shape, tl.float32)
-    for s in tl.static_range(TOP_K):
-        # rows of absent experts were never written: an empty column range skips them
-        lim = tl.where(tl.load(valid_ptr + m * TOP_K + s) != 0, H, 0)
-        if L2_ONLY:
-            acc += tl.load(y_ptr + (m * TOP_K + s) * H + cols, mask=cols < lim, other=0.0,
-                           cache_modifier=".cg").to(tl.float32)
-        else:
-            acc += tl.load(y_ptr + (m * TOP_K + s) * H + cols, mask=cols < lim, other=0.0).to(tl.float32)
+    for sp in range(0, SPLIT):  # a loop, not unrolled: SPLIT x TOP_K rows in flight at once would spill
+        for s in tl.static_range(TOP_K):
+            # rows of absent experts were never written: an empty column range skips them
+            lim = tl.where(tl.load(valid_ptr + m * TOP_K + s) != 0, H, 0)
+            row = y_ptr + ((sp * n_rows + m) * TOP_K + s) * H + cols
+            if L2_ONLY:
+                acc += tl.load(row, mask=cols < lim, other=0.0, cache_modifier=".cg").to(tl.float32)
+            else:
+                acc += tl.load(row, mask=cols < lim, other=0.0).to(tl.float32)
     out = acc.to(out_ptr.dtype.element_ty)
     if HAS_RES:  # round the MoE output first, as the unfused `x + moe(h)` does
         out = (tl.load(res_ptr + m * s_res + cols, mask=cols < H, other=0.0).to(tl.float32)
@@ -43,22 +46,26 @@ def _combine_row(y_ptr, valid_ptr, res_ptr, out_ptr, nw_ptr, h_ptr, m, cols, H, 
         tl.store(h_ptr + m * H + cols, (w * (xf * inv)).to(h_ptr.dtype.element_ty), mask=cols < H)
 
 
-def _combine_kernel(y_ptr, valid_ptr, res_ptr, out_ptr, nw_ptr, h_ptr, H, s_res, eps, TOP_K: tl.constexpr,
-                    HAS_RES: tl.constexpr, NORM: tl.constexpr, BLOCK_H: tl.constexpr):
+def _combine_kernel(y_ptr, valid_ptr, res_ptr, out_ptr, nw_ptr, h_ptr, n_rows, H, s_res, eps, TOP_K: tl.constexpr,
+                    HAS_RES: tl.constexpr, NORM: tl.constexpr, BLOCK_H: tl.constexpr, SPLIT: tl.constexpr):
     _combine_row(y_ptr, valid_ptr, res_ptr, out_ptr, nw_ptr, h_ptr, tl.program_id(0).to(tl.int64),
-                 tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H), H, s_res, eps, TOP_K, HAS_RES, NORM, False)
+                 tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H), n_rows, H, s_res, eps, TOP_K, HAS_RES, NORM,
+                 False, SPLIT)
 
 
 def _combine_tail(cnt_ptr, y_ptr, valid_ptr, res_ptr, out_ptr, nw_ptr, h_ptr, n_rows, H, s_res, eps,
-                  TOP_K: tl.constexpr, HAS_RES: tl.constexpr, NORM: tl.constexpr, BLOCK_H: tl.constexpr):
+                  TOP_K: tl.constexpr, HAS_RES: tl.constexpr, NORM: tl.constexpr, BLOCK_H: tl.constexpr,
+                  SPLIT: tl.constexpr):
     """This W2 program's ticket; the launch's last program combines all n_rows tokens (module docstring)."""
     tl.debug_barrier()  # every thread's rows stored before the ticket releases them
-    if tl.atomic_add(cnt_ptr, 1, sem="acq_rel") == tl.num_programs(0) * tl.num_programs(1) - 1:
+    total = tl.num_programs(0) * tl.num_programs(1) * tl.num_programs(2)
+    if tl.atomic_add(cnt_ptr, 1, sem="acq_rel") == total - 1:
         cols = tl.arange(0, BLOCK_H)
         for m in range(0, n_rows):
-            _combine_row(y_ptr, valid_ptr, res_ptr, out_ptr, nw_ptr, h_ptr, m, cols, H, s_res, eps, TOP_K, HAS_RES,
-                         NORM, True)
+            _combine_row(y_ptr, valid_ptr, res_ptr, out_ptr, nw_ptr, h_ptr, m, cols, n_rows, H, s_res, eps, TOP_K,
+                         HAS_RES, NORM, True, SPLIT)
         tl.atomic_xchg(cnt_ptr, 0)
 
 
 _KERNELS = ("_combine_row", "_combine_kernel", "_combine_tail")
+_NO_SPECIALIZE = {"_combine_kernel": ("n_rows",)}  # kernels.moe, which launches it, merges this in

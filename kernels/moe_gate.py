@@ -335,4 +335,5 @@ def gate_triton(o: torch.Tensor, residual: torch.Tensor, norm_w: torch.Tensor, e
     return Gate(x, h, idx, weights, aligned, x16_t)
 
 
-__all__ = ["GATE_MAX_ROWS", "Gate", "fused_rows", "X16_IN_ALIGN", "align", "align_triton", "gate_reference", "gate_triton"]
+__all__ = ["GATE_MAX_ROWS", "Gate", "X16_IN_ALIGN", "align", "align_triton", "fused_rows", "gate_reference",
+           "gate_triton"]

@@ -159,7 +159,8 @@ def _w1_gemv_kernel(x_ptr, wb_ptr, ws_ptr, b_ptr, act_ptr, sorted_ptr, tile_e_pt
 def _w2_gemv_kernel(act_ptr, wb_ptr, ws_ptr, b_ptr, rw_ptr, y_ptr, sorted_ptr, tile_e_ptr, n_pairs, H, I,
                     cnt_ptr, valid_ptr, res_ptr, out_ptr, nw_ptr, h_ptr, n_rows, s_res, eps,
                     TOP_K: tl.constexpr, HAS_RES: tl.constexpr, NORM: tl.constexpr, BLOCK_H: tl.constexpr,
-                    COMBINE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KB: tl.constexpr, PTX: tl.constexpr):
+                    COMBINE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KB: tl.constexpr,
+                    PTX: tl.constexpr):
     """y[pair, n] = (act[t] @ W2[e, n]^T + b2[e, n]) * the pair's router weight, for BLOCK_N rows n."""
     t = tl.program_id(0)
     e = tl.load(tile_e_ptr + t).to(tl.int64)
@@ -167,7 +168,7 @@ def _w2_gemv_kernel(act_ptr, wb_ptr, ws_ptr, b_ptr, rw_ptr, y_ptr, sorted_ptr, t
     if (e < 0) | (pair >= n_pairs):
         if COMBINE:  # a spare tile takes its ticket too: the launch's last program combines
             _combine_tail(cnt_ptr, y_ptr, valid_ptr, res_ptr, out_ptr, nw_ptr, h_ptr, n_rows, H, s_res, eps, TOP_K,
-                          HAS_RES, NORM, BLOCK_H)
+                          HAS_RES, NORM, BLOCK_H, 1)
         return
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row = e * H + tl.minimum(n, H - 1).to(tl.int64)
@@ -178,7 +179,7 @@ def _w2_gemv_kernel(act_ptr, wb_ptr, ws_ptr, b_ptr, rw_ptr, y_ptr, sorted_ptr, t
     tl.store(y_ptr + pair.to(tl.int64) * H + n, y.to(y_ptr.dtype.element_ty), mask=n < H)
     if COMBINE:
         _combine_tail(cnt_ptr, y_ptr, valid_ptr, res_ptr, out_ptr, nw_ptr, h_ptr, n_rows, H, s_res, eps, TOP_K,
-                      HAS_RES, NORM, BLOCK_H)
+                      HAS_RES, NORM, BLOCK_H, 1)
 
 
 # kernels.moe_combine's tail, jitted again into this module's globals (where its kernels look)

@@ -202,7 +202,8 @@ def _w1_rs_kernel(x_ptr, wb_ptr, ws_ptr, b_ptr, act_ptr, sorted_ptr, tile_e_ptr,
 def _w2_rs_kernel(act_ptr, wb_ptr, ws_ptr, b_ptr, rw_ptr, y_ptr, sorted_ptr, tile_e_ptr, n_pairs, H, I,
                   cnt_ptr, valid_ptr, res_ptr, out_ptr, nw_ptr, h_ptr, n_rows, s_res, eps,
                   TOP_K: tl.constexpr, HAS_RES: tl.constexpr, NORM: tl.constexpr, BLOCK_H: tl.constexpr,
-                  COMBINE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NSUB: tl.constexpr, PTX: tl.constexpr):
+                  COMBINE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NSUB: tl.constexpr,
+                  PTX: tl.constexpr):
     """y[pair, n] = (act[row] @ W2[e, n]^T + b2[e, n]) * the pair's router weight, for BLOCK_N rows n;
     act: _w1_rs_kernel's permuted, scaled rows."""
     t = tl.program_id(0)
@@ -210,7 +211,7 @@ def _w2_rs_kernel(act_ptr, wb_ptr, ws_ptr, b_ptr, rw_ptr, y_ptr, sorted_ptr, til
     if e < 0:
         if COMBINE:  # a spare tile takes its ticket too: the launch's last program combines
             _combine_tail(cnt_ptr, y_ptr, valid_ptr, res_ptr, out_ptr, nw_ptr, h_ptr, n_rows, H, s_res, eps, TOP_K,
-                          HAS_RES, NORM, BLOCK_H)
+                          HAS_RES, NORM, BLOCK_H, 1)
         return
     rows, pair, rvalid = _tile_rows(sorted_ptr, n_pairs, BLOCK_M)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -224,7 +225,7 @@ def _w2_rs_kernel(act_ptr, wb_ptr, ws_ptr, b_ptr, rw_ptr, y_ptr, sorted_ptr, til
     tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=rvalid[None, :] & (n < H)[:, None])
     if COMBINE:
         _combine_tail(cnt_ptr, y_ptr, valid_ptr, res_ptr, out_ptr, nw_ptr, h_ptr, n_rows, H, s_res, eps, TOP_K,
-                      HAS_RES, NORM, BLOCK_H)
+                      HAS_RES, NORM, BLOCK_H, 1)
 
 
 # kernels.moe_combine's tail, jitted again into this module's globals (where its kernels look)

@@ -12,7 +12,8 @@ def test_dry_run_passes_every_case(capsys):
     assert check.main(["--dry-run"]) == 0
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith("| tiny ")]
-    assert len(rows) == 32 and all(line.endswith("| ok |") for line in rows)
+    assert len(rows) == 34 and all(line.endswith("| ok |") for line in rows)
+    assert "moe split-K tokens=1" in out and "moe split-K tokens=5" in out
     assert "moe gate block rows=1" in out and "moe gate block rows=5" in out
     assert "moe tokens=24" in out and "moe ep2 rank rows=24" in out and "moe gemv tokens=1" in out
     assert "moe rs tokens=24" in out and "attention prefill+decode window" in out
@@ -30,8 +31,8 @@ def test_a_wrong_kernel_fails(monkeypatch, capsys):
     monkeypatch.setattr(moe, "moe_mxfp4", wrong)
     assert check.main(["--dry-run"]) == 1
     out = capsys.readouterr().out
-    # the 3 token counts, the 2 single-pair (gemv) cases and the 2 EP rank cases
-    assert "| tiny moe tokens=1 |" in out and "FAIL" in out and "9 of the cases failed" in out
+    # the 3 token counts, the 2 single-pair (gemv), 2 rs, 2 split-K and the 2 EP rank cases
+    assert "| tiny moe tokens=1 |" in out and "FAIL" in out and "11 of the cases failed" in out
 
 
 def test_a_wrong_gate_fails(monkeypatch, capsys):

@@ -291,6 +291,26 @@ def test_combine_as_the_w2_tail_equals_its_own_launch(path, with_norm, monkeypat
     assert not _triton.tickets(h.device, 1).any()
 
 
+@pytest.mark.parametrize("split1,split2", [(2, 3), (3, 1), (1, 2)])
+@pytest.mark.parametrize("n", [1, 5])
+def test_mma_tiles_split_over_k_match_the_whole_k(split1, split2, n):
+    """SPLIT_K (kernels.tune may pick it for a decode step's few tiles): W1's last split to finish sums the
+    partials and applies the bias and SwiGLU; W2's splits land in slabs of y that the combine sums (its
+    W2 tail at 1 row, its own launch at 5). 3 splits of H = I = 64 at BLOCK_K 32 leave one empty."""
+    from kernels import _triton, tuned
+    m, h = moe_module(), tokens(n, seed=21)
+    res = tokens(n, seed=22)
+    w = torch.rand(H, generator=torch.Generator().manual_seed(23)) + 0.5
+    routing = route(F.linear(h, m.router_w, m.router_b), K)
+    ref, ref_normed = moe_mxfp4(h, routing, *packed(m), residual=res, norm=(w, 1e-5))
+    base = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32)
+    with tuned.forced({"moe_w1": dict(base, SPLIT_K=split1), "moe_w2": dict(base, SPLIT_K=split2)}):
+        out, normed = moe_mxfp4(h, routing, *packed(m), residual=res, norm=(w, 1e-5))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(normed, ref_normed, rtol=1e-5, atol=1e-5)
+    assert not _triton.tickets(h.device, 1).any()
+
+
 def test_empty_batch():
     m = moe_module()
     out = moe_mxfp4(torch.zeros(0, H), torch.zeros(0, E), *packed(m))
