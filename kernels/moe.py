@@ -467,9 +467,9 @@ def _experts(x, x16, rw, aligned, plan: _Plan, k: int, w1_blocks, w1_scales, b1,
     else:
         part = torch.empty(s1, T * bm, 2 * I, dtype=torch.float32, device=x.device) if s1 > 1 else rw
         launch(_w1_kernel, (*grid1, s1), x, w1_blocks, w1_scales, b1, act, sorted_ids, tile_expert, N * k, H, I,
-               x.stride(0), part, tickets(x.device, T * grid1[1]), _k_split(H, s1, meta["BLOCK_K"]), TOP_K=k,
-               LIMIT=float(limit), ALPHA=float(alpha), DOT_BF16=plan.dot_bf16, SCALED=plan.scaled, SPLIT_K=s1,
-               **meta, **opts)
+               x.stride(0), part, tickets(x.device, T * grid1[1] if s1 > 1 else 1), _k_split(H, s1, meta["BLOCK_K"]),
+               TOP_K=k, LIMIT=float(limit), ALPHA=float(alpha), DOT_BF16=plan.dot_bf16, SCALED=plan.scaled,
+               SPLIT_K=s1, **meta, **opts)
     out = torch.empty_like(x)
     if residual is not None and residual.shape != x.shape:
         raise ValueError(f"residual {tuple(residual.shape)} must have x's shape {tuple(x.shape)}")
