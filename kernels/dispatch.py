@@ -189,5 +189,4 @@ def sample(x: torch.Tensor, inv_temperature: torch.Tensor, keys: torch.Tensor) -
 
 
 __all__ = ["fuses_gate", "moe", "moe_block", "paged_attention", "rmsnorm", "rope", "rope_into_cache", "route", "sample",
-           "triton_available",
-           "use_triton"]
+           "triton_available", "use_triton"]

@@ -405,14 +405,11 @@ def moe_mxfp4(x: torch.Tensor, routing, w1_blocks, w1_scales, b1, w2_blocks, w2_
     _jit_all()
     plan = _plan(x, N, E, I, k, scaled)
     x = x.contiguous()
-    x16 = torch.empty_like(x, dtype=torch.float16) if plan.gemv else None
-    in_align = plan.gemv and N <= X16_IN_ALIGN
+    in_align = plan.gemv and N <= X16_IN_ALIGN  # the align program also makes the gemv tiles' activations
+    x16 = torch.empty_like(x, dtype=torch.float16) if in_align else None
     aligned = align_triton(idx, global_to_local, E, plan.block_m, *((x, x16) if in_align else ()))
-    if plan.gemv and not in_align:
-        launch(gemv_kernels._x16_kernel, (N, triton.cdiv(x.shape[1], 1024)), x, x16, x.shape[1], x.stride(0),
-               BLOCK=1024)
-    return _experts(x, x16, weights.reshape(-1).float().contiguous(), aligned, plan, k, w1_blocks, w1_scales, b1,
-                    w2_blocks, w2_scales, b2, limit, alpha, residual, norm)
+    return _experts(x, x16 if in_align else None, weights.reshape(-1).float().contiguous(), aligned, plan, k,
+                    w1_blocks, w1_scales, b1, w2_blocks, w2_scales, b2, limit, alpha, residual, norm)
 
 
 def moe_block_mxfp4(o: torch.Tensor, residual: torch.Tensor, mlp_norm: tuple[torch.Tensor, float], router_w,
@@ -428,25 +425,24 @@ def moe_block_mxfp4(o: torch.Tensor, residual: torch.Tensor, mlp_norm: tuple[tor
     E, I = w1_blocks.shape[0], w1_blocks.shape[1] // 2
     _jit_all()
     plan = _plan(o, N, E, I, top_k, None)
-    x16 = plan.gemv and N <= X16_IN_ALIGN
     g = gate_triton(o, residual, mlp_norm[0], mlp_norm[1], router_w, router_b, top_k, E, plan.block_m,
-                    global_to_local, load, token_mask, drop_masked, x16=x16)
-    if plan.gemv and not x16:
-        g.x16 = torch.empty_like(g.h, dtype=torch.float16)
-        launch(gemv_kernels._x16_kernel, (N, triton.cdiv(g.h.shape[1], 1024)), g.h, g.x16, g.h.shape[1],
-               g.h.stride(0), BLOCK=1024)
+                    global_to_local, load, token_mask, drop_masked, x16=plan.gemv and N <= X16_IN_ALIGN)
     return _experts(g.h, g.x16, g.weights, g.aligned, plan, top_k, w1_blocks, w1_scales, b1, w2_blocks, w2_scales,
                     b2, limit, alpha, g.x, norm)
 
 
 def _experts(x, x16, rw, aligned, plan: _Plan, k: int, w1_blocks, w1_scales, b1, w2_blocks, w2_scales, b2,
              limit, alpha, residual, norm):
-    """W1, W2 and the combine over aligned pairs; rw [N*k] fp32 router weights; x16: the gemv tiles' input."""
+    """W1, W2 and the combine over aligned pairs; rw [N*k] fp32 router weights; x16: the gemv tiles' input
+    where the align (or the gate) program made it, else None (a launch of _x16_kernel makes it here)."""
     N, H = x.shape
     I = w1_blocks.shape[1] // 2
     interp = interpreting()
     sorted_ids, tile_expert, valid = aligned
     bm, gemv, rs = plan.block_m, plan.gemv, plan.rs
+    if gemv and x16 is None:
+        x16 = torch.empty_like(x, dtype=torch.float16)
+        launch(gemv_kernels._x16_kernel, (N, triton.cdiv(H, 1024)), x, x16, H, x.stride(0), BLOCK=1024)
     T = tile_expert.numel()
     act = torch.empty(T * bm, I, dtype=torch.float16 if gemv else torch.bfloat16 if rs else x.dtype,
                       device=x.device)

@@ -32,6 +32,7 @@ dtype (as a cuBLAS bf16 GEMM's), routed as kernels.route; only the sum of
 squares is taken in chunks, which may move a normalised value by one ulp.
 """
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -39,16 +40,15 @@ import torch.nn.functional as F
 
 from . import moe_gemv as gemv_kernels
 from . import route as route_kernels
-from ._triton import interpreting, jit_module, launch, next_pow2, tickets, tl
+from ._triton import jit_module, launch, next_pow2, tickets, tl
 
-GATE_MAX_ROWS = 16  # past this the norm recomputed per program and the serial routing tail outgrow the launches saved
+GATE_MAX_ROWS = 16  # past this the norm recomputed per program and the one-program align outgrow the launches saved
 
 
 def fused_rows(n: int) -> bool:
     """Whether a step of n rows takes the few-row fusions: this gate, and the MoE's combine as the W2
     launch's tail (kernels.moe_combine). Up to GATE_MAX_ROWS rows; GPTOSS_GATE_MAX_ROWS lowers the
     bound (0 turns both off, for A/B runs)."""
-    import os
     limit = os.environ.get("GPTOSS_GATE_MAX_ROWS", "").strip()
     try:
         limit = min(int(limit), GATE_MAX_ROWS) if limit else GATE_MAX_ROWS
@@ -308,8 +308,8 @@ def gate_triton(o: torch.Tensor, residual: torch.Tensor, norm_w: torch.Tensor, e
                          f"{tuple(router_w.shape)} + {tuple(router_b.shape)} do not fit")
     if load is not None and load.dtype != torch.long:
         raise ValueError(f"load must be int64, got {load.dtype}")
-    o, residual, router_w = (t if t.stride(-1) == 1 else t.contiguous() for t in (o, residual, router_w))
-    router_w = router_w if router_w.stride(0) == H else router_w.contiguous()
+    o, residual = (t if t.stride(-1) == 1 else t.contiguous() for t in (o, residual))
+    router_w = router_w.contiguous()
     dev, P = o.device, N * top_k
     x, h = torch.empty(N, H, dtype=o.dtype, device=dev), torch.empty(N, H, dtype=o.dtype, device=dev)
     x16_t = torch.empty(N, H, dtype=torch.float16, device=dev) if x16 else None
@@ -323,8 +323,6 @@ def gate_triton(o: torch.Tensor, residual: torch.Tensor, norm_w: torch.Tensor, e
     if eb & (eb - 1):
         raise ValueError(f"experts_per_program must be a power of 2, got {eb}")
     bh = min(1024, next_pow2(H))
-    if not interpreting():
-        cfg["num_warps"] = 4
     launch(_gate_kernel, (N, -(-E // eb)), o, residual, norm_w, router_w, router_b, x, h,
            x16_t if x16 else x, logits, tickets(dev, N + 1), idx, weights, load if load is not None else idx,
            token_mask if token_mask is not None else idx, global_to_local if global_to_local is not None else idx,

@@ -235,6 +235,12 @@ class MoE(nn.Module):
         """Experts kept as MXFP4 blocks: the Triton MoE reads these directly."""
         return getattr(self, "w1_blocks", None) is not None
 
+    @property
+    def alone(self) -> bool:
+        """All tokens and all experts in this process: no split group or EP group to exchange with."""
+        c = self.comm
+        return c is None or (c.split_size == 1 and c.ep_size == 1)
+
     def route(self, x: torch.Tensor, token_mask: torch.Tensor | None = None, count: bool = True,
               drop_masked: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """count: add the routed tokens (token_mask's rows) to the expert load (index_add_, not bincount,
@@ -305,8 +311,7 @@ class MoE(nn.Module):
         and stay out of the expert load (their output is the residual alone). static: no host reads
         (the step is captured in a CUDA graph). residual: returns residual + the MoE output; norm (an
         RMSNorm, the next one the model applies), with residual: returns (that, norm(that))."""
-        c = self.comm
-        if c is None or (c.split_size == 1 and c.ep_size == 1):
+        if self.alone:
             # a graph's padding rows (token_mask) reach no expert: no weight reads, no matmul rows for
             # them. Always through the map (one gather per pair): one kernel variant, masked or not
             idx, weights = self.route(x, token_mask, drop_masked=True)
@@ -318,8 +323,7 @@ class MoE(nn.Module):
         """forward(mlp_norm(residual + o), token_mask, residual=residual + o, norm=norm) in one call where
         kernels.moe_gate's fused gate applies (packed experts, one process, a decode step's few rows on the
         Triton path: dispatch.fuses_gate), the add, norm, router, routing and align in one launch; else None."""
-        c = self.comm
-        if not (self.packed and (c is None or (c.split_size == 1 and c.ep_size == 1)) and dispatch.fuses_gate(o)):
+        if not (self.packed and self.alone and dispatch.fuses_gate(o)):
             return None
         return dispatch.moe_block(o, residual, (mlp_norm.weight, mlp_norm.eps), self.router_w, self.router_b,
                                   self.w1_blocks, self.w1_scales, self.b1, self.w2_blocks, self.w2_scales, self.b2,
