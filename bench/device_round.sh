@@ -34,7 +34,8 @@ correctness)
         tests/kernels/test_dispatch.py::test_runner_replays_on_cuda \
         tests/engine/test_overlap.py::test_overlap_equals_lockstep_on_cuda \
         tests/engine/test_kv_budget.py::test_fraction_sizes_the_pool_on_cuda \
-        tests/deployments/test_gpu_group.py::test_gpu_group_serves_on_the_gpu
+        tests/deployments/test_gpu_group.py::test_gpu_group_serves_on_the_gpu \
+        tests/kernels/test_pdl.py::test_self_test_passes_on_cuda
     run 120 python3 -m bench.moe_variants --model gpt-oss-120b --tokens 1,2,4,8,32,64
     ;;
 tune)

@@ -18,7 +18,8 @@ loads it. Every number runs through engine.core.LLMEngine (scheduler, sampler an
   two rows let cuBLAS add each linear's bias inside the GEMM, where its one-row
   path launches a copy of its own), and the --unfused-gate-batches also with
   the few-row MoE fusions off (GPTOSS_GATE_MAX_ROWS=0: the MLP norm, router,
-  routing, align and combine as launches of their own), back to back.
+  routing, align and combine as launches of their own), and the --no-pdl-batches
+  also without programmatic dependent launch (GPTOSS_PDL=0), back to back.
 * prefill: --prefill-seqs prompts of --prefill-len tokens, max_tokens=1,
   chunked at --max-tokens-per-step; tokens/s = prompt tokens / time.
 * profile, last (CUPTI may leave later work slower once it has run): decode at --profile-batches
@@ -267,7 +268,7 @@ def log(msg: str) -> None:
 
 def run_model(preset: str, a, dev: torch.device, bw: float, flops: float, command: str, save) -> dict:
     """Measure one preset; `save(result)` is called after every measurement with the result so far."""
-    from kernels import dispatch
+    from kernels import dispatch, pdl
     model, created = load(preset, a, dev)
     gpu = gpu_name(dev)
     try:
@@ -278,6 +279,7 @@ def run_model(preset: str, a, dev: torch.device, bw: float, flops: float, comman
     res = {"gpu": gpu, "model": preset, "dtype": "bfloat16", "experts": "mxfp4", "command": command,
            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "weights": a.weights,
            "kernels": os.environ.get("GPTOSS_KERNELS", "auto"), "use_triton": dispatch.use_triton(dev),
+           "pdl": dispatch.use_triton(dev) and pdl.enabled(dev),
            "torch": torch.__version__, "triton": triton_version, "dry_run": a.dry_run,
            "copy_bandwidth_GBps": bw / 1e9, "matmul_TFLOPs": flops / 1e12, "complete": False, "results": []}
     roof = Roofline(model.config)
@@ -326,6 +328,12 @@ def run_model(preset: str, a, dev: torch.device, bw: float, flops: float, comman
                 ung_s, ung_step, _ = bench_decode(model, dev, B, a.decode_context, a.decode_steps, a.warmup_steps,
                                                   a.max_tokens_per_step)
             extra.update(unfused_gate_tokens_per_s=ung_s, unfused_gate_step_ms=ung_step * 1e3)
+        if B in a.no_pdl_batches:  # every launch waiting for the previous kernel's end (kernels.pdl off)
+            from kernels._triton import environ
+            with environ(GPTOSS_PDL="0"):
+                npd_s, npd_step, _ = bench_decode(model, dev, B, a.decode_context, a.decode_steps, a.warmup_steps,
+                                                  a.max_tokens_per_step)
+            extra.update(no_pdl_tokens_per_s=npd_s, no_pdl_step_ms=npd_step * 1e3)
         add("decode", B, ctx, tok_s, B, [ctx] * B, B, extra)
     if "prefill" in a.phases:
         tok_s = bench_prefill(model, dev, a.prefill_seqs, a.prefill_len, a.max_tokens_per_step)
@@ -416,6 +424,9 @@ def parse(argv=None):
     ap.add_argument("--unfused-gate-batches", type=ints, default=[1],
                     help="decode batches also measured with the few-row MoE fusions (the one-launch gate, "
                          "the combine in W2) off: GPTOSS_GATE_MAX_ROWS=0")
+    ap.add_argument("--no-pdl-batches", type=ints, default=[1],
+                    help="decode batches also measured without programmatic dependent launch (GPTOSS_PDL=0; "
+                         "kernels/pdl.py)")
     ap.add_argument("--padded-batches", type=ints, default=[1],
                     help="decode batches also measured with their steps padded to the next graph bucket "
                          "(0 for none)")

@@ -51,6 +51,12 @@ def markdown(res: dict) -> str:
         out += ["", "Decode with the one-launch MoE gate (kernels/moe_gate.py: the MLP's add and norm, router, "
                 "routing and align) and the combine as W2's tail (kernels/moe_combine.py) against those as "
                 "launches of their own (GPTOSS_GATE_MAX_ROWS=0), back to back: " + pairs]
+    npd = [r for r in res["results"] if "no_pdl_tokens_per_s" in r]
+    if npd:
+        pairs = "; ".join(f"batch {r['batch']}: {r['tokens_per_s']:.1f} vs {r['no_pdl_tokens_per_s']:.1f} "
+                          f"tok/s ({r['step_ms']:.2f} vs {r['no_pdl_step_ms']:.2f} ms/step)" for r in npd)
+        out += ["", f"Decode with programmatic dependent launch (kernels/pdl.py; on in this run: "
+                f"{res.get('pdl', '?')}) against without it (GPTOSS_PDL=0), back to back: " + pairs]
     for r in res.get("profiles", []):
         out += step_profile.markdown(r)
     if not res.get("complete", True):

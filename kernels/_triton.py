@@ -51,10 +51,28 @@ def launch(kernel, grid, *args, **kwargs) -> None:
     if _recorded is not None:
         _recorded.append((getattr(kernel, "fn", kernel), args, kwargs))
         return
+    if takes_pdl(kernel) and "PDL" not in kwargs:
+        dev = next((a.device for a in args if hasattr(a, "device") and hasattr(a, "data_ptr")), None)
+        if dev is not None and dev.type == "cuda":
+            from . import pdl
+            if pdl.enabled(dev):
+                kwargs = dict(kwargs, PDL=True, launch_pdl=True)
     if _captured is not None:
         _captured.append((kernel, grid, args, kwargs))
         return
     kernel[grid](*args, **kwargs)
+
+
+_takes_pdl: dict = {}
+
+
+def takes_pdl(kernel) -> bool:
+    """Whether a kernel has the PDL argument (kernels.pdl): its first statement is then `_pdl_enter(PDL)`."""
+    import inspect
+    fn = getattr(kernel, "fn", kernel)
+    if fn not in _takes_pdl:
+        _takes_pdl[fn] = "PDL" in inspect.signature(fn).parameters
+    return _takes_pdl[fn]
 
 
 @contextmanager

@@ -154,6 +154,9 @@ def workloads():
             step = _step_launches(PRESETS[name], b, 1, DECODE_CONTEXT)
         gemv_only = [ln for ln in step if ln[0].__name__ in ("_align_kernel", "_gate_kernel", *moe_gemv._KERNELS)]
         out.append((f"{name.removeprefix('gpt-oss-')} gemv d{b}", gemv_only))
+    with tuned.forced({k: dict(c, L2PF=True) for k, c in moe_mod.gemv_configs().items()}):  # ... prefetching
+        step = _step_launches(PRESETS["gpt-oss-120b"], 1, 1, DECODE_CONTEXT)
+    out.append(("120b gemv l2pf d1", [ln for ln in step if ln[0].__name__ in ("_w1_gemv_kernel", "_w2_gemv_kernel")]))
     # the MMA tiles split over K (SPLIT_K) kernels.tune may pick for a decode step's few tiles: at batch 1
     # (W2's slabs summed by its combine tail) and 8 (by the combine launch)
     for b in (1, 8):
@@ -174,6 +177,14 @@ def workloads():
                     _step_launches(PRESETS[name], 1, PREFILL_CHUNK, PREFILL_CHUNK))
         rs_only = [ln for ln in step if ln[0].__name__ in moe_rs._KERNELS]
         out.append((f"{name.removeprefix('gpt-oss-')} rs{bm} " + (f"d{b}" if b else f"p{PREFILL_CHUNK}"), rs_only))
+    # the MMA and rs tiles with their rows bulk-prefetched (L2PF: kernels.tune's phase 2 tries it)
+    d64 = moe_mod._default_config(64 * 4, 128, False)
+    for tag, configs in (("mma", {k: dict(d64, L2PF=True) for k in ("moe_w1", "moe_w2")}),
+                         ("rs", {k: dict(c, L2PF=True) for k, c in moe_mod.rs_configs(block_m=16).items()})):
+        with tuned.forced(configs):
+            step = _step_launches(PRESETS["gpt-oss-120b"], 64, 1, DECODE_CONTEXT)
+        out.append((f"120b {tag} l2pf d64", [ln for ln in step if ln[0].__name__ in (
+            "_w1_kernel", "_w2_kernel", "_w1_rs_kernel", "_w2_rs_kernel")]))
     from . import _tune_cases as cases, linear as lin  # the decode linears, where kernels.tune wrote an entry
     for b in DECODE_BATCHES:
         if b > lin.MAX_ROWS:
@@ -189,6 +200,9 @@ def workloads():
                         lin.linear(x, w, bb)
                     if b == 1 and which in ("router", "o"):
                         with tuned.forced({"linear": LINEAR_SPLIT_SAMPLE}):
+                            lin.linear(x, w, bb)
+                    if b == 1 and which == "qkv":  # and its rows bulk-prefetched before the PDL wait
+                        with tuned.forced({"linear": dict(LINEAR_SAMPLE, L2PF=True)}):
                             lin.linear(x, w, bb)
         out.append((f"linear d{b}", launches))
     from . import sample  # the sampler's temperature-only rows: fp32 logits over the vocabulary
@@ -275,6 +289,7 @@ class Usage:
     num_stages: int = 0
     error: str | None = None
     serialized: str | None = None  # ptxas C7515: why it serialized the kernel's wgmma (each waited for in turn)
+    pdl: str | None = None  # a PDL launch's SASS touching global memory before its griddepcontrol.wait (or none)
 
     def problems(self, arch: int) -> list[str]:
         if self.error:
@@ -288,6 +303,8 @@ class Usage:
             out.append(f"{self.regs} registers > {MAX_REGS}")
         if self.serialized:
             out.append(f"wgmma serialized: {self.serialized}")
+        if self.pdl:
+            out.append(f"PDL: {self.pdl}")
         return out
 
 
@@ -334,6 +351,8 @@ def bind(uses: list, arch: int = 90) -> list[Config]:
                 copies[mod] = _compiled_copies(mod)
             jf = copies[mod][fn.__name__]
             kw = dict(kwargs, **run_opts)
+            if arch >= 90 and _triton.takes_pdl(fn) and "PDL" not in kw:  # as launched on Hopper (kernels.pdl)
+                kw.update(PDL=True, launch_pdl=True)
             bound, spec, opts = create_function_from_signature(jf.signature, jf.params, backend)(*args, **kw)
             options, sig, cex, attrs = jf._pack_args(backend, kw, bound, spec, opts)
             key = (fn.__name__, repr(sig), repr(cex), repr(attrs), repr(options))
@@ -374,7 +393,29 @@ def compile_config(c: Config, arch: int = 90) -> Usage:
         return Usage(**base, error=f"{type(e).__name__}: {where}{msg[-1]}"[:500])
     return Usage(**base, regs=_num(r"Used (\d+) registers", log), spill_stores=_num(r"(\d+) bytes spill stores", log),
                  spill_loads=_num(r"(\d+) bytes spill loads", log), smem=k.metadata.shared,
-                 num_warps=k.metadata.num_warps, num_stages=k.metadata.num_stages, serialized=_serialized(log))
+                 num_warps=k.metadata.num_warps, num_stages=k.metadata.num_stages, serialized=_serialized(log),
+                 pdl=_pdl_order(k.asm["cubin"]) if getattr(c.options, "launch_pdl", False) else None)
+
+
+# SASS opcodes that reach global memory; shared memory is the CTA's own, no hazard with another grid, and
+# UBLKPF (cp.async.bulk.prefetch.L2: kernels.pdl.l2_prefetch of weights) brings nothing back
+_GLOBAL_OPS = {"LDG", "STG", "LD", "ST", "ATOM", "ATOMG", "RED", "REDG", "LDGSTS", "UTMALDG", "UTMASTG", "UBLKCP",
+               "UTMAPF", "CCTL"}
+
+
+def _pdl_order(cubin: bytes) -> str | None:
+    """A kernel launched with PDL starts while the previous one runs: nothing may reach global memory
+    before its griddepcontrol.wait (SASS ACQBULK; kernels.pdl). -> what breaks that, or None."""
+    from . import sass
+    return pdl_order([sass.opcode(t) for _, t in sass.instructions(sass.disassemble(cubin))])
+
+
+def pdl_order(ops: list[str]) -> str | None:
+    """_pdl_order on a kernel's SASS opcodes, in program order."""
+    if "ACQBULK" not in ops:
+        return "no griddepcontrol.wait (ACQBULK) in its SASS"
+    early = [o for o in ops[:ops.index("ACQBULK")] if o in _GLOBAL_OPS]
+    return f"{', '.join(early)} before griddepcontrol.wait" if early else None
 
 
 def _serialized(log: str) -> str | None:

@@ -29,6 +29,7 @@ from models.attention import attention_with_sinks
 
 from . import tuned
 from ._triton import interpreting, jit_module, launch, next_pow2, on_gpu, tickets, tl, triton
+from .pdl import enter as _pdl_enter
 
 LOG2E = 1.4426950408889634
 
@@ -66,7 +67,8 @@ def _attn_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, qs_ptr, ctx_ptr, sink_ptr, o_ptr, 
                  s_qn, s_qh, s_kb, s_ks, s_kh, s_bt,
                  G: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_D: tl.constexpr, HAS_WINDOW: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                 DOT_BF16: tl.constexpr):
+                 DOT_BF16: tl.constexpr, PDL: tl.constexpr = False):
+    _pdl_enter(PDL)
     b = tl.program_id(0)
     kh = tl.program_id(1)
     qt = tl.program_id(2) // NUM_SPLITS
@@ -164,7 +166,7 @@ def _merge_rows(po_ptr, pm_ptr, pl_ptr, o_ptr, prow, rvalid, d, dmask, n_rows, D
     tl.store(o_ptr + prow[:, None] * D + d[None, :], out.to(o_ptr.dtype.element_ty), mask=omask)
 
 
-_KERNELS = ("_attn_kernel", "_merge_rows")
+_KERNELS = ("_pdl_enter", "_attn_kernel", "_merge_rows")
 _NO_SPECIALIZE = {"_attn_kernel": ("n_tokens", "s_bt")}
 
 

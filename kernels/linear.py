@@ -33,6 +33,9 @@ import torch.nn.functional as F
 
 from . import tuned
 from ._triton import interpreting, jit_module, launch, on_gpu, tickets, tl, triton
+from .pdl import PREFETCH_PTX  # noqa: F401 (read as a global by _l2_prefetch where kernels.aot compiles it)
+from .pdl import enter as _pdl_enter
+from .pdl import l2_prefetch as _l2_prefetch
 
 MAX_ROWS = 64  # beyond, a linear is a GEMM cuBLAS is built for: never looked up
 
@@ -51,9 +54,19 @@ def _bias_store(acc, b_ptr, y_ptr, rm, rn, M, N, stride_y, HAS_BIAS: tl.constexp
 
 def _linear_kernel(x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, count_ptr, M, N, K, K_SPLIT, stride_x, stride_w, stride_y,
                    HAS_BIAS: tl.constexpr, DOT_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+                   BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, L2PF: tl.constexpr = False,
+                   PTX: tl.constexpr = False, PDL: tl.constexpr = False):
     """y[rows, cols] = x[rows] @ W[cols]^T (+ b[cols]) for BLOCK_N cols and BLOCK_M rows. SPLIT_K > 1: over
-    K[s * K_SPLIT:][:K_SPLIT] for s = program_id(2), into part[s]; the tile's last program sums part."""
+    K[s * K_SPLIT:][:K_SPLIT] for s = program_id(2), into part[s]; the tile's last program sums part.
+    L2PF (on a GPU, PTX): the program's rows of W bulk-prefetched into L2 before the PDL wait (weights are
+    never written, so this may overlap the previous kernel; kernels.pdl.l2_prefetch)."""
+    if L2PF:  # W's rows of this column tile (asked by its first row tile only: the others read the same)
+        n0 = tl.program_id(0) * BLOCK_N
+        rows = tl.where(tl.program_id(1) == 0, tl.minimum(BLOCK_N, N - n0), 0).to(tl.int64)
+        step: tl.constexpr = w_ptr.dtype.element_ty.primitive_bitwidth // 8
+        first = w_ptr.to(tl.int64) + n0.to(tl.int64) * stride_w * step
+        _l2_prefetch(first, tl.where(rows > 0, first + ((rows - 1) * stride_w + K) * step, first), 32, PTX)
+    _pdl_enter(PDL)
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     rk = tl.arange(0, BLOCK_K)
@@ -90,7 +103,7 @@ def _linear_kernel(x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, count_ptr, M, N, K, K_S
             tl.store(count, 0)  # zero again for the next launch: a CUDA graph replays the same counters
 
 
-_KERNELS = ("_linear_kernel", "_bias_store")
+_KERNELS = ("_pdl_enter", "_l2_prefetch", "_linear_kernel", "_bias_store")
 _NO_SPECIALIZE = {"_linear_kernel": ("M",)}
 
 
@@ -126,7 +139,7 @@ def linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     if weight.stride(-1) != 1:
         weight = weight.contiguous()
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    meta = {k: v for k, v in cfg.items() if k.startswith("BLOCK")}
+    meta = {k: v for k, v in cfg.items() if k.startswith("BLOCK") or k == "L2PF"}
     meta.setdefault("BLOCK_M", max(16, min(64, triton.next_power_of_2(M))))
     split = meta["SPLIT_K"] = cfg.get("SPLIT_K", 1)
     grid = (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(M, meta["BLOCK_M"]), split)
@@ -140,7 +153,7 @@ def linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     launch(_linear_kernel, grid, x, weight, bias if bias is not None else y, y, part, count, M, N, K, k_split,
            x.stride(0), weight.stride(0), y.stride(0),
            HAS_BIAS=bias is not None, DOT_BF16=on_gpu(x) and x.dtype in (torch.bfloat16, torch.float16),
-           **meta, **opts)
+           PTX=on_gpu(x), **meta, **opts)
     return y
 
 

@@ -41,6 +41,9 @@ from . import moe_rs as rs_kernels
 from . import tuned
 from .moe_gate import GATE_MAX_ROWS, X16_IN_ALIGN, align, align_triton, fused_rows, gate_triton
 from ._triton import interpreting, jit_module, launch, next_pow2, on_gpu, tickets, tl, triton
+from .pdl import PREFETCH_PTX  # noqa: F401 (read as a global by _l2_prefetch where kernels.aot compiles it)
+from .pdl import enter as _pdl_enter
+from .pdl import l2_prefetch as _l2_prefetch
 
 
 def route(logits: torch.Tensor, top_k: int, dtype: torch.dtype | None = None):
@@ -156,14 +159,19 @@ def _w1_kernel(x_ptr, wb_ptr, ws_ptr, b_ptr, act_ptr, sorted_ptr, tile_e_ptr, n_
                part_ptr, tk_ptr, K_SPLIT,
                TOP_K: tl.constexpr, LIMIT: tl.constexpr, ALPHA: tl.constexpr, BLOCK_M: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_BF16: tl.constexpr, SCALED: tl.constexpr,
-               SPLIT_K: tl.constexpr):
+               SPLIT_K: tl.constexpr, L2PF: tl.constexpr = False, PTX: tl.constexpr = False,
+               PDL: tl.constexpr = False):
     """SPLIT_K > 1: program (tile, j block, s) sums K[s * K_SPLIT:][:K_SPLIT] (a whole number of K steps,
     the last shorter or empty), the tile's last split finishes (_split_sums): more programs for a
-    decode step's few tiles."""
+    decode step's few tiles. L2PF (on a GPU, PTX): the program's rows bulk-prefetched first."""
+    _pdl_enter(PDL)
     t = tl.program_id(0)
     e = tl.load(tile_e_ptr + t).to(tl.int64)
     if e < 0:
         return
+    if L2PF:
+        r0 = e * (2 * I) + tl.program_id(1) * 2 * BLOCK_N
+        _prefetch_rows(wb_ptr, ws_ptr, tile_e_ptr, t, e, r0, tl.minimum(r0 + 2 * BLOCK_N, (e + 1) * (2 * I)), H, PTX)
     rows, pair, rvalid = _tile_rows(sorted_ptr, n_pairs, BLOCK_M)
     tok = (pair // TOP_K).to(tl.int64)
     j = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -213,9 +221,11 @@ def _w2_kernel(act_ptr, wb_ptr, ws_ptr, b_ptr, rw_ptr, y_ptr, sorted_ptr, tile_e
                cnt_ptr, valid_ptr, res_ptr, out_ptr, nw_ptr, h_ptr, n_rows, s_res, eps, K_SPLIT,
                TOP_K: tl.constexpr, HAS_RES: tl.constexpr, NORM: tl.constexpr, BLOCK_H: tl.constexpr,
                COMBINE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-               DOT_BF16: tl.constexpr, SCALED: tl.constexpr, SPLIT_K: tl.constexpr):
+               DOT_BF16: tl.constexpr, SCALED: tl.constexpr, SPLIT_K: tl.constexpr, L2PF: tl.constexpr = False,
+               PTX: tl.constexpr = False, PDL: tl.constexpr = False):
     """SPLIT_K > 1: program (tile, n block, s) sums K[s * K_SPLIT:][:K_SPLIT] into slab s of y (fp32; the bias
-    in slab 0), and the combine sums the slabs: no launch or ticket of its own."""
+    in slab 0), and the combine sums the slabs: no launch or ticket of its own. L2PF: as _w1_kernel's."""
+    _pdl_enter(PDL)
     t = tl.program_id(0)
     e = tl.load(tile_e_ptr + t).to(tl.int64)
     if e < 0:
@@ -223,6 +233,9 @@ def _w2_kernel(act_ptr, wb_ptr, ws_ptr, b_ptr, rw_ptr, y_ptr, sorted_ptr, tile_e
             _combine_tail(cnt_ptr, y_ptr, valid_ptr, res_ptr, out_ptr, nw_ptr, h_ptr, n_rows, H, s_res, eps, TOP_K,
                           HAS_RES, NORM, BLOCK_H, SPLIT_K)
         return
+    if L2PF:
+        n0 = e * H + tl.program_id(1) * BLOCK_N
+        _prefetch_rows(wb_ptr, ws_ptr, tile_e_ptr, t, e, n0, tl.minimum(n0 + BLOCK_N, (e + 1) * H), I, PTX)
     rows, pair, rvalid = _tile_rows(sorted_ptr, n_pairs, BLOCK_M)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     nvalid = n < H
@@ -267,8 +280,10 @@ _tile_rows = getattr(rs_kernels._tile_rows, "fn", rs_kernels._tile_rows)
 _combine_row, _combine_tail, _combine_kernel = (getattr(f, "fn", f) for f in (
     combine_kernels._combine_row, combine_kernels._combine_tail, combine_kernels._combine_kernel))
 _settle = getattr(rs_kernels._settle, "fn", rs_kernels._settle)
-_KERNELS = ("_tile_rows", "_settle", "_fp4", "_dot", "_mx_tile", "_mx_scales", "_mx_dot", "_split_sums",
-            "_swiglu_store", "_w1_kernel", "_w2_kernel", "_combine_row", "_combine_tail", "_combine_kernel")
+_prefetch_rows = getattr(gemv_kernels._prefetch_rows, "fn", gemv_kernels._prefetch_rows)
+_KERNELS = ("_pdl_enter", "_l2_prefetch", "_prefetch_rows", "_tile_rows", "_settle", "_fp4", "_dot", "_mx_tile",
+            "_mx_scales", "_mx_dot", "_split_sums", "_swiglu_store", "_w1_kernel", "_w2_kernel", "_combine_row",
+            "_combine_tail", "_combine_kernel")
 _NO_SPECIALIZE = {"_w1_kernel": ("n_pairs",), "_w2_kernel": ("n_pairs", "n_rows", "s_res"),
                   **combine_kernels._NO_SPECIALIZE}
 
@@ -341,9 +356,14 @@ def _k_split(K: int, splits: int, block_k: int) -> int:
     return triton.cdiv(triton.cdiv(K, splits), block_k) * block_k
 
 
+def _l2pf_ptx(meta: dict, interp: bool) -> dict:
+    """The MMA tiles take PTX only for L2PF's prefetch (compiled code; the interpreter runs its arithmetic)."""
+    return dict(PTX=not interp) if meta.get("L2PF") else {}
+
+
 def _split(cfg: dict) -> tuple[dict, dict]:
     """-> (constexprs, launch options)."""
-    return ({k: v for k, v in cfg.items() if k.startswith("BLOCK") or k == "NSUB"},
+    return ({k: v for k, v in cfg.items() if k.startswith("BLOCK") or k in ("NSUB", "L2PF")},
             {k: v for k, v in cfg.items() if k.startswith("num_")})
 
 
@@ -465,7 +485,7 @@ def _experts(x, x16, rw, aligned, plan: _Plan, k: int, w1_blocks, w1_scales, b1,
         launch(_w1_kernel, (*grid1, s1), x, w1_blocks, w1_scales, b1, act, sorted_ids, tile_expert, N * k, H, I,
                x.stride(0), part, tickets(x.device, T * grid1[1] if s1 > 1 else 1), _k_split(H, s1, meta["BLOCK_K"]),
                TOP_K=k, LIMIT=float(limit), ALPHA=float(alpha), DOT_BF16=plan.dot_bf16, SCALED=plan.scaled,
-               SPLIT_K=s1, **meta, **opts)
+               SPLIT_K=s1, **_l2pf_ptx(meta, interp), **meta, **opts)
     out = torch.empty_like(x)
     if residual is not None and residual.shape != x.shape:
         raise ValueError(f"residual {tuple(residual.shape)} must have x's shape {tuple(x.shape)}")
@@ -473,24 +493,28 @@ def _experts(x, x16, rw, aligned, plan: _Plan, k: int, w1_blocks, w1_scales, b1,
     normed = torch.empty_like(x) if norm is not None else out
     # batch 1 or 2: the combine is the W2 launch's tail (kernels.moe_combine)
     tail = N <= combine_kernels.TAIL_MAX_ROWS and fused_rows(N)
-    bh = triton.next_power_of_2(H) if norm is not None or tail else min(1024, triton.next_power_of_2(H))
+    # a combine program takes a whole row with the norm, else 1024 columns; CHUNK columns at a time where it
+    # normalises (the tail always: its program is one of W2's, whose registers it must not inflate)
+    bh = triton.next_power_of_2(H) if norm is not None else min(1024, triton.next_power_of_2(H))
+    chunk = min(combine_kernels.CHUNK, bh)
     combine = (valid, x if res is None else res, out, norm[0] if norm is not None else out, normed, N,
                x.stride(0) if res is None else res.stride(0), float(norm[1]) if norm is not None else 0.0)
-    flags = dict(TOP_K=k, HAS_RES=res is not None, NORM=norm is not None, BLOCK_H=bh)
+    flags = dict(TOP_K=k, HAS_RES=res is not None, NORM=norm is not None)
     # without the tail W2 ignores the combine's arguments: fixed stand-ins, so they add no compilations
-    w2_flags = flags if tail else dict(TOP_K=1, HAS_RES=False, NORM=False, BLOCK_H=16)
+    w2_flags = dict(flags, BLOCK_H=chunk) if tail else dict(TOP_K=1, HAS_RES=False, NORM=False, BLOCK_H=16)
     w2_combine = combine if tail else (valid, y, y, y, y, N, 0, 0.0)
     w2 = gemv_kernels._w2_gemv_kernel if gemv else rs_kernels._w2_rs_kernel if rs else _w2_kernel
     meta, opts = _split(plan.cfg2)
     own = dict(PTX=not interp) if gemv or rs else dict(DOT_BF16=plan.dot_bf16, SCALED=plan.scaled, SPLIT_K=s2,
-                                                         K_SPLIT=_k_split(I, s2, meta["BLOCK_K"]))
+                                                         K_SPLIT=_k_split(I, s2, meta["BLOCK_K"]),
+                                                         **_l2pf_ptx(meta, interp))
     launch(w2, (T, triton.cdiv(H, meta["BLOCK_N"]), s2), act, w2_blocks, w2_scales, b2, rw, y, sorted_ids,
            tile_expert, N * k, H, I, tickets(x.device, 1), *w2_combine, COMBINE=tail, **w2_flags, **own, **meta,
            **opts)
     if not tail:
         opts = dict(num_warps=8) if norm is not None and H >= 2048 and not interp else {}
-        launch(_combine_kernel, (N, triton.cdiv(H, bh)), y, *combine[:6], H, *combine[6:], **flags, SPLIT=s2,
-               **opts)
+        launch(_combine_kernel, (N, triton.cdiv(H, bh)), y, *combine[:6], H, *combine[6:], **flags, BLOCK_H=bh,
+               SPLIT=s2, BLOCK_C=chunk if norm is not None else bh, **opts)
     return out if norm is None else (out, normed)
 
 

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from . import moe_gemv as gemv_kernels
 from . import route as route_kernels
 from ._triton import jit_module, launch, next_pow2, tickets, tl
+from .pdl import enter as _pdl_enter
 
 GATE_MAX_ROWS = 16  # past this the norm recomputed per program and the one-program align outgrow the launches saved
 
@@ -168,9 +169,10 @@ def _align_pairs(idx_ptr, g2l_ptr, sorted_ptr, tile_e_ptr, valid_ptr, cursor_ptr
 def _align_kernel(idx_ptr, g2l_ptr, sorted_ptr, tile_e_ptr, valid_ptr, cursor_ptr, n_pairs, n_local, max_tiles,
                   x_ptr, x16_ptr, n_rows, H, stride_x,
                   HAS_MAP: tl.constexpr, BLOCK_M: tl.constexpr, E_PAD: tl.constexpr, CHUNK: tl.constexpr,
-                  TILES: tl.constexpr, X16: tl.constexpr):
+                  TILES: tl.constexpr, X16: tl.constexpr, PDL: tl.constexpr = False):
     """_align_pairs as a launch. X16: also writes x16 = fp16(x * 2**-XS), the activations kernels.moe_gemv's
     W1 reads (a decode step's few rows: one launch fewer than kernels.moe_gemv._x16_kernel)."""
+    _pdl_enter(PDL)
     if X16:
         xs = tl.arange(0, 1024)
         for f0 in range(0, n_rows * H, 1024):
@@ -188,9 +190,10 @@ def _gate_kernel(o_ptr, r_ptr, nw_ptr, rw_ptr, rb_ptr, x_ptr, h_ptr, x16_ptr, lo
                  TOP_K: tl.constexpr, EB: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_E: tl.constexpr,
                  HAS_LOAD: tl.constexpr, HAS_MASK: tl.constexpr, DROP_MASKED: tl.constexpr, X16: tl.constexpr,
                  HAS_MAP: tl.constexpr, BLOCK_M: tl.constexpr, E_PAD: tl.constexpr, CHUNK: tl.constexpr,
-                 TILES: tl.constexpr):
+                 TILES: tl.constexpr, PDL: tl.constexpr = False):
     """Program (token, g): the token's add and norm, router logits of experts [g*EB, (g+1)*EB); the token's
     last program routes it, the last token routed aligns the pairs (module docstring)."""
+    _pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     g = tl.program_id(1)
     c = tl.arange(0, BLOCK_H)
@@ -236,7 +239,7 @@ def _gate_kernel(o_ptr, r_ptr, nw_ptr, rw_ptr, rb_ptr, x_ptr, h_ptr, x16_ptr, lo
 
 # kernels.route's row, jitted again into this module's globals (where _gate_kernel looks)
 _route_row = getattr(route_kernels._route_row, "fn", route_kernels._route_row)
-_KERNELS = ("_route_row", "_local_keys", "_align_pairs", "_align_kernel", "_gate_kernel")
+_KERNELS = ("_pdl_enter", "_route_row", "_local_keys", "_align_pairs", "_align_kernel", "_gate_kernel")
 _NO_SPECIALIZE = {"_align_kernel": ("n_pairs", "max_tiles", "n_rows"), "_gate_kernel": ("N", "max_tiles")}
 
 

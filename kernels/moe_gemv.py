@@ -34,6 +34,9 @@ bench.moe_variants compares it with the MMA path).
 
 from . import moe_combine as combine_kernels
 from ._triton import HAVE_TRITON, tl
+from .pdl import PREFETCH_PTX  # noqa: F401 (read as a global by _l2_prefetch where kernels.aot compiles it)
+from .pdl import enter as _pdl_enter
+from .pdl import l2_prefetch as _l2_prefetch
 
 _XS = 7  # activations are stored as fp16(x * 2**-XS): a block's half sums (16 x 6 x |x| 2**-XS) stay < 65504
 XS = tl.constexpr(_XS) if HAVE_TRITON else _XS
@@ -124,8 +127,20 @@ def _rows_dot(x_row, w_rows, s_rows, K, ROWS: tl.constexpr, BLOCK_KB: tl.constex
     return tl.sum(acc, axis=1)
 
 
-def _x16_kernel(x_ptr, out_ptr, H, stride_x, BLOCK: tl.constexpr):
+def _prefetch_rows(wb_ptr, ws_ptr, tile_e_ptr, t, e, r_lo, r_hi, K, PTX: tl.constexpr):
+    """Bulk-prefetch MXFP4 rows [r_lo, r_hi) (int64) of a K-wide expert matrix into L2: K/2 bytes a row, then
+    its K/32 scales (kernels.pdl.l2_prefetch). Asked by expert e's first tile t only: tiles run sorted by
+    expert, and its other tiles read the same rows. The single-pair, MMA and rs tiles all use it (L2PF)."""
+    first = (t == 0) | (tl.load(tile_e_ptr + tl.maximum(t - 1, 0)) != e)
+    r_hi = tl.where(first, r_hi, r_lo)
+    wb, ws = wb_ptr.to(tl.int64), ws_ptr.to(tl.int64)
+    _l2_prefetch(wb + r_lo * (K // 2), wb + r_hi * (K // 2), 32, PTX)
+    _l2_prefetch(ws + r_lo * (K // 32), ws + r_hi * (K // 32), 4, PTX)
+
+
+def _x16_kernel(x_ptr, out_ptr, H, stride_x, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
     """out[n] = fp16(x[n] * 2**-XS): the W1 tiles' activations, where the align program does not make them."""
+    _pdl_enter(PDL)
     n = tl.program_id(0)
     h = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     v = tl.load(x_ptr + n.to(tl.int64) * stride_x + h, mask=h < H, other=0.0).to(tl.float32)
@@ -134,15 +149,21 @@ def _x16_kernel(x_ptr, out_ptr, H, stride_x, BLOCK: tl.constexpr):
 
 def _w1_gemv_kernel(x_ptr, wb_ptr, ws_ptr, b_ptr, act_ptr, sorted_ptr, tile_e_ptr, n_pairs, H, I,
                     TOP_K: tl.constexpr, LIMIT: tl.constexpr, ALPHA: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_KB: tl.constexpr, PTX: tl.constexpr):
+                    BLOCK_N: tl.constexpr, BLOCK_KB: tl.constexpr, PTX: tl.constexpr, L2PF: tl.constexpr = False,
+                    PDL: tl.constexpr = False):
     """act[t, j] = fp16(swiglu(x[tok] @ W1[e, 2j]^T + b, x[tok] @ W1[e, 2j+1]^T + b) * 2**-XS) for BLOCK_N
-    columns j; x: _x16_kernel's [N, H]."""
+    columns j; x: _x16_kernel's [N, H]. L2PF: the program's rows bulk-prefetched first (_prefetch_rows)."""
+    _pdl_enter(PDL)
     t = tl.program_id(0)
     e = tl.load(tile_e_ptr + t).to(tl.int64)
     pair = tl.load(sorted_ptr + t)
     if (e < 0) | (pair >= n_pairs):
         return
     R: tl.constexpr = 2 * BLOCK_N  # W1's gate and linear rows interleave: rows 2j, 2j+1
+    if L2PF:
+        r0 = tl.program_id(1) * R
+        _prefetch_rows(wb_ptr, ws_ptr, tile_e_ptr, t, e, e * (2 * I) + r0, e * (2 * I) + tl.minimum(r0 + R, 2 * I),
+                       H, PTX)
     r = tl.program_id(1) * R + tl.arange(0, R)
     row = e * (2 * I) + tl.minimum(r, 2 * I - 1).to(tl.int64)
     y = _rows_dot(x_ptr + (pair // TOP_K).to(tl.int64) * H, wb_ptr + row * (H // 2), ws_ptr + row * (H // 32),
@@ -160,8 +181,9 @@ def _w2_gemv_kernel(act_ptr, wb_ptr, ws_ptr, b_ptr, rw_ptr, y_ptr, sorted_ptr, t
                     cnt_ptr, valid_ptr, res_ptr, out_ptr, nw_ptr, h_ptr, n_rows, s_res, eps,
                     TOP_K: tl.constexpr, HAS_RES: tl.constexpr, NORM: tl.constexpr, BLOCK_H: tl.constexpr,
                     COMBINE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KB: tl.constexpr,
-                    PTX: tl.constexpr):
+                    PTX: tl.constexpr, L2PF: tl.constexpr = False, PDL: tl.constexpr = False):
     """y[pair, n] = (act[t] @ W2[e, n]^T + b2[e, n]) * the pair's router weight, for BLOCK_N rows n."""
+    _pdl_enter(PDL)
     t = tl.program_id(0)
     e = tl.load(tile_e_ptr + t).to(tl.int64)
     pair = tl.load(sorted_ptr + t)
@@ -170,6 +192,9 @@ def _w2_gemv_kernel(act_ptr, wb_ptr, ws_ptr, b_ptr, rw_ptr, y_ptr, sorted_ptr, t
             _combine_tail(cnt_ptr, y_ptr, valid_ptr, res_ptr, out_ptr, nw_ptr, h_ptr, n_rows, H, s_res, eps, TOP_K,
                           HAS_RES, NORM, BLOCK_H, 1)
         return
+    if L2PF:
+        n0 = tl.program_id(1) * BLOCK_N
+        _prefetch_rows(wb_ptr, ws_ptr, tile_e_ptr, t, e, e * H + n0, e * H + tl.minimum(n0 + BLOCK_N, H), I, PTX)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row = e * H + tl.minimum(n, H - 1).to(tl.int64)
     y = _rows_dot(act_ptr + t.to(tl.int64) * I, wb_ptr + row * (I // 2), ws_ptr + row * (I // 32), I,
@@ -185,6 +210,7 @@ def _w2_gemv_kernel(act_ptr, wb_ptr, ws_ptr, b_ptr, rw_ptr, y_ptr, sorted_ptr, t
 # kernels.moe_combine's tail, jitted again into this module's globals (where its kernels look)
 _combine_row, _combine_tail = (getattr(f, "fn", f) for f in (combine_kernels._combine_row,
                                                           combine_kernels._combine_tail))
-_KERNELS = ("_combine_row", "_combine_tail", "_e2m1_x16k", "_load_blocks", "_word_dot", "_block_sums", "_rows_dot",
-            "_x16_kernel", "_w1_gemv_kernel", "_w2_gemv_kernel")
+_KERNELS = ("_pdl_enter", "_l2_prefetch", "_prefetch_rows", "_combine_row", "_combine_tail", "_e2m1_x16k",
+            "_load_blocks", "_word_dot", "_block_sums", "_rows_dot", "_x16_kernel", "_w1_gemv_kernel",
+            "_w2_gemv_kernel")
 _NO_SPECIALIZE = {"_w1_gemv_kernel": ("n_pairs",), "_w2_gemv_kernel": ("n_pairs", "n_rows", "s_res")}

@@ -43,7 +43,11 @@ kernels.moe.rs_configs).
 """
 
 from . import moe_combine as combine_kernels
+from . import moe_gemv as gemv_kernels
 from ._triton import HAVE_TRITON, tl
+from .pdl import PREFETCH_PTX  # noqa: F401 (read as a global by _l2_prefetch where kernels.aot compiles it)
+from .pdl import enter as _pdl_enter
+from .pdl import l2_prefetch as _l2_prefetch
 
 _XC = 64  # activations enter as bf16(x * 2**XC)
 XC_SCALE = tl.constexpr(2.0 ** _XC) if HAVE_TRITON else 2.0 ** _XC
@@ -162,8 +166,9 @@ def _tile_rows(sorted_ptr, n_pairs, BLOCK_M: tl.constexpr):
     return rows, pair, pair < n_pairs
 
 
-def _xperm_kernel(x_ptr, out_ptr, H, stride_x, BLOCK: tl.constexpr):
+def _xperm_kernel(x_ptr, out_ptr, H, stride_x, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
     """out[n, act_order(k)] = bf16(x[n, k] * 2**XC): W1's activations."""
+    _pdl_enter(PDL)
     n = tl.program_id(0).to(tl.int64)
     k = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     v = tl.load(x_ptr + n * stride_x + k, mask=k < H, other=0.0).to(tl.float32)
@@ -172,13 +177,19 @@ def _xperm_kernel(x_ptr, out_ptr, H, stride_x, BLOCK: tl.constexpr):
 
 def _w1_rs_kernel(x_ptr, wb_ptr, ws_ptr, b_ptr, act_ptr, sorted_ptr, tile_e_ptr, n_pairs, H, I,
                   TOP_K: tl.constexpr, LIMIT: tl.constexpr, ALPHA: tl.constexpr, BLOCK_M: tl.constexpr,
-                  BLOCK_N: tl.constexpr, NSUB: tl.constexpr, PTX: tl.constexpr):
+                  BLOCK_N: tl.constexpr, NSUB: tl.constexpr, PTX: tl.constexpr, L2PF: tl.constexpr = False,
+                  PDL: tl.constexpr = False):
     """act'[row, act_order(j)] = bf16(swiglu(x[tok] @ W1[e, 2j]^T + b, x[tok] @ W1[e, 2j+1]^T + b) * 2**XC)
-    for BLOCK_N columns j and the tile's BLOCK_M rows; x: _xperm_kernel's [N, H]."""
+    for BLOCK_N columns j and the tile's BLOCK_M rows; x: _xperm_kernel's [N, H]. L2PF: the program's rows
+    bulk-prefetched into L2 first (kernels.moe_gemv._prefetch_rows)."""
+    _pdl_enter(PDL)
     t = tl.program_id(0)
     e = tl.load(tile_e_ptr + t).to(tl.int64)
     if e < 0:
         return
+    if L2PF:
+        r0 = e * (2 * I) + tl.program_id(1) * 2 * BLOCK_N
+        _prefetch_rows(wb_ptr, ws_ptr, tile_e_ptr, t, e, r0, tl.minimum(r0 + 2 * BLOCK_N, (e + 1) * (2 * I)), H, PTX)
     rows, pair, rvalid = _tile_rows(sorted_ptr, n_pairs, BLOCK_M)
     tok = (tl.minimum(pair, n_pairs - 1) // TOP_K).to(tl.int64)  # padding rows read a real token, never stored
     # the column block's gate and linear rows (2j, 2j+1) are 2 BLOCK_N consecutive rows of W1: one operand
@@ -203,9 +214,10 @@ def _w2_rs_kernel(act_ptr, wb_ptr, ws_ptr, b_ptr, rw_ptr, y_ptr, sorted_ptr, til
                   cnt_ptr, valid_ptr, res_ptr, out_ptr, nw_ptr, h_ptr, n_rows, s_res, eps,
                   TOP_K: tl.constexpr, HAS_RES: tl.constexpr, NORM: tl.constexpr, BLOCK_H: tl.constexpr,
                   COMBINE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NSUB: tl.constexpr,
-                  PTX: tl.constexpr):
+                  PTX: tl.constexpr, L2PF: tl.constexpr = False, PDL: tl.constexpr = False):
     """y[pair, n] = (act[row] @ W2[e, n]^T + b2[e, n]) * the pair's router weight, for BLOCK_N rows n;
-    act: _w1_rs_kernel's permuted, scaled rows."""
+    act: _w1_rs_kernel's permuted, scaled rows. L2PF: as _w1_rs_kernel's."""
+    _pdl_enter(PDL)
     t = tl.program_id(0)
     e = tl.load(tile_e_ptr + t).to(tl.int64)
     if e < 0:
@@ -213,6 +225,9 @@ def _w2_rs_kernel(act_ptr, wb_ptr, ws_ptr, b_ptr, rw_ptr, y_ptr, sorted_ptr, til
             _combine_tail(cnt_ptr, y_ptr, valid_ptr, res_ptr, out_ptr, nw_ptr, h_ptr, n_rows, H, s_res, eps, TOP_K,
                           HAS_RES, NORM, BLOCK_H, 1)
         return
+    if L2PF:
+        n0 = e * H + tl.program_id(1) * BLOCK_N
+        _prefetch_rows(wb_ptr, ws_ptr, tile_e_ptr, t, e, n0, tl.minimum(n0 + BLOCK_N, (e + 1) * H), I, PTX)
     rows, pair, rvalid = _tile_rows(sorted_ptr, n_pairs, BLOCK_M)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row = e * H + tl.minimum(n, H - 1).to(tl.int64)
@@ -228,11 +243,13 @@ def _w2_rs_kernel(act_ptr, wb_ptr, ws_ptr, b_ptr, rw_ptr, y_ptr, sorted_ptr, til
                       HAS_RES, NORM, BLOCK_H, 1)
 
 
-# kernels.moe_combine's tail, jitted again into this module's globals (where its kernels look)
+# kernels.moe_combine's tail and kernels.moe_gemv's prefetch, jitted again into this module's globals (where its
+# kernels look)
 _combine_row, _combine_tail = (getattr(f, "fn", f) for f in (combine_kernels._combine_row,
                                                           combine_kernels._combine_tail))
-_KERNELS = ("_combine_row", "_combine_tail", "_act_pos", "_tile", "_tile_rows", "_settle", "_e2m1", "_mma", "_cat_k",
-            "_block", "_rows_mma", "_xperm_kernel", "_w1_rs_kernel", "_w2_rs_kernel")
+_prefetch_rows = getattr(gemv_kernels._prefetch_rows, "fn", gemv_kernels._prefetch_rows)
+_KERNELS = ("_pdl_enter", "_l2_prefetch", "_prefetch_rows", "_combine_row", "_combine_tail", "_act_pos", "_tile",
+            "_tile_rows", "_settle", "_e2m1", "_mma", "_cat_k", "_block", "_rows_mma", "_xperm_kernel", "_w1_rs_kernel", "_w2_rs_kernel")
 _NO_SPECIALIZE = {"_w1_rs_kernel": ("n_pairs",), "_w2_rs_kernel": ("n_pairs", "n_rows", "s_res")}
 
 

@@ -9,6 +9,7 @@ the result is the one the unfused model computes.
 import torch
 
 from ._triton import interpreting, jit_module, launch, next_pow2, tl
+from .pdl import enter as _pdl_enter
 
 
 def rmsnorm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
@@ -22,7 +23,8 @@ def rmsnorm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float, residua
 
 
 def _rmsnorm_kernel(x_ptr, r_ptr, w_ptr, o_ptr, h_ptr, H, eps, s_x, s_r,
-                    HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+                    HAS_RES: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+    _pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     c = tl.arange(0, BLOCK)
     msk = c < H
@@ -37,7 +39,7 @@ def _rmsnorm_kernel(x_ptr, r_ptr, w_ptr, o_ptr, h_ptr, H, eps, s_x, s_r,
     tl.store(o_ptr + row * H + c, (w * (hf * inv)).to(o_ptr.dtype.element_ty), mask=msk)
 
 
-_KERNELS = ("_rmsnorm_kernel",)
+_KERNELS = ("_pdl_enter", "_rmsnorm_kernel")
 
 
 def rmsnorm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):

@@ -20,6 +20,7 @@ one launch replaces the rotation and the two cache writes of every layer.
 import torch
 
 from ._triton import jit_module, launch, next_pow2, tl
+from .pdl import enter as _pdl_enter
 
 
 def rope_reference(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
@@ -63,7 +64,9 @@ def _rope_heads(x_ptr, o_ptr, row, orow, c, s, heads, half, s_xn, s_xh,
 
 def _rope_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, qo_ptr, ko_ptr, v_ptr, vo_ptr, slot_ptr, Hq, K, half,
                  s_qn, s_qh, s_kn, s_kh, s_cn, s_sn, s_vn, s_vh,
-                 TO_CACHE: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_HALF: tl.constexpr):
+                 TO_CACHE: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_HALF: tl.constexpr,
+                 PDL: tl.constexpr = False):
+    _pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     j = tl.arange(0, BLOCK_HALF)[None, :]
     cm = j < half
@@ -82,7 +85,7 @@ def _rope_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, qo_ptr, ko_ptr, v_ptr, vo_ptr, 
         _rope_heads(k_ptr, ko_ptr, row, row, c, s, K, half, s_kn, s_kh, BLOCK_K, BLOCK_HALF)
 
 
-_KERNELS = ("_rope_heads", "_rope_kernel")
+_KERNELS = ("_pdl_enter", "_rope_heads", "_rope_kernel")
 
 
 def _checked(q, k, cos, sin):

@@ -16,6 +16,7 @@ bucket of 4 about a third more MoE bytes under uniform routing).
 import torch
 
 from ._triton import jit_module, launch, next_pow2, tl
+from .pdl import enter as _pdl_enter
 
 
 def route_reference(logits: torch.Tensor, top_k: int, load: torch.Tensor | None = None,
@@ -71,12 +72,13 @@ def _route_row(l_ptr, idx_ptr, w_ptr, load_ptr, mask_ptr, row, E, s_l,
 
 def _route_kernel(l_ptr, idx_ptr, w_ptr, load_ptr, mask_ptr, E, s_l,
                   TOP_K: tl.constexpr, BLOCK_E: tl.constexpr, HAS_LOAD: tl.constexpr, HAS_MASK: tl.constexpr,
-                  DROP_MASKED: tl.constexpr):
+                  DROP_MASKED: tl.constexpr, PDL: tl.constexpr = False):
+    _pdl_enter(PDL)
     _route_row(l_ptr, idx_ptr, w_ptr, load_ptr, mask_ptr, tl.program_id(0).to(tl.int64), E, s_l, TOP_K, BLOCK_E,
                HAS_LOAD, HAS_MASK, DROP_MASKED, False)
 
 
-_KERNELS = ("_route_row", "_route_kernel")
+_KERNELS = ("_pdl_enter", "_route_row", "_route_kernel")
 
 
 def route_triton(logits: torch.Tensor, top_k: int, load: torch.Tensor | None = None,

@@ -20,6 +20,7 @@ splits' first maximum, in index order, is the row's.
 import torch
 
 from ._triton import interpreting, jit_module, launch, tl
+from .pdl import enter as _pdl_enter
 
 _M32 = 0xFFFFFFFF
 _KEY_A, _KEY_B = 0x9E3779B9, 0xBB67AE85
@@ -60,7 +61,8 @@ def sample_reference(x: torch.Tensor, inv_temperature: torch.Tensor, keys: torch
 
 
 def _sample_kernel(x_ptr, s_row, inv_t_ptr, key_ptr, best_ptr, arg_ptr, V, CHUNK,
-                   BLOCK: tl.constexpr):
+                   BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+    _pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     inv_t = tl.load(inv_t_ptr + row)
@@ -82,7 +84,7 @@ def _sample_kernel(x_ptr, s_row, inv_t_ptr, key_ptr, best_ptr, arg_ptr, V, CHUNK
     tl.store(arg_ptr + row * n + split, tl.min(tl.where(best == top, arg, V), 0).to(tl.int64))
 
 
-_KERNELS = ("_sample_kernel",)
+_KERNELS = ("_pdl_enter", "_sample_kernel")
 
 
 def _splits(B: int, V: int, block: int, device) -> int:

@@ -136,13 +136,15 @@ class Tuner:
                     dtype=str(self.dtype).removeprefix("torch."), forced=forced, check=check, arch=self.arch)
 
     def sweep(self, task, call, kernel: str, cands: list[dict], others: dict, timed, check, res: Result,
-              stages=()) -> list[tuple[float, dict]]:
-        """-> [(us, config)] fastest first; phase 2 retries the three fastest at `stages`."""
+              stages=(), extra=()) -> list[tuple[float, dict]]:
+        """-> [(us, config)] fastest first; phase 2 retries the three fastest at `stages`, and with each of
+        the `extra` settings (e.g. L2PF: the program's weights bulk-prefetched into L2 first)."""
         out: list[tuple[float, dict]] = []
         seen: list[dict] = []
         for phase in (0, 1):
             if phase:
-                cands = [{**c, "num_stages": s} for _, c in out[:3] for s in stages]
+                cands = ([{**c, "num_stages": s} for _, c in out[:3] for s in stages]
+                         + [{**c, **x} for _, c in out[:3] for x in extra if c.get("SPLIT_K", 1) == 1])
             cands = [c for c in cands if c not in seen]
             seen += cands
             usages = self.pool.map(cases.compile_job, [self.job(task, {kernel: c, **others}, check) for c in cands])
@@ -158,7 +160,7 @@ class Tuner:
                     continue
                 res.timed += 1
             out.sort(key=lambda t: t[0])
-            if not stages or not out:
+            if not (stages or extra) or not out:
                 break
         return out
 
@@ -209,7 +211,7 @@ class Tuner:
                 # _x16_kernel, makes it) and the rs tiles (_xperm_kernel) read
                 timed = {kernel, "_align_kernel", "_x16_kernel", "_xperm_kernel"} if kn == "moe_w1" else {kernel}
                 runs = self.sweep(task, call, kn, cands, {other: base[other]}, timed, [kernel], results[kn],
-                                  () if self.dry else cases.MOE_STAGES)
+                                  () if self.dry else cases.MOE_STAGES, () if self.dry else cases.L2PF)
                 per_group[key][kn] = runs
                 if key == f"mma{d['BLOCK_M']}":
                     results[kn].default_us = next((t for t, c in runs if c == d), None)
@@ -265,7 +267,7 @@ class Tuner:
         cands = (cases.dry_candidates("linear", dict(BLOCK_N=16, BLOCK_K=32)) if self.dry
                  else cases.linear_candidates(task.n))
         runs = self.sweep(task, call, "linear", cands, {}, {"_linear_kernel"}, ["_linear_kernel"], res,
-                          () if self.dry else cases.LINEAR_STAGES)
+                          () if self.dry else cases.LINEAR_STAGES, () if self.dry else cases.L2PF)
         if runs:
             res.best_us, res.best = runs[0]
             res.check_err, res.check_ok = self.check(call, {"linear": res.best})
@@ -287,7 +289,7 @@ def _fmt(c: dict | None) -> str:
         return "-"
     short = dict(BLOCK_M="M", BLOCK_N="N", BLOCK_K="K", BLOCK_KB="KB", NUM_SPLITS="splits", SPLIT_K="split_k",
                  num_warps="w", num_stages="s")
-    return " ".join(k.lower() if k in ("GEMV", "RS") else
+    return " ".join(k.lower() if k in ("GEMV", "RS", "L2PF") else
                     f"{short.get(k, k)}{'=' if k in ('NUM_SPLITS', 'SPLIT_K') else ''}{v}" for k, v in c.items())
 
 

@@ -50,6 +50,7 @@ def test_compiles_without_spills_within_limits(i):
     assert u.smem <= min(228 * 1024, aot.SMEM_LIMIT[ARCH]), where
     assert u.num_warps == CONFIGS[i].options.num_warps, where
     assert u.serialized is None, f"{where}: ptxas serializes its wgmma ({u.serialized})"
+    assert CONFIGS[i].options.launch_pdl and u.pdl is None, f"{where}: PDL {u.pdl}"
 
 
 def test_step_shapes_do_not_multiply_compilations():

@@ -61,6 +61,10 @@ def test_dry_run_writes_results_and_markdown(tmp_path, weights):
     [ung] = [x for x in res["results"] if "unfused_gate_tokens_per_s" in x]
     assert ung["batch"] == 1 and ung["unfused_gate_tokens_per_s"] > 0 and ung["unfused_gate_step_ms"] > 0
     assert "Decode with the one-launch MoE gate" in r.stdout
+    # and batch 1 without programmatic dependent launch (--no-pdl-batches; 1 by default; never on a CPU)
+    [npd] = [x for x in res["results"] if "no_pdl_tokens_per_s" in x]
+    assert npd["batch"] == 1 and npd["no_pdl_tokens_per_s"] > 0 and npd["no_pdl_step_ms"] > 0
+    assert res["pdl"] is False and "Decode with programmatic dependent launch" in r.stdout
     # and profiled last (--profile-batches; 1,64 by default): time by category, the trace beside the JSON
     prof, pre = res["profiles"]
     p = prof["profile"]

@@ -27,6 +27,7 @@ def _case(M, N, K, dtype=torch.float32, bias=True, seed=0):
     (1, 40, 96, dict(BLOCK_N=16, BLOCK_K=32)),     # N and K past the last full tile
     (3, 64, 64, dict(BLOCK_N=32, BLOCK_K=64)),     # one K step
     (17, 24, 80, dict(BLOCK_N=16, BLOCK_K=32, BLOCK_M=16)),  # two row tiles
+    (17, 40, 96, dict(BLOCK_N=16, BLOCK_K=32, BLOCK_M=16, L2PF=True)),  # and W's rows asked of L2 first
 ])
 @pytest.mark.parametrize("bias", [True, False])
 def test_matches_f_linear_fp32(M, N, K, cfg, bias):

@@ -423,3 +423,28 @@ def test_align_triton_edge_cases(n_local, g2l):
             assert torch.equal(out[1], ref[1]), (idx.tolist(), bm)
             assert torch.equal(_runs_sorted(out[0], out[1], bm), ref[0]), (idx.tolist(), bm)
             assert torch.equal(out[2].bool(), ref[2])
+
+
+@pytest.mark.parametrize("path", ["mma", "gemv", "rs"])
+def test_l2_prefetch_changes_no_bit(path):
+    """L2PF (each expert's first tile bulk-prefetches its program's rows into L2) only asks for bytes: the
+    same output as without it, on every path, with an expert taking every token (tiles after its first
+    ask for nothing), and the launches carry it."""
+    from kernels import _triton, tuned
+    from kernels.moe import gemv_configs, rs_configs
+    dtype = torch.float32 if path == "mma" else torch.bfloat16
+    base = {"mma": {k: dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32) for k in ("moe_w1", "moe_w2")},
+            "gemv": gemv_configs(True), "rs": rs_configs(True)}[path]
+    m, x = moe_module(dtype), tokens(20, seed=21, dtype=dtype)
+    idx, w = moe_module().route(x.float())
+    idx[:, 0] = 2
+    run = lambda: moe_mxfp4(x, (idx, w.to(dtype)), *packed(m))  # noqa: E731
+    with tuned.forced(base):
+        plain = run()
+    with tuned.forced({k: dict(c, L2PF=True) for k, c in base.items()}):
+        with _triton.capturing() as launches:
+            run()
+        pf = run()
+    assert torch.equal(plain, pf)
+    assert [kw.get("L2PF") for k, _, _, kw in launches if getattr(k, "fn", k).__name__.startswith(("_w1", "_w2"))
+            ] == [True, True]

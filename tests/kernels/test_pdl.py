@@ -1,0 +1,170 @@
+"""Programmatic dependent launch (kernels/pdl.py): every kernel waits for its predecessor before it
+touches memory, launches take PDL only where it is enabled, and the switch names itself when misused.
+
+The compiled side (the wait is the first thing in each kernel's SASS) is checked by kernels.aot for
+every planned compilation (tests/kernels/test_aot_sm90.py); the GPU side by the CUDA test below."""
+
+import ast
+import inspect
+import textwrap
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+import triton.language as tl  # noqa: E402
+
+from kernels import _triton, aot, pdl  # noqa: E402
+
+MODULES = ("attention", "linear", "moe", "moe_combine", "moe_gate", "moe_gemv", "moe_rs", "rmsnorm", "rope", "route",
+           "sample", "pdl")
+
+
+def _kernels():
+    import importlib
+    for name in MODULES:
+        mod = importlib.import_module(f"kernels.{name}")
+        for k in mod._KERNELS:
+            if k.endswith("_kernel") or k.startswith("_probe"):
+                yield mod, k
+
+
+# what may run before the wait: index arithmetic and L2 prefetches of weights (no data comes back)
+_MEMORY = {"load", "store", "inline_asm_elementwise", "debug_barrier", "atomic_add", "atomic_cas", "atomic_xchg",
+           "atomic_max", "atomic_min", "atomic_and", "atomic_or", "atomic_xor"}
+
+
+def _early_memory(stmts) -> list[str]:
+    """Calls among `stmts` that may touch memory: tl's loads, stores, atomics and asm, and helpers (which
+    could hide them) other than _l2_prefetch."""
+    bad = []
+    for node in (n for s in stmts for n in ast.walk(s) if isinstance(n, ast.Call)):
+        f = node.func
+        if (isinstance(f, ast.Attribute) and f.attr in _MEMORY) or (
+                isinstance(f, ast.Name) and f.id not in ("_l2_prefetch", "range", "min", "max")):
+            bad.append(ast.unparse(node)[:60])
+    return bad
+
+
+@pytest.mark.parametrize("mod,name", list(_kernels()), ids=lambda v: getattr(v, "__name__", v))
+def test_every_kernel_waits_before_touching_memory(mod, name):
+    fn = getattr(getattr(mod, name), "fn", getattr(mod, name))
+    sig = inspect.signature(fn)
+    assert "PDL" in sig.parameters and sig.parameters["PDL"].default is False, f"{name}: no PDL=False argument"
+    body = ast.parse(textwrap.dedent(inspect.getsource(fn))).body[0].body
+    enter = [i for i, s in enumerate(body) if ast.unparse(s) == "_pdl_enter(PDL)"]
+    assert len(enter) == 1, f"{name}: no top-level _pdl_enter(PDL)"
+    assert not _early_memory(body[:enter[0]]), f"{name} before its wait: {_early_memory(body[:enter[0]])}"
+    assert "_pdl_enter" in mod._KERNELS, f"kernels.{mod.__name__}: _pdl_enter is not jitted with its kernels"
+
+
+def test_the_early_memory_check_sees_loads():
+    tree = ast.parse("a = tl.load(p)\nb = helper(p)\nc = tl.program_id(0) * 4\n_l2_prefetch(s, e, 8, P)\n"
+                     "tl.atomic_add(p, 1)")
+    assert _early_memory(tree.body) == ["tl.load(p)", "helper(p)", "tl.atomic_add(p, 1)"]
+
+
+def test_switch(monkeypatch):
+    monkeypatch.setenv(pdl.ENV, "yes")
+    with pytest.raises(ValueError, match="GPTOSS_PDL"):
+        pdl.wanted()
+    monkeypatch.setenv(pdl.ENV, "0")
+    assert not pdl.wanted()
+    monkeypatch.setenv(pdl.ENV, "1")
+    assert pdl.wanted() and not pdl.enabled("cpu")
+    monkeypatch.delenv(pdl.ENV)
+    assert pdl.wanted()
+
+
+class _CudaArg:
+    """Stands in for a CUDA tensor: launch() only asks for the device."""
+    device = torch.device("cuda", 0)
+
+    def data_ptr(self):
+        return 0
+
+
+def test_launch_adds_pdl_only_where_enabled(monkeypatch):
+    from kernels import rmsnorm
+    verdict = {"on": True}
+    monkeypatch.setattr(pdl, "enabled", lambda dev: verdict["on"])
+    with _triton.capturing() as launches:
+        _triton.launch(rmsnorm._rmsnorm_kernel, (1,), _CudaArg(), BLOCK=16)
+        verdict["on"] = False
+        _triton.launch(rmsnorm._rmsnorm_kernel, (1,), _CudaArg(), BLOCK=16)
+        verdict["on"] = True
+        _triton.launch(rmsnorm._rmsnorm_kernel, (1,), torch.zeros(1), BLOCK=16)  # a CPU tensor: never
+        _triton.launch(pdl._probe_read, (1,), _CudaArg(), BLOCK=16, PDL=False)  # the caller's choice stands
+    kw = [ln[3] for ln in launches]
+    assert kw[0] == dict(BLOCK=16, PDL=True, launch_pdl=True)
+    assert kw[1] == kw[2] == dict(BLOCK=16)
+    assert kw[3] == dict(BLOCK=16, PDL=False)
+
+
+def test_recorded_launches_compile_with_pdl_on_hopper_only():
+    from kernels.aot import bind
+    from kernels import rmsnorm
+    x = torch.empty(2, 64, device="meta")
+    with _triton.recording() as launches:
+        rmsnorm.rmsnorm_triton(x, torch.empty(64, device="meta"), 1e-5)
+    assert "PDL" not in launches[0][2]  # the arch decides, at binding
+    assert bind([("t", launches)], 90)[0].options.launch_pdl
+    assert not bind([("t", launches)], 80)[0].options.launch_pdl
+
+
+def test_sass_order_check():
+    assert aot.pdl_order(["LDC", "ACQBULK", "S2R", "PREEXIT", "LDG", "STG"]) is None
+    assert aot.pdl_order(["LDC", "LDS", "ACQBULK", "LDG"]) is None  # shared memory is the CTA's own
+    assert aot.pdl_order(["LDC", "LDG", "ACQBULK", "STG"]) == "LDG before griddepcontrol.wait"
+    assert aot.pdl_order(["LDC", "ATOMG", "STG", "ACQBULK"]) == "ATOMG, STG before griddepcontrol.wait"
+    assert "no griddepcontrol.wait" in aot.pdl_order(["LDC", "LDG", "STG"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
+                    reason="PDL needs a Hopper or newer GPU")
+def test_self_test_passes_on_cuda():
+    """On the GPU: a writer and a PDL reader, eager and replayed from a CUDA graph, agree; launches
+    on this device then take PDL."""
+    pdl._probed.clear()
+    assert pdl._self_test(torch.device("cuda", 0))
+    assert pdl.enabled(torch.device("cuda", 0))
+
+
+def test_probe_kernels_in_the_interpreter():
+    """The self-test's pair, without PDL: the reader doubles what the writer stored."""
+    from kernels._triton import jit_module
+    jit_module(vars(pdl), pdl._KERNELS)
+    n, x, y = 40, torch.zeros(64), torch.zeros(64)
+    pdl._probe_write[(2,)](x, n, 3, BLOCK=32)
+    pdl._probe_read[(2,)](x, y, n, BLOCK=32)
+    v = torch.arange(n, dtype=torch.float32)
+    for _ in range(3):
+        v = v * 1.0000001 + 0.5
+    assert torch.allclose(x[:n], v) and x[n:].eq(0).all()
+    assert torch.equal(y[:n], 2 * x[:n]) and y[n:].eq(0).all()
+
+
+def _chunks_kernel(a_ptr, n_ptr, start, end, NCH: tl.constexpr):
+    a, n = pdl._l2_prefetch(start, end, NCH, False)
+    tl.store(a_ptr + tl.arange(0, NCH), a)
+    tl.store(n_ptr + tl.arange(0, NCH), n)
+
+
+@pytest.mark.parametrize("start,length,nch", [(4096, 46080, 32), (1000, 46080, 32), (1003, 2885, 4), (4096, 16, 8),
+                                              (1000, 20, 4), (7, 5, 4), (0, 0, 4), (65536, 184320 + 1, 32)])
+def test_l2_prefetch_chunks_cover_the_aligned_inside(start, length, nch):
+    """The bulk prefetch's chunks (its PTX needs 16-byte aligned addresses and sizes) tile exactly the
+    16-byte units inside [start, start + length): nothing outside, nothing twice, nothing missed."""
+    import triton
+    kern = triton.jit(_chunks_kernel)
+    from kernels._triton import jit_module
+    jit_module(vars(pdl), pdl._KERNELS)
+    a, n = torch.zeros(nch, dtype=torch.int64), torch.zeros(nch, dtype=torch.int64)
+    kern[(1,)](a, n, start, start + length, NCH=nch)
+    lo, hi = -(-start // 16) * 16, (start + length) // 16 * 16
+    got = sorted((int(x), int(x + m)) for x, m in zip(a, n) if m > 0)
+    assert all(x % 16 == 0 and y % 16 == 0 for x, y in got)
+    covered = [u for x, y in got for u in range(x, y, 16)]
+    assert covered == list(range(lo, max(hi, lo), 16))
+
