@@ -4,6 +4,7 @@ machine returns (never by hand)."""
 
 from __future__ import annotations
 
+import datetime
 import json
 import sys
 from pathlib import Path
@@ -18,9 +19,18 @@ def markdown(res: dict) -> str:
            f"`{res['command']}`", "",
            "| workload | batch | context | tokens/s | roofline tokens/s | bound | % of roofline |",
            "|---|---:|---:|---:|---:|---|---:|"]
+    sources = list(dict.fromkeys(r["source"] for r in res["results"] if r.get("source")))
     for r in res["results"]:
-        out.append(f"| {r['kind']} | {r['batch']} | {r['context']} | {r['tokens_per_s']:.1f} | "
+        mark = "*" * (sources.index(r["source"]) + 1) if r.get("source") else ""
+        out.append(f"| {r['kind']}{mark} | {r['batch']} | {r['context']} | {r['tokens_per_s']:.1f} | "
                    f"{r['roofline_tokens_per_s']:.1f} | {r['roofline_bound']} | {100 * r['fraction_of_roofline']:.1f} |")
+    thr = [r for r in res["results"] if r["kind"] == "throughput" and "requests" in r]
+    out += [""] * bool(sources or thr)
+    out += [f"{'*' * (i + 1)} measured by `{src}`" for i, src in enumerate(sources)]
+    out += [f"Throughput ({r['isl']} in, {r['osl']} out): {r['requests_finished']} of {r['requests']} requests "
+            "finished in the measured window" + ("" if r["requests_finished"] >= r["requests"] else
+                                                 " (cut short by --throughput-seconds: the rate so far)")
+            for r in thr]
     paths = [r for r in res["results"] if r.get("kernel_paths")]
     if paths:
         out += ["", "Decode kernel paths (kernels/configs for this GPU): " + "; ".join(
@@ -67,18 +77,44 @@ def markdown(res: dict) -> str:
 BEGIN, END = "<!-- bench.gpu results: begin -->", "<!-- bench.gpu results: end -->"
 
 
+SESSION = datetime.timedelta(hours=6)  # runs this close to the newest belong to its device session
+
+
+def _when(date: str) -> datetime.datetime:
+    """bench.gpu's ISO date (with the device's UTC offset) as naive UTC, comparable with any other."""
+    t = datetime.datetime.fromisoformat(date)
+    return t.astimezone(datetime.timezone.utc).replace(tzinfo=None) if t.tzinfo else t
+
+
+def merged(runs: list[dict]) -> dict:
+    """One (GPU, model)'s runs -> the newest, completed by the runs of its session: a row (kind, batch) the
+    newest lacks comes from the newest run that has it (a call with --phases throughput alone, say, beside
+    the decode run), tagged with that run's command and date; profiles likewise, from the newest with any."""
+    runs = sorted(runs, key=lambda r: _when(r["date"]), reverse=True)
+    head = runs[0]
+    session = [r for r in runs if _when(head["date"]) - _when(r["date"]) <= SESSION]
+    out, seen = dict(head, results=[]), set()
+    for r in session:
+        for row in r["results"]:
+            if (row["kind"], row["batch"]) not in seen:
+                seen.add((row["kind"], row["batch"]))
+                out["results"].append(row if r is head else dict(row, source=f"{r['command']} ({r['date']})"))
+    out["profiles"] = next((r["profiles"] for r in session if r.get("profiles")), [])
+    return out
+
+
 def update_benchmarks(results: Path, target: Path) -> int:
-    """Put the newest result per (GPU, model) found under `results` between BEGIN and END in `target`
-    (appended with a heading the first time): GPU runs happen on another machine, whose JSON comes back
-    as files, and BENCHMARKS.md is written from them here, never by hand."""
-    newest: dict[tuple[str, str], tuple[str, dict]] = {}
+    """Put the newest result per (GPU, model) found under `results`, completed by its session's other runs
+    (merged), between BEGIN and END in `target` (appended with a heading the first time): GPU runs happen
+    on another machine, whose JSON comes back as files, and BENCHMARKS.md is written from them here, never
+    by hand."""
+    runs: dict[tuple[str, str], list[dict]] = {}
     for f in sorted(results.glob("gpu-*.json")):
         res = json.loads(f.read_text())
         if res.get("dry_run") or not res.get("results"):
             continue
-        key = (res["gpu"], res["model"])
-        if key not in newest or res["date"] > newest[key][0]:
-            newest[key] = (res["date"], res)
+        runs.setdefault((res["gpu"], res["model"]), []).append(res)
+    newest = {key: (m["date"], m) for key, m in ((k, merged(v)) for k, v in runs.items())}
     if not newest:
         print(f"bench.gpu: no GPU results (gpu-*.json, not dry runs) under {results}", file=sys.stderr)
         return 2

@@ -216,3 +216,43 @@ def test_kernel_paths_follow_the_tuned_file(tmp_path, monkeypatch):
     assert p1["moe"] == "gemv" and p1["moe_config"]["GEMV"] and p1["linears"] == ["qkv"]
     assert p8["moe"] == "tuned" and p8["moe_config"] == mma and p8["linears"] == ["qkv"]
     assert p256 == {"moe": "default", "moe_config": None, "linears": []}
+
+
+def test_a_run_of_some_phases_completes_its_sessions_newest(tmp_path):
+    """The device session's throughput-only call (--phases throughput: a whole 1k/1k, in a call of its own)
+    joins the decode run before it in one table, its row marked with its own command; a run from an
+    earlier session is not mixed in; a cut-short throughput window says so."""
+    from bench.gpu import main
+
+    def row(kind, batch, tok_s, **extra):
+        return {"kind": kind, "batch": batch, "context": 1536, "tokens_per_s": tok_s, "roofline_tokens_per_s": 1e4,
+                "roofline_bound": "memory", "fraction_of_roofline": tok_s / 1e4, **extra}
+
+    def run(date, rows, command):
+        return {"gpu": "NVIDIA H200", "model": "gpt-oss-120b", "date": date, "dry_run": False, "kernels": "auto",
+                "use_triton": True, "copy_bandwidth_GBps": 4300.0, "matmul_TFLOPs": 700.0, "complete": True,
+                "command": command, "results": rows}
+
+    thr = dict(isl=1024, osl=1024, requests=1024)
+    res = tmp_path / "results"
+    res.mkdir()
+    files = {"old": run("2026-11-20T10:00:00+00:00", [row("decode", 8, 111.0)], "python -m bench.gpu old"),
+             "dec": run("2026-12-01T10:00:00+00:00", [row("decode", 1, 400.0),
+                                                      row("throughput", 512, 3000.0, requests_finished=0, **thr)],
+                        "python -m bench.gpu --throughput-seconds 75"),
+             "thr": run("2026-12-01T10:20:00+00:00", [row("throughput", 512, 7100.0, requests_finished=1024, **thr)],
+                        "python -m bench.gpu --phases throughput")}
+    for name, r in files.items():
+        (res / f"gpu-{name}.json").write_text(json.dumps(r))
+    bm = tmp_path / "BENCHMARKS.md"
+    assert main(["--update-benchmarks", str(res), "--benchmarks-file", str(bm)]) == 0
+    text = bm.read_text()
+    assert "| throughput | 512 | 1536 | 7100.0 |" in text and "3000.0" not in text  # the newest run's own row
+    assert "| decode* | 1 | 1536 | 400.0 |" in text  # from the session's decode run, marked
+    assert "* measured by `python -m bench.gpu --throughput-seconds 75 (2026-12-01T10:00:00+00:00)`" in text
+    assert "111.0" not in text  # another session's
+    assert "1024 of 1024 requests finished" in text and "cut short" not in text
+    files["thr"]["results"][0]["requests_finished"] = 700
+    (res / "gpu-thr.json").write_text(json.dumps(files["thr"]))
+    assert main(["--update-benchmarks", str(res), "--benchmarks-file", str(bm)]) == 0
+    assert "700 of 1024 requests finished in the measured window (cut short" in bm.read_text()
