@@ -124,11 +124,22 @@ def test_sass_order_check():
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
                     reason="PDL needs a Hopper or newer GPU")
 def test_self_test_passes_on_cuda():
-    """On the GPU: a writer and a PDL reader, eager and replayed from a CUDA graph, agree; launches
-    on this device then take PDL."""
-    pdl._probed.clear()
-    assert pdl._self_test(torch.device("cuda", 0))
-    assert pdl.enabled(torch.device("cuda", 0))
+    """On the GPU (compiled kernels: a fresh process with TRITON_INTERPRET=0, since this suite interprets
+    them): a writer and a PDL reader, eager and replayed from a CUDA graph, agree, and launches on the
+    device then take PDL; GPTOSS_PDL=0 turns that off."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    code = ("import torch; from kernels import pdl; d = torch.device('cuda', 0); "
+            "print(pdl._self_test(d), pdl.enabled(d))")
+    root = Path(__file__).resolve().parents[2]
+    for flag, want in (("1", "True True"), ("0", "True False")):
+        env = {**os.environ, "TRITON_INTERPRET": "0", pdl.ENV: flag}
+        r = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert r.stdout.split("\n")[-2] == want, (flag, r.stdout, r.stderr[-2000:])
 
 
 def test_probe_kernels_in_the_interpreter():
