@@ -12,6 +12,29 @@ from pathlib import Path
 from bench import step_profile
 
 
+# issue 6's goals, per model: (kind, batch, output tokens/s to reach, strictly above?)
+GOALS = {"gpt-oss-120b": [("decode", 1, 430.0, True), ("throughput", None, 7000.0, False)]}
+
+
+def _goals(res: dict) -> list[str]:
+    """A line per goal of this model, met or not, from the rows themselves; a throughput figure counts only
+    from a whole run (every request finished), not from a window cut short."""
+    out = []
+    for kind, batch, goal, strict in GOALS.get(res["model"], []):
+        rows = [r for r in res["results"] if r["kind"] == kind and batch in (None, r["batch"])]
+        what = (f"{kind}" + (f" batch {batch}" if batch else " (1k/1k)")
+                + f" {'>' if strict else '>='} {goal:,.0f} tok/s")
+        if not rows:
+            out.append(f"Goal {what}: not measured in this run.")
+            continue
+        r = rows[0]
+        met = r["tokens_per_s"] > goal if strict else r["tokens_per_s"] >= goal
+        whole = r.get("requests_finished", 0) >= r.get("requests", 0)
+        verdict = ("met" if met else "not met") if whole else "not established (window cut short)"
+        out.append(f"Goal {what}: {verdict} ({r['tokens_per_s']:,.1f} tok/s).")
+    return out
+
+
 def markdown(res: dict) -> str:
     out = [f"### {res['model']} on {res['gpu']}",
            f"bf16 + MXFP4 experts, kernels {res['kernels']} (triton: {res['use_triton']}), copy bandwidth "
@@ -23,9 +46,12 @@ def markdown(res: dict) -> str:
     for r in res["results"]:
         mark = "*" * (sources.index(r["source"]) + 1) if r.get("source") else ""
         out.append(f"| {r['kind']}{mark} | {r['batch']} | {r['context']} | {r['tokens_per_s']:.1f} | "
-                   f"{r['roofline_tokens_per_s']:.1f} | {r['roofline_bound']} | {100 * r['fraction_of_roofline']:.1f} |")
+                   f"{r['roofline_tokens_per_s']:.1f} | {r['roofline_bound']} | "
+                   f"{100 * r['fraction_of_roofline']:.1f} |")
     thr = [r for r in res["results"] if r["kind"] == "throughput" and "requests" in r]
-    out += [""] * bool(sources or thr)
+    goals = _goals(res)
+    out += [""] * bool(sources or thr or goals)
+    out += goals
     out += [f"{'*' * (i + 1)} measured by `{src}`" for i, src in enumerate(sources)]
     out += [f"Throughput ({r['isl']} in, {r['osl']} out): {r['requests_finished']} of {r['requests']} requests "
             "finished in the measured window" + ("" if r["requests_finished"] >= r["requests"] else

@@ -252,7 +252,11 @@ def test_a_run_of_some_phases_completes_its_sessions_newest(tmp_path):
     assert "* measured by `python -m bench.gpu --throughput-seconds 75 (2026-12-01T10:00:00+00:00)`" in text
     assert "111.0" not in text  # another session's
     assert "1024 of 1024 requests finished" in text and "cut short" not in text
+    assert "Goal decode batch 1 > 430 tok/s: not met (400.0 tok/s)." in text
+    assert "Goal throughput (1k/1k) >= 7,000 tok/s: met (7,100.0 tok/s)." in text
     files["thr"]["results"][0]["requests_finished"] = 700
     (res / "gpu-thr.json").write_text(json.dumps(files["thr"]))
     assert main(["--update-benchmarks", str(res), "--benchmarks-file", str(bm)]) == 0
-    assert "700 of 1024 requests finished in the measured window (cut short" in bm.read_text()
+    text = bm.read_text()
+    assert "700 of 1024 requests finished in the measured window (cut short" in text
+    assert "Goal throughput (1k/1k) >= 7,000 tok/s: not established (window cut short) (7,100.0 tok/s)." in text
