@@ -5,16 +5,17 @@
 #
 #   bash bench/device_round.sh correctness   # kernels.check, the CUDA tests, bench.moe_variants (~4 min)
 #   bash bench/device_round.sh tune          # kernels.tune (moe, linear; decode batches + one prefill chunk)
-#   bash bench/device_round.sh bench         # bench.gpu for gpt-oss-120b, then 20b
-#   bash bench/device_round.sh throughput    # a whole 120b 1k/1k (1,024 requests), if device time is left
+#   bash bench/device_round.sh bench         # bench.gpu for gpt-oss-120b (the goals' model)
+#   bash bench/device_round.sh throughput    # a whole 120b 1k/1k (1,024 requests): the goal's figure
+#   bash bench/device_round.sh bench20       # bench.gpu for gpt-oss-20b, if device time is left
 #
 # Everything lands in $OUT (the device tool brings it back): log.txt, the JSON, and configs/ after a
 # tune (the merged file). Copy configs/*.json into kernels/configs/ here before the next call.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-step=${1:?"usage: bench/device_round.sh correctness|tune|bench|throughput"}
-case $step in correctness|tune|bench|throughput) ;;
-    *) echo "device_round: unknown step $step (correctness, tune, bench or throughput)" >&2; exit 2 ;; esac
+step=${1:?"usage: bench/device_round.sh correctness|tune|bench|throughput|bench20"}
+case $step in correctness|tune|bench|throughput|bench20) ;;
+    *) echo "device_round: unknown step $step (correctness, tune, bench, throughput or bench20)" >&2; exit 2 ;; esac
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 L=$OUT/log.txt
@@ -46,8 +47,10 @@ tune)
     mkdir -p "$OUT/configs" && cp kernels/configs/*.json "$OUT/configs/"
     ;;
 bench)
-    run 300 python3 -m bench.gpu --models gpt-oss-120b --throughput-seconds 75 --profile-batches 1,64,256 --out "$OUT"
-    run 220 python3 -m bench.gpu --models gpt-oss-20b --throughput-seconds 60 --out "$OUT"
+    run 540 python3 -m bench.gpu --models gpt-oss-120b --throughput-seconds 75 --profile-batches 1,64,256 --out "$OUT"
+    ;;
+bench20)
+    run 540 python3 -m bench.gpu --models gpt-oss-20b --throughput-seconds 60 --out "$OUT"
     ;;
 throughput)
     # the bench step's 75 s window is mostly the first prompts' prefill; the goal is a whole run
