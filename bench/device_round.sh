@@ -31,14 +31,15 @@ correctness)
     nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv | tee -a "$L"
     python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$L"
     run 150 python3 -m kernels.check
-    run 150 python3 -m pytest -q -x -p no:cacheprovider \
+    run 240 python3 -m pytest -q -x -p no:cacheprovider \
         tests/kernels/test_decode_graphs.py::test_graph_replay_matches_eager_on_cuda \
         tests/kernels/test_decode_graphs.py::test_ep_rank_static_decode_captures_on_cuda \
         tests/kernels/test_dispatch.py::test_runner_replays_on_cuda \
         tests/engine/test_overlap.py::test_overlap_equals_lockstep_on_cuda \
         tests/engine/test_kv_budget.py::test_fraction_sizes_the_pool_on_cuda \
         tests/deployments/test_gpu_group.py::test_gpu_group_serves_on_the_gpu \
-        tests/kernels/test_pdl.py::test_self_test_passes_on_cuda
+        tests/kernels/test_pdl.py::test_self_test_passes_on_cuda \
+        tests/kernels/test_pdl.py::test_engine_logits_are_the_same_bits_with_and_without_pdl
     run 120 python3 -m bench.moe_variants --model gpt-oss-120b --tokens 1,2,4,8,32,64
     ;;
 tune)

@@ -18,7 +18,10 @@ from ._triton import tl
 from .pdl import enter as _pdl_enter
 
 TAIL_MAX_ROWS = 2
-CHUNK = 512  # columns a combine row takes at a time (_combine_row); a normed row's sum of squares in this order
+# columns a combine row takes at a time (_combine_row; a normed row's sum of squares adds up in this order).
+# 1024 at gpt-oss's 2880 columns: 3 chunks, each pass a few L2 round trips for the tail's one program on the
+# step's critical path, at 48-52 registers for the gemv W2 (512: 6 chunks at 40; a whole row: 168)
+CHUNK = 1024
 
 
 def _combine_row(y_ptr, valid_ptr, res_ptr, out_ptr, nw_ptr, h_ptr, m, c0, c1, n_rows, H, s_res, eps,

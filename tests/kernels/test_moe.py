@@ -232,12 +232,16 @@ def test_residual_added_in_the_combine_is_the_unfused_add(dtype):
     assert torch.equal(moe_mxfp4(h[:0], routing[0][:0], *packed(m), residual=res[:0]), res[:0])
 
 
+@pytest.mark.parametrize("chunk", [None, 16])  # 16: a row in several chunks (kernels.moe_combine.CHUNK), 2 passes
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_next_norm_in_the_combine_is_the_rmsnorm_of_the_sum(dtype):
+def test_next_norm_in_the_combine_is_the_rmsnorm_of_the_sum(dtype, chunk, monkeypatch):
     """With `norm`, the combine also writes the next RMSNorm of the (rounded) residual sum, which the
     block would otherwise launch apart (the next attention norm): the sum is the residual variant's
     to the bit, its norm the rmsnorm reference's within the summation order of the squares."""
+    from kernels import moe_combine
     from kernels.rmsnorm import rmsnorm_reference
+    if chunk:
+        monkeypatch.setattr(moe_combine, "CHUNK", chunk)
     m, h = moe_module(dtype), tokens(7, seed=4, dtype=dtype)
     res = tokens(7, seed=5, dtype=dtype) * 4
     w = torch.rand(H, generator=torch.Generator().manual_seed(9)) + 0.5
@@ -256,10 +260,14 @@ def test_next_norm_in_the_combine_is_the_rmsnorm_of_the_sum(dtype):
 
 
 @pytest.mark.parametrize("path", ["mma", "gemv", "rs"])
-@pytest.mark.parametrize("with_norm", [True, False])
-def test_combine_as_the_w2_tail_equals_its_own_launch(path, with_norm, monkeypatch):
+@pytest.mark.parametrize("with_norm,chunk", [(True, None), (False, None), (True, 16)])
+def test_combine_as_the_w2_tail_equals_its_own_launch(path, with_norm, chunk, monkeypatch):
     """Up to TAIL_MAX_ROWS rows the combine is the W2 launch's tail (kernels.moe_combine: the last of its
-    programs, spare tiles included, combines every token); the same bits as the combine's own launch."""
+    programs, spare tiles included, combines every token); the same bits as the combine's own launch, also
+    where a row takes several chunks (chunk 16)."""
+    from kernels import moe_combine
+    if chunk:
+        monkeypatch.setattr(moe_combine, "CHUNK", chunk)
     from kernels import _triton, tuned
     from kernels.moe import gemv_configs, rs_configs
     dtype = torch.float32 if path == "mma" else torch.bfloat16
