@@ -346,13 +346,19 @@ def run_model(preset: str, a, dev: torch.device, bw: float, flops: float, comman
         add("throughput", a.concurrency, tctx, tok_s, a.concurrency, [tctx] * a.concurrency, a.concurrency,
             {"isl": a.isl, "osl": a.osl, "requests": a.requests, "requests_finished": done,
              "metric": "output tokens/s"})
+    from kernels._triton import environ
+    # with PDL a kernel starts while the one before it runs and waits in its first instruction: its span
+    # would hold that wait, and the categories' times would overlap. Profiled without it unless asked.
+    apart = {} if a.profile_pdl else {"GPTOSS_PDL": "0"}
     for B in a.profile_batches if "profile" in a.phases else ():
         prof = _profiler(roof, dev, bw, B, [ctx] * B, B, Path(a.out) / f"profile-{preset}-b{B}.json.gz"
                          if a.out else None, f"batch {B}")
-        tok_s, step_s, profiled = bench_decode(model, dev, B, a.decode_context, a.decode_steps, a.warmup_steps,
-                                               a.max_tokens_per_step, profile_steps=a.profile_steps, profile=prof)
+        with environ(**apart):
+            tok_s, step_s, profiled = bench_decode(model, dev, B, a.decode_context, a.decode_steps, a.warmup_steps,
+                                                   a.max_tokens_per_step, profile_steps=a.profile_steps, profile=prof)
         res.setdefault("profiles", []).append({"kind": "decode", "batch": B, "context": ctx, "tokens_per_s": tok_s,
-                                               "step_ms": step_s * 1e3, "profile": profiled})
+                                               "step_ms": step_s * 1e3, "profile": profiled,
+                                               "pdl": bool(a.profile_pdl and res.get("pdl"))})
         save(res)
         log(f"  profiled decode batch {B}: " + ("failed" if "error" in profiled else
                                                 f"{profiled['busy_ms_per_step']:.3f} ms busy of {step_s * 1e3:.3f} "
@@ -361,9 +367,11 @@ def run_model(preset: str, a, dev: torch.device, bw: float, flops: float, comman
         chunk = a.max_tokens_per_step
         trace = Path(a.out) / f"profile-{preset}-p{chunk}.json.gz" if a.out else None
         prof = _profiler(roof, dev, bw, chunk, *_chunk_shape(chunk, a.prefill_len), trace, f"prefill chunk {chunk}")
-        profiled, seqs = profile_prefill(model, dev, a.prefill_len, chunk, a.profile_prefill_steps, prof)
+        with environ(**apart):
+            profiled, seqs = profile_prefill(model, dev, a.prefill_len, chunk, a.profile_prefill_steps, prof)
         res.setdefault("profiles", []).append({"kind": "prefill", "batch": seqs, "tokens": chunk,
-                                               "context": a.prefill_len, "profile": profiled})
+                                               "context": a.prefill_len, "profile": profiled,
+                                               "pdl": bool(a.profile_pdl and res.get("pdl"))})
         save(res)
         log(f"  profiled prefill chunks of {chunk}: " + ("failed" if "error" in profiled else
                                                          f"{profiled['busy_ms_per_step']:.3f} ms busy per chunk, "
@@ -435,6 +443,9 @@ def parse(argv=None):
                     help="decode batches profiled in the last phase (bench.step_profile: time per kernel category "
                          "beside the bytes it moves; the Chrome trace beside the JSON)")
     ap.add_argument("--profile-steps", type=int, default=10)
+    ap.add_argument("--profile-pdl", action="store_true",
+                    help="profile with programmatic dependent launch on (by default off for the profiles: with it "
+                         "a kernel's span includes its wait for the kernel before)")
     ap.add_argument("--profile-prefill-steps", type=int, default=3,
                     help="full prefill chunks (--max-tokens-per-step tokens of --prefill-len prompts) profiled in "
                          "the last phase, after one unprofiled (0 for none)")

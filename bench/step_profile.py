@@ -150,8 +150,11 @@ def markdown(row: dict) -> list[str]:
     if "error" in p:
         return ["", f"{what}: the profile failed ({p['error']})."]
     step = f" of {row['step_ms']:.2f} ms wall (unprofiled)" if "step_ms" in row else ""
+    pdl = {True: " With programmatic dependent launch (kernel spans include the wait for the kernel before).",
+           False: " Without programmatic dependent launch (GPTOSS_PDL=0: each kernel's own span)."}
     out = ["", f"{what}, where a step's time goes ({p['source']}): "
-               f"{p['busy_ms_per_step']:.3f} ms busy per step{step}, {p['kernels_per_step']:.0f} kernels per step.", "",
+               f"{p['busy_ms_per_step']:.3f} ms busy per step{step}, {p['kernels_per_step']:.0f} kernels per step."
+               + pdl.get(row.get("pdl"), ""), "",
            "| category | ms/step | share | bytes/step (roofline model) | GB/s | of copy bandwidth |",
            "|---|---:|---:|---:|---:|---:|"]
     for c in p["categories"]:  # no rate where the roofline model gives the category no bytes

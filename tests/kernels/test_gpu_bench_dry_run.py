@@ -77,6 +77,9 @@ def test_dry_run_writes_results_and_markdown(tmp_path, weights):
     assert lin["ms_per_step"] > 0 and lin["bytes_per_step"] > 0 and lin["GBps"] > 0
     assert (tmp_path / p["trace"]).stat().st_size > 1000
     assert "Decode batch 2, where a step's time goes" in r.stdout and "| linear |" in r.stdout
+    # profiled without PDL (a kernel's span would hold its wait for the one before): said so
+    assert prof["pdl"] is False and pre["pdl"] is False
+    assert "Without programmatic dependent launch (GPTOSS_PDL=0" in r.stdout
     # then full prefill chunks (--profile-prefill-steps; 3 by default): 32-token chunks of 24-token prompts
     q = pre["profile"]
     assert (pre["kind"], pre["tokens"], pre["batch"], pre["context"]) == ("prefill", 32, 1, 24)
