@@ -9,10 +9,13 @@ start overlaps the current kernel's work; it then waits
 (`griddepcontrol.wait`) until that kernel has completed and its memory is
 visible before it touches anything the kernel wrote or may still read.
 
-The rule every project kernel follows: `_pdl_enter(PDL)` is its first
-statement (tests/kernels/test_pdl.py checks it in each kernel's source), so no
-load or store of a PDL-launched kernel can race its predecessor. Kernels that
-are not launched with PDL (torch's, cuBLAS's) keep the stream's full ordering.
+The rule every project kernel follows: nothing before its `_pdl_enter(PDL)`
+touches memory, but for L2 prefetches of weights (`l2_prefetch`: no data
+comes back, and no kernel writes weights), so no load or store of a
+PDL-launched kernel can race its predecessor. tests/kernels/test_pdl.py checks
+each kernel's source; kernels.aot checks each compilation's SASS (no global
+memory instruction before the wait). Kernels that are not launched with PDL
+(torch's, cuBLAS's) keep the stream's full ordering.
 
 `kernels._triton.launch` adds `PDL=True, launch_pdl=True` to the launches of
 kernels that take a PDL argument, on a GPU where `enabled(device)` holds:
