@@ -84,13 +84,17 @@ def _step_launches(cfg, n_seqs: int, q_len: int, context: int, ep: int = 1, attn
         cos_sin = torch.empty(N, D // 2, dtype=bf16, **meta)
         vv = qkv[:, (Hq + K) * D:].view(-1, K, D)  # rotated into the cache with v (PagedMetadata.rope_into_cache)
         slots = torch.empty(N, dtype=torch.long, **meta)
-        rope.rope_into_cache_triton(qv.view(-1, Hq, D), kv.view(-1, K, D), vv, cos_sin, cos_sin, cache, cache, slots)
+        # a decode step rotates and writes the cache in the attention's launch (PagedMetadata.rotate_and_attend)
+        rope_in = (kv.view(-1, K, D), vv, cos_sin, cos_sin, slots) if q_len == 1 else None
+        if rope_in is None:
+            rope.rope_into_cache_triton(qv.view(-1, Hq, D), kv.view(-1, K, D), vv, cos_sin, cos_sin, cache, cache,
+                                        slots)
         rope.rope_triton(qv.view(-1, Hq, D), kv.view(-1, K, D), cos_sin, cos_sin)  # dense forwards (model.logits)
-        q = torch.empty(N, Hq, D, dtype=bf16, **meta)
+        q = qv.view(-1, Hq, D) if rope_in is not None else torch.empty(N, Hq, D, dtype=bf16, **meta)
         sinks = torch.empty(Hq, dtype=bf16, **meta)
         for window in (cfg.sliding_window, None):
             attention.paged_attention(q, cache, cache, table, qs, ctx, sinks, window, D ** -0.5,
-                                      max_query_len=q_len)
+                                      max_query_len=q_len, rope=rope_in)
         u8 = dict(dtype=torch.uint8, **meta)
         static_ep = ep > 1 and q_len == 1
         gathered = -(-N // tp) * ep if static_ep and attn_dp else N

@@ -62,12 +62,24 @@ def paged_attention_reference(q, k_cache, v_cache, block_table, query_start, con
     return out
 
 
+def _rot(x, xp, c, s, sgn, dt: tl.constexpr):
+    """kernels.rope's rotation, op for op: x * c -/+ partner * s, each product and the sum rounded to dt."""
+    xc = (x * c).to(dt).to(tl.float32)
+    ps = (xp * s).to(dt).to(tl.float32)
+    return (xc + sgn * ps).to(dt).to(tl.float32)
+
+
 def _attn_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, qs_ptr, ctx_ptr, sink_ptr, o_ptr, po_ptr, pm_ptr, pl_ptr, cnt_ptr,
+                 kn_ptr, vn_ptr, cos_ptr, sin_ptr, slot_ptr,
                  qk_scale, window, n_tokens, Hq, D,
-                 s_qn, s_qh, s_kb, s_ks, s_kh, s_bt,
+                 s_qn, s_qh, s_kb, s_ks, s_kh, s_bt, s_kn, s_knh, s_vn, s_vnh, s_cn, s_sn,
                  G: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_D: tl.constexpr, HAS_WINDOW: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                 DOT_BF16: tl.constexpr, PDL: tl.constexpr = False):
+                 DOT_BF16: tl.constexpr, ROPE: tl.constexpr = False, PDL: tl.constexpr = False):
+    """ROPE (a decode step: one token a sequence): q, and the step's k and v (kn, vn [N, K, D]), come as the
+    qkv projection left them; q is rotated here, and the split whose keys hold the new one rotates that
+    key and stores it and its value at the token's cache slot before reading keys: kernels.rope's launch,
+    folded in (the same ops, so the same bits)."""
     _pdl_enter(PDL)
     b = tl.program_id(0)
     kh = tl.program_id(1)
@@ -89,6 +101,17 @@ def _attn_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, qs_ptr, ctx_ptr, sink_ptr, o_ptr, 
     tok = (q0 + i).to(tl.int64)
     q = tl.load(q_ptr + tok[:, None] * s_qn + head[:, None] * s_qh + d[None, :],
                 mask=rvalid[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+    if ROPE:  # rotate-half: column d pairs with d -/+ D/2, at frequency d mod D/2
+        half = D // 2
+        lower = d < half
+        pd = tl.where(lower, d + half, d - half)
+        jd = tl.where(lower, d, d - half)
+        sgn = tl.where(lower, -1.0, 1.0)
+        qm = rvalid[:, None] & dmask[None, :]
+        qp = tl.load(q_ptr + tok[:, None] * s_qn + head[:, None] * s_qh + pd[None, :], mask=qm, other=0.0)
+        c = tl.load(cos_ptr + tok[:, None] * s_cn + jd[None, :], mask=qm, other=0.0).to(tl.float32)
+        sn = tl.load(sin_ptr + tok[:, None] * s_sn + jd[None, :], mask=qm, other=0.0).to(tl.float32)
+        q = _rot(q, qp.to(tl.float32), c, sn, sgn[None, :], q_ptr.dtype.element_ty)
 
     first = ctx - qlen + qt * QT
     hi = tl.minimum(first + QT, ctx)
@@ -98,6 +121,20 @@ def _attn_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, qs_ptr, ctx_ptr, sink_ptr, o_ptr, 
     per_split = tl.cdiv(tl.cdiv(hi - lo, BLOCK_N), NUM_SPLITS) * BLOCK_N
     start = lo + sp * per_split
     end = tl.minimum(hi, start + per_split)
+    if ROPE:
+        if (start <= ctx - 1) & (ctx - 1 < end):  # this split reads the new key: it stores it first
+            t0 = q0.to(tl.int64)
+            slot = tl.load(slot_ptr + t0).to(tl.int64)
+            kr = tl.load(kn_ptr + t0 * s_kn + kh * s_knh + d, mask=dmask, other=0.0).to(tl.float32)
+            krp = tl.load(kn_ptr + t0 * s_kn + kh * s_knh + pd, mask=dmask, other=0.0).to(tl.float32)
+            c1 = tl.load(cos_ptr + t0 * s_cn + jd, mask=dmask, other=0.0).to(tl.float32)
+            s1 = tl.load(sin_ptr + t0 * s_sn + jd, mask=dmask, other=0.0).to(tl.float32)
+            at = (slot // PAGE) * s_kb + (slot % PAGE) * s_ks + kh * s_kh + d
+            tl.store(k_ptr + at, _rot(kr, krp, c1, s1, sgn, k_ptr.dtype.element_ty).to(k_ptr.dtype.element_ty),
+                     mask=dmask)
+            vr = tl.load(vn_ptr + t0 * s_vn + kh * s_vnh + d, mask=dmask, other=0.0)
+            tl.store(v_ptr + at, vr.to(v_ptr.dtype.element_ty), mask=dmask)
+        tl.debug_barrier()  # the stores above, before any of this program's threads reads the key back
 
     sink = tl.load(sink_ptr + head, mask=rvalid, other=0.0).to(tl.float32) * 1.4426950408889634
     m = tl.where(sp == 0, sink, -1.0e30)
@@ -166,7 +203,7 @@ def _merge_rows(po_ptr, pm_ptr, pl_ptr, o_ptr, prow, rvalid, d, dmask, n_rows, D
     tl.store(o_ptr + prow[:, None] * D + d[None, :], out.to(o_ptr.dtype.element_ty), mask=omask)
 
 
-_KERNELS = ("_pdl_enter", "_attn_kernel", "_merge_rows")
+_KERNELS = ("_pdl_enter", "_rot", "_attn_kernel", "_merge_rows")
 _NO_SPECIALIZE = {"_attn_kernel": ("n_tokens", "s_bt")}
 
 
@@ -198,13 +235,15 @@ def _config(q, page: int, K: int, B: int, N: int, max_query_len: int, window, in
 
 
 def paged_attention(q, k_cache, v_cache, block_table, query_start, context_lens, sinks, window, scale,
-                    max_query_len: int | None = None, num_splits: int | None = None) -> torch.Tensor:
+                    max_query_len: int | None = None, num_splits: int | None = None, rope=None) -> torch.Tensor:
     """q [N, Hq, D]; k/v_cache [blocks, block_size, K, D]; block_table [B, max_blocks];
     query_start [B+1]; context_lens [B]; sinks [Hq] -> [N, Hq, D] in q.dtype.
 
     max_query_len: longest q_len in the step (pass it to avoid a device->host
     read, e.g. 1 for decode under CUDA graphs). num_splits: key-range splits
     per program (None = heuristic: only decode with few programs splits).
+    rope = (k, v, cos, sin, slots), decode only (max_query_len 1): q, k [N, K, D] not yet rotated and this
+    step's v; the launch does kernels.rope.rope_into_cache_triton's work too (one launch fewer a layer).
     """
     N, Hq, D = q.shape
     _, page, K, _ = k_cache.shape
@@ -220,6 +259,18 @@ def paged_attention(q, k_cache, v_cache, block_table, query_start, context_lens,
     G = Hq // K
     if max_query_len is None:
         max_query_len = int((query_start[1:] - query_start[:-1]).max())
+    if rope is not None:
+        kn, vn, cos, sin, slots = rope
+        if max_query_len != 1 or kn.shape != (N, K, D) or vn.shape != kn.shape or cos.shape != (N, D // 2) \
+                or sin.shape != cos.shape or k_cache.dtype != kn.dtype or D % 2:
+            raise ValueError(f"paged_attention rope: decode steps only (max_query_len {max_query_len}); k "
+                             f"{tuple(kn.shape)} {kn.dtype}, v {tuple(vn.shape)}, cos {tuple(cos.shape)}, sin "
+                             f"{tuple(sin.shape)} for q {tuple(q.shape)}, a {k_cache.dtype} cache")
+        kn, vn, cos, sin = (t if t.stride(-1) == 1 else t.contiguous() for t in (kn, vn, cos, sin))
+        rope_args = (kn, vn, cos, sin, slots)
+        rope_strides = (kn.stride(0), kn.stride(1), vn.stride(0), vn.stride(1), cos.stride(0), sin.stride(0))
+    else:
+        rope_args, rope_strides = (q, q, q, q, query_start), (0,) * 6  # unused
     interp = interpreting()
     cfg = _config(q, page, K, B, N, max_query_len, window, interp)
     if num_splits is not None:
@@ -240,11 +291,12 @@ def paged_attention(q, k_cache, v_cache, block_table, query_start, context_lens,
     query_start, context_lens, sinks = query_start.contiguous(), context_lens.contiguous(), sinks.contiguous()
     opts = {k: v for k, v in cfg.items() if k.startswith("num_")}
     launch(_attn_kernel, (B, K, qt * num_splits),
-           q, k_cache, v_cache, block_table, query_start, context_lens, sinks, out, po, pm, pl, cnt,
+           q, k_cache, v_cache, block_table, query_start, context_lens, sinks, out, po, pm, pl, cnt, *rope_args,
            float(scale) * LOG2E, int(window or 0), N, Hq, D,
            q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_table.stride(0),
+           *rope_strides,
            G=G, PAGE=page, BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], BLOCK_D=max(16, next_pow2(D)),
-           HAS_WINDOW=window is not None, NUM_SPLITS=num_splits, DOT_BF16=dot_bf16, **opts)
+           HAS_WINDOW=window is not None, NUM_SPLITS=num_splits, DOT_BF16=dot_bf16, ROPE=rope is not None, **opts)
     return out
 
 

@@ -41,7 +41,9 @@ references here never call back into the modules):
   the MoE's norm: h, x = rmsnorm(attn_out, w, eps, residual=x).
 * Rotary.apply_qk (Attention.forward's rotation of q and k) -> rope(q, k, cos, sin): one launch
   for both, instead of the ~14 small kernels of two torch rotations; over the paged cache,
-  PagedMetadata.rope_into_cache -> rope_into_cache: the rotation and both cache writes in one.
+  PagedMetadata.rope_into_cache -> rope_into_cache: the rotation and both cache writes in one; in a
+  decode step PagedMetadata.rotate_and_attend -> paged_attention(..., rope=...): all of it in the
+  attention's launch.
 * QKVLinear, RowLinear, MoE.route's router and the unembedding (PackedLinear off its oneDNN path) ->
   linear(x, w, b): kernels/linear.py only where kernels.tune wrote an entry (it beat cuBLAS), else F.linear.
 * engine.sampler.Sampler, for sampled rows that only scale by temperature, when SamplerState
@@ -95,11 +97,17 @@ def linear(x, weight, bias=None):
 
 
 def paged_attention(q, k_cache, v_cache, block_table, query_start, context_lens, sinks, window, scale,
-                    max_query_len: int | None = None) -> torch.Tensor:
+                    max_query_len: int | None = None, rope=None) -> torch.Tensor:
+    """rope = (k, v, cos, sin, slots): q and k not yet rotated; rotate both and store k and v at their cache
+    slots first (rope_into_cache), in the attention's own launch on the Triton path (decode steps)."""
     from . import attention
     if use_triton(q.device):
         return attention.paged_attention(q, k_cache, v_cache, block_table, query_start, context_lens, sinks,
-                                         window, scale, max_query_len=max_query_len)
+                                         window, scale, max_query_len=max_query_len, rope=rope)
+    if rope is not None:
+        from .rope import rope_into_cache_reference
+        k, v, cos, sin, slots = rope
+        q = rope_into_cache_reference(q, k, v, cos, sin, k_cache, v_cache, slots)
     return attention.paged_attention_reference(q, k_cache, v_cache, block_table, query_start, context_lens,
                                                sinks, window, scale)
 

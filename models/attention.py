@@ -228,6 +228,20 @@ class PagedMetadata:
         slots = self.slot_mapping[self.layer_group[layer]]
         return dispatch.rope_into_cache(q, k, v, cos, sin, self.cache.k[layer], self.cache.v[layer], slots)
 
+    def rotate_and_attend(self, layer: int, q, k, v, cos, sin, sinks, window: int | None, scale: float):
+        """The Triton path's rotary, cache writes and attention: in one launch for a decode step (every
+        sequence one new token), else rope_into_cache's launch, then attend's."""
+        if self.max_query_len is None:  # one host read per step, not per layer
+            self.max_query_len = int((self.query_start[1:] - self.query_start[:-1]).max()) \
+                if self.context_lens.numel() else 0
+        if self.max_query_len != 1:
+            return self.attend(layer, self.rope_into_cache(layer, q, k, v, cos, sin), None, None, sinks, window,
+                               scale)
+        group = self.layer_group[layer]
+        return dispatch.paged_attention(q, self.cache.k[layer], self.cache.v[layer], self.block_tables[group],
+                                        self.query_start, self.context_lens, sinks, window, scale, max_query_len=1,
+                                        rope=(k, v, cos, sin, self.slot_mapping[group]))
+
     def attend(self, layer: int, q, k, v, sinks, window: int | None, scale: float) -> torch.Tensor:
         """k, v None: already in the cache (rope_into_cache)."""
         group = self.layer_group[layer]

@@ -40,12 +40,13 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, meta) -> torch.Tensor:
         q, k, v = self.qkv(x)
-        if dispatch.use_triton(q.device) and hasattr(meta, "rope_into_cache"):
-            # the paged step on the GPU: rotation and both cache writes in one launch
-            q, k, v = meta.rope_into_cache(self.layer, q, k, v, cos, sin), None, None
+        if dispatch.use_triton(q.device) and hasattr(meta, "rotate_and_attend"):
+            # the paged step on the GPU: rotation and both cache writes in one launch, the attention's own
+            # in a decode step
+            o = meta.rotate_and_attend(self.layer, q, k, v, cos, sin, self.sinks, self.window, self.scale)
         else:
             q, k = Rotary.apply_qk(q, k, cos, sin)
-        o = meta.attend(self.layer, q, k, v, self.sinks, self.window, self.scale)
+            o = meta.attend(self.layer, q, k, v, self.sinks, self.window, self.scale)
         return self.comm.tp_all_reduce(self.o(o.flatten(1)))
 
 

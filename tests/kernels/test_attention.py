@@ -63,3 +63,32 @@ def test_sink_absorbs_mass():
     out = paged_attention(q, kc, vc, bt, qs, ctx, torch.full_like(sinks, -80.0), window, scale)
     # first sequence has one key: its output is that key's value exactly
     torch.testing.assert_close(out[0], vc[bt[0, 0], 0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("window,splits", [(None, 1), (None, 3), (5, 2)])
+def test_decode_with_rotary_in_the_launch_is_the_rope_launch_then_attention(dtype, window, splits):
+    """A decode step's rotary and cache writes inside the attention launch (rope=...): the same output and
+    the same cache, bit for bit, as kernels.rope's launch followed by the attention's; the split holding
+    the new key stores it before reading it. A step with a prefill chunk is refused."""
+    from kernels.rope import rope_into_cache_triton
+    args, _ = attention_step(DECODE, 4, 2, window, dtype=dtype, seed=7)
+    q, kc, vc, bt, qs, ctx, sinks, _, scale = args
+    n, K, D = q.shape[0], kc.shape[2], kc.shape[3]
+    g = torch.Generator().manual_seed(8)
+    k, v = (torch.randn(n, K, D, generator=g).to(dtype) for _ in range(2))
+    ang = torch.rand(n, D // 2, generator=g) * 6
+    cos, sin = ang.cos().to(dtype), ang.sin().to(dtype)
+    last = ctx - 1
+    slots = bt[torch.arange(len(ctx)), last // 4] * 4 + last % 4
+    kc1, vc1, kc2, vc2 = kc.clone(), vc.clone(), kc.clone(), vc.clone()
+    qr = rope_into_cache_triton(q, k, v, cos, sin, kc1, vc1, slots)
+    want = paged_attention(qr, kc1, vc1, bt, qs, ctx, sinks, window, scale, max_query_len=1, num_splits=splits)
+    got = paged_attention(q, kc2, vc2, bt, qs, ctx, sinks, window, scale, max_query_len=1, num_splits=splits,
+                          rope=(k, v, cos, sin, slots))
+    assert torch.equal(got, want)
+    assert torch.equal(kc2, kc1) and torch.equal(vc2, vc1)
+    assert not torch.equal(kc2, kc)  # the new keys were written
+    margs, _ = attention_step(MIXED, 4, 2, window, dtype=dtype, seed=9)
+    with pytest.raises(ValueError, match="decode steps only"):
+        paged_attention(*margs, rope=(k, v, cos, sin, slots))
