@@ -87,9 +87,11 @@ def moe_case(cfg, n: int, dev, dtype, gen, ep: int = 1, gemv: bool = False, rs: 
     return e, b, ok
 
 
-def attention_case(cfg, seqs: list[tuple[int, int]], window, dev, dtype, gen, bs: int = 16):
+def attention_case(cfg, seqs: list[tuple[int, int]], window, dev, dtype, gen, bs: int = 16, rope: bool = False):
     """seqs: (context length after the step, new tokens) per sequence; tables over shuffled blocks,
-    blocks the window no longer sees set to NULL_BLOCK as the engine's BlockManager leaves them."""
+    blocks the window no longer sees set to NULL_BLOCK as the engine's BlockManager leaves them.
+    rope (a decode step): q, and the new key and value, come unrotated; the launch rotates them and writes
+    the cache (PagedMetadata.rotate_and_attend), against kernels.rope's reference and then attention's."""
     from . import attention
     Hq, K, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     nblocks = 1 + sum(-(-c // bs) for c, _ in seqs)
@@ -112,12 +114,35 @@ def attention_case(cfg, seqs: list[tuple[int, int]], window, dev, dtype, gen, bs
     q = torch.randn(int(qs[-1]), Hq, D, device=dev, generator=gen)
     sinks = torch.randn(Hq, device=dev, generator=gen)
     args = (bt, qs, ctx)
+    if rope:
+        return _rotary_attention_case(cfg, q, kc, vc, args, sinks, window, dev, dtype, gen, bs)
     ref32 = attention.paged_attention_reference(q, kc, vc, *args, sinks, window, D ** -0.5)
     qb, kb, vb, sb = q.to(dtype), kc.to(dtype), vc.to(dtype), sinks.to(dtype)
     ref16 = attention.paged_attention_reference(qb, kb, vb, *args, sb, window, D ** -0.5)
     out = attention.paged_attention(qb, kb, vb, *args, sb, window, D ** -0.5,
                                     max_query_len=max(q for _, q in seqs))
     return verdict(out, ref32, ref16)
+
+
+def _rotary_attention_case(cfg, q, kc, vc, args, sinks, window, dev, dtype, gen, bs: int):
+    from models.layers import Rotary
+
+    from . import attention, rope
+    bt, qs, ctx = args
+    n, K, D = q.shape[0], kc.shape[2], kc.shape[3]
+    kn, vn = (torch.randn(n, K, D, device=dev, generator=gen) for _ in range(2))
+    last = ctx - 1
+    slots = bt[torch.arange(n, device=dev), last // bs] * bs + last % bs
+    rot = Rotary(cfg).to(dev)
+
+    def reference(dt):
+        kcc, vcc = kc.to(dt), vc.to(dt)  # copies: the reference writes them
+        qr = rope.rope_into_cache_reference(q.to(dt), kn.to(dt), vn.to(dt), *rot.cos_sin(last, dt), kcc, vcc, slots)
+        return attention.paged_attention_reference(qr, kcc, vcc, *args, sinks.to(dt), window, D ** -0.5)
+    kb, vb = kc.to(dtype), vc.to(dtype)
+    out = attention.paged_attention(q.to(dtype), kb, vb, *args, sinks.to(dtype), window, D ** -0.5, max_query_len=1,
+                                    rope=(kn.to(dtype), vn.to(dtype), *rot.cos_sin(last, dtype), slots))
+    return verdict(out, reference(torch.float32), reference(dtype))
 
 
 def rmsnorm_case(cfg, n: int, dev, dtype, gen):
@@ -266,6 +291,9 @@ def cases(models: list[str], tokens: list[int], dry: bool):
             for window in (w, None):
                 yield (f"{name} attention {label} {'window' if window else 'full'}",
                        lambda d, t, g, c=cfg, s=seqs, win=window: attention_case(c, s, win, d, t, g))
+        for window in (w, None):  # a decode step's rotary and cache writes in the attention's launch
+            yield (f"{name} attention decode + rotary {'window' if window else 'full'}",
+                   lambda d, t, g, c=cfg, s=decode, win=window: attention_case(c, s, win, d, t, g, rope=True))
 
 
 def main(argv=None) -> int:
