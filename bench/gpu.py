@@ -269,6 +269,7 @@ def log(msg: str) -> None:
 def run_model(preset: str, a, dev: torch.device, bw: float, flops: float, command: str, save) -> dict:
     """Measure one preset; `save(result)` is called after every measurement with the result so far."""
     from kernels import dispatch, pdl
+    from kernels._triton import environ
     model, created = load(preset, a, dev)
     gpu = gpu_name(dev)
     try:
@@ -323,13 +324,11 @@ def run_model(preset: str, a, dev: torch.device, bw: float, flops: float, comman
                                               a.max_tokens_per_step, padded=True)
             extra.update(padded_tokens_per_s=pad_s, padded_step_ms=pad_step * 1e3)
         if B in a.unfused_gate_batches:  # the MoE gate as separate launches (kernels.moe_gate off)
-            from kernels._triton import environ
             with environ(GPTOSS_GATE_MAX_ROWS="0"):
                 ung_s, ung_step, _ = bench_decode(model, dev, B, a.decode_context, a.decode_steps, a.warmup_steps,
                                                   a.max_tokens_per_step)
             extra.update(unfused_gate_tokens_per_s=ung_s, unfused_gate_step_ms=ung_step * 1e3)
         if B in a.no_pdl_batches:  # every launch waiting for the previous kernel's end (kernels.pdl off)
-            from kernels._triton import environ
             with environ(GPTOSS_PDL="0"):
                 npd_s, npd_step, _ = bench_decode(model, dev, B, a.decode_context, a.decode_steps, a.warmup_steps,
                                                   a.max_tokens_per_step)
@@ -346,7 +345,6 @@ def run_model(preset: str, a, dev: torch.device, bw: float, flops: float, comman
         add("throughput", a.concurrency, tctx, tok_s, a.concurrency, [tctx] * a.concurrency, a.concurrency,
             {"isl": a.isl, "osl": a.osl, "requests": a.requests, "requests_finished": done,
              "metric": "output tokens/s"})
-    from kernels._triton import environ
     # with PDL a kernel starts while the one before it runs and waits in its first instruction: its span
     # would hold that wait, and the categories' times would overlap. Profiled without it unless asked.
     apart = {} if a.profile_pdl else {"GPTOSS_PDL": "0"}

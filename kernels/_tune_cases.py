@@ -10,7 +10,7 @@ import torch
 PAGE = 16  # engine.core's default KV block
 # tried on the phase-1 leaders (their base: the defaults' 3 and 2; linear's 3)
 MOE_STAGES, ATTN_STAGES, LINEAR_STAGES = (2, 4), (1, 3), (4, 6)
-L2PF = ({"L2PF": True},)  # phase 2 of the weight streams (gemv tiles, linears): slices bulk-prefetched to L2
+L2PF = ({"L2PF": True},)  # phase 2 of the MoE tiles and the linears: each program's weights bulk-prefetched to L2
 
 
 def _gen(device, seed: int):

@@ -27,6 +27,7 @@ import torch
 
 from models.attention import attention_with_sinks
 
+from . import rope as rope_kernels
 from . import tuned
 from ._triton import interpreting, jit_module, launch, next_pow2, on_gpu, tickets, tl, triton
 from .pdl import enter as _pdl_enter
@@ -60,13 +61,6 @@ def paged_attention_reference(q, k_cache, v_cache, block_table, query_start, con
             mask &= qpos[:, None] - kpos[None, :] < window
         out[q0:q1] = attention_with_sinks(q[None, q0:q1], kk[None], vv[None], sinks, mask[None], scale)[0]
     return out
-
-
-def _rot(x, xp, c, s, sgn, dt: tl.constexpr):
-    """kernels.rope's rotation, op for op: x * c -/+ partner * s, each product and the sum rounded to dt."""
-    xc = (x * c).to(dt).to(tl.float32)
-    ps = (xp * s).to(dt).to(tl.float32)
-    return (xc + sgn * ps).to(dt).to(tl.float32)
 
 
 def _attn_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, qs_ptr, ctx_ptr, sink_ptr, o_ptr, po_ptr, pm_ptr, pl_ptr, cnt_ptr,
@@ -203,6 +197,8 @@ def _merge_rows(po_ptr, pm_ptr, pl_ptr, o_ptr, prow, rvalid, d, dmask, n_rows, D
     tl.store(o_ptr + prow[:, None] * D + d[None, :], out.to(o_ptr.dtype.element_ty), mask=omask)
 
 
+# kernels.rope's rotation, jitted again into this module's globals (where its kernels look)
+_rot = getattr(rope_kernels._rot, "fn", rope_kernels._rot)
 _KERNELS = ("_pdl_enter", "_rot", "_attn_kernel", "_merge_rows")
 _NO_SPECIALIZE = {"_attn_kernel": ("n_tokens", "s_bt")}
 

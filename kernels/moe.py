@@ -356,11 +356,6 @@ def _k_split(K: int, splits: int, block_k: int) -> int:
     return triton.cdiv(triton.cdiv(K, splits), block_k) * block_k
 
 
-def _l2pf_ptx(meta: dict, interp: bool) -> dict:
-    """The MMA tiles take PTX only for L2PF's prefetch (compiled code; the interpreter runs its arithmetic)."""
-    return dict(PTX=not interp) if meta.get("L2PF") else {}
-
-
 def _split(cfg: dict) -> tuple[dict, dict]:
     """-> (constexprs, launch options)."""
     return ({k: v for k, v in cfg.items() if k.startswith("BLOCK") or k in ("NSUB", "L2PF")},
@@ -485,7 +480,7 @@ def _experts(x, x16, rw, aligned, plan: _Plan, k: int, w1_blocks, w1_scales, b1,
         launch(_w1_kernel, (*grid1, s1), x, w1_blocks, w1_scales, b1, act, sorted_ids, tile_expert, N * k, H, I,
                x.stride(0), part, tickets(x.device, T * grid1[1] if s1 > 1 else 1), _k_split(H, s1, meta["BLOCK_K"]),
                TOP_K=k, LIMIT=float(limit), ALPHA=float(alpha), DOT_BF16=plan.dot_bf16, SCALED=plan.scaled,
-               SPLIT_K=s1, **_l2pf_ptx(meta, interp), **meta, **opts)
+               SPLIT_K=s1, PTX=not interp, **meta, **opts)
     out = torch.empty_like(x)
     if residual is not None and residual.shape != x.shape:
         raise ValueError(f"residual {tuple(residual.shape)} must have x's shape {tuple(x.shape)}")
@@ -505,9 +500,8 @@ def _experts(x, x16, rw, aligned, plan: _Plan, k: int, w1_blocks, w1_scales, b1,
     w2_combine = combine if tail else (valid, y, y, y, y, N, 0, 0.0)
     w2 = gemv_kernels._w2_gemv_kernel if gemv else rs_kernels._w2_rs_kernel if rs else _w2_kernel
     meta, opts = _split(plan.cfg2)
-    own = dict(PTX=not interp) if gemv or rs else dict(DOT_BF16=plan.dot_bf16, SCALED=plan.scaled, SPLIT_K=s2,
-                                                         K_SPLIT=_k_split(I, s2, meta["BLOCK_K"]),
-                                                         **_l2pf_ptx(meta, interp))
+    own = dict(PTX=not interp) if gemv or rs else dict(PTX=not interp, DOT_BF16=plan.dot_bf16, SCALED=plan.scaled,
+                                                         SPLIT_K=s2, K_SPLIT=_k_split(I, s2, meta["BLOCK_K"]))
     launch(w2, (T, triton.cdiv(H, meta["BLOCK_N"]), s2), act, w2_blocks, w2_scales, b2, rw, y, sorted_ids,
            tile_expert, N * k, H, I, tickets(x.device, 1), *w2_combine, COMBINE=tail, **w2_flags, **own, **meta,
            **opts)

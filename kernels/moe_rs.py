@@ -249,7 +249,8 @@ _combine_row, _combine_tail = (getattr(f, "fn", f) for f in (combine_kernels._co
                                                           combine_kernels._combine_tail))
 _prefetch_rows = getattr(gemv_kernels._prefetch_rows, "fn", gemv_kernels._prefetch_rows)
 _KERNELS = ("_pdl_enter", "_l2_prefetch", "_prefetch_rows", "_combine_row", "_combine_tail", "_act_pos", "_tile",
-            "_tile_rows", "_settle", "_e2m1", "_mma", "_cat_k", "_block", "_rows_mma", "_xperm_kernel", "_w1_rs_kernel", "_w2_rs_kernel")
+            "_tile_rows", "_settle", "_e2m1", "_mma", "_cat_k", "_block", "_rows_mma", "_xperm_kernel", "_w1_rs_kernel",
+            "_w2_rs_kernel")
 _NO_SPECIALIZE = {"_w1_rs_kernel": ("n_pairs",), "_w2_rs_kernel": ("n_pairs", "n_rows", "s_res")}
 
 

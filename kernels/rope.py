@@ -45,21 +45,27 @@ def _rotate(x, cos, sin):
     return torch.cat((a * c - b * s, b * c + a * s), dim=-1)
 
 
+def _rot(x, xp, c, s, sgn, dt: tl.constexpr):
+    """One rotated half (fp32 in, fp32 out): x * c + sgn * partner * s (sgn -1 for the first half, +1 for the
+    second), each product and the sum rounded to dt as the torch ops in dt do. kernels.attention's decode
+    rotates with it too, so both give the same bits."""
+    xc = (x * c).to(dt).to(tl.float32)
+    ps = (xp * s).to(dt).to(tl.float32)
+    return (xc + sgn * ps).to(dt).to(tl.float32)
+
+
 def _rope_heads(x_ptr, o_ptr, row, orow, c, s, heads, half, s_xn, s_xh,
                 BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
     h = tl.arange(0, BLOCK_H)[:, None]
     j = tl.arange(0, BLOCK_HALF)[None, :]
     msk = (h < heads) & (j < half)
     xa = x_ptr + row * s_xn + h * s_xh + j
-    a = tl.load(xa, mask=msk, other=0.0)
-    b = tl.load(xa + half, mask=msk, other=0.0)
+    a = tl.load(xa, mask=msk, other=0.0).to(tl.float32)
+    b = tl.load(xa + half, mask=msk, other=0.0).to(tl.float32)
     dt = o_ptr.dtype.element_ty
-    af, bf = a.to(tl.float32), b.to(tl.float32)
-    ac, bs = (af * c).to(dt).to(tl.float32), (bf * s).to(dt).to(tl.float32)
-    bc, as_ = (bf * c).to(dt).to(tl.float32), (af * s).to(dt).to(tl.float32)
     oa = o_ptr + orow * heads * (2 * half) + h * (2 * half) + j
-    tl.store(oa, (ac - bs).to(dt), mask=msk)
-    tl.store(oa + half, (bc + as_).to(dt), mask=msk)
+    tl.store(oa, _rot(a, b, c, s, -1.0, dt).to(dt), mask=msk)
+    tl.store(oa + half, _rot(b, a, c, s, 1.0, dt).to(dt), mask=msk)
 
 
 def _rope_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, qo_ptr, ko_ptr, v_ptr, vo_ptr, slot_ptr, Hq, K, half,
@@ -85,7 +91,7 @@ def _rope_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, qo_ptr, ko_ptr, v_ptr, vo_ptr, 
         _rope_heads(k_ptr, ko_ptr, row, row, c, s, K, half, s_kn, s_kh, BLOCK_K, BLOCK_HALF)
 
 
-_KERNELS = ("_pdl_enter", "_rope_heads", "_rope_kernel")
+_KERNELS = ("_pdl_enter", "_rot", "_rope_heads", "_rope_kernel")
 
 
 def _checked(q, k, cos, sin):

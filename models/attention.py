@@ -222,6 +222,12 @@ class PagedMetadata:
         part.plans[key] = (rows, mask)
         return rows, mask
 
+    def _max_query_len(self) -> int:
+        if self.max_query_len is None:  # one host read per step, not per layer
+            self.max_query_len = int((self.query_start[1:] - self.query_start[:-1]).max()) \
+                if self.context_lens.numel() else 0
+        return self.max_query_len
+
     def rope_into_cache(self, layer: int, q, k, v, cos, sin) -> torch.Tensor:
         """Rotate q and k and store this step's k and v in the layer's cache (one launch on the Triton
         path); returns the rotated q, for attend(layer, q, None, None, ...)."""
@@ -231,10 +237,7 @@ class PagedMetadata:
     def rotate_and_attend(self, layer: int, q, k, v, cos, sin, sinks, window: int | None, scale: float):
         """The Triton path's rotary, cache writes and attention: in one launch for a decode step (every
         sequence one new token), else rope_into_cache's launch, then attend's."""
-        if self.max_query_len is None:  # one host read per step, not per layer
-            self.max_query_len = int((self.query_start[1:] - self.query_start[:-1]).max()) \
-                if self.context_lens.numel() else 0
-        if self.max_query_len != 1:
+        if self._max_query_len() != 1:
             return self.attend(layer, self.rope_into_cache(layer, q, k, v, cos, sin), None, None, sinks, window,
                                scale)
         group = self.layer_group[layer]
@@ -251,12 +254,9 @@ class PagedMetadata:
             kc.view(-1, *kc.shape[2:])[slots] = k.to(kc.dtype)
             vc.view(-1, *vc.shape[2:])[slots] = v.to(vc.dtype)
         if dispatch.use_triton(q.device):
-            if self.max_query_len is None:  # one host read per step, not per layer
-                self.max_query_len = int((self.query_start[1:] - self.query_start[:-1]).max()) \
-                    if self.context_lens.numel() else 0
             return dispatch.paged_attention(q, kc, vc, self.block_tables[group], self.query_start,
                                             self.context_lens, sinks, window, scale,
-                                            max_query_len=self.max_query_len)
+                                            max_query_len=self._max_query_len())
         out = torch.empty_like(q)
         K, D = kc.shape[2:]
         for part in self._parts:

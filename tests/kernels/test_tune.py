@@ -171,12 +171,12 @@ def test_aot_compiles_the_tuned_configs(tmp_path, monkeypatch):
         _entry("attn_decode", attn_shape(64, 8, 64, 16, None, torch.bfloat16), 1, dec)])))
     monkeypatch.setenv(tuned.ENV, str(path))
     labels = {(c.kernel, c.label): c.uses for c in aot.plan(90)}
-    w1_label = ("TOP_K=4 BLOCK_M=16 BLOCK_N=32 BLOCK_K=128 DOT_BF16=True SCALED=True SPLIT_K=1 L2PF=False PTX=False "
+    w1_label = ("TOP_K=4 BLOCK_M=16 BLOCK_N=32 BLOCK_K=128 DOT_BF16=True SCALED=True SPLIT_K=1 L2PF=False PTX=True "
                 "PDL=True w8 s4")
     assert labels[("_w1_kernel", w1_label)] == ["120b d1"]
     # at batch 1 W2 ends with the combine (kernels.moe_combine's tail: its constexprs lead the label)
     w2_label = ("TOP_K=4 HAS_RES=True NORM=True BLOCK_H=1024 COMBINE=True BLOCK_M=16 BLOCK_N=16 BLOCK_K=128 "
-                "DOT_BF16=True SCALED=True SPLIT_K=1 L2PF=False PTX=False PDL=True w8 s4")
+                "DOT_BF16=True SCALED=True SPLIT_K=1 L2PF=False PTX=True PDL=True w8 s4")
     assert labels[("_w2_kernel", w2_label)] == ["120b d1"]
     assert [u for (k, lab), u in labels.items() if k == "_attn_kernel" and "NUM_SPLITS=16" in lab] == [
         ["20b d1", "120b d1", "120b ep8 d1", "120b ep8 dp d1"]]  # attention is the same on an expert-parallel rank
