@@ -34,6 +34,8 @@ def add_parser(sub) -> None:
     g.add_argument("--ep", type=int, default=1, help="expert-parallel size (local rank processes)")
     g.add_argument("--attn-dp", action="store_true",
                    help="attention data parallelism: the ep/tp attention groups each serve their own sequences")
+    g.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto",
+                   help="what the KV cache stores: the model's dtype (auto), or float8 e4m3 (fp8)")
     g.add_argument("--gpu", action="store_true",
                    help="run on CUDA: bf16 with MXFP4 experts through the Triton kernels (one GPU per rank)")
     g.set_defaults(fn=run)
@@ -145,7 +147,7 @@ def run(args) -> int:
     if args.gpu and not torch.cuda.is_available():
         raise UsageError("--gpu: no CUDA device on this machine")
     runtime = dict(dtype=torch.bfloat16, device="cuda", keep_mxfp4=True) if args.gpu else dict(dtype=torch.float32)
-    engine = build_engine(path, EngineConfig(), args.tp, args.ep, attn_dp=args.attn_dp, **runtime)
+    engine = build_engine(path, EngineConfig(kv_cache_dtype=args.kv_cache_dtype), args.tp, args.ep, attn_dp=args.attn_dp, **runtime)
     t0 = time.time()
     try:
         outs = engine.generate([req])[req.request_id]

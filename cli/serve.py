@@ -23,6 +23,9 @@ def _add_common(p) -> None:
     p.add_argument("--kv-cache-fraction", type=float, default=None,
                    help="with --gpu: the KV cache fills this fraction of each GPU's memory after weights and "
                         "activations (default 0.9 with --gpu)")
+    p.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto",
+                   help="what the KV cache stores: the model's dtype (auto), or float8 e4m3 (fp8: twice the "
+                        "tokens in the same memory, each cached value rounded to e4m3)")
     p.add_argument("--cpus-per-rank", type=float, default=1.0)
     # the engine's sizes (EngineConfig; unset: its defaults)
     p.add_argument("--max-num-seqs", type=int, help="sequences decoding at once (engine default 64)")
@@ -56,7 +59,8 @@ def build_config(args):
         group = ModelGroupConfig(name=args.name, path=args.model, tp=args.tp, ep=args.ep, attn_dp=args.attn_dp,
                                  use_gpu=args.gpu,
                                  cpus_per_rank=args.cpus_per_rank,
-                                 engine=EngineConfig(kv_cache_fraction=fraction, **sizes),
+                                 engine=EngineConfig(kv_cache_fraction=fraction, kv_cache_dtype=args.kv_cache_dtype,
+                                                     **sizes),
                                  autoscaling=AutoscalingConfig(min_replicas=args.min_replicas,
                                                                max_replicas=args.max_replicas))
         return ServeConfig(host=args.host, port=args.port, models=[group])

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from models.attention import NULL_BLOCK
@@ -36,6 +38,10 @@ class EngineConfig(BaseModel):
         None, gt=0, lt=1, description="on GPUs: size the full-attention KV pool to fill this fraction of each "
                                       "GPU's memory, after the weights, the sliding pool and the largest step's "
                                       "activations (num_blocks is then ignored; see engine/kv_budget.py)")
+    kv_cache_dtype: Literal["auto", "fp8"] = Field(
+        "auto", description="what the KV cache stores: auto = the model's dtype; fp8 = float8 e4m3 (no scale), "
+                            "half of bf16's bytes: twice the cached tokens a GPU holds and half a decode "
+                            "step's cache reads, at e4m3's 2^-4 rounding of each cached value")
     enable_prefix_cache: bool = True
     overlap_scheduling: bool | None = Field(
         None, description="schedule step N+1 while step N runs on the device (None: on where the executor "
@@ -69,7 +75,7 @@ class LLMEngine:
         self.data_parallel = data_parallel
         self.blocks = DataParallelBlocks(data_parallel, *args) if data_parallel > 1 else BlockManager(*args)
         groups = tuple("sliding" if mc.window(i) else "full" for i in range(mc.num_hidden_layers))
-        spec = CacheSpec(bs, {"full": config.num_blocks, "sliding": n_slide}, groups)
+        spec = CacheSpec(bs, {"full": config.num_blocks, "sliding": n_slide}, groups, config.kv_cache_dtype)
         self.executor = executor_factory(spec) if executor_factory else LocalExecutor(
             model, spec, graph_buckets=graph_buckets(config.max_num_seqs))
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_tokens_per_step)

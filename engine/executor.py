@@ -25,7 +25,7 @@ import torch
 
 from kernels import dispatch
 from kernels.cuda_graphs import DEFAULT_BUCKETS, DecodeGraphRunner, bucket_for
-from models.attention import NULL_BLOCK, KVCache, PagedMetadata
+from models.attention import NULL_BLOCK, KVCache, PagedMetadata, cache_dtype
 
 from .sampler import SampleSpec, SamplerOutput, SamplerState
 
@@ -58,13 +58,15 @@ class CacheSpec:
     block_size: int
     blocks: dict[str, int]      # pool name -> blocks
     layer_group: tuple[str, ...]
+    kv_cache_dtype: str = "auto"  # EngineConfig.kv_cache_dtype
 
 
 def allocate_cache(model, spec: CacheSpec) -> KVCache:
     """The KV pools of this process's share of the KV heads."""
     heads = model.blocks[0].attn.qkv.nkv
     return KVCache.allocate(len(spec.layer_group), [spec.blocks[g] for g in spec.layer_group], spec.block_size,
-                            heads, model.config.head_dim, model.dtype, model.device)
+                            heads, model.config.head_dim, cache_dtype(spec.kv_cache_dtype, model.dtype),
+                            model.device)
 
 
 def to_device(tensors: dict[str, torch.Tensor], dev: torch.device, pack: bool | None = None

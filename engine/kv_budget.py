@@ -15,6 +15,8 @@ import logging
 
 import torch
 
+from models.attention import cache_dtype
+
 log = logging.getLogger(__name__)
 
 
@@ -25,10 +27,11 @@ def sliding_blocks(config, model_config) -> int:
         config.max_num_seqs * ((model_config.sliding_window + bs - 1) // bs + 2) + config.max_tokens_per_step // bs + 2)
 
 
-def block_bytes(model, block_size: int) -> tuple[int, int]:
+def block_bytes(model, block_size: int, kv_cache_dtype: str = "auto") -> tuple[int, int]:
     """Bytes of one block across this rank's full-attention layers, and across its sliding ones."""
     heads, cfg = model.blocks[0].attn.qkv.nkv, model.config
-    per_layer = 2 * block_size * heads * cfg.head_dim * torch.finfo(model.dtype).bits // 8  # k and v
+    bits = torch.finfo(cache_dtype(kv_cache_dtype, model.dtype)).bits
+    per_layer = 2 * block_size * heads * cfg.head_dim * bits // 8  # k and v
     sliding = sum(1 for i in range(cfg.num_hidden_layers) if cfg.window(i))
     return per_layer * (cfg.num_hidden_layers - sliding), per_layer * sliding
 
@@ -48,7 +51,7 @@ def measure_kv_blocks(model, config) -> int | None:
         return None
     cfg, bs = model.config, config.block_size
     groups = tuple("sliding" if cfg.window(i) else "full" for i in range(cfg.num_hidden_layers))
-    tiny = CacheSpec(bs, {"full": 1, "sliding": 1}, groups)  # null steps touch only block 0
+    tiny = CacheSpec(bs, {"full": 1, "sliding": 1}, groups, config.kv_cache_dtype)  # null steps touch only block 0
     cache = allocate_cache(model, tiny)
     loads = [b.moe.load.clone() for b in model.blocks]
     torch.cuda.synchronize(model.device)
@@ -64,7 +67,7 @@ def measure_kv_blocks(model, config) -> int | None:
     del cache
     torch.cuda.empty_cache()
     free, total = torch.cuda.mem_get_info(model.device)
-    full, sliding = block_bytes(model, bs)
+    full, sliding = block_bytes(model, bs, config.kv_cache_dtype)
     blocks = plan_blocks(total, free, config.kv_cache_fraction, peak, full, sliding * sliding_blocks(config, cfg))
     log.info("KV cache: %d full blocks of %d tokens (%.1f GiB) from %.0f%% of %.1f GiB; step peak %.2f GiB",
              blocks, bs, blocks * full / 2**30, 100 * config.kv_cache_fraction, total / 2**30, peak / 2**30)

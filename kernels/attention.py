@@ -124,10 +124,9 @@ def _attn_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, qs_ptr, ctx_ptr, sink_ptr, o_ptr, 
             c1 = tl.load(cos_ptr + t0 * s_cn + jd, mask=dmask, other=0.0).to(tl.float32)
             s1 = tl.load(sin_ptr + t0 * s_sn + jd, mask=dmask, other=0.0).to(tl.float32)
             at = (slot // PAGE) * s_kb + (slot % PAGE) * s_ks + kh * s_kh + d
-            tl.store(k_ptr + at, _rot(kr, krp, c1, s1, sgn, k_ptr.dtype.element_ty).to(k_ptr.dtype.element_ty),
-                     mask=dmask)
-            vr = tl.load(vn_ptr + t0 * s_vn + kh * s_vnh + d, mask=dmask, other=0.0)
-            tl.store(v_ptr + at, vr.to(v_ptr.dtype.element_ty), mask=dmask)
+            tl.store(k_ptr + at, _to_cache(_rot(kr, krp, c1, s1, sgn, kn_ptr.dtype.element_ty), k_ptr), mask=dmask)
+            vr = tl.load(vn_ptr + t0 * s_vn + kh * s_vnh + d, mask=dmask, other=0.0).to(tl.float32)
+            tl.store(v_ptr + at, _to_cache(vr, v_ptr), mask=dmask)
         tl.debug_barrier()  # the stores above, before any of this program's threads reads the key back
 
     sink = tl.load(sink_ptr + head, mask=rvalid, other=0.0).to(tl.float32) * 1.4426950408889634
@@ -141,7 +140,7 @@ def _attn_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, qs_ptr, ctx_ptr, sink_ptr, o_ptr, 
         page = tl.load(row + kpos // PAGE, mask=kval, other=0).to(tl.int64)
         base = page * s_kb + (kpos % PAGE) * s_ks + kh * s_kh
         kvmask = kval[None, :] & dmask[:, None]
-        kt = tl.load(k_ptr + base[None, :] + d[:, None], mask=kvmask, other=0.0).to(tl.float32)  # [D, N]
+        kt = _from_cache(tl.load(k_ptr + base[None, :] + d[:, None], mask=kvmask, other=0.0))  # [D, N]
         if DOT_BF16:
             s = tl.dot(q.to(tl.bfloat16), kt.to(tl.bfloat16))
         else:
@@ -154,7 +153,8 @@ def _attn_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, qs_ptr, ctx_ptr, sink_ptr, o_ptr, 
         alpha = tl.exp2(m - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        vt = tl.load(v_ptr + base[:, None] + d[None, :], mask=kval[:, None] & dmask[None, :], other=0.0).to(tl.float32)  # [N, D]
+        vt = _from_cache(tl.load(v_ptr + base[:, None] + d[None, :], mask=kval[:, None] & dmask[None, :],
+                                 other=0.0))  # [N, D]
         if DOT_BF16:
             acc = tl.dot(p.to(tl.bfloat16), vt.to(tl.bfloat16), acc * alpha[:, None])
         else:
@@ -197,9 +197,10 @@ def _merge_rows(po_ptr, pm_ptr, pl_ptr, o_ptr, prow, rvalid, d, dmask, n_rows, D
     tl.store(o_ptr + prow[:, None] * D + d[None, :], out.to(o_ptr.dtype.element_ty), mask=omask)
 
 
-# kernels.rope's rotation, jitted again into this module's globals (where its kernels look)
-_rot = getattr(rope_kernels._rot, "fn", rope_kernels._rot)
-_KERNELS = ("_pdl_enter", "_rot", "_attn_kernel", "_merge_rows")
+# kernels.rope's rotation and cache conversions, jitted again into this module's globals (where its kernels look)
+_rot, _e4m3, _to_cache, _from_cache = (getattr(f, "fn", f) for f in (
+    rope_kernels._rot, rope_kernels._e4m3, rope_kernels._to_cache, rope_kernels._from_cache))
+_KERNELS = ("_pdl_enter", "_rot", "_e4m3", "_to_cache", "_from_cache", "_attn_kernel", "_merge_rows")
 _NO_SPECIALIZE = {"_attn_kernel": ("n_tokens", "s_bt")}
 
 
@@ -232,7 +233,7 @@ def _config(q, page: int, K: int, B: int, N: int, max_query_len: int, window, in
 
 def paged_attention(q, k_cache, v_cache, block_table, query_start, context_lens, sinks, window, scale,
                     max_query_len: int | None = None, num_splits: int | None = None, rope=None) -> torch.Tensor:
-    """q [N, Hq, D]; k/v_cache [blocks, block_size, K, D]; block_table [B, max_blocks];
+    """q [N, Hq, D]; k/v_cache [blocks, block_size, K, D] (q's dtype or float8_e4m3fn); block_table [B, max_blocks];
     query_start [B+1]; context_lens [B]; sinks [Hq] -> [N, Hq, D] in q.dtype.
 
     max_query_len: longest q_len in the step (pass it to avoid a device->host
@@ -258,7 +259,7 @@ def paged_attention(q, k_cache, v_cache, block_table, query_start, context_lens,
     if rope is not None:
         kn, vn, cos, sin, slots = rope
         if max_query_len != 1 or kn.shape != (N, K, D) or vn.shape != kn.shape or cos.shape != (N, D // 2) \
-                or sin.shape != cos.shape or k_cache.dtype != kn.dtype or D % 2:
+                or sin.shape != cos.shape or not rope_kernels.check_cache_dtype(k_cache, kn) or D % 2:
             raise ValueError(f"paged_attention rope: decode steps only (max_query_len {max_query_len}); k "
                              f"{tuple(kn.shape)} {kn.dtype}, v {tuple(vn.shape)}, cos {tuple(cos.shape)}, sin "
                              f"{tuple(sin.shape)} for q {tuple(q.shape)}, a {k_cache.dtype} cache")
@@ -287,7 +288,7 @@ def paged_attention(q, k_cache, v_cache, block_table, query_start, context_lens,
     query_start, context_lens, sinks = query_start.contiguous(), context_lens.contiguous(), sinks.contiguous()
     opts = {k: v for k, v in cfg.items() if k.startswith("num_")}
     launch(_attn_kernel, (B, K, qt * num_splits),
-           q, k_cache, v_cache, block_table, query_start, context_lens, sinks, out, po, pm, pl, cnt, *rope_args,
+           q, rope_kernels.cache_view(k_cache), rope_kernels.cache_view(v_cache), block_table, query_start, context_lens, sinks, out, po, pm, pl, cnt, *rope_args,
            float(scale) * LOG2E, int(window or 0), N, Hq, D,
            q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_table.stride(0),
            *rope_strides,

@@ -15,9 +15,16 @@ free of load/store races between warps that replicate small tiles.
 `rope_into_cache` is the paged step's form: the rotated k and the step's v go
 straight to their cache slots (what PagedMetadata.attend would write next), so
 one launch replaces the rotation and the two cache writes of every layer.
+
+An fp8 cache (EngineConfig.kv_cache_dtype "fp8") reaches the kernels as its
+uint8 view: `_to_cache` rounds to e4m3 in integer arithmetic (`_e4m3`), not
+by a float8 cast, because Triton's interpreter rounds float8 casts wrongly
+(125.5 -> 64: a mantissa carry lost) and the CPU tests must see the GPU's bits.
 """
 
 import torch
+
+from models.attention import to_cache
 
 from ._triton import jit_module, launch, next_pow2, tl
 from .pdl import enter as _pdl_enter
@@ -34,9 +41,19 @@ def rope_into_cache_reference(q, k, v, cos, sin, k_cache, v_cache, slots):
     """Rotate q and k, write k and v into the flat cache slots (as PagedMetadata.attend does);
     returns the rotated q."""
     q, k = rope_reference(q, k, cos, sin)
-    k_cache.view(-1, *k_cache.shape[2:])[slots] = k.to(k_cache.dtype)
-    v_cache.view(-1, *v_cache.shape[2:])[slots] = v.to(v_cache.dtype)
+    k_cache.view(-1, *k_cache.shape[2:])[slots] = to_cache(k, k_cache.dtype)
+    v_cache.view(-1, *v_cache.shape[2:])[slots] = to_cache(v, v_cache.dtype)
     return q
+
+
+def cache_view(cache: torch.Tensor) -> torch.Tensor:
+    """What a kernel gets for a KV pool: an fp8 one as its bytes (see the module's docstring)."""
+    return cache.view(torch.uint8) if cache.dtype == torch.float8_e4m3fn else cache
+
+
+def check_cache_dtype(cache: torch.Tensor, k: torch.Tensor) -> bool:
+    """A cache the fused writes can fill from k: k's own dtype (the rotation rounds in k's dtype), or fp8."""
+    return cache.dtype in (k.dtype, torch.float8_e4m3fn)
 
 
 def _rotate(x, cos, sin):
@@ -54,6 +71,38 @@ def _rot(x, xp, c, s, sgn, dt: tl.constexpr):
     return (xc + sgn * ps).to(dt).to(tl.float32)
 
 
+def _e4m3(x):
+    """fp32 -> float8 e4m3fn bits (uint8), as torch's cast of x clamped to +-448: round to nearest even,
+    subnormals (below 2^-6) in steps of 2^-9, the sign kept (-0 too), NaN -> 0x7f with the sign."""
+    bits = x.to(tl.uint32, bitcast=True)
+    sign = (bits >> 31) << 7
+    a = tl.minimum(tl.abs(x), 448.0)  # models.attention.FP8_MAX
+    ab = a.to(tl.uint32, bitcast=True)
+    # a normal: fp32's exponent and top 3 mantissa bits, rounded to nearest even, rebiased 127 -> 7
+    normal = ((ab + 0x7FFFF + ((ab >> 20) & 1)) >> 20) - (120 << 3)
+    y = a * 512.0  # a subnormal's code is y rounded to an integer (exact: a power-of-two scaling)
+    fl = y.to(tl.int32)
+    fr = y - fl.to(tl.float32)
+    sub = fl + ((fr > 0.5) | ((fr == 0.5) & ((fl & 1) == 1))).to(tl.int32)
+    code = tl.where(a >= 0.015625, normal.to(tl.int32), sub)
+    code = tl.where(x != x, 0x7F, code)
+    return (code.to(tl.uint32) | sign).to(tl.uint8)
+
+
+def _to_cache(x, ptr):
+    """x (fp32) as a cache behind ptr stores it: e4m3 bits into an fp8 pool's uint8 view, else a cast."""
+    if ptr.dtype.element_ty == tl.uint8:
+        return _e4m3(x)
+    return x.to(ptr.dtype.element_ty)
+
+
+def _from_cache(raw):
+    """A cache load as fp32 (an fp8 pool's bytes through the hardware's e4m3 conversion)."""
+    if raw.dtype == tl.uint8:
+        raw = raw.to(tl.float8e4nv, bitcast=True)
+    return raw.to(tl.float32)
+
+
 def _rope_heads(x_ptr, o_ptr, row, orow, c, s, heads, half, s_xn, s_xh,
                 BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
     h = tl.arange(0, BLOCK_H)[:, None]
@@ -62,10 +111,10 @@ def _rope_heads(x_ptr, o_ptr, row, orow, c, s, heads, half, s_xn, s_xh,
     xa = x_ptr + row * s_xn + h * s_xh + j
     a = tl.load(xa, mask=msk, other=0.0).to(tl.float32)
     b = tl.load(xa + half, mask=msk, other=0.0).to(tl.float32)
-    dt = o_ptr.dtype.element_ty
+    dt = x_ptr.dtype.element_ty  # the rotation rounds as torch's ops in the model's dtype, then the store's own
     oa = o_ptr + orow * heads * (2 * half) + h * (2 * half) + j
-    tl.store(oa, _rot(a, b, c, s, -1.0, dt).to(dt), mask=msk)
-    tl.store(oa + half, _rot(b, a, c, s, 1.0, dt).to(dt), mask=msk)
+    tl.store(oa, _to_cache(_rot(a, b, c, s, -1.0, dt), o_ptr), mask=msk)
+    tl.store(oa + half, _to_cache(_rot(b, a, c, s, 1.0, dt), o_ptr), mask=msk)
 
 
 def _rope_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, qo_ptr, ko_ptr, v_ptr, vo_ptr, slot_ptr, Hq, K, half,
@@ -85,13 +134,13 @@ def _rope_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, qo_ptr, ko_ptr, v_ptr, vo_ptr, 
         h = tl.arange(0, BLOCK_K)[:, None]
         d = tl.arange(0, 2 * BLOCK_HALF)[None, :]
         msk = (h < K) & (d < 2 * half)
-        val = tl.load(v_ptr + row * s_vn + h * s_vh + d, mask=msk, other=0.0)
-        tl.store(vo_ptr + slot * K * (2 * half) + h * (2 * half) + d, val.to(vo_ptr.dtype.element_ty), mask=msk)
+        val = tl.load(v_ptr + row * s_vn + h * s_vh + d, mask=msk, other=0.0).to(tl.float32)
+        tl.store(vo_ptr + slot * K * (2 * half) + h * (2 * half) + d, _to_cache(val, vo_ptr), mask=msk)
     else:
         _rope_heads(k_ptr, ko_ptr, row, row, c, s, K, half, s_kn, s_kh, BLOCK_K, BLOCK_HALF)
 
 
-_KERNELS = ("_pdl_enter", "_rot", "_rope_heads", "_rope_kernel")
+_KERNELS = ("_pdl_enter", "_rot", "_e4m3", "_to_cache", "_rope_heads", "_rope_kernel")
 
 
 def _checked(q, k, cos, sin):
@@ -110,14 +159,15 @@ def rope_into_cache_triton(q, k, v, cos, sin, k_cache, v_cache, slots):
     N, Hq, D = q.shape
     K = k.shape[1]
     if k_cache.shape[2:] != (K, D) or v_cache.shape != k_cache.shape or v.shape != k.shape \
-            or not (k_cache.is_contiguous() and v_cache.is_contiguous()) or k_cache.dtype != k.dtype:
-        # (the rotation rounds in the output's dtype: a cache of another dtype would round k differently)
+            or not (k_cache.is_contiguous() and v_cache.is_contiguous()) or not check_cache_dtype(k_cache, k) \
+            or v_cache.dtype != k_cache.dtype:
         raise ValueError(f"rope_into_cache: k {tuple(k.shape)} {k.dtype}, v {tuple(v.shape)}, caches "
                          f"{tuple(k_cache.shape)} {k_cache.dtype}, {tuple(v_cache.shape)} (contiguous "
-                         "[blocks, block_size, K, D] in k's dtype)")
+                         "[blocks, block_size, K, D] in k's dtype or float8_e4m3fn)")
     qo = torch.empty(N, Hq, D, dtype=q.dtype, device=q.device)
     if N:
-        launch(_rope_kernel, (N,), q, k, cos, sin, qo, k_cache, v, v_cache, slots, Hq, K, D // 2,
+        launch(_rope_kernel, (N,), q, k, cos, sin, qo, cache_view(k_cache), v, cache_view(v_cache), slots, Hq, K,
+               D // 2,
                q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0), sin.stride(0),
                v.stride(0), v.stride(1), TO_CACHE=True,
                BLOCK_HQ=next_pow2(Hq), BLOCK_K=next_pow2(K), BLOCK_HALF=next_pow2(D // 2))
@@ -141,4 +191,4 @@ def rope_triton(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.
     return qo, ko
 
 
-__all__ = ["rope_into_cache_reference", "rope_into_cache_triton", "rope_reference", "rope_triton"]
+__all__ = ["cache_view", "check_cache_dtype", "rope_into_cache_reference", "rope_into_cache_triton", "rope_reference", "rope_triton"]

@@ -24,6 +24,27 @@ from kernels import dispatch  # imports no kernel module until a kernel is calle
 
 NULL_BLOCK = 0  # block 0 of every pool stays zero: padding and freed window blocks point here
 
+# EngineConfig.kv_cache_dtype: "auto" stores K/V in the model's dtype; "fp8" in float8 e4m3 (OCP "fn": no
+# infinities, largest 448) with no scale, half the bytes of bf16. That doubles the tokens a GPU holds and
+# halves what a decode step reads from the cache; the model computes in its own dtype and rounds k and v to
+# e4m3 only as they are stored (round to nearest even, beyond +-448 saturated), so scores and outputs
+# carry e4m3's 2^-4 relative rounding of every cached value (tests/engine/test_kv_fp8.py bounds the logits).
+KV_CACHE_DTYPES = ("auto", "fp8")
+FP8_MAX = 448.0
+
+
+def cache_dtype(kv_cache_dtype: str, model_dtype: torch.dtype) -> torch.dtype:
+    if kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise ValueError(f"kv_cache_dtype {kv_cache_dtype!r}: one of {', '.join(KV_CACHE_DTYPES)}")
+    return torch.float8_e4m3fn if kv_cache_dtype == "fp8" else model_dtype
+
+
+def to_cache(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x as the cache stores it (the Triton writes give the same bits: kernels.rope._to_cache)."""
+    if dtype == torch.float8_e4m3fn:
+        x = x.float().clamp(-FP8_MAX, FP8_MAX)  # NaN stays NaN
+    return x.to(dtype)
+
 
 def attention_with_sinks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor,
                          mask: torch.Tensor, scale: float) -> torch.Tensor:
@@ -251,8 +272,8 @@ class PagedMetadata:
         kc, vc = self.cache.k[layer], self.cache.v[layer]
         if k is not None:
             slots = self.slot_mapping[group]
-            kc.view(-1, *kc.shape[2:])[slots] = k.to(kc.dtype)
-            vc.view(-1, *vc.shape[2:])[slots] = v.to(vc.dtype)
+            kc.view(-1, *kc.shape[2:])[slots] = to_cache(k, kc.dtype)
+            vc.view(-1, *vc.shape[2:])[slots] = to_cache(v, vc.dtype)
         if dispatch.use_triton(q.device):
             return dispatch.paged_attention(q, kc, vc, self.block_tables[group], self.query_start,
                                             self.context_lens, sinks, window, scale,

@@ -50,15 +50,15 @@ MIXED = [(1, 1), (6, 1), (23, 1), (40, 9), (13, 13), (9, 4)]  # (context_len aft
 DECODE = [(1, 1), (17, 1), (33, 1), (8, 1)]
 
 
-def attention_step(seqs, bs, G, window, dtype=torch.float32, seed=0):
-    """Cache full of stale random K/V (NULL block too), tables over shuffled blocks with window-freed
-    entries set to NULL_BLOCK; attend() writes the step's new k/v and returns the model's output.
-    -> (paged_attention args, attend's output)."""
+def attention_step(seqs, bs, G, window, dtype=torch.float32, seed=0, cache_dtype=None):
+    """Cache (of cache_dtype, default dtype) full of stale random K/V (NULL block too), tables over shuffled
+    blocks with window-freed entries set to NULL_BLOCK; attend() writes the step's new k/v and returns the
+    model's output. -> (paged_attention args, attend's output)."""
     g = torch.Generator().manual_seed(seed)
     K, D = KV_HEADS, HEAD_DIM
     Hq = K * G
     nblocks = 3 + sum(-(-c // bs) for c, _ in seqs)
-    cache = KVCache.allocate(1, [nblocks], bs, K, D, dtype)
+    cache = KVCache.allocate(1, [nblocks], bs, K, D, cache_dtype or dtype)
     cache.k[0].copy_(torch.randn(cache.k[0].shape, generator=g))
     cache.v[0].copy_(torch.randn(cache.v[0].shape, generator=g))
     perm = (torch.randperm(nblocks - 1, generator=g) + 1).tolist()

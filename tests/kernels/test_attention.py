@@ -54,6 +54,46 @@ def test_bf16_cache_and_queries():
     torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("seqs,window,splits", [(MIXED, 5, 1), (MIXED, None, 1), (DECODE, None, 3), (DECODE, 5, 2)])
+def test_fp8_cache_matches_attend(seqs, window, splits, dtype):
+    """An fp8 pool (EngineConfig.kv_cache_dtype "fp8", passed to the kernel as its bytes): the same e4m3
+    values as the torch path reads, so the output is the model's attend on that cache within fp32's (bf16's)
+    rounding; the reference reads the pool's values exactly (a widened copy gives the same bits)."""
+    args, ref = attention_step(seqs, 4, 2, window, dtype=dtype, seed=11, cache_dtype=torch.float8_e4m3fn)
+    assert args[1].dtype == args[2].dtype == torch.float8_e4m3fn
+    out = paged_attention(*args, num_splits=splits)
+    tol = dict(rtol=1e-5, atol=2e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(out.float(), ref.float(), **tol)
+    torch.testing.assert_close(paged_attention_reference(*args).float(), ref.float(), **tol)
+    wide = list(args)
+    wide[1], wide[2] = args[1].to(dtype), args[2].to(dtype)
+    assert torch.equal(paged_attention_reference(*wide), paged_attention_reference(*args))
+
+
+def test_fp8_decode_with_rotary_in_the_launch_writes_the_references_bytes():
+    """The decode launch's own rotary and cache write into an fp8 pool: the bytes kernels.rope's reference
+    stores (e4m3 rounding in integer arithmetic, tests/kernels/test_rope.py), and the output attends over them."""
+    from kernels.rope import rope_into_cache_reference
+    args, _ = attention_step(DECODE, 4, 2, None, seed=12, cache_dtype=torch.float8_e4m3fn)
+    q, kc, vc, bt, qs, ctx, sinks, _, scale = args
+    n, K, D = q.shape[0], kc.shape[2], kc.shape[3]
+    g = torch.Generator().manual_seed(13)
+    k, v = (torch.randn(n, K, D, generator=g) * 8 for _ in range(2))
+    ang = torch.rand(n, D // 2, generator=g) * 6
+    cos, sin = ang.cos(), ang.sin()
+    last = ctx - 1
+    slots = bt[torch.arange(len(ctx)), last // 4] * 4 + last % 4
+    kc1, vc1, kc2, vc2 = kc.clone(), vc.clone(), kc.clone(), vc.clone()
+    qr = rope_into_cache_reference(q, k, v, cos, sin, kc1, vc1, slots)
+    want = paged_attention_reference(qr, kc1, vc1, bt, qs, ctx, sinks, None, scale)
+    got = paged_attention(q, kc2, vc2, bt, qs, ctx, sinks, None, scale, max_query_len=1, num_splits=2,
+                          rope=(k, v, cos, sin, slots))
+    assert torch.equal(kc2.view(torch.uint8), kc1.view(torch.uint8))
+    assert torch.equal(vc2.view(torch.uint8), vc1.view(torch.uint8))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-5)
+
+
 def test_sink_absorbs_mass():
     """A huge sink leaves ~nothing for the values; a very negative one gives plain softmax attention."""
     args, _ = attention_step(DECODE, 4, 1, None, seed=6)

@@ -52,7 +52,7 @@ def spy(monkeypatch):
     return calls
 
 
-def paged_run(m) -> list[torch.Tensor]:
+def paged_run(m, cache_dtype=torch.float32) -> list[torch.Tensor]:
     """Runs PLAN through PagedMetadata as the engine builds it; the logits of every step."""
     cfg = m.config
     g = torch.Generator().manual_seed(3)
@@ -60,7 +60,7 @@ def paged_run(m) -> list[torch.Tensor]:
     groups = ["sliding" if cfg.window(i) else "full" for i in range(cfg.num_hidden_layers)]
     n_blocks = {"full": 16, "sliding": 12}
     cache = KVCache.allocate(cfg.num_hidden_layers, [n_blocks[x] for x in groups], BS,
-                             cfg.num_key_value_heads, cfg.head_dim, torch.float32)
+                             cfg.num_key_value_heads, cfg.head_dim, cache_dtype)
     free = {k: list(range(1, n)) for k, n in n_blocks.items()}
     tables = {"full": [[], []], "sliding": [[], []]}
     done, outs = [0, 0], []
@@ -122,6 +122,19 @@ def test_triton_forward_over_paged_metadata_matches_torch(packed_model, spy, mon
     for r, x in zip(ref, got):
         scale = r.abs().max().item()
         assert (x - r).abs().max().item() <= 1e-5 * scale
+        assert torch.equal(x.argmax(-1), r.argmax(-1))
+
+
+def test_triton_forward_over_an_fp8_cache_matches_torch(packed_model, monkeypatch):
+    """EngineConfig.kv_cache_dtype "fp8": the prefill chunks' rope_into_cache launch and the decode steps'
+    attention launch store e4m3 bytes (kernels.rope._e4m3) and read them back; the torch path rounds with
+    torch's cast. The same fp8 values in both caches leave the logits as close as with an fp32 cache."""
+    monkeypatch.setenv("GPTOSS_KERNELS", "torch")
+    ref = paged_run(packed_model, torch.float8_e4m3fn)
+    monkeypatch.setenv("GPTOSS_KERNELS", "triton")
+    got = paged_run(packed_model, torch.float8_e4m3fn)
+    for r, x in zip(ref, got):
+        assert (x - r).abs().max().item() <= 1e-5 * r.abs().max().item()
         assert torch.equal(x.argmax(-1), r.argmax(-1))
 
 

@@ -92,15 +92,19 @@ def test_dispatch_picks_the_kernel_under_triton_mode(monkeypatch):
     assert torch.equal(dispatch.rope(q, k, cos, sin)[1], Rotary.apply(k, cos, sin)) and seen == [1]
 
 
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float8_e4m3fn], ids=["f32", "fp8"])
 @pytest.mark.parametrize("n,hq,kv,d", [(1, 1, 1, 4), (5, 4, 2, 16), (6, 8, 1, 64), (3, 64, 8, 64), (4, 3, 3, 12)])
-def test_rope_into_cache_matches_reference(n, hq, kv, d):
+def test_rope_into_cache_matches_reference(n, hq, kv, d, cache_dtype):
     """The paged form: rotated k and the step's v land in their slots (scattered, over several
     blocks, two tokens sharing the null block's slot 0 as padding rows do); nothing else in the
-    caches changes; the rotated q comes back."""
+    caches changes; the rotated q comes back. An fp8 cache gets the reference's bytes exactly, over
+    values from e4m3's subnormals to past its 448 (saturated)."""
     pytest.importorskip("triton")
     from kernels.rope import rope_into_cache_reference, rope_into_cache_triton
     g = torch.Generator().manual_seed(n + d)
     qkv = torch.randn(n, (hq + 2 * kv) * d, generator=g)
+    if cache_dtype == torch.float8_e4m3fn:
+        qkv *= torch.exp2(torch.randint(-12, 10, qkv.shape, generator=g).float())
     q, k, v = (t.view(n, -1, d) for t in qkv.split([hq * d, kv * d, kv * d], dim=-1))
     _, _, cos, sin = _data(n, hq, kv, d, torch.float32, seed=n)
     blocks, bs = 6, 4
@@ -109,15 +113,41 @@ def test_rope_into_cache_matches_reference(n, hq, kv, d):
         slots[-2:] = 0                                              # padding rows: the null block's slot 0
         v[-1], k[-1] = v[-2], k[-2]                                 # which write the same values
         cos[-1], sin[-1] = cos[-2], sin[-2]
-    caches = [torch.randn(blocks, bs, kv, d, generator=g) for _ in range(2)]
+    caches = [torch.randn(blocks, bs, kv, d, generator=g).to(cache_dtype) for _ in range(2)]
     ref_c = [c.clone() for c in caches]
     rq = rope_into_cache_reference(q, k, v, cos, sin, *ref_c, slots)
     got_c = [c.clone() for c in caches]
     gq = rope_into_cache_triton(q, k, v, cos, sin, *got_c, slots)
-    torch.testing.assert_close(gq, rq, rtol=0, atol=1e-6)
+    torch.testing.assert_close(gq, rq, rtol=0, atol=1e-6 * float(q.abs().max()))
     for gc, rc, c in zip(got_c, ref_c, caches):
-        torch.testing.assert_close(gc, rc, rtol=0, atol=1e-6)
+        if cache_dtype == torch.float8_e4m3fn:
+            assert torch.equal(gc.view(torch.uint8), rc.view(torch.uint8))
+            gc, rc, c = gc.view(torch.uint8), rc.view(torch.uint8), c.view(torch.uint8)
+        else:
+            torch.testing.assert_close(gc, rc, rtol=0, atol=1e-6)
         untouched = torch.ones(blocks * bs, dtype=torch.bool)
         untouched[slots] = False
         assert torch.equal(gc.view(blocks * bs, -1)[untouched], c.view(blocks * bs, -1)[untouched])
     assert not torch.equal(got_c[0], caches[0]) and not torch.equal(got_c[1], caches[1])
+
+
+def test_fp8_cache_rounding_is_torchs_for_every_bf16():
+    """An fp8 cache's rounding in the kernels (kernels.rope._e4m3, integer arithmetic) against torch's cast
+    of the same value clamped to +-448 (models.attention.to_cache): every one of the 65,536 bf16 bit
+    patterns (NaNs, infinities, subnormals, ties) and fp32 values over e4m3's whole range, stored as a
+    step's v by rope_into_cache_triton. Triton's interpreter's own float8 cast fails this (125.5 -> 64),
+    which is why the kernels do not use it."""
+    pytest.importorskip("triton")
+    from kernels.rope import rope_into_cache_triton
+    from models.attention import to_cache
+    g = torch.Generator().manual_seed(0)
+    every_bf16 = torch.arange(1 << 16, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    f32 = torch.randn(1 << 14, generator=g) * torch.exp2(torch.randint(-14, 10, (1 << 14,), generator=g).float())
+    for v in (every_bf16, f32):
+        n, d = v.numel() // 1024, 1024  # few programs: the interpreter runs them one by one
+        v = v.view(n, 1, d)
+        q = k = torch.zeros_like(v)
+        cos, sin = torch.ones(n, d // 2, dtype=v.dtype), torch.zeros(n, d // 2, dtype=v.dtype)
+        kc, vc = (torch.zeros(n, 1, 1, d, dtype=torch.float8_e4m3fn) for _ in range(2))
+        rope_into_cache_triton(q, k, v, cos, sin, kc, vc, torch.arange(n))
+        assert torch.equal(vc.view(torch.uint8).flatten(), to_cache(v, torch.float8_e4m3fn).view(torch.uint8).flatten())

@@ -1,10 +1,19 @@
 """The engine-facing forward: flattened sequences, chunked prefill mixed with decode,
 paged KV with separate full / sliding-window block tables, equals the plain causal forward."""
 
+import pytest
 import torch
 
 from models import load_model
-from models.attention import NULL_BLOCK, DenseMetadata, KVCache, PagedMetadata
+from models.attention import NULL_BLOCK, DenseMetadata, KVCache, PagedMetadata, to_cache
+
+
+class _E4M3Dense(DenseMetadata):
+    """The plain causal forward over k and v rounded as an fp8 KV cache stores them."""
+
+    def attend(self, layer, q, k, v, sinks, window, scale):
+        r = lambda x: to_cache(x, torch.float8_e4m3fn).to(x.dtype)  # noqa: E731
+        return super().attend(layer, q, r(k), r(v), sinks, window, scale)
 
 
 def test_dense_varlen_batch_equals_single_sequences(tiny_ckpt):
@@ -19,17 +28,23 @@ def test_dense_varlen_batch_equals_single_sequences(tiny_ckpt):
         assert torch.allclose(out[a:b], m.logits(s), atol=1e-5)
 
 
-def test_paged_chunked_prefill_and_decode_match_full_forward(tiny_ckpt):
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float8_e4m3fn], ids=["f32", "fp8"])
+def test_paged_chunked_prefill_and_decode_match_full_forward(tiny_ckpt, cache_dtype):
+    """An fp8 pool (EngineConfig.kv_cache_dtype "fp8") equals the full forward over e4m3-rounded k and v."""
     m = load_model(tiny_ckpt)
     cfg, bs = m.config, 4
     W = cfg.sliding_window
     g = torch.Generator().manual_seed(1)
     seqs = [torch.randint(0, cfg.vocab_size, (n,), generator=g) for n in (45, 30)]
-    ref = [m.logits(s) for s in seqs]
+    if cache_dtype == torch.float32:
+        ref = [m.logits(s) for s in seqs]
+    else:
+        ref = [m.compute_logits(m(s, torch.arange(len(s)), _E4M3Dense.single(len(s)))) for s in seqs]
+        assert (ref[0] - m.logits(seqs[0])).abs().max() > 1e-2  # the rounding is there to see
     n_full, n_slide = 40, 14  # the sliding pool is smaller: freed window blocks are reused
     groups = ["sliding" if cfg.window(i) else "full" for i in range(cfg.num_hidden_layers)]
     cache = KVCache.allocate(cfg.num_hidden_layers, [n_slide if g_ == "sliding" else n_full for g_ in groups],
-                             bs, cfg.num_key_value_heads, cfg.head_dim, torch.float32)
+                             bs, cfg.num_key_value_heads, cfg.head_dim, cache_dtype)
     free = {"full": list(range(1, n_full)), "sliding": list(range(1, n_slide))}
     tables = {"full": [[], []], "sliding": [[], []]}
     done = [0, 0]
