@@ -32,6 +32,9 @@ loads it. Every number runs through engine.core.LLMEngine (scheduler, sampler an
   Serve group does (every decode graph captured: the batch shrinks through
   every bucket as requests finish). --throughput-seconds caps the phase:
   tokens/s is then the tokens generated up to the cap over the time taken.
+* --kv-cache-dtype fp8: every engine of the run on an fp8 KV cache (half the
+  bytes: --concurrency 1024 fits 1k/1k on one H200 beside 120b's weights); each
+  row says its cache, and the roofline counts its bytes.
 The JSON file is rewritten after every measurement, so a run cut short (a
 device time limit) keeps what it measured.
 
@@ -49,6 +52,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import math
 import os
@@ -101,7 +105,8 @@ def matmul_flops(dev: torch.device, n: int, reps: int = 10, warm_s: float = 0.5)
 class Roofline:
     """Bytes (and FLOPs) of one engine step of a gpt-oss config, weights in bf16 + MXFP4 experts."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, kv_bytes: int = 2):
+        """kv_bytes: a cached value's (2: bf16; 1: an fp8 cache, EngineConfig.kv_cache_dtype)."""
         self.cfg = c = cfg
         H, I, D = c.hidden_size, c.intermediate_size, c.head_dim
         # q, k, v, o projections and the router, bf16
@@ -112,7 +117,7 @@ class Roofline:
         # 4 bits + 1 scale byte per 32 weights, bf16 biases
         self.w1, self.w2 = 2 * I * H * 17 / 32 + 2 * I * 2, I * H * 17 / 32 + H * 2
         self.expert = self.w1 + self.w2
-        self.kv_token = 2 * c.num_key_value_heads * D * 2        # k and v, bf16, per layer
+        self.kv_token = 2 * c.num_key_value_heads * D * kv_bytes  # k and v, per layer
         self.unembed = c.vocab_size * H * 2
         self.active_params = (self.attn // 2) + c.num_experts_per_tok * 3 * I * H
 
@@ -157,14 +162,16 @@ def requests(n: int, prompt_len: int, max_tokens: int, seed: int, vocab: int = 1
             for i in range(n)]
 
 
-def engine(model, seqs: int, max_len: int, step_tokens: int, overlap: bool | None = None, padded: bool = False):
-    """padded: no decode graph of `seqs` rows: a step of `seqs` sequences pads to the next bucket up."""
+def engine(model, seqs: int, max_len: int, step_tokens: int, overlap: bool | None = None, padded: bool = False,
+           kv: str = "auto"):
+    """padded: no decode graph of `seqs` rows: a step of `seqs` sequences pads to the next bucket up.
+    kv: EngineConfig.kv_cache_dtype."""
     from engine.core import EngineConfig, LLMEngine
     from engine.executor import LocalExecutor, graph_buckets
     bs = 16
     cfg = EngineConfig(block_size=bs, num_blocks=seqs * -(-max_len // bs) + 64, max_num_seqs=seqs,
                        max_tokens_per_step=step_tokens, max_model_len=max_len + bs, enable_prefix_cache=False,
-                       overlap_scheduling=overlap)
+                       overlap_scheduling=overlap, kv_cache_dtype=kv)
     buckets = tuple(b for b in graph_buckets(2 * seqs) if b != seqs)
     eng = LLMEngine(model, cfg, executor_factory=(lambda spec: LocalExecutor(model, spec, graph_buckets=buckets))
                     if padded else None)
@@ -174,11 +181,11 @@ def engine(model, seqs: int, max_len: int, step_tokens: int, overlap: bool | Non
 
 def bench_decode(model, dev, B: int, ctx: int, steps: int, warm: int, step_tokens: int,
                  overlap: bool | None = None, temperature: float = 0, profile_steps: int = 0, profile=None,
-                 padded: bool = False):
+                 padded: bool = False, kv: str = "auto"):
     """-> (tokens/s, s/step, profile(eng.step, profile_steps) run after the timing, or None)."""
     # sequences prefilled early decode while the rest prefill: leave them tokens for the timed steps
     out_len = steps + warm + profile_steps + 2 * (-(-B * ctx // max(step_tokens, B))) + 2
-    eng = engine(model, B, ctx + out_len, max(step_tokens, B), overlap, padded)
+    eng = engine(model, B, ctx + out_len, max(step_tokens, B), overlap, padded, kv)
     reqs = requests(B, ctx, out_len, seed=B, temperature=temperature)
     for r in reqs:
         eng.add_request(r)
@@ -196,8 +203,8 @@ def bench_decode(model, dev, B: int, ctx: int, steps: int, warm: int, step_token
     return (eng.generated_tokens - g0) / dt, dt / steps, prof
 
 
-def bench_prefill(model, dev, n: int, length: int, step_tokens: int):
-    eng = engine(model, n, length + 2, step_tokens)
+def bench_prefill(model, dev, n: int, length: int, step_tokens: int, kv: str = "auto"):
+    eng = engine(model, n, length + 2, step_tokens, kv=kv)
     reqs = requests(n, length, 1, seed=7)
     sync(dev)
     t0 = time.perf_counter()
@@ -206,20 +213,21 @@ def bench_prefill(model, dev, n: int, length: int, step_tokens: int):
     return n * length / (time.perf_counter() - t0)
 
 
-def profile_prefill(model, dev, length: int, step_tokens: int, steps: int, profile):
+def profile_prefill(model, dev, length: int, step_tokens: int, steps: int, profile, kv: str = "auto"):
     """profile(eng.step, steps) over full prefill chunks of step_tokens tokens (prompts of `length`),
     after one chunk unprofiled; -> (the profile, the chunk's sequences)."""
     seqs = -(-(steps + 1) * step_tokens // length)
-    eng = engine(model, seqs, length + 2, step_tokens)
+    eng = engine(model, seqs, length + 2, step_tokens, kv=kv)
     for r in requests(seqs, length, 1, seed=8):
         eng.add_request(r)
     eng.step()
     return profile(eng.step, steps), max(1, step_tokens // length)
 
 
-def bench_throughput(model, dev, n: int, isl: int, osl: int, conc: int, step_tokens: int, cap_s: float = 0):
+def bench_throughput(model, dev, n: int, isl: int, osl: int, conc: int, step_tokens: int, cap_s: float = 0,
+                     kv: str = "auto"):
     """-> (output tokens/s, requests finished); stops stepping after cap_s seconds when cap_s > 0."""
-    eng = engine(model, conc, isl + osl + 2, step_tokens)
+    eng = engine(model, conc, isl + osl + 2, step_tokens, kv=kv)
     log(f"throughput engine warmed up: {eng.warmup()}")
     reqs = requests(n, isl, osl, seed=11)
     for r in reqs:
@@ -282,8 +290,11 @@ def run_model(preset: str, a, dev: torch.device, bw: float, flops: float, comman
            "kernels": os.environ.get("GPTOSS_KERNELS", "auto"), "use_triton": dispatch.use_triton(dev),
            "pdl": dispatch.use_triton(dev) and pdl.enabled(dev),
            "torch": torch.__version__, "triton": triton_version, "dry_run": a.dry_run,
-           "copy_bandwidth_GBps": bw / 1e9, "matmul_TFLOPs": flops / 1e12, "complete": False, "results": []}
-    roof = Roofline(model.config)
+           "copy_bandwidth_GBps": bw / 1e9, "matmul_TFLOPs": flops / 1e12, "kv_cache_dtype": a.kv_cache_dtype,
+           "complete": False, "results": []}
+    kv = a.kv_cache_dtype
+    roof = Roofline(model.config, kv_bytes=1 if kv == "fp8" else 2)
+    decode = functools.partial(bench_decode, kv=kv)  # every engine of the run on that cache
     rows = []
 
     def add(kind, batch, context, tok_s, step_tokens, contexts, sampled, extra=None):
@@ -296,7 +307,7 @@ def run_model(preset: str, a, dev: torch.device, bw: float, flops: float, comman
         rows.append({"gpu": gpu, "model": preset, "command": command, "kind": kind, "batch": batch,
                      "context": context, "tokens_per_s": tok_s, "roofline_tokens_per_s": roofline,
                      "roofline_bound": bound, "fraction_of_roofline": tok_s / roofline, "bytes_per_step": nbytes,
-                     **(extra or {})})
+                     "kv_cache_dtype": kv, **(extra or {})})
         if dev.type == "cuda":
             res["peak_memory_GiB"] = torch.cuda.max_memory_allocated(dev) / 2 ** 30
         res["results"] = rows
@@ -306,41 +317,41 @@ def run_model(preset: str, a, dev: torch.device, bw: float, flops: float, comman
 
     ctx = a.decode_context + a.warmup_steps + a.decode_steps // 2
     for B in a.batches if "decode" in a.phases else ():
-        tok_s, step_s, _ = bench_decode(model, dev, B, a.decode_context, a.decode_steps, a.warmup_steps,
-                                        a.max_tokens_per_step)
+        tok_s, step_s, _ = decode(model, dev, B, a.decode_context, a.decode_steps, a.warmup_steps,
+                                  a.max_tokens_per_step)
         # what the GPU's tuned file picked for this batch (MoE tiles, linears), so the figure says what it measured
         extra = {"step_ms": step_s * 1e3, "kernel_paths": kernel_paths(model.config, B, dev)}
         if B in a.lockstep_batches:  # the same decode without overlapped scheduling, measured just after
-            lock_s, lock_step, _ = bench_decode(model, dev, B, a.decode_context, a.decode_steps, a.warmup_steps,
-                                             a.max_tokens_per_step, overlap=False)
+            lock_s, lock_step, _ = decode(model, dev, B, a.decode_context, a.decode_steps, a.warmup_steps,
+                                       a.max_tokens_per_step, overlap=False)
             extra.update(lockstep_tokens_per_s=lock_s, lockstep_step_ms=lock_step * 1e3,
                          overlap_speedup=tok_s / lock_s)
         if B in a.sampled_batches:  # temperature 1 (the API's default): drawn by the fused sampling kernel
-            smp_s, smp_step, _ = bench_decode(model, dev, B, a.decode_context, a.decode_steps, a.warmup_steps,
-                                           a.max_tokens_per_step, temperature=1.0)
+            smp_s, smp_step, _ = decode(model, dev, B, a.decode_context, a.decode_steps, a.warmup_steps,
+                                     a.max_tokens_per_step, temperature=1.0)
             extra.update(sampled_tokens_per_s=smp_s, sampled_step_ms=smp_step * 1e3)
         if B in a.padded_batches:  # the step padded to the next bucket (its padding rows reach no expert)
-            pad_s, pad_step, _ = bench_decode(model, dev, B, a.decode_context, a.decode_steps, a.warmup_steps,
-                                              a.max_tokens_per_step, padded=True)
+            pad_s, pad_step, _ = decode(model, dev, B, a.decode_context, a.decode_steps, a.warmup_steps,
+                                        a.max_tokens_per_step, padded=True)
             extra.update(padded_tokens_per_s=pad_s, padded_step_ms=pad_step * 1e3)
         if B in a.unfused_gate_batches:  # the MoE gate as separate launches (kernels.moe_gate off)
             with environ(GPTOSS_GATE_MAX_ROWS="0"):
-                ung_s, ung_step, _ = bench_decode(model, dev, B, a.decode_context, a.decode_steps, a.warmup_steps,
-                                                  a.max_tokens_per_step)
+                ung_s, ung_step, _ = decode(model, dev, B, a.decode_context, a.decode_steps, a.warmup_steps,
+                                            a.max_tokens_per_step)
             extra.update(unfused_gate_tokens_per_s=ung_s, unfused_gate_step_ms=ung_step * 1e3)
         if B in a.no_pdl_batches:  # every launch waiting for the previous kernel's end (kernels.pdl off)
             with environ(GPTOSS_PDL="0"):
-                npd_s, npd_step, _ = bench_decode(model, dev, B, a.decode_context, a.decode_steps, a.warmup_steps,
-                                                  a.max_tokens_per_step)
+                npd_s, npd_step, _ = decode(model, dev, B, a.decode_context, a.decode_steps, a.warmup_steps,
+                                            a.max_tokens_per_step)
             extra.update(no_pdl_tokens_per_s=npd_s, no_pdl_step_ms=npd_step * 1e3)
         add("decode", B, ctx, tok_s, B, [ctx] * B, B, extra)
     if "prefill" in a.phases:
-        tok_s = bench_prefill(model, dev, a.prefill_seqs, a.prefill_len, a.max_tokens_per_step)
+        tok_s = bench_prefill(model, dev, a.prefill_seqs, a.prefill_len, a.max_tokens_per_step, kv=kv)
         chunk = min(a.max_tokens_per_step, a.prefill_seqs * a.prefill_len)
         add("prefill", a.prefill_seqs, a.prefill_len, tok_s, chunk, *_chunk_shape(chunk, a.prefill_len))
     if "throughput" in a.phases:
         tok_s, done = bench_throughput(model, dev, a.requests, a.isl, a.osl, a.concurrency, a.max_tokens_per_step,
-                                       a.throughput_seconds)
+                                       a.throughput_seconds, kv=kv)
         tctx = a.isl + a.osl // 2  # not ctx: the profiles below are decode at --decode-context
         add("throughput", a.concurrency, tctx, tok_s, a.concurrency, [tctx] * a.concurrency, a.concurrency,
             {"isl": a.isl, "osl": a.osl, "requests": a.requests, "requests_finished": done,
@@ -352,8 +363,8 @@ def run_model(preset: str, a, dev: torch.device, bw: float, flops: float, comman
         prof = _profiler(roof, dev, bw, B, [ctx] * B, B, Path(a.out) / f"profile-{preset}-b{B}.json.gz"
                          if a.out else None, f"batch {B}")
         with environ(**apart):
-            tok_s, step_s, profiled = bench_decode(model, dev, B, a.decode_context, a.decode_steps, a.warmup_steps,
-                                                   a.max_tokens_per_step, profile_steps=a.profile_steps, profile=prof)
+            tok_s, step_s, profiled = decode(model, dev, B, a.decode_context, a.decode_steps, a.warmup_steps,
+                                             a.max_tokens_per_step, profile_steps=a.profile_steps, profile=prof)
         res.setdefault("profiles", []).append({"kind": "decode", "batch": B, "context": ctx, "tokens_per_s": tok_s,
                                                "step_ms": step_s * 1e3, "profile": profiled,
                                                "pdl": bool(a.profile_pdl and res.get("pdl"))})
@@ -366,7 +377,7 @@ def run_model(preset: str, a, dev: torch.device, bw: float, flops: float, comman
         trace = Path(a.out) / f"profile-{preset}-p{chunk}.json.gz" if a.out else None
         prof = _profiler(roof, dev, bw, chunk, *_chunk_shape(chunk, a.prefill_len), trace, f"prefill chunk {chunk}")
         with environ(**apart):
-            profiled, seqs = profile_prefill(model, dev, a.prefill_len, chunk, a.profile_prefill_steps, prof)
+            profiled, seqs = profile_prefill(model, dev, a.prefill_len, chunk, a.profile_prefill_steps, prof, kv=kv)
         res.setdefault("profiles", []).append({"kind": "prefill", "batch": seqs, "tokens": chunk,
                                                "context": a.prefill_len, "profile": profiled,
                                                "pdl": bool(a.profile_pdl and res.get("pdl"))})
@@ -455,6 +466,9 @@ def parse(argv=None):
     ap.add_argument("--osl", type=int, default=1024)
     # the most sequences in flight that fit beside 120b's weights on an H200 at 1k/1k (~38 GB of KV)
     ap.add_argument("--concurrency", type=int, default=512)
+    ap.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto",
+                    help="every engine's KV cache (EngineConfig.kv_cache_dtype); fp8 halves its bytes, so twice the "
+                         "concurrency fits (1,024 1k/1k sequences on one H200 with 120b's weights)")
     ap.add_argument("--requests", type=int, default=1024)
     ap.add_argument("--throughput-seconds", type=float, default=0, help="cap on the throughput phase (0 = none)")
     ap.add_argument("--weights", choices=["memory", "disk"], default="memory",

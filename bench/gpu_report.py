@@ -21,9 +21,19 @@ def _whole(row: dict) -> bool:
     return row.get("requests_finished", 0) >= row.get("requests", 0)
 
 
+def _kv(row: dict) -> str:
+    """The row's KV cache (EngineConfig.kv_cache_dtype; runs before it existed: auto)."""
+    return row.get("kv_cache_dtype", "auto")
+
+
+def _label(row: dict) -> str:
+    return row["kind"] + (" (fp8 KV)" if _kv(row) == "fp8" else "")
+
+
 def _goals(res: dict) -> list[str]:
-    """A line per goal of this model, met or not, from the rows themselves; a throughput figure counts only
-    from a whole run (every request finished), not from a window cut short."""
+    """A line per goal of this model, met or not, from the rows themselves, each row of that kind with its
+    KV cache and batch; a throughput figure counts only from a whole run (every request finished), not
+    from a window cut short."""
     out = []
     for kind, batch, goal, strict in GOALS.get(res["model"], []):
         rows = [r for r in res["results"] if r["kind"] == kind and batch in (None, r["batch"])]
@@ -32,10 +42,14 @@ def _goals(res: dict) -> list[str]:
         if not rows:
             out.append(f"Goal {what}: not measured in this run.")
             continue
-        r = rows[0]
-        met = r["tokens_per_s"] > goal if strict else r["tokens_per_s"] >= goal
-        verdict = ("met" if met else "not met") if _whole(r) else "not established (window cut short)"
-        out.append(f"Goal {what}: {verdict} ({r['tokens_per_s']:,.1f} tok/s).")
+        verdicts = []
+        for r in rows:
+            met = r["tokens_per_s"] > goal if strict else r["tokens_per_s"] >= goal
+            verdict = ("met" if met else "not met") if _whole(r) else "not established (window cut short)"
+            how = "" if len(rows) == 1 and _kv(r) == "auto" else (
+                f", {'fp8' if _kv(r) == 'fp8' else 'model-dtype'} KV cache, batch {r['batch']}")
+            verdicts.append(f"{verdict} ({r['tokens_per_s']:,.1f} tok/s{how})")
+        out.append(f"Goal {what}: {'; '.join(verdicts)}.")
     return out
 
 
@@ -49,7 +63,7 @@ def markdown(res: dict) -> str:
     sources = list(dict.fromkeys(r["source"] for r in res["results"] if r.get("source")))
     for r in res["results"]:
         mark = "*" * (sources.index(r["source"]) + 1) if r.get("source") else ""
-        out.append(f"| {r['kind']}{mark} | {r['batch']} | {r['context']} | {r['tokens_per_s']:.1f} | "
+        out.append(f"| {_label(r)}{mark} | {r['batch']} | {r['context']} | {r['tokens_per_s']:.1f} | "
                    f"{r['roofline_tokens_per_s']:.1f} | {r['roofline_bound']} | "
                    f"{100 * r['fraction_of_roofline']:.1f} |")
     thr = [r for r in res["results"] if r["kind"] == "throughput" and "requests" in r]
@@ -57,7 +71,8 @@ def markdown(res: dict) -> str:
     out += [""] * bool(sources or thr or goals)
     out += goals
     out += [f"{'*' * (i + 1)} measured by `{src}`" for i, src in enumerate(sources)]
-    out += [f"Throughput ({r['isl']} in, {r['osl']} out): {r['requests_finished']} of {r['requests']} requests "
+    out += [f"{_label(r)[0].upper()}{_label(r)[1:]} ({r['isl']} in, {r['osl']} out, concurrency {r['batch']}): "
+            f"{r['requests_finished']} of {r['requests']} requests "
             "finished in the measured window" + ("" if _whole(r) else
                                                  " (cut short by --throughput-seconds: the rate so far)")
             for r in thr]
@@ -117,17 +132,18 @@ def _when(date: str) -> datetime.datetime:
 
 
 def merged(runs: list[dict]) -> dict:
-    """One (GPU, model)'s runs -> the newest, completed by the runs of its session: a row (kind, batch) the
-    newest lacks comes from the newest run that has it (a call with --phases throughput alone, say, beside
-    the decode run), tagged with that run's command and date; profiles likewise, from the newest with any."""
+    """One (GPU, model)'s runs -> the newest, completed by the runs of its session: a row (kind, batch, KV
+    cache) the newest lacks comes from the newest run that has it (a call with --phases throughput alone,
+    say, beside the decode run), tagged with that run's command and date; profiles likewise, from the
+    newest with any."""
     runs = sorted(runs, key=lambda r: _when(r["date"]), reverse=True)
     head = runs[0]
     session = [r for r in runs if _when(head["date"]) - _when(r["date"]) <= SESSION]
     out, seen = dict(head, results=[]), set()
     for r in session:
         for row in r["results"]:
-            if (row["kind"], row["batch"]) not in seen:
-                seen.add((row["kind"], row["batch"]))
+            if (row["kind"], row["batch"], _kv(row)) not in seen:
+                seen.add((row["kind"], row["batch"], _kv(row)))
                 out["results"].append(row if r is head else dict(row, source=f"{r['command']} ({r['date']})"))
     out["profiles"] = next((r["profiles"] for r in session if r.get("profiles")), [])
     return out

@@ -54,14 +54,15 @@ LINEAR_SPLIT_SAMPLE = dict(BLOCK_N=16, BLOCK_K=128, SPLIT_K=4, num_warps=4, num_
 
 
 def _step_launches(cfg, n_seqs: int, q_len: int, context: int, ep: int = 1, attn_dp: bool = False,
-                   tp: int = 1) -> list:
+                   tp: int = 1, kv_dtype=torch.bfloat16) -> list:
     """What one sliding + one full layer launch on CUDA: both norms, rotary, attention, MoE. With ep > 1, the
     MoE as one expert-parallel rank runs it (models.layers.MoE): a decode step (a CUDA graph) combines
     by all-reduce, so the rank runs all N tokens' top-k through its E/ep experts with an expert map;
     a prefill step's all-to-all brings it the rows routed to it (N*k/ep expected), one expert per
     row (top_k=1, MoE.run_experts). attn_dp: each attention group holds its own n_seqs, and a decode
     step's MoE gathers the EP group's tokens: each rank takes a 1/tp share of its group's rows, so it
-    routes and runs ep x ceil(N / tp) rows. tp: the rank's attention heads are 1/tp of the model's."""
+    routes and runs ep x ceil(N / tp) rows. tp: the rank's attention heads are 1/tp of the model's.
+    kv_dtype: the KV pools' (EngineConfig.kv_cache_dtype "fp8": torch.float8_e4m3fn)."""
     from . import attention, moe, rmsnorm, rope
     H, I, E, k = cfg.hidden_size, cfg.intermediate_size, cfg.num_local_experts, cfg.num_experts_per_tok
     Hq, K, D = cfg.num_attention_heads // tp, max(1, cfg.num_key_value_heads // tp), cfg.head_dim
@@ -70,7 +71,7 @@ def _step_launches(cfg, n_seqs: int, q_len: int, context: int, ep: int = 1, attn
     x = torch.empty(N, H, dtype=bf16, **meta)
     width = -(-context // BLOCK_SIZE)
     pool = n_seqs * width + 1
-    cache = torch.empty(pool, BLOCK_SIZE, K, D, dtype=bf16, **meta)
+    cache = torch.empty(pool, BLOCK_SIZE, K, D, dtype=kv_dtype, **meta)
     # the engine builds these from Python ints: int64
     table = torch.empty(n_seqs, width, dtype=torch.long, **meta)
     qs, ctx = torch.empty(n_seqs + 1, dtype=torch.long, **meta), torch.empty(n_seqs, dtype=torch.long, **meta)
@@ -150,6 +151,12 @@ def workloads():
         # and in groups of 2 TP ranks: b sequences per group, each rank half the heads and half the rows
         out.append((f"120b tp2 ep8 dp d{b}", _step_launches(PRESETS["gpt-oss-120b"], b, 1, DECODE_CONTEXT, ep=8,
                                                             attn_dp=True, tp=2)))
+    for b in (1, 64, 0):  # an fp8 KV cache (EngineConfig.kv_cache_dtype): its stores and reads
+        step = (_step_launches(PRESETS["gpt-oss-120b"], b, 1, DECODE_CONTEXT, kv_dtype=torch.float8_e4m3fn) if b
+                else _step_launches(PRESETS["gpt-oss-120b"], 1, PREFILL_CHUNK, PREFILL_CHUNK,
+                                    kv_dtype=torch.float8_e4m3fn))
+        out.append((f"120b kv8 " + (f"d{b}" if b else f"p{PREFILL_CHUNK}"),
+                    [ln for ln in step if ln[0].__name__ in ("_attn_kernel", "_rope_kernel")]))
     from . import moe as moe_mod, moe_gemv, tuned
     # the single-pair expert tiles (kernels.moe_gemv) kernels.tune may pick for decode: at batch 1, and at 32
     # (120b's one pair per expert; past X16_IN_ALIGN rows the fp16 activations take a launch of their own)

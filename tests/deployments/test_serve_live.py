@@ -63,6 +63,8 @@ def app(tiny_ckpt, prometheus):
                                                        upscale_delay_s=0.5, downscale_delay_s=3)),
         ModelGroupConfig(name="tiny-ep2", path=str(tiny_ckpt), ep=2, cpus_per_rank=0.5, engine=eng),
         ModelGroupConfig(name="tiny-dp2", path=str(tiny_ckpt), ep=2, attn_dp=True, cpus_per_rank=0.5, engine=eng),
+        ModelGroupConfig(name="tiny-fp8", path=str(tiny_ckpt), ep=2, cpus_per_rank=0.5,
+                         engine=eng.model_copy(update={"kv_cache_dtype": "fp8"})),
     ])
     ray.init(num_cpus=8, include_dashboard=False, _metrics_export_port=METRICS_PORT, runtime_env={"env_vars": {
         "TIKTOKEN_ENCODINGS_BASE": os.environ.get("TIKTOKEN_ENCODINGS_BASE", ""), "OMP_NUM_THREADS": "1"}})
@@ -81,7 +83,7 @@ def _chat(client, model, **kw):
 
 def test_models_and_chat(app):
     ids = {m.id for m in app.models.list().data}
-    assert {"tiny", "tiny-ep2", "tiny-dp2"} <= ids
+    assert {"tiny", "tiny-ep2", "tiny-dp2", "tiny-fp8"} <= ids
     r = _chat(app, "tiny")
     assert r.choices[0].finish_reason in ("stop", "length") and r.usage.completion_tokens > 0
 
@@ -108,6 +110,17 @@ def test_attention_data_parallel_group_serves_like_one_process(app):
         want = list(pool.map(lambda p: chat("tiny", p), prompts))
         got = list(pool.map(lambda ip: chat("tiny-dp2", ip[1], stream=ip[0] % 2 == 1), enumerate(prompts)))
     assert got == want and all(want)
+
+
+def test_fp8_kv_cache_group_serves_through_its_rank_actors(app):
+    """engine.kv_cache_dtype fp8 on a tp1 x ep2 group (the cache spec crosses to the rank actors, whose pools
+    are e4m3): a chat completes, and its tokens' logprobs are not the model-dtype cache's (the same prompt on
+    the tp1 x ep2 group beside it)."""
+    def lps(model):
+        r = _chat(app, model, logprobs=True)
+        assert r.choices[0].finish_reason in ("stop", "length") and r.usage.completion_tokens > 0
+        return [t.logprob for t in r.choices[0].logprobs.content]
+    assert lps("tiny-fp8") != lps("tiny-ep2")
 
 
 def test_rank_actors_meet_at_rank_0s_node_address(app, tiny_ckpt):

@@ -263,3 +263,57 @@ def test_a_run_of_some_phases_completes_its_sessions_newest(tmp_path):
     text = bm.read_text()
     assert "700 of 1024 requests finished in the measured window (cut short" in text
     assert "Goal throughput (1k/1k) >= 7,000 tok/s: not established (window cut short) (7,100.0 tok/s)." in text
+
+
+def test_fp8_kv_cache_run_labels_its_rows_and_its_roofline_counts_its_bytes(tmp_path):
+    """--kv-cache-dtype fp8: every engine of the run on an fp8 cache (the engines' own pools are checked in
+    tests/engine/test_kv_fp8.py), each row saying so, its roofline counting a byte a cached value."""
+    from bench.gpu import Roofline
+    from models.checkpoint import PRESETS
+    r = dry_run("--kv-cache-dtype", "fp8", "--phases", "decode,throughput", "--batches", "1", "--lockstep-batches",
+                "", "--sampled-batches", "", "--padded-batches", "", "--unfused-gate-batches", "", "--no-pdl-batches",
+                "", "--out", str(tmp_path))
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(next(tmp_path.glob("gpu-tiny-*.json")).read_text())
+    assert res["kv_cache_dtype"] == "fp8" and {x["kv_cache_dtype"] for x in res["results"]} == {"fp8"}
+    assert "| decode (fp8 KV) | 1 |" in r.stdout and "Throughput (fp8 KV) (12 in, " in r.stdout
+    cfg = PRESETS["gpt-oss-120b"]
+    bf16, fp8 = Roofline(cfg), Roofline(cfg, kv_bytes=1)
+    kv = lambda roof: sum(roof.step_parts(64, [2048] * 64, 64)[k] for k in ("kv read", "kv write"))  # noqa: E731
+    assert kv(fp8) == kv(bf16) / 2 > 0
+    assert bf16.step_bytes(64, [2048] * 64, 64) - fp8.step_bytes(64, [2048] * 64, 64) == kv(fp8)
+
+
+def test_fp8_kv_rows_join_the_table_beside_the_model_dtype_ones(tmp_path):
+    """The session's fp8-cache 1k/1k (a call of its own at its own concurrency) is a row of its own, marked,
+    and the goal line names each throughput row's cache and batch."""
+    from bench.gpu import main
+
+    def run(date, rows, command):
+        return {"gpu": "NVIDIA H200", "model": "gpt-oss-120b", "date": date, "dry_run": False, "kernels": "auto",
+                "use_triton": True, "copy_bandwidth_GBps": 4300.0, "matmul_TFLOPs": 700.0, "complete": True,
+                "command": command, "results": rows}
+
+    def thr(batch, tok_s, kv=None):
+        return {"kind": "throughput", "batch": batch, "context": 1536, "tokens_per_s": tok_s,
+                "roofline_tokens_per_s": 2e4, "roofline_bound": "memory", "fraction_of_roofline": tok_s / 2e4,
+                "isl": 1024, "osl": 1024, "requests": 1024, "requests_finished": 1024,
+                **({"kv_cache_dtype": kv} if kv else {})}
+    res = tmp_path / "results"
+    res.mkdir()
+    (res / "gpu-a.json").write_text(json.dumps(run("2026-12-01T10:00:00+00:00", [thr(512, 5000.0)],
+                                                   "python -m bench.gpu --phases throughput")))
+    (res / "gpu-b.json").write_text(json.dumps(run("2026-12-01T10:10:00+00:00", [thr(1024, 7200.0, "fp8")],
+                                                   "python -m bench.gpu --phases throughput --kv-cache-dtype fp8")))
+    (res / "gpu-c.json").write_text(json.dumps(run("2026-12-01T10:20:00+00:00", [thr(1024, 7300.0, "auto")],
+                                                   "python -m bench.gpu --phases throughput --concurrency 1024")))
+    bm = tmp_path / "BENCHMARKS.md"
+    assert main(["--update-benchmarks", str(res), "--benchmarks-file", str(bm)]) == 0
+    text = bm.read_text()
+    assert "| throughput | 1024 | 1536 | 7300.0 |" in text
+    assert "| throughput (fp8 KV)* | 1024 | 1536 | 7200.0 |" in text
+    assert "| throughput** | 512 | 1536 | 5000.0 |" in text
+    assert ("Goal throughput (1k/1k) >= 7,000 tok/s: met (7,300.0 tok/s, model-dtype KV cache, batch 1024); "
+            "met (7,200.0 tok/s, fp8 KV cache, batch 1024); not met (5,000.0 tok/s, model-dtype KV cache, "
+            "batch 512).") in text
+    assert "Throughput (fp8 KV) (1024 in, 1024 out, concurrency 1024): 1024 of 1024 requests finished" in text
