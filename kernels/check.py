@@ -21,7 +21,7 @@ import sys
 
 import torch
 
-from models.attention import NULL_BLOCK
+from models.attention import NULL_BLOCK, to_cache
 from models.checkpoint import PRESETS
 
 
@@ -87,11 +87,14 @@ def moe_case(cfg, n: int, dev, dtype, gen, ep: int = 1, gemv: bool = False, rs: 
     return e, b, ok
 
 
-def attention_case(cfg, seqs: list[tuple[int, int]], window, dev, dtype, gen, bs: int = 16, rope: bool = False):
+def attention_case(cfg, seqs: list[tuple[int, int]], window, dev, dtype, gen, bs: int = 16, rope: bool = False,
+                   kv8: bool = False):
     """seqs: (context length after the step, new tokens) per sequence; tables over shuffled blocks,
     blocks the window no longer sees set to NULL_BLOCK as the engine's BlockManager leaves them.
     rope (a decode step): q, and the new key and value, come unrotated; the launch rotates them and writes
-    the cache (PagedMetadata.rotate_and_attend), against kernels.rope's reference and then attention's."""
+    the cache (PagedMetadata.rotate_and_attend), against kernels.rope's reference and then attention's.
+    kv8: an fp8 cache (EngineConfig.kv_cache_dtype "fp8"); both references read (and write) the same e4m3
+    values, so the comparison is of the kernel's arithmetic, not of the cache's rounding."""
     from . import attention
     Hq, K, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     nblocks = 1 + sum(-(-c // bs) for c, _ in seqs)
@@ -99,6 +102,9 @@ def attention_case(cfg, seqs: list[tuple[int, int]], window, dev, dtype, gen, bs
     vc = torch.randn(nblocks, bs, K, D, device=dev, generator=gen)
     kc[NULL_BLOCK] = 0
     vc[NULL_BLOCK] = 0
+    cache_dt = torch.float8_e4m3fn if kv8 else None
+    if kv8:  # fp32 copies of e4m3 values: exact
+        kc, vc = (to_cache(c, cache_dt).float() for c in (kc, vc))
     perm = (torch.randperm(nblocks - 1, device=dev, generator=gen) + 1).tolist()
     tables, used = [], 0
     for ctx, ql in seqs:
@@ -115,16 +121,16 @@ def attention_case(cfg, seqs: list[tuple[int, int]], window, dev, dtype, gen, bs
     sinks = torch.randn(Hq, device=dev, generator=gen)
     args = (bt, qs, ctx)
     if rope:
-        return _rotary_attention_case(cfg, q, kc, vc, args, sinks, window, dev, dtype, gen, bs)
+        return _rotary_attention_case(cfg, q, kc, vc, args, sinks, window, dev, dtype, gen, bs, cache_dt)
     ref32 = attention.paged_attention_reference(q, kc, vc, *args, sinks, window, D ** -0.5)
-    qb, kb, vb, sb = q.to(dtype), kc.to(dtype), vc.to(dtype), sinks.to(dtype)
+    qb, kb, vb, sb = q.to(dtype), kc.to(cache_dt or dtype), vc.to(cache_dt or dtype), sinks.to(dtype)
     ref16 = attention.paged_attention_reference(qb, kb, vb, *args, sb, window, D ** -0.5)
     out = attention.paged_attention(qb, kb, vb, *args, sb, window, D ** -0.5,
                                     max_query_len=max(q for _, q in seqs))
     return verdict(out, ref32, ref16)
 
 
-def _rotary_attention_case(cfg, q, kc, vc, args, sinks, window, dev, dtype, gen, bs: int):
+def _rotary_attention_case(cfg, q, kc, vc, args, sinks, window, dev, dtype, gen, bs: int, cache_dt=None):
     from models.layers import Rotary
 
     from . import attention, rope
@@ -136,10 +142,10 @@ def _rotary_attention_case(cfg, q, kc, vc, args, sinks, window, dev, dtype, gen,
     rot = Rotary(cfg).to(dev)
 
     def reference(dt):
-        kcc, vcc = kc.to(dt), vc.to(dt)  # copies: the reference writes them
+        kcc, vcc = kc.to(cache_dt or dt), vc.to(cache_dt or dt)  # copies: the reference writes them
         qr = rope.rope_into_cache_reference(q.to(dt), kn.to(dt), vn.to(dt), *rot.cos_sin(last, dt), kcc, vcc, slots)
         return attention.paged_attention_reference(qr, kcc, vcc, *args, sinks.to(dt), window, D ** -0.5)
-    kb, vb = kc.to(dtype), vc.to(dtype)
+    kb, vb = kc.to(cache_dt or dtype), vc.to(cache_dt or dtype)
     out = attention.paged_attention(q.to(dtype), kb, vb, *args, sinks.to(dtype), window, D ** -0.5, max_query_len=1,
                                     rope=(kn.to(dtype), vn.to(dtype), *rot.cos_sin(last, dtype), slots))
     return verdict(out, reference(torch.float32), reference(dtype))
@@ -294,6 +300,12 @@ def cases(models: list[str], tokens: list[int], dry: bool):
         for window in (w, None):  # a decode step's rotary and cache writes in the attention's launch
             yield (f"{name} attention decode + rotary {'window' if window else 'full'}",
                    lambda d, t, g, c=cfg, s=decode, win=window: attention_case(c, s, win, d, t, g, rope=True))
+        for window in (w, None):  # an fp8 cache: the decode launch's stores and reads, and a prefill's reads
+            yield (f"{name} attention decode + rotary fp8 KV {'window' if window else 'full'}",
+                   lambda d, t, g, c=cfg, s=decode, win=window: attention_case(c, s, win, d, t, g, rope=True,
+                                                                               kv8=True))
+            yield (f"{name} attention prefill+decode fp8 KV {'window' if window else 'full'}",
+                   lambda d, t, g, c=cfg, s=mixed, win=window: attention_case(c, s, win, d, t, g, kv8=True))
 
 
 def main(argv=None) -> int:

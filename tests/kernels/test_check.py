@@ -12,8 +12,10 @@ def test_dry_run_passes_every_case(capsys):
     assert check.main(["--dry-run"]) == 0
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith("| tiny ")]
-    assert len(rows) == 36 and all(line.endswith("| ok |") for line in rows)
+    assert len(rows) == 40 and all(line.endswith("| ok |") for line in rows)
     assert "attention decode + rotary window" in out and "attention decode + rotary full" in out
+    assert all(f"attention {w} fp8 KV {x}" in out for w in ("decode + rotary", "prefill+decode")
+               for x in ("window", "full"))
     assert "moe split-K tokens=1" in out and "moe split-K tokens=5" in out
     assert "moe gate block rows=1" in out and "moe gate block rows=5" in out
     assert "moe tokens=24" in out and "moe ep2 rank rows=24" in out and "moe gemv tokens=1" in out
