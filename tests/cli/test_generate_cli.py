@@ -34,9 +34,11 @@ def files(tmp_path_factory):
     return d
 
 
-def test_json_schema_output(tiny_ckpt, files):
+@pytest.mark.parametrize("kv", ["auto", "fp8"])
+def test_json_schema_output(tiny_ckpt, files, kv):
+    """kv: --kv-cache-dtype (fp8: the engine's pools in float8 e4m3); the grammar holds the answer either way."""
     r = run("--model", str(tiny_ckpt), "--prompt", "A city as JSON", "--json-schema", str(files / "schema.json"),
-            "--max-reasoning-tokens", "8", "--max-tokens", "120", "--seed", "3", "--json")
+            "--max-reasoning-tokens", "8", "--max-tokens", "120", "--seed", "3", "--json", "--kv-cache-dtype", kv)
     out = json.loads(r.stdout)
     assert out["finish_reason"] == "stop", out
     jsonschema.validate(json.loads(out["content"]), SCHEMA)
@@ -61,6 +63,7 @@ def test_bad_flags_are_named(tiny_ckpt, files, tmp_path):
         (["--tool-choice", "required"], "--tool-choice"),
         (["--json-schema", str(tmp_path / "missing.json")], "--json-schema"),
         (["--reasoning-effort", "max"], "--reasoning-effort"),
+        (["--kv-cache-dtype", "fp16"], "--kv-cache-dtype"),
         (["--tp", "3"], "--tp 3"),
         (["--ep", "0"], "--ep"),
         (["--tp", "2", "--ep", "2", "--attn-dp"], "--attn-dp needs --ep larger than --tp"),
