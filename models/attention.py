@@ -28,7 +28,8 @@ NULL_BLOCK = 0  # block 0 of every pool stays zero: padding and freed window blo
 # infinities, largest 448) with no scale, half the bytes of bf16. That doubles the tokens a GPU holds and
 # halves what a decode step reads from the cache; the model computes in its own dtype and rounds k and v to
 # e4m3 only as they are stored (round to nearest even, beyond +-448 saturated), so scores and outputs
-# carry e4m3's 2^-4 relative rounding of every cached value (tests/engine/test_kv_fp8.py bounds the logits).
+# carry e4m3's 2^-4 relative rounding of every cached value (tests/models/test_forward_paged.py: a paged
+# forward on an fp8 pool is the full forward over e4m3-rounded k and v).
 KV_CACHE_DTYPES = ("auto", "fp8")
 FP8_MAX = 448.0
 
