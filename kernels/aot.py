@@ -48,6 +48,7 @@ DECODE_CONTEXT = 4096  # only the divisibility of derived arguments depends on i
 # largest dynamic shared memory one block may opt into, by compute capability
 SMEM_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
 MAX_REGS = 255
+KV_CACHE_ARGS = ("k_ptr", "v_ptr", "ko_ptr", "vo_ptr")  # the attention and rotary kernels' KV pool pointers
 LINEAR_SAMPLE = dict(BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=4)
 # and split-K, for the few-feature linears at batch 1 (the router, o-proj), where it is compiled too
 LINEAR_SPLIT_SAMPLE = dict(BLOCK_N=16, BLOCK_K=128, SPLIT_K=4, num_warps=4, num_stages=4)
@@ -284,7 +285,9 @@ class Config:
         odd = [f"{n}%16" for i, n in enumerate(names) if self.src.signature[n] in ("i32", "i64")
                and i not in never and n not in never
                and not any(a[0] == "tt.divisibility" for a in self.src.attrs.get((i,), []))]
-        return " ".join(cex + odd + [f"w{self.options.num_warps}", f"s{self.options.num_stages}"])
+        # an fp8 KV pool reaches the kernels as its bytes (kernels.rope.cache_view): a compilation of its own
+        kv8 = ["KV=fp8"] if any(self.src.signature.get(n) == "*u8" for n in KV_CACHE_ARGS) else []
+        return " ".join(cex + odd + kv8 + [f"w{self.options.num_warps}", f"s{self.options.num_stages}"])
 
 
 @dataclass(frozen=True)

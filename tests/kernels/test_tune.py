@@ -178,8 +178,10 @@ def test_aot_compiles_the_tuned_configs(tmp_path, monkeypatch):
     w2_label = ("TOP_K=4 HAS_RES=True NORM=True BLOCK_H=1024 COMBINE=True BLOCK_M=16 BLOCK_N=16 BLOCK_K=128 "
                 "DOT_BF16=True SCALED=True SPLIT_K=1 L2PF=False PTX=True PDL=True w8 s4")
     assert labels[("_w2_kernel", w2_label)] == ["120b d1"]
+    # attention is the same on an expert-parallel rank; on an fp8 KV pool it is a compilation of its own
     assert [u for (k, lab), u in labels.items() if k == "_attn_kernel" and "NUM_SPLITS=16" in lab] == [
-        ["20b d1", "120b d1", "120b ep8 d1", "120b ep8 dp d1"]]  # attention is the same on an expert-parallel rank
+        ["20b d1", "120b d1", "120b ep8 d1", "120b ep8 dp d1"], ["120b kv8 d1"]]
+    assert all("KV=fp8" in lab for (k, lab), u in labels.items() if u == ["120b kv8 d1"])
 
 
 def test_decode_batches_also_sweep_single_pair_tiles():
