@@ -147,7 +147,8 @@ def run(args) -> int:
     if args.gpu and not torch.cuda.is_available():
         raise UsageError("--gpu: no CUDA device on this machine")
     runtime = dict(dtype=torch.bfloat16, device="cuda", keep_mxfp4=True) if args.gpu else dict(dtype=torch.float32)
-    engine = build_engine(path, EngineConfig(kv_cache_dtype=args.kv_cache_dtype), args.tp, args.ep, attn_dp=args.attn_dp, **runtime)
+    engine = build_engine(path, EngineConfig(kv_cache_dtype=args.kv_cache_dtype), args.tp, args.ep,
+                          attn_dp=args.attn_dp, **runtime)
     t0 = time.time()
     try:
         outs = engine.generate([req])[req.request_id]

@@ -6,14 +6,13 @@ import functools
 import itertools
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
-from typing import Literal
-
 from pydantic import BaseModel, ConfigDict, Field
 
-from models.attention import NULL_BLOCK
+from models.attention import KV_CACHE_DTYPES, NULL_BLOCK
 
 from . import harmony, kv_budget
 from .data_parallel import DataParallelBlocks
@@ -38,7 +37,7 @@ class EngineConfig(BaseModel):
         None, gt=0, lt=1, description="on GPUs: size the full-attention KV pool to fill this fraction of each "
                                       "GPU's memory, after the weights, the sliding pool and the largest step's "
                                       "activations (num_blocks is then ignored; see engine/kv_budget.py)")
-    kv_cache_dtype: Literal["auto", "fp8"] = Field(
+    kv_cache_dtype: Literal[KV_CACHE_DTYPES] = Field(
         "auto", description="what the KV cache stores: auto = the model's dtype; fp8 = float8 e4m3 (no scale), "
                             "half of bf16's bytes: twice the cached tokens a GPU holds and half a decode "
                             "step's cache reads, at e4m3's 2^-4 rounding of each cached value")

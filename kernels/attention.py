@@ -233,8 +233,8 @@ def _config(q, page: int, K: int, B: int, N: int, max_query_len: int, window, in
 
 def paged_attention(q, k_cache, v_cache, block_table, query_start, context_lens, sinks, window, scale,
                     max_query_len: int | None = None, num_splits: int | None = None, rope=None) -> torch.Tensor:
-    """q [N, Hq, D]; k/v_cache [blocks, block_size, K, D] (q's dtype or float8_e4m3fn); block_table [B, max_blocks];
-    query_start [B+1]; context_lens [B]; sinks [Hq] -> [N, Hq, D] in q.dtype.
+    """q [N, Hq, D]; k/v_cache [blocks, block_size, K, D] (q's dtype or float8_e4m3fn);
+    block_table [B, max_blocks]; query_start [B+1]; context_lens [B]; sinks [Hq] -> [N, Hq, D] in q.dtype.
 
     max_query_len: longest q_len in the step (pass it to avoid a device->host
     read, e.g. 1 for decode under CUDA graphs). num_splits: key-range splits
@@ -288,7 +288,8 @@ def paged_attention(q, k_cache, v_cache, block_table, query_start, context_lens,
     query_start, context_lens, sinks = query_start.contiguous(), context_lens.contiguous(), sinks.contiguous()
     opts = {k: v for k, v in cfg.items() if k.startswith("num_")}
     launch(_attn_kernel, (B, K, qt * num_splits),
-           q, rope_kernels.cache_view(k_cache), rope_kernels.cache_view(v_cache), block_table, query_start, context_lens, sinks, out, po, pm, pl, cnt, *rope_args,
+           q, rope_kernels.cache_view(k_cache), rope_kernels.cache_view(v_cache), block_table, query_start,
+           context_lens, sinks, out, po, pm, pl, cnt, *rope_args,
            float(scale) * LOG2E, int(window or 0), N, Hq, D,
            q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_table.stride(0),
            *rope_strides,

@@ -191,4 +191,5 @@ def rope_triton(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.
     return qo, ko
 
 
-__all__ = ["cache_view", "check_cache_dtype", "rope_into_cache_reference", "rope_into_cache_triton", "rope_reference", "rope_triton"]
+__all__ = ["cache_view", "check_cache_dtype", "rope_into_cache_reference", "rope_into_cache_triton", "rope_reference",
+           "rope_triton"]

@@ -30,7 +30,7 @@ def _greedy(model, kv_cache_dtype):
 def test_engine_runs_on_an_fp8_pool(tiny_ckpt):
     """Chunked prefill and decode of three sequences (windows sliding past freed blocks) on fp8 pools: every
     pool is float8 e4m3 and written; every request completes; the chosen tokens' logprobs differ from the
-    same run on a pool in the model's dtype (the rounding is in effect) but stay near them."""
+    same run on a pool in the model's dtype (the rounding is in effect)."""
     from models import load_model
     m = load_model(tiny_ckpt)
     eng, lp8, outs = _greedy(m, "fp8")
