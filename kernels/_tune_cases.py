@@ -77,7 +77,16 @@ def moe_block_ms(cfg, n: int) -> list[int]:
     per_expert = n * cfg.num_experts_per_tok / cfg.num_local_experts
     d = _default_config(n * cfg.num_experts_per_tok, cfg.num_local_experts, False)["BLOCK_M"]
     gemv = [1] if per_expert <= 1 else []  # about one pair per expert: single-pair tiles (kernels.moe_gemv)
-    return gemv + [b for b in (16, 32, 64, 128) if b == d or (d // 2 <= b <= max(16, per_expert))]
+    return gemv + [b for b in (16, 32, 64, 128, 256) if b == d or (d // 2 <= b <= max(16, per_expert))]
+
+
+def acc_cap(bm: int) -> int:
+    """fp32 accumulators a thread may hold. Decode tiles (BLOCK_M < 64) stream weights: 64 leaves registers
+    for the loads in flight. Prefill tiles are compute: the upcast of a weight tile is paid once per BLOCK_M
+    rows, and Hopper's GEMMs run 128 a thread (a 64 x 256 wgmma tile a warpgroup); kernels.aot compiles
+    such tiles for sm_90 without spills (120b W1 M256 N64 K64 w8, W2 M256 N128 K64 w8), and the compile
+    check drops those that spill."""
+    return 128 if bm >= 64 else 64
 
 
 def moe_candidates(kernel: str, bm: int, rs: bool = False) -> list[dict]:
@@ -87,15 +96,17 @@ def moe_candidates(kernel: str, bm: int, rs: bool = False) -> list[dict]:
     narrower BLOCK_N (more programs over the SMs) are the levers; large M is
     compute: wider N. Bounds: decoded weight values per thread (w1 decodes two
     tiles, gate and linear) 16..128, accumulators <= 64, so the set stays ~20
-    and the register file is not hopeless; the compile check decides the rest."""
+    and the register file is not hopeless (acc_cap: twice that for prefill tiles); the compile check decides
+    the rest."""
     tiles = 2 if kernel == "moe_w1" else 1
+    cap = acc_cap(bm)
     if rs:  # kernels.moe_rs: operand rows a program (W1: 2 per column) x scale blocks a K step; a warpgroup
-        # (4 warps) takes 64-row MMAs, so rows >= 16 * warps; accumulators rows x BLOCK_M <= 64 a thread.
+        # (4 warps) takes 64-row MMAs, so rows >= 16 * warps; accumulators rows x BLOCK_M <= acc_cap a thread.
         # Even steps pair the blocks into K=64 MMAs; 6 divides gpt-oss's 90 blocks (fewer instructions a
         # byte, more registers), 2 any even count
         return [dict(RS=True, BLOCK_M=bm, BLOCK_N=rows // tiles, NSUB=ns, num_warps=w, num_stages=3)
                 for rows in (64, 128, 256) for ns in (2, 6) for w in (4, 8)
-                if rows >= 16 * w and rows * bm / (32 * w) <= 64]
+                if rows >= 16 * w and rows * bm / (32 * w) <= cap]
     if bm == 1:  # kernels.moe_gemv: rows per program x bytes per K step; a thread takes 1-4 16-byte blocks
         return [dict(GEMV=True, BLOCK_M=1, BLOCK_N=bn, BLOCK_KB=kb, num_warps=w, num_stages=2)
                 for bn in (8, 16, 32, 64, 128) for kb in (16, 32, 64, 128) for w in (2, 4, 8)
@@ -104,13 +115,13 @@ def moe_candidates(kernel: str, bm: int, rs: bool = False) -> list[dict]:
     # the same tiles split over K (SPLIT_K), a few shapes at 2 and 4 splits
     out = [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=3, SPLIT_K=s)
            for bn in (32, 64) for bk in (64, 128) for s in (2, 4)] if bm == 16 else []
-    for bn in (16, 32, 64, 128):
-        if bm >= 64 and bn < 32:
+    for bn in (16, 32, 64, 128, 256):
+        if (bm >= 64 and bn < 32) or (bm < 64 and bn > 128):
             continue
         for bk in (64, 128, 256, 512):
             for w in (4, 8):
                 per_thread, acc = tiles * bn * bk / (32 * w), tiles * bm * bn / (32 * w)
-                if 16 <= per_thread <= 128 and acc <= 64:
+                if 16 <= per_thread <= 128 and acc <= cap:
                     out.append(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=3))
     return out
 

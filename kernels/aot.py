@@ -50,6 +50,9 @@ SMEM_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448, 120: 
 MAX_REGS = 255
 KV_CACHE_ARGS = ("k_ptr", "v_ptr", "ko_ptr", "vo_ptr")  # the attention and rotary kernels' KV pool pointers
 LINEAR_SAMPLE = dict(BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=4)
+# a prefill chunk's widest MMA expert tiles (kernels._tune_cases.acc_cap): each weight tile's upcast serves 256 rows
+MOE_PREFILL_SAMPLE = {"moe_w1": dict(BLOCK_M=256, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=3),
+                      "moe_w2": dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)}
 # and split-K, for the few-feature linears at batch 1 (the router, o-proj), where it is compiled too
 LINEAR_SPLIT_SAMPLE = dict(BLOCK_N=16, BLOCK_K=128, SPLIT_K=4, num_warps=4, num_stages=4)
 
@@ -189,6 +192,10 @@ def workloads():
                     _step_launches(PRESETS[name], 1, PREFILL_CHUNK, PREFILL_CHUNK))
         rs_only = [ln for ln in step if ln[0].__name__ in moe_rs._KERNELS]
         out.append((f"{name.removeprefix('gpt-oss-')} rs{bm} " + (f"d{b}" if b else f"p{PREFILL_CHUNK}"), rs_only))
+    # the compute-sized MMA tiles kernels.tune tries for a prefill chunk (acc_cap: 128 accumulators a thread)
+    with tuned.forced(MOE_PREFILL_SAMPLE):
+        step = _step_launches(PRESETS["gpt-oss-120b"], 1, PREFILL_CHUNK, PREFILL_CHUNK)
+    out.append((f"120b mma256 p{PREFILL_CHUNK}", [ln for ln in step if ln[0].__name__ in ("_w1_kernel", "_w2_kernel")]))
     # the MMA and rs tiles with their rows bulk-prefetched (L2PF: kernels.tune's phase 2 tries it)
     d64 = moe_mod._default_config(64 * 4, 128, False)
     for tag, configs in (("mma", {k: dict(d64, L2PF=True) for k in ("moe_w1", "moe_w2")}),

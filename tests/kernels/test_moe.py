@@ -85,19 +85,20 @@ def test_scaled_dot_path_matches_the_module(dtype, block_k):
         _close(out, own, 1e-2)
 
 
-def _split_layer(forced: dict, n: int, dtype, seed: int):
+def _split_layer(forced: dict, n: int, dtype, seed: int, scaled: bool | None = None):
     """The layer as two ranks' halves of the experts (through the map), expert 2 taking every token, under
-    `forced` configs and under the default MMA path -> (out, fp32 module's output, out's max error, MMA's)."""
+    `forced` configs (and `scaled`) and under the default MMA path -> (out, fp32 module's output, out's max
+    error, MMA's)."""
     from kernels import tuned
     x = tokens(n, seed=seed)
     full = moe_module()
     idx, w = full.route(x)
     idx[:, 0] = 2
     ma, mb = moe_module(dtype, ids=(1, 3, 4, 6)), moe_module(dtype, ids=(0, 2, 5, 7))
-    run = lambda m: moe_mxfp4(x.to(dtype), (idx, w.to(dtype)), *packed(m),  # noqa: E731
-                              global_to_local=m.global_to_local).float()
+    run = lambda m, sc=None: moe_mxfp4(x.to(dtype), (idx, w.to(dtype)), *packed(m),  # noqa: E731
+                                       global_to_local=m.global_to_local, scaled=sc).float()
     with tuned.forced(forced):
-        out = run(ma) + run(mb)
+        out = run(ma, scaled) + run(mb, scaled)
     mma = run(ma) + run(mb)
     ref = full.compute(x, idx, w)
     return out, ref, (out - ref).abs().max().item(), (mma - ref).abs().max().item()
@@ -131,6 +132,20 @@ def test_rs_tiles_match_the_module(dtype, block_m, nsub, n):
     cfg = {k: dict(c, NSUB=nsub) for k, c in rs_configs(True, block_m).items()}
     out, ref, err, err_mma = _split_layer(cfg, n, dtype, seed=5)
     assert dtype != torch.bfloat16 or err <= 1.5 * err_mma + 1e-4, (err, err_mma)
+    _close(out, ref, 2e-2)
+
+
+@pytest.mark.parametrize("path", ["own", "scaled", "rs"])
+def test_prefill_sized_tiles_match_the_module(path):
+    """BLOCK_M 256, the widest tiles kernels.tune tries for a prefill chunk (kernels._tune_cases.acc_cap): the
+    expert taking all 40 tokens fills one tile and the others' runs are mostly padding; the kernels' own
+    E2M1 decode, tl.dot_scaled and kernels.moe_rs all within bf16 rounding of the fp32 module, and the
+    MMA paths no further from it than the default tiles."""
+    from kernels.moe import rs_configs
+    cfg = (rs_configs(True, 256) if path == "rs" else
+           {k: dict(BLOCK_M=256, BLOCK_N=32, BLOCK_K=32) for k in ("moe_w1", "moe_w2")})
+    out, ref, err, err_mma = _split_layer(cfg, 40, torch.bfloat16, seed=6, scaled=path == "scaled")
+    assert err <= (1.5 if path == "rs" else 1.0) * err_mma + 1e-4, (err, err_mma)
     _close(out, ref, 2e-2)
 
 

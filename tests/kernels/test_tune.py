@@ -195,3 +195,26 @@ def test_decode_batches_also_sweep_single_pair_tiles():
     for kn in ("moe_w1", "moe_w2"):
         cands = cases.moe_candidates(kn, 1)
         assert len(cands) >= 6 and all(c["GEMV"] and c["BLOCK_M"] == 1 and "BLOCK_KB" in c for c in cands)
+
+
+def test_prefill_chunks_sweep_compute_sized_tiles():
+    """A prefill chunk (120b at 8,192 tokens: ~256 pairs an expert) tries BLOCK_M 256 and tiles of 128
+    accumulators a thread, among them the ones kernels.aot compiles for sm_90 ("120b mma256 p8192");
+    decode tiles stay within 64, so a decode sweep is the size it was."""
+    from kernels import _tune_cases as cases
+    from kernels.aot import MOE_PREFILL_SAMPLE
+    from models.checkpoint import PRESETS
+    big = PRESETS["gpt-oss-120b"]
+    assert 256 in cases.moe_block_ms(big, 8192) and 256 not in cases.moe_block_ms(big, 256)
+
+    def acc(kn, c):  # fp32 accumulators a thread: W1 holds gate and linear rows (both paths)
+        rows = c["BLOCK_N"] * (2 if kn == "moe_w1" else 1)
+        return rows * c["BLOCK_M"] / (32 * c["num_warps"])
+    for kn in ("moe_w1", "moe_w2"):
+        wide = cases.moe_candidates(kn, 256)
+        assert MOE_PREFILL_SAMPLE[kn] in wide
+        assert max(acc(kn, c) for c in wide) == 128 and all(acc(kn, c) <= 128 for c in wide)
+        assert max(acc(kn, c) for c in cases.moe_candidates(kn, 256, rs=True)) == 128
+        for bm in (16, 32):
+            for rs in (False, True):
+                assert all(acc(kn, c) <= 64 for c in cases.moe_candidates(kn, bm, rs=rs))
