@@ -5,7 +5,7 @@
 #
 #   bash bench/device_round.sh correctness   # kernels.check, the CUDA tests, bench.moe_variants (~4 min)
 #   bash bench/device_round.sh tune          # kernels.tune (moe, linear; decode batches 1, 8, 64, 256)
-#   bash bench/device_round.sh tuneprefill   # kernels.tune of the MoE for an 8,192-token prefill chunk
+#   bash bench/device_round.sh tunethroughput  # kernels.tune of 120b's MoE at the 1k/1k run's steps (512, 1024, 8192)
 #   bash bench/device_round.sh bench         # bench.gpu for gpt-oss-120b (the goals' model)
 #   bash bench/device_round.sh throughput    # a whole 120b 1k/1k (1,024 requests): the goal's figure
 #   bash bench/device_round.sh throughput8   # the same on an fp8 KV cache, all 1,024 at once (one wave)
@@ -15,9 +15,9 @@
 # tune (the merged file). Copy configs/*.json into kernels/configs/ here before the next call.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-step=${1:?"usage: bench/device_round.sh correctness|tune|tuneprefill|bench|throughput|throughput8|bench20"}
-case $step in correctness|tune|tuneprefill|bench|throughput|throughput8|bench20) ;;
-    *) echo "device_round: unknown step $step (correctness, tune, tuneprefill, bench, throughput, throughput8 or bench20)" >&2
+step=${1:?"usage: bench/device_round.sh correctness|tune|tunethroughput|bench|throughput|throughput8|bench20"}
+case $step in correctness|tune|tunethroughput|bench|throughput|throughput8|bench20) ;;
+    *) echo "device_round: unknown step $step (correctness, tune, tunethroughput, bench, throughput, throughput8 or bench20)" >&2
        exit 2 ;; esac
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -50,10 +50,12 @@ tune)
     run 480 python3 -m kernels.tune --kernels moe,linear --batches 1,8,64,256 --max-seconds 400
     mkdir -p "$OUT/configs" && cp kernels/configs/*.json "$OUT/configs/"
     ;;
-tuneprefill)
-    # a call of its own: the prefill sweep has 4 BLOCK_M (32..256, up to 128 accumulators a thread) on two
-    # paths, and prefill is ~60 s of a 120b 1k/1k run (1M prompt tokens at session 9's 17.5k tok/s)
-    run 480 python3 -m kernels.tune --kernels moe --batches 8192 --max-seconds 400
+tunethroughput)
+    # the steps of a 120b 1k/1k run: decode at its concurrency (512 on a bf16 cache, 1,024 on fp8; past the
+    # largest tuned bucket a launch takes the untuned default) and its 8,192-token prefill chunks, whose sweep
+    # has 4 BLOCK_M (32..256, up to 128 accumulators a thread) on two paths. Prefill is ~60 s of that run
+    # (1M prompt tokens at session 9's 17.5k tok/s). Smallest first: if 8192 is cut, run it alone next.
+    run 480 python3 -m kernels.tune --kernels moe --models gpt-oss-120b --batches 512,1024,8192 --max-seconds 400
     mkdir -p "$OUT/configs" && cp kernels/configs/*.json "$OUT/configs/"
     ;;
 bench)
