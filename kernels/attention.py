@@ -25,7 +25,7 @@ batch-1 profile's attention time beyond _attn_kernel, H200, BENCHMARKS.md).
 
 import torch
 
-from models.attention import attention_with_sinks
+from models.attention import as_bytes, attention_with_sinks  # as_bytes: see store_rows
 
 from . import rope as rope_kernels
 from . import tuned
@@ -52,8 +52,7 @@ def paged_attention_reference(q, k_cache, v_cache, block_table, query_start, con
         if q1 == q0:
             continue
         phys = block_table[b, :-(-n // bs)]
-        kk = k_cache[phys].flatten(0, 1)[:n].to(q.dtype)
-        vv = v_cache[phys].flatten(0, 1)[:n].to(q.dtype)
+        kk, vv = (as_bytes(c)[phys].view(c.dtype).flatten(0, 1)[:n].to(q.dtype) for c in (k_cache, v_cache))
         kpos = torch.arange(n, device=q.device)
         qpos = kpos[n - (q1 - q0):]
         mask = kpos[None, :] <= qpos[:, None]

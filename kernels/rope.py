@@ -24,7 +24,7 @@ by a float8 cast, because Triton's interpreter rounds float8 casts wrongly
 
 import torch
 
-from models.attention import to_cache
+from models.attention import as_bytes, store_rows
 
 from ._triton import jit_module, launch, next_pow2, tl
 from .pdl import enter as _pdl_enter
@@ -41,14 +41,13 @@ def rope_into_cache_reference(q, k, v, cos, sin, k_cache, v_cache, slots):
     """Rotate q and k, write k and v into the flat cache slots (as PagedMetadata.attend does);
     returns the rotated q."""
     q, k = rope_reference(q, k, cos, sin)
-    k_cache.view(-1, *k_cache.shape[2:])[slots] = to_cache(k, k_cache.dtype)
-    v_cache.view(-1, *v_cache.shape[2:])[slots] = to_cache(v, v_cache.dtype)
+    store_rows(k_cache, slots, k)
+    store_rows(v_cache, slots, v)
     return q
 
 
-def cache_view(cache: torch.Tensor) -> torch.Tensor:
-    """What a kernel gets for a KV pool: an fp8 one as its bytes (see the module's docstring)."""
-    return cache.view(torch.uint8) if cache.dtype == torch.float8_e4m3fn else cache
+# what a kernel gets for a KV pool: an fp8 one as its bytes (see the module's docstring)
+cache_view = as_bytes
 
 
 def check_cache_dtype(cache: torch.Tensor, k: torch.Tensor) -> bool:

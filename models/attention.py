@@ -47,6 +47,24 @@ def to_cache(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x.to(dtype)
 
 
+def as_bytes(cache: torch.Tensor) -> torch.Tensor:
+    """An fp8 pool as its bytes (uint8, the same storage), any other as it is."""
+    return cache.view(torch.uint8) if cache.dtype == torch.float8_e4m3fn else cache
+
+
+def store_rows(cache: torch.Tensor, slots: torch.Tensor, x: torch.Tensor) -> None:
+    """cache ([blocks, block size, K, D]) at flat `slots` <- x [len(slots), K, D] as the cache stores it.
+
+    An fp8 pool is indexed through its bytes: float8 indexing kernels are missing on some devices and torch
+    versions (pytorch/pytorch#133605, #169656); uint8's exist everywhere and move the same bits."""
+    as_bytes(cache.view(-1, *cache.shape[2:]))[slots] = as_bytes(to_cache(x, cache.dtype))
+
+
+def gather_rows(cache: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """The pool's [*, D] rows `rows`, in the pool's dtype (through the bytes, as store_rows)."""
+    return as_bytes(cache).view(-1, cache.shape[-1]).index_select(0, rows).view(cache.dtype)
+
+
 def attention_with_sinks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor,
                          mask: torch.Tensor, scale: float) -> torch.Tensor:
     """q [B,Q,Hq,D], k/v [B,L,K,D], sinks [Hq], mask [B,Q,L] (True = attend) -> [B,Q,Hq,D].
@@ -273,8 +291,8 @@ class PagedMetadata:
         kc, vc = self.cache.k[layer], self.cache.v[layer]
         if k is not None:
             slots = self.slot_mapping[group]
-            kc.view(-1, *kc.shape[2:])[slots] = to_cache(k, kc.dtype)
-            vc.view(-1, *vc.shape[2:])[slots] = to_cache(v, vc.dtype)
+            store_rows(kc, slots, k)
+            store_rows(vc, slots, v)
         if dispatch.use_triton(q.device):
             return dispatch.paged_attention(q, kc, vc, self.block_tables[group], self.query_start,
                                             self.context_lens, sinks, window, scale,
@@ -285,8 +303,8 @@ class PagedMetadata:
             rows, mask = self._plan(part, group, window)
             B, L = mask.shape[0], mask.shape[2]
             # [B, K, L, D] in memory, handed over as the [B, L, K, D] view the reference takes
-            kk = kc.view(-1, D).index_select(0, rows).view(B, K, L, D).transpose(1, 2)
-            vv = vc.view(-1, D).index_select(0, rows).view(B, K, L, D).transpose(1, 2)
+            kk = gather_rows(kc, rows).view(B, K, L, D).transpose(1, 2)
+            vv = gather_rows(vc, rows).view(B, K, L, D).transpose(1, 2)
             res = attention_with_sinks(part.vl.pad(q[part.rows]), kk.to(q.dtype), vv.to(q.dtype), sinks, mask, scale)
             out[part.rows] = part.vl.unpad(res)
         return out

@@ -1,6 +1,8 @@
 """The engine-facing forward: flattened sequences, chunked prefill mixed with decode,
 paged KV with separate full / sliding-window block tables, equals the plain causal forward."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -14,6 +16,26 @@ class _E4M3Dense(DenseMetadata):
     def attend(self, layer, q, k, v, sinks, window, scale):
         r = lambda x: to_cache(x, torch.float8_e4m3fn).to(x.dtype)  # noqa: E731
         return super().attend(layer, q, r(k), r(v), sinks, window, scale)
+
+
+def _leaves(x):
+    return [y for a in x for y in _leaves(a)] if isinstance(x, (tuple, list)) else [x]
+
+
+class _NoFloat8Indexing(torch.overrides.TorchFunctionMode):
+    """Fails a tensor-indexed op on a float8 tensor. Such kernels are missing on some devices and torch
+    versions, so the torch path moves an fp8 pool's bytes instead (models.attention.store_rows, gather_rows)."""
+    OPS = {torch.Tensor.__getitem__, torch.Tensor.__setitem__, torch.Tensor.index_select, torch.index_select,
+           torch.Tensor.index_put_, torch.Tensor.index_put, torch.index_put, torch.Tensor.index_copy_}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self.OPS:
+            flat = _leaves(list(args) + list(kwargs.values()))
+            fp8 = any(isinstance(a, torch.Tensor) and a.dtype == torch.float8_e4m3fn for a in flat)
+            indexed = any(isinstance(a, torch.Tensor) and not a.is_floating_point() for a in flat)
+            assert not (fp8 and indexed), f"{func.__name__} indexes a float8 tensor"
+        return func(*args, **kwargs)
 
 
 def test_dense_varlen_batch_equals_single_sequences(tiny_ckpt):
@@ -30,7 +52,8 @@ def test_dense_varlen_batch_equals_single_sequences(tiny_ckpt):
 
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float8_e4m3fn], ids=["f32", "fp8"])
 def test_paged_chunked_prefill_and_decode_match_full_forward(tiny_ckpt, cache_dtype):
-    """An fp8 pool (EngineConfig.kv_cache_dtype "fp8") equals the full forward over e4m3-rounded k and v."""
+    """An fp8 pool (EngineConfig.kv_cache_dtype "fp8") equals the full forward over e4m3-rounded k and v,
+    and is never indexed as float8 (_NoFloat8Indexing)."""
     m = load_model(tiny_ckpt)
     cfg, bs = m.config, 4
     W = cfg.sliding_window
@@ -75,7 +98,8 @@ def test_paged_chunked_prefill_and_decode_match_full_forward(tiny_ckpt, cache_dt
               for g_ in tables}
         meta = PagedMetadata(cache, torch.tensor(qs), torch.tensor(ctx), bt,
                              {k: torch.tensor(v) for k, v in slot.items()}, groups)
-        out = m.compute_logits(m(torch.cat(ids), torch.cat(pos), meta))
+        with _NoFloat8Indexing() if cache_dtype == torch.float8_e4m3fn else contextlib.nullcontext():
+            out = m.compute_logits(m(torch.cat(ids), torch.cat(pos), meta))
         for k, b in enumerate(rows):
             assert torch.allclose(out[qs[k]:qs[k + 1]], ref[b][done[b] - (qs[k + 1] - qs[k]):done[b]], atol=1e-4), \
                 f"seq {b} step {step}"
