@@ -154,10 +154,12 @@ class KVCache:
     @classmethod
     def allocate(cls, num_layers: int, blocks_per_layer: list[int], block_size: int, kv_heads: int,
                  head_dim: int, dtype: torch.dtype, device="cpu") -> "KVCache":
-        shape = lambda n: (n, block_size, kv_heads, head_dim)  # noqa: E731
-        k = [torch.zeros(shape(blocks_per_layer[i]), dtype=dtype, device=device) for i in range(num_layers)]
-        v = [torch.zeros(shape(blocks_per_layer[i]), dtype=dtype, device=device) for i in range(num_layers)]
-        return cls(k, v, block_size)
+        # an fp8 pool is zeroed as bytes (e4m3's 0x00 is +0), for the reason store_rows gives
+        raw = torch.uint8 if dtype == torch.float8_e4m3fn else dtype
+        def pools() -> list[torch.Tensor]:
+            return [torch.zeros((blocks_per_layer[i], block_size, kv_heads, head_dim), dtype=raw,
+                                device=device).view(dtype) for i in range(num_layers)]
+        return cls(pools(), pools(), block_size)
 
 
 @dataclass
