@@ -42,7 +42,8 @@ correctness)
         tests/engine/test_kv_budget.py::test_fraction_sizes_the_pool_on_cuda \
         tests/deployments/test_gpu_group.py::test_gpu_group_serves_on_the_gpu \
         tests/kernels/test_pdl.py::test_self_test_passes_on_cuda \
-        tests/kernels/test_pdl.py::test_engine_logits_are_the_same_bits_with_and_without_pdl
+        tests/kernels/test_pdl.py::test_engine_logits_are_the_same_bits_with_and_without_pdl \
+        tests/engine/test_kv_fp8.py::test_torch_and_triton_paths_agree_on_an_fp8_pool_on_cuda
     run 120 python3 -m bench.moe_variants --model gpt-oss-120b --tokens 1,2,4,8,32,64
     ;;
 tune)
