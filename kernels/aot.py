@@ -50,11 +50,11 @@ SMEM_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448, 120: 
 MAX_REGS = 255
 KV_CACHE_ARGS = ("k_ptr", "v_ptr", "ko_ptr", "vo_ptr")  # the attention and rotary kernels' KV pool pointers
 LINEAR_SAMPLE = dict(BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=4)
+# and split-K, for the few-feature linears at batch 1 (the router, o-proj), where it is compiled too
+LINEAR_SPLIT_SAMPLE = dict(BLOCK_N=16, BLOCK_K=128, SPLIT_K=4, num_warps=4, num_stages=4)
 # a prefill chunk's widest MMA expert tiles (kernels._tune_cases.acc_cap): each weight tile's upcast serves 256 rows
 MOE_PREFILL_SAMPLE = {"moe_w1": dict(BLOCK_M=256, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=3),
                       "moe_w2": dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)}
-# and split-K, for the few-feature linears at batch 1 (the router, o-proj), where it is compiled too
-LINEAR_SPLIT_SAMPLE = dict(BLOCK_N=16, BLOCK_K=128, SPLIT_K=4, num_warps=4, num_stages=4)
 
 
 def _step_launches(cfg, n_seqs: int, q_len: int, context: int, ep: int = 1, attn_dp: bool = False,
