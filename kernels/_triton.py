@@ -133,11 +133,11 @@ def tickets(device, n: int):
     """At least n int32 arrival counters for launches on this device's current stream: the kernels whose
     last program to finish (a ticket from an acq_rel atomic) completes the launch (kernels.linear's and
     the MoE W1's split-K, kernels.moe_gate, kernels.moe_combine's tail, split attention's merge). Zeroed
-    once, at first use, never per launch (that would be a launch of
-    its own): every launch's last program sets its counters back to 0, so the next launch and a CUDA
-    graph's replays find them so. Launches on another stream may overlap, so they get a buffer of their
-    own (where a capture is a stream's first use, that graph holds the zeroing as one node); launches and
-    graphs of one stream share its buffer, which holds while they run in that stream's order."""
+    once, at first use, never per launch (that would be a launch of its own): every launch's last program
+    sets its counters back to 0, so the next launch and a CUDA graph's replays find them so. Launches on
+    another stream may overlap, so they get a buffer of their own (where a capture is a stream's first use,
+    that graph holds the zeroing as one node); launches and graphs of one stream share its buffer, which
+    holds while they run in that stream's order."""
     import torch
     device = torch.device(device)
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None

@@ -292,7 +292,7 @@ class Config:
         odd = [f"{n}%16" for i, n in enumerate(names) if self.src.signature[n] in ("i32", "i64")
                and i not in never and n not in never
                and not any(a[0] == "tt.divisibility" for a in self.src.attrs.get((i,), []))]
-        # an fp8 KV pool reaches the kernels as its bytes (kernels.rope.cache_view): a compilation of its own
+        # an fp8 KV pool reaches the kernels as its bytes (models.attention.as_bytes): a compilation of its own
         kv8 = ["KV=fp8"] if any(self.src.signature.get(n) == "*u8" for n in KV_CACHE_ARGS) else []
         return " ".join(cex + odd + kv8 + [f"w{self.options.num_warps}", f"s{self.options.num_stages}"])
 

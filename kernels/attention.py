@@ -25,7 +25,7 @@ batch-1 profile's attention time beyond _attn_kernel, H200, BENCHMARKS.md).
 
 import torch
 
-from models.attention import as_bytes, attention_with_sinks  # as_bytes: see store_rows
+from models.attention import as_bytes, attention_with_sinks
 
 from . import rope as rope_kernels
 from . import tuned
@@ -287,7 +287,7 @@ def paged_attention(q, k_cache, v_cache, block_table, query_start, context_lens,
     query_start, context_lens, sinks = query_start.contiguous(), context_lens.contiguous(), sinks.contiguous()
     opts = {k: v for k, v in cfg.items() if k.startswith("num_")}
     launch(_attn_kernel, (B, K, qt * num_splits),
-           q, rope_kernels.cache_view(k_cache), rope_kernels.cache_view(v_cache), block_table, query_start,
+           q, as_bytes(k_cache), as_bytes(v_cache), block_table, query_start,
            context_lens, sinks, out, po, pm, pl, cnt, *rope_args,
            float(scale) * LOG2E, int(window or 0), N, Hq, D,
            q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_table.stride(0),

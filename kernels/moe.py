@@ -500,8 +500,8 @@ def _experts(x, x16, rw, aligned, plan: _Plan, k: int, w1_blocks, w1_scales, b1,
     w2_combine = combine if tail else (valid, y, y, y, y, N, 0, 0.0)
     w2 = gemv_kernels._w2_gemv_kernel if gemv else rs_kernels._w2_rs_kernel if rs else _w2_kernel
     meta, opts = _split(plan.cfg2)
-    own = dict(PTX=not interp) if gemv or rs else dict(PTX=not interp, DOT_BF16=plan.dot_bf16, SCALED=plan.scaled,
-                                                         SPLIT_K=s2, K_SPLIT=_k_split(I, s2, meta["BLOCK_K"]))
+    own = dict(PTX=not interp, **({} if gemv or rs else dict(
+        DOT_BF16=plan.dot_bf16, SCALED=plan.scaled, SPLIT_K=s2, K_SPLIT=_k_split(I, s2, meta["BLOCK_K"]))))
     launch(w2, (T, triton.cdiv(H, meta["BLOCK_N"]), s2), act, w2_blocks, w2_scales, b2, rw, y, sorted_ids,
            tile_expert, N * k, H, I, tickets(x.device, 1), *w2_combine, COMBINE=tail, **w2_flags, **own, **meta,
            **opts)

@@ -46,10 +46,6 @@ def rope_into_cache_reference(q, k, v, cos, sin, k_cache, v_cache, slots):
     return q
 
 
-# what a kernel gets for a KV pool: an fp8 one as its bytes (see the module's docstring)
-cache_view = as_bytes
-
-
 def check_cache_dtype(cache: torch.Tensor, k: torch.Tensor) -> bool:
     """A cache the fused writes can fill from k: k's own dtype (the rotation rounds in k's dtype), or fp8."""
     return cache.dtype in (k.dtype, torch.float8_e4m3fn)
@@ -165,8 +161,8 @@ def rope_into_cache_triton(q, k, v, cos, sin, k_cache, v_cache, slots):
                          "[blocks, block_size, K, D] in k's dtype or float8_e4m3fn)")
     qo = torch.empty(N, Hq, D, dtype=q.dtype, device=q.device)
     if N:
-        launch(_rope_kernel, (N,), q, k, cos, sin, qo, cache_view(k_cache), v, cache_view(v_cache), slots, Hq, K,
-               D // 2,
+        # an fp8 pool reaches the kernel as its bytes (see the module's docstring)
+        launch(_rope_kernel, (N,), q, k, cos, sin, qo, as_bytes(k_cache), v, as_bytes(v_cache), slots, Hq, K, D // 2,
                q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0), sin.stride(0),
                v.stride(0), v.stride(1), TO_CACHE=True,
                BLOCK_HQ=next_pow2(Hq), BLOCK_K=next_pow2(K), BLOCK_HALF=next_pow2(D // 2))
@@ -190,5 +186,5 @@ def rope_triton(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.
     return qo, ko
 
 
-__all__ = ["cache_view", "check_cache_dtype", "rope_into_cache_reference", "rope_into_cache_triton", "rope_reference",
+__all__ = ["check_cache_dtype", "rope_into_cache_reference", "rope_into_cache_triton", "rope_reference",
            "rope_triton"]

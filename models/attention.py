@@ -156,6 +156,7 @@ class KVCache:
                  head_dim: int, dtype: torch.dtype, device="cpu") -> "KVCache":
         # an fp8 pool is zeroed as bytes (e4m3's 0x00 is +0), for the reason store_rows gives
         raw = torch.uint8 if dtype == torch.float8_e4m3fn else dtype
+
         def pools() -> list[torch.Tensor]:
             return [torch.zeros((blocks_per_layer[i], block_size, kv_heads, head_dim), dtype=raw,
                                 device=device).view(dtype) for i in range(num_layers)]

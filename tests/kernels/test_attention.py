@@ -54,6 +54,18 @@ def test_bf16_cache_and_queries():
     torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
 
 
+def _decode_rope_inputs(args, dtype, seed: int, k_scale: float = 1.0, bs: int = 4):
+    """A decode step's unrotated k, its v, cos/sin at random angles, and each new token's cache slot (its
+    sequence's last position) for attention_step's args -> the `rope=` tuple of paged_attention."""
+    q, kc, _, bt, _, ctx, *_ = args
+    n, K, D = q.shape[0], kc.shape[2], kc.shape[3]
+    g = torch.Generator().manual_seed(seed)
+    k, v = ((torch.randn(n, K, D, generator=g) * k_scale).to(dtype) for _ in range(2))
+    ang = torch.rand(n, D // 2, generator=g) * 6
+    last = ctx - 1
+    return k, v, ang.cos().to(dtype), ang.sin().to(dtype), bt[torch.arange(len(ctx)), last // bs] * bs + last % bs
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("seqs,window,splits", [(MIXED, 5, 1), (MIXED, None, 1), (DECODE, None, 3), (DECODE, 5, 2)])
 def test_fp8_cache_matches_attend(seqs, window, splits, dtype):
@@ -77,13 +89,7 @@ def test_fp8_decode_with_rotary_in_the_launch_writes_the_references_bytes():
     from kernels.rope import rope_into_cache_reference
     args, _ = attention_step(DECODE, 4, 2, None, seed=12, cache_dtype=torch.float8_e4m3fn)
     q, kc, vc, bt, qs, ctx, sinks, _, scale = args
-    n, K, D = q.shape[0], kc.shape[2], kc.shape[3]
-    g = torch.Generator().manual_seed(13)
-    k, v = (torch.randn(n, K, D, generator=g) * 8 for _ in range(2))
-    ang = torch.rand(n, D // 2, generator=g) * 6
-    cos, sin = ang.cos(), ang.sin()
-    last = ctx - 1
-    slots = bt[torch.arange(len(ctx)), last // 4] * 4 + last % 4
+    k, v, cos, sin, slots = _decode_rope_inputs(args, torch.float32, seed=13, k_scale=8)
     kc1, vc1, kc2, vc2 = kc.clone(), vc.clone(), kc.clone(), vc.clone()
     qr = rope_into_cache_reference(q, k, v, cos, sin, kc1, vc1, slots)
     want = paged_attention_reference(qr, kc1, vc1, bt, qs, ctx, sinks, None, scale)
@@ -114,13 +120,7 @@ def test_decode_with_rotary_in_the_launch_is_the_rope_launch_then_attention(dtyp
     from kernels.rope import rope_into_cache_triton
     args, _ = attention_step(DECODE, 4, 2, window, dtype=dtype, seed=7)
     q, kc, vc, bt, qs, ctx, sinks, _, scale = args
-    n, K, D = q.shape[0], kc.shape[2], kc.shape[3]
-    g = torch.Generator().manual_seed(8)
-    k, v = (torch.randn(n, K, D, generator=g).to(dtype) for _ in range(2))
-    ang = torch.rand(n, D // 2, generator=g) * 6
-    cos, sin = ang.cos().to(dtype), ang.sin().to(dtype)
-    last = ctx - 1
-    slots = bt[torch.arange(len(ctx)), last // 4] * 4 + last % 4
+    k, v, cos, sin, slots = _decode_rope_inputs(args, dtype, seed=8)
     kc1, vc1, kc2, vc2 = kc.clone(), vc.clone(), kc.clone(), vc.clone()
     qr = rope_into_cache_triton(q, k, v, cos, sin, kc1, vc1, slots)
     want = paged_attention(qr, kc1, vc1, bt, qs, ctx, sinks, window, scale, max_query_len=1, num_splits=splits)
