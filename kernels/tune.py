@@ -72,7 +72,7 @@ class Result:
     rejected: list[str] = field(default_factory=list)
     check_err: float | None = None
     check_ok: bool = False
-    beaten: bool = False  # a baseline outside the kernels (cuBLAS) was faster: nothing to write
+    beaten: bool = False  # a baseline outside the kernels (cuBLAS) was faster: written with config null
 
 
 class Tuner:
@@ -340,8 +340,11 @@ class Store:
         self.entries = {(e["kernel"], e["shape"], e["batch"]): e for e in old.get("entries", [])}
 
     def add(self, r: Result, extra: dict) -> None:
+        """A beaten result is written too, config null (kernels.tuned: the baseline runs at that batch, and
+        a neighbouring bucket's config does not reach over it); its best candidate stays beside it."""
         self.entries[(r.kernel, r.shape, r.batch)] = dict(
-            kernel=r.kernel, shape=r.shape, batch=r.batch, config=r.best, us=round(r.best_us, 2),
+            kernel=r.kernel, shape=r.shape, batch=r.batch, config=None if r.beaten else r.best,
+            **({"best_candidate": r.best} if r.beaten else {}), us=round(r.best_us, 2),
             default_config=r.default, default_us=None if r.default_us is None else round(r.default_us, 2),
             candidates_timed=r.timed, check_rel_err=r.check_err, **extra, rejected=r.rejected)
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -467,8 +470,9 @@ def main(argv=None) -> int:
                       f" ({_fmt(r.best)})", file=sys.stderr)
                 if r.beaten:
                     print(f"{r.kernel} {r.label} batch {r.batch}: cuBLAS {_us(r.default_us)} beats the best "
-                          f"candidate ({_us(r.best_us)}); not written (the model keeps cuBLAS)", file=sys.stderr)
-                elif r.best is not None and r.check_ok:
+                          f"candidate ({_us(r.best_us)}); written as config null (the model keeps cuBLAS)",
+                          file=sys.stderr)
+                if r.best is not None and r.check_ok:
                     store.add(r, dict(models=t.models, measured=_now(), timer=tuner.timer,
                                       **({"context": a.context} if t.family == "attn_decode" else {})))
                 elif r.best is not None:

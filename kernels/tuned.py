@@ -5,8 +5,17 @@ hand-written default on None. The file is kernels/configs/<device name>.json
 for the CUDA device the tensors are on (`device_file`), or the JSON that
 GPTOSS_KERNEL_CONFIGS names (any device, the interpreter included, which is
 how the tests check a file is obeyed); GPTOSS_KERNEL_CONFIGS=off uses no file.
-A match needs the exact shape key and takes the entry with the smallest batch
-bucket at or above `batch`; past the largest bucket there is none.
+A match needs the exact shape key and takes the entry whose batch bucket is
+nearest `batch` as a ratio (ties to the larger bucket), within a factor of REACH
+either way; beyond that reach there is none. Nearest, not "the next bucket up":
+tuned buckets are sparse (decode at 1..256 sequences, then the prefill chunk's
+8,192 tokens), and a decode step of 512 sequences on the chunk's compute-sized
+tiles (BLOCK_M up to 256, 16 rows an expert) would pay ~16x the MMA work of a
+decode tile; past the largest bucket, a prefill chunk of 16,384 tokens keeps the
+8,192-token tiles rather than the launcher's guess. An entry whose config is
+null records that a baseline outside the kernels won there (kernels.tune:
+cuBLAS for the linears), so it answers None like no entry, but it is still the
+nearest measurement and keeps a neighbouring bucket's config from reaching it.
 
 Files are read once per path (`clear_cache()` forgets them). Inside `forced()`
 the given configs win over any file: kernels.tune times candidates with it.
@@ -23,6 +32,7 @@ from pathlib import Path
 import torch
 
 ENV = "GPTOSS_KERNEL_CONFIGS"
+REACH = 4  # a config serves batches up to this factor from the batch it was measured at
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 _forced: dict[str, dict] | None = None
@@ -57,7 +67,7 @@ def lookup(kernel: str, shape: str, batch: int, device) -> dict | None:
     path = _path(torch.device(device))
     if path is None:
         return None
-    hit = _pick(str(path), kernel, shape, int(batch))
+    hit = _pick(str(path), kernel, shape, max(int(batch), 1))
     return dict(hit) if hit is not None else None
 
 
@@ -108,7 +118,12 @@ def _pick(path: str, kernel: str, shape: str, batch: int) -> dict | None:
         return None
     buckets, configs = found
     i = bisect.bisect_left(buckets, batch)
-    return configs[i] if i < len(buckets) else None
+    near = [j for j in (i - 1, i) if 0 <= j < len(buckets)]
+    # ratio distance, ties to the larger bucket (j = i): the rule the old "next bucket up" gave
+    j = min(near, key=lambda j: (max(batch / buckets[j], buckets[j] / batch), -j))
+    if max(batch / buckets[j], buckets[j] / batch) > REACH:
+        return None
+    return configs[j]
 
 
-__all__ = ["CONFIG_DIR", "ENV", "clear_cache", "device_file", "forced", "lookup", "shape_key"]
+__all__ = ["CONFIG_DIR", "ENV", "REACH", "clear_cache", "device_file", "forced", "lookup", "shape_key"]

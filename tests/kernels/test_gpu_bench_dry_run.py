@@ -213,12 +213,14 @@ def test_kernel_paths_follow_the_tuned_file(tmp_path, monkeypatch):
     tuned.clear_cache()
     try:
         cpu = torch.device("cpu")
-        p1, p8, p256 = paths(cfg, 1, cpu), paths(cfg, 8, cpu), paths(cfg, 256, cpu)
+        p1, p8, p16, p256, p512 = [paths(cfg, b, cpu) for b in (1, 8, 16, 256, 512)]
     finally:
         tuned.clear_cache()
-    assert p1["moe"] == "gemv" and p1["moe_config"]["GEMV"] and p1["linears"] == ["qkv"]
-    assert p8["moe"] == "tuned" and p8["moe_config"] == mma and p8["linears"] == ["qkv"]
-    assert p256 == {"moe": "default", "moe_config": None, "linears": []}
+    assert p1["moe"] == "gemv" and p1["moe_config"]["GEMV"] and p1["linears"] == []  # 8x from the linear's 8
+    assert p8["moe"] == "default" and p8["linears"] == ["qkv"]  # 8x from both MoE buckets: beyond tuned.REACH
+    assert p16["moe"] == "tuned" and p16["moe_config"] == mma and p16["linears"] == ["qkv"]
+    assert p256["moe"] == "tuned" and p256["linears"] == []  # 4x the 64 bucket: within tuned.REACH
+    assert p512 == {"moe": "default", "moe_config": None, "linears": []}
 
 
 def test_a_run_of_some_phases_completes_its_sessions_newest(tmp_path):

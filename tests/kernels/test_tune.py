@@ -101,9 +101,10 @@ def _has(kwargs, cfg):
     return all(kwargs[k] == v for k, v in cfg.items() if k != "NUM_SPLITS")
 
 
-def test_moe_launcher_uses_the_file_nearest_bucket_above_and_matches_the_module(config_file, monkeypatch):
+def test_moe_launcher_uses_the_file_nearest_bucket_and_matches_the_module(config_file, monkeypatch):
     m = moe_module()
-    for n, w1 in ((5, MOE_W1), (8, MOE_W1), (1, dict(MOE_W1, BLOCK_K=32))):
+    for n, w1 in ((5, MOE_W1), (8, MOE_W1), (1, dict(MOE_W1, BLOCK_K=32)), (2, dict(MOE_W1, BLOCK_K=32)),
+                  (24, MOE_W1)):
         x = tokens(n, seed=n)
         idx, w = m.route(x)
         kw = _launch_kwargs(moe_mxfp4, x, (idx, w), *packed(m))
@@ -111,7 +112,7 @@ def test_moe_launcher_uses_the_file_nearest_bucket_above_and_matches_the_module(
         out = moe_mxfp4(x, (idx, w), *packed(m))
         ref = m.compute(x, idx, w)
         assert (out - ref).abs().max() <= 1e-4 * ref.abs().max() + 1e-6
-    x = tokens(9, seed=9)  # past the largest bucket: the default
+    x = tokens(33, seed=9)  # past the largest bucket's reach (8 x REACH): the default
     kw = _launch_kwargs(moe_mxfp4, x, m.route(x), *packed(m))
     assert kw["_w1_kernel"]["BLOCK_N"] == 32 and kw["_w1_kernel"]["BLOCK_K"] == 32
     monkeypatch.setenv(tuned.ENV, "off")
@@ -135,8 +136,10 @@ def test_attention_launcher_uses_the_file_and_matches_attend(config_file):
 
 def test_lookup_rules(config_file, monkeypatch):
     dev = torch.device("cpu")
-    assert tuned.lookup("moe_w1", MOE_SHAPE, 2, dev) == MOE_W1
-    assert tuned.lookup("moe_w1", MOE_SHAPE, 9, dev) is None
+    assert tuned.lookup("moe_w1", MOE_SHAPE, 3, dev) == MOE_W1  # nearer 8 than 1 as a ratio
+    assert tuned.lookup("moe_w1", MOE_SHAPE, 2, dev) == dict(MOE_W1, BLOCK_K=32)  # nearer 1
+    assert tuned.lookup("moe_w1", MOE_SHAPE, 32, dev) == MOE_W1  # past the largest bucket, within REACH
+    assert tuned.lookup("moe_w1", MOE_SHAPE, 33, dev) is None
     assert tuned.lookup("moe_w1", MOE_SHAPE.replace("E=8", "E=4"), 2, dev) is None  # exact shape only
     assert tuned.lookup("moe_w1", MOE_SHAPE, 2, dev) is not tuned.lookup("moe_w1", MOE_SHAPE, 2, dev)  # copies
     with tuned.forced({"moe_w1": {"BLOCK_M": 32}}):
@@ -147,6 +150,37 @@ def test_lookup_rules(config_file, monkeypatch):
     monkeypatch.delenv(tuned.ENV)
     assert tuned.lookup("moe_w1", MOE_SHAPE, 2, dev) is None  # CPU tensors: no device file
     assert tuned.device_file("NVIDIA H200").name == "NVIDIA_H200.json"
+
+
+def test_nearest_bucket_by_ratio_within_reach(tmp_path, monkeypatch):
+    """Sparse buckets as kernels.tune writes them: decode batches, then a prefill chunk. A decode step
+    between them takes the nearer as a ratio, not the chunk's tiles; a null config (a baseline won) is the
+    nearest measurement too and answers None; ties go to the larger bucket."""
+    buckets = {1: "gemv", 8: "b8", 256: "b256", 8192: "p8192", 64: None}
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(dict(entries=[_entry("k", "s", b, None if c is None else {"tag": c})
+                                             for b, c in buckets.items()])))
+    monkeypatch.setenv(tuned.ENV, str(path))
+    dev = torch.device("cpu")
+    want = {1: "gemv", 2: "gemv", 3: "b8", 4: "b8", 16: "b8", 22: "b8", 23: None, 64: None, 96: None, 128: "b256",
+            512: "b256", 1024: "b256", 1025: None, 2047: None, 2048: "p8192", 8192: "p8192",
+            32768: "p8192", 32769: None}
+    got = {n: (tuned.lookup("k", "s", n, dev) or {}).get("tag") for n in want}
+    assert got == want
+    assert tuned.lookup("k", "s", 0, dev) == {"tag": "gemv"}  # an empty step asks as one row
+
+
+def test_beaten_linear_is_written_as_a_null_config(tmp_path):
+    from kernels.tune import Result, Store
+    store = Store(tmp_path / "d.json", dict(device="test"))
+    won = Result("linear", "s", "l", 8, best={"BLOCK_N": 16}, best_us=2.0, default_us=3.0, check_ok=True)
+    lost = Result("linear", "s", "l", 64, best={"BLOCK_N": 32}, best_us=5.0, default_us=4.0, check_ok=True,
+                  beaten=True)
+    store.add(won, {})
+    store.add(lost, {})
+    entries = {e["batch"]: e for e in json.loads((tmp_path / "d.json").read_text())["entries"]}
+    assert entries[8]["config"] == {"BLOCK_N": 16} and "best_candidate" not in entries[8]
+    assert entries[64]["config"] is None and entries[64]["best_candidate"] == {"BLOCK_N": 32}
 
 
 def test_moe_w1_w2_must_agree_on_block_m(tmp_path, monkeypatch):
