@@ -231,6 +231,24 @@ def test_decode_batches_also_sweep_single_pair_tiles():
         assert len(cands) >= 6 and all(c["GEMV"] and c["BLOCK_M"] == 1 and "BLOCK_KB" in c for c in cands)
 
 
+def test_large_decode_batches_sweep_tiles_for_busy_experts():
+    """At a 1k/1k run's decode batches an expert's rows vary about their mean: the sweep reaches the tile
+    that holds a busy expert's rows in one (the ones above the mean would take two tiles at the mean's);
+    where busy experts still fit 16 rows it stays at 16. Checked against the rows uniform routing gives."""
+    from kernels import _tune_cases as cases
+    from models.checkpoint import PRESETS
+    big = PRESETS["gpt-oss-120b"]
+    assert cases.moe_block_ms(big, 256) == [16] and cases.moe_block_ms(big, 512) == [16, 32]
+    assert cases.moe_block_ms(big, 1024) == [16, 32, 64]
+    for n in (256, 512, 1024):
+        _, (idx, _) = cases.moe_tokens(big, n, torch.float32, "cpu")
+        rows = torch.bincount(idx.flatten(), minlength=big.num_local_experts)
+        # the largest tile swept holds nearly every expert's rows; at 512 and 1,024 the mean's tile does not
+        assert (rows > max(cases.moe_block_ms(big, n))).float().mean() < 0.05, n
+        if n > 256:
+            assert (rows > n * 4 // 128).float().mean() > 0.25, n
+
+
 def test_prefill_chunks_sweep_compute_sized_tiles():
     """A prefill chunk (120b at 8,192 tokens: ~256 pairs an expert) tries BLOCK_M 256 and tiles of 128
     accumulators a thread, among them the ones kernels.aot compiles for sm_90 ("120b mma256 p8192");
