@@ -52,8 +52,8 @@ tune)
     mkdir -p "$OUT/configs" && cp kernels/configs/*.json "$OUT/configs/"
     ;;
 tunethroughput)
-    # the steps of a 120b 1k/1k run: decode at its concurrency (512 on a bf16 cache, 1,024 on fp8; past the
-    # largest tuned bucket a launch takes the untuned default) and its 8,192-token prefill chunks, whose sweep
+    # the steps of a 120b 1k/1k run: decode at its concurrency (512 on a bf16 cache, 1,024 on fp8; untuned, a
+    # launch borrows the 256 bucket's tiles, kernels.tuned.REACH) and its 8,192-token prefill chunks, whose sweep
     # has 4 BLOCK_M (32..256, up to 128 accumulators a thread) on two paths. Prefill is ~60 s of that run
     # (1M prompt tokens at session 9's 17.5k tok/s). Smallest first: if 8192 is cut, run it alone next.
     run 480 python3 -m kernels.tune --kernels moe --models gpt-oss-120b --batches 512,1024,8192 --max-seconds 400
