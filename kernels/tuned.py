@@ -118,12 +118,10 @@ def _pick(path: str, kernel: str, shape: str, batch: int) -> dict | None:
         return None
     buckets, configs = found
     i = bisect.bisect_left(buckets, batch)
-    near = [j for j in (i - 1, i) if 0 <= j < len(buckets)]
-    # ratio distance, ties to the larger bucket (j = i): the rule the old "next bucket up" gave
-    j = min(near, key=lambda j: (max(batch / buckets[j], buckets[j] / batch), -j))
-    if max(batch / buckets[j], buckets[j] / batch) > REACH:
-        return None
-    return configs[j]
+    ratio = lambda j: max(batch / buckets[j], buckets[j] / batch)  # noqa: E731
+    # the neighbours below and at-or-above; ties to the larger (j = i), as the old "next bucket up" rule
+    j = min((j for j in (i - 1, i) if 0 <= j < len(buckets)), key=lambda j: (ratio(j), -j))
+    return configs[j] if ratio(j) <= REACH else None
 
 
 __all__ = ["CONFIG_DIR", "ENV", "REACH", "clear_cache", "device_file", "forced", "lookup", "shape_key"]
