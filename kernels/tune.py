@@ -15,7 +15,10 @@ cuBLAS). Every candidate is compiled first for this
 GPU's arch in worker processes and dropped when kernels.aot reports a compile
 error, a spill, too much shared memory or wgmma that ptxas serialized (none of
 the MoE candidates does under Triton 3.6 or 3.9; the workers also fill Triton's cache,
-so the timing process compiles nothing); the rest are timed on random inputs
+so the timing process compiles nothing). The workers run ahead: while one
+candidate is timed they compile the rest of its task's and the next task's, so
+compiling and timing overlap (each shape's line says how long timing still
+waited for a compile). The rest are timed on random inputs
 (MXFP4 weights, bf16 activations, routing uniform over experts), captured in a
 CUDA graph and replayed under triton.testing.do_bench (L2 flushed before each
 rep, median), and the three fastest are retried at other num_stages. The
@@ -34,6 +37,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -73,6 +77,28 @@ class Result:
     check_err: float | None = None
     check_ok: bool = False
     beaten: bool = False  # a baseline outside the kernels (cuBLAS) was faster: written with config null
+
+
+@dataclass
+class Sweep:
+    """One kernel's candidates, launched beside fixed configs of the others (`others`)."""
+    kernel: str  # the tuned.forced key: moe_w1, moe_w2, attn_decode, attn_prefill, linear
+    cands: list[dict]
+    others: dict
+    timed: set[str] | None  # the Triton kernels whose launches are timed (None: all)
+    check: list[str]  # the Triton kernels whose sm_<arch> compile must be clean
+    stages: tuple = ()  # phase 2: the three fastest retried at these num_stages ...
+    extra: tuple = ()  # ... and with each of these settings
+    group: str = ""  # moe: path and BLOCK_M (mma16, rs16, gemv); W1 and W2 of one group go together
+
+
+@dataclass
+class Plan:
+    """What a task sweeps, known before any GPU work: its phase-1 compiles can start early (Tuner.prefetch)."""
+    task: Task
+    sweeps: list[Sweep]
+    results: dict[str, Result]
+    default: dict | None = None
 
 
 class Tuner:
@@ -135,32 +161,41 @@ class Tuner:
                     context=self.a.context,
                     dtype=str(self.dtype).removeprefix("torch."), forced=forced, check=check, arch=self.arch)
 
-    def sweep(self, task, call, kernel: str, cands: list[dict], others: dict, timed, check, res: Result,
-              stages=(), extra=()) -> list[tuple[float, dict]]:
-        """-> [(us, config)] fastest first; phase 2 retries the three fastest at `stages`, and with each of
-        the `extra` settings (e.g. L2PF: the program's weights bulk-prefetched into L2 first)."""
+    def prefetch(self, plan: Plan) -> None:
+        """Queue the compiles of every phase-1 candidate of a task on the workers, so they run while this
+        process times the task before (and the task's own first candidates): timing is one process on the
+        GPU, compiling ~1 s a candidate on each worker, and the two no longer wait for each other."""
+        self.pool.submit(cases.compile_job, [self.job(plan.task, {s.kernel: c, **s.others}, s.check)
+                                             for s in plan.sweeps for c in s.cands])
+
+    def sweep(self, task, call, s: Sweep, res: Result) -> list[tuple[float, dict]]:
+        """-> [(us, config)] fastest first; phase 2 retries the three fastest at `s.stages`, and with each of
+        the `s.extra` settings (e.g. L2PF: the program's weights bulk-prefetched into L2 first)."""
         out: list[tuple[float, dict]] = []
         seen: list[dict] = []
+        cands = s.cands
         for phase in (0, 1):
             if phase:
-                cands = ([{**c, "num_stages": s} for _, c in out[:3] for s in stages]
-                         + [{**c, **x} for _, c in out[:3] for x in extra if c.get("SPLIT_K", 1) == 1])
+                cands = ([{**c, "num_stages": n} for _, c in out[:3] for n in s.stages]
+                         + [{**c, **x} for _, c in out[:3] for x in s.extra if c.get("SPLIT_K", 1) == 1])
             cands = [c for c in cands if c not in seen]
             seen += cands
-            usages = self.pool.map(cases.compile_job, [self.job(task, {kernel: c, **others}, check) for c in cands])
+            # each compile is taken as it finishes: the workers go on compiling the rest while this one is timed
+            usages = self.pool.results(cases.compile_job,
+                                       [self.job(task, {s.kernel: c, **s.others}, s.check) for c in cands])
             for c, us in zip(cands, usages):
                 bad = [f"{u['kernel']}: {'; '.join(_problems(u, self.arch))}" for u in us if _problems(u, self.arch)]
                 if bad:
                     res.rejected.append(f"{_fmt(c)} -> {bad[0]}"[:300])
                     continue
                 try:
-                    out.append((self.measure(call, {kernel: c, **others}, timed), c))
+                    out.append((self.measure(call, {s.kernel: c, **s.others}, s.timed), c))
                 except Exception as e:  # noqa: BLE001 - e.g. out of resources at launch: not a candidate
                     res.rejected.append(f"{_fmt(c)} -> {type(e).__name__}: {e}"[:300])
                     continue
                 res.timed += 1
             out.sort(key=lambda t: t[0])
-            if not (stages or extra) or not out:
+            if not (s.stages or s.extra) or not out:
                 break
         return out
 
@@ -173,14 +208,19 @@ class Tuner:
         return err, err <= (1e-4 if self.dtype == torch.float32 else 2e-2)
 
     # ------------------------------------------------------------- families
-    def moe(self, task: Task) -> list[Result]:
+    def plan(self, task: Task) -> Plan:
+        return (self._plan_moe if task.family == "moe" else self._plan_linear if task.family == "linear"
+                else self._plan_attention)(task)
+
+    def run(self, plan: Plan) -> list[Result]:
+        return (self.moe if plan.task.family == "moe" else self.linear if plan.task.family == "linear"
+                else self.attention)(plan)
+
+    def _plan_moe(self, task: Task) -> Plan:
         from models.checkpoint import PRESETS
 
         from .moe import _default_config, gemv_configs, rs_configs, tuning_shape
         cfg = PRESETS[task.model]
-        if task.model not in self._weights:
-            self._weights = {task.model: cases.moe_weights(cfg, self.dtype, self.device)}  # one model's at a time
-        call = cases.make_call("moe", cfg, task.n, None, 0, self.dtype, self.device, self._weights[task.model])
         k, E = cfg.num_experts_per_tok, cfg.num_local_experts
         shape = tuning_shape(cfg.hidden_size, cfg.intermediate_size, E, k, self.dtype)
         d = _default_config(task.n * k, E, self.dry)
@@ -199,9 +239,8 @@ class Tuner:
                            ("_w1_kernel", "_w2_kernel")))
             if self.dtype != torch.float32:  # kernels.moe_rs serves 16-bit activations
                 groups.append((f"rs{bm}", bm, rs_configs(self.dry, bm), ("_w1_rs_kernel", "_w2_rs_kernel")))
-        per_group: dict[str, dict[str, list]] = {}
+        sweeps = []
         for key, bm, base, (w1, w2) in groups:
-            per_group[key] = {}
             for kn, other, kernel in (("moe_w1", "moe_w2", w1), ("moe_w2", "moe_w1", w2)):
                 cands = (cases.dry_candidates(kn, base[kn]) if self.dry
                          else cases.moe_candidates(kn, bm, rs=key.startswith("rs")))
@@ -210,12 +249,24 @@ class Tuner:
                 # W1 is timed with align, and with the copy of x the gemv tiles (align, or past a few rows
                 # _x16_kernel, makes it) and the rs tiles (_xperm_kernel) read
                 timed = {kernel, "_align_kernel", "_x16_kernel", "_xperm_kernel"} if kn == "moe_w1" else {kernel}
-                runs = self.sweep(task, call, kn, cands, {other: base[other]}, timed, [kernel], results[kn],
-                                  () if self.dry else cases.MOE_STAGES, () if self.dry else cases.L2PF)
-                per_group[key][kn] = runs
-                if key == f"mma{d['BLOCK_M']}":
-                    results[kn].default_us = next((t for t, c in runs if c == d), None)
-        full = {key: r for key, r in per_group.items() if r["moe_w1"] and r["moe_w2"]}
+                sweeps.append(Sweep(kn, cands, {other: base[other]}, timed, [kernel],
+                                    () if self.dry else cases.MOE_STAGES, () if self.dry else cases.L2PF, key))
+        return Plan(task, sweeps, results, d)
+
+    def moe(self, plan: Plan) -> list[Result]:
+        from models.checkpoint import PRESETS
+        task, results, d = plan.task, plan.results, plan.default
+        cfg = PRESETS[task.model]
+        if task.model not in self._weights:
+            self._weights = {task.model: cases.moe_weights(cfg, self.dtype, self.device)}  # one model's at a time
+        call = cases.make_call("moe", cfg, task.n, None, 0, self.dtype, self.device, self._weights[task.model])
+        per_group: dict[str, dict[str, list]] = {}
+        for s in plan.sweeps:
+            runs = self.sweep(task, call, s, results[s.kernel])
+            per_group.setdefault(s.group, {})[s.kernel] = runs
+            if s.group == f"mma{d['BLOCK_M']}":
+                results[s.kernel].default_us = next((t for t, c in runs if c == d), None)
+        full = {key: r for key, r in per_group.items() if r.get("moe_w1") and r.get("moe_w2")}
         if full:
             key = min(full, key=lambda g: full[g]["moe_w1"][0][0] + full[g]["moe_w2"][0][0])
             for kn in results:
@@ -225,13 +276,12 @@ class Tuner:
                 r.check_err, r.check_ok = err, ok
         return list(results.values())
 
-    def attention(self, task: Task) -> list[Result]:
+    def _plan_attention(self, task: Task) -> Plan:
         from models.checkpoint import PRESETS
 
         from .attention import _default_config, tuning_shape
         cfg = PRESETS[task.model]
         decode = task.family == "attn_decode"
-        call = cases.make_call(task.family, cfg, task.n, task.window, self.a.context, self.dtype, self.device)
         K, Hq, D = cfg.num_key_value_heads, cfg.num_attention_heads, cfg.head_dim
         shape = tuning_shape(Hq, K, D, cases.PAGE, task.window, self.dtype)
         d = _default_config(1 if decode else task.n, task.n if decode else 1, K, Hq // K, not self.dry, self.dry)
@@ -242,32 +292,44 @@ class Tuner:
                  else cases.attn_candidates(decode, cfg, task.n, task.window))
         if d not in cands:
             cands = [d, *cands]
-        runs = self.sweep(task, call, task.family, cands, {}, None, ["_attn_kernel"], res,
-                          () if self.dry else cases.ATTN_STAGES)
-        res.default_us = next((t for t, c in runs if c == d), None)
+        return Plan(task, [Sweep(task.family, cands, {}, None, ["_attn_kernel"],
+                                 () if self.dry else cases.ATTN_STAGES)], {task.family: res}, d)
+
+    def attention(self, plan: Plan) -> list[Result]:
+        from models.checkpoint import PRESETS
+        task, (s,), res = plan.task, plan.sweeps, plan.results[plan.task.family]
+        call = cases.make_call(task.family, PRESETS[task.model], task.n, task.window, self.a.context, self.dtype,
+                               self.device)
+        runs = self.sweep(task, call, s, res)
+        res.default_us = next((t for t, c in runs if c == plan.default), None)
         if runs:
             res.best_us, res.best = runs[0]
             res.check_err, res.check_ok = self.check(call, {task.family: res.best})
         return [res]
 
-
-    def linear(self, task: Task) -> list[Result]:
-        """kernels.linear against cuBLAS (F.linear, timed the same way): the kernel's config is written
-        only where it is faster, since without an entry the model calls cuBLAS."""
+    def _plan_linear(self, task: Task) -> Plan:
         from models.checkpoint import PRESETS
 
         from .linear import tuning_shape
-        cfg = PRESETS[task.model]
-        call = cases.make_call("linear", cfg, task.n, None, 0, self.dtype, self.device, linear=task.linear)
-        N, K, bias = cases.linear_shape(cfg, task.linear)
+        N, K, bias = cases.linear_shape(PRESETS[task.model], task.linear)
         label = f"{','.join(m.removeprefix('gpt-oss-') for m in task.models)} {task.linear} {N}x{K}"
         res = Result("linear", tuning_shape(N, K, bias, self.dtype), label, task.n)
-        _, args, _, _ = call
-        res.default_us = self.time_us([lambda: torch.nn.functional.linear(*args)])  # cuBLAS on a GPU
         cands = (cases.dry_candidates("linear", dict(BLOCK_N=16, BLOCK_K=32)) if self.dry
                  else cases.linear_candidates(task.n))
-        runs = self.sweep(task, call, "linear", cands, {}, {"_linear_kernel"}, ["_linear_kernel"], res,
-                          () if self.dry else cases.LINEAR_STAGES, () if self.dry else cases.L2PF)
+        return Plan(task, [Sweep("linear", cands, {}, {"_linear_kernel"}, ["_linear_kernel"],
+                                 () if self.dry else cases.LINEAR_STAGES, () if self.dry else cases.L2PF)],
+                    {"linear": res})
+
+    def linear(self, plan: Plan) -> list[Result]:
+        """kernels.linear against cuBLAS (F.linear, timed the same way): the kernel's config is written
+        only where it is faster, since without an entry the model calls cuBLAS."""
+        from models.checkpoint import PRESETS
+        task, (s,), res = plan.task, plan.sweeps, plan.results["linear"]
+        call = cases.make_call("linear", PRESETS[task.model], task.n, None, 0, self.dtype, self.device,
+                               linear=task.linear)
+        _, args, _, _ = call
+        res.default_us = self.time_us([lambda: torch.nn.functional.linear(*args)])  # cuBLAS on a GPU
+        runs = self.sweep(task, call, s, res)
         if runs:
             res.best_us, res.best = runs[0]
             res.check_err, res.check_ok = self.check(call, {"linear": res.best})
@@ -372,21 +434,82 @@ def table(rows: list[Result]) -> str:
     return "\n".join([line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, body)])
 
 
+def _lower_priority() -> None:
+    """Compile workers yield the CPU to the timing process: its launches between do_bench's CUDA events
+    must not wait for a core (a late launch is timed as GPU idle)."""
+    try:
+        os.nice(10)
+    except (AttributeError, OSError):
+        pass
+
+
 class _Pool:
     """Compile workers: separate processes both for the cores and because Triton imported under
-    TRITON_INTERPRET=1 (the dry run) can no longer compile for a GPU (kernels.aot._compiler_usable)."""
+    TRITON_INTERPRET=1 (the dry run) can no longer compile for a GPU (kernels.aot._compiler_usable).
+
+    A queue in front of them: `submit` queues jobs for later (the next tasks' candidates), `results` yields
+    a sweep's in order, each as soon as it is compiled, and puts any of them not yet started at the head
+    of the queue. At most two jobs a worker are handed to the pool at a time, so what a sweep asks for
+    next (its phase 2) waits behind a few compiles, not behind everything queued."""
 
     def __init__(self, n: int):
         import multiprocessing as mp
         saved = os.environ.pop("TRITON_INTERPRET", None)
         try:  # spawned workers inherit the environment as it is now
-            self.pool = mp.get_context("spawn").Pool(n)
+            self.pool = mp.get_context("spawn").Pool(n, initializer=_lower_priority)
         finally:
             if saved is not None:
                 os.environ["TRITON_INTERPRET"] = saved
+        self.n = n
+        self._queued: deque[tuple[str, object, dict]] = deque()
+        self._started: dict[str, object] = {}  # key -> multiprocessing AsyncResult
+        self.waited = 0.0  # seconds `results` spent blocked on compiles (the rest of a sweep is timing)
 
-    def map(self, fn, jobs):
-        return self.pool.map(fn, jobs, chunksize=1) if jobs else []
+    @staticmethod
+    def _key(fn, job: dict) -> str:
+        return f"{fn.__module__}.{fn.__qualname__}:{json.dumps(job, sort_keys=True)}"
+
+    def _fill(self) -> None:
+        busy = sum(not r.ready() for r in self._started.values())
+        while self._queued and busy < 2 * self.n:
+            key, fn, job = self._queued.popleft()
+            self._started[key] = self.pool.apply_async(fn, (job,))
+            busy += 1
+
+    def submit(self, fn, jobs: list[dict], first: bool = False) -> None:
+        """Queue the jobs not yet queued or started: at the tail, or (first) at the head, in order."""
+        keys = [self._key(fn, j) for j in jobs]
+        if first:
+            wanted = set(keys)
+            self._queued = deque(q for q in self._queued if q[0] not in wanted)
+        queued = {q[0] for q in self._queued}
+        new, seen = [], set()
+        for k, j in zip(keys, jobs):
+            if k not in self._started and k not in queued and k not in seen:
+                new.append((k, fn, j))
+                seen.add(k)
+        if first:
+            self._queued.extendleft(reversed(new))
+        else:
+            self._queued.extend(new)
+        self._fill()
+
+    def results(self, fn, jobs: list[dict]):
+        """fn(job) for each job, in order, each as soon as it is ready."""
+        self.submit(fn, jobs, first=True)
+        for job in jobs:
+            key = self._key(fn, job)
+            t0 = time.perf_counter()
+            while key not in self._started:  # behind jobs handed out before (prefetched ones): wait for a slot
+                if all(q[0] != key for q in self._queued):  # a repeat of one this loop already took
+                    self._queued.appendleft((key, fn, job))
+                self._fill()
+                if key not in self._started:
+                    time.sleep(0.005)
+            out = self._started.pop(key).get()
+            self.waited += time.perf_counter() - t0
+            self._fill()
+            yield out
 
     def close(self):
         self.pool.terminate()
@@ -457,14 +580,23 @@ def main(argv=None) -> int:
     rows: list[Result] = []
     tuner = Tuner(a, device, dtype, arch, pool)
     t_all = time.perf_counter()
+    plans: dict[int, Plan] = {}
+
+    def planned(i: int) -> Plan | None:
+        if i < len(todo) and i not in plans:
+            plans[i] = tuner.plan(todo[i])
+            tuner.prefetch(plans[i])
+        return plans.get(i)
+
     try:
         for i, t in enumerate(todo):
             t0 = time.perf_counter()
             if a.max_seconds is not None and t0 - t_all > a.max_seconds:
                 print(f"--max-seconds {a.max_seconds:g} reached: {len(todo) - i} shapes not tuned", file=sys.stderr)
                 break
-            res = (tuner.moe(t) if t.family == "moe" else tuner.linear(t) if t.family == "linear"
-                   else tuner.attention(t))
+            plan, waited0 = planned(i), pool.waited
+            planned(i + 1)  # its compiles fill the workers' idle time while this task is timed
+            res = tuner.run(plan)
             for r in res:
                 print(f"  {r.kernel} {r.label} batch {r.batch}: default {_us(r.default_us)} -> best {_us(r.best_us)}"
                       f" ({_fmt(r.best)})", file=sys.stderr)
@@ -481,14 +613,16 @@ def main(argv=None) -> int:
             rows += res
             print(f"{t.family} {','.join(t.models)} batch {t.n}"
                   f"{f' window {t.window}' if t.window else ''}: {sum(r.timed for r in res)} timed, "
-                  f"{sum(len(r.rejected) for r in res)} rejected, {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+                  f"{sum(len(r.rejected) for r in res)} rejected, {time.perf_counter() - t0:.1f} s "
+                  f"({pool.waited - waited0:.1f} s of it waiting for compiles)", file=sys.stderr)
     finally:
         pool.close()
     if a.dry_run:
         print(f"times: {DRY_TIMER}")
     print(table(rows))
     failed = [r for r in rows if r.best is not None and not r.check_ok]
-    print(f"\n{len(rows)} configs, {len(failed)} failed the reference check; {time.perf_counter() - t_all:.0f} s; "
+    print(f"\n{len(rows)} configs, {len(failed)} failed the reference check; {time.perf_counter() - t_all:.0f} s "
+          f"({pool.waited:.0f} s waiting for compiles); "
           f"written to {path}" + (" (interpreter times: a dry run)" if a.dry_run else ""))
     return 1 if failed or any(r.best is None for r in rows) else 0
 

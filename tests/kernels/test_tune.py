@@ -6,6 +6,7 @@ import os
 os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported anywhere
 
 import subprocess  # noqa: E402
+import time  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -270,3 +271,19 @@ def test_prefill_chunks_sweep_compute_sized_tiles():
         for bm in (16, 32):
             for rs in (False, True):
                 assert all(acc(kn, c) <= 64 for c in cases.moe_candidates(kn, bm, rs=rs))
+
+
+def test_compile_pool_yields_in_order_and_serves_a_sweep_before_what_was_prefetched():
+    from kernels.tune import _Pool
+    pool = _Pool(1)
+    try:
+        assert list(pool.results(abs, [-3, -1, -3, -2])) == [3, 1, 3, 2]  # in order, a repeat included
+        slow = [0.3 + i / 1000 for i in range(8)]  # 2.4 s of queued work on the one worker
+        pool.submit(time.sleep, slow)
+        t0 = time.perf_counter()
+        assert list(pool.results(abs, [-7])) == [7]
+        # two of the queued jobs were handed to the worker already (0.6 s); the other six wait behind it
+        assert time.perf_counter() - t0 < 1.5
+        assert list(pool.results(time.sleep, slow)) == [None] * 8
+    finally:
+        pool.close()
