@@ -1,23 +1,26 @@
 #!/usr/bin/env bash
 # One device-machine call of the GPU runbook (BENCHMARKS.md "GPU", Runbook), each step time-capped so
 # the call ends inside the tool's 10 minutes. Run there from the repo root, after bench/device_prep.sh
-# here, with `carry: [".whl", ".vocab"]`:
+# here, with `carry: [".whl", ".vocab"]`. In priority order (30 device-minutes do not cover them all; the
+# first four give both goals' figures, on tuned kernels, in about 25):
 #
 #   bash bench/device_round.sh correctness   # kernels.check, the CUDA tests, bench.moe_variants (~4 min)
-#   bash bench/device_round.sh tune          # kernels.tune (moe, linear; decode batches 1, 8, 64, 256)
-#   bash bench/device_round.sh tunethroughput  # kernels.tune of 120b's MoE at the 1k/1k run's steps (512, 1024, 8192)
-#   bash bench/device_round.sh bench         # bench.gpu for gpt-oss-120b (the goals' model)
-#   bash bench/device_round.sh throughput    # a whole 120b 1k/1k (1,024 requests): the goal's figure
-#   bash bench/device_round.sh throughput8   # the same on an fp8 KV cache, all 1,024 at once (one wave)
-#   bash bench/device_round.sh bench20       # bench.gpu for gpt-oss-20b, if device time is left
+#   bash bench/device_round.sh tune          # kernels.tune, 120b: MoE and decode linears at batch 1, the 1k/1k
+#                                            #   run's 512, then 8, 64, 256 and 1,024 (~7 min)
+#   bash bench/device_round.sh bench         # bench.gpu, 120b: decode (batch 1: the first goal), prefill, profiles
+#   bash bench/device_round.sh throughput    # a whole 120b 1k/1k (1,024 requests): the second goal's figure
+#   bash bench/device_round.sh tuneprefill   # kernels.tune: 120b's MoE at the 8,192-token prefill chunk, then
+#                                            #   20b's decode shapes
+#   bash bench/device_round.sh throughput8   # the 1k/1k on an fp8 KV cache, all 1,024 at once (one wave)
+#   bash bench/device_round.sh bench20       # bench.gpu for gpt-oss-20b
 #
 # Everything lands in $OUT (the device tool brings it back): log.txt, the JSON, and configs/ after a
 # tune (the merged file). Copy configs/*.json into kernels/configs/ here before the next call.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-step=${1:?"usage: bench/device_round.sh correctness|tune|tunethroughput|bench|throughput|throughput8|bench20"}
-case $step in correctness|tune|tunethroughput|bench|throughput|throughput8|bench20) ;;
-    *) echo "device_round: unknown step $step (correctness, tune, tunethroughput, bench, throughput, throughput8 or bench20)" >&2
+step=${1:?"usage: bench/device_round.sh correctness|tune|bench|throughput|tuneprefill|throughput8|bench20"}
+case $step in correctness|tune|bench|throughput|tuneprefill|throughput8|bench20) ;;
+    *) echo "device_round: unknown step $step (correctness, tune, bench, throughput, tuneprefill, throughput8 or bench20)" >&2
        exit 2 ;; esac
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -47,20 +50,27 @@ correctness)
     run 120 python3 -m bench.moe_variants --model gpt-oss-120b --tokens 1,2,4,8,32,64
     ;;
 tune)
-    # merged into the committed kernels/configs/<GPU>.json (the attention entries there stay), then copied out
-    run 480 python3 -m kernels.tune --kernels moe,linear --batches 1,8,64,256 --max-seconds 400
+    # merged into the committed kernels/configs/<GPU>.json (the attention entries there stay), then copied out.
+    # The goals' steps first: batch 1, and 512, a 1k/1k run's decode on a bf16 cache (untuned, it borrows the
+    # 256 bucket's tiles, kernels.tuned.REACH; its sweep reaches BLOCK_M 32, a busy expert's rows); 1,024 (the
+    # fp8 cache's one wave) last. ~1,600 candidates; a shape cut by --max-seconds keeps its committed entry.
+    run 500 python3 -m kernels.tune --kernels moe,linear --models gpt-oss-120b --batches 1,512,8,64,256,1024 \
+        --max-seconds 420
     mkdir -p "$OUT/configs" && cp kernels/configs/*.json "$OUT/configs/"
     ;;
-tunethroughput)
-    # the steps of a 120b 1k/1k run: decode at its concurrency (512 on a bf16 cache, 1,024 on fp8; untuned, a
-    # launch borrows the 256 bucket's tiles, kernels.tuned.REACH) and its 8,192-token prefill chunks, whose sweep
-    # has 4 BLOCK_M (32..256, up to 128 accumulators a thread) on two paths. Prefill is ~60 s of that run
-    # (1M prompt tokens at session 9's 17.5k tok/s). Smallest first: if 8192 is cut, run it alone next.
-    run 480 python3 -m kernels.tune --kernels moe --models gpt-oss-120b --batches 512,1024,8192 --max-seconds 400
+tuneprefill)
+    # a 120b 1k/1k run's 8,192-token prefill chunks (~60 s of that run: 1M prompt tokens at session 9's 17.5k
+    # tok/s), whose sweep has 4 BLOCK_M (32..256, up to 128 accumulators a thread) on two paths; then 20b's
+    # decode shapes with what is left of the call
+    run 540 bash -c 'python3 -m kernels.tune --kernels moe --models gpt-oss-120b --batches 8192 \
+        && python3 -m kernels.tune --kernels moe,linear --models gpt-oss-20b --batches 1,8,64,256 --max-seconds 200'
     mkdir -p "$OUT/configs" && cp kernels/configs/*.json "$OUT/configs/"
     ;;
 bench)
-    run 540 python3 -m bench.gpu --models gpt-oss-120b --throughput-seconds 75 --profile-batches 1,64,256 --out "$OUT"
+    # no throughput window here: a short one only ever held the first prompts' prefill (session 9: 75 s, no
+    # request finished); the throughput step runs the whole 1k/1k
+    run 540 python3 -m bench.gpu --models gpt-oss-120b --phases decode,prefill,profile --profile-batches 1,64,256 \
+        --out "$OUT"
     ;;
 bench20)
     run 540 python3 -m bench.gpu --models gpt-oss-20b --throughput-seconds 60 --out "$OUT"

@@ -357,8 +357,9 @@ def _fmt(c: dict | None) -> str:
 
 def tasks(models: list[str], batches: list[int], families: set[str], prefill_from: int,
           linears: tuple[str, ...] = cases.LINEARS) -> list[Task]:
-    """Smallest batches first (batch-1 decode is what the defaults were least sure of), so a run cut
-    short has written those; attention and linear shapes shared by several models are tuned once."""
+    """Batches in the order given (the default: smallest first; batch-1 decode is what the defaults were
+    least sure of), so a run cut short by --max-seconds has written those; attention and linear shapes
+    shared by several models are tuned once."""
     from models.checkpoint import PRESETS
     from .linear import MAX_ROWS
     from .moe_gate import GATE_MAX_ROWS
@@ -518,7 +519,8 @@ class _Pool:
 def parse(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", default="gpt-oss-120b,gpt-oss-20b")
-    p.add_argument("--batches", default="1,8,64,256,8192", help="tokens per step (decode: sequences)")
+    p.add_argument("--batches", default="1,8,64,256,8192",
+                   help="tokens per step (decode: sequences), tuned in this order (--max-seconds cuts the last)")
     p.add_argument("--kernels", default="moe,attn,linear",
                    help="families to tune: moe, attn, linear (decode linears against cuBLAS, batches <= 64)")
     p.add_argument("--out", type=Path, default=None, help=f"default {tuned.CONFIG_DIR} (dry run: a temp dir)")
@@ -536,7 +538,7 @@ def parse(argv):
             if p.get_default(k) == getattr(a, k):
                 setattr(a, k, v)
     a.models = [m for m in a.models.split(",") if m]
-    a.batches = sorted({int(b) for b in a.batches.split(",") if b})
+    a.batches = list(dict.fromkeys(int(b) for b in a.batches.split(",") if b))  # in the order given: priority
     a.kernels = {k for k in a.kernels.split(",") if k}
     return a
 

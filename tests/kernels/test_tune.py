@@ -67,6 +67,12 @@ def test_router_is_tuned_only_past_the_fused_gate():
     assert {(1, "qkv"), (1, "o"), (1, "unembed"), (64, "qkv")} <= got
 
 
+def test_batches_are_tuned_in_the_order_given():
+    from kernels.tune import parse, tasks
+    a = parse(["--models", "gpt-oss-120b", "--kernels", "moe", "--batches", "1,512,8,512,1024"])
+    assert [t.n for t in tasks(a.models, a.batches, a.kernels, a.prefill_from)] == [1, 512, 8, 1024]
+
+
 def _entry(kernel, shape, batch, config):
     return dict(kernel=kernel, shape=shape, batch=batch, config=config, us=1.0)
 
