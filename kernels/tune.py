@@ -30,21 +30,20 @@ short keeps what it measured. Candidate sets: kernels/_tune_cases.py.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import statistics
 import sys
 import tempfile
 import time
-from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from . import _tune_cases as cases
 from . import tuned
+from ._compile_pool import CompilePool
+from ._tune_results import Result, Store, _fmt, _now, _us, table
 
 DRY = dict(models="tiny", batches="1,8", prefill_from=8, context=40)
 DRY_TIMER = "time.perf_counter around the Triton interpreter on CPU: interpreter times, not GPU times"
@@ -60,23 +59,6 @@ class Task:
     n: int  # batch bucket: tokens (moe, prefill, linear) or sequences (decode)
     window: int | None = None
     linear: str | None = None  # which of _tune_cases.LINEARS
-
-
-@dataclass
-class Result:
-    kernel: str
-    shape: str
-    label: str
-    batch: int
-    best: dict | None = None
-    best_us: float | None = None
-    default: dict | None = None
-    default_us: float | None = None
-    timed: int = 0
-    rejected: list[str] = field(default_factory=list)
-    check_err: float | None = None
-    check_ok: bool = False
-    beaten: bool = False  # a baseline outside the kernels (cuBLAS) was faster: written with config null
 
 
 @dataclass
@@ -342,19 +324,6 @@ def _problems(u: dict, arch: int) -> list[str]:
     return Usage(**u).problems(arch)
 
 
-def _us(t: float | None) -> str:
-    return "-" if t is None else f"{t:.1f} us"
-
-
-def _fmt(c: dict | None) -> str:
-    if not c:
-        return "-"
-    short = dict(BLOCK_M="M", BLOCK_N="N", BLOCK_K="K", BLOCK_KB="KB", NUM_SPLITS="splits", SPLIT_K="split_k",
-                 num_warps="w", num_stages="s")
-    return " ".join(k.lower() if k in ("GEMV", "RS", "L2PF") else
-                    f"{short.get(k, k)}{'=' if k in ('NUM_SPLITS', 'SPLIT_K') else ''}{v}" for k, v in c.items())
-
-
 def tasks(models: list[str], batches: list[int], families: set[str], prefill_from: int,
           linears: tuple[str, ...] = cases.LINEARS) -> list[Task]:
     """Batches in the order given (the default: smallest first; batch-1 decode is what the defaults were
@@ -392,128 +361,6 @@ def tasks(models: list[str], batches: list[int], families: set[str], prefill_fro
                     by_shape[key] = Task(fam, m, [m], n, w)
         out += list(by_shape.values())
     return out
-
-
-class Store:
-    """<out>/<device>.json: entries keyed by (kernel, shape, batch), merged into what the file holds."""
-
-    def __init__(self, path: Path, header: dict):
-        self.path, self.header = path, header
-        old = json.loads(path.read_text()) if path.exists() else {}
-        self.entries = {(e["kernel"], e["shape"], e["batch"]): e for e in old.get("entries", [])}
-
-    def add(self, r: Result, extra: dict) -> None:
-        """A beaten result is written too, config null (kernels.tuned: the baseline runs at that batch, and
-        a neighbouring bucket's config does not reach over it); its best candidate stays beside it."""
-        self.entries[(r.kernel, r.shape, r.batch)] = dict(
-            kernel=r.kernel, shape=r.shape, batch=r.batch, config=None if r.beaten else r.best,
-            **({"best_candidate": r.best} if r.beaten else {}), us=round(r.best_us, 2),
-            default_config=r.default, default_us=None if r.default_us is None else round(r.default_us, 2),
-            candidates_timed=r.timed, check_rel_err=r.check_err, **extra, rejected=r.rejected)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".json.tmp")
-        body = dict(self.header, updated=_now(), entries=sorted(self.entries.values(),
-                                                                key=lambda e: (e["kernel"], e["shape"], e["batch"])))
-        tmp.write_text(json.dumps(body, indent=1) + "\n")
-        os.replace(tmp, self.path)
-
-
-def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-
-
-def table(rows: list[Result]) -> str:
-    head = ("kernel", "shape", "batch", "default us", "best us", "speedup", "best config")
-    body = []
-    for r in rows:
-        sp = f"{r.default_us / r.best_us:.2f}x" if r.default_us and r.best_us else "-"
-        cfg = _fmt(r.best) + ("" if r.check_ok or r.best is None else f" (REJECTED: error {r.check_err:.1e})")
-        body.append((r.kernel, r.label, str(r.batch), f"{r.default_us:.1f}" if r.default_us else "-",
-                     f"{r.best_us:.1f}" if r.best_us else "-", sp, cfg))
-    widths = [max(len(x[i]) for x in [head, *body]) for i in range(len(head))]
-    line = lambda x: "| " + " | ".join(s.ljust(w) for s, w in zip(x, widths)) + " |"  # noqa: E731
-    return "\n".join([line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, body)])
-
-
-def _lower_priority() -> None:
-    """Compile workers yield the CPU to the timing process: its launches between do_bench's CUDA events
-    must not wait for a core (a late launch is timed as GPU idle)."""
-    try:
-        os.nice(10)
-    except (AttributeError, OSError):
-        pass
-
-
-class _Pool:
-    """Compile workers: separate processes both for the cores and because Triton imported under
-    TRITON_INTERPRET=1 (the dry run) can no longer compile for a GPU (kernels.aot._compiler_usable).
-
-    A queue in front of them: `submit` queues jobs for later (the next tasks' candidates), `results` yields
-    a sweep's in order, each as soon as it is compiled, and puts any of them not yet started at the head
-    of the queue. At most two jobs a worker are handed to the pool at a time, so what a sweep asks for
-    next (its phase 2) waits behind a few compiles, not behind everything queued."""
-
-    def __init__(self, n: int):
-        import multiprocessing as mp
-        saved = os.environ.pop("TRITON_INTERPRET", None)
-        try:  # spawned workers inherit the environment as it is now
-            self.pool = mp.get_context("spawn").Pool(n, initializer=_lower_priority)
-        finally:
-            if saved is not None:
-                os.environ["TRITON_INTERPRET"] = saved
-        self.n = n
-        self._queued: deque[tuple[str, object, dict]] = deque()
-        self._started: dict[str, object] = {}  # key -> multiprocessing AsyncResult
-        self.waited = 0.0  # seconds `results` spent blocked on compiles (the rest of a sweep is timing)
-
-    @staticmethod
-    def _key(fn, job: dict) -> str:
-        return f"{fn.__module__}.{fn.__qualname__}:{json.dumps(job, sort_keys=True)}"
-
-    def _fill(self) -> None:
-        busy = sum(not r.ready() for r in self._started.values())
-        while self._queued and busy < 2 * self.n:
-            key, fn, job = self._queued.popleft()
-            self._started[key] = self.pool.apply_async(fn, (job,))
-            busy += 1
-
-    def submit(self, fn, jobs: list[dict], first: bool = False) -> None:
-        """Queue the jobs not yet queued or started: at the tail, or (first) at the head, in order."""
-        keys = [self._key(fn, j) for j in jobs]
-        if first:
-            wanted = set(keys)
-            self._queued = deque(q for q in self._queued if q[0] not in wanted)
-        queued = {q[0] for q in self._queued}
-        new, seen = [], set()
-        for k, j in zip(keys, jobs):
-            if k not in self._started and k not in queued and k not in seen:
-                new.append((k, fn, j))
-                seen.add(k)
-        if first:
-            self._queued.extendleft(reversed(new))
-        else:
-            self._queued.extend(new)
-        self._fill()
-
-    def results(self, fn, jobs: list[dict]):
-        """fn(job) for each job, in order, each as soon as it is ready."""
-        self.submit(fn, jobs, first=True)
-        for job in jobs:
-            key = self._key(fn, job)
-            t0 = time.perf_counter()
-            while key not in self._started:  # behind jobs handed out before (prefetched ones): wait for a slot
-                if all(q[0] != key for q in self._queued):  # a repeat of one this loop already took
-                    self._queued.appendleft((key, fn, job))
-                self._fill()
-                if key not in self._started:
-                    time.sleep(0.005)
-            out = self._started.pop(key).get()
-            self.waited += time.perf_counter() - t0
-            self._fill()
-            yield out
-
-    def close(self):
-        self.pool.terminate()
 
 
 def parse(argv):
@@ -578,7 +425,7 @@ def main(argv=None) -> int:
                  tuple(w for w in cases.LINEARS if not (a.dry_run and w == "unembed")))
     if a.dry_run:
         print(f"DRY RUN on CPU: times below are {DRY_TIMER}; writing {path}, never {tuned.CONFIG_DIR}", flush=True)
-    pool = _Pool(min(a.jobs, 2 if a.dry_run else 16))  # the dry run compiles ~2 candidates at a time
+    pool = CompilePool(min(a.jobs, 2 if a.dry_run else 16))  # the dry run compiles ~2 candidates at a time
     rows: list[Result] = []
     tuner = Tuner(a, device, dtype, arch, pool)
     t_all = time.perf_counter()

@@ -280,8 +280,8 @@ def test_prefill_chunks_sweep_compute_sized_tiles():
 
 
 def test_compile_pool_yields_in_order_and_serves_a_sweep_before_what_was_prefetched():
-    from kernels.tune import _Pool
-    pool = _Pool(1)
+    from kernels._compile_pool import CompilePool
+    pool = CompilePool(1)
     try:
         assert list(pool.results(abs, [-3, -1, -3, -2])) == [3, 1, 3, 2]  # in order, a repeat included
         slow = [0.3 + i / 1000 for i in range(8)]  # 2.4 s of queued work on the one worker
