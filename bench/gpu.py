@@ -183,9 +183,14 @@ def bench_decode(model, dev, B: int, ctx: int, steps: int, warm: int, step_token
                  overlap: bool | None = None, temperature: float = 0, profile_steps: int = 0, profile=None,
                  padded: bool = False, kv: str = "auto"):
     """-> (tokens/s, s/step, profile(eng.step, profile_steps) run after the timing, or None)."""
-    # sequences prefilled early decode while the rest prefill: leave them tokens for the timed steps
-    out_len = steps + warm + profile_steps + 2 * (-(-B * ctx // max(step_tokens, B))) + 2
-    eng = engine(model, B, ctx + out_len, max(step_tokens, B), overlap, padded, kv)
+    # sequences prefilled early decode while the rest prefill: leave them tokens for the timed steps. The
+    # running decodes take at most B of a step's budget, so with a budget of 2B or more the prompts advance
+    # at least B tokens a step, and every sequence has its first token within `fill` steps (with a budget of
+    # B, the last prompts would crawl while the first sequences ran out of tokens and finished)
+    budget = max(step_tokens, 2 * B)
+    fill = -(-B * ctx // (budget - B)) + 1
+    out_len = steps + warm + profile_steps + fill + 2
+    eng = engine(model, B, ctx + out_len, budget, overlap, padded, kv)
     reqs = requests(B, ctx, out_len, seed=B, temperature=temperature)
     for r in reqs:
         eng.add_request(r)

@@ -319,3 +319,14 @@ def test_fp8_kv_rows_join_the_table_beside_the_model_dtype_ones(tmp_path):
             "met (7,200.0 tok/s, fp8 KV cache, batch 1024); not met (5,000.0 tok/s, model-dtype KV cache, "
             "batch 512).") in text
     assert "Throughput (fp8 KV) (1024 in, 1024 out, concurrency 1024): 1024 of 1024 requests finished" in text
+
+
+def test_decode_batch_past_the_step_budget_keeps_every_sequence(tmp_path):
+    """64 sequences of 12-token prompts through a 32-token step budget (as the runbook's bench step profiles
+    batch 256 with its real sizes): the first sequences must not run out of tokens, and finish, before the
+    last prompt is in."""
+    r = dry_run("--phases", "decode", "--batches", "64", "--lockstep-batches", "0", "--sampled-batches", "0",
+                "--padded-batches", "0", "--unfused-gate-batches", "0", "--out", str(tmp_path))
+    assert r.returncode == 0, r.stderr[-3000:]
+    (row,) = json.loads(next(tmp_path.glob("gpu-tiny-*.json")).read_text())["results"]
+    assert row["batch"] == 64 and row["tokens_per_s"] > 0
