@@ -231,7 +231,8 @@ def profile_prefill(model, dev, length: int, step_tokens: int, steps: int, profi
 
 def bench_throughput(model, dev, n: int, isl: int, osl: int, conc: int, step_tokens: int, cap_s: float = 0,
                      kv: str = "auto"):
-    """-> (output tokens/s, requests finished); stops stepping after cap_s seconds when cap_s > 0."""
+    """-> (output tokens/s, requests finished, where the time went: split_steps); stops stepping after cap_s
+    seconds when cap_s > 0."""
     eng = engine(model, conc, isl + osl + 2, step_tokens, kv=kv)
     log(f"throughput engine warmed up: {eng.warmup()}")
     reqs = requests(n, isl, osl, seed=11)
@@ -239,11 +240,32 @@ def bench_throughput(model, dev, n: int, isl: int, osl: int, conc: int, step_tok
         eng.add_request(r)
     sync(dev)
     g0, t0 = eng.generated_tokens, time.perf_counter()
-    finished = 0
+    finished, steps = 0, []
     while eng.has_work() and not (cap_s and time.perf_counter() - t0 > cap_s):
+        prefill, g, ts = carries_prefill(eng.scheduler), eng.generated_tokens, time.perf_counter()
         finished += sum(o.finished for o in eng.step())
+        steps.append((prefill, time.perf_counter() - ts, eng.generated_tokens - g))
     sync(dev)
-    return (eng.generated_tokens - g0) / (time.perf_counter() - t0), finished
+    return (eng.generated_tokens - g0) / (time.perf_counter() - t0), finished, split_steps(steps)
+
+
+def carries_prefill(sched) -> bool:
+    """Whether the step about to be scheduled computes prompt tokens: a running sequence's prompt is not all
+    in, or a waiting one will be admitted."""
+    return any(s.num_computed < s.prompt_len for s in sched.running) or bool(
+        sched.waiting and len(sched.running) < sched.max_num_seqs)
+
+
+def split_steps(steps: list[tuple[bool, float, int]]) -> dict:
+    """[(carries prefill, wall s, tokens generated)] a step -> totals for steps with and without prefill. With
+    overlapped scheduling a step's call waits for the step before it, so each time belongs to its neighbour:
+    one step of error at each boundary between the two kinds."""
+    out = {}
+    for kind, flag in (("prefill", True), ("decode", False)):
+        mine = [(dt, g) for p, dt, g in steps if p == flag]
+        out.update({f"{kind}_steps": len(mine), f"{kind}_s": sum(dt for dt, _ in mine),
+                    f"{kind}_generated": sum(g for _, g in mine)})
+    return out
 
 
 def checkpoint(preset: str, ckpt_dir: Path) -> tuple[Path, bool]:
@@ -355,11 +377,11 @@ def run_model(preset: str, a, dev: torch.device, bw: float, flops: float, comman
         chunk = min(a.max_tokens_per_step, a.prefill_seqs * a.prefill_len)
         add("prefill", a.prefill_seqs, a.prefill_len, tok_s, chunk, *_chunk_shape(chunk, a.prefill_len))
     if "throughput" in a.phases:
-        tok_s, done = bench_throughput(model, dev, a.requests, a.isl, a.osl, a.concurrency, a.max_tokens_per_step,
-                                       a.throughput_seconds, kv=kv)
+        tok_s, done, split = bench_throughput(model, dev, a.requests, a.isl, a.osl, a.concurrency,
+                                              a.max_tokens_per_step, a.throughput_seconds, kv=kv)
         tctx = a.isl + a.osl // 2  # not ctx: the profiles below are decode at --decode-context
         add("throughput", a.concurrency, tctx, tok_s, a.concurrency, [tctx] * a.concurrency, a.concurrency,
-            {"isl": a.isl, "osl": a.osl, "requests": a.requests, "requests_finished": done,
+            {"isl": a.isl, "osl": a.osl, "requests": a.requests, "requests_finished": done, **split,
              "metric": "output tokens/s"})
     # with PDL a kernel starts while the one before it runs and waits in its first instruction: its span
     # would hold that wait, and the categories' times would overlap. Profiled without it unless asked.

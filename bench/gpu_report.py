@@ -75,7 +75,7 @@ def markdown(res: dict) -> str:
             f"{r['requests_finished']} of {r['requests']} requests "
             "finished in the measured window" + ("" if _whole(r) else
                                                  " (cut short by --throughput-seconds: the rate so far)")
-            for r in thr]
+            + _split(r) for r in thr]
     paths = [r for r in res["results"] if r.get("kernel_paths")]
     if paths:
         out += ["", "Decode kernel paths (kernels/configs for this GPU): " + "; ".join(
@@ -117,6 +117,19 @@ def markdown(res: dict) -> str:
     if not res.get("complete", True):
         out += ["", "(cut short: the run ended before its last measurement)"]
     return "\n".join(out)
+
+
+def _split(r: dict) -> str:
+    """Where a throughput run's time went: steps that computed prompt tokens, and decode-only steps."""
+    if "decode_steps" not in r:
+        return ""
+    parts = []
+    for kind, what in (("prefill", "steps with prompt tokens"), ("decode", "decode-only steps")):
+        n, sec, gen = r[f"{kind}_steps"], r[f"{kind}_s"], r[f"{kind}_generated"]
+        if n:
+            parts.append(f"{sec:.1f} s in {n} {what} ({1e3 * sec / n:.1f} ms a step, {gen / n:.0f} tokens "
+                         f"generated a step, {gen / sec if sec else 0:.0f} tok/s)")
+    return ". " + "; ".join(parts) if parts else ""
 
 
 BEGIN, END = "<!-- bench.gpu results: begin -->", "<!-- bench.gpu results: end -->"

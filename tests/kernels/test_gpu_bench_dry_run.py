@@ -44,7 +44,13 @@ def test_dry_run_writes_results_and_markdown(tmp_path, weights):
         assert x["gpu"] == res["gpu"] and x["command"].startswith("python -m bench.gpu")
     assert "| workload | batch |" in r.stdout and "| decode | 4 |" in r.stdout
     assert "batch 1: MoE default, linears on kernels.linear: none (cuBLAS)" in r.stdout
-    assert res["results"][-1]["requests_finished"] == 5
+    thr = res["results"][-1]
+    assert thr["requests_finished"] == 5
+    # where its time went: 5 requests of 12 prompt and 6 output tokens at concurrency 3 need both kinds of
+    # step, and every generated token is counted in one of them
+    assert thr["prefill_steps"] > 0 and thr["decode_steps"] > 0 and thr["prefill_s"] > 0 and thr["decode_s"] > 0
+    assert thr["prefill_generated"] + thr["decode_generated"] == 5 * 6
+    assert "steps with prompt tokens (" in r.stdout and "decode-only steps (" in r.stdout
     # batch 1 is measured with overlapped scheduling off too (--lockstep-batches 1,8 by default)
     [lock] = [x for x in res["results"] if "lockstep_tokens_per_s" in x]
     assert lock["batch"] == 1 and lock["lockstep_tokens_per_s"] > 0 and lock["overlap_speedup"] > 0
