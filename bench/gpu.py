@@ -54,7 +54,6 @@ import argparse
 import datetime
 import functools
 import json
-import math
 import os
 import random
 import re
