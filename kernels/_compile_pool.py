@@ -56,12 +56,11 @@ class CompilePool:
         if first:
             wanted = set(keys)
             self._queued = deque(q for q in self._queued if q[0] not in wanted)
-        queued = {q[0] for q in self._queued}
-        new, seen = [], set()
+        queued, new = {q[0] for q in self._queued}, []
         for k, j in zip(keys, jobs):
-            if k not in self._started and k not in queued and k not in seen:
+            if k not in self._started and k not in queued:
                 new.append((k, fn, j))
-                seen.add(k)
+                queued.add(k)
         if first:
             self._queued.extendleft(reversed(new))
         else:
