@@ -79,9 +79,9 @@ def moe_block_ms(cfg, n: int) -> list[int]:
     BLOCK_M 16 those take two tiles: each tile streams and upcasts the expert's weights again (the upcast
     bounds these kernels, BENCHMARKS.md "GPU"). So the sweep reaches the first tile of m + 2 sqrt(m) rows
     or more (512: 16 and 32; 1,024: up to 64) and the measurement decides."""
-    from .moe import _default_config
+    from .moe_configs import default_config
     per_expert = n * cfg.num_experts_per_tok / cfg.num_local_experts
-    d = _default_config(n * cfg.num_experts_per_tok, cfg.num_local_experts, False)["BLOCK_M"]
+    d = default_config(n * cfg.num_experts_per_tok, cfg.num_local_experts, False)["BLOCK_M"]
     busy = per_expert + 2 * per_expert ** 0.5
     gemv = [1] if per_expert <= 1 else []  # about one pair per expert: single-pair tiles (kernels.moe_gemv)
     return gemv + [b for b in (16, 32, 64, 128, 256) if b == d or (d // 2 <= b and (b <= 16 or b // 2 < busy))]

@@ -159,23 +159,23 @@ def workloads():
         step = (_step_launches(PRESETS["gpt-oss-120b"], b, 1, DECODE_CONTEXT, kv_dtype=torch.float8_e4m3fn) if b
                 else _step_launches(PRESETS["gpt-oss-120b"], 1, PREFILL_CHUNK, PREFILL_CHUNK,
                                     kv_dtype=torch.float8_e4m3fn))
-        out.append((f"120b kv8 " + (f"d{b}" if b else f"p{PREFILL_CHUNK}"),
+        out.append(("120b kv8 " + (f"d{b}" if b else f"p{PREFILL_CHUNK}"),
                     [ln for ln in step if ln[0].__name__ in ("_attn_kernel", "_rope_kernel")]))
-    from . import moe as moe_mod, moe_gemv, tuned
+    from . import moe_configs, moe_gemv, tuned
     # the single-pair expert tiles (kernels.moe_gemv) kernels.tune may pick for decode: at batch 1, and at 32
     # (120b's one pair per expert; past X16_IN_ALIGN rows the fp16 activations take a launch of their own)
     for name, b in (("gpt-oss-20b", 1), ("gpt-oss-120b", 1), ("gpt-oss-120b", 32)):
-        with tuned.forced(moe_mod.gemv_configs()):
+        with tuned.forced(moe_configs.gemv_configs()):
             step = _step_launches(PRESETS[name], b, 1, DECODE_CONTEXT)
         gemv_only = [ln for ln in step if ln[0].__name__ in ("_align_kernel", "_gate_kernel", *moe_gemv._KERNELS)]
         out.append((f"{name.removeprefix('gpt-oss-')} gemv d{b}", gemv_only))
-    with tuned.forced({k: dict(c, L2PF=True) for k, c in moe_mod.gemv_configs().items()}):  # ... prefetching
+    with tuned.forced({k: dict(c, L2PF=True) for k, c in moe_configs.gemv_configs().items()}):  # ... prefetching
         step = _step_launches(PRESETS["gpt-oss-120b"], 1, 1, DECODE_CONTEXT)
     out.append(("120b gemv l2pf d1", [ln for ln in step if ln[0].__name__ in ("_w1_gemv_kernel", "_w2_gemv_kernel")]))
     # the MMA tiles split over K (SPLIT_K) kernels.tune may pick for a decode step's few tiles: at batch 1
     # (W2's slabs summed by its combine tail) and 8 (by the combine launch)
     for b in (1, 8):
-        with tuned.forced(moe_mod.split_configs()):
+        with tuned.forced(moe_configs.split_configs()):
             step = _step_launches(PRESETS["gpt-oss-120b"], b, 1, DECODE_CONTEXT)
         out.append((f"120b split d{b}", [ln for ln in step if ln[0].__name__ in (
             "_w1_kernel", "_w2_kernel", "_combine_kernel")]))
@@ -184,7 +184,7 @@ def workloads():
     for name, b, bm in (("gpt-oss-20b", 64, 16), ("gpt-oss-120b", 64, 16), ("gpt-oss-120b", 256, 16),
                         ("gpt-oss-120b", 256, 32), ("gpt-oss-120b", 0, 64), ("gpt-oss-120b", 0, 128)):
         # b 0: a prefill chunk; BLOCK_M 128 as two warpgroups (its accumulators would not fit one)
-        configs = moe_mod.rs_configs(block_m=bm)
+        configs = moe_configs.rs_configs(block_m=bm)
         if bm > 64:
             configs = {k: dict(c, num_warps=8) for k, c in configs.items()}
         with tuned.forced(configs):
@@ -197,9 +197,9 @@ def workloads():
         step = _step_launches(PRESETS["gpt-oss-120b"], 1, PREFILL_CHUNK, PREFILL_CHUNK)
     out.append((f"120b mma256 p{PREFILL_CHUNK}", [ln for ln in step if ln[0].__name__ in ("_w1_kernel", "_w2_kernel")]))
     # the MMA and rs tiles with their rows bulk-prefetched (L2PF: kernels.tune's phase 2 tries it)
-    d64 = moe_mod._default_config(64 * 4, 128, False)
+    d64 = moe_configs.default_config(64 * 4, 128, False)
     for tag, configs in (("mma", {k: dict(d64, L2PF=True) for k in ("moe_w1", "moe_w2")}),
-                         ("rs", {k: dict(c, L2PF=True) for k, c in moe_mod.rs_configs(block_m=16).items()})):
+                         ("rs", {k: dict(c, L2PF=True) for k, c in moe_configs.rs_configs(block_m=16).items()})):
         with tuned.forced(configs):
             step = _step_launches(PRESETS["gpt-oss-120b"], 64, 1, DECODE_CONTEXT)
         out.append((f"120b {tag} l2pf d64", [ln for ln in step if ln[0].__name__ in (

@@ -65,10 +65,10 @@ def moe_case(cfg, n: int, dev, dtype, gen, ep: int = 1, gemv: bool = False, rs: 
     ref32 = moe.moe_reference(x, idx, w, w1b, w1s, b1, w2b, w2s, b2)
     xb, b1b, b2b, wb = x.to(dtype), b1.to(dtype), b2.to(dtype), w.to(dtype)
     ref16 = moe.moe_reference(xb, idx, wb, w1b, w1s, b1b, w2b, w2s, b2b)
-    from . import tuned
+    from . import moe_configs, tuned
     cpu = torch.device(dev).type == "cpu"
-    forced = (moe.gemv_configs(cpu) if gemv else moe.rs_configs(cpu) if rs else
-              moe.split_configs(cpu, 3 if cpu else 4) if split else {})
+    forced = (moe_configs.gemv_configs(cpu) if gemv else moe_configs.rs_configs(cpu) if rs else
+              moe_configs.split_configs(cpu, 3 if cpu else 4) if split else {})
     with tuned.forced(forced):
         out = moe.moe_mxfp4(xb, (idx, wb), w1b, w1s, b1b, w2b, w2s, b2b, top_k=k)
     e, b, ok = verdict(out, ref32, ref16)

@@ -21,13 +21,12 @@
    `norm` it also writes the next RMSNorm of that sum (the next block's attention norm, or the
    final one), as kernels.rmsnorm computes it: one launch fewer per layer again.
 
+Which path and tiles a step takes (measured configs, defaults, forced paths) is kernels.moe_configs.
+
 Layouts are the checkpoint's: w1_blocks [E, 2I, H/32, 16], w1_scales [E, 2I, H/32],
 w2_blocks [E, H, I/32, 16], w2_scales [E, H, I/32], b1 [E, 2I], b2 [E, H], where
 E counts this rank's experts and `global_to_local` (-1 = not here) maps router ids.
 """
-
-import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -38,12 +37,12 @@ from models.layers import swiglu
 from . import moe_combine as combine_kernels
 from . import moe_gemv as gemv_kernels
 from . import moe_rs as rs_kernels
-from . import tuned
+from .moe_configs import Plan, k_split, launch_args, step_plan
 from .moe_gate import GATE_MAX_ROWS, X16_IN_ALIGN, align, align_triton, fused_rows, gate_triton
-from ._triton import interpreting, jit_module, launch, next_pow2, on_gpu, tickets, tl, triton
+from ._triton import interpreting, jit_module, launch, tickets, tl, triton
 from .pdl import PREFETCH_PTX  # noqa: F401 (read as a global by _l2_prefetch where kernels.aot compiles it)
 from .pdl import enter as _pdl_enter
-from .pdl import l2_prefetch as _l2_prefetch
+from .pdl import l2_prefetch as _l2_prefetch  # noqa: F401 (a global of _prefetch_rows, re-jitted here)
 
 
 def route(logits: torch.Tensor, top_k: int, dtype: torch.dtype | None = None):
@@ -288,110 +287,6 @@ _NO_SPECIALIZE = {"_w1_kernel": ("n_pairs",), "_w2_kernel": ("n_pairs", "n_rows"
                   **combine_kernels._NO_SPECIALIZE}
 
 
-def _default_config(pairs: int, n_local: int, interp: bool) -> dict:
-    if interp:  # the interpreter's cost grows with tile volume: smallest legal tiles
-        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32)
-    per_expert = pairs / max(n_local, 1)
-    bm = 16 if per_expert <= 16 else 32 if per_expert <= 64 else 64
-    return dict(BLOCK_M=bm, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3)
-
-
-def gemv_config(interp: bool = False, kernel: str = "moe_w1") -> dict:
-    """The single-pair tiles of kernels.moe_gemv (BLOCK_M 1 is align's tile): 32 W1 rows (16 column pairs) or
-    32 W2 rows a program, one 16-byte block each per thread at 4 warps. Not a default yet: chosen where
-    kernels.tune measured it faster (kernels/configs), or forced (gemv_configs)."""
-    bn = 16 if kernel == "moe_w1" else 32
-    return dict(GEMV=True, BLOCK_M=1, BLOCK_N=bn, BLOCK_KB=32 if interp else 64,
-                **({} if interp else dict(num_warps=4, num_stages=2)))
-
-
-def gemv_configs(interp: bool = False) -> dict:
-    """{kernel: config} forcing the single-pair tiles for both matmuls (kernels.tuned.forced)."""
-    return {k: gemv_config(interp, k) for k in ("moe_w1", "moe_w2")}
-
-
-def rs_config(interp: bool = False, kernel: str = "moe_w1", block_m: int = 16) -> dict:
-    """kernels.moe_rs's tiles (weights as the MMA's register operand): 64 W1 columns (gate and linear
-    rows: two 64-row operands) or 128 W2 rows a program, 4 warps (one warpgroup), 2 scale blocks a K step.
-    Not a default yet: chosen where kernels.tune measured it faster, or forced (rs_configs)."""
-    if interp:
-        return dict(RS=True, BLOCK_M=block_m, BLOCK_N=16, NSUB=1)
-    return dict(RS=True, BLOCK_M=block_m, BLOCK_N=64 if kernel == "moe_w1" else 128, NSUB=6, num_warps=4,
-                num_stages=3)
-
-
-def rs_configs(interp: bool = False, block_m: int = 16) -> dict:
-    """{kernel: config} forcing kernels.moe_rs's tiles for both matmuls (kernels.tuned.forced)."""
-    return {k: rs_config(interp, k, block_m) for k in ("moe_w1", "moe_w2")}
-
-
-def split_configs(interp: bool = False, splits: int = 4) -> dict:
-    """{kernel: config} forcing the MMA tiles split over K in both matmuls (kernels.tuned.forced): the
-    default tiles at BLOCK_M 16 with SPLIT_K. Not a default: chosen where kernels.tune measured it faster."""
-    base = _default_config(1, 1, interp)
-    return {k: dict(base, SPLIT_K=splits) for k in ("moe_w1", "moe_w2")}
-
-
-def tuning_shape(H: int, I: int, n_local: int, top_k: int, dtype) -> str:
-    return tuned.shape_key(H=H, I=I, E=n_local, top_k=top_k, dtype=dtype)
-
-
-def _config(n_tokens: int, H: int, I: int, n_local: int, top_k: int, x: torch.Tensor, interp: bool):
-    """(w1 config, w2 config): the measured ones for this device and shape (kernels.tuned), else the default.
-
-    Both or neither: the two kernels must agree on BLOCK_M (align's tiles) and on the path (GEMV, RS or
-    neither), since each path hands W2 its own activations."""
-    shape = tuning_shape(H, I, n_local, top_k, x.dtype)
-    c1 = tuned.lookup("moe_w1", shape, n_tokens, x.device)
-    c2 = tuned.lookup("moe_w2", shape, n_tokens, x.device)
-    if (c1 is not None and c2 is not None and c1["BLOCK_M"] == c2["BLOCK_M"]
-            and all(bool(c1.get(p)) == bool(c2.get(p)) for p in ("GEMV", "RS"))):
-        return c1, c2
-    d = _default_config(n_tokens * top_k, n_local, interp)
-    return d, d
-
-
-def _k_split(K: int, splits: int, block_k: int) -> int:
-    """K per split: a whole number of K steps (the last split shorter, or empty)."""
-    return triton.cdiv(triton.cdiv(K, splits), block_k) * block_k
-
-
-def _split(cfg: dict) -> tuple[dict, dict]:
-    """-> (constexprs, launch options)."""
-    return ({k: v for k, v in cfg.items() if k.startswith("BLOCK") or k in ("NSUB", "L2PF")},
-            {k: v for k, v in cfg.items() if k.startswith("num_")})
-
-
-@dataclass
-class _Plan:
-    """One step's expert-matmul choices: configs (kernels.tuned or the default), path, tile rows."""
-    cfg1: dict
-    cfg2: dict
-    gemv: bool  # kernels.moe_gemv: W1 takes fp16(x * 2**-XS) and hands W2 its activations so
-    rs: bool  # kernels.moe_rs: W1 takes bf16(x * 2**XC), K permuted (moe_rs.act_order), and hands W2 so
-    dot_bf16: bool
-    scaled: bool
-
-    @property
-    def block_m(self) -> int:
-        return self.cfg1["BLOCK_M"]
-
-
-def _plan(x: torch.Tensor, N: int, E: int, I: int, k: int, scaled: bool | None) -> _Plan:
-    H = x.shape[1]
-    if H % 32 or I % 32:
-        raise ValueError(f"hidden {H} and intermediate {I} must be multiples of 32 (MXFP4 blocks)")
-    interp = interpreting()
-    cfg1, cfg2 = _config(N, H, I, E, k, x, interp)
-    if (cfg1.get("GEMV") or cfg1.get("RS")) and x.dtype == torch.float32:  # both serve 16-bit activations
-        cfg1 = cfg2 = _default_config(N * k, E, interp)
-    if cfg1.get("RS"):  # a K step of NSUB scale blocks must divide the matmul's K (W1's H, W2's I)
-        cfg1, cfg2 = ({**c, "NSUB": math.gcd(c["NSUB"], K // 32)} for c, K in ((cfg1, H), (cfg2, I)))
-    dot_bf16 = on_gpu(x) and x.dtype in (torch.bfloat16, torch.float16)
-    return _Plan(cfg1, cfg2, bool(cfg1.get("GEMV")), bool(cfg1.get("RS")), dot_bf16,
-                 dot_bf16 if scaled is None else scaled)
-
-
 def _jit_all() -> None:
     jit_module(vars(combine_kernels), combine_kernels._KERNELS)  # where the aliased combine helpers look
     jit_module(globals(), _KERNELS)
@@ -418,7 +313,7 @@ def moe_mxfp4(x: torch.Tensor, routing, w1_blocks, w1_scales, b1, w2_blocks, w2_
         out = torch.zeros_like(x) if residual is None else residual.clone()
         return out if norm is None else (out, torch.empty_like(out))
     _jit_all()
-    plan = _plan(x, N, E, I, k, scaled)
+    plan = step_plan(x, N, E, I, k, scaled)
     x = x.contiguous()
     in_align = plan.gemv and N <= X16_IN_ALIGN  # the align program also makes the gemv tiles' activations
     x16 = torch.empty_like(x, dtype=torch.float16) if in_align else None
@@ -439,14 +334,14 @@ def moe_block_mxfp4(o: torch.Tensor, residual: torch.Tensor, mlp_norm: tuple[tor
     N = o.shape[0]
     E, I = w1_blocks.shape[0], w1_blocks.shape[1] // 2
     _jit_all()
-    plan = _plan(o, N, E, I, top_k, None)
+    plan = step_plan(o, N, E, I, top_k, None)
     g = gate_triton(o, residual, mlp_norm[0], mlp_norm[1], router_w, router_b, top_k, E, plan.block_m,
                     global_to_local, load, token_mask, drop_masked, x16=plan.gemv and N <= X16_IN_ALIGN)
     return _experts(g.h, g.x16, g.weights, g.aligned, plan, top_k, w1_blocks, w1_scales, b1, w2_blocks, w2_scales,
                     b2, limit, alpha, g.x, norm)
 
 
-def _experts(x, x16, rw, aligned, plan: _Plan, k: int, w1_blocks, w1_scales, b1, w2_blocks, w2_scales, b2,
+def _experts(x, x16, rw, aligned, plan: Plan, k: int, w1_blocks, w1_scales, b1, w2_blocks, w2_scales, b2,
              limit, alpha, residual, norm):
     """W1, W2 and the combine over aligned pairs; rw [N*k] fp32 router weights; x16: the gemv tiles' input
     where the align (or the gate) program made it, else None (a launch of _x16_kernel makes it here)."""
@@ -465,7 +360,7 @@ def _experts(x, x16, rw, aligned, plan: _Plan, k: int, w1_blocks, w1_scales, b1,
     s1, s2 = ((1, 1) if gemv or rs else (plan.cfg1.get("SPLIT_K", 1), plan.cfg2.get("SPLIT_K", 1)))
     # the gemv tiles and W2's slabs hand the combine fp32 rows (a few per step): a token's sum rounds once
     y = torch.empty(s2 * N * k, H, dtype=torch.float32 if gemv or s2 > 1 else x.dtype, device=x.device)
-    meta, opts = _split(plan.cfg1)
+    meta, opts = launch_args(plan.cfg1)
     grid1 = (T, triton.cdiv(I, meta["BLOCK_N"]))
     if rs:
         xp = torch.empty(N, H, dtype=torch.bfloat16, device=x.device)
@@ -478,7 +373,7 @@ def _experts(x, x16, rw, aligned, plan: _Plan, k: int, w1_blocks, w1_scales, b1,
     else:
         part = torch.empty(s1, T * bm, 2 * I, dtype=torch.float32, device=x.device) if s1 > 1 else rw
         launch(_w1_kernel, (*grid1, s1), x, w1_blocks, w1_scales, b1, act, sorted_ids, tile_expert, N * k, H, I,
-               x.stride(0), part, tickets(x.device, T * grid1[1] if s1 > 1 else 1), _k_split(H, s1, meta["BLOCK_K"]),
+               x.stride(0), part, tickets(x.device, T * grid1[1] if s1 > 1 else 1), k_split(H, s1, meta["BLOCK_K"]),
                TOP_K=k, LIMIT=float(limit), ALPHA=float(alpha), DOT_BF16=plan.dot_bf16, SCALED=plan.scaled,
                SPLIT_K=s1, PTX=not interp, **meta, **opts)
     out = torch.empty_like(x)
@@ -499,9 +394,9 @@ def _experts(x, x16, rw, aligned, plan: _Plan, k: int, w1_blocks, w1_scales, b1,
     w2_flags = dict(flags, BLOCK_H=chunk) if tail else dict(TOP_K=1, HAS_RES=False, NORM=False, BLOCK_H=16)
     w2_combine = combine if tail else (valid, y, y, y, y, N, 0, 0.0)
     w2 = gemv_kernels._w2_gemv_kernel if gemv else rs_kernels._w2_rs_kernel if rs else _w2_kernel
-    meta, opts = _split(plan.cfg2)
+    meta, opts = launch_args(plan.cfg2)
     own = dict(PTX=not interp, **({} if gemv or rs else dict(
-        DOT_BF16=plan.dot_bf16, SCALED=plan.scaled, SPLIT_K=s2, K_SPLIT=_k_split(I, s2, meta["BLOCK_K"]))))
+        DOT_BF16=plan.dot_bf16, SCALED=plan.scaled, SPLIT_K=s2, K_SPLIT=k_split(I, s2, meta["BLOCK_K"]))))
     launch(w2, (T, triton.cdiv(H, meta["BLOCK_N"]), s2), act, w2_blocks, w2_scales, b2, rw, y, sorted_ids,
            tile_expert, N * k, H, I, tickets(x.device, 1), *w2_combine, COMBINE=tail, **w2_flags, **own, **meta,
            **opts)

@@ -39,7 +39,7 @@ serializes every wgmma of the kernel (kernels.aot reports it).
 Under the interpreter (CPU tests) the same loads and orders run with the decode
 in Triton ops and fp32 dots; tests/kernels/test_moe_rs_ptx.py runs the PTX on
 a model of its instructions. Selected by a config with RS (kernels.tuned,
-kernels.moe.rs_configs).
+kernels.moe_configs.rs_configs).
 """
 
 from . import moe_combine as combine_kernels

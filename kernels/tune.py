@@ -201,11 +201,11 @@ class Tuner:
     def _plan_moe(self, task: Task) -> Plan:
         from models.checkpoint import PRESETS
 
-        from .moe import _default_config, gemv_configs, rs_configs, tuning_shape
+        from .moe_configs import default_config, gemv_configs, rs_configs, tuning_shape
         cfg = PRESETS[task.model]
         k, E = cfg.num_experts_per_tok, cfg.num_local_experts
         shape = tuning_shape(cfg.hidden_size, cfg.intermediate_size, E, k, self.dtype)
-        d = _default_config(task.n * k, E, self.dry)
+        d = default_config(task.n * k, E, self.dry)
         label = f"{task.model.removeprefix('gpt-oss-')} E={E}"
         results = {kn: Result(kn, shape, label, task.n, default=d) for kn in ("moe_w1", "moe_w2")}
         # each path's W1 and W2 go together (each hands W2 its own activations): one group per path and BLOCK_M

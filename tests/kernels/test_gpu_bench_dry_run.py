@@ -204,7 +204,7 @@ def test_kernel_paths_follow_the_tuned_file(tmp_path, monkeypatch):
 
     from bench.gpu_kernels import paths
     from kernels import _tune_cases as cases, linear, tuned
-    from kernels.moe import gemv_config, tuning_shape
+    from kernels.moe_configs import gemv_config, tuning_shape
     from models.checkpoint import PRESETS
     cfg = PRESETS["gpt-oss-120b"]
     shape = tuning_shape(cfg.hidden_size, cfg.intermediate_size, cfg.num_local_experts, cfg.num_experts_per_tok,

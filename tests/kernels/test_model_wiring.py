@@ -209,7 +209,7 @@ def test_tuned_decode_kernels_serve_through_the_model(tiny_ckpt, monkeypatch):
     dispatch.linear: qkv, o, router, unembedding) and the single-pair expert tiles (kernels.moe_gemv,
     with its fp16 activations) run inside an engine's steps of a bf16 model: every step's logits
     within bf16 rounding of the same run on the untuned Triton path (cuBLAS-style F.linear, MMA tiles)."""
-    from kernels import linear as lin, moe, tuned
+    from kernels import linear as lin, moe, moe_configs, tuned
     m = load_model(tiny_ckpt, dtype=torch.bfloat16, keep_mxfp4=True)
     monkeypatch.setenv("GPTOSS_KERNELS", "triton")
 
@@ -235,7 +235,7 @@ def test_tuned_decode_kernels_serve_through_the_model(tiny_ckpt, monkeypatch):
     assert "_linear_kernel" not in launched and "_w1_kernel" in launched
     launched.clear()
     # wide tiles: the interpreter walks the unembedding's 201k rows program by program
-    with tuned.forced({"linear": dict(BLOCK_N=1024, BLOCK_K=64), **moe.gemv_configs(True)}):
+    with tuned.forced({"linear": dict(BLOCK_N=1024, BLOCK_K=64), **moe_configs.gemv_configs(True)}):
         got = run()
     assert {"_linear_kernel", "_w1_gemv_kernel", "_w2_gemv_kernel"} <= set(launched)
     assert len(got) == len(ref) >= 3

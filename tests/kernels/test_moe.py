@@ -113,7 +113,7 @@ def test_gemv_tiles_match_the_module(dtype, block_kb, n):
     a scale per 16-byte block, fp32 rows to the combine): no further from the fp32 module than the MMA
     path at the same dtype; a local subset through the map (pairs of absent experts skipped: summed with the
     other half, the full layer); an expert taking every token (many single-pair tiles of one expert)."""
-    from kernels.moe import gemv_configs
+    from kernels.moe_configs import gemv_configs
     cfg = {k: dict(c, BLOCK_KB=block_kb) for k, c in gemv_configs(True).items()}
     out, ref, err, err_mma = _split_layer(cfg, n, dtype, seed=4)
     assert err <= err_mma + 1e-4, (err, err_mma)  # fp16 products, fp32 rows to the combine: no worse
@@ -128,7 +128,7 @@ def test_rs_tiles_match_the_module(dtype, block_m, nsub, n):
     further from the fp32 module than the MMA path (fp16 activations go through bf16 here, as tl.dot_scaled's
     do on a GPU, so against the module only); a local subset through the map; an expert taking every token
     (several tiles of one expert, a padded last one)."""
-    from kernels.moe import rs_configs
+    from kernels.moe_configs import rs_configs
     cfg = {k: dict(c, NSUB=nsub) for k, c in rs_configs(True, block_m).items()}
     out, ref, err, err_mma = _split_layer(cfg, n, dtype, seed=5)
     assert dtype != torch.bfloat16 or err <= 1.5 * err_mma + 1e-4, (err, err_mma)
@@ -141,7 +141,7 @@ def test_prefill_sized_tiles_match_the_module(path):
     expert taking all 40 tokens fills one tile and the others' runs are mostly padding; the kernels' own
     E2M1 decode, tl.dot_scaled and kernels.moe_rs all within bf16 rounding of the fp32 module, and the
     MMA paths no further from it than the default tiles."""
-    from kernels.moe import rs_configs
+    from kernels.moe_configs import rs_configs
     cfg = (rs_configs(True, 256) if path == "rs" else
            {k: dict(BLOCK_M=256, BLOCK_N=32, BLOCK_K=32) for k in ("moe_w1", "moe_w2")})
     out, ref, err, err_mma = _split_layer(cfg, 40, torch.bfloat16, seed=6, scaled=path == "scaled")
@@ -154,7 +154,7 @@ def test_rs_steps_of_several_blocks(nsub):
     """K steps of several scale blocks at 6 blocks a row (H = I = 192): odd steps run one MMA a block,
     even ones pair the blocks into K=64 MMAs (6: three a step); both against the fp32 reference."""
     from kernels import _tune_cases as cases, tuned
-    from kernels.moe import rs_configs
+    from kernels.moe_configs import rs_configs
     from tests.kernels.cases import CFG
     cfg = CFG.model_copy(update=dict(hidden_size=192, intermediate_size=192))
     w = cases.moe_weights(cfg, torch.bfloat16, "cpu", seed=3)
@@ -169,14 +169,14 @@ def test_w1_and_w2_entries_on_different_paths_fall_back_to_the_default():
     """Each path hands W2 its own activations (rs: permuted and scaled; gemv: fp16): a tuned W1 on one path
     and W2 on another, even at the same BLOCK_M, is not run; both take the default tiles."""
     from kernels import tuned
-    from kernels.moe import _config, _default_config, rs_config
+    from kernels.moe_configs import configs_for, default_config, rs_config
     x = tokens(4, seed=2).bfloat16()
-    d = _default_config(4 * K, E, True)
+    d = default_config(4 * K, E, True)
     mixed = {"moe_w1": rs_config(True, "moe_w1", d["BLOCK_M"]), "moe_w2": d}
     with tuned.forced(mixed):
-        assert _config(4, H, 64, E, K, x, True) == (d, d)
+        assert configs_for(4, H, 64, E, K, x, True) == (d, d)
     with tuned.forced({"moe_w1": mixed["moe_w1"], "moe_w2": rs_config(True, "moe_w2", d["BLOCK_M"])}):
-        assert _config(4, H, 64, E, K, x, True)[0]["RS"]
+        assert configs_for(4, H, 64, E, K, x, True)[0]["RS"]
 
 
 def test_rs_activation_order_is_a_permutation_of_each_block():
@@ -192,7 +192,7 @@ def test_rs_activation_order_is_a_permutation_of_each_block():
 def test_gemv_config_leaves_fp32_on_the_mma_path():
     """fp32 activations keep fp32 products: a forced gemv config runs the MMA path (identical output)."""
     from kernels import tuned
-    from kernels.moe import gemv_configs
+    from kernels.moe_configs import gemv_configs
     m, x = moe_module(), tokens(5, seed=8)
     idx, w = m.route(x)
     with tuned.forced(gemv_configs(True)):
@@ -284,7 +284,7 @@ def test_combine_as_the_w2_tail_equals_its_own_launch(path, with_norm, chunk, mo
     if chunk:
         monkeypatch.setattr(moe_combine, "CHUNK", chunk)
     from kernels import _triton, tuned
-    from kernels.moe import gemv_configs, rs_configs
+    from kernels.moe_configs import gemv_configs, rs_configs
     dtype = torch.float32 if path == "mma" else torch.bfloat16
     from kernels.moe_combine import TAIL_MAX_ROWS
     n = TAIL_MAX_ROWS
@@ -454,7 +454,7 @@ def test_l2_prefetch_changes_no_bit(path):
     same output as without it, on every path, with an expert taking every token (tiles after its first
     ask for nothing), and the launches carry it."""
     from kernels import _triton, tuned
-    from kernels.moe import gemv_configs, rs_configs
+    from kernels.moe_configs import gemv_configs, rs_configs
     dtype = torch.float32 if path == "mma" else torch.bfloat16
     base = {"mma": {k: dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32) for k in ("moe_w1", "moe_w2")},
             "gemv": gemv_configs(True), "rs": rs_configs(True)}[path]

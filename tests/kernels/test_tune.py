@@ -18,7 +18,8 @@ pytest.importorskip("triton")
 from kernels import tuned  # noqa: E402
 from kernels._triton import capturing  # noqa: E402
 from kernels.attention import paged_attention, tuning_shape as attn_shape  # noqa: E402
-from kernels.moe import moe_mxfp4, tuning_shape as moe_shape  # noqa: E402
+from kernels.moe import moe_mxfp4  # noqa: E402
+from kernels.moe_configs import tuning_shape as moe_shape  # noqa: E402
 from tests.kernels.cases import DECODE, H, HEAD_DIM, I, KV_HEADS, MIXED, E, TOP_K, attention_step, moe_module, \
     packed, tokens  # noqa: E402
 
