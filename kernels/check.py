@@ -210,9 +210,9 @@ def sample_case(V: int, n: int, dev, dtype, gen):
 
 def linear_case(cfg, which: str, n: int, dev, dtype, gen, dry: bool, split: bool = False):
     """One of a decode step's linears (kernels.linear) at n rows: at this GPU's measured config for the
-    shape, else kernels.aot's sample tile (dry: a small one, and the vocabulary cut to 3000 rows).
-    split: at kernels.aot's split-K sample (the tile's last program reduces, in the same launch)."""
-    from . import _tune_cases as tc, aot, linear, tuned
+    shape, else kernels.aot_workloads' sample tile (dry: a small one, and the vocabulary cut to 3000 rows).
+    split: at kernels.aot_workloads' split-K sample (the tile's last program reduces, in the same launch)."""
+    from . import _tune_cases as tc, aot_workloads, linear, tuned
     N, K, bias = tc.linear_shape(cfg, which)
     N = min(N, 3000) if dry else N
     x = torch.randn(n, K, device=dev, generator=gen)
@@ -220,9 +220,9 @@ def linear_case(cfg, which: str, n: int, dev, dtype, gen, dry: bool, split: bool
     b = torch.randn(N, device=dev, generator=gen) * 0.1 if bias else None
     xb, wb, bb = x.to(dtype), w.to(dtype), None if b is None else b.to(dtype)
     ref32, ref16 = linear.linear_reference(x, w, b), linear.linear_reference(xb, wb, bb).to(dtype)
-    cfg_l = linear.config_for(xb, wb, bb) or (dict(BLOCK_N=32, BLOCK_K=64) if dry else aot.LINEAR_SAMPLE)
+    cfg_l = linear.config_for(xb, wb, bb) or (dict(BLOCK_N=32, BLOCK_K=64) if dry else aot_workloads.LINEAR_SAMPLE)
     if split:
-        cfg_l = dict(BLOCK_N=32, BLOCK_K=64, SPLIT_K=3) if dry else aot.LINEAR_SPLIT_SAMPLE
+        cfg_l = dict(BLOCK_N=32, BLOCK_K=64, SPLIT_K=3) if dry else aot_workloads.LINEAR_SPLIT_SAMPLE
     with tuned.forced({"linear": cfg_l}):
         out = linear.linear(xb, wb, bb)
     return verdict(out, ref32, ref16)

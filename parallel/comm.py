@@ -56,7 +56,7 @@ class LocalComm:
 class StandInComm(LocalComm):
     """EP rank `ep_rank` of `ep_size` (all tokens replicated), alone: its collectives return their
     input. For checks of one rank's forward in one process (its launches and host reads on the meta
-    device, kernels.aot.model_launches); the outputs are not the group's."""
+    device, kernels.aot_workloads.model_launches); the outputs are not the group's."""
 
     def __init__(self, ep_size: int, ep_rank: int, attn_dp: bool = False):
         """attn_dp: a rank of ep attention-DP groups of tp 1 (its own tokens): the gather returns ep

@@ -11,7 +11,7 @@ import pytest
 
 pytest.importorskip("triton")
 
-from kernels import aot  # noqa: E402
+from kernels import aot, aot_workloads  # noqa: E402
 
 ARCH = 90
 CONFIGS = aot.plan(ARCH)  # recording the launches is cheap (no compiling): enough to name the cases
@@ -63,7 +63,7 @@ def test_step_shapes_do_not_multiply_compilations():
     # decode batches 17..32 all pick one split count; prefill chunks of 2..500 tokens one tile set
     shapes = [(b, 1, ctx) for b in (17, 19, 24, 32) for ctx in (100, 1000, 4099)]
     shapes += [(1, q, q + extra) for q in (2, 3, 16, 17, 100, 500) for extra in (0, 33)]
-    uses = [(f"{b}x{q}@{c}", aot._step_launches(cfg, b, q, c)) for b, q, c in shapes]
+    uses = [(f"{b}x{q}@{c}", aot_workloads.step_launches(cfg, b, q, c)) for b, q, c in shapes]
     per_kernel = {}
     for c in aot.bind(uses, ARCH):
         per_kernel[c.kernel] = per_kernel.get(c.kernel, 0) + 1
@@ -78,7 +78,7 @@ def test_step_shapes_do_not_multiply_compilations():
 
 def test_plan_covers_what_the_model_launches():
     """The plan is built from the launchers called by hand; the model must launch nothing else. Recorded
-    from the full-size models themselves on the meta device (aot.model_launches): every distinct
+    from the full-size models themselves on the meta device (aot_workloads.model_launches): every distinct
     compilation they need is in the plan. (It found the MoE reading an identity expert map, HAS_MAP,
     in every single-process run, a variant the plan never compiled.)"""
     def key(c):
@@ -86,10 +86,10 @@ def test_plan_covers_what_the_model_launches():
     planned = {key(c) for c in CONFIGS}
     # and one rank of 120b ep8, with replicated attention and with attention DP (helm's preset), and
     # TP rank 1 of an attention-DP group of 2 (half the heads, the second share of the group's rows)
-    cases = [(m, 1, 1, False) for m in aot.MODELS] + [("gpt-oss-120b", 1, 8, False), ("gpt-oss-120b", 1, 8, True),
+    cases = [(m, 1, 1, False) for m in aot_workloads.MODELS] + [("gpt-oss-120b", 1, 8, False), ("gpt-oss-120b", 1, 8, True),
                                                       ("gpt-oss-120b", 2, 8, True)]
     for preset, tp, ep, dp in cases:
-        real = aot.bind(aot.model_launches(preset, ep=ep, attn_dp=dp, tp=tp), ARCH)
+        real = aot.bind(aot_workloads.model_launches(preset, ep=ep, attn_dp=dp, tp=tp), ARCH)
         assert len(real) >= 9
         missing = [f"{c.kernel} {c.label} ({', '.join(c.uses)})" for c in real if key(c) not in planned]
         assert not missing, missing

@@ -262,7 +262,7 @@ def test_prefill_chunks_sweep_compute_sized_tiles():
     accumulators a thread, among them the ones kernels.aot compiles for sm_90 ("120b mma256 p8192");
     decode tiles stay within 64, so a decode sweep is the size it was."""
     from kernels import _tune_cases as cases
-    from kernels.aot import MOE_PREFILL_SAMPLE
+    from kernels.aot_workloads import MOE_PREFILL_SAMPLE
     from models.checkpoint import PRESETS
     big = PRESETS["gpt-oss-120b"]
     assert 256 in cases.moe_block_ms(big, 8192) and 256 not in cases.moe_block_ms(big, 256)
