@@ -50,7 +50,6 @@ summary for BENCHMARKS.md is printed.
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import functools
 import json
@@ -65,90 +64,10 @@ from pathlib import Path
 import torch
 
 from bench import step_profile
+from bench.gpu_args import parse as parse_args
+from bench.roofline import Roofline, copy_bandwidth, matmul_flops, sync
 from bench.gpu_kernels import paths as kernel_paths
 from bench.gpu_report import BEGIN, END, markdown, update_benchmarks  # noqa: F401 (BEGIN, END: re-exported)
-
-
-def sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-
-
-def copy_bandwidth(dev: torch.device, nbytes: int, reps: int = 10) -> float:
-    """Bytes/s of a large device-to-device copy, counting the read and the write."""
-    a = torch.empty(nbytes, dtype=torch.uint8, device=dev)
-    b = torch.empty_like(a)
-    b.copy_(a)
-    sync(dev)
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        b.copy_(a)
-    sync(dev)
-    return 2 * nbytes * reps / (time.perf_counter() - t0)
-
-
-def matmul_flops(dev: torch.device, n: int, reps: int = 10, warm_s: float = 0.5) -> float:
-    a = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
-    t0 = time.perf_counter()
-    while time.perf_counter() - t0 < warm_s:  # an idle GPU clocks down: bring it to speed first
-        a @ b
-        sync(dev)
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    sync(dev)
-    return 2 * n ** 3 * reps / (time.perf_counter() - t0)
-
-
-class Roofline:
-    """Bytes (and FLOPs) of one engine step of a gpt-oss config, weights in bf16 + MXFP4 experts."""
-
-    def __init__(self, cfg, kv_bytes: int = 2):
-        """kv_bytes: a cached value's (2: bf16; 1: an fp8 cache, EngineConfig.kv_cache_dtype)."""
-        self.cfg = c = cfg
-        H, I, D = c.hidden_size, c.intermediate_size, c.head_dim
-        # q, k, v, o projections and the router, bf16
-        self.dense = ((c.num_attention_heads + 2 * c.num_key_value_heads) * D * H
-                      + c.num_attention_heads * D * H) * 2 + c.num_local_experts * H * 2
-        self.norms = 2 * H * 4  # fp32
-        self.attn = self.dense + self.norms
-        # 4 bits + 1 scale byte per 32 weights, bf16 biases
-        self.w1, self.w2 = 2 * I * H * 17 / 32 + 2 * I * 2, I * H * 17 / 32 + H * 2
-        self.expert = self.w1 + self.w2
-        self.kv_token = 2 * c.num_key_value_heads * D * kv_bytes  # k and v, per layer
-        self.unembed = c.vocab_size * H * 2
-        self.active_params = (self.attn // 2) + c.num_experts_per_tok * 3 * I * H
-
-    def experts_touched(self, tokens: int) -> float:
-        E, k = self.cfg.num_local_experts, self.cfg.num_experts_per_tok
-        return E * (1 - (1 - k / E) ** tokens)
-
-    def step_parts(self, tokens: int, contexts: list[int], sampled: int) -> dict[str, float]:
-        """Bytes one step moves, by what moves them (bench.step_profile puts kernels beside these)."""
-        c, L = self.cfg, self.cfg.num_hidden_layers
-        kv = 0
-        for layer in range(L):
-            w = c.window(layer)
-            kv += sum(min(n, w) if w else n for n in contexts) * self.kv_token
-        touched = self.experts_touched(tokens)
-        return {"dense weights": L * self.dense, "norm weights": L * self.norms, "experts w1": L * touched * self.w1,
-                "experts w2": L * touched * self.w2, "kv read": kv, "kv write": tokens * self.kv_token * L,
-                "embedding": tokens * c.hidden_size * 2,
-                "unembedding": self.unembed + sampled * c.vocab_size * 4 if sampled else 0}
-
-    def step_bytes(self, tokens: int, contexts: list[int], sampled: int) -> float:
-        return sum(self.step_parts(tokens, contexts, sampled).values())
-
-    def step_flops(self, tokens: int, contexts: list[int], sampled: int) -> float:
-        """contexts: one (mean) attended length per sequence; the step's tokens are its sequences'
-        queries, evenly (decode: one each; a prefill chunk: its length each)."""
-        c = self.cfg
-        queries = tokens / max(len(contexts), 1)
-        attn = queries * sum(4 * c.num_attention_heads * c.head_dim * (min(n, c.window(i)) if c.window(i) else n)
-                             for i in range(c.num_hidden_layers) for n in contexts)
-        unembed_params = c.vocab_size * c.hidden_size
-        return 2 * self.active_params * c.num_hidden_layers * tokens + attn + 2 * sampled * unembed_params
 
 
 def requests(n: int, prompt_len: int, max_tokens: int, seed: int, vocab: int = 199998, temperature: float = 0):
@@ -347,29 +266,14 @@ def run_model(preset: str, a, dev: torch.device, bw: float, flops: float, comman
                                   a.max_tokens_per_step)
         # what the GPU's tuned file picked for this batch (MoE tiles, linears), so the figure says what it measured
         extra = {"step_ms": step_s * 1e3, "kernel_paths": kernel_paths(model.config, B, dev)}
-        if B in a.lockstep_batches:  # the same decode without overlapped scheduling, measured just after
-            lock_s, lock_step, _ = decode(model, dev, B, a.decode_context, a.decode_steps, a.warmup_steps,
-                                       a.max_tokens_per_step, overlap=False)
-            extra.update(lockstep_tokens_per_s=lock_s, lockstep_step_ms=lock_step * 1e3,
-                         overlap_speedup=tok_s / lock_s)
-        if B in a.sampled_batches:  # temperature 1 (the API's default): drawn by the fused sampling kernel
-            smp_s, smp_step, _ = decode(model, dev, B, a.decode_context, a.decode_steps, a.warmup_steps,
-                                     a.max_tokens_per_step, temperature=1.0)
-            extra.update(sampled_tokens_per_s=smp_s, sampled_step_ms=smp_step * 1e3)
-        if B in a.padded_batches:  # the step padded to the next bucket (its padding rows reach no expert)
-            pad_s, pad_step, _ = decode(model, dev, B, a.decode_context, a.decode_steps, a.warmup_steps,
-                                        a.max_tokens_per_step, padded=True)
-            extra.update(padded_tokens_per_s=pad_s, padded_step_ms=pad_step * 1e3)
-        if B in a.unfused_gate_batches:  # the MoE gate as separate launches (kernels.moe_gate off)
-            with environ(GPTOSS_GATE_MAX_ROWS="0"):
-                ung_s, ung_step, _ = decode(model, dev, B, a.decode_context, a.decode_steps, a.warmup_steps,
-                                            a.max_tokens_per_step)
-            extra.update(unfused_gate_tokens_per_s=ung_s, unfused_gate_step_ms=ung_step * 1e3)
-        if B in a.no_pdl_batches:  # every launch waiting for the previous kernel's end (kernels.pdl off)
-            with environ(GPTOSS_PDL="0"):
-                npd_s, npd_step, _ = decode(model, dev, B, a.decode_context, a.decode_steps, a.warmup_steps,
-                                            a.max_tokens_per_step)
-            extra.update(no_pdl_tokens_per_s=npd_s, no_pdl_step_ms=npd_step * 1e3)
+        for name, batches, kw, env in decode_variants(a):  # each measured just after the plain run
+            if B in batches:
+                with environ(**env):
+                    v_s, v_step, _ = decode(model, dev, B, a.decode_context, a.decode_steps, a.warmup_steps,
+                                            a.max_tokens_per_step, **kw)
+                extra.update({f"{name}_tokens_per_s": v_s, f"{name}_step_ms": v_step * 1e3})
+        if "lockstep_tokens_per_s" in extra:
+            extra["overlap_speedup"] = tok_s / extra["lockstep_tokens_per_s"]
         add("decode", B, ctx, tok_s, B, [ctx] * B, B, extra)
     if "prefill" in a.phases:
         tok_s = bench_prefill(model, dev, a.prefill_seqs, a.prefill_len, a.max_tokens_per_step, kv=kv)
@@ -420,6 +324,15 @@ def run_model(preset: str, a, dev: torch.device, bw: float, flops: float, comman
     return res
 
 
+def decode_variants(a) -> list[tuple[str, list[int], dict, dict]]:
+    """The decode runs repeated beside the plain one: (result key prefix, batches, bench_decode kwargs, env)."""
+    return [("lockstep", a.lockstep_batches, dict(overlap=False), {}),  # overlapped scheduling off
+            ("sampled", a.sampled_batches, dict(temperature=1.0), {}),  # the API's default: the sampling kernel
+            ("padded", a.padded_batches, dict(padded=True), {}),  # to the next graph bucket (padding: no expert)
+            ("unfused_gate", a.unfused_gate_batches, {}, {"GPTOSS_GATE_MAX_ROWS": "0"}),  # kernels.moe_gate off
+            ("no_pdl", a.no_pdl_batches, {}, {"GPTOSS_PDL": "0"})]  # each launch waits for the one before
+
+
 def _chunk_shape(chunk: int, length: int) -> tuple[list[int], int]:
     """A prefill chunk of prompts of `length` for the roofline: (mean attended lengths, sequences sampled)."""
     n = max(1, chunk // length)
@@ -437,83 +350,6 @@ def _profiler(roof, dev, bw: float, tokens: int, contexts: list[int], sampled: i
     return prof
 
 
-PHASES = ("decode", "prefill", "throughput", "profile")
-
-
-def phases(s: str) -> list[str]:
-    out = [x for x in s.split(",") if x]
-    bad = [x for x in out if x not in PHASES]
-    if bad or not out:
-        raise argparse.ArgumentTypeError(f"unknown phase(s) {','.join(bad) or '(none)'}; choose from {','.join(PHASES)}")
-    return out
-
-
-def parse(argv=None):
-    ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    ap.add_argument("--models", default="gpt-oss-120b,gpt-oss-20b", help="presets, comma separated")
-    ap.add_argument("--ckpt-dir", default=str(Path.home() / ".cache" / "gptoss" / "bench"))
-    ap.add_argument("--delete-created", action="store_true", help="remove checkpoints this run wrote (disk space)")
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--kernels", choices=["auto", "torch", "triton"], help="sets GPTOSS_KERNELS")
-    ap.add_argument("--batches", type=ints, default=[1, 8, 64, 256])
-    ap.add_argument("--decode-context", type=int, default=1024)
-    ap.add_argument("--decode-steps", type=int, default=32)
-    ap.add_argument("--lockstep-batches", type=ints, default=[1, 8],
-                    help="decode batches also measured with overlapped scheduling off (0 for none)")
-    ap.add_argument("--sampled-batches", type=ints, default=[1, 64],
-                    help="decode batches also measured at temperature 1 (the fused sampling kernel)")
-    ap.add_argument("--unfused-gate-batches", type=ints, default=[1],
-                    help="decode batches also measured with the few-row MoE fusions (the one-launch gate, "
-                         "the combine in W2) off: GPTOSS_GATE_MAX_ROWS=0")
-    ap.add_argument("--no-pdl-batches", type=ints, default=[1],
-                    help="decode batches also measured without programmatic dependent launch (GPTOSS_PDL=0; "
-                         "kernels/pdl.py)")
-    ap.add_argument("--padded-batches", type=ints, default=[1],
-                    help="decode batches also measured with their steps padded to the next graph bucket "
-                         "(0 for none)")
-    ap.add_argument("--warmup-steps", type=int, default=4)
-    ap.add_argument("--profile-batches", type=ints, default=[1, 64],
-                    help="decode batches profiled in the last phase (bench.step_profile: time per kernel category "
-                         "beside the bytes it moves; the Chrome trace beside the JSON)")
-    ap.add_argument("--profile-steps", type=int, default=10)
-    ap.add_argument("--profile-pdl", action="store_true",
-                    help="profile with programmatic dependent launch on (by default off for the profiles: with it "
-                         "a kernel's span includes its wait for the kernel before)")
-    ap.add_argument("--profile-prefill-steps", type=int, default=3,
-                    help="full prefill chunks (--max-tokens-per-step tokens of --prefill-len prompts) profiled in "
-                         "the last phase, after one unprofiled (0 for none)")
-    ap.add_argument("--phases", type=phases, default=PHASES, help="comma separated, of: " + ",".join(PHASES))
-    ap.add_argument("--prefill-seqs", type=int, default=8)
-    ap.add_argument("--prefill-len", type=int, default=2048)
-    ap.add_argument("--max-tokens-per-step", type=int, default=8192)
-    ap.add_argument("--isl", type=int, default=1024)
-    ap.add_argument("--osl", type=int, default=1024)
-    # the most sequences in flight that fit beside 120b's weights on an H200 at 1k/1k (~38 GB of KV)
-    ap.add_argument("--concurrency", type=int, default=512)
-    ap.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto",
-                    help="every engine's KV cache (EngineConfig.kv_cache_dtype); fp8 halves its bytes, so twice the "
-                         "concurrency fits (1,024 1k/1k sequences on one H200 with 120b's weights)")
-    ap.add_argument("--requests", type=int, default=1024)
-    ap.add_argument("--throughput-seconds", type=float, default=0, help="cap on the throughput phase (0 = none)")
-    ap.add_argument("--weights", choices=["memory", "disk"], default="memory",
-                    help="draw random weights on the device (memory) or write/read a checkpoint (disk)")
-    ap.add_argument("--copy-gib", type=float, default=2.0)
-    ap.add_argument("--out", help="results directory (default bench/results; a temp dir for --dry-run)")
-    ap.add_argument("--dry-run", action="store_true", help="tiny preset on CPU, tiny sizes: exercises the flow")
-    ap.add_argument("--update-benchmarks", metavar="RESULTS_DIR",
-                    help="measure nothing: write the newest GPU result per (GPU, model) in RESULTS_DIR into "
-                         "--benchmarks-file between its bench.gpu markers")
-    ap.add_argument("--benchmarks-file", default="BENCHMARKS.md")
-    if ap.parse_args(argv).dry_run:  # tiny defaults; flags given explicitly still win
-        ap.set_defaults(models="tiny", device="cpu", batches=[1, 2, 4], sampled_batches=[2], decode_context=12,
-                        decode_steps=3, profile_batches=[2], profile_steps=2, profile_prefill_steps=2,
-                        warmup_steps=1, prefill_seqs=2, prefill_len=24, max_tokens_per_step=32, isl=12, osl=6,
-                        concurrency=3, requests=5, copy_gib=1 / 128)
-    return ap.parse_args(argv)
-
-
 def find_vocab() -> None:
     """Raw-mode output decoding needs the o200k vocabulary; offline machines keep a copy (see README)."""
     if "TIKTOKEN_ENCODINGS_BASE" in os.environ:
@@ -523,6 +359,10 @@ def find_vocab() -> None:
         if (d / "o200k_base.tiktoken").exists():
             os.environ["TIKTOKEN_ENCODINGS_BASE"] = str(d)
             return
+
+
+def parse(argv=None):
+    return parse_args(argv, __doc__)
 
 
 def main(argv=None) -> int:

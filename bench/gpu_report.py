@@ -53,6 +53,22 @@ def _goals(res: dict) -> list[str]:
     return out
 
 
+def _variant_lines(res: dict) -> list[tuple[str, bool, str]]:
+    """bench.gpu.decode_variants' lines: (result key prefix, the variant's figure first, the line's lead)."""
+    return [
+        ("lockstep", False, "Overlapped scheduling (the default on CUDA) against lockstep, decode measured back to "
+                            "back: "),
+        ("sampled", True, "Decode at temperature 1 (sampled by the fused kernel) against greedy, back to back: "),
+        ("padded", True, "Decode padded to the next graph bucket (batch 1 in the bucket of 2: cuBLAS's one-row path "
+                         "adds a linear's bias in a kernel of its own, its two-row path in the GEMM) against its own "
+                         "bucket, back to back: "),
+        ("unfused_gate", False, "Decode with the one-launch MoE gate (kernels/moe_gate.py: the MLP's add and norm, "
+                                "router, routing and align) and the combine as W2's tail (kernels/moe_combine.py) "
+                                "against those as launches of their own (GPTOSS_GATE_MAX_ROWS=0), back to back: "),
+        ("no_pdl", False, f"Decode with programmatic dependent launch (kernels/pdl.py; on in this run: "
+                          f"{res.get('pdl', '?')}) against without it (GPTOSS_PDL=0), back to back: ")]
+
+
 def markdown(res: dict) -> str:
     out = [f"### {res['model']} on {res['gpu']}",
            f"bf16 + MXFP4 experts, kernels {res['kernels']} (triton: {res['use_triton']}), copy bandwidth "
@@ -81,37 +97,19 @@ def markdown(res: dict) -> str:
         out += ["", "Decode kernel paths (kernels/configs for this GPU): " + "; ".join(
             f"batch {r['batch']}: MoE {r['kernel_paths']['moe']}, linears on kernels.linear: "
             f"{', '.join(r['kernel_paths']['linears']) or 'none (cuBLAS)'}" for r in paths)]
-    lock = [r for r in res["results"] if "lockstep_tokens_per_s" in r]
-    if lock:
-        out += ["", "Overlapped scheduling (the default on CUDA) against lockstep, decode measured back to back: " +
-                "; ".join(f"batch {r['batch']}: {r['tokens_per_s']:.1f} vs {r['lockstep_tokens_per_s']:.1f} tok/s "
-                          f"({r['overlap_speedup']:.2f}x, {r['step_ms']:.2f} vs {r['lockstep_step_ms']:.2f} ms/step)"
-                          for r in lock)]
-    smp = [r for r in res["results"] if "sampled_tokens_per_s" in r]
-    if smp:
-        out += ["", "Decode at temperature 1 (sampled by the fused kernel) against greedy, back to back: " +
-                "; ".join(f"batch {r['batch']}: {r['sampled_tokens_per_s']:.1f} vs {r['tokens_per_s']:.1f} tok/s "
-                          f"({r['sampled_step_ms']:.2f} vs {r['step_ms']:.2f} ms/step)" for r in smp)]
-    pad = [r for r in res["results"] if "padded_tokens_per_s" in r]
-    if pad:
-        out += ["", "Decode padded to the next graph bucket (batch 1 in the bucket of 2: cuBLAS's one-row path "
-                "adds a linear's bias in a kernel of its own, its two-row path in the GEMM) against its own "
-                "bucket, back to back: " +
-                "; ".join(f"batch {r['batch']}: {r['padded_tokens_per_s']:.1f} vs {r['tokens_per_s']:.1f} tok/s "
-                          f"({r['padded_step_ms']:.2f} vs {r['step_ms']:.2f} ms/step)" for r in pad)]
-    ung = [r for r in res["results"] if "unfused_gate_tokens_per_s" in r]
-    if ung:
-        pairs = "; ".join(f"batch {r['batch']}: {r['tokens_per_s']:.1f} vs {r['unfused_gate_tokens_per_s']:.1f} "
-                          f"tok/s ({r['step_ms']:.2f} vs {r['unfused_gate_step_ms']:.2f} ms/step)" for r in ung)
-        out += ["", "Decode with the one-launch MoE gate (kernels/moe_gate.py: the MLP's add and norm, router, "
-                "routing and align) and the combine as W2's tail (kernels/moe_combine.py) against those as "
-                "launches of their own (GPTOSS_GATE_MAX_ROWS=0), back to back: " + pairs]
-    npd = [r for r in res["results"] if "no_pdl_tokens_per_s" in r]
-    if npd:
-        pairs = "; ".join(f"batch {r['batch']}: {r['tokens_per_s']:.1f} vs {r['no_pdl_tokens_per_s']:.1f} "
-                          f"tok/s ({r['step_ms']:.2f} vs {r['no_pdl_step_ms']:.2f} ms/step)" for r in npd)
-        out += ["", f"Decode with programmatic dependent launch (kernels/pdl.py; on in this run: "
-                f"{res.get('pdl', '?')}) against without it (GPTOSS_PDL=0), back to back: " + pairs]
+    for key, variant_first, intro in _variant_lines(res):
+        rows = [r for r in res["results"] if f"{key}_tokens_per_s" in r]
+        if not rows:
+            continue
+        pairs = []
+        for r in rows:
+            tok, ms = (r[f"{key}_tokens_per_s"], r["tokens_per_s"]), (r[f"{key}_step_ms"], r["step_ms"])
+            if not variant_first:
+                tok, ms = tok[::-1], ms[::-1]
+            speedup = f"{r['overlap_speedup']:.2f}x, " if key == "lockstep" else ""
+            pairs.append(f"batch {r['batch']}: {tok[0]:.1f} vs {tok[1]:.1f} tok/s ({speedup}{ms[0]:.2f} vs "
+                         f"{ms[1]:.2f} ms/step)")
+        out += ["", intro + "; ".join(pairs)]
     for r in res.get("profiles", []):
         out += step_profile.markdown(r)
     if not res.get("complete", True):

@@ -27,7 +27,7 @@ import torch
 LINEAR = re.compile(r"gemm|gemv|nvjet|cutlass|xmma|cublas|^aten::(linear|addmm|mm|matmul|bmm)$", re.I)
 COMM = re.compile(r"nccl|^gloo|^c10d::", re.I)
 COPY_CATS = ("gpu_memcpy", "gpu_memset")
-# which of the roofline's byte parts (bench.gpu.Roofline.step_parts) each category moves
+# which of the roofline's byte parts (bench.roofline.Roofline.step_parts) each category moves
 PART_OF = {"linear": ("dense weights", "unembedding"), "moe w1": ("experts w1",), "moe w2": ("experts w2",),
            "attention": ("kv read",), "rope + kv write": ("kv write",), "rmsnorm": ("norm weights",)}
 

@@ -113,7 +113,7 @@ def test_phases_run_a_subset_and_a_bad_phase_names_the_flag(tmp_path):
 
 
 def test_prefill_flops_count_attention_per_query():
-    from bench.gpu import Roofline
+    from bench.roofline import Roofline
     from models.checkpoint import PRESETS
     cfg = PRESETS["gpt-oss-120b"]
     roof = Roofline(cfg)
@@ -127,7 +127,7 @@ def test_prefill_flops_count_attention_per_query():
 
 def test_roofline_matches_the_published_estimate():
     """NOTES §5: gpt-oss-120b batch-1 decode moves ~1.9 GB attention + ~1.9 GB experts + ~1.2 GB unembedding."""
-    from bench.gpu import Roofline
+    from bench.roofline import Roofline
     from models.checkpoint import PRESETS
     roof = Roofline(PRESETS["gpt-oss-120b"])
     nbytes = roof.step_bytes(1, [1], 1)
@@ -276,7 +276,7 @@ def test_a_run_of_some_phases_completes_its_sessions_newest(tmp_path):
 def test_fp8_kv_cache_run_labels_its_rows_and_its_roofline_counts_its_bytes(tmp_path):
     """--kv-cache-dtype fp8: every engine of the run on an fp8 cache (the engines' own pools are checked in
     tests/engine/test_kv_fp8.py), each row saying so, its roofline counting a byte a cached value."""
-    from bench.gpu import Roofline
+    from bench.roofline import Roofline
     from models.checkpoint import PRESETS
     r = dry_run("--kv-cache-dtype", "fp8", "--phases", "decode,throughput", "--batches", "1", "--lockstep-batches",
                 "", "--sampled-batches", "", "--padded-batches", "", "--unfused-gate-batches", "", "--no-pdl-batches",

@@ -100,7 +100,7 @@ def test_summary_puts_time_beside_bytes():
 
 
 def test_roofline_parts_sum_to_the_step_bytes():
-    from bench.gpu import Roofline
+    from bench.roofline import Roofline
     from models.checkpoint import PRESETS
     roof = Roofline(PRESETS["gpt-oss-120b"])
     parts = roof.step_parts(64, [1024] * 64, 64)
