@@ -14,7 +14,7 @@ from engine import harmony
 from engine.grammar import GrammarSpec, build_grammar
 from engine.harmony import ContentDelta, ReasoningDelta, ToolCallDelta, ToolCallStart
 from engine.request import GenerateRequest, RequestOutput
-from engine.sampler import StopChecker
+from engine.stop import StopChecker
 
 from .api_common import (SSE_DONE, APIError, UsageTotals, chat_logprob, engine_failure, new_id, now, sampling_params,
                          sse, stream_chunk)
@@ -169,7 +169,7 @@ class ChatChoice:
 
     def _finish(self, reason: str):
         self.finish_reason = reason
-        lp, self._pending_lp = self._pending_lp, []  # content tokens still held back (a stop string)
+        self._pending_lp = []  # content tokens still held back (a stop string): never sent
         return {}, None, reason
 
     def message(self) -> dict:

@@ -10,7 +10,8 @@ from typing import Any
 from .grammar import GrammarMatcher, GrammarSpec
 from .harmony import OutputParser
 from .kv_cache import SeqBlocks
-from .sampler import SamplingParams, StopChecker
+from .sampler import SamplingParams
+from .stop import StopChecker
 
 
 class EngineError(Exception):
