@@ -182,6 +182,32 @@ def stream_chunk(rid: str, obj: str, created: int, body, fingerprint: Optional[s
     return sse(d)
 
 
+class ChoicesHandler:
+    """What the chat and text completion handlers share: a body, choices that say when they are done, and
+    a stream's chunks, its end (usage when asked, [DONE]) and its error events."""
+
+    chunk_object: str
+
+    @property
+    def stream_requested(self) -> bool:
+        return self.body.stream
+
+    def _check_complete(self) -> None:
+        if not all(c.done for c in self.choices):
+            raise APIError(503, "the engine ended the request before it finished", code="engine_error")
+
+    def _chunk(self, choices: list[dict], usage=None) -> str:
+        return stream_chunk(self.id, self.chunk_object, self.created, self.body, self.fingerprint, choices, usage)
+
+    def _stream_end(self) -> list[str]:
+        self._check_complete()
+        usage = self.body.stream_options and self.body.stream_options.include_usage
+        return ([self._chunk([], self.usage.chat())] if usage else []) + [SSE_DONE]
+
+    def error_events(self, err: APIError) -> list[str]:
+        return [sse(err.body()), SSE_DONE]
+
+
 def api_keys_from_env(var: str = "GPTOSS_API_KEYS") -> frozenset[str]:
     """Comma-separated keys (the helm chart fills this from its Secret); empty: no auth."""
     import os

@@ -16,8 +16,8 @@ from engine.harmony import ContentDelta, ReasoningDelta, ToolCallDelta, ToolCall
 from engine.request import GenerateRequest, RequestOutput
 from engine.stop import StopChecker
 
-from .api_common import (SSE_DONE, APIError, UsageTotals, chat_logprob, engine_failure, new_id, now, sampling_params,
-                         sse, stream_chunk)
+from .api_common import (APIError, ChoicesHandler, UsageTotals, chat_logprob, engine_failure, new_id, now,
+                         sampling_params)
 from .protocol import ChatCompletionRequest
 
 _FINISH = {"stop": "stop", "length": "length", "tool_calls": "tool_calls", "abort": "stop"}
@@ -181,8 +181,9 @@ class ChatChoice:
         return msg
 
 
-class ChatHandler:
+class ChatHandler(ChoicesHandler):
     prompt_param = "messages"
+    chunk_object = "chat.completion.chunk"
 
     def __init__(self, body: ChatCompletionRequest, fingerprint: Optional[str]):
         self.body = body
@@ -197,20 +198,12 @@ class ChatHandler:
         self.usage = UsageTotals()
         self.usage.add_prompt(len(self.requests[0].prompt_ids))
 
-    @property
-    def stream_requested(self) -> bool:
-        return self.body.stream
-
     def _feed(self, out: RequestOutput):
         ch = self.choices[out.index]
         pieces = ch.feed(out)
         if ch.done and pieces and pieces[-1][2] is not None:
             self.usage.add_choice(ch.usage, ch.tokens_seen, ch.index == 0)
         return pieces
-
-    def _check_complete(self) -> None:
-        if not all(c.done for c in self.choices):
-            raise APIError(503, "the engine ended the request before it finished", code="engine_error")
 
     async def collect(self, outputs: AsyncIterator[tuple[int, RequestOutput]]) -> dict:
         async for _, out in outputs:
@@ -223,9 +216,6 @@ class ChatHandler:
         return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.body.model,
                 "system_fingerprint": self.fingerprint, "choices": choices, "usage": self.usage.chat()}
 
-    def _chunk(self, choices: list[dict], usage=None) -> str:
-        return stream_chunk(self.id, "chat.completion.chunk", self.created, self.body, self.fingerprint, choices, usage)
-
     async def stream(self, outputs: AsyncIterator[tuple[int, RequestOutput]]) -> AsyncIterator[str]:
         for c in self.choices:
             yield self._chunk([{"index": c.index, "delta": {"role": "assistant", "content": ""},
@@ -237,10 +227,5 @@ class ChatHandler:
                                     "finish_reason": finish}])
             if all(c.done for c in self.choices):
                 break
-        self._check_complete()
-        if self.body.stream_options and self.body.stream_options.include_usage:
-            yield self._chunk([], self.usage.chat())
-        yield SSE_DONE
-
-    def error_events(self, err: APIError) -> list[str]:
-        return [sse(err.body()), SSE_DONE]
+        for event in self._stream_end():
+            yield event

@@ -9,8 +9,8 @@ from typing import AsyncIterator, Optional
 from engine import harmony
 from engine.request import GenerateRequest, RequestOutput
 
-from .api_common import (SSE_DONE, APIError, UsageTotals, engine_failure, finite, new_id, now, sampling_params, sse,
-                         stream_chunk, token_str)
+from .api_common import (APIError, ChoicesHandler, UsageTotals, engine_failure, finite, new_id, now, sampling_params,
+                         token_str)
 from .protocol import CompletionRequest
 
 
@@ -44,6 +44,10 @@ class _Choice:
         self.usage = None
         self.tokens_seen = 0
 
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
     def feed(self, out: RequestOutput, want_lp: bool) -> tuple[str, Optional[dict]]:
         self.tokens_seen += len(out.token_ids)
         if out.finished and out.finish_reason == "error":
@@ -67,8 +71,9 @@ class _Choice:
         return out.text, lp
 
 
-class CompletionHandler:
+class CompletionHandler(ChoicesHandler):
     prompt_param = "prompt"
+    chunk_object = "text_completion"
     schema_param = None
 
     def __init__(self, body: CompletionRequest, fingerprint: Optional[str]):
@@ -96,20 +101,12 @@ class CompletionHandler:
         for r in self.requests:
             self.usage.add_prompt(len(r.prompt_ids))
 
-    @property
-    def stream_requested(self) -> bool:
-        return self.body.stream
-
     def _feed(self, ri: int, out: RequestOutput):
         ch = self.choices[ri * self.body.n + out.index]
         text, lp = ch.feed(out, self.body.logprobs is not None)
         if ch.finish_reason is not None:
             self.usage.add_choice(ch.usage, ch.tokens_seen, out.index == 0)
         return ch, text, lp
-
-    def _check_complete(self) -> None:
-        if not all(c.finish_reason for c in self.choices):
-            raise APIError(503, "the engine ended the request before it finished", code="engine_error")
 
     async def collect(self, outputs: AsyncIterator[tuple[int, RequestOutput]]) -> dict:
         async for ri, out in outputs:
@@ -120,9 +117,6 @@ class CompletionHandler:
         return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.body.model,
                 "system_fingerprint": self.fingerprint, "choices": choices, "usage": self.usage.chat()}
 
-    def _chunk(self, choices: list[dict], usage=None) -> str:
-        return stream_chunk(self.id, "text_completion", self.created, self.body, self.fingerprint, choices, usage)
-
     async def stream(self, outputs: AsyncIterator[tuple[int, RequestOutput]]) -> AsyncIterator[str]:
         if self.body.echo:
             for c in self.choices:
@@ -132,10 +126,5 @@ class CompletionHandler:
             if text or lp or ch.finish_reason:
                 yield self._chunk([{"index": ch.index, "text": text, "logprobs": lp,
                                     "finish_reason": ch.finish_reason}])
-        self._check_complete()
-        if self.body.stream_options and self.body.stream_options.include_usage:
-            yield self._chunk([], self.usage.chat())
-        yield SSE_DONE
-
-    def error_events(self, err: APIError) -> list[str]:
-        return [sse(err.body()), SSE_DONE]
+        for event in self._stream_end():
+            yield event
