@@ -38,7 +38,7 @@ loads it. Every number runs through engine.core.LLMEngine (scheduler, sampler an
 The JSON file is rewritten after every measurement, so a run cut short (a
 device time limit) keeps what it measured.
 
-Roofline: bytes one step must move (attention + router weights, the experts
+Roofline (bench.roofline): bytes one step must move (attention + router weights, the experts
 the step's tokens are expected to touch under uniform routing, KV read and
 written, embedding rows, unembedding, logits) over the device-to-device copy
 bandwidth measured in this run; activations are left out. Prefill also gets a
@@ -65,9 +65,9 @@ import torch
 
 from bench import step_profile
 from bench.gpu_args import parse as parse_args
-from bench.roofline import Roofline, copy_bandwidth, matmul_flops, sync
 from bench.gpu_kernels import paths as kernel_paths
 from bench.gpu_report import BEGIN, END, markdown, update_benchmarks  # noqa: F401 (BEGIN, END: re-exported)
+from bench.roofline import Roofline, copy_bandwidth, matmul_flops, sync
 
 
 def requests(n: int, prompt_len: int, max_tokens: int, seed: int, vocab: int = 199998, temperature: float = 0):
