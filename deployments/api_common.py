@@ -182,6 +182,21 @@ def stream_chunk(rid: str, obj: str, created: int, body, fingerprint: Optional[s
     return sse(d)
 
 
+class ChoiceState:
+    """Where one choice of a chat or text completion stands: its finish reason once it has one, the engine's
+    usage for it, the tokens it has seen."""
+
+    def __init__(self, index: int):
+        self.index = index
+        self.finish_reason: Optional[str] = None
+        self.usage = None
+        self.tokens_seen = 0
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+
 class ChoicesHandler:
     """What the chat and text completion handlers share: a body, choices that say when they are done, and
     a stream's chunks, its end (usage when asked, [DONE]) and its error events."""

@@ -16,8 +16,8 @@ from engine.harmony import ContentDelta, ReasoningDelta, ToolCallDelta, ToolCall
 from engine.request import GenerateRequest, RequestOutput
 from engine.stop import StopChecker
 
-from .api_common import (APIError, ChoicesHandler, UsageTotals, chat_logprob, engine_failure, new_id, now,
-                         sampling_params)
+from .api_common import (APIError, ChoicesHandler, ChoiceState, UsageTotals, chat_logprob, engine_failure, new_id,
+                         now, sampling_params)
 from .protocol import ChatCompletionRequest
 
 _FINISH = {"stop": "stop", "length": "length", "tool_calls": "tool_calls", "abort": "stop"}
@@ -94,11 +94,11 @@ def build_request(req: ChatCompletionRequest, rid: str) -> GenerateRequest:
     return GenerateRequest(rid, prompt, params, harmony=True, grammar=spec, hold=not req.stream and not req.stop)
 
 
-class ChatChoice:
+class ChatChoice(ChoiceState):
     """One choice's state: turns engine outputs into deltas and accumulates the message."""
 
     def __init__(self, index: int, stop: list[str], want_logprobs: bool):
-        self.index = index
+        super().__init__(index)
         self.reasoning: list[str] = []
         self.content: list[str] = []
         self.calls: dict[int, dict] = {}
@@ -107,13 +107,6 @@ class ChatChoice:
         self._in_content = False
         self._stop = StopChecker(stop) if stop else None
         self._want_lp = want_logprobs
-        self.finish_reason: Optional[str] = None
-        self.usage = None
-        self.tokens_seen = 0
-
-    @property
-    def done(self) -> bool:
-        return self.finish_reason is not None
 
     def feed(self, out: RequestOutput) -> list[tuple[dict, Optional[list], Optional[str]]]:
         """-> [(delta, logprobs for the delta or None, finish_reason or None)]."""

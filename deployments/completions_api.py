@@ -9,8 +9,8 @@ from typing import AsyncIterator, Optional
 from engine import harmony
 from engine.request import GenerateRequest, RequestOutput
 
-from .api_common import (APIError, ChoicesHandler, UsageTotals, engine_failure, finite, new_id, now, sampling_params,
-                         token_str)
+from .api_common import (APIError, ChoicesHandler, ChoiceState, UsageTotals, engine_failure, finite, new_id, now,
+                         sampling_params, token_str)
 from .protocol import CompletionRequest
 
 
@@ -34,19 +34,12 @@ def _prompts(prompt) -> list[tuple[str, list[int]]]:
     return out
 
 
-class _Choice:
+class _Choice(ChoiceState):
     def __init__(self, index: int, prefix: str):
-        self.index = index
+        super().__init__(index)
         self.text = [prefix]
         self.offset = len(prefix)
         self.lp = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-        self.finish_reason: Optional[str] = None
-        self.usage = None
-        self.tokens_seen = 0
-
-    @property
-    def done(self) -> bool:
-        return self.finish_reason is not None
 
     def feed(self, out: RequestOutput, want_lp: bool) -> tuple[str, Optional[dict]]:
         self.tokens_seen += len(out.token_ids)
