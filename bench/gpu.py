@@ -66,7 +66,7 @@ import torch
 from bench import step_profile
 from bench.gpu_args import parse as parse_args
 from bench.gpu_kernels import paths as kernel_paths
-from bench.gpu_report import BEGIN, END, markdown, update_benchmarks  # noqa: F401 (BEGIN, END: re-exported)
+from bench.gpu_report import markdown, update_benchmarks
 from bench.roofline import Roofline, copy_bandwidth, matmul_flops, sync
 
 
@@ -361,12 +361,8 @@ def find_vocab() -> None:
             return
 
 
-def parse(argv=None):
-    return parse_args(argv, __doc__)
-
-
 def main(argv=None) -> int:
-    a = parse(argv)
+    a = parse_args(argv, __doc__)
     if a.update_benchmarks:
         return update_benchmarks(Path(a.update_benchmarks), Path(a.benchmarks_file))
     find_vocab()

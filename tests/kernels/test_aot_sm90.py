@@ -86,8 +86,8 @@ def test_plan_covers_what_the_model_launches():
     planned = {key(c) for c in CONFIGS}
     # and one rank of 120b ep8, with replicated attention and with attention DP (helm's preset), and
     # TP rank 1 of an attention-DP group of 2 (half the heads, the second share of the group's rows)
-    cases = [(m, 1, 1, False) for m in aot_workloads.MODELS] + [("gpt-oss-120b", 1, 8, False), ("gpt-oss-120b", 1, 8, True),
-                                                      ("gpt-oss-120b", 2, 8, True)]
+    cases = [(m, 1, 1, False) for m in aot_workloads.MODELS] + [
+        ("gpt-oss-120b", 1, 8, False), ("gpt-oss-120b", 1, 8, True), ("gpt-oss-120b", 2, 8, True)]
     for preset, tp, ep, dp in cases:
         real = aot.bind(aot_workloads.model_launches(preset, ep=ep, attn_dp=dp, tp=tp), ARCH)
         assert len(real) >= 9

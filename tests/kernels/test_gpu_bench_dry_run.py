@@ -139,7 +139,8 @@ def test_roofline_matches_the_published_estimate():
 def test_update_benchmarks_writes_the_newest_result_per_gpu_and_model(tmp_path):
     """GPU JSON that came back from the device machine goes into BENCHMARKS.md between markers,
     newest per (GPU, model), replacing the previous block; dry runs are never written."""
-    from bench.gpu import BEGIN, END, main
+    from bench.gpu import main
+    from bench.gpu_report import BEGIN, END
 
     def result(model, date, tok_s, dry=False):
         row = {"kind": "decode", "batch": 1, "context": 1024, "tokens_per_s": tok_s, "roofline_tokens_per_s": 860.0,
