@@ -24,7 +24,7 @@ CUDA graph and replayed under triton.testing.do_bench (L2 flushed before each
 rep, median), and the three fastest are retried at other num_stages. The
 winner must match the torch reference or nothing is written for it. Results
 merge into <out>/<device name>.json, rewritten after every shape so a run cut
-short keeps what it measured. Candidate sets: kernels/_tune_cases.py.
+short keeps what it measured. Tasks and sweeps: kernels/_tune_plans.py; candidate sets: kernels/_tune_cases.py.
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -43,44 +42,13 @@ import torch
 from . import _tune_cases as cases
 from . import tuned
 from ._compile_pool import CompilePool
+from ._tune_plans import Plan, Sweep, Task, plan_task, tasks
 from ._tune_results import Result, Store, _fmt, _now, _us, table
 
 DRY = dict(models="tiny", batches="1,8", prefill_from=8, context=40)
 DRY_TIMER = "time.perf_counter around the Triton interpreter on CPU: interpreter times, not GPU times"
 GPU_TIMER = "triton.testing.do_bench of a CUDA-graph replay (CUDA events, L2 flushed per rep, median)"
 PLAIN_TIMER = "triton.testing.do_bench of plain launches (CUDA events, L2 flushed per rep, median)"
-
-
-@dataclass
-class Task:
-    family: str  # moe | attn_decode | attn_prefill | linear
-    model: str  # the preset the shapes come from
-    models: list[str]  # every model with this shape
-    n: int  # batch bucket: tokens (moe, prefill, linear) or sequences (decode)
-    window: int | None = None
-    linear: str | None = None  # which of _tune_cases.LINEARS
-
-
-@dataclass
-class Sweep:
-    """One kernel's candidates, launched beside fixed configs of the others (`others`)."""
-    kernel: str  # the tuned.forced key: moe_w1, moe_w2, attn_decode, attn_prefill, linear
-    cands: list[dict]
-    others: dict
-    timed: set[str] | None  # the Triton kernels whose launches are timed (None: all)
-    check: list[str]  # the Triton kernels whose sm_<arch> compile must be clean
-    stages: tuple = ()  # phase 2: the three fastest retried at these num_stages ...
-    extra: tuple = ()  # ... and with each of these settings
-    group: str = ""  # moe: path and BLOCK_M (mma16, rs16, gemv); W1 and W2 of one group go together
-
-
-@dataclass
-class Plan:
-    """What a task sweeps, known before any GPU work: its phase-1 compiles can start early (Tuner.prefetch)."""
-    task: Task
-    sweeps: list[Sweep]
-    results: dict[str, Result]
-    default: dict | None = None
 
 
 class Tuner:
@@ -191,49 +159,11 @@ class Tuner:
 
     # ------------------------------------------------------------- families
     def plan(self, task: Task) -> Plan:
-        return (self._plan_moe if task.family == "moe" else self._plan_linear if task.family == "linear"
-                else self._plan_attention)(task)
+        return plan_task(task, self.dtype, self.dry, self.a.context)
 
     def run(self, plan: Plan) -> list[Result]:
         return (self.moe if plan.task.family == "moe" else self.linear if plan.task.family == "linear"
                 else self.attention)(plan)
-
-    def _plan_moe(self, task: Task) -> Plan:
-        from models.checkpoint import PRESETS
-
-        from .moe_configs import default_config, gemv_configs, rs_configs, tuning_shape
-        cfg = PRESETS[task.model]
-        k, E = cfg.num_experts_per_tok, cfg.num_local_experts
-        shape = tuning_shape(cfg.hidden_size, cfg.intermediate_size, E, k, self.dtype)
-        d = default_config(task.n * k, E, self.dry)
-        label = f"{task.model.removeprefix('gpt-oss-')} E={E}"
-        results = {kn: Result(kn, shape, label, task.n, default=d) for kn in ("moe_w1", "moe_w2")}
-        # each path's W1 and W2 go together (each hands W2 its own activations): one group per path and BLOCK_M
-        groups: list[tuple[str, int, dict, tuple[str, str]]] = []
-        bms = cases.moe_block_ms(cfg, task.n)
-        if self.dry:  # the default's tiles, and single-pair tiles where the sweep tries them
-            bms = [b for b in bms if b in (1, d["BLOCK_M"])]
-        for bm in bms:
-            if bm == 1:
-                groups.append(("gemv", 1, gemv_configs(self.dry), ("_w1_gemv_kernel", "_w2_gemv_kernel")))
-                continue
-            groups.append((f"mma{bm}", bm, {kn: {**d, "BLOCK_M": bm} for kn in ("moe_w1", "moe_w2")},
-                           ("_w1_kernel", "_w2_kernel")))
-            if self.dtype != torch.float32:  # kernels.moe_rs serves 16-bit activations
-                groups.append((f"rs{bm}", bm, rs_configs(self.dry, bm), ("_w1_rs_kernel", "_w2_rs_kernel")))
-        sweeps = []
-        for key, bm, base, (w1, w2) in groups:
-            for kn, other, kernel in (("moe_w1", "moe_w2", w1), ("moe_w2", "moe_w1", w2)):
-                cands = (cases.dry_candidates(kn, base[kn]) if self.dry
-                         else cases.moe_candidates(kn, bm, rs=key.startswith("rs")))
-                if key == f"mma{d['BLOCK_M']}" and d not in cands:
-                    cands = [d, *cands]
-                # W1 is timed with align, and with the copy of x the gemv tiles (align, or past a few rows
-                # _x16_kernel, makes it) and the rs tiles (_xperm_kernel) read
-                timed = {kernel, "_align_kernel", "_x16_kernel", "_xperm_kernel"} if kn == "moe_w1" else {kernel}
-                sweeps.append(Sweep(kn, cands, {other: base[other]}, timed, [kernel],
-                                    () if self.dry else cases.MOE_STAGES, () if self.dry else cases.L2PF, key))
-        return Plan(task, sweeps, results, d)
 
     def moe(self, plan: Plan) -> list[Result]:
         from models.checkpoint import PRESETS
@@ -258,25 +188,6 @@ class Tuner:
                 r.check_err, r.check_ok = err, ok
         return list(results.values())
 
-    def _plan_attention(self, task: Task) -> Plan:
-        from models.checkpoint import PRESETS
-
-        from .attention import _default_config, tuning_shape
-        cfg = PRESETS[task.model]
-        decode = task.family == "attn_decode"
-        K, Hq, D = cfg.num_key_value_heads, cfg.num_attention_heads, cfg.head_dim
-        shape = tuning_shape(Hq, K, D, cases.PAGE, task.window, self.dtype)
-        d = _default_config(1 if decode else task.n, task.n if decode else 1, K, Hq // K, not self.dry, self.dry)
-        label = f"{','.join(m.removeprefix('gpt-oss-') for m in task.models)} " + (
-            f"window={task.window}" if task.window else "full") + (f" ctx={self.a.context}" if decode else "")
-        res = Result(task.family, shape, label, task.n, default=d)
-        cands = (cases.dry_candidates(task.family, d) if self.dry
-                 else cases.attn_candidates(decode, cfg, task.n, task.window))
-        if d not in cands:
-            cands = [d, *cands]
-        return Plan(task, [Sweep(task.family, cands, {}, None, ["_attn_kernel"],
-                                 () if self.dry else cases.ATTN_STAGES)], {task.family: res}, d)
-
     def attention(self, plan: Plan) -> list[Result]:
         from models.checkpoint import PRESETS
         task, (s,), res = plan.task, plan.sweeps, plan.results[plan.task.family]
@@ -288,19 +199,6 @@ class Tuner:
             res.best_us, res.best = runs[0]
             res.check_err, res.check_ok = self.check(call, {task.family: res.best})
         return [res]
-
-    def _plan_linear(self, task: Task) -> Plan:
-        from models.checkpoint import PRESETS
-
-        from .linear import tuning_shape
-        N, K, bias = cases.linear_shape(PRESETS[task.model], task.linear)
-        label = f"{','.join(m.removeprefix('gpt-oss-') for m in task.models)} {task.linear} {N}x{K}"
-        res = Result("linear", tuning_shape(N, K, bias, self.dtype), label, task.n)
-        cands = (cases.dry_candidates("linear", dict(BLOCK_N=16, BLOCK_K=32)) if self.dry
-                 else cases.linear_candidates(task.n))
-        return Plan(task, [Sweep("linear", cands, {}, {"_linear_kernel"}, ["_linear_kernel"],
-                                 () if self.dry else cases.LINEAR_STAGES, () if self.dry else cases.L2PF)],
-                    {"linear": res})
 
     def linear(self, plan: Plan) -> list[Result]:
         """kernels.linear against cuBLAS (F.linear, timed the same way): the kernel's config is written
@@ -322,45 +220,6 @@ class Tuner:
 def _problems(u: dict, arch: int) -> list[str]:
     from .aot import Usage
     return Usage(**u).problems(arch)
-
-
-def tasks(models: list[str], batches: list[int], families: set[str], prefill_from: int,
-          linears: tuple[str, ...] = cases.LINEARS) -> list[Task]:
-    """Batches in the order given (the default: smallest first; batch-1 decode is what the defaults were
-    least sure of), so a run cut short by --max-seconds has written those; attention and linear shapes
-    shared by several models are tuned once."""
-    from models.checkpoint import PRESETS
-    from .linear import MAX_ROWS
-    from .moe_gate import GATE_MAX_ROWS
-    out: list[Task] = []
-    for n in batches:
-        if "moe" in families:
-            out += [Task("moe", m, [m], n) for m in models]
-        if "linear" in families and n <= MAX_ROWS:
-            by_shape: dict[tuple, Task] = {}
-            for m in models:
-                # up to GATE_MAX_ROWS the router is inside kernels.moe_gate's launch: nothing to tune
-                for which in (w for w in linears if not (w == "router" and n <= GATE_MAX_ROWS)):
-                    key = cases.linear_shape(PRESETS[m], which)
-                    if key in by_shape:
-                        by_shape[key].models.append(m)
-                    else:
-                        by_shape[key] = Task("linear", m, [m], n, linear=which)
-            out += list(by_shape.values())
-        if "attn" not in families:
-            continue
-        fam = "attn_decode" if n < prefill_from else "attn_prefill"
-        by_shape: dict[tuple, Task] = {}
-        for m in models:
-            c = PRESETS[m]
-            for w in (c.sliding_window, None):
-                key = (c.num_attention_heads, c.num_key_value_heads, c.head_dim, w)
-                if key in by_shape:
-                    by_shape[key].models.append(m)
-                else:
-                    by_shape[key] = Task(fam, m, [m], n, w)
-        out += list(by_shape.values())
-    return out
 
 
 def parse(argv):

@@ -62,14 +62,15 @@ def test_dry_run_tunes_every_family_and_writes_only_to_its_temp_dir(tmp_path):
 
 def test_router_is_tuned_only_past_the_fused_gate():
     from kernels.moe_gate import GATE_MAX_ROWS
-    from kernels.tune import tasks
+    from kernels._tune_plans import tasks
     got = {(t.n, t.linear) for t in tasks(["gpt-oss-120b"], [1, GATE_MAX_ROWS, 64], {"linear"}, 8192)}
     assert ("router" not in {w for n, w in got if n <= GATE_MAX_ROWS}) and (64, "router") in got
     assert {(1, "qkv"), (1, "o"), (1, "unembed"), (64, "qkv")} <= got
 
 
 def test_batches_are_tuned_in_the_order_given():
-    from kernels.tune import parse, tasks
+    from kernels._tune_plans import tasks
+    from kernels.tune import parse
     a = parse(["--models", "gpt-oss-120b", "--kernels", "moe", "--batches", "1,512,8,512,1024"])
     assert [t.n for t in tasks(a.models, a.batches, a.kernels, a.prefill_from)] == [1, 512, 8, 1024]
 
@@ -179,7 +180,7 @@ def test_nearest_bucket_by_ratio_within_reach(tmp_path, monkeypatch):
 
 
 def test_beaten_linear_is_written_as_a_null_config(tmp_path):
-    from kernels.tune import Result, Store
+    from kernels._tune_results import Result, Store
     store = Store(tmp_path / "d.json", dict(device="test"))
     won = Result("linear", "s", "l", 8, best={"BLOCK_N": 16}, best_us=2.0, default_us=3.0, check_ok=True)
     lost = Result("linear", "s", "l", 64, best={"BLOCK_N": 32}, best_us=5.0, default_us=4.0, check_ok=True,
