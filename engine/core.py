@@ -21,7 +21,8 @@ from .grammar import GrammarMatcher, fill_packed
 from .kv_cache import BlockManager
 from .request import (ContextLengthError, EngineError, GenerateRequest, RequestOutput, ScheduledSeq,
                       SchedulerOutput, Sequence, Usage)
-from .sampler import SampleSpec, SamplerOutput
+from .sampler import SamplerOutput
+from .sampler_state import SampleSpec
 from .stop import StopChecker
 from .scheduler import Scheduler
 

@@ -23,7 +23,8 @@ from kernels.cuda_graphs import bucket_for
 
 from .executor import StepInput
 from .kv_cache import BlockManager, SeqBlocks
-from .sampler import SampleSpec, SamplerOutput
+from .sampler import SamplerOutput
+from .sampler_state import SampleSpec
 
 
 class DataParallelBlocks:

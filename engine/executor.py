@@ -27,7 +27,8 @@ from kernels import dispatch
 from kernels.cuda_graphs import DEFAULT_BUCKETS, DecodeGraphRunner, bucket_for
 from models.attention import NULL_BLOCK, KVCache, PagedMetadata, cache_dtype
 
-from .sampler import SampleSpec, SamplerOutput, SamplerState
+from .sampler import SamplerOutput
+from .sampler_state import SampleSpec, SamplerState
 
 log = logging.getLogger(__name__)
 GRAPHS_ENV = "GPTOSS_CUDA_GRAPHS"

@@ -46,8 +46,9 @@ references here never call back into the modules):
   attention's launch.
 * QKVLinear, RowLinear, MoE.route's router and the unembedding (PackedLinear off its oneDNN path) ->
   linear(x, w, b): kernels/linear.py only where kernels.tune wrote an entry (it beat cuBLAS), else F.linear.
-* engine.sampler.Sampler, for sampled rows that only scale by temperature, when SamplerState
-  gives them Philox keys (it does where use_triton) -> sample(x, inv_t, keys): one pass per row.
+* engine.sampler.Sampler, for sampled rows that only scale by temperature, when
+  engine.sampler_state.SamplerState gives them Philox keys (it does where use_triton) -> sample(x, inv_t, keys):
+  one pass per row.
 
 Decode steps are replayed as CUDA graphs per batch bucket by engine.executor.LocalExecutor
 (kernels.cuda_graphs.DecodeGraphRunner); those steps need the Triton path, which has no host syncs.

@@ -6,7 +6,7 @@ path of engine.sampler needs ~10 passes over [B, 201k] fp32 for the same draw, a
 seeded row for its noise.
 
 U_i is Philox 4x32-10 (Triton's tl.rand) keyed by the row's 64-bit key and counted by vocabulary
-index: a row's draw depends on its key alone. engine.sampler.SamplerState derives a seeded
+index: a row's draw depends on its key alone. engine.sampler_state.SamplerState derives a seeded
 sequence's key from (seed, draw number), so its stream does not depend on the batch it is in.
 `philox_uniform` is the same generator in torch, `sample_reference` the same draw (up to the last
 bit of the scores: a GPU may fuse x * inv_t - g into one FMA, so a near tie may go either way).

@@ -384,7 +384,7 @@ class MultiProcessExecutor:
                     [replies[r] for r in self.leads], split.rows, split.num_rows))
             self._sent.append(sent)
             return sent
-        from engine.sampler import SamplerState
+        from engine.sampler_state import SamplerState
         self.sampling = self.sampling or SamplerState()
         logits = self.execute(step)
         return self.sampling.sample(logits, spec) if spec is not None else None

@@ -6,7 +6,8 @@ import torch
 from engine.data_parallel import DataParallelBlocks, StepSplitter, merge_logits, merge_samples
 from engine.executor import StepInput
 from engine.kv_cache import SeqBlocks
-from engine.sampler import SampleSpec, SamplerOutput, SamplingParams
+from engine.sampler import SamplerOutput, SamplingParams
+from engine.sampler_state import SampleSpec
 from engine.scheduler import Scheduler
 
 

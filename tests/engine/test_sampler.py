@@ -332,7 +332,7 @@ def test_seeded_row_without_generator_is_rejected():
 
 
 def test_sampler_state_keeps_a_generator_per_sequence_until_released():
-    from engine.sampler import SampleSpec, SamplerState
+    from engine.sampler_state import SampleSpec, SamplerState
     st = SamplerState()
     p = SamplingParams(temperature=1.0, seed=5)
     logits = torch.randn(2, 50, generator=torch.Generator().manual_seed(0))

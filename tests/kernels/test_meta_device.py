@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from engine.executor import CacheSpec, LocalExecutor, null_step, pad_decode_step, run_step
-from engine.sampler import SampleSpec, SamplingParams
+from engine.sampler import SamplingParams
+from engine.sampler_state import SampleSpec
 from kernels import _triton
 from models import load_model
 

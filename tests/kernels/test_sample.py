@@ -98,14 +98,15 @@ def triton_sampling(monkeypatch):
 
 
 def _spec(params, keys, seeds):
-    from engine.sampler import SampleSpec
+    from engine.sampler_state import SampleSpec
     return SampleSpec(params, keys, seeds)
 
 
 def test_sampler_state_draws_seeded_rows_by_key_whatever_the_batch(triton_sampling, monkeypatch):
     """Where the kernels run, a seeded row's draws depend on its seed and draw count only: the same
     tokens alone or in any batch, in any position, from a fresh state; top_p rows keep the torch path."""
-    from engine.sampler import SamplerState, SamplingParams, philox_key
+    from engine.sampler import SamplingParams
+    from engine.sampler_state import SamplerState, philox_key
     from kernels import dispatch
     calls = []
     real = dispatch.sample
@@ -136,6 +137,6 @@ def test_sampler_state_draws_seeded_rows_by_key_whatever_the_batch(triton_sampli
 
 
 def test_keys_differ_between_seeds_and_draws():
-    from engine.sampler import philox_key
+    from engine.sampler_state import philox_key
     keys = {philox_key(s, n) for s in range(50) for n in range(50)}
     assert len(keys) == 2500 and all(-(2**63) <= k < 2**63 for k in keys)

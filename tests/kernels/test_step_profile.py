@@ -13,7 +13,8 @@ def test_every_kernel_a_decode_step_launches_has_a_category(tiny_ckpt, monkeypat
     """The names come from the GPU path's own launches (recorded on meta), so a kernel added or renamed
     without a category fails here rather than landing in `other` on the GPU."""
     from engine.executor import CacheSpec, LocalExecutor, empty_step, pad_decode_step
-    from engine.sampler import SampleSpec, SamplingParams
+    from engine.sampler import SamplingParams
+    from engine.sampler_state import SampleSpec
     from models import load_model
     monkeypatch.setenv("GPTOSS_KERNELS", "triton")
     m = load_model(tiny_ckpt, torch.bfloat16, "meta", keep_mxfp4=True)

@@ -116,7 +116,7 @@ def test_ranks_sample_and_return_only_token_ids(tiny_ckpt):
     cfg = EngineConfig(block_size=4, max_tokens_per_step=32)
     ref = build_engine(tiny_ckpt, cfg).generate(_mixed())
     e = build_engine(tiny_ckpt, cfg, tp=2, ep=1)
-    replies, inflight = [], []
+    replies = []
     real = e.executor.workers.collect
 
     def collect(ticket, timeout=None):
@@ -157,7 +157,7 @@ def test_a_failed_rank_step_is_raised_where_the_engine_reads_it(tiny_ckpt):
     that call still works, and the engine gets the error when it reads the step."""
     import dataclasses
 
-    from engine.sampler import SampleSpec
+    from engine.sampler_state import SampleSpec
     from parallel.worker import WorkerError
     e = build_engine(tiny_ckpt, EngineConfig(block_size=4, max_tokens_per_step=32), tp=1, ep=2)
     try:
@@ -176,7 +176,7 @@ def test_a_failed_rank_step_is_raised_where_the_engine_reads_it(tiny_ckpt):
 def test_sampling_failing_on_rank_0_is_reported_and_the_ranks_go_on(tiny_ckpt):
     """Only rank 0 samples: if that raises, the ranks waiting for its ids are released, the engine
     gets rank 0's error, and the group still answers."""
-    from engine.sampler import SampleSpec
+    from engine.sampler_state import SampleSpec
     from parallel.worker import WorkerError
     e = build_engine(tiny_ckpt, EngineConfig(block_size=4, max_tokens_per_step=32), tp=2, ep=1)
     e.executor.workers.timeout = 60
