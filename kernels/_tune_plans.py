@@ -38,7 +38,8 @@ class Sweep:
 
 @dataclass
 class Plan:
-    """What a task sweeps, known before any GPU work: its phase-1 compiles can start early (Tuner.prefetch)."""
+    """What a task sweeps, known before any GPU work: its phase-1 compiles can start early
+    (kernels.tune.Tuner.prefetch)."""
     task: Task
     sweeps: list[Sweep]
     results: dict[str, Result]
