@@ -9,6 +9,7 @@ import os
 import re
 import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -116,3 +117,70 @@ def test_python_calls_parse_with_their_modules_parsers(step, cmd):
     if module == "bench.gpu":
         from bench.gpu_args import parse
         assert parse(args).out == "/tmp/out"  # what the device tool brings back
+
+
+# The GPU image's Python has these distributions, with what they require, besides the standard library
+# (BENCHMARKS.md, Runbook); bench/device_prep.sh carries the rest as wheels.
+IMAGE = {"torch", "triton", "numpy", "safetensors", "pytest"}
+def _carried() -> set[str]:
+    """The distributions bench/device_prep.sh downloads as wheels."""
+    return set(re.search(r"^for p in ([\w\- ]+); do", (ROOT / "bench" / "device_prep.sh").read_text(),
+                         re.M).group(1).split())
+
+
+def _norm(dist: str) -> str:
+    return re.sub(r"[-_.]+", "-", dist).lower()
+
+
+def _required(dists: set[str]) -> set[str]:
+    """`dists` and everything they require (extras left out), as installed here; normalised names."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+    todo, seen = [_norm(d) for d in dists], set()
+    while todo:
+        d = todo.pop()
+        if d in seen:
+            continue
+        seen.add(d)
+        for spec in metadata.requires(d) or []:
+            r = Requirement(spec)
+            if r.marker is None or r.marker.evaluate({"extra": ""}):
+                todo.append(_norm(r.name))
+    return seen
+
+
+def _image_site(into: Path) -> set[str]:
+    """A site-packages holding only what the GPU image has (links into this one's): its top-level import
+    names, their .libs folders and their distributions' metadata."""
+    import sysconfig
+    from importlib import metadata
+    dists = _required(IMAGE | _carried())
+    tops = {top for top, ds in metadata.packages_distributions().items() if any(_norm(d) in dists for d in ds)}
+    into.mkdir()
+    for site in {Path(sysconfig.get_paths()[k]) for k in ("purelib", "platlib")}:
+        for e in site.iterdir():
+            keep = (_norm(e.name.split("-")[0]) in dists if e.name.endswith(".dist-info")
+                    else e.name.split(".")[0] in tops)
+            if keep and not (into / e.name).exists():
+                (into / e.name).symlink_to(e)
+    return tops
+
+
+def test_device_calls_import_only_what_the_gpu_image_has(tmp_path):
+    """What the calls import (their modules, the CUDA tests' modules, the GPU group script's imports) loads
+    from a site-packages with only the image's and the carried packages: Ray, FastAPI and the rest are not
+    on the image. (`python -S`: this environment's site-packages stays off the path.)"""
+    modules = sorted({cmd[2] for _, cmd in CALLS if cmd[2] != "pytest"})
+    modules += sorted({node.split("::")[0].removesuffix(".py").replace("/", ".")
+                       for _, cmd in CALLS if cmd[2] == "pytest" for node in cmd[3:] if "::" in node})
+    modules += ["cluster.config", "deployments.group_engine", "engine.async_engine"]  # test_gpu_group's script
+    tops = _image_site(tmp_path / "site")
+    assert {"torch", "torchgen", "triton", "pydantic", "pydantic_core", "openai_harmony", "llguidance"} <= tops
+    assert not {"ray", "fastapi", "transformers", "prometheus_client"} & tops
+    code = f"import importlib, sys; sys.path.insert(1, {str(tmp_path / 'site')!r})\n" \
+           f"for m in {modules!r}: importlib.import_module(m)"
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PYTHONPATH")}
+    r = subprocess.run([sys.executable, "-S", "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
