@@ -178,9 +178,22 @@ def test_device_calls_import_only_what_the_gpu_image_has(tmp_path):
     tops = _image_site(tmp_path / "site")
     assert {"torch", "torchgen", "triton", "pydantic", "pydantic_core", "openai_harmony", "llguidance"} <= tops
     assert not {"ray", "fastapi", "transformers", "prometheus_client"} & tops
-    code = f"import importlib, sys; sys.path.insert(1, {str(tmp_path / 'site')!r})\n" \
-           f"for m in {modules!r}: importlib.import_module(m)"
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PYTHONPATH")}
-    r = subprocess.run([sys.executable, "-S", "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
-                       timeout=300)
+    r = _on_image(tmp_path / "site", f"import importlib\nfor m in {modules!r}: importlib.import_module(m)")
     assert r.returncode == 0, r.stderr[-3000:]
+
+
+def _on_image(site: Path, code: str, **env) -> subprocess.CompletedProcess:
+    """`code` in a Python that sees `site` (_image_site) instead of this environment's site-packages."""
+    env = {**{k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PYTHONPATH")}, **env}
+    return subprocess.run([sys.executable, "-S", "-c", f"import sys; sys.path.insert(1, {str(site)!r})\n{code}"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_gpu_bench_dry_run_runs_on_the_image_packages(tmp_path):
+    """Past its imports: bench.gpu's whole flow (every phase, on CPU) imports nothing the image lacks."""
+    _image_site(tmp_path / "site")
+    code = (f"import runpy; sys.argv = ['bench.gpu', '--dry-run', '--out', {str(tmp_path / 'out')!r}]\n"
+            "runpy.run_module('bench.gpu', run_name='__main__')")
+    r = _on_image(tmp_path / "site", code, OMP_NUM_THREADS="1", GPTOSS_KERNELS="auto")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert len(list((tmp_path / "out").glob("gpu-*.json"))) == 1
