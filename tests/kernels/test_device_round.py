@@ -1,7 +1,8 @@
 """bench/device_round.sh runs only on the GPU machine, whose minutes are few: a bad flag, a renamed test or a
 step over the device tool's 10-minute limit would be found there. These check its commands here, without
 running them: every step is reachable and in the runbook's table, every `python3 -m` call's flags parse with
-that module's own parser, every CUDA test it names exists, and each call's time caps fit the tool's limit."""
+that module's own parser, every CUDA test it names exists, each call's time caps fit the tool's limit, and
+what the calls import loads with only the packages the GPU image has (and the wheels carried to it)."""
 
 import argparse
 import importlib
@@ -19,7 +20,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # as the other kernel tests: bef
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "bench" / "device_round.sh"
 TOOL_LIMIT_S = 600  # the device tool's per-command limit
-SETUP_S = 20  # the wheel install and the nvidia-smi/version lines before the first capped run
+SETUP_S = 20  # a margin for what runs uncapped: the wheel install, the nvidia-smi and version lines
 
 
 def _steps() -> dict[str, list[str]]:
@@ -79,26 +80,28 @@ class _Parsed(Exception):
     pass
 
 
-def _parse(module: str, args: list[str]) -> argparse.Namespace:
-    """`module`'s main(args) up to its argument parsing: its own parser, types and choices, nothing run."""
+# the modules whose whole command line is a public function; the others' parsers live inside their main
+PARSERS = {"kernels.tune": ("kernels.tune", "parse"), "bench.gpu": ("bench.gpu_args", "parse")}
+
+
+def _parse(module: str, args: list[str], monkeypatch) -> argparse.Namespace:
+    """`args` through `module`'s own parser, types and choices (a bad flag or value exits 2); nothing run."""
+    if module in PARSERS:
+        where, name = PARSERS[module]
+        return getattr(importlib.import_module(where), name)(args)
     real = argparse.ArgumentParser.parse_args
 
-    def parse_args(self, argv=None, namespace=None):
+    def parse_args(self, argv=None, namespace=None):  # main's parsing, then out before any work
         raise _Parsed(real(self, argv, namespace))
 
-    mod = importlib.import_module(module)
-    argparse.ArgumentParser.parse_args = parse_args
-    try:
-        mod.main(args)
-    except _Parsed as p:
-        return p.args[0]
-    finally:
-        argparse.ArgumentParser.parse_args = real
-    raise AssertionError(f"{module}.main parsed no arguments")
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_args)
+    with pytest.raises(_Parsed) as parsed:
+        importlib.import_module(module).main(args)
+    return parsed.value.args[0]
 
 
 @pytest.mark.parametrize("step,cmd", CALLS, ids=[f"{s}:{c[2]}" for s, c in CALLS])
-def test_python_calls_parse_with_their_modules_parsers(step, cmd):
+def test_python_calls_parse_with_their_modules_parsers(step, cmd, monkeypatch):
     from models.checkpoint import PRESETS
     module, args = cmd[2], cmd[3:]
     if module == "pytest":
@@ -106,22 +109,21 @@ def test_python_calls_parse_with_their_modules_parsers(step, cmd):
             path, name = node.split("::")
             assert re.search(rf"^def {name}\(", (ROOT / path).read_text(), re.M), node
         return
-    a = _parse(module, args)  # a bad flag or value exits 2 here
+    a = _parse(module, args, monkeypatch)
     models = getattr(a, "models", None) or getattr(a, "model", "")
     assert set(models.split(",") if isinstance(models, str) else models) <= set(PRESETS), models
     if module == "kernels.tune":
         from kernels._tune_plans import tasks
-        from kernels.tune import parse
-        t = parse(args)
-        assert tasks(t.models, t.batches, t.kernels, t.prefill_from) and t.out is None  # merges the committed file
+        assert tasks(a.models, a.batches, a.kernels, a.prefill_from) and a.out is None  # merges the committed file
     if module == "bench.gpu":
-        from bench.gpu_args import parse
-        assert parse(args).out == "/tmp/out"  # what the device tool brings back
+        assert a.out == "/tmp/out"  # what the device tool brings back
 
 
 # The GPU image's Python has these distributions, with what they require, besides the standard library
 # (BENCHMARKS.md, Runbook); bench/device_prep.sh carries the rest as wheels.
 IMAGE = {"torch", "triton", "numpy", "safetensors", "pytest"}
+
+
 def _carried() -> set[str]:
     """The distributions bench/device_prep.sh downloads as wheels."""
     return set(re.search(r"^for p in ([\w\- ]+); do", (ROOT / "bench" / "device_prep.sh").read_text(),
