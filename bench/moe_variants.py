@@ -9,7 +9,8 @@ launch through tl.dot_scaled (the default on a GPU for 16-bit activations),
 both at the launcher's default config, `gemv` the single-pair tiles of
 kernels.moe_gemv (kernels.moe_configs.gemv_config), `rs` the register-operand MMA
 tiles of kernels.moe_rs (kernels.moe_configs.rs_config), `split` the default MMA tiles split 4 ways over K
-(kernels.moe_configs.split_configs: more programs for a decode step's few tiles), and `scaled tuned` at the config that
+(kernels.moe_configs.split_configs: more programs for a decode step's few tiles), `dq` the MMA tiles over
+weights decoded once a call to bf16 (kernels.moe_dq; the decode's time included), and `scaled tuned` at the config that
 kernels/configs holds for this device (when it has one). Each is checked
 against moe_reference (max error over max |reference|) and timed as a CUDA-graph
 replay under triton.testing.do_bench; GB/s counts the expert weights the step
@@ -47,7 +48,7 @@ def _timer(fn, cuda: bool) -> float:
 def run(model: str, tokens: list[int], device: str, dtype) -> list[dict]:
     from kernels import _tune_cases as cases
     from kernels import tuned
-    from kernels.moe_configs import default_config, gemv_configs, rs_configs, split_configs
+    from kernels.moe_configs import default_config, dq_configs, gemv_configs, rs_configs, split_configs
     from models.checkpoint import PRESETS
     cfg = PRESETS[model]
     ws = cases.moe_weights(cfg, dtype, device)
@@ -61,7 +62,7 @@ def run(model: str, tokens: list[int], device: str, dtype) -> list[dict]:
         d = default_config(n * cfg.num_experts_per_tok, cfg.num_local_experts, not cuda)
         variants = [("own", False, {"moe_w1": d, "moe_w2": d}), ("scaled", True, {"moe_w1": d, "moe_w2": d}),
                     ("gemv", None, gemv_configs(not cuda)), ("rs", None, rs_configs(not cuda)),
-                    ("split", None, split_configs(not cuda))]
+                    ("split", None, split_configs(not cuda)), ("dq", None, dq_configs(not cuda, 128 if cuda else 16))]
         if cuda and tuned.lookup("moe_w1", _shape(cfg, dtype), n, args[0].device) is not None:
             variants.append(("scaled tuned", True, {}))
         for name, scaled, forced in variants:

@@ -34,10 +34,13 @@ PART_OF = {"linear": ("dense weights", "unembedding"), "moe w1": ("experts w1",)
 
 def triton_categories() -> dict[str, str]:
     """Each of the project's Triton kernels (a compiled kernel is named after its function) -> category."""
-    from kernels import attention, moe, moe_gate, rmsnorm, rope, route, sample
+    from kernels import attention, moe, moe_dq, moe_gate, rmsnorm, rope, route, sample
     # moe_gate's decode gate also holds the MLP norm and the router (a few us a layer): counted as routing
     by_module = {attention: "attention", rmsnorm: "rmsnorm", rope: "rope + kv write", route: "moe route/align/combine",
-                 sample: "sampling", moe: "moe route/align/combine", moe_gate: "moe route/align/combine"}
+                 sample: "sampling", moe: "moe route/align/combine", moe_gate: "moe route/align/combine",
+                # a prefill step's decode of the experts to bf16 (the DQ tiles): their weight bytes, and 4x as
+                # many written, outside the roofline's parts
+                moe_dq: "moe dequant"}
     out = {n: cat for mod, cat in by_module.items() for n in mod._KERNELS if n.endswith("_kernel")}
     out.update({"_w1_kernel": "moe w1", "_w2_kernel": "moe w2", "_w1_gemv_kernel": "moe w1",
                 "_w2_gemv_kernel": "moe w2", "_x16_kernel": "moe w1", "_w1_rs_kernel": "moe w1",

@@ -133,6 +133,16 @@ def moe_candidates(kernel: str, bm: int, rs: bool = False) -> list[dict]:
     return out
 
 
+DQ_MIN_BLOCK_M = 128  # the dequantized-weight tiles are tried from here: a step with ~128+ rows an expert
+
+
+def dq_candidates(kernel: str, bm: int) -> list[dict]:
+    """kernels.moe's MMA tiles over the bf16 scratch (kernels.moe_dq): the MMA sweep's tiles with K steps of
+    64 or 128 (128 or 256 bytes of a bf16 row, a GEMM's usual step; wider ones mostly fail the shared-memory
+    check at these BLOCK_M)."""
+    return [dict(c, DQ=True) for c in moe_candidates(kernel, bm) if c["BLOCK_K"] <= 128]
+
+
 def attn_candidates(decode: bool, cfg, n: int, window) -> list[dict]:
     """Phase 1 at the default's 2 stages. Decode: key block and warps x key-range splits, splits only
     while B*K*splits <= 2048 programs (~16 per SM; beyond, the merge costs more than it spreads) and

@@ -93,7 +93,7 @@ def plan_task(task: Task, dtype: torch.dtype, dry: bool, context: int) -> Plan:
 def _moe(task: Task, dtype: torch.dtype, dry: bool, context: int) -> Plan:
     from models.checkpoint import PRESETS
 
-    from .moe_configs import default_config, gemv_configs, rs_configs, tuning_shape
+    from .moe_configs import default_config, dq_configs, gemv_configs, rs_configs, tuning_shape
     cfg = PRESETS[task.model]
     k, E = cfg.num_experts_per_tok, cfg.num_local_experts
     shape = tuning_shape(cfg.hidden_size, cfg.intermediate_size, E, k, dtype)
@@ -113,18 +113,26 @@ def _moe(task: Task, dtype: torch.dtype, dry: bool, context: int) -> Plan:
                        ("_w1_kernel", "_w2_kernel")))
         if dtype != torch.float32:  # kernels.moe_rs serves 16-bit activations
             groups.append((f"rs{bm}", bm, rs_configs(dry, bm), ("_w1_rs_kernel", "_w2_rs_kernel")))
+        # weights decoded once a step (kernels.moe_dq) for 16-bit GEMM tiles: prefill-sized steps (the dry run
+        # walks its flow at the default's tiles)
+        if (bm >= cases.DQ_MIN_BLOCK_M and dtype != torch.float32) or (dry and bm == d["BLOCK_M"]):
+            groups.append((f"dq{bm}", bm, dq_configs(dry, bm), ("_w1_kernel", "_w2_kernel")))
     sweeps = []
     for key, bm, base, (w1, w2) in groups:
         for kn, other, kernel in (("moe_w1", "moe_w2", w1), ("moe_w2", "moe_w1", w2)):
-            cands = (cases.dry_candidates(kn, base[kn]) if dry
+            dq = key.startswith("dq")
+            cands = (cases.dry_candidates(kn, base[kn]) if dry else cases.dq_candidates(kn, bm) if dq
                      else cases.moe_candidates(kn, bm, rs=key.startswith("rs")))
             if key == f"mma{d['BLOCK_M']}" and d not in cands:
                 cands = [d, *cands]
             # W1 is timed with align, and with the copy of x the gemv tiles (align, or past a few rows
-            # _x16_kernel, makes it) and the rs tiles (_xperm_kernel) read
-            timed = {kernel, "_align_kernel", "_x16_kernel", "_xperm_kernel"} if kn == "moe_w1" else {kernel}
-            sweeps.append(Sweep(kn, cands, {other: base[other]}, timed, [kernel],
-                                () if dry else cases.MOE_STAGES, () if dry else cases.L2PF, key))
+            # _x16_kernel, makes it) and the rs tiles (_xperm_kernel) read; and with both decodes of the dq tiles
+            # (W2's runs between W1 and W2, so the group's W1 + W2 is the step's whole cost)
+            timed = ({kernel, "_align_kernel", "_x16_kernel", "_xperm_kernel", "_dequant_kernel"} if kn == "moe_w1"
+                     else {kernel})
+            check = [kernel, "_dequant_kernel"] if dq and kn == "moe_w1" else [kernel]
+            sweeps.append(Sweep(kn, cands, {other: base[other]}, timed, check, () if dry else cases.MOE_STAGES,
+                                () if dry or dq else cases.L2PF, key))
     return Plan(task, sweeps, results, d)
 
 

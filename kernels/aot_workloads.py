@@ -159,6 +159,11 @@ def workloads():
     with tuned.forced(MOE_PREFILL_SAMPLE):
         step = step_launches(PRESETS["gpt-oss-120b"], 1, PREFILL_CHUNK, PREFILL_CHUNK)
     out.append((f"120b mma256 p{PREFILL_CHUNK}", [ln for ln in step if ln[0].__name__ in ("_w1_kernel", "_w2_kernel")]))
+    # ... and the MMA tiles over weights decoded once a step (kernels.moe_dq), with the decode
+    with tuned.forced(moe_configs.dq_configs()):
+        step = step_launches(PRESETS["gpt-oss-120b"], 1, PREFILL_CHUNK, PREFILL_CHUNK)
+    out.append((f"120b dq p{PREFILL_CHUNK}", [ln for ln in step if ln[0].__name__ in (
+        "_dequant_kernel", "_w1_kernel", "_w2_kernel")]))
     # the MMA and rs tiles with their rows bulk-prefetched (L2PF: kernels.tune's phase 2 tries it)
     d64 = moe_configs.default_config(64 * 4, 128, False)
     for tag, configs in (("mma", {k: dict(d64, L2PF=True) for k in ("moe_w1", "moe_w2")}),

@@ -48,10 +48,12 @@ def _experts(cfg, E: int, dev, gen):
             torch.randn(E, H, device=dev, generator=gen) * 0.05)
 
 
-def moe_case(cfg, n: int, dev, dtype, gen, ep: int = 1, gemv: bool = False, rs: bool = False, split: bool = False):
+def moe_case(cfg, n: int, dev, dtype, gen, ep: int = 1, gemv: bool = False, rs: bool = False, split: bool = False,
+             dq: bool = False):
     """ep > 1: the rows form one expert-parallel rank runs (MoE.run_experts): its E/ep experts,
     n rows each routed to one of them with weight 1. split: the MMA tiles split over K (3 ways in the dry
-    run's 2 K steps, one split empty; 4 on the GPU), whose last-split handoff only a GPU exercises."""
+    run's 2 K steps, one split empty; 4 on the GPU), whose last-split handoff only a GPU exercises.
+    dq: the MMA tiles over weights decoded once (kernels.moe_dq), at their prefill-sized default tiles."""
     from . import moe
     E, H, k = cfg.num_local_experts // ep, cfg.hidden_size, cfg.num_experts_per_tok
     w1b, w1s, b1, w2b, w2s, b2 = _experts(cfg, E, dev, gen)
@@ -68,11 +70,12 @@ def moe_case(cfg, n: int, dev, dtype, gen, ep: int = 1, gemv: bool = False, rs: 
     from . import moe_configs, tuned
     cpu = torch.device(dev).type == "cpu"
     forced = (moe_configs.gemv_configs(cpu) if gemv else moe_configs.rs_configs(cpu) if rs else
-              moe_configs.split_configs(cpu, 3 if cpu else 4) if split else {})
+              moe_configs.split_configs(cpu, 3 if cpu else 4) if split else
+              moe_configs.dq_configs(cpu, 16 if cpu else 128) if dq else {})
     with tuned.forced(forced):
         out = moe.moe_mxfp4(xb, (idx, wb), w1b, w1s, b1b, w2b, w2s, b2b, top_k=k)
     e, b, ok = verdict(out, ref32, ref16)
-    if gemv or rs or split:
+    if gemv or rs or split or dq:
         return e, b, ok
     if ep == 1:  # one process adds the residual in the combine (the unfused add's rounding), and the
         # next RMSNorm of that sum (what the model launches)
@@ -269,6 +272,8 @@ def cases(models: list[str], tokens: list[int], dry: bool):
                                                                                     rs=True)
         for n in tokens[:2]:  # the MMA tiles split over K (W2's combine tail at 1 token, the combine launch at 8)
             yield f"{name} moe split-K tokens={n}", lambda d, t, g, c=cfg, n=n: moe_case(c, n, d, t, g, split=True)
+        for n in tokens[-2:]:  # the MMA tiles over weights decoded once a step (kernels.moe_dq; prefill-sized)
+            yield f"{name} moe dq tokens={n}", lambda d, t, g, c=cfg, n=n: moe_case(c, n, d, t, g, dq=True)
         for n in tokens[:2]:  # a decode step's gate in one launch (kernels.moe_gate), then the experts
             yield f"{name} moe gate block rows={min(n, 16)}", lambda d, t, g, c=cfg, n=n: gate_case(c, n, d, t, g)
         from ._tune_cases import LINEARS

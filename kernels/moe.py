@@ -35,6 +35,7 @@ from models import mxfp4
 from models.layers import swiglu
 
 from . import moe_combine as combine_kernels
+from . import moe_dq as dq_kernels
 from . import moe_gemv as gemv_kernels
 from . import moe_rs as rs_kernels
 from .moe_configs import Plan, k_split, launch_args, step_plan
@@ -74,17 +75,6 @@ def moe_reference(x, idx, weights, w1_blocks, w1_scales, b1, w2_blocks, w2_scale
 
 # ---------------------------------------------------------------- Triton kernels
 
-def _fp4(c, scale):
-    """E2M1 codes (int32, 0..15) -> fp32 by building the float's bits, times the block scale."""
-    mag = c & 7
-    e = mag >> 1
-    m = mag & 1
-    normal = ((e + 126) << 23) | (m << 22)          # 2**(e-1) * (1 + m/2)
-    sub = tl.where(m == 1, 0x3F000000, 0)           # e == 0: 0.5 or 0
-    bits = tl.where(e == 0, sub, normal) | ((c & 8) << 28)
-    return bits.to(tl.float32, bitcast=True) * scale
-
-
 def _dot(a, w, acc, DOT_BF16: tl.constexpr):
     # decoded FP4 x power-of-two scales are exact in bf16, so bf16 tensor cores lose nothing on w;
     # the interpreter computes bf16 dots wrongly (NOTES §4), hence the fp32 path
@@ -119,6 +109,14 @@ def _mx_dot(a_ptrs, amask, wb_ptr, s, rows, rmask, k0, K, acc, BLOCK_K: tl.const
                 mask=(kbyte < K // 2)[:, None] & rmask[None, :], other=0)
     a = tl.load(a_ptrs, mask=amask, other=0.0).to(tl.bfloat16)
     return tl.dot_scaled(a, None, "bf16", w, s, "e2m1", acc)
+
+
+def _dq_dot(a, w_ptrs, wmask, acc, DOT_BF16: tl.constexpr):
+    """acc + a @ w, w [BLOCK_K, BN] a tile of the bf16 scratch kernels.moe_dq decoded (exact in bf16)."""
+    w = tl.load(w_ptrs, mask=wmask, other=0.0)
+    if DOT_BF16:
+        return tl.dot(a.to(tl.bfloat16), w, acc)
+    return tl.dot(a.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
 
 
 def _split_sums(acc_g, acc_l, part_ptr, tk_ptr, rows, j, I, SPLIT_K: tl.constexpr):
@@ -159,10 +157,11 @@ def _w1_kernel(x_ptr, wb_ptr, ws_ptr, b_ptr, act_ptr, sorted_ptr, tile_e_ptr, n_
                TOP_K: tl.constexpr, LIMIT: tl.constexpr, ALPHA: tl.constexpr, BLOCK_M: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_BF16: tl.constexpr, SCALED: tl.constexpr,
                SPLIT_K: tl.constexpr, L2PF: tl.constexpr = False, PTX: tl.constexpr = False,
-               PDL: tl.constexpr = False):
+               DQ: tl.constexpr = False, PDL: tl.constexpr = False):
     """SPLIT_K > 1: program (tile, j block, s) sums K[s * K_SPLIT:][:K_SPLIT] (a whole number of K steps,
     the last shorter or empty), the tile's last split finishes (_split_sums): more programs for a
-    decode step's few tiles. L2PF (on a GPU, PTX): the program's rows bulk-prefetched first."""
+    decode step's few tiles. L2PF (on a GPU, PTX): the program's rows bulk-prefetched first.
+    DQ: wb_ptr is W1 decoded to bf16 [E, 2I, H] (kernels.moe_dq), ws_ptr unused."""
     _pdl_enter(PDL)
     t = tl.program_id(0)
     e = tl.load(tile_e_ptr + t).to(tl.int64)
@@ -182,7 +181,19 @@ def _w1_kernel(x_ptr, wb_ptr, ws_ptr, b_ptr, act_ptr, sorted_ptr, tile_e_ptr, n_
     acc_l = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     k_lo = tl.program_id(2) * K_SPLIT
     k_hi = tl.minimum(k_lo + K_SPLIT, H)
-    if SCALED:
+    if DQ:
+        wq = wb_ptr + e * (2 * I) * H
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            kmask = k < H
+            a = tl.load(x_ptr + tok[:, None] * stride_x + k[None, :], mask=rvalid[:, None] & kmask[None, :],
+                        other=0.0)
+            wmask = kmask[:, None] & jvalid[None, :]
+            acc_g = _dq_dot(a, wq + gate_rows[None, :] * H + k[:, None], wmask, acc_g, DOT_BF16)
+            acc_l = _dq_dot(a, wq + (gate_rows + 1)[None, :] * H + k[:, None], wmask, acc_l, DOT_BF16)
+            if DOT_BF16:
+                acc_g, acc_l = _settle(acc_g), _settle(acc_l)
+    elif SCALED:
         sg = _mx_scales(ws, gate_rows, jvalid, k_lo, H, BLOCK_K)
         sl = _mx_scales(ws, gate_rows + 1, jvalid, k_lo, H, BLOCK_K)
         for k0 in range(k_lo, k_hi, BLOCK_K):
@@ -221,9 +232,10 @@ def _w2_kernel(act_ptr, wb_ptr, ws_ptr, b_ptr, rw_ptr, y_ptr, sorted_ptr, tile_e
                TOP_K: tl.constexpr, HAS_RES: tl.constexpr, NORM: tl.constexpr, BLOCK_H: tl.constexpr,
                COMBINE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                DOT_BF16: tl.constexpr, SCALED: tl.constexpr, SPLIT_K: tl.constexpr, L2PF: tl.constexpr = False,
-               PTX: tl.constexpr = False, PDL: tl.constexpr = False):
+               PTX: tl.constexpr = False, DQ: tl.constexpr = False, PDL: tl.constexpr = False):
     """SPLIT_K > 1: program (tile, n block, s) sums K[s * K_SPLIT:][:K_SPLIT] into slab s of y (fp32; the bias
-    in slab 0), and the combine sums the slabs: no launch or ticket of its own. L2PF: as _w1_kernel's."""
+    in slab 0), and the combine sums the slabs: no launch or ticket of its own. L2PF: as _w1_kernel's.
+    DQ: wb_ptr is W2 decoded to bf16 [E, H, I] (kernels.moe_dq), ws_ptr unused."""
     _pdl_enter(PDL)
     t = tl.program_id(0)
     e = tl.load(tile_e_ptr + t).to(tl.int64)
@@ -243,7 +255,17 @@ def _w2_kernel(act_ptr, wb_ptr, ws_ptr, b_ptr, rw_ptr, y_ptr, sorted_ptr, tile_e
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     k_lo = tl.program_id(2) * K_SPLIT
     k_hi = tl.minimum(k_lo + K_SPLIT, I)
-    if SCALED:
+    if DQ:
+        wq = wb_ptr + e * H * I
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            kmask = k < I
+            a = tl.load(act_ptr + rows[:, None] * I + k[None, :], mask=rvalid[:, None] & kmask[None, :], other=0.0)
+            acc = _dq_dot(a, wq + n.to(tl.int64)[None, :] * I + k[:, None], kmask[:, None] & nvalid[None, :], acc,
+                          DOT_BF16)
+            if DOT_BF16:
+                acc = _settle(acc)
+    elif SCALED:
         s = _mx_scales(ws, n.to(tl.int64), nvalid, k_lo, I, BLOCK_K)
         for k0 in range(k_lo, k_hi, BLOCK_K):
             s_next = _mx_scales(ws, n.to(tl.int64), nvalid, k0 + BLOCK_K, I, BLOCK_K)
@@ -279,9 +301,10 @@ _tile_rows = getattr(rs_kernels._tile_rows, "fn", rs_kernels._tile_rows)
 _combine_row, _combine_tail, _combine_kernel = (getattr(f, "fn", f) for f in (
     combine_kernels._combine_row, combine_kernels._combine_tail, combine_kernels._combine_kernel))
 _settle = getattr(rs_kernels._settle, "fn", rs_kernels._settle)
+_fp4 = getattr(dq_kernels._fp4, "fn", dq_kernels._fp4)
 _prefetch_rows = getattr(gemv_kernels._prefetch_rows, "fn", gemv_kernels._prefetch_rows)
 _KERNELS = ("_pdl_enter", "_l2_prefetch", "_prefetch_rows", "_tile_rows", "_settle", "_fp4", "_dot", "_mx_tile",
-            "_mx_scales", "_mx_dot", "_split_sums", "_swiglu_store", "_w1_kernel", "_w2_kernel", "_combine_row",
+            "_mx_scales", "_mx_dot", "_dq_dot", "_split_sums", "_swiglu_store", "_w1_kernel", "_w2_kernel", "_combine_row",
             "_combine_tail", "_combine_kernel")
 _NO_SPECIALIZE = {"_w1_kernel": ("n_pairs",), "_w2_kernel": ("n_pairs", "n_rows", "s_res"),
                   **combine_kernels._NO_SPECIALIZE}
@@ -292,6 +315,7 @@ def _jit_all() -> None:
     jit_module(globals(), _KERNELS)
     jit_module(vars(gemv_kernels), gemv_kernels._KERNELS)
     jit_module(vars(rs_kernels), rs_kernels._KERNELS)
+    jit_module(vars(dq_kernels), dq_kernels._KERNELS)
 
 
 def moe_mxfp4(x: torch.Tensor, routing, w1_blocks, w1_scales, b1, w2_blocks, w2_scales, b2, *,
@@ -372,10 +396,14 @@ def _experts(x, x16, rw, aligned, plan: Plan, k: int, w1_blocks, w1_scales, b1, 
                N * k, H, I, TOP_K=k, LIMIT=float(limit), ALPHA=float(alpha), PTX=not interp, **meta, **opts)
     else:
         part = torch.empty(s1, T * bm, 2 * I, dtype=torch.float32, device=x.device) if s1 > 1 else rw
-        launch(_w1_kernel, (*grid1, s1), x, w1_blocks, w1_scales, b1, act, sorted_ids, tile_expert, N * k, H, I,
+        # DQ: W1 decoded once for the step into a bf16 scratch, which W2's decode reuses after W1 ran
+        w1b, w1s = (dq_kernels.dequant(w1_blocks, w1_scales),) * 2 if plan.dq else (w1_blocks, w1_scales)
+        launch(_w1_kernel, (*grid1, s1), x, w1b, w1s, b1, act, sorted_ids, tile_expert, N * k, H, I,
                x.stride(0), part, tickets(x.device, T * grid1[1] if s1 > 1 else 1), k_split(H, s1, meta["BLOCK_K"]),
                TOP_K=k, LIMIT=float(limit), ALPHA=float(alpha), DOT_BF16=plan.dot_bf16, SCALED=plan.scaled,
-               SPLIT_K=s1, PTX=not interp, **meta, **opts)
+               SPLIT_K=s1, PTX=not interp, DQ=plan.dq, **meta, **opts)
+        if plan.dq:
+            w2_blocks = w2_scales = dq_kernels.dequant(w2_blocks, w2_scales, out=w1b)
     out = torch.empty_like(x)
     if residual is not None and residual.shape != x.shape:
         raise ValueError(f"residual {tuple(residual.shape)} must have x's shape {tuple(x.shape)}")
@@ -396,7 +424,7 @@ def _experts(x, x16, rw, aligned, plan: Plan, k: int, w1_blocks, w1_scales, b1, 
     w2 = gemv_kernels._w2_gemv_kernel if gemv else rs_kernels._w2_rs_kernel if rs else _w2_kernel
     meta, opts = launch_args(plan.cfg2)
     own = dict(PTX=not interp, **({} if gemv or rs else dict(
-        DOT_BF16=plan.dot_bf16, SCALED=plan.scaled, SPLIT_K=s2, K_SPLIT=k_split(I, s2, meta["BLOCK_K"]))))
+        DOT_BF16=plan.dot_bf16, SCALED=plan.scaled, SPLIT_K=s2, K_SPLIT=k_split(I, s2, meta["BLOCK_K"]), DQ=plan.dq)))
     launch(w2, (T, triton.cdiv(H, meta["BLOCK_N"]), s2), act, w2_blocks, w2_scales, b2, rw, y, sorted_ids,
            tile_expert, N * k, H, I, tickets(x.device, 1), *w2_combine, COMBINE=tail, **w2_flags, **own, **meta,
            **opts)

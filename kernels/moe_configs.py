@@ -1,4 +1,4 @@
-"""kernels.moe's launch choices: the default tiles, the forced ones (gemv, rs, split-K) that tests and
+"""kernels.moe's launch choices: the default tiles, the forced ones (gemv, rs, dq, split-K) that tests and
 kernels.check use, the measured ones from kernels.tuned, and a step's `Plan` (which path both expert
 matmuls take). Kept apart from the kernels so the tuner and the benchmarks read the same rules."""
 
@@ -48,6 +48,21 @@ def rs_configs(interp: bool = False, block_m: int = 16) -> dict:
     return {k: rs_config(interp, k, block_m) for k in ("moe_w1", "moe_w2")}
 
 
+def dq_config(interp: bool = False, kernel: str = "moe_w1", block_m: int = 128) -> dict:
+    """The MMA tiles over weights decoded once a step to bf16 (kernels.moe_dq): prefill-sized, a GEMM's
+    tiles (W1's two, gate and linear, 64 columns each; W2 128), 8 warps. Not a default: chosen where
+    kernels.tune measured it faster, or forced (dq_configs)."""
+    if interp:
+        return dict(DQ=True, BLOCK_M=block_m, BLOCK_N=32, BLOCK_K=32)
+    return dict(DQ=True, BLOCK_M=block_m, BLOCK_N=64 if kernel == "moe_w1" else 128, BLOCK_K=64, num_warps=8,
+                num_stages=3)
+
+
+def dq_configs(interp: bool = False, block_m: int = 128) -> dict:
+    """{kernel: config} forcing the dequantized-weight tiles for both matmuls (kernels.tuned.forced)."""
+    return {k: dq_config(interp, k, block_m) for k in ("moe_w1", "moe_w2")}
+
+
 def split_configs(interp: bool = False, splits: int = 4) -> dict:
     """{kernel: config} forcing the MMA tiles split over K in both matmuls (kernels.tuned.forced): the
     default tiles at BLOCK_M 16 with SPLIT_K. Not a default: chosen where kernels.tune measured it faster."""
@@ -62,13 +77,13 @@ def tuning_shape(H: int, I: int, n_local: int, top_k: int, dtype) -> str:
 def configs_for(n_tokens: int, H: int, I: int, n_local: int, top_k: int, x: torch.Tensor, interp: bool):
     """(w1 config, w2 config): the measured ones for this device and shape (kernels.tuned), else the default.
 
-    Both or neither: the two kernels must agree on BLOCK_M (align's tiles) and on the path (GEMV, RS or
-    neither), since each path hands W2 its own activations."""
+    Both or neither: the two kernels must agree on BLOCK_M (align's tiles) and on the path (GEMV, RS, DQ or
+    none), since each path hands W2 its own activations (DQ: W2's decode reuses W1's scratch)."""
     shape = tuning_shape(H, I, n_local, top_k, x.dtype)
     c1 = tuned.lookup("moe_w1", shape, n_tokens, x.device)
     c2 = tuned.lookup("moe_w2", shape, n_tokens, x.device)
     if (c1 is not None and c2 is not None and c1["BLOCK_M"] == c2["BLOCK_M"]
-            and all(bool(c1.get(p)) == bool(c2.get(p)) for p in ("GEMV", "RS"))):
+            and all(bool(c1.get(p)) == bool(c2.get(p)) for p in ("GEMV", "RS", "DQ"))):
         return c1, c2
     d = default_config(n_tokens * top_k, n_local, interp)
     return d, d
@@ -94,6 +109,7 @@ class Plan:
     rs: bool  # kernels.moe_rs: W1 takes bf16(x * 2**XC), K permuted (moe_rs.act_order), and hands W2 so
     dot_bf16: bool
     scaled: bool
+    dq: bool = False  # the MMA tiles over a bf16 decode of the weights (kernels.moe_dq)
 
     @property
     def block_m(self) -> int:
@@ -110,6 +126,9 @@ def step_plan(x: torch.Tensor, N: int, E: int, I: int, k: int, scaled: bool | No
         cfg1 = cfg2 = default_config(N * k, E, interp)
     if cfg1.get("RS"):  # a K step of NSUB scale blocks must divide the matmul's K (W1's H, W2's I)
         cfg1, cfg2 = ({**c, "NSUB": math.gcd(c["NSUB"], K // 32)} for c, K in ((cfg1, H), (cfg2, I)))
+    dq = bool(cfg1.get("DQ"))
+    if dq:  # its weights are the scratch, not the checkpoint's rows: nothing of theirs to prefetch
+        cfg1, cfg2 = ({k: v for k, v in c.items() if k != "L2PF"} for c in (cfg1, cfg2))
     dot_bf16 = on_gpu(x) and x.dtype in (torch.bfloat16, torch.float16)
     return Plan(cfg1, cfg2, bool(cfg1.get("GEMV")), bool(cfg1.get("RS")), dot_bf16,
-                dot_bf16 if scaled is None else scaled)
+                dot_bf16 if scaled is None else scaled, dq)

@@ -12,7 +12,7 @@ def test_dry_run_passes_every_case(capsys):
     assert check.main(["--dry-run"]) == 0
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith("| tiny ")]
-    assert len(rows) == 40 and all(line.endswith("| ok |") for line in rows)
+    assert len(rows) == 42 and all(line.endswith("| ok |") for line in rows)
     assert "attention decode + rotary window" in out and "attention decode + rotary full" in out
     assert all(f"attention {w} fp8 KV {x}" in out for w in ("decode + rotary", "prefill+decode")
                for x in ("window", "full"))
@@ -20,6 +20,7 @@ def test_dry_run_passes_every_case(capsys):
     assert "moe gate block rows=1" in out and "moe gate block rows=5" in out
     assert "moe tokens=24" in out and "moe ep2 rank rows=24" in out and "moe gemv tokens=1" in out
     assert "moe rs tokens=24" in out and "attention prefill+decode window" in out
+    assert "moe dq tokens=5" in out and "moe dq tokens=24" in out
     assert "sample rows=24 vocab=3000" in out
     assert all(f"linear {w} rows={n}" in out for w in ("qkv", "o", "router", "unembed") for n in (1, 5))
     assert "linear router split-K rows=1" in out and "linear o split-K rows=1" in out
@@ -34,8 +35,8 @@ def test_a_wrong_kernel_fails(monkeypatch, capsys):
     monkeypatch.setattr(moe, "moe_mxfp4", wrong)
     assert check.main(["--dry-run"]) == 1
     out = capsys.readouterr().out
-    # the 3 token counts, the 2 single-pair (gemv), 2 rs, 2 split-K and the 2 EP rank cases
-    assert "| tiny moe tokens=1 |" in out and "FAIL" in out and "11 of the cases failed" in out
+    # the 3 token counts, the 2 single-pair (gemv), 2 rs, 2 split-K, 2 dq and the 2 EP rank cases
+    assert "| tiny moe tokens=1 |" in out and "FAIL" in out and "13 of the cases failed" in out
 
 
 def test_a_wrong_gate_fails(monkeypatch, capsys):

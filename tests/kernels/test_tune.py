@@ -215,11 +215,11 @@ def test_aot_compiles_the_tuned_configs(tmp_path, monkeypatch):
     monkeypatch.setenv(tuned.ENV, str(path))
     labels = {(c.kernel, c.label): c.uses for c in aot.plan(90)}
     w1_label = ("TOP_K=4 BLOCK_M=16 BLOCK_N=32 BLOCK_K=128 DOT_BF16=True SCALED=True SPLIT_K=1 L2PF=False PTX=True "
-                "PDL=True w8 s4")
+                "DQ=False PDL=True w8 s4")
     assert labels[("_w1_kernel", w1_label)] == ["120b d1"]
     # at batch 1 W2 ends with the combine (kernels.moe_combine's tail: its constexprs lead the label)
     w2_label = ("TOP_K=4 HAS_RES=True NORM=True BLOCK_H=1024 COMBINE=True BLOCK_M=16 BLOCK_N=16 BLOCK_K=128 "
-                "DOT_BF16=True SCALED=True SPLIT_K=1 L2PF=False PTX=True PDL=True w8 s4")
+                "DOT_BF16=True SCALED=True SPLIT_K=1 L2PF=False PTX=True DQ=False PDL=True w8 s4")
     assert labels[("_w2_kernel", w2_label)] == ["120b d1"]
     # attention is the same on an expert-parallel rank; on an fp8 KV pool it is a compilation of its own
     assert [u for (k, lab), u in labels.items() if k == "_attn_kernel" and "NUM_SPLITS=16" in lab] == [
