@@ -60,8 +60,8 @@ tune)
     ;;
 tuneprefill)
     # a 120b 1k/1k run's 8,192-token prefill chunks (~60 s of that run: 1M prompt tokens at session 9's 17.5k
-    # tok/s), whose sweep has 4 BLOCK_M (32..256, up to 128 accumulators a thread) on two paths; then 20b's
-    # decode shapes with what is left of the call
+    # tok/s), whose sweep has 4 BLOCK_M (32..256, up to 128 accumulators a thread) on two paths, and the DQ
+    # tiles (kernels/moe_dq.py) at 128 and 256; then 20b's decode shapes with what is left of the call
     run 540 bash -c 'python3 -m kernels.tune --kernels moe --models gpt-oss-120b --batches 8192; \
         python3 -m kernels.tune --kernels moe,linear --models gpt-oss-20b --batches 1,8,64,256 --max-seconds 200'
     mkdir -p "$OUT/configs" && cp kernels/configs/*.json "$OUT/configs/"
