@@ -16,12 +16,7 @@ from models import mxfp4  # noqa: E402
 from tests.kernels.cases import E, TOP_K as K, moe_module, packed, tokens  # noqa: E402
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # the interpreter runs numpy per program (tests/conftest.py)
 
 
 def _close(out, ref, rel):
