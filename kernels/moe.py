@@ -10,11 +10,12 @@
 3. `_w1_kernel`: per (tile, column block) gathers the tile's token rows of x,
    multiplies by W1[e]^T decoded from MXFP4 in registers, adds b1 and applies
    the clamped SwiGLU to each (gate 2j, linear 2j+1) row pair of W1, writing
-   activation column j. W1 is read once per tile, never dequantised to memory.
+   activation column j. W1 is read once per tile, never dequantised to memory (but under DQ, below).
    On a GPU with 16-bit activations the tiles go to tl.dot_scaled as stored
    (E2M1 bytes, E8M0 scales; 2x the kernels' own decode on an H200, see
    BENCHMARKS.md "GPU"); the own decode (`_mx_tile`) is the fp32 path. A config
-   with GEMV runs both matmuls as kernels.moe_gemv's single-pair tiles instead (16-bit activations).
+   with GEMV runs both matmuls as kernels.moe_gemv's single-pair tiles instead (16-bit activations); one
+   with DQ runs these tiles over weights decoded once a step to bf16 (kernels.moe_dq; prefill-sized steps).
 4. `_w2_kernel`: activations @ W2[e]^T + b2, times the pair's router weight.
 5. `_combine_kernel`: sums each token's k pair rows (absent experts skipped), and adds the
    residual stream when given (the block's `x + moe(h)`, same rounding, one launch fewer); with
