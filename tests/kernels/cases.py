@@ -45,6 +45,26 @@ def tokens(n, seed=1, dtype=torch.float32):
     return (torch.randn(n, H, generator=torch.Generator().manual_seed(seed)) * 2).to(dtype)
 
 
+def split_layer(forced: dict, n: int, dtype, seed: int, scaled: bool | None = None):
+    """The layer as two ranks' halves of the experts (through the map), expert 2 taking every token, under
+    `forced` configs (and `scaled`) and under the default MMA path -> (out, fp32 module's output, out's max
+    error, MMA's)."""
+    from kernels import tuned
+    from kernels.moe import moe_mxfp4
+    x = tokens(n, seed=seed)
+    full = moe_module()
+    idx, w = full.route(x)
+    idx[:, 0] = 2
+    ma, mb = moe_module(dtype, ids=(1, 3, 4, 6)), moe_module(dtype, ids=(0, 2, 5, 7))
+    run = lambda m, sc=None: moe_mxfp4(x.to(dtype), (idx, w.to(dtype)), *packed(m),  # noqa: E731
+                                       global_to_local=m.global_to_local, scaled=sc).float()
+    with tuned.forced(forced):
+        out = run(ma, scaled) + run(mb, scaled)
+    mma = run(ma) + run(mb)
+    ref = full.compute(x, idx, w)
+    return out, ref, (out - ref).abs().max().item(), (mma - ref).abs().max().item()
+
+
 KV_HEADS, HEAD_DIM = 2, 16
 MIXED = [(1, 1), (6, 1), (23, 1), (40, 9), (13, 13), (9, 4)]  # (context_len after the step, new tokens)
 DECODE = [(1, 1), (17, 1), (33, 1), (8, 1)]

@@ -11,7 +11,7 @@ import torch.nn.functional as F  # noqa: E402
 pytest.importorskip("triton")
 
 from kernels.moe import align, align_triton, moe_mxfp4, moe_reference, route  # noqa: E402
-from tests.kernels.cases import E, H, TOP_K as K, moe_module, packed, tokens  # noqa: E402
+from tests.kernels.cases import E, H, TOP_K as K, moe_module, packed, split_layer, tokens  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -85,25 +85,6 @@ def test_scaled_dot_path_matches_the_module(dtype, block_k):
         _close(out, own, 1e-2)
 
 
-def _split_layer(forced: dict, n: int, dtype, seed: int, scaled: bool | None = None):
-    """The layer as two ranks' halves of the experts (through the map), expert 2 taking every token, under
-    `forced` configs (and `scaled`) and under the default MMA path -> (out, fp32 module's output, out's max
-    error, MMA's)."""
-    from kernels import tuned
-    x = tokens(n, seed=seed)
-    full = moe_module()
-    idx, w = full.route(x)
-    idx[:, 0] = 2
-    ma, mb = moe_module(dtype, ids=(1, 3, 4, 6)), moe_module(dtype, ids=(0, 2, 5, 7))
-    run = lambda m, sc=None: moe_mxfp4(x.to(dtype), (idx, w.to(dtype)), *packed(m),  # noqa: E731
-                                       global_to_local=m.global_to_local, scaled=sc).float()
-    with tuned.forced(forced):
-        out = run(ma, scaled) + run(mb, scaled)
-    mma = run(ma) + run(mb)
-    ref = full.compute(x, idx, w)
-    return out, ref, (out - ref).abs().max().item(), (mma - ref).abs().max().item()
-
-
 # block_kb: two K steps, or one with a spare block; n: x16 made by the align program, or (past X16_IN_ALIGN
 # rows) by a launch of its own
 @pytest.mark.parametrize("dtype,block_kb,n", [(torch.bfloat16, 16, 9), (torch.bfloat16, 64, 20),
@@ -115,7 +96,7 @@ def test_gemv_tiles_match_the_module(dtype, block_kb, n):
     other half, the full layer); an expert taking every token (many single-pair tiles of one expert)."""
     from kernels.moe_configs import gemv_configs
     cfg = {k: dict(c, BLOCK_KB=block_kb) for k, c in gemv_configs(True).items()}
-    out, ref, err, err_mma = _split_layer(cfg, n, dtype, seed=4)
+    out, ref, err, err_mma = split_layer(cfg, n, dtype, seed=4)
     assert err <= err_mma + 1e-4, (err, err_mma)  # fp16 products, fp32 rows to the combine: no worse
     _close(out, ref, 2e-2)
 
@@ -130,7 +111,7 @@ def test_rs_tiles_match_the_module(dtype, block_m, nsub, n):
     (several tiles of one expert, a padded last one)."""
     from kernels.moe_configs import rs_configs
     cfg = {k: dict(c, NSUB=nsub) for k, c in rs_configs(True, block_m).items()}
-    out, ref, err, err_mma = _split_layer(cfg, n, dtype, seed=5)
+    out, ref, err, err_mma = split_layer(cfg, n, dtype, seed=5)
     assert dtype != torch.bfloat16 or err <= 1.5 * err_mma + 1e-4, (err, err_mma)
     _close(out, ref, 2e-2)
 
@@ -144,7 +125,7 @@ def test_prefill_sized_tiles_match_the_module(path):
     from kernels.moe_configs import rs_configs
     cfg = (rs_configs(True, 256) if path == "rs" else
            {k: dict(BLOCK_M=256, BLOCK_N=32, BLOCK_K=32) for k in ("moe_w1", "moe_w2")})
-    out, ref, err, err_mma = _split_layer(cfg, 40, torch.bfloat16, seed=6, scaled=path == "scaled")
+    out, ref, err, err_mma = split_layer(cfg, 40, torch.bfloat16, seed=6, scaled=path == "scaled")
     assert err <= (1.5 if path == "rs" else 1.0) * err_mma + 1e-4, (err, err_mma)
     _close(out, ref, 2e-2)
 

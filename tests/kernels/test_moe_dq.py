@@ -13,7 +13,7 @@ pytest.importorskip("triton")
 
 from kernels.moe import moe_mxfp4  # noqa: E402
 from models import mxfp4  # noqa: E402
-from tests.kernels.cases import E, TOP_K as K, moe_module, packed, tokens  # noqa: E402
+from tests.kernels.cases import E, TOP_K as K, moe_module, packed, split_layer, tokens  # noqa: E402
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # the interpreter runs numpy per program (tests/conftest.py)
@@ -50,34 +50,19 @@ def test_dequant_is_the_checkpoint_decode_bit_for_bit():
         dequant(blocks, scales, out=scratch[:100])
 
 
-def _layer(dtype, n: int, block_m: int, seed: int, bk: int = 32):
-    """Two ranks' halves of the experts (through the map), expert 2 taking every token: (DQ tiles' output,
-    the default MMA tiles', the fp32 module's)."""
-    from kernels import tuned
-    from kernels.moe_configs import dq_configs
-    x = tokens(n, seed=seed)
-    full = moe_module()
-    idx, w = full.route(x)
-    idx[:, 0] = 2
-    ma, mb = moe_module(dtype, ids=(1, 3, 4, 6)), moe_module(dtype, ids=(0, 2, 5, 7))
-    run = lambda m: moe_mxfp4(x.to(dtype), (idx, w.to(dtype)), *packed(m),  # noqa: E731
-                              global_to_local=m.global_to_local).float()
-    with tuned.forced({k: dict(c, BLOCK_K=bk) for k, c in dq_configs(True, block_m).items()}):
-        dq = run(ma) + run(mb)
-    return dq, run(ma) + run(mb), full.compute(x, idx, w)
-
-
 @pytest.mark.parametrize("dtype,block_m,n,bk", [(torch.float32, 16, 9, 32), (torch.float32, 256, 40, 64),
                                                 (torch.bfloat16, 32, 20, 32), (torch.bfloat16, 256, 40, 128)])
 def test_dq_tiles_match_the_module(dtype, block_m, n, bk):
     """The DQ tiles (kernels.moe's MMA tiles over the decoded scratch): fp32 within summation order of the
     module (the decoded weights are exact), bf16 no further from it than the MMA path; tiles holding one
     expert's run or several, a padded last one, K steps of one (half masked: 128 > H) or several."""
-    dq, mma, ref = _layer(dtype, n, block_m, seed=n, bk=bk)
+    from kernels.moe_configs import dq_configs
+    forced = {k: dict(c, BLOCK_K=bk) for k, c in dq_configs(True, block_m).items()}
+    dq, ref, err, err_mma = split_layer(forced, n, dtype, seed=n)
     if dtype == torch.float32:
         _close(dq, ref, 1e-4)
     else:
-        assert (dq - ref).abs().max() <= (mma - ref).abs().max() + 1e-4
+        assert err <= err_mma + 1e-4, (err, err_mma)
         _close(dq, ref, 2e-2)
 
 
