@@ -23,6 +23,7 @@ import argparse
 import os
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -45,8 +46,12 @@ def _timer(fn, cuda: bool) -> float:
     return triton.testing.do_bench(g.replay, warmup=20, rep=100) / 1e3
 
 
-def run(model: str, tokens: list[int], device: str, dtype) -> list[dict]:
+def run(model: str, tokens: list[int], device: str, dtype, state=None):
+    """Yields a row per (tokens, variant) as it is measured. A variant that raises gets a row with its
+    error and the run goes on; with a kernels.faults state (a supervised run on a GPU), a device fault is
+    recorded and raised (the context is lost), and a variant that faulted before is skipped."""
     from kernels import _tune_cases as cases
+    from kernels import faults
     from kernels import tuned
     from kernels.moe_configs import default_config, dq_configs, gemv_configs, rs_configs, split_configs
     from models.checkpoint import PRESETS
@@ -54,7 +59,6 @@ def run(model: str, tokens: list[int], device: str, dtype) -> list[dict]:
     ws = cases.moe_weights(cfg, dtype, device)
     per_expert = sum(t[0].numel() * t.element_size() for t in ws)
     cuda = torch.device(device).type == "cuda"
-    rows = []
     for n in tokens:
         f, args, kw, ref = cases.make_call("moe", cfg, n, None, 0, dtype, device, ws)
         r = ref().float()
@@ -66,13 +70,28 @@ def run(model: str, tokens: list[int], device: str, dtype) -> list[dict]:
         if cuda and tuned.lookup("moe_w1", _shape(cfg, dtype), n, args[0].device) is not None:
             variants.append(("scaled tuned", True, {}))
         for name, scaled, forced in variants:
-            with tuned.forced(forced):
-                call = lambda: f(*args, **kw, scaled=scaled)  # noqa: E731
-                err = ((call().float() - r).abs().max() / r.abs().max()).item()
-                sec = _timer(call, cuda)
-            rows.append(dict(tokens=n, experts=touched, variant=name, us=sec * 1e6, rel_err=err,
-                             GBps=touched * per_expert / sec / 1e9))
-    return rows
+            key, row = f"{n} {name}", dict(tokens=n, experts=touched, variant=name)
+            if state and key in state.done:
+                continue
+            if state and (prior := state.faulted(name)):
+                yield dict(row, error=f"skipped: faulted the device earlier in this run ({prior[:120]})")
+                continue
+            try:
+                with tuned.forced(forced):
+                    call = lambda: f(*args, **kw, scaled=scaled)  # noqa: E731
+                    err = ((call().float() - r).abs().max() / r.abs().max()).item()
+                    sec = _timer(call, cuda)
+                row.update(us=sec * 1e6, rel_err=err, GBps=touched * per_expert / sec / 1e9)
+            except Exception as e:  # noqa: BLE001 - one variant's error (a compile error, no resources) is its row's
+                if state and faults.is_sticky(e):
+                    state.finish(key)
+                    fault = faults.DeviceFault(name, e)
+                    fault.row = row
+                    raise fault from e
+                row["error"] = f"{type(e).__name__}: {str(e)[:160]}"
+            if state:
+                state.finish(key)
+            yield row
 
 
 def _shape(cfg, dtype) -> str:
@@ -80,19 +99,28 @@ def _shape(cfg, dtype) -> str:
     return tuning_shape(cfg.hidden_size, cfg.intermediate_size, cfg.num_local_experts, cfg.num_experts_per_tok, dtype)
 
 
-def table(rows: list[dict]) -> str:
-    out = ["| tokens | experts touched | variant | us | max error / max | weight GB/s |", "|---:|---:|---|---:|---:|---:|"]
-    out += [f"| {r['tokens']} | {r['experts']} | {r['variant']} | {r['us']:.1f} | {r['rel_err']:.1e} | {r['GBps']:.0f} |"
-            for r in rows]
-    return "\n".join(out)
+HEAD = "| tokens | experts touched | variant | us | max error / max | weight GB/s |\n|---:|---:|---|---:|---:|---:|"
+
+
+def line(r: dict) -> str:
+    if "error" in r:
+        return f"| {r['tokens']} | {r['experts']} | {r['variant']} | - | {r['error']} | - |"
+    return f"| {r['tokens']} | {r['experts']} | {r['variant']} | {r['us']:.1f} | {r['rel_err']:.1e} | {r['GBps']:.0f} |"
+
+
+def table(rows) -> str:
+    return "\n".join([HEAD, *map(line, rows)])
 
 
 def main(argv=None) -> int:
+    from kernels import faults
+    argv = sys.argv[1:] if argv is None else argv
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="gpt-oss-120b")
     ap.add_argument("--tokens", default="1,8,64,256", help="tokens per step, comma separated")
     ap.add_argument("--dry-run", action="store_true", help="tiny preset, CPU, Triton interpreter")
+    ap.add_argument("--resume", type=Path, help=argparse.SUPPRESS)  # kernels.faults: a supervised child's state
     a = ap.parse_args(argv)
     try:
         tokens = [int(t) for t in a.tokens.split(",") if t]
@@ -106,14 +134,26 @@ def main(argv=None) -> int:
     elif not torch.cuda.is_available():
         print("bench.moe_variants: needs CUDA (or --dry-run)", file=sys.stderr)
         return 2
+    elif a.resume is None:  # a device fault must not lose the other variants' rows (kernels.faults)
+        return faults.supervise("bench.moe_variants", argv)
     else:
         model, device = a.model, "cuda"
     from models.checkpoint import PRESETS
     if model not in PRESETS:
         ap.error(f"--model: unknown preset {model!r}; choose from {', '.join(sorted(PRESETS))}")
-    name = torch.cuda.get_device_name() if device == "cuda" else "CPU (interpreter)"
-    print(f"### MoE variants, {model} on {name}\n\n`python -m bench.moe_variants {' '.join(argv or sys.argv[1:])}`\n")
-    print(table(run(model, tokens, device, torch.bfloat16)))
+    state = faults.State.load(a.resume) if a.resume else None
+    if not (state and state.done):
+        name = torch.cuda.get_device_name() if device == "cuda" else "CPU (interpreter)"
+        shown = " ".join(faults.public_argv(argv))
+        print(f"### MoE variants, {model} on {name}\n\n`python -m bench.moe_variants {shown}`\n\n{HEAD}",
+              flush=True)
+    try:
+        for r in run(model, tokens, device, torch.bfloat16, state):
+            print(line(r), flush=True)
+    except faults.DeviceFault as f:
+        state.fault(f)
+        print(line(dict(f.row, error=f"FAULT ({f.error[:160]})")), flush=True)
+        return faults.FAULT_EXIT
     return 0
 
 

@@ -9,7 +9,9 @@ this runs the compiled kernels at the shapes the models use (2880 hidden,
 and past many blocks). Inputs are bf16, as on the GPU. Each output is compared
 with the reference computed in fp32 from the same inputs; the kernel passes
 when its error is at most twice the bf16 reference's own error plus 1e-3 (of
-the fp32 output's largest magnitude). Exits 1 if any case fails.
+the fp32 output's largest magnitude). Exits 1 if any case fails. A case that raises fails alone;
+on a GPU a device fault (an illegal address: the CUDA context is lost) fails its case and a fresh
+process checks the rest (kernels.faults).
 """
 
 from __future__ import annotations
@@ -18,11 +20,14 @@ import argparse
 import math
 import os
 import sys
+from pathlib import Path
 
 import torch
 
 from models.attention import NULL_BLOCK, to_cache
 from models.checkpoint import PRESETS
+
+from . import faults
 
 
 def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
@@ -314,10 +319,12 @@ def cases(models: list[str], tokens: list[int], dry: bool):
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", default="gpt-oss-120b,gpt-oss-20b")
     ap.add_argument("--tokens", default="1,8,64,256,2048", help="MoE / RMSNorm / rotary token counts")
     ap.add_argument("--dry-run", action="store_true", help="tiny preset, CPU, Triton interpreter")
+    ap.add_argument("--resume", type=Path, help=argparse.SUPPRESS)  # kernels.faults: a supervised child's state
     a = ap.parse_args(argv)
     unknown = [m for m in a.models.split(",") if m not in PRESETS]
     if unknown:
@@ -333,16 +340,37 @@ def main(argv=None) -> int:
         if not torch.cuda.is_available():
             print("kernels.check: no CUDA device (use --dry-run on CPU)", file=sys.stderr)
             return 2
+        if a.resume is None:  # a device fault must not fail every case after it (kernels.faults)
+            return faults.supervise("kernels.check", argv)
         models, dev, dtype = a.models.split(","), torch.device("cuda"), torch.bfloat16
         tokens = [int(x) for x in a.tokens.split(",")]
+    st = faults.State.load(a.resume) if a.resume else None
     gen = torch.Generator(device=dev).manual_seed(0)
-    print(f"| case | kernel error | {dtype} reference error | ok |\n|---|---:|---:|---|")
-    failed = 0
-    for name, run in cases(models, tokens, a.dry_run):
-        ek, e16, ok = run(dev, dtype, gen)
-        failed += not ok
-        print(f"| {name} | {ek:.2e} | {e16:.2e} | {'ok' if ok else 'FAIL'} |", flush=True)
-    print(f"{failed} of the cases failed" if failed else "all cases passed")
+    if not (st and st.done):
+        print(f"| case | kernel error | {dtype} reference error | ok |\n|---|---:|---:|---|")
+    failed: list[str] = st.notes.setdefault("failed", []) if st else []
+    for i, (name, run) in enumerate(cases(models, tokens, a.dry_run)):
+        key = f"{i} {name}"  # a name can repeat (--tokens 1: both rotary cases)
+        if st and key in st.done:
+            continue
+        try:
+            ek, e16, ok = run(dev, dtype, gen)
+            row = f"{ek:.2e} | {e16:.2e} | {'ok' if ok else 'FAIL'}"
+        except Exception as e:  # noqa: BLE001 - one case's error (a compile error, no resources) fails that case
+            if st and faults.is_sticky(e):
+                fault = faults.DeviceFault(name, e)
+                print(f"| {name} | - | - | FAULT ({fault.error[:200]}) |", flush=True)
+                failed.append(name)
+                st.fault(fault)
+                st.finish(key)
+                return faults.FAULT_EXIT
+            ok, row = False, f"- | - | FAIL ({type(e).__name__}: {str(e)[:200]})"
+        if not ok:
+            failed.append(name)
+        print(f"| {name} | {row} |", flush=True)
+        if st:
+            st.finish(key)
+    print(f"{len(failed)} of the cases failed" if failed else "all cases passed")
     return 1 if failed else 0
 
 

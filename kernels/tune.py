@@ -24,7 +24,10 @@ CUDA graph and replayed under triton.testing.do_bench (L2 flushed before each
 rep, median), and the three fastest are retried at other num_stages. The
 winner must match the torch reference or nothing is written for it. Results
 merge into <out>/<device name>.json, rewritten after every shape so a run cut
-short keeps what it measured. Tasks and sweeps: kernels/_tune_plans.py; candidate sets: kernels/_tune_cases.py.
+short keeps what it measured. A candidate that faults the device (an illegal address: the CUDA
+context is lost) ends its process; the supervising process (kernels.faults) starts a fresh one, which
+skips the shapes already written and the faulting MoE group (or config) for the rest of the call.
+Tasks and sweeps: kernels/_tune_plans.py; candidate sets: kernels/_tune_cases.py.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from pathlib import Path
 import torch
 
 from . import _tune_cases as cases
-from . import tuned
+from . import faults, tuned
 from ._compile_pool import CompilePool
 from ._tune_plans import Plan, Sweep, Task, plan_task, tasks
 from ._tune_results import Result, Store, _fmt, _now, _us, table
@@ -52,8 +55,9 @@ PLAIN_TIMER = "triton.testing.do_bench of plain launches (CUDA events, L2 flushe
 
 
 class Tuner:
-    def __init__(self, a, device: torch.device, dtype, arch: int, pool):
+    def __init__(self, a, device: torch.device, dtype, arch: int, pool, state: faults.State | None = None):
         self.a, self.device, self.dtype, self.arch, self.pool = a, device, dtype, arch, pool
+        self.state = state  # a supervised child's (kernels.faults): what faulted in an earlier child is skipped
         self.dry = a.dry_run
         self.graphs = True
         self._weights: dict[str, tuple] = {}
@@ -83,6 +87,8 @@ class Tuner:
                     run()
                 fn = graph.replay
             except Exception as e:  # noqa: BLE001 - still a GPU time, with launch gaps; the JSON says so
+                if faults.is_sticky(e):
+                    raise
                 self.graphs = False
                 print(f"CUDA graph capture failed ({type(e).__name__}: {e}); timing plain launches", file=sys.stderr)
         return triton.testing.do_bench(fn, warmup=self.a.warmup_ms, rep=self.a.rep_ms, return_mode="median") * 1e3
@@ -116,7 +122,8 @@ class Tuner:
         process times the task before (and the task's own first candidates): timing is one process on the
         GPU, compiling ~1 s a candidate on each worker, and the two no longer wait for each other."""
         self.pool.submit(cases.compile_job, [self.job(plan.task, {s.kernel: c, **s.others}, s.check)
-                                             for s in plan.sweeps for c in s.cands])
+                                             for s in plan.sweeps if not (s.group and self._faulted(plan.task, s, None))
+                                             for c in s.cands])
 
     def sweep(self, task, call, s: Sweep, res: Result) -> list[tuple[float, dict]]:
         """-> [(us, config)] fastest first; phase 2 retries the three fastest at `s.stages`, and with each of
@@ -124,6 +131,9 @@ class Tuner:
         out: list[tuple[float, dict]] = []
         seen: list[dict] = []
         cands = s.cands
+        if s.group and (err := self._faulted(task, s, None)):
+            res.rejected.append(f"group {s.group}: skipped, it faulted the device earlier in this run ({err})"[:300])
+            return out
         for phase in (0, 1):
             if phase:
                 cands = ([{**c, "num_stages": n} for _, c in out[:3] for n in s.stages]
@@ -138,9 +148,15 @@ class Tuner:
                 if bad:
                     res.rejected.append(f"{_fmt(c)} -> {bad[0]}"[:300])
                     continue
+                if err := self._faulted(task, s, c):
+                    res.rejected.append(f"{_fmt(c)} -> skipped, it faulted the device earlier in this run ({err})"
+                                        [:300])
+                    continue
                 try:
                     out.append((self.measure(call, {s.kernel: c, **s.others}, s.timed), c))
                 except Exception as e:  # noqa: BLE001 - e.g. out of resources at launch: not a candidate
+                    if faults.is_sticky(e):
+                        raise faults.DeviceFault(self.fault_key(task, s, c), e) from e
                     res.rejected.append(f"{_fmt(c)} -> {type(e).__name__}: {e}"[:300])
                     continue
                 res.timed += 1
@@ -149,11 +165,26 @@ class Tuner:
                 break
         return out
 
-    def check(self, call, forced: dict) -> tuple[float, bool]:
+    @staticmethod
+    def fault_key(task: Task, s: Sweep, c: dict | None) -> str:
+        """What a device fault rules out for the rest of the run: an MoE group (one path's W1 and W2 at one
+        BLOCK_M, the same kernel source at every shape, so its other configs would most likely fault too:
+        each fault costs a fresh process), else the one config."""
+        return f"{task.family} {s.group}" if s.group else f"{task.family} {s.kernel} {_fmt(c)}"
+
+    def _faulted(self, task: Task, s: Sweep, c: dict | None) -> str | None:
+        return self.state.faulted(self.fault_key(task, s, c)) if self.state else None
+
+    def check(self, call, forced: dict, fault_key: str) -> tuple[float, bool]:
         fn, args, kw, reference = call
-        with tuned.forced(forced):
-            got = fn(*args, **kw).float()
-        ref = reference().float()
+        try:
+            with tuned.forced(forced):
+                got = fn(*args, **kw).float()
+            ref = reference().float()
+        except Exception as e:  # noqa: BLE001 - re-raised: only a device fault is the candidate's
+            if faults.is_sticky(e):
+                raise faults.DeviceFault(fault_key, e) from e
+            raise
         err = ((got - ref).abs().max() / ref.abs().max().clamp_min(1e-6)).item()
         return err, err <= (1e-4 if self.dtype == torch.float32 else 2e-2)
 
@@ -183,7 +214,7 @@ class Tuner:
             key = min(full, key=lambda g: full[g]["moe_w1"][0][0] + full[g]["moe_w2"][0][0])
             for kn in results:
                 results[kn].best_us, results[kn].best = full[key][kn][0]
-            err, ok = self.check(call, {kn: r.best for kn, r in results.items()})
+            err, ok = self.check(call, {kn: r.best for kn, r in results.items()}, f"{task.family} {key}")
             for r in results.values():
                 r.check_err, r.check_ok = err, ok
         return list(results.values())
@@ -197,7 +228,8 @@ class Tuner:
         res.default_us = next((t for t, c in runs if c == plan.default), None)
         if runs:
             res.best_us, res.best = runs[0]
-            res.check_err, res.check_ok = self.check(call, {task.family: res.best})
+            res.check_err, res.check_ok = self.check(call, {task.family: res.best},
+                                                     self.fault_key(task, s, res.best))
         return [res]
 
     def linear(self, plan: Plan) -> list[Result]:
@@ -212,9 +244,14 @@ class Tuner:
         runs = self.sweep(task, call, s, res)
         if runs:
             res.best_us, res.best = runs[0]
-            res.check_err, res.check_ok = self.check(call, {"linear": res.best})
+            res.check_err, res.check_ok = self.check(call, {"linear": res.best},
+                                                     self.fault_key(task, s, res.best))
             res.beaten = not self.dry and res.best_us >= res.default_us
         return [res]
+
+
+def _task_key(t: Task) -> str:
+    return f"{t.family} {t.model} {t.n} {t.window} {t.linear}"
 
 
 def _problems(u: dict, arch: int) -> list[str]:
@@ -238,6 +275,7 @@ def parse(argv):
     p.add_argument("--max-seconds", type=float, default=None,
                    help="start no new shape after this long (what is done is written; for capped device time)")
     p.add_argument("--dry-run", action="store_true", help="CPU, TRITON_INTERPRET=1, tiny shapes, 2 candidates each")
+    p.add_argument("--resume", type=Path, help=argparse.SUPPRESS)  # kernels.faults: a supervised child's state
     a = p.parse_args(argv)
     if a.dry_run:
         for k, v in DRY.items():
@@ -266,6 +304,8 @@ def main(argv=None) -> int:
             sys.exit("no CUDA device: kernels.tune measures on a GPU (--dry-run runs the flow on CPU)")
         if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
             sys.exit("unset TRITON_INTERPRET: interpreter times are not GPU times")
+        if a.resume is None:  # a device fault must not end the call's tuning (kernels.faults); the supervisor
+            return faults.supervise("kernels.tune", argv)  # itself makes no CUDA context
         from .aot import SMEM_LIMIT
         device, dtype = torch.device("cuda"), torch.bfloat16
         major, minor = torch.cuda.get_device_capability()
@@ -273,21 +313,27 @@ def main(argv=None) -> int:
         if arch not in SMEM_LIMIT:
             sys.exit(f"sm_{arch}: kernels.aot knows no shared-memory limit for it")
         out = a.out or tuned.CONFIG_DIR
+    st = faults.State.load(a.resume) if a.resume else None
     import triton
     path = tuned.device_file(name, out)
     header = dict(device=name, arch=arch, dry_run=a.dry_run, timer=DRY_TIMER if a.dry_run else GPU_TIMER,
                   triton=triton.__version__, torch=torch.__version__,
-                  command="python -m kernels.tune " + " ".join(argv))
+                  command="python -m kernels.tune " + " ".join(faults.public_argv(argv)))
     store = Store(path, header)
     # the dry run leaves out the unembedding: the real vocabulary through the interpreter takes minutes
     todo = tasks(a.models, a.batches, a.kernels, a.prefill_from,
                  tuple(w for w in cases.LINEARS if not (a.dry_run and w == "unembed")))
     if a.dry_run:
         print(f"DRY RUN on CPU: times below are {DRY_TIMER}; writing {path}, never {tuned.CONFIG_DIR}", flush=True)
+    earlier = [t for t in todo if st and _task_key(t) in st.done]
+    if earlier:
+        todo = [t for t in todo if t not in earlier]
+        print(f"{len(earlier)} shapes tuned by this run's earlier processes (above); "
+              f"skipped after a device fault: {', '.join(f['what'] for f in st.faults)}", file=sys.stderr)
     pool = CompilePool(min(a.jobs, 2 if a.dry_run else 16))  # the dry run compiles ~2 candidates at a time
     rows: list[Result] = []
-    tuner = Tuner(a, device, dtype, arch, pool)
-    t_all = time.perf_counter()
+    tuner = Tuner(a, device, dtype, arch, pool, st)
+    started = st.started if st else time.time()  # wall time: a supervised run's budget spans its processes
     plans: dict[int, Plan] = {}
 
     def planned(i: int) -> Plan | None:
@@ -299,7 +345,7 @@ def main(argv=None) -> int:
     try:
         for i, t in enumerate(todo):
             t0 = time.perf_counter()
-            if a.max_seconds is not None and t0 - t_all > a.max_seconds:
+            if a.max_seconds is not None and time.time() - started > a.max_seconds:
                 print(f"--max-seconds {a.max_seconds:g} reached: {len(todo) - i} shapes not tuned", file=sys.stderr)
                 break
             plan, waited0 = planned(i), pool.waited
@@ -323,15 +369,26 @@ def main(argv=None) -> int:
                   f"{f' window {t.window}' if t.window else ''}: {sum(r.timed for r in res)} timed, "
                   f"{sum(len(r.rejected) for r in res)} rejected, {time.perf_counter() - t0:.1f} s "
                   f"({pool.waited - waited0:.1f} s of it waiting for compiles)", file=sys.stderr)
+            if st:
+                st.finish(_task_key(t))
+    except faults.DeviceFault as f:
+        if st is None:
+            raise
+        st.fault(f)
+        print(f"device fault in {f.what} ({f.error}); this process ends here, the CUDA context is lost "
+              f"(the shapes above are written)", file=sys.stderr)
+        return faults.FAULT_EXIT
     finally:
         pool.close()
     if a.dry_run:
         print(f"times: {DRY_TIMER}")
     print(table(rows))
     failed = [r for r in rows if r.best is not None and not r.check_ok]
-    print(f"\n{len(rows)} configs, {len(failed)} failed the reference check; {time.perf_counter() - t_all:.0f} s "
+    print(f"\n{len(rows)} configs, {len(failed)} failed the reference check; {time.time() - started:.0f} s "
           f"({pool.waited:.0f} s waiting for compiles); "
           f"written to {path}" + (" (interpreter times: a dry run)" if a.dry_run else ""))
+    for f in st.faults if st else []:
+        print(f"device fault, skipped for the rest of the run: {f['what']} ({f['error']})")
     return 1 if failed or any(r.best is None for r in rows) else 0
 
 

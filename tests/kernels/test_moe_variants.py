@@ -22,7 +22,7 @@ def test_dry_run_checks_every_variant(capsys):
 
 
 def test_errors_are_measured_not_assumed():
-    rows = moe_variants.run("tiny", [3], "cpu", torch.bfloat16)
+    rows = list(moe_variants.run("tiny", [3], "cpu", torch.bfloat16))
     assert {r["variant"] for r in rows} == {"own", "scaled", "gemv", "rs", "split", "dq"}
     assert all(0 < r["rel_err"] < 3e-2 and r["us"] > 0 and r["experts"] >= 4 for r in rows)
 
