@@ -238,6 +238,26 @@ def run_model(preset: str, a, dev: torch.device, bw: float, flops: float, comman
            "copy_bandwidth_GBps": bw / 1e9, "matmul_TFLOPs": flops / 1e12, "kv_cache_dtype": a.kv_cache_dtype,
            "complete": False, "results": []}
     kv = a.kv_cache_dtype
+    errors = res["errors"] = []
+
+    def attempt(what: str, fn, *args, **kw):
+        """fn's result, or None when it raised: the error goes into the JSON and the run goes on with its
+        next measurement (an OOM at one batch must not cost the rest), unless it was a device fault: the CUDA
+        context is lost, every later launch would fail the same way (kernels.faults)."""
+        from kernels import faults
+        try:
+            return fn(*args, **kw)
+        except Exception as e:  # noqa: BLE001 - recorded, and re-raised when the context is gone
+            fault = faults.is_sticky(e)
+            errors.append({"what": what, "error": f"{type(e).__name__}: {e}"[:500], "device_fault": fault})
+            save(res)
+            log(f"  {what}: {'DEVICE FAULT' if fault else 'failed'} ({type(e).__name__}: {str(e)[:200]})")
+            if fault:
+                raise
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+            return None
+
     roof = Roofline(model.config, kv_bytes=1 if kv == "fp8" else 2)
     decode = functools.partial(bench_decode, kv=kv)  # every engine of the run on that cache
     rows = []
@@ -262,26 +282,32 @@ def run_model(preset: str, a, dev: torch.device, bw: float, flops: float, comman
 
     ctx = a.decode_context + a.warmup_steps + a.decode_steps // 2
     for B in a.batches if "decode" in a.phases else ():
-        tok_s, step_s, _ = decode(model, dev, B, a.decode_context, a.decode_steps, a.warmup_steps,
-                                  a.max_tokens_per_step)
+        got = attempt(f"decode batch {B}", decode, model, dev, B, a.decode_context, a.decode_steps,
+                      a.warmup_steps, a.max_tokens_per_step)
+        if got is None:
+            continue
+        tok_s, step_s, _ = got
         # what the GPU's tuned file picked for this batch (MoE tiles, linears), so the figure says what it measured
         extra = {"step_ms": step_s * 1e3, "kernel_paths": kernel_paths(model.config, B, dev)}
         for name, batches, kw, env in decode_variants(a):  # each measured just after the plain run
             if B in batches:
                 with environ(**env):
-                    v_s, v_step, _ = decode(model, dev, B, a.decode_context, a.decode_steps, a.warmup_steps,
-                                            a.max_tokens_per_step, **kw)
-                extra.update({f"{name}_tokens_per_s": v_s, f"{name}_step_ms": v_step * 1e3})
+                    got = attempt(f"decode batch {B} {name}", decode, model, dev, B, a.decode_context,
+                                  a.decode_steps, a.warmup_steps, a.max_tokens_per_step, **kw)
+                if got is not None:
+                    extra.update({f"{name}_tokens_per_s": got[0], f"{name}_step_ms": got[1] * 1e3})
         if "lockstep_tokens_per_s" in extra:
             extra["overlap_speedup"] = tok_s / extra["lockstep_tokens_per_s"]
         add("decode", B, ctx, tok_s, B, [ctx] * B, B, extra)
-    if "prefill" in a.phases:
-        tok_s = bench_prefill(model, dev, a.prefill_seqs, a.prefill_len, a.max_tokens_per_step, kv=kv)
+    tok_s = attempt("prefill", bench_prefill, model, dev, a.prefill_seqs, a.prefill_len, a.max_tokens_per_step,
+                    kv=kv) if "prefill" in a.phases else None
+    if tok_s is not None:
         chunk = min(a.max_tokens_per_step, a.prefill_seqs * a.prefill_len)
         add("prefill", a.prefill_seqs, a.prefill_len, tok_s, chunk, *_chunk_shape(chunk, a.prefill_len))
-    if "throughput" in a.phases:
-        tok_s, done, split = bench_throughput(model, dev, a.requests, a.isl, a.osl, a.concurrency,
-                                              a.max_tokens_per_step, a.throughput_seconds, kv=kv)
+    got = attempt("throughput", bench_throughput, model, dev, a.requests, a.isl, a.osl, a.concurrency,
+                  a.max_tokens_per_step, a.throughput_seconds, kv=kv) if "throughput" in a.phases else None
+    if got is not None:
+        tok_s, done, split = got
         tctx = a.isl + a.osl // 2  # not ctx: the profiles below are decode at --decode-context
         add("throughput", a.concurrency, tctx, tok_s, a.concurrency, [tctx] * a.concurrency, a.concurrency,
             {"isl": a.isl, "osl": a.osl, "requests": a.requests, "requests_finished": done, **split,
@@ -293,8 +319,11 @@ def run_model(preset: str, a, dev: torch.device, bw: float, flops: float, comman
         prof = _profiler(roof, dev, bw, B, [ctx] * B, B, Path(a.out) / f"profile-{preset}-b{B}.json.gz"
                          if a.out else None, f"batch {B}")
         with environ(**apart):
-            tok_s, step_s, profiled = decode(model, dev, B, a.decode_context, a.decode_steps, a.warmup_steps,
-                                             a.max_tokens_per_step, profile_steps=a.profile_steps, profile=prof)
+            got = attempt(f"profile batch {B}", decode, model, dev, B, a.decode_context, a.decode_steps,
+                          a.warmup_steps, a.max_tokens_per_step, profile_steps=a.profile_steps, profile=prof)
+        if got is None:
+            continue
+        tok_s, step_s, profiled = got
         res.setdefault("profiles", []).append({"kind": "decode", "batch": B, "context": ctx, "tokens_per_s": tok_s,
                                                "step_ms": step_s * 1e3, "profile": profiled,
                                                "pdl": bool(a.profile_pdl and res.get("pdl"))})
@@ -307,14 +336,17 @@ def run_model(preset: str, a, dev: torch.device, bw: float, flops: float, comman
         trace = Path(a.out) / f"profile-{preset}-p{chunk}.json.gz" if a.out else None
         prof = _profiler(roof, dev, bw, chunk, *_chunk_shape(chunk, a.prefill_len), trace, f"prefill chunk {chunk}")
         with environ(**apart):
-            profiled, seqs = profile_prefill(model, dev, a.prefill_len, chunk, a.profile_prefill_steps, prof, kv=kv)
-        res.setdefault("profiles", []).append({"kind": "prefill", "batch": seqs, "tokens": chunk,
-                                               "context": a.prefill_len, "profile": profiled,
-                                               "pdl": bool(a.profile_pdl and res.get("pdl"))})
-        save(res)
-        log(f"  profiled prefill chunks of {chunk}: " + ("failed" if "error" in profiled else
-                                                         f"{profiled['busy_ms_per_step']:.3f} ms busy per chunk, "
-                                                         f"{profiled['kernels_per_step']:.0f} kernels"))
+            got = attempt(f"profile prefill chunk {chunk}", profile_prefill, model, dev, a.prefill_len, chunk,
+                          a.profile_prefill_steps, prof, kv=kv)
+        if got is not None:
+            profiled, seqs = got
+            res.setdefault("profiles", []).append({"kind": "prefill", "batch": seqs, "tokens": chunk,
+                                                   "context": a.prefill_len, "profile": profiled,
+                                                   "pdl": bool(a.profile_pdl and res.get("pdl"))})
+            save(res)
+            log(f"  profiled prefill chunks of {chunk}: " + ("failed" if "error" in profiled else
+                                                             f"{profiled['busy_ms_per_step']:.3f} ms busy per chunk, "
+                                                             f"{profiled['kernels_per_step']:.0f} kernels"))
     del model
     if created is not None and a.delete_created:
         import shutil
@@ -384,12 +416,14 @@ def main(argv=None) -> int:
         log(f"copy bandwidth {bw / 1e9:.1f} GB/s, bf16 matmul {flops / 1e12:.2f} TFLOP/s")
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         slug = re.sub(r"[^a-z0-9]+", "-", gpu_name(dev).lower()).strip("-")
+        errors = 0
         for preset in a.models.split(","):
             f = out / f"gpu-{preset}-{slug}-{stamp}.json"
             save = lambda res, f=f: f.write_text(json.dumps(res, indent=1) + "\n")  # noqa: E731
             res = run_model(preset, a, dev, bw, flops, command, save)
             print(markdown(res) + f"\n\n(wrote {f})\n", flush=True)
-    return 0
+            errors += len(res["errors"])
+    return 1 if errors else 0  # the figures that did measure are written either way
 
 
 if __name__ == "__main__":

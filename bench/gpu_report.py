@@ -112,6 +112,9 @@ def markdown(res: dict) -> str:
         out += ["", intro + "; ".join(pairs)]
     for r in res.get("profiles", []):
         out += step_profile.markdown(r)
+    errors = [f"{'Device fault' if e.get('device_fault') else 'Failed'} in {e['what']}: {e['error'][:300]}"
+              + (f" (`{e['source']}`)" if e.get("source") else "") for e in res.get("errors", [])]
+    out += [""] * bool(errors) + errors
     if not res.get("complete", True):
         out += ["", "(cut short: the run ended before its last measurement)"]
     return "\n".join(out)
@@ -157,6 +160,8 @@ def merged(runs: list[dict]) -> dict:
                 seen.add((row["kind"], row["batch"], _kv(row)))
                 out["results"].append(row if r is head else dict(row, source=f"{r['command']} ({r['date']})"))
     out["profiles"] = next((r["profiles"] for r in session if r.get("profiles")), [])
+    out["errors"] = [e if r is head else dict(e, source=f"{r['command']} ({r['date']})")
+                     for r in session for e in r.get("errors", [])]
     return out
 
 
@@ -168,7 +173,7 @@ def update_benchmarks(results: Path, target: Path) -> int:
     runs: dict[tuple[str, str], list[dict]] = {}
     for f in sorted(results.glob("gpu-*.json")):
         res = json.loads(f.read_text())
-        if res.get("dry_run") or not res.get("results"):
+        if res.get("dry_run") or not (res.get("results") or res.get("errors")):
             continue
         runs.setdefault((res["gpu"], res["model"]), []).append(res)
     newest = {key: (m["date"], m) for key, m in ((k, merged(v)) for k, v in runs.items())}

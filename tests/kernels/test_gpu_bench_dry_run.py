@@ -337,3 +337,69 @@ def test_decode_batch_past_the_step_budget_keeps_every_sequence(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     (row,) = json.loads(next(tmp_path.glob("gpu-tiny-*.json")).read_text())["results"]
     assert row["batch"] == 64 and row["tokens_per_s"] > 0
+
+
+def test_a_failing_measurement_is_recorded_and_the_rest_still_run(tmp_path, monkeypatch, capsys):
+    """An error at one batch (an OOM, say) goes into the JSON and the tables, and the later measurements
+    still run; a device fault (the CUDA context is lost) is recorded and ends the run."""
+    from bench import gpu
+    real = gpu.bench_decode
+
+    def decode(model, dev, B, *args, **kw):
+        if B == 2 and set(kw) == {"kv"}:  # the plain run (its variants then do not run)
+            raise RuntimeError("CUDA out of memory. Tried to allocate 9.00 GiB")
+        if B == 1 and kw.get("overlap") is False:
+            raise ValueError("the lockstep variant broke")
+        if B == 4 and fault:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return real(model, dev, B, *args, **kw)
+
+    monkeypatch.setattr(gpu, "bench_decode", decode)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    fault = False
+    argv = ["--dry-run", "--phases", "decode,prefill", "--batches", "1,2,4", "--out", str(tmp_path / "a")]
+    assert gpu.main(argv) == 1
+    out = capsys.readouterr().out
+    (f,) = (tmp_path / "a").glob("gpu-tiny-*.json")
+    res = json.loads(f.read_text())
+    assert [(x["kind"], x["batch"]) for x in res["results"]] == [("decode", 1), ("decode", 4), ("prefill", 2)]
+    assert res["complete"] and "lockstep_tokens_per_s" not in res["results"][0]
+    assert [(e["what"], e["device_fault"]) for e in res["errors"]] == [
+        ("decode batch 1 lockstep", False), ("decode batch 2", False)]
+    assert "Failed in decode batch 2: RuntimeError: CUDA out of memory" in out
+    assert "Failed in decode batch 1 lockstep: ValueError: the lockstep variant broke" in out
+    fault = True
+    argv[-1] = str(tmp_path / "b")
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        gpu.main(argv)
+    (f,) = (tmp_path / "b").glob("gpu-tiny-*.json")
+    res = json.loads(f.read_text())
+    assert not res["complete"] and res["errors"][-1] == {
+        "what": "decode batch 4", "device_fault": True,
+        "error": "RuntimeError: CUDA error: an illegal memory access was encountered"}
+    assert [(x["kind"], x["batch"]) for x in res["results"]] == [("decode", 1)]
+
+
+def test_update_benchmarks_shows_each_runs_errors(tmp_path):
+    """A run that faulted before its first figure still reaches BENCHMARKS.md: its error, beside the
+    figures its session's other runs measured, each error marked with the command that met it."""
+    from bench.gpu import main
+    row = {"kind": "throughput", "batch": 512, "context": 1536, "tokens_per_s": 4000.0,
+           "roofline_tokens_per_s": 20000.0, "roofline_bound": "memory", "fraction_of_roofline": 0.2}
+    base = {"gpu": "NVIDIA H200", "model": "gpt-oss-120b", "dry_run": False, "kernels": "auto", "use_triton": True,
+            "copy_bandwidth_GBps": 4300.0, "matmul_TFLOPs": 700.0}
+    faulted = dict(base, date="2026-12-01T11:00:00", complete=False, command="python -m bench.gpu --phases decode",
+                   results=[], errors=[{"what": "decode batch 1", "device_fault": True,
+                                        "error": "RuntimeError: CUDA error: an illegal memory access"}])
+    thr = dict(base, date="2026-12-01T10:50:00", complete=True, command="python -m bench.gpu --phases throughput",
+               results=[row], errors=[{"what": "prefill", "device_fault": False, "error": "ValueError: x"}])
+    res = tmp_path / "results"
+    res.mkdir()
+    for name, r in (("a", faulted), ("b", thr)):
+        (res / f"gpu-{name}.json").write_text(json.dumps(r))
+    bm = tmp_path / "BENCHMARKS.md"
+    assert main(["--update-benchmarks", str(res), "--benchmarks-file", str(bm)]) == 0
+    text = bm.read_text()
+    assert "Device fault in decode batch 1: RuntimeError: CUDA error: an illegal memory access\n" in text
+    assert "Failed in prefill: ValueError: x (`python -m bench.gpu --phases throughput (2026-12-01T10:50:00)`)" in text
+    assert "| 4000.0 |" in text and "(cut short: the run ended before its last measurement)" in text
