@@ -108,10 +108,6 @@ def line(r: dict) -> str:
     return f"| {r['tokens']} | {r['experts']} | {r['variant']} | {r['us']:.1f} | {r['rel_err']:.1e} | {r['GBps']:.0f} |"
 
 
-def table(rows) -> str:
-    return "\n".join([HEAD, *map(line, rows)])
-
-
 def main(argv=None) -> int:
     from kernels import faults
     argv = sys.argv[1:] if argv is None else argv
