@@ -305,8 +305,8 @@ _settle = getattr(rs_kernels._settle, "fn", rs_kernels._settle)
 _fp4 = getattr(dq_kernels._fp4, "fn", dq_kernels._fp4)
 _prefetch_rows = getattr(gemv_kernels._prefetch_rows, "fn", gemv_kernels._prefetch_rows)
 _KERNELS = ("_pdl_enter", "_l2_prefetch", "_prefetch_rows", "_tile_rows", "_settle", "_fp4", "_dot", "_mx_tile",
-            "_mx_scales", "_mx_dot", "_dq_dot", "_split_sums", "_swiglu_store", "_w1_kernel", "_w2_kernel", "_combine_row",
-            "_combine_tail", "_combine_kernel")
+            "_mx_scales", "_mx_dot", "_dq_dot", "_split_sums", "_swiglu_store", "_w1_kernel", "_w2_kernel",
+            "_combine_row", "_combine_tail", "_combine_kernel")
 _NO_SPECIALIZE = {"_w1_kernel": ("n_pairs",), "_w2_kernel": ("n_pairs", "n_rows", "s_res"),
                   **combine_kernels._NO_SPECIALIZE}
 
