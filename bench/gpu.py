@@ -36,7 +36,10 @@ loads it. Every number runs through engine.core.LLMEngine (scheduler, sampler an
   bytes: --concurrency 1024 fits 1k/1k on one H200 beside 120b's weights); each
   row says its cache, and the roofline counts its bytes.
 The JSON file is rewritten after every measurement, so a run cut short (a
-device time limit) keeps what it measured.
+device time limit) keeps what it measured. A measurement that raises is recorded
+(`errors`) and the run goes on; on a GPU the run is supervised (kernels.faults), so
+after a device fault a fresh process loads the model again and measures the rest
+into the same file, without the measurement that faulted.
 
 Roofline (bench.roofline): bytes one step must move (attention + router weights, the experts
 the step's tokens are expected to touch under uniform routing, KV read and
@@ -68,6 +71,7 @@ from bench.gpu_args import parse as parse_args
 from bench.gpu_kernels import paths as kernel_paths
 from bench.gpu_report import markdown, update_benchmarks
 from bench.roofline import Roofline, copy_bandwidth, matmul_flops, sync
+from kernels import faults
 
 
 def requests(n: int, prompt_len: int, max_tokens: int, seed: int, vocab: int = 199998, temperature: float = 0):
@@ -219,18 +223,25 @@ def log(msg: str) -> None:
     print(time.strftime("%H:%M:%S ") + msg, file=sys.stderr, flush=True)
 
 
-def run_model(preset: str, a, dev: torch.device, bw: float, flops: float, command: str, save) -> dict:
-    """Measure one preset; `save(result)` is called after every measurement with the result so far."""
+def run_model(preset: str, a, dev: torch.device, bw: float, flops: float, command: str, save, prior=None,
+              state=None) -> dict:
+    """Measure one preset; `save(result)` is called after every measurement with the result so far.
+    state: a supervised run's kernels.faults.State, prior: the result its earlier processes saved. What they
+    measured, failed or faulted on is not run again, and a device fault raises kernels.faults.DeviceFault."""
     from kernels import dispatch, pdl
     from kernels._triton import environ
     model, created = load(preset, a, dev)
+    if state is not None:  # a later process finds it on disk: --delete-created must still remove it
+        created = created or state.notes.get("created", {}).get(preset)
+        state.notes.setdefault("created", {})[preset] = created and str(created)
+        state.save()
     gpu = gpu_name(dev)
     try:
         import triton
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    res = {"gpu": gpu, "model": preset, "dtype": "bfloat16", "experts": "mxfp4", "command": command,
+    res = prior or {"gpu": gpu, "model": preset, "dtype": "bfloat16", "experts": "mxfp4", "command": command,
            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "weights": a.weights,
            "kernels": os.environ.get("GPTOSS_KERNELS", "auto"), "use_triton": dispatch.use_triton(dev),
            "pdl": dispatch.use_triton(dev) and pdl.enabled(dev),
@@ -238,29 +249,37 @@ def run_model(preset: str, a, dev: torch.device, bw: float, flops: float, comman
            "copy_bandwidth_GBps": bw / 1e9, "matmul_TFLOPs": flops / 1e12, "kv_cache_dtype": a.kv_cache_dtype,
            "complete": False, "results": []}
     kv = a.kv_cache_dtype
-    errors = res["errors"] = []
+    errors = res.setdefault("errors", [])
 
     def attempt(what: str, fn, *args, **kw):
         """fn's result, or None when it raised: the error goes into the JSON and the run goes on with its
         next measurement (an OOM at one batch must not cost the rest), unless it was a device fault: the CUDA
-        context is lost, every later launch would fail the same way (kernels.faults)."""
-        from kernels import faults
+        context is lost, every later launch would fail the same way (kernels.faults). None too for what an
+        earlier process of a supervised run measured, failed or faulted on."""
+        key = f"{preset} {what}"
+        if state is not None and (key in state.done or state.faulted(key)):
+            return None
         try:
-            return fn(*args, **kw)
+            got = fn(*args, **kw)
         except Exception as e:  # noqa: BLE001 - recorded, and re-raised when the context is gone
             fault = faults.is_sticky(e)
             errors.append({"what": what, "error": f"{type(e).__name__}: {e}"[:500], "device_fault": fault})
             save(res)
             log(f"  {what}: {'DEVICE FAULT' if fault else 'failed'} ({type(e).__name__}: {str(e)[:200]})")
+            if fault and state is not None:
+                raise faults.DeviceFault(key, e) from e
             if fault:
                 raise
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
-            return None
+            got = None
+        if state is not None:
+            state.finish(key)
+        return got
 
     roof = Roofline(model.config, kv_bytes=1 if kv == "fp8" else 2)
     decode = functools.partial(bench_decode, kv=kv)  # every engine of the run on that cache
-    rows = []
+    rows = res["results"]
 
     def add(kind, batch, context, tok_s, step_tokens, contexts, sampled, extra=None):
         nbytes = roof.step_bytes(step_tokens, contexts, sampled)
@@ -273,32 +292,35 @@ def run_model(preset: str, a, dev: torch.device, bw: float, flops: float, comman
                      "context": context, "tokens_per_s": tok_s, "roofline_tokens_per_s": roofline,
                      "roofline_bound": bound, "fraction_of_roofline": tok_s / roofline, "bytes_per_step": nbytes,
                      "kv_cache_dtype": kv, **(extra or {})})
-        if dev.type == "cuda":
-            res["peak_memory_GiB"] = torch.cuda.max_memory_allocated(dev) / 2 ** 30
-        res["results"] = rows
+        if dev.type == "cuda":  # each process of a supervised run has its own peak
+            res["peak_memory_GiB"] = max(res.get("peak_memory_GiB", 0),
+                                         torch.cuda.max_memory_allocated(dev) / 2 ** 30)
         save(res)
         log(f"  {kind:10} batch {batch:4} context {context:6}: {tok_s:10.1f} tok/s "
             f"(roofline {roofline:10.1f}, {bound})")
+        return rows[-1]
 
     ctx = a.decode_context + a.warmup_steps + a.decode_steps // 2
     for B in a.batches if "decode" in a.phases else ():
-        got = attempt(f"decode batch {B}", decode, model, dev, B, a.decode_context, a.decode_steps,
-                      a.warmup_steps, a.max_tokens_per_step)
-        if got is None:
-            continue
-        tok_s, step_s, _ = got
-        # what the GPU's tuned file picked for this batch (MoE tiles, linears), so the figure says what it measured
-        extra = {"step_ms": step_s * 1e3, "kernel_paths": kernel_paths(model.config, B, dev)}
+        row = next((r for r in rows if r["kind"] == "decode" and r["batch"] == B), None)  # an earlier process's
+        if row is None:
+            got = attempt(f"decode batch {B}", decode, model, dev, B, a.decode_context, a.decode_steps,
+                          a.warmup_steps, a.max_tokens_per_step)
+            if got is None:
+                continue
+            # what the GPU's tuned file picked for this batch (MoE tiles, linears): what the figure measured
+            row = add("decode", B, ctx, got[0], B, [ctx] * B, B,
+                      {"step_ms": got[1] * 1e3, "kernel_paths": kernel_paths(model.config, B, dev)})
         for name, batches, kw, env in decode_variants(a):  # each measured just after the plain run
             if B in batches:
                 with environ(**env):
                     got = attempt(f"decode batch {B} {name}", decode, model, dev, B, a.decode_context,
                                   a.decode_steps, a.warmup_steps, a.max_tokens_per_step, **kw)
                 if got is not None:
-                    extra.update({f"{name}_tokens_per_s": got[0], f"{name}_step_ms": got[1] * 1e3})
-        if "lockstep_tokens_per_s" in extra:
-            extra["overlap_speedup"] = tok_s / extra["lockstep_tokens_per_s"]
-        add("decode", B, ctx, tok_s, B, [ctx] * B, B, extra)
+                    row.update({f"{name}_tokens_per_s": got[0], f"{name}_step_ms": got[1] * 1e3})
+                    if name == "lockstep":
+                        row["overlap_speedup"] = row["tokens_per_s"] / got[0]
+                    save(res)
     tok_s = attempt("prefill", bench_prefill, model, dev, a.prefill_seqs, a.prefill_len, a.max_tokens_per_step,
                     kv=kv) if "prefill" in a.phases else None
     if tok_s is not None:
@@ -348,7 +370,7 @@ def run_model(preset: str, a, dev: torch.device, bw: float, flops: float, comman
                                                              f"{profiled['busy_ms_per_step']:.3f} ms busy per chunk, "
                                                              f"{profiled['kernels_per_step']:.0f} kernels"))
     del model
-    if created is not None and a.delete_created:
+    if created and a.delete_created:
         import shutil
         shutil.rmtree(created)
     res["complete"] = True
@@ -377,6 +399,8 @@ def _profiler(roof, dev, bw: float, tokens: int, contexts: list[int], sampled: i
         try:  # a profiler failure costs the profile, not the rest of the device time
             return step_profile.profile(step, n, dev, roof.step_parts(tokens, contexts, sampled), bw, trace)
         except Exception as e:  # noqa: BLE001
+            if faults.is_sticky(e):  # the context is gone: the measurement around it records the fault
+                raise
             log(f"  profile of {what} failed: {type(e).__name__}: {e}")
             return {"error": f"{type(e).__name__}: {e}"[:500]}
     return prof
@@ -397,34 +421,52 @@ def main(argv=None) -> int:
     a = parse_args(argv, __doc__)
     if a.update_benchmarks:
         return update_benchmarks(Path(a.update_benchmarks), Path(a.benchmarks_file))
+    argv = list(sys.argv[1:] if argv is None else argv)
     find_vocab()
-    command = "python -m bench.gpu " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python -m bench.gpu " + " ".join(faults.public_argv(argv))
     if a.kernels:
         os.environ["GPTOSS_KERNELS"] = a.kernels
     dev = torch.device(a.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         print("bench.gpu: no CUDA device here (use --dry-run to exercise the flow on CPU)", file=sys.stderr)
         return 2
+    if dev.type == "cuda" and a.resume is None and not a.dry_run:
+        return faults.supervise("bench.gpu", argv)  # a device fault must not cost what comes after it
+    state = faults.State.load(a.resume) if a.resume else None
+    notes = state.notes if state is not None else {}
     with tempfile.TemporaryDirectory() as tmp:
         if a.dry_run:
             a.ckpt_dir = tmp
         out = Path(a.out or (Path(tmp) / "results" if a.dry_run else "bench/results"))
         out.mkdir(parents=True, exist_ok=True)
         a.out = str(out)
-        bw = copy_bandwidth(dev, int(a.copy_gib * 2 ** 30))
-        flops = matmul_flops(dev, 256 if a.dry_run else 8192)
+        if "stamp" not in notes:  # measured once: every process of a supervised run on the same roofline
+            notes.update(bw=copy_bandwidth(dev, int(a.copy_gib * 2 ** 30)),
+                         flops=matmul_flops(dev, 256 if a.dry_run else 8192),
+                         stamp=datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+            if state is not None:
+                state.save()
+        bw, flops = notes["bw"], notes["flops"]
         log(f"copy bandwidth {bw / 1e9:.1f} GB/s, bf16 matmul {flops / 1e12:.2f} TFLOP/s")
-        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         slug = re.sub(r"[^a-z0-9]+", "-", gpu_name(dev).lower()).strip("-")
         errors = 0
         for preset in a.models.split(","):
-            f = out / f"gpu-{preset}-{slug}-{stamp}.json"
+            f = out / f"gpu-{preset}-{slug}-{notes['stamp']}.json"
             save = lambda res, f=f: f.write_text(json.dumps(res, indent=1) + "\n")  # noqa: E731
-            res = run_model(preset, a, dev, bw, flops, command, save)
-            print(markdown(res) + f"\n\n(wrote {f})\n", flush=True)
+            if state is not None and f"{preset} complete" in state.done:  # an earlier process measured it
+                res = json.loads(f.read_text())
+            else:
+                prior = json.loads(f.read_text()) if state is not None and f.exists() else None
+                try:
+                    res = run_model(preset, a, dev, bw, flops, command, save, prior, state)
+                except faults.DeviceFault as e:  # recorded in the JSON; a fresh process goes on after it
+                    state.fault(e)
+                    return faults.FAULT_EXIT
+                if state is not None:
+                    state.finish(f"{preset} complete")
+                print(markdown(res) + f"\n\n(wrote {f})\n", flush=True)
             errors += len(res["errors"])
     return 1 if errors else 0  # the figures that did measure are written either way
-
 
 if __name__ == "__main__":
     sys.exit(main())

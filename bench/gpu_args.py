@@ -73,6 +73,7 @@ def parse(argv=None, doc: str = ""):
                     help="measure nothing: write the newest GPU result per (GPU, model) in RESULTS_DIR into "
                          "--benchmarks-file between its bench.gpu markers")
     ap.add_argument("--benchmarks-file", default="BENCHMARKS.md")
+    ap.add_argument("--resume", type=Path, help=argparse.SUPPRESS)  # kernels.faults: a supervised child's state
     if ap.parse_args(argv).dry_run:  # tiny defaults; flags given explicitly still win
         ap.set_defaults(models="tiny", device="cpu", batches=[1, 2, 4], sampled_batches=[2], decode_context=12,
                         decode_steps=3, profile_batches=[2], profile_steps=2, profile_prefill_steps=2,

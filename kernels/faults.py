@@ -1,5 +1,5 @@
-"""Device faults in the GPU runs (kernels.check, kernels.tune, bench.moe_variants): one bad launch must not
-take the rest of a run with it.
+"""Device faults in the GPU runs (kernels.check, kernels.tune, bench.moe_variants, bench.gpu): one bad launch
+must not take the rest of a run with it.
 
 An illegal address, a misaligned access or a bad instruction in a kernel leaves the process's CUDA context
 unusable: every later launch fails with the same error, so a run would report every case after the faulty

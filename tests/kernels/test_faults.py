@@ -194,7 +194,7 @@ def test_moe_variants_prints_each_row_and_skips_a_faulted_variant_afterwards(tmp
     assert float(rows["2", "rs"].split("|")[5]) < 3e-2  # the variant that only lacked resources runs again at 2
 
 
-@pytest.mark.parametrize("module", ["kernels.check", "kernels.tune", "bench.moe_variants"])
+@pytest.mark.parametrize("module", ["kernels.check", "kernels.tune", "bench.moe_variants", "bench.gpu"])
 def test_gpu_runs_are_supervised(module, monkeypatch):
     """On a GPU each of the three starts as the supervisor, before it makes a CUDA context; --resume (what
     the supervisor adds) runs the work itself."""

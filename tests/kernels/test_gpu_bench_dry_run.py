@@ -403,3 +403,47 @@ def test_update_benchmarks_shows_each_runs_errors(tmp_path):
     assert "Device fault in decode batch 1: RuntimeError: CUDA error: an illegal memory access\n" in text
     assert "Failed in prefill: ValueError: x (`python -m bench.gpu --phases throughput (2026-12-01T10:50:00)`)" in text
     assert "| 4000.0 |" in text and "(cut short: the run ended before its last measurement)" in text
+
+
+def test_a_device_fault_ends_only_its_process_and_a_fresh_one_measures_the_rest(tmp_path, monkeypatch, capsys):
+    """On a GPU bench.gpu runs under kernels.faults' supervisor: each child process goes on from the JSON and
+    the state the one before it left, without what faulted. Three children here, as the supervisor would
+    start them: a fault in batch 1's padded variant, then one in batch 4's plain run."""
+    from bench import gpu
+    from kernels import faults
+    real, calls = gpu.bench_decode, []
+
+    def decode(model, dev, B, *args, **kw):
+        name = ("lockstep" if kw.get("overlap") is False else "sampled" if kw.get("temperature") else
+                "padded" if kw.get("padded") else "unfused_gate" if os.environ.get("GPTOSS_GATE_MAX_ROWS") == "0"
+                else "no_pdl" if os.environ.get("GPTOSS_PDL") == "0" else "plain")
+        calls.append((B, name))
+        if (B, name) in {(1, "padded"), (4, "plain")}:  # they fault in whichever process runs them
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return real(model, dev, B, *args, **kw)
+
+    monkeypatch.setattr(gpu, "bench_decode", decode)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    state = tmp_path / "state.json"
+    argv = ["--dry-run", "--phases", "decode,prefill", "--batches", "1,2,4", "--out", str(tmp_path / "r"),
+            "--resume", str(state)]
+    assert gpu.main(argv) == faults.FAULT_EXIT
+    assert calls == [(1, "plain"), (1, "lockstep"), (1, "padded")]
+    assert gpu.main(argv) == faults.FAULT_EXIT
+    assert calls[3:] == [(1, "unfused_gate"), (1, "no_pdl"), (2, "plain"), (2, "sampled"), (4, "plain")]
+    capsys.readouterr()
+    assert gpu.main(argv) == 1  # nothing measured twice, nothing faulted retried; the prefill still ran
+    assert len(calls) == 8
+    out = capsys.readouterr().out
+    (f,) = (tmp_path / "r").glob("gpu-tiny-*.json")  # one file for the run, whatever its processes
+    res = json.loads(f.read_text())
+    assert res["complete"] and "--resume" not in res["command"]
+    assert [(x["kind"], x["batch"]) for x in res["results"]] == [("decode", 1), ("decode", 2), ("prefill", 2)]
+    b1 = res["results"][0]
+    assert all(b1[f"{v}_tokens_per_s"] > 0 for v in ("lockstep", "unfused_gate", "no_pdl"))
+    assert "padded_tokens_per_s" not in b1 and b1["overlap_speedup"] > 0
+    assert [(e["what"], e["device_fault"]) for e in res["errors"]] == [("decode batch 1 padded", True),
+                                                                       ("decode batch 4", True)]
+    assert "Device fault in decode batch 1 padded" in out and "Device fault in decode batch 4" in out
+    assert [x["what"] for x in faults.State.load(state).faults] == ["tiny decode batch 1 padded",
+                                                                   "tiny decode batch 4"]
