@@ -23,7 +23,7 @@ import torch
 
 
 def measure(batch: int, context: int, steps: int, warmup: int = 3) -> dict:
-    from bench.gpu import engine, requests
+    from bench.gpu_measure import engine, requests
     from models import load_model
     from models.checkpoint import RandomCheckpoint
     model = load_model(RandomCheckpoint("tiny"), dtype=torch.float32)
@@ -67,7 +67,7 @@ def measure_ranks(workers, batch: int, steps: int, sample_on_rank: bool, overlap
     parallelism (workers.attn_dp) also the most KV blocks one attention group held."""
     import pickle
 
-    from bench.gpu import requests
+    from bench.gpu_measure import requests
     from engine.core import EngineConfig, LLMEngine
     from parallel.worker import MultiProcessExecutor
     step_tokens = max(batch, 64, min(batch * context, 4096))
@@ -178,8 +178,8 @@ def attn_dp_table(tp: int, ep: int, batches: list[int], steps: int, context: int
         path = make_checkpoint(Path(d) / "tiny", "tiny", "hf", "mxfp4", seed=0)
         sets = {dp: RankWorkers(WorkerSpec(str(path), tp, ep, attn_dp=dp)) for dp in (False, True)}
         try:
-            print(f"| batch | context | replicated ms/step | attention DP ms/step | speedup "
-                  f"| KV blocks per rank (replicated / DP) |")
+            print("| batch | context | replicated ms/step | attention DP ms/step | speedup "
+                  "| KV blocks per rank (replicated / DP) |")
             print("|---:|---:|---:|---:|---:|---|")
             for b in batches:
                 best = {}

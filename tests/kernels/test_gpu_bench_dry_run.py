@@ -188,7 +188,7 @@ def test_padded_engine_has_no_graph_of_its_own_batch():
     """--padded-batches: the engine's graph buckets skip the batch, so its decode steps pad to the next."""
     import torch
 
-    from bench.gpu import engine
+    from bench.gpu_measure import engine
     from models import load_model
     from models.checkpoint import RandomCheckpoint
     model = load_model(RandomCheckpoint("tiny"), dtype=torch.float32, keep_mxfp4=True)
