@@ -311,7 +311,9 @@ def main(argv=None) -> int:
         print("bench.gpu: no CUDA device here (use --dry-run to exercise the flow on CPU)", file=sys.stderr)
         return 2
     if dev.type == "cuda" and a.resume is None and not a.dry_run:
-        return faults.supervise("bench.gpu", argv)  # a device fault must not cost what comes after it
+        # a device fault must not cost what comes after it; two fresh processes (model loads) that each fault
+        # before measuring anything mean a fault on every measurement's path (the runbook's switches)
+        return faults.supervise("bench.gpu", argv, max_barren=2)
     state = faults.State.load(a.resume) if a.resume else None
     notes = state.notes if state is not None else {}
     with tempfile.TemporaryDirectory() as tmp:

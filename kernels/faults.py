@@ -88,23 +88,32 @@ def public_argv(argv: list[str]) -> list[str]:
     return [x for i, x in enumerate(argv) if x != "--resume" and (i == 0 or argv[i - 1] != "--resume")]
 
 
-def supervise(module: str, argv: list[str], state_path: Path | None = None) -> int:
+def supervise(module: str, argv: list[str], state_path: Path | None = None, max_barren: int | None = None) -> int:
     """Run `python -m module *argv --resume STATE` until it exits with something other than FAULT_EXIT.
-    A child that faults without recording a new fault (so the next would meet the same one), or the
-    MAX_ATTEMPTS-th fault, ends the run with FAULT_EXIT."""
+    A child that faults without recording a new fault (so the next would meet the same one), the
+    MAX_ATTEMPTS-th fault, or max_barren children in a row that faulted before finishing anything (the fault
+    then lies on every piece of work's path, and each fresh child has a start-up cost: bench.gpu loads the
+    model) end the run with FAULT_EXIT."""
     state_path = Path(state_path or Path(tempfile.mkdtemp(prefix=f"{module}-")) / "state.json")
     State(state_path).save()
+    barren = 0
     for _ in range(MAX_ATTEMPTS):
-        seen = len(State.load(state_path).faults)
+        before = State.load(state_path)
         sys.stdout.flush()
         rc = subprocess.call([sys.executable, "-m", module, *argv, "--resume", str(state_path)])
         st = State.load(state_path)
         if rc != FAULT_EXIT:
             return rc
-        if len(st.faults) == seen:
+        if len(st.faults) == len(before.faults):
             print(f"{module}: the child exited {FAULT_EXIT} without recording a fault; stopping", file=sys.stderr)
             return rc
         f = st.faults[-1]
+        barren = barren + 1 if set(st.done) <= set(before.done) else 0
+        if max_barren and barren >= max_barren:
+            print(f"{module}: device fault in {f['what']} ({f['error'][:200]}); {barren} processes in a row "
+                  f"faulted before finishing anything, so the fault is on every path; stopping (state: "
+                  f"{state_path})", file=sys.stderr)
+            return FAULT_EXIT
         print(f"{module}: device fault in {f['what']} ({f['error'][:200]}); a fresh process goes on without "
               f"it ({len(st.done)} done so far)", file=sys.stderr, flush=True)
     print(f"{module}: {MAX_ATTEMPTS} device faults; stopping (state: {state_path})", file=sys.stderr)

@@ -77,6 +77,27 @@ def test_supervisor_gives_up_after_max_attempts(tmp_path, monkeypatch, capfd):
     assert len(json.loads((tmp_path / "s.json").read_text())["faults"]) == 3
 
 
+def test_supervisor_stops_after_children_in_a_row_that_fault_before_finishing_anything(tmp_path, monkeypatch,
+                                                                                          capfd):
+    """bench.gpu's children each load the model first: a fault on every measurement's path (a broken kernel
+    all of them launch) ends the run after max_barren such children, not MAX_ATTEMPTS model loads."""
+    _child(tmp_path, """\
+        n = len(st.faults)
+        if n in (0, 2):  # the 1st and 3rd children finish one piece of work before they fault
+            st.finish(f"work {n}")
+        st.fault(faults.DeviceFault(f"work {n} + 1", RuntimeError("misaligned address")))
+        sys.exit(faults.FAULT_EXIT)
+        """)
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}{os.pathsep}{ROOT}")
+    state = tmp_path / "s.json"
+    assert faults.supervise("fake_run", [], state, max_barren=2) == faults.FAULT_EXIT
+    err = capfd.readouterr().err
+    # children 1 and 3 made progress, 2 did not (one barren child is not enough), 4 and 5 did not: stop
+    assert len(json.loads(state.read_text())["faults"]) == 5 < faults.MAX_ATTEMPTS
+    assert err.count("a fresh process goes on without it") == 4
+    assert "2 processes in a row faulted before finishing anything" in err
+
+
 @pytest.fixture
 def fake_cases(monkeypatch):
     """kernels.check's cases replaced by four: ok, a device fault, a compile error, ok."""
@@ -205,7 +226,7 @@ def test_gpu_runs_are_supervised(module, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     got = []
-    monkeypatch.setattr(faults, "supervise", lambda m, argv: got.append((m, argv)) or 7)
+    monkeypatch.setattr(faults, "supervise", lambda m, argv, **kw: got.append((m, argv)) or 7)
     assert mod.main(["--models" if module != "bench.moe_variants" else "--model", "gpt-oss-20b"]) == 7
     assert got == [(module, ["--models" if module != "bench.moe_variants" else "--model", "gpt-oss-20b"])]
     assert faults.public_argv(["--a", "--resume", "/s.json", "--b"]) == ["--a", "--b"]
