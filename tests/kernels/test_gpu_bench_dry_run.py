@@ -447,3 +447,26 @@ def test_a_device_fault_ends_only_its_process_and_a_fresh_one_measures_the_rest(
     assert "Device fault in decode batch 1 padded" in out and "Device fault in decode batch 4" in out
     assert [x["what"] for x in faults.State.load(state).faults] == ["tiny decode batch 1 padded",
                                                                    "tiny decode batch 4"]
+
+
+def test_a_profile_that_faults_the_device_is_not_taken_for_a_failed_profile(monkeypatch):
+    """A profiler error costs only the profile, but a device fault under it must reach the measurement around it
+    (bench.gpu's attempt), else the next measurement would meet it and be skipped in its place."""
+    import types
+
+    import torch
+
+    from bench import gpu
+    roof = types.SimpleNamespace(step_parts=lambda *a: {})
+    prof = gpu._profiler(roof, torch.device("cpu"), 1.0, 1, [1], 1, None, "batch 1")
+    for err, sticky in ((RuntimeError("CUPTI_ERROR_NOT_INITIALIZED"), False),
+                        (RuntimeError("CUDA error: misaligned address"), True)):
+        def profile(*args, err=err):
+            raise err
+
+        monkeypatch.setattr(gpu.step_profile, "profile", profile)
+        if sticky:
+            with pytest.raises(RuntimeError, match="misaligned address"):
+                prof(lambda: None, 1)
+        else:
+            assert prof(lambda: None, 1) == {"error": "RuntimeError: CUPTI_ERROR_NOT_INITIALIZED"}
