@@ -9,7 +9,8 @@ tensor on the device as it is loaded (models.checkpoint.RandomCheckpoint: the
 tensors `gptoss checkpoint make` writes, without ~65 GB of disk for 120b);
 `--weights disk` writes the checkpoint under --ckpt-dir on first use, as
 `python -m cli.main checkpoint make DIR/<preset> --preset <preset>` would, and
-loads it. Every number runs through engine.core.LLMEngine (scheduler, sampler and all):
+loads it (a dry run's --ckpt-dir defaults to a temporary folder); --delete-created removes a
+checkpoint the run wrote, also when an earlier process of a supervised run wrote it. Every number runs through engine.core.LLMEngine (scheduler, sampler and all):
 * decode: B sequences with --decode-context-token prompts; steps timed once
   every sequence is decoding; tokens/s = B * steps / time. Greedy; the
   --sampled-batches also at temperature 1 (the fused sampling kernel), the
@@ -317,8 +318,8 @@ def main(argv=None) -> int:
     state = faults.State.load(a.resume) if a.resume else None
     notes = state.notes if state is not None else {}
     with tempfile.TemporaryDirectory() as tmp:
-        if a.dry_run:
-            a.ckpt_dir = tmp
+        if a.ckpt_dir is None:
+            a.ckpt_dir = tmp if a.dry_run else str(Path.home() / ".cache" / "gptoss" / "bench")
         out = Path(a.out or (Path(tmp) / "results" if a.dry_run else "bench/results"))
         out.mkdir(parents=True, exist_ok=True)
         a.out = str(out)

@@ -20,7 +20,9 @@ def parse(argv=None, doc: str = ""):
     ap = argparse.ArgumentParser(description=doc.split("\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=doc)
     ap.add_argument("--models", default="gpt-oss-120b,gpt-oss-20b", help="presets, comma separated")
-    ap.add_argument("--ckpt-dir", default=str(Path.home() / ".cache" / "gptoss" / "bench"))
+    ap.add_argument("--ckpt-dir", default=None,
+                    help="where --weights disk writes/reads checkpoints (default ~/.cache/gptoss/bench; "
+                         "a dry run's own temporary folder unless given)")
     ap.add_argument("--delete-created", action="store_true", help="remove checkpoints this run wrote (disk space)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--kernels", choices=["auto", "torch", "triton"], help="sets GPTOSS_KERNELS")

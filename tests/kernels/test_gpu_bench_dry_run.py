@@ -470,3 +470,31 @@ def test_a_profile_that_faults_the_device_is_not_taken_for_a_failed_profile(monk
                 prof(lambda: None, 1)
         else:
             assert prof(lambda: None, 1) == {"error": "RuntimeError: CUPTI_ERROR_NOT_INITIALIZED"}
+
+
+def test_delete_created_removes_a_checkpoint_an_earlier_process_wrote(tmp_path, monkeypatch):
+    """The child that writes the checkpoint can fault before the end; the one that finishes finds it on disk
+    (not written by itself), and --delete-created must still remove it. One it did not write stays."""
+    from bench import gpu
+    from kernels import faults
+    real, calls = gpu.bench_decode, []
+
+    def decode(model, dev, B, *args, **kw):
+        calls.append(B)
+        if len(calls) == 1:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return real(model, dev, B, *args, **kw)
+
+    monkeypatch.setattr(gpu, "bench_decode", decode)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    ckpt = tmp_path / "ckpt"
+    argv = ["--dry-run", "--phases", "decode", "--batches", "1", "--lockstep-batches", "0", "--sampled-batches", "0",
+            "--padded-batches", "0", "--unfused-gate-batches", "0", "--no-pdl-batches", "0", "--weights", "disk",
+            "--ckpt-dir", str(ckpt), "--delete-created", "--out", str(tmp_path / "r")]
+    assert gpu.main([*argv, "--resume", str(tmp_path / "s1")]) == faults.FAULT_EXIT
+    assert (ckpt / "tiny" / "config.json").exists()  # written by the process that faulted
+    assert gpu.main([*argv, "--resume", str(tmp_path / "s1")]) == 1  # the fault stays in the errors
+    assert calls == [1] and not (ckpt / "tiny").exists()
+    gpu.checkpoint("tiny", ckpt)  # there before the run: a later run's own child never wrote it
+    assert gpu.main([*argv, "--resume", str(tmp_path / "s2")]) == 0
+    assert calls == [1, 1] and (ckpt / "tiny" / "config.json").exists()
