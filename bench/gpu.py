@@ -104,6 +104,10 @@ def gpu_name(dev: torch.device) -> str:
     return torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
 
 
+def peak_gib(dev: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(dev) / 2 ** 30 if dev.type == "cuda" else None
+
+
 def run_model(preset: str, a, dev: torch.device, bw: float, flops: float, command: str, save, prior=None,
               state=None) -> dict:
     """Measure one preset; `save(result)` is called after every measurement with the result so far.
@@ -173,9 +177,9 @@ def run_model(preset: str, a, dev: torch.device, bw: float, flops: float, comman
                      "context": context, "tokens_per_s": tok_s, "roofline_tokens_per_s": roofline,
                      "roofline_bound": bound, "fraction_of_roofline": tok_s / roofline, "bytes_per_step": nbytes,
                      "kv_cache_dtype": kv, **(extra or {})})
-        if dev.type == "cuda":  # each process of a supervised run has its own peak
-            res["peak_memory_GiB"] = max(res.get("peak_memory_GiB", 0),
-                                         torch.cuda.max_memory_allocated(dev) / 2 ** 30)
+        peak = peak_gib(dev)
+        if peak is not None:  # each process of a supervised run has its own peak: the run's is the largest
+            res["peak_memory_GiB"] = max(res.get("peak_memory_GiB", 0), peak)
         save(res)
         log(f"  {kind:10} batch {batch:4} context {context:6}: {tok_s:10.1f} tok/s "
             f"(roofline {roofline:10.1f}, {bound})")

@@ -424,20 +424,29 @@ def test_a_device_fault_ends_only_its_process_and_a_fresh_one_measures_the_rest(
 
     monkeypatch.setattr(gpu, "bench_decode", decode)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    peaks = iter([7.0, 3.0, 5.0])  # each child's own peak (GiB), as torch.cuda would report it on a GPU
+    peak = {}
+    monkeypatch.setattr(gpu, "peak_gib", lambda dev: peak["now"])
     state = tmp_path / "state.json"
     argv = ["--dry-run", "--phases", "decode,prefill", "--batches", "1,2,4", "--out", str(tmp_path / "r"),
             "--resume", str(state)]
-    assert gpu.main(argv) == faults.FAULT_EXIT
+
+    def child():
+        peak["now"] = next(peaks)
+        return gpu.main(argv)
+
+    assert child() == faults.FAULT_EXIT
     assert calls == [(1, "plain"), (1, "lockstep"), (1, "padded")]
-    assert gpu.main(argv) == faults.FAULT_EXIT
+    assert child() == faults.FAULT_EXIT
     assert calls[3:] == [(1, "unfused_gate"), (1, "no_pdl"), (2, "plain"), (2, "sampled"), (4, "plain")]
     capsys.readouterr()
-    assert gpu.main(argv) == 1  # nothing measured twice, nothing faulted retried; the prefill still ran
+    assert child() == 1  # nothing measured twice, nothing faulted retried; the prefill still ran
     assert len(calls) == 8
     out = capsys.readouterr().out
     (f,) = (tmp_path / "r").glob("gpu-tiny-*.json")  # one file for the run, whatever its processes
     res = json.loads(f.read_text())
     assert res["complete"] and "--resume" not in res["command"]
+    assert res["peak_memory_GiB"] == 7.0  # the largest of the children's, not the last one's
     assert [(x["kind"], x["batch"]) for x in res["results"]] == [("decode", 1), ("decode", 2), ("prefill", 2)]
     b1 = res["results"][0]
     assert all(b1[f"{v}_tokens_per_s"] > 0 for v in ("lockstep", "unfused_gate", "no_pdl"))
