@@ -9,8 +9,9 @@ tensor on the device as it is loaded (models.checkpoint.RandomCheckpoint: the
 tensors `gptoss checkpoint make` writes, without ~65 GB of disk for 120b);
 `--weights disk` writes the checkpoint under --ckpt-dir on first use, as
 `python -m cli.main checkpoint make DIR/<preset> --preset <preset>` would, and
-loads it (a dry run's --ckpt-dir defaults to a temporary folder); --delete-created removes a
-checkpoint the run wrote, also when an earlier process of a supervised run wrote it. Every number runs through engine.core.LLMEngine (scheduler, sampler and all):
+loads it (a dry run's --ckpt-dir defaults to a temporary folder); --delete-created
+removes a checkpoint the run wrote, also when an earlier process of a supervised run
+wrote it. Every number runs through engine.core.LLMEngine (scheduler, sampler and all):
 * decode: B sequences with --decode-context-token prompts; steps timed once
   every sequence is decoding; tokens/s = B * steps / time. Greedy; the
   --sampled-batches also at temperature 1 (the fused sampling kernel), the
