@@ -6,10 +6,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
+command -v "$PY" >/dev/null || { echo "device_prep: no Python at $PY (run make setup first, or set PYTHON)" >&2; exit 2; }
 pkgs=()
 for p in pydantic pydantic-core annotated-types typing-inspection typing-extensions openai-harmony llguidance; do
-    v=$("$PY" -m pip show "$p" 2>/dev/null | sed -n 's/^Version: //p')
-    [ -n "$v" ] || { echo "device_prep: $p is not installed here (run make test first)" >&2; exit 2; }
+    # `|| true`: under pipefail a failing `pip show` would end the script here, before the message below
+    v=$("$PY" -m pip show "$p" 2>/dev/null | sed -n 's/^Version: //p' || true)
+    [ -n "$v" ] || { echo "device_prep: $p is not installed in $PY (run make setup first, or set PYTHON)" >&2; exit 2; }
     pkgs+=("$p==$v")
 done
 rm -rf .whl && mkdir -p .whl

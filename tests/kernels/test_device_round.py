@@ -66,6 +66,20 @@ def test_an_unknown_step_is_refused_before_any_work(tmp_path):
     assert r.returncode == 2 and "unknown step tunning" in r.stderr and not list(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("python, says", [("/nonexistent/python", "no Python at /nonexistent/python"),
+                                          ("FAKE", "pydantic is not installed in")])
+def test_device_prep_names_what_is_missing_before_any_download(tmp_path, python, says):
+    # Under `set -o pipefail` a failing `pip show` inside $(...) used to end the script silently.
+    if python == "FAKE":
+        python = tmp_path / "python"
+        python.write_text("#!/bin/sh\necho 'No module named pip' >&2\nexit 1\n")
+        python.chmod(0o755)
+    prep = ROOT / "bench" / "device_prep.sh"
+    r = subprocess.run(["bash", str(prep)], capture_output=True, text=True, timeout=30,
+                       env=dict(os.environ, PYTHON=str(python)))
+    assert r.returncode == 2 and says in r.stderr and "make setup" in r.stderr, (r.returncode, r.stderr)
+
+
 @pytest.mark.parametrize("step", STEPS)
 def test_each_call_fits_the_tool_limit_as_the_runbook_says(step):
     """The caps, one after another, plus the setup, stay inside one device command; the runbook's table
