@@ -6,7 +6,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
-command -v "$PY" >/dev/null || { echo "device_prep: no Python at $PY (run make setup first, or set PYTHON)" >&2; exit 2; }
+if ! command -v "$PY" >/dev/null; then
+    echo "device_prep: no Python at $PY (run make setup first, or set PYTHON)" >&2; exit 2
+fi
 pkgs=()
 for p in pydantic pydantic-core annotated-types typing-inspection typing-extensions openai-harmony llguidance; do
     # `|| true`: under pipefail a failing `pip show` would end the script here, before the message below
