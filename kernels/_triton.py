@@ -41,9 +41,14 @@ def jit_module(g: dict, names: tuple[str, ...]) -> None:
         return
     if not HAVE_TRITON:
         raise RuntimeError("triton is not installed; the torch path (GPTOSS_KERNELS=torch) needs no kernels")
-    for n in names:
-        g[n] = triton.jit(g[n], do_not_specialize=no_specialize(g, n))
     _jitted.add(g["__name__"])
+    for n in names:
+        # a helper aliased from another kernel module resolves its own callees in that module's globals:
+        # those must be jitted too, or Triton (3.6 when hashing, any when compiling) rejects the plain one
+        home = getattr(g[n], "__globals__", g)
+        if home is not g and "_KERNELS" in home:
+            jit_module(home, home["_KERNELS"])
+        g[n] = triton.jit(g[n], do_not_specialize=no_specialize(g, n))
 
 
 def launch(kernel, grid, *args, **kwargs) -> None:
