@@ -222,9 +222,13 @@ def graphs_supported(model) -> bool:
 
 
 def graph_buckets(max_num_seqs: int) -> tuple[int, ...]:
-    """Decode graph buckets up to the first that holds max_num_seqs: no larger decode step exists."""
-    buckets = tuple(b for b in DEFAULT_BUCKETS if b < max_num_seqs)
-    return buckets + (bucket_for(max_num_seqs, DEFAULT_BUCKETS) or DEFAULT_BUCKETS[-1],)
+    """Decode graph buckets up to the first that holds max_num_seqs: no larger decode step exists.
+    Past the largest bucket (an fp8 cache's 1,024 sequences) all buckets, and larger steps run eagerly:
+    at those batches a step's kernels outlast their launches."""
+    top = bucket_for(max_num_seqs, DEFAULT_BUCKETS)
+    if top is None:
+        return DEFAULT_BUCKETS
+    return tuple(b for b in DEFAULT_BUCKETS if b < max_num_seqs) + (top,)
 
 
 def _graphs_enabled(flag: bool | None) -> bool:

@@ -291,3 +291,15 @@ def test_ep_rank_static_decode_captures_on_cuda(tiny_ckpt):
     res = json.loads(r.stdout.strip().splitlines()[-1])
     assert res["replays"] > 0 and res["same_tokens"] and res["steps"][0] == res["steps"][1], res
     assert max(res["errs"]) <= 1e-5, res["errs"]
+
+
+@pytest.mark.parametrize("seqs", [1, 3, 64, 300, 512, 513, 1024])
+def test_graph_buckets_fit_any_max_num_seqs(seqs):
+    # the H200's fp8 1k/1k run (max_num_seqs 1,024, past the largest bucket) failed at startup on a
+    # repeated 512: DecodeGraphRunner wants increasing sizes
+    from engine.executor import graph_buckets
+    from kernels.cuda_graphs import DEFAULT_BUCKETS, DecodeGraphRunner, bucket_for
+    buckets = graph_buckets(seqs)
+    assert list(buckets) == sorted(set(buckets)) and set(buckets) <= set(DEFAULT_BUCKETS)
+    assert max(buckets) == (bucket_for(seqs, DEFAULT_BUCKETS) or DEFAULT_BUCKETS[-1])
+    DecodeGraphRunner(lambda **kw: None, buckets=buckets, enabled=False)
