@@ -20,8 +20,9 @@ wrote it. Every number runs through engine.core.LLMEngine (scheduler, sampler an
   two rows let cuBLAS add each linear's bias inside the GEMM, where its one-row
   path launches a copy of its own), and the --unfused-gate-batches also with
   the few-row MoE fusions off (GPTOSS_GATE_MAX_ROWS=0: the MLP norm, router,
-  routing, align and combine as launches of their own), and the --no-pdl-batches
-  also without programmatic dependent launch (GPTOSS_PDL=0), back to back.
+  routing, align and combine as launches of their own), and the --pdl-batches
+  also with programmatic dependent launch (GPTOSS_PDL=1; off by default), back
+  to back.
 * prefill: --prefill-seqs prompts of --prefill-len tokens, max_tokens=1,
   chunked at --max-tokens-per-step; tokens/s = prompt tokens / time.
 * profile, last (CUPTI may leave later work slower once it has run): decode at --profile-batches
@@ -222,7 +223,7 @@ def run_model(preset: str, a, dev: torch.device, bw: float, flops: float, comman
              "metric": "output tokens/s"})
     # with PDL a kernel starts while the one before it runs and waits in its first instruction: its span
     # would hold that wait, and the categories' times would overlap. Profiled without it unless asked.
-    apart = {} if a.profile_pdl else {"GPTOSS_PDL": "0"}
+    apart = {"GPTOSS_PDL": "1" if a.profile_pdl else "0"}
     for B in a.profile_batches if "profile" in a.phases else ():
         prof = _profiler(roof, dev, bw, B, [ctx] * B, B, Path(a.out) / f"profile-{preset}-b{B}.json.gz"
                          if a.out else None, f"batch {B}")
@@ -270,7 +271,7 @@ def decode_variants(a) -> list[tuple[str, list[int], dict, dict]]:
             ("sampled", a.sampled_batches, dict(temperature=1.0), {}),  # the API's default: the sampling kernel
             ("padded", a.padded_batches, dict(padded=True), {}),  # to the next graph bucket (padding: no expert)
             ("unfused_gate", a.unfused_gate_batches, {}, {"GPTOSS_GATE_MAX_ROWS": "0"}),  # kernels.moe_gate off
-            ("no_pdl", a.no_pdl_batches, {}, {"GPTOSS_PDL": "0"})]  # each launch waits for the one before
+            ("pdl", a.pdl_batches, {}, {"GPTOSS_PDL": "1"})]  # a launch overlaps the one before (not default)
 
 
 def _chunk_shape(chunk: int, length: int) -> tuple[list[int], int]:

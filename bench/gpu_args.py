@@ -36,9 +36,9 @@ def parse(argv=None, doc: str = ""):
     ap.add_argument("--unfused-gate-batches", type=ints, default=[1],
                     help="decode batches also measured with the few-row MoE fusions (the one-launch gate, "
                          "the combine in W2) off: GPTOSS_GATE_MAX_ROWS=0")
-    ap.add_argument("--no-pdl-batches", type=ints, default=[1],
-                    help="decode batches also measured without programmatic dependent launch (GPTOSS_PDL=0; "
-                         "kernels/pdl.py)")
+    ap.add_argument("--pdl-batches", type=ints, default=[1],
+                    help="decode batches also measured with programmatic dependent launch (GPTOSS_PDL=1, off "
+                         "by default; kernels/pdl.py)")
     ap.add_argument("--padded-batches", type=ints, default=[1],
                     help="decode batches also measured with their steps padded to the next graph bucket "
                          "(0 for none)")
@@ -48,8 +48,8 @@ def parse(argv=None, doc: str = ""):
                          "beside the bytes it moves; the Chrome trace beside the JSON)")
     ap.add_argument("--profile-steps", type=int, default=10)
     ap.add_argument("--profile-pdl", action="store_true",
-                    help="profile with programmatic dependent launch on (by default off for the profiles: with it "
-                         "a kernel's span includes its wait for the kernel before)")
+                    help="profile with programmatic dependent launch on (GPTOSS_PDL=1; off by default, and for the "
+                         "profiles: with it a kernel's span includes its wait for the kernel before)")
     ap.add_argument("--profile-prefill-steps", type=int, default=3,
                     help="full prefill chunks (--max-tokens-per-step tokens of --prefill-len prompts) profiled in "
                          "the last phase, after one unprofiled (0 for none)")

@@ -144,7 +144,8 @@ def bind(uses: list, arch: int = 90) -> list[Config]:
                 copies[mod] = _compiled_copies(mod)
             jf = copies[mod][fn.__name__]
             kw = dict(kwargs, **run_opts)
-            if arch >= 90 and _triton.takes_pdl(fn) and "PDL" not in kw:  # as launched on Hopper (kernels.pdl)
+            # as launched with GPTOSS_PDL=1 (kernels.pdl; off by default): the stricter build, whose wait is checked
+            if arch >= 90 and _triton.takes_pdl(fn) and "PDL" not in kw:
                 kw.update(PDL=True, launch_pdl=True)
             bound, spec, opts = create_function_from_signature(jf.signature, jf.params, backend)(*args, **kw)
             options, sig, cex, attrs = jf._pack_args(backend, kw, bound, spec, opts)

@@ -67,9 +67,9 @@ def test_dry_run_writes_results_and_markdown(tmp_path, weights):
     [ung] = [x for x in res["results"] if "unfused_gate_tokens_per_s" in x]
     assert ung["batch"] == 1 and ung["unfused_gate_tokens_per_s"] > 0 and ung["unfused_gate_step_ms"] > 0
     assert "Decode with the one-launch MoE gate" in r.stdout
-    # and batch 1 without programmatic dependent launch (--no-pdl-batches; 1 by default; never on a CPU)
-    [npd] = [x for x in res["results"] if "no_pdl_tokens_per_s" in x]
-    assert npd["batch"] == 1 and npd["no_pdl_tokens_per_s"] > 0 and npd["no_pdl_step_ms"] > 0
+    # and batch 1 with programmatic dependent launch (--pdl-batches; 1 by default; off by default, never on a CPU)
+    [npd] = [x for x in res["results"] if "pdl_tokens_per_s" in x]
+    assert npd["batch"] == 1 and npd["pdl_tokens_per_s"] > 0 and npd["pdl_step_ms"] > 0
     assert res["pdl"] is False and "Decode with programmatic dependent launch" in r.stdout
     # and profiled last (--profile-batches; 1,64 by default): time by category, the trace beside the JSON
     prof, pre = res["profiles"]
@@ -280,7 +280,7 @@ def test_fp8_kv_cache_run_labels_its_rows_and_its_roofline_counts_its_bytes(tmp_
     from bench.roofline import Roofline
     from models.checkpoint import PRESETS
     r = dry_run("--kv-cache-dtype", "fp8", "--phases", "decode,throughput", "--batches", "1", "--lockstep-batches",
-                "", "--sampled-batches", "", "--padded-batches", "", "--unfused-gate-batches", "", "--no-pdl-batches",
+                "", "--sampled-batches", "", "--padded-batches", "", "--unfused-gate-batches", "", "--pdl-batches",
                 "", "--out", str(tmp_path))
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(next(tmp_path.glob("gpu-tiny-*.json")).read_text())
@@ -416,7 +416,7 @@ def test_a_device_fault_ends_only_its_process_and_a_fresh_one_measures_the_rest(
     def decode(model, dev, B, *args, **kw):
         name = ("lockstep" if kw.get("overlap") is False else "sampled" if kw.get("temperature") else
                 "padded" if kw.get("padded") else "unfused_gate" if os.environ.get("GPTOSS_GATE_MAX_ROWS") == "0"
-                else "no_pdl" if os.environ.get("GPTOSS_PDL") == "0" else "plain")
+                else "pdl" if os.environ.get("GPTOSS_PDL") == "1" else "plain")
         calls.append((B, name))
         if (B, name) in {(1, "padded"), (4, "plain")}:  # they fault in whichever process runs them
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
@@ -438,7 +438,7 @@ def test_a_device_fault_ends_only_its_process_and_a_fresh_one_measures_the_rest(
     assert child() == faults.FAULT_EXIT
     assert calls == [(1, "plain"), (1, "lockstep"), (1, "padded")]
     assert child() == faults.FAULT_EXIT
-    assert calls[3:] == [(1, "unfused_gate"), (1, "no_pdl"), (2, "plain"), (2, "sampled"), (4, "plain")]
+    assert calls[3:] == [(1, "unfused_gate"), (1, "pdl"), (2, "plain"), (2, "sampled"), (4, "plain")]
     capsys.readouterr()
     assert child() == 1  # nothing measured twice, nothing faulted retried; the prefill still ran
     assert len(calls) == 8
@@ -449,7 +449,7 @@ def test_a_device_fault_ends_only_its_process_and_a_fresh_one_measures_the_rest(
     assert res["peak_memory_GiB"] == 7.0  # the largest of the children's, not the last one's
     assert [(x["kind"], x["batch"]) for x in res["results"]] == [("decode", 1), ("decode", 2), ("prefill", 2)]
     b1 = res["results"][0]
-    assert all(b1[f"{v}_tokens_per_s"] > 0 for v in ("lockstep", "unfused_gate", "no_pdl"))
+    assert all(b1[f"{v}_tokens_per_s"] > 0 for v in ("lockstep", "unfused_gate", "pdl"))
     assert "padded_tokens_per_s" not in b1 and b1["overlap_speedup"] > 0
     assert [(e["what"], e["device_fault"]) for e in res["errors"]] == [("decode batch 1 padded", True),
                                                                        ("decode batch 4", True)]
@@ -498,7 +498,7 @@ def test_delete_created_removes_a_checkpoint_an_earlier_process_wrote(tmp_path, 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     ckpt = tmp_path / "ckpt"
     argv = ["--dry-run", "--phases", "decode", "--batches", "1", "--lockstep-batches", "0", "--sampled-batches", "0",
-            "--padded-batches", "0", "--unfused-gate-batches", "0", "--no-pdl-batches", "0", "--weights", "disk",
+            "--padded-batches", "0", "--unfused-gate-batches", "0", "--pdl-batches", "0", "--weights", "disk",
             "--ckpt-dir", str(ckpt), "--delete-created", "--out", str(tmp_path / "r")]
     assert gpu.main([*argv, "--resume", str(tmp_path / "s1")]) == faults.FAULT_EXIT
     assert (ckpt / "tiny" / "config.json").exists()  # written by the process that faulted

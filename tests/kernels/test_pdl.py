@@ -74,7 +74,7 @@ def test_switch(monkeypatch):
     monkeypatch.setenv(pdl.ENV, "1")
     assert pdl.wanted() and not pdl.enabled("cpu")
     monkeypatch.delenv(pdl.ENV)
-    assert pdl.wanted()
+    assert not pdl.wanted()  # off by default: measured slower on the H200 (kernels/pdl.py)
 
 
 class _CudaArg:
@@ -126,7 +126,7 @@ def test_sass_order_check():
 def test_self_test_passes_on_cuda():
     """On the GPU (compiled kernels: a fresh process with TRITON_INTERPRET=0, since this suite interprets
     them): a writer and a PDL reader, eager and replayed from a CUDA graph, agree, and launches on the
-    device then take PDL; GPTOSS_PDL=0 turns that off."""
+    device then take PDL with GPTOSS_PDL=1 (only then: it is off by default)."""
     import os
     import subprocess
     import sys
@@ -134,8 +134,9 @@ def test_self_test_passes_on_cuda():
     code = ("import torch; from kernels import pdl; d = torch.device('cuda', 0); "
             "print(pdl._self_test(d), pdl.enabled(d))")
     root = Path(__file__).resolve().parents[2]
-    for flag, want in (("1", "True True"), ("0", "True False")):
-        env = {**os.environ, "TRITON_INTERPRET": "0", pdl.ENV: flag}
+    for flag, want in (("1", "True True"), ("0", "True False"), (None, "True False")):
+        env = {k: v for k, v in os.environ.items() if k != pdl.ENV}
+        env.update({"TRITON_INTERPRET": "0"}, **({pdl.ENV: flag} if flag else {}))
         r = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
                            timeout=300)
         assert r.returncode == 0, r.stderr[-3000:]
