@@ -37,7 +37,7 @@ correctness)
     nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv | tee -a "$L"
     python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$L"
     run 120 python3 -m kernels.check  # session 27: 65 s
-    # session 27: a 240 s cap cut the last of these (the engine cases start subprocesses that compile)
+    # session 27: the first 6 took 124 s; a run of all 11 behind 15 short tests had not finished the last at 300 s
     run 330 python3 -m pytest -q -x -p no:cacheprovider \
         tests/kernels/test_decode_graphs.py::test_graph_replay_matches_eager_on_cuda \
         tests/kernels/test_decode_graphs.py::test_ep_rank_static_decode_captures_on_cuda \
