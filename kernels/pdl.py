@@ -26,9 +26,9 @@ without PDL, with a warning, instead of failing the step.
 
 Off unless GPTOSS_PDL=1: on the H200 (session 27, torch 2.11 + Triton 3.6,
 120b, bench.gpu's back-to-back A/B) batch-1 decode ran 286.5 tok/s with it
-against 298.8 without. A kernel that lets its dependents launch at its start
-hands SM slots to CTAs that only wait, and the weight-streaming kernels want
-every SM.
+against 298.8 without. The likely cause, not measured: a kernel that lets its
+dependents launch at its start hands SM slots to CTAs that only wait, and the
+weight-streaming kernels want every SM.
 """
 
 import os
