@@ -312,8 +312,7 @@ _NO_SPECIALIZE = {"_w1_kernel": ("n_pairs",), "_w2_kernel": ("n_pairs", "n_rows"
 
 
 def _jit_all() -> None:
-    jit_module(vars(combine_kernels), combine_kernels._KERNELS)  # where the aliased combine helpers look
-    jit_module(globals(), _KERNELS)
+    jit_module(globals(), _KERNELS)  # and, through jit_module, the modules its aliased helpers come from
     jit_module(vars(gemv_kernels), gemv_kernels._KERNELS)
     jit_module(vars(rs_kernels), rs_kernels._KERNELS)
     jit_module(vars(dq_kernels), dq_kernels._KERNELS)

@@ -300,7 +300,6 @@ def gate_triton(o: torch.Tensor, residual: torch.Tensor, norm_w: torch.Tensor, e
     """o, residual [N, H] (N <= GATE_MAX_ROWS) -> Gate, in one launch (module docstring). Router ids map to
     local experts through global_to_local (None: they are local ids), as in align_triton. x16: also make
     the gemv tiles' activations. experts_per_program: EB (default: ~32 programs a token)."""
-    jit_module(vars(route_kernels), route_kernels._KERNELS)
     jit_module(globals(), _KERNELS)
     N, H = o.shape
     E = router_w.shape[0]

@@ -8,6 +8,7 @@ import os
 import pkgutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -16,7 +17,7 @@ pytest.importorskip("triton")
 import kernels  # noqa: E402
 
 MODULES = sorted(m.name for m in pkgutil.iter_modules(kernels.__path__)
-                 if "_KERNELS = " in open(f"{kernels.__path__[0]}/{m.name}.py").read())
+                 if "_KERNELS = " in (Path(kernels.__path__[0]) / f"{m.name}.py").read_text())
 
 # compiled-mode JITFunctions (the interpreter's have no cache_key); nothing is launched, so no GPU
 ENV = {**os.environ, "TRITON_INTERPRET": "0"}

@@ -135,8 +135,9 @@ def test_self_test_passes_on_cuda():
             "print(pdl._self_test(d), pdl.enabled(d))")
     root = Path(__file__).resolve().parents[2]
     for flag, want in (("1", "True True"), ("0", "True False"), (None, "True False")):
-        env = {k: v for k, v in os.environ.items() if k != pdl.ENV}
-        env.update({"TRITON_INTERPRET": "0"}, **({pdl.ENV: flag} if flag else {}))
+        env = {k: v for k, v in os.environ.items() if k != pdl.ENV} | {"TRITON_INTERPRET": "0"}
+        if flag is not None:
+            env[pdl.ENV] = flag
         r = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
                            timeout=300)
         assert r.returncode == 0, r.stderr[-3000:]
