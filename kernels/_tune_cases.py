@@ -10,6 +10,7 @@ import torch
 PAGE = 16  # engine.core's default KV block
 # tried on the phase-1 leaders (their base: the defaults' 3 and 2; linear's 3)
 MOE_STAGES, ATTN_STAGES, LINEAR_STAGES = (2, 4), (1, 3), (4, 6)
+GEMV_STEP_BYTES = (32, 64, 128, 256, 512, 1024)  # kernels.moe_gemv's BLOCK_KB: a row's weight bytes a K step
 L2PF = ({"L2PF": True},)  # phase 2 of the MoE tiles and the linears: each program's weights bulk-prefetched to L2
 
 
@@ -114,10 +115,14 @@ def moe_candidates(kernel: str, bm: int, rs: bool = False) -> list[dict]:
         return [dict(RS=True, BLOCK_M=bm, BLOCK_N=rows // tiles, NSUB=ns, num_warps=w, num_stages=3)
                 for rows in (64, 128, 256) for ns in (2, 6) for w in (4, 8)
                 if rows >= 16 * w and rows * bm / (32 * w) <= cap]
-    if bm == 1:  # kernels.moe_gemv: rows per program x bytes per K step; a thread takes 1-4 16-byte blocks
+    if bm == 1:  # kernels.moe_gemv: rows per program x bytes per K step; a thread takes 1-8 16-byte blocks
+        # At batch 1 every program is resident at once, so the weight bytes in flight are pairs x rows x
+        # BLOCK_KB whatever BLOCK_N and the warps: session 27's 128-byte steps held 2.9 MB (W1's 5,760 rows)
+        # and 1.5 MB (W2's 2,880) and ran at 1.8 and 1.0 TB/s, ~1.5 us a step either way (Little's law);
+        # an H200's ~4 TB/s wants ~6 MB in flight, so steps run to 1 KB (a 1,440-byte row in two)
         return [dict(GEMV=True, BLOCK_M=1, BLOCK_N=bn, BLOCK_KB=kb, num_warps=w, num_stages=2)
-                for bn in (8, 16, 32, 64, 128) for kb in (16, 32, 64, 128) for w in (2, 4, 8)
-                if 16 <= tiles * bn * kb / (32 * w) <= 64]  # weight bytes a thread holds per K step
+                for bn in (8, 16, 32, 64, 128) for kb in GEMV_STEP_BYTES for w in (2, 4, 8)
+                if 16 <= tiles * bn * kb / (32 * w) <= 128]  # weight bytes a thread holds per K step
     # a decode step's few 16-row tiles leave SMs idle (0.85 waves at batch 1, BENCHMARKS.md "GPU"):
     # the same tiles split over K (SPLIT_K), a few shapes at 2 and 4 splits
     out = [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=3, SPLIT_K=s)

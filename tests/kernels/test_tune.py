@@ -238,6 +238,12 @@ def test_decode_batches_also_sweep_single_pair_tiles():
     for kn in ("moe_w1", "moe_w2"):
         cands = cases.moe_candidates(kn, 1)
         assert len(cands) >= 6 and all(c["GEMV"] and c["BLOCK_M"] == 1 and "BLOCK_KB" in c for c in cands)
+        # every program is resident at batch 1: bytes in flight = 4 pairs x rows x BLOCK_KB. The sweep reaches
+        # the ~6 MB an H200's bandwidth wants (W2 has 2,880 rows), at no more than 8 blocks a thread
+        rows = big.hidden_size * (2 if kn == "moe_w1" else 1)
+        assert max(4 * rows * c["BLOCK_KB"] for c in cands) >= 6e6
+        tiles = 2 if kn == "moe_w1" else 1
+        assert all(tiles * c["BLOCK_N"] * c["BLOCK_KB"] / (32 * c["num_warps"]) <= 128 for c in cands)
 
 
 def test_large_decode_batches_sweep_tiles_for_busy_experts():
