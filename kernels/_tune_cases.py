@@ -167,7 +167,8 @@ def dry_candidates(kernel: str, default: dict) -> list[dict]:
     """Two per kernel under the interpreter: the default and one other small tile."""
     alt = dict(BLOCK_N=8) if default.get("GEMV") else {"linear": dict(BLOCK_N=32),
         "moe_w1": dict(BLOCK_N=16), "moe_w2": dict(BLOCK_N=16),
-        "attn_decode": dict(BLOCK_N=32, NUM_SPLITS=2), "attn_prefill": dict(BLOCK_M=32, BLOCK_N=32)}[kernel]
+        "attn_decode": dict(BLOCK_N=32, NUM_SPLITS=2), "attn_prefill": dict(BLOCK_M=32, BLOCK_N=32),
+        "gate": dict(BLOCK_H=max(16, default.get("BLOCK_H", 32) // 2))}[kernel]
     return [dict(default), {**default, **alt}]
 
 
@@ -192,6 +193,53 @@ def linear_candidates(n: int) -> list[dict]:
         for bn in (16, 32, 64) for s in (2, 4, 8)]
 
 
+def gate_candidates(cfg) -> list[dict]:
+    """kernels.moe_gate: experts a program x features a pass x warps, <= 128 router weights a thread; the
+    one-pass rows (BLOCK_H >= H) and session 27's layout (1,024-feature passes, ~32 programs a token)."""
+    H, E = cfg.hidden_size, cfg.num_local_experts
+    one = 1 << (H - 1).bit_length()
+    out = [dict(EB=eb, BLOCK_H=bh, num_warps=w) for bh in sorted({1024, 2048, one}) for eb in (1, 2, 4, 8)
+           for w in (4, 8) if eb <= max(1, E // 16) and eb * bh // (32 * w) <= 128]
+    old = dict(EB=max(1, E // 32), BLOCK_H=1024, num_warps=4)
+    return out if old in out else [old, *out]
+
+
+def gate_inputs(cfg, n: int, dtype, device, seed: int = 4) -> tuple:
+    """(o, residual, norm weight, router weight, router bias) of n decode rows, a model's shapes."""
+    H, E = cfg.hidden_size, cfg.num_local_experts
+    g = _gen(device, seed)
+    o, r = _randn((n, H), dtype, device, g), _randn((n, H), dtype, device, g)
+    nw = torch.rand(H, generator=g, device=device) + 0.5  # models.layers.RMSNorm keeps it in fp32
+    return o, r, nw, _randn((E, H), dtype, device, g, H ** -0.5), _randn((E,), dtype, device, g, 0.1)
+
+
+def _gate_call(cfg, n: int, dtype, device):
+    """The gate at a gemv decode step (BLOCK_M 1, x16 made). Checked: its norm and logits against torch's,
+    and its routing and alignment against route and align of its own logits (a tie a rounding apart may
+    fall either way), a mismatch adding 1e6 to the reference's last value."""
+    import torch.nn.functional as F
+
+    from .moe_gate import align, gate_triton
+    from .rmsnorm import rmsnorm_reference
+    from .route import route_reference
+    o, r, nw, rw, rb = gate_inputs(cfg, n, dtype, device)
+    k, E = cfg.num_experts_per_tok, cfg.num_local_experts
+    last = {}
+
+    def launcher():
+        g = last["g"] = gate_triton(o, r, nw, 1e-5, rw, rb, k, E, 1, x16=True)
+        return torch.cat([g.h.flatten(), g.logits.flatten(), g.h.new_zeros(1)])
+
+    def reference():
+        h, _ = rmsnorm_reference(o, nw, 1e-5, r)
+        g = last["g"]
+        idx, w = route_reference(g.logits, k)
+        bad = int((g.idx.long() != idx).sum()) + int((g.aligned[0] != align(idx, None, E, 1)[0]).sum())
+        bad += int(((g.weights - w.float().flatten()).abs() > 1e-2).sum())
+        return torch.cat([h.flatten(), F.linear(h, rw, rb).flatten(), h.new_full((1,), 1e6 * bad)])
+    return launcher, (), {}, reference
+
+
 def make_call(family: str, cfg, n: int, window, context: int, dtype, device, weights=None, linear: str | None = None):
     """-> (launcher, args, kwargs, reference): launcher(*args, **kwargs) is this family's launch at batch n
     (under whatever tuned.forced / capturing the caller set); reference() is the torch result."""
@@ -202,6 +250,8 @@ def make_call(family: str, cfg, n: int, window, context: int, dtype, device, wei
         x, w = _randn((n, K), dtype, device, g), _randn((N, K), dtype, device, g, K ** -0.5)
         b = _randn((N,), dtype, device, g, 0.1) if bias else None
         return launcher, (x, w, b), {}, lambda: linear_reference(x, w, b)
+    if family == "gate":
+        return _gate_call(cfg, n, dtype, device)
     if family == "moe":
         from .moe import moe_mxfp4, moe_reference
         x, (idx, w) = moe_tokens(cfg, n, dtype, device)

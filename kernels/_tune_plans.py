@@ -15,7 +15,7 @@ from ._tune_results import Result
 
 @dataclass
 class Task:
-    family: str  # moe | attn_decode | attn_prefill | linear
+    family: str  # moe | gate | attn_decode | attn_prefill | linear
     model: str  # the preset the shapes come from
     models: list[str]  # every model with this shape
     n: int  # batch bucket: tokens (moe, prefill, linear) or sequences (decode)
@@ -26,7 +26,7 @@ class Task:
 @dataclass
 class Sweep:
     """One kernel's candidates, launched beside fixed configs of the others (`others`)."""
-    kernel: str  # the tuned.forced key: moe_w1, moe_w2, attn_decode, attn_prefill, linear
+    kernel: str  # the tuned.forced key: moe_w1, moe_w2, gate, attn_decode, attn_prefill, linear
     cands: list[dict]
     others: dict
     timed: set[str] | None  # the Triton kernels whose launches are timed (None: all)
@@ -58,6 +58,8 @@ def tasks(models: list[str], batches: list[int], families: set[str], prefill_fro
     for n in batches:
         if "moe" in families:
             out += [Task("moe", m, [m], n) for m in models]
+        if "gate" in families and n <= GATE_MAX_ROWS:  # kernels.moe_gate's one launch: decode steps only
+            out += [Task("gate", m, [m], n) for m in models]
         if "linear" in families and n <= MAX_ROWS:
             by_shape: dict[tuple, Task] = {}
             for m in models:
@@ -87,7 +89,7 @@ def tasks(models: list[str], batches: list[int], families: set[str], prefill_fro
 
 def plan_task(task: Task, dtype: torch.dtype, dry: bool, context: int) -> Plan:
     """What `task` sweeps; `dry`: the interpreter's tiny flow (the default's tiles, two candidates each)."""
-    return {"moe": _moe, "linear": _linear}.get(task.family, _attention)(task, dtype, dry, context)
+    return {"moe": _moe, "linear": _linear, "gate": _gate}.get(task.family, _attention)(task, dtype, dry, context)
 
 
 def _moe(task: Task, dtype: torch.dtype, dry: bool, context: int) -> Plan:
@@ -168,3 +170,18 @@ def _linear(task: Task, dtype: torch.dtype, dry: bool, context: int) -> Plan:
     return Plan(task, [Sweep("linear", cands, {}, {"_linear_kernel"}, ["_linear_kernel"],
                              () if dry else cases.LINEAR_STAGES, () if dry else cases.L2PF)],
                 {"linear": res})
+
+
+def _gate(task: Task, dtype: torch.dtype, dry: bool, context: int) -> Plan:
+    from models.checkpoint import PRESETS
+
+    from .moe_gate import gate_config, tuning_shape
+    cfg = PRESETS[task.model]
+    H, E = cfg.hidden_size, cfg.num_local_experts
+    d = gate_config(H, E)
+    res = Result("gate", tuning_shape(H, E, cfg.num_experts_per_tok, dtype),
+                 f"{task.model.removeprefix('gpt-oss-')} gate", task.n, default=d)
+    cands = cases.dry_candidates("gate", d) if dry else cases.gate_candidates(cfg)
+    if d not in cands:
+        cands = [d, *cands]
+    return Plan(task, [Sweep("gate", cands, {}, {"_gate_kernel"}, ["_gate_kernel"])], {"gate": res}, d)

@@ -6,6 +6,7 @@
 Per model shape and batch bucket (tokens per step): MoE w1 and w2, swept per
 BLOCK_M (the two must share it) keeping the BLOCK_M with the lowest sum (BLOCK_M 1,
 tried where there is about one pair per expert, is kernels.moe_gemv's single-pair tiles);
+the MoE's one-launch front (kernels.moe_gate) at decode steps of up to 16 rows;
 paged attention for the sliding and the full layers, as decode (batch =
 sequences of --context tokens) below --prefill-from and as one prefill chunk
 of that many tokens from there on; the dense linears of a decode step (qkv, o,
@@ -194,7 +195,7 @@ class Tuner:
 
     def run(self, plan: Plan) -> list[Result]:
         return (self.moe if plan.task.family == "moe" else self.linear if plan.task.family == "linear"
-                else self.attention)(plan)
+                else self.single)(plan)
 
     def moe(self, plan: Plan) -> list[Result]:
         from models.checkpoint import PRESETS
@@ -219,7 +220,8 @@ class Tuner:
                 r.check_err, r.check_ok = err, ok
         return list(results.values())
 
-    def attention(self, plan: Plan) -> list[Result]:
+    def single(self, plan: Plan) -> list[Result]:
+        """Attention and the gate: one kernel's sweep, its fastest checked against the reference."""
         from models.checkpoint import PRESETS
         task, (s,), res = plan.task, plan.sweeps, plan.results[plan.task.family]
         call = cases.make_call(task.family, PRESETS[task.model], task.n, task.window, self.a.context, self.dtype,
@@ -264,8 +266,9 @@ def parse(argv):
     p.add_argument("--models", default="gpt-oss-120b,gpt-oss-20b")
     p.add_argument("--batches", default="1,8,64,256,8192",
                    help="tokens per step (decode: sequences), tuned in this order (--max-seconds cuts the last)")
-    p.add_argument("--kernels", default="moe,attn,linear",
-                   help="families to tune: moe, attn, linear (decode linears against cuBLAS, batches <= 64)")
+    p.add_argument("--kernels", default="moe,gate,attn,linear",
+                   help="families to tune: moe, gate (the MoE's one-launch front, batches <= 16), attn, "
+                        "linear (decode linears against cuBLAS, batches <= 64)")
     p.add_argument("--out", type=Path, default=None, help=f"default {tuned.CONFIG_DIR} (dry run: a temp dir)")
     p.add_argument("--context", type=int, default=2048, help="decode attention context (tokens)")
     p.add_argument("--prefill-from", type=int, default=1024, help="batches from here tune attention as prefill")

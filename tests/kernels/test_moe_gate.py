@@ -32,19 +32,22 @@ MAPS = {"local_or_skip": torch.cat([torch.arange(E), torch.tensor([-1])]),
         "subset": torch.tensor([-1, 0, 1, -1, 2, 3, -1, 4, -1]), "none": None}
 
 
-@pytest.mark.parametrize("n,eb,bm", [(1, None, 1), (3, 2, 16), (GATE_MAX_ROWS, 4, 4)])
+# config: the default (one pass over H), two passes of half of H, one pass at 4 experts a program
+@pytest.mark.parametrize("n,config,bm", [(1, None, 1), (3, dict(EB=2, BLOCK_H=H // 2), 16),
+                                         (GATE_MAX_ROWS, dict(EB=4, BLOCK_H=H), 4)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("mapping", list(MAPS))
-def test_gate_equals_the_unfused_ops(n, eb, bm, dtype, mapping):
-    """The stream, its norm, the routing, the expert load and the alignment, at 1..GATE_MAX_ROWS rows,
-    EB experts a program, masked rows dropped to id E."""
+def test_gate_equals_the_unfused_ops(n, config, bm, dtype, mapping):
+    """The stream, its norm, the routing, the expert load and the alignment (in align's stable order: the
+    few pairs' align ranks them in registers), at 1..GATE_MAX_ROWS rows, EB experts a program, in one pass
+    over H or several, masked rows dropped to id E."""
     o, r, nw, rw, rb = _inputs(n, dtype, seed=n)
     g2l = MAPS[mapping]
     n_local = E if mapping != "subset" else 5
     mask = torch.arange(n) % 3 != 1 if mapping != "none" else None  # "none": no id E may reach the align
     load, load_ref = torch.zeros(E, dtype=torch.long), torch.zeros(E, dtype=torch.long)
     g = gate_triton(o, r, nw, 1e-5, rw, rb, K, n_local, bm, g2l, load, mask, mask is not None, x16=True,
-                    experts_per_program=eb)
+                    config=config)
     x, h, idx, w = gate_reference(o, r, nw, 1e-5, rw, rb, K, load_ref, mask, mask is not None)
     # fp32: the add is exact, the norm's chunked sum of squares moves it by rounding only; bf16: the
     # interpreter truncates fp32 -> bf16 where a GPU rounds to nearest (NOTES section 4), one ulp each
@@ -64,14 +67,15 @@ def test_gate_equals_the_unfused_ops(n, eb, bm, dtype, mapping):
 def test_last_program_with_spare_experts():
     """6 router experts at 4 a program: the second program's last two rows are masked off."""
     o, r, nw, rw, rb = _inputs(2, seed=9)
-    g = gate_triton(o, r, nw, 1e-5, rw[:6], rb[:6], K, 6, 2, experts_per_program=4)
+    g = gate_triton(o, r, nw, 1e-5, rw[:6], rb[:6], K, 6, 2, config=dict(EB=4, BLOCK_H=H))
     x, h, idx, w = gate_reference(o, r, nw, 1e-5, rw[:6], rb[:6], K)
     assert torch.equal(g.idx.long(), idx) and int(idx.max()) < 6
     torch.testing.assert_close(g.weights, w.flatten(), rtol=1e-6, atol=1e-6)
     for got, ref in zip(g.aligned, align(idx, None, 6, 2)):
         assert torch.equal(got, ref.to(got.dtype))
-    with pytest.raises(ValueError, match="power of 2"):
-        gate_triton(o, r, nw, 1e-5, rw, rb, K, E, 16, experts_per_program=3)
+    for bad in (dict(EB=3, BLOCK_H=H), dict(EB=2, BLOCK_H=48)):
+        with pytest.raises(ValueError, match="powers of 2"):
+            gate_triton(o, r, nw, 1e-5, rw, rb, K, E, 16, config=bad)
 
 
 def test_gate_is_one_launch_and_repeats():

@@ -42,7 +42,7 @@ def test_dry_run_tunes_every_family_and_writes_only_to_its_temp_dir(tmp_path):
     res = json.loads(path.read_text())
     assert res["dry_run"] and "interpreter" in res["timer"]
     got = {(e["kernel"], e["batch"]) for e in res["entries"]}
-    assert got == {(k, b) for k in ("moe_w1", "moe_w2", "linear") for b in (1, 8)} | {
+    assert got == {(k, b) for k in ("moe_w1", "moe_w2", "gate", "linear") for b in (1, 8)} | {
         ("attn_decode", 1), ("attn_prefill", 8)}
     # qkv and o (the dry run leaves out the unembedding's real vocabulary, and up to 16 rows the router is
     # inside kernels.moe_gate's launch)
@@ -66,6 +66,64 @@ def test_router_is_tuned_only_past_the_fused_gate():
     got = {(t.n, t.linear) for t in tasks(["gpt-oss-120b"], [1, GATE_MAX_ROWS, 64], {"linear"}, 8192)}
     assert ("router" not in {w for n, w in got if n <= GATE_MAX_ROWS}) and (64, "router") in got
     assert {(1, "qkv"), (1, "o"), (1, "unembed"), (64, "qkv")} <= got
+
+
+def test_gate_sweep_and_its_check(monkeypatch):
+    """The gate is tuned at decode steps only (up to GATE_MAX_ROWS rows); its sweep holds the one-pass rows,
+    session 27's layout and the default, at <= 128 router weights a thread; its check fails on a wrong
+    routing (the mismatch term) as well as on a wrong norm."""
+    from kernels import _tune_cases as cases
+    from kernels._tune_plans import plan_task, tasks
+    from kernels.moe_gate import GATE_MAX_ROWS, gate_config
+    from models.checkpoint import PRESETS
+    big = PRESETS["gpt-oss-120b"]
+    got = [(t.family, t.n) for t in tasks(["gpt-oss-120b"], [1, GATE_MAX_ROWS, 64], {"gate"}, 8192)]
+    assert got == [("gate", 1), ("gate", GATE_MAX_ROWS)]
+    (sweep,) = plan_task(tasks(["gpt-oss-120b"], [1], {"gate"}, 8192)[0], torch.bfloat16, False, 0).sweeps
+    cands = sweep.cands
+    assert gate_config(big.hidden_size, big.num_local_experts) in cands
+    assert dict(EB=4, BLOCK_H=1024, num_warps=4) in cands and any(c["BLOCK_H"] >= big.hidden_size for c in cands)
+    assert all(c["EB"] * c["BLOCK_H"] // (32 * c["num_warps"]) <= 128 for c in cands)
+    assert sweep.timed == {"_gate_kernel"}
+    launcher, args, kw, reference = cases.make_call("gate", PRESETS["tiny"], 3, None, 0, torch.float32, "cpu")
+
+    def err():
+        got, ref = launcher(*args, **kw), reference()
+        return ((got - ref).abs().max() / ref.abs().max()).item()
+    assert err() < 1e-5
+    from kernels import moe_gate
+    orig = moe_gate.gate_triton
+
+    def wrong(*a, **k):  # a routing one expert off: the norm and the logits still right
+        g = orig(*a, **k)
+        g.idx[0, 0] = (g.idx[0, 0] + 1) % PRESETS["tiny"].num_local_experts
+        return g
+    monkeypatch.setattr(moe_gate, "gate_triton", wrong)
+    launcher, args, kw, reference = cases.make_call("gate", PRESETS["tiny"], 3, None, 0, torch.float32, "cpu")
+    assert err() > 0.5  # the tuner drops a winner past 2e-2
+
+
+def test_gate_launcher_uses_the_file(tmp_path, monkeypatch):
+    from kernels.moe_gate import gate_config, gate_triton, tuning_shape
+    from tests.kernels.cases import W
+    g = torch.Generator().manual_seed(3)
+    o, r = torch.randn(2, H, generator=g), torch.randn(2, H, generator=g)
+    nw, rw, rb = torch.rand(H, generator=g) + 0.5, W["router_w"], W["router_b"]
+    cfg = dict(EB=2, BLOCK_H=H // 2, num_warps=4)
+    path = tmp_path / "configs.json"
+    path.write_text(json.dumps(dict(device="test", entries=[
+        _entry("gate", tuning_shape(H, E, TOP_K, torch.float32), 1, cfg)])))
+    monkeypatch.setenv(tuned.ENV, str(path))
+    kw = _launch_kwargs(gate_triton, o, r, nw, 1e-5, rw, rb, TOP_K, E, 16)
+    assert _has(kw["_gate_kernel"], dict(EB=2, BLOCK_H=H // 2, ONE_PASS=False))
+    a = gate_triton(o, r, nw, 1e-5, rw, rb, TOP_K, E, 16)
+    monkeypatch.setenv(tuned.ENV, "off")
+    kw = _launch_kwargs(gate_triton, o, r, nw, 1e-5, rw, rb, TOP_K, E, 16)
+    d = gate_config(H, E)
+    assert _has(kw["_gate_kernel"], dict(EB=d["EB"], BLOCK_H=d["BLOCK_H"], ONE_PASS=True))
+    b = gate_triton(o, r, nw, 1e-5, rw, rb, TOP_K, E, 16)
+    assert torch.equal(a.idx, b.idx) and all(torch.equal(p, q) for p, q in zip(a.aligned, b.aligned))
+    torch.testing.assert_close(a.h, b.h, rtol=1e-6, atol=1e-6)
 
 
 def test_batches_are_tuned_in_the_order_given():
