@@ -110,20 +110,23 @@ def _block_sums(w0, w1, w2, w3, s, x_ptr, PTX: tl.constexpr):
 def _rows_dot(x_row, w_rows, s_rows, K, ROWS: tl.constexpr, BLOCK_KB: tl.constexpr, PTX: tl.constexpr):
     """W[rows] @ x over K -> [ROWS] fp32 (x * 2**XS undone): w_rows / s_rows [ROWS] point at each row's
     bytes and scales (every row a real one), x_row at the token's K fp16 activations. Each step's
-    weights are loaded a step ahead (the last step's spare blocks reread a real one, summed as 0)."""
+    weights are loaded a step ahead, and the last step is peeled off the loop: a load ahead of it would be
+    spare blocks only (at 1 KB steps, as many loads again as a 1,440-byte row's 90 blocks). The last step's
+    own spare blocks reread a real one, summed as 0."""
     NB: tl.constexpr = BLOCK_KB // 16
     n_blk = K // 32
+    last = (n_blk - 1) // NB * NB  # the last step's first block
     acc = tl.zeros((ROWS, NB), tl.float32)
     zero = tl.zeros((ROWS, NB), tl.int32)
     blk = tl.minimum(tl.arange(0, NB), n_blk - 1)
     w0, w1, w2, w3, s = _load_blocks(w_rows[:, None] + blk[None, :] * 16, s_rows[:, None] + blk[None, :], PTX)
-    for b0 in range(0, n_blk, NB):
-        live = (b0 + tl.arange(0, NB)) < n_blk
+    for b0 in range(0, last, NB):  # the steps before the last: every block a real one
         nxt = tl.minimum(b0 + NB + tl.arange(0, NB), n_blk - 1)
         n0, n1, n2, n3, ns = _load_blocks(w_rows[:, None] + nxt[None, :] * 16, s_rows[:, None] + nxt[None, :], PTX)
-        part = _block_sums(w0, w1, w2, w3, s, x_row + (zero + blk[None, :] * 32), PTX)
-        acc += tl.where(live[None, :], part, 0.0)
+        acc += _block_sums(w0, w1, w2, w3, s, x_row + (zero + blk[None, :] * 32), PTX)
         w0, w1, w2, w3, s, blk = n0, n1, n2, n3, ns, nxt
+    live = (last + tl.arange(0, NB)) < n_blk
+    acc += tl.where(live[None, :], _block_sums(w0, w1, w2, w3, s, x_row + (zero + blk[None, :] * 32), PTX), 0.0)
     return tl.sum(acc, axis=1)
 
 

@@ -101,6 +101,27 @@ def test_gemv_tiles_match_the_module(dtype, block_kb, n):
     _close(out, ref, 2e-2)
 
 
+def test_gemv_k_steps_around_a_partial_last_one():
+    """K = 96 (3 scale blocks a row): 1 block a step (the loop, then a full last step), 2 (a loop step, then
+    the peeled last step with a spare block summed as 0) and 4 (the last step alone): the same layer."""
+    from kernels import _triton, _tune_cases as cases, tuned
+    from kernels.moe_configs import gemv_configs
+    from models.checkpoint import PRESETS
+    cfg = PRESETS["tiny"].model_copy(update=dict(hidden_size=96, intermediate_size=96))
+    fn, args, kw, reference = cases.make_call("moe", cfg, 2, None, 0, torch.bfloat16, "cpu")
+    ref = reference().float()
+    outs = []
+    for kb in (16, 32, 64):
+        with tuned.forced({k: dict(c, BLOCK_KB=kb) for k, c in gemv_configs(True).items()}):
+            with _triton.recording() as launches:
+                fn(*args, **kw)
+            assert any(k.__name__ == "_w2_gemv_kernel" and w["BLOCK_KB"] == kb for k, _, w in launches)
+            outs.append(fn(*args, **kw).float())
+        assert (outs[-1] - ref).abs().max() <= 2e-2 * ref.abs().max(), kb
+    for o in outs[1:]:
+        torch.testing.assert_close(o, outs[0], rtol=1e-2, atol=1e-3)
+
+
 # block_m: one tile per expert's run or several; nsub: K steps of one and two scale blocks
 @pytest.mark.parametrize("dtype,block_m,nsub,n", [(torch.bfloat16, 16, 1, 9), (torch.bfloat16, 16, 2, 20),
                                                   (torch.float16, 32, 2, 20)])
