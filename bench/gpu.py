@@ -21,7 +21,7 @@ wrote it. Every number runs through engine.core.LLMEngine (scheduler, sampler an
   path launches a copy of its own), and the --unfused-gate-batches also with
   the few-row MoE fusions off (GPTOSS_GATE_MAX_ROWS=0: the MLP norm, router,
   routing, align and combine as launches of their own), and the --pdl-batches
-  also with programmatic dependent launch (GPTOSS_PDL=1; off by default), back
+  also with programmatic dependent launch (GPTOSS_PDL=1, then =exit; off by default), back
   to back.
 * prefill: --prefill-seqs prompts of --prefill-len tokens, max_tokens=1,
   chunked at --max-tokens-per-step; tokens/s = prompt tokens / time.
@@ -271,7 +271,8 @@ def decode_variants(a) -> list[tuple[str, list[int], dict, dict]]:
             ("sampled", a.sampled_batches, dict(temperature=1.0), {}),  # the API's default: the sampling kernel
             ("padded", a.padded_batches, dict(padded=True), {}),  # to the next graph bucket (padding: no expert)
             ("unfused_gate", a.unfused_gate_batches, {}, {"GPTOSS_GATE_MAX_ROWS": "0"}),  # kernels.moe_gate off
-            ("pdl", a.pdl_batches, {}, {"GPTOSS_PDL": "1"})]  # a launch overlaps the one before (not default)
+            ("pdl", a.pdl_batches, {}, {"GPTOSS_PDL": "1"}),  # a launch overlaps the one before (not default)
+            ("pdl_exit", a.pdl_batches, {}, {"GPTOSS_PDL": "exit"})]  # ... only as its CTAs exit (kernels/pdl.py)
 
 
 def _chunk_shape(chunk: int, length: int) -> tuple[list[int], int]:

@@ -37,8 +37,8 @@ def parse(argv=None, doc: str = ""):
                     help="decode batches also measured with the few-row MoE fusions (the one-launch gate, "
                          "the combine in W2) off: GPTOSS_GATE_MAX_ROWS=0")
     ap.add_argument("--pdl-batches", type=ints, default=[1],
-                    help="decode batches also measured with programmatic dependent launch (GPTOSS_PDL=1, off "
-                         "by default; kernels/pdl.py)")
+                    help="decode batches also measured with programmatic dependent launch (GPTOSS_PDL=1, then "
+                         "=exit; off by default; kernels/pdl.py)")
     ap.add_argument("--padded-batches", type=ints, default=[1],
                     help="decode batches also measured with their steps padded to the next graph bucket "
                          "(0 for none)")

@@ -67,6 +67,8 @@ def _variant_lines(res: dict) -> list[tuple[str, bool, str]]:
                                 "against those as launches of their own (GPTOSS_GATE_MAX_ROWS=0), back to back: "),
         ("pdl", True, "Decode with programmatic dependent launch (GPTOSS_PDL=1, kernels/pdl.py) against without "
                       "it (the default), back to back: "),
+        ("pdl_exit", True, "Decode with programmatic dependent launch at each kernel's exit (GPTOSS_PDL=exit: no "
+                           "early signal) against without it, back to back: "),
         # results from before PDL was off by default (session 27), when the variant turned it off
         ("no_pdl", False, f"Decode with programmatic dependent launch (kernels/pdl.py; on in this run: "
                           f"{res.get('pdl', '?')}) against without it (GPTOSS_PDL=0), back to back: ")]

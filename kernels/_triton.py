@@ -61,7 +61,7 @@ def launch(kernel, grid, *args, **kwargs) -> None:
         if dev is not None and dev.type == "cuda":
             from . import pdl
             if pdl.enabled(dev):
-                kwargs = dict(kwargs, PDL=True, launch_pdl=True)
+                kwargs = dict(kwargs, PDL=pdl.mode(), launch_pdl=True)
     if _captured is not None:
         _captured.append((kernel, grid, args, kwargs))
         return

@@ -28,7 +28,10 @@ Off unless GPTOSS_PDL=1: on the H200 (session 27, torch 2.11 + Triton 3.6,
 120b, bench.gpu's back-to-back A/B) batch-1 decode ran 286.5 tok/s with it
 against 298.8 without. The likely cause, not measured: a kernel that lets its
 dependents launch at its start hands SM slots to CTAs that only wait, and the
-weight-streaming kernels want every SM.
+weight-streaming kernels want every SM. GPTOSS_PDL=exit tests that: every
+kernel still waits first, but none signals, so its dependents launch as its
+last CTAs exit (the implicit trigger), overlapping only the launch and the
+flush; bench.gpu measures both modes beside the default.
 """
 
 import os
@@ -40,12 +43,16 @@ ENV = "GPTOSS_PDL"
 _probed: dict = {}  # device index -> the self-test's verdict
 
 
+EXIT = 2  # the PDL constexpr of GPTOSS_PDL=exit launches (GPTOSS_PDL=1's is True)
+
+
 def enter(PDL: tl.constexpr):
     """First statement of every kernel (imported as `_pdl_enter` and jitted with the module's kernels):
-    wait for the previous kernel, then let the next one launch."""
+    wait for the previous kernel, then (PDL True, not EXIT) let the next one launch."""
     if PDL:
         tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+        if PDL != 2:  # EXIT: no signal; the dependents launch as this grid's CTAs exit
+            tl.extra.cuda.gdc_launch_dependents()
 
 
 _pdl_enter = enter  # the probes' copy, jitted in place; `enter` stays the plain function other modules import
@@ -81,12 +88,18 @@ def l2_prefetch(start, end, NCH: tl.constexpr, PTX: tl.constexpr):
 _l2_prefetch = l2_prefetch  # the jitted copy here (tests call it); modules import the plain function
 
 
-def wanted() -> bool:
-    """GPTOSS_PDL: "1" = on where the GPU supports it; unset or "0" = off (the measured default, above)."""
+def mode():
+    """GPTOSS_PDL -> the PDL constexpr its launches take: "1" True (signal at the start), "exit" EXIT (no
+    signal: launch at the CTAs' exit), unset or "0" False (off, the measured default, above)."""
     v = os.environ.get(ENV, "").strip()
-    if v not in ("", "0", "1"):
-        raise ValueError(f"{ENV}={v!r}: give 1 (programmatic dependent launch where the GPU has it) or 0 (off)")
-    return v == "1"
+    if v not in ("", "0", "1", "exit"):
+        raise ValueError(f"{ENV}={v!r}: give 1 (programmatic dependent launch where the GPU has it), exit (the "
+                         "same, dependents launched as each kernel exits) or 0 (off)")
+    return EXIT if v == "exit" else v == "1"
+
+
+def wanted() -> bool:
+    return bool(mode())
 
 
 def enabled(device) -> bool:
@@ -166,4 +179,4 @@ def _self_test(device) -> bool:
     return bool(ok)
 
 
-__all__ = ["ENV", "PREFETCH_PTX", "enabled", "enter", "l2_prefetch", "wanted"]
+__all__ = ["ENV", "EXIT", "PREFETCH_PTX", "enabled", "enter", "l2_prefetch", "mode", "wanted"]

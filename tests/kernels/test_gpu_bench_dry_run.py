@@ -71,6 +71,7 @@ def test_dry_run_writes_results_and_markdown(tmp_path, weights):
     [npd] = [x for x in res["results"] if "pdl_tokens_per_s" in x]
     assert npd["batch"] == 1 and npd["pdl_tokens_per_s"] > 0 and npd["pdl_step_ms"] > 0
     assert res["pdl"] is False and "Decode with programmatic dependent launch" in r.stdout
+    assert npd["pdl_exit_tokens_per_s"] > 0 and "launch at each kernel's exit" in r.stdout
     # and profiled last (--profile-batches; 1,64 by default): time by category, the trace beside the JSON
     prof, pre = res["profiles"]
     p = prof["profile"]
@@ -416,7 +417,8 @@ def test_a_device_fault_ends_only_its_process_and_a_fresh_one_measures_the_rest(
     def decode(model, dev, B, *args, **kw):
         name = ("lockstep" if kw.get("overlap") is False else "sampled" if kw.get("temperature") else
                 "padded" if kw.get("padded") else "unfused_gate" if os.environ.get("GPTOSS_GATE_MAX_ROWS") == "0"
-                else "pdl" if os.environ.get("GPTOSS_PDL") == "1" else "plain")
+                else "pdl" if os.environ.get("GPTOSS_PDL") == "1"
+                else "pdl_exit" if os.environ.get("GPTOSS_PDL") == "exit" else "plain")
         calls.append((B, name))
         if (B, name) in {(1, "padded"), (4, "plain")}:  # they fault in whichever process runs them
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
@@ -438,10 +440,11 @@ def test_a_device_fault_ends_only_its_process_and_a_fresh_one_measures_the_rest(
     assert child() == faults.FAULT_EXIT
     assert calls == [(1, "plain"), (1, "lockstep"), (1, "padded")]
     assert child() == faults.FAULT_EXIT
-    assert calls[3:] == [(1, "unfused_gate"), (1, "pdl"), (2, "plain"), (2, "sampled"), (4, "plain")]
+    assert calls[3:] == [(1, "unfused_gate"), (1, "pdl"), (1, "pdl_exit"), (2, "plain"), (2, "sampled"),
+                         (4, "plain")]
     capsys.readouterr()
     assert child() == 1  # nothing measured twice, nothing faulted retried; the prefill still ran
-    assert len(calls) == 8
+    assert len(calls) == 9
     out = capsys.readouterr().out
     (f,) = (tmp_path / "r").glob("gpu-tiny-*.json")  # one file for the run, whatever its processes
     res = json.loads(f.read_text())
@@ -449,7 +452,7 @@ def test_a_device_fault_ends_only_its_process_and_a_fresh_one_measures_the_rest(
     assert res["peak_memory_GiB"] == 7.0  # the largest of the children's, not the last one's
     assert [(x["kind"], x["batch"]) for x in res["results"]] == [("decode", 1), ("decode", 2), ("prefill", 2)]
     b1 = res["results"][0]
-    assert all(b1[f"{v}_tokens_per_s"] > 0 for v in ("lockstep", "unfused_gate", "pdl"))
+    assert all(b1[f"{v}_tokens_per_s"] > 0 for v in ("lockstep", "unfused_gate", "pdl", "pdl_exit"))
     assert "padded_tokens_per_s" not in b1 and b1["overlap_speedup"] > 0
     assert [(e["what"], e["device_fault"]) for e in res["errors"]] == [("decode batch 1 padded", True),
                                                                        ("decode batch 4", True)]

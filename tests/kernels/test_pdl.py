@@ -6,7 +6,11 @@ every planned compilation (tests/kernels/test_aot_sm90.py); the GPU side by the 
 
 import ast
 import inspect
+import os
+import subprocess
+import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +20,8 @@ pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 
 from kernels import _triton, aot, pdl  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
 
 MODULES = ("attention", "linear", "moe", "moe_combine", "moe_gate", "moe_gemv", "moe_rs", "rmsnorm", "rope", "route",
            "sample", "pdl")
@@ -72,9 +78,11 @@ def test_switch(monkeypatch):
     monkeypatch.setenv(pdl.ENV, "0")
     assert not pdl.wanted()
     monkeypatch.setenv(pdl.ENV, "1")
-    assert pdl.wanted() and not pdl.enabled("cpu")
+    assert pdl.wanted() and pdl.mode() is True and not pdl.enabled("cpu")
+    monkeypatch.setenv(pdl.ENV, "exit")
+    assert pdl.wanted() and pdl.mode() == pdl.EXIT and not pdl.enabled("cpu")
     monkeypatch.delenv(pdl.ENV)
-    assert not pdl.wanted()  # off by default: measured slower on the H200 (kernels/pdl.py)
+    assert not pdl.wanted() and pdl.mode() is False  # off by default: measured slower on the H200 (kernels/pdl.py)
 
 
 class _CudaArg:
@@ -85,10 +93,12 @@ class _CudaArg:
         return 0
 
 
-def test_launch_adds_pdl_only_where_enabled(monkeypatch):
+@pytest.mark.parametrize("flag,constexpr", [("1", True), ("exit", 2)])
+def test_launch_adds_pdl_only_where_enabled(monkeypatch, flag, constexpr):
     from kernels import rmsnorm
     verdict = {"on": True}
     monkeypatch.setattr(pdl, "enabled", lambda dev: verdict["on"])
+    monkeypatch.setenv(pdl.ENV, flag)
     with _triton.capturing() as launches:
         _triton.launch(rmsnorm._rmsnorm_kernel, (1,), _CudaArg(), BLOCK=16)
         verdict["on"] = False
@@ -97,7 +107,7 @@ def test_launch_adds_pdl_only_where_enabled(monkeypatch):
         _triton.launch(rmsnorm._rmsnorm_kernel, (1,), torch.zeros(1), BLOCK=16)  # a CPU tensor: never
         _triton.launch(pdl._probe_read, (1,), _CudaArg(), BLOCK=16, PDL=False)  # the caller's choice stands
     kw = [ln[3] for ln in launches]
-    assert kw[0] == dict(BLOCK=16, PDL=True, launch_pdl=True)
+    assert kw[0] == dict(BLOCK=16, PDL=constexpr, launch_pdl=True)
     assert kw[1] == kw[2] == dict(BLOCK=16)
     assert kw[3] == dict(BLOCK=16, PDL=False)
 
@@ -111,6 +121,28 @@ def test_recorded_launches_compile_with_pdl_on_hopper_only():
     assert "PDL" not in launches[0][2]  # the arch decides, at binding
     assert bind([("t", launches)], 90)[0].options.launch_pdl
     assert not bind([("t", launches)], 80)[0].options.launch_pdl
+
+
+def test_exit_mode_waits_and_never_signals_on_sm90():
+    """Compiled for sm_90 (in a fresh process: the suite's triton is the interpreter's): with PDL True a
+    kernel waits (ACQBULK) then signals (PREEXIT); with EXIT it waits and never signals."""
+    code = """
+import torch, triton
+from triton.backends.compiler import GPUTarget
+from kernels import _triton, aot, pdl, sass
+x = torch.empty(1024, device="meta")
+for mode in (True, pdl.EXIT):
+    with _triton.recording() as launches:
+        _triton.launch(pdl._probe_read, (1,), x, x, 1024, BLOCK=1024, PDL=mode, launch_pdl=True)
+    (c,) = aot.bind([("t", launches)], 90)
+    k = triton.compile(c.src, target=GPUTarget("cuda", 90, 32), options=c.options.__dict__)
+    ops = [sass.opcode(t) for _, t in sass.instructions(sass.disassemble(k.asm["cubin"]))]
+    print(mode, "ACQBULK" in ops, "PREEXIT" in ops, aot.pdl_order(ops))
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.split("\n")[:2] == ["True True True None", "2 True False None"], r.stdout
 
 
 def test_sass_order_check():
