@@ -138,3 +138,25 @@ def test_dispatch_switch_and_its_bad_value(monkeypatch):
     monkeypatch.setenv("GPTOSS_KERNELS", "torch")
     monkeypatch.delenv("GPTOSS_GATE_MAX_ROWS")
     assert not dispatch.fuses_gate(x)
+
+
+@pytest.mark.parametrize("n,config", [(1, None), (3, None), (2, dict(EB=4, BLOCK_H=1024))])
+def test_gate_at_the_120b_shape(n, config):
+    """gpt-oss-120b's 2,880 features and 128 experts: the default's one pass (2,880 of 4,096 lanes live) and
+    session 27's three 1,024-feature passes (the last one part-masked), bf16, against the unfused ops."""
+    from models.checkpoint import PRESETS
+    cfg = PRESETS["gpt-oss-120b"]
+    Hb, Eb, k = cfg.hidden_size, cfg.num_local_experts, cfg.num_experts_per_tok
+    g = torch.Generator().manual_seed(n)
+    o, r = (torch.randn(n, Hb, generator=g).bfloat16() for _ in range(2))
+    nw = torch.rand(Hb, generator=g) + 0.5
+    rw = (torch.randn(Eb, Hb, generator=g) * Hb ** -0.5).bfloat16()
+    rb = (torch.randn(Eb, generator=g) * 0.1).bfloat16()
+    got = gate_triton(o, r, nw, 1e-5, rw, rb, k, Eb, 1, x16=True, config=config)
+    x, h, idx, w = gate_reference(o, r, nw, 1e-5, rw, rb, k)
+    torch.testing.assert_close(got.x, x, rtol=2 ** -7, atol=0)
+    torch.testing.assert_close(got.h, h, rtol=2 ** -6, atol=1e-6)  # the interpreter truncates: an ulp or two
+    assert torch.equal(got.idx.long(), idx)
+    torch.testing.assert_close(got.weights, w.float().flatten(), rtol=0, atol=2e-2)
+    for a, b in zip(got.aligned, align(idx, None, Eb, 1)):
+        assert torch.equal(a, b.to(a.dtype))
