@@ -21,8 +21,8 @@ wrote it. Every number runs through engine.core.LLMEngine (scheduler, sampler an
   path launches a copy of its own), and the --unfused-gate-batches also with
   the few-row MoE fusions off (GPTOSS_GATE_MAX_ROWS=0: the MLP norm, router,
   routing, align and combine as launches of their own), and the --pdl-batches
-  also with programmatic dependent launch (GPTOSS_PDL=1, then =exit; off by default), back
-  to back.
+  also with programmatic dependent launch (GPTOSS_PDL=1, then =exit; off by
+  default), back to back.
 * prefill: --prefill-seqs prompts of --prefill-len tokens, max_tokens=1,
   chunked at --max-tokens-per-step; tokens/s = prompt tokens / time.
 * profile, last (CUPTI may leave later work slower once it has run): decode at --profile-batches

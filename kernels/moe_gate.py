@@ -17,7 +17,7 @@ router and its reduction, routing, align: ~15 us a layer, 0.54 ms of a
 5.3 ms gpt-oss-120b step, BENCHMARKS.md "GPU"), each far shorter than its
 start-up. Here a program per (token, EB experts) recomputes the token's norm
 (a few KB, from L2) and its EB router logits, so the router's weights stream
-through ~32 SMs; a token's last program to finish (a ticket from its atomic
+through E/EB programs; a token's last program to finish (a ticket from its atomic
 counter) routes it, and the last token routed (a ticket from a launch-wide
 counter) aligns the pairs. Each reads what the others wrote past its L1 (.cg
 loads; the writers' barrier and acq_rel ticket order them) and resets its
@@ -122,7 +122,7 @@ def _local_keys(idx_ptr, g2l_ptr, p, pm, HAS_MAP: tl.constexpr, L2_ONLY: tl.cons
 
 def _align_pairs(idx_ptr, g2l_ptr, sorted_ptr, tile_e_ptr, valid_ptr, cursor_ptr, n_pairs, n_local, max_tiles,
                  HAS_MAP: tl.constexpr, BLOCK_M: tl.constexpr, E_PAD: tl.constexpr, CHUNK: tl.constexpr,
-                 TILES: tl.constexpr, L2_ONLY: tl.constexpr):
+                 TILES: tl.constexpr):
     """`align` in one program: a counting sort of the pairs by local expert.
 
     Pass 1 counts each expert's pairs (a histogram of a CHUNK of keys at a time)
@@ -144,7 +144,7 @@ def _align_pairs(idx_ptr, g2l_ptr, sorted_ptr, tile_e_ptr, valid_ptr, cursor_ptr
     for c0 in range(0, n_pairs, CHUNK):
         p = c0 + lanes
         pm = p < n_pairs
-        key = _local_keys(idx_ptr, g2l_ptr, p, pm, HAS_MAP, L2_ONLY)
+        key = _local_keys(idx_ptr, g2l_ptr, p, pm, HAS_MAP, False)
         tl.store(valid_ptr + p, (key >= 0).to(tl.int8), mask=pm)
         counts += tl.histogram(key, E_PAD, mask=key >= 0)
     tile_start = _write_tiles(tile_e_ptr, sorted_ptr, counts, n_pairs, n_local, max_tiles, BLOCK_M, E_PAD, TILES)
@@ -154,7 +154,7 @@ def _align_pairs(idx_ptr, g2l_ptr, sorted_ptr, tile_e_ptr, valid_ptr, cursor_ptr
     for c0 in range(0, n_pairs, CHUNK):
         p = c0 + lanes
         pm = p < n_pairs
-        key = _local_keys(idx_ptr, g2l_ptr, p, pm, HAS_MAP, L2_ONLY)
+        key = _local_keys(idx_ptr, g2l_ptr, p, pm, HAS_MAP, False)
         dest = tl.atomic_add(cursor_ptr + tl.maximum(key, 0), 1, mask=key >= 0, sem="relaxed")
         tl.store(sorted_ptr + dest, p, mask=key >= 0)
 
@@ -221,7 +221,7 @@ def _align_kernel(idx_ptr, g2l_ptr, sorted_ptr, tile_e_ptr, valid_ptr, cursor_pt
             v = tl.load(x_ptr + r.to(tl.int64) * stride_x + (f - r * H), mask=f < n_rows * H, other=0.0)
             tl.store(x16_ptr + f, (v.to(tl.float32) * _X16_SCALE).to(tl.float16), mask=f < n_rows * H)
     _align_pairs(idx_ptr, g2l_ptr, sorted_ptr, tile_e_ptr, valid_ptr, cursor_ptr, n_pairs, n_local, max_tiles,
-                 HAS_MAP, BLOCK_M, E_PAD, CHUNK, TILES, False)
+                 HAS_MAP, BLOCK_M, E_PAD, CHUNK, TILES)
 
 
 def _gate_kernel(o_ptr, r_ptr, nw_ptr, rw_ptr, rb_ptr, x_ptr, h_ptr, x16_ptr, logit_ptr, count_ptr,
@@ -309,14 +309,18 @@ _KERNELS = ("_pdl_enter", "_route_row", "_local_keys", "_write_tiles", "_align_p
 _NO_SPECIALIZE = {"_align_kernel": ("n_pairs", "max_tiles", "n_rows"), "_gate_kernel": ("N", "max_tiles")}
 
 
-def _align_config(P: int, n_local: int, block_m: int) -> dict:
-    """~16 int32 per thread: a chunk of pairs, and the tile pass's [TILES, E_PAD] and [TILES, BLOCK_M]."""
-    num_warps = 4 if P <= 2048 else 16
+def _tile_pass(n_local: int, block_m: int, num_warps: int) -> dict:
+    """_write_tiles' [TILES, E_PAD] and [TILES, BLOCK_M] at ~16 int32 a thread."""
     budget = 16 * 32 * num_warps
     e_pad = max(16, next_pow2(n_local))
-    tiles = max(1, min(budget // e_pad, budget // block_m))
+    return dict(E_PAD=e_pad, TILES=max(1, min(budget // e_pad, budget // block_m)))
+
+
+def _align_config(P: int, n_local: int, block_m: int) -> dict:
+    """~16 int32 per thread: a chunk of pairs, and the tile pass."""
+    num_warps = 4 if P <= 2048 else 16
     # the chunk is the budget whatever P: a launch configuration per warp count, not per power of 2 of P
-    return dict(E_PAD=e_pad, CHUNK=budget, TILES=tiles, num_warps=num_warps)
+    return dict(_tile_pass(n_local, block_m, num_warps), CHUNK=16 * 32 * num_warps, num_warps=num_warps)
 
 
 def _aligned_buffers(P: int, n_local: int, block_m: int, dev):
@@ -405,10 +409,8 @@ def gate_triton(o: torch.Tensor, residual: torch.Tensor, norm_w: torch.Tensor, e
     idx = torch.empty(N, top_k, dtype=torch.int32, device=dev)
     weights = torch.empty(P, dtype=torch.float32, device=dev)
     aligned = _aligned_buffers(P, n_local, block_m, dev)
-    # _align_few's compares, [P_PAD, E_PAD] and [P_PAD, P_PAD], and the tile pass at ~16 int32 a thread; one
-    # P_PAD for every row count, so the row count does not recompile
-    e_pad = max(16, next_pow2(n_local))
-    budget = 16 * 32 * warps
+    # _align_few's compares, [P_PAD, E_PAD] and [P_PAD, P_PAD], at one P_PAD for every row count (the row
+    # count does not recompile)
     launch(_gate_kernel, (N, -(-E // eb)), o, residual, norm_w, router_w, router_b, x, h,
            x16_t if x16 else x, logits, tickets(dev, N + 1), idx, weights, load if load is not None else idx,
            token_mask if token_mask is not None else idx, global_to_local if global_to_local is not None else idx,
@@ -416,8 +418,8 @@ def gate_triton(o: torch.Tensor, residual: torch.Tensor, norm_w: torch.Tensor, e
            TOP_K=top_k, EB=eb, BLOCK_H=bh, ONE_PASS=bh >= H, BLOCK_E=max(16, next_pow2(E)),
            HAS_LOAD=load is not None, HAS_MASK=token_mask is not None,
            DROP_MASKED=drop_masked and token_mask is not None, X16=x16, HAS_MAP=global_to_local is not None,
-           BLOCK_M=block_m, E_PAD=e_pad, P_PAD=max(16, next_pow2(GATE_MAX_ROWS * top_k)),
-           TILES=max(1, min(budget // e_pad, budget // block_m)), num_warps=warps)
+           BLOCK_M=block_m, P_PAD=max(16, next_pow2(GATE_MAX_ROWS * top_k)), num_warps=warps,
+           **_tile_pass(n_local, block_m, warps))
     return Gate(x, h, idx, weights, aligned, x16_t, logits)
 
 

@@ -99,6 +99,7 @@ def mode():
 
 
 def wanted() -> bool:
+    """GPTOSS_PDL asks for PDL in either mode."""
     return bool(mode())
 
 
