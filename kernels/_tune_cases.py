@@ -14,6 +14,17 @@ GEMV_STEP_BYTES = (32, 64, 128, 256, 512, 1024)  # kernels.moe_gemv's BLOCK_KB: 
 L2PF = ({"L2PF": True},)  # phase 2 of the MoE tiles and the linears: each program's weights bulk-prefetched to L2
 
 
+def tail_extras(cfg) -> tuple[dict, ...]:
+    """Phase 2 of W2 at one token, where the combine is W2's tail (kernels.moe_combine): its chunks a pass
+    (TAIL_G), 2 up to the whole row. The default, a chunk a pass, is 6 dependent L2 rounds at 2,880 columns
+    (3 of sums, 3 of norm reads) on the step's critical path; the whole row is one round, but took the tuned
+    120b gemv W2 from 56 registers to 168 (kernels.aot): the measurement decides."""
+    from .moe_combine import CHUNK
+    bh = 1 << (cfg.hidden_size - 1).bit_length()
+    whole = bh // min(CHUNK, bh)
+    return tuple({"TAIL_G": g} for g in (2, 4, 8, 16) if g <= whole)
+
+
 def _gen(device, seed: int):
     return None if torch.device(device).type == "meta" else torch.Generator(device).manual_seed(seed)
 
@@ -240,6 +251,36 @@ def _gate_call(cfg, n: int, dtype, device):
     return launcher, (), {}, reference
 
 
+def _moe_served(*args, **kw) -> torch.Tensor:
+    """moe_mxfp4's (sum, its norm) as one tensor, for the check."""
+    from .moe import moe_mxfp4
+    return torch.cat(moe_mxfp4(*args, **kw))
+
+
+def _moe_call(cfg, n: int, dtype, device, weights):
+    """moe_mxfp4 as one process's model calls it (models.layers.MoE): the residual added and the next
+    RMSNorm taken in the combine, so W2's combine tail (kernels.moe_combine) is compiled and timed as
+    served. Checked: the sum and its norm. The residual is small beside the MoE's O(1) output, so the
+    relative check stays about as tight on the experts' sum as without it."""
+    from .moe import moe_reference
+    from .rmsnorm import rmsnorm_reference
+    x, (idx, w) = moe_tokens(cfg, n, dtype, device)
+    ws = weights if weights is not None else moe_weights(cfg, dtype, device)
+    # the map a model's MoE passes (MoE.local_or_skip): every expert here, then id E -> none
+    E, H = cfg.num_local_experts, cfg.hidden_size
+    g2l = torch.cat([torch.arange(E, device=device), torch.full((1,), -1, device=device)])
+    g = _gen(device, 5)
+    res = _randn((n, H), dtype, device, g, 0.25)
+    nw = torch.empty(H, device=device) if g is None else torch.rand(H, generator=g, device=device) + 0.5
+    norm = (nw, cfg.rms_norm_eps)
+
+    def reference():
+        out = res + moe_reference(x, idx, w, *ws, global_to_local=g2l)
+        return torch.cat([out, rmsnorm_reference(out, *norm)])
+    return (_moe_served, (x, (idx, w), *ws), dict(top_k=cfg.num_experts_per_tok, global_to_local=g2l, residual=res,
+                                                  norm=norm), reference)
+
+
 def make_call(family: str, cfg, n: int, window, context: int, dtype, device, weights=None, linear: str | None = None):
     """-> (launcher, args, kwargs, reference): launcher(*args, **kwargs) is this family's launch at batch n
     (under whatever tuned.forced / capturing the caller set); reference() is the torch result."""
@@ -253,14 +294,7 @@ def make_call(family: str, cfg, n: int, window, context: int, dtype, device, wei
     if family == "gate":
         return _gate_call(cfg, n, dtype, device)
     if family == "moe":
-        from .moe import moe_mxfp4, moe_reference
-        x, (idx, w) = moe_tokens(cfg, n, dtype, device)
-        ws = weights if weights is not None else moe_weights(cfg, dtype, device)
-        # the map a model's MoE passes (MoE.local_or_skip): every expert here, then id E -> none
-        E = cfg.num_local_experts
-        g2l = torch.cat([torch.arange(E, device=device), torch.full((1,), -1, device=device)])
-        return (moe_mxfp4, (x, (idx, w), *ws), dict(top_k=cfg.num_experts_per_tok, global_to_local=g2l),
-                lambda: moe_reference(x, idx, w, *ws, global_to_local=g2l))
+        return _moe_call(cfg, n, dtype, device, weights)
     from .attention import paged_attention, paged_attention_reference
     args, kw = attn_inputs(cfg, n, family == "attn_decode", window, context, dtype, device)
     return paged_attention, args, kw, lambda: paged_attention_reference(*args)

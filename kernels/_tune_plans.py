@@ -133,8 +133,10 @@ def _moe(task: Task, dtype: torch.dtype, dry: bool, context: int) -> Plan:
             timed = ({kernel, "_align_kernel", "_x16_kernel", "_xperm_kernel", "_dequant_kernel"} if kn == "moe_w1"
                      else {kernel})
             check = [kernel, "_dequant_kernel"] if dq and kn == "moe_w1" else [kernel]
+            # at one token W2 ends with the combine: also how many chunks its tail takes a pass
+            tail = cases.tail_extras(cfg) if kn == "moe_w2" and task.n == 1 else ()
             sweeps.append(Sweep(kn, cands, {other: base[other]}, timed, check, () if dry else cases.MOE_STAGES,
-                                () if dry or dq else cases.L2PF, key))
+                                () if dry or dq else cases.L2PF + tail, key))
     return Plan(task, sweeps, results, d)
 
 

@@ -35,9 +35,10 @@ def _fmt(c: dict | None) -> str:
     if not c:
         return "-"
     short = dict(BLOCK_M="M", BLOCK_N="N", BLOCK_K="K", BLOCK_KB="KB", NUM_SPLITS="splits", SPLIT_K="split_k",
-                 num_warps="w", num_stages="s")
+                 TAIL_G="tail", num_warps="w", num_stages="s")
     return " ".join(k.lower() if k in ("GEMV", "RS", "DQ", "L2PF") else
-                    f"{short.get(k, k)}{'=' if k in ('NUM_SPLITS', 'SPLIT_K') else ''}{v}" for k, v in c.items())
+                    f"{short.get(k, k)}{'=' if k in ('NUM_SPLITS', 'SPLIT_K', 'TAIL_G') else ''}{v}"
+                    for k, v in c.items())
 
 
 class Store:

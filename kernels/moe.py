@@ -233,9 +233,12 @@ def _w2_kernel(act_ptr, wb_ptr, ws_ptr, b_ptr, rw_ptr, y_ptr, sorted_ptr, tile_e
                TOP_K: tl.constexpr, HAS_RES: tl.constexpr, NORM: tl.constexpr, BLOCK_H: tl.constexpr,
                COMBINE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                DOT_BF16: tl.constexpr, SCALED: tl.constexpr, SPLIT_K: tl.constexpr, L2PF: tl.constexpr = False,
-               PTX: tl.constexpr = False, DQ: tl.constexpr = False, PDL: tl.constexpr = False):
+               PTX: tl.constexpr = False, DQ: tl.constexpr = False, PDL: tl.constexpr = False,
+               TAIL_G: tl.constexpr = 1, TAIL_HOLD: tl.constexpr = False):
     """SPLIT_K > 1: program (tile, n block, s) sums K[s * K_SPLIT:][:K_SPLIT] into slab s of y (fp32; the bias
     in slab 0), and the combine sums the slabs: no launch or ticket of its own. L2PF: as _w1_kernel's.
+    TAIL_G, TAIL_HOLD: with COMBINE, the combine tail's chunks a pass and whether they hold the row
+    (kernels.moe_combine._combine_row's G and HOLD).
     DQ: wb_ptr is W2 decoded to bf16 [E, H, I] (kernels.moe_dq), ws_ptr unused."""
     _pdl_enter(PDL)
     t = tl.program_id(0)
@@ -243,7 +246,7 @@ def _w2_kernel(act_ptr, wb_ptr, ws_ptr, b_ptr, rw_ptr, y_ptr, sorted_ptr, tile_e
     if e < 0:
         if COMBINE:  # a spare tile takes its ticket too: the launch's last program combines
             _combine_tail(cnt_ptr, y_ptr, valid_ptr, res_ptr, out_ptr, nw_ptr, h_ptr, n_rows, H, s_res, eps, TOP_K,
-                          HAS_RES, NORM, BLOCK_H, SPLIT_K)
+                          HAS_RES, NORM, BLOCK_H, SPLIT_K, TAIL_G, TAIL_HOLD)
         return
     if L2PF:
         n0 = e * H + tl.program_id(1) * BLOCK_N
@@ -294,7 +297,7 @@ def _w2_kernel(act_ptr, wb_ptr, ws_ptr, b_ptr, rw_ptr, y_ptr, sorted_ptr, tile_e
     tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=rvalid[:, None] & nvalid[None, :])
     if COMBINE:
         _combine_tail(cnt_ptr, y_ptr, valid_ptr, res_ptr, out_ptr, nw_ptr, h_ptr, n_rows, H, s_res, eps, TOP_K,
-                      HAS_RES, NORM, BLOCK_H, SPLIT_K)
+                      HAS_RES, NORM, BLOCK_H, SPLIT_K, TAIL_G, TAIL_HOLD)
 
 
 # shared with kernels.moe_rs, jitted again into this module's globals (where its kernels look)
@@ -411,15 +414,21 @@ def _experts(x, x16, rw, aligned, plan: Plan, k: int, w1_blocks, w1_scales, b1, 
     normed = torch.empty_like(x) if norm is not None else out
     # batch 1 or 2: the combine is the W2 launch's tail (kernels.moe_combine)
     tail = N <= combine_kernels.TAIL_MAX_ROWS and fused_rows(N)
-    # a combine program takes a whole row with the norm, else 1024 columns; CHUNK columns at a time where it
-    # normalises (the tail always: its program is one of W2's, whose registers it must not inflate)
+    # a combine program takes a whole row with the norm, else 1024 columns; its squares add up CHUNK columns at a
+    # time. Its own launch holds the row in one pass (G chunks); the tail, one of W2's programs, takes the chunks
+    # one at a time (it must not inflate W2's registers) but where W2's config says otherwise at one token
+    # (TAIL_G, kernels.tune): a held row took the tuned 120b gemv W2 from 56 registers to 168 (kernels.aot), 3
+    # programs an SM, which holds batch 1's 360 but would split batch 2's 720 into two waves
     bh = triton.next_power_of_2(H) if norm is not None else min(1024, triton.next_power_of_2(H))
     chunk = min(combine_kernels.CHUNK, bh)
+    whole = bh // chunk
+    tail_g = min(triton.next_power_of_2(plan.cfg2.get("TAIL_G", 1)), whole) if N == 1 else 1
     combine = (valid, x if res is None else res, out, norm[0] if norm is not None else out, normed, N,
                x.stride(0) if res is None else res.stride(0), float(norm[1]) if norm is not None else 0.0)
     flags = dict(TOP_K=k, HAS_RES=res is not None, NORM=norm is not None)
     # without the tail W2 ignores the combine's arguments: fixed stand-ins, so they add no compilations
-    w2_flags = dict(flags, BLOCK_H=chunk) if tail else dict(TOP_K=1, HAS_RES=False, NORM=False, BLOCK_H=16)
+    w2_flags = (dict(flags, BLOCK_H=chunk, TAIL_G=tail_g, TAIL_HOLD=tail_g == whole) if tail
+                else dict(TOP_K=1, HAS_RES=False, NORM=False, BLOCK_H=16, TAIL_G=1, TAIL_HOLD=False))
     w2_combine = combine if tail else (valid, y, y, y, y, N, 0, 0.0)
     w2 = gemv_kernels._w2_gemv_kernel if gemv else rs_kernels._w2_rs_kernel if rs else _w2_kernel
     meta, opts = launch_args(plan.cfg2)
@@ -431,7 +440,8 @@ def _experts(x, x16, rw, aligned, plan: Plan, k: int, w1_blocks, w1_scales, b1, 
     if not tail:
         opts = dict(num_warps=8) if norm is not None and H >= 2048 and not interp else {}
         launch(_combine_kernel, (N, triton.cdiv(H, bh)), y, *combine[:6], H, *combine[6:], **flags, BLOCK_H=bh,
-               SPLIT=s2, BLOCK_C=chunk if norm is not None else bh, **opts)
+               SPLIT=s2, BLOCK_C=chunk if norm is not None else bh, G=whole if norm is not None else 1,
+               HOLD=norm is not None, **opts)
     return out if norm is None else (out, normed)
 
 

@@ -184,8 +184,10 @@ def _w2_gemv_kernel(act_ptr, wb_ptr, ws_ptr, b_ptr, rw_ptr, y_ptr, sorted_ptr, t
                     cnt_ptr, valid_ptr, res_ptr, out_ptr, nw_ptr, h_ptr, n_rows, s_res, eps,
                     TOP_K: tl.constexpr, HAS_RES: tl.constexpr, NORM: tl.constexpr, BLOCK_H: tl.constexpr,
                     COMBINE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KB: tl.constexpr,
-                    PTX: tl.constexpr, L2PF: tl.constexpr = False, PDL: tl.constexpr = False):
-    """y[pair, n] = (act[t] @ W2[e, n]^T + b2[e, n]) * the pair's router weight, for BLOCK_N rows n."""
+                    PTX: tl.constexpr, L2PF: tl.constexpr = False, PDL: tl.constexpr = False,
+                    TAIL_G: tl.constexpr = 1, TAIL_HOLD: tl.constexpr = False):
+    """y[pair, n] = (act[t] @ W2[e, n]^T + b2[e, n]) * the pair's router weight, for BLOCK_N rows n.
+    TAIL_G, TAIL_HOLD: as kernels.moe._w2_kernel's."""
     _pdl_enter(PDL)
     t = tl.program_id(0)
     e = tl.load(tile_e_ptr + t).to(tl.int64)
@@ -193,7 +195,7 @@ def _w2_gemv_kernel(act_ptr, wb_ptr, ws_ptr, b_ptr, rw_ptr, y_ptr, sorted_ptr, t
     if (e < 0) | (pair >= n_pairs):
         if COMBINE:  # a spare tile takes its ticket too: the launch's last program combines
             _combine_tail(cnt_ptr, y_ptr, valid_ptr, res_ptr, out_ptr, nw_ptr, h_ptr, n_rows, H, s_res, eps, TOP_K,
-                          HAS_RES, NORM, BLOCK_H, 1)
+                          HAS_RES, NORM, BLOCK_H, 1, TAIL_G, TAIL_HOLD)
         return
     if L2PF:
         n0 = tl.program_id(1) * BLOCK_N
@@ -207,7 +209,7 @@ def _w2_gemv_kernel(act_ptr, wb_ptr, ws_ptr, b_ptr, rw_ptr, y_ptr, sorted_ptr, t
     tl.store(y_ptr + pair.to(tl.int64) * H + n, y.to(y_ptr.dtype.element_ty), mask=n < H)
     if COMBINE:
         _combine_tail(cnt_ptr, y_ptr, valid_ptr, res_ptr, out_ptr, nw_ptr, h_ptr, n_rows, H, s_res, eps, TOP_K,
-                      HAS_RES, NORM, BLOCK_H, 1)
+                      HAS_RES, NORM, BLOCK_H, 1, TAIL_G, TAIL_HOLD)
 
 
 # kernels.moe_combine's tail, jitted again into this module's globals (where its kernels look)

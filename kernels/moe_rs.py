@@ -214,16 +214,18 @@ def _w2_rs_kernel(act_ptr, wb_ptr, ws_ptr, b_ptr, rw_ptr, y_ptr, sorted_ptr, til
                   cnt_ptr, valid_ptr, res_ptr, out_ptr, nw_ptr, h_ptr, n_rows, s_res, eps,
                   TOP_K: tl.constexpr, HAS_RES: tl.constexpr, NORM: tl.constexpr, BLOCK_H: tl.constexpr,
                   COMBINE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NSUB: tl.constexpr,
-                  PTX: tl.constexpr, L2PF: tl.constexpr = False, PDL: tl.constexpr = False):
+                  PTX: tl.constexpr, L2PF: tl.constexpr = False, PDL: tl.constexpr = False,
+                  TAIL_G: tl.constexpr = 1, TAIL_HOLD: tl.constexpr = False):
     """y[pair, n] = (act[row] @ W2[e, n]^T + b2[e, n]) * the pair's router weight, for BLOCK_N rows n;
-    act: _w1_rs_kernel's permuted, scaled rows. L2PF: as _w1_rs_kernel's."""
+    act: _w1_rs_kernel's permuted, scaled rows. L2PF: as _w1_rs_kernel's. TAIL_G, TAIL_HOLD: as
+    kernels.moe._w2_kernel's."""
     _pdl_enter(PDL)
     t = tl.program_id(0)
     e = tl.load(tile_e_ptr + t).to(tl.int64)
     if e < 0:
         if COMBINE:  # a spare tile takes its ticket too: the launch's last program combines
             _combine_tail(cnt_ptr, y_ptr, valid_ptr, res_ptr, out_ptr, nw_ptr, h_ptr, n_rows, H, s_res, eps, TOP_K,
-                          HAS_RES, NORM, BLOCK_H, 1)
+                          HAS_RES, NORM, BLOCK_H, 1, TAIL_G, TAIL_HOLD)
         return
     if L2PF:
         n0 = e * H + tl.program_id(1) * BLOCK_N
@@ -240,7 +242,7 @@ def _w2_rs_kernel(act_ptr, wb_ptr, ws_ptr, b_ptr, rw_ptr, y_ptr, sorted_ptr, til
     tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=rvalid[None, :] & (n < H)[:, None])
     if COMBINE:
         _combine_tail(cnt_ptr, y_ptr, valid_ptr, res_ptr, out_ptr, nw_ptr, h_ptr, n_rows, H, s_res, eps, TOP_K,
-                      HAS_RES, NORM, BLOCK_H, 1)
+                      HAS_RES, NORM, BLOCK_H, 1, TAIL_G, TAIL_HOLD)
 
 
 # kernels.moe_combine's tail and kernels.moe_gemv's prefetch, jitted again into this module's globals (where its

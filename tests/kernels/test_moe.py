@@ -277,42 +277,55 @@ def test_next_norm_in_the_combine_is_the_rmsnorm_of_the_sum(dtype, chunk, monkey
 
 
 @pytest.mark.parametrize("path", ["mma", "gemv", "rs"])
-@pytest.mark.parametrize("with_norm,chunk", [(True, None), (False, None), (True, 16)])
-def test_combine_as_the_w2_tail_equals_its_own_launch(path, with_norm, chunk, monkeypatch):
+@pytest.mark.parametrize("with_norm,chunk,tail_g", [(True, None, 1), (False, None, 1), (True, 16, 1), (True, 16, 2),
+                                                    (True, 16, 4), (False, 16, 4)])
+def test_combine_as_the_w2_tail_equals_its_own_launch(path, with_norm, chunk, tail_g, monkeypatch):
     """Up to TAIL_MAX_ROWS rows the combine is the W2 launch's tail (kernels.moe_combine: the last of its
-    programs, spare tiles included, combines every token); the same bits as the combine's own launch, also
-    where a row takes several chunks (chunk 16)."""
+    programs, spare tiles included, combines every token); the same bits as the combine's own launch (which
+    holds a normed row in one pass), also where the tail takes a row in several chunks (chunk 16: 4 passes
+    of one, 2 of two) or holds it too (W2's TAIL_G 4). TAIL_G applies to one token only (kernels.moe)."""
     from kernels import moe_combine
     if chunk:
         monkeypatch.setattr(moe_combine, "CHUNK", chunk)
     from kernels import _triton, tuned
-    from kernels.moe_configs import gemv_configs, rs_configs
+    from kernels.moe_configs import default_config, gemv_configs, rs_configs
     dtype = torch.float32 if path == "mma" else torch.bfloat16
     from kernels.moe_combine import TAIL_MAX_ROWS
-    n = TAIL_MAX_ROWS
+    n = 1 if tail_g > 1 else TAIL_MAX_ROWS
     m, h = moe_module(dtype), tokens(n, seed=14, dtype=dtype)
     res = tokens(n, seed=15, dtype=dtype)
     w = torch.rand(H, generator=torch.Generator().manual_seed(16)) + 0.5
     idx, rw = route(F.linear(h.float(), m.router_w.float(), m.router_b.float()), K, dtype)
-    idx[-1] = E  # a token no expert takes (a graph's padding row): its sum is the residual alone
+    if n > 1:
+        idx[-1] = E  # a token no expert takes (a graph's padding row): its sum is the residual alone
     g2l = torch.cat([torch.arange(E), torch.tensor([-1])])
     kw = dict(global_to_local=g2l, residual=res, norm=(w, 1e-5) if with_norm else None)
-    forced = {"mma": {}, "gemv": gemv_configs(True), "rs": rs_configs(True)}[path]
+    forced = {"mma": {kn: default_config(0, E, True) for kn in ("moe_w1", "moe_w2")}, "gemv": gemv_configs(True),
+              "rs": rs_configs(True)}[path]
+    forced["moe_w2"] = dict(forced["moe_w2"], TAIL_G=tail_g)
     with tuned.forced(forced):
         with _triton.capturing() as launches:
             moe_mxfp4(h, (idx, rw), *packed(m), **kw)
         names = [getattr(k, "fn", k).__name__ for k, *_ in launches]
+        assert launches[-1][3]["TAIL_G"] == (tail_g if chunk else 1)  # H = 64 is one chunk of 1,024
         tail = moe_mxfp4(h, (idx, rw), *packed(m), **kw)
         monkeypatch.setenv("GPTOSS_GATE_MAX_ROWS", "0")
         apart = moe_mxfp4(h, (idx, rw), *packed(m), **kw)
     assert "_combine_kernel" not in names and names[-1].startswith("_w2_"), names
     for a, b in zip(tail if with_norm else (tail,), apart if with_norm else (apart,)):
         assert torch.equal(a, b)
-    assert torch.equal((tail[0] if with_norm else tail)[-1], res[-1])
-    with tuned.forced(forced), _triton.capturing() as launches:  # one row more: the combine's own launch
-        moe_mxfp4(tokens(n + 1, dtype=dtype), (torch.cat([idx, idx[:1]]), torch.cat([rw, rw[:1]])), *packed(m),
-                  **dict(kw, residual=tokens(n + 1, seed=3, dtype=dtype)))
-    assert getattr(launches[-1][0], "fn", launches[-1][0]).__name__ == "_combine_kernel"
+    if n > 1:
+        assert torch.equal((tail[0] if with_norm else tail)[-1], res[-1])
+
+    def launched(rows):
+        with tuned.forced(forced), _triton.capturing() as launches:
+            moe_mxfp4(tokens(rows, dtype=dtype), (idx[:1].expand(rows, -1), rw[:1].expand(rows, -1)), *packed(m),
+                      **dict(kw, residual=tokens(rows, seed=3, dtype=dtype)))
+        return getattr(launches[-1][0], "fn", launches[-1][0]).__name__, launches[-1][3]
+    monkeypatch.delenv("GPTOSS_GATE_MAX_ROWS")
+    name, kwargs = launched(TAIL_MAX_ROWS)
+    assert name.startswith("_w2_") and kwargs["TAIL_G"] == 1  # past one token the tail takes a chunk a pass
+    assert launched(TAIL_MAX_ROWS + 1)[0] == "_combine_kernel"  # one row more: the combine's own launch
     assert not _triton.tickets(h.device, 1).any()
 
 

@@ -268,16 +268,18 @@ def test_aot_compiles_the_tuned_configs(tmp_path, monkeypatch):
     w1 = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, num_warps=8, num_stages=4)
     dec = dict(BLOCK_M=16, BLOCK_N=128, NUM_SPLITS=16, num_warps=2, num_stages=3)
     path.write_text(json.dumps(dict(entries=[
-        _entry("moe_w1", big, 1, w1), _entry("moe_w2", big, 1, dict(w1, BLOCK_N=16)),
+        _entry("moe_w1", big, 1, w1), _entry("moe_w2", big, 1, dict(w1, BLOCK_N=16, TAIL_G=4)),
         _entry("attn_decode", attn_shape(64, 8, 64, 16, None, torch.bfloat16), 1, dec)])))
     monkeypatch.setenv(tuned.ENV, str(path))
     labels = {(c.kernel, c.label): c.uses for c in aot.plan(90)}
     w1_label = ("TOP_K=4 BLOCK_M=16 BLOCK_N=32 BLOCK_K=128 DOT_BF16=True SCALED=True SPLIT_K=1 L2PF=False PTX=True "
                 "DQ=False PDL=True w8 s4")
     assert labels[("_w1_kernel", w1_label)] == ["120b d1"]
-    # at batch 1 W2 ends with the combine (kernels.moe_combine's tail: its constexprs lead the label)
+    # at batch 1 W2 ends with the combine (kernels.moe_combine's tail: its constexprs lead the label), here
+    # holding 2880 columns in one pass of 4 chunks (TAIL_G)
     w2_label = ("TOP_K=4 HAS_RES=True NORM=True BLOCK_H=1024 COMBINE=True BLOCK_M=16 BLOCK_N=16 BLOCK_K=128 "
-                "DOT_BF16=True SCALED=True SPLIT_K=1 L2PF=False PTX=True DQ=False PDL=True w8 s4")
+                "DOT_BF16=True SCALED=True SPLIT_K=1 L2PF=False PTX=True DQ=False PDL=True TAIL_G=4 TAIL_HOLD=True "
+                "w8 s4")
     assert labels[("_w2_kernel", w2_label)] == ["120b d1"]
     # attention is the same on an expert-parallel rank; on an fp8 KV pool it is a compilation of its own
     assert [u for (k, lab), u in labels.items() if k == "_attn_kernel" and "NUM_SPLITS=16" in lab] == [
@@ -302,6 +304,20 @@ def test_decode_batches_also_sweep_single_pair_tiles():
         assert max(4 * rows * c["BLOCK_KB"] for c in cands) >= 6e6
         tiles = 2 if kn == "moe_w1" else 1
         assert all(tiles * c["BLOCK_N"] * c["BLOCK_KB"] / (32 * c["num_warps"]) <= 128 for c in cands)
+
+
+def test_one_token_w2_also_sweeps_its_combine_tail_chunks():
+    """At one token the combine is W2's tail: W2's phase 2 also tries 2 chunks a pass and the whole row
+    (TAIL_G 4: 2,880 columns in chunks of 1,024), beside L2PF; W1, larger batches and the dry run do not."""
+    from kernels._tune_plans import plan_task, tasks
+    for n, want in ((1, [{"L2PF": True}, {"TAIL_G": 2}, {"TAIL_G": 4}]), (8, [{"L2PF": True}])):
+        (task,) = tasks(["gpt-oss-120b"], [n], {"moe"}, 8192)
+        sweeps = plan_task(task, torch.bfloat16, False, 0).sweeps
+        assert {s.group for s in sweeps} >= {"gemv", "mma16"}
+        for s in sweeps:
+            assert list(s.extra) == (want if s.kernel == "moe_w2" else [{"L2PF": True}]), (n, s.group, s.kernel)
+    (task,) = tasks(["gpt-oss-120b"], [1], {"moe"}, 8192)
+    assert all(s.extra == () for s in plan_task(task, torch.bfloat16, True, 0).sweeps)
 
 
 def test_large_decode_batches_sweep_tiles_for_busy_experts():
