@@ -28,13 +28,13 @@ def _combine_row(y_ptr, valid_ptr, res_ptr, out_ptr, nw_ptr, h_ptr, m, c0, c1, n
                  TOP_K: tl.constexpr, HAS_RES: tl.constexpr, NORM: tl.constexpr, L2_ONLY: tl.constexpr,
                  SPLIT: tl.constexpr, BLOCK_C: tl.constexpr, G: tl.constexpr = 1, HOLD: tl.constexpr = False):
     """Token m over columns [c0, c1) (all of H with NORM), G chunks of BLOCK_C a pass: a W2 kernel's tail
-    must not hold a whole row unless the tuner says so (at 4096 columns it took the gemv W2 from 32
-    registers a thread to 168, and a quarter of its occupancy with them). HOLD (the launcher's promise
-    that one pass covers the row): the norm is taken from registers, one round of loads, not a second
-    pass over the stored row (a constexpr: the branch alone cost the gemv W2 8 registers). The squares
-    add up chunk by chunk either way, so every G gives the same bits. L2_ONLY: y was written by
-    other programs of this launch. SPLIT: y holds that many slabs of n_rows * TOP_K pair rows (W2 split
-    over K), summed in order."""
+    holds a whole row only where the tuner chose it (it took the tuned 120b gemv W2 from 56 registers a
+    thread to 168; kernels.moe's launcher says when that matters). HOLD, the launcher's promise that one
+    pass covers the row: the norm is taken from registers, one round of loads, not a second pass over
+    the stored row (a constexpr: the branch alone cost the gemv W2 8 registers). The squares add up
+    chunk by chunk either way, so every G gives the same bits. L2_ONLY: y was written by other programs
+    of this launch. SPLIT: y holds that many slabs of n_rows * TOP_K pair rows (W2 split over K), summed
+    in order."""
     sq = tl.zeros((BLOCK_C,), tl.float32)
     lane = tl.arange(0, G)[:, None]
     chunk_cols = lane * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]
