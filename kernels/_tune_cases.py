@@ -163,11 +163,14 @@ def attn_candidates(decode: bool, cfg, n: int, window) -> list[dict]:
     """Phase 1 at the default's 2 stages. Decode: key block and warps x key-range splits, splits only
     while B*K*splits <= 2048 programs (~16 per SM; beyond, the merge costs more than it spreads) and
     at most 4 under a sliding window (~128 keys); a decode tile is one token x G heads, so BLOCK_M is
-    the default's. Prefill: 8 or 16 query tokens x G heads per tile."""
+    the default's. At batch 1 a split's keys are a chain of dependent block loads (session 27: 8.7 us a
+    layer at 8 splits, 64 programs on 132 SMs), so up to 32 (256 programs, 64 keys each at --context 2048;
+    210 registers at 2 warps, kernels.aot). Prefill: 8 or 16 query tokens x G heads per tile."""
     K, G = cfg.num_key_value_heads, cfg.num_attention_heads // cfg.num_key_value_heads
     if decode:
         bm = max(16, 1 << (G - 1).bit_length())
-        splits = [s for s in (1, 2, 4, 8, 16) if s == 1 or (n * K * s <= 2048 and (window is None or s <= 4))]
+        splits = [s for s in (1, 2, 4, 8, 16, 32)
+                  if s == 1 or (n * K * s <= 2048 and (window is None or s <= 4))]
         return [dict(BLOCK_M=bm, BLOCK_N=bn, NUM_SPLITS=s, num_warps=w, num_stages=2)
                 for s in splits for bn in (32, 64, 128) for w in (2, 4)]
     return [dict(BLOCK_M=bm, BLOCK_N=bn, NUM_SPLITS=1, num_warps=w, num_stages=2)

@@ -320,6 +320,18 @@ def test_one_token_w2_also_sweeps_its_combine_tail_chunks():
     assert all(s.extra == () for s in plan_task(task, torch.bfloat16, True, 0).sweeps)
 
 
+def test_decode_attention_splits_reach_a_wave_at_batch_1():
+    """At batch 1 the full-attention layers' sweep reaches 32 key-range splits (256 programs on 132 SMs);
+    under the sliding window at most 4; past 2,048 programs none is tried."""
+    from kernels import _tune_cases as cases
+    from models.checkpoint import PRESETS
+    big = PRESETS["gpt-oss-120b"]
+    splits = lambda n, w: {c["NUM_SPLITS"] for c in cases.attn_candidates(True, big, n, w)}  # noqa: E731
+    assert splits(1, None) == {1, 2, 4, 8, 16, 32}
+    assert splits(1, big.sliding_window) == {1, 2, 4}
+    assert max(splits(16, None)) == 16 and splits(256, None) == {1}
+
+
 def test_large_decode_batches_sweep_tiles_for_busy_experts():
     """At a 1k/1k run's decode batches an expert's rows vary about their mean: the sweep reaches the tile
     that holds a busy expert's rows in one (the ones above the mean would take two tiles at the mean's);
