@@ -199,12 +199,23 @@ def linear_shape(cfg, which: str) -> tuple[int, int, bool]:
 def linear_candidates(n: int) -> list[dict]:
     """Phase 1 at 3 stages: output features per program x K per step; a stage's weight tile 4-64 KB. Then
     split-K (2-8 programs a tile, in one launch), for the linears with too few features to fill the SMs
-    (the router's 128: 8 programs of 16); a split of K=2880 in 8 is 3 steps of 128, so 6 of 64."""
-    return [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=3)
-            for bn in (16, 32, 64, 128) for bk in (64, 128, 256, 512) for w in (4, 8)
-            if 4096 <= bn * bk * 2 <= 65536 and (w == 4 or bn * bk >= 8192)] + [
+    (the router's 128: 8 programs of 16); a split of K=2880 in 8 is 3 steps of 128, so 6 of 64. At one row
+    also the GEMV tiles (kernels.linear): session 27's batch-1 trace had cuBLAS's qkv at ~2.9 TB/s and the
+    o projection at ~2.5, against the unembedding's ~4.3 (the MMA tiles, 201,088 rows). 16-64 fp32
+    products a thread (kernels.aot: 89 registers at 8 x 512 with 4 warps, 157 at 32 x 512 with 8, no
+    spills), and a few split over K."""
+    out = [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=3)
+           for bn in (16, 32, 64, 128) for bk in (64, 128, 256, 512) for w in (4, 8)
+           if 4096 <= bn * bk * 2 <= 65536 and (w == 4 or bn * bk >= 8192)] + [
         dict(BLOCK_N=bn, BLOCK_K=64 if s == 8 else 128, SPLIT_K=s, num_warps=4, num_stages=3)
         for bn in (16, 32, 64) for s in (2, 4, 8)]
+    if n == 1:
+        out += [dict(GEMV=True, BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=3)
+                for bn in (4, 8, 16, 32) for bk in (256, 512, 1024) for w in (4, 8)
+                if 16 <= bn * bk / (32 * w) <= 64] + [
+            dict(GEMV=True, BLOCK_N=bn, BLOCK_K=256, SPLIT_K=s, num_warps=4, num_stages=3)
+            for bn in (8, 16) for s in (2, 4)]
+    return out
 
 
 def gate_candidates(cfg) -> list[dict]:

@@ -21,6 +21,13 @@ to 0. On a GPU the release half publishes each partial and the last ticket's acq
 the interpreter runs the programs one after another, so the tile's last program reduces.
 The counters are not zeroed per call, which would be the extra launch again: `_triton.tickets`.
 
+GEMV (config GEMV, one row only). The MMA pads a decode row to 16 and stages W through shared memory;
+at batch 1 neither buys anything. Here each thread multiplies its slice of the [BLOCK_N, BLOCK_K] W tile
+by the row's K slice and keeps the fp32 products in registers, added up over the K steps in place; the
+tile's K lanes are summed once, after the loop. A different summation order from the MMA's, so not the
+same bits (within fp32 rounding of the reference, tested). A GEMV entry serves one row: at more, the
+call is F.linear, as without an entry.
+
 It is never a default: with no measured entry (kernels/configs, kernels.tuned) the call is
 F.linear, cuBLAS on a GPU. kernels.tune's "linear" family times cuBLAS beside the candidates and
 writes an entry only where a candidate wins and matches the reference. The reference is
@@ -55,9 +62,11 @@ def _bias_store(acc, b_ptr, y_ptr, rm, rn, M, N, stride_y, HAS_BIAS: tl.constexp
 def _linear_kernel(x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, count_ptr, M, N, K, K_SPLIT, stride_x, stride_w, stride_y,
                    HAS_BIAS: tl.constexpr, DOT_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, L2PF: tl.constexpr = False,
-                   PTX: tl.constexpr = False, PDL: tl.constexpr = False):
+                   PTX: tl.constexpr = False, PDL: tl.constexpr = False, GEMV: tl.constexpr = False):
     """y[rows, cols] = x[rows] @ W[cols]^T (+ b[cols]) for BLOCK_N cols and BLOCK_M rows. SPLIT_K > 1: over
     K[s * K_SPLIT:][:K_SPLIT] for s = program_id(2), into part[s]; the tile's last program sums part.
+    GEMV (BLOCK_M 1): no MMA; each thread keeps fp32 products of its slice of the tile, summed over K
+    steps in place and across the tile's K lanes once at the end (module docstring).
     L2PF (on a GPU, PTX): the program's rows of W bulk-prefetched into L2 before the PDL wait (weights are
     never written, so this may overlap the previous kernel; kernels.pdl.l2_prefetch)."""
     if L2PF:  # W's rows of this column tile (asked by its first row tile only: the others read the same)
@@ -74,15 +83,24 @@ def _linear_kernel(x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, count_ptr, M, N, K, K_S
     w_rows = w_ptr + rn.to(tl.int64)[:, None] * stride_w
     k_lo = tl.program_id(2) * K_SPLIT if SPLIT_K > 1 else 0
     k_hi = tl.minimum(k_lo + K_SPLIT, K) if SPLIT_K > 1 else K
-    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    if GEMV:
+        prods = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):  # K_SPLIT is a multiple of BLOCK_K: a step stays in its split
         k = k0 + rk
-        x = tl.load(x_rows + k[None, :], mask=(rm < M)[:, None] & (k < K)[None, :], other=0.0)
         w = tl.load(w_rows + k[None, :], mask=(rn < N)[:, None] & (k < K)[None, :], other=0.0)
-        if DOT_BF16:
-            acc = tl.dot(x, tl.trans(w), acc)
-        else:  # fp32 operands (the interpreter's tl.dot mishandles bf16, NOTES section 4)
-            acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc)
+        if GEMV:  # the one row, broadcast over the tile's BLOCK_N rows of W
+            x = tl.load(x_ptr + k, mask=k < K, other=0.0)
+            prods += w.to(tl.float32) * x.to(tl.float32)[None, :]
+        else:
+            x = tl.load(x_rows + k[None, :], mask=(rm < M)[:, None] & (k < K)[None, :], other=0.0)
+            if DOT_BF16:
+                acc = tl.dot(x, tl.trans(w), acc)
+            else:  # fp32 operands (the interpreter's tl.dot mishandles bf16, NOTES section 4)
+                acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc)
+    if GEMV:
+        acc = tl.sum(prods, axis=1)[None, :]
     if SPLIT_K == 1:
         _bias_store(acc, b_ptr, y_ptr, rm, rn, M, N, stride_y, HAS_BIAS)
     else:
@@ -122,12 +140,14 @@ def config_for(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None)
     """The measured config for this launch, or None (then F.linear)."""
     if x.dim() != 2 or weight.dim() != 2:
         return None
-    return entry(*weight.shape, bias is not None, x.shape[0], x.dtype, x.device)
+    cfg = entry(*weight.shape, bias is not None, x.shape[0], x.dtype, x.device)
+    return None if cfg and cfg.get("GEMV") and x.shape[0] != 1 else cfg
 
 
 def linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cfg: dict) -> torch.Tensor:
     """x [M, K] @ weight [N, K]^T + bias [N] -> [M, N] in x.dtype, at config cfg (BLOCK_N, BLOCK_K,
-    optional BLOCK_M (default: M rounded up to 16..64), SPLIT_K (default 1), num_warps, num_stages)."""
+    optional BLOCK_M (default: M rounded up to 16..64), SPLIT_K (default 1), GEMV (one row), num_warps,
+    num_stages)."""
     jit_module(globals(), _KERNELS)
     M, K = x.shape
     N = weight.shape[0]
@@ -139,7 +159,11 @@ def linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     if weight.stride(-1) != 1:
         weight = weight.contiguous()
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    meta = {k: v for k, v in cfg.items() if k.startswith("BLOCK") or k == "L2PF"}
+    meta = {k: v for k, v in cfg.items() if k.startswith("BLOCK") or k in ("L2PF", "GEMV")}
+    if meta.get("GEMV"):
+        if M != 1:
+            raise ValueError(f"linear: a GEMV config takes one row, not {M}")
+        meta["BLOCK_M"] = 1
     meta.setdefault("BLOCK_M", max(16, min(64, triton.next_power_of_2(M))))
     split = meta["SPLIT_K"] = cfg.get("SPLIT_K", 1)
     grid = (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(M, meta["BLOCK_M"]), split)

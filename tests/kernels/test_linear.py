@@ -131,3 +131,45 @@ def test_split_k_bf16_within_the_bf16_reference_error():
     ref = linear_reference(x, w, b)
     err, err_torch = (out.float() - ref).abs().max(), (F.linear(x, w, b).float() - ref).abs().max()
     assert err <= 2 * err_torch + 1e-3, (err, err_torch)
+
+
+@pytest.mark.parametrize("N,K,cfg", [
+    (40, 96, dict(BLOCK_N=16, BLOCK_K=32)),  # N and K past the last full tile
+    (24, 64, dict(BLOCK_N=8, BLOCK_K=64)),  # one K step
+    (40, 96, dict(BLOCK_N=16, BLOCK_K=32, SPLIT_K=2)),  # split over K, the tile's last program sums
+    (40, 96, dict(BLOCK_N=16, BLOCK_K=32, L2PF=True)),
+])
+@pytest.mark.parametrize("bias", [True, False])
+def test_gemv_one_row_matches_f_linear(N, K, cfg, bias):
+    """GEMV: one row's products summed in registers, no MMA: F.linear within fp32 rounding (another
+    summation order); bf16 within the bf16 reference's error."""
+    x, w, b = _case(1, N, K, bias=bias, seed=N)
+    cfg = dict(cfg, GEMV=True)
+    with _triton.capturing() as launches:
+        linear_triton(x, w, b, cfg)
+    assert launches[0][3]["GEMV"] and launches[0][3]["BLOCK_M"] == 1
+    torch.testing.assert_close(linear_triton(x, w, b, cfg), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    xb, wb, bb = (t.to(torch.bfloat16) if t is not None else None for t in (x, w, b))
+    ref = linear_reference(x, w, b)
+    err = (linear_triton(xb, wb, bb, cfg).float() - ref).abs().max()
+    assert err <= 1.5 * (F.linear(xb, wb, bb).float() - ref).abs().max() + 1e-2
+    with pytest.raises(ValueError, match="one row"):
+        linear_triton(torch.cat([x, x]), w, b, cfg)
+
+
+def test_a_gemv_entry_serves_one_row_only(tmp_path, monkeypatch):
+    """A GEMV entry (bucket 1, which reaches 4 rows) runs the kernel at one row; at 2 the call is F.linear."""
+    import json
+    x, w, b = _case(2, 40, 96)
+    path = tmp_path / "cpu.json"
+    path.write_text(json.dumps(dict(entries=[dict(kernel="linear", shape=tuning_shape(40, 96, True, torch.float32),
+                                                  batch=1, config=dict(GEMV=True, BLOCK_N=16, BLOCK_K=32), us=1.0)])))
+    monkeypatch.setenv(tuned.ENV, str(path))
+    tuned.clear_cache()
+    for rows, kernel in ((1, True), (2, False)):
+        with _triton.capturing() as launches:
+            out = linear(x[:rows], w, b)
+        assert bool(launches) == kernel, rows
+        if not kernel:
+            assert torch.equal(out, F.linear(x[:rows], w, b))
+    tuned.clear_cache()

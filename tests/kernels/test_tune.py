@@ -332,6 +332,16 @@ def test_decode_attention_splits_reach_a_wave_at_batch_1():
     assert max(splits(16, None)) == 16 and splits(256, None) == {1}
 
 
+def test_one_row_linears_also_sweep_gemv_tiles():
+    """At one row the linear sweep adds the GEMV tiles (kernels.linear), 16-64 products a thread, some split
+    over K; at 2+ rows it does not (a GEMV entry serves one row)."""
+    from kernels import _tune_cases as cases
+    gemv = [c for c in cases.linear_candidates(1) if c.get("GEMV")]
+    assert len(gemv) >= 12 and {c.get("SPLIT_K", 1) for c in gemv} == {1, 2, 4}
+    assert all(16 <= c["BLOCK_N"] * c["BLOCK_K"] / (32 * c["num_warps"]) <= 64 for c in gemv)
+    assert not any(c.get("GEMV") for c in cases.linear_candidates(8))
+
+
 def test_large_decode_batches_sweep_tiles_for_busy_experts():
     """At a 1k/1k run's decode batches an expert's rows vary about their mean: the sweep reaches the tile
     that holds a busy expert's rows in one (the ones above the mean would take two tiles at the mean's);
