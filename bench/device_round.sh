@@ -8,7 +8,7 @@
 #   bash bench/device_round.sh tune          # kernels.tune, 120b: MoE and decode linears at batch 1, the 1k/1k
 #                                            #   run's 512, then 8, 64, 256 and 1,024 (~7 min)
 #   bash bench/device_round.sh tunedecode    # kernels.tune, 120b at 1, 8 and 16: the MoE (gemv steps to 1 KB, W2's
-#                                            #   combine-tail chunks), the gate (session 28), attention; then 20b (~8 min)
+#                                            #   combine-tail chunks), the gate, attention, linears at 1; 20b (~8 min)
 #   bash bench/device_round.sh bench         # bench.gpu, 120b: decode (batch 1: the first goal), prefill, profiles
 #   bash bench/device_round.sh throughput    # a whole 120b 1k/1k (1,024 requests): the second goal's figure
 #   bash bench/device_round.sh tuneprefill   # kernels.tune: 120b's MoE at the 8,192-token prefill chunk, then
@@ -65,12 +65,13 @@ tunedecode)
     # session 28's batch-1 changes, both unmeasured: the gemv sweep's K steps up to 1 KB (bytes in flight, not
     # tile shape, set its bandwidth at batch 1) and the gate family (one pass over a row, the few pairs aligned in
     # registers); session 29's W2 combine-tail chunks at batch 1 (TAIL_G: one round of L2 loads or six), timed as
-    # served now (with the residual and the next norm); and attention, never tuned (at batch 1 its default is 64
-    # programs on 132 SMs). 120b's decode
-    # buckets up to the gate's 16 rows, then 20b's with what is left of the call
+    # served now (with the residual and the next norm); attention, never tuned (at batch 1 its default is 64
+    # programs on 132 SMs; now up to 32 splits); session 29's one-row GEMV linears (qkv, o, unembedding).
+    # 120b's decode buckets up to the gate's 16 rows, its linears at 1, then 20b's with what is left of the call
     run 540 bash -c 'python3 -m kernels.tune --kernels moe,gate,attn --models gpt-oss-120b --batches 1,8,16 \
-        --max-seconds 330; python3 -m kernels.tune --kernels moe,gate --models gpt-oss-20b --batches 1,8 \
-        --max-seconds 120'
+        --max-seconds 290; python3 -m kernels.tune --kernels linear --models gpt-oss-120b --batches 1 \
+        --max-seconds 60; python3 -m kernels.tune --kernels moe,gate --models gpt-oss-20b --batches 1,8 \
+        --max-seconds 90'
     mkdir -p "$OUT/configs" && cp kernels/configs/*.json "$OUT/configs/"
     ;;
 tuneprefill)
