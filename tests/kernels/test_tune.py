@@ -50,6 +50,9 @@ def test_dry_run_tunes_every_family_and_writes_only_to_its_temp_dir(tmp_path):
     for e in res["entries"]:
         assert e["us"] > 0 and e["default_us"] > 0 and e["check_rel_err"] < 1e-4
         assert e["candidates_timed"] >= 1 and "interpreter" in e["timer"]
+    # at one row the linears' sweep also times a GEMV tile (kernels.linear), compiled and checked like the rest
+    assert all(e["candidates_timed"] == 3 and not e["rejected"] for e in res["entries"]
+               if e["kernel"] == "linear" and e["batch"] == 1)
     assert {e["shape"] for e in res["entries"] if e["kernel"] == "attn_decode"} == {
         attn_shape(4, KV_HEADS, HEAD_DIM, 16, w, torch.float32) for w in (16, None)}
     after = sorted(tuned.CONFIG_DIR.glob("*")) if tuned.CONFIG_DIR.exists() else []
