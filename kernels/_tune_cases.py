@@ -19,10 +19,8 @@ def tail_extras(cfg) -> tuple[dict, ...]:
     (TAIL_G), 2 up to the whole row. The default, a chunk a pass, is 6 dependent L2 rounds at 2,880 columns
     (3 of sums, 3 of norm reads) on the step's critical path; the whole row is one round, but took the tuned
     120b gemv W2 from 56 registers to 168 (kernels.aot): the measurement decides."""
-    from .moe_combine import CHUNK
-    bh = 1 << (cfg.hidden_size - 1).bit_length()
-    whole = bh // min(CHUNK, bh)
-    return tuple({"TAIL_G": g} for g in (2, 4, 8, 16) if g <= whole)
+    from .moe_combine import row_chunks
+    return tuple({"TAIL_G": g} for g in (2, 4, 8, 16) if g <= row_chunks(cfg.hidden_size))
 
 
 def _gen(device, seed: int):

@@ -167,10 +167,11 @@ def _linear(task: Task, dtype: torch.dtype, dry: bool, context: int) -> Plan:
     N, K, bias = cases.linear_shape(PRESETS[task.model], task.linear)
     label = f"{','.join(m.removeprefix('gpt-oss-') for m in task.models)} {task.linear} {N}x{K}"
     res = Result("linear", tuning_shape(N, K, bias, dtype), label, task.n)
-    # the dry run walks a GEMV tile through the flow too, where the sweep tries them (one row)
-    cands = (cases.dry_candidates("linear", dict(BLOCK_N=16, BLOCK_K=32))
-             + ([dict(GEMV=True, BLOCK_N=16, BLOCK_K=32)] if task.n == 1 else []) if dry
-             else cases.linear_candidates(task.n))
+    if dry:  # and a GEMV tile where the sweep tries them (one row), so the dry run walks it through the flow
+        cands = cases.dry_candidates("linear", dict(BLOCK_N=16, BLOCK_K=32))
+        cands += [dict(GEMV=True, BLOCK_N=16, BLOCK_K=32)] if task.n == 1 else []
+    else:
+        cands = cases.linear_candidates(task.n)
     return Plan(task, [Sweep("linear", cands, {}, {"_linear_kernel"}, ["_linear_kernel"],
                              () if dry else cases.LINEAR_STAGES, () if dry else cases.L2PF)],
                 {"linear": res})

@@ -421,7 +421,7 @@ def _experts(x, x16, rw, aligned, plan: Plan, k: int, w1_blocks, w1_scales, b1, 
     # programs an SM, which holds batch 1's 360 but would split batch 2's 720 into two waves
     bh = triton.next_power_of_2(H) if norm is not None else min(1024, triton.next_power_of_2(H))
     chunk = min(combine_kernels.CHUNK, bh)
-    whole = bh // chunk
+    whole = bh // chunk  # the chunks G that hold the row (with the norm: combine_kernels.row_chunks(H))
     tail_g = min(triton.next_power_of_2(plan.cfg2.get("TAIL_G", 1)), whole) if N == 1 else 1
     combine = (valid, x if res is None else res, out, norm[0] if norm is not None else out, normed, N,
                x.stride(0) if res is None else res.stride(0), float(norm[1]) if norm is not None else 0.0)

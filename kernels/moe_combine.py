@@ -24,6 +24,12 @@ TAIL_MAX_ROWS = 2
 CHUNK = 1024
 
 
+def row_chunks(H: int) -> int:
+    """CHUNK-column chunks of a normed row (its next power of 2): the G that holds it in one pass."""
+    bh = 1 << (H - 1).bit_length()
+    return bh // min(CHUNK, bh)
+
+
 def _combine_row(y_ptr, valid_ptr, res_ptr, out_ptr, nw_ptr, h_ptr, m, c0, c1, n_rows, H, s_res, eps,
                  TOP_K: tl.constexpr, HAS_RES: tl.constexpr, NORM: tl.constexpr, L2_ONLY: tl.constexpr,
                  SPLIT: tl.constexpr, BLOCK_C: tl.constexpr, G: tl.constexpr = 1, HOLD: tl.constexpr = False):
