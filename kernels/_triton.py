@@ -17,6 +17,9 @@ except ImportError:  # the stub only has to survive `def f(X: tl.constexpr)` at 
     triton = None
     tl = SimpleNamespace(constexpr=object)
     HAVE_TRITON = False
+if HAVE_TRITON:  # the interpreter's bf16 casts and dots as a GPU does them (CPU tests; no effect compiled)
+    from . import _interp
+    _interp.install()
 
 _jitted: set[str] = set()
 _recorded: list | None = None  # set inside recording()

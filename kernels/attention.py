@@ -273,7 +273,7 @@ def paged_attention(q, k_cache, v_cache, block_table, query_start, context_lens,
         cfg["NUM_SPLITS"] = num_splits
     block_m, num_splits = cfg["BLOCK_M"], cfg["NUM_SPLITS"]
     qt = triton.cdiv(max_query_len, block_m // G)
-    dot_bf16 = on_gpu(q) and q.dtype in (torch.bfloat16, torch.float16)
+    dot_bf16 = q.dtype in (torch.bfloat16, torch.float16)
     if num_splits > 1:
         po = torch.empty(num_splits, N, Hq, D, dtype=torch.float32, device=q.device)
         pm = torch.empty(num_splits, N, Hq, dtype=torch.float32, device=q.device)

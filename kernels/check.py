@@ -1,7 +1,7 @@
 """Each Triton kernel against its torch reference at the real gpt-oss shapes, on the GPU.
 
     python -m kernels.check [--models gpt-oss-120b,gpt-oss-20b] [--tokens 1,8,64,256,2048]
-    python -m kernels.check --dry-run     # tiny shapes on CPU under TRITON_INTERPRET=1 (what CI runs)
+    python -m kernels.check --dry-run     # tiny shapes on CPU under TRITON_INTERPRET=1, bf16 (what CI runs)
 
 The kernel tests (tests/kernels) run under the interpreter on tiny shapes;
 this runs the compiled kernels at the shapes the models use (2880 hidden,
@@ -9,7 +9,9 @@ this runs the compiled kernels at the shapes the models use (2880 hidden,
 and past many blocks). Inputs are bf16, as on the GPU. Each output is compared
 with the reference computed in fp32 from the same inputs; the kernel passes
 when its error is at most twice the bf16 reference's own error plus 1e-3 (of
-the fp32 output's largest magnitude). Exits 1 if any case fails. A case that raises fails alone;
+the fp32 output's largest magnitude). The dry run's inputs are bf16 too: the
+interpreter rounds to bf16 and multiplies bf16 as a GPU does (kernels._interp).
+Exits 1 if any case fails. A case that raises fails alone;
 on a GPU a device fault (an illegal address: the CUDA context is lost) fails its case and a fresh
 process checks the rest (kernels.faults).
 """
@@ -340,7 +342,7 @@ def main(argv=None) -> int:
         if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
             print("kernels.check --dry-run: set TRITON_INTERPRET=1 (before Python starts)", file=sys.stderr)
             return 2
-        models, tokens, dev, dtype = ["tiny"], [1, 5, 24], torch.device("cpu"), torch.float32
+        models, tokens, dev, dtype = ["tiny"], [1, 5, 24], torch.device("cpu"), torch.bfloat16
     else:
         if not torch.cuda.is_available():
             print("kernels.check: no CUDA device (use --dry-run on CPU)", file=sys.stderr)

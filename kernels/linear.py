@@ -97,7 +97,7 @@ def _linear_kernel(x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, count_ptr, M, N, K, K_S
             x = tl.load(x_rows + k[None, :], mask=(rm < M)[:, None] & (k < K)[None, :], other=0.0)
             if DOT_BF16:
                 acc = tl.dot(x, tl.trans(w), acc)
-            else:  # fp32 operands (the interpreter's tl.dot mishandles bf16, NOTES section 4)
+            else:  # fp32 activations: an fp32 dot (16-bit ones take the bf16 dot, in the interpreter too)
                 acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc)
     if GEMV:
         acc = tl.sum(prods, axis=1)[None, :]
@@ -176,7 +176,7 @@ def linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     opts = {} if interpreting() else {k: v for k, v in cfg.items() if k.startswith("num_")}
     launch(_linear_kernel, grid, x, weight, bias if bias is not None else y, y, part, count, M, N, K, k_split,
            x.stride(0), weight.stride(0), y.stride(0),
-           HAS_BIAS=bias is not None, DOT_BF16=on_gpu(x) and x.dtype in (torch.bfloat16, torch.float16),
+           HAS_BIAS=bias is not None, DOT_BF16=x.dtype in (torch.bfloat16, torch.float16),
            PTX=on_gpu(x), **meta, **opts)
     return y
 

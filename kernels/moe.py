@@ -77,8 +77,8 @@ def moe_reference(x, idx, weights, w1_blocks, w1_scales, b1, w2_blocks, w2_scale
 # ---------------------------------------------------------------- Triton kernels
 
 def _dot(a, w, acc, DOT_BF16: tl.constexpr):
-    # decoded FP4 x power-of-two scales are exact in bf16, so bf16 tensor cores lose nothing on w;
-    # the interpreter computes bf16 dots wrongly (NOTES §4), hence the fp32 path
+    # decoded FP4 x power-of-two scales are exact in bf16, so bf16 tensor cores lose nothing on w. In
+    # these kernels DOT_BF16 also means compiled (_settle's PTX), so the interpreter takes the fp32 path
     if DOT_BF16:
         return tl.dot(a.to(tl.bfloat16), w.to(tl.bfloat16), acc)
     return tl.dot(a, w, acc, input_precision="ieee")

@@ -111,14 +111,15 @@ def _tile(wrow, srow, blk, PTX: tl.constexpr):
 
 def _e2m1(c):
     """E2M1 codes (int32) -> the PTX's E2M1 * 2**-126, placed in fp32 bits the same way (code 1 a
-    subnormal), as the interpreter's bf16 casts flush subnormals."""
+    subnormal); fp32 rather than bf16 because the interpreter's bf16 casts flushed subnormals (before
+    kernels._interp), and the values are the same."""
     return (((c & 7) << 22) | ((c & 8) << 28)).to(tl.float32, bitcast=True)
 
 
 def _mma(w, x, acc, PTX: tl.constexpr):
     if PTX:
         acc = tl.dot(w, x, acc)
-    else:  # the interpreter's bf16 dots are wrong (NOTES §4)
+    else:  # the interpreter: w is _e2m1's fp32, so x widens to match (exact; the same products)
         acc = tl.dot(w, x.to(tl.float32), acc, input_precision="ieee")
     return acc
 

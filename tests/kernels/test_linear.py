@@ -124,7 +124,7 @@ def test_split_k_counters_reset_themselves_for_the_next_launch():
 
 
 def test_split_k_bf16_within_the_bf16_reference_error():
-    """Splits of 64, 64 and 32. (The interpreter's cast to bf16 truncates: up to one ulp, not half.)"""
+    """Splits of 64, 64 and 32."""
     x, w, b = _case(5, 48, 160, torch.bfloat16)
     out = linear_triton(x, w, b, dict(BLOCK_N=16, BLOCK_K=32, SPLIT_K=3))
     assert out.dtype == torch.bfloat16
