@@ -83,6 +83,7 @@ class Usage:
     error: str | None = None
     serialized: str | None = None  # ptxas C7515: why it serialized the kernel's wgmma (each waited for in turn)
     pdl: str | None = None  # a PDL launch's SASS touching global memory before its griddepcontrol.wait (or none)
+    tf32: bool = False  # an fp32 tl.dot left at the GPU's default tf32 (10-bit mantissas; the interpreter's is fp32)
 
     def problems(self, arch: int) -> list[str]:
         if self.error:
@@ -98,6 +99,8 @@ class Usage:
             out.append(f"wgmma serialized: {self.serialized}")
         if self.pdl:
             out.append(f"PDL: {self.pdl}")
+        if self.tf32:
+            out.append("tf32 dot (input_precision='ieee' keeps fp32)")
         return out
 
 
@@ -188,7 +191,8 @@ def compile_config(c: Config, arch: int = 90) -> Usage:
     return Usage(**base, regs=_num(r"Used (\d+) registers", log), spill_stores=_num(r"(\d+) bytes spill stores", log),
                  spill_loads=_num(r"(\d+) bytes spill loads", log), smem=k.metadata.shared,
                  num_warps=k.metadata.num_warps, num_stages=k.metadata.num_stages, serialized=_serialized(log),
-                 pdl=_pdl_order(k.asm["cubin"]) if getattr(c.options, "launch_pdl", False) else None)
+                 pdl=_pdl_order(k.asm["cubin"]) if getattr(c.options, "launch_pdl", False) else None,
+                 tf32=".tf32" in k.asm["ptx"])
 
 
 # SASS opcodes that reach global memory; shared memory is the CTA's own, no hazard with another grid, and

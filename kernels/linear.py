@@ -97,8 +97,9 @@ def _linear_kernel(x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, count_ptr, M, N, K, K_S
             x = tl.load(x_rows + k[None, :], mask=(rm < M)[:, None] & (k < K)[None, :], other=0.0)
             if DOT_BF16:
                 acc = tl.dot(x, tl.trans(w), acc)
-            else:  # fp32 activations: an fp32 dot (16-bit ones take the bf16 dot, in the interpreter too)
-                acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc)
+            else:  # fp32 activations: an fp32 dot, not the GPU's default tf32 (F.linear's, unless torch allows
+                # tf32, which the interpreter would not show); 16-bit ones take the bf16 dot, interpreted too
+                acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
     if GEMV:
         acc = tl.sum(prods, axis=1)[None, :]
     if SPLIT_K == 1:

@@ -1,5 +1,6 @@
 """Every Triton kernel compiles for sm_90 (H100/H200) at the launchers' real-model configurations,
-without spills, within a block's shared memory and the register file, with its wgmma left asynchronous.
+without spills, within a block's shared memory and the register file, with its wgmma left asynchronous
+and no fp32 dot left at tf32.
 No GPU needed: Triton bundles ptxas. The interpreter tests cannot see any of this.
 
 The suite imports triton under TRITON_INTERPRET=1 (tests/conftest.py), which leaves triton.language
@@ -47,6 +48,7 @@ def test_compiles_without_spills_within_limits(i):
     assert u.num_warps == CONFIGS[i].options.num_warps, where
     assert u.serialized is None, f"{where}: ptxas serializes its wgmma ({u.serialized})"
     assert CONFIGS[i].options.launch_pdl and u.pdl is None, f"{where}: PDL {u.pdl}"
+    assert not u.tf32, f"{where}: an fp32 dot at tf32, which its interpreter test cannot see"
 
 
 def test_step_shapes_do_not_multiply_compilations():

@@ -173,3 +173,30 @@ def test_a_gemv_entry_serves_one_row_only(tmp_path, monkeypatch):
         if not kernel:
             assert torch.equal(out, F.linear(x[:rows], w, b))
     tuned.clear_cache()
+
+
+_FP32_PTX = """
+import torch, triton
+from triton.backends.compiler import GPUTarget
+from kernels import _triton, aot, linear
+x, w = torch.empty(16, 256, device="meta"), torch.empty(64, 256, device="meta")
+with _triton.recording() as launches:
+    linear.linear_triton(x, w, None, dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64))
+(c,) = aot.bind([("fp32", launches)])
+k = triton.compile(c.src, target=GPUTarget("cuda", 90, 32), options=c.options.__dict__)
+print("tf32" if "tf32" in k.asm["ptx"] else "no tf32")
+"""
+
+
+def test_fp32_activations_take_an_fp32_dot_on_the_gpu():
+    """A GPU's fp32 tl.dot defaults to tf32 (10-bit mantissas), which the interpreter never shows; fp32
+    activations must get F.linear's fp32 arithmetic. Compiled for sm_90 in a fresh process (the suite's
+    triton.language is interpreted), its PTX is checked for tf32."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", _FP32_PTX], env=env, cwd=Path(__file__).resolve().parents[2],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.split() == ["no", "tf32"], r.stdout
