@@ -53,10 +53,13 @@ def install() -> None:
     if _installed:
         return
     import triton.language as tl
-    from triton.runtime import interpreter as it
-
-    builder = it.InterpreterBuilder
-    cast, dot = builder.cast_impl, builder.create_dot
+    try:  # written against 3.9's interpreter; another's (the H200 image's 3.6 never interprets) stays as is
+        from triton.runtime import interpreter as it
+        builder = it.InterpreterBuilder
+        cast, dot, _ = builder.cast_impl, builder.create_dot, it.TensorHandle
+    except (ImportError, AttributeError):
+        _installed = True
+        return
     bf16, f32 = tl.bfloat16, tl.float32
 
     def widen(h):
