@@ -53,7 +53,7 @@ def install() -> None:
     if _installed:
         return
     import triton.language as tl
-    try:  # written against 3.9's interpreter; another's (the H200 image's 3.6 never interprets) stays as is
+    try:  # written against 3.9's interpreter; another version's, without these hooks, stays as it is
         from triton.runtime import interpreter as it
         builder = it.InterpreterBuilder
         cast, dot, _ = builder.cast_impl, builder.create_dot, it.TensorHandle
@@ -70,7 +70,7 @@ def install() -> None:
         if s == bf16 and d != bf16:  # through fp32: exact, then the interpreter's own fp32 -> d
             w = widen(src)
             return w if d == f32 else cast(self, w, dst_type)
-        if d == bf16 and s != bf16:
+        if d == bf16 and s != bf16:  # (np.ascontiguousarray makes a scalar 1-d: shapes restored)
             w = src if s == f32 else cast(self, src, f32)  # ints, fp16, fp64: numpy's astype to fp32 first
             return it.TensorHandle(f32_to_bf16_bits(w.data).reshape(np.shape(w.data)), bf16)
         return cast(self, src, dst_type)
