@@ -36,8 +36,8 @@ Each K step ends with _settle, which waits for the step's MMAs: without it
 Triton 3.6 leaves the last one in flight across the loop's back edge and ptxas
 serializes every wgmma of the kernel (kernels.aot reports it).
 
-Under the interpreter (CPU tests) the same loads and orders run with the decode
-in Triton ops and fp32 dots; tests/kernels/test_moe_rs_ptx.py runs the PTX on
+Under the interpreter (CPU tests) the same loads, orders and bf16 dots run with
+the decode in Triton ops; tests/kernels/test_moe_rs_ptx.py runs the PTX on
 a model of its instructions. Selected by a config with RS (kernels.tuned,
 kernels.moe_configs.rs_configs).
 """
@@ -104,24 +104,15 @@ def _tile(wrow, srow, blk, PTX: tl.constexpr):
                                            dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
     else:
         scale = mult.to(tl.float32)
-        c = b.to(tl.int32)
-        lo, hi = _e2m1(c & 15) * scale, _e2m1(c >> 4) * scale
+        c = b.to(tl.int32)  # the products are exact, and so are their bf16 casts: the PTX's values
+        lo, hi = (_e2m1(c & 15) * scale).to(tl.bfloat16), (_e2m1(c >> 4) * scale).to(tl.bfloat16)
     return lo, hi
 
 
 def _e2m1(c):
     """E2M1 codes (int32) -> the PTX's E2M1 * 2**-126, placed in fp32 bits the same way (code 1 a
-    subnormal); fp32 rather than bf16 because the interpreter's bf16 casts flushed subnormals (before
-    kernels._interp), and the values are the same."""
+    subnormal)."""
     return (((c & 7) << 22) | ((c & 8) << 28)).to(tl.float32, bitcast=True)
-
-
-def _mma(w, x, acc, PTX: tl.constexpr):
-    if PTX:
-        acc = tl.dot(w, x, acc)
-    else:  # the interpreter: w is _e2m1's fp32, so x widens to match (exact; the same products)
-        acc = tl.dot(w, x.to(tl.float32), acc, input_precision="ieee")
-    return acc
 
 
 def _cat_k(a, b):
@@ -146,7 +137,7 @@ def _rows_mma(acc, wrow, srow, xrow, n_blk, NSUB: tl.constexpr, PTX: tl.constexp
             w = _block(wrow, srow, kb + sb, PTX)
             if BPD == 2:
                 w = _cat_k(w, _block(wrow, srow, kb + sb + 1, PTX))
-            acc = _mma(w, tl.load(xcol + (kb + sb) * 32), acc, PTX)
+            acc = tl.dot(w, tl.load(xcol + (kb + sb) * 32), acc)  # bf16 x bf16 (interpreted too: kernels._interp)
         if PTX:  # the step's MMAs finish before the loop goes round: ptxas otherwise serializes every wgmma
             acc = _settle(acc)
     return acc
@@ -252,7 +243,7 @@ _combine_row, _combine_tail = (getattr(f, "fn", f) for f in (combine_kernels._co
                                                           combine_kernels._combine_tail))
 _prefetch_rows = getattr(gemv_kernels._prefetch_rows, "fn", gemv_kernels._prefetch_rows)
 _KERNELS = ("_pdl_enter", "_l2_prefetch", "_prefetch_rows", "_combine_row", "_combine_tail", "_act_pos", "_tile",
-            "_tile_rows", "_settle", "_e2m1", "_mma", "_cat_k", "_block", "_rows_mma", "_xperm_kernel", "_w1_rs_kernel",
+            "_tile_rows", "_settle", "_e2m1", "_cat_k", "_block", "_rows_mma", "_xperm_kernel", "_w1_rs_kernel",
             "_w2_rs_kernel")
 _NO_SPECIALIZE = {"_w1_rs_kernel": ("n_pairs",), "_w2_rs_kernel": ("n_pairs", "n_rows", "s_res")}
 
