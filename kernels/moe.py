@@ -77,8 +77,9 @@ def moe_reference(x, idx, weights, w1_blocks, w1_scales, b1, w2_blocks, w2_scale
 # ---------------------------------------------------------------- Triton kernels
 
 def _dot(a, w, acc, DOT_BF16: tl.constexpr):
-    # decoded FP4 x power-of-two scales are exact in bf16, so bf16 tensor cores lose nothing on w. In
-    # these kernels DOT_BF16 also means compiled (_settle's PTX), so the interpreter takes the fp32 path
+    # decoded FP4 x power-of-two scales are exact in bf16, so bf16 tensor cores lose nothing on w (fp16
+    # activations do lose 3 bits, as tl.dot_scaled's do). The interpreter runs this branch too: its bf16
+    # dot is the GPU's (kernels._interp); only _settle's PTX waits for PTX
     if DOT_BF16:
         return tl.dot(a.to(tl.bfloat16), w.to(tl.bfloat16), acc)
     return tl.dot(a, w, acc, input_precision="ieee")
@@ -192,7 +193,7 @@ def _w1_kernel(x_ptr, wb_ptr, ws_ptr, b_ptr, act_ptr, sorted_ptr, tile_e_ptr, n_
             wmask = kmask[:, None] & jvalid[None, :]
             acc_g = _dq_dot(a, wq + gate_rows[None, :] * H + k[:, None], wmask, acc_g, DOT_BF16)
             acc_l = _dq_dot(a, wq + (gate_rows + 1)[None, :] * H + k[:, None], wmask, acc_l, DOT_BF16)
-            if DOT_BF16:
+            if DOT_BF16 and PTX:
                 acc_g, acc_l = _settle(acc_g), _settle(acc_l)
     elif SCALED:
         sg = _mx_scales(ws, gate_rows, jvalid, k_lo, H, BLOCK_K)
@@ -205,7 +206,7 @@ def _w1_kernel(x_ptr, wb_ptr, ws_ptr, b_ptr, act_ptr, sorted_ptr, tile_e_ptr, n_
             amask = rvalid[:, None] & (k < H)[None, :]
             acc_g = _mx_dot(a_ptrs, amask, wb, sg, gate_rows, jvalid, k0, H, acc_g, BLOCK_K)
             acc_l = _mx_dot(a_ptrs, amask, wb, sl, gate_rows + 1, jvalid, k0, H, acc_l, BLOCK_K)
-            if DOT_BF16:  # the step's MMAs finish in the step (kernels.moe_rs._settle: else ptxas serializes them)
+            if DOT_BF16 and PTX:  # the step's MMAs finish in the step (kernels.moe_rs._settle: else ptxas serializes them)
                 acc_g, acc_l = _settle(acc_g), _settle(acc_l)
             sg, sl = sg_next, sl_next
     else:
@@ -267,7 +268,7 @@ def _w2_kernel(act_ptr, wb_ptr, ws_ptr, b_ptr, rw_ptr, y_ptr, sorted_ptr, tile_e
             a = tl.load(act_ptr + rows[:, None] * I + k[None, :], mask=rvalid[:, None] & kmask[None, :], other=0.0)
             acc = _dq_dot(a, wq + n.to(tl.int64)[None, :] * I + k[:, None], kmask[:, None] & nvalid[None, :], acc,
                           DOT_BF16)
-            if DOT_BF16:
+            if DOT_BF16 and PTX:
                 acc = _settle(acc)
     elif SCALED:
         s = _mx_scales(ws, n.to(tl.int64), nvalid, k_lo, I, BLOCK_K)
@@ -276,7 +277,7 @@ def _w2_kernel(act_ptr, wb_ptr, ws_ptr, b_ptr, rw_ptr, y_ptr, sorted_ptr, tile_e
             k = k0 + tl.arange(0, BLOCK_K)
             acc = _mx_dot(act_ptr + rows[:, None] * I + k[None, :], rvalid[:, None] & (k < I)[None, :],
                           wb, s, n.to(tl.int64), nvalid, k0, I, acc, BLOCK_K)
-            if DOT_BF16:
+            if DOT_BF16 and PTX:
                 acc = _settle(acc)
             s = s_next
     else:

@@ -129,6 +129,6 @@ def step_plan(x: torch.Tensor, N: int, E: int, I: int, k: int, scaled: bool | No
     dq = bool(cfg1.get("DQ"))
     if dq:  # its weights are the scratch, not the checkpoint's rows: nothing of theirs to prefetch
         cfg1, cfg2 = ({k: v for k, v in c.items() if k != "L2PF"} for c in (cfg1, cfg2))
-    dot_bf16 = on_gpu(x) and x.dtype in (torch.bfloat16, torch.float16)
+    dot_bf16 = x.dtype in (torch.bfloat16, torch.float16)
     return Plan(cfg1, cfg2, bool(cfg1.get("GEMV")), bool(cfg1.get("RS")), dot_bf16,
-                dot_bf16 if scaled is None else scaled, dq)
+                (dot_bf16 and on_gpu(x)) if scaled is None else scaled, dq)

@@ -48,6 +48,9 @@ def test_expert_with_all_tokens_and_expert_with_none():
 
 
 def test_bf16_error_no_worse_than_the_bf16_module():
+    """Through the tiles' bf16 tl.dot, the GPU's branch (the interpreter multiplies bf16 by value,
+    kernels._interp), without _settle's PTX."""
+    from kernels import _triton
     n = 17
     m32, m16 = moe_module(torch.float32), moe_module(torch.bfloat16)
     x16 = tokens(n, seed=11, dtype=torch.bfloat16)
@@ -55,6 +58,10 @@ def test_bf16_error_no_worse_than_the_bf16_module():
     truth = moe_module(torch.float32)
     truth.b1, truth.b2 = m16.b1.float(), m16.b2.float()  # same (bf16-rounded) biases, fp32 math
     ref = truth.compute(x16.float(), idx, w.bfloat16().float())
+    with _triton.capturing() as launches:  # the launches, not run
+        moe_mxfp4(x16, (idx, w.bfloat16()), *packed(m16))
+    mma = [kw for k, _, _, kw in launches if k.fn.__name__ in ("_w1_kernel", "_w2_kernel")]
+    assert len(mma) == 2 and all(kw["DOT_BF16"] and not kw["SCALED"] and not kw["PTX"] for kw in mma)
     out = moe_mxfp4(x16, (idx, w.bfloat16()), *packed(m16))
     assert out.dtype == torch.bfloat16
     err_kernel = (out.float() - ref).abs().max().item()
