@@ -227,7 +227,7 @@ def _align_kernel(idx_ptr, g2l_ptr, sorted_ptr, tile_e_ptr, valid_ptr, cursor_pt
 def _gate_kernel(o_ptr, r_ptr, nw_ptr, rw_ptr, rb_ptr, x_ptr, h_ptr, x16_ptr, logit_ptr, count_ptr,
                  idx_ptr, wt_ptr, load_ptr, mask_ptr, g2l_ptr, sorted_ptr, tile_e_ptr, valid_ptr,
                  N, H, E, n_local, max_tiles, s_o, s_r, eps,
-                 TOP_K: tl.constexpr, EB: tl.constexpr, BLOCK_H: tl.constexpr, ONE_PASS: tl.constexpr,
+                 TOP_K: tl.constexpr, K_PAD: tl.constexpr, EB: tl.constexpr, BLOCK_H: tl.constexpr, ONE_PASS: tl.constexpr,
                  BLOCK_E: tl.constexpr, HAS_LOAD: tl.constexpr, HAS_MASK: tl.constexpr, DROP_MASKED: tl.constexpr,
                  X16: tl.constexpr, HAS_MAP: tl.constexpr, BLOCK_M: tl.constexpr, E_PAD: tl.constexpr,
                  P_PAD: tl.constexpr, TILES: tl.constexpr, PDL: tl.constexpr = False):
@@ -279,8 +279,8 @@ def _gate_kernel(o_ptr, r_ptr, nw_ptr, rw_ptr, rb_ptr, x_ptr, h_ptr, x16_ptr, lo
     tl.debug_barrier()  # every thread's logits stored before the ticket releases them
     # the token's last program routes it (the tokens in parallel); the last token routed aligns every pair
     if tl.atomic_add(count_ptr + 1 + row, 1, sem="acq_rel") == tl.num_programs(1) - 1:
-        _route_row(logit_ptr, idx_ptr, wt_ptr, load_ptr, mask_ptr, row, E, E, TOP_K, BLOCK_E, HAS_LOAD, HAS_MASK,
-                   DROP_MASKED, True)
+        _route_row(logit_ptr, idx_ptr, wt_ptr, load_ptr, mask_ptr, row, E, E, TOP_K, K_PAD, BLOCK_E, HAS_LOAD,
+                   HAS_MASK, DROP_MASKED, True)
         tl.atomic_xchg(count_ptr + 1 + row, 0)
         tl.debug_barrier()  # the token's ids stored before the launch-wide ticket (or, one token, the align) reads them
         last = N == 1  # one token: its routing program aligns, no launch-wide ticket (an atomic's round trip) to take
@@ -415,7 +415,7 @@ def gate_triton(o: torch.Tensor, residual: torch.Tensor, norm_w: torch.Tensor, e
            x16_t if x16 else x, logits, tickets(dev, N + 1), idx, weights, load if load is not None else idx,
            token_mask if token_mask is not None else idx, global_to_local if global_to_local is not None else idx,
            *aligned, N, H, E, n_local, aligned[1].numel(), o.stride(0), residual.stride(0), float(eps),
-           TOP_K=top_k, EB=eb, BLOCK_H=bh, ONE_PASS=bh >= H, BLOCK_E=max(16, next_pow2(E)),
+           TOP_K=top_k, K_PAD=next_pow2(top_k), EB=eb, BLOCK_H=bh, ONE_PASS=bh >= H, BLOCK_E=max(16, next_pow2(E)),
            HAS_LOAD=load is not None, HAS_MASK=token_mask is not None,
            DROP_MASKED=drop_masked and token_mask is not None, X16=x16, HAS_MAP=global_to_local is not None,
            BLOCK_M=block_m, P_PAD=max(16, next_pow2(GATE_MAX_ROWS * top_k)), num_warps=warps,

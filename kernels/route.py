@@ -33,10 +33,11 @@ def route_reference(logits: torch.Tensor, top_k: int, load: torch.Tensor | None 
 
 
 def _route_row(l_ptr, idx_ptr, w_ptr, load_ptr, mask_ptr, row, E, s_l,
-               TOP_K: tl.constexpr, BLOCK_E: tl.constexpr, HAS_LOAD: tl.constexpr, HAS_MASK: tl.constexpr,
-               DROP_MASKED: tl.constexpr, L2_ONLY: tl.constexpr):
-    """Route token `row`. L2_ONLY: the logits were written by other programs of this launch (kernels.moe_gate),
-    so they are read past this SM's L1, which may hold a stale copy."""
+               TOP_K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_E: tl.constexpr, HAS_LOAD: tl.constexpr,
+               HAS_MASK: tl.constexpr, DROP_MASKED: tl.constexpr, L2_ONLY: tl.constexpr):
+    """Route token `row`. K_PAD: TOP_K rounded up to a power of 2 (a block's length), the lanes past TOP_K
+    masked. L2_ONLY: the logits were written by other programs of this launch (kernels.moe_gate), so they are
+    read past this SM's L1, which may hold a stale copy."""
     e = tl.arange(0, BLOCK_E)
     if L2_ONLY:
         x = tl.load(l_ptr + row * s_l + e, mask=e < E, other=float("-inf"), cache_modifier=".cg")
@@ -46,9 +47,10 @@ def _route_row(l_ptr, idx_ptr, w_ptr, load_ptr, mask_ptr, row, E, s_l,
     count = 1
     if HAS_MASK:
         count = tl.load(mask_ptr + row).to(tl.int32)
-    kk = tl.arange(0, TOP_K)
-    vals = tl.zeros((TOP_K,), tl.float32)
-    ids = tl.zeros((TOP_K,), tl.int32)
+    kk = tl.arange(0, K_PAD)
+    km = kk < TOP_K
+    vals = tl.full((K_PAD,), float("-inf"), tl.float32)  # a spare lane's softmax term is exp(-inf) = 0
+    ids = tl.zeros((K_PAD,), tl.int32)
     for i in tl.static_range(TOP_K):
         m = tl.max(x, 0)
         j = tl.min(tl.where(x == m, e, BLOCK_E), 0)  # the lowest id holding the maximum
@@ -63,19 +65,19 @@ def _route_row(l_ptr, idx_ptr, w_ptr, load_ptr, mask_ptr, row, E, s_l,
         ids_out = tl.where(count != 0, ids, E)
     else:
         ids_out = ids
-    tl.store(idx_ptr + row * TOP_K + kk, ids_out.to(idx_ptr.dtype.element_ty))
-    tl.store(w_ptr + row * TOP_K + kk, p.to(w_ptr.dtype.element_ty))
+    tl.store(idx_ptr + row * TOP_K + kk, ids_out.to(idx_ptr.dtype.element_ty), mask=km)
+    tl.store(w_ptr + row * TOP_K + kk, p.to(w_ptr.dtype.element_ty), mask=km)
     if HAS_LOAD:
-        add = tl.zeros((TOP_K,), tl.int64) + count
-        tl.atomic_add(load_ptr + ids, add, mask=add != 0)
+        add = tl.zeros((K_PAD,), tl.int64) + count
+        tl.atomic_add(load_ptr + ids, add, mask=km & (add != 0))
 
 
 def _route_kernel(l_ptr, idx_ptr, w_ptr, load_ptr, mask_ptr, E, s_l,
-                  TOP_K: tl.constexpr, BLOCK_E: tl.constexpr, HAS_LOAD: tl.constexpr, HAS_MASK: tl.constexpr,
-                  DROP_MASKED: tl.constexpr, PDL: tl.constexpr = False):
+                  TOP_K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_E: tl.constexpr, HAS_LOAD: tl.constexpr,
+                  HAS_MASK: tl.constexpr, DROP_MASKED: tl.constexpr, PDL: tl.constexpr = False):
     _pdl_enter(PDL)
-    _route_row(l_ptr, idx_ptr, w_ptr, load_ptr, mask_ptr, tl.program_id(0).to(tl.int64), E, s_l, TOP_K, BLOCK_E,
-               HAS_LOAD, HAS_MASK, DROP_MASKED, False)
+    _route_row(l_ptr, idx_ptr, w_ptr, load_ptr, mask_ptr, tl.program_id(0).to(tl.int64), E, s_l, TOP_K, K_PAD,
+               BLOCK_E, HAS_LOAD, HAS_MASK, DROP_MASKED, False)
 
 
 _KERNELS = ("_pdl_enter", "_route_row", "_route_kernel")
@@ -96,7 +98,7 @@ def route_triton(logits: torch.Tensor, top_k: int, load: torch.Tensor | None = N
             raise ValueError(f"load must be int64, got {load.dtype}")
         launch(_route_kernel, (N,), logits, idx, w, load if load is not None else idx,
                token_mask if token_mask is not None else idx, E, logits.stride(0),
-               TOP_K=top_k, BLOCK_E=max(16, next_pow2(E)), HAS_LOAD=load is not None,
+               TOP_K=top_k, K_PAD=next_pow2(top_k), BLOCK_E=max(16, next_pow2(E)), HAS_LOAD=load is not None,
                HAS_MASK=token_mask is not None, DROP_MASKED=drop_masked and token_mask is not None)
     return idx, w
 

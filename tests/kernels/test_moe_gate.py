@@ -64,6 +64,20 @@ def test_gate_equals_the_unfused_ops(n, config, bm, dtype, mapping):
     assert not _triton.tickets(o.device, 1).any()  # reset by the last program: a replay starts at 0
 
 
+@pytest.mark.parametrize("k", [3, 5])
+def test_top_k_not_a_power_of_two(k):
+    """The routing's k lanes are a block of the next power of 2, the spare ones masked: ids, weights, load
+    and the align as the unfused ops (a top-3 router failed to compile)."""
+    o, r, nw, rw, rb = _inputs(5, seed=k)
+    load, load_ref = torch.zeros(E, dtype=torch.long), torch.zeros(E, dtype=torch.long)
+    g = gate_triton(o, r, nw, 1e-5, rw, rb, k, E, 4, load=load)
+    _, _, idx, w = gate_reference(o, r, nw, 1e-5, rw, rb, k, load_ref)
+    assert torch.equal(g.idx.long(), idx) and torch.equal(load, load_ref) and int(load.sum()) == 5 * k
+    torch.testing.assert_close(g.weights, w.flatten(), rtol=1e-6, atol=1e-6)
+    for got, ref in zip(g.aligned, align(idx, None, E, 4)):
+        assert torch.equal(got, ref.to(got.dtype))
+
+
 def test_last_program_with_spare_experts():
     """6 router experts at 4 a program: the second program's last two rows are masked off."""
     o, r, nw, rw, rb = _inputs(2, seed=9)

@@ -9,8 +9,10 @@ from kernels.route import route_reference, route_triton  # noqa: E402
 
 
 @pytest.mark.parametrize("n,E,k,dtype", [(1, 8, 4, torch.float32), (37, 128, 4, torch.float32),
-                                         (5, 32, 4, torch.bfloat16), (9, 16, 1, torch.float32)])
+                                         (5, 32, 4, torch.bfloat16), (9, 16, 1, torch.float32),
+                                         (6, 12, 3, torch.float32), (4, 20, 6, torch.bfloat16)])
 def test_matches_topk_softmax_and_load(n, E, k, dtype):
+    """k of any size: 3 and 6 take a block of 4 and 8 lanes, the spare ones masked (stores, load, softmax)."""
     logits = torch.randn(n, E, generator=torch.Generator().manual_seed(n)).to(dtype)
     mask = torch.arange(n) % 3 != 2  # padding rows of a graph step: left out of the load
     la, lb = torch.zeros(E, dtype=torch.long), torch.zeros(E, dtype=torch.long)
