@@ -2,8 +2,9 @@
 torch references: the other tests fix the tiny preset's shapes (H = I = 64, 8 experts, top-4) and vary one
 thing at a time, these draw hidden and intermediate sizes that are not multiples of the tiles, 1-10 local
 experts of up to 13 (an EP rank's map), top-1 to top-4, residual and norm, every MoE path (MMA, dot_scaled,
-split-K, gemv, register-operand, DQ), and attention batches of decode or mixed prefill over shuffled pages
-with windows, fp8 caches and up to 32 key-range splits."""
+split-K, gemv, register-operand, DQ); the decode gate at 1-40 router experts, top-1 to top-6, with maps,
+masks and layouts; and attention batches of decode or mixed prefill over shuffled pages with windows, fp8
+caches and up to 32 key-range splits."""
 
 import os
 
@@ -20,6 +21,7 @@ from kernels import tuned  # noqa: E402
 from kernels.attention import paged_attention  # noqa: E402
 from kernels.moe import moe_mxfp4, moe_reference  # noqa: E402
 from kernels.moe_configs import dq_config, gemv_config, rs_config  # noqa: E402
+from kernels.moe_gate import GATE_MAX_ROWS, align, gate_reference, gate_triton  # noqa: E402
 from kernels.rmsnorm import rmsnorm_reference  # noqa: E402
 from tests.kernels.cases import attention_step  # noqa: E402
 
@@ -113,3 +115,32 @@ def test_attention_random_batches_match_attend(seed):
         out = paged_attention(*args, max_query_len=max(q for _, q in seqs) if r.random() < 0.7 else None)
     err = _rel_err(out, ref.float())
     assert err <= (2e-5 if dtype == torch.float32 else 2e-2), (err, seqs, bs, G, window, dtype, cache, cfg)
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_gate_random_shapes_match_the_unfused_ops(seed):
+    """fp32, so that no two logits tie (the kernel takes the lower id, torch.topk either)."""
+    r = random.Random(2000 + seed)
+    g = torch.Generator().manual_seed(seed)
+    H, E, n = r.choice([32, 64, 96, 160, 192]), r.randint(1, 40), r.randint(1, GATE_MAX_ROWS)
+    k = r.randint(1, min(6, E))
+    o, res = (torch.randn(n, H, generator=g) for _ in range(2))
+    nw = torch.rand(H, generator=g) + 0.5
+    rw, rb = torch.randn(E, H, generator=g) / H ** 0.5, torch.randn(E, generator=g) * 0.1
+    local = sorted(r.sample(range(E), r.randint(1, E)))
+    gmap = torch.full((E + 1,), -1, dtype=torch.long)  # id E: a dropped row's
+    gmap[local] = torch.arange(len(local))
+    mask = torch.rand(n, generator=g) < 0.7 if r.random() < 0.5 else None
+    bm = r.choice([1, 2, 4, 16])
+    hb = 1 << (H - 1).bit_length()
+    config = r.choice([None, dict(EB=r.choice([1, 2, 4, 8]), BLOCK_H=r.choice([hb, max(16, hb // 4)]))])
+    load, load_ref = torch.zeros(E, dtype=torch.long), torch.zeros(E, dtype=torch.long)
+    gt = gate_triton(o, res, nw, 1e-5, rw, rb, k, len(local), bm, gmap, load, mask, mask is not None, x16=True,
+                     config=config)
+    x, h, idx, w = gate_reference(o, res, nw, 1e-5, rw, rb, k, load_ref, mask, mask is not None)
+    case = dict(H=H, E=E, n=n, k=k, local=len(local), mask=mask is not None, bm=bm, config=config)
+    assert torch.equal(gt.x, x) and torch.equal(gt.idx.long(), idx) and torch.equal(load, load_ref), case
+    torch.testing.assert_close(gt.h, h, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gt.weights, w.flatten(), rtol=1e-6, atol=1e-6)
+    for got, want in zip(gt.aligned, align(idx, gmap, len(local), bm)):
+        assert torch.equal(got, want.to(got.dtype)), case
