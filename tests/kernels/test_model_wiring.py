@@ -138,6 +138,24 @@ def test_triton_forward_over_an_fp8_cache_matches_torch(packed_model, monkeypatc
         assert torch.equal(x.argmax(-1), r.argmax(-1))
 
 
+def test_triton_forward_with_a_top3_router_matches_torch(ckpt_root, spy, monkeypatch):
+    """A checkpoint whose experts_per_token is not a power of 2 (the route and gate kernels' k lanes are
+    padded to one): the same logits as the torch path, through both the gate and the unfused routing."""
+    from models.checkpoint import PRESETS, make_checkpoint
+    cfg = PRESETS["tiny"].model_copy(update=dict(num_experts_per_tok=3))
+    m = load_model(make_checkpoint(ckpt_root / "tiny-top3", cfg, "hf", "mxfp4", seed=0), keep_mxfp4=True)
+    assert m.blocks[0].moe.top_k == 3
+    monkeypatch.setenv("GPTOSS_KERNELS", "torch")
+    ref = paged_run(m)
+    monkeypatch.setenv("GPTOSS_KERNELS", "triton")
+    monkeypatch.setenv("GPTOSS_GATE_MAX_ROWS", "8")  # the 2 steps of more than 8 tokens route unfused
+    got = paged_run(m)
+    assert spy["moe_block"] and spy["moe"]
+    for r, x in zip(ref, got):
+        assert (x - r).abs().max().item() <= 1e-5 * r.abs().max().item()
+        assert torch.equal(x.argmax(-1), r.argmax(-1))
+
+
 def test_auto_on_cpu_never_reaches_a_kernel(packed_model, monkeypatch):
     import kernels.attention
     import kernels.moe
