@@ -78,8 +78,8 @@ def moe_reference(x, idx, weights, w1_blocks, w1_scales, b1, w2_blocks, w2_scale
 
 def _dot(a, w, acc, DOT_BF16: tl.constexpr):
     # decoded FP4 x power-of-two scales are exact in bf16, so bf16 tensor cores lose nothing on w (fp16
-    # activations do lose 3 bits, as tl.dot_scaled's do). The interpreter runs this branch too: its bf16
-    # dot is the GPU's (kernels._interp); only _settle's PTX waits for PTX
+    # activations do lose 3 bits, as tl.dot_scaled's do). The interpreter runs this branch too, its bf16
+    # dot being the GPU's (kernels._interp); only the callers' _settle (inline PTX) is compiled-only
     if DOT_BF16:
         return tl.dot(a.to(tl.bfloat16), w.to(tl.bfloat16), acc)
     return tl.dot(a, w, acc, input_precision="ieee")
@@ -206,7 +206,7 @@ def _w1_kernel(x_ptr, wb_ptr, ws_ptr, b_ptr, act_ptr, sorted_ptr, tile_e_ptr, n_
             amask = rvalid[:, None] & (k < H)[None, :]
             acc_g = _mx_dot(a_ptrs, amask, wb, sg, gate_rows, jvalid, k0, H, acc_g, BLOCK_K)
             acc_l = _mx_dot(a_ptrs, amask, wb, sl, gate_rows + 1, jvalid, k0, H, acc_l, BLOCK_K)
-            if DOT_BF16 and PTX:  # the step's MMAs finish in the step (kernels.moe_rs._settle: else ptxas serializes them)
+            if DOT_BF16 and PTX:  # the step's MMAs finish in the step (moe_rs._settle: else ptxas serializes them)
                 acc_g, acc_l = _settle(acc_g), _settle(acc_l)
             sg, sl = sg_next, sl_next
     else:

@@ -227,10 +227,10 @@ def _align_kernel(idx_ptr, g2l_ptr, sorted_ptr, tile_e_ptr, valid_ptr, cursor_pt
 def _gate_kernel(o_ptr, r_ptr, nw_ptr, rw_ptr, rb_ptr, x_ptr, h_ptr, x16_ptr, logit_ptr, count_ptr,
                  idx_ptr, wt_ptr, load_ptr, mask_ptr, g2l_ptr, sorted_ptr, tile_e_ptr, valid_ptr,
                  N, H, E, n_local, max_tiles, s_o, s_r, eps,
-                 TOP_K: tl.constexpr, K_PAD: tl.constexpr, EB: tl.constexpr, BLOCK_H: tl.constexpr, ONE_PASS: tl.constexpr,
-                 BLOCK_E: tl.constexpr, HAS_LOAD: tl.constexpr, HAS_MASK: tl.constexpr, DROP_MASKED: tl.constexpr,
-                 X16: tl.constexpr, HAS_MAP: tl.constexpr, BLOCK_M: tl.constexpr, E_PAD: tl.constexpr,
-                 P_PAD: tl.constexpr, TILES: tl.constexpr, PDL: tl.constexpr = False):
+                 TOP_K: tl.constexpr, K_PAD: tl.constexpr, EB: tl.constexpr, BLOCK_H: tl.constexpr,
+                 ONE_PASS: tl.constexpr, BLOCK_E: tl.constexpr, HAS_LOAD: tl.constexpr, HAS_MASK: tl.constexpr,
+                 DROP_MASKED: tl.constexpr, X16: tl.constexpr, HAS_MAP: tl.constexpr, BLOCK_M: tl.constexpr,
+                 E_PAD: tl.constexpr, P_PAD: tl.constexpr, TILES: tl.constexpr, PDL: tl.constexpr = False):
     """Program (token, g): the token's add and norm, router logits of experts [g*EB, (g+1)*EB); the token's
     last program routes it, the last token routed aligns the pairs (module docstring). ONE_PASS (BLOCK_H >=
     H): every load at once, the router rows first (the DRAM stream, under the stream's L2 reads); else the

@@ -18,11 +18,13 @@ import torch  # noqa: E402
 pytest.importorskip("triton")
 
 from kernels import tuned  # noqa: E402
+from kernels._tune_cases import moe_weights  # noqa: E402
 from kernels.attention import paged_attention  # noqa: E402
 from kernels.moe import moe_mxfp4, moe_reference  # noqa: E402
 from kernels.moe_configs import dq_config, gemv_config, rs_config  # noqa: E402
 from kernels.moe_gate import GATE_MAX_ROWS, align, gate_reference, gate_triton  # noqa: E402
 from kernels.rmsnorm import rmsnorm_reference  # noqa: E402
+from models.checkpoint import PRESETS  # noqa: E402
 from tests.kernels.cases import attention_step  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # the interpreter runs numpy per program (tests/conftest.py)
@@ -62,10 +64,8 @@ def test_moe_random_shapes_match_the_reference(seed):
     N = r.choice([1, 2, 3, 5, 13, 33])
     if path == "gemv":
         N = min(N, 5)  # a decode path (a program a pair): more rows only cost interpreter time
-    u8 = lambda shape, lo, hi: torch.randint(lo, hi, shape, dtype=torch.uint8, generator=g)  # noqa: E731
-    w1b, w1s, w2b, w2s = u8((E, 2 * I, H // 32, 16), 0, 256), u8((E, 2 * I, H // 32), 119, 126), \
-        u8((E, H, I // 32, 16), 0, 256), u8((E, H, I // 32), 119, 126)
-    b1, b2 = (torch.randn(E, 2 * I, generator=g) * 0.1).to(dtype), (torch.randn(E, H, generator=g) * 0.1).to(dtype)
+    shape = PRESETS["tiny"].model_copy(update=dict(hidden_size=H, intermediate_size=I, num_local_experts=E))
+    w1b, w1s, b1, w2b, w2s, b2 = moe_weights(shape, dtype, "cpu", seed)
     local = sorted(r.sample(range(n_glob), E))  # this rank's experts among n_glob
     gmap = torch.full((n_glob,), -1, dtype=torch.long)
     gmap[local] = torch.arange(E)
