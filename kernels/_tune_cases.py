@@ -62,8 +62,11 @@ def moe_tokens(cfg, n: int, dtype, device, seed: int = 1) -> tuple:
 
 
 def attn_inputs(cfg, n: int, decode: bool, window, context: int, dtype, device, seed: int = 2):
-    """-> (paged_attention args, kwargs). decode: n sequences of one new token at `context`;
-    else one n-token prefill chunk from position 0. Tables are shuffled blocks, as after churn."""
+    """-> (paged_attention args, kwargs). decode: n sequences of one new token at `context`, as a decode
+    step's model calls it (PagedMetadata.rotate_and_attend): q, k and v views of one qkv projection's rows,
+    not yet rotated, the launch rotating them and writing the step's k and v into the cache (ROPE), so the
+    tuner compiles and times what is served. Else one n-token prefill chunk from position 0 (its rotary is
+    a launch of its own). Tables are shuffled blocks, as after churn."""
     Hq, K, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     B, ctx, N = (n, context, n) if decode else (1, n, n)
     width = -(-ctx // PAGE)
@@ -77,8 +80,36 @@ def attn_inputs(cfg, n: int, decode: bool, window, context: int, dtype, device, 
         table = (torch.randperm(pool - 1, device=device, generator=g) + 1).view(B, width)
         qs = torch.arange(B + 1, device=device) * (N // B)
         ctxs = torch.full((B,), ctx, dtype=torch.long, device=device)
-    q, sinks = _randn((N, Hq, D), dtype, device, g), _randn((Hq,), dtype, device, g)
-    return (q, kc, vc, table, qs, ctxs, sinks, window, D ** -0.5), dict(max_query_len=1 if decode else N)
+    if decode:
+        qkv = _randn((N, (Hq + 2 * K) * D), dtype, device, g)  # models.layers.QKVLinear's output
+        q, kn, vn = (t.view(N, -1, D) for t in qkv.split([Hq * D, K * D, K * D], dim=-1))
+        angle = _randn((N, D // 2), torch.float32, device, g, 100.0)
+        cos, sin = angle.cos().to(dtype), angle.sin().to(dtype)
+        slots = torch.empty(N, dtype=torch.long, device=device)  # each sequence's newest position's slot
+        if g is not None:
+            slots = table[:, (ctx - 1) // PAGE] * PAGE + (ctx - 1) % PAGE
+        rope = dict(rope=(kn, vn, cos, sin, slots))
+    else:
+        q, rope = _randn((N, Hq, D), dtype, device, g), {}
+    sinks = _randn((Hq,), dtype, device, g)
+    return (q, kc, vc, table, qs, ctxs, sinks, window, D ** -0.5), dict(max_query_len=1 if decode else N, **rope)
+
+
+def _attn_call(family: str, cfg, n: int, window, context: int, dtype, device):
+    """paged_attention and its reference: with `rope`, kernels.rope's reference writes the step's rows
+    into copies of the caches first (the launch writes the same values into the caches themselves)."""
+    from .attention import paged_attention, paged_attention_reference
+    from .rope import rope_into_cache_reference
+    args, kw = attn_inputs(cfg, n, family == "attn_decode", window, context, dtype, device)
+
+    def reference():
+        if "rope" not in kw:
+            return paged_attention_reference(*args)
+        q, kc, vc, *rest = args
+        kc, vc = kc.clone(), vc.clone()
+        q = rope_into_cache_reference(q, *kw["rope"][:4], kc, vc, kw["rope"][4])
+        return paged_attention_reference(q, kc, vc, *rest)
+    return paged_attention, args, kw, reference
 
 
 def moe_block_ms(cfg, n: int) -> list[int]:
@@ -236,28 +267,44 @@ def gate_inputs(cfg, n: int, dtype, device, seed: int = 4) -> tuple:
     return o, r, nw, _randn((E, H), dtype, device, g, H ** -0.5), _randn((E,), dtype, device, g, 0.1)
 
 
+def _local_or_skip(E: int, device) -> torch.Tensor:
+    """The map a one-process model's MoE passes (models.layers.MoE.local_or_skip): every expert here, then
+    id E (a graph's padding rows) -> none."""
+    return torch.cat([torch.arange(E, device=device), torch.full((1,), -1, device=device)])
+
+
 def _gate_call(cfg, n: int, dtype, device):
-    """The gate at a gemv decode step (BLOCK_M 1, x16 made). Checked: its norm and logits against torch's,
-    and its routing and alignment against route and align of its own logits (a tie a rounding apart may
-    fall either way), a mismatch adding 1e6 to the reference's last value."""
+    """The gate as a decode step's model calls it (MoE.forward_block -> moe_block_mxfp4): with the expert
+    map, the load counter and the graph's row mask (its padding dropped), at the BLOCK_M and activations
+    (x16) of the MoE plan this batch runs (kernels.tuned's file as read at the call), so the tuner compiles
+    and times the served specialization. Checked: its norm and logits against torch's, and its routing and
+    alignment against route and align of its own logits (a tie a rounding apart may fall either way), a
+    mismatch adding 1e6 to the reference's last value."""
     import torch.nn.functional as F
 
-    from .moe_gate import align, gate_triton
+    from .moe_configs import step_plan
+    from .moe_gate import X16_IN_ALIGN, align, gate_triton
     from .rmsnorm import rmsnorm_reference
     from .route import route_reference
     o, r, nw, rw, rb = gate_inputs(cfg, n, dtype, device)
-    k, E = cfg.num_experts_per_tok, cfg.num_local_experts
+    k, E, I = cfg.num_experts_per_tok, cfg.num_local_experts, cfg.intermediate_size
+    g2l, load = _local_or_skip(E, device), torch.zeros(E, dtype=torch.long, device=device)
+    mask = torch.ones(n, dtype=torch.bool, device=device)
     last = {}
 
     def launcher():
-        g = last["g"] = gate_triton(o, r, nw, 1e-5, rw, rb, k, E, 1, x16=True)
+        plan = step_plan(o, n, E, I, k, None)
+        last["block_m"] = plan.block_m
+        g = last["g"] = gate_triton(o, r, nw, 1e-5, rw, rb, k, E, plan.block_m, g2l, load, mask, True,
+                                    x16=plan.gemv and n <= X16_IN_ALIGN)
         return torch.cat([g.h.flatten(), g.logits.flatten(), g.h.new_zeros(1)])
 
     def reference():
         h, _ = rmsnorm_reference(o, nw, 1e-5, r)
         g = last["g"]
         idx, w = route_reference(g.logits, k)
-        bad = int((g.idx.long() != idx).sum()) + int((g.aligned[0] != align(idx, None, E, 1)[0]).sum())
+        bad = int((g.idx.long() != idx).sum())
+        bad += int((g.aligned[0] != align(idx, g2l, E, last["block_m"])[0]).sum())
         bad += int(((g.weights - w.float().flatten()).abs() > 1e-2).sum())
         return torch.cat([h.flatten(), F.linear(h, rw, rb).flatten(), h.new_full((1,), 1e6 * bad)])
     return launcher, (), {}, reference
@@ -278,9 +325,8 @@ def _moe_call(cfg, n: int, dtype, device, weights):
     from .rmsnorm import rmsnorm_reference
     x, (idx, w) = moe_tokens(cfg, n, dtype, device)
     ws = weights if weights is not None else moe_weights(cfg, dtype, device)
-    # the map a model's MoE passes (MoE.local_or_skip): every expert here, then id E -> none
     E, H = cfg.num_local_experts, cfg.hidden_size
-    g2l = torch.cat([torch.arange(E, device=device), torch.full((1,), -1, device=device)])
+    g2l = _local_or_skip(E, device)
     g = _gen(device, 5)
     res = _randn((n, H), dtype, device, g, 0.25)
     nw = torch.empty(H, device=device) if g is None else torch.rand(H, generator=g, device=device) + 0.5
@@ -307,9 +353,7 @@ def make_call(family: str, cfg, n: int, window, context: int, dtype, device, wei
         return _gate_call(cfg, n, dtype, device)
     if family == "moe":
         return _moe_call(cfg, n, dtype, device, weights)
-    from .attention import paged_attention, paged_attention_reference
-    args, kw = attn_inputs(cfg, n, family == "attn_decode", window, context, dtype, device)
-    return paged_attention, args, kw, lambda: paged_attention_reference(*args)
+    return _attn_call(family, cfg, n, window, context, dtype, device)
 
 
 def compile_job(job: dict) -> list[dict]:
@@ -320,6 +364,7 @@ def compile_job(job: dict) -> list[dict]:
     from models.checkpoint import PRESETS
 
     from . import _triton, aot, tuned
+    tuned.clear_cache()  # a long-lived worker: the gate's call reads the MoE plan kernels.tune last wrote
     try:
         fn, args, kw, _ = make_call(job["family"], PRESETS[job["model"]], job["n"], job["window"], job["context"],
                                     getattr(torch, job["dtype"]), "meta", linear=job.get("linear"))

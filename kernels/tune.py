@@ -14,14 +14,17 @@ router, unembedding; batches up to 64) against cuBLAS, timed the same way, an
 entry written only where kernels.linear wins (without one the model calls
 cuBLAS). Every candidate is compiled first for this
 GPU's arch in worker processes and dropped when kernels.aot reports a compile
-error, a spill, too much shared memory or wgmma that ptxas serialized (none of
-the MoE candidates does under Triton 3.6 or 3.9; the workers also fill Triton's cache,
-so the timing process compiles nothing). The workers run ahead: while one
-candidate is timed they compile the rest of its task's and the next task's, so
+error, a spill, too much shared memory or wgmma that ptxas serialized (under
+Triton 3.6, the GPU image's, 19 of a 120b batch-1 run's 516, no default among
+them; the workers also fill Triton's cache, so the timing process compiles nothing, unless the MoE
+this run just tuned changed the gate's plan after its candidates were compiled). The workers run
+ahead: while one candidate is timed they compile the rest of its task's and the next task's, so
 compiling and timing overlap (each shape's line says how long timing still
 waited for a compile). The rest are timed on random inputs
-(MXFP4 weights, bf16 activations, routing uniform over experts), captured in a
-CUDA graph and replayed under triton.testing.do_bench (L2 flushed before each
+(MXFP4 weights, bf16 activations, routing uniform over experts), each launch as a decode step of the
+model makes it (kernels._tune_cases: the gate with the expert map, load and row mask at the MoE plan's
+BLOCK_M, read from the file as this run rewrites it; attention with its rotary and cache writes),
+captured in a CUDA graph and replayed under triton.testing.do_bench (L2 flushed before each
 rep, median), and the three fastest are retried at other num_stages. The
 winner must match the torch reference or nothing is written for it. Results
 merge into <out>/<device name>.json, rewritten after every shape so a run cut
@@ -364,6 +367,7 @@ def main(argv=None) -> int:
                 if r.best is not None and r.check_ok:
                     store.add(r, dict(models=t.models, measured=_now(), timer=tuner.timer,
                                       **({"context": a.context} if t.family == "attn_decode" else {})))
+                    tuned.clear_cache()  # the gate's call runs the MoE plan the file now holds for its batch
                 elif r.best is not None:
                     print(f"{r.kernel} {r.label} batch {r.batch}: best config {_fmt(r.best)} does not match the "
                           f"reference (relative error {r.check_err:.2e}); not written", file=sys.stderr)

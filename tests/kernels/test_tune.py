@@ -323,6 +323,39 @@ def test_one_token_w2_also_sweeps_its_combine_tail_chunks():
     assert all(s.extra == () for s in plan_task(task, torch.bfloat16, True, 0).sweeps)
 
 
+@pytest.mark.parametrize("model,n,gemv", [("gpt-oss-120b", 1, False), ("gpt-oss-120b", 1, True),
+                                          ("gpt-oss-120b", 8, False), ("gpt-oss-20b", 1, True)])
+def test_tuned_launches_are_the_ones_a_decode_step_makes(model, n, gemv, monkeypatch):
+    """What kernels.tune compiles and times for the MoE, the gate and decode attention is the compilation a
+    decode step of the model launches (kernels.aot_workloads.step_launches, bound as kernels.aot does), at
+    the same configs: the gate with the expert map, load and row mask at the MoE plan's BLOCK_M (gemv:
+    making the single-pair tiles' activations), attention rotating and writing the cache (ROPE), W2 adding
+    the residual and taking the next norm. Before, the gate and attention were timed without them."""
+    import contextlib
+
+    from kernels import _triton, _tune_cases as cases, aot, moe_configs
+    from kernels._tune_plans import plan_task, tasks
+    from kernels.aot_workloads import step_launches
+    from models.checkpoint import PRESETS
+    monkeypatch.setenv(tuned.ENV, "off")  # the defaults, wherever this runs
+    cfg = PRESETS[model]
+
+    def compiled(launches, names=None) -> set:
+        launches = [ln for ln in launches if names is None or ln[0].__name__ in names]
+        return {(c.kernel, c.label) for c in aot.bind([("step", launches)], 90)}
+    with tuned.forced(moe_configs.gemv_configs()) if gemv else contextlib.nullcontext():
+        served = compiled(step_launches(cfg, n, 1, 2048))
+        for task in tasks([model], [n], {"moe", "gate", "attn"}, 1024):
+            checked = {k for s in plan_task(task, torch.bfloat16, False, 2048).sweeps for k in s.check}
+            fn, args, kw, _ = cases.make_call(task.family, cfg, n, task.window, 2048, torch.bfloat16, "meta")
+            with _triton.recording() as launches:
+                fn(*args, **kw)
+            got = compiled(launches, checked)
+            assert got and got <= served, (task.family, task.window, sorted(got - served))
+    assert any("ROPE=True" in label for k, label in served if k == "_attn_kernel")
+    assert any("HAS_MASK=True" in label and "HAS_MAP=True" in label for k, label in served if k == "_gate_kernel")
+
+
 def test_decode_attention_splits_reach_a_wave_at_batch_1():
     """At batch 1 the full-attention layers' sweep reaches 32 key-range splits (256 programs on 132 SMs);
     under the sliding window at most 4; past 2,048 programs none is tried."""
