@@ -7,6 +7,7 @@ The suite imports triton under TRITON_INTERPRET=1 (tests/conftest.py), which lea
 interpreted for the whole process, so aot.check compiles in one fresh process, once per module."""
 
 import functools
+from pathlib import Path
 
 import pytest
 
@@ -91,3 +92,25 @@ def test_plan_covers_what_the_model_launches():
         assert len(real) >= 9
         missing = [f"{c.kernel} {c.label} ({', '.join(c.uses)})" for c in real if key(c) not in planned]
         assert not missing, missing
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", sorted(Path(__file__).resolve().parents[2].glob("kernels/configs/*.json")),
+                         ids=lambda p: p.name)
+def test_the_committed_gpu_configs_compile(path, monkeypatch):
+    """The configs kernels.tune measured and committed (kernels/configs/<GPU>.json) are what that GPU runs
+    from its first step; a kernel change that a measured config no longer compiles under (a spill at its
+    tiles, a constexpr it lost) would otherwise show only on that GPU. The plan recorded with the file
+    differs from the defaults' (the file is read), and every compilation in it is clean."""
+    from kernels import tuned
+    monkeypatch.setenv(tuned.ENV, str(path))
+    tuned.clear_cache()
+    try:
+        configs = aot.plan(ARCH)
+    finally:
+        tuned.clear_cache()
+    assert {(c.kernel, c.label) for c in configs} - {(c.kernel, c.label) for c in CONFIGS}
+    rows = aot.check(ARCH)  # a fresh process, which inherits the file's path
+    assert [(u.kernel, u.config) for u in rows] == [(c.kernel, c.label) for c in configs]
+    bad = [f"{u.kernel} {u.config} ({u.uses}): {'; '.join(u.problems(ARCH))}" for u in rows if u.problems(ARCH)]
+    assert not bad, bad
