@@ -246,8 +246,10 @@ def linear_case(cfg, which: str, n: int, dev, dtype, gen, dry: bool, split: bool
 def gate_case(cfg, n: int, dev, dtype, gen):
     """kernels.moe_gate's fused block (add, MLP norm, router, routing and align in one launch, then the
     experts) against the launches it replaces, both at dtype: no further from the fp32 reference (the
-    unfused chain's routing, in fp32) than the unfused chain, and the same expert load. The last
-    program's handoff (an atomic ticket, logits read past L1) is only exercised on a GPU."""
+    unfused chain's routing, in fp32) than the unfused chain, and the same expert load. As a decode graph
+    calls it (MoE.forward_block): with the row mask, its padding rows (here the last of 2+) routed to no
+    expert and not counted. The last program's handoff (an atomic ticket, logits read past L1) is only
+    exercised on a GPU."""
     from . import moe, rmsnorm, route
     from .moe_gate import GATE_MAX_ROWS
     E, H, k, eps = cfg.num_local_experts, cfg.hidden_size, cfg.num_experts_per_tok, cfg.rms_norm_eps
@@ -260,10 +262,11 @@ def gate_case(cfg, n: int, dev, dtype, gen):
     nw, nw2 = (1 + 0.05 * torch.randn(H, device=dev, generator=gen) for _ in range(2))
     g2l = torch.cat([torch.arange(E, device=dev), torch.full((1,), -1, device=dev)])
     loads = [torch.zeros(E, dtype=torch.long, device=dev) for _ in range(2)]
+    mask = torch.arange(n, device=dev) < max(1, n - 1)
     fused, _ = moe.moe_block_mxfp4(o, r, (nw, eps), rw, rb, *ws16, top_k=k, global_to_local=g2l, load=loads[0],
-                                   norm=(nw2, eps))
+                                   token_mask=mask, drop_masked=True, norm=(nw2, eps))
     h, x = rmsnorm.rmsnorm_triton(o, nw, eps, r)
-    idx, w = route.route_triton(torch.nn.functional.linear(h, rw, rb), k, loads[1])
+    idx, w = route.route_triton(torch.nn.functional.linear(h, rw, rb), k, loads[1], mask, drop_masked=True)
     unfused, _ = moe.moe_mxfp4(h, (idx, w), *ws16, top_k=k, global_to_local=g2l, residual=x, norm=(nw2, eps))
     ref32 = x.float() + moe.moe_reference(h.float(), idx, w.float(), *ws, global_to_local=g2l)
     ek, e16, ok = verdict(fused, ref32, unfused)
