@@ -276,10 +276,10 @@ def _local_or_skip(E: int, device) -> torch.Tensor:
 def _gate_call(cfg, n: int, dtype, device):
     """The gate as a decode step's model calls it (MoE.forward_block -> moe_block_mxfp4): with the expert
     map, the load counter and the graph's row mask (its padding dropped), at the BLOCK_M and activations
-    (x16) of the MoE plan this batch runs (kernels.tuned's file as read at the call), so the tuner compiles
-    and times the served specialization. Checked: its norm and logits against torch's, and its routing and
-    alignment against route and align of its own logits (a tie a rounding apart may fall either way), a
-    mismatch adding 1e6 to the reference's last value."""
+    (x16) of the MoE plan this batch runs (kernels.tune forces the expert configs the launchers pick), so
+    the tuner compiles and times the served specialization. Checked: its norm and logits against torch's,
+    and its routing and alignment against route and align of its own logits (a tie a rounding apart may
+    fall either way), a mismatch adding 1e6 to the reference's last value."""
     import torch.nn.functional as F
 
     from .moe_configs import step_plan
@@ -364,7 +364,6 @@ def compile_job(job: dict) -> list[dict]:
     from models.checkpoint import PRESETS
 
     from . import _triton, aot, tuned
-    tuned.clear_cache()  # a long-lived worker: the gate's call reads the MoE plan kernels.tune last wrote
     try:
         fn, args, kw, _ = make_call(job["family"], PRESETS[job["model"]], job["n"], job["window"], job["context"],
                                     getattr(torch, job["dtype"]), "meta", linear=job.get("linear"))

@@ -16,14 +16,13 @@ cuBLAS). Every candidate is compiled first for this
 GPU's arch in worker processes and dropped when kernels.aot reports a compile
 error, a spill, too much shared memory or wgmma that ptxas serialized (under
 Triton 3.6, the GPU image's, 19 of a 120b batch-1 run's 516, no default among
-them; the workers also fill Triton's cache, so the timing process compiles nothing, unless the MoE
-this run just tuned changed the gate's plan after its candidates were compiled). The workers run
+them; the workers also fill Triton's cache, so the timing process compiles nothing). The workers run
 ahead: while one candidate is timed they compile the rest of its task's and the next task's, so
 compiling and timing overlap (each shape's line says how long timing still
 waited for a compile). The rest are timed on random inputs
 (MXFP4 weights, bf16 activations, routing uniform over experts), each launch as a decode step of the
-model makes it (kernels._tune_cases: the gate with the expert map, load and row mask at the MoE plan's
-BLOCK_M, read from the file as this run rewrites it; attention with its rotary and cache writes),
+model makes it (kernels._tune_cases: the gate with the expert map, load and row mask at its batch's MoE
+plan, as this run has tuned it so far; attention with its rotary and cache writes),
 captured in a CUDA graph and replayed under triton.testing.do_bench (L2 flushed before each
 rep, median), and the three fastest are retried at other num_stages. The
 winner must match the torch reference or nothing is written for it. Results
@@ -37,6 +36,7 @@ Tasks and sweeps: kernels/_tune_plans.py; candidate sets: kernels/_tune_cases.py
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import sys
@@ -194,11 +194,30 @@ class Tuner:
 
     # ------------------------------------------------------------- families
     def plan(self, task: Task) -> Plan:
-        return plan_task(task, self.dtype, self.dry, self.a.context)
+        return self._with_moe_plan(plan_task(task, self.dtype, self.dry, self.a.context))
 
     def run(self, plan: Plan) -> list[Result]:
+        plan = self._with_moe_plan(plan)  # planned before this run's MoE at its batch was written
         return (self.moe if plan.task.family == "moe" else self.linear if plan.task.family == "linear"
                 else self.single)(plan)
+
+    def _with_moe_plan(self, plan: Plan) -> Plan:
+        """The gate's launch follows the MoE plan of its batch (BLOCK_M, the gemv activations): the expert
+        configs the launchers pick now (this run's file, re-read after each write) go into the gate's forced
+        configs, so the compile workers bind the same launch without reading the file or touching the GPU,
+        and a plan changed by this run's MoE result is compiled and timed afresh."""
+        if plan.task.family != "gate":
+            return plan
+        from models.checkpoint import PRESETS
+
+        from .moe_configs import configs_for
+        c = PRESETS[plan.task.model]
+        x = torch.empty(plan.task.n, c.hidden_size, dtype=self.dtype, device=self.device)
+        w1, w2 = configs_for(plan.task.n, c.hidden_size, c.intermediate_size, c.num_local_experts,
+                             c.num_experts_per_tok, x, self.dry)
+        others = {"moe_w1": w1, "moe_w2": w2}
+        return dataclasses.replace(plan, sweeps=[dataclasses.replace(s, others={**s.others, **others})
+                                                 for s in plan.sweeps])
 
     def moe(self, plan: Plan) -> list[Result]:
         from models.checkpoint import PRESETS
@@ -233,7 +252,7 @@ class Tuner:
         res.default_us = next((t for t, c in runs if c == plan.default), None)
         if runs:
             res.best_us, res.best = runs[0]
-            res.check_err, res.check_ok = self.check(call, {task.family: res.best},
+            res.check_err, res.check_ok = self.check(call, {task.family: res.best, **s.others},
                                                      self.fault_key(task, s, res.best))
         return [res]
 

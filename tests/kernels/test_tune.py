@@ -361,6 +361,45 @@ def test_tuned_launches_are_the_ones_a_step_makes(model, n, gemv, monkeypatch):
                    if k == "_gate_kernel")
 
 
+def test_the_gate_is_tuned_at_the_moe_plan_of_its_batch(tmp_path, monkeypatch):
+    """The gate's sweep forces the expert configs the launchers would pick at its batch, read again when
+    it runs (after this run's MoE at that batch is written), so the compile workers bind the launch a step
+    makes without reading the file; under them the gate's call launches at that plan (gemv: BLOCK_M 1,
+    making the single-pair tiles' activations)."""
+    from types import SimpleNamespace
+
+    from kernels import _triton, _tune_cases as cases, moe_configs
+    from kernels._tune_plans import tasks
+    from kernels.tune import Tuner
+    from models.checkpoint import PRESETS
+    big = PRESETS["gpt-oss-120b"]
+    path = tmp_path / "configs.json"
+    monkeypatch.setenv(tuned.ENV, str(path))
+    path.write_text(json.dumps(dict(entries=[])))
+    tuned.clear_cache()
+    tuner = Tuner(SimpleNamespace(dry_run=False, context=2048), torch.device("cpu"), torch.bfloat16, 90, None)
+    (task,) = tasks(["gpt-oss-120b"], [1], {"gate"}, 1024)
+    plan = tuner.plan(task)
+    d = moe_configs.default_config(big.num_experts_per_tok, big.num_local_experts, False)
+    assert plan.sweeps[0].others == {"moe_w1": d, "moe_w2": d}
+    gemv = moe_configs.gemv_configs()
+    shape = moe_shape(big.hidden_size, big.intermediate_size, big.num_local_experts, big.num_experts_per_tok,
+                      torch.bfloat16)
+    path.write_text(json.dumps(dict(entries=[_entry(k, shape, 1, c) for k, c in gemv.items()])))
+    tuned.clear_cache()  # as kernels.tune does after each write
+    try:
+        later = tuner._with_moe_plan(plan)
+        assert later.sweeps[0].others == gemv and later.results is plan.results
+        fn, args, kw, _ = cases.make_call("gate", big, 1, None, 0, torch.bfloat16, "meta")
+        for others, block_m, x16 in ((plan.sweeps[0].others, d["BLOCK_M"], False), (gemv, 1, True)):
+            with tuned.forced({"gate": plan.default, **others}), _triton.recording() as launches:
+                fn(*args, **kw)
+            (gate,) = [w for k, _, w in launches if k.__name__ == "_gate_kernel"]
+            assert (gate["BLOCK_M"], gate["X16"]) == (block_m, x16)
+    finally:
+        tuned.clear_cache()
+
+
 def test_decode_attention_splits_reach_a_wave_at_batch_1():
     """At batch 1 the full-attention layers' sweep reaches 32 key-range splits (256 programs on 132 SMs);
     under the sliding window at most 4; past 2,048 programs none is tried."""
