@@ -5,8 +5,8 @@
 The interpreter tests accept code the real compiler rejects and say nothing
 about register spills or shared memory. This compiles each kernel for the
 target (Triton bundles ptxas) at every configuration its launcher picks for
-gpt-oss-20b and -120b at decode batches 1, 8, 64, 256 and an 8192-token
-prefill chunk (and 120b as one rank of 8 expert-parallel ones: replicated
+gpt-oss-20b and -120b at decode batches 1, 8, 64, 256 (and decode attention's split count at every
+CUDA-graph bucket) and an 8192-token prefill chunk (and 120b as one rank of 8 expert-parallel ones: replicated
 attention, attention DP, attention DP in TP groups of 2), and checks: it compiles, ptxas spills nothing, the shared
 memory fits one block on the target, and ptxas keeps its wgmma asynchronous (no C7515 "serialized"
 report: each MMA then waits for the one before, found in every tensor-core MoE kernel under Triton 3.6

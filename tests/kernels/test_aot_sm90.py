@@ -114,3 +114,20 @@ def test_the_committed_gpu_configs_compile(path, monkeypatch):
     assert [(u.kernel, u.config) for u in rows] == [(c.kernel, c.label) for c in configs]
     bad = [f"{u.kernel} {u.config} ({u.uses}): {'; '.join(u.problems(ARCH))}" for u in rows if u.problems(ARCH)]
     assert not bad, bad
+
+
+def test_every_graph_buckets_attention_splits_are_compiled():
+    """Decode attention's default key-range split count depends on the batch; every CUDA-graph bucket's
+    (kernels.cuda_graphs.DEFAULT_BUCKETS: 8 splits up to 4 sequences, 4 at 8, 2 at 16, then 1) is in the
+    plan, for 120b's heads. The decode batches alone (1, 8, 64, 256) left out the 16-sequence bucket's 2."""
+    import re
+
+    from kernels.attention import _default_config
+    from kernels.cuda_graphs import DEFAULT_BUCKETS
+    from models.checkpoint import PRESETS
+    cfg = PRESETS["gpt-oss-120b"]
+    K, G = cfg.num_key_value_heads, cfg.num_attention_heads // cfg.num_key_value_heads
+    want = {_default_config(1, b, K, G, True, False)["NUM_SPLITS"] for b in DEFAULT_BUCKETS}
+    got = {int(re.search(r"NUM_SPLITS=(\d+)", c.label).group(1)) for c in CONFIGS
+           if c.kernel == "_attn_kernel" and "ROPE=True" in c.label and "KV=fp8" not in c.label}
+    assert want == {8, 4, 2, 1} and want <= got
