@@ -66,7 +66,8 @@ def step_launches(cfg, n_seqs: int, q_len: int, context: int, ep: int = 1, attn_
         u8 = dict(dtype=torch.uint8, **meta)
         static_ep = ep > 1 and q_len == 1
         gathered = -(-N // tp) * ep if static_ep and attn_dp else N
-        E, rows, top = (E, N, k) if ep == 1 else (E // ep, gathered, k) if static_ep else (E // ep, max(1, N * k // ep), 1)
+        E, rows, top = ((E, N, k) if ep == 1 else (E // ep, gathered, k) if static_ep
+                        else (E // ep, max(1, N * k // ep), 1))
         experts = (torch.empty(E, 2 * I, H // 32, 16, **u8), torch.empty(E, 2 * I, H // 32, **u8),
                    torch.empty(E, 2 * I, dtype=bf16, **meta), torch.empty(E, H, I // 32, 16, **u8),
                    torch.empty(E, H, I // 32, **u8), torch.empty(E, H, dtype=bf16, **meta))
