@@ -112,14 +112,16 @@ def workloads():
     # decode attention splits its keys by batch (kernels.attention._default_config, or the tuned file's nearest
     # bucket): the CUDA-graph buckets whose split count the batches above do not reach (16: 2 splits)
     from .cuda_graphs import DEFAULT_BUCKETS
+    def attn(step):
+        return [ln for ln in step if ln[0].__name__ == "_attn_kernel"]
     for name in MODELS:
-        cfg, short, seen = PRESETS[name], name.removeprefix("gpt-oss-"), set()
-        for b in [*DECODE_BATCHES, *(b for b in DEFAULT_BUCKETS if b not in DECODE_BATCHES)]:
-            attn = [ln for ln in step_launches(cfg, b, 1, DECODE_CONTEXT) if ln[0].__name__ == "_attn_kernel"]
-            splits = {ln[2]["NUM_SPLITS"] for ln in attn}
-            if b not in DECODE_BATCHES and not splits <= seen:
-                out.append((f"{short} attn d{b}", attn))
-            seen |= splits
+        short = name.removeprefix("gpt-oss-")
+        seen = {ln[2]["NUM_SPLITS"] for use, step in out if use.startswith(f"{short} d") for ln in attn(step)}
+        for b in (b for b in DEFAULT_BUCKETS if b not in DECODE_BATCHES):
+            launches = attn(step_launches(PRESETS[name], b, 1, DECODE_CONTEXT))
+            if not {ln[2]["NUM_SPLITS"] for ln in launches} <= seen:
+                out.append((f"{short} attn d{b}", launches))
+                seen |= {ln[2]["NUM_SPLITS"] for ln in launches}
     for b in DECODE_BATCHES:  # 120b over 8 expert-parallel ranks (helm/gptoss/values-120b-ep8.yaml)
         out.append((f"120b ep8 d{b}", step_launches(PRESETS["gpt-oss-120b"], b, 1, DECODE_CONTEXT, ep=8)))
     out.append((f"120b ep8 p{PREFILL_CHUNK}", step_launches(PRESETS["gpt-oss-120b"], 1, PREFILL_CHUNK,
