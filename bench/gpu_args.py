@@ -59,7 +59,8 @@ def parse(argv=None, doc: str = ""):
     ap.add_argument("--max-tokens-per-step", type=int, default=8192)
     ap.add_argument("--isl", type=int, default=1024)
     ap.add_argument("--osl", type=int, default=1024)
-    # the most sequences in flight that fit beside 120b's weights on an H200 at 1k/1k (~38 GB of KV)
+    # 1,024 1k/1k requests in two equal waves on an H200's bf16 cache (~39 GiB of KV, 101.9 GiB peak in session
+    # 27): ~800 would fit at serving's 0.9 fraction, but would leave a ~200-request second wave at a small batch
     ap.add_argument("--concurrency", type=int, default=512)
     ap.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto",
                     help="every engine's KV cache (EngineConfig.kv_cache_dtype); fp8 halves its bytes, so twice the "
