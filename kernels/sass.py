@@ -10,6 +10,9 @@ files included) with Triton's bundled ptxas, disassembles the cubin with its
 bundled cuobjdump, and reports the longest loop (the body of the longest
 backward branch) with its instruction count and, with --ops, its opcode mix.
 Divide by the weight bytes one iteration of a CTA covers to compare kernels.
+For the expert matmuls' tensor-core tiles it also gives warp-instructions per
+1K MACs and, for sm_90, that issue time over the tensor cores' time for the
+same MACs: above 1, the loop is bound by the instructions it issues.
 """
 
 from __future__ import annotations
@@ -74,6 +77,30 @@ def disassemble(cubin: bytes) -> str:
         return subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=True).stdout
 
 
+# The expert matmuls' tiled loops (tensor cores): a CTA's MACs per iteration from the tile constants. W1's tile
+# holds 2 BLOCK_N columns (gate and linear); the rs tiles step NSUB 32-value blocks of K.
+_MMA_TILES = {"_w1_kernel": 2, "_w2_kernel": 1, "_w1_rs_kernel": 2, "_w2_rs_kernel": 1}
+ISSUE_PER_CYCLE = 4  # warp-instructions an SM issues a cycle (4 schedulers)
+TENSOR_MACS_PER_CYCLE = {90: 2048}  # dense bf16 MACs an SM's tensor cores do a cycle (H100/H200: 989 TFLOP/s)
+
+
+def macs_per_iteration(kernel: str, config: str) -> int | None:
+    """MACs one CTA does in an iteration of an expert matmul's main loop, from its config label; None for
+    other kernels."""
+    if kernel not in _MMA_TILES:
+        return None
+    c = dict(kv.split("=", 1) for kv in config.split() if "=" in kv)
+    k = 32 * int(c["NSUB"]) if "NSUB" in c else int(c["BLOCK_K"])
+    return int(c["BLOCK_M"]) * _MMA_TILES[kernel] * int(c["BLOCK_N"]) * k
+
+
+def per_kmac(lp: Loop) -> float | None:
+    """Warp-instructions the loop issues per 1,000 MACs (its instructions a thread, times its warps)."""
+    macs = macs_per_iteration(lp.kernel, lp.config)
+    warps = next((int(t[1:]) for t in lp.config.split() if re.fullmatch(r"w\d+", t)), None)
+    return None if not macs or warps is None else 1000 * lp.instructions * warps / macs
+
+
 def loops(kernel: str | None = None, label: str | None = None, use: str | None = None, arch: int = 90) -> list[Loop]:
     import triton
     from triton.backends.compiler import GPUTarget
@@ -108,7 +135,13 @@ def main(argv=None) -> int:
         print("kernels.sass: no planned configuration matches (see python -m kernels.aot)", file=sys.stderr)
         return 2
     for lp in found:
-        print(f"{lp.kernel} [{lp.config}] ({lp.uses}): loop {lp.instructions} instructions, {lp.total} in all")
+        line = f"{lp.kernel} [{lp.config}] ({lp.uses}): loop {lp.instructions} instructions, {lp.total} in all"
+        k = per_kmac(lp)
+        if k is not None:
+            line += f"; {k:.2f} warp-instructions per 1K MACs"
+            if a.arch in TENSOR_MACS_PER_CYCLE:  # issue cycles over the tensor cores' cycles for the same MACs
+                line += f" ({k / ISSUE_PER_CYCLE * TENSOR_MACS_PER_CYCLE[a.arch] / 1000:.2f}x the tensor cores' time)"
+        print(line)
         if a.ops:
             print("    " + ", ".join(f"{op} {n}" for op, n in lp.ops.most_common()))
     return 0

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from kernels.sass import instructions, longest_loop, opcode
+from kernels.sass import Loop, instructions, longest_loop, macs_per_iteration, opcode, per_kmac
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -51,3 +51,31 @@ def test_cli_reports_the_gemv_loop():
     bad = subprocess.run([sys.executable, "-m", "kernels.sass", "--kernel", "_nope_kernel"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "no planned configuration" in bad.stderr
+
+
+def test_macs_per_iteration_of_the_expert_tiles():
+    """W1's tile holds gate and linear columns (2 BLOCK_N); rs tiles step NSUB 32-value blocks; no tensor
+    cores, no figure."""
+    assert macs_per_iteration("_w1_kernel", "TOP_K=4 BLOCK_M=64 BLOCK_N=64 BLOCK_K=64 DQ=False w4 s3") == 64 * 128 * 64
+    assert macs_per_iteration("_w2_kernel", "TOP_K=1 BLOCK_M=256 BLOCK_N=128 BLOCK_K=64 w8 s3") == 256 * 128 * 64
+    assert macs_per_iteration("_w2_rs_kernel", "BLOCK_M=128 BLOCK_N=128 NSUB=6 PTX=True w8 s3") == 128 * 128 * 192
+    assert macs_per_iteration("_w1_rs_kernel", "BLOCK_M=16 BLOCK_N=32 NSUB=2 w4 s3") == 16 * 64 * 64
+    assert macs_per_iteration("_w1_gemv_kernel", "BLOCK_M=1 BLOCK_N=16 BLOCK_KB=64 w4 s2") is None
+    lp = Loop("_w1_kernel", "TOP_K=4 BLOCK_M=64 BLOCK_N=64 BLOCK_K=64 w4 s3", "", 598, 1840, None)
+    assert per_kmac(lp) == pytest.approx(1000 * 598 * 4 / (64 * 128 * 64))
+    assert per_kmac(Loop("_w1_gemv_kernel", "BLOCK_M=1 w4", "", 109, 376, None)) is None
+
+
+def test_cli_reports_the_rs_prefill_tile_under_the_tensor_cores_time():
+    """rs at BLOCK_M 128 (a prefill chunk's candidate): its decode is ~2 instructions per 32 values of a
+    64-row operand, shared by 128 tokens, so the loop issues less than the tensor cores take (BENCHMARKS.md,
+    "Prefill expert matmuls")."""
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-m", "kernels.sass", "--kernel", "_w1_rs_kernel", "--use", "rs128 p8192"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    line = r.stdout.splitlines()[0]
+    per = float(line.split("; ")[1].split()[0])
+    ratio = float(line.split("(")[-1].split("x")[0])
+    assert 0.5 < per < 1.9 and ratio < 1, line
