@@ -67,8 +67,8 @@ def test_macs_per_iteration_of_the_expert_tiles():
 
 
 def test_cli_reports_the_rs_prefill_tile_under_the_tensor_cores_time():
-    """rs at BLOCK_M 128 (a prefill chunk's candidate): its decode is ~2 instructions per 32 values of a
-    64-row operand, shared by 128 tokens, so the loop issues less than the tensor cores take (BENCHMARKS.md,
+    """rs at BLOCK_M 128 (a prefill chunk's candidate): its weight decode (~2.25 instructions a value,
+    kernels.moe_rs) serves 128 tokens, so the loop issues less than the tensor cores take (BENCHMARKS.md,
     "Prefill expert matmuls")."""
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
