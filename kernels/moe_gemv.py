@@ -38,6 +38,15 @@ from .pdl import PREFETCH_PTX  # noqa: F401 (read as a global by _l2_prefetch wh
 from .pdl import enter as _pdl_enter
 from .pdl import l2_prefetch as _l2_prefetch
 
+# The E2M1 magnitudes 0, .5, 1 and 1.5 as fp16 high bytes: the first half of _BLOCK_PTX's lookup table (the
+# other half, 2..6, is an immediate). A lookup takes one half in a register. As a constant, ptxas rematerialised
+# that register before every lookup (an IMAD a lookup: 16 of the 202 instructions of the tuned 120b loop under
+# Triton 3.6). Read from memory (lut(), a copy a row: ptxas cannot tell the loads give one value), it stays in a
+# register.
+E2M1_F16_LO = 0x3E3C3800
+LUT_WORDS = 256  # a copy for each of a tile's rows (W1: 2 BLOCK_N <= 256)
+_LUT_WORDS = tl.constexpr(LUT_WORDS) if HAVE_TRITON else LUT_WORDS
+_luts: dict = {}
 _XS = 7  # activations are stored as fp16(x * 2**-XS): a block's half sums (16 x 6 x |x| 2**-XS) stay < 65504
 XS = tl.constexpr(_XS) if HAVE_TRITON else _XS
 X16_SCALE = tl.constexpr(2.0 ** -_XS) if HAVE_TRITON else 2.0 ** -_XS
@@ -57,7 +66,7 @@ prmt.b32 q, hb, z, 0x1404; fma.rn.f16x2 acc, q, {X2}, acc; prmt.b32 q, hb, z, 0x
 _LOAD_PTX_TEXT = "ld.global.nc.L1::no_allocate.v4.b32 {$0, $1, $2, $3}, [$5]; ld.global.nc.u8 $4, [$6];"
 _LOAD_PTX = tl.constexpr(_LOAD_PTX_TEXT) if HAVE_TRITON else None
 # $0 (f32) = sum over one 16-byte block ($1-$4) of E2M1 * x16, times 2**($5 - 127 + XS), $5 the block's
-# E8M0 scale; $6: the address of its 32 fp16 activations (64 bytes, 64-bit).
+# E8M0 scale; $6: the address of its 32 fp16 activations (64 bytes, 64-bit); $7: E2M1_F16_LO.
 _BLOCK_PTX_TEXT = ("""{
 .reg .b32 x<16>, s, t0, t1, z, m, mb, h, hb, sh, sa, sb, q, acc;
 .reg .b16 lo, hi;
@@ -66,7 +75,7 @@ ld.global.nc.v4.b32 {x0, x1, x2, x3}, [$6];
 ld.global.nc.v4.b32 {x4, x5, x6, x7}, [$6+16];
 ld.global.nc.v4.b32 {x8, x9, x10, x11}, [$6+32];
 ld.global.nc.v4.b32 {x12, x13, x14, x15}, [$6+48];
-mov.b32 t0, 0x3E3C3800; mov.b32 t1, 0x46444240; mov.b32 z, 0; mov.b32 acc, 0;
+mov.b32 t0, $7; mov.b32 t1, 0x46444240; mov.b32 z, 0; mov.b32 acc, 0;
 """ + "".join(_WORD.format(W=f"${i + 1}", X0=f"x{4 * i}", X1=f"x{4 * i + 1}", X2=f"x{4 * i + 2}", X3=f"x{4 * i + 3}")
               for i in range(4)) + f"""mov.b32 {{lo, hi}}, acc;
 cvt.f32.f16 f0, lo; cvt.f32.f16 f1, hi; add.f32 f0, f0, f1;
@@ -97,37 +106,56 @@ def _word_dot(w, x_ptr, i: tl.constexpr):
     return tl.sum(_e2m1_x16k(c) * tl.load(x_ptr[:, :, None] + 8 * i + n).to(tl.float32), axis=2)
 
 
-def _block_sums(w0, w1, w2, w3, s, x_ptr, PTX: tl.constexpr):
+def _block_sums(w0, w1, w2, w3, s, x_ptr, t0, PTX: tl.constexpr):
     """A block's words and scale ([R, NB] each) and [R, NB] pointers to its 32 fp16 activations -> its sum
-    of E2M1 * x16 times 2**(scale - 127 + XS) (fp32; scale 0 reads as 2**-127)."""
+    of E2M1 * x16 times 2**(scale - 127 + XS) (fp32; scale 0 reads as 2**-127). t0: E2M1_F16_LO, as read."""
     if PTX:
-        return tl.inline_asm_elementwise(_BLOCK_PTX, "=r,r,r,r,r,r,l", [w0, w1, w2, w3, s, x_ptr.to(tl.int64)],
+        return tl.inline_asm_elementwise(_BLOCK_PTX, "=r,r,r,r,r,r,l,r", [w0, w1, w2, w3, s, x_ptr.to(tl.int64), t0],
                                          dtype=tl.float32, is_pure=True, pack=1)
     part = _word_dot(w0, x_ptr, 0) + _word_dot(w1, x_ptr, 1) + _word_dot(w2, x_ptr, 2) + _word_dot(w3, x_ptr, 3)
     return part * ((s + (14 + XS)) << 23).to(tl.float32, bitcast=True)
 
 
-def _rows_dot(x_row, w_rows, s_rows, K, ROWS: tl.constexpr, BLOCK_KB: tl.constexpr, PTX: tl.constexpr):
+def _rows_dot(x_row, w_rows, s_rows, K, lut_ptr, ROWS: tl.constexpr, BLOCK_KB: tl.constexpr, PTX: tl.constexpr):
     """W[rows] @ x over K -> [ROWS] fp32 (x * 2**XS undone): w_rows / s_rows [ROWS] point at each row's
-    bytes and scales (every row a real one), x_row at the token's K fp16 activations. Each step's
-    weights are loaded a step ahead, and the last step is peeled off the loop: a load ahead of it would be
-    spare blocks only (at 1 KB steps, as many loads again as a 1,440-byte row's 90 blocks). The last step's
-    own spare blocks reread a real one, summed as 0."""
+    bytes and scales (every row a real one), x_row at the token's K fp16 activations, lut_ptr at lut()'s
+    word. Each step's weights are loaded a step ahead, and the last step is peeled off the loop: a load ahead
+    of it would be spare blocks only (at 1 KB steps, as many loads again as a 1,440-byte row's 90 blocks). The
+    last step's own spare blocks reread a real one, summed as 0."""
     NB: tl.constexpr = BLOCK_KB // 16
     n_blk = K // 32
     last = (n_blk - 1) // NB * NB  # the last step's first block
     acc = tl.zeros((ROWS, NB), tl.float32)
     zero = tl.zeros((ROWS, NB), tl.int32)
+    # a word a row (not one scalar load: ptxas keeps a uniform value in a uniform register, and copies it out
+    # before every lookup as it does a constant)
+    tl.static_assert(ROWS <= _LUT_WORDS)
+    t0 = zero + tl.load(lut_ptr + tl.arange(0, ROWS))[:, None]
     blk = tl.minimum(tl.arange(0, NB), n_blk - 1)
     w0, w1, w2, w3, s = _load_blocks(w_rows[:, None] + blk[None, :] * 16, s_rows[:, None] + blk[None, :], PTX)
     for b0 in range(0, last, NB):  # the steps before the last: every block a real one
         nxt = tl.minimum(b0 + NB + tl.arange(0, NB), n_blk - 1)
         n0, n1, n2, n3, ns = _load_blocks(w_rows[:, None] + nxt[None, :] * 16, s_rows[:, None] + nxt[None, :], PTX)
-        acc += _block_sums(w0, w1, w2, w3, s, x_row + (zero + blk[None, :] * 32), PTX)
+        acc += _block_sums(w0, w1, w2, w3, s, x_row + (zero + blk[None, :] * 32), t0, PTX)
         w0, w1, w2, w3, s, blk = n0, n1, n2, n3, ns, nxt
     live = (last + tl.arange(0, NB)) < n_blk
-    acc += tl.where(live[None, :], _block_sums(w0, w1, w2, w3, s, x_row + (zero + blk[None, :] * 32), PTX), 0.0)
+    acc += tl.where(live[None, :], _block_sums(w0, w1, w2, w3, s, x_row + (zero + blk[None, :] * 32), t0, PTX), 0.0)
     return tl.sum(acc, axis=1)
+
+
+def lut(device):
+    """LUT_WORDS copies of E2M1_F16_LO, int32 on device (made once, by a fill kernel): the gemv tiles'
+    lut_ptr. Not first made inside a CUDA-graph capture, where the fill would only run at replay; the
+    capturers run each step eagerly first (kernels.cuda_graphs, kernels.tune), which makes it."""
+    import torch
+    device = torch.device(device)
+    t = _luts.get(device)
+    if t is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("kernels.moe_gemv.lut: first made during a CUDA-graph capture; run the step once "
+                               "before capturing it")
+        t = _luts[device] = torch.full((LUT_WORDS,), E2M1_F16_LO, dtype=torch.int32, device=device)
+    return t
 
 
 def _prefetch_rows(wb_ptr, ws_ptr, tile_e_ptr, t, e, r_lo, r_hi, K, PTX: tl.constexpr):
@@ -150,7 +178,7 @@ def _x16_kernel(x_ptr, out_ptr, H, stride_x, BLOCK: tl.constexpr, PDL: tl.conste
     tl.store(out_ptr + n.to(tl.int64) * H + h, (v * X16_SCALE).to(tl.float16), mask=h < H)
 
 
-def _w1_gemv_kernel(x_ptr, wb_ptr, ws_ptr, b_ptr, act_ptr, sorted_ptr, tile_e_ptr, n_pairs, H, I,
+def _w1_gemv_kernel(x_ptr, wb_ptr, ws_ptr, b_ptr, act_ptr, sorted_ptr, tile_e_ptr, lut_ptr, n_pairs, H, I,
                     TOP_K: tl.constexpr, LIMIT: tl.constexpr, ALPHA: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_KB: tl.constexpr, PTX: tl.constexpr, L2PF: tl.constexpr = False,
                     PDL: tl.constexpr = False):
@@ -170,7 +198,7 @@ def _w1_gemv_kernel(x_ptr, wb_ptr, ws_ptr, b_ptr, act_ptr, sorted_ptr, tile_e_pt
     r = tl.program_id(1) * R + tl.arange(0, R)
     row = e * (2 * I) + tl.minimum(r, 2 * I - 1).to(tl.int64)
     y = _rows_dot(x_ptr + (pair // TOP_K).to(tl.int64) * H, wb_ptr + row * (H // 2), ws_ptr + row * (H // 32),
-                  H, R, BLOCK_KB, PTX)
+                  H, lut_ptr, R, BLOCK_KB, PTX)
     y += tl.load(b_ptr + row).to(tl.float32)
     gate, lin = tl.split(tl.reshape(y, (BLOCK_N, 2)))
     gate = tl.minimum(gate, LIMIT)
@@ -180,7 +208,7 @@ def _w1_gemv_kernel(x_ptr, wb_ptr, ws_ptr, b_ptr, act_ptr, sorted_ptr, tile_e_pt
     tl.store(act_ptr + t.to(tl.int64) * I + j, (h * X16_SCALE).to(tl.float16), mask=j < I)
 
 
-def _w2_gemv_kernel(act_ptr, wb_ptr, ws_ptr, b_ptr, rw_ptr, y_ptr, sorted_ptr, tile_e_ptr, n_pairs, H, I,
+def _w2_gemv_kernel(act_ptr, wb_ptr, ws_ptr, b_ptr, rw_ptr, y_ptr, sorted_ptr, tile_e_ptr, lut_ptr, n_pairs, H, I,
                     cnt_ptr, valid_ptr, res_ptr, out_ptr, nw_ptr, h_ptr, n_rows, s_res, eps,
                     TOP_K: tl.constexpr, HAS_RES: tl.constexpr, NORM: tl.constexpr, BLOCK_H: tl.constexpr,
                     COMBINE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KB: tl.constexpr,
@@ -202,7 +230,7 @@ def _w2_gemv_kernel(act_ptr, wb_ptr, ws_ptr, b_ptr, rw_ptr, y_ptr, sorted_ptr, t
         _prefetch_rows(wb_ptr, ws_ptr, tile_e_ptr, t, e, e * H + n0, e * H + tl.minimum(n0 + BLOCK_N, H), I, PTX)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row = e * H + tl.minimum(n, H - 1).to(tl.int64)
-    y = _rows_dot(act_ptr + t.to(tl.int64) * I, wb_ptr + row * (I // 2), ws_ptr + row * (I // 32), I,
+    y = _rows_dot(act_ptr + t.to(tl.int64) * I, wb_ptr + row * (I // 2), ws_ptr + row * (I // 32), I, lut_ptr,
                   BLOCK_N, BLOCK_KB, PTX)
     y += tl.load(b_ptr + row).to(tl.float32)
     y = y * tl.load(rw_ptr + pair)

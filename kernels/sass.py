@@ -12,7 +12,9 @@ backward branch) with its instruction count and, with --ops, its opcode mix.
 Divide by the weight bytes one iteration of a CTA covers to compare kernels.
 For the expert matmuls' tensor-core tiles it also gives warp-instructions per
 1K MACs and, for sm_90, that issue time over the tensor cores' time for the
-same MACs: above 1, the loop is bound by the instructions it issues.
+same MACs: above 1, the loop is bound by the instructions it issues. For the
+single-pair (gemv) tiles it gives warp-instructions per weight byte and, for
+sm_90, the share of the SMs' issue rate that streaming at copy bandwidth takes.
 """
 
 from __future__ import annotations
@@ -94,11 +96,36 @@ def macs_per_iteration(kernel: str, config: str) -> int | None:
     return int(c["BLOCK_M"]) * _MMA_TILES[kernel] * int(c["BLOCK_N"]) * k
 
 
+def _warps(config: str) -> int | None:
+    return next((int(t[1:]) for t in config.split() if re.fullmatch(r"w\d+", t)), None)
+
+
 def per_kmac(lp: Loop) -> float | None:
     """Warp-instructions the loop issues per 1,000 MACs (its instructions a thread, times its warps)."""
-    macs = macs_per_iteration(lp.kernel, lp.config)
-    warps = next((int(t[1:]) for t in lp.config.split() if re.fullmatch(r"w\d+", t)), None)
+    macs, warps = macs_per_iteration(lp.kernel, lp.config), _warps(lp.config)
     return None if not macs or warps is None else 1000 * lp.instructions * warps / macs
+
+
+# The single-pair (decode) expert tiles stream weights without tensor cores: what bounds them is bytes in flight
+# or the instructions a byte costs. A CTA's K step reads BLOCK_KB bytes of each of its rows (W1: 2 BLOCK_N rows).
+_GEMV_TILES = {"_w1_gemv_kernel": 2, "_w2_gemv_kernel": 1}
+# weight bytes an SM receives a cycle at copy bandwidth: the H200's ~4.3 TB/s (session 27's unembedding stream,
+# BENCHMARKS.md "GPU, second round") over 132 SMs at 1.98 GHz
+COPY_BYTES_PER_CYCLE = {90: 16.5}
+
+
+def bytes_per_iteration(kernel: str, config: str) -> int | None:
+    """Weight bytes one CTA reads in an iteration of a single-pair expert tile's K loop; None for others."""
+    if kernel not in _GEMV_TILES:
+        return None
+    c = dict(kv.split("=", 1) for kv in config.split() if "=" in kv)
+    return _GEMV_TILES[kernel] * int(c["BLOCK_N"]) * int(c["BLOCK_KB"])
+
+
+def per_byte(lp: Loop) -> float | None:
+    """Warp-instructions the loop issues per weight byte."""
+    n, warps = bytes_per_iteration(lp.kernel, lp.config), _warps(lp.config)
+    return None if not n or warps is None else lp.instructions * warps / n
 
 
 def loops(kernel: str | None = None, label: str | None = None, use: str | None = None, arch: int = 90) -> list[Loop]:
@@ -141,6 +168,12 @@ def main(argv=None) -> int:
             line += f"; {k:.2f} warp-instructions per 1K MACs"
             if a.arch in TENSOR_MACS_PER_CYCLE:  # issue cycles over the tensor cores' cycles for the same MACs
                 line += f" ({k / ISSUE_PER_CYCLE * TENSOR_MACS_PER_CYCLE[a.arch] / 1000:.2f}x the tensor cores' time)"
+        b = per_byte(lp)
+        if b is not None:
+            line += f"; {b:.3f} warp-instructions per weight byte"
+            if a.arch in COPY_BYTES_PER_CYCLE:  # the share of the SMs' issue slots copy bandwidth would take
+                share = b * COPY_BYTES_PER_CYCLE[a.arch] / ISSUE_PER_CYCLE
+                line += f" ({share:.0%} of the issue rate at copy bandwidth)"
         print(line)
         if a.ops:
             print("    " + ", ".join(f"{op} {n}" for op, n in lp.ops.most_common()))

@@ -12,7 +12,7 @@ import struct
 import numpy as np
 import pytest
 
-from kernels.moe_gemv import _BLOCK_PTX_TEXT, _LOAD_PTX_TEXT, _XS
+from kernels.moe_gemv import _BLOCK_PTX_TEXT, _LOAD_PTX_TEXT, _XS, E2M1_F16_LO
 
 M32 = 0xFFFFFFFF
 E2M1 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
@@ -151,7 +151,7 @@ def block(wbytes: list[int], x16: np.ndarray, scale: int) -> float:
     mem[S_AT] = scale
     loaded = run_ptx(_LOAD_PTX_TEXT, mem, {"$5": W_AT, "$6": S_AT})
     ins = {f"${i + 1}": loaded[f"${i}"] for i in range(5)}
-    return float(_f(run_ptx(_BLOCK_PTX_TEXT, mem, {**ins, "$6": X_AT})["$0"]))
+    return float(_f(run_ptx(_BLOCK_PTX_TEXT, mem, {**ins, "$6": X_AT, "$7": E2M1_F16_LO})["$0"]))
 
 
 def values(wbytes: list[int]) -> list[float]:

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from kernels.sass import Loop, instructions, longest_loop, macs_per_iteration, opcode, per_kmac
+from kernels.sass import (Loop, bytes_per_iteration, instructions, longest_loop, macs_per_iteration, opcode, per_byte,
+                          per_kmac)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -38,7 +39,9 @@ def test_longest_backward_branch_is_the_loop():
 
 def test_cli_reports_the_gemv_loop():
     """The single-pair W2 tiles at 120b batch 1: their PTX block's half2 FMAs (16 per 16-byte block) and
-    table lookups are what the loop issues."""
+    table lookups are what the loop issues. Under 0.19 warp-instructions a weight byte: with the lookup
+    table's register rematerialised before each lookup (the half a constant, not kernels.moe_gemv.lut's
+    words) the served default issued 0.205."""
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     r = subprocess.run([sys.executable, "-m", "kernels.sass", "--kernel", "_w2_gemv_kernel", "--use", "120b gemv d1",
@@ -48,6 +51,8 @@ def test_cli_reports_the_gemv_loop():
     n = int(head.split("loop ")[1].split()[0])
     assert 50 < n < 200, head
     assert "HFMA2 16" in ops and "PRMT" in ops, ops
+    assert head.endswith("of the issue rate at copy bandwidth)"), head
+    assert float(head.split("; ")[1].split()[0]) < 0.19, head
     bad = subprocess.run([sys.executable, "-m", "kernels.sass", "--kernel", "_nope_kernel"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "no planned configuration" in bad.stderr
@@ -64,6 +69,17 @@ def test_macs_per_iteration_of_the_expert_tiles():
     lp = Loop("_w1_kernel", "TOP_K=4 BLOCK_M=64 BLOCK_N=64 BLOCK_K=64 w4 s3", "", 598, 1840, None)
     assert per_kmac(lp) == pytest.approx(1000 * 598 * 4 / (64 * 128 * 64))
     assert per_kmac(Loop("_w1_gemv_kernel", "BLOCK_M=1 w4", "", 109, 376, None)) is None
+
+
+def test_bytes_per_iteration_of_the_gemv_tiles():
+    """A single-pair tile's K step reads BLOCK_KB bytes of each row: W1's 2 BLOCK_N (gate and linear), W2's
+    BLOCK_N; the tensor-core tiles have their MACs instead."""
+    cfg = "TOP_K=4 BLOCK_M=1 BLOCK_N=16 BLOCK_KB=128 PTX=True w4 s4"
+    assert bytes_per_iteration("_w1_gemv_kernel", cfg) == 2 * 16 * 128
+    assert bytes_per_iteration("_w2_gemv_kernel", cfg) == 16 * 128
+    assert bytes_per_iteration("_w1_kernel", "BLOCK_M=16 BLOCK_N=64 BLOCK_K=64 w4 s3") is None
+    assert per_byte(Loop("_w1_gemv_kernel", cfg, "", 185, 560, None)) == pytest.approx(185 * 4 / 4096)
+    assert per_byte(Loop("_w1_rs_kernel", "BLOCK_M=16 BLOCK_N=32 NSUB=2 w4 s3", "", 271, 900, None)) is None
 
 
 def test_cli_reports_the_rs_prefill_tile_under_the_tensor_cores_time():
