@@ -12,7 +12,7 @@ import struct
 import numpy as np
 import pytest
 
-from kernels.moe_gemv import _BLOCK_PTX_TEXT, _LOAD_PTX_TEXT, _XS, E2M1_F16_LO
+from kernels.moe_gemv import _BLOCK_PTX_TEXT, _LOAD_PTX_TEXT, _XS, E2M1_F16_LO, LUT_WORDS, lut
 
 M32 = 0xFFFFFFFF
 E2M1 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
@@ -201,3 +201,13 @@ def test_random_blocks_sum_within_fp16_rounding(seed):
         bound = 16 * 2.0 ** -11 * np.abs(terms).sum() * 2.0 ** (scale - 127 + _XS) + 1e-30
         got = block(wbytes, x16, scale)
         assert abs(got - want) <= bound, (got, want, bound)
+
+
+def test_lut_holds_the_tables_low_half():
+    """The word the gemv tiles read ($7, from kernels.moe_gemv.lut): E2M1 magnitudes 0, .5, 1, 1.5 as fp16
+    high bytes, byte k the magnitude of code k; a copy for every row a tile may hold, made once a device."""
+    highs = np.array([0.0, 0.5, 1.0, 1.5], dtype=np.float16).view(np.uint16) >> 8
+    assert E2M1_F16_LO == sum(int(b) << (8 * k) for k, b in enumerate(highs))
+    t = lut("cpu")
+    assert t.dtype.itemsize == 4 and t.numel() == LUT_WORDS >= 2 * 128  # W1's rows at the sweep's BLOCK_N 128
+    assert bool((t == E2M1_F16_LO).all()) and lut("cpu") is t
