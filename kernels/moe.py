@@ -390,6 +390,7 @@ def _experts(x, x16, rw, aligned, plan: Plan, k: int, w1_blocks, w1_scales, b1, 
     y = torch.empty(s2 * N * k, H, dtype=torch.float32 if gemv or s2 > 1 else x.dtype, device=x.device)
     meta, opts = launch_args(plan.cfg1)
     grid1 = (T, triton.cdiv(I, meta["BLOCK_N"]))
+    lut = (gemv_kernels.lut(x.device),) if gemv else ()  # the gemv tiles' table words (an argument of theirs only)
     if rs:
         xp = torch.empty(N, H, dtype=torch.bfloat16, device=x.device)
         launch(rs_kernels._xperm_kernel, (N, triton.cdiv(H, 1024)), x, xp, H, x.stride(0), BLOCK=1024)
@@ -397,8 +398,7 @@ def _experts(x, x16, rw, aligned, plan: Plan, k: int, w1_blocks, w1_scales, b1, 
                N * k, H, I, TOP_K=k, LIMIT=float(limit), ALPHA=float(alpha), PTX=not interp, **meta, **opts)
     elif gemv:
         launch(gemv_kernels._w1_gemv_kernel, grid1, x16, w1_blocks, w1_scales, b1, act, sorted_ids, tile_expert,
-               gemv_kernels.lut(x.device), N * k, H, I, TOP_K=k, LIMIT=float(limit), ALPHA=float(alpha),
-               PTX=not interp, **meta, **opts)
+               *lut, N * k, H, I, TOP_K=k, LIMIT=float(limit), ALPHA=float(alpha), PTX=not interp, **meta, **opts)
     else:
         part = torch.empty(s1, T * bm, 2 * I, dtype=torch.float32, device=x.device) if s1 > 1 else rw
         # DQ: W1 decoded once for the step into a bf16 scratch, which W2's decode reuses after W1 ran
@@ -437,8 +437,8 @@ def _experts(x, x16, rw, aligned, plan: Plan, k: int, w1_blocks, w1_scales, b1, 
     own = dict(PTX=not interp, **({} if gemv or rs else dict(
         DOT_BF16=plan.dot_bf16, SCALED=plan.scaled, SPLIT_K=s2, K_SPLIT=k_split(I, s2, meta["BLOCK_K"]), DQ=plan.dq)))
     launch(w2, (T, triton.cdiv(H, meta["BLOCK_N"]), s2), act, w2_blocks, w2_scales, b2, rw, y, sorted_ids,
-           tile_expert, *((gemv_kernels.lut(x.device),) if gemv else ()), N * k, H, I, tickets(x.device, 1),
-           *w2_combine, COMBINE=tail, **w2_flags, **own, **meta, **opts)
+           tile_expert, *lut, N * k, H, I, tickets(x.device, 1), *w2_combine, COMBINE=tail, **w2_flags, **own,
+           **meta, **opts)
     if not tail:
         opts = dict(num_warps=8) if norm is not None and H >= 2048 and not interp else {}
         launch(_combine_kernel, (N, triton.cdiv(H, bh)), y, *combine[:6], H, *combine[6:], **flags, BLOCK_H=bh,

@@ -9,7 +9,6 @@ each of kernels.aot's planned configurations (the launchers' own choices, tuned
 files included) with Triton's bundled ptxas, disassembles the cubin with its
 bundled cuobjdump, and reports the longest loop (the body of the longest
 backward branch) with its instruction count and, with --ops, its opcode mix.
-Divide by the weight bytes one iteration of a CTA covers to compare kernels.
 For the expert matmuls' tensor-core tiles it also gives warp-instructions per
 1K MACs and, for sm_90, that issue time over the tensor cores' time for the
 same MACs: above 1, the loop is bound by the instructions it issues. For the
@@ -86,12 +85,17 @@ ISSUE_PER_CYCLE = 4  # warp-instructions an SM issues a cycle (4 schedulers)
 TENSOR_MACS_PER_CYCLE = {90: 2048}  # dense bf16 MACs an SM's tensor cores do a cycle (H100/H200: 989 TFLOP/s)
 
 
+def _constants(config: str) -> dict[str, str]:
+    """A config label's NAME=value pairs (kernels.aot.Config.label)."""
+    return dict(kv.split("=", 1) for kv in config.split() if "=" in kv)
+
+
 def macs_per_iteration(kernel: str, config: str) -> int | None:
     """MACs one CTA does in an iteration of an expert matmul's main loop, from its config label; None for
     other kernels."""
     if kernel not in _MMA_TILES:
         return None
-    c = dict(kv.split("=", 1) for kv in config.split() if "=" in kv)
+    c = _constants(config)
     k = 32 * int(c["NSUB"]) if "NSUB" in c else int(c["BLOCK_K"])
     return int(c["BLOCK_M"]) * _MMA_TILES[kernel] * int(c["BLOCK_N"]) * k
 
@@ -118,7 +122,7 @@ def bytes_per_iteration(kernel: str, config: str) -> int | None:
     """Weight bytes one CTA reads in an iteration of a single-pair expert tile's K loop; None for others."""
     if kernel not in _GEMV_TILES:
         return None
-    c = dict(kv.split("=", 1) for kv in config.split() if "=" in kv)
+    c = _constants(config)
     return _GEMV_TILES[kernel] * int(c["BLOCK_N"]) * int(c["BLOCK_KB"])
 
 
