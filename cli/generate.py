@@ -131,19 +131,13 @@ def collect(outs) -> dict:
 def run(args) -> int:
     import torch
 
-    from cli.main import resolve_model
+    from cli.main import check_model, resolve_model
     from engine.core import EngineConfig, build_engine
     from engine.request import EngineError
-    from models.config import load_config
-    from models.weights import resolve_layout as resolve_ckpt
-    from parallel.layout import LayoutError, resolve_layout
 
     req = build_request(args)
     path = resolve_model(args.model)
-    try:
-        resolve_layout(load_config(resolve_ckpt(path)[0]), args.tp, args.ep, attn_dp=args.attn_dp)
-    except LayoutError as e:
-        raise UsageError(str(e)) from None
+    check_model(path, args.tp, args.ep, args.attn_dp)
     if args.gpu and not torch.cuda.is_available():
         raise UsageError("--gpu: no CUDA device on this machine")
     runtime = dict(dtype=torch.bfloat16, device="cuda", keep_mxfp4=True) if args.gpu else dict(dtype=torch.float32)

@@ -25,6 +25,24 @@ def resolve_model(spec: str) -> Path:
     return d
 
 
+def check_model(path: Path, tp: int, ep: int, attn_dp: bool) -> None:
+    """The checkpoint's config and the parallel layout, checked before anything starts: a bad --model, --tp
+    or --ep is the user's, answered with the flag's name rather than with a rank's traceback."""
+    from cli.generate import UsageError
+    from models.config import ConfigError, load_config
+    from models.weights import CheckpointError
+    from models.weights import resolve_layout as resolve_checkpoint
+    from parallel.layout import LayoutError, resolve_layout
+    try:
+        cfg = load_config(resolve_checkpoint(path)[0])
+    except (ConfigError, CheckpointError) as e:
+        raise UsageError(f"--model: {e}") from None
+    try:
+        resolve_layout(cfg, tp, ep, attn_dp=attn_dp)
+    except LayoutError as e:
+        raise UsageError(str(e)) from None
+
+
 def cmd_checkpoint_make(args) -> int:
     from models.checkpoint import PRESETS, make_checkpoint, spec_bytes, tensor_specs
 

@@ -101,12 +101,29 @@ def check_vocabulary() -> None:
         raise UsageError(f"cannot load harmony's o200k vocabulary ({hint}): {e}") from None
 
 
+def startup_failure(app_name: str) -> str:
+    """Why Serve could not start the app: the failed deployment's last line (its error), not Ray's message
+    ("Failed to update the deployments") nor the replica's traceback, which the controller's log holds."""
+    from ray import serve
+    try:
+        app = serve.status().applications[app_name]
+    except Exception as e:  # the controller itself is gone
+        return f"Serve's status is unavailable ({e})"
+    for name, d in app.deployments.items():
+        lines = [ln.strip() for ln in (d.message or "").splitlines() if ln.strip()]
+        if lines and str(d.status).endswith(("DEPLOY_FAILED", "UNHEALTHY")):
+            return f"deployment {name}: {lines[-1]}"
+    return app.message or str(app.status)
+
+
 def run_serve(args) -> int:
     from cli.generate import UsageError
-    from cli.main import resolve_model
+    from cli.main import check_model, resolve_model
     cfg = build_config(args)
     check_vocabulary()
-    resolve_model(args.model)  # build the demo checkpoint once, before replicas race for it
+    path = resolve_model(args.model)  # build the demo checkpoint once, before replicas race for it
+    if not args.address or path.exists():  # a cluster's path may exist only on its nodes
+        check_model(path, args.tp, args.ep, args.attn_dp)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
     from ray import serve
@@ -119,8 +136,23 @@ def run_serve(args) -> int:
             raise UsageError(f"--metrics-port: {args.metrics_port} is not a port number")
         ray.init(num_cpus=max(os.cpu_count() or 2, cfg.models[0].world + 1), include_dashboard=True,
                  _metrics_export_port=args.metrics_port)
+        # a local Ray has no autoscaler to add GPUs: the replicas would wait for them forever
+        have, need = int(ray.cluster_resources().get("GPU", 0)), cfg.models[0].world * args.min_replicas
+        if args.gpu and have < need:
+            ray.shutdown()
+            raise UsageError(f"--gpu: {args.min_replicas} replica(s) of {cfg.models[0].world} rank(s) need {need} "
+                             f"GPU(s); Ray sees {have} on this machine")
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
-    serve.run(build_application(cfg), name=cfg.app_name, route_prefix="/")
+    try:
+        serve.run(build_application(cfg), name=cfg.app_name, route_prefix="/")
+    except Exception:
+        why = startup_failure(cfg.app_name)
+        if args.address:  # leave the cluster's other apps alone
+            serve.delete(cfg.app_name)
+        else:
+            ray.shutdown()
+        print(f"gptoss serve: the model group did not start: {why}", file=sys.stderr)
+        return 1
     url = f"http://{cfg.host}:{cfg.port}"
     metrics = "see the cluster's metrics port" if args.address else f"http://127.0.0.1:{args.metrics_port}/metrics"
     print(f"\nOpenAI API ready at {url}/v1  (model '{args.name}')\n"

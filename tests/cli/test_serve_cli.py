@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -17,3 +19,52 @@ def test_serve_without_the_vocabulary_says_how_to_fix_it(tmp_path):
     assert r.returncode == 2
     assert "cannot load harmony's o200k vocabulary" in r.stderr and f"TIKTOKEN_ENCODINGS_BASE={tmp_path}" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def _serve(*flags: str, timeout: int = 240) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cli.main", "serve", *flags], cwd=ROOT, env=dict(os.environ),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("flags, says", [
+    (("--model", "/nonexistent"), "gptoss serve: --model: checkpoint path '/nonexistent' does not exist"),
+    (("--tp", "3"), "gptoss serve: --tp 3 does not divide the 4 query heads"),
+    (("--ep", "64"), "gptoss serve: --ep 64 exceeds the 8 experts"),
+])
+def test_serve_names_a_bad_model_or_layout_before_starting_ray(tiny_ckpt, flags, says):
+    """What a replica would fail on (no checkpoint there, heads --tp cannot split) is the user's input: it is
+    answered with the flag, before Ray starts, not with a replica's traceback after it."""
+    model = () if "--model" in flags else ("--model", str(tiny_ckpt))
+    r = _serve(*model, *flags, "--port", "8797")
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1].startswith(says)
+    assert "Traceback" not in r.stderr and "Started a local Ray instance" not in r.stderr
+
+
+def test_serve_gpu_without_the_gpus_refuses_instead_of_waiting(tiny_ckpt):
+    """A local Ray has no autoscaler: replicas asking for GPUs it lacks would wait forever, the CLI with
+    them. 64 replicas' GPUs are more than this machine (or a one-GPU device machine) has."""
+    r = _serve("--model", str(tiny_ckpt), "--gpu", "--min-replicas", "64", "--max-replicas", "64",
+               "--port", "8797", "--metrics-port", "8798")
+    assert r.returncode == 2, r.stderr[-2000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("gptoss serve: --gpu: 64 replica(s) of 1 rank(s) need 64 GPU(s); Ray sees "), last
+    assert "Traceback" not in r.stderr
+
+
+def test_serve_reports_why_the_model_group_did_not_start(tiny_ckpt, tmp_path):
+    """A checkpoint whose config reads but whose weights do not fails in the replica: the CLI waits for
+    Serve's verdict, then ends with the replica's own error as its last line (exit 1, Ray stopped), not
+    with Ray's "Failed to update the deployments" traceback."""
+    import shutil
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_ckpt, bad)
+    st = next(bad.glob("*.safetensors"))
+    os.truncate(st, st.stat().st_size // 2)
+    r = _serve("--model", str(bad), "--port", "8797", "--metrics-port", "8798")
+    assert r.returncode == 1, r.stderr[-2000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("gptoss serve: the model group did not start: deployment group-gpt-oss: "
+                           "models.weights.CheckpointError: cannot read safetensors file"), last
+    # the driver's own stack never reaches the user (the controller's log lines carry the replica's)
+    assert not any(ln.startswith("Traceback") for ln in r.stderr.splitlines())
