@@ -116,6 +116,23 @@ def startup_failure(app_name: str) -> str:
     return app.message or str(app.status)
 
 
+def check_port(host: str, port: int, flag: str) -> None:
+    """Serve's proxy binds the API port only after Ray has started, and then fails with a traceback: a port
+    already taken, or a host that is not this machine's, is found here first."""
+    import errno
+    import socket
+
+    from cli.generate import UsageError
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise UsageError(f"{flag}: {port} is in use on {host} (another server?)") from None
+            raise UsageError(f"--host: cannot listen on {host}:{port} ({e.strerror or e})") from None
+
+
 def run_serve(args) -> int:
     from cli.generate import UsageError
     from cli.main import check_model, resolve_model
@@ -134,6 +151,10 @@ def run_serve(args) -> int:
     else:
         if not 0 < args.metrics_port < 65536:
             raise UsageError(f"--metrics-port: {args.metrics_port} is not a port number")
+        if args.metrics_port == cfg.port:
+            raise UsageError(f"--metrics-port: {args.metrics_port} is also --port")
+        check_port(cfg.host, cfg.port, "--port")
+        check_port("0.0.0.0", args.metrics_port, "--metrics-port")
         ray.init(num_cpus=max(os.cpu_count() or 2, cfg.models[0].world + 1), include_dashboard=True,
                  _metrics_export_port=args.metrics_port)
         # a local Ray has no autoscaler to add GPUs: the replicas would wait for them forever

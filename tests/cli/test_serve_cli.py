@@ -41,6 +41,23 @@ def test_serve_names_a_bad_model_or_layout_before_starting_ray(tiny_ckpt, flags,
     assert "Traceback" not in r.stderr and "Started a local Ray instance" not in r.stderr
 
 
+def test_serve_names_a_port_it_cannot_listen_on(tiny_ckpt):
+    """Serve's proxy would bind the API port only once Ray is up, and fail there with a traceback."""
+    import socket
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for flags, says in [(("--port", str(port)), f"--port: {port} is in use on 127.0.0.1"),
+                            (("--port", "8797", "--metrics-port", str(port)), f"--metrics-port: {port} is in use"),
+                            (("--port", "8797", "--metrics-port", "8797"), "--metrics-port: 8797 is also --port"),
+                            (("--host", "no-such-host.invalid"), "--host: cannot listen on no-such-host.invalid")]:
+            r = _serve("--model", str(tiny_ckpt), *flags)
+            assert r.returncode == 2, r.stderr[-2000:]
+            assert r.stderr.strip().splitlines()[-1].startswith(f"gptoss serve: {says}"), r.stderr[-500:]
+            assert "Traceback" not in r.stderr and "Started a local Ray instance" not in r.stderr
+
+
 def test_serve_gpu_without_the_gpus_refuses_instead_of_waiting(tiny_ckpt):
     """A local Ray has no autoscaler: replicas asking for GPUs it lacks would wait forever, the CLI with
     them. 64 replicas' GPUs are more than this machine (or a one-GPU device machine) has."""
