@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from pathlib import Path
 
 
 def _add_common(p) -> None:
@@ -77,7 +78,13 @@ def build_config(args):
 
 def run_serve_config(args) -> int:
     import yaml
-    text = yaml.safe_dump(build_config(args).serve_yaml(), sort_keys=False)
+
+    from cli.main import check_model, demo_dir
+    cfg = build_config(args)
+    path = demo_dir() if args.model == "demo" else Path(args.model)
+    if path.exists():  # else it is the cluster's path, checked by its replicas
+        check_model(path, args.tp, args.ep, args.attn_dp)
+    text = yaml.safe_dump(cfg.serve_yaml(), sort_keys=False)
     if args.out == "-":
         sys.stdout.write(text)
     else:

@@ -85,3 +85,14 @@ def test_serve_reports_why_the_model_group_did_not_start(tiny_ckpt, tmp_path):
                            "models.weights.CheckpointError: cannot read safetensors file"), last
     # the driver's own stack never reaches the user (the controller's log lines carry the replica's)
     assert not any(ln.startswith("Traceback") for ln in r.stderr.splitlines())
+
+
+def test_serve_config_checks_a_local_checkpoint_and_leaves_a_cluster_path_alone(tiny_ckpt, tmp_path, capsys):
+    """`serve deploy` runs the YAML elsewhere: a path that exists here is checked like `gptoss serve` does,
+    one that does not is the cluster's and is written as given."""
+    from cli.main import main
+    assert main(["serve-config", "--model", str(tiny_ckpt), "--tp", "3"]) == 2
+    assert "gptoss serve-config: --tp 3 does not divide the 4 query heads" in capsys.readouterr().err
+    out = tmp_path / "serve.yaml"
+    assert main(["serve-config", "--model", "/models/gpt-oss-120b", "--tp", "8", "--out", str(out)]) == 0
+    assert "/models/gpt-oss-120b" in out.read_text()
