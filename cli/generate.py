@@ -64,7 +64,7 @@ def build_request(args):
     from pydantic import ValidationError
 
     from engine import harmony
-    from engine.grammar import GrammarSpec
+    from engine.grammar import GrammarMatcher, GrammarSpec
     from engine.request import GenerateRequest
     from engine.sampler import SamplingParams
 
@@ -93,10 +93,16 @@ def build_request(args):
         prompt = harmony.render_chat(messages, tools=fn_tools or None, reasoning_effort=args.reasoning_effort)
     except (harmony.HarmonyInputError, ValueError) as e:
         raise UsageError(f"--messages: {e}") from None
+    if args.max_reasoning_tokens is not None and args.max_reasoning_tokens < 0:
+        raise UsageError(f"--max-reasoning-tokens: {args.max_reasoning_tokens} is negative (0 forbids reasoning)")
     grammar = None
     if not args.no_grammar or rf or choice != "auto" or args.max_reasoning_tokens is not None:
         grammar = GrammarSpec(response_format=rf, tools=fn_tools if choice != "none" else [], tool_choice=choice,
                               max_reasoning_tokens=args.max_reasoning_tokens, harmony=True)
+        try:  # compiled now (and cached for the engine): a schema llguidance rejects is the flag's fault
+            GrammarMatcher.from_spec(grammar)
+        except ValueError as e:
+            raise UsageError(f"{'--json-schema' if rf else '--tools'}: {str(e).splitlines()[0]}") from None
     try:
         params = SamplingParams(temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                                 max_tokens=args.max_tokens)

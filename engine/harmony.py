@@ -47,6 +47,10 @@ class ChatMessage(BaseModel):
     def _assistant_only_fields(self) -> "ChatMessage":
         if self.role != "assistant" and (self.reasoning_content is not None or self.tool_calls):
             raise ValueError(f"{self.role} message cannot carry reasoning_content or tool_calls")
+        # as OpenAI's API: only an assistant turn may go without text (its tool calls or reasoning say it)
+        if self.content is None and (self.role != "assistant" or not (self.tool_calls or self.reasoning_content)):
+            raise ValueError(f"{'an' if self.role == 'assistant' else 'a'} {self.role} message needs content"
+                             + (", tool_calls or reasoning_content" if self.role == "assistant" else ""))
         return self
 
 
@@ -106,8 +110,8 @@ def _coerce(messages: Iterable[Union[ChatMessage, dict]]) -> list[ChatMessage]:
 
 def _first_error(e: ValidationError) -> str:
     err = e.errors()[0]
-    loc = ".".join(str(x) for x in err["loc"])
-    return f"{loc}: {err['msg']}" if loc else err["msg"]
+    loc, msg = ".".join(str(x) for x in err["loc"]), err["msg"].removeprefix("Value error, ")
+    return f"{loc}: {msg}" if loc else msg
 
 
 def _arguments(i: int, call: ToolCall) -> str:

@@ -67,7 +67,14 @@ def test_bad_flags_are_named(tiny_ckpt, files, tmp_path):
         (["--tp", "3"], "--tp 3"),
         (["--ep", "0"], "--ep"),
         (["--tp", "2", "--ep", "2", "--attn-dp"], "--attn-dp needs --ep larger than --tp"),
+        (["--max-reasoning-tokens", "-1"], "--max-reasoning-tokens: -1 is negative"),
+        # schemas llguidance will not compile: the first line of its error, not the grammar's excerpt
+        (["--json-schema", str(files / "bad_schema.json")], "--json-schema: invalid grammar"),
+        (["--tools", str(files / "bad_tools.json"), "--tool-choice", "f"], "--tools: invalid grammar"),
     ]
+    (files / "bad_schema.json").write_text(json.dumps({"type": "object", "properties": {"a": {"type": "integr"}}}))
+    (files / "bad_tools.json").write_text(json.dumps([{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"a": {"$ref": "#/x"}}}}}]))
     import torch
     if not torch.cuda.is_available():
         cases.append((["--gpu", "--prompt", "hi"], "--gpu: no CUDA device"))
@@ -75,3 +82,4 @@ def test_bad_flags_are_named(tiny_ckpt, files, tmp_path):
         r = run("--model", str(tiny_ckpt), *args, ok=False)
         assert r.returncode == 2, (args, r.stderr)
         assert flag in r.stderr and "Traceback" not in r.stderr, r.stderr
+        assert flag in r.stderr.strip().splitlines()[-1], r.stderr  # the message ends the output

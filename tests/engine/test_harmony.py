@@ -213,6 +213,11 @@ def test_reasoning_effort_and_date(enc, effort):
         ([{"role": "user", "content": "x"}, {"role": "tool", "tool_call_id": "nope", "content": "r"}], "nope"),
         ([{"role": "user", "content": "x"},
           {"role": "assistant", "tool_calls": [{"id": "c", "name": "f", "arguments": "{bad"}]}], "not valid JSON"),
+        # only an assistant turn may go without text, and then it says something else
+        ([{"role": "user"}], r"^messages\[0\]: a user message needs content$"),
+        ([{"role": "user", "content": "x"}, {"role": "tool", "tool_call_id": "c"}], "a tool message needs content"),
+        ([{"role": "user", "content": "x"}, {"role": "assistant"}],
+         "an assistant message needs content, tool_calls or reasoning_content"),
     ],
 )
 def test_invalid_input(msgs, match):
