@@ -59,6 +59,10 @@ def cmd_checkpoint_make(args) -> int:
     except FileExistsError as e:
         print(f"gptoss checkpoint make: OUT: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # not a directory, no permission, a full disk
+        print(f"gptoss checkpoint make: OUT: cannot write to '{e.filename or args.out}' ({e.strerror or e})",
+              file=sys.stderr)
+        return 2
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     print(f"wrote {args.preset} ({args.format}, {args.experts} experts, seed {args.seed}) to {out}: "
           f"{size / 1e9:.3f} GB in {time.time() - t0:.1f} s")

@@ -194,3 +194,9 @@ def test_cli_errors_name_the_flag(tmp_path):
     r = subprocess.run([*GPTOSS, "checkpoint", "make", str(tmp_path)], capture_output=True, text=True)
     assert r.returncode == 2 and "not empty" in r.stderr and "--force" in r.stderr
     assert (tmp_path / "keep.txt").exists()
+    # OUT under a file: the path is named, not a traceback from mkdir
+    r = subprocess.run([*GPTOSS, "checkpoint", "make", str(tmp_path / "keep.txt" / "ckpt")], capture_output=True,
+                       text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip() == f"gptoss checkpoint make: OUT: cannot write to '{tmp_path / 'keep.txt' / 'ckpt'}' " \
+                               "(Not a directory)"
