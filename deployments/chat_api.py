@@ -78,7 +78,7 @@ def build_request(req: ChatCompletionRequest, rid: str) -> GenerateRequest:
     try:
         prompt = harmony.render_chat(messages, tools=tools or None, reasoning_effort=effort_of(req.reasoning_effort))
     except (harmony.HarmonyInputError, ValueError) as e:
-        raise APIError(400, str(e), param="messages") from None
+        raise APIError(400, str(e), param="messages", code="invalid_value") from None
     spec = GrammarSpec(response_format=rf, tools=tools if choice != "none" else [], tool_choice=choice,
                        max_reasoning_tokens=req.max_reasoning_tokens, harmony=True)
     check_grammar(spec, "response_format" if rf else "tools")

@@ -61,6 +61,9 @@ def test_bad_parameters_400_name_the_param(api, client):
         assert r.status_code == 400, (path, body, r.text)
         err = r.json()["error"]
         assert err["param"] == param, (body, err)
+        assert err["type"] == "invalid_request_error", (body, err)
+        if param == "messages":  # as pydantic's checks of the same body
+            assert err["code"] == "invalid_value", (body, err)
         assert "Traceback" not in r.text
     r = httpx.post(api.url + "/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
