@@ -340,7 +340,7 @@ def main(argv=None) -> int:
         log(f"copy bandwidth {bw / 1e9:.1f} GB/s, bf16 matmul {flops / 1e12:.2f} TFLOP/s")
         slug = re.sub(r"[^a-z0-9]+", "-", gpu_name(dev).lower()).strip("-")
         errors = 0
-        for preset in a.models.split(","):
+        for preset in a.models:
             f = out / f"gpu-{preset}-{slug}-{notes['stamp']}.json"
             save = lambda res, f=f: f.write_text(json.dumps(res, indent=1) + "\n")  # noqa: E731
             if state is not None and f"{preset} complete" in state.done:  # an earlier process measured it

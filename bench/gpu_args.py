@@ -3,6 +3,8 @@
 import argparse
 from pathlib import Path
 
+from kernels._cli import counts, presets
+
 
 PHASES = ("decode", "prefill", "throughput", "profile")
 
@@ -16,10 +18,10 @@ def phases(s: str) -> list[str]:
 
 
 def parse(argv=None, doc: str = ""):
-    ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
+    ints, extra = counts(), counts(none_ok=True)  # decode batches; those also measured otherwise ('' or 0: none)
     ap = argparse.ArgumentParser(description=doc.split("\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=doc)
-    ap.add_argument("--models", default="gpt-oss-120b,gpt-oss-20b", help="presets, comma separated")
+    ap.add_argument("--models", type=presets, default="gpt-oss-120b,gpt-oss-20b", help="presets, comma separated")
     ap.add_argument("--ckpt-dir", default=None,
                     help="where --weights disk writes/reads checkpoints (default ~/.cache/gptoss/bench; "
                          "a dry run's own temporary folder unless given)")
@@ -29,17 +31,17 @@ def parse(argv=None, doc: str = ""):
     ap.add_argument("--batches", type=ints, default=[1, 8, 64, 256])
     ap.add_argument("--decode-context", type=int, default=1024)
     ap.add_argument("--decode-steps", type=int, default=32)
-    ap.add_argument("--lockstep-batches", type=ints, default=[1, 8],
+    ap.add_argument("--lockstep-batches", type=extra, default=[1, 8],
                     help="decode batches also measured with overlapped scheduling off (0 for none)")
-    ap.add_argument("--sampled-batches", type=ints, default=[1, 64],
+    ap.add_argument("--sampled-batches", type=extra, default=[1, 64],
                     help="decode batches also measured at temperature 1 (the fused sampling kernel)")
-    ap.add_argument("--unfused-gate-batches", type=ints, default=[1],
+    ap.add_argument("--unfused-gate-batches", type=extra, default=[1],
                     help="decode batches also measured with the few-row MoE fusions (the one-launch gate, "
                          "the combine in W2) off: GPTOSS_GATE_MAX_ROWS=0")
-    ap.add_argument("--pdl-batches", type=ints, default=[1],
+    ap.add_argument("--pdl-batches", type=extra, default=[1],
                     help="decode batches also measured with programmatic dependent launch (GPTOSS_PDL=1, then "
                          "=exit; off by default; kernels/pdl.py)")
-    ap.add_argument("--padded-batches", type=ints, default=[1],
+    ap.add_argument("--padded-batches", type=extra, default=[1],
                     help="decode batches also measured with their steps padded to the next graph bucket "
                          "(0 for none)")
     ap.add_argument("--warmup-steps", type=int, default=4)

@@ -30,6 +30,7 @@ from models.attention import NULL_BLOCK, to_cache
 from models.checkpoint import PRESETS
 
 from . import faults
+from ._cli import counts, presets
 
 
 def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
@@ -331,16 +332,11 @@ def cases(models: list[str], tokens: list[int], dry: bool):
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--models", default="gpt-oss-120b,gpt-oss-20b")
-    ap.add_argument("--tokens", default="1,8,64,256,2048", help="MoE / RMSNorm / rotary token counts")
+    ap.add_argument("--models", type=presets, default="gpt-oss-120b,gpt-oss-20b")
+    ap.add_argument("--tokens", type=counts(), default="1,8,64,256,2048", help="MoE / RMSNorm / rotary token counts")
     ap.add_argument("--dry-run", action="store_true", help="tiny preset, CPU, Triton interpreter")
     ap.add_argument("--resume", type=Path, help=argparse.SUPPRESS)  # kernels.faults: a supervised child's state
     a = ap.parse_args(argv)
-    unknown = [m for m in a.models.split(",") if m not in PRESETS]
-    if unknown:
-        print(f"kernels.check: --models: unknown {', '.join(unknown)} (choose from {', '.join(PRESETS)})",
-              file=sys.stderr)
-        return 2
     if a.dry_run:
         if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
             print("kernels.check --dry-run: set TRITON_INTERPRET=1 (before Python starts)", file=sys.stderr)
@@ -352,8 +348,7 @@ def main(argv=None) -> int:
             return 2
         if a.resume is None:  # a device fault must not fail every case after it (kernels.faults)
             return faults.supervise("kernels.check", argv)
-        models, dev, dtype = a.models.split(","), torch.device("cuda"), torch.bfloat16
-        tokens = [int(x) for x in a.tokens.split(",")]
+        models, tokens, dev, dtype = a.models, a.tokens, torch.device("cuda"), torch.bfloat16
     st = faults.State.load(a.resume) if a.resume else None
     gen = torch.Generator(device=dev).manual_seed(0)
     if not (st and st.done):

@@ -48,10 +48,12 @@ import torch
 
 from . import _tune_cases as cases
 from . import faults, tuned
+from ._cli import counts, one_of, presets
 from ._compile_pool import CompilePool
 from ._tune_plans import Plan, Sweep, Task, plan_task, tasks
 from ._tune_results import Result, Store, _fmt, _now, _us, table
 
+FAMILIES = ("moe", "gate", "attn", "linear")
 DRY = dict(models="tiny", batches="1,8", prefill_from=8, context=40)
 DRY_TIMER = "time.perf_counter around the Triton interpreter on CPU: interpreter times, not GPU times"
 GPU_TIMER = "triton.testing.do_bench of a CUDA-graph replay (CUDA events, L2 flushed per rep, median)"
@@ -306,9 +308,13 @@ def parse(argv):
         for k, v in DRY.items():
             if p.get_default(k) == getattr(a, k):
                 setattr(a, k, v)
-    a.models = [m for m in a.models.split(",") if m]
-    a.batches = list(dict.fromkeys(int(b) for b in a.batches.split(",") if b))  # in the order given: priority
-    a.kernels = {k for k in a.kernels.split(",") if k}
+    # converted after the dry run's defaults, which compare with the flags' raw defaults
+    for flag, conv in (("models", presets), ("batches", counts()), ("kernels", one_of(FAMILIES))):
+        try:
+            setattr(a, flag, conv(getattr(a, flag)))
+        except argparse.ArgumentTypeError as e:
+            p.error(f"argument --{flag}: {e}")
+    a.batches = list(dict.fromkeys(a.batches))  # in the order given: priority
     return a
 
 

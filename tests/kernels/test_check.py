@@ -66,7 +66,10 @@ def test_verdict_allows_twice_the_bf16_reference_error():
 
 
 def test_cli_errors_name_the_flag(capsys):
-    assert check.main(["--models", "gpt-oss-120b,nope"]) == 2
-    assert "--models: unknown nope" in capsys.readouterr().err
+    for argv, says in ((["--models", "gpt-oss-120b,nope"], "argument --models: unknown model nope"),
+                       (["--tokens", "8,x"], "argument --tokens: expected integers >= 1")):
+        with pytest.raises(SystemExit) as e:
+            check.main(argv)
+        assert e.value.code == 2 and says in capsys.readouterr().err
     if not __import__("torch").cuda.is_available():
         assert check.main([]) == 2 and "no CUDA device" in capsys.readouterr().err
