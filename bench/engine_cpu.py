@@ -32,6 +32,8 @@ from pathlib import Path
 
 import torch
 
+from kernels._cli import at_least
+
 PAD = 199999
 
 
@@ -99,14 +101,14 @@ def machine() -> dict:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--requests", type=int, default=32)
+    ap.add_argument("--requests", type=at_least(1), default=32)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="bench/results/engine_cpu.json")
-    ap.add_argument("--max-tokens-per-step", type=int, default=512)
-    ap.add_argument("--parity", type=int, default=4, help="requests checked against transformers at batch 1")
-    ap.add_argument("--repeats", type=int, default=3, help="interleaved timing rounds; the best one counts")
-    ap.add_argument("--mask-steps", type=int, default=64)
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's own, one per core)")
+    ap.add_argument("--max-tokens-per-step", type=at_least(1), default=512)
+    ap.add_argument("--parity", type=at_least(0), default=4, help="requests checked against transformers at batch 1")
+    ap.add_argument("--repeats", type=at_least(1), default=3, help="interleaved timing rounds; the best one counts")
+    ap.add_argument("--mask-steps", type=at_least(1), default=64)
+    ap.add_argument("--threads", type=at_least(0), default=0, help="torch threads (default: torch's own, one per core)")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)

@@ -21,6 +21,8 @@ import time
 
 import torch
 
+from kernels._cli import at_least, counts, tp_x_ep
+
 
 def measure(batch: int, context: int, steps: int, warmup: int = 3) -> dict:
     from bench.gpu_measure import engine, requests
@@ -199,10 +201,10 @@ def attn_dp_table(tp: int, ep: int, batches: list[int], steps: int, context: int
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--batches", default="1,8,64,256")
-    ap.add_argument("--context", type=int, default=1024)
-    ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--ranks", metavar="TPxEP",
+    ap.add_argument("--batches", type=counts(), default="1,8,64,256")
+    ap.add_argument("--context", type=at_least(1), default=1024)
+    ap.add_argument("--steps", type=at_least(1), default=50)
+    ap.add_argument("--ranks", metavar="TPxEP", type=tp_x_ep,
                     help="instead: decode over tp x ep local rank workers, sampling on rank 0 vs in the engine")
     ap.add_argument("--combine", action="store_true",
                     help="with --ranks: the MoE combining by all-to-all vs by all-reduce instead")
@@ -215,8 +217,7 @@ def main(argv=None) -> int:
     find_vocab()
     torch.set_num_threads(1)
     if a.ranks:
-        tp, ep = (int(x) for x in a.ranks.lower().split("x"))
-        batches = [int(x) for x in a.batches.split(",")]
+        (tp, ep), batches = a.ranks, a.batches
         if a.attn_dp:
             attn_dp_table(tp, ep, batches, a.steps, a.context)
         else:
@@ -224,7 +225,7 @@ def main(argv=None) -> int:
         return 0
     print("| batch | context | host ms/step | host us/sequence | schedule / build / sampling batch / update ms |")
     print("|---:|---:|---:|---:|---|")
-    for b in (int(x) for x in a.batches.split(",")):
+    for b in a.batches:
         r = measure(b, a.context, a.steps)
         split = " / ".join(f"{r[k + '_ms']:.2f}" for k in ("schedule", "build", "sampling_batch", "update"))
         print(f"| {r['batch']} | {r['context']} | {r['host_ms_per_step']:.2f} | {r['host_us_per_sequence']:.1f} "

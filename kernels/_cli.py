@@ -44,3 +44,28 @@ def one_of(allowed: tuple[str, ...]):
         return out
     parse.__name__ = "one_of"
     return parse
+
+
+def at_least(minimum: int):
+    """One integer, at least `minimum`."""
+    def parse(s: str) -> int:
+        try:
+            n = int(s)
+        except ValueError:
+            n = None
+        if n is None or n < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, not {s!r}")
+        return n
+    parse.__name__ = "at_least"
+    return parse
+
+
+def tp_x_ep(s: str) -> tuple[int, int]:
+    """'2x4' -> (2, 4): a local group's tensor- and expert-parallel sizes."""
+    try:
+        tp, ep = (int(x) for x in s.lower().split("x"))
+    except ValueError:
+        tp = ep = 0
+    if tp < 1 or ep < 1:
+        raise argparse.ArgumentTypeError(f"expected TPxEP, two positive integers such as 2x2, not {s!r}")
+    return tp, ep

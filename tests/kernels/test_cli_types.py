@@ -44,3 +44,17 @@ def test_lists_convert_and_dry_run_defaults_still_apply(capsys):
     assert b.models == ["tiny"] and b.batches == [1, 2, 4]
     b = gpu_args.parse(["--pdl-batches", "0", "--models", "gpt-oss-120b"])  # "0 for none" lists take 0
     assert b.pdl_batches == [0] and b.models == ["gpt-oss-120b"] and b.batches == [1, 8, 64, 256]
+
+
+def test_single_numbers_and_layouts(capsys):
+    assert _cli.at_least(0)("0") == 0 and _cli.tp_x_ep("2X4") == (2, 4)
+    for conv, bad in ((_cli.at_least(1), "0"), (_cli.at_least(1), "1.5"), (_cli.tp_x_ep, "3x"),
+                      (_cli.tp_x_ep, "0x2"), (_cli.tp_x_ep, "2x2x2")):
+        with pytest.raises(argparse.ArgumentTypeError):
+            conv(bad)
+    from bench import engine_overhead
+    for argv, says in ((["--ranks", "3x"], "argument --ranks: expected TPxEP"),
+                       (["--steps", "0"], "argument --steps: expected an integer >= 1")):
+        with pytest.raises(SystemExit) as e:
+            engine_overhead.main(argv)
+        assert e.value.code == 2 and says in capsys.readouterr().err
