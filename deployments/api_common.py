@@ -40,22 +40,26 @@ def now() -> int:
     return int(time.time())
 
 
-_UNION_TAGS = {"str", "int", "float", "bool", "dict", "none", "message", "function_call", "function_call_output",
-               "reasoning"}
+_TYPE_TAGS = {"str", "int", "float", "bool", "dict", "none"}  # a plain union's member, after the field
+# a tagged union's member, after a list index (Responses input items); elsewhere they are field names
+# (ResponsesRequest.reasoning)
+_ITEM_TAGS = {"message", "function_call", "function_call_output", "reasoning"}
 
 
 def loc_to_param(loc) -> Optional[str]:
     """pydantic error location -> OpenAI `param` ("messages[0].content"); union member
     and discriminator tags that pydantic puts in locations are left out."""
-    out = ""
+    out, prev = "", None
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
         elif part == "body" and not out:
-            continue
-        elif isinstance(part, str) and not any(c in part for c in "[]'(),") and part not in _UNION_TAGS \
+            pass
+        elif isinstance(part, str) and not any(c in part for c in "[]'(),") and part not in _TYPE_TAGS \
+                and not (part in _ITEM_TAGS and isinstance(prev, int)) \
                 and not part[:1].isupper():  # model class names of union members
             out += f".{part}" if out else part
+        prev = part
     return out or None
 
 
@@ -64,7 +68,7 @@ def describe_errors(errors: list) -> tuple[Optional[str], str]:
     that got furthest says more than "Input should be a valid string"."""
     err = max(errors, key=lambda x: len(x.get("loc", ()))) if errors else {}
     param = loc_to_param(err.get("loc", ()))
-    return param, err.get("msg", "invalid request")
+    return param, err.get("msg", "invalid request").removeprefix("Value error, ")  # a validator's own words
 
 
 def validation_error(e: ValidationError) -> APIError:

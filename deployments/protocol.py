@@ -270,6 +270,13 @@ class ResponsesRequest(_Req):
     max_reasoning_tokens: Optional[int] = Field(None, ge=0, description="extension: cap on reasoning tokens")
     user: Optional[str] = None
 
+    @field_validator("input")
+    @classmethod
+    def _some_input(cls, v):
+        if isinstance(v, list) and not v:  # as chat's empty `messages`: nothing to answer
+            raise ValueError("must hold at least one item")
+        return v
+
 
 # ------------------------------------------------------- documented response shapes
 
