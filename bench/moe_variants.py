@@ -111,18 +111,16 @@ def line(r: dict) -> str:
 def main(argv=None) -> int:
     from kernels import faults
     from kernels._cli import counts
+    from models.checkpoint import PRESETS
     argv = sys.argv[1:] if argv is None else argv
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="gpt-oss-120b")
+    ap.add_argument("--model", default="gpt-oss-120b", choices=sorted(PRESETS))
     ap.add_argument("--tokens", type=counts(), default="1,8,64,256", help="tokens per step, comma separated")
     ap.add_argument("--dry-run", action="store_true", help="tiny preset, CPU, Triton interpreter")
     ap.add_argument("--resume", type=Path, help=argparse.SUPPRESS)  # kernels.faults: a supervised child's state
     a = ap.parse_args(argv)
     tokens = a.tokens
-    from models.checkpoint import PRESETS
-    if a.model not in PRESETS:
-        ap.error(f"--model: unknown preset {a.model!r}; choose from {', '.join(sorted(PRESETS))}")
     if a.dry_run:
         if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
             print("bench.moe_variants --dry-run: set TRITON_INTERPRET=1 (before Python starts)", file=sys.stderr)

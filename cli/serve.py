@@ -165,8 +165,8 @@ def run_serve(args) -> int:
         ray.init(num_cpus=max(os.cpu_count() or 2, cfg.models[0].world + 1), include_dashboard=True,
                  _metrics_export_port=args.metrics_port)
         # a local Ray has no autoscaler to add GPUs: the replicas would wait for them forever
-        have, need = int(ray.cluster_resources().get("GPU", 0)), cfg.models[0].world * args.min_replicas
-        if args.gpu and have < need:
+        need = cfg.models[0].world * args.min_replicas
+        if args.gpu and (have := int(ray.cluster_resources().get("GPU", 0))) < need:
             ray.shutdown()
             raise UsageError(f"--gpu: {args.min_replicas} replica(s) of {cfg.models[0].world} rank(s) need {need} "
                              f"GPU(s); Ray sees {have} on this machine")

@@ -78,7 +78,8 @@ def build_request(req: ResponsesRequest, rid: str) -> GenerateRequest:
     try:
         prompt = harmony.render_chat(to_messages(req), tools=tools or None, reasoning_effort=effort)
     except (harmony.HarmonyInputError, ValueError) as e:
-        raise APIError(400, str(e).replace("messages[", "input message ["), param="input", code="invalid_value") from None
+        raise APIError(400, str(e).replace("messages[", "input message ["), param="input",
+                       code="invalid_value") from None
     rf = _response_format(req)
     spec = GrammarSpec(response_format=rf, tools=tools if choice != "none" else [], tool_choice=choice,
                        max_reasoning_tokens=req.max_reasoning_tokens, harmony=True)
