@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import re
 import secrets
 import time
 from typing import Any, Optional
@@ -30,6 +31,44 @@ class APIError(Exception):
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+# A JSON \u escape of a UTF-16 surrogate: JSON allows a lone one, Unicode text does not.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+def _lone_surrogate(v: Any, path: str) -> Optional[str]:
+    if isinstance(v, str):
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError:
+            return path or "body"
+    elif isinstance(v, dict):
+        for k, x in v.items():
+            found = _lone_surrogate(k, path or "body") or _lone_surrogate(x, f"{path}.{k}" if path else str(k))
+            if found:
+                return found
+    elif isinstance(v, list):
+        for i, x in enumerate(v):
+            found = _lone_surrogate(x, f"{path}[{i}]")
+            if found:
+                return found
+    return None
+
+
+def check_unicode(raw: bytes) -> None:
+    """Refuse a body whose strings hold a lone surrogate escape ("\\ud800"): the harmony
+    encoder and the grammar compiler would otherwise fail on it deep inside, with a
+    message about their own JSON. A byte scan keeps this free for ordinary bodies."""
+    if not _SURROGATE_ESCAPE.search(raw):
+        return
+    try:
+        where = _lone_surrogate(json.loads(raw), "")
+    except ValueError:
+        return  # not JSON: the body's own validation says so
+    if where is not None:
+        raise APIError(400, f"{where}: holds a lone UTF-16 surrogate escape (\\ud800-\\udfff without its pair), "
+                            "which is not valid Unicode text", param=where, code="invalid_value")
 
 
 def new_id(prefix: str) -> str:

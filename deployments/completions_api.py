@@ -16,21 +16,23 @@ from .protocol import CompletionRequest
 
 def _prompts(prompt) -> list[tuple[str, list[int]]]:
     """-> [(prompt text, prompt token ids)]."""
-    if isinstance(prompt, str):
-        prompt = [prompt]
-    if not prompt:
-        raise APIError(400, "prompt must not be empty", param="prompt")
-    if all(isinstance(p, int) for p in prompt):
-        prompt = [prompt]
+    single = isinstance(prompt, str) or bool(prompt) and all(isinstance(p, int) for p in prompt)
+    prompts = [prompt] if single else prompt
+    if not prompts:
+        raise APIError(400, "prompt must not be empty", param="prompt", code="invalid_value")
     out = []
-    for p in prompt:
+    for i, p in enumerate(prompts):
+        where = "prompt" if single else f"prompt[{i}]"
         if isinstance(p, str):
             out.append((p, harmony.render_raw(p)))
         else:
             try:
                 out.append((harmony.decode(p), list(p)))
             except Exception:  # noqa: BLE001 - ids outside the vocabulary
-                raise APIError(400, "prompt holds token ids outside the vocabulary", param="prompt") from None
+                raise APIError(400, f"{where} holds token ids outside the vocabulary", param="prompt",
+                               code="invalid_value") from None
+        if not out[-1][1]:  # the engine would refuse it too, without saying which prompt
+            raise APIError(400, f"{where} is empty: it has no tokens", param="prompt", code="invalid_value")
     return out
 
 

@@ -32,7 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from engine.async_engine import EngineClient
 from engine.request import GenerateRequest, RequestOutput
 
-from .api_common import APIError, BearerAuth, describe_errors
+from .api_common import APIError, BearerAuth, check_unicode, describe_errors
 from .chat_api import ChatHandler
 from .completions_api import CompletionHandler
 from .protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse,
@@ -63,7 +63,8 @@ def _engine_error(e: BaseException, param: str, schema_param: Optional[str] = No
     text = str(cause if isinstance(cause, BaseException) else e).strip()
     msg = text.splitlines()[0] if text else type(e).__name__
     if isinstance(status, int) and isinstance(code, str):
-        return APIError(status, msg, param=param if code == "context_length_exceeded" else None, code=code)
+        # a 400 is about the request's prompt (empty, too long, ids outside the vocabulary)
+        return APIError(status, msg, param=param if status == 400 else None, code=code)
     if isinstance(e, ValueError):  # e.g. a JSON schema the grammar compiler rejects
         return APIError(400, msg, param=schema_param, code="invalid_value")
     log.error("engine refused to start a request: %s: %s", type(e).__name__, e)
@@ -291,7 +292,7 @@ def build_app(engines: Mapping[str, EngineClient], *, max_pending: Union[int, Ma
         return JSONResponse(e.body(), status_code=e.status)
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_, e: RequestValidationError):
+    async def _invalid(request: Request, e: RequestValidationError):
         errors = list(e.errors())
         if any(x.get("type") == "json_invalid" for x in errors):
             e2 = APIError(400, "the request body is not valid JSON", code="invalid_json")
@@ -299,11 +300,18 @@ def build_app(engines: Mapping[str, EngineClient], *, max_pending: Union[int, Ma
         param, msg = describe_errors(errors)
         if param is None and any(x.get("type") == "missing" for x in errors):
             msg = "a JSON request body is required"
+        elif param is None:  # the body is not an object: a JSON array or string, or not JSON at all
+            ctype = request.headers.get("content-type", "")
+            msg = "the request body must be a JSON object" + (
+                "" if "json" in ctype else f" sent as application/json (its Content-Type is {ctype or 'missing'!r})")
         return JSONResponse(APIError(400, f"{param}: {msg}" if param else msg, param=param,
                                      code="invalid_value").body(), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_, e: StarletteHTTPException):
+        if e.status_code == 400 and e.detail == "There was an error parsing the body":  # FastAPI's own words
+            e2 = APIError(400, "the request body is not valid JSON (it must be UTF-8)", code="invalid_json")
+            return JSONResponse(e2.body(), status_code=400)
         return JSONResponse(APIError(e.status_code, str(e.detail)).body(), status_code=e.status_code)
 
     @app.exception_handler(Exception)
@@ -313,6 +321,7 @@ def build_app(engines: Mapping[str, EngineClient], *, max_pending: Union[int, Ma
 
     # ------------------------------------------------------------ generation
     async def serve(request: Request, model: str, make_handler):
+        check_unicode(await request.body())  # the body is read already: this is its cached bytes
         engine = engine_for(model)
         request.state.model = model
         if metrics is not None:

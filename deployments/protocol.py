@@ -11,9 +11,10 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationInfo, field_validator
 
 Effort = Literal["minimal", "low", "medium", "high"]
+Seed = Annotated[int, Field(ge=-2**63, le=2**63 - 1, description="a 64-bit signed integer, as OpenAI's")]
 
 
 class _Req(BaseModel):
@@ -55,7 +56,7 @@ class SamplingFields(_Req):
     frequency_penalty: Optional[float] = Field(None, ge=-2.0, le=2.0)
     presence_penalty: Optional[float] = Field(None, ge=-2.0, le=2.0)
     logit_bias: Optional[dict[str, float]] = Field(None, description="token id (as a string) -> bias in [-100, 100]")
-    seed: Optional[int] = None
+    seed: Optional[Seed] = None
     stop: Optional[Union[str, list[str]]] = Field(None, description="up to 4 stop strings")
     user: Optional[str] = None
 
@@ -145,6 +146,18 @@ class ChatCompletionRequest(SamplingFields):
     reasoning_effort: Optional[Effort] = Field(None, description="minimal is served as low")
     max_reasoning_tokens: Optional[int] = Field(
         None, ge=0, description="extension: cap on reasoning tokens (0 = no reasoning), grammar-enforced")
+    # Declared so that they are refused rather than ignored: the model would not see the functions.
+    functions: Optional[list[dict[str, Any]]] = Field(None, description="deprecated, not supported: use tools")
+    function_call: Optional[Union[str, dict[str, Any]]] = Field(
+        None, description="deprecated, not supported: use tool_choice")
+
+    @field_validator("functions", "function_call")
+    @classmethod
+    def _deprecated(cls, v, info: ValidationInfo):
+        if v is not None:
+            raise ValueError(f"the deprecated `{info.field_name}` is not supported; send functions as `tools` "
+                             "(and the choice as `tool_choice`)")
+        return v
 
 
 # ----------------------------------------------------------------- text completions
@@ -262,11 +275,15 @@ class ResponsesRequest(_Req):
     max_output_tokens: Optional[int] = Field(None, ge=1)
     temperature: Optional[float] = Field(None, ge=0.0, le=2.0)
     top_p: Optional[float] = Field(None, ge=0.0, le=1.0)
-    seed: Optional[int] = None
+    seed: Optional[Seed] = None
     stream: bool = False
     store: Optional[bool] = None
     metadata: Optional[dict[str, str]] = None
     previous_response_id: Optional[str] = Field(None, description="not supported: send the whole input instead")
+    conversation: Optional[Union[str, dict[str, Any]]] = Field(
+        None, description="not supported: send the whole input instead")
+    prompt: Optional[dict[str, Any]] = Field(None, description="stored prompt templates: not supported")
+    background: Optional[bool] = Field(None, description="not supported (responses are not stored)")
     max_reasoning_tokens: Optional[int] = Field(None, ge=0, description="extension: cap on reasoning tokens")
     user: Optional[str] = None
 

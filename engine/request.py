@@ -17,7 +17,7 @@ from .stop import StopChecker
 class EngineError(Exception):
     """A request the engine refuses; `status`/`code` map onto an OpenAI error."""
     status = 400
-    code = "invalid_request_error"
+    code = "invalid_value"
 
 
 class ContextLengthError(EngineError):

@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 # Temperatures below this are treated as greedy: dividing logits by ~0 overflows
 # to inf and softmax turns it into NaN (vLLM uses the same cut-off).
 _GREEDY_EPS = 1e-5
+_M64 = (1 << 64) - 1
 
 TokenId = Annotated[int, Field(ge=0)]
 Bias = Annotated[float, Field(ge=-100.0, le=100.0, allow_inf_nan=False)]
@@ -44,7 +45,8 @@ class SamplingParams(BaseModel):
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     logit_bias: dict[TokenId, Bias] = Field(default_factory=dict)
-    seed: int | None = None
+    # int64, as OpenAI's; choice i of n samples from seed + i (make_generator wraps it to 64 bits)
+    seed: int | None = Field(None, ge=-2**63, le=2**63 - 1)
     max_tokens: int | None = Field(None, ge=1)
     stop: list[str] = Field(default_factory=list, max_length=4)
     stop_token_ids: list[TokenId] = Field(default_factory=list)
@@ -82,7 +84,7 @@ class SamplingParams(BaseModel):
 def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
     """Per-request RNG. The caller keeps it for the request's lifetime so that
     step t of a seeded request always consumes the same random stream."""
-    return torch.Generator(device=device).manual_seed(seed)
+    return torch.Generator(device=device).manual_seed(seed & _M64)  # torch takes [-2**63, 2**64)
 
 
 IdSeq = Sequence[int] | torch.Tensor

@@ -51,6 +51,17 @@ def test_bad_parameters_400_name_the_param(api, client):
         ("/v1/responses", {"model": "demo", "input": [{"type": "message", "role": "user"}]}, "input[0].content"),
         ("/v1/responses", {"model": "demo", "input": "x", "previous_response_id": "resp_1"},
          "previous_response_id"),
+        # what needs stored state is refused, not ignored (the answer would be to another question)
+        ("/v1/responses", {"model": "demo", "input": "x", "conversation": "conv_1"}, "conversation"),
+        ("/v1/responses", {"model": "demo", "input": "x", "prompt": {"id": "pmpt_1"}}, "prompt"),
+        ("/v1/responses", {"model": "demo", "input": "x", "background": True}, "background"),
+        ("/v1/chat/completions", {"model": "demo", "messages": HI, "functions": [{"name": "f"}]}, "functions"),
+        ("/v1/chat/completions", {"model": "demo", "messages": HI, "function_call": "auto"}, "function_call"),
+        # int64, as OpenAI's: a larger seed failed the engine step of every request in it
+        ("/v1/chat/completions", {"model": "demo", "messages": HI, "seed": 2**64 - 1, "n": 2}, "seed"),
+        ("/v1/responses", {"model": "demo", "input": "x", "seed": -2**63 - 1}, "seed"),
+        ("/v1/completions", {"model": "demo", "prompt": [[]]}, "prompt"),
+        ("/v1/completions", {"model": "demo", "prompt": ["a", ""]}, "prompt"),
         ("/v1/completions", {"model": "demo", "prompt": "x", "n": 0}, "n"),
         ("/v1/chat/completions", {"model": "demo", "messages": HI, "tools": [{"type": "function", "function": {}}]},
          "tools[0].function.name"),
@@ -73,6 +84,36 @@ def test_bad_parameters_400_name_the_param(api, client):
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
     r = httpx.get(api.url + "/v1/nothing")
     assert r.status_code == 404 and "error" in r.json()
+
+
+def test_bodies_that_are_not_text_or_not_objects(api):
+    """A lone surrogate escape is valid JSON but not Unicode: harmony and the grammar compiler
+    failed on it with messages about their own JSON. Each is a 400 naming where it sits."""
+    lone = "\\ud800"  # the six characters of the JSON escape
+    cases = [
+        ("/v1/chat/completions", '{"model":"demo","messages":[{"role":"user","content":"%s x"}]}', "messages[0].content"),
+        ("/v1/chat/completions", '{"model":"demo","stream":true,"messages":[{"role":"user","content":"hi"}],'
+                                 '"response_format":{"type":"json_schema","json_schema":{"name":"x","schema":'
+                                 '{"enum":["%s"]}}}}', "response_format.json_schema.schema.enum[0]"),
+        ("/v1/responses", '{"model":"demo","input":"hi","instructions":"%s"}', "instructions"),
+        ("/v1/completions", '{"model":"demo","prompt":"hi","stop":"%s"}', "stop"),
+        ("/v1/completions", '{"model":"%s","prompt":"hi"}', "model"),
+    ]
+    for path, body, param in cases:
+        r = httpx.post(api.url + path, content=(body % lone).encode(), headers={"content-type": "application/json"})
+        assert r.status_code == 400, (body, r.text)
+        err = r.json()["error"]
+        assert err["param"] == param and "surrogate" in err["message"], (body, err)
+    # a surrogate pair is one character (an emoji), and fine
+    r = httpx.post(api.url + "/v1/completions", timeout=60, headers={"content-type": "application/json"},
+                   content=b'{"model":"demo","prompt":"\\ud83d\\ude00","max_tokens":1}')
+    assert r.status_code == 200, r.text
+    r = httpx.post(api.url + "/v1/chat/completions", content=b'{"model":"demo","messages":"\xff"}',
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json" and "UTF-8" in r.text, r.text
+    r = httpx.post(api.url + "/v1/chat/completions", content=b'{"model":"demo"}',
+                   headers={"content-type": "text/plain"})
+    assert r.status_code == 400 and "Content-Type is 'text/plain'" in r.json()["error"]["message"], r.text
 
 
 def test_schema_the_grammar_rejects_is_a_400(api):

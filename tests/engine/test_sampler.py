@@ -345,3 +345,18 @@ def test_sampler_state_keeps_a_generator_per_sequence_until_released():
     assert a == ref
     st.sample(logits[:1], SampleSpec([p], keys=[3], seeds=[7], released=[1, 2]))
     assert set(st.generators) == {3}
+
+
+def test_seed_is_int64_and_every_choice_gets_a_generator():
+    from pydantic import ValidationError
+    for bad in (2**63, -2**63 - 1, 2**70):
+        with pytest.raises(ValidationError, match="seed"):
+            SamplingParams(seed=bad)
+    # choice i of n draws from seed + i: at the top of the range that passes 2**63, and the
+    # generator wraps it to 64 bits rather than failing the whole engine step
+    top = SamplingParams(seed=2**63 - 1, n=128).seed
+    a, b = make_generator(top + 127), make_generator(top + 127 - 2**64)
+    assert torch.equal(torch.rand(4, generator=a), torch.rand(4, generator=b))
+    # the streams of seeds that always worked are unchanged (-1 is 2**64 - 1 to torch)
+    assert torch.equal(torch.rand(4, generator=make_generator(-1)),
+                       torch.rand(4, generator=torch.Generator().manual_seed(-1)))
