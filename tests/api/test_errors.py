@@ -91,7 +91,8 @@ def test_bodies_that_are_not_text_or_not_objects(api):
     failed on it with messages about their own JSON. Each is a 400 naming where it sits."""
     lone = "\\ud800"  # the six characters of the JSON escape
     cases = [
-        ("/v1/chat/completions", '{"model":"demo","messages":[{"role":"user","content":"%s x"}]}', "messages[0].content"),
+        ("/v1/chat/completions", '{"model":"demo","messages":[{"role":"user","content":"%s x"}]}',
+         "messages[0].content"),
         ("/v1/chat/completions", '{"model":"demo","stream":true,"messages":[{"role":"user","content":"hi"}],'
                                  '"response_format":{"type":"json_schema","json_schema":{"name":"x","schema":'
                                  '{"enum":["%s"]}}}}', "response_format.json_schema.schema.enum[0]"),
