@@ -60,11 +60,14 @@ def _engine_error(e: BaseException, param: str, schema_param: Optional[str] = No
     # A remote engine's error may wrap the original (Ray's RayTaskError.cause), whose
     # own text carries a remote traceback: report the cause's message only.
     cause = getattr(e, "cause", None)
-    text = str(cause if isinstance(cause, BaseException) else e).strip()
+    own = cause if isinstance(cause, BaseException) else e
+    text = str(own).strip()
     msg = text.splitlines()[0] if text else type(e).__name__
     if isinstance(status, int) and isinstance(code, str):
-        # a 400 is about the request's prompt (empty, too long, ids outside the vocabulary)
-        return APIError(status, msg, param=param if status == 400 else None, code=code)
+        # a 400 names its field, or else is about the prompt (empty, too long, ids outside the vocabulary)
+        field = getattr(own, "param", None)
+        return APIError(status, msg, param=field if isinstance(field, str) else param if status == 400 else None,
+                        code=code)
     if isinstance(e, ValueError):  # e.g. a JSON schema the grammar compiler rejects
         return APIError(400, msg, param=schema_param, code="invalid_value")
     log.error("engine refused to start a request: %s: %s", type(e).__name__, e)

@@ -99,6 +99,10 @@ class LLMEngine:
             raise EngineError("the prompt is empty")
         if any(not 0 <= t < self.vocab_size for t in req.prompt_ids):
             raise EngineError("the prompt holds token ids outside the vocabulary")
+        bad = [t for t in req.params.logit_bias if t >= self.vocab_size]
+        if bad:
+            raise EngineError(f"logit_bias: token id {bad[0]} is outside the vocabulary (0 to {self.vocab_size - 1})",
+                              param="logit_bias")
         if n >= self.max_model_len:
             raise ContextLengthError(
                 f"This model's maximum context length is {self.max_model_len} tokens; the prompt has {n} tokens.")

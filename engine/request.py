@@ -15,9 +15,17 @@ from .stop import StopChecker
 
 
 class EngineError(Exception):
-    """A request the engine refuses; `status`/`code` map onto an OpenAI error."""
+    """A request the engine refuses; `status`/`code` (and `param`, the request field at fault,
+    when it is not the prompt) map onto an OpenAI error."""
     status = 400
     code = "invalid_value"
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+    def __reduce__(self):  # keeps `param` across a process boundary (a Ray rank's refusal)
+        return type(self), (str(self), self.param)
 
 
 class ContextLengthError(EngineError):

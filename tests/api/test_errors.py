@@ -61,6 +61,7 @@ def test_bad_parameters_400_name_the_param(api, client):
         ("/v1/chat/completions", {"model": "demo", "messages": HI, "seed": 2**64 - 1, "n": 2}, "seed"),
         ("/v1/responses", {"model": "demo", "input": "x", "seed": -2**63 - 1}, "seed"),
         ("/v1/completions", {"model": "demo", "prompt": [[]]}, "prompt"),
+        ("/v1/chat/completions", {"model": "demo", "messages": HI, "logit_bias": {"201088": 1}}, "logit_bias"),
         ("/v1/completions", {"model": "demo", "prompt": ["a", ""]}, "prompt"),
         ("/v1/completions", {"model": "demo", "prompt": "x", "n": 0}, "n"),
         ("/v1/chat/completions", {"model": "demo", "messages": HI, "tools": [{"type": "function", "function": {}}]},
