@@ -56,7 +56,7 @@ def test_required_tool_call(tiny_ckpt, files):
     jsonschema.validate(json.loads(call["arguments"]), TOOLS[0]["function"]["parameters"])
 
 
-def test_bad_flags_are_named(tiny_ckpt, files, tmp_path):
+def test_bad_flags_are_named(tiny_ckpt, files, tmp_path, capsys):
     cases = [
         (["--temperature", "-1"], "--temperature"),
         (["--tool-choice", "nope", "--tools", str(files / "tools.json")], "--tool-choice"),
@@ -78,8 +78,18 @@ def test_bad_flags_are_named(tiny_ckpt, files, tmp_path):
     import torch
     if not torch.cuda.is_available():
         cases.append((["--gpu", "--prompt", "hi"], "--gpu: no CUDA device"))
+    # In this process (a subprocess costs ~4 s of imports each); two of them also as the command,
+    # for its exit status and stderr: an argparse refusal and one of the CLI's own.
+    from cli.main import main
     for args, flag in cases:
+        try:
+            rc = main(["generate", "--model", str(tiny_ckpt), *args])
+        except SystemExit as e:
+            rc = e.code
+        err = capsys.readouterr().err
+        assert rc == 2, (args, err)
+        assert flag in err and "Traceback" not in err, err
+        assert flag in err.strip().splitlines()[-1], err  # the message ends the output
+    for args, flag in [cases[0], cases[-2]]:
         r = run("--model", str(tiny_ckpt), *args, ok=False)
-        assert r.returncode == 2, (args, r.stderr)
-        assert flag in r.stderr and "Traceback" not in r.stderr, r.stderr
-        assert flag in r.stderr.strip().splitlines()[-1], r.stderr  # the message ends the output
+        assert r.returncode == 2 and flag in r.stderr.strip().splitlines()[-1], (args, r.stderr)

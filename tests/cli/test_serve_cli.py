@@ -31,31 +31,43 @@ def _serve(*flags: str, timeout: int = 240) -> subprocess.CompletedProcess:
     (("--tp", "3"), "gptoss serve: --tp 3 does not divide the 4 query heads"),
     (("--ep", "64"), "gptoss serve: --ep 64 exceeds the 8 experts"),
 ])
-def test_serve_names_a_bad_model_or_layout_before_starting_ray(tiny_ckpt, flags, says):
+def test_serve_names_a_bad_model_or_layout_before_starting_ray(tiny_ckpt, flags, says, capsys):
     """What a replica would fail on (no checkpoint there, heads --tp cannot split) is the user's input: it is
-    answered with the flag, before Ray starts, not with a replica's traceback after it."""
+    answered with the flag, before Ray starts, not with a replica's traceback after it. In this process
+    (the command itself is run by the port test below): Ray must still not be up afterwards."""
     model = () if "--model" in flags else ("--model", str(tiny_ckpt))
-    r = _serve(*model, *flags, "--port", "8797")
-    assert r.returncode == 2, r.stderr[-2000:]
-    assert r.stderr.strip().splitlines()[-1].startswith(says)
-    assert "Traceback" not in r.stderr and "Started a local Ray instance" not in r.stderr
+    assert _serve_here(capsys, *model, *flags, "--port", "8797").startswith(says)
 
 
-def test_serve_names_a_port_it_cannot_listen_on(tiny_ckpt):
-    """Serve's proxy would bind the API port only once Ray is up, and fail there with a traceback."""
+def _serve_here(capsys, *flags: str) -> str:
+    """`gptoss serve` in this process, for a refusal before Ray starts: -> the last line of stderr."""
+    import ray
+
+    from cli.main import main
+    assert main(["serve", *flags]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and not ray.is_initialized(), err
+    return err.strip().splitlines()[-1]
+
+
+def test_serve_names_a_port_it_cannot_listen_on(tiny_ckpt, capsys):
+    """Serve's proxy would bind the API port only once Ray is up, and fail there with a traceback.
+    The first case runs the command; the others its main() in this process (~4 s of imports each)."""
     import socket
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        for flags, says in [(("--port", str(port)), f"--port: {port} is in use on 127.0.0.1"),
-                            (("--port", "8797", "--metrics-port", str(port)), f"--metrics-port: {port} is in use"),
+        r = _serve("--model", str(tiny_ckpt), "--port", str(port))
+        assert r.returncode == 2, r.stderr[-2000:]
+        last = r.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"gptoss serve: --port: {port} is in use on 127.0.0.1"), r.stderr[-500:]
+        assert "Traceback" not in r.stderr and "Started a local Ray instance" not in r.stderr
+        for flags, says in [(("--port", "8797", "--metrics-port", str(port)), f"--metrics-port: {port} is in use"),
                             (("--port", "8797", "--metrics-port", "8797"), "--metrics-port: 8797 is also --port"),
                             (("--host", "no-such-host.invalid"), "--host: cannot listen on no-such-host.invalid")]:
-            r = _serve("--model", str(tiny_ckpt), *flags)
-            assert r.returncode == 2, r.stderr[-2000:]
-            assert r.stderr.strip().splitlines()[-1].startswith(f"gptoss serve: {says}"), r.stderr[-500:]
-            assert "Traceback" not in r.stderr and "Started a local Ray instance" not in r.stderr
+            last = _serve_here(capsys, "--model", str(tiny_ckpt), *flags)
+            assert last.startswith(f"gptoss serve: {says}"), last
 
 
 def test_serve_gpu_without_the_gpus_refuses_instead_of_waiting(tiny_ckpt):
