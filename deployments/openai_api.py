@@ -311,9 +311,14 @@ def build_app(engines: Mapping[str, EngineClient], *, max_pending: Union[int, Ma
                                      code="invalid_value").body(), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_, e: StarletteHTTPException):
+    async def _http(request: Request, e: StarletteHTTPException):
         if e.status_code == 400 and e.detail == "There was an error parsing the body":  # FastAPI's own words
-            e2 = APIError(400, "the request body is not valid JSON (it must be UTF-8)", code="invalid_json")
+            try:  # its json.loads failed on other than a syntax error: bytes that are not UTF-8, or depth
+                (await request.body()).decode("utf-8")
+                why = "is nested too deeply to parse"
+            except UnicodeDecodeError as u:
+                why = f"is not UTF-8 (byte {u.start})"
+            e2 = APIError(400, f"the request body {why}", code="invalid_json")
             return JSONResponse(e2.body(), status_code=400)
         return JSONResponse(APIError(e.status_code, str(e.detail)).body(), status_code=e.status_code)
 

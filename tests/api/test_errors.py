@@ -113,6 +113,9 @@ def test_bodies_that_are_not_text_or_not_objects(api):
     r = httpx.post(api.url + "/v1/chat/completions", content=b'{"model":"demo","messages":"\xff"}',
                    headers={"content-type": "application/json"})
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json" and "UTF-8" in r.text, r.text
+    deep = b'{"model":"demo","messages":' + b"[" * 100_000 + b"]" * 100_000 + b"}"  # past json's recursion
+    r = httpx.post(api.url + "/v1/chat/completions", content=deep, headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["message"] == "the request body is nested too deeply to parse"
     r = httpx.post(api.url + "/v1/chat/completions", content=b'{"model":"demo"}',
                    headers={"content-type": "text/plain"})
     assert r.status_code == 400 and "Content-Type is 'text/plain'" in r.json()["error"]["message"], r.text
