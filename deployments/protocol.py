@@ -13,6 +13,8 @@ from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationInfo, field_validator
 
+from engine.sampler import MAX_LOGIT_BIAS
+
 Effort = Literal["minimal", "low", "medium", "high"]
 Seed = Annotated[int, Field(ge=-2**63, le=2**63 - 1, description="a 64-bit signed integer, as OpenAI's")]
 
@@ -55,7 +57,8 @@ class SamplingFields(_Req):
     repetition_penalty: Optional[float] = Field(None, gt=0.0, le=10.0)
     frequency_penalty: Optional[float] = Field(None, ge=-2.0, le=2.0)
     presence_penalty: Optional[float] = Field(None, ge=-2.0, le=2.0)
-    logit_bias: Optional[dict[str, float]] = Field(None, description="token id (as a string) -> bias in [-100, 100]")
+    logit_bias: Optional[dict[str, float]] = Field(
+        None, max_length=MAX_LOGIT_BIAS, description="token id (as a string) -> bias in [-100, 100]; at most 1024")
     seed: Optional[Seed] = None
     stop: Optional[Union[str, list[str]]] = Field(None, description="up to 4 stop strings")
     user: Optional[str] = None

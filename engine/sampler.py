@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 # to inf and softmax turns it into NaN (vLLM uses the same cut-off).
 _GREEDY_EPS = 1e-5
 _M64 = (1 << 64) - 1
+MAX_LOGIT_BIAS = 1024
 
 TokenId = Annotated[int, Field(ge=0)]
 Bias = Annotated[float, Field(ge=-100.0, le=100.0, allow_inf_nan=False)]
@@ -44,7 +45,9 @@ class SamplingParams(BaseModel):
     repetition_penalty: float = Field(1.0, gt=0.0, allow_inf_nan=False)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    logit_bias: dict[TokenId, Bias] = Field(default_factory=dict)
+    # Capped: each entry is host work in every step the request is in, which every request in the
+    # batch waits for (200k entries cost ~60 ms a step).
+    logit_bias: dict[TokenId, Bias] = Field(default_factory=dict, max_length=MAX_LOGIT_BIAS)
     # int64, as OpenAI's; choice i of n samples from seed + i (make_generator wraps it to 64 bits)
     seed: int | None = Field(None, ge=-2**63, le=2**63 - 1)
     max_tokens: int | None = Field(None, ge=1)

@@ -62,6 +62,9 @@ def test_bad_parameters_400_name_the_param(api, client):
         ("/v1/responses", {"model": "demo", "input": "x", "seed": -2**63 - 1}, "seed"),
         ("/v1/completions", {"model": "demo", "prompt": [[]]}, "prompt"),
         ("/v1/chat/completions", {"model": "demo", "messages": HI, "logit_bias": {"201088": 1}}, "logit_bias"),
+        # each entry is host work in every step of the batch the request shares
+        ("/v1/completions", {"model": "demo", "prompt": "x", "logit_bias": {str(i): 1 for i in range(1025)}},
+         "logit_bias"),
         ("/v1/completions", {"model": "demo", "prompt": ["a", ""]}, "prompt"),
         ("/v1/completions", {"model": "demo", "prompt": "x", "n": 0}, "n"),
         ("/v1/chat/completions", {"model": "demo", "messages": HI, "tools": [{"type": "function", "function": {}}]},

@@ -360,3 +360,10 @@ def test_seed_is_int64_and_every_choice_gets_a_generator():
     # the streams of seeds that always worked are unchanged (-1 is 2**64 - 1 to torch)
     assert torch.equal(torch.rand(4, generator=make_generator(-1)),
                        torch.rand(4, generator=torch.Generator().manual_seed(-1)))
+
+
+def test_logit_bias_is_capped():
+    from pydantic import ValidationError
+    SamplingParams(logit_bias={i: 1.0 for i in range(1024)})
+    with pytest.raises(ValidationError, match="logit_bias"):
+        SamplingParams(logit_bias={i: 1.0 for i in range(1025)})
