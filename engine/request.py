@@ -24,9 +24,6 @@ class EngineError(Exception):
         super().__init__(message)
         self.param = param
 
-    def __reduce__(self):  # keeps `param` across a process boundary (a Ray rank's refusal)
-        return type(self), (str(self), self.param)
-
 
 class ContextLengthError(EngineError):
     code = "context_length_exceeded"

@@ -86,6 +86,14 @@ def test_models_and_chat(app):
     assert {"tiny", "tiny-ep2", "tiny-dp2", "tiny-fp8"} <= ids
     r = _chat(app, "tiny")
     assert r.choices[0].finish_reason in ("stop", "length") and r.usage.completion_tokens > 0
+    # the engine's refusals cross from the group's replica (and a rank) as their own 400s
+    for model in ("tiny", "tiny-ep2"):
+        with pytest.raises(openai.BadRequestError) as e:
+            _chat(app, model, logit_bias={"201088": 1})
+        assert e.value.body["param"] == "logit_bias" and "outside the vocabulary" in e.value.body["message"]
+        with pytest.raises(openai.BadRequestError) as e:
+            app.completions.create(model=model, prompt="x", max_tokens=5000)
+        assert e.value.body["code"] == "context_length_exceeded" and e.value.body["param"] == "prompt"
 
 
 def test_ep2_group_gives_the_same_greedy_output(app):
