@@ -170,27 +170,46 @@ def run_serve(args) -> int:
             ray.shutdown()
             raise UsageError(f"--gpu: {args.min_replicas} replica(s) of {cfg.models[0].world} rank(s) need {need} "
                              f"GPU(s); Ray sees {have} on this machine")
-    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    _interrupt_on_sigterm()  # after ray.init, which installs its own handler (a native stack dump)
     try:
-        serve.run(build_application(cfg), name=cfg.app_name, route_prefix="/")
-    except Exception:
-        why = startup_failure(cfg.app_name)
-        if args.address:  # leave the cluster's other apps alone
-            serve.delete(cfg.app_name)
-        else:
-            ray.shutdown()
-        print(f"gptoss serve: the model group did not start: {why}", file=sys.stderr)
-        return 1
-    url = f"http://{cfg.host}:{cfg.port}"
-    metrics = "see the cluster's metrics port" if args.address else f"http://127.0.0.1:{args.metrics_port}/metrics"
-    print(f"\nOpenAI API ready at {url}/v1  (model '{args.name}')\n"
-          f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
-          f"    -d '{{\"model\": \"{args.name}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hi\"}}], "
-          f"\"max_tokens\": 64}}'\n"
-          f"Ray dashboard: http://127.0.0.1:8265   metrics: {metrics}   (Ctrl-C stops)", flush=True)
-    try:
+        serve.start(http_options={"host": cfg.host, "port": cfg.port})
+        try:
+            serve.run(build_application(cfg), name=cfg.app_name, route_prefix="/")
+        except Exception:
+            why = startup_failure(cfg.app_name)
+            _stop(args.address, cfg.app_name)
+            print(f"gptoss serve: the model group did not start: {why}", file=sys.stderr)
+            return 1
+        url = f"http://{cfg.host}:{cfg.port}"
+        metrics = "see the cluster's metrics port" if args.address else f"http://127.0.0.1:{args.metrics_port}/metrics"
+        print(f"\nOpenAI API ready at {url}/v1  (model '{args.name}')\n"
+              f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
+              f"    -d '{{\"model\": \"{args.name}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hi\"}}], "
+              f"\"max_tokens\": 64}}'\n"
+              f"Ray dashboard: http://127.0.0.1:8265   metrics: {metrics}   (Ctrl-C or SIGTERM stops)", flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        serve.shutdown()
+        print("gptoss serve: stopping", file=sys.stderr, flush=True)
+        _stop(args.address, cfg.app_name)
     return 0
+
+
+def _interrupt_on_sigterm() -> None:
+    """SIGTERM (systemd, docker stop, kill) stops the server the way Ctrl-C does."""
+    import signal
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, interrupt)
+
+
+def _stop(address, app_name: str) -> None:
+    """On a cluster, remove this app only (others may share its Serve); locally, stop Serve and Ray."""
+    import ray
+    from ray import serve
+    if address:
+        serve.delete(app_name)
+    else:
+        serve.shutdown()
+        ray.shutdown()
