@@ -137,10 +137,11 @@ def collect(outs) -> dict:
 def run(args) -> int:
     import torch
 
-    from cli.main import check_model, resolve_model
+    from cli.main import check_model, check_vocabulary, resolve_model
     from engine.core import EngineConfig, build_engine
     from engine.request import EngineError
 
+    check_vocabulary()
     req = build_request(args)
     path = resolve_model(args.model)
     check_model(path, args.tp, args.ep, args.attn_dp)

@@ -25,6 +25,20 @@ def resolve_model(spec: str) -> Path:
     return d
 
 
+def check_vocabulary() -> None:
+    """Harmony needs the o200k vocabulary for every prompt: fail now, with the fix, rather than with
+    harmony's traceback in generate or a 500 for each request in serve (offline machines need a copy)."""
+    from cli.generate import UsageError
+    from engine import harmony
+    try:
+        harmony.get_encoding()
+    except Exception as e:
+        where = os.environ.get("TIKTOKEN_ENCODINGS_BASE")
+        hint = (f"TIKTOKEN_ENCODINGS_BASE={where} does not hold it" if where else
+                "offline? download o200k_base.tiktoken and set TIKTOKEN_ENCODINGS_BASE to its folder")
+        raise UsageError(f"cannot load harmony's o200k vocabulary ({hint}): {e}") from None
+
+
 def check_model(path: Path, tp: int, ep: int, attn_dp: bool) -> None:
     """The checkpoint's config and the parallel layout, checked before anything starts: a bad --model, --tp
     or --ep is the user's, answered with the flag's name rather than with a rank's traceback."""
@@ -105,6 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, CheckpointError, UsageError) as e:
         print(f"gptoss {args.cmd}: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: the shell's convention, without Python's traceback
+        print(f"gptoss {args.cmd}: interrupted", file=sys.stderr)
+        return 130
     except WorkerError as e:  # not the user's input: a rank failed (its traceback goes to the log)
         import logging
         logging.getLogger("gptoss").debug("rank failure", exc_info=True)

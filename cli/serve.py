@@ -94,20 +94,6 @@ def run_serve_config(args) -> int:
     return 0
 
 
-def check_vocabulary() -> None:
-    """Harmony needs the o200k vocabulary for every request: fail now, with the fix, rather than
-    answer each request with a 500 (offline machines need a local copy)."""
-    from cli.generate import UsageError
-    from engine import harmony
-    try:
-        harmony.get_encoding()
-    except Exception as e:
-        where = os.environ.get("TIKTOKEN_ENCODINGS_BASE")
-        hint = (f"TIKTOKEN_ENCODINGS_BASE={where} does not hold it" if where else
-                "offline? download o200k_base.tiktoken and set TIKTOKEN_ENCODINGS_BASE to its folder")
-        raise UsageError(f"cannot load harmony's o200k vocabulary ({hint}): {e}") from None
-
-
 def startup_failure(app_name: str) -> str:
     """Why Serve could not start the app: the failed deployment's last line (its error), not Ray's message
     ("Failed to update the deployments") nor the replica's traceback, which the controller's log holds."""
@@ -142,7 +128,7 @@ def check_port(host: str, port: int, flag: str) -> None:
 
 def run_serve(args) -> int:
     from cli.generate import UsageError
-    from cli.main import check_model, resolve_model
+    from cli.main import check_model, check_vocabulary, resolve_model
     cfg = build_config(args)
     check_vocabulary()
     path = resolve_model(args.model)  # build the demo checkpoint once, before replicas race for it

@@ -93,3 +93,25 @@ def test_bad_flags_are_named(tiny_ckpt, files, tmp_path, capsys):
     for args, flag in [cases[0], cases[-2]]:
         r = run("--model", str(tiny_ckpt), *args, ok=False)
         assert r.returncode == 2 and flag in r.stderr.strip().splitlines()[-1], (args, r.stderr)
+
+
+def test_ctrl_c_and_a_missing_vocabulary_end_in_one_line(tiny_ckpt, tmp_path):
+    """Ctrl-C mid-generation (also with rank processes) exits 130 with one line, not Python's traceback;
+    without the o200k vocabulary the command says which variable to set, not harmony's traceback."""
+    import os
+    import signal
+    import time
+    for extra in ([], ["--ep", "2"]):
+        p = subprocess.Popen([*GPTOSS, "generate", "--model", str(tiny_ckpt), "--prompt", "hi", "--max-tokens", "3000",
+                              "--max-reasoning-tokens", "0", *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+        time.sleep(8)  # past the imports and the load: 3,000 tokens take far longer
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=60)
+        assert p.returncode == 130, (extra, err[-2000:])
+        assert err.strip().splitlines()[-1] == "gptoss generate: interrupted" and "Traceback" not in err, err
+    env = {**os.environ, "TIKTOKEN_ENCODINGS_BASE": str(tmp_path)}
+    r = subprocess.run([*GPTOSS, "generate", "--model", str(tiny_ckpt), "--prompt", "hi"], env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert f"TIKTOKEN_ENCODINGS_BASE={tmp_path} does not hold it" in r.stderr.strip().splitlines()[-1]
