@@ -82,7 +82,8 @@ def build_request(args):
     choice = args.tool_choice
     if choice not in ("auto", "required", "none"):
         if choice not in names:
-            raise UsageError(f"--tool-choice: '{choice}' is not one of the tools ({', '.join(map(str, names)) or 'none given'})")
+            raise UsageError(f"--tool-choice: '{choice}' is not one of the tools "
+                             f"({', '.join(map(str, names)) or 'none given'})")
         choice = {"name": choice}
     elif choice == "required" and not tools:
         raise UsageError("--tool-choice: 'required' needs --tools")
