@@ -104,7 +104,10 @@ def test_ctrl_c_and_a_missing_vocabulary_end_in_one_line(tiny_ckpt, tmp_path):
     for extra in ([], ["--ep", "2"]):
         p = subprocess.Popen([*GPTOSS, "generate", "--model", str(tiny_ckpt), "--prompt", "hi", "--max-tokens", "3000",
                               "--max-reasoning-tokens", "0", *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True)
+                             text=True,
+                             # a shell's background job (CI run with &) ignores SIGINT, and its children inherit
+                             # that: give the command the terminal's default, as a user's Ctrl-C meets it
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         time.sleep(8)  # past the imports and the load: 3,000 tokens take far longer
         p.send_signal(signal.SIGINT)
         _, err = p.communicate(timeout=60)
