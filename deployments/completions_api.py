@@ -16,7 +16,7 @@ from .protocol import CompletionRequest
 
 def _prompts(prompt) -> list[tuple[str, list[int]]]:
     """-> [(prompt text, prompt token ids)]."""
-    single = isinstance(prompt, str) or bool(prompt) and all(isinstance(p, int) for p in prompt)
+    single = isinstance(prompt, str) or (bool(prompt) and all(isinstance(p, int) for p in prompt))
     prompts = [prompt] if single else prompt
     if not prompts:
         raise APIError(400, "prompt must not be empty", param="prompt", code="invalid_value")

@@ -66,8 +66,9 @@ def _engine_error(e: BaseException, param: str, schema_param: Optional[str] = No
     if isinstance(status, int) and isinstance(code, str):
         # a 400 names its field, or else is about the prompt (empty, too long, ids outside the vocabulary)
         field = getattr(own, "param", None)
-        return APIError(status, msg, param=field if isinstance(field, str) else param if status == 400 else None,
-                        code=code)
+        if not isinstance(field, str):
+            field = param if status == 400 else None
+        return APIError(status, msg, param=field, code=code)
     if isinstance(e, ValueError):  # e.g. a JSON schema the grammar compiler rejects
         return APIError(400, msg, param=schema_param, code="invalid_value")
     log.error("engine refused to start a request: %s: %s", type(e).__name__, e)

@@ -13,10 +13,9 @@ from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationInfo, field_validator
 
-from engine.sampler import MAX_LOGIT_BIAS
+from engine.sampler import MAX_LOGIT_BIAS, Seed
 
 Effort = Literal["minimal", "low", "medium", "high"]
-Seed = Annotated[int, Field(ge=-2**63, le=2**63 - 1, description="a 64-bit signed integer, as OpenAI's")]
 
 
 class _Req(BaseModel):
@@ -266,6 +265,14 @@ class ReasoningConfig(_Req):
     summary: Optional[str] = None
 
 
+_STATEFUL = {
+    "previous_response_id": "not supported (responses are not stored); send the whole conversation in `input`",
+    "conversation": "not supported (conversations are not stored); send the whole conversation in `input`",
+    "prompt": "stored prompt templates are not supported; send the text in `instructions` and `input`",
+    "background": "not supported (responses are not stored to be polled); use stream=true for long responses",
+}
+
+
 class ResponsesRequest(_Req):
     model: str
     input: Union[str, list[InputItem]]
@@ -289,6 +296,14 @@ class ResponsesRequest(_Req):
     background: Optional[bool] = Field(None, description="not supported (responses are not stored)")
     max_reasoning_tokens: Optional[int] = Field(None, ge=0, description="extension: cap on reasoning tokens")
     user: Optional[str] = None
+
+    @field_validator("previous_response_id", "conversation", "prompt", "background")
+    @classmethod
+    def _stateful(cls, v, info: ValidationInfo):
+        # refused, not ignored: without the stored state the answer would be to another question
+        if v:
+            raise ValueError(_STATEFUL[info.field_name])
+        return v
 
     @field_validator("input")
     @classmethod

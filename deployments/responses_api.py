@@ -68,22 +68,7 @@ def _response_format(req: ResponsesRequest) -> Optional[dict]:
     return {"type": "json_schema", "schema": fmt.schema_ if fmt.schema_ is not None else {"type": "object"}}
 
 
-# What needs stored state this server does not keep: refused, where ignoring would answer a different question.
-_STATEFUL = {
-    "previous_response_id": "previous_response_id is not supported (responses are not stored); "
-                            "send the whole conversation in `input`",
-    "conversation": "conversation is not supported (conversations are not stored); "
-                    "send the whole conversation in `input`",
-    "prompt": "stored prompt templates are not supported; send the text in `instructions` and `input`",
-    "background": "background is not supported (responses are not stored to be polled); "
-                  "use stream=true for long responses",
-}
-
-
 def build_request(req: ResponsesRequest, rid: str) -> GenerateRequest:
-    for field, why in _STATEFUL.items():
-        if getattr(req, field):
-            raise APIError(400, why, param=field, code="invalid_value")
     tools = [{"name": t.name, "description": t.description, "parameters": t.parameters} for t in req.tools or []]
     choice = tool_choice_for_grammar(req.tool_choice, [t["name"] for t in tools])
     effort = effort_of(req.reasoning.effort if req.reasoning else None)

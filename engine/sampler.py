@@ -30,6 +30,8 @@ MAX_LOGIT_BIAS = 1024
 
 TokenId = Annotated[int, Field(ge=0)]
 Bias = Annotated[float, Field(ge=-100.0, le=100.0, allow_inf_nan=False)]
+# int64, as OpenAI's; choice i of n samples from seed + i (make_generator wraps it to 64 bits)
+Seed = Annotated[int, Field(ge=-2**63, le=2**63 - 1, description="a 64-bit signed integer, as OpenAI's")]
 
 
 class SamplingParams(BaseModel):
@@ -48,8 +50,7 @@ class SamplingParams(BaseModel):
     # Capped: each entry is host work in every step the request is in, which every request in the
     # batch waits for (200k entries cost ~60 ms a step).
     logit_bias: dict[TokenId, Bias] = Field(default_factory=dict, max_length=MAX_LOGIT_BIAS)
-    # int64, as OpenAI's; choice i of n samples from seed + i (make_generator wraps it to 64 bits)
-    seed: int | None = Field(None, ge=-2**63, le=2**63 - 1)
+    seed: Seed | None = None
     max_tokens: int | None = Field(None, ge=1)
     stop: list[str] = Field(default_factory=list, max_length=4)
     stop_token_ids: list[TokenId] = Field(default_factory=list)
@@ -254,7 +255,7 @@ class Sampler:
         rows, cols, vals = [], [], []
         for i, p in enumerate(params):
             for tok, bias in p.logit_bias.items():
-                if tok < vocab:  # ids past the (padded) vocab are silently ignored
+                if tok < vocab:  # the engine refuses ids past the vocabulary; direct callers may pass them
                     rows.append(i); cols.append(tok); vals.append(bias)
         if rows:
             x.index_put_((torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)),
