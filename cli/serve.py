@@ -32,6 +32,9 @@ def _add_common(p) -> None:
     p.add_argument("--max-num-seqs", type=int, help="sequences decoding at once (engine default 64)")
     p.add_argument("--max-tokens-per-step", type=int, help="prompt tokens a step may prefill (default 512)")
     p.add_argument("--max-model-len", type=int, help="longest prompt + output, in tokens (default 8192)")
+    p.add_argument("--max-stored-responses", type=int, default=10_000,
+                   help="Responses kept for previous_response_id and GET /v1/responses/{id}, least recently "
+                        "used dropped first (0: store none)")
 
 
 def add_parsers(sub) -> None:
@@ -51,7 +54,7 @@ def build_config(args):
     from pydantic import ValidationError
 
     from cli.generate import UsageError
-    from cluster.config import AutoscalingConfig, ModelGroupConfig, ServeConfig
+    from cluster.config import AutoscalingConfig, ModelGroupConfig, ResponseStoreConfig, ServeConfig
     from engine.core import EngineConfig
     fraction = args.kv_cache_fraction if args.kv_cache_fraction is not None else 0.9 if args.gpu else None
     sizes = {k: getattr(args, k) for k in ("max_num_seqs", "max_tokens_per_step", "max_model_len")
@@ -64,7 +67,8 @@ def build_config(args):
                                                      **sizes),
                                  autoscaling=AutoscalingConfig(min_replicas=args.min_replicas,
                                                                max_replicas=args.max_replicas))
-        return ServeConfig(host=args.host, port=args.port, models=[group])
+        return ServeConfig(host=args.host, port=args.port, models=[group],
+                           responses=ResponseStoreConfig(max_entries=args.max_stored_responses))
     except ValidationError as e:
         err = e.errors()[0]
         loc = [str(x) for x in err["loc"] if not str(x).isdigit()]
@@ -72,7 +76,7 @@ def build_config(args):
         named = next((f for f in ("kv_cache_fraction", "attn_dp", "min_replicas", "max_replicas")
                       if f in err["msg"]), None)
         field = named or (loc[-1] if loc else "config")
-        flag = {"path": "model", "use_gpu": "gpu"}.get(field, field)
+        flag = {"path": "model", "use_gpu": "gpu", "max_entries": "max_stored_responses"}.get(field, field)
         raise UsageError(f"--{flag.replace('_', '-')}: {err['msg']}") from None
 
 

@@ -68,12 +68,22 @@ class ModelGroupConfig(BaseModel):
         return "bfloat16" if self.use_gpu else "float32"
 
 
+class ResponseStoreConfig(BaseModel):
+    """Stored Responses (`store`, `previous_response_id`, GET /v1/responses/{id}): one LRU store
+    shared by the ingress replicas."""
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    max_entries: int = Field(10_000, ge=0, description="responses kept (least recently used go first); "
+                                                       "0: store nothing")
+    max_mb: float = Field(256.0, gt=0, description="memory the stored responses may take, in MiB")
+
+
 class ServeConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     app_name: str = "gptoss"
     models: list[ModelGroupConfig] = Field(default_factory=lambda: [ModelGroupConfig()])
+    responses: ResponseStoreConfig = ResponseStoreConfig()
 
     @model_validator(mode="after")
     def _unique(self):

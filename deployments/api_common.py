@@ -92,7 +92,7 @@ def loc_to_param(loc) -> Optional[str]:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part == "body" and not out:
+        elif part in ("body", "query", "path") and prev is None:  # where FastAPI found it, not its name
             pass
         elif isinstance(part, str) and not any(c in part for c in "[]'(),") and part not in _TYPE_TAGS \
                 and not (part in _ITEM_TAGS and isinstance(prev, int)) \

@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP API over one or more engines, as a plain FastAPI app.
 
 `build_app({"gpt-oss-120b": engine, ...})` serves /v1/chat/completions,
-/v1/responses, /v1/completions, /v1/models, /health and /ready. An engine is
+/v1/responses (and, with a response store, GET/DELETE /v1/responses/{id} and its
+input_items), /v1/completions, /v1/models, /health and /ready. An engine is
 anything with the `EngineClient` shape (engine.async_engine): an in-process
 `AsyncEngine`, or a client of a remote one (the Ray Serve layer wraps this app
 and supplies such clients; nothing here knows about Ray).
@@ -20,10 +21,10 @@ import asyncio
 import inspect
 import logging
 import time
-from typing import AsyncIterator, Awaitable, Callable, Mapping, Optional, Union
+from typing import AsyncIterator, Awaitable, Callable, Literal, Mapping, Optional, Union
 
 import anyio
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
@@ -37,7 +38,7 @@ from .chat_api import ChatHandler
 from .completions_api import CompletionHandler
 from .protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse,
                        ErrorResponse, ModelCard, ModelList, ResponseObject, ResponsesRequest)
-from .responses_api import ResponseBuilder
+from .responses_api import ResponseBuilder, StoredResponses
 
 log = logging.getLogger(__name__)
 
@@ -252,7 +253,7 @@ def build_app(engines: Mapping[str, EngineClient], *, max_pending: Union[int, Ma
               ready: Optional[Callable[[], Union[bool, Awaitable[bool]]]] = None,
               system_fingerprint: Optional[str] = None, owned_by: str = "gptoss-serve",
               title: str = "gpt-oss OpenAI-compatible API", metrics=None,
-              api_keys: Optional[frozenset] = None) -> FastAPI:
+              api_keys: Optional[frozenset] = None, response_store=None) -> FastAPI:
     """The API over `engines` (model name -> engine client; read on every request,
     so a caller may fill it after building the app).
 
@@ -261,6 +262,8 @@ def build_app(engines: Mapping[str, EngineClient], *, max_pending: Union[int, Ma
     ready: what /ready reports (sync or async); default: at least one engine.
     metrics: an observability.metrics.MetricsRecorder for request metrics (None: off).
     api_keys: when non-empty, /v1/* requires `Authorization: Bearer <key>` (401 otherwise).
+    response_store: where Responses are stored to be continued and read (a
+        deployments.response_store.MemoryResponseStore or RemoteResponseStore); None: nowhere.
     """
     app = FastAPI(title=title, version="1.0")
     if api_keys:
@@ -268,6 +271,7 @@ def build_app(engines: Mapping[str, EngineClient], *, max_pending: Union[int, Ma
     if metrics is not None:
         from observability.tracking import RequestCounter
         app.add_middleware(RequestCounter, recorder=metrics)
+    stored = StoredResponses(response_store)
     pending: dict[str, int] = {}
     app.state.pending = pending  # model -> admitted, unfinished requests (for metrics)
     created = int(time.time())
@@ -329,7 +333,8 @@ def build_app(engines: Mapping[str, EngineClient], *, max_pending: Union[int, Ma
         return JSONResponse(APIError(500, "internal server error").body(), status_code=500)
 
     # ------------------------------------------------------------ generation
-    async def serve(request: Request, model: str, make_handler):
+    async def serve(request: Request, model: str, make_handler, prepare=None):
+        """prepare: an async step before the handler is built (its result is make_handler's argument)."""
         check_unicode(await request.body())  # the body is read already: this is its cached bytes
         engine = engine_for(model)
         request.state.model = model
@@ -337,7 +342,11 @@ def build_app(engines: Mapping[str, EngineClient], *, max_pending: Union[int, Ma
             from observability.tracking import TrackedEngine
             engine = TrackedEngine(engine, metrics, model)
         # Rendering a long prompt is CPU work: keep it off the event loop.
-        handler = await run_in_threadpool(make_handler)
+        if prepare is not None:
+            ready_input = await prepare()
+            handler = await run_in_threadpool(make_handler, ready_input)
+        else:
+            handler = await run_in_threadpool(make_handler)
         run = _Run(engine, handler.requests, admit(model))
         try:
             if handler.stream_requested:
@@ -396,7 +405,24 @@ def build_app(engines: Mapping[str, EngineClient], *, max_pending: Union[int, Ma
         200: {"model": ResponseObject, "description": "a Response, or with stream=true its SSE events"},
         **_ERRORS})
     async def responses(body: ResponsesRequest, request: Request):
-        return await serve(request, body.model, lambda: ResponseBuilder(body, system_fingerprint))
+        return await serve(request, body.model,
+                           lambda history: ResponseBuilder(body, system_fingerprint, history, stored.saver(body)),
+                           prepare=lambda: stored.history(body))
+
+    _NOT_FOUND = {404: {"model": ErrorResponse}, 503: {"model": ErrorResponse}}
+
+    @app.get("/v1/responses/{response_id}", response_model=ResponseObject, responses=_NOT_FOUND)
+    async def get_response(response_id: str):
+        return JSONResponse((await stored.get(response_id)).response)
+
+    @app.delete("/v1/responses/{response_id}", responses=_NOT_FOUND)
+    async def delete_response(response_id: str):
+        return await stored.delete(response_id)
+
+    @app.get("/v1/responses/{response_id}/input_items", responses=_NOT_FOUND)
+    async def response_input_items(response_id: str, limit: int = Query(20, ge=1, le=100),
+                                   order: Literal["asc", "desc"] = "desc", after: Optional[str] = None):
+        return await stored.input_items(response_id, limit, order, after)
 
     @app.get("/v1/models", response_model=ModelList)
     async def models():

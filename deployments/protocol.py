@@ -266,10 +266,9 @@ class ReasoningConfig(_Req):
 
 
 _STATEFUL = {
-    "previous_response_id": "not supported (responses are not stored); send the whole conversation in `input`",
     "conversation": "not supported (conversations are not stored); send the whole conversation in `input`",
     "prompt": "stored prompt templates are not supported; send the text in `instructions` and `input`",
-    "background": "not supported (responses are not stored to be polled); use stream=true for long responses",
+    "background": "not supported (responses are not run detached to be polled); use stream=true for long responses",
 }
 
 
@@ -287,9 +286,11 @@ class ResponsesRequest(_Req):
     top_p: Optional[float] = Field(None, ge=0.0, le=1.0)
     seed: Optional[Seed] = None
     stream: bool = False
-    store: Optional[bool] = None
+    store: Optional[bool] = Field(None, description="keep the response to be read or continued later (default true "
+                                                    "when the server stores responses)")
     metadata: Optional[dict[str, str]] = None
-    previous_response_id: Optional[str] = Field(None, description="not supported: send the whole input instead")
+    previous_response_id: Optional[str] = Field(
+        None, max_length=128, description="continue a stored response: its conversation comes before `input`")
     conversation: Optional[Union[str, dict[str, Any]]] = Field(
         None, description="not supported: send the whole input instead")
     prompt: Optional[dict[str, Any]] = Field(None, description="stored prompt templates: not supported")
@@ -297,7 +298,7 @@ class ResponsesRequest(_Req):
     max_reasoning_tokens: Optional[int] = Field(None, ge=0, description="extension: cap on reasoning tokens")
     user: Optional[str] = None
 
-    @field_validator("previous_response_id", "conversation", "prompt", "background")
+    @field_validator("conversation", "prompt", "background")
     @classmethod
     def _stateful(cls, v, info: ValidationInfo):
         # refused, not ignored: without the stored state the answer would be to another question
@@ -377,3 +378,5 @@ class ResponseObject(BaseModel):
     usage: Optional[dict[str, Any]] = None
     error: Optional[dict[str, Any]] = None
     incomplete_details: Optional[dict[str, Any]] = None
+    previous_response_id: Optional[str] = None
+    store: bool = False

@@ -7,13 +7,20 @@ event sequence; the non-streaming response is assembled by the same builder, so
 both always agree.
 
 Multi-turn agent input is accepted as coding agents send it: earlier `reasoning`,
-assistant `message`, `function_call` and `function_call_output` items, in order.
+assistant `message`, `function_call` and `function_call_output` items, in order;
+or, with `previous_response_id`, as the stored conversation (deployments.response_store)
+followed by the new items. A stored response keeps its input items with ids, as
+`GET /v1/responses/{id}/input_items` lists them.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
-from typing import AsyncIterator, Optional
+import logging
+from typing import AsyncIterator, Awaitable, Callable, Optional, Sequence
+
+from pydantic import TypeAdapter
 
 from engine import harmony
 from engine.grammar import GrammarSpec
@@ -22,14 +29,38 @@ from engine.request import GenerateRequest, RequestOutput
 
 from .api_common import APIError, SSE_DONE, UsageTotals, engine_failure, new_id, now, sampling_params, sse
 from .chat_api import check_grammar, effort_of, text_of, tool_choice_for_grammar
-from .protocol import (FunctionCallItem, FunctionCallOutputItem, InputMessage, ReasoningItem, ResponsesRequest)
+from .protocol import (FunctionCallItem, FunctionCallOutputItem, InputItem, InputMessage, ReasoningItem,
+                       ResponsesRequest)
+from .response_store import ResponseNotFound, StoredResponse
+
+log = logging.getLogger(__name__)
+_ITEMS = TypeAdapter(list[InputItem])
+_ID_PREFIX = {"message": "msg_", "function_call": "fc_", "function_call_output": "fco_", "reasoning": "rs_"}
 
 
-def to_messages(req: ResponsesRequest) -> list[dict]:
-    msgs: list[dict] = []
-    if req.instructions:
-        msgs.append({"role": "developer", "content": req.instructions})
+def input_items(req: ResponsesRequest) -> list[dict]:
+    """The request's input as stored and listed: item dicts, each with an id, text in typed parts."""
     items = [InputMessage(role="user", content=req.input)] if isinstance(req.input, str) else req.input
+    out = []
+    for item in items:
+        d = item.model_dump(exclude_none=True, by_alias=True)
+        d.setdefault("id", new_id(_ID_PREFIX[d["type"]]))
+        if isinstance(item, InputMessage):
+            kind = "output_text" if item.role == "assistant" else "input_text"
+            parts = [{"text": item.content}] if isinstance(item.content, str) else d["content"]
+            d["content"] = [{**p, "type": kind} for p in parts]
+            d.setdefault("status", "completed")
+        out.append(d)
+    return out
+
+
+def to_messages(instructions: Optional[str], items: Sequence) -> list[dict]:
+    """Input items (pydantic, or dicts as stored) -> harmony chat messages."""
+    msgs: list[dict] = []
+    if instructions:
+        msgs.append({"role": "developer", "content": instructions})
+    if any(isinstance(x, dict) for x in items):
+        items = _ITEMS.validate_python([x if isinstance(x, dict) else x.model_dump(by_alias=True) for x in items])
     reasoning: list[str] = []  # reasoning items wait for the assistant message they belong to
     prev = None
     for item in items:
@@ -68,12 +99,13 @@ def _response_format(req: ResponsesRequest) -> Optional[dict]:
     return {"type": "json_schema", "schema": fmt.schema_ if fmt.schema_ is not None else {"type": "object"}}
 
 
-def build_request(req: ResponsesRequest, rid: str) -> GenerateRequest:
+def build_request(req: ResponsesRequest, rid: str, items: Sequence) -> GenerateRequest:
+    """`items`: the whole conversation (stored history, then this request's input)."""
     tools = [{"name": t.name, "description": t.description, "parameters": t.parameters} for t in req.tools or []]
     choice = tool_choice_for_grammar(req.tool_choice, [t["name"] for t in tools])
     effort = effort_of(req.reasoning.effort if req.reasoning else None)
     try:
-        prompt = harmony.render_chat(to_messages(req), tools=tools or None, reasoning_effort=effort)
+        prompt = harmony.render_chat(to_messages(req.instructions, items), tools=tools or None, reasoning_effort=effort)
     except (harmony.HarmonyInputError, ValueError) as e:
         raise APIError(400, str(e).replace("messages[", "input message ["), param="input",
                        code="invalid_value") from None
@@ -91,11 +123,16 @@ class ResponseBuilder:
 
     prompt_param = "input"
 
-    def __init__(self, body: ResponsesRequest, fingerprint: Optional[str] = None):
+    def __init__(self, body: ResponsesRequest, fingerprint: Optional[str] = None, history: Sequence[dict] = (),
+                 store: Optional[Callable[[StoredResponse], Awaitable]] = None):
+        """history: the stored conversation `previous_response_id` continues (item dicts, oldest first);
+        store: saves the finished response (None: not stored)."""
         self.body = body
         self.id = new_id("resp_")
         self.created = now()
-        self.requests = [build_request(body, self.id)]
+        self.input = input_items(body)
+        self._store = store
+        self.requests = [build_request(body, self.id, [*history, *self.input])]
         self.schema_param = "text.format" if _response_format(body) else "tools"
         self.usage = UsageTotals()
         self.usage.add_prompt(len(self.requests[0].prompt_ids))
@@ -124,9 +161,9 @@ class ResponseBuilder:
             "incomplete_details": {"reason": "max_output_tokens"} if self.status == "incomplete" else None,
             "instructions": b.instructions, "max_output_tokens": b.max_output_tokens,
             "parallel_tool_calls": b.parallel_tool_calls if b.parallel_tool_calls is not None else True,
-            "previous_response_id": None, "reasoning": {"effort": effort_of(b.reasoning.effort if b.reasoning
+            "previous_response_id": b.previous_response_id, "reasoning": {"effort": effort_of(b.reasoning.effort if b.reasoning
                                                                             else None), "summary": None},
-            "store": False, "temperature": b.temperature if b.temperature is not None else 1.0,
+            "store": self._store is not None, "temperature": b.temperature if b.temperature is not None else 1.0,
             "text": {"format": fmt}, "tool_choice": tc or "auto",
             "tools": [t.model_dump(exclude_none=True) for t in b.tools or []],
             "top_p": b.top_p if b.top_p is not None else 1.0, "truncation": "disabled",
@@ -224,6 +261,16 @@ class ResponseBuilder:
                          delta=text, **extra)]
 
     # ------------------------------------------------------------- the handler
+    async def _save(self) -> None:
+        """Stores the finished response before the client hears it finished, so a continuation
+        sent the moment it does finds it."""
+        if self._store is None:
+            return
+        try:
+            await self._store(StoredResponse(self.id, self.body.previous_response_id, self.input, self.response()))
+        except Exception:  # noqa: BLE001 - the answer stands; only its continuation is lost
+            log.exception("storing response %s failed", self.id)
+
     async def collect(self, outputs: AsyncIterator[tuple[int, RequestOutput]]) -> dict:
         async for _, out in outputs:
             self.feed(out)
@@ -231,13 +278,17 @@ class ResponseBuilder:
                 break
         if self.finish_reason is None:
             raise APIError(503, "the engine ended the request before it finished", code="engine_error")
+        await self._save()
         return self.response()
 
     async def stream(self, outputs: AsyncIterator[tuple[int, RequestOutput]]) -> AsyncIterator[str]:
         for ev in self.start():
             yield sse(ev, ev["type"])
         async for _, out in outputs:
-            for ev in self.feed(out):
+            evs = self.feed(out)
+            if self.finish_reason is not None:
+                await self._save()
+            for ev in evs:
                 yield sse(ev, ev["type"])
             if self.finish_reason is not None:
                 return
@@ -250,3 +301,74 @@ class ResponseBuilder:
         # Also carries OpenAI's {"error": {...}} object, so SDK clients raise instead of ending quietly.
         evs.append(self._ev("error", code=err.code, message=err.message, param=err.param, error=err.body()["error"]))
         return [sse(ev, ev["type"]) for ev in evs] + [SSE_DONE]
+
+
+class StoredResponses:
+    """The API over a response store (MemoryResponseStore, or RemoteResponseStore whose calls are
+    awaitable): continuing, reading, listing and deleting stored responses, with OpenAI's errors.
+    `store=None`: this server stores nothing."""
+
+    def __init__(self, store=None):
+        self.store = store
+
+    async def _call(self, method: str, *args):
+        try:
+            out = getattr(self.store, method)(*args)
+            return await out if inspect.isawaitable(out) else out
+        except ResponseNotFound:
+            raise
+        except Exception:
+            log.exception("the response store failed (%s)", method)
+            raise APIError(503, "the response store is unavailable", code="store_unavailable") from None
+
+    def saver(self, body: ResponsesRequest) -> Optional[Callable[[StoredResponse], Awaitable]]:
+        if self.store is None or body.store is False:
+            return None
+        return lambda rec: self._call("put", rec)
+
+    async def history(self, body: ResponsesRequest) -> list[dict]:
+        """The items of the conversation `previous_response_id` names, oldest first."""
+        prev = body.previous_response_id
+        if not prev:
+            return []
+        if self.store is None:
+            raise APIError(400, "this server does not store responses, so `previous_response_id` cannot be "
+                                "continued; send the whole conversation in `input`",
+                           param="previous_response_id", code="previous_response_not_found")
+        try:
+            links = await self._call("chain", prev)
+        except ResponseNotFound as e:
+            why = "not found" if e.missing == prev else f"cannot be continued: its earlier response " \
+                                                        f"'{e.missing}' was deleted"
+            raise APIError(400, f"Previous response with id '{prev}' {why}.", param="previous_response_id",
+                           code="previous_response_not_found") from None
+        return [it for rec in links for it in (*rec.input, *rec.response["output"])]
+
+    async def get(self, rid: str) -> StoredResponse:
+        if self.store is not None:
+            try:
+                return await self._call("get", rid)
+            except ResponseNotFound:
+                pass
+        raise APIError(404, f"No response found with id '{rid}'.", param="response_id", code="response_not_found")
+
+    async def delete(self, rid: str) -> dict:
+        if self.store is None or not await self._call("delete", rid):
+            raise APIError(404, f"No response found with id '{rid}'.", param="response_id",
+                           code="response_not_found")
+        return {"id": rid, "object": "response", "deleted": True}
+
+    async def input_items(self, rid: str, limit: int, order: str, after: Optional[str]) -> dict:
+        """A cursor page of the response's own input items (OpenAI's list shape)."""
+        items = list((await self.get(rid)).input)
+        if order == "desc":
+            items.reverse()
+        if after is not None:
+            ids = [it["id"] for it in items]
+            if after not in ids:
+                raise APIError(400, f"`after`: no input item '{after}' in response '{rid}'", param="after",
+                               code="invalid_value")
+            items = items[ids.index(after) + 1:]
+        page = items[:limit]
+        return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+                "last_id": page[-1]["id"] if page else None, "has_more": len(items) > limit}

@@ -106,18 +106,21 @@ class RemoteEngine:
 
 
 class Ingress:
-    def __init__(self, handles: dict, config: dict):
+    def __init__(self, handles: dict, config: dict, store=None):
         self.cfg = ServeConfig(**config)
-        self.handles = handles
+        self.handles, self.store = handles, store
 
     def __serve_build_asgi_app__(self):
         from observability.metrics import MetricsRecorder
 
         from .api_common import api_keys_from_env
         from .openai_api import build_app
+        from .response_store import RemoteResponseStore
         engines = {name: RemoteEngine(h, name) for name, h in self.handles.items()}
         limits = {m.name: m.max_pending * max(1, m.autoscaling.max_replicas) for m in self.cfg.models}
-        return build_app(engines, max_pending=limits, metrics=MetricsRecorder("ray"), api_keys=api_keys_from_env())
+        store = RemoteResponseStore(self.store) if self.store is not None else None
+        return build_app(engines, max_pending=limits, metrics=MetricsRecorder("ray"), api_keys=api_keys_from_env(),
+                         response_store=store)
 
 
 def group_deployment(m: ModelGroupConfig):
@@ -158,7 +161,19 @@ def build_application(cfg: ServeConfig):
     in_flight = sum(m.max_pending * max(1, m.autoscaling.max_replicas) for m in cfg.models) + 16
     ingress = serve.deployment(serve.ingress()(Ingress)).options(
         name="ingress", ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=in_flight)
-    return ingress.bind(handles, cfg.model_dump(mode="json"))
+    return ingress.bind(handles, cfg.model_dump(mode="json"), store_deployment(cfg, in_flight))
+
+
+def store_deployment(cfg: ServeConfig, in_flight: int):
+    """The one replica every ingress replica stores Responses in (None when storing nothing). One, not
+    autoscaled: its calls are dict lookups, and a second replica would not see the first's records."""
+    from .response_store import ResponseStoreServer
+    r = cfg.responses
+    if r.max_entries == 0:
+        return None
+    return serve.deployment(ResponseStoreServer).options(
+        name="responses", num_replicas=1, ray_actor_options={"num_cpus": 0},
+        max_ongoing_requests=in_flight).bind(r.max_entries, int(r.max_mb * (1 << 20)))
 
 
 def app_builder(args: dict):

@@ -113,6 +113,7 @@ class Server:
 @pytest.fixture(scope="package")
 def api(tiny_ckpt):
     from deployments.openai_api import build_app
+    from deployments.response_store import MemoryResponseStore
     from engine.async_engine import AsyncEngine
     from engine.core import EngineConfig, LLMEngine
     from engine.grammar import get_lltokenizer
@@ -132,10 +133,12 @@ def api(tiny_ckpt):
                "dropping": DroppingClient(demo_b), "overloaded": DownClient(EngineOverloadedError("queue full")),
                "down": DownClient(ConnectionError("no route to the replica"))}
     state = {"ready": True}
-    app = build_app(engines, max_pending={"limited": 2}, ready=lambda: state["ready"])
+    store = MemoryResponseStore(max_entries=64)
+    app = build_app(engines, max_pending={"limited": 2}, ready=lambda: state["ready"], response_store=store)
     srv = Server(app, engines)
     srv.app = app
     srv.ready_state = state
+    srv.response_store = store
     yield srv
     srv.stop()
     for e in (demo, demo_b, flaky):

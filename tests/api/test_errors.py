@@ -50,8 +50,8 @@ def test_bad_parameters_400_name_the_param(api, client):
         ("/v1/responses", {"model": "demo", "input": "x", "reasoning": {"effort": "max"}}, "reasoning.effort"),
         ("/v1/responses", {"model": "demo", "input": [{"type": "message", "role": "user"}]}, "input[0].content"),
         ("/v1/responses", {"model": "demo", "input": "x", "previous_response_id": "resp_1"},
-         "previous_response_id"),
-        # what needs stored state is refused, not ignored (the answer would be to another question)
+         "previous_response_id"),  # never stored
+        # what this server does not keep is refused, not ignored (the answer would be to another question)
         ("/v1/responses", {"model": "demo", "input": "x", "conversation": "conv_1"}, "conversation"),
         ("/v1/responses", {"model": "demo", "input": "x", "prompt": {"id": "pmpt_1"}}, "prompt"),
         ("/v1/responses", {"model": "demo", "input": "x", "background": True}, "background"),

@@ -96,6 +96,18 @@ def test_models_and_chat(app):
         assert e.value.body["code"] == "context_length_exceeded" and e.value.body["param"] == "prompt"
 
 
+def test_responses_are_stored_and_continued_through_the_store_replica(app):
+    kw = dict(model="tiny", max_output_tokens=4, extra_body={"max_reasoning_tokens": 0})
+    r1 = app.responses.create(input="One", **kw)
+    r2 = app.responses.create(input="Two", previous_response_id=r1.id, **kw)
+    assert r2.previous_response_id == r1.id and r2.usage.input_tokens > r1.usage.input_tokens
+    assert app.responses.retrieve(r2.id).output_text == r2.output_text
+    app.responses.delete(r1.id)
+    with pytest.raises(openai.BadRequestError) as e:
+        app.responses.create(input="Three", previous_response_id=r2.id, **kw)
+    assert r1.id in e.value.body["message"] and e.value.body["param"] == "previous_response_id"
+
+
 def test_ep2_group_gives_the_same_greedy_output(app):
     a, b = _chat(app, "tiny"), _chat(app, "tiny-ep2")
     assert a.choices[0].message.content == b.choices[0].message.content

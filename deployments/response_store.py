@@ -1,0 +1,175 @@
+"""Stored Responses: what `store` keeps and `previous_response_id` continues from.
+
+A record is one response: the input items its request sent (each given an id), the
+Response object returned, and the id of the response it continued. A conversation
+is the chain of records back to its first; continuing one replays every link's
+input and output items, oldest first (earlier `instructions` are not carried over,
+as with OpenAI's API).
+
+Memory is bounded by entries and bytes, evicting the least recently used record.
+Using a record (storing, reading, continuing) also uses all its ancestors, just
+after it, so an ancestor is always more recent than any of its descendants: what
+gets evicted is always a leaf, and no stored record ever lacks an ancestor (short
+of an explicit delete). An idle conversation is forgotten from its tip back.
+
+`MemoryResponseStore` is the store of one process; the Ray Serve app runs one in a
+single-replica deployment (`ResponseStoreServer`) that every ingress replica
+shares through `RemoteResponseStore`, so any replica can continue any response.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+class ResponseNotFound(KeyError):
+    """`missing` is the id not stored: the one asked for, or an ancestor of it."""
+
+    def __init__(self, missing: str):
+        super().__init__(missing)
+        self.missing = missing
+
+
+@dataclass
+class StoredResponse:
+    id: str
+    previous_id: Optional[str]
+    input: list[dict]  # the input items of this request only, with ids
+    response: dict  # the Response object as the client got it
+    size: int = field(default=0, compare=False)
+
+    def __post_init__(self):
+        if not self.size:
+            self.size = len(json.dumps(self.input)) + len(json.dumps(self.response))
+
+
+class MemoryResponseStore:
+    """Bounded, thread-safe LRU of StoredResponse records (see the module docstring)."""
+
+    def __init__(self, max_entries: int = 10_000, max_bytes: int = 256 << 20):
+        self.max_entries, self.max_bytes = max_entries, max_bytes
+        self._records: OrderedDict[str, StoredResponse] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    @property
+    def bytes(self) -> int:
+        return self._bytes
+
+    def _chain(self, rid: str) -> list[StoredResponse]:
+        """The record and its ancestors, newest first; raises ResponseNotFound on a gap."""
+        out, seen, cur = [], set(), rid
+        while cur is not None:
+            rec = self._records.get(cur)
+            if rec is None or cur in seen:
+                raise ResponseNotFound(cur)
+            seen.add(cur)
+            out.append(rec)
+            cur = rec.previous_id
+        return out
+
+    def _use(self, chain: list[StoredResponse]) -> None:
+        for rec in chain:  # newest first: each ancestor ends up more recent than its descendants
+            self._records.move_to_end(rec.id)
+
+    def put(self, rec: StoredResponse) -> bool:
+        """Stores `rec`; False when it alone exceeds the byte budget (nothing is evicted for it)."""
+        with self._lock:
+            if rec.size > self.max_bytes or self.max_entries < 1:
+                return False
+            old = self._records.pop(rec.id, None)
+            if old is not None:
+                self._bytes -= old.size
+            self._records[rec.id] = rec
+            self._bytes += rec.size
+            try:
+                self._use(self._chain(rec.id))
+            except ResponseNotFound:
+                pass  # its ancestor was deleted meanwhile: it can be read, not continued
+            while len(self._records) > self.max_entries or self._bytes > self.max_bytes:
+                _, gone = self._records.popitem(last=False)
+                self._bytes -= gone.size
+            return rec.id in self._records
+
+    def get(self, rid: str) -> StoredResponse:
+        with self._lock:
+            rec = self._records.get(rid)
+            if rec is None:
+                raise ResponseNotFound(rid)
+            try:
+                self._use(self._chain(rid))
+            except ResponseNotFound:
+                self._records.move_to_end(rid)
+            return rec
+
+    def chain(self, rid: str) -> list[StoredResponse]:
+        """The conversation that ends at `rid`, oldest first."""
+        with self._lock:
+            links = self._chain(rid)
+            self._use(links)
+            return links[::-1]
+
+    def delete(self, rid: str) -> bool:
+        with self._lock:
+            rec = self._records.pop(rid, None)
+            if rec is not None:
+                self._bytes -= rec.size
+            return rec is not None
+
+
+class ResponseStoreServer:
+    """The Serve deployment that holds the app's one MemoryResponseStore."""
+
+    def __init__(self, max_entries: int, max_bytes: int):
+        self.store = MemoryResponseStore(max_entries, max_bytes)
+
+    def put(self, rec: StoredResponse) -> bool:
+        return self.store.put(rec)
+
+    def get(self, rid: str) -> Optional[StoredResponse]:
+        try:
+            return self.store.get(rid)
+        except ResponseNotFound:
+            return None
+
+    def chain(self, rid: str) -> tuple[Optional[str], list[StoredResponse]]:
+        """(the missing id or None, the chain); errors stay values so no Ray exception wraps them."""
+        try:
+            return None, self.store.chain(rid)
+        except ResponseNotFound as e:
+            return e.missing, []
+
+    def delete(self, rid: str) -> bool:
+        return self.store.delete(rid)
+
+
+class RemoteResponseStore:
+    """The MemoryResponseStore interface, async, over a ResponseStoreServer handle."""
+
+    def __init__(self, handle):
+        self.handle = handle
+
+    async def put(self, rec: StoredResponse) -> bool:
+        return await self.handle.put.remote(rec)
+
+    async def get(self, rid: str) -> StoredResponse:
+        rec = await self.handle.get.remote(rid)
+        if rec is None:
+            raise ResponseNotFound(rid)
+        return rec
+
+    async def chain(self, rid: str) -> list[StoredResponse]:
+        missing, links = await self.handle.chain.remote(rid)
+        if missing is not None:
+            raise ResponseNotFound(missing)
+        return links
+
+    async def delete(self, rid: str) -> bool:
+        return await self.handle.delete.remote(rid)

@@ -1,0 +1,149 @@
+"""Stored Responses through the openai SDK: `previous_response_id` continues exactly the
+conversation a client would otherwise resend, and stored responses can be read, listed and
+deleted."""
+
+import json
+
+import httpx
+import openai
+import pytest
+
+from deployments.protocol import ResponsesRequest
+from deployments.responses_api import ResponseBuilder
+
+from .test_responses import SHORT, TOOLS
+
+FIRST = dict(model="demo", input="Weather in Paris?", tools=TOOLS, tool_choice="required", max_output_tokens=120,
+             extra_body={**SHORT, "seed": 1})
+
+
+def _resend(r) -> list[dict]:
+    """What an agent resends without previous_response_id: r's input, then its output items."""
+    items = [{"role": "user", "content": "Weather in Paris?"}]
+    for it in r.output:
+        if it.type == "reasoning":
+            items.append({"type": "reasoning", "id": it.id, "summary": [],
+                          "content": [{"type": "reasoning_text", "text": it.content[0].text}]})
+        elif it.type == "function_call":
+            items.append({"type": "function_call", "id": it.id, "call_id": it.call_id, "name": it.name,
+                          "arguments": it.arguments})
+        else:
+            items.append({"role": "assistant", "content": it.content[0].text})
+    return items
+
+
+def test_continuing_renders_the_prompt_a_resent_conversation_does(client, api):
+    r1 = client.responses.create(**FIRST)
+    assert r1.store is True and r1.previous_response_id is None
+    call = r1.output[-1]
+    assert call.type == "function_call"
+    tool_out = {"type": "function_call_output", "call_id": call.call_id, "output": '{"temp_c": 21}'}
+    later = dict(model="demo", tools=TOOLS, tool_choice="none", instructions="Answer briefly.", max_output_tokens=16,
+                 extra_body={**SHORT, "seed": 3})
+
+    r2 = client.responses.create(previous_response_id=r1.id, input=[tool_out], **later)
+    resent = client.responses.create(input=[*_resend(r1), tool_out], store=False, **later)
+    assert r2.previous_response_id == r1.id and r2.status in ("completed", "incomplete")
+    assert r2.usage.input_tokens == resent.usage.input_tokens > r1.usage.input_tokens
+
+    # token for token: the stored history renders exactly the resent prompt
+    [rec] = api.response_store.chain(r1.id)
+    body = ResponsesRequest(input=[tool_out], previous_response_id=r1.id, **{
+        k: v for k, v in later.items() if k != "extra_body"})
+    cont = ResponseBuilder(body, history=[*rec.input, *rec.response["output"]])
+    full = ResponseBuilder(ResponsesRequest(input=[*_resend(r1), tool_out], **{
+        k: v for k, v in later.items() if k != "extra_body"}))
+    assert cont.requests[0].prompt_ids == full.requests[0].prompt_ids
+
+    # a third turn carries both earlier ones (tools and instructions are per request, as OpenAI's)
+    r3 = client.responses.create(previous_response_id=r2.id, input="Thanks!", **later)
+    assert r3.usage.input_tokens > r2.usage.input_tokens
+    bare = client.responses.create(previous_response_id=r2.id, input="Thanks!", store=False,
+                                   **{**later, "tools": None, "instructions": None, "tool_choice": None})
+    assert bare.usage.input_tokens < r3.usage.input_tokens
+    assert [x.id for x in api.response_store.chain(r3.id)] == [r1.id, r2.id, r3.id]
+
+
+def test_read_list_and_delete(client):
+    r = client.responses.create(model="demo", input=[
+        {"role": "developer", "content": "Be terse."},
+        {"role": "user", "content": [{"type": "input_text", "text": "Hi"}]},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "Bye"}], max_output_tokens=6, extra_body={"max_reasoning_tokens": 0})
+    got = client.responses.retrieve(r.id)
+    assert got.id == r.id and got.output_text == r.output_text and got.usage.output_tokens == r.usage.output_tokens
+    assert got.model_dump() == r.model_dump()
+
+    page = client.responses.input_items.list(r.id)  # newest first, as OpenAI lists them
+    texts = [it.content[0].text for it in page.data]
+    assert texts == ["Bye", "Hello.", "Hi", "Be terse."]
+    assert [it.role for it in page.data] == ["user", "assistant", "user", "developer"]
+    assert [it.content[0].type for it in page.data] == ["input_text", "output_text", "input_text", "input_text"]
+    assert len({it.id for it in page.data}) == 4 and all(it.id.startswith("msg_") for it in page.data)
+    asc = client.responses.input_items.list(r.id, order="asc", limit=2)
+    assert [it.content[0].text for it in asc.data] == ["Be terse.", "Hi"] and asc.has_more
+    rest = client.responses.input_items.list(r.id, order="asc", limit=2, after=asc.data[-1].id)
+    assert [it.content[0].text for it in rest.data] == ["Hello.", "Bye"] and not rest.has_more
+    # the SDK's auto-paging walks the cursor
+    assert [it.id for it in client.responses.input_items.list(r.id, limit=1)] == [it.id for it in page.data]
+
+    client.responses.delete(r.id)
+    with pytest.raises(openai.NotFoundError) as e:
+        client.responses.retrieve(r.id)
+    assert e.value.body["code"] == "response_not_found" and r.id in e.value.body["message"]
+    for call in (lambda: client.responses.delete(r.id), lambda: client.responses.input_items.list(r.id)):
+        with pytest.raises(openai.NotFoundError):
+            call()
+    with pytest.raises(openai.BadRequestError) as e:
+        client.responses.create(model="demo", previous_response_id=r.id, input="x", max_output_tokens=4)
+    assert e.value.body["param"] == "previous_response_id" and e.value.body["code"] == "previous_response_not_found"
+
+
+def test_store_false_keeps_nothing(client, api):
+    n = len(api.response_store)
+    r = client.responses.create(model="demo", input="Hi", store=False, max_output_tokens=4,
+                                extra_body={"max_reasoning_tokens": 0})
+    assert r.store is False and len(api.response_store) == n
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(r.id)
+
+
+def test_a_streamed_response_is_stored_before_it_completes(client):
+    """A client that continues the moment it reads response.completed must find the response."""
+    with client.responses.stream(model="demo", input="Hello", max_output_tokens=8,
+                                 extra_body={"max_reasoning_tokens": 0}) as stream:
+        for ev in stream:
+            if ev.type in ("response.completed", "response.incomplete"):
+                final = ev.response
+                r2 = client.responses.create(model="demo", previous_response_id=final.id, input="More",
+                                             max_output_tokens=4, extra_body={"max_reasoning_tokens": 0})
+                break
+    assert final.store is True and r2.previous_response_id == final.id
+    assert r2.usage.input_tokens > final.usage.input_tokens
+
+
+def test_a_deleted_ancestor_is_named(client):
+    kw = dict(model="demo", max_output_tokens=4, extra_body={"max_reasoning_tokens": 0})
+    r1 = client.responses.create(input="One", **kw)
+    r2 = client.responses.create(input="Two", previous_response_id=r1.id, **kw)
+    client.responses.delete(r1.id)
+    assert client.responses.retrieve(r2.id).id == r2.id  # still readable
+    with pytest.raises(openai.BadRequestError) as e:
+        client.responses.create(input="Three", previous_response_id=r2.id, **kw)
+    assert r1.id in e.value.body["message"] and "deleted" in e.value.body["message"]
+
+
+def test_bad_listing_parameters(api):
+    with httpx.Client(base_url=api.url) as h:
+        r = h.post("/v1/responses", json={"model": "demo", "input": "x", "max_output_tokens": 2,
+                                          "max_reasoning_tokens": 0})
+        rid = r.json()["id"]
+        for query, param in (("limit=0", "limit"), ("limit=101", "limit"), ("order=up", "order"),
+                             ("after=msg_nope", "after")):
+            r = h.get(f"/v1/responses/{rid}/input_items?{query}")
+            assert r.status_code == 400, query
+            err = r.json()["error"]
+            assert err["param"] == param and err["type"] == "invalid_request_error", (query, err)
+        r = h.post("/v1/responses", content=json.dumps({"model": "demo", "input": "x", "previous_response_id": 7}),
+                   headers={"content-type": "application/json"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "previous_response_id"

@@ -1,0 +1,110 @@
+"""The response store's bounds: least recently used conversations go first, from their tip,
+so no stored response ever loses an ancestor to eviction."""
+
+import asyncio
+import random
+
+import pytest
+
+from deployments.response_store import (MemoryResponseStore, RemoteResponseStore, ResponseNotFound,
+                                        ResponseStoreServer, StoredResponse)
+
+
+def rec(rid, prev=None, text="x"):
+    return StoredResponse(rid, prev, [{"type": "message", "id": f"msg_{rid}", "content": text}],
+                          {"id": rid, "output": []})
+
+
+def test_chain_oldest_first_and_gaps_named():
+    s = MemoryResponseStore()
+    for rid, prev in (("a", None), ("b", "a"), ("c", "b"), ("d", "b")):  # d branches off b
+        assert s.put(rec(rid, prev))
+    assert [r.id for r in s.chain("c")] == ["a", "b", "c"]
+    assert [r.id for r in s.chain("d")] == ["a", "b", "d"]
+    assert s.delete("a") and not s.delete("a")
+    with pytest.raises(ResponseNotFound) as e:
+        s.chain("c")
+    assert e.value.missing == "a"
+    assert s.get("c").id == "c"  # still readable on its own
+    with pytest.raises(ResponseNotFound) as e:
+        s.get("zz")
+    assert e.value.missing == "zz"
+
+
+def test_eviction_is_lru_by_conversation_and_takes_leaves_first():
+    s = MemoryResponseStore(max_entries=4)
+    for rid, prev in (("a", None), ("b", "a"), ("x", None), ("y", "x")):
+        s.put(rec(rid, prev))
+    s.chain("b")  # conversation a-b is used again: x-y is now the least recent
+    s.put(rec("c", "b"))
+    assert len(s) == 4
+    assert [r.id for r in s.chain("c")] == ["a", "b", "c"]
+    assert s.get("x").id == "x"  # y, the tip of the idle conversation, went first
+    with pytest.raises(ResponseNotFound):
+        s.get("y")
+
+
+def test_random_use_never_leaves_a_broken_chain():
+    rng = random.Random(0)
+    s = MemoryResponseStore(max_entries=25, max_bytes=25 * 200)
+    ids = []
+    for i in range(2000):
+        prev = rng.choice(ids) if ids and rng.random() < 0.8 else None
+        if prev is not None:
+            try:
+                s.chain(prev)
+            except ResponseNotFound:
+                prev = None
+        s.put(rec(f"r{i}", prev, "y" * rng.randrange(0, 150)))
+        ids.append(f"r{i}")
+        if rng.random() < 0.3:
+            try:
+                s.get(rng.choice(ids))
+            except ResponseNotFound:
+                pass
+        assert len(s) <= 25 and s.bytes <= 25 * 200
+        for rid in list(s._records):
+            s._chain(rid)  # every stored record reaches its first: raises on a gap
+    assert s.bytes == sum(r.size for r in s._records.values())
+
+
+def test_byte_budget_and_a_record_too_big_to_keep():
+    one = rec("a").size
+    s = MemoryResponseStore(max_bytes=3 * one)
+    for rid in "abcd":
+        assert s.put(rec(rid))
+    assert len(s) == 3 and s.bytes == 3 * one
+    assert not s.put(rec("huge", None, "z" * 4 * one))
+    assert len(s) == 3
+    assert not MemoryResponseStore(max_entries=0).put(rec("a"))
+
+
+def test_the_remote_client_over_the_serve_replica_class():
+    """RemoteResponseStore speaks to ResponseStoreServer (the handle is faked; the live Ray suite runs it for
+    real): the same answers, errors included."""
+    class Method:
+        def __init__(self, fn):
+            self.fn = fn
+
+        async def remote(self, *args):
+            return self.fn(*args)
+
+    class Handle:
+        def __init__(self, server):
+            for name in ("put", "get", "chain", "delete"):
+                setattr(self, name, Method(getattr(server, name)))
+
+    store = RemoteResponseStore(Handle(ResponseStoreServer(10, 1 << 20)))
+
+    async def go():
+        assert await store.put(rec("a")) and await store.put(rec("b", "a"))
+        assert [r.id for r in await store.chain("b")] == ["a", "b"]
+        assert (await store.get("b")).previous_id == "a"
+        assert await store.delete("a")
+        with pytest.raises(ResponseNotFound) as e:
+            await store.chain("b")
+        assert e.value.missing == "a"
+        with pytest.raises(ResponseNotFound):
+            await store.get("a")
+
+    asyncio.run(go())
