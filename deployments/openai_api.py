@@ -38,6 +38,7 @@ from .chat_api import ChatHandler
 from .completions_api import CompletionHandler
 from .protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse,
                        ErrorResponse, ModelCard, ModelList, ResponseObject, ResponsesRequest)
+from .background import BackgroundResponses
 from .responses_api import ResponseBuilder, StoredResponses
 
 log = logging.getLogger(__name__)
@@ -272,6 +273,8 @@ def build_app(engines: Mapping[str, EngineClient], *, max_pending: Union[int, Ma
         from observability.tracking import RequestCounter
         app.add_middleware(RequestCounter, recorder=metrics)
     stored = StoredResponses(response_store)
+    background = BackgroundResponses(stored)
+    app.state.background = background
     pending: dict[str, int] = {}
     app.state.pending = pending  # model -> admitted, unfinished requests (for metrics)
     created = int(time.time())
@@ -333,8 +336,9 @@ def build_app(engines: Mapping[str, EngineClient], *, max_pending: Union[int, Ma
         return JSONResponse(APIError(500, "internal server error").body(), status_code=500)
 
     # ------------------------------------------------------------ generation
-    async def serve(request: Request, model: str, make_handler, prepare=None):
-        """prepare: an async step before the handler is built (its result is make_handler's argument)."""
+    async def serve(request: Request, model: str, make_handler, prepare=None, detach: bool = False):
+        """prepare: an async step before the handler is built (its result is make_handler's argument);
+        detach: a background Response, answered once the engine has started it."""
         check_unicode(await request.body())  # the body is read already: this is its cached bytes
         engine = engine_for(model)
         request.state.model = model
@@ -349,6 +353,9 @@ def build_app(engines: Mapping[str, EngineClient], *, max_pending: Union[int, Ma
             handler = await run_in_threadpool(make_handler)
         run = _Run(engine, handler.requests, admit(model))
         try:
+            if detach:
+                await _unless_disconnected(request, run.start(handler.prompt_param, handler.schema_param))
+                return JSONResponse(await background.start(handler, run))
             if handler.stream_requested:
                 await _unless_disconnected(request, run.start(handler.prompt_param, handler.schema_param))
 
@@ -405,21 +412,28 @@ def build_app(engines: Mapping[str, EngineClient], *, max_pending: Union[int, Ma
         200: {"model": ResponseObject, "description": "a Response, or with stream=true its SSE events"},
         **_ERRORS})
     async def responses(body: ResponsesRequest, request: Request):
+        if body.background and response_store is None:
+            raise APIError(400, "background: this server does not store responses, so a background response "
+                                "could not be read back; use stream=true", param="background", code="invalid_value")
         return await serve(request, body.model,
                            lambda history: ResponseBuilder(body, system_fingerprint, history, stored.saver(body)),
-                           prepare=lambda: stored.history(body))
+                           prepare=lambda: stored.history(body), detach=bool(body.background))
 
-    _NOT_FOUND = {404: {"model": ErrorResponse}, 503: {"model": ErrorResponse}}
+    _STORED = {status: {"model": ErrorResponse} for status in (400, 404, 503)}
 
-    @app.get("/v1/responses/{response_id}", response_model=ResponseObject, responses=_NOT_FOUND)
+    @app.get("/v1/responses/{response_id}", response_model=ResponseObject, responses=_STORED)
     async def get_response(response_id: str):
         return JSONResponse((await stored.get(response_id)).response)
 
-    @app.delete("/v1/responses/{response_id}", responses=_NOT_FOUND)
+    @app.delete("/v1/responses/{response_id}", responses=_STORED)
     async def delete_response(response_id: str):
         return await stored.delete(response_id)
 
-    @app.get("/v1/responses/{response_id}/input_items", responses=_NOT_FOUND)
+    @app.post("/v1/responses/{response_id}/cancel", response_model=ResponseObject, responses=_STORED)
+    async def cancel_response(response_id: str):
+        return JSONResponse(await background.cancel(response_id))
+
+    @app.get("/v1/responses/{response_id}/input_items", responses=_STORED)
     async def response_input_items(response_id: str, limit: int = Query(20, ge=1, le=100),
                                    order: Literal["asc", "desc"] = "desc", after: Optional[str] = None):
         return await stored.input_items(response_id, limit, order, after)

@@ -268,7 +268,6 @@ class ReasoningConfig(_Req):
 _STATEFUL = {
     "conversation": "not supported (conversations are not stored); send the whole conversation in `input`",
     "prompt": "stored prompt templates are not supported; send the text in `instructions` and `input`",
-    "background": "not supported (responses are not run detached to be polled); use stream=true for long responses",
 }
 
 
@@ -294,16 +293,27 @@ class ResponsesRequest(_Req):
     conversation: Optional[Union[str, dict[str, Any]]] = Field(
         None, description="not supported: send the whole input instead")
     prompt: Optional[dict[str, Any]] = Field(None, description="stored prompt templates: not supported")
-    background: Optional[bool] = Field(None, description="not supported (responses are not stored)")
+    background: Optional[bool] = Field(None, description="run on after the request returns; poll GET "
+                                                         "/v1/responses/{id}, stop with POST .../cancel")
     max_reasoning_tokens: Optional[int] = Field(None, ge=0, description="extension: cap on reasoning tokens")
     user: Optional[str] = None
 
-    @field_validator("conversation", "prompt", "background")
+    @field_validator("conversation", "prompt")
     @classmethod
     def _stateful(cls, v, info: ValidationInfo):
         # refused, not ignored: without the stored state the answer would be to another question
         if v:
             raise ValueError(_STATEFUL[info.field_name])
+        return v
+
+    @field_validator("background")
+    @classmethod
+    def _background(cls, v, info: ValidationInfo):  # declared after `store` and `stream`, so it sees them
+        if v and info.data.get("store") is False:
+            raise ValueError("needs store (a background response is read back from the store)")
+        if v and info.data.get("stream"):
+            raise ValueError("with stream=true is not supported; stream without background, or poll "
+                             "GET /v1/responses/{id}")
         return v
 
     @field_validator("input")
@@ -371,7 +381,7 @@ class ResponseObject(BaseModel):
     id: str
     object: Literal["response"] = "response"
     created_at: int
-    status: Literal["completed", "incomplete", "failed", "in_progress"]
+    status: Literal["completed", "incomplete", "failed", "in_progress", "cancelled"]
     model: str
     output: list[dict[str, Any]]
     output_text: Optional[str] = None
@@ -380,3 +390,4 @@ class ResponseObject(BaseModel):
     incomplete_details: Optional[dict[str, Any]] = None
     previous_response_id: Optional[str] = None
     store: bool = False
+    background: bool = False

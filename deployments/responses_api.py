@@ -156,7 +156,7 @@ class ResponseBuilder:
         texts = [c["text"] for it in self.output if it["type"] == "message" for c in it["content"]]
         return {
             "id": self.id, "object": "response", "created_at": self.created, "status": self.status,
-            "model": b.model, "output": self.output, "output_text": "".join(texts),
+            "model": b.model, "background": bool(b.background), "output": self.output, "output_text": "".join(texts),
             "error": self.error,
             "incomplete_details": {"reason": "max_output_tokens"} if self.status == "incomplete" else None,
             "instructions": b.instructions, "max_output_tokens": b.max_output_tokens,
@@ -267,7 +267,7 @@ class ResponseBuilder:
         if self._store is None:
             return
         try:
-            await self._store(StoredResponse(self.id, self.body.previous_response_id, self.input, self.response()))
+            await self._store(self.record())
         except Exception:  # noqa: BLE001 - the answer stands; only its continuation is lost
             log.exception("storing response %s failed", self.id)
 
@@ -294,9 +294,19 @@ class ResponseBuilder:
                 return
         raise APIError(503, "the engine ended the request before it finished", code="engine_error")
 
-    def error_events(self, err: APIError) -> list[str]:
+    def end(self, status: str, err: Optional[APIError] = None) -> list[dict]:
+        """Ends the response early: "failed" (with `err`) or "cancelled"; closes the open item."""
         evs = self._close("incomplete")
-        self.status, self.error = "failed", {"code": err.code or err.type, "message": err.message}
+        self.status = status
+        if err is not None:
+            self.error = {"code": err.code or err.type, "message": err.message}
+        return evs
+
+    def record(self) -> StoredResponse:
+        return StoredResponse(self.id, self.body.previous_response_id, self.input, self.response())
+
+    def error_events(self, err: APIError) -> list[str]:
+        evs = self.end("failed", err)
         evs.append(self._ev("response.failed", response=self.response()))
         # Also carries OpenAI's {"error": {...}} object, so SDK clients raise instead of ending quietly.
         evs.append(self._ev("error", code=err.code, message=err.message, param=err.param, error=err.body()["error"]))
@@ -324,7 +334,17 @@ class StoredResponses:
     def saver(self, body: ResponsesRequest) -> Optional[Callable[[StoredResponse], Awaitable]]:
         if self.store is None or body.store is False:
             return None
-        return lambda rec: self._call("put", rec)
+        return self.put
+
+    async def put(self, rec: StoredResponse) -> bool:
+        return await self._call("put", rec)
+
+    async def peek(self, rid: str) -> Optional[StoredResponse]:
+        """The record, or None (not stored, or the store unreachable: callers poll again)."""
+        try:
+            return await self._call("get", rid)
+        except (ResponseNotFound, APIError):
+            return None
 
     async def history(self, body: ResponsesRequest) -> list[dict]:
         """The items of the conversation `previous_response_id` names, oldest first."""

@@ -3,6 +3,7 @@ conversation a client would otherwise resend, and stored responses can be read, 
 deleted."""
 
 import json
+import time
 
 import httpx
 import openai
@@ -147,3 +148,67 @@ def test_bad_listing_parameters(api):
         r = h.post("/v1/responses", content=json.dumps({"model": "demo", "input": "x", "previous_response_id": 7}),
                    headers={"content-type": "application/json"})
         assert r.status_code == 400 and r.json()["error"]["param"] == "previous_response_id"
+
+
+def _poll(client, rid, timeout=60.0):
+    t0 = time.time()
+    while True:
+        r = client.responses.retrieve(rid)
+        if r.status not in ("queued", "in_progress") or time.time() - t0 > timeout:
+            return r
+        time.sleep(0.05)
+
+
+def test_background_response_is_polled_to_its_end(client, api):
+    r = client.responses.create(model="demo", input="Say hi.", background=True, max_output_tokens=48,
+                                extra_body={**SHORT, "seed": 5})
+    assert r.background is True and r.status == "in_progress" and r.usage is None
+    done = _poll(client, r.id)
+    assert done.id == r.id and done.status in ("completed", "incomplete") and done.background is True
+    assert done.usage.output_tokens > 0 and done.output
+    # the same request run in the foreground gives the same answer
+    fg = client.responses.create(model="demo", input="Say hi.", max_output_tokens=48, store=False,
+                                 extra_body={**SHORT, "seed": 5})
+    assert fg.output_text == done.output_text and fg.usage.output_tokens == done.usage.output_tokens
+    api.wait_idle("demo")
+
+
+def test_cancelling_a_background_response(client, api):
+    long = dict(model="demo", input="Tell a long story.", max_output_tokens=900, extra_body={"seed": 7})
+    r = client.responses.create(background=True, **long)
+    t0 = time.time()
+    c = client.responses.cancel(r.id)
+    assert c.id == r.id and c.status == "cancelled" and time.time() - t0 < 5
+    assert client.responses.retrieve(r.id).status == "cancelled"
+    assert api.wait_idle("demo")["running"] == 0  # the engine dropped the run
+    assert client.responses.cancel(r.id).status == "cancelled"  # again: the same answer
+    # what cannot be cancelled
+    fg = client.responses.create(model="demo", input="Hi", max_output_tokens=2, extra_body={"max_reasoning_tokens": 0})
+    with pytest.raises(openai.BadRequestError) as e:
+        client.responses.cancel(fg.id)
+    assert "background" in e.value.body["message"]
+    with pytest.raises(openai.NotFoundError):
+        client.responses.cancel("resp_nope")
+
+
+def test_background_refusals(client):
+    for kw, words in ((dict(store=False), "store"), (dict(stream=True), "stream")):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.responses.create(model="demo", input="x", background=True, **kw)
+        assert e.value.body["param"] == "background" and words in e.value.body["message"]
+
+
+def test_a_cancel_from_another_ingress_replica_stops_the_run(client, api):
+    """Another replica has no task to cancel: it marks the stored response, and the replica running it stops."""
+    import asyncio
+
+    from deployments.background import POLL_S, BackgroundResponses
+    from deployments.responses_api import StoredResponses
+    r = client.responses.create(model="demo", input="Tell a long story.", background=True, max_output_tokens=900,
+                                extra_body={"seed": 7})
+    other = BackgroundResponses(StoredResponses(api.response_store))
+    t0 = time.time()
+    assert asyncio.run(other.cancel(r.id))["status"] == "cancelled"
+    assert api.wait_idle("demo", timeout=POLL_S + 5)["running"] == 0 and time.time() - t0 < POLL_S + 5
+    assert not api.app.state.background.tasks
+    assert client.responses.retrieve(r.id).status == "cancelled"

@@ -106,6 +106,13 @@ def test_responses_are_stored_and_continued_through_the_store_replica(app):
     with pytest.raises(openai.BadRequestError) as e:
         app.responses.create(input="Three", previous_response_id=r2.id, **kw)
     assert r1.id in e.value.body["message"] and e.value.body["param"] == "previous_response_id"
+    # a background response runs on in the ingress replica and is read back through the store
+    bg = app.responses.create(input="Four", background=True, previous_response_id=r2.id, **kw)
+    assert bg.status == "in_progress" and bg.background
+    t0 = time.time()
+    while (got := app.responses.retrieve(bg.id)).status == "in_progress" and time.time() - t0 < 60:
+        time.sleep(0.1)
+    assert got.status in ("completed", "incomplete") and got.usage.input_tokens > r2.usage.input_tokens
 
 
 def test_ep2_group_gives_the_same_greedy_output(app):
