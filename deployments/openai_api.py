@@ -1,8 +1,9 @@
 """The OpenAI-compatible HTTP API over one or more engines, as a plain FastAPI app.
 
 `build_app({"gpt-oss-120b": engine, ...})` serves /v1/chat/completions,
-/v1/responses (and, with a response store, GET/DELETE /v1/responses/{id} and its
-input_items), /v1/completions, /v1/models, /health and /ready. An engine is
+/v1/responses (and, with a response store, GET/DELETE /v1/responses/{id}, its
+input_items and, for a background response, POST .../cancel), /v1/completions,
+/v1/models, /health and /ready. An engine is
 anything with the `EngineClient` shape (engine.async_engine): an in-process
 `AsyncEngine`, or a client of a remote one (the Ray Serve layer wraps this app
 and supplies such clients; nothing here knows about Ray).

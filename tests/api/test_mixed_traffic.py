@@ -1,10 +1,11 @@
 """Random mixed traffic, eight requests at a time: every endpoint, streaming or not, with tools,
-structured output, n > 1, logprobs, penalties and reasoning budgets in one batch. The invariants
-hold for every request whatever else shares its steps: a 200, a stream that ends as its protocol
+structured output, n > 1, logprobs, penalties, reasoning budgets and background Responses in one
+batch. The invariants hold for every request whatever else shares its steps: a 200, a stream that ends as its protocol
 says, output that keeps its grammar, and an engine that is idle afterwards."""
 
 import json
 import random
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -74,6 +75,8 @@ def _requests(n: int, seed: int) -> list[tuple[str, dict]]:
         body = {"model": "demo", "stream": rnd.choice([True, False]), **make(rnd)}
         if body["stream"] and make is not _responses and rnd.random() < 0.5:
             body["stream_options"] = {"include_usage": True}
+        if make is _responses and not body["stream"] and len(out) % 2:
+            body["background"] = True  # polled to its end below
         out.append((PATHS[make], body))
     return out
 
@@ -131,11 +134,17 @@ def _check_response(b: dict, body: dict) -> None:
 
 def test_mixed_concurrent_traffic_keeps_every_invariant(api):
     reqs = _requests(48, seed=20261126)
+    assert sum(bool(b.get("background")) for _, b in reqs) >= 2
 
     def run(pb):
         path, b = pb
         with httpx.Client(base_url=api.url, timeout=120) as c:
             r = c.post(path, json=b)
+            t0 = time.time()
+            while b.get("background") and r.status_code == 200 and r.json()["status"] == "in_progress" \
+                    and time.time() - t0 < 120:
+                time.sleep(0.05)
+                r = c.get(f"{path}/{r.json()['id']}")
         return path, b, r.status_code, r.text
 
     with ThreadPoolExecutor(8) as ex:

@@ -102,17 +102,17 @@ def test_responses_are_stored_and_continued_through_the_store_replica(app):
     r2 = app.responses.create(input="Two", previous_response_id=r1.id, **kw)
     assert r2.previous_response_id == r1.id and r2.usage.input_tokens > r1.usage.input_tokens
     assert app.responses.retrieve(r2.id).output_text == r2.output_text
-    app.responses.delete(r1.id)
-    with pytest.raises(openai.BadRequestError) as e:
-        app.responses.create(input="Three", previous_response_id=r2.id, **kw)
-    assert r1.id in e.value.body["message"] and e.value.body["param"] == "previous_response_id"
     # a background response runs on in the ingress replica and is read back through the store
-    bg = app.responses.create(input="Four", background=True, previous_response_id=r2.id, **kw)
+    bg = app.responses.create(input="Three", background=True, previous_response_id=r2.id, **kw)
     assert bg.status == "in_progress" and bg.background
     t0 = time.time()
     while (got := app.responses.retrieve(bg.id)).status == "in_progress" and time.time() - t0 < 60:
         time.sleep(0.1)
     assert got.status in ("completed", "incomplete") and got.usage.input_tokens > r2.usage.input_tokens
+    app.responses.delete(r1.id)
+    with pytest.raises(openai.BadRequestError) as e:
+        app.responses.create(input="Four", previous_response_id=r2.id, **kw)
+    assert r1.id in e.value.body["message"] and e.value.body["param"] == "previous_response_id"
 
 
 def test_ep2_group_gives_the_same_greedy_output(app):
