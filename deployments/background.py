@@ -43,13 +43,13 @@ class BackgroundResponses:
             await handler.collect(run)  # stores the ended response itself
         except asyncio.CancelledError:
             handler.end("cancelled")
-            await handler._save()
+            await handler.save()
         except Exception as e:  # noqa: BLE001 - the failure is the stored answer
             err = e if isinstance(e, APIError) else APIError(503, "the engine failed", code="engine_error")
             if not isinstance(e, APIError):
                 log.exception("background response %s failed", handler.id)
             handler.end("failed", err)
-            await handler._save()
+            await handler.save()
         finally:
             watcher.cancel()
             await run.close()

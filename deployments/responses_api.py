@@ -105,7 +105,8 @@ def build_request(req: ResponsesRequest, rid: str, items: Sequence) -> GenerateR
     choice = tool_choice_for_grammar(req.tool_choice, [t["name"] for t in tools])
     effort = effort_of(req.reasoning.effort if req.reasoning else None)
     try:
-        prompt = harmony.render_chat(to_messages(req.instructions, items), tools=tools or None, reasoning_effort=effort)
+        prompt = harmony.render_chat(to_messages(req.instructions, items), tools=tools or None,
+                                     reasoning_effort=effort)
     except (harmony.HarmonyInputError, ValueError) as e:
         raise APIError(400, str(e).replace("messages[", "input message ["), param="input",
                        code="invalid_value") from None
@@ -156,13 +157,13 @@ class ResponseBuilder:
         texts = [c["text"] for it in self.output if it["type"] == "message" for c in it["content"]]
         return {
             "id": self.id, "object": "response", "created_at": self.created, "status": self.status,
-            "model": b.model, "background": bool(b.background), "output": self.output, "output_text": "".join(texts),
-            "error": self.error,
+            "model": b.model, "background": bool(b.background), "output": self.output,
+            "output_text": "".join(texts), "error": self.error,
             "incomplete_details": {"reason": "max_output_tokens"} if self.status == "incomplete" else None,
             "instructions": b.instructions, "max_output_tokens": b.max_output_tokens,
             "parallel_tool_calls": b.parallel_tool_calls if b.parallel_tool_calls is not None else True,
-            "previous_response_id": b.previous_response_id, "reasoning": {"effort": effort_of(b.reasoning.effort if b.reasoning
-                                                                            else None), "summary": None},
+            "previous_response_id": b.previous_response_id,
+            "reasoning": {"effort": effort_of(b.reasoning.effort if b.reasoning else None), "summary": None},
             "store": self._store is not None, "temperature": b.temperature if b.temperature is not None else 1.0,
             "text": {"format": fmt}, "tool_choice": tc or "auto",
             "tools": [t.model_dump(exclude_none=True) for t in b.tools or []],
@@ -261,7 +262,7 @@ class ResponseBuilder:
                          delta=text, **extra)]
 
     # ------------------------------------------------------------- the handler
-    async def _save(self) -> None:
+    async def save(self) -> None:
         """Stores the finished response before the client hears it finished, so a continuation
         sent the moment it does finds it."""
         if self._store is None:
@@ -278,7 +279,7 @@ class ResponseBuilder:
                 break
         if self.finish_reason is None:
             raise APIError(503, "the engine ended the request before it finished", code="engine_error")
-        await self._save()
+        await self.save()
         return self.response()
 
     async def stream(self, outputs: AsyncIterator[tuple[int, RequestOutput]]) -> AsyncIterator[str]:
@@ -287,7 +288,7 @@ class ResponseBuilder:
         async for _, out in outputs:
             evs = self.feed(out)
             if self.finish_reason is not None:
-                await self._save()
+                await self.save()
             for ev in evs:
                 yield sse(ev, ev["type"])
             if self.finish_reason is not None:
@@ -303,7 +304,9 @@ class ResponseBuilder:
         return evs
 
     def record(self) -> StoredResponse:
-        return StoredResponse(self.id, self.body.previous_response_id, self.input, self.response())
+        # a copy: the items of a running response keep changing, the stored record must not
+        return StoredResponse(self.id, self.body.previous_response_id, self.input, json.loads(json.dumps(
+            self.response())))
 
     def error_events(self, err: APIError) -> list[str]:
         evs = self.end("failed", err)

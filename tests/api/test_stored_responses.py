@@ -212,3 +212,18 @@ def test_a_cancel_from_another_ingress_replica_stops_the_run(client, api):
     assert api.wait_idle("demo", timeout=POLL_S + 5)["running"] == 0 and time.time() - t0 < POLL_S + 5
     assert not api.app.state.background.tasks
     assert client.responses.retrieve(r.id).status == "cancelled"
+
+
+def test_a_background_run_that_fails_is_stored_as_failed(client, api):
+    flaky = api.engines["flaky"].engine
+    flaky.fail_after = 6
+    try:
+        r = client.responses.create(model="flaky", input="Tell a long story.", background=True,
+                                    max_output_tokens=200)
+        done = _poll(client, r.id)
+    finally:
+        flaky.fail_after = None
+    assert done.status == "failed" and done.error.code == "engine_error" and done.usage is not None
+    assert "Traceback" not in done.error.message
+    assert not api.app.state.background.tasks  # and its admission slot is back
+    assert api.app.state.pending.get("flaky", 0) == 0
