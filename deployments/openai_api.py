@@ -19,6 +19,7 @@ beyond).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import time
@@ -267,14 +268,20 @@ def build_app(engines: Mapping[str, EngineClient], *, max_pending: Union[int, Ma
     response_store: where Responses are stored to be continued and read (a
         deployments.response_store.MemoryResponseStore or RemoteResponseStore); None: nowhere.
     """
-    app = FastAPI(title=title, version="1.0")
+    stored = StoredResponses(response_store)
+    background = BackgroundResponses(stored)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_):
+        yield
+        await background.shutdown()  # runs still going are stored as cancelled, not left in_progress
+
+    app = FastAPI(title=title, version="1.0", lifespan=lifespan)
     if api_keys:
         app.add_middleware(BearerAuth, keys=frozenset(api_keys))
     if metrics is not None:
         from observability.tracking import RequestCounter
         app.add_middleware(RequestCounter, recorder=metrics)
-    stored = StoredResponses(response_store)
-    background = BackgroundResponses(stored)
     app.state.background = background
     pending: dict[str, int] = {}
     app.state.pending = pending  # model -> admitted, unfinished requests (for metrics)

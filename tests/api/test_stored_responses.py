@@ -227,3 +227,18 @@ def test_a_background_run_that_fails_is_stored_as_failed(client, api):
     assert "Traceback" not in done.error.message
     assert not api.app.state.background.tasks  # and its admission slot is back
     assert api.app.state.pending.get("flaky", 0) == 0
+
+
+def test_stopping_the_server_stores_running_background_responses_as_cancelled(api):
+    from fastapi.testclient import TestClient
+
+    from deployments.openai_api import build_app
+    from deployments.response_store import MemoryResponseStore
+    store = MemoryResponseStore()
+    app = build_app({"demo": api.engines["demo"]}, response_store=store)
+    with TestClient(app) as c:
+        r = c.post("/v1/responses", json={"model": "demo", "input": "Tell a long story.", "background": True,
+                                          "max_output_tokens": 900, "seed": 7})
+        assert r.status_code == 200 and r.json()["status"] == "in_progress"
+    assert store.get(r.json()["id"]).response["status"] == "cancelled"
+    assert api.wait_idle("demo")["running"] == 0
