@@ -242,16 +242,28 @@ def _compiler_usable() -> bool:
     return isinstance(tl.sum, JITFunction)
 
 
-def check(arch: int = 90) -> list[Usage]:
-    """Usage of every planned compilation, in plan order; in a fresh process if this one interprets."""
+def check(arch: int = 90, shard: tuple[int, int] = (0, 1)) -> list[Usage]:
+    """Usage of every planned compilation (of shard (k, n): every n-th from the k-th), in plan order.
+    In this process if it compiles, else in fresh ones: one per core (up to 4), each compiling a shard,
+    since ptxas and Triton's frontend are single-threaded and the compilations independent."""
+    k, n = shard
     if _compiler_usable():
-        return [compile_config(c, arch) for c in plan(arch)]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, "-m", "kernels.aot", "--arch", str(arch), "--json"], env=env,
-                       cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True)
-    if not r.stdout.strip():
-        raise RuntimeError(f"kernels.aot subprocess failed ({r.returncode}):\n{r.stderr[-4000:]}")
-    return [Usage(**u) for u in json.loads(r.stdout.strip().splitlines()[-1])]
+        return [compile_config(c, arch) for c in plan(arch)[k::n]]
+    env = {key: v for key, v in os.environ.items() if key != "TRITON_INTERPRET"}
+    jobs = max(1, min(os.cpu_count() or 1, 4))
+    procs = [subprocess.Popen([sys.executable, "-m", "kernels.aot", "--arch", str(arch), "--json",
+                               "--shard", f"{j}/{jobs}"], env=env, cwd=Path(__file__).resolve().parents[1],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for j in range(jobs)]
+    shards = []
+    for proc in procs:
+        out, err = proc.communicate()
+        if not out.strip():
+            raise RuntimeError(f"kernels.aot subprocess failed ({proc.returncode}):\n{err[-4000:]}")
+        shards.append([Usage(**u) for u in json.loads(out.strip().splitlines()[-1])])
+    rows: list = [None] * sum(map(len, shards))
+    for j, part in enumerate(shards):
+        rows[j::jobs] = part
+    return rows
 
 
 def table(rows: list[Usage], arch: int = 90) -> str:
@@ -268,8 +280,14 @@ def main(argv=None) -> int:
     p.add_argument("--arch", type=int, default=90, choices=sorted(SMEM_LIMIT),
                    help="compute capability (90 = H100/H200)")
     p.add_argument("--json", action="store_true", help="print the usages as JSON instead of a table")
+    p.add_argument("--shard", default="0/1", metavar="K/N", help="compile only every N-th from the K-th")
     a = p.parse_args(argv)
-    rows = check(a.arch)
+    try:
+        k, n = map(int, a.shard.split("/"))
+        assert 0 <= k < n
+    except (ValueError, AssertionError):
+        p.error(f"--shard: expected K/N with 0 <= K < N, got {a.shard!r}")
+    rows = check(a.arch, (k, n))
     bad = [u for u in rows if u.problems(a.arch)]
     if a.json:
         print(json.dumps([dataclasses.asdict(u) for u in rows]))

@@ -131,3 +131,10 @@ def test_every_graph_buckets_attention_splits_are_compiled():
     got = {int(re.search(r"NUM_SPLITS=(\d+)", c.label).group(1)) for c in CONFIGS
            if c.kernel == "_attn_kernel" and "ROPE=True" in c.label and "KV=fp8" not in c.label}
     assert want == {8, 4, 2, 1} and want <= got
+
+
+def test_a_bad_shard_names_the_flag(capsys):
+    for bad in ("2/2", "x", "1/0"):
+        with pytest.raises(SystemExit):
+            aot.main(["--shard", bad])
+        assert "--shard: expected K/N" in capsys.readouterr().err
