@@ -244,13 +244,16 @@ def _compiler_usable() -> bool:
 
 def check(arch: int = 90, shard: tuple[int, int] = (0, 1)) -> list[Usage]:
     """Usage of every planned compilation (of shard (k, n): every n-th from the k-th), in plan order.
-    In this process if it compiles, else in fresh ones: one per core (up to 4), each compiling a shard,
-    since ptxas and Triton's frontend are single-threaded and the compilations independent."""
+    The whole plan compiles in fresh processes, one per core (up to 4) each compiling a shard, since
+    ptxas and Triton's frontend are single-threaded and the compilations independent; a shard (or a
+    single core) compiles here, unless this process interprets Triton (TRITON_INTERPRET=1)."""
     k, n = shard
-    if _compiler_usable():
+    jobs = max(1, min(os.cpu_count() or 1, 4))
+    if n > 1 or (jobs == 1 and _compiler_usable()):
+        if not _compiler_usable():
+            raise RuntimeError("kernels.aot --shard compiles in its own process: unset TRITON_INTERPRET")
         return [compile_config(c, arch) for c in plan(arch)[k::n]]
     env = {key: v for key, v in os.environ.items() if key != "TRITON_INTERPRET"}
-    jobs = max(1, min(os.cpu_count() or 1, 4))
     procs = [subprocess.Popen([sys.executable, "-m", "kernels.aot", "--arch", str(arch), "--json",
                                "--shard", f"{j}/{jobs}"], env=env, cwd=Path(__file__).resolve().parents[1],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for j in range(jobs)]
@@ -287,6 +290,8 @@ def main(argv=None) -> int:
         assert 0 <= k < n
     except (ValueError, AssertionError):
         p.error(f"--shard: expected K/N with 0 <= K < N, got {a.shard!r}")
+    if n > 1 and not _compiler_usable():
+        p.error("--shard: a shard compiles in this process, which interprets Triton: unset TRITON_INTERPRET")
     rows = check(a.arch, (k, n))
     bad = [u for u in rows if u.problems(a.arch)]
     if a.json:
