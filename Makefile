@@ -29,8 +29,15 @@ setup: $(STAMP)
 serve: $(STAMP)
 	$(BIN)/gptoss serve --model demo
 
+# The CPU-bound kernel, engine and model tests run on every core (pytest-xdist, one torch thread a
+# worker); then the rest, which start Ray clusters and servers with timing-sensitive checks, on their own.
+# Both always run; `make test` fails if either does.
+ON_EVERY_CORE := tests/kernels tests/engine tests/models
+
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n auto $(ON_EVERY_CORE); a=$$?; \
+	$(BIN)/python -m pytest -q $(addprefix --ignore=,$(ON_EVERY_CORE)); b=$$?; \
+	test $$a -eq 0 && test $$b -eq 0
 
 clean:
 	rm -rf $(VENV) .demo
