@@ -35,6 +35,9 @@ class BackgroundResponses:
             await run.close()
             raise
         self.tasks[handler.id] = asyncio.ensure_future(self._run(handler, run))
+        # Let the task take its first step: one cancelled before that never runs its body, so it would
+        # neither store itself as cancelled nor close its run (the engine request and admission slot).
+        await asyncio.sleep(0)
         return handler.response()
 
     async def _run(self, handler: ResponseBuilder, run) -> None:
@@ -45,10 +48,10 @@ class BackgroundResponses:
             handler.end("cancelled")
             await handler.save()
         except Exception as e:  # noqa: BLE001 - the failure is the stored answer
-            err = e if isinstance(e, APIError) else APIError(503, "the engine failed", code="engine_error")
             if not isinstance(e, APIError):
                 log.exception("background response %s failed", handler.id)
-            handler.end("failed", err)
+                e = APIError(503, "the engine failed", code="engine_error")
+            handler.end("failed", e)
             await handler.save()
         finally:
             watcher.cancel()

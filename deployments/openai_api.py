@@ -354,11 +354,8 @@ def build_app(engines: Mapping[str, EngineClient], *, max_pending: Union[int, Ma
             from observability.tracking import TrackedEngine
             engine = TrackedEngine(engine, metrics, model)
         # Rendering a long prompt is CPU work: keep it off the event loop.
-        if prepare is not None:
-            ready_input = await prepare()
-            handler = await run_in_threadpool(make_handler, ready_input)
-        else:
-            handler = await run_in_threadpool(make_handler)
+        args = () if prepare is None else (await prepare(),)
+        handler = await run_in_threadpool(make_handler, *args)
         run = _Run(engine, handler.requests, admit(model))
         try:
             if detach:
@@ -420,9 +417,6 @@ def build_app(engines: Mapping[str, EngineClient], *, max_pending: Union[int, Ma
         200: {"model": ResponseObject, "description": "a Response, or with stream=true its SSE events"},
         **_ERRORS})
     async def responses(body: ResponsesRequest, request: Request):
-        if body.background and response_store is None:
-            raise APIError(400, "background: this server does not store responses, so a background response "
-                                "could not be read back; use stream=true", param="background", code="invalid_value")
         return await serve(request, body.model,
                            lambda history: ResponseBuilder(body, system_fingerprint, history, stored.saver(body)),
                            prepare=lambda: stored.history(body), detach=bool(body.background))

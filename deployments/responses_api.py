@@ -350,8 +350,12 @@ class StoredResponses:
             return None
 
     async def history(self, body: ResponsesRequest) -> list[dict]:
-        """The items of the conversation `previous_response_id` names, oldest first."""
+        """The items of the conversation `previous_response_id` names, oldest first; refuses what needs
+        a store when there is none."""
         prev = body.previous_response_id
+        if self.store is None and body.background:
+            raise APIError(400, "background: this server does not store responses, so a background response "
+                                "could not be read back; use stream=true", param="background", code="invalid_value")
         if not prev:
             return []
         if self.store is None:
@@ -367,18 +371,21 @@ class StoredResponses:
                            code="previous_response_not_found") from None
         return [it for rec in links for it in (*rec.input, *rec.response["output"])]
 
+    @staticmethod
+    def _not_found(rid: str) -> APIError:
+        return APIError(404, f"No response found with id '{rid}'.", param="response_id", code="response_not_found")
+
     async def get(self, rid: str) -> StoredResponse:
         if self.store is not None:
             try:
                 return await self._call("get", rid)
             except ResponseNotFound:
                 pass
-        raise APIError(404, f"No response found with id '{rid}'.", param="response_id", code="response_not_found")
+        raise self._not_found(rid)
 
     async def delete(self, rid: str) -> dict:
         if self.store is None or not await self._call("delete", rid):
-            raise APIError(404, f"No response found with id '{rid}'.", param="response_id",
-                           code="response_not_found")
+            raise self._not_found(rid)
         return {"id": rid, "object": "response", "deleted": True}
 
     async def input_items(self, rid: str, limit: int, order: str, after: Optional[str]) -> dict:

@@ -235,15 +235,37 @@ def test_a_background_run_that_fails_is_stored_as_failed(client, api):
 
 
 def test_stopping_the_server_stores_running_background_responses_as_cancelled(api):
-    from fastapi.testclient import TestClient
+    """The app's shutdown (a Serve replica stopping) ends its runs, not the event loop's teardown: checked
+    inside the loop, right after the lifespan ends."""
+    import asyncio
 
     from deployments.openai_api import build_app
     from deployments.response_store import MemoryResponseStore
     store = MemoryResponseStore()
     app = build_app({"demo": api.engines["demo"]}, response_store=store)
-    with TestClient(app) as c:
-        r = c.post("/v1/responses", json={"model": "demo", "input": "Tell a long story.", "background": True,
-                                          "max_output_tokens": 900, "seed": 7})
-        assert r.status_code == 200 and r.json()["status"] == "in_progress"
-    assert store.get(r.json()["id"]).response["status"] == "cancelled"
+
+    async def go():
+        async with app.router.lifespan_context(app):
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://x") as c:
+                r = await c.post("/v1/responses", json={"model": "demo", "input": "Tell a long story.",
+                                                        "background": True, "max_output_tokens": 900, "seed": 7})
+            assert r.status_code == 200 and r.json()["status"] == "in_progress"
+        assert not app.state.background.tasks
+        return store.get(r.json()["id"]).response["status"]
+
+    assert asyncio.run(go()) == "cancelled"
     assert api.wait_idle("demo")["running"] == 0
+
+
+def test_a_server_without_a_store_refuses_what_needs_one(api):
+    from fastapi.testclient import TestClient
+
+    from deployments.openai_api import build_app
+    c = TestClient(build_app({"demo": api.engines["demo"]}))
+    for extra, param in (({"background": True}, "background"), ({"previous_response_id": "resp_1"},
+                                                                 "previous_response_id")):
+        r = c.post("/v1/responses", json={"model": "demo", "input": "x", **extra})
+        assert r.status_code == 400 and r.json()["error"]["param"] == param and "store" in r.json()["error"]["message"]
+    r = c.post("/v1/responses", json={"model": "demo", "input": "x", "max_output_tokens": 2, "max_reasoning_tokens": 0})
+    assert r.status_code == 200 and r.json()["store"] is False
+    assert c.get(f"/v1/responses/{r.json()['id']}").status_code == 404
