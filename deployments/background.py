@@ -2,48 +2,86 @@
 started the run, and the run goes on without it.
 
 The response lives in the response store from the start (status `in_progress`), so any
-ingress replica answers `GET /v1/responses/{id}`; the run stores it again when it ends
-(`completed`, `incomplete`, `failed` or `cancelled`). `POST /v1/responses/{id}/cancel`
-stops a run held by this replica at once; for a run held by another replica it marks
-the stored response `cancelled`, which that replica's run sees within POLL_S and stops.
-A run holds its model's admission slot (max_pending) until it ends, like any request.
+ingress replica answers `GET /v1/responses/{id}`. While it runs, the run keeps its
+record current (every FLUSH_S at most: the output so far and, with `stream: true`, its
+events), and stores it a last time when it ends (`completed`, `incomplete`, `failed` or
+`cancelled`).
+
+With `stream: true` the request streams the run's events as a foreground stream would,
+but a client that goes away stops only its stream, not the run; `GET
+/v1/responses/{id}?stream=true&starting_after=N` resumes it on any replica: from the
+run itself on the replica holding it, else from the store (polled every
+STREAM_POLL_S). A stream whose run stopped reporting for LOST_S (its replica died)
+ends with an error event rather than waiting forever.
+
+`POST /v1/responses/{id}/cancel` stops a run held by this replica at once; for a run
+held by another replica it marks the stored response `cancelled`, which that replica's
+run hears on its next update (at most POLL_S apart) and stops. A run holds its model's
+admission slot (max_pending) until it ends, like any request.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from typing import AsyncIterator, Optional
 
-from .api_common import APIError
-from .responses_api import ResponseBuilder, StoredResponses
+from .api_common import APIError, sse
+from .responses_api import ResponseBuilder, StoredResponses, error_fields
 
 log = logging.getLogger(__name__)
-POLL_S = 1.0
+FLUSH_S = 0.25  # progress reaches the store at most this often...
+POLL_S = 1.0  # ...and at least this often (the heartbeat that also brings a remote cancel)
+STREAM_POLL_S = 0.2
+LOST_S = 30.0
 _ENDED = ("completed", "incomplete", "failed", "cancelled")
+
+
+class _Live:
+    """A run held by this replica, as its stream readers see it: events up to `shown` (the final
+    ones only once the response is stored, so a reader that sees it end can continue it)."""
+
+    def __init__(self, handler: ResponseBuilder):
+        self.handler = handler
+        self.shown = len(handler.events or ())
+        self.done = False
+        self.wake = asyncio.Event()
+
+    def show(self, done: bool = False) -> None:
+        self.shown = len(self.handler.events or ())
+        self.done = done
+        self.wake.set()
+        self.wake = asyncio.Event()
 
 
 class BackgroundResponses:
     def __init__(self, stored: StoredResponses):
         self.stored = stored
         self.tasks: dict[str, asyncio.Task] = {}
+        self.live: dict[str, _Live] = {}
 
     async def start(self, handler: ResponseBuilder, run) -> dict:
         """`run` has started (the engine accepted the request); from here the run is ours to close."""
+        if handler.events is not None:
+            handler.start()  # response.created and .in_progress: the stream's first events
         try:
             await self.stored.put(handler.record())
         except BaseException:
             await run.close()
             raise
-        self.tasks[handler.id] = asyncio.ensure_future(self._run(handler, run))
+        live = self.live[handler.id] = _Live(handler)
+        self.tasks[handler.id] = asyncio.ensure_future(self._run(live, run))
         # Let the task take its first step: one cancelled before that never runs its body, so it would
         # neither store itself as cancelled nor close its run (the engine request and admission slot).
         await asyncio.sleep(0)
         return handler.response()
 
-    async def _run(self, handler: ResponseBuilder, run) -> None:
-        watcher = asyncio.ensure_future(self._watch(handler.id, asyncio.current_task()))
+    async def _run(self, live: _Live, run) -> None:
+        handler = live.handler
+        syncer = asyncio.ensure_future(self._sync(live, asyncio.current_task()))
         try:
-            await handler.collect(run)  # stores the ended response itself
+            await handler.collect(run, progress=live.show)  # stores the ended response itself
         except asyncio.CancelledError:
             handler.end("cancelled")
             await handler.save()
@@ -51,20 +89,80 @@ class BackgroundResponses:
             if not isinstance(e, APIError):
                 log.exception("background response %s failed", handler.id)
                 e = APIError(503, "the engine failed", code="engine_error")
-            handler.end("failed", e)
+            handler.fail(e)
             await handler.save()
         finally:
-            watcher.cancel()
+            syncer.cancel()
+            live.show(done=True)
             await run.close()
             self.tasks.pop(handler.id, None)
+            self.live.pop(handler.id, None)
 
-    async def _watch(self, rid: str, task: asyncio.Task) -> None:
-        """Stops the run when another replica marked it cancelled in the store."""
+    async def _sync(self, live: _Live, task: asyncio.Task) -> None:
+        """Keeps the stored record current; stops the run when another replica cancelled it."""
+        handler = live.handler
+        sent, seq, last = live.shown, handler._seq, time.monotonic()
         while True:
-            await asyncio.sleep(POLL_S)
-            rec = await self.stored.peek(rid)
-            if rec is not None and rec.response["status"] == "cancelled":
+            await asyncio.sleep(FLUSH_S)
+            changed = handler._seq != seq
+            if handler.status != "in_progress" or not changed and time.monotonic() - last < POLL_S:
+                continue  # ended: its final record is on its way
+            seq, shown = handler._seq, live.shown
+            events = handler.events[sent:shown] if handler.events is not None else []
+            try:
+                status = await self.stored.update(handler.id, handler.snapshot() if changed else None, sent, events)
+            except APIError:
+                continue  # the store is unreachable: the next round sends it all again
+            sent, last = sent + len(events), time.monotonic()
+            if status == "cancelled":
                 task.cancel()
+                return
+
+    async def follow(self, rid: str, after: Optional[int]) -> AsyncIterator[str]:
+        """The events of a background stream after sequence number `after` (None: all), live to its end.
+        Checks now that there is one to follow (404, 400), so the caller can still answer with an error."""
+        nxt = 0 if after is None else after + 1
+        live = self.live.get(rid)
+        if live is not None and live.handler.events is not None:
+            return self._follow_live(live, nxt)
+        rec = await self.stored.get(rid)
+        if rec.events is None:
+            raise APIError(400, f"Response '{rid}' cannot be streamed: only a response created with "
+                                "background=true and stream=true can.", param="stream", code="invalid_value")
+        return self._follow_stored(rid, nxt, (rec.response["status"], rec.events[nxt:], 0.0))
+
+    @staticmethod
+    async def _follow_live(live: _Live, nxt: int) -> AsyncIterator[str]:
+        while True:
+            wake, events = live.wake, live.handler.events
+            while nxt < live.shown:
+                yield events[nxt]
+                nxt += 1
+            if live.done:
+                return
+            await wake.wait()
+
+    async def _follow_stored(self, rid: str, nxt: int, got) -> AsyncIterator[str]:
+        while True:
+            status, events, age = got
+            for ev in events:
+                yield ev
+            nxt += len(events)
+            if status != "in_progress":
+                return
+            if age > LOST_S:
+                yield _error_event(nxt, APIError(503, f"the server running response '{rid}' stopped reporting",
+                                                 code="server_error"))
+                return
+            await asyncio.sleep(STREAM_POLL_S)
+            try:
+                got = await self.stored.events(rid, nxt)
+            except APIError as e:
+                yield _error_event(nxt, e)
+                return
+            if got is None:
+                yield _error_event(nxt, APIError(404, f"response '{rid}' is no longer stored",
+                                                 code="response_not_found"))
                 return
 
     async def cancel(self, rid: str) -> dict:
@@ -93,3 +191,7 @@ class BackgroundResponses:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _error_event(seq: int, err: APIError) -> str:
+    return sse({"type": "error", "sequence_number": seq, **error_fields(err)}, "error")

@@ -230,6 +230,10 @@ class _SSEResponse(StreamingResponse):
                 await self._on_close()
 
 
+async def _nothing() -> None:
+    pass
+
+
 async def _unless_disconnected(request: Request, coro):
     """Run `coro`; if the client disconnects first, cancel it and raise _ClientGone."""
     async def watch() -> None:
@@ -360,7 +364,10 @@ def build_app(engines: Mapping[str, EngineClient], *, max_pending: Union[int, Ma
         try:
             if detach:
                 await _unless_disconnected(request, run.start(handler.prompt_param, handler.schema_param))
-                return JSONResponse(await background.start(handler, run))
+                body = await background.start(handler, run)
+                if handler.stream_requested:  # a client that goes away stops its stream, not the run
+                    return _SSEResponse(await background.follow(handler.id, None), on_close=_nothing)
+                return JSONResponse(body)
             if handler.stream_requested:
                 await _unless_disconnected(request, run.start(handler.prompt_param, handler.schema_param))
 
@@ -424,7 +431,11 @@ def build_app(engines: Mapping[str, EngineClient], *, max_pending: Union[int, Ma
     _STORED = {status: {"model": ErrorResponse} for status in (400, 404, 503)}
 
     @app.get("/v1/responses/{response_id}", response_model=ResponseObject, responses=_STORED)
-    async def get_response(response_id: str):
+    async def get_response(response_id: str, stream: bool = False,
+                           starting_after: Optional[int] = Query(None, ge=0)):
+        """stream=true: a background stream's events after `starting_after`, live until it ends."""
+        if stream:
+            return _SSEResponse(await background.follow(response_id, starting_after), on_close=_nothing)
         return JSONResponse((await stored.get(response_id)).response)
 
     @app.delete("/v1/responses/{response_id}", responses=_STORED)

@@ -294,7 +294,8 @@ class ResponsesRequest(_Req):
         None, description="not supported: send the whole input instead")
     prompt: Optional[dict[str, Any]] = Field(None, description="stored prompt templates: not supported")
     background: Optional[bool] = Field(None, description="run on after the request returns; poll GET "
-                                                         "/v1/responses/{id}, stop with POST .../cancel")
+                                                         "/v1/responses/{id} (with stream: resume it with "
+                                                         "?stream=true&starting_after=N), stop with POST .../cancel")
     max_reasoning_tokens: Optional[int] = Field(None, ge=0, description="extension: cap on reasoning tokens")
     user: Optional[str] = None
 
@@ -308,12 +309,9 @@ class ResponsesRequest(_Req):
 
     @field_validator("background")
     @classmethod
-    def _background(cls, v, info: ValidationInfo):  # declared after `store` and `stream`, so it sees them
+    def _background(cls, v, info: ValidationInfo):  # declared after `store`, so it sees it
         if v and info.data.get("store") is False:
             raise ValueError("needs store (a background response is read back from the store)")
-        if v and info.data.get("stream"):
-            raise ValueError("with stream=true is not supported; stream without background, or poll "
-                             "GET /v1/responses/{id}")
         return v
 
     @field_validator("input")

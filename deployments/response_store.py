@@ -12,6 +12,11 @@ after it, so an ancestor is always more recent than any of its descendants: what
 gets evicted is always a leaf, and no stored record ever lacks an ancestor (short
 of an explicit delete). An idle conversation is forgotten from its tip back.
 
+A background run (deployments.background) keeps its record current while it runs
+(`update`: the output so far and, for a streamed run, its SSE events, which
+`events` hands to readers resuming the stream from another replica). An update never
+overrides an ended record, so a late one cannot undo the run's final put or a cancel.
+
 `MemoryResponseStore` is the store of one process; the Ray Serve app runs one in a
 single-replica deployment (`ResponseStoreServer`) that every ingress replica
 shares through `RemoteResponseStore`, so any replica can continue any response.
@@ -21,9 +26,10 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Sequence
 
 
 class ResponseNotFound(KeyError):
@@ -40,11 +46,13 @@ class StoredResponse:
     previous_id: Optional[str]
     input: list[dict]  # the input items of this request only, with ids
     response: dict  # the Response object as the client got it
+    events: Optional[list[str]] = None  # a background stream's SSE events; index = sequence_number
     size: int = field(default=0, compare=False)
+    beat: float = field(default=0.0, compare=False)  # the store's clock at its last put or update
 
     def __post_init__(self):
         if not self.size:
-            self.size = len(json.dumps(self.input)) + len(json.dumps(self.response))
+            self.size = len(json.dumps(self.input)) + len(json.dumps(self.response)) + sum(map(len, self.events or ()))
 
 
 class MemoryResponseStore:
@@ -89,24 +97,60 @@ class MemoryResponseStore:
                 self._bytes -= old.size
             self._records[rec.id] = rec
             self._bytes += rec.size
-            try:
-                self._use(self._chain(rec.id))
-            except ResponseNotFound:
-                pass  # its ancestor was deleted meanwhile: it can be read, not continued
-            while len(self._records) > self.max_entries or self._bytes > self.max_bytes:
-                _, gone = self._records.popitem(last=False)
-                self._bytes -= gone.size
-            return rec.id in self._records
+            rec.beat = time.monotonic()
+            return self._settle(rec.id)
+
+    def _touch(self, rid: str) -> None:
+        try:
+            self._use(self._chain(rid))
+        except ResponseNotFound:
+            self._records.move_to_end(rid)  # its ancestor was deleted meanwhile: it can be read, not continued
+
+    def _settle(self, rid: str) -> bool:
+        """Uses `rid` (and its chain), then evicts down to the budget; whether `rid` is still stored."""
+        self._touch(rid)
+        while len(self._records) > self.max_entries or self._bytes > self.max_bytes:
+            _, gone = self._records.popitem(last=False)
+            self._bytes -= gone.size
+        return rid in self._records
+
+    def update(self, rid: str, response: Optional[dict], start: int = 0, events: Sequence[str] = ()) -> Optional[str]:
+        """A running response's progress: its Response object so far (None: unchanged) and its events from
+        sequence number `start` on. Applied only while the stored record is `in_progress`; returns the stored
+        status after the call (`cancelled`: another replica cancelled the run), or None when not stored."""
+        with self._lock:
+            rec = self._records.get(rid)
+            if rec is None or rec.response["status"] != "in_progress":
+                return None if rec is None else rec.response["status"]
+            grow = 0
+            if response is not None:
+                grow += len(json.dumps(response)) - len(json.dumps(rec.response))
+                rec.response = response
+            if events and rec.events is not None and start <= len(rec.events):
+                grow += sum(map(len, events)) - sum(map(len, rec.events[start:]))
+                rec.events[start:] = events
+            rec.size += grow
+            self._bytes += grow
+            rec.beat = time.monotonic()
+            return rec.response["status"] if self._settle(rid) else None
+
+    def events(self, rid: str, start: int) -> Optional[tuple[str, Optional[list[str]], float]]:
+        """(status, the events from sequence number `start` on or None for a record without events, seconds
+        since its last put or update), or None when not stored."""
+        with self._lock:
+            rec = self._records.get(rid)
+            if rec is None:
+                return None
+            self._touch(rid)
+            evs = None if rec.events is None else rec.events[start:]
+            return rec.response["status"], evs, time.monotonic() - rec.beat
 
     def get(self, rid: str) -> StoredResponse:
         with self._lock:
             rec = self._records.get(rid)
             if rec is None:
                 raise ResponseNotFound(rid)
-            try:
-                self._use(self._chain(rid))
-            except ResponseNotFound:
-                self._records.move_to_end(rid)
+            self._touch(rid)
             return rec
 
     def chain(self, rid: str) -> list[StoredResponse]:
@@ -149,6 +193,12 @@ class ResponseStoreServer:
     def delete(self, rid: str) -> bool:
         return self.store.delete(rid)
 
+    def update(self, rid: str, response: Optional[dict], start: int, events: list[str]) -> Optional[str]:
+        return self.store.update(rid, response, start, events)
+
+    def events(self, rid: str, start: int):
+        return self.store.events(rid, start)
+
 
 class RemoteResponseStore:
     """The MemoryResponseStore interface, async, over a ResponseStoreServer handle."""
@@ -173,3 +223,9 @@ class RemoteResponseStore:
 
     async def delete(self, rid: str) -> bool:
         return await self.handle.delete.remote(rid)
+
+    async def update(self, rid: str, response: Optional[dict], start: int, events: list[str]) -> Optional[str]:
+        return await self.handle.update.remote(rid, response, start, events)
+
+    async def events(self, rid: str, start: int):
+        return await self.handle.events.remote(rid, start)

@@ -116,7 +116,8 @@ def build_request(req: ResponsesRequest, rid: str, items: Sequence) -> GenerateR
     check_grammar(spec, "text.format" if rf else "tools")
     params = sampling_params(temperature=req.temperature, top_p=req.top_p, seed=req.seed,
                              max_tokens=req.max_output_tokens)
-    return GenerateRequest(rid, prompt, params, harmony=True, grammar=spec, hold=not req.stream)
+    # a background run is read while it runs (its record, its events), so it streams from the engine too
+    return GenerateRequest(rid, prompt, params, harmony=True, grammar=spec, hold=not (req.stream or req.background))
 
 
 class ResponseBuilder:
@@ -144,6 +145,8 @@ class ResponseBuilder:
         self.status = "in_progress"
         self.error: Optional[dict] = None
         self.finish_reason: Optional[str] = None
+        # a background stream keeps every event (SSE-encoded, index = sequence_number) to be resumed
+        self.events: Optional[list[str]] = [] if body.background and body.stream else None
 
     @property
     def stream_requested(self) -> bool:
@@ -175,6 +178,8 @@ class ResponseBuilder:
     def _ev(self, type_: str, **fields) -> dict:
         ev = {"type": type_, "sequence_number": self._seq, **fields}
         self._seq += 1
+        if self.events is not None:
+            self.events.append(sse(ev, type_))
         return ev
 
     def start(self) -> list[dict]:
@@ -272,11 +277,15 @@ class ResponseBuilder:
         except Exception:  # noqa: BLE001 - the answer stands; only its continuation is lost
             log.exception("storing response %s failed", self.id)
 
-    async def collect(self, outputs: AsyncIterator[tuple[int, RequestOutput]]) -> dict:
+    async def collect(self, outputs: AsyncIterator[tuple[int, RequestOutput]],
+                      progress: Optional[Callable[[], None]] = None) -> dict:
+        """progress: called after each engine output but the last (whose events follow the save)."""
         async for _, out in outputs:
             self.feed(out)
             if self.finish_reason is not None:
                 break
+            if progress is not None:
+                progress()
         if self.finish_reason is None:
             raise APIError(503, "the engine ended the request before it finished", code="engine_error")
         await self.save()
@@ -305,15 +314,26 @@ class ResponseBuilder:
 
     def record(self) -> StoredResponse:
         # a copy: the items of a running response keep changing, the stored record must not
-        return StoredResponse(self.id, self.body.previous_response_id, self.input, json.loads(json.dumps(
-            self.response())))
+        return StoredResponse(self.id, self.body.previous_response_id, self.input, self.snapshot(),
+                              None if self.events is None else list(self.events))
 
-    def error_events(self, err: APIError) -> list[str]:
+    def snapshot(self) -> dict:
+        return json.loads(json.dumps(self.response()))
+
+    def fail(self, err: APIError) -> list[dict]:
         evs = self.end("failed", err)
         evs.append(self._ev("response.failed", response=self.response()))
-        # Also carries OpenAI's {"error": {...}} object, so SDK clients raise instead of ending quietly.
-        evs.append(self._ev("error", code=err.code, message=err.message, param=err.param, error=err.body()["error"]))
-        return [sse(ev, ev["type"]) for ev in evs] + [SSE_DONE]
+        evs.append(self._ev("error", **error_fields(err)))
+        return evs
+
+    def error_events(self, err: APIError) -> list[str]:
+        return [sse(ev, ev["type"]) for ev in self.fail(err)] + [SSE_DONE]
+
+
+def error_fields(err: APIError) -> dict:
+    """An `error` event's fields. They also carry OpenAI's {"error": {...}} object, so SDK clients raise
+    instead of ending quietly."""
+    return dict(code=err.code, message=err.message, param=err.param, error=err.body()["error"])
 
 
 class StoredResponses:
@@ -342,12 +362,11 @@ class StoredResponses:
     async def put(self, rec: StoredResponse) -> bool:
         return await self._call("put", rec)
 
-    async def peek(self, rid: str) -> Optional[StoredResponse]:
-        """The record, or None (not stored, or the store unreachable: callers poll again)."""
-        try:
-            return await self._call("get", rid)
-        except (ResponseNotFound, APIError):
-            return None
+    async def update(self, rid: str, response: Optional[dict], start: int, events: list[str]) -> Optional[str]:
+        return await self._call("update", rid, response, start, events)
+
+    async def events(self, rid: str, start: int) -> Optional[tuple[str, Optional[list[str]], float]]:
+        return await self._call("events", rid, start)
 
     async def history(self, body: ResponsesRequest) -> list[dict]:
         """The items of the conversation `previous_response_id` names, oldest first; refuses what needs

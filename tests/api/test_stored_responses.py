@@ -192,7 +192,7 @@ def test_cancelling_a_background_response(client, api):
 
 
 def test_background_refusals(client):
-    for kw, words in ((dict(store=False), "store"), (dict(stream=True), "stream")):
+    for kw, words in ((dict(store=False), "store"),):
         with pytest.raises(openai.BadRequestError) as e:
             client.responses.create(model="demo", input="x", background=True, **kw)
         assert e.value.body["param"] == "background" and words in e.value.body["message"]
@@ -269,3 +269,130 @@ def test_a_server_without_a_store_refuses_what_needs_one(api):
     r = c.post("/v1/responses", json={"model": "demo", "input": "x", "max_output_tokens": 2, "max_reasoning_tokens": 0})
     assert r.status_code == 200 and r.json()["store"] is False
     assert c.get(f"/v1/responses/{r.json()['id']}").status_code == 404
+
+
+STORY = dict(model="demo", input="Tell a long story.", background=True, max_output_tokens=300,
+             extra_body={**SHORT, "seed": 11})
+
+
+def _seqs(events):
+    return [e.sequence_number for e in events]
+
+
+def test_a_background_stream_survives_its_client_and_resumes(client, api):
+    """The stream of a background run: a client leaving mid-stream stops only its stream; the run goes
+    on, and the stream resumes after any sequence number, as OpenAI's SDK resumes it."""
+    with client.responses.stream(**STORY) as s:
+        first = []
+        for ev in s:
+            first.append(ev)
+            if ev.sequence_number == 10:
+                break  # the client goes away
+    rid = first[0].response.id
+    assert first[0].type == "response.created" and first[0].response.background is True
+    assert _seqs(first) == list(range(11))
+    done = _poll(client, rid)  # the run went on without its client
+    assert done.status in ("completed", "incomplete") and done.usage.output_tokens > 10
+
+    rest = list(client.responses.retrieve(rid, stream=True, starting_after=10))  # the raw stream, resumed
+    whole = list(client.responses.retrieve(rid, stream=True))
+    assert _seqs(rest) == list(range(11, len(whole))) and _seqs(whole) == list(range(len(whole)))
+    assert [e.model_dump() for e in whole[11:]] == [e.model_dump() for e in rest]
+    assert whole[-1].type == f"response.{done.status}" and whole[-1].response.output_text == done.output_text
+    text = "".join(e.delta for e in whole if e.type == "response.output_text.delta")
+    assert text == done.output_text
+
+    # the SDK's own resume: it replays from the start and hands on what follows starting_after
+    with client.responses.stream(response_id=rid, starting_after=10) as s:
+        resumed = list(s)
+    assert _seqs(resumed) == _seqs(rest) and resumed[-1].response.output_text == done.output_text
+    # the same request in the foreground gives the same answer
+    fg = client.responses.create(**{**STORY, "background": False, "store": False})
+    assert fg.output_text == done.output_text
+    api.wait_idle("demo")
+
+
+def test_a_running_background_response_shows_its_output_so_far(client, api):
+    r = client.responses.create(**{**STORY, "max_output_tokens": 900, "extra_body": {"seed": 7}})
+    t0, seen = time.time(), None
+    while time.time() - t0 < 30:
+        cur = client.responses.retrieve(r.id)
+        if cur.status != "in_progress":
+            break
+        if cur.output and any(it.type in ("reasoning", "message") for it in cur.output):
+            seen = cur
+            break
+        time.sleep(0.05)
+    assert seen is not None, "the stored record never showed output while running"
+    assert seen.usage is None and seen.output[-1].status == "in_progress"
+    client.responses.cancel(r.id)
+    api.wait_idle("demo")
+
+
+def test_streaming_a_stored_response_needs_a_background_stream(api):
+    c = httpx.Client(base_url=api.url, timeout=30)
+    fg = c.post("/v1/responses", json={"model": "demo", "input": "Hi", "max_output_tokens": 2,
+                                       "max_reasoning_tokens": 0}).json()
+    r = c.get(f"/v1/responses/{fg['id']}", params={"stream": "true"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "stream"
+    assert "background=true and stream=true" in r.json()["error"]["message"]
+    assert c.get("/v1/responses/resp_nope", params={"stream": "true"}).status_code == 404
+    r = c.get(f"/v1/responses/{fg['id']}", params={"stream": "true", "starting_after": -1})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "starting_after"
+
+
+def test_another_replica_follows_a_running_stream_through_the_store(client, api, monkeypatch):
+    """A replica not running it reads the run's events from the store as they are flushed."""
+    import asyncio
+
+    from deployments.background import BackgroundResponses
+    from deployments.responses_api import StoredResponses
+    with client.responses.stream(**{**STORY, "max_output_tokens": 400}) as s:
+        rid = next(iter(s)).response.id
+    other = BackgroundResponses(StoredResponses(api.response_store))
+    polls, events_of = [], api.response_store.events
+
+    def counted(rid_, start):
+        got = events_of(rid_, start)
+        polls.append((got[0], len(got[1])))
+        return got
+
+    monkeypatch.setattr(api.response_store, "events", counted, raising=False)
+
+    async def follow():
+        assert api.response_store.events(rid, 0)[0] == "in_progress"  # it follows a run, not a record
+        return [chunk async for chunk in await other.follow(rid, 3)]
+
+    chunks = asyncio.run(follow())
+    events = [json.loads(c.split("data: ", 1)[1]) for c in chunks]
+    done = client.responses.retrieve(rid)
+    assert [e["sequence_number"] for e in events] == list(range(4, 4 + len(events)))
+    assert events[-1]["type"] == f"response.{done.status}"
+    assert events[-1]["response"]["output_text"] == done.output_text
+    assert api.response_store.get(rid).events[4:] == chunks
+    assert sum(1 for status, n in polls if status == "in_progress" and n) >= 2  # read while it ran, in steps
+    api.wait_idle("demo")
+
+
+def test_a_stream_whose_run_stopped_reporting_ends_with_an_error(monkeypatch):
+    """A replica that died mid-run leaves an in-progress record nobody updates: readers get what it had
+    stored, then an error event, not a stream that never ends."""
+    import asyncio
+
+    from deployments import background
+    from deployments.response_store import MemoryResponseStore, StoredResponse
+    from deployments.responses_api import StoredResponses
+    monkeypatch.setattr(background, "LOST_S", 0.3)
+    store = MemoryResponseStore()
+    store.put(StoredResponse("resp_x", None, [], {"id": "resp_x", "status": "in_progress", "output": []},
+                             events=["event: a\ndata: {}\n\n", "event: b\ndata: {}\n\n"]))
+    bg = background.BackgroundResponses(StoredResponses(store))
+
+    async def follow():
+        return [c async for c in await bg.follow("resp_x", 0)]
+
+    t0 = time.time()
+    chunks = asyncio.run(follow())
+    assert chunks[0] == "event: b\ndata: {}\n\n" and len(chunks) == 2 and time.time() - t0 < 5
+    err = json.loads(chunks[1].split("data: ", 1)[1])
+    assert err["type"] == "error" and err["sequence_number"] == 2 and "stopped reporting" in err["message"]

@@ -108,3 +108,31 @@ def test_the_remote_client_over_the_serve_replica_class():
             await store.get("a")
 
     asyncio.run(go())
+
+
+def test_a_running_record_is_updated_until_it_ends():
+    """A background run's progress: applied while in progress, never over an ended record (a late update
+    must not undo the run's final put, nor a cancel from another replica)."""
+    s = MemoryResponseStore()
+    run = StoredResponse("r", None, [], {"id": "r", "status": "in_progress", "output": []}, events=["e0", "e1"])
+    assert s.put(run) and s.bytes == run.size
+    assert s.update("r", {"id": "r", "status": "in_progress", "output": [1]}, 2, ["e2", "e3"]) == "in_progress"
+    assert s.update("r", None, 3, ["E3", "e4"]) == "in_progress"  # a resent tail replaces, never doubles
+    assert s.events("r", 1)[:2] == ("in_progress", ["e1", "e2", "E3", "e4"])
+    assert s.get("r").response["output"] == [1]
+    assert s.bytes == StoredResponse("r", None, [], s.get("r").response, events=list(s.get("r").events)).size
+    s.put(StoredResponse("r", None, [], {"id": "r", "status": "cancelled", "output": []}, events=["e0"]))
+    assert s.update("r", {"id": "r", "status": "in_progress", "output": [2]}, 1, ["x"]) == "cancelled"
+    assert s.events("r", 0)[:2] == ("cancelled", ["e0"])
+    assert s.update("gone", None) is None and s.events("gone", 0) is None
+    assert s.events("r", 0)[2] < 5  # seconds since its last put or update
+
+
+def test_an_update_counts_against_the_budget():
+    s = MemoryResponseStore(max_bytes=4000)
+    s.put(rec("old", text="x" * 1000))
+    s.put(StoredResponse("r", None, [], {"id": "r", "status": "in_progress", "output": []}, events=[]))
+    assert s.update("r", None, 0, ["y" * 3000]) == "in_progress" and s.bytes <= 4000
+    with pytest.raises(ResponseNotFound):
+        s.get("old")  # the least recent went
+    assert s.update("r", None, 1, ["z" * 5000]) is None  # alone over the budget: not kept
