@@ -23,6 +23,7 @@ admission slot (max_pending) until it ends, like any request.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 from typing import AsyncIterator, Optional
@@ -36,6 +37,13 @@ POLL_S = 1.0  # ...and at least this often (the heartbeat that also brings a rem
 STREAM_POLL_S = 0.2
 LOST_S = 30.0
 _ENDED = ("completed", "incomplete", "failed", "cancelled")
+
+
+def detached(coro) -> asyncio.Task:
+    """`coro` as a task outside the request's context. Ray Serve cancels the calls a request made (the
+    engine's stream, the store's) when that request is cancelled, as it is when its client leaves;
+    a background run's calls must outlive it."""
+    return asyncio.get_running_loop().create_task(coro, context=contextvars.Context())
 
 
 class _Live:
@@ -71,7 +79,7 @@ class BackgroundResponses:
             await run.close()
             raise
         live = self.live[handler.id] = _Live(handler)
-        self.tasks[handler.id] = asyncio.ensure_future(self._run(live, run))
+        self.tasks[handler.id] = detached(self._run(live, run))
         # Let the task take its first step: one cancelled before that never runs its body, so it would
         # neither store itself as cancelled nor close its run (the engine request and admission slot).
         await asyncio.sleep(0)

@@ -2,7 +2,8 @@
 
 `build_app({"gpt-oss-120b": engine, ...})` serves /v1/chat/completions,
 /v1/responses (and, with a response store, GET/DELETE /v1/responses/{id}, its
-input_items and, for a background response, POST .../cancel), /v1/completions,
+input_items and, for a background response, POST .../cancel and, for a
+background stream, GET .../{id}?stream=true to resume it), /v1/completions,
 /v1/models, /health and /ready. An engine is
 anything with the `EngineClient` shape (engine.async_engine): an in-process
 `AsyncEngine`, or a client of a remote one (the Ray Serve layer wraps this app
@@ -40,7 +41,7 @@ from .chat_api import ChatHandler
 from .completions_api import CompletionHandler
 from .protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse,
                        ErrorResponse, ModelCard, ModelList, ResponseObject, ResponsesRequest)
-from .background import BackgroundResponses
+from .background import BackgroundResponses, detached
 from .responses_api import ResponseBuilder, StoredResponses
 
 log = logging.getLogger(__name__)
@@ -362,8 +363,9 @@ def build_app(engines: Mapping[str, EngineClient], *, max_pending: Union[int, Ma
         handler = await run_in_threadpool(make_handler, *args)
         run = _Run(engine, handler.requests, admit(model))
         try:
-            if detach:
-                await _unless_disconnected(request, run.start(handler.prompt_param, handler.schema_param))
+            if detach:  # the engine call is made outside the request, so it outlives it
+                started = detached(run.start(handler.prompt_param, handler.schema_param))
+                await _unless_disconnected(request, started)
                 body = await background.start(handler, run)
                 if handler.stream_requested:  # a client that goes away stops its stream, not the run
                     return _SSEResponse(await background.follow(handler.id, None), on_close=_nothing)

@@ -54,7 +54,6 @@ def test_bad_parameters_400_name_the_param(api, client):
         # what this server does not keep is refused, not ignored (the answer would be to another question)
         ("/v1/responses", {"model": "demo", "input": "x", "conversation": "conv_1"}, "conversation"),
         ("/v1/responses", {"model": "demo", "input": "x", "prompt": {"id": "pmpt_1"}}, "prompt"),
-        ("/v1/responses", {"model": "demo", "input": "x", "background": True, "stream": True}, "background"),
         ("/v1/chat/completions", {"model": "demo", "messages": HI, "functions": [{"name": "f"}]}, "functions"),
         ("/v1/chat/completions", {"model": "demo", "messages": HI, "function_call": "auto"}, "function_call"),
         # int64, as OpenAI's: a larger seed failed the engine step of every request in it

@@ -1,7 +1,8 @@
 """Random mixed traffic, eight requests at a time: every endpoint, streaming or not, with tools,
-structured output, n > 1, logprobs, penalties, reasoning budgets and background Responses in one
-batch. The invariants hold for every request whatever else shares its steps: a 200, a stream that ends as its protocol
-says, output that keeps its grammar, and an engine that is idle afterwards."""
+structured output, n > 1, logprobs, penalties, reasoning budgets and background Responses (polled, or
+streamed then resumed) in one batch. The invariants hold for every request whatever else shares its
+steps: a 200, a stream that ends as its protocol says, output that keeps its grammar, and an engine
+that is idle afterwards."""
 
 import json
 import random
@@ -75,8 +76,8 @@ def _requests(n: int, seed: int) -> list[tuple[str, dict]]:
         body = {"model": "demo", "stream": rnd.choice([True, False]), **make(rnd)}
         if body["stream"] and make is not _responses and rnd.random() < 0.5:
             body["stream_options"] = {"include_usage": True}
-        if make is _responses and not body["stream"] and len(out) % 2:
-            body["background"] = True  # polled to its end below
+        if make is _responses and len(out) % 2:
+            body["background"] = True  # polled to its end below; a stream is resumed below too
         out.append((PATHS[make], body))
     return out
 
@@ -133,18 +134,25 @@ def _check_response(b: dict, body: dict) -> None:
 
 
 def test_mixed_concurrent_traffic_keeps_every_invariant(api):
-    reqs = _requests(48, seed=20261126)
-    assert sum(bool(b.get("background")) for _, b in reqs) >= 2
+    reqs = _requests(60, seed=20261126)
+    assert sum(bool(b.get("background")) and not b["stream"] for _, b in reqs) >= 2
+    assert sum(bool(b.get("background")) and b["stream"] for _, b in reqs) >= 2
+    assert any(p == "/v1/responses" and b["stream"] and not b.get("background") for p, b in reqs)
 
     def run(pb):
         path, b = pb
         with httpx.Client(base_url=api.url, timeout=120) as c:
             r = c.post(path, json=b)
             t0 = time.time()
-            while b.get("background") and r.status_code == 200 and r.json()["status"] == "in_progress" \
-                    and time.time() - t0 < 120:
+            while b.get("background") and not b["stream"] and r.status_code == 200 \
+                    and r.json()["status"] == "in_progress" and time.time() - t0 < 120:
                 time.sleep(0.05)
                 r = c.get(f"{path}/{r.json()['id']}")
+            if b.get("background") and b["stream"] and r.status_code == 200:
+                chunks = r.text.split("\n\n")[:-1]
+                rid = json.loads(chunks[0].split("data: ", 1)[1])["response"]["id"]
+                again = c.get(f"{path}/{rid}", params={"stream": "true", "starting_after": 2})
+                assert again.status_code == 200 and again.text.split("\n\n")[:-1] == chunks[3:], (b, again.text)
         return path, b, r.status_code, r.text
 
     with ThreadPoolExecutor(8) as ex:

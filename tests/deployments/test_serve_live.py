@@ -4,6 +4,7 @@ One Ray cluster for the module; tests run in file order and later ones rely on
 the load the earlier ones made (the Prometheus test reads their metrics).
 """
 
+import asyncio
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -109,6 +110,27 @@ def test_responses_are_stored_and_continued_through_the_store_replica(app):
     while (got := app.responses.retrieve(bg.id)).status == "in_progress" and time.time() - t0 < 60:
         time.sleep(0.1)
     assert got.status in ("completed", "incomplete") and got.usage.input_tokens > r2.usage.input_tokens
+    # a background stream: its client leaves, and it resumes from the store (the run ended, so any replica)
+    with app.responses.stream(input="Four", background=True, **{**kw, "max_output_tokens": 24}) as s:
+        first = [ev for ev, _ in zip(s, range(3))]
+    t0 = time.time()
+    while app.responses.retrieve(first[0].response.id).status == "in_progress" and time.time() - t0 < 60:
+        time.sleep(0.1)
+    rest = list(app.responses.retrieve(first[0].response.id, stream=True, starting_after=2))
+    assert [e.sequence_number for e in first + rest] == list(range(len(first) + len(rest)))
+    assert rest[-1].type in ("response.completed", "response.incomplete")
+    # the store replica's progress calls, as a run on another replica makes them
+    from deployments.response_store import RemoteResponseStore, StoredResponse
+    store = RemoteResponseStore(serve.get_deployment_handle("responses", app_name="gptoss"))
+
+    async def progress():
+        run = {"id": "resp_live", "status": "in_progress", "output": []}
+        await store.put(StoredResponse("resp_live", None, [], run, events=["a"]))
+        assert await store.update("resp_live", {**run, "output": [1]}, 1, ["b", "c"]) == "in_progress"
+        return await store.events("resp_live", 1)
+
+    status, events, age = asyncio.run(progress())
+    assert (status, events) == ("in_progress", ["b", "c"]) and 0 <= age < 30
     app.responses.delete(r1.id)
     with pytest.raises(openai.BadRequestError) as e:
         app.responses.create(input="Four", previous_response_id=r2.id, **kw)
