@@ -33,8 +33,8 @@ def _add_common(p) -> None:
     p.add_argument("--max-tokens-per-step", type=int, help="prompt tokens a step may prefill (default 512)")
     p.add_argument("--max-model-len", type=int, help="longest prompt + output, in tokens (default 8192)")
     p.add_argument("--max-stored-responses", type=int, default=10_000,
-                   help="Responses kept for previous_response_id and GET /v1/responses/{id}, least recently "
-                        "used dropped first (0: store none)")
+                   help="Responses and conversations kept for previous_response_id, GET /v1/responses/{id} "
+                        "and /v1/conversations, least recently used dropped first (0: store none)")
 
 
 def add_parsers(sub) -> None:

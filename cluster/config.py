@@ -69,12 +69,13 @@ class ModelGroupConfig(BaseModel):
 
 
 class ResponseStoreConfig(BaseModel):
-    """Stored Responses (`store`, `previous_response_id`, GET /v1/responses/{id}): one LRU store
-    shared by the ingress replicas."""
+    """Stored Responses (`store`, `previous_response_id`, GET /v1/responses/{id}) and conversations
+    (/v1/conversations): one LRU store shared by the ingress replicas."""
     model_config = ConfigDict(frozen=True, extra="forbid")
-    max_entries: int = Field(10_000, ge=0, description="responses kept (least recently used go first); "
-                                                       "0: store nothing")
-    max_mb: float = Field(256.0, gt=0, description="memory the stored responses may take, in MiB")
+    max_entries: int = Field(10_000, ge=0, description="responses and conversations kept (least recently used "
+                                                       "go first); 0: store nothing")
+    max_mb: float = Field(256.0, gt=0, description="memory the stored responses and conversations may take, "
+                                                   "in MiB")
 
 
 class ServeConfig(BaseModel):

@@ -3,7 +3,8 @@
 `build_app({"gpt-oss-120b": engine, ...})` serves /v1/chat/completions,
 /v1/responses (and, with a response store, GET/DELETE /v1/responses/{id}, its
 input_items and, for a background response, POST .../cancel and, for a
-background stream, GET .../{id}?stream=true to resume it), /v1/completions,
+background stream, GET .../{id}?stream=true to resume it), /v1/conversations
+(deployments.conversations), /v1/completions,
 /v1/models, /health and /ready. An engine is
 anything with the `EngineClient` shape (engine.async_engine): an in-process
 `AsyncEngine`, or a client of a remote one (the Ray Serve layer wraps this app
@@ -42,6 +43,7 @@ from .completions_api import CompletionHandler
 from .protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse,
                        ErrorResponse, ModelCard, ModelList, ResponseObject, ResponsesRequest)
 from .background import BackgroundResponses, detached
+from .conversations import router as conversations_router
 from .responses_api import ResponseBuilder, StoredResponses
 
 log = logging.getLogger(__name__)
@@ -427,7 +429,8 @@ def build_app(engines: Mapping[str, EngineClient], *, max_pending: Union[int, Ma
         **_ERRORS})
     async def responses(body: ResponsesRequest, request: Request):
         return await serve(request, body.model,
-                           lambda history: ResponseBuilder(body, system_fingerprint, history, stored.saver(body)),
+                           lambda history: ResponseBuilder(body, system_fingerprint, history, stored.saver(body),
+                                                           stored.appender(body)),
                            prepare=lambda: stored.history(body), detach=bool(body.background))
 
     _STORED = {status: {"model": ErrorResponse} for status in (400, 404, 503)}
@@ -452,6 +455,8 @@ def build_app(engines: Mapping[str, EngineClient], *, max_pending: Union[int, Ma
     async def response_input_items(response_id: str, limit: int = Query(20, ge=1, le=100),
                                    order: Literal["asc", "desc"] = "desc", after: Optional[str] = None):
         return await stored.input_items(response_id, limit, order, after)
+
+    app.include_router(conversations_router(stored.conversations))
 
     @app.get("/v1/models", response_model=ModelList)
     async def models():

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationInfo, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationInfo, field_validator
 
 from engine.sampler import MAX_LOGIT_BIAS, Seed
 
@@ -235,6 +235,19 @@ InputItem = Annotated[
     Discriminator(_item_kind)]
 
 
+class ConversationCreateRequest(_Req):
+    items: Optional[list[InputItem]] = Field(None, max_length=20, description="up to 20 items, oldest first")
+    metadata: Optional[Metadata] = None
+
+
+class ConversationUpdateRequest(_Req):
+    metadata: Metadata
+
+
+class ConversationItemsRequest(_Req):
+    items: list[InputItem] = Field(min_length=1, max_length=20, description="up to 20 items, oldest first")
+
+
 class ResponsesTool(_Req):
     type: Literal["function"]
     name: str
@@ -266,9 +279,26 @@ class ReasoningConfig(_Req):
 
 
 _STATEFUL = {
-    "conversation": "not supported (conversations are not stored); send the whole conversation in `input`",
     "prompt": "stored prompt templates are not supported; send the text in `instructions` and `input`",
 }
+
+
+def _metadata_limits(v: Optional[dict[str, str]]) -> Optional[dict[str, str]]:
+    # OpenAI's bounds on `metadata`, so what it accepts is what this server accepts
+    if v is not None:
+        if len(v) > 16:
+            raise ValueError("holds at most 16 key-value pairs")
+        for k, val in v.items():
+            if len(k) > 64 or len(val) > 512:
+                raise ValueError(f"key '{k[:64]}': keys hold at most 64 characters and values 512")
+    return v
+
+
+Metadata = Annotated[dict[str, str], AfterValidator(_metadata_limits)]
+
+
+class ConversationRef(_Req):
+    id: str = Field(max_length=128)
 
 
 class ResponsesRequest(_Req):
@@ -290,8 +320,9 @@ class ResponsesRequest(_Req):
     metadata: Optional[dict[str, str]] = None
     previous_response_id: Optional[str] = Field(
         None, max_length=128, description="continue a stored response: its conversation comes before `input`")
-    conversation: Optional[Union[str, dict[str, Any]]] = Field(
-        None, description="not supported: send the whole input instead")
+    conversation: Optional[Union[Annotated[str, Field(max_length=128)], ConversationRef]] = Field(
+        None, description="the conversation (POST /v1/conversations) this response continues and joins: its "
+                          "items come before `input`, and this response's input and output items are added to it")
     prompt: Optional[dict[str, Any]] = Field(None, description="stored prompt templates: not supported")
     background: Optional[bool] = Field(None, description="run on after the request returns; poll GET "
                                                          "/v1/responses/{id} (with stream: resume it with "
@@ -299,7 +330,15 @@ class ResponsesRequest(_Req):
     max_reasoning_tokens: Optional[int] = Field(None, ge=0, description="extension: cap on reasoning tokens")
     user: Optional[str] = None
 
-    @field_validator("conversation", "prompt")
+    @field_validator("conversation")
+    @classmethod
+    def _one_history(cls, v, info: ValidationInfo):  # declared after `previous_response_id`, so it sees it
+        if v and info.data.get("previous_response_id"):
+            raise ValueError("cannot be used together with previous_response_id: a response continues one or "
+                             "the other")
+        return v
+
+    @field_validator("prompt")
     @classmethod
     def _stateful(cls, v, info: ValidationInfo):
         # refused, not ignored: without the stored state the answer would be to another question
@@ -387,5 +426,6 @@ class ResponseObject(BaseModel):
     error: Optional[dict[str, Any]] = None
     incomplete_details: Optional[dict[str, Any]] = None
     previous_response_id: Optional[str] = None
+    conversation: Optional[dict[str, Any]] = None
     store: bool = False
     background: bool = False

@@ -17,6 +17,10 @@ A background run (deployments.background) keeps its record current while it runs
 `events` hands to readers resuming the stream from another replica). An update never
 overrides an ended record, so a late one cannot undo the run's final put or a cancel.
 
+Conversations (deployments.conversations) live in the same LRU and byte budget, as
+StoredConversation records (ids `conv_...` beside `resp_...`), edited in place by
+`edit` so that two responses adding to one conversation at once both land.
+
 `MemoryResponseStore` is the store of one process; the Ray Serve app runs one in a
 single-replica deployment (`ResponseStoreServer`) that every ingress replica
 shares through `RemoteResponseStore`, so any replica can continue any response.
@@ -55,6 +59,24 @@ class StoredResponse:
             self.size = len(json.dumps(self.input)) + len(json.dumps(self.response)) + sum(map(len, self.events or ()))
 
 
+@dataclass
+class StoredConversation:
+    id: str
+    created_at: int
+    metadata: dict
+    items: list[dict]  # oldest first, each with an id
+    size: int = field(default=0, compare=False)
+    beat: float = field(default=0.0, compare=False)
+    previous_id = None  # no chain: a conversation is one record
+
+    def __post_init__(self):
+        if not self.size:
+            self.size = len(json.dumps(self.items)) + len(json.dumps(self.metadata))
+
+    def object(self) -> dict:
+        return {"id": self.id, "object": "conversation", "created_at": self.created_at, "metadata": self.metadata}
+
+
 class MemoryResponseStore:
     """Bounded, thread-safe LRU of StoredResponse records (see the module docstring)."""
 
@@ -76,7 +98,7 @@ class MemoryResponseStore:
         out, seen, cur = [], set(), rid
         while cur is not None:
             rec = self._records.get(cur)
-            if rec is None or cur in seen:
+            if not isinstance(rec, StoredResponse) or cur in seen:
                 raise ResponseNotFound(cur)
             seen.add(cur)
             out.append(rec)
@@ -167,6 +189,31 @@ class MemoryResponseStore:
                 self._bytes -= rec.size
             return rec is not None
 
+    def edit(self, cid: str, add: Sequence[dict] = (), remove: Optional[str] = None,
+             metadata: Optional[dict] = None) -> Optional[tuple[dict, bool]]:
+        """A conversation's atomic edit: items appended, the item `remove` dropped, metadata replaced.
+        Returns (the conversation object, whether `remove` named an item), or None when not stored."""
+        with self._lock:
+            rec = self._records.get(cid)
+            if not isinstance(rec, StoredConversation):
+                return None
+            grow, removed = sum(len(json.dumps(it)) for it in add), False
+            rec.items.extend(add)
+            if remove is not None:
+                for i, it in enumerate(rec.items):
+                    if it.get("id") == remove:
+                        grow -= len(json.dumps(rec.items.pop(i)))
+                        removed = True
+                        break
+            if metadata is not None:
+                grow += len(json.dumps(metadata)) - len(json.dumps(rec.metadata))
+                rec.metadata = metadata
+            rec.size += grow
+            self._bytes += grow
+            rec.beat = time.monotonic()
+            obj = rec.object()
+            return (obj, removed) if self._settle(cid) else None
+
 
 class ResponseStoreServer:
     """The Serve deployment that holds the app's one MemoryResponseStore."""
@@ -195,6 +242,9 @@ class ResponseStoreServer:
 
     def update(self, rid: str, response: Optional[dict], start: int, events: list[str]) -> Optional[str]:
         return self.store.update(rid, response, start, events)
+
+    def edit(self, cid: str, add: list[dict], remove: Optional[str], metadata: Optional[dict]):
+        return self.store.edit(cid, add, remove, metadata)
 
     def events(self, rid: str, start: int):
         return self.store.events(rid, start)
@@ -229,3 +279,6 @@ class RemoteResponseStore:
 
     async def events(self, rid: str, start: int):
         return await self.handle.events.remote(rid, start)
+
+    async def edit(self, cid: str, add: list[dict] = (), remove: Optional[str] = None, metadata: Optional[dict] = None):
+        return await self.handle.edit.remote(cid, list(add), remove, metadata)

@@ -40,7 +40,11 @@ _ID_PREFIX = {"message": "msg_", "function_call": "fc_", "function_call_output":
 
 def input_items(req: ResponsesRequest) -> list[dict]:
     """The request's input as stored and listed: item dicts, each with an id, text in typed parts."""
-    items = [InputMessage(role="user", content=req.input)] if isinstance(req.input, str) else req.input
+    return item_dicts([InputMessage(role="user", content=req.input)] if isinstance(req.input, str) else req.input)
+
+
+def item_dicts(items: Sequence) -> list[dict]:
+    """Input items (pydantic) as stored and listed: dicts, each with an id, text in typed parts."""
     out = []
     for item in items:
         d = item.model_dump(exclude_none=True, by_alias=True)
@@ -126,14 +130,17 @@ class ResponseBuilder:
     prompt_param = "input"
 
     def __init__(self, body: ResponsesRequest, fingerprint: Optional[str] = None, history: Sequence[dict] = (),
-                 store: Optional[Callable[[StoredResponse], Awaitable]] = None):
-        """history: the stored conversation `previous_response_id` continues (item dicts, oldest first);
-        store: saves the finished response (None: not stored)."""
+                 store: Optional[Callable[[StoredResponse], Awaitable]] = None,
+                 conversation: Optional[Callable[[list[dict]], Awaitable]] = None):
+        """history: the stored conversation `previous_response_id` or `conversation` continues (item dicts,
+        oldest first); store: saves the finished response (None: not stored); conversation: adds its input
+        and output items to the conversation it belongs to."""
         self.body = body
         self.id = new_id("resp_")
         self.created = now()
         self.input = input_items(body)
         self._store = store
+        self._conversation = conversation
         self.requests = [build_request(body, self.id, [*history, *self.input])]
         self.schema_param = "text.format" if _response_format(body) else "tools"
         self.usage = UsageTotals()
@@ -166,6 +173,7 @@ class ResponseBuilder:
             "instructions": b.instructions, "max_output_tokens": b.max_output_tokens,
             "parallel_tool_calls": b.parallel_tool_calls if b.parallel_tool_calls is not None else True,
             "previous_response_id": b.previous_response_id,
+            "conversation": {"id": conversation_id(b)} if b.conversation else None,
             "reasoning": {"effort": effort_of(b.reasoning.effort if b.reasoning else None), "summary": None},
             "store": self._store is not None, "temperature": b.temperature if b.temperature is not None else 1.0,
             "text": {"format": fmt}, "tool_choice": tc or "auto",
@@ -268,14 +276,18 @@ class ResponseBuilder:
 
     # ------------------------------------------------------------- the handler
     async def save(self) -> None:
-        """Stores the finished response before the client hears it finished, so a continuation
-        sent the moment it does finds it."""
-        if self._store is None:
-            return
-        try:
-            await self._store(self.record())
-        except Exception:  # noqa: BLE001 - the answer stands; only its continuation is lost
-            log.exception("storing response %s failed", self.id)
+        """Stores the finished response, and adds a completed one's items to its conversation, before
+        the client hears it finished, so a continuation sent the moment it does finds them."""
+        if self._store is not None:
+            try:
+                await self._store(self.record())
+            except Exception:  # noqa: BLE001 - the answer stands; only its continuation is lost
+                log.exception("storing response %s failed", self.id)
+        if self._conversation is not None and self.status in ("completed", "incomplete"):
+            try:
+                await self._conversation([*self.input, *self.snapshot()["output"]])
+            except Exception:  # noqa: BLE001 - as above
+                log.exception("adding response %s to its conversation failed", self.id)
 
     async def collect(self, outputs: AsyncIterator[tuple[int, RequestOutput]],
                       progress: Optional[Callable[[], None]] = None) -> dict:
@@ -330,6 +342,11 @@ class ResponseBuilder:
         return [sse(ev, ev["type"]) for ev in self.fail(err)] + [SSE_DONE]
 
 
+def conversation_id(body: ResponsesRequest) -> Optional[str]:
+    c = body.conversation
+    return c if isinstance(c, str) or c is None else c.id
+
+
 def error_fields(err: APIError) -> dict:
     """An `error` event's fields. They also carry OpenAI's {"error": {...}} object, so SDK clients raise
     instead of ending quietly."""
@@ -343,6 +360,8 @@ class StoredResponses:
 
     def __init__(self, store=None):
         self.store = store
+        from .conversations import Conversations  # it builds on this module
+        self.conversations = Conversations(self)
 
     async def _call(self, method: str, *args):
         try:
@@ -359,6 +378,13 @@ class StoredResponses:
             return None
         return self.put
 
+    def appender(self, body: ResponsesRequest) -> Optional[Callable[[list[dict]], Awaitable]]:
+        """Adds a finished response's items to its `conversation` (None: it names none)."""
+        cid = conversation_id(body)
+        if cid is None:
+            return None
+        return lambda items: self.conversations.add(cid, items)
+
     async def put(self, rec: StoredResponse) -> bool:
         return await self._call("put", rec)
 
@@ -372,6 +398,8 @@ class StoredResponses:
         """The items of the conversation `previous_response_id` names, oldest first; refuses what needs
         a store when there is none."""
         prev = body.previous_response_id
+        if conversation_id(body) is not None:
+            return await self.conversations.history(conversation_id(body))
         if self.store is None and body.background:
             raise APIError(400, "background: this server does not store responses, so a background response "
                                 "could not be read back; use stream=true", param="background", code="invalid_value")
@@ -397,27 +425,34 @@ class StoredResponses:
     async def get(self, rid: str) -> StoredResponse:
         if self.store is not None:
             try:
-                return await self._call("get", rid)
+                rec = await self._call("get", rid)
+                if isinstance(rec, StoredResponse):  # not a conversation's record
+                    return rec
             except ResponseNotFound:
                 pass
         raise self._not_found(rid)
 
     async def delete(self, rid: str) -> dict:
-        if self.store is None or not await self._call("delete", rid):
+        await self.get(rid)
+        if not await self._call("delete", rid):
             raise self._not_found(rid)
         return {"id": rid, "object": "response", "deleted": True}
 
     async def input_items(self, rid: str, limit: int, order: str, after: Optional[str]) -> dict:
         """A cursor page of the response's own input items (OpenAI's list shape)."""
-        items = list((await self.get(rid)).input)
-        if order == "desc":
-            items.reverse()
-        if after is not None:
-            ids = [it["id"] for it in items]
-            if after not in ids:
-                raise APIError(400, f"`after`: no input item '{after}' in response '{rid}'", param="after",
-                               code="invalid_value")
-            items = items[ids.index(after) + 1:]
-        page = items[:limit]
-        return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
-                "last_id": page[-1]["id"] if page else None, "has_more": len(items) > limit}
+        return cursor_page((await self.get(rid)).input, limit, order, after, f"response '{rid}'")
+
+
+def cursor_page(items: Sequence[dict], limit: int, order: str, after: Optional[str], owner: str) -> dict:
+    """OpenAI's list page of `items` (oldest first, each with an id): `order` asc/desc, after the id `after`."""
+    items = list(items)
+    if order == "desc":
+        items.reverse()
+    if after is not None:
+        ids = [it["id"] for it in items]
+        if after not in ids:
+            raise APIError(400, f"`after`: no item '{after}' in {owner}", param="after", code="invalid_value")
+        items = items[ids.index(after) + 1:]
+    page = items[:limit]
+    return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+            "last_id": page[-1]["id"] if page else None, "has_more": len(items) > limit}

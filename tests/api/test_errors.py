@@ -52,7 +52,6 @@ def test_bad_parameters_400_name_the_param(api, client):
         ("/v1/responses", {"model": "demo", "input": "x", "previous_response_id": "resp_1"},
          "previous_response_id"),  # never stored
         # what this server does not keep is refused, not ignored (the answer would be to another question)
-        ("/v1/responses", {"model": "demo", "input": "x", "conversation": "conv_1"}, "conversation"),
         ("/v1/responses", {"model": "demo", "input": "x", "prompt": {"id": "pmpt_1"}}, "prompt"),
         ("/v1/chat/completions", {"model": "demo", "messages": HI, "functions": [{"name": "f"}]}, "functions"),
         ("/v1/chat/completions", {"model": "demo", "messages": HI, "function_call": "auto"}, "function_call"),

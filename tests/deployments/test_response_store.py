@@ -136,3 +136,20 @@ def test_an_update_counts_against_the_budget():
     with pytest.raises(ResponseNotFound):
         s.get("old")  # the least recent went
     assert s.update("r", None, 1, ["z" * 5000]) is None  # alone over the budget: not kept
+
+
+def test_a_conversation_is_edited_in_place_within_the_budget():
+    from deployments.response_store import StoredConversation
+    s = MemoryResponseStore(max_bytes=3000)
+    s.put(rec("r"))
+    conv = StoredConversation("conv_1", 0, {}, [{"id": "a", "text": "x"}])
+    assert s.put(conv)
+    obj, removed = s.edit("conv_1", add=[{"id": "b", "text": "y" * 100}], metadata={"k": "v"})
+    assert obj == {"id": "conv_1", "object": "conversation", "created_at": 0, "metadata": {"k": "v"}} and not removed
+    assert s.edit("conv_1", remove="a")[1] and not s.edit("conv_1", remove="a")[1]
+    assert [it["id"] for it in s.get("conv_1").items] == ["b"]
+    assert s.bytes == rec("r").size + StoredConversation("conv_1", 0, {"k": "v"}, [{"id": "b", "text": "y" * 100}]).size
+    assert s.edit("r", add=[{"id": "c"}]) is None and s.edit("conv_nope") is None  # a response is no conversation
+    with pytest.raises(ResponseNotFound):
+        s.chain("conv_1")  # nor is a conversation a response to continue
+    assert s.edit("conv_1", add=[{"id": "big", "text": "z" * 3000}]) is None  # over the budget alone: gone

@@ -119,6 +119,11 @@ def test_responses_are_stored_and_continued_through_the_store_replica(app):
     rest = list(app.responses.retrieve(first[0].response.id, stream=True, starting_after=2))
     assert [e.sequence_number for e in first + rest] == list(range(len(first) + len(rest)))
     assert rest[-1].type in ("response.completed", "response.incomplete")
+    # a conversation lives in the store replica too, edited there
+    conv = app.conversations.create(items=[{"role": "user", "content": "Five"}])
+    r5 = app.responses.create(conversation=conv.id, input="Six", **kw)
+    assert r5.conversation.id == conv.id and r5.usage.input_tokens > 0
+    assert len(list(app.conversations.items.list(conv.id))) == 2 + len(r5.output)
     # the store replica's progress calls, as a run on another replica makes them
     from deployments.response_store import RemoteResponseStore, StoredResponse
     store = RemoteResponseStore(serve.get_deployment_handle("responses", app_name="gptoss"))
