@@ -142,8 +142,8 @@ class MemoryResponseStore:
         status after the call (`cancelled`: another replica cancelled the run), or None when not stored."""
         with self._lock:
             rec = self._records.get(rid)
-            if rec is None or rec.response["status"] != "in_progress":
-                return None if rec is None else rec.response["status"]
+            if not isinstance(rec, StoredResponse) or rec.response["status"] != "in_progress":
+                return None if not isinstance(rec, StoredResponse) else rec.response["status"]
             grow = 0
             if response is not None:
                 grow += len(json.dumps(response)) - len(json.dumps(rec.response))
@@ -161,7 +161,7 @@ class MemoryResponseStore:
         since its last put or update), or None when not stored."""
         with self._lock:
             rec = self._records.get(rid)
-            if rec is None:
+            if not isinstance(rec, StoredResponse):
                 return None
             self._touch(rid)
             evs = None if rec.events is None else rec.events[start:]

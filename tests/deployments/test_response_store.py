@@ -150,6 +150,7 @@ def test_a_conversation_is_edited_in_place_within_the_budget():
     assert [it["id"] for it in s.get("conv_1").items] == ["b"]
     assert s.bytes == rec("r").size + StoredConversation("conv_1", 0, {"k": "v"}, [{"id": "b", "text": "y" * 100}]).size
     assert s.edit("r", add=[{"id": "c"}]) is None and s.edit("conv_nope") is None  # a response is no conversation
+    assert s.update("conv_1", None) is None and s.events("conv_1", 0) is None  # nor the other way round
     with pytest.raises(ResponseNotFound):
         s.chain("conv_1")  # nor is a conversation a response to continue
     assert s.edit("conv_1", add=[{"id": "big", "text": "z" * 3000}]) is None  # over the budget alone: gone
