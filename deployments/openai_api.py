@@ -75,7 +75,9 @@ def _engine_error(e: BaseException, param: str, schema_param: Optional[str] = No
         field = getattr(own, "param", None)
         if not isinstance(field, str):
             field = param if status == 400 else None
-        return APIError(status, msg, param=field, code=code)
+        err = APIError(status, msg, param=field, code=code)
+        err.limit = getattr(own, "limit", None)  # a context length: what truncation="auto" fits into
+        return err
     if isinstance(e, ValueError):  # e.g. a JSON schema the grammar compiler rejects
         return APIError(400, msg, param=schema_param, code="invalid_value")
     log.error("engine refused to start a request: %s: %s", type(e).__name__, e)
@@ -90,6 +92,11 @@ class _Slot:
         if self._held:
             self._held = False
             self._counts[self._model] -= 1
+
+    def again(self) -> "_Slot":
+        """The slot of a request admitted already, once more (its first try was refused and released it)."""
+        self._counts[self._model] += 1
+        return _Slot(self._counts, self._model)
 
 
 class _Run:
@@ -364,16 +371,30 @@ def build_app(engines: Mapping[str, EngineClient], *, max_pending: Union[int, Ma
         args = () if prepare is None else (await prepare(),)
         handler = await run_in_threadpool(make_handler, *args)
         run = _Run(engine, handler.requests, admit(model))
+
+        async def start() -> None:
+            """Starts the run; a prompt over the context length that its handler can shorten (Responses'
+            truncation="auto") starts once more, shortened."""
+            nonlocal run
+            try:
+                await run.start(handler.prompt_param, handler.schema_param)
+            except APIError as e:
+                fit, limit = getattr(handler, "fit", None), getattr(e, "limit", None)
+                if e.code != "context_length_exceeded" or fit is None or limit is None \
+                        or not await run_in_threadpool(fit, limit):
+                    raise
+                run = _Run(engine, handler.requests, run.slot.again())  # the refused run gave its slot back
+                await run.start(handler.prompt_param, handler.schema_param)
+
         try:
             if detach:  # the engine call is made outside the request, so it outlives it
-                started = detached(run.start(handler.prompt_param, handler.schema_param))
-                await _unless_disconnected(request, started)
+                await _unless_disconnected(request, detached(start()))
                 body = await background.start(handler, run)
                 if handler.stream_requested:  # a client that goes away stops its stream, not the run
                     return _SSEResponse(await background.follow(handler.id, None), on_close=_nothing)
                 return JSONResponse(body)
             if handler.stream_requested:
-                await _unless_disconnected(request, run.start(handler.prompt_param, handler.schema_param))
+                await _unless_disconnected(request, start())
 
                 async def events() -> AsyncIterator[str]:
                     try:
@@ -391,7 +412,7 @@ def build_app(engines: Mapping[str, EngineClient], *, max_pending: Union[int, Ma
                 return _SSEResponse(events(), on_close=run.close)
 
             async def complete():
-                await run.start(handler.prompt_param, handler.schema_param)
+                await start()
                 try:
                     return await handler.collect(run)
                 except APIError:

@@ -327,6 +327,10 @@ class ResponsesRequest(_Req):
     background: Optional[bool] = Field(None, description="run on after the request returns; poll GET "
                                                          "/v1/responses/{id} (with stream: resume it with "
                                                          "?stream=true&starting_after=N), stop with POST .../cancel")
+    truncation: Optional[Literal["auto", "disabled"]] = Field(
+        None, description="auto: a conversation over the context length drops its oldest turns (from a user "
+                          "message on) until it fits, keeping developer and system messages; disabled (default): "
+                          "it is a 400 context_length_exceeded")
     max_reasoning_tokens: Optional[int] = Field(None, ge=0, description="extension: cap on reasoning tokens")
     user: Optional[str] = None
 

@@ -141,7 +141,8 @@ class ResponseBuilder:
         self.input = input_items(body)
         self._store = store
         self._conversation = conversation
-        self.requests = [build_request(body, self.id, [*history, *self.input])]
+        self.history = list(history)
+        self.requests = [build_request(body, self.id, [*self.history, *self.input])]
         self.schema_param = "text.format" if _response_format(body) else "tools"
         self.usage = UsageTotals()
         self.usage.add_prompt(len(self.requests[0].prompt_ids))
@@ -178,7 +179,7 @@ class ResponseBuilder:
             "store": self._store is not None, "temperature": b.temperature if b.temperature is not None else 1.0,
             "text": {"format": fmt}, "tool_choice": tc or "auto",
             "tools": [t.model_dump(exclude_none=True) for t in b.tools or []],
-            "top_p": b.top_p if b.top_p is not None else 1.0, "truncation": "disabled",
+            "top_p": b.top_p if b.top_p is not None else 1.0, "truncation": b.truncation or "disabled",
             "usage": self.usage.responses() if self.status != "in_progress" else None,
             "metadata": b.metadata or {}, "user": b.user,
         }
@@ -273,6 +274,37 @@ class ResponseBuilder:
         item["content"][0]["text"] += text
         return [self._ev(type_, item_id=item["id"], output_index=len(self.output) - 1, content_index=0,
                          delta=text, **extra)]
+
+    def fit(self, limit: int) -> bool:
+        """truncation="auto": renders the prompt again without the conversation's oldest turns, as few as
+        leaves room for max_output_tokens in `limit` tokens. A turn starts at a user message, and developer
+        and system messages stay, so what is left reads as a conversation. False when nothing fits (or
+        truncation is off); the stored input and the conversation keep every item."""
+        if self.body.truncation != "auto":
+            return False
+        items = [*self.history, *self.input]
+        cuts = [i for i, it in enumerate(items) if i and it.get("role") == "user"]
+        need = self.body.max_output_tokens or 1
+
+        def fits(cut: int) -> Optional[GenerateRequest]:
+            kept = [it for it in items[:cut] if it.get("role") in ("developer", "system")] + items[cut:]
+            req = build_request(self.body, self.id, kept)
+            return req if len(req.prompt_ids) + need <= limit else None
+
+        best, lo, hi = None, 0, len(cuts) - 1  # the fewest turns dropped: later cuts make shorter prompts
+        while lo <= hi:
+            mid = (lo + hi) // 2
+            req = fits(cuts[mid])
+            if req is None:
+                lo = mid + 1
+            else:
+                best, hi = req, mid - 1
+        if best is None:
+            return False
+        self.requests = [best]
+        self.usage = UsageTotals()
+        self.usage.add_prompt(len(best.prompt_ids))
+        return True
 
     # ------------------------------------------------------------- the handler
     async def save(self) -> None:

@@ -105,12 +105,13 @@ class LLMEngine:
                               param="logit_bias")
         if n >= self.max_model_len:
             raise ContextLengthError(
-                f"This model's maximum context length is {self.max_model_len} tokens; the prompt has {n} tokens.")
+                f"This model's maximum context length is {self.max_model_len} tokens; the prompt has {n} tokens.",
+                self.max_model_len)
         mt = req.params.max_tokens
         if mt is not None and n + mt > self.max_model_len:
             raise ContextLengthError(
                 f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
-                f"{n + mt} tokens ({n} in the prompt, {mt} for the completion).")
+                f"{n + mt} tokens ({n} in the prompt, {mt} for the completion).", self.max_model_len)
         need = -(-(n + (mt or 1)) // self.config.block_size)
         if need > self.config.num_blocks - 1:
             raise ContextLengthError(f"the request needs {need} KV blocks; the pool has {self.config.num_blocks - 1}")

@@ -28,6 +28,10 @@ class EngineError(Exception):
 class ContextLengthError(EngineError):
     code = "context_length_exceeded"
 
+    def __init__(self, message: str, limit: int | None = None):
+        super().__init__(message)
+        self.limit = limit  # the tokens a prompt and its completion may take together (max_model_len)
+
 
 class EngineOverloadedError(EngineError):
     status = 503

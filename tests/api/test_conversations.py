@@ -144,3 +144,50 @@ def test_a_server_without_a_store_keeps_no_conversations(api):
     assert r.status_code == 400 and r.json()["error"]["param"] == "conversation"
     assert c.get("/v1/conversations/conv_1").status_code == 404
     assert json.loads(c.get("/v1/conversations/conv_1").text)["error"]["code"] == "conversation_not_found"
+
+
+def _turns(n: int) -> list[dict]:
+    words = "the quick brown fox jumps over the lazy dog and keeps on running far away ".split()
+    out = []
+    for t in range(n):
+        out += [{"role": "user", "content": f"Turn {t}: " + " ".join(words[(t + i) % len(words)] for i in range(120))},
+                {"role": "assistant", "content": f"Noted turn {t}."}]
+    return out
+
+
+def test_truncation_auto_drops_the_oldest_turns_that_do_not_fit(client, api):
+    """The demo engine holds 1,024 tokens: a conversation over that is a 400, unless truncation="auto"
+    drops its oldest turns, as few as fit, keeping the developer message and every stored item."""
+    items = [{"role": "developer", "content": "Be brief."}, *_turns(8), {"role": "user", "content": "Which turn?"}]
+    kw = dict(model="demo", max_output_tokens=16, store=True, extra_body={"max_reasoning_tokens": 0})
+    with pytest.raises(openai.BadRequestError) as e:
+        client.responses.create(input=items, **kw)
+    assert e.value.body["code"] == "context_length_exceeded"
+
+    r = client.responses.create(input=items, truncation="auto", **kw)
+    assert r.truncation == "auto" and r.status in ("completed", "incomplete")
+
+    def prompt_len(kept: list[dict]) -> int:
+        return len(ResponseBuilder(ResponsesRequest(model="demo", input=kept)).requests[0].prompt_ids)
+
+    # the longest tail of whole turns that fits, after the developer message
+    tails = [[items[0], *items[1 + 2 * k:]] for k in range(9)]
+    fitting = [prompt_len(t) for t in tails if prompt_len(t) + 16 <= 1024]
+    assert r.usage.input_tokens == fitting[0] and prompt_len(tails[0]) + 16 > 1024
+    assert len(list(client.responses.input_items.list(r.id))) == len(items)  # the stored input is whole
+    with client.responses.stream(input=items, truncation="auto", **kw) as s:  # a stream starts the same way
+        assert list(s)[-1].response.usage.input_tokens == r.usage.input_tokens
+
+    # a conversation continues with the same rule, and keeps every item
+    conv = client.conversations.create(items=items[:-1])
+    r2 = client.responses.create(conversation=conv.id, input="Which turn?", truncation="auto", **kw)
+    assert r2.usage.input_tokens == r.usage.input_tokens
+    assert len(list(client.conversations.items.list(conv.id))) == len(items) + len(r2.output)
+    # what cannot fit even alone is still refused
+    with pytest.raises(openai.BadRequestError) as e:
+        client.responses.create(input=[{"role": "user", "content": "word " * 1100}], truncation="auto", **kw)
+    assert e.value.body["code"] == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.responses.create(input="x", truncation="sometimes", **kw)
+    assert e.value.body["param"] == "truncation"
+    assert api.wait_idle("demo")["running"] == 0 and api.app.state.pending.get("demo", 0) == 0

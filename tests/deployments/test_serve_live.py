@@ -124,6 +124,14 @@ def test_responses_are_stored_and_continued_through_the_store_replica(app):
     r5 = app.responses.create(conversation=conv.id, input="Six", **kw)
     assert r5.conversation.id == conv.id and r5.usage.input_tokens > 0
     assert len(list(app.conversations.items.list(conv.id))) == 2 + len(r5.output)
+    # truncation="auto" past the group's 480 tokens: the engine's refusal crosses Ray with its limit
+    long = [{"role": ("user", "assistant")[i % 2], "content": f"turn {i} " + "lorem ipsum " * 40} for i in range(8)]
+    long.append({"role": "user", "content": "Last?"})
+    with pytest.raises(openai.BadRequestError) as e:
+        app.responses.create(input=long, **kw)
+    assert e.value.body["code"] == "context_length_exceeded"
+    r6 = app.responses.create(input=long, truncation="auto", **kw)
+    assert r6.truncation == "auto" and 0 < r6.usage.input_tokens <= 480 - 4
     # the store replica's progress calls, as a run on another replica makes them
     from deployments.response_store import RemoteResponseStore, StoredResponse
     store = RemoteResponseStore(serve.get_deployment_handle("responses", app_name="gptoss"))
