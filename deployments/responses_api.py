@@ -163,7 +163,9 @@ class ResponseBuilder:
     # ---------------------------------------------------------------- the object
     def response(self) -> dict:
         b = self.body
-        fmt = b.text.format.model_dump(by_alias=True, exclude_none=True) if b.text and b.text.format else {"type": "text"}
+        fmt = {"type": "text"}
+        if b.text and b.text.format:
+            fmt = b.text.format.model_dump(by_alias=True, exclude_none=True)
         tc = b.tool_choice if isinstance(b.tool_choice, str) or b.tool_choice is None else b.tool_choice.model_dump()
         texts = [c["text"] for it in self.output if it["type"] == "message" for c in it["content"]]
         return {
