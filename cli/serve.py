@@ -35,6 +35,9 @@ def _add_common(p) -> None:
     p.add_argument("--max-stored-responses", type=int, default=10_000,
                    help="Responses and conversations kept for previous_response_id, GET /v1/responses/{id} "
                         "and /v1/conversations, least recently used dropped first (0: store none)")
+    p.add_argument("--responses-file", metavar="PATH",
+                   help="also keep stored responses and conversations in this SQLite file, read back when the "
+                        "server starts again (default: memory only)")
 
 
 def add_parsers(sub) -> None:
@@ -67,8 +70,9 @@ def build_config(args):
                                                      **sizes),
                                  autoscaling=AutoscalingConfig(min_replicas=args.min_replicas,
                                                                max_replicas=args.max_replicas))
-        return ServeConfig(host=args.host, port=args.port, models=[group],
-                           responses=ResponseStoreConfig(max_entries=args.max_stored_responses))
+        cfg = ServeConfig(host=args.host, port=args.port, models=[group],
+                          responses=ResponseStoreConfig(max_entries=args.max_stored_responses,
+                                                        path=args.responses_file))
     except ValidationError as e:
         err = e.errors()[0]
         loc = [str(x) for x in err["loc"] if not str(x).isdigit()]
@@ -78,6 +82,19 @@ def build_config(args):
         field = named or (loc[-1] if loc else "config")
         flag = {"path": "model", "use_gpu": "gpu", "max_entries": "max_stored_responses"}.get(field, field)
         raise UsageError(f"--{flag.replace('_', '-')}: {err['msg']}") from None
+    return cfg
+
+
+def check_responses_file(path: str) -> None:
+    """Here, not in the store replica: a path it cannot use is a usage error, not a failed deploy."""
+    import sqlite3
+
+    from cli.generate import UsageError
+    from deployments.store_file import StoreFile
+    try:
+        StoreFile(path).close()
+    except (OSError, sqlite3.Error) as e:
+        raise UsageError(f"--responses-file: cannot use {path}: {e}") from None
 
 
 def run_serve_config(args) -> int:
@@ -134,6 +151,8 @@ def run_serve(args) -> int:
     from cli.generate import UsageError
     from cli.main import check_model, check_vocabulary, resolve_model
     cfg = build_config(args)
+    if cfg.responses.path and not args.address:  # a cluster's path may exist only on its head node
+        check_responses_file(cfg.responses.path)
     check_vocabulary()
     path = resolve_model(args.model)  # build the demo checkpoint once, before replicas race for it
     if not args.address or path.exists():  # a cluster's path may exist only on its nodes

@@ -76,6 +76,10 @@ class ResponseStoreConfig(BaseModel):
                                                        "go first); 0: store nothing")
     max_mb: float = Field(256.0, gt=0, description="memory the stored responses and conversations may take, "
                                                    "in MiB")
+    path: str | None = Field(None, description="a file (on a persistent volume) the store also writes its "
+                                               "records to and reads back when it starts, so they outlive a "
+                                               "restart; its replica then runs on the Ray head node. Unset: "
+                                               "memory only")
 
 
 class ServeConfig(BaseModel):

@@ -80,11 +80,24 @@ class StoredConversation:
 class MemoryResponseStore:
     """Bounded, thread-safe LRU of StoredResponse records (see the module docstring)."""
 
-    def __init__(self, max_entries: int = 10_000, max_bytes: int = 256 << 20):
+    def __init__(self, max_entries: int = 10_000, max_bytes: int = 256 << 20, path: Optional[str] = None):
+        """path: a file the records are also written to (deployments.store_file), and read back from
+        here when it exists."""
         self.max_entries, self.max_bytes = max_entries, max_bytes
         self._records: OrderedDict[str, StoredResponse] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
+        self._file = None
+        if path is not None:
+            from .store_file import StoreFile
+            self._file = StoreFile(path)
+            for rec in self._file.load():
+                rec.beat = time.monotonic()
+                self._records[rec.id] = rec
+                self._bytes += rec.size
+            for rid in list(self._records):
+                self._touch(rid)  # ancestors after their descendants again (the file has write order)
+            self._evict()
 
     def __len__(self) -> int:
         return len(self._records)
@@ -120,7 +133,12 @@ class MemoryResponseStore:
             self._records[rec.id] = rec
             self._bytes += rec.size
             rec.beat = time.monotonic()
+            self._write(rec)
             return self._settle(rec.id)
+
+    def _write(self, rec) -> None:
+        if self._file is not None:
+            self._file.save(rec)
 
     def _touch(self, rid: str) -> None:
         try:
@@ -131,10 +149,17 @@ class MemoryResponseStore:
     def _settle(self, rid: str) -> bool:
         """Uses `rid` (and its chain), then evicts down to the budget; whether `rid` is still stored."""
         self._touch(rid)
-        while len(self._records) > self.max_entries or self._bytes > self.max_bytes:
-            _, gone = self._records.popitem(last=False)
-            self._bytes -= gone.size
+        self._evict()
         return rid in self._records
+
+    def _evict(self) -> None:
+        gone = []
+        while len(self._records) > self.max_entries or self._bytes > self.max_bytes:
+            _, rec = self._records.popitem(last=False)
+            self._bytes -= rec.size
+            gone.append(rec.id)
+        if gone and self._file is not None:
+            self._file.drop(gone)
 
     def update(self, rid: str, response: Optional[dict], start: int = 0, events: Sequence[str] = ()) -> Optional[str]:
         """A running response's progress: its Response object so far (None: unchanged) and its events from
@@ -187,6 +212,8 @@ class MemoryResponseStore:
             rec = self._records.pop(rid, None)
             if rec is not None:
                 self._bytes -= rec.size
+                if self._file is not None:
+                    self._file.drop([rid])
             return rec is not None
 
     def edit(self, cid: str, add: Sequence[dict] = (), remove: Optional[str] = None,
@@ -211,6 +238,7 @@ class MemoryResponseStore:
             rec.size += grow
             self._bytes += grow
             rec.beat = time.monotonic()
+            self._write(rec)
             obj = rec.object()
             return (obj, removed) if self._settle(cid) else None
 
@@ -218,8 +246,8 @@ class MemoryResponseStore:
 class ResponseStoreServer:
     """The Serve deployment that holds the app's one MemoryResponseStore."""
 
-    def __init__(self, max_entries: int, max_bytes: int):
-        self.store = MemoryResponseStore(max_entries, max_bytes)
+    def __init__(self, max_entries: int, max_bytes: int, path: Optional[str] = None):
+        self.store = MemoryResponseStore(max_entries, max_bytes, path)
 
     def put(self, rec: StoredResponse) -> bool:
         return self.store.put(rec)

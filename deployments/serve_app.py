@@ -171,9 +171,12 @@ def store_deployment(cfg: ServeConfig, in_flight: int):
     r = cfg.responses
     if r.max_entries == 0:
         return None
+    actor = {"num_cpus": 0}
+    if r.path:  # the file is on the head node's volume (the Helm chart mounts it there)
+        actor["resources"] = {"node:__internal_head__": 0.001}
     return serve.deployment(ResponseStoreServer).options(
-        name="responses", num_replicas=1, ray_actor_options={"num_cpus": 0},
-        max_ongoing_requests=in_flight).bind(r.max_entries, int(r.max_mb * (1 << 20)))
+        name="responses", num_replicas=1, ray_actor_options=actor,
+        max_ongoing_requests=in_flight).bind(r.max_entries, int(r.max_mb * (1 << 20)), r.path)
 
 
 def app_builder(args: dict):

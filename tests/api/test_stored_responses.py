@@ -397,3 +397,30 @@ def test_a_stream_whose_run_stopped_reporting_ends_with_an_error(monkeypatch):
     assert chunks[0] == "event: b\ndata: {}\n\n" and len(chunks) == 2 and time.time() - t0 < 5
     err = json.loads(chunks[1].split("data: ", 1)[1])
     assert err["type"] == "error" and err["sequence_number"] == 2 and "stopped reporting" in err["message"]
+
+
+def test_responses_and_conversations_outlive_a_restart_with_a_store_file(api, tmp_path):
+    """With a store file, a new server (a restarted store replica) continues what the old one stored."""
+    from fastapi.testclient import TestClient
+
+    from deployments.openai_api import build_app
+    from deployments.response_store import MemoryResponseStore
+    path = str(tmp_path / "responses.sqlite")
+    kw = {"model": "demo", "max_output_tokens": 4, "max_reasoning_tokens": 0}
+
+    def server():
+        return TestClient(build_app({"demo": api.engines["demo"]}, response_store=MemoryResponseStore(path=path)))
+
+    old = server()
+    r1 = old.post("/v1/responses", json={"input": "Hi, I'm Ada.", **kw}).json()
+    conv = old.post("/v1/conversations", json={"items": [{"role": "user", "content": "Hello"}]}).json()
+    in_conv = old.post("/v1/responses", json={"input": "Again", "conversation": conv["id"], **kw}).json()
+    items = old.get(f"/v1/conversations/{conv['id']}/items").json()["data"]
+
+    new = server()
+    assert new.get(f"/v1/responses/{r1['id']}").json() == r1
+    r2 = new.post("/v1/responses", json={"input": "My name?", "previous_response_id": r1["id"], **kw}).json()
+    assert r2["usage"]["input_tokens"] > r1["usage"]["input_tokens"]
+    assert new.get(f"/v1/conversations/{conv['id']}/items").json()["data"] == items
+    assert len(items) == 2 + len(in_conv["output"])
+    assert new.get(f"/v1/conversations/{conv['id']}").json() == conv

@@ -30,6 +30,7 @@ def _serve(*flags: str, timeout: int = 240) -> subprocess.CompletedProcess:
     (("--model", "/nonexistent"), "gptoss serve: --model: checkpoint path '/nonexistent' does not exist"),
     (("--tp", "3"), "gptoss serve: --tp 3 does not divide the 4 query heads"),
     (("--ep", "64"), "gptoss serve: --ep 64 exceeds the 8 experts"),
+    (("--responses-file", "/proc/none/r.sqlite"), "gptoss serve: --responses-file: cannot use /proc/none/r.sqlite"),
 ])
 def test_serve_names_a_bad_model_or_layout_before_starting_ray(tiny_ckpt, flags, says, capsys):
     """What a replica would fail on (no checkpoint there, heads --tp cannot split) is the user's input: it is
@@ -127,7 +128,8 @@ def test_serve_answers_then_stops_cleanly_on_sigterm(tiny_ckpt, tmp_path):
     port, metrics = free_port(), free_port()
     out, err = (tmp_path / "out").open("w"), (tmp_path / "err").open("w")
     p = subprocess.Popen([sys.executable, "-m", "cli.main", "serve", "--model", str(tiny_ckpt), "--port", str(port),
-                          "--metrics-port", str(metrics)], cwd=ROOT, env=dict(os.environ), stdout=out, stderr=err)
+                          "--metrics-port", str(metrics), "--responses-file", str(tmp_path / "responses.sqlite")],
+                         cwd=ROOT, env=dict(os.environ), stdout=out, stderr=err)
     try:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=60)
         t0 = time.time()
@@ -137,6 +139,8 @@ def test_serve_answers_then_stops_cleanly_on_sigterm(tiny_ckpt, tmp_path):
         assert [m.id for m in client.models.list().data] == ["gpt-oss"]
         r = client.chat.completions.create(model="gpt-oss", messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
         assert r.choices[0].finish_reason in ("stop", "length")
+        kept = client.responses.create(model="gpt-oss", input="Hi", max_output_tokens=4)
+        conv = client.conversations.create(items=[{"role": "user", "content": "Hello"}])
         p.send_signal(signal.SIGTERM)
         assert p.wait(timeout=120) == 0, (tmp_path / "err").read_text()[-3000:]
     finally:
@@ -144,6 +148,9 @@ def test_serve_answers_then_stops_cleanly_on_sigterm(tiny_ckpt, tmp_path):
             p.kill()
             p.wait()
     stderr = (tmp_path / "err").read_text()
+    from deployments.response_store import MemoryResponseStore
+    back = MemoryResponseStore(path=str(tmp_path / "responses.sqlite"))  # what a restarted store starts with
+    assert back.get(kept.id).response["output_text"] == kept.output_text and back.get(conv.id).items
     assert "gptoss serve: stopping" in stderr and "SIGTERM received" not in stderr and "Traceback" not in stderr
     with socket.socket() as s:  # nothing listens on the API port: Serve's proxy went with Ray (as a server
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # would bind it: past our connections' TIME_WAIT)

@@ -154,3 +154,36 @@ def test_a_conversation_is_edited_in_place_within_the_budget():
     with pytest.raises(ResponseNotFound):
         s.chain("conv_1")  # nor is a conversation a response to continue
     assert s.edit("conv_1", add=[{"id": "big", "text": "z" * 3000}]) is None  # over the budget alone: gone
+
+
+def test_a_store_file_brings_back_what_was_stored(tmp_path):
+    from deployments.response_store import StoredConversation
+    path = str(tmp_path / "r.sqlite")
+    s = MemoryResponseStore(max_entries=5, path=path)
+    for rid, prev in (("x", None), ("gone", None), ("a", None), ("b", "a"), ("c", "b")):
+        s.put(rec(rid, prev, text=f"text {rid}"))
+    s.delete("gone")
+    s.put(StoredConversation("conv_1", 7, {"k": "v"}, [{"id": "i1"}]))
+    s.edit("conv_1", add=[{"id": "i2"}])
+    live = StoredResponse("run", None, [], {"id": "run", "status": "in_progress", "output": []}, events=["e0"])
+    s.put(live)  # six: the least recently used (x) goes, from the file too
+    s.update("run", {"id": "run", "status": "in_progress", "output": [1]}, 1, ["e1"])  # memory only
+    kept = {rid: s.get(rid) for rid in ("a", "b", "c", "conv_1", "run")}
+    assert len(s) == 5
+
+    again = MemoryResponseStore(max_entries=5, path=path)
+    assert len(again) == 5 and again.bytes <= s.bytes
+    assert [r.id for r in again.chain("c")] == ["a", "b", "c"] and again.get("c").input == kept["c"].input
+    assert again.get("conv_1").items == [{"id": "i1"}, {"id": "i2"}] and again.get("conv_1").metadata == {"k": "v"}
+    assert again.get("run").events == ["e0"] and again.get("run").response["output"] == []  # as it started
+    for rid in ("gone", "x"):
+        with pytest.raises(ResponseNotFound):
+            again.get(rid)
+    # ancestors still outlive their descendants: filling it evicts leaves, never a chain's root
+    for i in range(4):
+        again.put(rec(f"n{i}"))
+        for rid in list(again._records):
+            r = again._records[rid]
+            assert r.previous_id is None or r.previous_id in again._records
+    # a smaller budget at the next start keeps the most recent
+    assert len(MemoryResponseStore(max_entries=2, path=path)) == 2
