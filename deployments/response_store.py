@@ -106,6 +106,12 @@ class MemoryResponseStore:
     def bytes(self) -> int:
         return self._bytes
 
+    def counts(self) -> dict[str, int]:
+        """Records held, by kind (response, conversation)."""
+        with self._lock:
+            conversations = sum(isinstance(r, StoredConversation) for r in self._records.values())
+            return {"response": len(self._records) - conversations, "conversation": conversations}
+
     def _chain(self, rid: str) -> list[StoredResponse]:
         """The record and its ancestors, newest first; raises ResponseNotFound on a gap."""
         out, seen, cur = [], set(), rid
@@ -244,10 +250,21 @@ class MemoryResponseStore:
 
 
 class ResponseStoreServer:
-    """The Serve deployment that holds the app's one MemoryResponseStore."""
+    """The Serve deployment that holds the app's one MemoryResponseStore (and publishes its size)."""
 
-    def __init__(self, max_entries: int, max_bytes: int, path: Optional[str] = None):
+    def __init__(self, max_entries: int, max_bytes: int, path: Optional[str] = None, metrics_s: float = 2.0):
         self.store = MemoryResponseStore(max_entries, max_bytes, path)
+        if metrics_s:
+            threading.Thread(target=self._publish, args=(metrics_s,), name="metrics", daemon=True).start()
+
+    def _publish(self, every_s: float) -> None:
+        from observability.metrics import MetricsRecorder
+        rec = MetricsRecorder("ray")
+        while True:
+            for kind, n in self.store.counts().items():
+                rec.set("gptoss_stored_records", n, kind=kind)
+            rec.set("gptoss_response_store_bytes", self.store.bytes)
+            time.sleep(every_s)
 
     def put(self, rec: StoredResponse) -> bool:
         return self.store.put(rec)

@@ -59,11 +59,14 @@ def rate(name: str, by: str = "", match: str = "", suffix: str = "") -> str:
     return f"sum{f' by ({by}) ' if by else ''}(rate({sel(name, suffix, match)}{RI}))"
 
 
-def gauge(name: str, by: str, agg: str = "max") -> str:
+def gauge(name: str, by: str, agg: str = "max", per_model: bool = True) -> str:
     # Ray exports one series per reporting worker (extra labels such as WorkerId);
     # aggregating by the catalogue's labels collapses those.
-    _m(name, "", *[b.strip() for b in by.split(",")])
-    return f"{agg} by ({by}) ({sel(name)})"
+    labels = [b.strip() for b in by.split(",") if b.strip()]
+    _m(name, "", *labels)
+    # app-wide metrics (no model label) ignore the model selection
+    series = sel(name) if per_model else _m(name)
+    return f"{agg}{f' by ({by})' if labels else ''} ({series})"
 
 
 def quantile(q: float, name: str, by: str = "model") -> str:
@@ -174,7 +177,14 @@ def overview():
                          (rate("gptoss_reasoning_tokens", "model"), "reasoning {{model}}")], axis="tokens/s"))
          .with_panel(ts("Reasoning share of generated tokens", "Reasoning tokens / generated tokens.",
                         [(f"{rate('gptoss_reasoning_tokens', 'model')} / {rate('gptoss_generation_tokens', 'model')}",
-                          "{{model}}")], "percentunit")))
+                          "{{model}}")], "percentunit"))
+         .with_row(db.Row("Stored responses and conversations"))
+         .with_panel(ts("Stored records", "Responses (`store`, background runs) and conversations the response "
+                        "store holds, all models; at `max_entries` the least recently used go first.",
+                        [(gauge("gptoss_stored_records", "kind", per_model=False), "{{kind}}")]))
+         .with_panel(ts("Response store memory", "Bytes its records take, all models; at `max_mb` the least "
+                        "recently used go first.",
+                        [(gauge("gptoss_response_store_bytes", "", per_model=False), "bytes")], "bytes")))
     return d
 
 

@@ -65,6 +65,10 @@ CATALOGUE: tuple[MetricSpec, ...] = (
                "Max over mean expert load in a layer over its last interval with traffic (1 = balanced)", M + ("layer",)),
     MetricSpec("gptoss_all_to_all_seconds", "histogram", "Expert-parallel all-to-all time per forward step, by rank",
                M + ("rank",), COMM_BUCKETS),
+    # the response store (one replica, app-wide: no model label), sampled every interval
+    MetricSpec("gptoss_stored_records", "gauge", "Responses and conversations the response store holds", ("kind",)),
+    MetricSpec("gptoss_response_store_bytes", "gauge", "Bytes the response store's records take (max_mb bounds it)",
+               ()),
     # autoscaling policy (in the Serve controller)
     MetricSpec("gptoss_queue_depth", "gauge", "Waiting + running requests over all groups of a model", M),
     MetricSpec("gptoss_replica_groups", "gauge", "Replica groups the autoscaler decided on", M),

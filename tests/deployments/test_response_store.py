@@ -94,7 +94,7 @@ def test_the_remote_client_over_the_serve_replica_class():
             for name in ("put", "get", "chain", "delete"):
                 setattr(self, name, Method(getattr(server, name)))
 
-    store = RemoteResponseStore(Handle(ResponseStoreServer(10, 1 << 20)))
+    store = RemoteResponseStore(Handle(ResponseStoreServer(10, 1 << 20, None, metrics_s=0)))
 
     async def go():
         assert await store.put(rec("a")) and await store.put(rec("b", "a"))

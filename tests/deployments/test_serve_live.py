@@ -314,6 +314,7 @@ def test_prometheus_scrapes_every_dashboard_query_under_load(app, prometheus):
         futs += [pool.submit(_burst_request, app, i) for i in range(10)]
         results = [f.result(timeout=240) for f in futs]
     assert any(r.usage.completion_tokens_details.reasoning_tokens for r in results[:8])
+    stored = app.responses.create(model="tiny", input="Hi", max_output_tokens=2)  # the store's panels count it
     queries = panel_queries(__rate_interval="5m")
     assert len(queries) >= 20
     # Ray exports every few seconds and Prometheus scrapes every second: poll until every
@@ -328,3 +329,6 @@ def test_prometheus_scrapes_every_dashboard_query_under_load(app, prometheus):
                 pending.discard((uid, title, expr))
         time.sleep(2)
     assert not pending, "panels without data:\n" + "\n".join(f"{u} / {t}: {e}" for u, t, e in sorted(pending))
+    kinds = httpx.get(f"{prometheus}/api/v1/query", params={"query": "max by (kind) (ray_gptoss_stored_records)"},
+                      timeout=10).json()["data"]["result"]
+    assert float({k["metric"]["kind"]: k["value"][1] for k in kinds}["response"]) >= 1, (stored.id, kinds)
