@@ -11,8 +11,9 @@ With `stream: true` the request streams the run's events as a foreground stream 
 but a client that goes away stops only its stream, not the run; `GET
 /v1/responses/{id}?stream=true&starting_after=N` resumes it on any replica: from the
 run itself on the replica holding it, else from the store (polled every
-STREAM_POLL_S). A stream whose run stopped reporting for LOST_S (its replica died)
-ends with an error event rather than waiting forever.
+STREAM_POLL_S). A run whose replica died stops updating its record: the store then
+fails it (deployments.response_store, lost_s), and its readers get the failed
+stream's last events rather than waiting forever.
 
 `POST /v1/responses/{id}/cancel` stops a run held by this replica at once; for a run
 held by another replica it marks the stored response `cancelled`, which that replica's
@@ -35,7 +36,6 @@ log = logging.getLogger(__name__)
 FLUSH_S = 0.25  # progress reaches the store at most this often...
 POLL_S = 1.0  # ...and at least this often (the heartbeat that also brings a remote cancel)
 STREAM_POLL_S = 0.2
-LOST_S = 30.0
 _ENDED = ("completed", "incomplete", "failed", "cancelled")
 
 
@@ -118,10 +118,13 @@ class BackgroundResponses:
             seq, shown = handler._seq, live.shown
             events = handler.events[sent:shown] if handler.events is not None else []
             try:
-                status = await self.stored.update(handler.id, handler.snapshot() if changed else None, sent, events)
+                got = await self.stored.update(handler.id, handler.snapshot() if changed else None, sent, events)
             except APIError:
                 continue  # the store is unreachable: the next round sends it all again
-            sent, last = sent + len(events), time.monotonic()
+            last = time.monotonic()
+            if got is None:
+                continue  # evicted, or deleted: the final put stores it again
+            status, sent = got  # the events it holds: fewer than sent after the store restarted
             if status == "cancelled":
                 task.cancel()
                 return
@@ -137,7 +140,7 @@ class BackgroundResponses:
         if rec.events is None:
             raise APIError(400, f"Response '{rid}' cannot be streamed: only a response created with "
                                 "background=true and stream=true can.", param="stream", code="invalid_value")
-        return self._follow_stored(rid, nxt, (rec.response["status"], rec.events[nxt:], 0.0))
+        return self._follow_stored(rid, nxt, (rec.response["status"], rec.events[nxt:]))
 
     @staticmethod
     async def _follow_live(live: _Live, nxt: int) -> AsyncIterator[str]:
@@ -151,16 +154,13 @@ class BackgroundResponses:
             await wake.wait()
 
     async def _follow_stored(self, rid: str, nxt: int, got) -> AsyncIterator[str]:
+        """Polls the store; a run whose replica died ends as the store fails it (the store's lost_s)."""
         while True:
-            status, events, age = got
+            status, events = got
             for ev in events:
                 yield ev
             nxt += len(events)
             if status != "in_progress":
-                return
-            if age > LOST_S:
-                yield _error_event(nxt, APIError(503, f"the server running response '{rid}' stopped reporting",
-                                                 code="server_error"))
                 return
             await asyncio.sleep(STREAM_POLL_S)
             try:

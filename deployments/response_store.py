@@ -15,7 +15,8 @@ of an explicit delete). An idle conversation is forgotten from its tip back.
 A background run (deployments.background) keeps its record current while it runs
 (`update`: the output so far and, for a streamed run, its SSE events, which
 `events` hands to readers resuming the stream from another replica). An update never
-overrides an ended record, so a late one cannot undo the run's final put or a cancel.
+overrides an ended record, so a late one cannot undo the run's final put or a cancel;
+a record running without updates for `lost_s` (its ingress replica died) reads as failed.
 
 Conversations (deployments.conversations) live in the same LRU and byte budget, as
 StoredConversation records (ids `conv_...` beside `resp_...`), edited in place by
@@ -34,6 +35,8 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
+
+from .api_common import sse
 
 
 class ResponseNotFound(KeyError):
@@ -80,10 +83,11 @@ class StoredConversation:
 class MemoryResponseStore:
     """Bounded, thread-safe LRU of StoredResponse records (see the module docstring)."""
 
-    def __init__(self, max_entries: int = 10_000, max_bytes: int = 256 << 20, path: Optional[str] = None):
+    def __init__(self, max_entries: int = 10_000, max_bytes: int = 256 << 20, path: Optional[str] = None,
+                 lost_s: float = 30.0):
         """path: a file the records are also written to (deployments.store_file), and read back from
-        here when it exists."""
-        self.max_entries, self.max_bytes = max_entries, max_bytes
+        here when it exists; lost_s: a running (background) response not updated for this long is failed."""
+        self.max_entries, self.max_bytes, self.lost_s = max_entries, max_bytes, lost_s
         self._records: OrderedDict[str, StoredResponse] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
@@ -167,14 +171,18 @@ class MemoryResponseStore:
         if gone and self._file is not None:
             self._file.drop(gone)
 
-    def update(self, rid: str, response: Optional[dict], start: int = 0, events: Sequence[str] = ()) -> Optional[str]:
+    def update(self, rid: str, response: Optional[dict], start: int = 0,
+               events: Sequence[str] = ()) -> Optional[tuple[str, int]]:
         """A running response's progress: its Response object so far (None: unchanged) and its events from
-        sequence number `start` on. Applied only while the stored record is `in_progress`; returns the stored
-        status after the call (`cancelled`: another replica cancelled the run), or None when not stored."""
+        sequence number `start` on. Applied only while the stored record is `in_progress`. Returns the stored
+        status after the call (`cancelled`: another replica cancelled the run) and how many events it holds
+        (where the next update starts: fewer than sent after the store restarted), or None when not stored."""
         with self._lock:
             rec = self._records.get(rid)
-            if not isinstance(rec, StoredResponse) or rec.response["status"] != "in_progress":
-                return None if not isinstance(rec, StoredResponse) else rec.response["status"]
+            if not isinstance(rec, StoredResponse):
+                return None
+            if rec.response["status"] != "in_progress":
+                return rec.response["status"], len(rec.events or ())
             grow = 0
             if response is not None:
                 grow += len(json.dumps(response)) - len(json.dumps(rec.response))
@@ -185,18 +193,18 @@ class MemoryResponseStore:
             rec.size += grow
             self._bytes += grow
             rec.beat = time.monotonic()
-            return rec.response["status"] if self._settle(rid) else None
+            return (rec.response["status"], len(rec.events or ())) if self._settle(rid) else None
 
-    def events(self, rid: str, start: int) -> Optional[tuple[str, Optional[list[str]], float]]:
-        """(status, the events from sequence number `start` on or None for a record without events, seconds
-        since its last put or update), or None when not stored."""
+    def events(self, rid: str, start: int) -> Optional[tuple[str, Optional[list[str]]]]:
+        """(status, the events from sequence number `start` on or None for a record without events), or None
+        when not stored."""
         with self._lock:
             rec = self._records.get(rid)
             if not isinstance(rec, StoredResponse):
                 return None
             self._touch(rid)
-            evs = None if rec.events is None else rec.events[start:]
-            return rec.response["status"], evs, time.monotonic() - rec.beat
+            self._expire(rec)
+            return rec.response["status"], None if rec.events is None else rec.events[start:]
 
     def get(self, rid: str) -> StoredResponse:
         with self._lock:
@@ -204,7 +212,27 @@ class MemoryResponseStore:
             if rec is None:
                 raise ResponseNotFound(rid)
             self._touch(rid)
+            self._expire(rec)
             return rec
+
+    def _expire(self, rec) -> None:
+        """A running response not heard from for lost_s: the replica running it died, so it is failed (and a
+        stream's readers get the events a failed stream ends with)."""
+        r = rec.response if isinstance(rec, StoredResponse) else None
+        if r is None or r.get("status") != "in_progress" or time.monotonic() - rec.beat < self.lost_s:
+            return
+        error = {"code": "server_error", "message": "the server running this response stopped before it ended"}
+        r.update(status="failed", error=error)
+        if rec.events is not None:
+            n = len(rec.events)
+            body = {"message": error["message"], "type": "server_error", "param": None, "code": "server_error"}
+            tail = [{"type": "response.failed", "sequence_number": n, "response": r},
+                    {"type": "error", "sequence_number": n + 1, **error, "param": None, "error": body}]
+            rec.events.extend(sse(ev, ev["type"]) for ev in tail)
+        grow = len(json.dumps(r)) + sum(map(len, rec.events or ())) + len(json.dumps(rec.input)) - rec.size
+        rec.size += grow
+        self._bytes += grow
+        self._write(rec)
 
     def chain(self, rid: str) -> list[StoredResponse]:
         """The conversation that ends at `rid`, oldest first."""
@@ -285,7 +313,7 @@ class ResponseStoreServer:
     def delete(self, rid: str) -> bool:
         return self.store.delete(rid)
 
-    def update(self, rid: str, response: Optional[dict], start: int, events: list[str]) -> Optional[str]:
+    def update(self, rid: str, response: Optional[dict], start: int, events: list[str]):
         return self.store.update(rid, response, start, events)
 
     def edit(self, cid: str, add: list[dict], remove: Optional[str], metadata: Optional[dict]):

@@ -422,10 +422,11 @@ class StoredResponses:
     async def put(self, rec: StoredResponse) -> bool:
         return await self._call("put", rec)
 
-    async def update(self, rid: str, response: Optional[dict], start: int, events: list[str]) -> Optional[str]:
+    async def update(self, rid: str, response: Optional[dict], start: int,
+                     events: list[str]) -> Optional[tuple[str, int]]:
         return await self._call("update", rid, response, start, events)
 
-    async def events(self, rid: str, start: int) -> Optional[tuple[str, Optional[list[str]], float]]:
+    async def events(self, rid: str, start: int) -> Optional[tuple[str, Optional[list[str]]]]:
         return await self._call("events", rid, start)
 
     async def history(self, body: ResponsesRequest) -> list[dict]:

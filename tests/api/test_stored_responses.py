@@ -10,6 +10,7 @@ import openai
 import pytest
 
 from deployments.protocol import ResponsesRequest
+from deployments.response_store import StoredResponse
 from deployments.responses_api import ResponseBuilder
 
 from .test_responses import SHORT, TOOLS
@@ -375,28 +376,34 @@ def test_another_replica_follows_a_running_stream_through_the_store(client, api,
     api.wait_idle("demo")
 
 
-def test_a_stream_whose_run_stopped_reporting_ends_with_an_error(monkeypatch):
-    """A replica that died mid-run leaves an in-progress record nobody updates: readers get what it had
-    stored, then an error event, not a stream that never ends."""
-    import asyncio
+def test_a_background_response_whose_replica_died_reads_as_failed(api):
+    """A replica that died mid-run leaves an in-progress record nobody updates any more. Once the store has
+    not heard from it for lost_s, it reads as failed, and its stream ends as a failed stream does (after
+    the events it had), not a stream that never ends."""
+    from fastapi.testclient import TestClient
 
-    from deployments import background
-    from deployments.response_store import MemoryResponseStore, StoredResponse
-    from deployments.responses_api import StoredResponses
-    monkeypatch.setattr(background, "LOST_S", 0.3)
-    store = MemoryResponseStore()
-    store.put(StoredResponse("resp_x", None, [], {"id": "resp_x", "status": "in_progress", "output": []},
-                             events=["event: a\ndata: {}\n\n", "event: b\ndata: {}\n\n"]))
-    bg = background.BackgroundResponses(StoredResponses(store))
-
-    async def follow():
-        return [c async for c in await bg.follow("resp_x", 0)]
-
+    from deployments.openai_api import build_app
+    from deployments.response_store import MemoryResponseStore
+    store = MemoryResponseStore(lost_s=1.0)
+    c = TestClient(build_app({"demo": api.engines["demo"]}, response_store=store))
+    r = c.post("/v1/responses", json={"model": "demo", "input": "Tell a long story.", "background": True,
+                                      "stream": True, "max_output_tokens": 40, "seed": 7})
+    rid = json.loads(r.text.split("data: ", 1)[1].split("\n", 1)[0])["response"]["id"]
+    left = store.get(rid)  # what the run had stored: it dies here, its record as it was
+    dead = StoredResponse(rid, None, left.input, {**left.response, "status": "in_progress", "usage": None},
+                          events=left.events[:5])
+    store.put(dead)
+    assert c.get(f"/v1/responses/{rid}").json()["status"] == "in_progress"
     t0 = time.time()
-    chunks = asyncio.run(follow())
-    assert chunks[0] == "event: b\ndata: {}\n\n" and len(chunks) == 2 and time.time() - t0 < 5
-    err = json.loads(chunks[1].split("data: ", 1)[1])
-    assert err["type"] == "error" and err["sequence_number"] == 2 and "stopped reporting" in err["message"]
+    stream = c.get(f"/v1/responses/{rid}", params={"stream": "true", "starting_after": 2}).text
+    assert 0.5 < time.time() - t0 < 10
+    events = [json.loads(line[len("data: "):]) for line in stream.splitlines() if line.startswith("data: ")]
+    assert [e["sequence_number"] for e in events] == [3, 4, 5, 6]
+    assert [e["type"] for e in events[-2:]] == ["response.failed", "error"] and events[-1]["code"] == "server_error"
+    got = c.get(f"/v1/responses/{rid}").json()
+    assert got["status"] == "failed" and got["error"]["code"] == "server_error"
+    assert store.update(rid, None, 5, [])[0] == "failed"  # a late update does not revive it
+    assert api.wait_idle("demo")["running"] == 0
 
 
 def test_responses_and_conversations_outlive_a_restart_with_a_store_file(api, tmp_path):
@@ -424,3 +431,23 @@ def test_responses_and_conversations_outlive_a_restart_with_a_store_file(api, tm
     assert new.get(f"/v1/conversations/{conv['id']}/items").json()["data"] == items
     assert len(items) == 2 + len(in_conv["output"])
     assert new.get(f"/v1/conversations/{conv['id']}").json() == conv
+
+
+def test_a_running_stream_refills_a_restarted_store(client, api):
+    """A store replica that restarts holds a run's record as the run started (deployments.store_file): the
+    run's next update learns how many events it holds and sends the rest."""
+    with client.responses.stream(**{**STORY, "max_output_tokens": 900, "extra_body": {"seed": 7}}) as s:
+        rid = next(iter(s)).response.id
+    t0 = time.time()
+    while len(api.response_store.get(rid).events) < 20 and time.time() - t0 < 20:
+        time.sleep(0.05)
+    rec = api.response_store.get(rid)
+    api.response_store.put(StoredResponse(rid, None, rec.input, {**rec.response, "output": []}, events=rec.events[:2]))
+    t0 = time.time()
+    while len(api.response_store.get(rid).events) <= 20 and time.time() - t0 < 10:
+        time.sleep(0.05)
+    now = api.response_store.get(rid)
+    assert now.response["status"] == "in_progress" and len(now.events) > 20, len(now.events)
+    assert [json.loads(e.split("data: ", 1)[1])["sequence_number"] for e in now.events] == list(range(len(now.events)))
+    client.responses.cancel(rid)
+    api.wait_idle("demo")

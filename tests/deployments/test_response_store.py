@@ -116,23 +116,44 @@ def test_a_running_record_is_updated_until_it_ends():
     s = MemoryResponseStore()
     run = StoredResponse("r", None, [], {"id": "r", "status": "in_progress", "output": []}, events=["e0", "e1"])
     assert s.put(run) and s.bytes == run.size
-    assert s.update("r", {"id": "r", "status": "in_progress", "output": [1]}, 2, ["e2", "e3"]) == "in_progress"
-    assert s.update("r", None, 3, ["E3", "e4"]) == "in_progress"  # a resent tail replaces, never doubles
-    assert s.events("r", 1)[:2] == ("in_progress", ["e1", "e2", "E3", "e4"])
+    assert s.update("r", {"id": "r", "status": "in_progress", "output": [1]}, 2, ["e2", "e3"]) == ("in_progress", 4)
+    assert s.update("r", None, 3, ["E3", "e4"]) == ("in_progress", 5)  # a resent tail replaces, never doubles
+    assert s.update("r", None, 9, ["e9"]) == ("in_progress", 5)  # past its end (a restarted store): resend from 5
+    assert s.events("r", 1) == ("in_progress", ["e1", "e2", "E3", "e4"])
     assert s.get("r").response["output"] == [1]
     assert s.bytes == StoredResponse("r", None, [], s.get("r").response, events=list(s.get("r").events)).size
     s.put(StoredResponse("r", None, [], {"id": "r", "status": "cancelled", "output": []}, events=["e0"]))
-    assert s.update("r", {"id": "r", "status": "in_progress", "output": [2]}, 1, ["x"]) == "cancelled"
-    assert s.events("r", 0)[:2] == ("cancelled", ["e0"])
+    assert s.update("r", {"id": "r", "status": "in_progress", "output": [2]}, 1, ["x"]) == ("cancelled", 1)
+    assert s.events("r", 0) == ("cancelled", ["e0"])
     assert s.update("gone", None) is None and s.events("gone", 0) is None
-    assert s.events("r", 0)[2] < 5  # seconds since its last put or update
+
+
+def test_a_run_not_heard_from_is_failed(monkeypatch):
+    """Its ingress replica died: no more updates. After lost_s it reads as failed, and a stream ends as a
+    failed stream does; updates keep it alive until then."""
+    import json
+    import time
+    s = MemoryResponseStore(lost_s=0.2)
+    s.put(StoredResponse("r", None, [], {"id": "r", "status": "in_progress", "output": []}, events=["e0"]))
+    s.put(StoredResponse("q", None, [], {"id": "q", "status": "in_progress", "output": []}))
+    for _ in range(3):
+        time.sleep(0.1)
+        assert s.update("r", None, 1, []) == ("in_progress", 1)
+    assert s.get("r").response["status"] == "in_progress" and s.get("q").response["status"] == "failed"
+    time.sleep(0.25)
+    status, events = s.events("r", 1)
+    assert status == "failed" and [json.loads(e.split("data: ")[1])["type"] for e in events] == [
+        "response.failed", "error"]
+    assert s.get("r").response["error"]["code"] == "server_error" and s.update("r", None, 1, []) == ("failed", 3)
+    assert s.bytes == sum(r.size for r in s._records.values()) == sum(
+        StoredResponse(r.id, None, r.input, r.response, events=r.events).size for r in s._records.values())
 
 
 def test_an_update_counts_against_the_budget():
     s = MemoryResponseStore(max_bytes=4000)
     s.put(rec("old", text="x" * 1000))
     s.put(StoredResponse("r", None, [], {"id": "r", "status": "in_progress", "output": []}, events=[]))
-    assert s.update("r", None, 0, ["y" * 3000]) == "in_progress" and s.bytes <= 4000
+    assert s.update("r", None, 0, ["y" * 3000]) == ("in_progress", 1) and s.bytes <= 4000
     with pytest.raises(ResponseNotFound):
         s.get("old")  # the least recent went
     assert s.update("r", None, 1, ["z" * 5000]) is None  # alone over the budget: not kept
