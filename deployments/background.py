@@ -1,7 +1,8 @@
 """Background Responses (`background: true`): the request returns once the engine has
 started the run, and the run goes on without it.
 
-The response lives in the response store from the start (status `in_progress`), so any
+The response lives in the response store from the start (status `in_progress`, or `queued`
+while the engine has not started it: a busy engine does not hold up the request), so any
 ingress replica answers `GET /v1/responses/{id}`. While it runs, the run keeps its
 record current (every FLUSH_S at most: the output so far and, with `stream: true`, its
 events), and stores it a last time when it ends (`completed`, `incomplete`, `failed` or
@@ -64,31 +65,41 @@ class _Live:
 
 
 class BackgroundResponses:
+    queued_after_s = 1.0  # a background request waits this long for the engine to start it, then answers `queued`
+
     def __init__(self, stored: StoredResponses):
         self.stored = stored
         self.tasks: dict[str, asyncio.Task] = {}
         self.live: dict[str, _Live] = {}
 
-    async def start(self, handler: ResponseBuilder, run) -> dict:
-        """`run` has started (the engine accepted the request); from here the run is ours to close."""
+    async def start(self, handler: ResponseBuilder, starting: asyncio.Task) -> dict:
+        """`starting` starts the engine run (its result: the run), done or not: a run the engine has not
+        started within queued_after_s is answered `queued`. From here the run is ours to close."""
+        if not starting.done():
+            handler.status = "queued"
         if handler.events is not None:
-            handler.start()  # response.created and .in_progress: the stream's first events
+            handler.start()  # response.created, then .queued or .in_progress: the stream's first events
         try:
             await self.stored.put(handler.record())
         except BaseException:
-            await run.close()
+            starting.cancel()
+            await _closed(starting)
             raise
         live = self.live[handler.id] = _Live(handler)
-        self.tasks[handler.id] = detached(self._run(live, run))
+        self.tasks[handler.id] = detached(self._run(live, starting))
         # Let the task take its first step: one cancelled before that never runs its body, so it would
         # neither store itself as cancelled nor close its run (the engine request and admission slot).
         await asyncio.sleep(0)
         return handler.response()
 
-    async def _run(self, live: _Live, run) -> None:
+    async def _run(self, live: _Live, starting: asyncio.Task) -> None:
         handler = live.handler
         syncer = asyncio.ensure_future(self._sync(live, asyncio.current_task()))
         try:
+            run = await starting  # an engine refusal from here on is the stored answer (failed)
+            if handler.status == "queued":
+                handler.begin()
+                live.show()
             await handler.collect(run, progress=live.show)  # stores the ended response itself
         except asyncio.CancelledError:
             handler.end("cancelled")
@@ -102,7 +113,8 @@ class BackgroundResponses:
         finally:
             syncer.cancel()
             live.show(done=True)
-            await run.close()
+            starting.cancel()  # still starting: it closes the run itself
+            await _closed(starting)
             self.tasks.pop(handler.id, None)
             self.live.pop(handler.id, None)
 
@@ -113,7 +125,7 @@ class BackgroundResponses:
         while True:
             await asyncio.sleep(FLUSH_S)
             changed = handler._seq != seq
-            if handler.status != "in_progress" or not changed and time.monotonic() - last < POLL_S:
+            if handler.status not in ("queued", "in_progress") or not changed and time.monotonic() - last < POLL_S:
                 continue  # ended: its final record is on its way
             seq, shown = handler._seq, live.shown
             events = handler.events[sent:shown] if handler.events is not None else []
@@ -160,7 +172,7 @@ class BackgroundResponses:
             for ev in events:
                 yield ev
             nxt += len(events)
-            if status != "in_progress":
+            if status not in ("queued", "in_progress"):
                 return
             await asyncio.sleep(STREAM_POLL_S)
             try:
@@ -203,3 +215,10 @@ class BackgroundResponses:
 
 def _error_event(seq: int, err: APIError) -> str:
     return sse({"type": "error", "sequence_number": seq, **error_fields(err)}, "error")
+
+
+async def _closed(starting: asyncio.Task) -> None:
+    """Closes the run `starting` started, if it did (one cancelled or refused while starting closed itself)."""
+    await asyncio.gather(starting, return_exceptions=True)
+    if not starting.cancelled() and starting.exception() is None:
+        await starting.result().close()

@@ -372,7 +372,7 @@ def build_app(engines: Mapping[str, EngineClient], *, max_pending: Union[int, Ma
         handler = await run_in_threadpool(make_handler, *args)
         run = _Run(engine, handler.requests, admit(model))
 
-        async def start() -> None:
+        async def start() -> _Run:
             """Starts the run; a prompt over the context length that its handler can shorten (Responses'
             truncation="auto") starts once more, shortened."""
             nonlocal run
@@ -385,11 +385,22 @@ def build_app(engines: Mapping[str, EngineClient], *, max_pending: Union[int, Ma
                     raise
                 run = _Run(engine, handler.requests, run.slot.again())  # the refused run gave its slot back
                 await run.start(handler.prompt_param, handler.schema_param)
+            return run
 
         try:
-            if detach:  # the engine call is made outside the request, so it outlives it
-                await _unless_disconnected(request, detached(start()))
-                body = await background.start(handler, run)
+            if detach:
+                # The engine call is made outside the request, so it outlives it. Refusals (400, 429) come at
+                # once; a request still waiting for the engine after queued_after_s is answered `queued`.
+                starting = detached(start())
+                try:
+                    await _unless_disconnected(request, asyncio.wait({starting}, timeout=background.queued_after_s))
+                except _ClientGone:
+                    starting.cancel()
+                    await asyncio.gather(starting, return_exceptions=True)
+                    raise
+                if starting.done():
+                    starting.result()  # a refusal: the client's error, as in the foreground
+                body = await background.start(handler, starting)
                 if handler.stream_requested:  # a client that goes away stops its stream, not the run
                     return _SSEResponse(await background.follow(handler.id, None), on_close=_nothing)
                 return JSONResponse(body)

@@ -422,7 +422,7 @@ class ResponseObject(BaseModel):
     id: str
     object: Literal["response"] = "response"
     created_at: int
-    status: Literal["completed", "incomplete", "failed", "in_progress", "cancelled"]
+    status: Literal["completed", "incomplete", "failed", "queued", "in_progress", "cancelled"]
     model: str
     output: list[dict[str, Any]]
     output_text: Optional[str] = None

@@ -38,6 +38,8 @@ from typing import Optional, Sequence
 
 from .api_common import sse
 
+_RUNNING = ("queued", "in_progress")  # a background run's statuses before it ends
+
 
 class ResponseNotFound(KeyError):
     """`missing` is the id not stored: the one asked for, or an ancestor of it."""
@@ -181,7 +183,7 @@ class MemoryResponseStore:
             rec = self._records.get(rid)
             if not isinstance(rec, StoredResponse):
                 return None
-            if rec.response["status"] != "in_progress":
+            if rec.response["status"] not in _RUNNING:
                 return rec.response["status"], len(rec.events or ())
             grow = 0
             if response is not None:
@@ -219,7 +221,7 @@ class MemoryResponseStore:
         """A running response not heard from for lost_s: the replica running it died, so it is failed (and a
         stream's readers get the events a failed stream ends with)."""
         r = rec.response if isinstance(rec, StoredResponse) else None
-        if r is None or r.get("status") != "in_progress" or time.monotonic() - rec.beat < self.lost_s:
+        if r is None or r.get("status") not in _RUNNING or time.monotonic() - rec.beat < self.lost_s:
             return
         error = {"code": "server_error", "message": "the server running this response stopped before it ended"}
         r.update(status="failed", error=error)

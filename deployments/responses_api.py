@@ -182,7 +182,7 @@ class ResponseBuilder:
             "text": {"format": fmt}, "tool_choice": tc or "auto",
             "tools": [t.model_dump(exclude_none=True) for t in b.tools or []],
             "top_p": b.top_p if b.top_p is not None else 1.0, "truncation": b.truncation or "disabled",
-            "usage": self.usage.responses() if self.status != "in_progress" else None,
+            "usage": self.usage.responses() if self.status not in ("queued", "in_progress") else None,
             "metadata": b.metadata or {}, "user": b.user,
         }
 
@@ -194,8 +194,14 @@ class ResponseBuilder:
         return ev
 
     def start(self) -> list[dict]:
+        """The stream's first events; a `queued` response (a background one the engine has not started yet)
+        sends `response.queued`, and `response.in_progress` once `begin` says it started."""
         return [self._ev("response.created", response=self.response()),
-                self._ev("response.in_progress", response=self.response())]
+                self._ev(f"response.{self.status}", response=self.response())]
+
+    def begin(self) -> list[dict]:
+        self.status = "in_progress"
+        return [self._ev("response.in_progress", response=self.response())]
 
     # ------------------------------------------------------------------ items
     def _open(self, kind: str, **call) -> list[dict]:

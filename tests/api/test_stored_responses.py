@@ -451,3 +451,35 @@ def test_a_running_stream_refills_a_restarted_store(client, api):
     assert [json.loads(e.split("data: ", 1)[1])["sequence_number"] for e in now.events] == list(range(len(now.events)))
     client.responses.cancel(rid)
     api.wait_idle("demo")
+
+
+def test_a_background_request_the_engine_has_not_started_is_answered_queued(client, api, monkeypatch):
+    """A busy engine does not hold up a background request: past queued_after_s it is answered `queued`
+    (here at once), and becomes in_progress when the engine starts it. Refusals inside the window stay the
+    client's errors; one after it is the stored answer."""
+    bg = api.app.state.background
+    kw = dict(model="demo", input="Say hi.", background=True, max_output_tokens=48, extra_body={**SHORT, "seed": 5})
+    with pytest.raises(openai.BadRequestError) as e:  # the default window: the engine's refusal is a 400
+        client.responses.create(**{**kw, "input": "word " * 1100})
+    assert e.value.body["code"] == "context_length_exceeded"
+
+    monkeypatch.setattr(bg, "queued_after_s", 0.0)
+    r = client.responses.create(**kw)
+    assert r.status == "queued" and r.usage is None
+    done = _poll(client, r.id)
+    fg = client.responses.create(**{**kw, "background": False, "store": False})
+    assert done.status == fg.status and done.output_text == fg.output_text
+
+    with client.responses.stream(**kw) as s:
+        events = list(s)
+    assert [e.type for e in events[:3]] == ["response.created", "response.queued", "response.in_progress"]
+    assert events[0].response.status == "queued" and events[-1].response.output_text == fg.output_text
+
+    late = client.responses.create(**{**kw, "input": "word " * 1100})  # refused after the answer: stored
+    assert late.status == "queued"
+    failed = _poll(client, late.id)
+    assert failed.status == "failed" and failed.error.code == "context_length_exceeded"
+
+    gone = client.responses.create(**{**kw, "max_output_tokens": 900})
+    assert client.responses.cancel(gone.id).status == "cancelled"
+    assert api.wait_idle("demo")["running"] == 0 and api.app.state.pending.get("demo", 0) == 0
