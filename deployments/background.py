@@ -31,7 +31,8 @@ import time
 from typing import AsyncIterator, Optional
 
 from .api_common import APIError, sse
-from .responses_api import ResponseBuilder, StoredResponses, error_fields
+from .responses_api import ResponseBuilder, error_fields
+from .stored_responses import StoredResponses
 
 log = logging.getLogger(__name__)
 FLUSH_S = 0.25  # progress reaches the store at most this often...

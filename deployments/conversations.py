@@ -22,10 +22,11 @@ from fastapi import APIRouter, Query, Request
 from .api_common import APIError, check_unicode, new_id, now
 from .protocol import ConversationCreateRequest, ConversationItemsRequest, ConversationUpdateRequest, ErrorResponse
 from .response_store import ResponseNotFound, StoredConversation
-from .responses_api import cursor_page, item_dicts
+from .responses_api import item_dicts
+from .stored_responses import cursor_page
 
 if TYPE_CHECKING:
-    from .responses_api import StoredResponses
+    from .stored_responses import StoredResponses
 
 
 class Conversations:

@@ -44,7 +44,8 @@ from .protocol import (ChatCompletionRequest, ChatCompletionResponse, Completion
                        ErrorResponse, ModelCard, ModelList, ResponseObject, ResponsesRequest)
 from .background import BackgroundResponses, detached
 from .conversations import router as conversations_router
-from .responses_api import ResponseBuilder, StoredResponses
+from .responses_api import ResponseBuilder
+from .stored_responses import StoredResponses
 
 log = logging.getLogger(__name__)
 

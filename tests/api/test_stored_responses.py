@@ -204,7 +204,7 @@ def test_a_cancel_from_another_ingress_replica_stops_the_run(client, api):
     import asyncio
 
     from deployments.background import POLL_S, BackgroundResponses
-    from deployments.responses_api import StoredResponses
+    from deployments.stored_responses import StoredResponses
     r = client.responses.create(model="demo", input="Tell a long story.", background=True, max_output_tokens=900,
                                 extra_body={"seed": 7})
     other = BackgroundResponses(StoredResponses(api.response_store))
@@ -348,7 +348,7 @@ def test_another_replica_follows_a_running_stream_through_the_store(client, api,
     import asyncio
 
     from deployments.background import BackgroundResponses
-    from deployments.responses_api import StoredResponses
+    from deployments.stored_responses import StoredResponses
     with client.responses.stream(**{**STORY, "max_output_tokens": 400}) as s:
         rid = next(iter(s)).response.id
     other = BackgroundResponses(StoredResponses(api.response_store))
