@@ -230,7 +230,10 @@ class _SSEResponse(StreamingResponse):
                     tg.cancel_scope.cancel()
 
                 tg.start_soon(stream)
-                await self.listen_for_disconnect(receive)
+                try:
+                    await self.listen_for_disconnect(receive)
+                except Exception:  # noqa: BLE001 - Ray Serve's receive raises once it cancels the request
+                    pass  # (its client went away): a disconnect, not an error
                 tg.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True):
