@@ -61,7 +61,10 @@ class StoredResponse:
 
     def __post_init__(self):
         if not self.size:
-            self.size = len(json.dumps(self.input)) + len(json.dumps(self.response)) + sum(map(len, self.events or ()))
+            self.size = self.measure()
+
+    def measure(self) -> int:
+        return len(json.dumps(self.input)) + len(json.dumps(self.response)) + sum(map(len, self.events or ()))
 
 
 @dataclass
@@ -231,7 +234,7 @@ class MemoryResponseStore:
             tail = [{"type": "response.failed", "sequence_number": n, "response": r},
                     {"type": "error", "sequence_number": n + 1, **error, "param": None, "error": body}]
             rec.events.extend(sse(ev, ev["type"]) for ev in tail)
-        grow = len(json.dumps(r)) + sum(map(len, rec.events or ())) + len(json.dumps(rec.input)) - rec.size
+        grow = rec.measure() - rec.size
         rec.size += grow
         self._bytes += grow
         self._write(rec)
