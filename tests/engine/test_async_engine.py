@@ -177,3 +177,50 @@ def test_hold_gives_the_first_output_then_one_finished_output_per_choice(tiny_ck
         assert len(mine[0].token_ids) == 1 and mine[1].finished and len(mine[1].token_ids) == 15
         assert [t for o in mine for t in o.token_ids] == \
             [t for o in streamed if o.index == i for t in o.token_ids]
+
+
+def test_callers_never_wait_for_the_stepping_thread(model):
+    """abort() and stats() come from the event loop, which every stream shares: they must not wait for a
+    step, nor lose the engine's lock to a thread that steps back to back (an abort then lands only after
+    its request has run to the end)."""
+    import threading
+    import time
+
+    llm = LLMEngine(model, EngineConfig(block_size=4))
+    real = llm.step
+
+    def slow_step():
+        time.sleep(0.05)  # a device step: the stepping thread holds the lock, without the GIL
+        return real()
+
+    llm.step = slow_step
+    eng = AsyncEngine(llm)
+    started, calls = threading.Event(), []
+
+    async def main():
+        async def consume():
+            async for _ in eng.generate(_req("long", 10, 400)):
+                started.set()
+        task = asyncio.ensure_future(consume())
+        while not started.is_set():
+            await asyncio.sleep(0.01)
+        for _ in range(10):
+            await asyncio.sleep(0.013)  # as the event loop calls them: between other work, mid-step
+            t0 = time.perf_counter()
+            eng.stats()
+            calls.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        eng.abort("long")
+        calls.append(time.perf_counter() - t0)
+        task.cancel()  # its stream gets nothing more once aborted
+        await asyncio.gather(task, return_exceptions=True)
+
+    try:
+        asyncio.run(main())
+        deadline = time.time() + 5
+        while eng.stats()["running"] and time.time() < deadline:
+            time.sleep(0.01)
+        assert eng.stats()["running"] == 0 and llm.generated_tokens < 100  # stopped, not run to its end
+        assert sorted(calls)[len(calls) // 2] < 0.005, calls  # waiting on a step: 25 ms on average
+    finally:
+        eng.shutdown()
