@@ -51,6 +51,25 @@ def add_parsers(sub) -> None:
     _add_common(c)
     c.add_argument("--out", default="-", help="file to write (default stdout)")
     c.set_defaults(fn=run_serve_config)
+    k = sub.add_parser("reasoning-key", help="print a new key for env GPTOSS_REASONING_KEY (it seals reasoning "
+                                             "items for include reasoning.encrypted_content)")
+    k.set_defaults(fn=run_reasoning_key)
+
+
+def run_reasoning_key(args) -> int:
+    from deployments.sealed_reasoning import new_key
+    print(new_key())
+    return 0
+
+
+def check_reasoning_key() -> None:
+    """A malformed GPTOSS_REASONING_KEY stops the server here, not the ingress replicas after Ray started."""
+    from cli.generate import UsageError
+    from deployments.sealed_reasoning import key_from_env
+    try:
+        key_from_env()
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def build_config(args):
@@ -154,6 +173,7 @@ def run_serve(args) -> int:
     if cfg.responses.path and not args.address:  # a cluster's path may exist only on its head node
         check_responses_file(cfg.responses.path)
     check_vocabulary()
+    check_reasoning_key()
     path = resolve_model(args.model)  # build the demo checkpoint once, before replicas race for it
     if not args.address or path.exists():  # a cluster's path may exist only on its nodes
         check_model(path, args.tp, args.ep, args.attn_dp)

@@ -121,6 +121,13 @@ def hand_properties() -> dict:
             "existingSecret": _t("string", "use this Secret instead of keys"),
             "secretKey": _t("string", "key inside the Secret", minLength=1),
         }),
+        "reasoningKey": _obj("the Fernet key sealing reasoning for include reasoning.encrypted_content, given to "
+                             "the pods as env GPTOSS_REASONING_KEY (`gptoss reasoning-key` makes one); empty: "
+                             "one per deploy", {
+            "key": _t("string", "a key to put in a chart-made Secret", pattern="^([A-Za-z0-9_=-]{44})?$"),
+            "existingSecret": _t("string", "use this Secret instead of key"),
+            "secretKey": _t("string", "key inside the Secret", minLength=1),
+        }),
         "storage": _obj("where the weights come from, mounted in every Ray pod", {
             "mountPath": _t("string", "mount path of the weights volume", pattern="^/"),
             "pvc": _obj("a PersistentVolumeClaim; disabled: an emptyDir (per pod, lost on restart)", {

@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 from pydantic import ValidationError
 
-from engine.request import Usage
+from engine.request import RequestOutput, Usage
 from engine.sampler import SamplingParams
 
 _TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 429: "rate_limit_error",
@@ -168,6 +168,12 @@ def chat_logprob(entry: dict) -> dict:
     return {"token": token_str(tid), "logprob": finite(entry["logprob"]), "bytes": list(token_bytes(tid)),
             "top_logprobs": [{"token": token_str(t), "logprob": finite(lp), "bytes": list(token_bytes(t))}
                              for t, lp in entry.get("top") or []]}
+
+
+def answer_logprobs(out: RequestOutput) -> list[dict]:
+    """The logprobs of an output's answer tokens, the only ones OpenAI's content logprobs hold: not harmony
+    headers, reasoning or tool-call arguments (the engine's parser marks each token)."""
+    return [chat_logprob(e) for e in out.logprobs if e.get("answer")]
 
 
 # --------------------------------------------------------------------- framing

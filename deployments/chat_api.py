@@ -16,8 +16,8 @@ from engine.harmony import ContentDelta, ReasoningDelta, ToolCallDelta, ToolCall
 from engine.request import GenerateRequest, RequestOutput
 from engine.stop import StopChecker
 
-from .api_common import (APIError, ChoicesHandler, ChoiceState, UsageTotals, chat_logprob, engine_failure, new_id,
-                         now, sampling_params)
+from .api_common import (APIError, ChoicesHandler, ChoiceState, UsageTotals, answer_logprobs,
+                         engine_failure, new_id, now, sampling_params)
 from .protocol import ChatCompletionRequest
 
 _FINISH = {"stop": "stop", "length": "length", "tool_calls": "tool_calls", "abort": "stop"}
@@ -104,7 +104,6 @@ class ChatChoice(ChoiceState):
         self.calls: dict[int, dict] = {}
         self.logprobs: list[dict] = []
         self._pending_lp: list[dict] = []
-        self._in_content = False
         self._stop = StopChecker(stop) if stop else None
         self._want_lp = want_logprobs
 
@@ -115,30 +114,20 @@ class ChatChoice(ChoiceState):
         self.tokens_seen += len(out.token_ids)
         if out.finished and out.finish_reason == "error":
             raise engine_failure(out)
-        kinds = {type(e) for e in out.events}
         if self._want_lp:
-            # Only tokens of the answer text count as content logprobs: not harmony
-            # headers, reasoning or tool-call arguments.
-            content_step = ContentDelta in kinds or (
-                self._in_content and not kinds & {ReasoningDelta, ToolCallStart, ToolCallDelta}
-                and not out.finished)
-            if content_step:
-                self._pending_lp.extend(chat_logprob(e) for e in out.logprobs)
+            self._pending_lp.extend(answer_logprobs(out))
         pieces: list[tuple[dict, Optional[list], Optional[str]]] = []
         for ev in out.events:
             if isinstance(ev, ReasoningDelta):
-                self._in_content = False
                 self.reasoning.append(ev.text)
                 pieces.append(({"reasoning_content": ev.text}, None, None))
             elif isinstance(ev, ContentDelta):
-                self._in_content = True
                 text, hit = (ev.text, False) if self._stop is None else self._stop.feed(ev.text)
                 if text:
                     pieces.append(self._content(text))
                 if hit:
                     return pieces + [self._finish("stop")]
             elif isinstance(ev, ToolCallStart):
-                self._in_content = False
                 self.calls[ev.index] = {"id": ev.id, "type": "function",
                                         "function": {"name": ev.name, "arguments": ""}}
                 pieces.append(({"tool_calls": [{"index": ev.index, "id": ev.id, "type": "function",

@@ -41,10 +41,12 @@ from .api_common import APIError, BearerAuth, check_unicode, describe_errors
 from .chat_api import ChatHandler
 from .completions_api import CompletionHandler
 from .protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse,
-                       ErrorResponse, ModelCard, ModelList, ResponseObject, ResponsesRequest)
+                       ErrorResponse, InputTokenCount, InputTokensRequest, ModelCard, ModelList, ResponseObject,
+                       ResponsesRequest)
 from .background import BackgroundResponses, detached
 from .conversations import router as conversations_router
 from .responses_api import ResponseBuilder
+from .sealed_reasoning import ReasoningSeal
 from .stored_responses import StoredResponses
 
 log = logging.getLogger(__name__)
@@ -274,7 +276,8 @@ def build_app(engines: Mapping[str, EngineClient], *, max_pending: Union[int, Ma
               ready: Optional[Callable[[], Union[bool, Awaitable[bool]]]] = None,
               system_fingerprint: Optional[str] = None, owned_by: str = "gptoss-serve",
               title: str = "gpt-oss OpenAI-compatible API", metrics=None,
-              api_keys: Optional[frozenset] = None, response_store=None) -> FastAPI:
+              api_keys: Optional[frozenset] = None, response_store=None,
+              reasoning_key: Optional[str] = None) -> FastAPI:
     """The API over `engines` (model name -> engine client; read on every request,
     so a caller may fill it after building the app).
 
@@ -285,8 +288,11 @@ def build_app(engines: Mapping[str, EngineClient], *, max_pending: Union[int, Ma
     api_keys: when non-empty, /v1/* requires `Authorization: Bearer <key>` (401 otherwise).
     response_store: where Responses are stored to be continued and read (a
         deployments.response_store.MemoryResponseStore or RemoteResponseStore); None: nowhere.
+    reasoning_key: the Fernet key that seals reasoning for `include: ["reasoning.encrypted_content"]`
+        (deployments.sealed_reasoning); None: one made here, good for this app only.
     """
     stored = StoredResponses(response_store)
+    seal = ReasoningSeal(reasoning_key)
     background = BackgroundResponses(stored)
 
     @contextlib.asynccontextmanager
@@ -466,10 +472,22 @@ def build_app(engines: Mapping[str, EngineClient], *, max_pending: Union[int, Ma
     async def responses(body: ResponsesRequest, request: Request):
         return await serve(request, body.model,
                            lambda history: ResponseBuilder(body, system_fingerprint, history, stored.saver(body),
-                                                           stored.appender(body)),
+                                                           stored.appender(body), seal),
                            prepare=lambda: stored.history(body), detach=bool(body.background))
 
     _STORED = {status: {"model": ErrorResponse} for status in (400, 404, 503)}
+
+    @app.post("/v1/responses/input_tokens", response_model=InputTokenCount, responses=_STORED)
+    async def count_input_tokens(body: InputTokensRequest, request: Request):
+        """The prompt tokens a response with these fields would start from (its usage.input_tokens), history
+        included, without running it. Every gpt-oss model renders and tokenizes alike: `model` may be left out."""
+        check_unicode(await request.body())
+        if body.model is not None:
+            engine_for(body.model)
+        body = body.model_copy(update={"input": body.input or [], "model": body.model or ""})
+        history = await stored.history(body)
+        builder = await run_in_threadpool(ResponseBuilder, body, history=history, seal=seal)
+        return {"object": "response.input_tokens", "input_tokens": builder.usage.prompt}
 
     @app.get("/v1/responses/{response_id}", response_model=ResponseObject, responses=_STORED)
     async def get_response(response_id: str, stream: bool = False,

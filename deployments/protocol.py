@@ -301,6 +301,13 @@ class ConversationRef(_Req):
     id: str = Field(max_length=128)
 
 
+# OpenAI's `include` values; those for tools this server has not (file search, web search, computer use,
+# the code interpreter, images) are accepted and have nothing to add
+Includable = Literal["file_search_call.results", "web_search_call.results", "web_search_call.action.sources",
+                     "message.input_image.image_url", "computer_call_output.output.image_url",
+                     "code_interpreter_call.outputs", "reasoning.encrypted_content", "message.output_text.logprobs"]
+
+
 class ResponsesRequest(_Req):
     model: str
     input: Union[str, list[InputItem]]
@@ -331,6 +338,12 @@ class ResponsesRequest(_Req):
         None, description="auto: a conversation over the context length drops its oldest turns (from a user "
                           "message on) until it fits, keeping developer and system messages; disabled (default): "
                           "it is a 400 context_length_exceeded")
+    include: Optional[list[Includable]] = Field(
+        None, description="message.output_text.logprobs: each answer token's logprob (and `top_logprobs` "
+                          "alternatives) in output_text parts and deltas; reasoning.encrypted_content: reasoning "
+                          "items carry their text encrypted, to be sent back as input without a store")
+    top_logprobs: Optional[int] = Field(None, ge=0, le=20, description="alternatives per answer token; over 0, "
+                                                                       "logprobs are included without `include`")
     max_reasoning_tokens: Optional[int] = Field(None, ge=0, description="extension: cap on reasoning tokens")
     user: Optional[str] = None
 
@@ -363,6 +376,17 @@ class ResponsesRequest(_Req):
         if isinstance(v, list) and not v:  # as chat's empty `messages`: nothing to answer
             raise ValueError("must hold at least one item")
         return v
+
+
+class InputTokensRequest(ResponsesRequest):
+    """POST /v1/responses/input_tokens: a response's fields, of which those shaping its prompt count."""
+    model: Optional[str] = None
+    input: Optional[Union[str, list[InputItem]]] = None
+
+
+class InputTokenCount(BaseModel):
+    object: Literal["response.input_tokens"] = "response.input_tokens"
+    input_tokens: int
 
 
 # ------------------------------------------------------- documented response shapes

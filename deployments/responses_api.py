@@ -26,11 +26,13 @@ from engine.grammar import GrammarSpec
 from engine.harmony import ContentDelta, ReasoningDelta, ToolCallDelta, ToolCallStart
 from engine.request import GenerateRequest, RequestOutput
 
-from .api_common import APIError, SSE_DONE, UsageTotals, engine_failure, new_id, now, sampling_params, sse
+from .api_common import (APIError, SSE_DONE, UsageTotals, answer_logprobs, engine_failure, new_id, now,
+                         sampling_params, sse)
 from .chat_api import check_grammar, effort_of, text_of, tool_choice_for_grammar
 from .protocol import (FunctionCallItem, FunctionCallOutputItem, InputItem, InputMessage, ReasoningItem,
                        ResponsesRequest)
 from .response_store import StoredResponse
+from .sealed_reasoning import ReasoningSeal
 
 log = logging.getLogger(__name__)
 _ITEMS = TypeAdapter(list[InputItem])
@@ -102,6 +104,10 @@ def _response_format(req: ResponsesRequest) -> Optional[dict]:
     return {"type": "json_schema", "schema": fmt.schema_ if fmt.schema_ is not None else {"type": "object"}}
 
 
+def wants_logprobs(req: ResponsesRequest) -> bool:
+    return "message.output_text.logprobs" in (req.include or ()) or bool(req.top_logprobs)
+
+
 def build_request(req: ResponsesRequest, rid: str, items: Sequence) -> GenerateRequest:
     """`items`: the whole conversation (stored history, then this request's input)."""
     tools = [{"name": t.name, "description": t.description, "parameters": t.parameters} for t in req.tools or []]
@@ -118,7 +124,8 @@ def build_request(req: ResponsesRequest, rid: str, items: Sequence) -> GenerateR
                        max_reasoning_tokens=req.max_reasoning_tokens, harmony=True)
     check_grammar(spec, "text.format" if rf else "tools")
     params = sampling_params(temperature=req.temperature, top_p=req.top_p, seed=req.seed,
-                             max_tokens=req.max_output_tokens)
+                             max_tokens=req.max_output_tokens, logprobs=wants_logprobs(req),
+                             top_logprobs=req.top_logprobs)
     # a background run is read while it runs (its record, its events), so it streams from the engine too
     return GenerateRequest(rid, prompt, params, harmony=True, grammar=spec, hold=not (req.stream or req.background))
 
@@ -130,14 +137,22 @@ class ResponseBuilder:
 
     def __init__(self, body: ResponsesRequest, fingerprint: Optional[str] = None, history: Sequence[dict] = (),
                  store: Optional[Callable[[StoredResponse], Awaitable]] = None,
-                 conversation: Optional[Callable[[list[dict]], Awaitable]] = None):
+                 conversation: Optional[Callable[[list[dict]], Awaitable]] = None,
+                 seal: Optional[ReasoningSeal] = None):
         """history: the stored conversation `previous_response_id` or `conversation` continues (item dicts,
         oldest first); store: saves the finished response (None: not stored); conversation: adds its input
-        and output items to the conversation it belongs to."""
+        and output items to the conversation it belongs to; seal: opens reasoning items sent back with only
+        their encrypted_content, and seals output reasoning when `include` asks (None: a key of its own)."""
         self.body = body
         self.id = new_id("resp_")
         self.created = now()
+        self._seal = seal or ReasoningSeal()
+        self._sealing = "reasoning.encrypted_content" in (body.include or ())
         self.input = input_items(body)
+        for item in self.input:
+            if item["type"] == "reasoning" and not item.get("content") and item.get("encrypted_content"):
+                item["content"] = [{"type": "reasoning_text",
+                                    "text": self._seal.open(item["encrypted_content"], item.get("id"))}]
         self._store = store
         self._conversation = conversation
         self.history = list(history)
@@ -154,6 +169,8 @@ class ResponseBuilder:
         self.finish_reason: Optional[str] = None
         # a background stream keeps every event (SSE-encoded, index = sequence_number) to be resumed
         self.events: Optional[list[str]] = [] if body.background and body.stream else None
+        self._want_lp = wants_logprobs(body)
+        self._pending_lp: list[dict] = []  # answer tokens whose text has not come yet
 
     @property
     def stream_requested(self) -> bool:
@@ -180,7 +197,8 @@ class ResponseBuilder:
             "store": self._store is not None, "temperature": b.temperature if b.temperature is not None else 1.0,
             "text": {"format": fmt}, "tool_choice": tc or "auto",
             "tools": [t.model_dump(exclude_none=True) for t in b.tools or []],
-            "top_p": b.top_p if b.top_p is not None else 1.0, "truncation": b.truncation or "disabled",
+            "top_p": b.top_p if b.top_p is not None else 1.0, "top_logprobs": b.top_logprobs or 0,
+            "truncation": b.truncation or "disabled",
             "usage": self.usage.responses() if self.status not in ("queued", "in_progress") else None,
             "metadata": b.metadata or {}, "user": b.user,
         }
@@ -223,7 +241,7 @@ class ResponseBuilder:
         if part is not None:
             item["content"].append(part)
             evs.append(self._ev("response.content_part.added", item_id=item["id"], output_index=idx,
-                                content_index=0, part=dict(part)))
+                                content_index=0, part=_copy(part)))
         return evs
 
     def _close(self, status: str) -> list[dict]:
@@ -233,15 +251,17 @@ class ResponseBuilder:
         item["status"] = status
         ids = {"item_id": item["id"], "output_index": idx}
         evs = []
+        if self._cur == "reasoning" and self._sealing:
+            item["encrypted_content"] = self._seal.seal(item["content"][0]["text"])
         if self._cur == "tool":
             evs.append(self._ev("response.function_call_arguments.done", **ids, name=item["name"],
                                 arguments=item["arguments"]))
         else:
             part = item["content"][0]
             kind = "reasoning_text" if self._cur == "reasoning" else "output_text"
-            extra = {} if self._cur == "reasoning" else {"logprobs": []}
+            extra = {} if self._cur == "reasoning" else {"logprobs": list(part["logprobs"])}
             evs.append(self._ev(f"response.{kind}.done", **ids, content_index=0, text=part["text"], **extra))
-            evs.append(self._ev("response.content_part.done", **ids, content_index=0, part=dict(part)))
+            evs.append(self._ev("response.content_part.done", **ids, content_index=0, part=_copy(part)))
         evs.append(self._ev("response.output_item.done", output_index=idx, item=json.loads(json.dumps(item))))
         self._cur = None
         return evs
@@ -250,6 +270,8 @@ class ResponseBuilder:
         self._tokens += len(out.token_ids)
         if out.finished and out.finish_reason == "error":
             raise engine_failure(out)
+        if self._want_lp:
+            self._pending_lp.extend(answer_logprobs(out))
         evs: list[dict] = []
         for ev in out.events:
             if isinstance(ev, ReasoningDelta):
@@ -259,7 +281,9 @@ class ResponseBuilder:
             elif isinstance(ev, ContentDelta):
                 if self._cur != "message":
                     evs += self._open("message")
-                evs += self._text_delta("response.output_text.delta", ev.text, logprobs=[])
+                lp, self._pending_lp = self._pending_lp, []
+                self.output[-1]["content"][0]["logprobs"].extend(lp)
+                evs += self._text_delta("response.output_text.delta", ev.text, logprobs=lp)
             elif isinstance(ev, ToolCallStart):
                 evs += self._open("tool", call_id=ev.id, name=ev.name)
             elif isinstance(ev, ToolCallDelta) and self._cur == "tool":
@@ -379,6 +403,11 @@ class ResponseBuilder:
 
     def error_events(self, err: APIError) -> list[str]:
         return [sse(ev, ev["type"]) for ev in self.fail(err)] + [SSE_DONE]
+
+
+def _copy(part: dict) -> dict:
+    # an event holds the part as it is now; the part's logprobs list grows on
+    return {**part, "logprobs": list(part["logprobs"])} if "logprobs" in part else dict(part)
 
 
 def conversation_id(body: ResponsesRequest) -> Optional[str]:

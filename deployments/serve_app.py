@@ -16,11 +16,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import AsyncIterator
+from typing import AsyncIterator, Optional
 
 from ray import serve
 
 from cluster.config import ModelGroupConfig, ServeConfig
+
+from .sealed_reasoning import key_from_env, new_key
 
 log = logging.getLogger(__name__)
 METRICS_INTERVAL_S = 2.0
@@ -106,9 +108,11 @@ class RemoteEngine:
 
 
 class Ingress:
-    def __init__(self, handles: dict, config: dict, store=None):
+    def __init__(self, handles: dict, config: dict, store=None, reasoning_key: Optional[str] = None):
+        """reasoning_key: made by build_application so every replica of the app seals alike; env
+        GPTOSS_REASONING_KEY, when set, is used instead (it outlives the app)."""
         self.cfg = ServeConfig(**config)
-        self.handles, self.store = handles, store
+        self.handles, self.store, self.reasoning_key = handles, store, reasoning_key
 
     def __serve_build_asgi_app__(self):
         from observability.metrics import MetricsRecorder
@@ -120,7 +124,7 @@ class Ingress:
         limits = {m.name: m.max_pending * max(1, m.autoscaling.max_replicas) for m in self.cfg.models}
         store = RemoteResponseStore(self.store) if self.store is not None else None
         return build_app(engines, max_pending=limits, metrics=MetricsRecorder("ray"), api_keys=api_keys_from_env(),
-                         response_store=store)
+                         response_store=store, reasoning_key=key_from_env() or self.reasoning_key)
 
 
 def group_deployment(m: ModelGroupConfig):
@@ -161,7 +165,7 @@ def build_application(cfg: ServeConfig):
     in_flight = sum(m.max_pending * max(1, m.autoscaling.max_replicas) for m in cfg.models) + 16
     ingress = serve.deployment(serve.ingress()(Ingress)).options(
         name="ingress", ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=in_flight)
-    return ingress.bind(handles, cfg.model_dump(mode="json"), store_deployment(cfg, in_flight))
+    return ingress.bind(handles, cfg.model_dump(mode="json"), store_deployment(cfg, in_flight), new_key())
 
 
 def store_deployment(cfg: ServeConfig, in_flight: int):

@@ -283,6 +283,8 @@ class LLMEngine:
             reason = "stop"  # cannot happen under the mask; end cleanly if it does
         if s.parser is not None:
             out.events.extend(s.parser.feed([tok]))
+            if out.logprobs:
+                out.logprobs[-1]["answer"] = s.parser.last_in_answer
             if s.parser.is_done:
                 reason = "stop"
         else:

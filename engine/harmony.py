@@ -293,6 +293,9 @@ class OutputParser:
         self._last_end: Optional[int] = None
         self._last_kind: Optional[str] = None
         self._finished = False
+        # the last token fed was text of the answer (a final or preamble message), not a header, an end
+        # token, reasoning or call arguments: what OpenAI's content logprobs cover
+        self.last_in_answer = False
         self.error: Optional[str] = None
         self._reasoning: list[str] = []
         self._content: list[str] = []
@@ -351,6 +354,7 @@ class OutputParser:
         self._state = _ERROR
 
     def _step(self, t: int, events: list[Event]) -> None:
+        self.last_in_answer = False
         if self._state == _EXPECT_START:
             if t != self._start:
                 return self._fail(f"expected <|start|> after a message, got {self._show(t)}")
@@ -385,6 +389,7 @@ class OutputParser:
             return self._fail(f"unexpected {self._show(t)} inside message content")
         self._parser.process(t)
         self._msg_tokens += 1
+        self.last_in_answer = self._kind == "content"
         delta = self._parser.last_content_delta  # None while a UTF-8 char is incomplete
         if delta:
             self._emit(delta, events)

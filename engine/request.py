@@ -67,7 +67,8 @@ class RequestOutput:
     token_ids: list[int]
     events: list[Any] = field(default_factory=list)   # harmony events (engine.harmony)
     text: str = ""                                      # raw completions: decoded delta
-    logprobs: list[dict] = field(default_factory=list)  # {"token", "logprob", "top": [(id, lp)]}
+    # {"token", "logprob", "top": [(id, lp)]}, and with harmony "answer": the token is answer text
+    logprobs: list[dict] = field(default_factory=list)
     finished: bool = False
     finish_reason: str | None = None
     error: str | None = None

@@ -40,6 +40,17 @@ def test_serve_names_a_bad_model_or_layout_before_starting_ray(tiny_ckpt, flags,
     assert _serve_here(capsys, *model, *flags, "--port", "8797").startswith(says)
 
 
+def test_serve_names_a_malformed_reasoning_key(tiny_ckpt, capsys, monkeypatch):
+    from cli.main import main
+    assert main(["reasoning-key"]) == 0
+    key = capsys.readouterr().out.strip()
+    monkeypatch.setenv("GPTOSS_REASONING_KEY", key[:-2])
+    assert _serve_here(capsys, "--model", str(tiny_ckpt), "--port", "8797").startswith(
+        "gptoss serve: GPTOSS_REASONING_KEY is not a Fernet key")
+    from deployments.sealed_reasoning import ReasoningSeal
+    assert ReasoningSeal(key).open(ReasoningSeal(key).seal("x"), "rs_1") == "x"  # what it printed is a key
+
+
 def _serve_here(capsys, *flags: str) -> str:
     """`gptoss serve` in this process, for a refusal before Ray starts: -> the last line of stderr."""
     import ray

@@ -364,6 +364,23 @@ def test_preamble_and_multiple_tool_calls(enc):
     assert events[-1] == Finished("tool_calls", None)
 
 
+PREAMBLE_STREAM = ('<|channel|>commentary<|message|>Let me check 日本.<|end|>'
+                   '<|start|>assistant<|channel|>commentary to=functions.now <|constrain|>json<|message|>{}<|call|>')
+
+
+@pytest.mark.parametrize("stream", [FINAL_STREAM, TOOL_STREAM, PREAMBLE_STREAM])
+def test_answer_tokens_are_exactly_the_answer_text(enc, stream):
+    # what content logprobs cover: answer (final or preamble) text, not headers, end tokens, reasoning or arguments
+    tokens = enc.encode(stream, allowed_special="all")
+    p = OutputParser(id_factory=_ids)
+    answer = []
+    for t in tokens:
+        p.feed([t])
+        if p.last_in_answer:
+            answer.append(t)
+    assert (enc.decode_utf8(answer) if answer else "") == p.content
+
+
 def test_default_call_ids_unique_per_parser(enc):
     ids = []
     for _ in range(2):

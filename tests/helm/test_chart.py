@@ -167,6 +167,24 @@ def test_api_keys_secret_and_env(render):
     assert "env" not in head["containers"][0]  # no keys: no env, auth off
 
 
+def test_reasoning_key_secret_and_env(render):
+    from cryptography.fernet import Fernet
+    key = Fernet.generate_key().decode()
+    objs = render({"reasoningKey": {"key": key}, "apiKeys": {"keys": ["k1"]}})
+    secs = {s["metadata"]["name"]: s for s in kind(objs, "Secret")}
+    sec = next(s for n, s in secs.items() if n.endswith("-reasoning-key"))
+    assert len(secs) == 2 and base64.b64decode(sec["data"]["reasoning-key"]).decode() == key
+    cc = one(objs, "RayService")["spec"]["rayClusterConfig"]
+    for spec in [cc["headGroupSpec"], cc["workerGroupSpecs"][0]]:
+        env = {e["name"]: e for e in spec["template"]["spec"]["containers"][0]["env"]}
+        assert env["GPTOSS_REASONING_KEY"]["valueFrom"]["secretKeyRef"] == {"name": sec["metadata"]["name"],
+                                                                            "key": "reasoning-key"}
+    objs = render({"reasoningKey": {"existingSecret": "mine"}})
+    assert not kind(objs, "Secret")
+    head = one(objs, "RayService")["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]
+    assert head["containers"][0]["env"][0]["valueFrom"]["secretKeyRef"] == {"name": "mine", "key": "reasoning-key"}
+
+
 def _volumes(rs) -> list[dict]:
     cc = rs["spec"]["rayClusterConfig"]
     return [v for s in [cc["headGroupSpec"], *cc["workerGroupSpecs"]]

@@ -96,12 +96,17 @@ tests/helm asserts the two are equal. Keep them in step.
 {{- toYaml (dict "proxy_location" "EveryNode" "http_options" (dict "host" $s.host "port" $s.port) "applications" (list $app)) -}}
 {{- end -}}
 
+{{- define "gptoss.reasoningKeySecret" -}}
+{{- .Values.reasoningKey.existingSecret | default (printf "%s-reasoning-key" (include "gptoss.fullname" .)) -}}
+{{- end -}}
+
 {{- define "gptoss.apiKeysSecret" -}}
 {{- .Values.apiKeys.existingSecret | default (printf "%s-api-keys" (include "gptoss.fullname" .)) -}}
 {{- end -}}
 
 {{/* Env of a Ray container (dict root, extra, head). GPTOSS_API_KEYS: comma-separated keys
-     for the API server; RAY_GRAFANA/PROMETHEUS_HOST: the head's dashboard embeds Grafana. */}}
+     for the API server; GPTOSS_REASONING_KEY: the key sealing reasoning items;
+     RAY_GRAFANA/PROMETHEUS_HOST: the head's dashboard embeds Grafana. */}}
 {{- define "gptoss.env" -}}
 {{- $v := .root.Values -}}
 {{- if or $v.apiKeys.keys $v.apiKeys.existingSecret }}
@@ -110,6 +115,13 @@ tests/helm asserts the two are equal. Keep them in step.
     secretKeyRef:
       name: {{ include "gptoss.apiKeysSecret" .root }}
       key: {{ $v.apiKeys.secretKey }}
+{{- end }}
+{{- if or $v.reasoningKey.key $v.reasoningKey.existingSecret }}
+- name: GPTOSS_REASONING_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "gptoss.reasoningKeySecret" .root }}
+      key: {{ $v.reasoningKey.secretKey }}
 {{- end }}
 {{- if .head }}
 {{- with $v.monitoring.grafanaHost }}

@@ -1,0 +1,61 @@
+"""`include: ["reasoning.encrypted_content"]`: a reasoning item's text, sealed for the client to send back.
+
+A client that stores nothing (store: false, or a server without a store) keeps the conversation itself, and
+gpt-oss needs the reasoning of a turn that is still calling tools. Such clients (Codex, the Agents SDK) send
+reasoning items back with only their `encrypted_content`, as OpenAI's models give them. The seal is Fernet
+(AES-128-CBC with an HMAC-SHA256), so what comes back is text this server wrote, unaltered.
+
+The key: env GPTOSS_REASONING_KEY (a Fernet key; `gptoss reasoning-key` prints a new one; the helm chart fills
+it from its Secret), the same on every ingress replica so any of them opens what another sealed. Without it,
+the app makes one when it is built: sealed content then outlives neither the app nor a redeploy.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+from cryptography.fernet import Fernet, InvalidToken
+
+from .api_common import APIError
+
+ENV = "GPTOSS_REASONING_KEY"
+
+
+def new_key() -> str:
+    return Fernet.generate_key().decode()
+
+
+def key_from_env() -> Optional[str]:
+    """The key from GPTOSS_REASONING_KEY; None when unset. A malformed key is an error here, at start, not
+    a 400 on every request later."""
+    key = os.environ.get(ENV, "").strip()
+    if not key:
+        return None
+    check_key(key)
+    return key
+
+
+def check_key(key: str) -> None:
+    try:
+        Fernet(key.encode())
+    except (ValueError, TypeError):
+        raise ValueError(f"{ENV} is not a Fernet key (32 url-safe base64-encoded bytes); "
+                         "make one with `gptoss reasoning-key`") from None
+
+
+class ReasoningSeal:
+    def __init__(self, key: Optional[str] = None):
+        self._f = Fernet((key or new_key()).encode())
+
+    def seal(self, text: str) -> str:
+        return self._f.encrypt(text.encode()).decode()
+
+    def open(self, token: str, item_id: Optional[str]) -> str:
+        try:
+            return self._f.decrypt(token.encode()).decode()
+        except (InvalidToken, ValueError, UnicodeDecodeError):
+            # OpenAI's code for the same case; most often the key changed (a restart without GPTOSS_REASONING_KEY)
+            raise APIError(400, f"the encrypted content of reasoning item {item_id or '(no id)'} could not be "
+                                "verified: it was sealed with another key or altered", param="input",
+                           code="invalid_encrypted_content") from None
