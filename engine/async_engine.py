@@ -127,7 +127,7 @@ class AsyncEngine:
         target = self._queues.get(out.request_id)
         if target is not None:
             loop, q = target
-            loop.call_soon_threadsafe(q.put_nowait, out)
+            _call_soon(loop, q.put_nowait, out)
 
     def _loop(self) -> None:
         while not self._stopped:
@@ -166,13 +166,13 @@ class AsyncEngine:
                 settled.append((loop, added, e))
         self._stats = self.engine.stats()  # before the callers hear: stats() then counts their requests
         for loop, added, err in settled:
-            loop.call_soon_threadsafe(_settle, added, err)
+            _call_soon(loop, _settle, added, err)
 
     def _refuse_inbox(self) -> None:
         while self._inbox:
             item = self._inbox.popleft()
             if not isinstance(item, str):
-                item[1].call_soon_threadsafe(_settle, item[2], EngineError("the engine has stopped"))
+                _call_soon(item[1], _settle, item[2], EngineError("the engine has stopped"))
 
     def _fail_all(self, msg: str) -> list[RequestOutput]:
         outs = []
@@ -182,6 +182,13 @@ class AsyncEngine:
                     outs.append(RequestOutput(rid, s.index, [], finished=True, finish_reason="error", error=msg))
             self.engine.abort(rid)
         return outs
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, fn, *args) -> None:
+    try:
+        loop.call_soon_threadsafe(fn, *args)
+    except RuntimeError:  # the caller's loop has closed: nobody to tell, and the stepping thread must live on
+        pass
 
 
 def _settle(fut: asyncio.Future, err) -> None:
