@@ -94,6 +94,8 @@ def loc_to_param(loc) -> Optional[str]:
             out += f"[{part}]"
         elif part in ("body", "query", "path") and prev is None:  # where FastAPI found it, not its name
             pass
+        elif prev == "query" and isinstance(part, str) and part.endswith("[]"):  # an array, as the SDK sends it
+            out += part[:-2]
         elif isinstance(part, str) and not any(c in part for c in "[]'(),") and part not in _TYPE_TAGS \
                 and not (part in _ITEM_TAGS and isinstance(prev, int)) \
                 and not part[:1].isupper():  # model class names of union members

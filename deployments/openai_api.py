@@ -41,7 +41,7 @@ from .api_common import APIError, BearerAuth, check_unicode, describe_errors
 from .chat_api import ChatHandler
 from .completions_api import CompletionHandler
 from .protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse,
-                       ErrorResponse, InputTokenCount, InputTokensRequest, ModelCard, ModelList, ResponseObject,
+                       ErrorResponse, Includable, InputTokenCount, InputTokensRequest, ModelCard, ModelList, ResponseObject,
                        ResponsesRequest)
 from .background import BackgroundResponses, detached
 from .conversations import router as conversations_router
@@ -491,11 +491,16 @@ def build_app(engines: Mapping[str, EngineClient], *, max_pending: Union[int, Ma
 
     @app.get("/v1/responses/{response_id}", response_model=ResponseObject, responses=_STORED)
     async def get_response(response_id: str, stream: bool = False,
-                           starting_after: Optional[int] = Query(None, ge=0)):
-        """stream=true: a background stream's events after `starting_after`, live until it ends."""
+                           starting_after: Optional[int] = Query(None, ge=0),
+                           include: Optional[list[Includable]] = Query(None, alias="include[]")):
+        """stream=true: a background stream's events after `starting_after`, live until it ends;
+        include[]=reasoning.encrypted_content: reasoning items sealed as a response created with it has them."""
         if stream:
             return _SSEResponse(await background.follow(response_id, starting_after), on_close=_nothing)
-        return JSONResponse((await stored.get(response_id)).response)
+        response = (await stored.get(response_id)).response
+        if "reasoning.encrypted_content" in (include or ()):
+            response = {**response, "output": seal.seal_items(response["output"])}
+        return JSONResponse(response)
 
     @app.delete("/v1/responses/{response_id}", responses=_STORED)
     async def delete_response(response_id: str):

@@ -51,6 +51,11 @@ class ReasoningSeal:
     def seal(self, text: str) -> str:
         return self._f.encrypt(text.encode()).decode()
 
+    def seal_items(self, items: list[dict]) -> list[dict]:
+        """Output items with each reasoning item's text sealed (those sealed already stay as they are)."""
+        return [{**it, "encrypted_content": self.seal("".join(p["text"] for p in it.get("content") or []))}
+                if it["type"] == "reasoning" and not it.get("encrypted_content") else it for it in items]
+
     def open(self, token: str, item_id: Optional[str]) -> str:
         try:
             return self._f.decrypt(token.encode()).decode()

@@ -158,3 +158,22 @@ def test_a_malformed_key_is_named():
     check_key(new_key())
     with pytest.raises(ValueError, match="GPTOSS_REASONING_KEY"):
         check_key("short")
+
+
+def test_a_stored_response_is_read_back_with_its_reasoning_sealed(client, api):
+    r = _with_reasoning(client)
+    assert r.output[0].encrypted_content is None
+    got = client.responses.retrieve(r.id, include=["reasoning.encrypted_content"])
+    sealed = got.output[0].encrypted_content
+    assert sealed and client.responses.retrieve(r.id).output[0].encrypted_content is None
+    # what it holds goes back into a prompt as the plain text does
+    n = [client.responses.input_tokens.count(input=[{"role": "user", "content": "Say hi."}, {
+        "type": "reasoning", "summary": [], **part}, {"type": "function_call", "call_id": "c1", "name": "get_weather",
+                                                      "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "c1", "output": "{}"}]).input_tokens
+         for part in ({"encrypted_content": sealed},
+                      {"content": [{"type": "reasoning_text", "text": r.output[0].content[0].text}]})]
+    assert n[0] == n[1]
+    import httpx
+    bad = httpx.get(f"{api.url}/v1/responses/{r.id}", params={"include[]": "reasoning.summary"})
+    assert bad.status_code == 400 and "include" in bad.json()["error"]["param"]
