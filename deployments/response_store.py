@@ -58,6 +58,7 @@ class StoredResponse:
     events: Optional[list[str]] = None  # a background stream's SSE events; index = sequence_number
     size: int = field(default=0, compare=False)
     beat: float = field(default=0.0, compare=False)  # the store's clock at its last put or update
+    saved: float = field(default=0.0, compare=False)  # ... at its last write to the file
 
     def __post_init__(self):
         if not self.size:
@@ -75,6 +76,7 @@ class StoredConversation:
     items: list[dict]  # oldest first, each with an id
     size: int = field(default=0, compare=False)
     beat: float = field(default=0.0, compare=False)
+    saved: float = field(default=0.0, compare=False)
     previous_id = None  # no chain: a conversation is one record
 
     def __post_init__(self):
@@ -89,10 +91,13 @@ class MemoryResponseStore:
     """Bounded, thread-safe LRU of StoredResponse records (see the module docstring)."""
 
     def __init__(self, max_entries: int = 10_000, max_bytes: int = 256 << 20, path: Optional[str] = None,
-                 lost_s: float = 30.0):
+                 lost_s: float = 30.0, save_every_s: float = 5.0):
         """path: a file the records are also written to (deployments.store_file), and read back from
-        here when it exists; lost_s: a running (background) response not updated for this long is failed."""
+        here when it exists; lost_s: a running (background) response not updated for this long is failed;
+        save_every_s: how often a running response's progress is written to the file (its start and end
+        always are): after a restart of the whole app, it is failed with what it had by then."""
         self.max_entries, self.max_bytes, self.lost_s = max_entries, max_bytes, lost_s
+        self.save_every_s = save_every_s
         self._records: OrderedDict[str, StoredResponse] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
@@ -154,6 +159,7 @@ class MemoryResponseStore:
     def _write(self, rec) -> None:
         if self._file is not None:
             self._file.save(rec)
+            rec.saved = time.monotonic()
 
     def _touch(self, rid: str) -> None:
         try:
@@ -198,6 +204,8 @@ class MemoryResponseStore:
             rec.size += grow
             self._bytes += grow
             rec.beat = time.monotonic()
+            if rec.beat - rec.saved >= self.save_every_s:
+                self._write(rec)
             return (rec.response["status"], len(rec.events or ())) if self._settle(rid) else None
 
     def events(self, rid: str, start: int) -> Optional[tuple[str, Optional[list[str]]]]:

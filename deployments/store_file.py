@@ -17,7 +17,7 @@ import os
 import sqlite3
 from typing import Iterable, Iterator, Union
 
-_FIELDS = ("size", "beat")  # the store's own bookkeeping, not the record
+_FIELDS = ("size", "beat", "saved")  # the store's own bookkeeping, not the record
 
 
 def _row(rec) -> tuple[str, str, str]:

@@ -208,3 +208,20 @@ def test_a_store_file_brings_back_what_was_stored(tmp_path):
             assert r.previous_id is None or r.previous_id in again._records
     # a smaller budget at the next start keeps the most recent
     assert len(MemoryResponseStore(max_entries=2, path=path)) == 2
+
+
+def test_a_running_responses_progress_reaches_the_file_every_few_seconds(tmp_path):
+    import time
+    path = str(tmp_path / "r.sqlite")
+    s = MemoryResponseStore(path=path, save_every_s=0.2)
+    s.put(StoredResponse("run", None, [], {"id": "run", "status": "in_progress", "output": []}, events=["e0"]))
+    s.update("run", {"id": "run", "status": "in_progress", "output": [1]}, 1, ["e1"])  # too soon: memory only
+    assert MemoryResponseStore(path=path).get("run").response["output"] == []
+    time.sleep(0.25)
+    s.update("run", {"id": "run", "status": "in_progress", "output": [1, 2]}, 2, ["e2"])
+    # a restart of the whole app: the run is gone, so after lost_s it fails with what it had written
+    again = MemoryResponseStore(path=path, lost_s=0.0)
+    assert again.events("run", 0)[0] == "failed"
+    got = again.get("run")
+    assert got.response["output"] == [1, 2] and got.events[:3] == ["e0", "e1", "e2"]
+    assert got.response["error"]["code"] == "server_error"
