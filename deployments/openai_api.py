@@ -41,8 +41,8 @@ from .api_common import APIError, BearerAuth, check_unicode, describe_errors
 from .chat_api import ChatHandler
 from .completions_api import CompletionHandler
 from .protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse,
-                       ErrorResponse, Includable, InputTokenCount, InputTokensRequest, ModelCard, ModelList, ResponseObject,
-                       ResponsesRequest)
+                       ErrorResponse, Includable, InputTokenCount, InputTokensRequest, ModelCard, ModelList,
+                       ResponseObject, ResponsesRequest)
 from .background import BackgroundResponses, detached
 from .conversations import router as conversations_router
 from .responses_api import ResponseBuilder
