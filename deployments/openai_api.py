@@ -3,8 +3,9 @@
 `build_app({"gpt-oss-120b": engine, ...})` serves /v1/chat/completions,
 /v1/responses (and, with a response store, GET/DELETE /v1/responses/{id}, its
 input_items and, for a background response, POST .../cancel and, for a
-background stream, GET .../{id}?stream=true to resume it), /v1/conversations
-(deployments.conversations), /v1/completions,
+background stream, GET .../{id}?stream=true to resume it: all in
+deployments.responses_routes, with POST /v1/responses/input_tokens),
+/v1/conversations (deployments.conversations), /v1/completions,
 /v1/models, /health and /ready. An engine is
 anything with the `EngineClient` shape (engine.async_engine): an in-process
 `AsyncEngine`, or a client of a remote one (the Ray Serve layer wraps this app
@@ -25,12 +26,12 @@ import contextlib
 import inspect
 import logging
 import time
-from typing import AsyncIterator, Awaitable, Callable, Literal, Mapping, Optional, Union
+from typing import AsyncIterator, Awaitable, Callable, Mapping, Optional, Union
 
 import anyio
-from fastapi import FastAPI, Query, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -41,12 +42,13 @@ from .api_common import APIError, BearerAuth, check_unicode, describe_errors
 from .chat_api import ChatHandler
 from .completions_api import CompletionHandler
 from .protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse,
-                       ErrorResponse, Includable, InputTokenCount, InputTokensRequest, ModelCard, ModelList,
-                       ResponseObject, ResponsesRequest)
+                       ErrorResponse, ModelCard, ModelList, ResponseObject, ResponsesRequest)
 from .background import BackgroundResponses, detached
 from .conversations import router as conversations_router
 from .responses_api import ResponseBuilder
+from .responses_routes import router as responses_router
 from .sealed_reasoning import ReasoningSeal
+from .sse_response import SSEResponse, nothing
 from .stored_responses import StoredResponses
 
 log = logging.getLogger(__name__)
@@ -212,44 +214,6 @@ class _Run:
         self.slot.release()
 
 
-class _SSEResponse(StreamingResponse):
-    """SSE that always watches for the client going away (whatever the ASGI
-    version) and always runs `on_close`, so the engine request is aborted."""
-    media_type = "text/event-stream"
-
-    def __init__(self, content, on_close: Callable[[], Awaitable[None]]):
-        super().__init__(content, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        self._on_close = on_close
-
-    async def __call__(self, scope, receive, send) -> None:
-        try:
-            async with anyio.create_task_group() as tg:
-                async def stream() -> None:
-                    try:
-                        await self.stream_response(send)
-                    except OSError:
-                        pass  # the client went away mid-send
-                    tg.cancel_scope.cancel()
-
-                tg.start_soon(stream)
-                try:
-                    await self.listen_for_disconnect(receive)
-                except Exception:  # noqa: BLE001 - Ray Serve's receive raises once it cancels the request
-                    pass  # (its client went away): a disconnect, not an error
-                tg.cancel_scope.cancel()
-        finally:
-            with anyio.CancelScope(shield=True):
-                try:
-                    await self.body_iterator.aclose()
-                except BaseException:  # noqa: BLE001
-                    pass
-                await self._on_close()
-
-
-async def _nothing() -> None:
-    pass
-
-
 async def _unless_disconnected(request: Request, coro):
     """Run `coro`; if the client disconnects first, cancel it and raise _ClientGone."""
     async def watch() -> None:
@@ -412,7 +376,7 @@ def build_app(engines: Mapping[str, EngineClient], *, max_pending: Union[int, Ma
                     starting.result()  # a refusal: the client's error, as in the foreground
                 body = await background.start(handler, starting)
                 if handler.stream_requested:  # a client that goes away stops its stream, not the run
-                    return _SSEResponse(await background.follow(handler.id, None), on_close=_nothing)
+                    return SSEResponse(await background.follow(handler.id, None), on_close=nothing)
                 return JSONResponse(body)
             if handler.stream_requested:
                 await _unless_disconnected(request, start())
@@ -430,7 +394,7 @@ def build_app(engines: Mapping[str, EngineClient], *, max_pending: Union[int, Ma
                         for chunk in handler.error_events(APIError(503, "the engine failed", code="engine_error")):
                             yield chunk
 
-                return _SSEResponse(events(), on_close=run.close)
+                return SSEResponse(events(), on_close=run.close)
 
             async def complete():
                 await start()
@@ -475,46 +439,7 @@ def build_app(engines: Mapping[str, EngineClient], *, max_pending: Union[int, Ma
                                                            stored.appender(body), seal),
                            prepare=lambda: stored.history(body), detach=bool(body.background))
 
-    _STORED = {status: {"model": ErrorResponse} for status in (400, 404, 503)}
-
-    @app.post("/v1/responses/input_tokens", response_model=InputTokenCount, responses=_STORED)
-    async def count_input_tokens(body: InputTokensRequest, request: Request):
-        """The prompt tokens a response with these fields would start from (its usage.input_tokens), history
-        included, without running it. Every gpt-oss model renders and tokenizes alike: `model` may be left out."""
-        check_unicode(await request.body())
-        if body.model is not None:
-            engine_for(body.model)
-        body = body.model_copy(update={"input": body.input or [], "model": body.model or ""})
-        history = await stored.history(body)
-        builder = await run_in_threadpool(ResponseBuilder, body, history=history, seal=seal)
-        return {"object": "response.input_tokens", "input_tokens": builder.usage.prompt}
-
-    @app.get("/v1/responses/{response_id}", response_model=ResponseObject, responses=_STORED)
-    async def get_response(response_id: str, stream: bool = False,
-                           starting_after: Optional[int] = Query(None, ge=0),
-                           include: Optional[list[Includable]] = Query(None, alias="include[]")):
-        """stream=true: a background stream's events after `starting_after`, live until it ends;
-        include[]=reasoning.encrypted_content: reasoning items sealed as a response created with it has them."""
-        if stream:
-            return _SSEResponse(await background.follow(response_id, starting_after), on_close=_nothing)
-        response = (await stored.get(response_id)).response
-        if "reasoning.encrypted_content" in (include or ()):
-            response = {**response, "output": seal.seal_items(response["output"])}
-        return JSONResponse(response)
-
-    @app.delete("/v1/responses/{response_id}", responses=_STORED)
-    async def delete_response(response_id: str):
-        return await stored.delete(response_id)
-
-    @app.post("/v1/responses/{response_id}/cancel", response_model=ResponseObject, responses=_STORED)
-    async def cancel_response(response_id: str):
-        return JSONResponse(await background.cancel(response_id))
-
-    @app.get("/v1/responses/{response_id}/input_items", responses=_STORED)
-    async def response_input_items(response_id: str, limit: int = Query(20, ge=1, le=100),
-                                   order: Literal["asc", "desc"] = "desc", after: Optional[str] = None):
-        return await stored.input_items(response_id, limit, order, after)
-
+    app.include_router(responses_router(stored, background, seal, engine_for))
     app.include_router(conversations_router(stored.conversations))
 
     @app.get("/v1/models", response_model=ModelList)
