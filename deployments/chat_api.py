@@ -47,6 +47,20 @@ def tool_choice_for_grammar(choice, names: list[str], param: str = "tool_choice"
     return {"name": name}
 
 
+def grammar_tools(choice, tools: list[dict], param: str = "tool_choice") -> tuple[list[dict], object]:
+    """API tool_choice (already parsed) -> (the tools the model may call, GrammarSpec.tool_choice). The prompt
+    lists every tool either way: allowed_tools narrows what may be called without changing the prompt."""
+    names = [t["name"] for t in tools]
+    if getattr(choice, "type", None) == "allowed_tools":
+        missing = [n for n in choice.names() if n not in names]
+        if missing:
+            raise APIError(400, f"tool_choice.allowed_tools names function {missing[0]!r}, which is not in `tools`",
+                           param=param)
+        return [t for t in tools if t["name"] in choice.names()], choice.mode
+    grammar_choice = tool_choice_for_grammar(choice, names, param)
+    return (tools if grammar_choice != "none" else []), grammar_choice
+
+
 def check_grammar(spec: GrammarSpec, param: Optional[str]) -> None:
     try:
         build_grammar(spec)
@@ -65,7 +79,7 @@ def build_request(req: ChatCompletionRequest, rid: str) -> GenerateRequest:
         messages.append(d)
     tools = [{"name": t.function.name, "description": t.function.description,
               "parameters": t.function.parameters} for t in req.tools or []]
-    choice = tool_choice_for_grammar(req.tool_choice, [t["name"] for t in tools])
+    callable_tools, choice = grammar_tools(req.tool_choice, tools)
     rf = None
     if req.response_format is not None and req.response_format.type != "text":
         rf = {"type": req.response_format.type}
@@ -79,7 +93,7 @@ def build_request(req: ChatCompletionRequest, rid: str) -> GenerateRequest:
         prompt = harmony.render_chat(messages, tools=tools or None, reasoning_effort=effort_of(req.reasoning_effort))
     except (harmony.HarmonyInputError, ValueError) as e:
         raise APIError(400, str(e), param="messages", code="invalid_value") from None
-    spec = GrammarSpec(response_format=rf, tools=tools if choice != "none" else [], tool_choice=choice,
+    spec = GrammarSpec(response_format=rf, tools=callable_tools, tool_choice=choice,
                        max_reasoning_tokens=req.max_reasoning_tokens, harmony=True)
     check_grammar(spec, "response_format" if rf else "tools")
     params = sampling_params(

@@ -130,6 +130,25 @@ class NamedToolChoice(_Req):
     function: _Named
 
 
+class _AllowedTools(_Req):
+    mode: Literal["auto", "required"]
+    tools: list[NamedToolChoice] = Field(min_length=1)
+
+
+class AllowedToolChoice(_Req):
+    """Only these tools may be called (`mode` as tool_choice's auto/required); the prompt still lists every
+    tool, so a conversation that narrows its tools turn by turn keeps its cached prefix."""
+    type: Literal["allowed_tools"]
+    allowed_tools: _AllowedTools
+
+    @property
+    def mode(self) -> str:
+        return self.allowed_tools.mode
+
+    def names(self) -> list[str]:
+        return [t.function.name for t in self.allowed_tools.tools]
+
+
 class ChatCompletionRequest(SamplingFields):
     model: str
     messages: list[ChatMessage] = Field(min_length=1)
@@ -142,7 +161,7 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = False
     top_logprobs: Optional[int] = Field(None, ge=0, le=20)
     tools: Optional[list[ChatTool]] = None
-    tool_choice: Optional[Union[Literal["none", "auto", "required"], NamedToolChoice]] = None
+    tool_choice: Optional[Union[Literal["none", "auto", "required"], NamedToolChoice, AllowedToolChoice]] = None
     parallel_tool_calls: Optional[bool] = None
     response_format: Optional[ResponseFormat] = None
     reasoning_effort: Optional[Effort] = Field(None, description="minimal is served as low")
@@ -261,6 +280,16 @@ class ResponsesNamedToolChoice(_Req):
     name: str
 
 
+class ResponsesAllowedToolChoice(_Req):
+    """As chat's AllowedToolChoice, in the Responses shape."""
+    type: Literal["allowed_tools"]
+    mode: Literal["auto", "required"]
+    tools: list[ResponsesNamedToolChoice] = Field(min_length=1)
+
+    def names(self) -> list[str]:
+        return [t.name for t in self.tools]
+
+
 class TextFormat(_Req):
     type: Literal["text", "json_object", "json_schema"] = "text"
     name: Optional[str] = None
@@ -314,7 +343,8 @@ class ResponsesRequest(_Req):
     instructions: Optional[str] = None
     reasoning: Optional[ReasoningConfig] = None
     tools: Optional[list[ResponsesTool]] = None
-    tool_choice: Optional[Union[Literal["none", "auto", "required"], ResponsesNamedToolChoice]] = None
+    tool_choice: Optional[Union[Literal["none", "auto", "required"], ResponsesNamedToolChoice,
+                                ResponsesAllowedToolChoice]] = None
     parallel_tool_calls: Optional[bool] = None
     text: Optional[TextConfig] = None
     max_output_tokens: Optional[int] = Field(None, ge=1)

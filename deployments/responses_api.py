@@ -28,7 +28,7 @@ from engine.request import GenerateRequest, RequestOutput
 
 from .api_common import (APIError, SSE_DONE, UsageTotals, answer_logprobs, engine_failure, new_id, now,
                          sampling_params, sse)
-from .chat_api import check_grammar, effort_of, text_of, tool_choice_for_grammar
+from .chat_api import check_grammar, effort_of, grammar_tools, text_of
 from .protocol import (FunctionCallItem, FunctionCallOutputItem, InputItem, InputMessage, ReasoningItem,
                        ResponsesRequest)
 from .response_store import StoredResponse
@@ -111,7 +111,7 @@ def wants_logprobs(req: ResponsesRequest) -> bool:
 def build_request(req: ResponsesRequest, rid: str, items: Sequence) -> GenerateRequest:
     """`items`: the whole conversation (stored history, then this request's input)."""
     tools = [{"name": t.name, "description": t.description, "parameters": t.parameters} for t in req.tools or []]
-    choice = tool_choice_for_grammar(req.tool_choice, [t["name"] for t in tools])
+    callable_tools, choice = grammar_tools(req.tool_choice, tools)
     effort = effort_of(req.reasoning.effort if req.reasoning else None)
     try:
         prompt = harmony.render_chat(to_messages(req.instructions, items), tools=tools or None,
@@ -120,7 +120,7 @@ def build_request(req: ResponsesRequest, rid: str, items: Sequence) -> GenerateR
         raise APIError(400, str(e).replace("messages[", "input message ["), param="input",
                        code="invalid_value") from None
     rf = _response_format(req)
-    spec = GrammarSpec(response_format=rf, tools=tools if choice != "none" else [], tool_choice=choice,
+    spec = GrammarSpec(response_format=rf, tools=callable_tools, tool_choice=choice,
                        max_reasoning_tokens=req.max_reasoning_tokens, harmony=True)
     check_grammar(spec, "text.format" if rf else "tools")
     params = sampling_params(temperature=req.temperature, top_p=req.top_p, seed=req.seed,
