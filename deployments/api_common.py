@@ -104,9 +104,25 @@ def loc_to_param(loc) -> Optional[str]:
     return out or None
 
 
+def _member(err: dict) -> Optional[tuple]:
+    """The location of the union member (a model class name in the path) an error is in, if any."""
+    loc = tuple(err.get("loc", ()))
+    for i, part in enumerate(loc):
+        if isinstance(part, str) and part[:1].isupper():
+            return loc[:i + 1]
+    return None
+
+
 def describe_errors(errors: list) -> tuple[Optional[str], str]:
     """(param, message) of the most specific pydantic error: for a union, the branch
     that got furthest says more than "Input should be a valid string"."""
+    # Of a union's members, those whose `type` tag did not match are not what the client meant, when
+    # one whose tag matched failed on a field of its own.
+    missed = {tuple(e["loc"][:-1]) for e in errors
+              if e.get("loc") and e["loc"][-1] == "type" and e.get("type") == "literal_error"}
+    members = [(_member(e), e) for e in errors]
+    if any(m is not None and m not in missed for m, _ in members):
+        errors = [e for m, e in members if m is None or m not in missed]
     err = max(errors, key=lambda x: len(x.get("loc", ()))) if errors else {}
     param = loc_to_param(err.get("loc", ()))
     return param, err.get("msg", "invalid request").removeprefix("Value error, ")  # a validator's own words

@@ -39,6 +39,13 @@ def test_bad_parameters_400_name_the_param(api, client):
          "messages[0].role"),
         ("/v1/chat/completions", {"model": "demo", "messages": HI, "top_logprobs": 3}, "top_logprobs"),
         ("/v1/chat/completions", {"model": "demo", "messages": HI, "tool_choice": "required"}, "tool_choice"),
+        # a union's member is named by its `type` tag: the error is the member the client meant
+        ("/v1/chat/completions", {"model": "demo", "messages": HI, "tool_choice": {"type": "allowed_tools"}},
+         "tool_choice.allowed_tools"),
+        ("/v1/chat/completions", {"model": "demo", "messages": HI, "tool_choice": {"type": "function"}},
+         "tool_choice.function"),
+        ("/v1/responses", {"model": "demo", "input": "x", "tool_choice": {"type": "allowed_tools", "mode": "auto",
+                                                                          "tools": []}}, "tool_choice.tools"),
         ("/v1/chat/completions", {"model": "demo", "messages": HI, "logit_bias": {"abc": 1}}, "logit_bias"),
         ("/v1/chat/completions", {"model": "demo", "messages": []}, "messages"),
         ("/v1/chat/completions", {"model": "demo", "messages": [{"role": "user"}]}, "messages"),
