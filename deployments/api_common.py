@@ -296,15 +296,19 @@ def api_keys_from_env(var: str = "GPTOSS_API_KEYS") -> frozenset[str]:
     return frozenset(k.strip() for k in os.environ.get(var, "").split(",") if k.strip())
 
 
+_KEYED = frozenset({"/tokenize", "/detokenize"})  # outside /v1/ (vLLM's paths), still the API's work
+
+
 class BearerAuth:
-    """ASGI middleware: /v1/* needs `Authorization: Bearer <one of keys>`; /health and /ready stay open
-    for probes. Constant-time comparison, so a key cannot be guessed byte by byte from timings."""
+    """ASGI middleware: /v1/*, /tokenize and /detokenize need `Authorization: Bearer <one of keys>`; /health
+    and /ready stay open for probes. Constant-time comparison, so a key cannot be guessed byte by byte from
+    timings."""
 
     def __init__(self, app, keys: frozenset[str]):
         self.app, self.keys = app, [k.encode() for k in keys]
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+        if scope["type"] == "http" and (scope["path"].startswith("/v1/") or scope["path"] in _KEYED):
             auth = dict(scope.get("headers") or []).get(b"authorization", b"")
             scheme, _, token = auth.partition(b" ")
             if scheme.lower() != b"bearer" or not any(secrets.compare_digest(token.strip(), k) for k in self.keys):

@@ -6,7 +6,7 @@ input_items and, for a background response, POST .../cancel and, for a
 background stream, GET .../{id}?stream=true to resume it: all in
 deployments.responses_routes, with POST /v1/responses/input_tokens),
 /v1/conversations (deployments.conversations), /v1/completions,
-/v1/models, /health and /ready. An engine is
+/v1/models, /tokenize and /detokenize (deployments.tokenize_routes), /health and /ready. An engine is
 anything with the `EngineClient` shape (engine.async_engine): an in-process
 `AsyncEngine`, or a client of a remote one (the Ray Serve layer wraps this app
 and supplies such clients; nothing here knows about Ray).
@@ -50,6 +50,7 @@ from .responses_routes import router as responses_router
 from .sealed_reasoning import ReasoningSeal
 from .sse_response import SSEResponse, nothing
 from .stored_responses import StoredResponses
+from .tokenize_routes import router as tokenize_router
 
 log = logging.getLogger(__name__)
 
@@ -307,7 +308,9 @@ def build_app(engines: Mapping[str, EngineClient], *, max_pending: Union[int, Ma
         param, msg = describe_errors(errors)
         if param is None and any(x.get("type") == "missing" for x in errors):
             msg = "a JSON request body is required"
-        elif param is None:  # the body is not an object: a JSON array or string, or not JSON at all
+        elif param is None and not any(x.get("type") == "value_error" for x in errors):
+            # the body is not an object: a JSON array or string, or not JSON at all (a model's own check
+            # of the whole body, as "exactly one of", keeps its words)
             ctype = request.headers.get("content-type", "")
             msg = "the request body must be a JSON object" + (
                 "" if "json" in ctype else f" sent as application/json (its Content-Type is {ctype or 'missing'!r})")
@@ -441,6 +444,7 @@ def build_app(engines: Mapping[str, EngineClient], *, max_pending: Union[int, Ma
 
     app.include_router(responses_router(stored, background, seal, engine_for))
     app.include_router(conversations_router(stored.conversations))
+    app.include_router(tokenize_router(engine_for))
 
     @app.get("/v1/models", response_model=ModelList)
     async def models():

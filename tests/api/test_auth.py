@@ -1,4 +1,5 @@
-"""API keys: /v1/* needs a Bearer key when keys are configured; probes stay open."""
+"""API keys: /v1/* (and /tokenize, /detokenize) need a Bearer key when keys are configured; probes stay
+open."""
 
 from fastapi.testclient import TestClient
 
@@ -22,6 +23,9 @@ def test_bearer_key_required_on_v1_only():
     assert client.get("/v1/models", headers={"Authorization": "Bearer secret-2"}).status_code == 200
     r = client.post("/v1/chat/completions", json={"model": "x", "messages": []})
     assert r.status_code == 401  # refused before the body is even validated
+    assert client.post("/tokenize", json={"prompt": "hi"}).status_code == 401  # vLLM's path, still keyed
+    assert client.post("/tokenize", json={"prompt": "hi"}, headers={"Authorization": "Bearer secret-1"}).json()[
+        "count"] == 1
     assert client.get("/health").status_code == 200
 
 
