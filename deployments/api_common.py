@@ -33,6 +33,12 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
+def error_fields(err: APIError) -> dict:
+    """A Responses stream's `error` event fields. They also carry OpenAI's {"error": {...}} object, so SDK
+    clients raise instead of ending quietly."""
+    return dict(code=err.code, message=err.message, param=err.param, error=err.body()["error"])
+
+
 # A JSON \u escape of a UTF-16 surrogate: JSON allows a lone one, Unicode text does not.
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 

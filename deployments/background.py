@@ -30,8 +30,8 @@ import logging
 import time
 from typing import AsyncIterator, Optional
 
-from .api_common import APIError, sse
-from .responses_api import ResponseBuilder, error_fields
+from .api_common import APIError, error_fields, sse
+from .responses_api import ResponseBuilder
 from .stored_responses import StoredResponses
 
 log = logging.getLogger(__name__)

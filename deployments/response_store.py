@@ -36,7 +36,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
-from .api_common import sse
+from .api_common import APIError, error_fields, sse
 
 _RUNNING = ("queued", "in_progress")  # a background run's statuses before it ends
 
@@ -234,13 +234,12 @@ class MemoryResponseStore:
         r = rec.response if isinstance(rec, StoredResponse) else None
         if r is None or r.get("status") not in _RUNNING or time.monotonic() - rec.beat < self.lost_s:
             return
-        error = {"code": "server_error", "message": "the server running this response stopped before it ended"}
-        r.update(status="failed", error=error)
+        err = APIError(500, "the server running this response stopped before it ended", code="server_error")
+        r.update(status="failed", error={"code": err.code, "message": err.message})
         if rec.events is not None:
             n = len(rec.events)
-            body = {"message": error["message"], "type": "server_error", "param": None, "code": "server_error"}
             tail = [{"type": "response.failed", "sequence_number": n, "response": r},
-                    {"type": "error", "sequence_number": n + 1, **error, "param": None, "error": body}]
+                    {"type": "error", "sequence_number": n + 1, **error_fields(err)}]
             rec.events.extend(sse(ev, ev["type"]) for ev in tail)
         grow = rec.measure() - rec.size
         rec.size += grow

@@ -26,8 +26,8 @@ from engine.grammar import GrammarSpec
 from engine.harmony import ContentDelta, ReasoningDelta, ToolCallDelta, ToolCallStart
 from engine.request import GenerateRequest, RequestOutput
 
-from .api_common import (APIError, SSE_DONE, UsageTotals, answer_logprobs, engine_failure, new_id, now,
-                         sampling_params, sse)
+from .api_common import (APIError, SSE_DONE, UsageTotals, answer_logprobs, engine_failure, error_fields, new_id,
+                         now, sampling_params, sse)
 from .chat_api import check_grammar, effort_of, grammar_tools, text_of
 from .protocol import (FunctionCallItem, FunctionCallOutputItem, InputItem, InputMessage, ReasoningItem,
                        ResponsesRequest)
@@ -413,9 +413,3 @@ def _copy(part: dict) -> dict:
 def conversation_id(body: ResponsesRequest) -> Optional[str]:
     c = body.conversation
     return c if isinstance(c, str) or c is None else c.id
-
-
-def error_fields(err: APIError) -> dict:
-    """An `error` event's fields. They also carry OpenAI's {"error": {...}} object, so SDK clients raise
-    instead of ending quietly."""
-    return dict(code=err.code, message=err.message, param=err.param, error=err.body()["error"])
