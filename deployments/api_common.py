@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 from pydantic import ValidationError
 
-from engine.request import RequestOutput, Usage
+from engine.request import SERVICE_TIERS, RequestOutput, Usage
 from engine.sampler import SamplingParams
 
 _TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 429: "rate_limit_error",
@@ -245,11 +245,20 @@ def engine_failure(out) -> APIError:
                     code="engine_error")
 
 
+def service_tier(requested: Optional[str]) -> str:
+    """The tier a request runs on: auto, scale and none run as default (the response names it, as OpenAI's)."""
+    return requested if requested in SERVICE_TIERS else "default"
+
+
+def tier_priority(requested: Optional[str]) -> int:
+    return SERVICE_TIERS[service_tier(requested)]
+
+
 def stream_chunk(rid: str, obj: str, created: int, body, fingerprint: Optional[str], choices: list[dict],
                  usage=None) -> str:
     """One SSE chunk of a chat or text completion stream (usage only when the client asked)."""
     d = {"id": rid, "object": obj, "created": created, "model": body.model,
-         "system_fingerprint": fingerprint, "choices": choices}
+         "system_fingerprint": fingerprint, "service_tier": service_tier(body.service_tier), "choices": choices}
     if body.stream_options and body.stream_options.include_usage:
         d["usage"] = usage
     return sse(d)

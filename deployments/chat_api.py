@@ -17,7 +17,7 @@ from engine.request import GenerateRequest, RequestOutput
 from engine.stop import StopChecker
 
 from .api_common import (APIError, ChoicesHandler, ChoiceState, UsageTotals, answer_logprobs,
-                         engine_failure, new_id, now, sampling_params)
+                         engine_failure, new_id, now, sampling_params, service_tier, tier_priority)
 from .protocol import ChatCompletionRequest
 
 _FINISH = {"stop": "stop", "length": "length", "tool_calls": "tool_calls", "abort": "stop"}
@@ -105,7 +105,8 @@ def build_request(req: ChatCompletionRequest, rid: str) -> GenerateRequest:
     if req.top_logprobs and not req.logprobs:
         raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
     # stop strings are matched here, on the deltas: those requests need every step
-    return GenerateRequest(rid, prompt, params, harmony=True, grammar=spec, hold=not req.stream and not req.stop)
+    return GenerateRequest(rid, prompt, params, harmony=True, grammar=spec, hold=not req.stream and not req.stop,
+                           priority=tier_priority(req.service_tier))
 
 
 class ChatChoice(ChoiceState):
@@ -210,7 +211,8 @@ class ChatHandler(ChoicesHandler):
         choices = [{"index": c.index, "message": c.message(), "finish_reason": c.finish_reason,
                     "logprobs": {"content": c.logprobs} if self.body.logprobs else None} for c in self.choices]
         return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.body.model,
-                "system_fingerprint": self.fingerprint, "choices": choices, "usage": self.usage.chat()}
+                "system_fingerprint": self.fingerprint, "service_tier": service_tier(self.body.service_tier),
+                "choices": choices, "usage": self.usage.chat()}
 
     async def stream(self, outputs: AsyncIterator[tuple[int, RequestOutput]]) -> AsyncIterator[str]:
         for c in self.choices:

@@ -10,7 +10,7 @@ from engine import harmony
 from engine.request import GenerateRequest, RequestOutput
 
 from .api_common import (APIError, ChoicesHandler, ChoiceState, UsageTotals, engine_failure, finite, new_id, now,
-                         sampling_params, token_str)
+                         sampling_params, service_tier, tier_priority, token_str)
 from .protocol import CompletionRequest
 
 
@@ -88,7 +88,7 @@ class CompletionHandler(ChoicesHandler):
             logprobs=body.logprobs is not None, top_logprobs=body.logprobs, ignore_eos=body.ignore_eos)
         prompts = _prompts(body.prompt)
         self.requests = [GenerateRequest(f"{self.id}-{i}", ids, params, harmony=False, grammar=None,
-                                         hold=not body.stream)
+                                         hold=not body.stream, priority=tier_priority(body.service_tier))
                          for i, (_, ids) in enumerate(prompts)]
         self.choices = [_Choice(i * body.n + j, text if body.echo else "")
                         for i, (text, _) in enumerate(prompts) for j in range(body.n)]
@@ -110,7 +110,8 @@ class CompletionHandler(ChoicesHandler):
         choices = [{"index": c.index, "text": "".join(c.text), "finish_reason": c.finish_reason,
                     "logprobs": c.lp if self.body.logprobs is not None else None} for c in self.choices]
         return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.body.model,
-                "system_fingerprint": self.fingerprint, "choices": choices, "usage": self.usage.chat()}
+                "system_fingerprint": self.fingerprint, "service_tier": service_tier(self.body.service_tier),
+                "choices": choices, "usage": self.usage.chat()}
 
     async def stream(self, outputs: AsyncIterator[tuple[int, RequestOutput]]) -> AsyncIterator[str]:
         if self.body.echo:

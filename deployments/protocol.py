@@ -47,6 +47,12 @@ class StreamOptions(_Req):
     include_usage: bool = False
 
 
+ServiceTier = Literal["auto", "default", "flex", "scale", "priority"]
+TIER_HELP = ("priority: scheduled before default and flex work, taking a running lower tier's place when the batch "
+             "or KV cache is full; flex: after the others, first to give way; auto, default and scale: default. "
+             "The response names the tier it ran on")
+
+
 class SamplingFields(_Req):
     """Sampling knobs shared by every endpoint (OpenAI names plus vLLM's common extras)."""
     temperature: Optional[float] = Field(None, ge=0.0, le=2.0)
@@ -61,6 +67,7 @@ class SamplingFields(_Req):
     seed: Optional[Seed] = None
     stop: Optional[Union[str, list[str]]] = Field(None, description="up to 4 stop strings")
     user: Optional[str] = None
+    service_tier: Optional[ServiceTier] = Field(None, description=TIER_HELP)
 
     @field_validator("logit_bias")
     @classmethod
@@ -376,6 +383,7 @@ class ResponsesRequest(_Req):
                                                                        "logprobs are included without `include`")
     max_reasoning_tokens: Optional[int] = Field(None, ge=0, description="extension: cap on reasoning tokens")
     user: Optional[str] = None
+    service_tier: Optional[ServiceTier] = Field(None, description=TIER_HELP)
 
     @field_validator("conversation")
     @classmethod
@@ -459,6 +467,7 @@ class ChatCompletionResponse(BaseModel):
     created: int
     model: str
     system_fingerprint: Optional[str] = None
+    service_tier: Optional[str] = None
     choices: list[dict[str, Any]]
     usage: Usage
 
@@ -487,3 +496,4 @@ class ResponseObject(BaseModel):
     conversation: Optional[dict[str, Any]] = None
     store: bool = False
     background: bool = False
+    service_tier: Optional[str] = None

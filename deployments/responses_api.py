@@ -27,7 +27,7 @@ from engine.harmony import ContentDelta, ReasoningDelta, ToolCallDelta, ToolCall
 from engine.request import GenerateRequest, RequestOutput
 
 from .api_common import (APIError, SSE_DONE, UsageTotals, answer_logprobs, engine_failure, error_fields, new_id,
-                         now, sampling_params, sse)
+                         now, sampling_params, service_tier, sse, tier_priority)
 from .chat_api import check_grammar, effort_of, grammar_tools, text_of
 from .protocol import (FunctionCallItem, FunctionCallOutputItem, InputItem, InputMessage, ReasoningItem,
                        ResponsesRequest)
@@ -127,7 +127,8 @@ def build_request(req: ResponsesRequest, rid: str, items: Sequence) -> GenerateR
                              max_tokens=req.max_output_tokens, logprobs=wants_logprobs(req),
                              top_logprobs=req.top_logprobs)
     # a background run is read while it runs (its record, its events), so it streams from the engine too
-    return GenerateRequest(rid, prompt, params, harmony=True, grammar=spec, hold=not (req.stream or req.background))
+    return GenerateRequest(rid, prompt, params, harmony=True, grammar=spec, hold=not (req.stream or req.background),
+                           priority=tier_priority(req.service_tier))
 
 
 class ResponseBuilder:
@@ -200,7 +201,7 @@ class ResponseBuilder:
             "top_p": b.top_p if b.top_p is not None else 1.0, "top_logprobs": b.top_logprobs or 0,
             "truncation": b.truncation or "disabled",
             "usage": self.usage.responses() if self.status not in ("queued", "in_progress") else None,
-            "metadata": b.metadata or {}, "user": b.user,
+            "metadata": b.metadata or {}, "user": b.user, "service_tier": service_tier(b.service_tier),
         }
 
     def _ev(self, type_: str, **fields) -> dict:

@@ -38,6 +38,14 @@ class EngineOverloadedError(EngineError):
     code = "engine_overloaded"
 
 
+# the API's service_tier names for GenerateRequest.priority (lower first)
+SERVICE_TIERS = {"priority": -1, "default": 0, "flex": 1}
+
+
+def tier_name(priority: int) -> str:
+    return next((k for k, v in SERVICE_TIERS.items() if v == priority), str(priority))
+
+
 @dataclass
 class GenerateRequest:
     request_id: str
@@ -49,6 +57,8 @@ class GenerateRequest:
     # the consumer needs no per-step stream (a non-streaming API call): after each choice's first
     # output (its time to first token) the rest arrives merged, as one finished output
     hold: bool = False
+    # service tier: lower runs first, and may take a running lower tier's place (engine.scheduler)
+    priority: int = 0
 
 
 @dataclass
@@ -113,6 +123,10 @@ class Sequence:
     max_len: int | None = None
     t_arrival: float = 0.0          # time.monotonic() at add_request
     t_scheduled: float | None = None  # first admission into the running batch
+
+    @property
+    def priority(self) -> int:
+        return self.req.priority
 
     @property
     def output_ids(self) -> list[int]:

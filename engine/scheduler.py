@@ -3,18 +3,72 @@
 Each step: running sequences first (decodes and unfinished prefill chunks, in
 arrival order), then waiting ones are admitted while the budget, the sequence
 limit and the KV pools allow. When a running sequence cannot get a block, the
-most recently admitted one is preempted: its blocks are released (they stay
-in the prefix cache, so the recompute is usually a cache hit) and it goes back
-to the front of the queue with its generated tokens as part of its prompt.
+most recently admitted one of the lowest service tier is preempted: its
+blocks are released (they stay in the prefix cache, so the recompute is
+usually a cache hit) and it goes back to the front of its tier's queue with
+its generated tokens as part of its prompt.
+
+Service tiers (`GenerateRequest.priority`, lower first; the API's
+`service_tier`): the waiting queue serves tiers in order, and a waiting
+sequence that finds the batch full (`max_num_seqs`) or its pools short takes
+the place of a running one of a strictly lower tier, so priority work never
+waits behind flex work. Within one tier the order is arrival, as with no tiers.
 """
 
 from __future__ import annotations
 
 import time
 from collections import deque
+from itertools import chain
+from typing import Iterator
 
 from .kv_cache import BlockManager
 from .request import ScheduledSeq, SchedulerOutput, Sequence
+
+
+class WaitQueue:
+    """Waiting sequences: one FIFO per tier, the tiers served lowest priority value first."""
+
+    def __init__(self):
+        self._tiers: dict[int, deque[Sequence]] = {}
+
+    def _tier(self, seq: Sequence) -> deque[Sequence]:
+        q = self._tiers.get(seq.priority)
+        if q is None:
+            q = self._tiers[seq.priority] = deque()
+            self._tiers = dict(sorted(self._tiers.items()))
+        return q
+
+    def append(self, seq: Sequence):
+        self._tier(seq).append(seq)
+
+    def appendleft(self, seq: Sequence):
+        """To the front of its own tier (a preempted or skipped sequence keeps its turn)."""
+        self._tier(seq).appendleft(seq)
+
+    def popleft(self) -> Sequence:
+        for q in self._tiers.values():
+            if q:
+                return q.popleft()
+        raise IndexError("pop from an empty WaitQueue")
+
+    def remove(self, seq: Sequence):
+        self._tiers[seq.priority].remove(seq)
+
+    def __contains__(self, seq: Sequence) -> bool:
+        return seq in self._tiers.get(seq.priority, ())
+
+    def __len__(self) -> int:
+        return sum(map(len, self._tiers.values()))
+
+    def __bool__(self) -> bool:
+        return any(self._tiers.values())
+
+    def __iter__(self) -> Iterator[Sequence]:
+        return chain.from_iterable(self._tiers.values())
+
+    def by_tier(self) -> dict[int, int]:
+        return {p: len(q) for p, q in self._tiers.items() if q}
 
 
 class Scheduler:
@@ -22,7 +76,7 @@ class Scheduler:
         self.blocks = blocks
         self.max_num_seqs = max_num_seqs
         self.max_tokens_per_step = max_tokens_per_step
-        self.waiting: deque[Sequence] = deque()
+        self.waiting = WaitQueue()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
 
@@ -46,6 +100,28 @@ class Scheduler:
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
+    def _victim(self, seq: Sequence) -> Sequence:
+        """Who gives up blocks for seq: the lowest tier's most recently admitted, among those whose
+        blocks come from the same pools (attention groups); seq itself when it is that one."""
+        return max((v for v in reversed(self.running) if self.blocks.shares_pool(v.blocks, seq.blocks)),
+                   key=lambda v: v.priority)
+
+    def _lower(self, seq: Sequence, pools: bool) -> Sequence | None:
+        """A running sequence of a strictly lower tier than waiting seq (sharing its pools if asked)."""
+        cands = [v for v in reversed(self.running) if v.priority > seq.priority and
+                 (not pools or self.blocks.shares_pool(v.blocks, seq.blocks))]
+        return max(cands, key=lambda v: v.priority, default=None)
+
+    def _evict(self, victim: Sequence, items: list[ScheduledSeq], evicted: set[int]) -> int:
+        """Preempt victim; if this step already scheduled it, unschedule it and give back its tokens."""
+        self._preempt(victim)
+        evicted.add(id(victim))
+        for k, it in enumerate(items):
+            if it.seq is victim:
+                del items[k]
+                return it.num_tokens
+        return 0
+
     def schedule(self) -> SchedulerOutput:
         budget = self.max_tokens_per_step
         items: list[ScheduledSeq] = []
@@ -57,10 +133,8 @@ class Scheduler:
                 continue
             n = min(seq.to_compute, budget)
             while not self.blocks.allocate(seq.blocks, seq.num_computed + n):
-                # the latest admitted whose blocks come from the same pools (attention groups)
-                victim = next(v for v in reversed(self.running) if self.blocks.shares_pool(v.blocks, seq.blocks))
-                self._preempt(victim)
-                evicted.add(id(victim))
+                victim = self._victim(seq)
+                budget += self._evict(victim, items, evicted)
                 if victim is seq:
                     break
             else:
@@ -68,7 +142,7 @@ class Scheduler:
                 budget -= n
         # admit waiting sequences; a sibling waits until the first choice's prompt is computed
         skipped: list[Sequence] = []
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        while self.waiting and budget > 0:
             seq = self.waiting.popleft()
             if seq.pending:  # preempted while a step was in flight: recompute once its token is known
                 skipped.append(seq)
@@ -77,12 +151,22 @@ class Scheduler:
                     not seq.wait_for.finished:
                 skipped.append(seq)
                 continue
+            if len(self.running) >= self.max_num_seqs:
+                victim = self._lower(seq, pools=False)
+                if victim is None:
+                    self.waiting.appendleft(seq)
+                    break
+                budget += self._evict(victim, items, evicted)
             if seq.num_computed == 0:
                 seq.num_computed = self.blocks.match_prefix(seq.blocks, seq.tokens)
                 if not seq.admitted:  # a preempted sequence's own recomputed blocks are not a cache saving
                     seq.cached_tokens = min(seq.num_computed, seq.prompt_len)
             n = min(seq.to_compute, budget)
-            if not self.blocks.allocate(seq.blocks, seq.num_computed + n):
+            fits = self.blocks.allocate(seq.blocks, seq.num_computed + n)
+            while not fits and (victim := self._lower(seq, pools=True)) is not None:
+                budget += self._evict(victim, items, evicted)
+                fits = self.blocks.allocate(seq.blocks, seq.num_computed + n)
+            if not fits:  # no room, and no one of a lower tier to take it from
                 self.blocks.free(seq.blocks)
                 seq.num_computed = 0
                 self.waiting.appendleft(seq)
@@ -93,7 +177,8 @@ class Scheduler:
             self.running.append(seq)
             items.append(ScheduledSeq(seq, n))
             budget -= n
-        self.waiting.extendleft(reversed(skipped))
+        for seq in reversed(skipped):
+            self.waiting.appendleft(seq)
         return SchedulerOutput(items, len(evicted))
 
     def after_step(self, seq: Sequence):

@@ -208,8 +208,10 @@ def engine():
             .with_panel(ts("Preemptions/s", "Sequences preempted for KV space (recomputed later); steady "
                            "preemption means the KV cache is too small for the load.",
                            [(rate("gptoss_preemptions", "model, replica"), "{{replica}}")]))
-            .with_panel(ts("Queue time", "Arrival to first scheduled step.",
-                           quantiles("gptoss_queue_time_seconds"), "s")))
+            .with_panel(ts("Queue time", "Arrival to first scheduled step, by service tier (priority runs "
+                           "first, flex last).",
+                           quantiles("gptoss_queue_time_seconds", "model, service_tier", "{{model}} {{service_tier}}"),
+                           "s")))
 
 
 def experts():

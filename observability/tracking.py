@@ -15,6 +15,8 @@ from typing import AsyncIterator
 
 import torch
 
+from engine.request import tier_name
+
 from .metrics import MetricsRecorder
 
 
@@ -26,14 +28,14 @@ class TrackedEngine:
         t0 = time.monotonic()
         first: dict[int, float] = {}
         last: dict[int, float] = {}
-        m = self.model
+        m, tier = self.model, tier_name(getattr(request, "priority", 0))
         async for out in self.engine.generate(request):
             now = time.monotonic()
             if out.token_ids:
                 i = out.index
                 if i not in first:
                     first[i] = now
-                    self.rec.observe("gptoss_time_to_first_token_seconds", now - t0, model=m)
+                    self.rec.observe("gptoss_time_to_first_token_seconds", now - t0, model=m, service_tier=tier)
                 else:  # a step's tokens arrive together; spread the gap over them
                     gap = (now - last[i]) / len(out.token_ids)
                     for _ in out.token_ids:
@@ -42,7 +44,7 @@ class TrackedEngine:
             if out.finished:
                 self.rec.observe("gptoss_e2e_latency_seconds", now - t0, model=m)
                 if out.queue_time is not None:
-                    self.rec.observe("gptoss_queue_time_seconds", out.queue_time, model=m)
+                    self.rec.observe("gptoss_queue_time_seconds", out.queue_time, model=m, service_tier=tier)
                 u = out.usage
                 if u is not None:
                     if out.index == 0:  # n > 1 shares one prompt

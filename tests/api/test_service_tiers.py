@@ -1,0 +1,85 @@
+"""`service_tier` through the openai SDK: every endpoint takes it and names the tier it ran on, a bad one is a
+400 naming it, and a priority request overtakes flex work on a server whose batch holds one sequence."""
+
+import threading
+import time
+
+import openai
+import pytest
+import torch
+
+from .conftest import Server
+
+HI = [{"role": "user", "content": "Say hi."}]
+
+
+def test_every_endpoint_names_the_tier_it_ran_on(client):
+    for asked, ran in [("priority", "priority"), ("flex", "flex"), ("auto", "default"), (None, "default"),
+                       ("scale", "default")]:
+        kw = {"service_tier": asked} if asked else {}
+        r = client.chat.completions.create(model="demo", messages=HI, max_tokens=4, **kw)
+        assert r.service_tier == ran, asked
+        chunks = list(client.chat.completions.create(model="demo", messages=HI, max_tokens=4, stream=True, **kw))
+        assert chunks and {c.service_tier for c in chunks} == {ran}
+        c = client.completions.create(model="demo", prompt="a b", max_tokens=2, extra_body=kw)
+        assert c.model_extra["service_tier"] == ran
+        resp = client.responses.create(model="demo", input="hi", max_output_tokens=16, store=False, **kw)
+        assert resp.service_tier == ran
+    stored = client.responses.create(model="demo", input="hi", max_output_tokens=16, service_tier="flex")
+    assert client.responses.retrieve(stored.id).service_tier == "flex"
+
+
+def test_an_unknown_tier_is_a_400_naming_it(client):
+    for call in (lambda: client.chat.completions.create(model="demo", messages=HI, service_tier="fastest"),
+                 lambda: client.responses.create(model="demo", input="hi", service_tier="fastest"),
+                 lambda: client.completions.create(model="demo", prompt="a", extra_body={"service_tier": 2})):
+        with pytest.raises(openai.BadRequestError) as e:
+            call()
+        assert e.value.body["param"] == "service_tier"
+
+
+@pytest.fixture(scope="module")
+def narrow(tiny_ckpt):
+    """A server whose engine runs one sequence at a time."""
+    from deployments.openai_api import build_app
+    from engine.async_engine import AsyncEngine
+    from engine.core import EngineConfig, LLMEngine
+    from models import load_model
+    eng = AsyncEngine(LLMEngine(load_model(tiny_ckpt), EngineConfig(max_model_len=1024, max_num_seqs=1)))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    srv = Server(build_app({"narrow": eng}), {"narrow": eng})
+    yield srv
+    srv.stop()
+    eng.shutdown()
+    torch.set_num_threads(threads)
+
+
+def test_a_priority_request_overtakes_a_running_flex_one(narrow):
+    client = narrow.client()
+    ended: dict[str, float] = {}
+    started = threading.Event()
+
+    def flex():
+        stream = client.completions.create(model="narrow", prompt="Once upon a time", max_tokens=400, stream=True,
+                                           extra_body={"ignore_eos": True, "service_tier": "flex"})
+        n = 0
+        for chunk in stream:
+            n += len(chunk.choices[0].text) > 0 if chunk.choices else 0
+            if n == 3:
+                started.set()
+        ended["flex"] = time.monotonic()
+        ended["flex_text"] = n
+
+    t = threading.Thread(target=flex)
+    t.start()
+    assert started.wait(60)
+    r = client.completions.create(model="narrow", prompt="Hello there", max_tokens=4,
+                                  extra_body={"ignore_eos": True, "service_tier": "priority"})
+    ended["priority"] = time.monotonic()
+    t.join(120)
+    assert r.model_extra["service_tier"] == "priority" and r.usage.completion_tokens == 4
+    # it ran while the flex stream (one sequence at a time) was still going: that stream gave it its place
+    assert ended["priority"] < ended["flex"]
+    assert narrow.wait_idle("narrow")["preemptions"] >= 1
+    assert ended["flex_text"] > 3  # and the flex stream went on to its end
