@@ -17,8 +17,9 @@ from models.attention import KV_CACHE_DTYPES, NULL_BLOCK
 from . import harmony, kv_budget
 from .data_parallel import DataParallelBlocks
 from .executor import CacheSpec, LocalExecutor, StepInput, graph_buckets
-from .grammar import GrammarMatcher, fill_packed
+from .grammar import GrammarMatcher, fill_draft_masks, fill_packed
 from .kv_cache import BlockManager
+from .prediction import DraftProposer
 from .request import (ContextLengthError, EngineError, GenerateRequest, RequestOutput, ScheduledSeq,
                       SchedulerOutput, Sequence, Usage)
 from .sampler import SamplerOutput
@@ -44,6 +45,9 @@ class EngineConfig(BaseModel):
                             "half of bf16's bytes: twice the cached tokens a GPU holds and half a decode "
                             "step's cache reads, at e4m3's 2^-4 rounding of each cached value")
     enable_prefix_cache: bool = True
+    max_draft_tokens: int = Field(
+        8, ge=0, description="a request with a predicted output (chat `prediction`) verifies up to this many of "
+                             "its tokens each step (engine.prediction); 0 ignores predictions")
     overlap_scheduling: bool | None = Field(
         None, description="schedule step N+1 while step N runs on the device (None: on where the executor "
                           "runs asynchronously, i.e. on CUDA)")
@@ -128,8 +132,10 @@ class LLMEngine:
                          parser=harmony.OutputParser() if req.harmony else None,
                          stop=StopChecker(p.stop) if p.stop else None, wait_for=first, t_arrival=now,
                          max_len=min(self.max_model_len, n + p.max_tokens) if p.max_tokens is not None
-                         else self.max_model_len)
-            if s.matcher is not None or p.has_penalties:
+                         else self.max_model_len,
+                         proposer=DraftProposer(req.prediction, self.config.max_draft_tokens)
+                         if req.prediction and self.config.max_draft_tokens else None)
+            if s.matcher is not None or p.has_penalties or s.proposer is not None:
                 self._lockstep.add(s)
             first = first or s
             seqs.append(s)
@@ -181,6 +187,7 @@ class LLMEngine:
         sampled = self.executor.execute_sampled(step, self._sample_spec(sample_seqs) if sample_seqs else None)
         for it in sched.items:
             it.seq.num_computed += it.num_tokens
+            it.seq.verifying = len(it.seq.draft)
         for row, s in enumerate(sample_seqs):
             s.pending += 1
             s.pending_row = row
@@ -206,7 +213,9 @@ class LLMEngine:
         for it in sched.items:
             s, a = it.seq, it.seq.num_computed
             b = a + it.num_tokens
-            known = s.tokens[a:b]
+            if s.draft:  # as much of it as the step computes (a prefill chunk: none)
+                s.draft = s.draft[:max(0, b - len(s.tokens))]
+            known = (s.tokens + s.draft)[a:b] if s.draft else s.tokens[a:b]
             ids.extend(known)
             if len(known) < b - a:  # its input is the token the step in flight samples
                 fill.append((len(ids), s.pending_row))
@@ -217,9 +226,9 @@ class LLMEngine:
                 slots[g].extend(t[p // bs] * bs + p % bs for p in range(a, b))
             qs.append(qs[-1] + it.num_tokens)
             ctx.append(b)
-            if it.samples:
-                rows.append(qs[-1] - 1)
-                sample_seqs.append(s)
+            if it.samples:  # the last position, and each draft token's (engine.prediction)
+                rows.extend(range(qs[-1] - 1 - len(s.draft), qs[-1]))
+                sample_seqs.extend([s] * (len(s.draft) + 1))
         tables = {}
         for g in slots:
             width = max(len(it.seq.blocks.tables[g]) for it in sched.items)
@@ -238,13 +247,20 @@ class LLMEngine:
 
     def _sample_spec(self, seqs: list[Sequence]) -> SampleSpec:
         params = [s.req.params for s in seqs]
+        # a sequence verifying a draft has a row per draft token after its first: the k-th samples after draft[:k]
+        offsets = _draft_offsets(seqs)
         bitmask = free = None
         if any(s.matcher for s in seqs):
             # packed: 1/8 of a [batch, vocab] bool mask crosses to the sampler, which unpacks it there
-            bitmask, free = fill_packed([s.matcher for s in seqs])
+            bitmask, free = fill_packed([s.matcher if k == 0 else None for s, k in zip(seqs, offsets)])
+            for row, (s, k) in enumerate(zip(seqs, offsets)):
+                if k == 0 and s.draft and s.matcher is not None:
+                    fill_draft_masks(s.matcher, s.draft, bitmask, row)
+                    free[row:row + len(s.draft) + 1] = False
         history = {}
         if any(p.has_penalties for p in params):  # copying every history each step costs O(batch x length)
-            history = dict(prompt_ids=[s.tokens[:s.prompt_len] for s in seqs], output_ids=[s.output_ids for s in seqs])
+            history = dict(prompt_ids=[s.tokens[:s.prompt_len] for s in seqs],
+                           output_ids=[s.output_ids + s.draft[:k] for s, k in zip(seqs, offsets)])
         released, self._released = self._released, []
         return SampleSpec(params, [s.arrival for s in seqs],
                           [p.seed + s.index if p.seed is not None else None for s, p in zip(seqs, params)],
@@ -254,18 +270,34 @@ class LLMEngine:
         outs, ended = [], []
         tokens = done.tokens.tolist() if done.seqs else []  # one transfer, not one per row
         logprobs = done.logprobs.tolist() if done.logprobs is not None else None
-        for row, s in enumerate(done.seqs):
-            s.pending -= 1
-            if s.finished:  # ended (or aborted) while this step was in flight: its token is moot
+        row = 0
+        while row < len(done.seqs):
+            s = done.seqs[row]
+            first, n, draft = row, s.verifying + 1, s.draft  # a sequence verifying a draft has a row per token
+            row += n
+            s.pending -= n
+            s.verifying, s.draft = 0, []
+            if s.finished:  # ended (or aborted) while this step was in flight: its tokens are moot
                 continue
-            tok = tokens[row]
-            s.tokens.append(tok)
-            self.generated_tokens += 1
-            out = RequestOutput(s.req.request_id, s.index, [tok])
-            if logprobs is not None and s.req.params.logprobs:
-                top = done.sampled.top_logprobs[row] if done.sampled.top_logprobs else []
-                out.logprobs.append({"token": tok, "logprob": logprobs[row], "top": top})
-            self._check_finish(s, tok, out)
+            out = RequestOutput(s.req.request_id, s.index, [])
+            kept = 0  # draft tokens sampling agreed with; the token after them is the last kept
+            for k in range(first, first + n):
+                tok = tokens[k]
+                s.tokens.append(tok)
+                out.token_ids.append(tok)
+                if logprobs is not None and s.req.params.logprobs:
+                    top = done.sampled.top_logprobs[k] if done.sampled.top_logprobs else []
+                    out.logprobs.append({"token": tok, "logprob": logprobs[k], "top": top})
+                self._check_finish(s, tok, out)
+                if s.finished or k == first + n - 1 or tok != draft[k - first]:
+                    break
+                kept += 1
+            self.generated_tokens += len(out.token_ids)
+            if draft:
+                self._verified(s, out, kept, len(draft))
+            if s.proposer is not None and not s.finished:
+                s.proposer.advance(out.token_ids)
+                self._propose(s)
             if s.finished:
                 ended.append(s)
             outs.append(out)
@@ -275,6 +307,23 @@ class LLMEngine:
             if not it.seq.finished:
                 self.scheduler.after_step(it.seq)
         return outs
+
+    def _verified(self, s: Sequence, out: RequestOutput, kept: int, drafted: int) -> None:
+        """After a draft's step: the rejected draft positions are computed again, and the next draft."""
+        s.num_computed -= drafted - kept
+        s.accepted_draft += kept
+        s.rejected_draft += drafted - kept
+        if out.usage is not None:
+            out.usage.accepted_prediction_tokens = s.accepted_draft
+            out.usage.rejected_prediction_tokens = s.rejected_draft
+
+    def _propose(self, s: Sequence) -> None:
+        """The draft the next step verifies: what the prediction expects next, within max_tokens and the
+        context (the step's own token comes after it), and as far as the grammar allows it."""
+        draft = s.proposer.propose((s.max_len or self.max_model_len) - len(s.tokens) - 1)
+        if draft and s.matcher is not None:
+            draft = draft[:s.matcher.valid_prefix(draft)]
+        s.draft = draft
 
     def _check_finish(self, s: Sequence, tok: int, out: RequestOutput) -> None:
         p = s.req.params
@@ -315,7 +364,8 @@ class LLMEngine:
             out.text += s.stop.flush()
         s.finish_reason = out.finish_reason = reason
         out.finished = True
-        out.usage = Usage(s.prompt_len, n_out, s.parser.reasoning_tokens if s.parser else 0, s.cached_tokens)
+        out.usage = Usage(s.prompt_len, n_out, s.parser.reasoning_tokens if s.parser else 0, s.cached_tokens,
+                          s.accepted_draft, s.rejected_draft)
         out.queue_time = (s.t_scheduled or s.t_arrival) - s.t_arrival
 
     def _retire(self, s: Sequence) -> None:
@@ -368,6 +418,14 @@ class _Launched:
     tokens: torch.Tensor | None     # host copies, complete once `ready` is
     logprobs: torch.Tensor | None
     ready: object | None            # a CUDA event, or the rank step (parallel.worker._RankStep)
+
+
+def _draft_offsets(seqs: list[Sequence]) -> list[int]:
+    """Per sampled row: 0 for a sequence's first row, k for the k-th after it (its draft's positions)."""
+    out: list[int] = []
+    for i, s in enumerate(seqs):
+        out.append(out[-1] + 1 if i and seqs[i - 1] is s else 0)
+    return out
 
 
 def _to_host(sampled) -> tuple:

@@ -274,6 +274,10 @@ class GrammarMatcher:
             self._error = self._m.get_error() or "rollback failed"
         return ok
 
+    def valid_prefix(self, tokens: list[int]) -> int:
+        """How many of `tokens`, from the first, the grammar would accept in turn (consuming none)."""
+        return 0 if self.is_error or not tokens else self._m.validate_tokens(tokens)
+
     def reset(self) -> None:
         self._m = _compiled(self.grammar).deep_copy()
         self._error = None
@@ -358,6 +362,18 @@ def fill_packed(matchers: Sequence[GrammarMatcher | None]) -> tuple[torch.Tensor
     if bool(empty.any()):
         bitmask[empty, RETURN // 32] = 1 << (RETURN % 32)
     return bitmask, torch.tensor([m is None for m in matchers], dtype=torch.bool)
+
+
+def fill_draft_masks(gm: GrammarMatcher, draft: list[int], bitmask: torch.Tensor, row: int) -> None:
+    """Rows row+1 .. row+len(draft) of packed masks: the grammar's after draft[:1], draft[:2], ... (row holds
+    its mask now). On a copy of the matcher; the draft is one it accepts (GrammarMatcher.valid_prefix)."""
+    m = gm._m.deep_copy()
+    for k, t in enumerate(draft, 1):
+        if not m.consume_token(int(t)):
+            raise ValueError(f"draft token {t} is not one the grammar accepts")
+        fill_next_token_bitmask_par(_executor(), [(m, row + k)], bitmask)
+        if not bool(bitmask[row + k].ne(0).any()):  # as fill_packed: never a row with nothing allowed
+            bitmask[row + k, RETURN // 32] = 1 << (RETURN % 32)
 
 
 def fill_masks(matchers: Sequence[GrammarMatcher | None], vocab_size: int,

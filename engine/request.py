@@ -10,6 +10,7 @@ from typing import Any
 from .grammar import GrammarMatcher, GrammarSpec
 from .harmony import OutputParser
 from .kv_cache import SeqBlocks
+from .prediction import DraftProposer
 from .sampler import SamplingParams
 from .stop import StopChecker
 
@@ -59,6 +60,8 @@ class GenerateRequest:
     hold: bool = False
     # service tier: lower runs first, and may take a running lower tier's place (engine.scheduler)
     priority: int = 0
+    # a predicted output, as tokens of the output it predicts (engine.prediction): drafts verified each step
+    prediction: list[int] | None = None
 
 
 @dataclass
@@ -67,6 +70,8 @@ class Usage:
     completion_tokens: int = 0
     reasoning_tokens: int = 0
     cached_tokens: int = 0
+    accepted_prediction_tokens: int = 0  # draft tokens (engine.prediction) the output kept
+    rejected_prediction_tokens: int = 0  # draft tokens computed and dropped
 
 
 @dataclass
@@ -123,6 +128,13 @@ class Sequence:
     max_len: int | None = None
     t_arrival: float = 0.0          # time.monotonic() at add_request
     t_scheduled: float | None = None  # first admission into the running batch
+    # Predicted outputs (engine.prediction): the tokens proposed to follow the last one, computed with it
+    # in the next step and kept as far as sampling agrees; `verifying` of them are in the step in flight.
+    proposer: DraftProposer | None = None
+    draft: list[int] = field(default_factory=list)
+    verifying: int = 0
+    accepted_draft: int = 0
+    rejected_draft: int = 0
 
     @property
     def priority(self) -> int:
@@ -134,7 +146,7 @@ class Sequence:
 
     @property
     def to_compute(self) -> int:
-        return len(self.tokens) + self.pending - self.num_computed
+        return len(self.tokens) + self.pending + len(self.draft) - self.num_computed
 
     @property
     def ends_with_pending(self) -> bool:
@@ -149,7 +161,8 @@ class ScheduledSeq:
 
     @property
     def samples(self) -> bool:
-        return self.seq.num_computed + self.num_tokens == len(self.seq.tokens) + self.seq.pending
+        s = self.seq  # a draft is trimmed to what the step computes of it first (LLMEngine._build_step)
+        return s.num_computed + self.num_tokens == len(s.tokens) + s.pending + len(s.draft)
 
 
 @dataclass

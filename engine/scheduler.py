@@ -187,6 +187,7 @@ class Scheduler:
         Called when a step is launched and again when its tokens arrive: a block holding a token
         still on the device is hashed at the second call. Blocks are released, and registered,
         while the step that writes or reads them may still run: the device runs steps in order,
-        so a later step that reuses them runs after it."""
+        so a later step that reuses them runs after it. Draft tokens in flight (`verifying`) may be
+        rejected, and the positions before them then computed again: the window stays where they start."""
         self.blocks.commit_full_blocks(seq.blocks, seq.tokens, min(seq.num_computed, len(seq.tokens)))
-        self.blocks.slide(seq.blocks, seq.num_computed)
+        self.blocks.slide(seq.blocks, seq.num_computed - seq.verifying)

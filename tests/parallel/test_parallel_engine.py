@@ -37,6 +37,24 @@ def test_engine_over_ranks_matches_one_process(tiny_ckpt, reference, tp, ep):
     assert int(load.sum()) > 0
 
 
+def test_predicted_outputs_over_ranks_match_one_process(tiny_ckpt, reference):
+    """A draft's positions are sampled rows like any other: over two EP ranks, each its own attention group
+    (a sub-step and a sampler each, small pools that preempt), predictions (each edited in the middle) change
+    the steps and not the tokens."""
+    reqs = _reqs()
+    for r in reqs:
+        want = reference[r.request_id]
+        r.prediction = want[:6] + [1, 2] + want[8:]
+    e = build_engine(tiny_ckpt, EngineConfig(block_size=4, max_tokens_per_step=32, num_blocks=16), tp=1, ep=2,
+                     attn_dp=True)
+    try:
+        res = e.generate(reqs)
+    finally:
+        e.shutdown()
+    assert {k: output_tokens(v) for k, v in res.items()} == reference
+    assert sum(v[-1].usage.accepted_prediction_tokens for v in res.values()) >= 20
+
+
 @pytest.mark.parametrize("tp,ep", [(1, 2), (2, 4)])
 def test_attention_data_parallel_engine_matches_one_process(tiny_ckpt, reference, tp, ep):
     """Each attention group holds and computes only its own sequences (its own KV pools, a sub-step
