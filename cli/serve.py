@@ -32,6 +32,8 @@ def _add_common(p) -> None:
     p.add_argument("--max-num-seqs", type=int, help="sequences decoding at once (engine default 64)")
     p.add_argument("--max-tokens-per-step", type=int, help="prompt tokens a step may prefill (default 512)")
     p.add_argument("--max-model-len", type=int, help="longest prompt + output, in tokens (default 8192)")
+    p.add_argument("--max-draft-tokens", type=int, help="tokens of a request's `prediction` verified per step "
+                                                        "(default 8; 0: predictions ignored)")
     p.add_argument("--max-stored-responses", type=int, default=10_000,
                    help="Responses and conversations kept for previous_response_id, GET /v1/responses/{id} "
                         "and /v1/conversations, least recently used dropped first (0: store none)")
@@ -79,7 +81,7 @@ def build_config(args):
     from cluster.config import AutoscalingConfig, ModelGroupConfig, ResponseStoreConfig, ServeConfig
     from engine.core import EngineConfig
     fraction = args.kv_cache_fraction if args.kv_cache_fraction is not None else 0.9 if args.gpu else None
-    sizes = {k: getattr(args, k) for k in ("max_num_seqs", "max_tokens_per_step", "max_model_len")
+    sizes = {k: getattr(args, k) for k in ("max_num_seqs", "max_tokens_per_step", "max_model_len", "max_draft_tokens")
              if getattr(args, k) is not None}
     try:
         group = ModelGroupConfig(name=args.name, path=args.model, tp=args.tp, ep=args.ep, attn_dp=args.attn_dp,

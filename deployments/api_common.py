@@ -216,6 +216,7 @@ class UsageTotals:
 
     def __init__(self) -> None:
         self.prompt = self.completion = self.reasoning = self.cached = 0
+        self.accepted = self.rejected = 0  # prediction tokens (chat `prediction`)
 
     def add_prompt(self, n_tokens: int) -> None:
         self.prompt += n_tokens
@@ -224,6 +225,9 @@ class UsageTotals:
         """`first_of_prompt`: the choice whose usage speaks for its prompt's cache hits."""
         self.completion += usage.completion_tokens if usage else tokens_seen
         self.reasoning += usage.reasoning_tokens if usage else 0
+        if usage:
+            self.accepted += usage.accepted_prediction_tokens
+            self.rejected += usage.rejected_prediction_tokens
         if first_of_prompt and usage:
             self.cached += usage.cached_tokens
 
@@ -231,7 +235,9 @@ class UsageTotals:
         return {"prompt_tokens": self.prompt, "completion_tokens": self.completion,
                 "total_tokens": self.prompt + self.completion,
                 "prompt_tokens_details": {"cached_tokens": self.cached},
-                "completion_tokens_details": {"reasoning_tokens": self.reasoning}}
+                "completion_tokens_details": {"reasoning_tokens": self.reasoning,
+                                              "accepted_prediction_tokens": self.accepted,
+                                              "rejected_prediction_tokens": self.rejected}}
 
     def responses(self) -> dict:
         return {"input_tokens": self.prompt, "input_tokens_details": {"cached_tokens": self.cached},

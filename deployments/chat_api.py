@@ -106,7 +106,9 @@ def build_request(req: ChatCompletionRequest, rid: str) -> GenerateRequest:
         raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
     # stop strings are matched here, on the deltas: those requests need every step
     return GenerateRequest(rid, prompt, params, harmony=True, grammar=spec, hold=not req.stream and not req.stop,
-                           priority=tier_priority(req.service_tier))
+                           priority=tier_priority(req.service_tier),
+                           prediction=harmony.answer_tokens(text_of(req.prediction.content)) if req.prediction
+                           else None)
 
 
 class ChatChoice(ChoiceState):

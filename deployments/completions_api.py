@@ -11,6 +11,7 @@ from engine.request import GenerateRequest, RequestOutput
 
 from .api_common import (APIError, ChoicesHandler, ChoiceState, UsageTotals, engine_failure, finite, new_id, now,
                          sampling_params, service_tier, tier_priority, token_str)
+from .chat_api import text_of
 from .protocol import CompletionRequest
 
 
@@ -87,8 +88,10 @@ class CompletionHandler(ChoicesHandler):
             stop=[body.stop] if isinstance(body.stop, str) else body.stop, max_tokens=body.max_tokens, n=body.n,
             logprobs=body.logprobs is not None, top_logprobs=body.logprobs, ignore_eos=body.ignore_eos)
         prompts = _prompts(body.prompt)
+        prediction = harmony.text_tokens(text_of(body.prediction.content)) if body.prediction else None
         self.requests = [GenerateRequest(f"{self.id}-{i}", ids, params, harmony=False, grammar=None,
-                                         hold=not body.stream, priority=tier_priority(body.service_tier))
+                                         hold=not body.stream, priority=tier_priority(body.service_tier),
+                                         prediction=prediction)
                          for i, (_, ids) in enumerate(prompts)]
         self.choices = [_Choice(i * body.n + j, text if body.echo else "")
                         for i, (text, _) in enumerate(prompts) for j in range(body.n)]

@@ -156,6 +156,17 @@ class AllowedToolChoice(_Req):
         return [t.function.name for t in self.allowed_tools.tools]
 
 
+class PredictionContent(_Req):
+    """Predicted Outputs: most of the answer, known ahead (a file to edit, a document to revise)."""
+    type: Literal["content"]
+    content: Union[str, list[TextPart]]
+
+
+PREDICTION_HELP = ("the answer's content, mostly known ahead: the engine verifies it a few tokens a step (never "
+                   "changing the output), so the output's spans that match it take one step per several tokens; "
+                   "usage.completion_tokens_details counts accepted and rejected prediction tokens")
+
+
 class ChatCompletionRequest(SamplingFields):
     model: str
     messages: list[ChatMessage] = Field(min_length=1)
@@ -174,6 +185,7 @@ class ChatCompletionRequest(SamplingFields):
     reasoning_effort: Optional[Effort] = Field(None, description="minimal is served as low")
     max_reasoning_tokens: Optional[int] = Field(
         None, ge=0, description="extension: cap on reasoning tokens (0 = no reasoning), grammar-enforced")
+    prediction: Optional[PredictionContent] = Field(None, description=PREDICTION_HELP)
     # Declared so that they are refused rather than ignored: the model would not see the functions.
     functions: Optional[list[dict[str, Any]]] = Field(None, description="deprecated, not supported: use tools")
     function_call: Optional[Union[str, dict[str, Any]]] = Field(
@@ -204,6 +216,8 @@ class CompletionRequest(SamplingFields):
     suffix: Optional[str] = None
     best_of: Optional[int] = Field(None, ge=1)
     ignore_eos: bool = False
+    prediction: Optional[PredictionContent] = Field(None, description="extension (as chat's): the completion's "
+                                                                      "text, mostly known ahead")
 
 
 # --------------------------------------------------------------------- responses

@@ -338,12 +338,16 @@ class LLMEngine:
                 reason = "stop"
         else:
             # decode only the tokens not yet emitted; hold them back while they end mid-character
+            # (an output may bring several tokens, a verified draft's: each adds its text in turn)
             text = harmony.decode(s.tokens[s.prompt_len + s.text_sent:])
-            if not text.endswith("\ufffd"):
-                out.text, s.text_sent = text, len(s.tokens) - s.prompt_len
+            if text.endswith("\ufffd"):
+                text = ""
+            else:
+                s.text_sent = len(s.tokens) - s.prompt_len
             if s.stop is not None:
-                out.text, hit = s.stop.feed(out.text)
+                text, hit = s.stop.feed(text)
                 reason = "stop" if hit else reason
+            out.text += text
             if not p.ignore_eos and tok in _raw_eos():
                 reason = "stop"
         if tok in p.stop_token_ids:

@@ -85,6 +85,19 @@ def render_raw(text: str) -> list[int]:
     return get_encoding().encode(text, allowed_special="all")
 
 
+def answer_tokens(text: str) -> list[int]:
+    """The tokens an assistant turn ends with when `text` is its final answer (a predicted output's draft
+    source): the final channel's header, the text as plain text, <|return|>."""
+    enc = get_encoding()
+    return (enc.encode("<|channel|>final<|message|>", allowed_special="all")
+            + enc.encode(text, disallowed_special=()) + [_special_ids()["<|return|>"]])
+
+
+def text_tokens(text: str) -> list[int]:
+    """`text` as plain text: harmony markup in it stays characters."""
+    return get_encoding().encode(text, disallowed_special=())
+
+
 def decode(tokens: Sequence[int]) -> str:
     return get_encoding().decode(list(tokens))
 

@@ -126,3 +126,7 @@ def test_serve_cli_engine_sizes():
     assert build_config(p.parse_args(["serve-config"])).models[0].engine == EngineConfig()  # unset: defaults
     with pytest.raises(UsageError, match="^--max-num-seqs: "):
         build_config(p.parse_args(["serve-config", "--max-num-seqs", "0"]))
+    off = build_config(p.parse_args(["serve-config", "--max-draft-tokens", "0"]))
+    assert off.models[0].engine.max_draft_tokens == 0
+    with pytest.raises(UsageError, match="^--max-draft-tokens: "):
+        build_config(p.parse_args(["serve-config", "--max-draft-tokens", "-1"]))
