@@ -205,6 +205,11 @@ def engine():
                              f"{rate('gptoss_prompt_tokens', 'model')}", "overall {{model}}")], "percentunit"))
             .with_panel(ts("Cached prompt tokens/s", "Prompt tokens served from the prefix cache.",
                            [(rate("gptoss_cached_prompt_tokens", "model"), "{{model}}")], axis="tokens/s"))
+            .with_panel(ts("Prediction tokens/s", "Draft tokens from requests' predicted outputs (chat "
+                           "`prediction`): accepted ones cost a fraction of a step each, rejected ones a "
+                           "position of compute for nothing.",
+                           [(rate("gptoss_prediction_tokens", "model, outcome"), "{{model}} {{outcome}}")],
+                           axis="tokens/s"))
             .with_panel(ts("Preemptions/s", "Sequences preempted for KV space (recomputed later); steady "
                            "preemption means the KV cache is too small for the load.",
                            [(rate("gptoss_preemptions", "model, replica"), "{{replica}}")]))

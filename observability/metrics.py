@@ -55,6 +55,9 @@ CATALOGUE: tuple[MetricSpec, ...] = (
     MetricSpec("gptoss_generation_tokens", "counter", "Generated tokens (reasoning included)", M),
     MetricSpec("gptoss_reasoning_tokens", "counter", "Generated tokens on the analysis channel", M),
     MetricSpec("gptoss_cached_prompt_tokens", "counter", "Prompt tokens served from the prefix cache", M),
+    MetricSpec("gptoss_prediction_tokens", "counter",
+               "Draft tokens from requests' predicted outputs, by outcome (accepted: kept in the output)",
+               M + ("outcome",)),
     # replica group: sampled from the engine every interval
     MetricSpec("gptoss_requests_waiting", "gauge", "Requests queued in a replica group", R),
     MetricSpec("gptoss_requests_running", "gauge", "Requests in a replica group's running batch", R),

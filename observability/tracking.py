@@ -52,6 +52,10 @@ class TrackedEngine:
                         self.rec.inc("gptoss_cached_prompt_tokens", u.cached_tokens, model=m)
                     self.rec.inc("gptoss_generation_tokens", u.completion_tokens, model=m)
                     self.rec.inc("gptoss_reasoning_tokens", u.reasoning_tokens, model=m)
+                    for outcome in ("accepted", "rejected"):
+                        n = getattr(u, f"{outcome}_prediction_tokens", 0)
+                        if n:
+                            self.rec.inc("gptoss_prediction_tokens", n, model=m, outcome=outcome)
             yield out
 
     def abort(self, request_id: str) -> None:

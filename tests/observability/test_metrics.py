@@ -65,6 +65,19 @@ def test_request_metrics_match_the_usage_the_client_sees(api):
     assert sample(reg, "gptoss_requests", model="m", endpoint="/v1/chat/completions", status="200") >= 1
 
 
+def test_prediction_tokens_are_counted_by_outcome(api):
+    client, reg, _ = api
+    body = {"model": "m", "prompt": "a b c", "max_tokens": 24, "temperature": 0, "ignore_eos": True}
+    text = client.post("/v1/completions", json=body).json()["choices"][0]["text"]
+    before = {o: sample(reg, "gptoss_prediction_tokens", model="m", outcome=o) for o in ("accepted", "rejected")}
+    r = client.post("/v1/completions", json={**body, "prediction": {"type": "content", "content": text}}).json()
+    d = r["usage"]["completion_tokens_details"]
+    assert d["accepted_prediction_tokens"] > 0
+    for o in ("accepted", "rejected"):
+        assert sample(reg, "gptoss_prediction_tokens", model="m", outcome=o) - before[o] == \
+            d[f"{o}_prediction_tokens"]
+
+
 def test_streams_and_errors_are_counted_by_status(api):
     client, reg, _ = api
     ep = "/v1/completions"
