@@ -213,8 +213,7 @@ class LLMEngine:
         for it in sched.items:
             s, a = it.seq, it.seq.num_computed
             b = a + it.num_tokens
-            if s.draft:  # as much of it as the step computes (a prefill chunk: none)
-                s.draft = s.draft[:max(0, b - len(s.tokens))]
+            s.draft = s.draft[:it.draft]  # what the scheduler had room for
             known = (s.tokens + s.draft)[a:b] if s.draft else s.tokens[a:b]
             ids.extend(known)
             if len(known) < b - a:  # its input is the token the step in flight samples

@@ -146,7 +146,7 @@ class Sequence:
 
     @property
     def to_compute(self) -> int:
-        return len(self.tokens) + self.pending + len(self.draft) - self.num_computed
+        return len(self.tokens) + self.pending - self.num_computed
 
     @property
     def ends_with_pending(self) -> bool:
@@ -158,11 +158,11 @@ class Sequence:
 class ScheduledSeq:
     seq: Sequence
     num_tokens: int
+    draft: int = 0  # of num_tokens, the sequence's draft tokens (engine.prediction) after its own
 
     @property
     def samples(self) -> bool:
-        s = self.seq  # a draft is trimmed to what the step computes of it first (LLMEngine._build_step)
-        return s.num_computed + self.num_tokens == len(s.tokens) + s.pending + len(s.draft)
+        return self.seq.num_computed + self.num_tokens - self.draft == len(self.seq.tokens) + self.seq.pending
 
 
 @dataclass

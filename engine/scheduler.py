@@ -179,7 +179,22 @@ class Scheduler:
             budget -= n
         for seq in reversed(skipped):
             self.waiting.appendleft(seq)
+        self._drafts(items, budget)
         return SchedulerOutput(items, len(evicted))
+
+    def _drafts(self, items: list[ScheduledSeq], budget: int) -> None:
+        """Draft tokens (engine.prediction) get what is left of the budget once every scheduled sequence has
+        its own tokens, and only blocks that are free: speculative work never delays or preempts real work."""
+        for it in items:
+            if budget <= 0:
+                return
+            s = it.seq
+            if s.draft and it.samples:
+                d = min(len(s.draft), budget)
+                if self.blocks.allocate(s.blocks, s.num_computed + it.num_tokens + d):
+                    it.num_tokens += d
+                    it.draft = d
+                    budget -= d
 
     def after_step(self, seq: Sequence):
         """Register completed blocks for prefix reuse, then drop KV the window no longer sees.

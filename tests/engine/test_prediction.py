@@ -141,3 +141,27 @@ def test_preempted_and_sampled_requests_keep_their_tokens(model):
     a, _ = run(model, seeded)
     b, _ = run(model, seeded)
     assert output_tokens(a["s"]) == output_tokens(b["s"]) and len(output_tokens(a["s"])) == 40
+
+
+def test_drafts_never_take_another_sequences_token(model):
+    """Drafts get only the step budget left once every sequence has its own tokens (here 4 a step, while two
+    others prefill): a prediction speeds up its own request and delays no other."""
+    ps = prompts(3, seed=4)
+    cfg = EngineConfig(block_size=4, max_tokens_per_step=4)
+
+    def ends(preds):
+        engine = LLMEngine(model, cfg)
+        for i, p in enumerate(ps):
+            engine.add_request(raw(f"r{i}", p, 30, preds.get(f"r{i}")))
+        outs, ended, step = {f"r{i}": [] for i in range(3)}, {}, 0
+        while engine.has_work():
+            step += 1
+            for o in engine.step():
+                outs[o.request_id].append(o)
+                if o.finished:
+                    ended[o.request_id] = step
+        return {k: output_tokens(v) for k, v in outs.items()}, ended, outs["r0"][-1].usage
+    want, plain, _ = ends({})
+    got, ended, usage = ends({"r0": want["r0"]})
+    assert got == want and usage.accepted_prediction_tokens > 0
+    assert ended["r0"] < plain["r0"] and ended["r1"] <= plain["r1"] and ended["r2"] <= plain["r2"], (ended, plain)
