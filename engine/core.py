@@ -14,12 +14,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from models.attention import KV_CACHE_DTYPES, NULL_BLOCK
 
-from . import harmony, kv_budget
+from . import harmony, kv_budget, prediction
 from .data_parallel import DataParallelBlocks
 from .executor import CacheSpec, LocalExecutor, StepInput, graph_buckets
 from .grammar import GrammarMatcher, fill_draft_masks, fill_packed
 from .kv_cache import BlockManager
-from .prediction import DraftProposer
 from .request import (ContextLengthError, EngineError, GenerateRequest, RequestOutput, ScheduledSeq,
                       SchedulerOutput, Sequence, Usage)
 from .sampler import SamplerOutput
@@ -133,7 +132,7 @@ class LLMEngine:
                          stop=StopChecker(p.stop) if p.stop else None, wait_for=first, t_arrival=now,
                          max_len=min(self.max_model_len, n + p.max_tokens) if p.max_tokens is not None
                          else self.max_model_len,
-                         proposer=DraftProposer(req.prediction, self.config.max_draft_tokens)
+                         proposer=prediction.DraftProposer(req.prediction, self.config.max_draft_tokens)
                          if req.prediction and self.config.max_draft_tokens else None)
             if s.matcher is not None or p.has_penalties or s.proposer is not None:
                 self._lockstep.add(s)
@@ -292,11 +291,8 @@ class LLMEngine:
                     break
                 kept += 1
             self.generated_tokens += len(out.token_ids)
-            if draft:
-                self._verified(s, out, kept, len(draft))
-            if s.proposer is not None and not s.finished:
-                s.proposer.advance(out.token_ids)
-                self._propose(s)
+            if s.proposer is not None:
+                prediction.settle(s, out, kept, len(draft), self.max_model_len)
             if s.finished:
                 ended.append(s)
             outs.append(out)
@@ -306,23 +302,6 @@ class LLMEngine:
             if not it.seq.finished:
                 self.scheduler.after_step(it.seq)
         return outs
-
-    def _verified(self, s: Sequence, out: RequestOutput, kept: int, drafted: int) -> None:
-        """After a draft's step: the rejected draft positions are computed again, and the next draft."""
-        s.num_computed -= drafted - kept
-        s.accepted_draft += kept
-        s.rejected_draft += drafted - kept
-        if out.usage is not None:
-            out.usage.accepted_prediction_tokens = s.accepted_draft
-            out.usage.rejected_prediction_tokens = s.rejected_draft
-
-    def _propose(self, s: Sequence) -> None:
-        """The draft the next step verifies: what the prediction expects next, within max_tokens and the
-        context (the step's own token comes after it), and as far as the grammar allows it."""
-        draft = s.proposer.propose((s.max_len or self.max_model_len) - len(s.tokens) - 1)
-        if draft and s.matcher is not None:
-            draft = draft[:s.matcher.valid_prefix(draft)]
-        s.draft = draft
 
     def _check_finish(self, s: Sequence, tok: int, out: RequestOutput) -> None:
         p = s.req.params

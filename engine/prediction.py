@@ -17,6 +17,10 @@ where the output's last `n` tokens occur, for the longest `n` up to `max_ngram` 
 from __future__ import annotations
 
 from collections import deque
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .request import RequestOutput, Sequence
 
 
 class DraftProposer:
@@ -58,3 +62,23 @@ class DraftProposer:
         if self.cursor is None or limit <= 0:
             return []
         return self.ref[self.cursor:self.cursor + min(limit, self.max_draft)]
+
+
+def settle(s: Sequence, out: RequestOutput, kept: int, drafted: int, max_model_len: int) -> None:
+    """After a step of a sequence with a prediction, which drafted `drafted` tokens and kept `kept` of them
+    (`out` holds the step's tokens): the rejected positions are computed again, the counts go to the usage,
+    and the next draft is what the prediction expects next, within the sequence's length cap (the step's own
+    token comes after it) and as far as its grammar allows."""
+    s.num_computed -= drafted - kept
+    s.accepted_draft += kept
+    s.rejected_draft += drafted - kept
+    if out.usage is not None:
+        out.usage.accepted_prediction_tokens = s.accepted_draft
+        out.usage.rejected_prediction_tokens = s.rejected_draft
+    if s.finished:
+        return
+    s.proposer.advance(out.token_ids)
+    draft = s.proposer.propose((s.max_len or max_model_len) - len(s.tokens) - 1)
+    if draft and s.matcher is not None:
+        draft = draft[:s.matcher.valid_prefix(draft)]
+    s.draft = draft
