@@ -16,7 +16,7 @@ stack trace); a request the engine refuses fails before any byte of a stream is
 sent, so it gets a real status code; a stream that fails later ends with an
 error event and `data: [DONE]`, never a hang; a client that goes away aborts its
 engine request; each model admits at most `max_pending` requests at once (429
-beyond).
+beyond; flex requests an eighth fewer, priority ones an eighth more).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine.async_engine import EngineClient
-from engine.request import GenerateRequest, RequestOutput
+from engine.request import GenerateRequest, RequestOutput, tier_name
 
 from .api_common import APIError, BearerAuth, check_unicode, describe_errors
 from .chat_api import ChatHandler
@@ -286,11 +286,15 @@ def build_app(engines: Mapping[str, EngineClient], *, max_pending: Union[int, Ma
                            param="model", code="model_not_found")
         return eng
 
-    def admit(model: str) -> _Slot:
-        n = pending.get(model, 0)
-        if n >= limit(model):
-            raise APIError(429, f"too many pending requests for model '{model}' ({n}); retry later",
-                           code="rate_limit_exceeded")
+    def admit(model: str, priority: int = 0) -> _Slot:
+        """A tier's share of the model's limit: flex leaves the top eighth (at least one slot) to the others,
+        and priority may go that far past it, so a flood of flex work never turns priority work away."""
+        n, cap = pending.get(model, 0), limit(model)
+        headroom = max(1, cap // 8)
+        cap = cap - headroom if priority > 0 else cap + headroom if priority < 0 else cap
+        if n >= cap:
+            raise APIError(429, f"too many pending requests for model '{model}' ({n}, {tier_name(priority)} "
+                                f"tier); retry later", code="rate_limit_exceeded")
         pending[model] = n + 1
         return _Slot(pending, model)
 
@@ -347,7 +351,7 @@ def build_app(engines: Mapping[str, EngineClient], *, max_pending: Union[int, Ma
         # Rendering a long prompt is CPU work: keep it off the event loop.
         args = () if prepare is None else (await prepare(),)
         handler = await run_in_threadpool(make_handler, *args)
-        run = _Run(engine, handler.requests, admit(model))
+        run = _Run(engine, handler.requests, admit(model, min((r.priority for r in handler.requests), default=0)))
 
         async def start() -> _Run:
             """Starts the run; a prompt over the context length that its handler can shorten (Responses'

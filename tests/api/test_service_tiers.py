@@ -83,3 +83,42 @@ def test_a_priority_request_overtakes_a_running_flex_one(narrow):
     assert ended["priority"] < ended["flex"]
     assert narrow.wait_idle("narrow")["preemptions"] >= 1
     assert ended["flex_text"] > 3  # and the flex stream went on to its end
+
+
+def test_flex_leaves_room_for_priority_at_the_admission_limit(api):
+    """`limited` admits 2 at once: flex takes at most 1 of them, priority one past them."""
+    import asyncio
+
+    import httpx
+    body = {"model": "limited", "messages": HI, "max_tokens": 400, "stream": True, "max_reasoning_tokens": 0}
+
+    async def main():
+        async with httpx.AsyncClient(base_url=api.url, timeout=60) as c:
+            async def hold(started: asyncio.Event, release: asyncio.Event):
+                async with c.stream("POST", "/v1/chat/completions", json=body) as r:
+                    assert r.status_code == 200
+                    async for _ in r.aiter_lines():
+                        started.set()
+                        await release.wait()
+                        return
+
+            async def ask(tier):
+                r = await c.post("/v1/chat/completions", json={**body, "stream": False, "max_tokens": 3,
+                                                               "service_tier": tier})
+                return r.status_code
+
+            release, one, two = asyncio.Event(), asyncio.Event(), asyncio.Event()
+            first = asyncio.create_task(hold(one, release))
+            await one.wait()
+            with_one = {t: await ask(t) for t in ("flex", "default")}
+            second = asyncio.create_task(hold(two, release))
+            await two.wait()
+            with_two = {t: await ask(t) for t in ("flex", "default", "priority")}
+            release.set()
+            await asyncio.gather(first, second)
+            return with_one, with_two
+
+    with_one, with_two = asyncio.run(main())
+    assert with_one == {"flex": 429, "default": 200}
+    assert with_two == {"flex": 429, "default": 429, "priority": 200}
+    assert api.wait_idle("limited")["running"] == 0
