@@ -313,6 +313,13 @@ def test_prometheus_scrapes_every_dashboard_query_under_load(app, prometheus):
         futs += [pool.submit(_burst_request, app, i) for i in range(10)]
         results = [f.result(timeout=240) for f in futs]
     assert any(r.usage.completion_tokens_details.reasoning_tokens for r in results[:8])
+    # a predicted output, over a replica group's two EP ranks: the same text, most of it drafted
+    body = dict(model="tiny-ep2", prompt="Once upon a time", max_tokens=24, temperature=0)
+    text = app.completions.create(**body, extra_body={"ignore_eos": True}).choices[0].text
+    predicted = app.completions.create(**body, extra_body={"ignore_eos": True, "service_tier": "flex",
+                                                           "prediction": {"type": "content", "content": text}})
+    assert predicted.choices[0].text == text and predicted.model_extra["service_tier"] == "flex"
+    assert predicted.usage.completion_tokens_details.accepted_prediction_tokens > 0
     stored = app.responses.create(model="tiny", input="Hi", max_output_tokens=2)  # the store's panels count it
     queries = panel_queries(__rate_interval="5m")
     assert len(queries) >= 20
