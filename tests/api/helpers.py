@@ -1,4 +1,5 @@
-"""Schemas and tools the API tests use (bounded, so a random model terminates)."""
+"""Schemas and tools the API tests use (bounded, so a random model terminates), and a stream that holds its
+admission slot."""
 
 WEATHER = {
     "type": "object",
@@ -22,3 +23,14 @@ PERSON = {
     "required": ["name", "age", "color"],
     "additionalProperties": False,
 }
+
+
+async def hold_stream(client, body: dict, started, release) -> None:
+    """POST a streaming chat on `client` (an httpx.AsyncClient); once its first line arrives set `started`, and
+    keep the stream (and its admission slot) open until `release` is set."""
+    async with client.stream("POST", "/v1/chat/completions", json=body) as r:
+        assert r.status_code == 200
+        async for _ in r.aiter_lines():
+            started.set()
+            await release.wait()
+            return

@@ -9,6 +9,8 @@ import httpx
 import openai
 import pytest
 
+from .helpers import hold_stream
+
 HI = [{"role": "user", "content": "hi"}]
 
 
@@ -164,17 +166,9 @@ def test_429_beyond_max_pending(api):
 
     async def main():
         async with httpx.AsyncClient(base_url=api.url, timeout=60) as c:
-            async def hold(started: asyncio.Event, release: asyncio.Event):
-                async with c.stream("POST", "/v1/chat/completions", json=body) as r:
-                    assert r.status_code == 200
-                    async for _ in r.aiter_lines():
-                        started.set()
-                        await release.wait()
-                        return
-
             release = asyncio.Event()
             started = [asyncio.Event(), asyncio.Event()]
-            holders = [asyncio.create_task(hold(s, release)) for s in started]
+            holders = [asyncio.create_task(hold_stream(c, body, s, release)) for s in started]
             await asyncio.gather(*(s.wait() for s in started))
             rejected = await asyncio.gather(*(c.post("/v1/chat/completions", json={**body, "stream": False})
                                               for _ in range(3)))

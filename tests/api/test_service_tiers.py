@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from .conftest import Server
+from .helpers import hold_stream
 
 HI = [{"role": "user", "content": "Say hi."}]
 
@@ -94,24 +95,16 @@ def test_flex_leaves_room_for_priority_at_the_admission_limit(api):
 
     async def main():
         async with httpx.AsyncClient(base_url=api.url, timeout=60) as c:
-            async def hold(started: asyncio.Event, release: asyncio.Event):
-                async with c.stream("POST", "/v1/chat/completions", json=body) as r:
-                    assert r.status_code == 200
-                    async for _ in r.aiter_lines():
-                        started.set()
-                        await release.wait()
-                        return
-
             async def ask(tier):
                 r = await c.post("/v1/chat/completions", json={**body, "stream": False, "max_tokens": 3,
                                                                "service_tier": tier})
                 return r.status_code
 
             release, one, two = asyncio.Event(), asyncio.Event(), asyncio.Event()
-            first = asyncio.create_task(hold(one, release))
+            first = asyncio.create_task(hold_stream(c, body, one, release))
             await one.wait()
             with_one = {t: await ask(t) for t in ("flex", "default")}
-            second = asyncio.create_task(hold(two, release))
+            second = asyncio.create_task(hold_stream(c, body, two, release))
             await two.wait()
             with_two = {t: await ask(t) for t in ("flex", "default", "priority")}
             release.set()
