@@ -117,7 +117,8 @@ def hand_properties() -> dict:
             }),
         }),
         "apiKeys": _obj("API keys, given to the pods as env GPTOSS_API_KEYS (comma-separated)", {
-            "keys": _t("array", "keys to put in a chart-made Secret", items={"type": "string", "minLength": 1}),
+            "keys": _t("array", "keys to put in a chart-made Secret; `key:flex` or `key:default` caps the service "
+                                "tier the key's requests run on", items={"type": "string", "minLength": 1}),
             "existingSecret": _t("string", "use this Secret instead of keys"),
             "secretKey": _t("string", "key inside the Secret", minLength=1),
         }),

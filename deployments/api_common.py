@@ -311,10 +311,33 @@ class ChoicesHandler:
         return [sse(err.body()), SSE_DONE]
 
 
-def api_keys_from_env(var: str = "GPTOSS_API_KEYS") -> frozenset[str]:
-    """Comma-separated keys (the helm chart fills this from its Secret); empty: no auth."""
+def parse_api_keys(text: str) -> dict[str, str]:
+    """Comma-separated keys, each `key` or `key:<tier>` (priority, default or flex): key -> the highest service
+    tier its requests run on (a request asking for more runs on that tier, and its response says so)."""
+    out = {}
+    for entry in (e.strip() for e in text.split(",")):
+        key, _, tier = entry.rpartition(":")
+        if tier not in SERVICE_TIERS:  # no tier: the whole entry is the key
+            key, tier = entry, "priority"
+        if key:
+            out[key] = tier
+    return out
+
+
+def api_keys_from_env(var: str = "GPTOSS_API_KEYS") -> dict[str, str]:
+    """parse_api_keys of the env var (the helm chart fills it from its Secret); empty: no auth."""
     import os
-    return frozenset(k.strip() for k in os.environ.get(var, "").split(",") if k.strip())
+    return parse_api_keys(os.environ.get(var, ""))
+
+
+def cap_tier(body, requests: list, tier: str) -> None:
+    """Runs a request on `tier` at most (its API key's): its engine requests' priority, and the tier its
+    response names."""
+    cap = SERVICE_TIERS[tier]
+    if tier_priority(getattr(body, "service_tier", None)) < cap:
+        body.service_tier = tier
+    for r in requests:
+        r.priority = max(r.priority, cap)
 
 
 _KEYED = frozenset({"/tokenize", "/detokenize"})  # outside /v1/ (vLLM's paths), still the API's work
@@ -325,14 +348,17 @@ class BearerAuth:
     and /ready stay open for probes. Constant-time comparison, so a key cannot be guessed byte by byte from
     timings."""
 
-    def __init__(self, app, keys: frozenset[str]):
-        self.app, self.keys = app, [k.encode() for k in keys]
+    def __init__(self, app, keys: dict[str, str]):
+        """keys: key -> the highest service tier its requests run on (parse_api_keys); the request's scope
+        state carries it as `tier_cap`."""
+        self.app, self.keys = app, [(k.encode(), tier) for k, tier in keys.items()]
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and (scope["path"].startswith("/v1/") or scope["path"] in _KEYED):
             auth = dict(scope.get("headers") or []).get(b"authorization", b"")
             scheme, _, token = auth.partition(b" ")
-            if scheme.lower() != b"bearer" or not any(secrets.compare_digest(token.strip(), k) for k in self.keys):
+            tier = next((t for k, t in self.keys if secrets.compare_digest(token.strip(), k)), None)
+            if scheme.lower() != b"bearer" or tier is None:
                 import json
                 err = APIError(401, "Incorrect API key provided. Pass it as 'Authorization: Bearer <key>'.",
                                code="invalid_api_key")
@@ -342,4 +368,5 @@ class BearerAuth:
                                         (b"content-length", str(len(body)).encode())]})
                 await send({"type": "http.response.body", "body": body})
                 return
+            scope.setdefault("state", {})["tier_cap"] = tier
         await self.app(scope, receive, send)

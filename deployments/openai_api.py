@@ -38,7 +38,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from engine.async_engine import EngineClient
 from engine.request import GenerateRequest, RequestOutput, tier_name
 
-from .api_common import APIError, BearerAuth, check_unicode, describe_errors
+from .api_common import APIError, BearerAuth, cap_tier, check_unicode, describe_errors
 from .chat_api import ChatHandler
 from .completions_api import CompletionHandler
 from .protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse,
@@ -241,7 +241,7 @@ def build_app(engines: Mapping[str, EngineClient], *, max_pending: Union[int, Ma
               ready: Optional[Callable[[], Union[bool, Awaitable[bool]]]] = None,
               system_fingerprint: Optional[str] = None, owned_by: str = "gptoss-serve",
               title: str = "gpt-oss OpenAI-compatible API", metrics=None,
-              api_keys: Optional[frozenset] = None, response_store=None,
+              api_keys: Optional[Union[frozenset, Mapping[str, str]]] = None, response_store=None,
               reasoning_key: Optional[str] = None) -> FastAPI:
     """The API over `engines` (model name -> engine client; read on every request,
     so a caller may fill it after building the app).
@@ -250,7 +250,8 @@ def build_app(engines: Mapping[str, EngineClient], *, max_pending: Union[int, Ma
         model name); one more gets 429.
     ready: what /ready reports (sync or async); default: at least one engine.
     metrics: an observability.metrics.MetricsRecorder for request metrics (None: off).
-    api_keys: when non-empty, /v1/* requires `Authorization: Bearer <key>` (401 otherwise).
+    api_keys: when non-empty, /v1/* requires `Authorization: Bearer <key>` (401 otherwise); a mapping gives
+        each key the highest service tier its requests run on (api_common.parse_api_keys).
     response_store: where Responses are stored to be continued and read (a
         deployments.response_store.MemoryResponseStore or RemoteResponseStore); None: nowhere.
     reasoning_key: the Fernet key that seals reasoning for `include: ["reasoning.encrypted_content"]`
@@ -267,7 +268,8 @@ def build_app(engines: Mapping[str, EngineClient], *, max_pending: Union[int, Ma
 
     app = FastAPI(title=title, version="1.0", lifespan=lifespan)
     if api_keys:
-        app.add_middleware(BearerAuth, keys=frozenset(api_keys))
+        app.add_middleware(BearerAuth, keys=api_keys if isinstance(api_keys, Mapping)
+                           else dict.fromkeys(api_keys, "priority"))
     if metrics is not None:
         from observability.tracking import RequestCounter
         app.add_middleware(RequestCounter, recorder=metrics)
@@ -351,6 +353,9 @@ def build_app(engines: Mapping[str, EngineClient], *, max_pending: Union[int, Ma
         # Rendering a long prompt is CPU work: keep it off the event loop.
         args = () if prepare is None else (await prepare(),)
         handler = await run_in_threadpool(make_handler, *args)
+        tier_cap = getattr(request.state, "tier_cap", None)
+        if tier_cap is not None:
+            cap_tier(handler.body, handler.requests, tier_cap)
         run = _Run(engine, handler.requests, admit(model, min((r.priority for r in handler.requests), default=0)))
 
         async def start() -> _Run:

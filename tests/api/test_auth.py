@@ -3,15 +3,49 @@ open."""
 
 from fastapi.testclient import TestClient
 
-from deployments.api_common import api_keys_from_env
+from deployments.api_common import api_keys_from_env, parse_api_keys
 from deployments.openai_api import build_app
 
 
 def test_keys_from_env(monkeypatch):
     monkeypatch.setenv("GPTOSS_API_KEYS", " k1, ,k2 ")
-    assert api_keys_from_env() == {"k1", "k2"}
+    assert api_keys_from_env() == {"k1": "priority", "k2": "priority"}
     monkeypatch.delenv("GPTOSS_API_KEYS")
-    assert api_keys_from_env() == frozenset()
+    assert api_keys_from_env() == {}
+    # a tier after the last colon caps the key's requests; anything else after a colon is part of the key
+    assert parse_api_keys("a:flex,b:default, c:priority ,d:x:y,e:") == {
+        "a": "flex", "b": "default", "c": "priority", "d:x:y": "priority", "e:": "priority"}
+
+
+def test_a_keys_tier_caps_its_requests(tiny_ckpt):
+    import torch
+
+    from engine.async_engine import AsyncEngine
+    from engine.core import EngineConfig, LLMEngine
+    from models import load_model
+    from observability.metrics import BY_NAME, MetricsRecorder
+    eng = AsyncEngine(LLMEngine(load_model(tiny_ckpt, torch.float32), EngineConfig(num_blocks=64, max_model_len=512)))
+    rec = MetricsRecorder("prometheus")
+    queued = BY_NAME["gptoss_queue_time_seconds"].exported_name("_count")
+
+    def ran_on(tier):
+        return rec.registry.get_sample_value(queued, {"model": "m", "service_tier": tier}) or 0
+    chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    try:
+        with TestClient(build_app({"m": eng}, api_keys=parse_api_keys("fast,batch:flex"), metrics=rec)) as c:
+            def post(key, body, path="/v1/chat/completions"):
+                r = c.post(path, json=body, headers={"Authorization": f"Bearer {key}"})
+                assert r.status_code == 200, r.text
+                return r.json()["service_tier"]
+            assert post("fast", {**chat, "service_tier": "priority"}) == "priority"
+            flex_before = ran_on("flex")
+            assert post("batch", {**chat, "service_tier": "priority"}) == "flex"  # more than its key has
+            assert post("batch", chat) == "flex"                                  # and by default
+            assert ran_on("flex") == flex_before + 2 and ran_on("priority") == 1  # as the engine ran them
+            assert post("batch", {"model": "m", "input": "hi", "max_output_tokens": 16, "service_tier": "default"},
+                        "/v1/responses") == "flex"
+    finally:
+        eng.shutdown()
 
 
 def test_bearer_key_required_on_v1_only():

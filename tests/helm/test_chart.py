@@ -257,3 +257,11 @@ def test_helm_test_hook_checks_the_api(render):
     assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
     script = pod["spec"]["containers"][0]["command"][-1]
     assert '"/health"' in script and '"/ready"' in script and '["gpt-oss-20b"]' in script
+    compile(script, "test-api", "exec")  # the rendered script is Python
+    # its key is the first of GPTOSS_API_KEYS without a tier cap (`key:flex`)
+    setup = script.split("def get")[0]
+    for env, key in [("k1:flex,k2", "k1"), ("a:b", "a:b"), ("", "")]:
+        scope = {}
+        exec(setup.replace("import json, os, urllib.request as u", ""),
+             {"os": type("os", (), {"environ": {"API": "http://x", "GPTOSS_API_KEYS": env}})}, scope)
+        assert scope["key"] == key, env
