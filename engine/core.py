@@ -20,7 +20,7 @@ from .executor import CacheSpec, LocalExecutor, StepInput, graph_buckets
 from .grammar import GrammarMatcher, fill_draft_masks, fill_packed
 from .kv_cache import BlockManager
 from .request import (ContextLengthError, EngineError, GenerateRequest, RequestOutput, ScheduledSeq,
-                      SchedulerOutput, Sequence, Usage)
+                      SchedulerOutput, Sequence, Usage, tier_name)
 from .sampler import SamplerOutput
 from .sampler_state import SampleSpec
 from .stop import StopChecker
@@ -118,6 +118,9 @@ class LLMEngine:
         need = -(-(n + (mt or 1)) // self.config.block_size)
         if need > self.config.num_blocks - 1:
             raise ContextLengthError(f"the request needs {need} KV blocks; the pool has {self.config.num_blocks - 1}")
+        if req.prediction and len(req.prediction) > self.max_model_len:  # it indexes every n-gram it holds
+            raise EngineError(f"the prediction has {len(req.prediction)} tokens; this model's context holds "
+                              f"{self.max_model_len}", param="prediction")
         if req.request_id in self.seqs:
             raise EngineError(f"duplicate request id '{req.request_id}'")
 
@@ -385,7 +388,9 @@ class LLMEngine:
 
     def stats(self) -> dict:
         el = max(time.time() - self._t0, 1e-9)
-        return {"waiting": len(self.scheduler.waiting), "running": len(self.scheduler.running),
+        waiting = self.scheduler.waiting.by_tier()
+        return {"waiting": sum(waiting.values()), "running": len(self.scheduler.running),
+                "waiting_by_tier": {tier_name(p): n for p, n in waiting.items()},
                 **{f"kv_{k}": v for k, v in self.blocks.usage().items()},
                 "prefix_hit_rate": self.blocks.hit_rate(), "preemptions": self.scheduler.num_preemptions,
                 "generated_tokens": self.generated_tokens, "tokens_per_s": self.generated_tokens / el}

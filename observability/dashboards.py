@@ -191,9 +191,11 @@ def overview():
 def engine():
     d = _dashboard("gptoss-engine", "gpt-oss / Engine",
                    "Scheduler, paged KV cache and prefix cache of each replica group.")
-    return (d.with_panel(ts("Requests running / waiting", "Each replica group's running batch and queue.",
+    return (d.with_panel(ts("Requests running / waiting", "Each replica group's running batch, and its queue by "
+                            "service tier (priority is served first, flex last).",
                             [(gauge("gptoss_requests_running", "model, replica"), "running {{replica}}"),
-                             (gauge("gptoss_requests_waiting", "model, replica"), "waiting {{replica}}")]))
+                             (gauge("gptoss_requests_waiting", "model, replica, service_tier"),
+                              "waiting {{replica}} {{service_tier}}")]))
             .with_panel(ts("KV cache usage by pool", "Fraction of KV blocks in use per replica group, for the "
                            "full-attention and sliding-window pools.",
                            [(gauge("gptoss_kv_cache_usage", "model, replica, pool"), "{{replica}} {{pool}}")],

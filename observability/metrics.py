@@ -59,7 +59,8 @@ CATALOGUE: tuple[MetricSpec, ...] = (
                "Draft tokens from requests' predicted outputs, by outcome (accepted: kept in the output)",
                M + ("outcome",)),
     # replica group: sampled from the engine every interval
-    MetricSpec("gptoss_requests_waiting", "gauge", "Requests queued in a replica group", R),
+    MetricSpec("gptoss_requests_waiting", "gauge", "Requests queued in a replica group, by service tier",
+               R + ("service_tier",)),
     MetricSpec("gptoss_requests_running", "gauge", "Requests in a replica group's running batch", R),
     MetricSpec("gptoss_kv_cache_usage", "gauge", "Fraction of KV blocks in use, by pool", R + ("pool",)),
     MetricSpec("gptoss_prefix_cache_hit_rate", "gauge", "Prompt tokens found in the prefix cache / looked up", R),

@@ -15,7 +15,7 @@ from typing import AsyncIterator
 
 import torch
 
-from engine.request import tier_name
+from engine.request import SERVICE_TIERS, tier_name
 
 from .metrics import MetricsRecorder
 
@@ -104,7 +104,10 @@ class EnginePublisher:
 
     def publish(self, snap: dict) -> None:
         r = self.rec
-        r.set("gptoss_requests_waiting", snap["waiting"])
+        # every tier, every interval: a tier whose queue emptied reads 0, not its last length
+        by_tier = snap.get("waiting_by_tier", {"default": snap["waiting"]})
+        for tier in SERVICE_TIERS:
+            r.set("gptoss_requests_waiting", by_tier.get(tier, 0), service_tier=tier)
         r.set("gptoss_requests_running", snap["running"])
         for pool in ("full", "sliding"):
             used, free = snap.get(f"kv_{pool}_used"), snap.get(f"kv_{pool}_free")

@@ -56,7 +56,8 @@ def test_completions_take_a_prediction_too(client):
 
 
 def test_a_malformed_prediction_is_a_400_naming_it(client):
-    for bad in ({"type": "text", "content": "x"}, {"type": "content"}, "just a string"):
+    for bad in ({"type": "text", "content": "x"}, {"type": "content"}, "just a string",
+                {"type": "content", "content": "word " * 2000}):  # longer than the model's context
         with pytest.raises(openai.BadRequestError) as e:
             client.chat.completions.create(model="demo", messages=HI, prediction=bad, max_tokens=2)
         assert e.value.body["param"].startswith("prediction"), bad

@@ -104,7 +104,8 @@ def test_engine_publisher_gauges_and_expert_load(api):
     snap = eng.snapshot()
     pub.publish(snap)
     reg = rec.registry
-    assert sample(reg, "gptoss_requests_waiting", model="m", replica="r0") == snap["waiting"]
+    assert sum(sample(reg, "gptoss_requests_waiting", model="m", replica="r0", service_tier=t)
+               for t in ("priority", "default", "flex")) == snap["waiting"]
     assert 0 <= sample(reg, "gptoss_kv_cache_usage", model="m", replica="r0", pool="full") <= 1
     load = snap["expert_load"]
     counted = sum(sample(reg, "gptoss_expert_tokens", model="m", layer=str(la), expert=str(e))
@@ -121,8 +122,12 @@ def test_publisher_counts_only_new_preemptions_and_comm_times():
     pub = EnginePublisher(rec)
     base = {"waiting": 0, "running": 0, "kv_full_used": 3, "kv_full_free": 1}
     pub.publish({**base, "preemptions": 2, "all_to_all": {0: [0.001, 0.002], 1: [0.003]}})
-    pub.publish({**base, "preemptions": 5, "expert_load": torch.tensor([[3, 1], [0, 0]])})
+    pub.publish({**base, "preemptions": 5, "expert_load": torch.tensor([[3, 1], [0, 0]]),
+                 "waiting": 3, "waiting_by_tier": {"flex": 3}})
     reg = rec.registry
+    waiting = {t: sample(reg, "gptoss_requests_waiting", model="m", replica="r", service_tier=t)
+               for t in ("priority", "default", "flex")}
+    assert waiting == {"priority": 0, "default": 0, "flex": 3}
     assert sample(reg, "gptoss_preemptions", model="m", replica="r") == 5
     assert sample(reg, "gptoss_all_to_all_seconds", "_count", model="m", rank="0") == 2
     assert sample(reg, "gptoss_kv_cache_usage", model="m", replica="r", pool="full") == 0.75
