@@ -37,6 +37,9 @@ def _add_common(p) -> None:
     p.add_argument("--max-stored-responses", type=int, default=10_000,
                    help="Responses and conversations kept for previous_response_id, GET /v1/responses/{id} "
                         "and /v1/conversations, least recently used dropped first (0: store none)")
+    p.add_argument("--prompts", metavar="FILE",
+                   help="stored prompts Responses may name in `prompt` (a JSON or YAML list of {id, version, "
+                        "instructions, input}; README, Serving)")
     p.add_argument("--responses-file", metavar="PATH",
                    help="also keep stored responses and conversations in this SQLite file, read back when the "
                         "server starts again (default: memory only)")
@@ -93,17 +96,36 @@ def build_config(args):
                                                                max_replicas=args.max_replicas))
         cfg = ServeConfig(host=args.host, port=args.port, models=[group],
                           responses=ResponseStoreConfig(max_entries=args.max_stored_responses,
-                                                        path=args.responses_file))
+                                                        path=args.responses_file),
+                          prompts=read_prompts(args.prompts) if args.prompts else [])
     except ValidationError as e:
         err = e.errors()[0]
+        if err["loc"] and err["loc"][0] == "prompts":  # where in the file: prompt 2's input 0's role
+            where = ".".join(f"[{x}]" if isinstance(x, int) else str(x) for x in err["loc"][1:]).replace(".[", "[")
+            raise UsageError(f"--prompts: {where}: {err['msg']}" if where else f"--prompts: {err['msg']}") from None
         loc = [str(x) for x in err["loc"] if not str(x).isdigit()]
         # a model validator's error has no field: the message names the one it is about
-        named = next((f for f in ("kv_cache_fraction", "attn_dp", "min_replicas", "max_replicas")
+        named = next((f for f in ("kv_cache_fraction", "attn_dp", "min_replicas", "max_replicas", "prompts")
                       if f in err["msg"]), None)
         field = named or (loc[-1] if loc else "config")
         flag = {"path": "model", "use_gpu": "gpu", "max_entries": "max_stored_responses"}.get(field, field)
         raise UsageError(f"--{flag.replace('_', '-')}: {err['msg']}") from None
     return cfg
+
+
+def read_prompts(path: str) -> list:
+    """The --prompts file: a list of prompt templates, JSON or YAML (JSON is YAML)."""
+    import yaml
+
+    from cli.generate import UsageError
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError) as e:
+        raise UsageError(f"--prompts: cannot read {path}: {e}") from None
+    if not isinstance(data, list):
+        raise UsageError(f"--prompts: {path} must hold a list of prompts ({{id, version, instructions, input}})")
+    return data
 
 
 def check_responses_file(path: str) -> None:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import re
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -82,6 +83,23 @@ class ResponseStoreConfig(BaseModel):
                                                "memory only")
 
 
+class PromptMessage(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str
+
+
+class PromptTemplate(BaseModel):
+    """A stored prompt (Responses' `prompt: {"id", "version", "variables"}`): instructions and messages that
+    come before a request's own, with `{{name}}` filled from its variables (deployments/prompts.py)."""
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    id: str = Field(min_length=1, max_length=128)
+    version: str = Field("1", min_length=1, max_length=64, description="a request without one gets the version "
+                                                                       "listed last")
+    instructions: str | None = None
+    input: list[PromptMessage] = Field(default_factory=list)
+
+
 class ServeConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
     host: str = "127.0.0.1"
@@ -89,12 +107,17 @@ class ServeConfig(BaseModel):
     app_name: str = "gptoss"
     models: list[ModelGroupConfig] = Field(default_factory=lambda: [ModelGroupConfig()])
     responses: ResponseStoreConfig = ResponseStoreConfig()
+    prompts: list[PromptTemplate] = Field(default_factory=list, description="stored prompts Responses may "
+                                                                          "name in `prompt`")
 
     @model_validator(mode="after")
     def _unique(self):
         names = [m.name for m in self.models]
         if len(set(names)) != len(names) or not names:
             raise ValueError(f"model names must be unique and non-empty: {names}")
+        versions = [(p.id, p.version) for p in self.prompts]
+        if len(set(versions)) != len(versions):
+            raise ValueError(f"prompts: each id and version at most once: {versions}")
         return self
 
     def serve_yaml(self) -> dict:

@@ -26,7 +26,7 @@ import contextlib
 import inspect
 import logging
 import time
-from typing import AsyncIterator, Awaitable, Callable, Mapping, Optional, Union
+from typing import AsyncIterator, Awaitable, Callable, Mapping, Optional, Sequence, Union
 
 import anyio
 from fastapi import FastAPI, Request
@@ -39,6 +39,7 @@ from engine.async_engine import EngineClient
 from engine.request import GenerateRequest, RequestOutput, tier_name
 
 from .api_common import APIError, BearerAuth, cap_tier, check_unicode, describe_errors
+from .prompts import PromptTemplates
 from .chat_api import ChatHandler
 from .completions_api import CompletionHandler
 from .protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse,
@@ -242,7 +243,7 @@ def build_app(engines: Mapping[str, EngineClient], *, max_pending: Union[int, Ma
               system_fingerprint: Optional[str] = None, owned_by: str = "gptoss-serve",
               title: str = "gpt-oss OpenAI-compatible API", metrics=None,
               api_keys: Optional[Union[frozenset, Mapping[str, str]]] = None, response_store=None,
-              reasoning_key: Optional[str] = None) -> FastAPI:
+              reasoning_key: Optional[str] = None, prompts: Sequence = ()) -> FastAPI:
     """The API over `engines` (model name -> engine client; read on every request,
     so a caller may fill it after building the app).
 
@@ -256,9 +257,11 @@ def build_app(engines: Mapping[str, EngineClient], *, max_pending: Union[int, Ma
         deployments.response_store.MemoryResponseStore or RemoteResponseStore); None: nowhere.
     reasoning_key: the Fernet key that seals reasoning for `include: ["reasoning.encrypted_content"]`
         (deployments.sealed_reasoning); None: one made here, good for this app only.
+    prompts: the stored prompts Responses may name (cluster.config.PromptTemplate; deployments.prompts).
     """
     stored = StoredResponses(response_store)
     seal = ReasoningSeal(reasoning_key)
+    templates = PromptTemplates(prompts)
     background = BackgroundResponses(stored)
 
     @contextlib.asynccontextmanager
@@ -446,12 +449,16 @@ def build_app(engines: Mapping[str, EngineClient], *, max_pending: Union[int, Ma
         200: {"model": ResponseObject, "description": "a Response, or with stream=true its SSE events"},
         **_ERRORS})
     async def responses(body: ResponsesRequest, request: Request):
+        body, prompt_messages = templates.apply(body)
+
+        async def before_input() -> list[dict]:  # the stored prompt's messages, then the stored history
+            return prompt_messages + await stored.history(body)
         return await serve(request, body.model,
                            lambda history: ResponseBuilder(body, system_fingerprint, history, stored.saver(body),
                                                            stored.appender(body), seal),
-                           prepare=lambda: stored.history(body), detach=bool(body.background))
+                           prepare=before_input, detach=bool(body.background))
 
-    app.include_router(responses_router(stored, background, seal, engine_for))
+    app.include_router(responses_router(stored, background, seal, engine_for, templates))
     app.include_router(conversations_router(stored.conversations))
     app.include_router(tokenize_router(engine_for))
 

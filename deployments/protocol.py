@@ -328,9 +328,11 @@ class ReasoningConfig(_Req):
     summary: Optional[str] = None
 
 
-_STATEFUL = {
-    "prompt": "stored prompt templates are not supported; send the text in `instructions` and `input`",
-}
+class PromptRef(_Req):
+    """A stored prompt (serve.prompts) and the values of its `{{variables}}`."""
+    id: str = Field(min_length=1, max_length=128)
+    version: Optional[str] = Field(None, description="default: the version the server lists last")
+    variables: Optional[dict[str, Union[str, TextPart]]] = None
 
 
 def _metadata_limits(v: Optional[dict[str, str]]) -> Optional[dict[str, str]]:
@@ -381,7 +383,8 @@ class ResponsesRequest(_Req):
     conversation: Optional[Union[Annotated[str, Field(max_length=128)], ConversationRef]] = Field(
         None, description="the conversation (POST /v1/conversations) this response continues and joins: its "
                           "items come before `input`, and this response's input and output items are added to it")
-    prompt: Optional[dict[str, Any]] = Field(None, description="stored prompt templates: not supported")
+    prompt: Optional[PromptRef] = Field(None, description="a stored prompt (the server's serve.prompts): its "
+                                                          "instructions and messages come first, variables filled")
     background: Optional[bool] = Field(None, description="run on after the request returns; poll GET "
                                                          "/v1/responses/{id} (with stream: resume it with "
                                                          "?stream=true&starting_after=N), stop with POST .../cancel")
@@ -405,14 +408,6 @@ class ResponsesRequest(_Req):
         if v and info.data.get("previous_response_id"):
             raise ValueError("cannot be used together with previous_response_id: a response continues one or "
                              "the other")
-        return v
-
-    @field_validator("prompt")
-    @classmethod
-    def _stateful(cls, v, info: ValidationInfo):
-        # refused, not ignored: without the stored state the answer would be to another question
-        if v:
-            raise ValueError(_STATEFUL[info.field_name])
         return v
 
     @field_validator("background")

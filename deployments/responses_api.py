@@ -202,6 +202,7 @@ class ResponseBuilder:
             "truncation": b.truncation or "disabled",
             "usage": self.usage.responses() if self.status not in ("queued", "in_progress") else None,
             "metadata": b.metadata or {}, "user": b.user, "service_tier": service_tier(b.service_tier),
+            "prompt": b.prompt.model_dump(exclude_none=True) if b.prompt else None,
         }
 
     def _ev(self, type_: str, **fields) -> dict:

@@ -11,6 +11,7 @@ from starlette.concurrency import run_in_threadpool
 
 from .api_common import check_unicode
 from .background import BackgroundResponses
+from .prompts import PromptTemplates
 from .protocol import ErrorResponse, Includable, InputTokenCount, InputTokensRequest, ResponseObject
 from .responses_api import ResponseBuilder
 from .sealed_reasoning import ReasoningSeal
@@ -19,7 +20,7 @@ from .stored_responses import StoredResponses
 
 
 def router(stored: StoredResponses, background: BackgroundResponses, seal: ReasoningSeal,
-           engine_for: Callable) -> APIRouter:
+           engine_for: Callable, templates: PromptTemplates) -> APIRouter:
     """engine_for(model): the model's engine, or the 404 naming it."""
     r = APIRouter()
     errors = {status: {"model": ErrorResponse} for status in (400, 404, 503)}
@@ -32,7 +33,8 @@ def router(stored: StoredResponses, background: BackgroundResponses, seal: Reaso
         if body.model is not None:
             engine_for(body.model)
         body = body.model_copy(update={"input": body.input or [], "model": body.model or ""})
-        history = await stored.history(body)
+        body, prompt_messages = templates.apply(body)
+        history = prompt_messages + await stored.history(body)
         builder = await run_in_threadpool(ResponseBuilder, body, history=history, seal=seal)
         return {"object": "response.input_tokens", "input_tokens": builder.usage.prompt}
 

@@ -124,7 +124,8 @@ class Ingress:
         limits = {m.name: m.max_pending * max(1, m.autoscaling.max_replicas) for m in self.cfg.models}
         store = RemoteResponseStore(self.store) if self.store is not None else None
         return build_app(engines, max_pending=limits, metrics=MetricsRecorder("ray"), api_keys=api_keys_from_env(),
-                         response_store=store, reasoning_key=key_from_env() or self.reasoning_key)
+                         response_store=store, reasoning_key=key_from_env() or self.reasoning_key,
+                         prompts=self.cfg.prompts)
 
 
 def group_deployment(m: ModelGroupConfig):

@@ -60,8 +60,8 @@ def test_bad_parameters_400_name_the_param(api, client):
         ("/v1/responses", {"model": "demo", "input": [{"type": "message", "role": "user"}]}, "input[0].content"),
         ("/v1/responses", {"model": "demo", "input": "x", "previous_response_id": "resp_1"},
          "previous_response_id"),  # never stored
+        ("/v1/responses", {"model": "demo", "input": "x", "prompt": {"version": "1"}}, "prompt.id"),
         # what this server does not keep is refused, not ignored (the answer would be to another question)
-        ("/v1/responses", {"model": "demo", "input": "x", "prompt": {"id": "pmpt_1"}}, "prompt"),
         ("/v1/chat/completions", {"model": "demo", "messages": HI, "functions": [{"name": "f"}]}, "functions"),
         ("/v1/chat/completions", {"model": "demo", "messages": HI, "function_call": "auto"}, "function_call"),
         # int64, as OpenAI's: a larger seed failed the engine step of every request in it

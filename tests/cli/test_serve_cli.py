@@ -122,6 +122,31 @@ def test_serve_config_checks_a_local_checkpoint_and_leaves_a_cluster_path_alone(
     assert "/models/gpt-oss-120b" in out.read_text()
 
 
+def test_serve_config_reads_stored_prompts_and_names_a_bad_one(tmp_path, capsys):
+    import json
+
+    import yaml
+
+    from cli.main import main
+    good = tmp_path / "prompts.yaml"
+    good.write_text("- id: support\n  instructions: About {{product}}.\n  input: [{role: user, content: hi}]\n")
+    out = tmp_path / "serve.yaml"
+    assert main(["serve-config", "--prompts", str(good), "--out", str(out)]) == 0
+    cfg = yaml.safe_load(out.read_text())["applications"][0]["args"]["config"]
+    assert cfg["prompts"] == [{"id": "support", "version": "1", "instructions": "About {{product}}.",
+                               "input": [{"role": "user", "content": "hi"}]}]
+    for text, says in [(json.dumps([{"id": "x", "input": [{"role": "robot", "content": "hi"}]}]),
+                        "--prompts: [0].input[0].role: Input should be"),
+                       (json.dumps([{"id": "x"}, {"id": "x"}]), "--prompts: "),
+                       ("{id: x}", "must hold a list of prompts")]:
+        bad = tmp_path / "bad.json"
+        bad.write_text(text)
+        assert main(["serve-config", "--prompts", str(bad)]) == 2
+        assert says in capsys.readouterr().err, text
+    assert main(["serve-config", "--prompts", str(tmp_path / "none.yaml")]) == 2
+    assert "--prompts: cannot read" in capsys.readouterr().err
+
+
 def test_serve_answers_then_stops_cleanly_on_sigterm(tiny_ckpt, tmp_path):
     """The main job through its command: `gptoss serve` starts, answers the openai SDK, and on SIGTERM
     (docker stop, systemd, kill) stops Serve and Ray as Ctrl-C does: exit 0, its port free, and no

@@ -1,0 +1,78 @@
+"""Stored prompts (Responses' `prompt`) through the openai SDK, on a server given two templates: a response
+naming one starts from the same tokens as one that sends the filled-in text itself."""
+
+import openai
+import pytest
+import torch
+
+from .conftest import Server
+
+PROMPTS = [
+    {"id": "support", "instructions": "You answer questions about {{product}}.",
+     "input": [{"role": "user", "content": "My account is {{ account }}."}]},
+    {"id": "support", "version": "2", "instructions": "Be brief about {{product}}."},
+]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_ckpt):
+    from cluster.config import ServeConfig
+    from deployments.openai_api import build_app
+    from deployments.response_store import MemoryResponseStore
+    from engine.async_engine import AsyncEngine
+    from engine.core import EngineConfig, LLMEngine
+    from models import load_model
+    templates = ServeConfig(prompts=PROMPTS).prompts  # as `gptoss serve --prompts` and the helm values give them
+    eng = AsyncEngine(LLMEngine(load_model(tiny_ckpt), EngineConfig(max_model_len=1024, num_blocks=128)))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    srv = Server(build_app({"m": eng}, prompts=templates, response_store=MemoryResponseStore(max_entries=16)),
+                 {"m": eng})
+    yield srv
+    srv.stop()
+    eng.shutdown()
+    torch.set_num_threads(threads)
+
+
+def test_a_stored_prompt_is_its_filled_in_text(server):
+    client = server.client()
+    kw = dict(model="m", max_output_tokens=16, store=False)
+    r = client.responses.create(input="Where is my order?", instructions="Answer in French.",
+                                prompt={"id": "support", "version": "1",
+                                        "variables": {"product": "gizmos", "account": {"type": "input_text",
+                                                                                       "text": "A-17"}}}, **kw)
+    same = client.responses.create(
+        instructions="You answer questions about gizmos.\n\nAnswer in French.",
+        input=[{"role": "user", "content": "My account is A-17."},
+               {"role": "user", "content": "Where is my order?"}],
+        **kw)
+    assert r.usage.input_tokens == same.usage.input_tokens
+    assert r.prompt.id == "support" and r.prompt.version == "1"
+    assert r.instructions == "You answer questions about gizmos.\n\nAnswer in French."
+    counted = client.responses.input_tokens.count(model="m", input="Where is my order?",
+                                                  instructions="Answer in French.",
+                                                  extra_body={"prompt": {"id": "support", "version": "1", "variables": {
+                                                      "product": "gizmos", "account": "A-17"}}})
+    assert counted.input_tokens == r.usage.input_tokens
+    # no version: the one listed last
+    latest = client.responses.create(input="Hi", prompt={"id": "support", "variables": {"product": "gizmos"}}, **kw)
+    v2 = client.responses.create(input="Hi", instructions="Be brief about gizmos.", **kw)
+    assert latest.usage.input_tokens == v2.usage.input_tokens and latest.prompt.version is None
+
+
+def test_a_prompt_it_cannot_fill_is_refused_naming_what(server):
+    client = server.client()
+    cases = [({"id": "nope"}, openai.NotFoundError, "prompt.id"),
+             ({"id": "support", "version": "9", "variables": {"product": "x"}}, openai.NotFoundError,
+              "prompt.version"),
+             ({"id": "support", "version": "1", "variables": {"product": "x"}}, openai.BadRequestError,
+              "prompt.variables"),  # account missing
+             ({"id": "support", "variables": {"product": "x", "prodcut": "y"}}, openai.BadRequestError,
+              "prompt.variables")]  # a typo is not silently ignored
+    messages = []
+    for prompt, err, param in cases:
+        with pytest.raises(err) as e:
+            client.responses.create(model="m", input="Hi", prompt=prompt, max_output_tokens=4)
+        assert e.value.body["param"] == param, prompt
+        messages.append(e.value.body["message"])
+    assert "missing account" in messages[2] and "prodcut" in messages[3]
