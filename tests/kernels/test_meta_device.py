@@ -122,3 +122,43 @@ def test_warmup_compiles_what_a_real_prefill_launches(meta_executor):
             run_step(ex.model, ex.cache, ex.spec, null_step(tokens, ex.spec))
         missing = variants(real) - seen
         assert not missing, (tokens, missing)
+
+
+def _verify_step(n: int, draft: int, spec: CacheSpec):
+    """n sequences verifying a predicted output's draft (engine.prediction): each brings its own token and
+    `draft` more, after a context of its own, and samples every one of them."""
+    from engine.executor import StepInput
+    q = draft + 1
+    ctx = [20 + 9 * i for i in range(n)]
+    tables, slots, nxt, pos = {g: [] for g in spec.blocks}, {g: [] for g in spec.blocks}, 1, []
+    for c in ctx:
+        k = -(-c // BS)
+        for g in spec.blocks:
+            tables[g].append(list(range(nxt, nxt + k)))
+            slots[g].extend((nxt + p // BS) * BS + p % BS for p in range(c - q, c))
+        pos.extend(range(c - q, c))
+        nxt += k
+    w = max(len(t) for t in tables["full"])
+    return StepInput(torch.zeros(n * q, dtype=torch.long), torch.tensor(pos), torch.arange(0, n * q + 1, q),
+                     torch.tensor(ctx), {g: torch.tensor([t + [0] * (w - len(t)) for t in tables[g]])
+                                         for g in spec.blocks},
+                     {g: torch.tensor(slots[g]) for g in spec.blocks}, torch.arange(n * q))
+
+
+@pytest.mark.parametrize("n,draft", [(1, 8), (4, 3)])
+def test_warmup_compiles_what_a_draft_verifying_step_launches(meta_executor, n, draft):
+    """A step verifying drafts runs eagerly, as a prefill of several short queries over a cached context
+    does; the warm-up's variants must cover it too, and it must read nothing back to the host."""
+    ex = meta_executor
+
+    def variants(launches):
+        return {(fn.__name__, tuple(sorted((k, v) for k, v in kw.items() if not isinstance(v, torch.Tensor))))
+                for fn, _, kw in launches}
+    with _triton.recording() as warm:
+        ex.warmup(128)
+    with _triton.recording() as real:
+        logits = run_step(ex.model, ex.cache, ex.spec, _verify_step(n, draft, ex.spec))
+    assert logits.shape == (n * (draft + 1), ex.model.config.vocab_size) and logits.device.type == "meta"
+    assert {"_w1_kernel", "_w2_kernel"} <= {fn.__name__ for fn, _, _ in real}  # the Triton path ran
+    missing = variants(real) - variants(warm)
+    assert not missing, missing
