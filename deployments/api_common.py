@@ -334,7 +334,7 @@ def cap_tier(body, requests: list, tier: str) -> None:
     """Runs a request on `tier` at most (its API key's): its engine requests' priority, and the tier its
     response names."""
     cap = SERVICE_TIERS[tier]
-    if tier_priority(getattr(body, "service_tier", None)) < cap:
+    if tier_priority(body.service_tier) < cap:
         body.service_tier = tier
     for r in requests:
         r.priority = max(r.priority, cap)

@@ -215,8 +215,8 @@ class LLMEngine:
         for it in sched.items:
             s, a = it.seq, it.seq.num_computed
             b = a + it.num_tokens
-            s.draft = s.draft[:it.draft]  # what the scheduler had room for
-            known = (s.tokens + s.draft)[a:b] if s.draft else s.tokens[a:b]
+            s.draft = s.draft[:it.draft]  # what the scheduler had room for; it comes after the known tokens
+            known = s.tokens[a:b - it.draft] + s.draft if it.draft else s.tokens[a:b]
             ids.extend(known)
             if len(known) < b - a:  # its input is the token the step in flight samples
                 fill.append((len(ids), s.pending_row))
@@ -349,8 +349,8 @@ class LLMEngine:
             out.text += s.stop.flush()
         s.finish_reason = out.finish_reason = reason
         out.finished = True
-        out.usage = Usage(s.prompt_len, n_out, s.parser.reasoning_tokens if s.parser else 0, s.cached_tokens,
-                          s.accepted_draft, s.rejected_draft)
+        # (a predicted sequence's prediction counts go in once its step is settled: prediction.settle)
+        out.usage = Usage(s.prompt_len, n_out, s.parser.reasoning_tokens if s.parser else 0, s.cached_tokens)
         out.queue_time = (s.t_scheduled or s.t_arrival) - s.t_arrival
 
     def _retire(self, s: Sequence) -> None:

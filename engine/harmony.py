@@ -88,9 +88,8 @@ def render_raw(text: str) -> list[int]:
 def answer_tokens(text: str) -> list[int]:
     """The tokens an assistant turn ends with when `text` is its final answer (a predicted output's draft
     source): the final channel's header, the text as plain text, <|return|>."""
-    enc = get_encoding()
-    return (enc.encode("<|channel|>final<|message|>", allowed_special="all")
-            + enc.encode(text, disallowed_special=()) + [_special_ids()["<|return|>"]])
+    header = get_encoding().encode("<|channel|>final<|message|>", allowed_special="all")
+    return header + text_tokens(text) + [_special_ids()["<|return|>"]]
 
 
 def text_tokens(text: str) -> list[int]:

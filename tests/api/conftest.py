@@ -10,6 +10,7 @@ Models served:
   down          fails with a ConnectionError before any output (503 engine_unavailable)
 """
 
+import contextlib
 import socket
 import threading
 import time
@@ -108,6 +109,26 @@ class Server:
     def stop(self):
         self.server.should_exit = True
         self.thread.join(timeout=10)
+
+
+@contextlib.contextmanager
+def own_server(ckpt, name: str, engine_config, **app_kw):
+    """A server of its own for one model `name`: an in-process engine with `engine_config` on `ckpt`, the app
+    built with `app_kw` (build_app's), torch on one thread while it runs."""
+    from deployments.openai_api import build_app
+    from engine.async_engine import AsyncEngine
+    from engine.core import LLMEngine
+    from models import load_model
+    eng = AsyncEngine(LLMEngine(load_model(ckpt), engine_config))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    srv = Server(build_app({name: eng}, **app_kw), {name: eng})
+    try:
+        yield srv
+    finally:
+        srv.stop()
+        eng.shutdown()
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="package")

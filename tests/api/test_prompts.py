@@ -3,9 +3,8 @@ naming one starts from the same tokens as one that sends the filled-in text itse
 
 import openai
 import pytest
-import torch
 
-from .conftest import Server
+from .conftest import own_server
 
 PROMPTS = [
     {"id": "support", "instructions": "You answer questions about {{product}}.",
@@ -17,21 +16,12 @@ PROMPTS = [
 @pytest.fixture(scope="module")
 def server(tiny_ckpt):
     from cluster.config import ServeConfig
-    from deployments.openai_api import build_app
     from deployments.response_store import MemoryResponseStore
-    from engine.async_engine import AsyncEngine
-    from engine.core import EngineConfig, LLMEngine
-    from models import load_model
+    from engine.core import EngineConfig
     templates = ServeConfig(prompts=PROMPTS).prompts  # as `gptoss serve --prompts` and the helm values give them
-    eng = AsyncEngine(LLMEngine(load_model(tiny_ckpt), EngineConfig(max_model_len=1024, num_blocks=128)))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    srv = Server(build_app({"m": eng}, prompts=templates, response_store=MemoryResponseStore(max_entries=16)),
-                 {"m": eng})
-    yield srv
-    srv.stop()
-    eng.shutdown()
-    torch.set_num_threads(threads)
+    with own_server(tiny_ckpt, "m", EngineConfig(max_model_len=1024, num_blocks=128), prompts=templates,
+                    response_store=MemoryResponseStore(max_entries=16)) as srv:
+        yield srv
 
 
 def test_a_stored_prompt_is_its_filled_in_text(server):

@@ -6,9 +6,8 @@ import time
 
 import openai
 import pytest
-import torch
 
-from .conftest import Server
+from .conftest import own_server
 from .helpers import hold_stream
 
 HI = [{"role": "user", "content": "Say hi."}]
@@ -42,18 +41,9 @@ def test_an_unknown_tier_is_a_400_naming_it(client):
 @pytest.fixture(scope="module")
 def narrow(tiny_ckpt):
     """A server whose engine runs one sequence at a time."""
-    from deployments.openai_api import build_app
-    from engine.async_engine import AsyncEngine
-    from engine.core import EngineConfig, LLMEngine
-    from models import load_model
-    eng = AsyncEngine(LLMEngine(load_model(tiny_ckpt), EngineConfig(max_model_len=1024, max_num_seqs=1)))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    srv = Server(build_app({"narrow": eng}), {"narrow": eng})
-    yield srv
-    srv.stop()
-    eng.shutdown()
-    torch.set_num_threads(threads)
+    from engine.core import EngineConfig
+    with own_server(tiny_ckpt, "narrow", EngineConfig(max_model_len=1024, max_num_seqs=1)) as srv:
+        yield srv
 
 
 def test_a_priority_request_overtakes_a_running_flex_one(narrow):

@@ -105,15 +105,17 @@ def test_full_size_models_on_meta(preset):
     assert len(launches) == (7 + 8) * m.config.num_hidden_layers + 2
 
 
+def variants(launches) -> set:
+    """The kernel variants launched: kernel, constexprs and launch options (what a compilation is keyed by)."""
+    return {(fn.__name__, tuple(sorted((k, v) for k, v in kw.items() if not isinstance(v, torch.Tensor))))
+            for fn, _, kw in launches}
+
+
 def test_warmup_compiles_what_a_real_prefill_launches(meta_executor):
     """The warm-up exists so that no kernel variant compiles in the middle of serving (seconds on a
     GPU). Its prefill steps must launch every variant a real prefill does: same kernels, same
     constexprs and launch options (a real prefill has no padding mask, so neither may they)."""
     ex = meta_executor
-
-    def variants(launches):
-        return {(fn.__name__, tuple(sorted((k, v) for k, v in kw.items() if not isinstance(v, torch.Tensor))))
-                for fn, _, kw in launches}
     with _triton.recording() as warm:
         ex.warmup(128)
     seen = variants(warm)
@@ -150,10 +152,6 @@ def test_warmup_compiles_what_a_draft_verifying_step_launches(meta_executor, n, 
     """A step verifying drafts runs eagerly, as a prefill of several short queries over a cached context
     does; the warm-up's variants must cover it too, and it must read nothing back to the host."""
     ex = meta_executor
-
-    def variants(launches):
-        return {(fn.__name__, tuple(sorted((k, v) for k, v in kw.items() if not isinstance(v, torch.Tensor))))
-                for fn, _, kw in launches}
     with _triton.recording() as warm:
         ex.warmup(128)
     with _triton.recording() as real:
