@@ -334,6 +334,10 @@ def main(argv=None) -> int:
             notes.update(bw=copy_bandwidth(dev, int(a.copy_gib * 2 ** 30)),
                          flops=matmul_flops(dev, 256 if a.dry_run else 8192),
                          stamp=datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+            # a run's files are its own: one started in the same second as another must not resume that one's
+            stamp, n = notes["stamp"], 2
+            while any(out.glob(f"gpu-*-{notes['stamp']}.json")):
+                notes["stamp"], n = f"{stamp}-{n}", n + 1
             if state is not None:
                 state.save()
         bw, flops = notes["bw"], notes["flops"]
