@@ -40,6 +40,11 @@ def _add_common(p) -> None:
     p.add_argument("--prompts", metavar="FILE",
                    help="stored prompts Responses may name in `prompt` (a JSON or YAML list of {id, version, "
                         "instructions, input}; README, Serving)")
+    p.add_argument("--batch-store-mb", type=float, default=1024.0,
+                   help="memory for the Files and Batch APIs' uploads and results, in MiB (0: no /v1/files "
+                        "or /v1/batches)")
+    p.add_argument("--batch-concurrency", type=int, default=64,
+                   help="requests of one batch in flight at once, per ingress replica running it")
     p.add_argument("--responses-file", metavar="PATH",
                    help="also keep stored responses and conversations in this SQLite file, read back when the "
                         "server starts again (default: memory only)")
@@ -81,7 +86,7 @@ def build_config(args):
     from pydantic import ValidationError
 
     from cli.generate import UsageError
-    from cluster.config import AutoscalingConfig, ModelGroupConfig, ResponseStoreConfig, ServeConfig
+    from cluster.config import AutoscalingConfig, BatchConfig, ModelGroupConfig, ResponseStoreConfig, ServeConfig
     from engine.core import EngineConfig
     fraction = args.kv_cache_fraction if args.kv_cache_fraction is not None else 0.9 if args.gpu else None
     sizes = {k: getattr(args, k) for k in ("max_num_seqs", "max_tokens_per_step", "max_model_len", "max_draft_tokens")
@@ -97,6 +102,7 @@ def build_config(args):
         cfg = ServeConfig(host=args.host, port=args.port, models=[group],
                           responses=ResponseStoreConfig(max_entries=args.max_stored_responses,
                                                         path=args.responses_file),
+                          batches=BatchConfig(max_mb=args.batch_store_mb, concurrency=args.batch_concurrency),
                           prompts=read_prompts(args.prompts) if args.prompts else [])
     except ValidationError as e:
         err = e.errors()[0]
@@ -108,7 +114,8 @@ def build_config(args):
         named = next((f for f in ("kv_cache_fraction", "attn_dp", "min_replicas", "max_replicas", "prompts")
                       if f in err["msg"]), None)
         field = named or (loc[-1] if loc else "config")
-        flag = {"path": "model", "use_gpu": "gpu", "max_entries": "max_stored_responses"}.get(field, field)
+        flag = {"path": "model", "use_gpu": "gpu", "max_entries": "max_stored_responses",
+                "max_mb": "batch_store_mb", "concurrency": "batch_concurrency"}.get(field, field)
         raise UsageError(f"--{flag.replace('_', '-')}: {err['msg']}") from None
     return cfg
 

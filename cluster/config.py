@@ -83,6 +83,17 @@ class ResponseStoreConfig(BaseModel):
                                                "memory only")
 
 
+class BatchConfig(BaseModel):
+    """The Files and Batch APIs (/v1/files, /v1/batches): one store shared by the ingress replicas, and a
+    runner in each that runs batches on the flex tier."""
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    max_mb: float = Field(1024.0, ge=0, description="memory for uploaded files and batch results, in MiB; "
+                                                    "0: no Files or Batch API")
+    max_file_mb: float = Field(200.0, gt=0, description="the largest file an upload may be, in MiB")
+    max_requests: int = Field(50_000, ge=1, description="requests one batch may hold")
+    concurrency: int = Field(64, ge=1, description="requests of one batch in flight at once")
+
+
 class PromptMessage(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
     role: Literal["system", "developer", "user", "assistant"]
@@ -107,6 +118,7 @@ class ServeConfig(BaseModel):
     app_name: str = "gptoss"
     models: list[ModelGroupConfig] = Field(default_factory=lambda: [ModelGroupConfig()])
     responses: ResponseStoreConfig = ResponseStoreConfig()
+    batches: BatchConfig = BatchConfig()
     prompts: list[PromptTemplate] = Field(default_factory=list, description="stored prompts Responses may "
                                                                           "name in `prompt`")
 

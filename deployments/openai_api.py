@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import inspect
 import logging
+import secrets
 import time
 from typing import AsyncIterator, Awaitable, Callable, Mapping, Optional, Sequence, Union
 
@@ -36,7 +37,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine.async_engine import EngineClient
-from engine.request import GenerateRequest, RequestOutput, tier_name
+from engine.request import SERVICE_TIERS, GenerateRequest, RequestOutput, tier_name
 
 from .api_common import APIError, BearerAuth, cap_tier, check_unicode, describe_errors
 from .prompts import PromptTemplates
@@ -243,7 +244,8 @@ def build_app(engines: Mapping[str, EngineClient], *, max_pending: Union[int, Ma
               system_fingerprint: Optional[str] = None, owned_by: str = "gptoss-serve",
               title: str = "gpt-oss OpenAI-compatible API", metrics=None,
               api_keys: Optional[Union[frozenset, Mapping[str, str]]] = None, response_store=None,
-              reasoning_key: Optional[str] = None, prompts: Sequence = ()) -> FastAPI:
+              reasoning_key: Optional[str] = None, prompts: Sequence = (), batches=None,
+              batch_store=None) -> FastAPI:
     """The API over `engines` (model name -> engine client; read on every request,
     so a caller may fill it after building the app).
 
@@ -258,21 +260,33 @@ def build_app(engines: Mapping[str, EngineClient], *, max_pending: Union[int, Ma
     reasoning_key: the Fernet key that seals reasoning for `include: ["reasoning.encrypted_content"]`
         (deployments.sealed_reasoning); None: one made here, good for this app only.
     prompts: the stored prompts Responses may name (cluster.config.PromptTemplate; deployments.prompts).
+    batches: the Files and Batch APIs' limits (cluster.config.BatchConfig; default: its defaults; max_mb 0: off).
+    batch_store: where files and batches are kept (a deployments.batch_store.BatchStoreClient); None: a store
+        in this process.
     """
+    from cluster.config import BatchConfig
+    batches = BatchConfig() if batches is None else batches
+    internal_keys = {tier: secrets.token_urlsafe(32) for tier in SERVICE_TIERS}  # a batch's lines, run here
     stored = StoredResponses(response_store)
     seal = ReasoningSeal(reasoning_key)
     templates = PromptTemplates(prompts)
     background = BackgroundResponses(stored)
 
+    runner = None
+
     @contextlib.asynccontextmanager
     async def lifespan(_):
+        if runner is not None:
+            runner.start()
         yield
+        if runner is not None:
+            await runner.stop()  # another replica takes its batch on from where it was
         await background.shutdown()  # runs still going are stored as cancelled, not left in_progress
 
     app = FastAPI(title=title, version="1.0", lifespan=lifespan)
     if api_keys:
-        app.add_middleware(BearerAuth, keys=api_keys if isinstance(api_keys, Mapping)
-                           else dict.fromkeys(api_keys, "priority"))
+        keys = dict(api_keys) if isinstance(api_keys, Mapping) else dict.fromkeys(api_keys, "priority")
+        app.add_middleware(BearerAuth, keys={**keys, **{k: tier for tier, k in internal_keys.items()}})
     if metrics is not None:
         from observability.tracking import RequestCounter
         app.add_middleware(RequestCounter, recorder=metrics)
@@ -461,6 +475,17 @@ def build_app(engines: Mapping[str, EngineClient], *, max_pending: Union[int, Ma
     app.include_router(responses_router(stored, background, seal, engine_for, templates))
     app.include_router(conversations_router(stored.conversations))
     app.include_router(tokenize_router(engine_for))
+    if batches.max_mb > 0:
+        from .batch_routes import router as batch_router
+        from .batch_runner import BatchRunner
+        from .batch_store import BatchStoreClient, MemoryBatchStore
+        bstore = batch_store or BatchStoreClient(MemoryBatchStore(int(batches.max_mb * (1 << 20))))
+
+        def loopback_headers(tier_cap: Optional[str]) -> dict:
+            return {"Authorization": f"Bearer {internal_keys[tier_cap or 'priority']}"} if api_keys else {}
+        runner = BatchRunner(bstore, app, loopback_headers, batches.concurrency)
+        app.include_router(batch_router(bstore, runner, lambda: list(engines), int(batches.max_file_mb * (1 << 20)),
+                                        batches.max_requests))
 
     @app.get("/v1/models", response_model=ModelList)
     async def models():

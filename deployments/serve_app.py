@@ -108,16 +108,19 @@ class RemoteEngine:
 
 
 class Ingress:
-    def __init__(self, handles: dict, config: dict, store=None, reasoning_key: Optional[str] = None):
+    def __init__(self, handles: dict, config: dict, store=None, reasoning_key: Optional[str] = None,
+                 batch_store=None):
         """reasoning_key: made by build_application so every replica of the app seals alike; env
         GPTOSS_REASONING_KEY, when set, is used instead (it outlives the app)."""
         self.cfg = ServeConfig(**config)
         self.handles, self.store, self.reasoning_key = handles, store, reasoning_key
+        self.batch_store = batch_store
 
     def __serve_build_asgi_app__(self):
         from observability.metrics import MetricsRecorder
 
         from .api_common import api_keys_from_env
+        from .batch_store import BatchStoreClient
         from .openai_api import build_app
         from .response_store import RemoteResponseStore
         engines = {name: RemoteEngine(h, name) for name, h in self.handles.items()}
@@ -125,7 +128,8 @@ class Ingress:
         store = RemoteResponseStore(self.store) if self.store is not None else None
         return build_app(engines, max_pending=limits, metrics=MetricsRecorder("ray"), api_keys=api_keys_from_env(),
                          response_store=store, reasoning_key=key_from_env() or self.reasoning_key,
-                         prompts=self.cfg.prompts)
+                         prompts=self.cfg.prompts, batches=self.cfg.batches,
+                         batch_store=None if self.batch_store is None else BatchStoreClient(handle=self.batch_store))
 
 
 def group_deployment(m: ModelGroupConfig):
@@ -166,7 +170,8 @@ def build_application(cfg: ServeConfig):
     in_flight = sum(m.max_pending * max(1, m.autoscaling.max_replicas) for m in cfg.models) + 16
     ingress = serve.deployment(serve.ingress()(Ingress)).options(
         name="ingress", ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=in_flight)
-    return ingress.bind(handles, cfg.model_dump(mode="json"), store_deployment(cfg, in_flight), new_key())
+    return ingress.bind(handles, cfg.model_dump(mode="json"), store_deployment(cfg, in_flight), new_key(),
+                        batch_store_deployment(cfg, in_flight))
 
 
 def store_deployment(cfg: ServeConfig, in_flight: int):
@@ -182,6 +187,17 @@ def store_deployment(cfg: ServeConfig, in_flight: int):
     return serve.deployment(ResponseStoreServer).options(
         name="responses", num_replicas=1, ray_actor_options=actor,
         max_ongoing_requests=in_flight).bind(r.max_entries, int(r.max_mb * (1 << 20)), r.path)
+
+
+def batch_store_deployment(cfg: ServeConfig, in_flight: int):
+    """The one replica holding the Files and Batch APIs' files and batches (None when they are off), for the
+    same reason as the response store's: any ingress replica answers for any batch, and runs any."""
+    from .batch_store import BatchStoreServer
+    if cfg.batches.max_mb == 0:
+        return None
+    return serve.deployment(BatchStoreServer).options(
+        name="batches", num_replicas=1, ray_actor_options={"num_cpus": 0},
+        max_ongoing_requests=in_flight).bind(int(cfg.batches.max_mb * (1 << 20)))
 
 
 def app_builder(args: dict):

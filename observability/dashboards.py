@@ -184,7 +184,17 @@ def overview():
                         [(gauge("gptoss_stored_records", "kind", per_model=False), "{{kind}}")]))
          .with_panel(ts("Response store memory", "Bytes its records take, all models; at `max_mb` the least "
                         "recently used go first.",
-                        [(gauge("gptoss_response_store_bytes", "", per_model=False), "bytes")], "bytes")))
+                        [(gauge("gptoss_response_store_bytes", "", per_model=False), "bytes")], "bytes"))
+         .with_row(db.Row("Batches"))
+         .with_panel(ts("Batches by status", "Batches the Batch API holds (/v1/batches), all models: running "
+                        "(in_progress, cancelling) and ended.",
+                        [(gauge("gptoss_batches", "status", per_model=False), "{{status}}")]))
+         .with_panel(ts("Requests of running batches", "Lines of the running batches still to run, and those "
+                        "done (completed: a 2xx answer; failed: any other). They run on the flex tier.",
+                        [(gauge("gptoss_batch_requests", "state", per_model=False), "{{state}}")]))
+         .with_panel(ts("Batch store memory", "Bytes of uploaded files and batch results; an upload past "
+                        "`max_mb` is refused.",
+                        [(gauge("gptoss_batch_store_bytes", "", per_model=False), "bytes")], "bytes")))
     return d
 
 

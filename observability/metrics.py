@@ -74,6 +74,12 @@ CATALOGUE: tuple[MetricSpec, ...] = (
     MetricSpec("gptoss_stored_records", "gauge", "Responses and conversations the response store holds", ("kind",)),
     MetricSpec("gptoss_response_store_bytes", "gauge", "Bytes the response store's records take (max_mb bounds it)",
                ()),
+    # the Batch API's store (one replica, app-wide), sampled every interval
+    MetricSpec("gptoss_batches", "gauge", "Batches the batch store holds, by status", ("status",)),
+    MetricSpec("gptoss_batch_requests", "gauge", "Requests of running batches: pending, completed, failed",
+               ("state",)),
+    MetricSpec("gptoss_batch_store_bytes", "gauge", "Bytes of uploaded files and batch results held (max_mb "
+               "bounds uploads)", ()),
     # autoscaling policy (in the Serve controller)
     MetricSpec("gptoss_queue_depth", "gauge", "Waiting + running requests over all groups of a model", M),
     MetricSpec("gptoss_replica_groups", "gauge", "Replica groups the autoscaler decided on", M),

@@ -58,8 +58,9 @@ def test_import_path_builds_the_application(render):
     except ImportError:
         return
     deps = {d.name: d for d in build_app(app, name=app_cfg["name"]).deployments}
-    assert set(deps) == {"ingress", "group-gpt-oss-120b", "responses"}
-    assert deps["responses"]._deployment_config.num_replicas == 1  # one store every ingress replica shares
+    assert set(deps) == {"ingress", "group-gpt-oss-120b", "responses", "batches"}
+    for store in ("responses", "batches"):  # one store every ingress replica shares
+        assert deps[store]._deployment_config.num_replicas == 1
     bundles = deps["group-gpt-oss-120b"]._replica_config.placement_group_bundles
     assert len(bundles) == 8 and all(b["GPU"] == 1 for b in bundles)  # ep 8: one GPU per rank
     assert not ray.is_initialized()

@@ -1,0 +1,83 @@
+"""The batch store on its own: who runs a batch, what a lost runner's takeover keeps, cancel, the byte
+budget and file expiry."""
+
+import json
+import time
+
+from deployments.batch_store import BatchJob, MemoryBatchStore, StoredFile, new_batch
+
+
+def _store(lost_s=30.0, max_bytes=1 << 20, lines=3):
+    s = MemoryBatchStore(max_bytes=max_bytes, lost_s=lost_s)
+    assert s.add_file(StoredFile("file-in", "in.jsonl", "batch", b"x" * 10))
+    job = BatchJob(new_batch("file-in", "/v1/chat/completions", "m", lines, None, []))
+    s.add_batch(job)
+    return s, job.id
+
+
+def _line(i, ok=True, who="a"):
+    return i, ok, json.dumps({"custom_id": f"r{i}", "by": who}), {"prompt_tokens": 2, "completion_tokens": 3}
+
+
+def test_one_runner_at_a_time_and_a_lost_ones_lines_are_kept():
+    s, bid = _store(lost_s=0.2)
+    assert s.claim("a")[0]["id"] == bid
+    assert s.claim("b") is None  # held by a
+    assert s.report(bid, "a", [_line(0), _line(1, ok=False)]) == "in_progress"
+    time.sleep(0.25)  # a stopped reporting: presumed lost
+    batch, done, cap = s.claim("b")
+    assert done == [0, 1] and cap is None
+    assert s.report(bid, "a", [_line(2)]) is None  # a is back: told to stop, its line kept
+    assert s.report(bid, "b", [_line(2, who="b")]) == "in_progress"  # counted once
+    assert s.finish(bid, "a", "completed") is None
+    b = s.finish(bid, "b", "completed")
+    assert b["status"] == "completed" and b["request_counts"] == {"total": 3, "completed": 2, "failed": 1}
+    assert b["usage"]["input_tokens"] == 6 and b["usage"]["output_tokens"] == 9 and b["usage"]["total_tokens"] == 15
+    out = [json.loads(x) for x in s.content(b["output_file_id"]).decode().splitlines()]
+    assert [(x["custom_id"], x["by"]) for x in out] == [("r0", "a"), ("r2", "a")]  # input order, the first
+    assert json.loads(s.content(b["error_file_id"]))["custom_id"] == "r1"
+    assert s.report(bid, "b", [_line(0)]) is None and s.batch(bid)["request_counts"]["completed"] == 2
+
+
+def test_release_hands_a_batch_over_at_once():
+    s, bid = _store()
+    s.claim("a")
+    s.release(bid, "b")  # not b's to release
+    assert s.claim("b") is None
+    s.release(bid, "a")
+    assert s.claim("b")[0]["id"] == bid
+
+
+def test_cancel():
+    s, bid = _store()
+    assert s.cancel(bid)["status"] == "cancelled"  # nobody runs it
+    assert s.claim("a") is None and s.cancel(bid)["status"] == "cancelled"
+    s, bid = _store()
+    s.claim("a")
+    assert s.cancel(bid)["status"] == "cancelling"
+    assert s.claim("b") is None  # still a's, to finish
+    assert s.report(bid, "a", [_line(0)]) == "cancelling"
+    b = s.finish(bid, "a", "completed")  # its last lines ended as the cancel came
+    assert b["status"] == "cancelled" and b["cancelled_at"] and b["request_counts"]["completed"] == 1
+    assert s.cancel("batch_nope") is None
+
+
+def test_budget_expiry_and_files_in_use():
+    s, bid = _store(max_bytes=100)
+    assert not s.add_file(StoredFile("file-big", "b", "batch", b"y" * 91))
+    assert s.add_file(StoredFile("file-old", "o", "batch", b"y" * 90, expires_at=int(time.time()) - 1))
+    assert s.file("file-old") is None and s.bytes == 10  # expired: swept, its bytes freed
+    assert s.delete_file("file-in") == bid  # the input of a running batch stays
+    s.claim("a")
+    s.report(bid, "a", [_line(0)])
+    s.finish(bid, "a", "completed")
+    assert s.delete_file("file-in") is None and s.delete_file("file-in") == "missing"
+    c = s.counts()
+    assert c["batches"] == {"completed": 1} and c["requests"] == {"pending": 0, "completed": 0, "failed": 0}
+
+
+def test_an_invalid_input_makes_a_failed_batch():
+    errors = [{"code": "invalid_json_line", "message": "m", "param": None, "line": 1}]
+    b = new_batch("file-in", "/v1/completions", None, 0, {"k": "v"}, errors)
+    assert b["status"] == "failed" and b["failed_at"] and b["in_progress_at"] is None
+    assert b["errors"] == {"object": "list", "data": errors} and b["metadata"] == {"k": "v"}
