@@ -62,6 +62,11 @@ def _form_expiry(form) -> Optional[int]:
     return s
 
 
+def _too_large(limit: int) -> APIError:
+    return APIError(413, f"file: larger than this server's limit of {limit} bytes", param="file",
+                    code="file_too_large")
+
+
 def router(store: BatchStoreClient, runner: BatchRunner, models: Callable[[], Collection[str]],
            max_file_bytes: int, max_requests: int) -> APIRouter:
     r = APIRouter()
@@ -73,6 +78,9 @@ def router(store: BatchStoreClient, runner: BatchRunner, models: Callable[[], Co
     # ---------------------------------------------------------------- files
     @r.post("/v1/files", responses=errors)
     async def upload_file(request: Request):
+        size = request.headers.get("content-length", "")
+        if size.isdigit() and int(size) > max_file_bytes + (1 << 16):  # refused before the upload is spooled
+            raise _too_large(max_file_bytes)
         try:
             form = await request.form(max_files=1, max_fields=8)
         except Exception:  # noqa: BLE001 - not multipart, or a malformed one
@@ -88,8 +96,7 @@ def router(store: BatchStoreClient, runner: BatchRunner, models: Callable[[], Co
         expires_s = _form_expiry(form)
         data = await upload.read(max_file_bytes + 1)
         if len(data) > max_file_bytes:
-            raise APIError(413, f"file: larger than this server's limit of {max_file_bytes} bytes", param="file",
-                           code="file_too_large")
+            raise _too_large(max_file_bytes)
         t = now()
         f = StoredFile(new_id("file-"), upload.filename or "upload.jsonl", purpose, data, created_at=t,
                        expires_at=t + expires_s if expires_s else None)

@@ -179,8 +179,9 @@ def test_limits_and_off_switch(tiny_ckpt):
     limits = BatchConfig(max_mb=4096 / (1 << 20), max_file_mb=2048 / (1 << 20), max_requests=2)
     with own_server(tiny_ckpt, "demo", cfg, batches=limits) as srv:
         c = srv.client()
-        body = _error(lambda: upload(c, ["x" * 3000]), 413)
-        assert body["param"] == "file" and body["code"] == "file_too_large"
+        for size in (3000, 100_000):  # over the limit; so far over it that the upload is not even read
+            body = _error(lambda: upload(c, ["x" * size]), 413)
+            assert body["param"] == "file" and body["code"] == "file_too_large"
         f = upload(c, [chat_line(str(i), "x") for i in range(3)])
         b = c.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
         assert b.status == "failed" and b.errors.data[0].code == "too_many_requests"

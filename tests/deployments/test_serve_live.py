@@ -149,6 +149,27 @@ def test_responses_are_stored_and_continued_through_the_store_replica(app):
     assert r1.id in e.value.body["message"] and e.value.body["param"] == "previous_response_id"
 
 
+def test_a_batch_runs_through_the_batch_store_replica(app):
+    """Upload, create, poll, download through Serve: the files and the batch live in the batch store replica,
+    an ingress replica's runner runs the lines (on the flex tier) over the EP2 group."""
+    import io
+    import json
+    lines = [{"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions",
+              "body": {"model": "tiny-ep2", "messages": [{"role": "user", "content": f"Say {i}"}], "max_tokens": 6,
+                       "temperature": 0}} for i in range(3)]
+    f = app.files.create(file=("in.jsonl", io.BytesIO("".join(json.dumps(x) + "\n" for x in lines).encode())),
+                         purpose="batch")
+    b = app.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
+    t0 = time.time()
+    while (b := app.batches.retrieve(b.id)).status == "in_progress" and time.time() - t0 < 120:
+        time.sleep(0.2)
+    assert b.status == "completed" and b.request_counts.completed == 3 and b.usage.output_tokens == 18, b
+    out = [json.loads(x) for x in app.files.content(b.output_file_id).text.splitlines()]
+    direct = app.chat.completions.create(**lines[1]["body"])
+    assert out[1]["response"]["body"]["choices"][0]["message"]["content"] == direct.choices[0].message.content
+    assert {x["response"]["body"]["service_tier"] for x in out} == {"flex"}
+
+
 def test_ep2_group_gives_the_same_greedy_output(app):
     a, b = _chat(app, "tiny"), _chat(app, "tiny-ep2")
     assert a.choices[0].message.content == b.choices[0].message.content
