@@ -45,6 +45,9 @@ def _add_common(p) -> None:
                         "or /v1/batches)")
     p.add_argument("--batch-concurrency", type=int, default=64,
                    help="requests of one batch in flight at once, per ingress replica running it")
+    p.add_argument("--batch-file", metavar="PATH",
+                   help="also keep uploaded files and batches in this SQLite file, so they (and running batches) "
+                        "outlive a restart (default: memory only)")
     p.add_argument("--responses-file", metavar="PATH",
                    help="also keep stored responses and conversations in this SQLite file, read back when the "
                         "server starts again (default: memory only)")
@@ -102,7 +105,8 @@ def build_config(args):
         cfg = ServeConfig(host=args.host, port=args.port, models=[group],
                           responses=ResponseStoreConfig(max_entries=args.max_stored_responses,
                                                         path=args.responses_file),
-                          batches=BatchConfig(max_mb=args.batch_store_mb, concurrency=args.batch_concurrency),
+                          batches=BatchConfig(max_mb=args.batch_store_mb, concurrency=args.batch_concurrency,
+                                              path=args.batch_file),
                           prompts=read_prompts(args.prompts) if args.prompts else [])
     except ValidationError as e:
         err = e.errors()[0]
@@ -135,16 +139,17 @@ def read_prompts(path: str) -> list:
     return data
 
 
-def check_responses_file(path: str) -> None:
+def check_store_file(path: str, flag: str = "--responses-file") -> None:
     """Here, not in the store replica: a path it cannot use is a usage error, not a failed deploy."""
     import sqlite3
 
     from cli.generate import UsageError
+    from deployments.batch_file import BatchFile
     from deployments.store_file import StoreFile
     try:
-        StoreFile(path).close()
+        (BatchFile if flag == "--batch-file" else StoreFile)(path).close()
     except (OSError, sqlite3.Error) as e:
-        raise UsageError(f"--responses-file: cannot use {path}: {e}") from None
+        raise UsageError(f"{flag}: cannot use {path}: {e}") from None
 
 
 def run_serve_config(args) -> int:
@@ -202,7 +207,9 @@ def run_serve(args) -> int:
     from cli.main import check_model, check_vocabulary, resolve_model
     cfg = build_config(args)
     if cfg.responses.path and not args.address:  # a cluster's path may exist only on its head node
-        check_responses_file(cfg.responses.path)
+        check_store_file(cfg.responses.path)
+    if cfg.batches.path and not args.address:
+        check_store_file(cfg.batches.path, "--batch-file")
     check_vocabulary()
     check_reasoning_key()
     path = resolve_model(args.model)  # build the demo checkpoint once, before replicas race for it

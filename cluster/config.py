@@ -92,6 +92,10 @@ class BatchConfig(BaseModel):
     max_file_mb: float = Field(200.0, gt=0, description="the largest file an upload may be, in MiB")
     max_requests: int = Field(50_000, ge=1, description="requests one batch may hold")
     concurrency: int = Field(64, ge=1, description="requests of one batch in flight at once")
+    path: str | None = Field(None, description="a SQLite file (on a persistent volume) the store also writes "
+                                               "its files and batches to and reads back when it starts, so "
+                                               "running batches go on after a restart; its replica then runs "
+                                               "on the Ray head node. Unset: memory only")
 
 
 class PromptMessage(BaseModel):

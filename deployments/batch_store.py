@@ -89,12 +89,21 @@ def add_usage(total: dict, usage: dict) -> None:
 
 
 class MemoryBatchStore:
-    def __init__(self, max_bytes: int = 1 << 30, lost_s: float = 30.0):
+    def __init__(self, max_bytes: int = 1 << 30, lost_s: float = 30.0, path: Optional[str] = None):
+        """path: a SQLite file the store writes through to and starts from (deployments.batch_file)."""
         self.max_bytes, self.lost_s = max_bytes, lost_s
         self.files: dict[str, StoredFile] = {}  # insertion order = creation order
         self.jobs: dict[str, BatchJob] = {}
         self.bytes = 0
         self._lock = threading.Lock()
+        self._file = None
+        if path is not None:
+            from .batch_file import BatchFile
+            self._file = BatchFile(path)
+            files, jobs = self._file.load()
+            self.files = {f.id: f for f in files}
+            self.jobs = {j.id: j for j in jobs}
+            self.bytes = sum(len(f.data) for f in files) + sum(len(t) for j in jobs for _, t in j.results.values())
 
     # ---------------------------------------------------------------- files
     def add_file(self, f: StoredFile) -> bool:
@@ -105,13 +114,18 @@ class MemoryBatchStore:
                 return False
             self.files[f.id] = f
             self.bytes += len(f.data)
+            if self._file is not None:
+                self._file.add_files([f])
             return True
 
     def _sweep(self) -> None:
         t = now()
-        for f in [f for f in self.files.values() if f.expires_at is not None and f.expires_at <= t]:
+        gone = [f for f in self.files.values() if f.expires_at is not None and f.expires_at <= t]
+        for f in gone:
             del self.files[f.id]
             self.bytes -= len(f.data)
+        if gone and self._file is not None:
+            self._file.drop_files(f.id for f in gone)
 
     def file(self, fid: str) -> Optional[dict]:
         with self._lock:
@@ -141,12 +155,19 @@ class MemoryBatchStore:
             if user is not None:
                 return user
             self.bytes -= len(self.files.pop(fid).data)
+            if self._file is not None:
+                self._file.drop_files([fid])
             return None
 
     # -------------------------------------------------------------- batches
     def add_batch(self, job: BatchJob) -> None:
         with self._lock:
             self.jobs[job.id] = job
+            self._save(job)
+
+    def _save(self, job: BatchJob, results=(), files=(), finished: bool = False) -> None:
+        if self._file is not None:
+            self._file.save_batch(job, results, files, drop_results=finished)
 
     def batch(self, bid: str) -> Optional[dict]:
         with self._lock:
@@ -170,6 +191,8 @@ class MemoryBatchStore:
                 b.update(status="cancelling", cancelling_at=now())
                 if not self._held(job):
                     self._finish(job, "cancelled")
+                else:
+                    self._save(job)
             return b
 
     def _held(self, job: BatchJob) -> bool:
@@ -200,14 +223,17 @@ class MemoryBatchStore:
             job = self.jobs.get(bid)
             if job is None or job.batch["status"] not in RUNNING:
                 return None
-            b = job.batch
+            b, new = job.batch, []
             for line, ok, text, usage in results:
                 if line in job.results:
                     continue  # a runner presumed lost finished it too: the first one counts
                 job.results[line] = (ok, text)
+                new.append((line, ok, text))
                 self.bytes += len(text)
                 b["request_counts"]["completed" if ok else "failed"] += 1
                 add_usage(b["usage"], usage)
+            if new:
+                self._save(job, new)
             if job.owner != owner:
                 return None
             job.beat = time.monotonic()
@@ -230,7 +256,7 @@ class MemoryBatchStore:
     def _finish(self, job: BatchJob, status: str) -> None:
         b, t = job.batch, now()
         b["finalizing_at"] = t
-        name = {True: "output", False: "error"}
+        name, made = {True: "output", False: "error"}, []
         self.bytes -= sum(len(text) for _, text in job.results.values())  # from here the files hold them
         for ok in (True, False):
             lines = [text for _, (good, text) in sorted(job.results.items()) if good is ok]
@@ -240,10 +266,12 @@ class MemoryBatchStore:
                                expires_at=t + job.output_expires_s if job.output_expires_s else None)
                 self.files[f.id] = f  # past the budget if need be: a batch's results are never dropped
                 self.bytes += len(f.data)
+                made.append(f)
                 b["output_file_id" if ok else "error_file_id"] = f.id
         job.results = {line: (ok, "") for line, (ok, _) in job.results.items()}
         b.update(status=status, **{f"{status}_at": t})
         job.owner = None
+        self._save(job, files=made, finished=True)
 
     def counts(self) -> dict[str, int]:
         """Batches by status, and the lines of running ones by state (for the metrics)."""
@@ -264,8 +292,8 @@ class MemoryBatchStore:
 class BatchStoreServer:
     """The Serve deployment holding the app's one MemoryBatchStore (and publishing its figures)."""
 
-    def __init__(self, max_bytes: int, metrics_s: float = 2.0):
-        self.store = MemoryBatchStore(max_bytes)
+    def __init__(self, max_bytes: int, path: Optional[str] = None, metrics_s: float = 2.0):
+        self.store = MemoryBatchStore(max_bytes, path=path)
         if metrics_s:
             threading.Thread(target=self._publish, args=(metrics_s,), name="metrics", daemon=True).start()
 

@@ -193,11 +193,15 @@ def batch_store_deployment(cfg: ServeConfig, in_flight: int):
     """The one replica holding the Files and Batch APIs' files and batches (None when they are off), for the
     same reason as the response store's: any ingress replica answers for any batch, and runs any."""
     from .batch_store import BatchStoreServer
-    if cfg.batches.max_mb == 0:
+    b = cfg.batches
+    if b.max_mb == 0:
         return None
+    actor = {"num_cpus": 0}
+    if b.path:  # on the head node's volume, as the response store's file
+        actor["resources"] = {"node:__internal_head__": 0.001}
     return serve.deployment(BatchStoreServer).options(
-        name="batches", num_replicas=1, ray_actor_options={"num_cpus": 0},
-        max_ongoing_requests=in_flight).bind(int(cfg.batches.max_mb * (1 << 20)))
+        name="batches", num_replicas=1, ray_actor_options=actor,
+        max_ongoing_requests=in_flight).bind(int(b.max_mb * (1 << 20)), b.path)
 
 
 def app_builder(args: dict):

@@ -81,3 +81,32 @@ def test_an_invalid_input_makes_a_failed_batch():
     b = new_batch("file-in", "/v1/completions", None, 0, {"k": "v"}, errors)
     assert b["status"] == "failed" and b["failed_at"] and b["in_progress_at"] is None
     assert b["errors"] == {"object": "list", "data": errors} and b["metadata"] == {"k": "v"}
+
+
+def test_a_store_file_keeps_files_and_batches_across_a_restart(tmp_path):
+    path = str(tmp_path / "b" / "batches.sqlite")
+    s = MemoryBatchStore(path=path)
+    s.add_file(StoredFile("file-in", "in.jsonl", "batch", b"x" * 10))
+    s.add_file(StoredFile("file-gone", "g.jsonl", "batch", b"y"))
+    s.delete_file("file-gone")
+    a, b = (BatchJob(new_batch("file-in", "/v1/completions", "m", 3, {"k": "v"}, []), tier_cap="flex")
+            for _ in range(2))
+    s.add_batch(a)
+    s.add_batch(b)
+    s.claim("r")
+    assert s.report(a.id, "r", [_line(0), _line(2, ok=False)]) == "in_progress"
+    s.cancel(b.id)  # nobody runs b: cancelled at once
+    s = MemoryBatchStore(path=path)  # the replica restarted
+    assert [f["id"] for f in s.list_files()] == ["file-in"] and s.content("file-in") == b"x" * 10
+    assert [x["id"] for x in s.list_batches()] == [a.id, b.id] and s.batch(b.id)["status"] == "cancelled"
+    assert s.batch(a.id)["request_counts"] == {"total": 3, "completed": 1, "failed": 1}
+    batch, done, cap = s.claim("r2")  # its runner is gone with the old replica: claimed at once
+    assert batch["id"] == a.id and done == [0, 2] and cap == "flex" and batch["metadata"] == {"k": "v"}
+    assert s.report(a.id, "r", [_line(1)]) is None  # the old runner is told to stop
+    s.finish(a.id, "r2", "completed")
+    bytes_then = s.bytes
+    s = MemoryBatchStore(path=path)
+    got = s.batch(a.id)
+    assert got["status"] == "completed" and got["request_counts"]["completed"] == 2
+    assert [json.loads(x)["custom_id"] for x in s.content(got["output_file_id"]).decode().splitlines()] == ["r0", "r1"]
+    assert s.bytes == bytes_then and s.claim("r3") is None
