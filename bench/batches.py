@@ -113,7 +113,7 @@ def main(argv=None) -> int:
                for name, rs in runs.items()}
     same = texts["direct"] == texts["batch"]
     ratio = summary["batch"]["output_tok_s"] / summary["direct"]["output_tok_s"]
-    print(f"| way | wall s (median) | output tok/s |\n|---|---:|---:|\n" + "\n".join(
+    print("| way | wall s (median) | output tok/s |\n|---|---:|---:|\n" + "\n".join(
         f"| {n} | {s['wall_s']:.2f} | {s['output_tok_s']:.1f} |" for n, s in summary.items()))
     print(f"\nbatch / direct throughput: {ratio:.3f}; same texts: {same}")
     if a.out:

@@ -76,7 +76,14 @@ def router(store: BatchStoreClient, runner: BatchRunner, models: Callable[[], Co
         return APIError(404, f"No such File object: {fid}", param=param, code="file_not_found")
 
     # ---------------------------------------------------------------- files
-    @r.post("/v1/files", responses=errors)
+    upload_body = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+        "type": "object", "required": ["file", "purpose"],
+        "properties": {"file": {"type": "string", "format": "binary"}, "purpose": {"type": "string", "enum": ["batch"]},
+                       "expires_after[anchor]": {"type": "string", "enum": ["created_at"]},
+                       "expires_after[seconds]": {"type": "integer", "minimum": MIN_EXPIRY_S,
+                                                  "maximum": MAX_EXPIRY_S}}}}}}}
+
+    @r.post("/v1/files", responses=errors, openapi_extra=upload_body)  # the form is parsed here, not by FastAPI
     async def upload_file(request: Request):
         size = request.headers.get("content-length", "")
         if size.isdigit() and int(size) > max_file_bytes + (1 << 16):  # refused before the upload is spooled

@@ -127,6 +127,8 @@ def test_bad_requests_get_openai_errors(client, api):
     assert _error(lambda: client.files.create(file=("a.jsonl", io.BytesIO(b"{}")), purpose="batch",
                                               expires_after={"anchor": "created_at", "seconds": 60}),
                   400)["param"] == "expires_after.seconds"
+    form = httpx.get(f"{api.url}/openapi.json").json()["paths"]["/v1/files"]["post"]["requestBody"]["content"]
+    assert form["multipart/form-data"]["schema"]["required"] == ["file", "purpose"]  # documented, though parsed by hand
     r = httpx.post(f"{api.url}/v1/files", json={"purpose": "batch"})
     assert r.status_code == 400 and r.json()["error"]["param"] == "file"
     r = httpx.post(f"{api.url}/v1/batches", json={"input_file_id": f.id, "endpoint": "/v1/completions"})
