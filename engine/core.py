@@ -88,7 +88,6 @@ class LLMEngine:
                         else getattr(self.executor, "asynchronous", False))
         self._inflight: _Launched | None = None
         self._lockstep: set[Sequence] = set()  # live sequences that need each token before the next step
-        self._released: list[int] = []  # seeded sequences gone since the last sampling step
         self._arrival = itertools.count()
         self.generated_tokens = 0
         self.computed_tokens = 0
@@ -149,8 +148,6 @@ class LLMEngine:
         for s in seqs or []:
             if not s.finished:
                 s.finished, s.finish_reason = True, "abort"  # a step in flight must drop its token
-                if s.req.params.seed is not None:
-                    self._released.append(s.arrival)
             self._lockstep.discard(s)
             self.scheduler.remove(s)
         return seqs is not None
@@ -262,10 +259,12 @@ class LLMEngine:
         if any(p.has_penalties for p in params):  # copying every history each step costs O(batch x length)
             history = dict(prompt_ids=[s.tokens[:s.prompt_len] for s in seqs],
                            output_ids=[s.output_ids + s.draft[:k] for s, k in zip(seqs, offsets)])
-        released, self._released = self._released, []
         return SampleSpec(params, [s.arrival for s in seqs],
                           [p.seed + s.index if p.seed is not None else None for s, p in zip(seqs, params)],
-                          bitmask, free, released=released, **history)
+                          bitmask, free,
+                          # the output position each row samples: tokens known, the one in flight, its draft row
+                          positions=[len(s.tokens) - s.prompt_len + s.pending + k for s, k in zip(seqs, offsets)],
+                          **history)
 
     def _update(self, done: _Launched) -> list[RequestOutput]:
         outs, ended = [], []
@@ -355,8 +354,6 @@ class LLMEngine:
 
     def _retire(self, s: Sequence) -> None:
         self._lockstep.discard(s)
-        if s.req.params.seed is not None:
-            self._released.append(s.arrival)  # the sampler drops its generator
         self.scheduler.remove(s)
         group = self.seqs.get(s.req.request_id, [])
         if group and all(x.finished for x in group):

@@ -111,7 +111,6 @@ class StepSplitter:
         self.dp, self.buckets = dp, buckets
         self._prev_group: torch.Tensor | None = None   # previous sampling step: row -> group
         self._prev_local: torch.Tensor | None = None   # row -> index among its group's rows
-        self._released: list[list[int]] = [[] for _ in range(dp)]  # for groups that sampled nothing since
 
     def split(self, step: StepInput, spec: SampleSpec | None) -> SplitStep:
         if step.groups is None:
@@ -149,10 +148,8 @@ class StepSplitter:
         specs: list[SampleSpec | None] = [None] * self.dp
         if spec is not None:
             for g in range(self.dp):
-                self._released[g].extend(spec.released)
                 if rows[g].numel():
-                    specs[g] = take_rows(spec, rows[g].tolist(), self._released[g])
-                    self._released[g] = []
+                    specs[g] = take_rows(spec, rows[g].tolist())
             self._prev_group = row_group
             self._prev_local = torch.empty_like(row_group)
             for r in rows:
@@ -160,7 +157,7 @@ class StepSplitter:
         return SplitStep(steps, specs, rows, step.sample_rows.numel())
 
 
-def take_rows(spec: SampleSpec, rows: list[int], released: list[int]) -> SampleSpec:
+def take_rows(spec: SampleSpec, rows: list[int]) -> SampleSpec:
     """The spec of some of a step's sample rows."""
     def pick(xs):
         return None if xs is None else [xs[i] for i in rows]
@@ -168,7 +165,7 @@ def take_rows(spec: SampleSpec, rows: list[int], released: list[int]) -> SampleS
     return SampleSpec(pick(spec.params), pick(spec.keys), pick(spec.seeds),
                       None if spec.bitmask is None else spec.bitmask[idx],
                       None if spec.free is None else spec.free[idx],
-                      pick(spec.prompt_ids), pick(spec.output_ids), released=list(released))
+                      pick(spec.prompt_ids), pick(spec.output_ids), positions=pick(spec.positions))
 
 
 def merge_samples(outs: list[SamplerOutput | None], rows: list[torch.Tensor], n: int) -> SamplerOutput | None:

@@ -86,8 +86,7 @@ class SamplingParams(BaseModel):
 
 
 def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
-    """Per-request RNG. The caller keeps it for the request's lifetime so that
-    step t of a seeded request always consumes the same random stream."""
+    """A seeded row's RNG (engine.sampler_state makes one per draw, from the row's seed and output position)."""
     return torch.Generator(device=device).manual_seed(seed & _M64)  # torch takes [-2**63, 2**64)
 
 

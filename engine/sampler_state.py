@@ -1,10 +1,16 @@
 """The sampling side of an executor, across steps: the spec a step's sampling crosses processes as, and
-the state that stays where the logits are made (each seeded sequence's generator and Philox draw count)."""
+the state that stays where the logits are made.
+
+A seeded row's random draw is keyed by its seed and the output position it samples (philox_key), not by
+how many draws its sequence made: the token at position k is drawn alike whatever the batch, however
+often the sequence was preempted and recomputed, and whether a predicted output (engine.prediction) had
+it verified in a step of several rows or a draft was rejected and it was sampled again. So a seeded
+request's tokens are the same with and without `prediction`, as they are with and without batching."""
 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -30,40 +36,31 @@ def philox_key(seed: int, draw: int) -> int:
 @dataclass
 class SampleSpec:
     """A step's sampling inputs in a form that crosses to an executor in another process: no device
-    tensors, no generator objects (the executor's SamplerState owns those)."""
+    tensors, no generator objects (the executor's SamplerState makes those, from seed and position)."""
 
     params: list[SamplingParams]
-    keys: list[int]                  # per row: the sequence (engine-unique), whose generator a seed selects
+    keys: list[int]                  # per row: the sequence (engine-unique; rows of one sequence share it)
     seeds: list[int | None]          # per row: the seed of its choice's stream (request seed + choice index)
     bitmask: torch.Tensor | None = None  # packed grammar masks, int32 [B, ceil(V/32)] (engine.grammar)
     free: torch.Tensor | None = None     # bool [B]: rows without a grammar
     prompt_ids: list[list[int]] | None = None  # penalties only
     output_ids: list[list[int]] | None = None
-    released: list[int] = field(default_factory=list)  # sequences gone since the last spec
+    positions: list[int] | None = None  # per row: the output position it samples (0: the first token)
 
 
 class SamplerState:
-    """The sampling side of an executor: the sampler, and each seeded sequence's generator, made on the
-    logits' device at its first draw and kept across steps (and preemptions) until released. Where
-    the logits are made, so only token ids leave: a [batch, 201k] logits tensor per step would
-    otherwise cross from the rank that holds it."""
+    """The sampling side of an executor: the sampler, where the logits are made, so only token ids leave:
+    a [batch, 201k] logits tensor per step would otherwise cross from the rank that holds it."""
 
     def __init__(self) -> None:
         self.sampler = Sampler()
-        self.generators: dict[int, torch.Generator] = {}
-        self.draws: dict[int, int] = {}  # seeded sequence -> draws so far: its next Philox key
         self.rng = random.Random()       # unseeded rows' keys
         self.last: torch.Tensor | None = None  # the latest step's sampled ids, where they were sampled
 
     def sample(self, logits: torch.Tensor, spec: SampleSpec) -> SamplerOutput:
-        for k in spec.released:
-            self.generators.pop(k, None)
-            self.draws.pop(k, None)
-        gens = []
-        for k, seed in zip(spec.keys, spec.seeds):
-            if seed is not None and k not in self.generators:
-                self.generators[k] = make_generator(seed, logits.device)
-            gens.append(self.generators.get(k) if seed is not None else None)
+        keys = self._keys(spec)
+        gens = [make_generator(k, logits.device) if seed is not None and not p.greedy else None
+                for k, seed, p in zip(keys, spec.seeds, spec.params)]
         allowed = None
         if spec.bitmask is not None:
             from .grammar import unpack_bitmask  # llguidance loads only where grammars are used
@@ -71,21 +68,20 @@ class SamplerState:
             allowed = unpack_bitmask(spec.bitmask.to(dev, non_blocking=True), logits.shape[-1],
                                      spec.free.to(dev, non_blocking=True))
         from kernels import dispatch
-        keys = to_device(logits.device, self._keys(spec), torch.int64) if dispatch.use_triton(logits.device) else None
+        on_device = to_device(logits.device, keys, torch.int64) if dispatch.use_triton(logits.device) else None
         out = self.sampler.sample(logits, SamplingBatch(spec.params, spec.prompt_ids, spec.output_ids, gens, allowed,
-                                                        keys))
+                                                        on_device))
         self.last = out.token_ids
         return out
 
     def _keys(self, spec: SampleSpec) -> list[int]:
-        """Per row: a seeded sequence's key for its next draw (so its stream depends on its seed and
-        how many tokens it drew, not on the batch), or fresh random bits."""
+        """Per row: a seeded row's key, from its seed and the output position it samples (so its draw depends
+        on neither the batch nor the steps it took to get there), or fresh random bits."""
         out = []
-        for k, seed, p in zip(spec.keys, spec.seeds, spec.params):
+        positions = spec.positions or [0] * len(spec.params)
+        for seed, p, pos in zip(spec.seeds, spec.params, positions):
             if seed is None or p.greedy:
                 out.append(self.rng.getrandbits(64) - 2**63)
-                continue
-            n = self.draws.get(k, 0)
-            self.draws[k] = n + 1
-            out.append(philox_key(seed, n))
+            else:
+                out.append(philox_key(seed, pos))
         return out

@@ -135,12 +135,19 @@ def test_preempted_and_sampled_requests_keep_their_tokens(model):
     want = {k: output_tokens(v) for k, v in base.items()}
     engine_outs, _ = run(model, [raw(f"r{i}", p, 40, want[f"r{i}"]) for i, p in enumerate(ps)], small)
     assert {k: output_tokens(v) for k, v in engine_outs.items()} == want
-    # sampling at temperature 1 with a seed: the same tokens run to run
-    seeded = [GenerateRequest("s", ps[0], SamplingParams(temperature=1.0, seed=7, max_tokens=40, ignore_eos=True),
-                              harmony=False, prediction=want["r0"])]
-    a, _ = run(model, seeded)
-    b, _ = run(model, seeded)
-    assert output_tokens(a["s"]) == output_tokens(b["s"]) and len(output_tokens(a["s"])) == 40
+    # sampling at temperature 1 with a seed: a seeded row's draw is keyed by the output position it samples,
+    # so the tokens are those of the run without a prediction, whatever the prediction (all kept, some, none)
+    def seeded(pred, cfg=EngineConfig(block_size=4)):
+        r = GenerateRequest("s", ps[0], SamplingParams(temperature=1.0, seed=7, max_tokens=40, ignore_eos=True),
+                            harmony=False, prediction=pred)
+        return run(model, [r], cfg)[0]["s"]
+    plain = output_tokens(seeded(None))
+    assert len(plain) == 40 and plain != want["r0"]  # sampled, not greedy
+    exact = seeded(plain)
+    assert output_tokens(exact) == plain and exact[-1].usage.accepted_prediction_tokens >= 30
+    for pred in (want["r0"], plain[:15] + [7, 7] + plain[17:]):
+        assert output_tokens(seeded(pred)) == plain
+    assert output_tokens(seeded(plain, EngineConfig(block_size=4, max_draft_tokens=3))) == plain
 
 
 def test_drafts_never_take_another_sequences_token(model):

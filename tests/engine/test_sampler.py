@@ -331,20 +331,27 @@ def test_seeded_row_without_generator_is_rejected():
         SamplingBatch(params=[SamplingParams(seed=1)], generators=[None])
 
 
-def test_sampler_state_keeps_a_generator_per_sequence_until_released():
-    from engine.sampler_state import SampleSpec, SamplerState
-    st = SamplerState()
+def test_sampler_state_draws_a_seeded_row_by_its_seed_and_output_position():
+    """The token at output position k is drawn from philox_key(seed, k), whatever came before: the same
+    draws alone or in a batch, in any row, from any state, and drawn again alike (a rejected draft's row)."""
+    from engine.sampler_state import SampleSpec, SamplerState, philox_key
     p = SamplingParams(temperature=1.0, seed=5)
-    logits = torch.randn(2, 50, generator=torch.Generator().manual_seed(0))
-    spec = lambda released=(): SampleSpec([p, p], keys=[1, 2], seeds=[5, 6], released=list(released))  # noqa: E731
-    a = [st.sample(logits, spec()).token_ids.tolist() for _ in range(6)]
-    assert set(st.generators) == {1, 2}
-    # the same streams as generators made by hand, one per sequence, drawn step after step
-    g1, g2 = make_generator(5), make_generator(6)
-    ref = [Sampler().sample(logits, SamplingBatch([p, p], generators=[g1, g2])).token_ids.tolist() for _ in range(6)]
-    assert a == ref
-    st.sample(logits[:1], SampleSpec([p], keys=[3], seeds=[7], released=[1, 2]))
-    assert set(st.generators) == {3}
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    st = SamplerState()
+    alone = [st.sample(logits[:1], SampleSpec([p], [1], [5], positions=[k])).token_ids.tolist() for k in range(8)]
+    assert len({t[0] for t in alone}) > 1  # the stream advances with the position
+    ref = [Sampler().sample(logits[:1], SamplingBatch([p], generators=[make_generator(philox_key(5, k))]))
+           .token_ids.tolist() for k in range(8)]
+    assert alone == ref
+    free = SamplingParams(temperature=1.0)
+    for k in (3, 0, 7, 3):  # out of order, again, in another row of a batch
+        out = SamplerState().sample(logits[[1, 0, 2]], SampleSpec([free, p, free], [2, 1, 3], [None, 5, None],
+                                                                  positions=[0, k, 0]))
+        assert out.token_ids[1].item() == alone[k][0]
+    other = SamplerState().sample(logits[:1], SampleSpec([p], [1], [6], positions=[3])).token_ids.tolist()
+    choices = {tuple(SamplerState().sample(logits[:1], SampleSpec([p], [1], [s], positions=[3])).token_ids.tolist())
+               for s in range(5, 25)}
+    assert len(choices) > 1 and other[0] in {c[0] for c in choices}  # the seed matters
 
 
 def test_seed_is_int64_and_every_choice_gets_a_generator():
