@@ -120,10 +120,14 @@ class SamplingBatch:
             self.generators = [None] * b
         if self.keys is not None and len(self.keys) != b:
             raise ValueError(f"SamplingBatch.keys has {len(self.keys)} rows, params has {b}")
-        for i, (p, g) in enumerate(zip(self.params, self.generators)):
-            if p.seed is not None and g is None and not p.greedy:
-                raise ValueError(f"row {i} has seed={p.seed} but no generator; "
-                                 "create one with make_generator(seed) and keep it across steps")
+        if self.keys is None:  # with keys, the fused kernel's rows draw from them (checked where rows split)
+            _check_generators(self.params, self.generators, range(b))
+
+
+def _check_generators(params, gens, rows) -> None:
+    for i, p, g in zip(rows, params, gens):
+        if p.seed is not None and g is None and not p.greedy:
+            raise ValueError(f"row {i} has seed={p.seed} but no generator; create one with make_generator")
 
 
 @dataclass
@@ -155,7 +159,7 @@ def to_device(dev: torch.device, values: list, dtype: torch.dtype) -> torch.Tens
     return t.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else t.to(dev)
 
 
-def _temperature_only(p: SamplingParams, vocab: int) -> bool:
+def temperature_only(p: SamplingParams, vocab: int) -> bool:
     """A sampled row that no truncation touches: the fused kernel draws it in one pass."""
     return not (0 < p.top_k < vocab) and p.top_p >= 1.0 and p.min_p <= 0
 
@@ -205,7 +209,7 @@ class Sampler:
             token_ids[gi] = first_argmax(x[gi])
         rest = [i for i, p in enumerate(params) if not p.greedy]
         if rest and batch.keys is not None:
-            fused = [i for i in rest if _temperature_only(params[i], x.shape[1])]
+            fused = [i for i in rest if temperature_only(params[i], x.shape[1])]
             if fused:
                 from kernels import dispatch
                 dev = logits.device
@@ -220,6 +224,7 @@ class Sampler:
         if rest:
             rp = [params[i] for i in rest]
             gens = [batch.generators[i] for i in rest]
+            _check_generators(rp, gens, rest)
             if len(rest) < len(params):
                 ri = to_device(logits.device, rest, torch.long)
                 token_ids[ri] = self._race(self._truncate(x[ri], rp).softmax(-1), gens)

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .sampler import Sampler, SamplerOutput, SamplingBatch, SamplingParams, make_generator, to_device
+from .sampler import (Sampler, SamplerOutput, SamplingBatch, SamplingParams, make_generator,
+                      temperature_only, to_device)
 
 _M64 = 2**64 - 1
 
@@ -59,16 +60,18 @@ class SamplerState:
 
     def sample(self, logits: torch.Tensor, spec: SampleSpec) -> SamplerOutput:
         keys = self._keys(spec)
-        gens = [make_generator(k, logits.device) if seed is not None and not p.greedy else None
-                for k, seed, p in zip(keys, spec.seeds, spec.params)]
+        from kernels import dispatch
+        fused = dispatch.use_triton(logits.device)  # temperature-only rows draw in the kernel, from their key
+        gens = [make_generator(k, logits.device)
+                if seed is not None and not p.greedy and not (fused and temperature_only(p, logits.shape[-1]))
+                else None for k, seed, p in zip(keys, spec.seeds, spec.params)]
         allowed = None
         if spec.bitmask is not None:
             from .grammar import unpack_bitmask  # llguidance loads only where grammars are used
             dev = logits.device
             allowed = unpack_bitmask(spec.bitmask.to(dev, non_blocking=True), logits.shape[-1],
                                      spec.free.to(dev, non_blocking=True))
-        from kernels import dispatch
-        on_device = to_device(logits.device, keys, torch.int64) if dispatch.use_triton(logits.device) else None
+        on_device = to_device(logits.device, keys, torch.int64) if fused else None
         out = self.sampler.sample(logits, SamplingBatch(spec.params, spec.prompt_ids, spec.output_ids, gens, allowed,
                                                         on_device))
         self.last = out.token_ids
