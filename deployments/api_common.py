@@ -340,6 +340,13 @@ def cap_tier(body, requests: list, tier: str) -> None:
         r.priority = max(r.priority, cap)
 
 
+def principal(key: str) -> str:
+    """Whose an object is (uploaded files, batches): a digest of the API key, never the key itself, so a
+    store that writes it to disk keeps no secret."""
+    import hashlib
+    return hashlib.sha256(key.encode()).hexdigest()[:24]
+
+
 _KEYED = frozenset({"/tokenize", "/detokenize"})  # outside /v1/ (vLLM's paths), still the API's work
 
 
@@ -368,5 +375,7 @@ class BearerAuth:
                                         (b"content-length", str(len(body)).encode())]})
                 await send({"type": "http.response.body", "body": body})
                 return
-            scope.setdefault("state", {})["tier_cap"] = tier
+            state = scope.setdefault("state", {})
+            state["tier_cap"] = tier
+            state["principal"] = principal(token.strip().decode())
         await self.app(scope, receive, send)

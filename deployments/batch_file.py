@@ -28,14 +28,15 @@ class BatchFile:
         self.db.execute("CREATE TABLE IF NOT EXISTS files (id TEXT PRIMARY KEY, meta TEXT NOT NULL, data BLOB NOT "
                         "NULL)")
         self.db.execute("CREATE TABLE IF NOT EXISTS batches (id TEXT PRIMARY KEY, batch TEXT NOT NULL, tier_cap "
-                        "TEXT, output_expires_s INTEGER)")
+                        "TEXT, output_expires_s INTEGER, principal TEXT)")
         self.db.execute("CREATE TABLE IF NOT EXISTS results (batch TEXT NOT NULL, line INTEGER NOT NULL, ok INTEGER "
                         "NOT NULL, text TEXT NOT NULL, PRIMARY KEY (batch, line))")
 
     def add_files(self, files: Iterable) -> None:
         self.db.executemany("INSERT OR REPLACE INTO files (id, meta, data) VALUES (?, ?, ?)",
                             [(f.id, json.dumps({"filename": f.filename, "purpose": f.purpose,
-                                                "created_at": f.created_at, "expires_at": f.expires_at}),
+                                                "created_at": f.created_at, "expires_at": f.expires_at,
+                                                "principal": f.principal}),
                               f.data) for f in files])
 
     def drop_files(self, ids: Iterable[str]) -> None:
@@ -46,9 +47,9 @@ class BatchFile:
         """The batch's object, with the lines it just finished, or (finished) its output files instead."""
         with self.db:
             self.db.execute("BEGIN")
-            self.db.execute("INSERT INTO batches (id, batch, tier_cap, output_expires_s) VALUES (?, ?, ?, ?) "
-                            "ON CONFLICT (id) DO UPDATE SET batch = excluded.batch",  # its row keeps its place
-                            (job.id, json.dumps(job.batch), job.tier_cap, job.output_expires_s))
+            self.db.execute("INSERT INTO batches (id, batch, tier_cap, output_expires_s, principal) VALUES (?, ?, ?, "
+                            "?, ?) ON CONFLICT (id) DO UPDATE SET batch = excluded.batch",  # its row keeps its place
+                            (job.id, json.dumps(job.batch), job.tier_cap, job.output_expires_s, job.principal))
             self.db.executemany("INSERT OR IGNORE INTO results (batch, line, ok, text) VALUES (?, ?, ?, ?)",
                                 [(job.id, line, int(ok), text) for line, ok, text in results])
             self.add_files(files)
@@ -60,9 +61,9 @@ class BatchFile:
         from .batch_store import BatchJob, StoredFile
         files = [StoredFile(fid, data=bytes(data), **json.loads(meta))
                  for fid, meta, data in self.db.execute("SELECT id, meta, data FROM files ORDER BY rowid")]
-        jobs = [BatchJob(json.loads(b), tier_cap=cap, output_expires_s=exp)
-                for b, cap, exp in self.db.execute("SELECT batch, tier_cap, output_expires_s FROM batches "
-                                                   "ORDER BY rowid")]
+        jobs = [BatchJob(json.loads(b), tier_cap=cap, output_expires_s=exp, principal=who)
+                for b, cap, exp, who in self.db.execute("SELECT batch, tier_cap, output_expires_s, principal FROM "
+                                                        "batches ORDER BY rowid")]
         by_id = {j.id: j for j in jobs}
         for bid, line, ok, text in self._results():
             if bid in by_id:

@@ -8,6 +8,9 @@ A batch is validated when it is created: an input that does not hold one model's
 for the batch's endpoint gives a batch that is `failed` at once, its `errors` naming each
 bad line, as OpenAI's validation does. Otherwise it is `in_progress` and an ingress
 replica's runner (deployments.batch_runner) takes it.
+
+With API keys, each key sees only the files it uploaded and the batches it created (with their output
+files): another key's ids are not found, and its lists hold only its own. Without keys, all are shared.
 """
 
 from __future__ import annotations
@@ -72,6 +75,10 @@ def router(store: BatchStoreClient, runner: BatchRunner, models: Callable[[], Co
     r = APIRouter()
     errors = {status: {"model": ErrorResponse} for status in (400, 404, 409, 413)}
 
+    def who(request: Request) -> Optional[str]:
+        """The caller's API key digest (None without keys): each key sees only its own files and batches."""
+        return getattr(request.state, "principal", None)
+
     def file_missing(fid: str, param: str = "file_id") -> APIError:
         return APIError(404, f"No such File object: {fid}", param=param, code="file_not_found")
 
@@ -106,34 +113,35 @@ def router(store: BatchStoreClient, runner: BatchRunner, models: Callable[[], Co
             raise _too_large(max_file_bytes)
         t = now()
         f = StoredFile(new_id("file-"), upload.filename or "upload.jsonl", purpose, data, created_at=t,
-                       expires_at=t + expires_s if expires_s else None)
+                       expires_at=t + expires_s if expires_s else None, principal=who(request))
         if not await store.call("add_file", f):
             raise APIError(400, "the server's file storage is full: delete files you no longer need",
                            param="file", code="storage_limit_exceeded")
         return f.object()
 
     @r.get("/v1/files", responses=errors)
-    async def list_files(purpose: Optional[str] = None, limit: int = Query(10_000, ge=1, le=10_000),
-                         order: Literal["asc", "desc"] = "desc", after: Optional[str] = None):
-        return cursor_page(await store.call("list_files", purpose), limit, order, after, "the files")
+    async def list_files(request: Request, purpose: Optional[str] = None,
+                         limit: int = Query(10_000, ge=1, le=10_000), order: Literal["asc", "desc"] = "desc",
+                         after: Optional[str] = None):
+        return cursor_page(await store.call("list_files", purpose, who(request)), limit, order, after, "the files")
 
     @r.get("/v1/files/{file_id}", responses=errors)
-    async def get_file(file_id: str):
-        f = await store.call("file", file_id)
+    async def get_file(file_id: str, request: Request):
+        f = await store.call("file", file_id, who(request))
         if f is None:
             raise file_missing(file_id)
         return f
 
     @r.get("/v1/files/{file_id}/content", responses=errors)
-    async def file_content(file_id: str):
-        data = await store.call("content", file_id)
+    async def file_content(file_id: str, request: Request):
+        data = await store.call("content", file_id, who(request))
         if data is None:
             raise file_missing(file_id)
         return Response(data, media_type="application/octet-stream")
 
     @r.delete("/v1/files/{file_id}", responses=errors)
-    async def delete_file(file_id: str):
-        got = await store.call("delete_file", file_id)
+    async def delete_file(file_id: str, request: Request):
+        got = await store.call("delete_file", file_id, who(request))
         if got == "missing":
             raise file_missing(file_id)
         if got is not None:
@@ -150,40 +158,41 @@ def router(store: BatchStoreClient, runner: BatchRunner, models: Callable[[], Co
         if body.completion_window != "24h":
             raise APIError(400, "completion_window: only '24h' is supported", param="completion_window",
                            code="invalid_value")
-        f = await store.call("file", body.input_file_id)
+        f = await store.call("file", body.input_file_id, who(request))
         if f is None:
             raise file_missing(body.input_file_id, "input_file_id")
         if f["purpose"] != "batch":
             raise APIError(400, f"input_file_id: {body.input_file_id} was uploaded with purpose {f['purpose']!r}, "
                                 "not 'batch'", param="input_file_id", code="invalid_value")
-        data = await store.call("content", body.input_file_id)
+        data = await store.call("content", body.input_file_id, who(request))
         lines, problems, model = await run_in_threadpool(read_input, data, body.endpoint, max_requests,
                                                          list(models()))
         expiry = body.output_expires_after.seconds if body.output_expires_after else None
         job = BatchJob(new_batch(body.input_file_id, body.endpoint, model, len(lines), body.metadata, problems),
-                       tier_cap=getattr(request.state, "tier_cap", None), output_expires_s=expiry)
+                       tier_cap=getattr(request.state, "tier_cap", None), output_expires_s=expiry,
+                       principal=who(request))
         await store.call("add_batch", job)
         runner.wake()
         return job.batch
 
-    async def batch_or_404(batch_id: str) -> dict:
-        b = await store.call("batch", batch_id)
+    async def batch_or_404(batch_id: str, request: Request) -> dict:
+        b = await store.call("batch", batch_id, who(request))
         if b is None:
             raise APIError(404, f"No batch found with id '{batch_id}'.", param="batch_id", code="batch_not_found")
         return b
 
     @r.get("/v1/batches", responses=errors)
-    async def list_batches(limit: int = Query(20, ge=1, le=100), after: Optional[str] = None):
-        return cursor_page(await store.call("list_batches"), limit, "desc", after, "the batches")
+    async def list_batches(request: Request, limit: int = Query(20, ge=1, le=100), after: Optional[str] = None):
+        return cursor_page(await store.call("list_batches", who(request)), limit, "desc", after, "the batches")
 
     @r.get("/v1/batches/{batch_id}", responses=errors)
-    async def get_batch(batch_id: str):
-        return await batch_or_404(batch_id)
+    async def get_batch(batch_id: str, request: Request):
+        return await batch_or_404(batch_id, request)
 
     @r.post("/v1/batches/{batch_id}/cancel", responses=errors)
-    async def cancel_batch(batch_id: str):
-        await batch_or_404(batch_id)
-        b = await store.call("cancel", batch_id)
+    async def cancel_batch(batch_id: str, request: Request):
+        await batch_or_404(batch_id, request)
+        b = await store.call("cancel", batch_id, who(request))
         if b["status"] in ("completed", "failed", "expired"):
             raise APIError(409, f"Cannot cancel a batch that is {b['status']}.", param="batch_id",
                            code="invalid_state")

@@ -27,6 +27,7 @@ from typing import Optional
 from .api_common import new_id, now
 
 RUNNING = ("validating", "in_progress", "finalizing", "cancelling")
+ANY = "*"  # the principal of a call that may see every object (the runner); never an API key's digest
 
 
 @dataclass
@@ -37,6 +38,7 @@ class StoredFile:
     data: bytes
     created_at: int = field(default_factory=now)
     expires_at: Optional[int] = None
+    principal: Optional[str] = None  # the uploading API key's digest (api_common.principal); None: no keys
 
     def object(self) -> dict:
         return {"id": self.id, "object": "file", "bytes": len(self.data), "created_at": self.created_at,
@@ -49,6 +51,7 @@ class BatchJob:
     batch: dict  # the Batch object as clients see it
     tier_cap: Optional[str] = None  # the creating API key's highest service tier (None: no keys)
     output_expires_s: Optional[int] = None  # the output files' lifetime (None: until deleted)
+    principal: Optional[str] = None  # the creating API key's digest: only it sees the batch and its files
     results: dict[int, tuple[bool, str]] = field(default_factory=dict)  # input line -> (succeeded, output line)
     owner: Optional[str] = None  # the runner holding it
     beat: float = 0.0  # the store's clock at the owner's last report
@@ -127,28 +130,38 @@ class MemoryBatchStore:
         if gone and self._file is not None:
             self._file.drop_files(f.id for f in gone)
 
-    def file(self, fid: str) -> Optional[dict]:
+    @staticmethod
+    def _sees(principal: Optional[str], obj) -> bool:
+        """Whether `principal` may see `obj`: its own, or (ANY) every one. Others' are not found, so an id
+        shows nothing of another key's objects, not even that they exist."""
+        return principal == ANY or obj.principal == principal
+
+    def _get_file(self, fid: str, principal: Optional[str]) -> Optional[StoredFile]:
+        self._sweep()
+        f = self.files.get(fid)
+        return f if f is not None and self._sees(principal, f) else None
+
+    def file(self, fid: str, principal: Optional[str] = ANY) -> Optional[dict]:
         with self._lock:
-            self._sweep()
-            f = self.files.get(fid)
+            f = self._get_file(fid, principal)
             return None if f is None else f.object()
 
-    def content(self, fid: str) -> Optional[bytes]:
+    def content(self, fid: str, principal: Optional[str] = ANY) -> Optional[bytes]:
         with self._lock:
-            self._sweep()
-            f = self.files.get(fid)
+            f = self._get_file(fid, principal)
             return None if f is None else f.data
 
-    def list_files(self, purpose: Optional[str] = None) -> list[dict]:
+    def list_files(self, purpose: Optional[str] = None, principal: Optional[str] = ANY) -> list[dict]:
         """Oldest first."""
         with self._lock:
             self._sweep()
-            return [f.object() for f in self.files.values() if purpose is None or f.purpose == purpose]
+            return [f.object() for f in self.files.values()
+                    if (purpose is None or f.purpose == purpose) and self._sees(principal, f)]
 
-    def delete_file(self, fid: str) -> Optional[str]:
+    def delete_file(self, fid: str, principal: Optional[str] = ANY) -> Optional[str]:
         """None: deleted; "missing"; or the id of a running batch that reads it (not deleted)."""
         with self._lock:
-            if fid not in self.files:
+            if self._get_file(fid, principal) is None:
                 return "missing"
             user = next((j.id for j in self.jobs.values()
                          if j.batch["input_file_id"] == fid and j.batch["status"] in RUNNING), None)
@@ -169,22 +182,22 @@ class MemoryBatchStore:
         if self._file is not None:
             self._file.save_batch(job, results, files, drop_results=finished)
 
-    def batch(self, bid: str) -> Optional[dict]:
+    def batch(self, bid: str, principal: Optional[str] = ANY) -> Optional[dict]:
         with self._lock:
             job = self.jobs.get(bid)
-            return None if job is None else job.batch
+            return job.batch if job is not None and self._sees(principal, job) else None
 
-    def list_batches(self) -> list[dict]:
+    def list_batches(self, principal: Optional[str] = ANY) -> list[dict]:
         """Oldest first."""
         with self._lock:
-            return [j.batch for j in self.jobs.values()]
+            return [j.batch for j in self.jobs.values() if self._sees(principal, j)]
 
-    def cancel(self, bid: str) -> Optional[dict]:
+    def cancel(self, bid: str, principal: Optional[str] = ANY) -> Optional[dict]:
         """Marks a running batch `cancelling`; its runner stops and finishes it. One nobody runs is
         cancelled at once."""
         with self._lock:
             job = self.jobs.get(bid)
-            if job is None:
+            if job is None or not self._sees(principal, job):
                 return None
             b = job.batch
             if b["status"] in ("validating", "in_progress"):
@@ -263,7 +276,8 @@ class MemoryBatchStore:
             if lines:
                 f = StoredFile(new_id("file-"), f"{b['id']}_{name[ok]}.jsonl", "batch_output",
                                ("\n".join(lines) + "\n").encode(), created_at=t,
-                               expires_at=t + job.output_expires_s if job.output_expires_s else None)
+                               expires_at=t + job.output_expires_s if job.output_expires_s else None,
+                               principal=job.principal)
                 self.files[f.id] = f  # past the budget if need be: a batch's results are never dropped
                 self.bytes += len(f.data)
                 made.append(f)

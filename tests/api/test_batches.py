@@ -195,19 +195,33 @@ def test_limits_and_off_switch(tiny_ckpt):
         assert httpx.post(f"{srv.url}/v1/files").status_code == 404
 
 
-def test_api_keys_cap_a_batch_lines_tier(tiny_ckpt):
+def test_api_keys_cap_a_batch_lines_tier_and_keep_each_keys_objects_its_own(tiny_ckpt):
     cfg = EngineConfig(max_model_len=1024, num_blocks=64)
     with own_server(tiny_ckpt, "demo", cfg, api_keys={"full": "priority", "cheap": "flex"}) as srv:
         def client(key):
             return openai.OpenAI(base_url=f"{srv.url}/v1", api_key=key, max_retries=0, timeout=60)
         lines = [chat_line("p", "x", service_tier="priority"), chat_line("d", "y")]
+        made = {}
         for key, tiers in (("full", ["priority", "flex"]), ("cheap", ["flex", "flex"])):
             c = client(key)
-            b = wait(c, c.batches.create(input_file_id=upload(c, lines).id, endpoint="/v1/chat/completions",
+            f = upload(c, lines)
+            b = wait(c, c.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
                                          completion_window="24h").id)
             assert b.status == "completed", b
             assert [x["response"]["body"]["service_tier"] for x in jsonl(c, b.output_file_id)] == tiers
+            made[key] = (f, b)
         assert _error(lambda: client("wrong").batches.list(), 401)["code"] == "invalid_api_key"
+        # each key sees its own files and batches only: another's ids are not found, its lists leave them out
+        c, (f, b) = client("cheap"), made["full"]
+        assert [x.id for x in c.batches.list().data] == [made["cheap"][1].id]
+        assert {x.id for x in c.files.list().data} == {made["cheap"][0].id, made["cheap"][1].output_file_id}
+        for call in (lambda: c.batches.retrieve(b.id), lambda: c.batches.cancel(b.id),
+                     lambda: c.files.retrieve(f.id), lambda: c.files.content(b.output_file_id),
+                     lambda: c.files.delete(f.id)):
+            assert _error(call, 404)["code"] in ("batch_not_found", "file_not_found")
+        assert _error(lambda: c.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
+                                               completion_window="24h"), 404)["param"] == "input_file_id"
+        assert client("full").files.retrieve(f.id).id == f.id  # still there for its owner
 
 
 def test_a_batch_whose_runner_was_lost_resumes_where_it_stopped(tiny_ckpt):

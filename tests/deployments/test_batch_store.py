@@ -89,8 +89,8 @@ def test_a_store_file_keeps_files_and_batches_across_a_restart(tmp_path):
     s.add_file(StoredFile("file-in", "in.jsonl", "batch", b"x" * 10))
     s.add_file(StoredFile("file-gone", "g.jsonl", "batch", b"y"))
     s.delete_file("file-gone")
-    a, b = (BatchJob(new_batch("file-in", "/v1/completions", "m", 3, {"k": "v"}, []), tier_cap="flex")
-            for _ in range(2))
+    a, b = (BatchJob(new_batch("file-in", "/v1/completions", "m", 3, {"k": "v"}, []), tier_cap="flex",
+                     principal="team-a") for _ in range(2))
     s.add_batch(a)
     s.add_batch(b)
     s.claim("r")
@@ -110,3 +110,5 @@ def test_a_store_file_keeps_files_and_batches_across_a_restart(tmp_path):
     assert got["status"] == "completed" and got["request_counts"]["completed"] == 2
     assert [json.loads(x)["custom_id"] for x in s.content(got["output_file_id"]).decode().splitlines()] == ["r0", "r1"]
     assert s.bytes == bytes_then and s.claim("r3") is None
+    assert s.batch(a.id, "team-b") is None and s.batch(a.id, "team-a")["id"] == a.id  # whose it is, kept
+    assert s.file(got["output_file_id"], "team-a") and s.file(got["output_file_id"], "team-b") is None
