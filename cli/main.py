@@ -100,8 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     mk.add_argument("--dry-run", action="store_true", help="print the size without writing")
     mk.set_defaults(fn=cmd_checkpoint_make)
 
-    from cli import generate, serve
+    from cli import batch, generate, serve
     generate.add_parser(sub)
+    batch.add_parser(sub)
     serve.add_parsers(sub)
     from cli import dashboards
     dashboards.add_parsers(sub)
