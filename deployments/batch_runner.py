@@ -256,6 +256,10 @@ class _Run:
     async def _line(self, client: httpx.AsyncClient, i: int) -> Optional[tuple[int, bool, str, dict]]:
         line = self.lines[i]
         body = {"service_tier": "flex", **line.body}
+        if self.batch["endpoint"] == "/v1/responses":
+            # the output file holds the results: tens of thousands of stored ones would evict the interactive
+            # conversations the store keeps, so a line is stored only when it asks to be
+            body = {"store": False, **body}
         delay, server_errors = 0.05, 0
         while True:
             r = await client.post(self.batch["endpoint"], json=body, headers=self.headers)

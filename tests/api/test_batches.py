@@ -82,6 +82,15 @@ def test_completions_and_responses_batches(client):
         (x,) = jsonl(client, b.output_file_id)
         assert x["response"]["body"]["object"] == kind and x["response"]["body"]["service_tier"] == "flex"
         assert b.usage.output_tokens == 4
+    # a Responses line is stored only when it asks: the store keeps interactive conversations
+    lines = [{"custom_id": str(i), "method": "POST", "url": "/v1/responses",
+              "body": {"model": "demo", "input": "Hi", "max_output_tokens": 2, **extra}}
+             for i, extra in enumerate(({}, {"store": True}))]
+    b = wait(client, client.batches.create(input_file_id=upload(client, lines).id, endpoint="/v1/responses",
+                                           completion_window="24h").id)
+    ids = [x["response"]["body"]["id"] for x in jsonl(client, b.output_file_id)]
+    assert _error(lambda: client.responses.retrieve(ids[0]), 404)
+    assert client.responses.retrieve(ids[1]).id == ids[1]
 
 
 def test_an_input_that_does_not_validate_fails_the_batch_naming_its_lines(client):
