@@ -161,7 +161,7 @@ class BatchRunner:
                 "code": "file_not_found", "message": f"the input file {batch['input_file_id']} is gone",
                 "param": "input_file_id", "line": None})
             return
-        lines = read_input(data, batch["endpoint"], len(data))[0]
+        lines = (await asyncio.to_thread(read_input, data, batch["endpoint"], len(data)))[0]  # off the event loop
         finished = set(done)
         todo = [i for i in range(len(lines)) if i not in finished]
         log.info("batch %s: running %d of %d lines", bid, len(todo), len(lines))
