@@ -1,4 +1,4 @@
-"""`gptoss dashboards export DIR` and `gptoss dashboards push --url URL --token T`."""
+"""`gptoss dashboards export DIR`, `gptoss dashboards push --url URL --token T` and `gptoss alerts export DIR`."""
 
 from __future__ import annotations
 
@@ -21,6 +21,21 @@ def add_parsers(sub) -> None:
     ps.add_argument("--folder", default="gptoss", help="folder to put them in (created if missing)")
     ps.add_argument("--timeout", type=float, default=10.0, help="seconds per HTTP request")
     ps.set_defaults(fn=run_push)
+    a = sub.add_parser("alerts", help="Prometheus alerting rules: write them as a rules file")
+    asub = a.add_subparsers(dest="alertcmd", required=True)
+    ae = asub.add_parser("export", help="write gptoss-alerts.yaml (a Prometheus rules file) into DIR")
+    ae.add_argument("dir", help="output directory (created if missing)")
+    ae.set_defaults(fn=run_alerts_export)
+
+
+def run_alerts_export(args) -> int:
+    from cli.generate import UsageError
+    from observability.alerts import export
+    out = Path(args.dir)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"DIR: '{out}' is a file, not a directory")
+    print(f"wrote {export(out)}")
+    return 0
 
 
 def run_export(args) -> int:

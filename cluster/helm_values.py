@@ -165,6 +165,11 @@ def hand_properties() -> dict:
                                         "(RAY_GRAFANA_HOST); empty: none"),
             "prometheusHost": _t("string", "Prometheus URL for the Ray dashboard (RAY_PROMETHEUS_HOST)"),
         }),
+        "alerts": _obj("a PrometheusRule with the alerting rules of alerts/gptoss-alerts.yaml", {
+            "enabled": _t("boolean", "create the PrometheusRule (needs the Prometheus Operator's CRDs)"),
+            "labels": _obj("labels on the rule (match your Prometheus' ruleSelector, e.g. release: ...)",
+                           additionalProperties={"type": "string"}),
+        }),
         "dashboards": _obj("one ConfigMap per dashboards/*.json, for Grafana's dashboard sidecar", {
             "enabled": _t("boolean", "create the ConfigMaps"),
             "labels": _obj("labels the sidecar looks for", additionalProperties={"type": "string"}),

@@ -24,8 +24,10 @@ METRICS_PORT = 18765
 PROM_PORT = 19090
 
 
+ALERTS = os.path.join(os.path.dirname(__file__), "..", "..", "helm", "gptoss", "alerts", "gptoss-alerts.yaml")
 PROM_CONFIG = """
 global: {scrape_interval: 1s, evaluation_interval: 1s}
+rule_files: ["%s"]
 scrape_configs:
   - job_name: ray
     static_configs: [{targets: ["127.0.0.1:%d"]}]
@@ -43,7 +45,7 @@ def prometheus(tmp_path_factory):
         yield None
         return
     d = tmp_path_factory.mktemp("prom")
-    (d / "prometheus.yml").write_text(PROM_CONFIG % METRICS_PORT)
+    (d / "prometheus.yml").write_text(PROM_CONFIG % (os.path.abspath(ALERTS), METRICS_PORT))
     proc = subprocess.Popen([exe, f"--config.file={d / 'prometheus.yml'}", f"--storage.tsdb.path={d / 'data'}",
                              f"--web.listen-address=127.0.0.1:{PROM_PORT}"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -356,6 +358,9 @@ def test_prometheus_scrapes_every_dashboard_query_under_load(app, prometheus):
                 pending.discard((uid, title, expr))
         time.sleep(2)
     assert not pending, "panels without data:\n" + "\n".join(f"{u} / {t}: {e}" for u, t, e in sorted(pending))
+    # the chart's alerting rules, loaded as a rules file: each evaluated against the live series without error
+    rules = [r for g in httpx.get(f"{prometheus}/api/v1/rules", timeout=10).json()["data"]["groups"] for r in g["rules"]]
+    assert len(rules) >= 7 and all(r["health"] == "ok" and r["evaluationTime"] > 0 for r in rules), rules
     kinds = httpx.get(f"{prometheus}/api/v1/query", params={"query": "max by (kind) (ray_gptoss_stored_records)"},
                       timeout=10).json()["data"]["result"]
     assert float({k["metric"]["kind"]: k["value"][1] for k in kinds}["response"]) >= 1, (stored.id, kinds)

@@ -265,3 +265,12 @@ def test_helm_test_hook_checks_the_api(render):
         exec(setup.replace("import json, os, urllib.request as u", ""),
              {"os": type("os", (), {"environ": {"API": "http://x", "GPTOSS_API_KEYS": env}})}, scope)
         assert scope["key"] == key, env
+
+
+def test_alerts_render_as_a_prometheus_rule(render):
+    assert not kind(render(), "PrometheusRule")  # off by default: it needs the operator's CRDs
+    rule = one(render(user_values("20b")), "PrometheusRule")
+    assert rule["apiVersion"] == "monitoring.coreos.com/v1" and rule["metadata"]["name"] == "gptoss-alerts"
+    assert rule["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    shipped = yaml.safe_load((CHART / "alerts" / "gptoss-alerts.yaml").read_text())
+    assert rule["spec"] == shipped and len(rule["spec"]["groups"][0]["rules"]) >= 7
