@@ -359,7 +359,8 @@ def test_prometheus_scrapes_every_dashboard_query_under_load(app, prometheus):
         time.sleep(2)
     assert not pending, "panels without data:\n" + "\n".join(f"{u} / {t}: {e}" for u, t, e in sorted(pending))
     # the chart's alerting rules, loaded as a rules file: each evaluated against the live series without error
-    rules = [r for g in httpx.get(f"{prometheus}/api/v1/rules", timeout=10).json()["data"]["groups"] for r in g["rules"]]
+    groups = httpx.get(f"{prometheus}/api/v1/rules", timeout=10).json()["data"]["groups"]
+    rules = [r for g in groups for r in g["rules"]]
     assert len(rules) >= 7 and all(r["health"] == "ok" and r["evaluationTime"] > 0 for r in rules), rules
     kinds = httpx.get(f"{prometheus}/api/v1/query", params={"query": "max by (kind) (ray_gptoss_stored_records)"},
                       timeout=10).json()["data"]["result"]
