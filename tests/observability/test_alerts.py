@@ -80,3 +80,12 @@ def test_rules_fire_on_what_they_watch_and_only_then(tmp_path):
     spec.write_text(yaml.safe_dump({"rule_files": [str(SHIPPED)], "evaluation_interval": "1m", "tests": tests}))
     r = subprocess.run([PROMTOOL, "test", "rules", str(spec)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "SUCCESS" in r.stdout, r.stdout + r.stderr
+
+
+def test_alerts_export_cli(tmp_path, capsys):
+    from cli.main import main
+    assert main(["alerts", "export", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / alerts.FILE).read_text() == SHIPPED.read_text()
+    (tmp_path / "f").write_text("")
+    assert main(["alerts", "export", str(tmp_path / "f")]) == 2
+    assert "is a file, not a directory" in capsys.readouterr().err
