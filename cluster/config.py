@@ -91,7 +91,9 @@ class BatchConfig(BaseModel):
                                                     "0: no Files or Batch API")
     max_file_mb: float = Field(200.0, gt=0, description="the largest file an upload may be, in MiB")
     max_requests: int = Field(50_000, ge=1, description="requests one batch may hold")
-    concurrency: int = Field(64, ge=1, description="requests of one batch in flight at once")
+    concurrency: int = Field(64, ge=1, description="batch requests in flight at once, per ingress replica")
+    max_batches: int = Field(4, ge=1, description="batches an ingress replica runs at once, taking turns line "
+                                                  "by line (so a small batch is not held behind a large one)")
     path: str | None = Field(None, description="a SQLite file (on a persistent volume) the store also writes "
                                                "its files and batches to and reads back when it starts, so "
                                                "running batches go on after a restart; its replica then runs "

@@ -10,7 +10,8 @@ backoff; any other answer is the line's result, in the output file (2xx) or the 
 file.
 
 One runner per ingress replica claims batches from the store (deployments.batch_store)
-and runs one at a time, `concurrency` lines in flight. Its reports, every FLUSH_S, carry
+and runs up to `max_batches` at once, sharing `concurrency` lines in flight between them
+first come, first served line by line, so a small batch is not held behind a large one. Its reports, every FLUSH_S, carry
 the lines finished since the last one and are its heartbeat; a report that answers
 `cancelling` stops the run (in-flight lines are aborted in the engine), one that answers
 None means another runner took the batch over, presuming this one lost.
@@ -111,14 +112,16 @@ def read_input(data: bytes, endpoint: str, max_requests: int,
 
 class BatchRunner:
     def __init__(self, store: BatchStoreClient, app, headers: Callable[[Optional[str]], dict], concurrency: int,
-                 poll_s: float = POLL_S):
+                 max_batches: int = 4, poll_s: float = POLL_S):
         """app: this replica's ASGI app; headers(tier_cap): what lets a line through its API-key check with that
         tier cap (None: the creator had none)."""
         self.store, self.app, self.headers = store, app, headers
-        self.concurrency, self.poll_s = concurrency, poll_s
+        self.concurrency, self.max_batches, self.poll_s = concurrency, max_batches, poll_s
         self.owner = new_id("runner_")
+        self.slots = asyncio.Semaphore(concurrency)  # lines in flight, over every batch this runner runs
         self._wake = asyncio.Event()
         self._task: Optional[asyncio.Task] = None
+        self.active: dict[str, asyncio.Task] = {}
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop())
@@ -128,30 +131,39 @@ class BatchRunner:
         self._wake.set()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        tasks = [t for t in (self._task, *self.active.values()) if t is not None]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _loop(self) -> None:
         while True:
-            try:
-                got = await self.store.call("claim", self.owner)
-            except Exception:  # noqa: BLE001 - the store is restarting: try again at the next poll
-                log.warning("batch store unreachable", exc_info=True)
-                got = None
-            if got is None:
+            got = None
+            if len(self.active) < self.max_batches:
+                try:
+                    got = await self.store.call("claim", self.owner)
+                except Exception:  # noqa: BLE001 - the store is restarting: try again at the next poll
+                    log.warning("batch store unreachable", exc_info=True)
+            if got is None:  # nothing to claim, or no room: until a batch is created or one of ours ends
                 try:
                     await asyncio.wait_for(self._wake.wait(), self.poll_s)
                 except asyncio.TimeoutError:
                     pass
                 self._wake.clear()
                 continue
-            try:
-                await self._run(*got)
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # noqa: BLE001 - this batch's run broke; it is claimed again once presumed lost
-                log.exception("batch %s: run failed", got[0]["id"])
+            bid = got[0]["id"]
+            self.active[bid] = asyncio.ensure_future(self._guarded(*got))
+
+    async def _guarded(self, batch: dict, done: list[int], tier_cap: Optional[str]) -> None:
+        try:
+            await self._run(batch, done, tier_cap)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - this batch's run broke; it is claimed again once presumed lost
+            log.exception("batch %s: run failed", batch["id"])
+        finally:
+            self.active.pop(batch["id"], None)
+            self.wake()  # room for another
 
     async def _run(self, batch: dict, done: list[int], tier_cap: Optional[str]) -> None:
         bid = batch["id"]
@@ -202,7 +214,7 @@ class _Run:
 
     async def go(self, todo: list[int]) -> str:
         """Runs `todo`; how it ended: completed, cancelled, expired, or lost (another runner holds it)."""
-        sem = asyncio.Semaphore(self.runner.concurrency)
+        sem = self.runner.slots  # shared: waiting batches take turns, line by line (its waiters are FIFO)
         transport = httpx.ASGITransport(app=self.runner.app)
         async with httpx.AsyncClient(transport=transport, base_url="http://batch", timeout=None) as client:
             async def one(i: int) -> None:
@@ -223,6 +235,7 @@ class _Run:
                     if self.stop is None and now() >= self.batch["expires_at"]:
                         self.stop = "expired"
                     if self.stop is not None:
+                        sem.release()
                         break
                     self.ran.add(i)
                     t = asyncio.ensure_future(one(i))

@@ -483,7 +483,7 @@ def build_app(engines: Mapping[str, EngineClient], *, max_pending: Union[int, Ma
 
         def loopback_headers(tier_cap: Optional[str]) -> dict:
             return {"Authorization": f"Bearer {internal_keys[tier_cap or 'priority']}"} if api_keys else {}
-        runner = BatchRunner(bstore, app, loopback_headers, batches.concurrency)
+        runner = BatchRunner(bstore, app, loopback_headers, batches.concurrency, batches.max_batches)
         app.include_router(batch_router(bstore, runner, lambda: list(engines), int(batches.max_file_mb * (1 << 20)),
                                         batches.max_requests))
 

@@ -185,6 +185,24 @@ def test_cancel_stops_a_running_batch(tiny_ckpt):
         assert c.files.delete(f.id).deleted
 
 
+def test_a_small_batch_is_not_held_behind_a_large_one(tiny_ckpt):
+    """Batches a replica runs at once take turns for its lines in flight: one line of a later batch runs
+    next to the first batch's, not after all of them."""
+    cfg = EngineConfig(max_model_len=1024, num_blocks=256)
+    with own_server(tiny_ckpt, "demo", cfg, batches=BatchConfig(concurrency=1, max_batches=2)) as srv:
+        c = srv.client()
+        big = c.batches.create(input_file_id=upload(c, [chat_line(f"r{i}", "x", max_tokens=24)
+                                                        for i in range(10)]).id,
+                               endpoint="/v1/chat/completions", completion_window="24h")
+        small = c.batches.create(input_file_id=upload(c, [chat_line("s", "y")]).id,
+                                 endpoint="/v1/chat/completions", completion_window="24h")
+        small = wait(c, small.id)
+        assert small.status == "completed" and small.request_counts.completed == 1
+        assert c.batches.retrieve(big.id).request_counts.completed <= 3  # the big one is far from done
+        big = wait(c, big.id)
+        assert big.status == "completed" and big.request_counts.completed == 10
+
+
 def test_limits_and_off_switch(tiny_ckpt):
     cfg = EngineConfig(max_model_len=1024, num_blocks=64)
     limits = BatchConfig(max_mb=4096 / (1 << 20), max_file_mb=2048 / (1 << 20), max_requests=2)
