@@ -19,6 +19,7 @@ kept, so a running batch never loses work to the bound.
 
 from __future__ import annotations
 
+import copy
 import threading
 import time
 from dataclasses import dataclass, field
@@ -92,6 +93,9 @@ def add_usage(total: dict, usage: dict) -> None:
 
 
 class MemoryBatchStore:
+    """Thread-safe (a Serve replica may call it from several threads); what it returns are copies, so no
+    caller reads a batch while a report changes it."""
+
     def __init__(self, max_bytes: int = 1 << 30, lost_s: float = 30.0, path: Optional[str] = None):
         """path: a SQLite file the store writes through to and starts from (deployments.batch_file)."""
         self.max_bytes, self.lost_s = max_bytes, lost_s
@@ -185,12 +189,12 @@ class MemoryBatchStore:
     def batch(self, bid: str, principal: Optional[str] = ANY) -> Optional[dict]:
         with self._lock:
             job = self.jobs.get(bid)
-            return job.batch if job is not None and self._sees(principal, job) else None
+            return copy.deepcopy(job.batch) if job is not None and self._sees(principal, job) else None
 
     def list_batches(self, principal: Optional[str] = ANY) -> list[dict]:
         """Oldest first."""
         with self._lock:
-            return [j.batch for j in self.jobs.values() if self._sees(principal, j)]
+            return [copy.deepcopy(j.batch) for j in self.jobs.values() if self._sees(principal, j)]
 
     def cancel(self, bid: str, principal: Optional[str] = ANY) -> Optional[dict]:
         """Marks a running batch `cancelling`; its runner stops and finishes it. One nobody runs is
@@ -206,7 +210,7 @@ class MemoryBatchStore:
                     self._finish(job, "cancelled")
                 else:
                     self._save(job)
-            return b
+            return copy.deepcopy(b)
 
     def _held(self, job: BatchJob) -> bool:
         return job.owner is not None and time.monotonic() - job.beat < self.lost_s
@@ -218,7 +222,7 @@ class MemoryBatchStore:
             for job in self.jobs.values():
                 if job.batch["status"] in ("in_progress", "cancelling") and not self._held(job):
                     job.owner, job.beat = owner, time.monotonic()
-                    return job.batch, sorted(job.results), job.tier_cap
+                    return copy.deepcopy(job.batch), sorted(job.results), job.tier_cap
             return None
 
     def release(self, bid: str, owner: str) -> None:
@@ -264,7 +268,7 @@ class MemoryBatchStore:
             if error is not None:
                 job.batch["errors"] = {"object": "list", "data": [error]}
             self._finish(job, status)
-            return job.batch
+            return copy.deepcopy(job.batch)
 
     def _finish(self, job: BatchJob, status: str) -> None:
         b, t = job.batch, now()
