@@ -12,6 +12,11 @@ batch store replica). The same `--requests` chat requests (greedy, EOS ignored) 
 
 Reported: wall time (direct: first send to last answer; batch: create to `completed` seen), output tokens/s,
 and whether every request's text is the same both ways.
+
+With `--interactive N`, then, what a batch leaves interactive traffic: N short requests (one output token, the
+default tier; one every 0.5 s, each timed from send to answer) sent while a background of `--requests`
+long requests (`--background-tokens` each) fills a group of `--max-num-seqs` 16, three ways: no background;
+the background as a batch (its lines on the flex tier); the same background sent directly (default tier).
 """
 
 from __future__ import annotations
@@ -66,11 +71,46 @@ def batch(client, reqs: list[dict]) -> tuple[float, list[str], int]:
     return wall, [x["response"]["body"]["choices"][0]["message"]["content"] for x in out], b.usage.output_tokens
 
 
+def probe(client, n: int) -> list[float]:
+    """Latencies of `n` one-token interactive requests sent 0.5 s apart (each on its own, not after the
+    previous one's answer: all of them arrive while a background runs)."""
+    def one(i: int) -> float:
+        time.sleep(0.5 * i)
+        t0 = time.perf_counter()
+        client.chat.completions.create(model="m", messages=[{"role": "user", "content": f"Quick {i}?"}],
+                                       max_tokens=1, temperature=0)
+        return time.perf_counter() - t0
+    with ThreadPoolExecutor(n) as pool:
+        return list(pool.map(one, range(n)))
+
+
+def interference(client, a) -> dict:
+    """Interactive latency with no background, a batch background and a direct one (see the docstring)."""
+    bg = [{**b, "max_tokens": a.background_tokens} for b in bodies(a)]
+    res = {"none": probe(client, a.interactive)}
+    with ThreadPoolExecutor(1) as pool:
+        run = pool.submit(batch, client, bg)
+        time.sleep(3.0)  # the batch's lines are in the engine
+        res["batch"] = probe(client, a.interactive)
+        run.result()
+    with ThreadPoolExecutor(1) as pool:
+        run = pool.submit(direct, client, bg)
+        time.sleep(3.0)
+        res["direct"] = probe(client, a.interactive)
+        run.result()
+    return res
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--requests", type=at_least(1), default=32)
     p.add_argument("--max-tokens", type=at_least(1), default=32)
-    p.add_argument("--repeats", type=at_least(1), default=2)
+    p.add_argument("--repeats", type=at_least(0), default=2, help="rounds of the throughput comparison (0: none)")
+    p.add_argument("--interactive", type=int, default=0, help="then measure N interactive requests' latency "
+                                                             "beside a background (0: not)")
+    p.add_argument("--background-tokens", type=at_least(1), default=128)
+    p.add_argument("--max-num-seqs", type=at_least(1), default=None,
+                   help="the group's batch (default: --requests; 16 suits --interactive)")
     p.add_argument("--out", default=None, help="JSON results file (default: none)")
     a = p.parse_args(argv)
     import os
@@ -95,32 +135,41 @@ def main(argv=None) -> int:
             serve.start(http_options={"host": "127.0.0.1", "port": PORT})
             group = ModelGroupConfig(name="m", path=str(ckpt), cpus_per_rank=float(torch.get_num_threads()),
                                      engine=EngineConfig(max_model_len=1024, num_blocks=1024,
-                                                         max_num_seqs=a.requests))
+                                                         max_num_seqs=a.max_num_seqs or a.requests))
             serve.run(build_application(ServeConfig(port=PORT, models=[group])), name="bench", route_prefix="/")
             client = openai.OpenAI(base_url=f"http://127.0.0.1:{PORT}/v1", api_key="x", max_retries=0, timeout=600)
             direct(client, bodies(a)[:2])  # warm-up: first-call costs out of the figures
+            if a.interactive:
+                probe(client, 2)
             for _ in range(a.repeats):
                 for name, fn in (("direct", direct), ("batch", batch)):
                     wall, out, toks = fn(client, bodies(a))
                     runs[name].append({"wall_s": wall, "output_tokens": toks})
                     texts.setdefault(name, out)
                     print(f"{name:6s} {wall:6.2f} s  {toks / wall:7.1f} output tok/s", file=sys.stderr)
+            lat = interference(client, a) if a.interactive else {}
         finally:
             serve.shutdown()
             ray.shutdown()
+    runs = {k: v for k, v in runs.items() if v}  # none with --repeats 0
     summary = {name: {"wall_s": statistics.median(r["wall_s"] for r in rs),
                       "output_tok_s": statistics.median(r["output_tokens"] / r["wall_s"] for r in rs)}
                for name, rs in runs.items()}
-    same = texts["direct"] == texts["batch"]
-    ratio = summary["batch"]["output_tok_s"] / summary["direct"]["output_tok_s"]
-    print("| way | wall s (median) | output tok/s |\n|---|---:|---:|\n" + "\n".join(
-        f"| {n} | {s['wall_s']:.2f} | {s['output_tok_s']:.1f} |" for n, s in summary.items()))
-    print(f"\nbatch / direct throughput: {ratio:.3f}; same texts: {same}")
+    same = texts.get("direct") == texts.get("batch")
+    ratio = summary["batch"]["output_tok_s"] / summary["direct"]["output_tok_s"] if summary else None
+    if summary:
+        print("| way | wall s (median) | output tok/s |\n|---|---:|---:|\n" + "\n".join(
+            f"| {n} | {s['wall_s']:.2f} | {s['output_tok_s']:.1f} |" for n, s in summary.items()))
+        print(f"\nbatch / direct throughput: {ratio:.3f}; same texts: {same}")
+    if lat:
+        print("\n| background | interactive latency median | max |\n|---|---:|---:|\n" + "\n".join(
+            f"| {k} | {statistics.median(v):.3f} s | {max(v):.3f} s |" for k, v in lat.items()))
     if a.out:
         Path(a.out).write_text(json.dumps({
             "command": "python -m bench.batches " + " ".join(argv if argv is not None else sys.argv[1:]),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "args": vars(a), "runs": runs, "summary": summary, "ratio": ratio, "same_texts": same}, indent=1))
+            "args": vars(a), "runs": runs, "summary": summary, "ratio": ratio, "same_texts": same,
+            "interactive_latency_s": lat}, indent=1))
     return 0 if same else 1
 
 
