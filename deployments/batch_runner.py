@@ -167,6 +167,9 @@ class BatchRunner:
 
     async def _run(self, batch: dict, done: list[int], tier_cap: Optional[str]) -> None:
         bid = batch["id"]
+        if batch["status"] == "cancelling":  # cancelled while its runner was being lost: nothing more runs
+            await self.store.call("finish", bid, self.owner, "cancelled")
+            return
         data = await self.store.call("content", batch["input_file_id"])
         if data is None:
             await self.store.call("finish", bid, self.owner, "failed", {

@@ -112,3 +112,38 @@ def test_a_store_file_keeps_files_and_batches_across_a_restart(tmp_path):
     assert s.bytes == bytes_then and s.claim("r3") is None
     assert s.batch(a.id, "team-b") is None and s.batch(a.id, "team-a")["id"] == a.id  # whose it is, kept
     assert s.file(got["output_file_id"], "team-a") and s.file(got["output_file_id"], "team-b") is None
+
+
+def test_a_batch_cancelled_while_its_runner_was_lost_is_finished_by_the_next_without_running_a_line():
+    import asyncio
+
+    from deployments.batch_runner import BatchRunner
+    from deployments.batch_store import BatchStoreClient
+    s = MemoryBatchStore(lost_s=0.1)
+    line = {"custom_id": "r", "method": "POST", "url": "/v1/completions", "body": {"model": "m", "prompt": "x"}}
+    data = "".join(json.dumps({**line, "custom_id": f"r{i}"}) + "\n" for i in range(3)).encode()
+    s.add_file(StoredFile("file-in", "in.jsonl", "batch", data))
+    job = BatchJob(new_batch("file-in", "/v1/completions", "m", 3, None, []))
+    s.add_batch(job)
+    bid = job.id
+    s.claim("a")
+    s.report(bid, "a", [_line(0)])
+    assert s.cancel(bid)["status"] == "cancelling"  # a holds it: a is to finish it, and then a is lost
+    time.sleep(0.15)
+
+    class NoApp:  # a line sent anywhere fails the test
+        async def __call__(self, scope, receive, send):
+            raise AssertionError("a line ran")
+
+    async def go():
+        runner = BatchRunner(BatchStoreClient(s), NoApp(), lambda cap: {}, concurrency=2, poll_s=0.05)
+        runner.start()
+        for _ in range(100):
+            if s.batch(bid)["status"] == "cancelled":
+                break
+            await asyncio.sleep(0.02)
+        await runner.stop()
+    asyncio.run(go())
+    b = s.batch(bid)
+    assert b["status"] == "cancelled" and b["output_file_id"]
+    assert b["request_counts"] == {"total": 3, "completed": 1, "failed": 0}  # lines 2 and 3 never ran
