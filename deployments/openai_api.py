@@ -469,7 +469,7 @@ def build_app(engines: Mapping[str, EngineClient], *, max_pending: Union[int, Ma
             return prompt_messages + await stored.history(body)
         return await serve(request, body.model,
                            lambda history: ResponseBuilder(body, system_fingerprint, history, stored.saver(body),
-                                                           stored.appender(body), seal),
+                                                           stored.appender(body), seal, pinned=len(prompt_messages)),
                            prepare=before_input, detach=bool(body.background))
 
     app.include_router(responses_router(stored, background, seal, engine_for, templates))

@@ -139,12 +139,14 @@ class ResponseBuilder:
     def __init__(self, body: ResponsesRequest, fingerprint: Optional[str] = None, history: Sequence[dict] = (),
                  store: Optional[Callable[[StoredResponse], Awaitable]] = None,
                  conversation: Optional[Callable[[list[dict]], Awaitable]] = None,
-                 seal: Optional[ReasoningSeal] = None):
+                 seal: Optional[ReasoningSeal] = None, pinned: int = 0):
         """history: the stored conversation `previous_response_id` or `conversation` continues (item dicts,
         oldest first); store: saves the finished response (None: not stored); conversation: adds its input
         and output items to the conversation it belongs to; seal: opens reasoning items sent back with only
-        their encrypted_content, and seals output reasoning when `include` asks (None: a key of its own)."""
+        their encrypted_content, and seals output reasoning when `include` asks (None: a key of its own);
+        pinned: how many of history's first items truncation always keeps (a stored prompt's messages)."""
         self.body = body
+        self.pinned = pinned
         self.id = new_id("resp_")
         self.created = now()
         self._seal = seal or ReasoningSeal()
@@ -311,16 +313,17 @@ class ResponseBuilder:
     def fit(self, limit: int) -> bool:
         """truncation="auto": renders the prompt again without the conversation's oldest turns, as few as
         leaves room for max_output_tokens in `limit` tokens. A turn starts at a user message, and developer
-        and system messages stay, so what is left reads as a conversation. False when nothing fits (or
-        truncation is off); the stored input and the conversation keep every item."""
+        and system messages stay, so what is left reads as a conversation; so do a stored prompt's messages
+        (its examples are the operator's, not the conversation's). False when nothing fits (or truncation is
+        off); the stored input and the conversation keep every item."""
         if self.body.truncation != "auto":
             return False
-        items = [*self.history, *self.input]
+        pinned, items = self.history[:self.pinned], [*self.history[self.pinned:], *self.input]
         cuts = [i for i, it in enumerate(items) if i and it.get("role") == "user"]
         need = self.body.max_output_tokens or 1
 
         def fits(cut: int) -> Optional[GenerateRequest]:
-            kept = [it for it in items[:cut] if it.get("role") in ("developer", "system")] + items[cut:]
+            kept = [*pinned, *(it for it in items[:cut] if it.get("role") in ("developer", "system")), *items[cut:]]
             req = build_request(self.body, self.id, kept)
             return req if len(req.prompt_ids) + need <= limit else None
 

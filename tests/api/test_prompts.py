@@ -66,3 +66,25 @@ def test_a_prompt_it_cannot_fill_is_refused_naming_what(server):
         assert e.value.body["param"] == param, prompt
         messages.append(e.value.body["message"])
     assert "missing account" in messages[2] and "prodcut" in messages[3]
+
+
+def test_truncation_keeps_a_stored_prompts_messages(server):
+    """truncation="auto" drops the conversation's oldest turns, never the template's messages before them
+    (its user message here): the response is the longest tail of whole turns that fits after them."""
+    from deployments.protocol import ResponsesRequest
+    from deployments.responses_api import ResponseBuilder
+
+    from .test_conversations import _turns
+    client = server.client()
+    items = [*_turns(8), {"role": "user", "content": "Which turn?"}]
+    prompt = {"id": "support", "version": "1", "variables": {"product": "gizmos", "account": "A-17"}}
+    r = client.responses.create(model="m", input=items, prompt=prompt, truncation="auto", max_output_tokens=16,
+                                store=False, extra_body={"max_reasoning_tokens": 0})
+    template = {"role": "user", "content": "My account is A-17."}
+
+    def prompt_len(kept: list[dict]) -> int:
+        req = ResponsesRequest(model="m", input=kept, instructions="You answer questions about gizmos.")
+        return len(ResponseBuilder(req).requests[0].prompt_ids)
+    tails = [[template, *items[2 * k:]] for k in range(9)]
+    fitting = [prompt_len(t) for t in tails if prompt_len(t) + 16 <= 1024]
+    assert prompt_len(tails[0]) + 16 > 1024 and r.usage.input_tokens == fitting[0]
