@@ -19,11 +19,11 @@ from typing import Callable, Collection, Literal, Optional
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
-from .api_common import APIError, new_id, now
+from .api_common import APIError, describe_errors, new_id, now
 from .batch_runner import ENDPOINTS, BatchRunner, read_input
 from .batch_store import BatchJob, BatchStoreClient, StoredFile, new_batch
 from .protocol import ErrorResponse, Metadata
@@ -48,21 +48,17 @@ class BatchCreateRequest(BaseModel):
 
 
 def _form_expiry(form) -> Optional[int]:
-    """expires_after[anchor] / expires_after[seconds] of an upload's form (how the SDK sends the object)."""
+    """expires_after[anchor] / expires_after[seconds] of an upload's form (how the SDK sends the object),
+    checked as the JSON object is."""
     anchor, seconds = form.get("expires_after[anchor]"), form.get("expires_after[seconds]")
     if anchor is None and seconds is None:
         return None
-    if anchor != "created_at":
-        raise APIError(400, "expires_after.anchor: only 'created_at' is supported", param="expires_after.anchor",
-                       code="invalid_value")
     try:
-        s = int(seconds)
-    except (TypeError, ValueError):
-        s = None
-    if s is None or not MIN_EXPIRY_S <= s <= MAX_EXPIRY_S:
-        raise APIError(400, f"expires_after.seconds: an integer from {MIN_EXPIRY_S} to {MAX_EXPIRY_S}",
-                       param="expires_after.seconds", code="invalid_value")
-    return s
+        return ExpiresAfter(anchor=anchor, seconds=seconds).seconds
+    except ValidationError as e:
+        param, msg = describe_errors(e.errors())
+        param = f"expires_after.{param}" if param else "expires_after"
+        raise APIError(400, f"{param}: {msg}", param=param, code="invalid_value") from None
 
 
 def _too_large(limit: int) -> APIError:

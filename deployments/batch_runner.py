@@ -116,7 +116,7 @@ class BatchRunner:
         """app: this replica's ASGI app; headers(tier_cap): what lets a line through its API-key check with that
         tier cap (None: the creator had none)."""
         self.store, self.app, self.headers = store, app, headers
-        self.concurrency, self.max_batches, self.poll_s = concurrency, max_batches, poll_s
+        self.max_batches, self.poll_s = max_batches, poll_s
         self.owner = new_id("runner_")
         self.slots = asyncio.Semaphore(concurrency)  # lines in flight, over every batch this runner runs
         self._wake = asyncio.Event()

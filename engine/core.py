@@ -259,7 +259,7 @@ class LLMEngine:
         if any(p.has_penalties for p in params):  # copying every history each step costs O(batch x length)
             history = dict(prompt_ids=[s.tokens[:s.prompt_len] for s in seqs],
                            output_ids=[s.output_ids + s.draft[:k] for s, k in zip(seqs, offsets)])
-        return SampleSpec(params, [s.arrival for s in seqs],
+        return SampleSpec(params,
                           [p.seed + s.index if p.seed is not None else None for s, p in zip(seqs, params)],
                           bitmask, free,
                           # the output position each row samples: tokens known, the one in flight, its draft row

@@ -162,7 +162,7 @@ def take_rows(spec: SampleSpec, rows: list[int]) -> SampleSpec:
     def pick(xs):
         return None if xs is None else [xs[i] for i in rows]
     idx = torch.tensor(rows, dtype=torch.long)
-    return SampleSpec(pick(spec.params), pick(spec.keys), pick(spec.seeds),
+    return SampleSpec(pick(spec.params), pick(spec.seeds),
                       None if spec.bitmask is None else spec.bitmask[idx],
                       None if spec.free is None else spec.free[idx],
                       pick(spec.prompt_ids), pick(spec.output_ids), positions=pick(spec.positions))

@@ -40,7 +40,6 @@ class SampleSpec:
     tensors, no generator objects (the executor's SamplerState makes those, from seed and position)."""
 
     params: list[SamplingParams]
-    keys: list[int]                  # per row: the sequence (engine-unique; rows of one sequence share it)
     seeds: list[int | None]          # per row: the seed of its choice's stream (request seed + choice index)
     bitmask: torch.Tensor | None = None  # packed grammar masks, int32 [B, ceil(V/32)] (engine.grammar)
     free: torch.Tensor | None = None     # bool [B]: rows without a grammar

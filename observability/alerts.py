@@ -10,6 +10,7 @@ rules and keeps their own copy of the file).
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import yaml
@@ -28,7 +29,6 @@ STALLED_BATCH = f"{STALLED_MINUTES}m"
 
 
 def _sel(name: str, match: str = "", suffix: str = "", *labels: str) -> str:
-    import re
     labels = (*labels, *re.findall(r"(\w+)\s*(?:=~|!~|!=|=)", match))
     series = _m(name, suffix, *labels)
     return f"{series}{{{match}}}" if match else series

@@ -96,10 +96,11 @@ def _step():
                      groups=torch.tensor([1, 0, 1]))
 
 
-def _spec(n, keys):
-    return SampleSpec([SamplingParams(temperature=0)] * n, keys, [None] * n,
+def _spec(n, tags):
+    """tags: each row's own value (as its output position), to follow which rows a group gets."""
+    return SampleSpec([SamplingParams(temperature=0)] * n, [None] * n,
                       bitmask=torch.arange(n * 2, dtype=torch.int32).view(n, 2), free=torch.ones(n, dtype=torch.bool),
-                      positions=[7 * k for k in keys])
+                      positions=tags)
 
 
 def test_a_step_is_cut_per_group_with_pending_inputs_renumbered():
@@ -124,8 +125,8 @@ def test_a_step_is_cut_per_group_with_pending_inputs_renumbered():
     assert g1.sample_rows.tolist() == [2, 3]
     assert g1.fill.tolist() == [[3, 0]]  # input row 4 -> group row 3; previous row 1 -> group 1's row 0
     assert [r.tolist() for r in s.rows] == [[1], [0, 2]]
-    assert s.specs[0].keys == [20] and s.specs[1].keys == [10, 30]
-    assert s.specs[1].bitmask.tolist() == [[0, 1], [4, 5]] and s.specs[1].positions == [70, 210]
+    assert s.specs[0].positions == [20] and s.specs[1].positions == [10, 30]
+    assert s.specs[1].bitmask.tolist() == [[0, 1], [4, 5]] and s.specs[1].seeds == [None, None]
     # a pending input named by a row another group sampled is refused
     bad = _step()
     bad.fill = torch.tensor([[3, 0]])  # B (group 0) from this step's row 0 (A, group 1)
@@ -143,7 +144,7 @@ def test_a_group_with_nothing_to_do_gets_an_empty_step():
     assert empty.block_tables["full"].shape == (0, 2) and s.specs[2] is None
     step.groups = torch.tensor([2, 2, 2])
     s2 = sp.split(step, _spec(3, [1, 2, 3]))
-    assert s2.specs[2].keys == [1, 2, 3] and s2.specs[2].positions == [7, 14, 21]
+    assert s2.specs[2].positions == [1, 2, 3]
     assert s2.specs[0] is None and s2.steps[0].input_ids.numel() == 0
 
 

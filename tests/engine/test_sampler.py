@@ -338,18 +338,18 @@ def test_sampler_state_draws_a_seeded_row_by_its_seed_and_output_position():
     p = SamplingParams(temperature=1.0, seed=5)
     logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
     st = SamplerState()
-    alone = [st.sample(logits[:1], SampleSpec([p], [1], [5], positions=[k])).token_ids.tolist() for k in range(8)]
+    alone = [st.sample(logits[:1], SampleSpec([p], [5], positions=[k])).token_ids.tolist() for k in range(8)]
     assert len({t[0] for t in alone}) > 1  # the stream advances with the position
     ref = [Sampler().sample(logits[:1], SamplingBatch([p], generators=[make_generator(philox_key(5, k))]))
            .token_ids.tolist() for k in range(8)]
     assert alone == ref
     free = SamplingParams(temperature=1.0)
     for k in (3, 0, 7, 3):  # out of order, again, in another row of a batch
-        out = SamplerState().sample(logits[[1, 0, 2]], SampleSpec([free, p, free], [2, 1, 3], [None, 5, None],
+        out = SamplerState().sample(logits[[1, 0, 2]], SampleSpec([free, p, free], [None, 5, None],
                                                                   positions=[0, k, 0]))
         assert out.token_ids[1].item() == alone[k][0]
-    other = SamplerState().sample(logits[:1], SampleSpec([p], [1], [6], positions=[3])).token_ids.tolist()
-    choices = {tuple(SamplerState().sample(logits[:1], SampleSpec([p], [1], [s], positions=[3])).token_ids.tolist())
+    other = SamplerState().sample(logits[:1], SampleSpec([p], [6], positions=[3])).token_ids.tolist()
+    choices = {tuple(SamplerState().sample(logits[:1], SampleSpec([p], [s], positions=[3])).token_ids.tolist())
                for s in range(5, 25)}
     assert len(choices) > 1 and other[0] in {c[0] for c in choices}  # the seed matters
 

@@ -76,7 +76,7 @@ def test_eager_prefill_and_sampling_have_no_host_reads(meta_executor, tokens):
         logits = run_step(ex.model, ex.cache, ex.spec, null_step(tokens, ex.spec), num_real_tokens=tokens)
         for p in (SamplingParams(temperature=0), SamplingParams(temperature=0.7, top_p=0.9, top_k=50),
                   SamplingParams(temperature=1.0, logprobs=True)):
-            out = ex.sampling.sample(logits, SampleSpec([p], keys=[0], seeds=[None]))
+            out = ex.sampling.sample(logits, SampleSpec([p], seeds=[None]))
             assert out.token_ids.device.type == "meta"
 
 
@@ -97,7 +97,7 @@ def test_full_size_models_on_meta(preset):
         hidden = ex._graph_forward(inputs)
         logits = run_step(m, ex.cache, ex.spec, null_step(8192, ex.spec), num_real_tokens=8192)
         out = ex.sampling.sample(m.compute_logits(hidden[rows]), SampleSpec([SamplingParams(temperature=0)] * 40,
-                                                                            keys=list(range(40)), seeds=[None] * 40))
+                                                                            seeds=[None] * 40))
     assert hidden.shape == (64, 2880) and logits.shape == (1, 201088) and out.token_ids.shape == (40,)
     # per layer: the MLP norm (with the residual add), rope (into the cache; the decode's attention does it
     # itself), attention, route, align, w1, w2, the combine (adding the residual and applying the next norm);

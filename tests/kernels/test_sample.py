@@ -97,9 +97,9 @@ def triton_sampling(monkeypatch):
     monkeypatch.setenv("GPTOSS_KERNELS", "triton")  # under the interpreter: the GPU path, on CPU
 
 
-def _spec(params, keys, seeds, positions=None):
+def _spec(params, seeds, positions=None):
     from engine.sampler_state import SampleSpec
-    return SampleSpec(params, keys, seeds, positions=positions)
+    return SampleSpec(params, seeds, positions=positions)
 
 
 def test_sampler_state_draws_seeded_rows_by_key_whatever_the_batch(triton_sampling, monkeypatch):
@@ -117,11 +117,10 @@ def test_sampler_state_draws_seeded_rows_by_key_whatever_the_batch(triton_sampli
     alone, crowd = SamplerState(), SamplerState()
     a, b = [], []
     for step in range(4):
-        a.append(int(alone.sample(logits[:1], _spec([seeded], [10], [5], [step])).token_ids[0]))
+        a.append(int(alone.sample(logits[:1], _spec([seeded], [5], [step])).token_ids[0]))
         params = [SamplingParams(temperature=1.0), SamplingParams(temperature=0), seeded,
                   SamplingParams(temperature=1.0, top_p=0.9)]
-        out = crowd.sample(torch.cat([logits[1:3], logits[:1], logits[3:]]), _spec(params, [1, 2, 10, 4],
-                                                                                  [None, None, 5, None],
+        out = crowd.sample(torch.cat([logits[1:3], logits[:1], logits[3:]]), _spec(params, [None, None, 5, None],
                                                                                   [0, 0, step, 0]))
         b.append(int(out.token_ids[2]))
     assert a == b and len(set(a)) > 1                       # same stream, and it advances
@@ -130,7 +129,7 @@ def test_sampler_state_draws_seeded_rows_by_key_whatever_the_batch(triton_sampli
     want = [int(dispatch.sample(logits[:1].float(), inv_t, torch.tensor([philox_key(5, n)]))[0]) for n in range(4)]
     assert a == want
     fresh = SamplerState()
-    assert [int(fresh.sample(logits[:1], _spec([seeded], [10], [5], [k])).token_ids[0]) for k in (2, 0)] == [a[2], a[0]]
+    assert [int(fresh.sample(logits[:1], _spec([seeded], [5], [k])).token_ids[0]) for k in (2, 0)] == [a[2], a[0]]
 
 
 def test_keys_differ_between_seeds_and_draws():

@@ -24,7 +24,7 @@ def test_every_kernel_a_decode_step_launches_has_a_category(tiny_ckpt, monkeypat
                                                     full_width=True), 4)
     with _triton.recording() as launches:
         logits = m.compute_logits(ex._graph_forward(inputs))  # the 4 padded rows stand for 4 sequences
-        ex.sampling.sample(logits, SampleSpec([SamplingParams(temperature=1.0)] * 4, keys=[0] * 4, seeds=[None] * 4))
+        ex.sampling.sample(logits, SampleSpec([SamplingParams(temperature=1.0)] * 4, seeds=[None] * 4))
     names = {fn.__name__ for fn, _, _ in launches}
     cats = {n: sp.categorize(n) for n in names}
     assert "other" not in cats.values(), cats

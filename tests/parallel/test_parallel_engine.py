@@ -183,7 +183,7 @@ def test_a_failed_rank_step_is_raised_where_the_engine_reads_it(tiny_ckpt):
         e.add_request(_reqs()[1])
         step, seqs = e._build_step(e.scheduler.schedule())
         bad = dataclasses.replace(step, slot_mapping={g: t + 10 ** 9 for g, t in step.slot_mapping.items()})
-        sent = e.executor.execute_sampled(bad, SampleSpec([s.req.params for s in seqs], [0], [None]))
+        sent = e.executor.execute_sampled(bad, SampleSpec([s.req.params for s in seqs], [None]))
         assert int(e.executor.expert_load().sum()) > 0  # drained the failed step's reply, then answered
         with pytest.raises(WorkerError, match="failed on 'step_sampled'"):
             sent.synchronize()
@@ -201,7 +201,7 @@ def test_sampling_failing_on_rank_0_is_reported_and_the_ranks_go_on(tiny_ckpt):
     try:
         e.add_request(_reqs()[0])
         step, seqs = e._build_step(e.scheduler.schedule())
-        bad = SampleSpec([SamplingParams(temperature=0)] * 3, [0, 1, 2], [None] * 3)  # 3 rows, 1 logit row
+        bad = SampleSpec([SamplingParams(temperature=0)] * 3, [None] * 3)  # 3 rows, 1 logit row
         with pytest.raises(WorkerError, match="rank 0 failed on 'step_sampled'"):
             e.executor.execute_sampled(step, bad).synchronize()
         assert int(e.executor.expert_load().sum()) > 0
