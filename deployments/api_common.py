@@ -348,6 +348,7 @@ def principal(key: str) -> str:
 
 
 _KEYED = frozenset({"/tokenize", "/detokenize"})  # outside /v1/ (vLLM's paths), still the API's work
+PRINCIPAL_HEADER = "x-gptoss-principal"  # whose a loopback request is (a batch's line): heard from internal keys only
 
 
 class BearerAuth:
@@ -355,16 +356,18 @@ class BearerAuth:
     and /ready stay open for probes. Constant-time comparison, so a key cannot be guessed byte by byte from
     timings."""
 
-    def __init__(self, app, keys: dict[str, str]):
+    def __init__(self, app, keys: dict[str, str], internal: frozenset = frozenset()):
         """keys: key -> the highest service tier its requests run on (parse_api_keys); the request's scope
-        state carries it as `tier_cap`."""
-        self.app, self.keys = app, [(k.encode(), tier) for k, tier in keys.items()]
+        state carries it as `tier_cap`, and the key's digest as `principal`. internal: the app's own keys
+        among them (a batch's lines), whose requests act for the principal their PRINCIPAL_HEADER names."""
+        self.app, self.keys = app, [(k.encode(), tier, k in internal) for k, tier in keys.items()]
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and (scope["path"].startswith("/v1/") or scope["path"] in _KEYED):
-            auth = dict(scope.get("headers") or []).get(b"authorization", b"")
-            scheme, _, token = auth.partition(b" ")
-            tier = next((t for k, t in self.keys if secrets.compare_digest(token.strip(), k)), None)
+            headers = dict(scope.get("headers") or [])
+            scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
+            tier, internal = next(((t, i) for k, t, i in self.keys if secrets.compare_digest(token.strip(), k)),
+                                  (None, False))
             if scheme.lower() != b"bearer" or tier is None:
                 import json
                 err = APIError(401, "Incorrect API key provided. Pass it as 'Authorization: Bearer <key>'.",
@@ -377,5 +380,6 @@ class BearerAuth:
                 return
             state = scope.setdefault("state", {})
             state["tier_cap"] = tier
-            state["principal"] = principal(token.strip().decode())
+            state["principal"] = (headers.get(PRINCIPAL_HEADER.encode(), b"").decode() or None) if internal \
+                else principal(token.strip().decode())
         await self.app(scope, receive, send)

@@ -111,10 +111,11 @@ def read_input(data: bytes, endpoint: str, max_requests: int,
 
 
 class BatchRunner:
-    def __init__(self, store: BatchStoreClient, app, headers: Callable[[Optional[str]], dict], concurrency: int,
-                 max_batches: int = 4, poll_s: float = POLL_S):
-        """app: this replica's ASGI app; headers(tier_cap): what lets a line through its API-key check with that
-        tier cap (None: the creator had none)."""
+    def __init__(self, store: BatchStoreClient, app, headers: Callable[[Optional[str], Optional[str]], dict],
+                 concurrency: int, max_batches: int = 4, poll_s: float = POLL_S):
+        """app: this replica's ASGI app; headers(tier_cap, principal): what lets a line through its API-key check
+        with that tier cap, as the batch's creator (None, None: the creator had no key), so what a line stores
+        (`store: true`) is the creator's."""
         self.store, self.app, self.headers = store, app, headers
         self.max_batches, self.poll_s = max_batches, poll_s
         self.owner = new_id("runner_")
@@ -154,9 +155,9 @@ class BatchRunner:
             bid = got[0]["id"]
             self.active[bid] = asyncio.ensure_future(self._guarded(*got))
 
-    async def _guarded(self, batch: dict, done: list[int], tier_cap: Optional[str]) -> None:
+    async def _guarded(self, batch: dict, done: list[int], tier_cap: Optional[str], who: Optional[str]) -> None:
         try:
-            await self._run(batch, done, tier_cap)
+            await self._run(batch, done, tier_cap, who)
         except asyncio.CancelledError:
             raise
         except Exception:  # noqa: BLE001 - this batch's run broke; it is claimed again once presumed lost
@@ -165,7 +166,7 @@ class BatchRunner:
             self.active.pop(batch["id"], None)
             self.wake()  # room for another
 
-    async def _run(self, batch: dict, done: list[int], tier_cap: Optional[str]) -> None:
+    async def _run(self, batch: dict, done: list[int], tier_cap: Optional[str], who: Optional[str]) -> None:
         bid = batch["id"]
         if batch["status"] == "cancelling":  # cancelled while its runner was being lost: nothing more runs
             await self.store.call("finish", bid, self.owner, "cancelled")
@@ -180,7 +181,7 @@ class BatchRunner:
         finished = set(done)
         todo = [i for i in range(len(lines)) if i not in finished]
         log.info("batch %s: running %d of %d lines", bid, len(todo), len(lines))
-        run = _Run(self, batch, lines, self.headers(tier_cap))
+        run = _Run(self, batch, lines, self.headers(tier_cap, who))
         try:
             stop = await run.go(todo)
         except asyncio.CancelledError:  # this replica is stopping: hand the batch to another at once

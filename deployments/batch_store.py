@@ -215,14 +215,14 @@ class MemoryBatchStore:
     def _held(self, job: BatchJob) -> bool:
         return job.owner is not None and time.monotonic() - job.beat < self.lost_s
 
-    def claim(self, owner: str) -> Optional[tuple[dict, list[int], Optional[str]]]:
+    def claim(self, owner: str) -> Optional[tuple[dict, list[int], Optional[str], Optional[str]]]:
         """The oldest running batch nobody holds, now held by `owner`: (its Batch object, the input lines
-        already done, the tier cap its lines run under); None when there is none."""
+        already done, the tier cap its lines run under, whose it is); None when there is none."""
         with self._lock:
             for job in self.jobs.values():
                 if job.batch["status"] in ("in_progress", "cancelling") and not self._held(job):
                     job.owner, job.beat = owner, time.monotonic()
-                    return copy.deepcopy(job.batch), sorted(job.results), job.tier_cap
+                    return copy.deepcopy(job.batch), sorted(job.results), job.tier_cap, job.principal
             return None
 
     def release(self, bid: str, owner: str) -> None:

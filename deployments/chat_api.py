@@ -8,7 +8,7 @@ emits typed events, so reasoning can never reach `content`.
 
 from __future__ import annotations
 
-from typing import AsyncIterator, Optional
+from typing import AsyncIterator, Awaitable, Callable, Optional
 
 from engine import harmony
 from engine.grammar import GrammarSpec, build_grammar
@@ -184,8 +184,12 @@ class ChatHandler(ChoicesHandler):
     prompt_param = "messages"
     chunk_object = "chat.completion.chunk"
 
-    def __init__(self, body: ChatCompletionRequest, fingerprint: Optional[str]):
+    def __init__(self, body: ChatCompletionRequest, fingerprint: Optional[str],
+                 save: Optional[Callable[[dict], Awaitable]] = None):
+        """save: stores the finished completion (`store: true`; deployments.stored_chats) before the client
+        hears it finished, so a read sent the moment it does finds it."""
         self.body = body
+        self.save = save
         self.id = new_id("chatcmpl-")
         self.created = now()
         self.fingerprint = fingerprint
@@ -210,11 +214,19 @@ class ChatHandler(ChoicesHandler):
             if all(c.done for c in self.choices):
                 break
         self._check_complete()
+        return await self._saved(self._completion())
+
+    def _completion(self) -> dict:
         choices = [{"index": c.index, "message": c.message(), "finish_reason": c.finish_reason,
                     "logprobs": {"content": c.logprobs} if self.body.logprobs else None} for c in self.choices]
         return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.body.model,
                 "system_fingerprint": self.fingerprint, "service_tier": service_tier(self.body.service_tier),
                 "choices": choices, "usage": self.usage.chat()}
+
+    async def _saved(self, completion: dict) -> dict:
+        if self.save is not None:
+            await self.save(completion)
+        return completion
 
     async def stream(self, outputs: AsyncIterator[tuple[int, RequestOutput]]) -> AsyncIterator[str]:
         for c in self.choices:
@@ -227,5 +239,7 @@ class ChatHandler(ChoicesHandler):
                                     "finish_reason": finish}])
             if all(c.done for c in self.choices):
                 break
-        for event in self._stream_end():
+        end = self._stream_end()
+        await self._saved(self._completion())  # what the chunks add up to
+        for event in end:
             yield event

@@ -5,7 +5,8 @@
 input_items and, for a background response, POST .../cancel and, for a
 background stream, GET .../{id}?stream=true to resume it: all in
 deployments.responses_routes, with POST /v1/responses/input_tokens),
-/v1/conversations (deployments.conversations), /v1/completions,
+/v1/conversations (deployments.conversations), stored chat completions (GET
+/v1/chat/completions and /v1/chat/completions/{id}...: deployments.stored_chats), /v1/completions,
 /v1/models, /tokenize and /detokenize (deployments.tokenize_routes), /health and /ready. An engine is
 anything with the `EngineClient` shape (engine.async_engine): an in-process
 `AsyncEngine`, or a client of a remote one (the Ray Serve layer wraps this app
@@ -39,7 +40,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from engine.async_engine import EngineClient
 from engine.request import SERVICE_TIERS, GenerateRequest, RequestOutput, tier_name
 
-from .api_common import APIError, BearerAuth, cap_tier, check_unicode, describe_errors
+from .api_common import PRINCIPAL_HEADER, APIError, BearerAuth, cap_tier, check_unicode, describe_errors
 from .prompts import PromptTemplates
 from .chat_api import ChatHandler
 from .completions_api import CompletionHandler
@@ -51,6 +52,7 @@ from .responses_api import ResponseBuilder
 from .responses_routes import router as responses_router
 from .sealed_reasoning import ReasoningSeal
 from .sse_response import SSEResponse, nothing
+from .stored_chats import StoredChats, router as stored_chats_router
 from .stored_responses import StoredResponses
 from .tokenize_routes import router as tokenize_router
 
@@ -271,6 +273,7 @@ def build_app(engines: Mapping[str, EngineClient], *, max_pending: Union[int, Ma
     seal = ReasoningSeal(reasoning_key)
     templates = PromptTemplates(prompts)
     background = BackgroundResponses(stored)
+    chats = StoredChats(stored)
 
     runner = None
 
@@ -286,7 +289,8 @@ def build_app(engines: Mapping[str, EngineClient], *, max_pending: Union[int, Ma
     app = FastAPI(title=title, version="1.0", lifespan=lifespan)
     if api_keys:
         keys = dict(api_keys) if isinstance(api_keys, Mapping) else dict.fromkeys(api_keys, "priority")
-        app.add_middleware(BearerAuth, keys={**keys, **{k: tier for tier, k in internal_keys.items()}})
+        app.add_middleware(BearerAuth, keys={**keys, **{k: tier for tier, k in internal_keys.items()}},
+                           internal=frozenset(internal_keys.values()))
     if metrics is not None:
         from observability.tracking import RequestCounter
         app.add_middleware(RequestCounter, recorder=metrics)
@@ -452,7 +456,8 @@ def build_app(engines: Mapping[str, EngineClient], *, max_pending: Union[int, Ma
               "description": "chat.completion, or with stream=true an SSE stream of chat.completion.chunk"},
         **_ERRORS})
     async def chat_completions(body: ChatCompletionRequest, request: Request):
-        return await serve(request, body.model, lambda: ChatHandler(body, system_fingerprint))
+        save = chats.saver(body, getattr(request.state, "principal", None))
+        return await serve(request, body.model, lambda: ChatHandler(body, system_fingerprint, save))
 
     @app.post("/v1/completions", response_model=None, responses={
         200: {"model": CompletionResponse, "description": "text_completion, or an SSE stream of them"}, **_ERRORS})
@@ -474,6 +479,7 @@ def build_app(engines: Mapping[str, EngineClient], *, max_pending: Union[int, Ma
 
     app.include_router(responses_router(stored, background, seal, engine_for, templates))
     app.include_router(conversations_router(stored.conversations))
+    app.include_router(stored_chats_router(chats))
     app.include_router(tokenize_router(engine_for))
     if batches.max_mb > 0:
         from .batch_routes import router as batch_router
@@ -481,8 +487,10 @@ def build_app(engines: Mapping[str, EngineClient], *, max_pending: Union[int, Ma
         from .batch_store import BatchStoreClient, MemoryBatchStore
         bstore = batch_store or BatchStoreClient(MemoryBatchStore(int(batches.max_mb * (1 << 20))))
 
-        def loopback_headers(tier_cap: Optional[str]) -> dict:
-            return {"Authorization": f"Bearer {internal_keys[tier_cap or 'priority']}"} if api_keys else {}
+        def loopback_headers(tier_cap: Optional[str], who: Optional[str]) -> dict:
+            if not api_keys:
+                return {}
+            return {"Authorization": f"Bearer {internal_keys[tier_cap or 'priority']}", PRINCIPAL_HEADER: who or ""}
         runner = BatchRunner(bstore, app, loopback_headers, batches.concurrency, batches.max_batches)
         app.include_router(batch_router(bstore, runner, lambda: list(engines), int(batches.max_file_mb * (1 << 20)),
                                         batches.max_requests))

@@ -47,6 +47,20 @@ class StreamOptions(_Req):
     include_usage: bool = False
 
 
+def _metadata_limits(v: Optional[dict[str, str]]) -> Optional[dict[str, str]]:
+    # OpenAI's bounds on `metadata`, so what it accepts is what this server accepts
+    if v is not None:
+        if len(v) > 16:
+            raise ValueError("holds at most 16 key-value pairs")
+        for k, val in v.items():
+            if len(k) > 64 or len(val) > 512:
+                raise ValueError(f"key '{k[:64]}': keys hold at most 64 characters and values 512")
+    return v
+
+
+Metadata = Annotated[dict[str, str], AfterValidator(_metadata_limits)]
+
+
 ServiceTier = Literal["auto", "default", "flex", "scale", "priority"]
 TIER_HELP = ("priority: scheduled before default and flex work, taking a running lower tier's place when the batch "
              "or KV cache is full; flex: after the others, first to give way; auto, default and scale: default. "
@@ -186,6 +200,10 @@ class ChatCompletionRequest(SamplingFields):
     max_reasoning_tokens: Optional[int] = Field(
         None, ge=0, description="extension: cap on reasoning tokens (0 = no reasoning), grammar-enforced")
     prediction: Optional[PredictionContent] = Field(None, description=PREDICTION_HELP)
+    store: Optional[bool] = Field(None, description="keep the completion (and the messages it was asked) to be "
+                                                    "listed and read at GET /v1/chat/completions; default false")
+    metadata: Optional[Metadata] = Field(None, description="up to 16 key-value pairs, kept with a stored "
+                                                           "completion and filtered on when listing them")
     # Declared so that they are refused rather than ignored: the model would not see the functions.
     functions: Optional[list[dict[str, Any]]] = Field(None, description="deprecated, not supported: use tools")
     function_call: Optional[Union[str, dict[str, Any]]] = Field(
@@ -198,6 +216,11 @@ class ChatCompletionRequest(SamplingFields):
             raise ValueError(f"the deprecated `{info.field_name}` is not supported; send functions as `tools` "
                              "(and the choice as `tool_choice`)")
         return v
+
+
+class ChatCompletionUpdateRequest(_Req):
+    """POST /v1/chat/completions/{id}: a stored completion's new metadata (null: none)."""
+    metadata: Optional[Metadata]
 
 
 # ----------------------------------------------------------------- text completions
@@ -335,20 +358,6 @@ class PromptRef(_Req):
     variables: Optional[dict[str, Union[str, TextPart]]] = None
 
 
-def _metadata_limits(v: Optional[dict[str, str]]) -> Optional[dict[str, str]]:
-    # OpenAI's bounds on `metadata`, so what it accepts is what this server accepts
-    if v is not None:
-        if len(v) > 16:
-            raise ValueError("holds at most 16 key-value pairs")
-        for k, val in v.items():
-            if len(k) > 64 or len(val) > 512:
-                raise ValueError(f"key '{k[:64]}': keys hold at most 64 characters and values 512")
-    return v
-
-
-Metadata = Annotated[dict[str, str], AfterValidator(_metadata_limits)]
-
-
 class ConversationRef(_Req):
     id: str = Field(max_length=128)
 
@@ -377,7 +386,7 @@ class ResponsesRequest(_Req):
     stream: bool = False
     store: Optional[bool] = Field(None, description="keep the response to be read or continued later (default true "
                                                     "when the server stores responses)")
-    metadata: Optional[dict[str, str]] = None
+    metadata: Optional[Metadata] = None
     previous_response_id: Optional[str] = Field(
         None, max_length=128, description="continue a stored response: its conversation comes before `input`")
     conversation: Optional[Union[Annotated[str, Field(max_length=128)], ConversationRef]] = Field(

@@ -20,7 +20,9 @@ a record running without updates for `lost_s` (its ingress replica died) reads a
 
 Conversations (deployments.conversations) live in the same LRU and byte budget, as
 StoredConversation records (ids `conv_...` beside `resp_...`), edited in place by
-`edit` so that two responses adding to one conversation at once both land.
+`edit` so that two responses adding to one conversation at once both land; so do chat
+completions created with `store: true` (deployments.stored_chats), StoredChatCompletion
+records (`chatcmpl-...`), which `query` lists where they are held.
 
 `MemoryResponseStore` is the store of one process; the Ray Serve app runs one in a
 single-replica deployment (`ResponseStoreServer`) that every ingress replica
@@ -34,7 +36,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Callable, ClassVar, Optional, Sequence
 
 from .api_common import APIError, error_fields, sse
 
@@ -51,6 +53,7 @@ class ResponseNotFound(KeyError):
 
 @dataclass
 class StoredResponse:
+    kind: ClassVar[str] = "response"
     id: str
     previous_id: Optional[str]
     input: list[dict]  # the input items of this request only, with ids
@@ -70,6 +73,7 @@ class StoredResponse:
 
 @dataclass
 class StoredConversation:
+    kind: ClassVar[str] = "conversation"
     id: str
     created_at: int
     metadata: dict
@@ -85,6 +89,29 @@ class StoredConversation:
 
     def object(self) -> dict:
         return {"id": self.id, "object": "conversation", "created_at": self.created_at, "metadata": self.metadata}
+
+
+@dataclass
+class StoredChatCompletion:
+    """A chat completion created with `store: true` (deployments.stored_chats): what it answered, the messages
+    it was asked, and whose it is."""
+    kind: ClassVar[str] = "chat_completion"
+    id: str
+    at: float  # wall-clock creation time, finer than the object's `created` seconds: the list's order
+    principal: Optional[str]  # the creating API key's digest (api_common.principal); None: no keys
+    completion: dict  # the chat.completion object, `metadata` included
+    messages: list[dict]  # the request's messages, each with an id
+    size: int = field(default=0, compare=False)
+    beat: float = field(default=0.0, compare=False)
+    saved: float = field(default=0.0, compare=False)
+    previous_id = None
+
+    def __post_init__(self):
+        if not self.size:
+            self.size = len(json.dumps(self.completion)) + len(json.dumps(self.messages))
+
+
+RECORD_KINDS = {c.kind: c for c in (StoredResponse, StoredConversation, StoredChatCompletion)}
 
 
 class MemoryResponseStore:
@@ -121,10 +148,18 @@ class MemoryResponseStore:
         return self._bytes
 
     def counts(self) -> dict[str, int]:
-        """Records held, by kind (response, conversation)."""
+        """Records held, by kind (response, conversation, chat_completion)."""
         with self._lock:
-            conversations = sum(isinstance(r, StoredConversation) for r in self._records.values())
-            return {"response": len(self._records) - conversations, "conversation": conversations}
+            out = dict.fromkeys(RECORD_KINDS, 0)
+            for r in self._records.values():
+                out[r.kind] += 1
+            return out
+
+    def query(self, fn: Callable[[list], object]):
+        """fn(the records, least recently used first), run under the store's lock where the records are
+        (a list page is built next to them, not shipped whole to the caller)."""
+        with self._lock:
+            return fn(list(self._records.values()))
 
     def _chain(self, rid: str) -> list[StoredResponse]:
         """The record and its ancestors, newest first; raises ResponseNotFound on a gap."""
@@ -334,6 +369,9 @@ class ResponseStoreServer:
     def events(self, rid: str, start: int):
         return self.store.events(rid, start)
 
+    def query(self, fn):
+        return self.store.query(fn)
+
 
 class RemoteResponseStore:
     """The MemoryResponseStore interface, async, over a ResponseStoreServer handle."""
@@ -367,3 +405,6 @@ class RemoteResponseStore:
 
     async def edit(self, cid: str, add: list[dict] = (), remove: Optional[str] = None, metadata: Optional[dict] = None):
         return await self.handle.edit.remote(cid, list(add), remove, metadata)
+
+    async def query(self, fn):
+        return await self.handle.query.remote(fn)

@@ -21,14 +21,13 @@ _FIELDS = ("size", "beat", "saved")  # the store's own bookkeeping, not the reco
 
 
 def _row(rec) -> tuple[str, str, str]:
-    from .response_store import StoredConversation
     d = {k: v for k, v in dataclasses.asdict(rec).items() if k not in _FIELDS}
-    return rec.id, "conversation" if isinstance(rec, StoredConversation) else "response", json.dumps(d)
+    return rec.id, rec.kind, json.dumps(d)
 
 
 def _record(kind: str, data: str):
-    from .response_store import StoredConversation, StoredResponse
-    return (StoredConversation if kind == "conversation" else StoredResponse)(**json.loads(data))
+    from .response_store import RECORD_KINDS
+    return RECORD_KINDS[kind](**json.loads(data))
 
 
 class StoreFile:

@@ -71,7 +71,8 @@ CATALOGUE: tuple[MetricSpec, ...] = (
     MetricSpec("gptoss_all_to_all_seconds", "histogram", "Expert-parallel all-to-all time per forward step, by rank",
                M + ("rank",), COMM_BUCKETS),
     # the response store (one replica, app-wide: no model label), sampled every interval
-    MetricSpec("gptoss_stored_records", "gauge", "Responses and conversations the response store holds", ("kind",)),
+    MetricSpec("gptoss_stored_records", "gauge", "Responses, conversations and chat completions the response "
+                                                 "store holds", ("kind",)),
     MetricSpec("gptoss_response_store_bytes", "gauge", "Bytes the response store's records take (max_mb bounds it)",
                ()),
     # the Batch API's store (one replica, app-wide), sampled every interval

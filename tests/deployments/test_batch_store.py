@@ -25,7 +25,7 @@ def test_one_runner_at_a_time_and_a_lost_ones_lines_are_kept():
     assert s.claim("b") is None  # held by a
     assert s.report(bid, "a", [_line(0), _line(1, ok=False)]) == "in_progress"
     time.sleep(0.25)  # a stopped reporting: presumed lost
-    batch, done, cap = s.claim("b")
+    batch, done, cap, _ = s.claim("b")
     assert done == [0, 1] and cap is None
     assert s.report(bid, "a", [_line(2)]) is None  # a is back: told to stop, its line kept
     assert s.report(bid, "b", [_line(2, who="b")]) == "in_progress"  # counted once
@@ -100,8 +100,9 @@ def test_a_store_file_keeps_files_and_batches_across_a_restart(tmp_path):
     assert [f["id"] for f in s.list_files()] == ["file-in"] and s.content("file-in") == b"x" * 10
     assert [x["id"] for x in s.list_batches()] == [a.id, b.id] and s.batch(b.id)["status"] == "cancelled"
     assert s.batch(a.id)["request_counts"] == {"total": 3, "completed": 1, "failed": 1}
-    batch, done, cap = s.claim("r2")  # its runner is gone with the old replica: claimed at once
+    batch, done, cap, who = s.claim("r2")  # its runner is gone with the old replica: claimed at once
     assert batch["id"] == a.id and done == [0, 2] and cap == "flex" and batch["metadata"] == {"k": "v"}
+    assert who == "team-a"  # its lines still store what they store as its creator's
     assert s.report(a.id, "r", [_line(1)]) is None  # the old runner is told to stop
     s.finish(a.id, "r2", "completed")
     bytes_then = s.bytes
@@ -136,7 +137,7 @@ def test_a_batch_cancelled_while_its_runner_was_lost_is_finished_by_the_next_wit
             raise AssertionError("a line ran")
 
     async def go():
-        runner = BatchRunner(BatchStoreClient(s), NoApp(), lambda cap: {}, concurrency=2, poll_s=0.05)
+        runner = BatchRunner(BatchStoreClient(s), NoApp(), lambda cap, who: {}, concurrency=2, poll_s=0.05)
         runner.start()
         for _ in range(100):
             if s.batch(bid)["status"] == "cancelled":

@@ -225,3 +225,49 @@ def test_a_running_responses_progress_reaches_the_file_every_few_seconds(tmp_pat
     got = again.get("run")
     assert got.response["output"] == [1, 2] and got.events[:3] == ["e0", "e1", "e2"]
     assert got.response["error"]["code"] == "server_error"
+
+
+def test_stored_chat_completions_are_paged_where_they_are_held_and_come_back_from_the_file(tmp_path):
+    """ChatQuery runs in the store (through the Serve replica class too): one principal's completions, filtered,
+    ordered by creation, after a cursor; they count as their own kind and the file brings them back."""
+    from deployments.response_store import StoredChatCompletion
+    from deployments.stored_chats import ChatQuery
+    path = str(tmp_path / "r.sqlite")
+    server = ResponseStoreServer(10, 1 << 20, path, metrics_s=0)
+    s = server.store
+
+    def chat(cid, at, who="k1", model="m", **meta):
+        return StoredChatCompletion(cid, at, who, {"id": cid, "model": model, "metadata": meta}, [{"id": f"{cid}-0"}])
+    for c in (chat("c3", 3.0), chat("c1", 1.0, tag="x"), chat("c2", 2.0, model="n", tag="x"), chat("o", 0.5, "k2")):
+        s.put(c)
+    s.put(rec("resp"))
+    assert s.counts() == {"response": 1, "conversation": 0, "chat_completion": 4}
+
+    def ids(page):
+        return [c["id"] for c in page["data"]]
+    q = dict(principal="k1", model=None, metadata=(), after=None, limit=20, order="asc")
+    assert ids(s.query(ChatQuery(**q))) == ["c1", "c2", "c3"]
+    assert ids(s.query(ChatQuery(**{**q, "order": "desc"}))) == ["c3", "c2", "c1"]
+    assert ids(s.query(ChatQuery(**{**q, "principal": "k2"}))) == ["o"]
+    assert ids(s.query(ChatQuery(**{**q, "metadata": (("tag", "x"),)}))) == ["c1", "c2"]
+    assert ids(s.query(ChatQuery(**{**q, "model": "n"}))) == ["c2"]
+    first = s.query(ChatQuery(**{**q, "limit": 1}))
+    assert ids(first) == ["c1"] and first["has_more"] and first["first_id"] == first["last_id"] == "c1"
+    # the cursor is a position, not a match: after c1 with a filter that c1 fails still pages on
+    assert ids(s.query(ChatQuery(**{**q, "after": "c1", "model": "m"}))) == ["c3"]
+    assert s.query(ChatQuery(**{**q, "after": "o"})) is None  # another principal's: unknown here
+
+    class Method:
+        def __init__(self, fn):
+            self.fn = fn
+
+        async def remote(self, *args):
+            return self.fn(*args)
+
+    class Handle:
+        query = Method(server.query)
+    assert ids(asyncio.run(RemoteResponseStore(Handle()).query(ChatQuery(**q)))) == ["c1", "c2", "c3"]
+
+    again = MemoryResponseStore(path=path)
+    assert again.counts()["chat_completion"] == 4 and again.get("c2").completion["metadata"] == {"tag": "x"}
+    assert ids(again.query(ChatQuery(**q))) == ["c1", "c2", "c3"]

@@ -126,6 +126,12 @@ def test_responses_are_stored_and_continued_through_the_store_replica(app):
     r5 = app.responses.create(conversation=conv.id, input="Six", **kw)
     assert r5.conversation.id == conv.id and r5.usage.input_tokens > 0
     assert len(list(app.conversations.items.list(conv.id))) == 2 + len(r5.output)
+    # a stored chat completion: kept in the store replica and listed there (the page is built where it is held)
+    tag = f"live-{time.time()}"
+    chat = app.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Seven"}], max_tokens=4,
+                                       store=True, metadata={"run": tag})
+    assert [c.id for c in app.chat.completions.list(metadata={"run": tag})] == [chat.id]
+    assert app.chat.completions.retrieve(chat.id).choices[0].message.content == chat.choices[0].message.content
     # truncation="auto" past the group's 480 tokens: the engine's refusal crosses Ray with its limit
     long = [{"role": ("user", "assistant")[i % 2], "content": f"turn {i} " + "lorem ipsum " * 40} for i in range(8)]
     long.append({"role": "user", "content": "Last?"})
@@ -159,6 +165,7 @@ def test_a_batch_runs_through_the_batch_store_replica(app):
     lines = [{"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions",
               "body": {"model": "tiny-ep2", "messages": [{"role": "user", "content": f"Say {i}"}], "max_tokens": 6,
                        "temperature": 0}} for i in range(3)]
+    lines[2]["body"].update(store=True, metadata={"from": "live-batch"})  # stored by the store replica
     f = app.files.create(file=("in.jsonl", io.BytesIO("".join(json.dumps(x) + "\n" for x in lines).encode())),
                          purpose="batch")
     b = app.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
@@ -170,6 +177,8 @@ def test_a_batch_runs_through_the_batch_store_replica(app):
     direct = app.chat.completions.create(**lines[1]["body"])
     assert out[1]["response"]["body"]["choices"][0]["message"]["content"] == direct.choices[0].message.content
     assert {x["response"]["body"]["service_tier"] for x in out} == {"flex"}
+    stored = app.chat.completions.list(metadata={"from": "live-batch"})
+    assert [c.id for c in stored] == [out[2]["response"]["body"]["id"]]
 
 
 def test_ep2_group_gives_the_same_greedy_output(app):
@@ -344,6 +353,7 @@ def test_prometheus_scrapes_every_dashboard_query_under_load(app, prometheus):
     assert predicted.choices[0].text == text and predicted.model_extra["service_tier"] == "flex"
     assert predicted.usage.completion_tokens_details.accepted_prediction_tokens > 0
     stored = app.responses.create(model="tiny", input="Hi", max_output_tokens=2)  # the store's panels count it
+    app.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=2, store=True)
     queries = panel_queries(__rate_interval="5m")
     assert len(queries) >= 20
     # Ray exports every few seconds and Prometheus scrapes every second: poll until every
@@ -364,4 +374,5 @@ def test_prometheus_scrapes_every_dashboard_query_under_load(app, prometheus):
     assert len(rules) >= 7 and all(r["health"] == "ok" and r["evaluationTime"] > 0 for r in rules), rules
     kinds = httpx.get(f"{prometheus}/api/v1/query", params={"query": "max by (kind) (ray_gptoss_stored_records)"},
                       timeout=10).json()["data"]["result"]
-    assert float({k["metric"]["kind"]: k["value"][1] for k in kinds}["response"]) >= 1, (stored.id, kinds)
+    by_kind = {k["metric"]["kind"]: float(k["value"][1]) for k in kinds}
+    assert by_kind["response"] >= 1 and by_kind["chat_completion"] >= 1, (stored.id, kinds)
