@@ -34,9 +34,13 @@ def _add_common(p) -> None:
     p.add_argument("--max-model-len", type=int, help="longest prompt + output, in tokens (default 8192)")
     p.add_argument("--max-draft-tokens", type=int, help="tokens of a request's `prediction` verified per step "
                                                         "(default 8; 0: predictions ignored)")
+    p.add_argument("--flex-promote-s", type=float,
+                   help="the floor under flex: a flex request waiting this long is scheduled as default work "
+                        "(default 60; 0: flex may wait as long as other work keeps coming)")
     p.add_argument("--max-stored-responses", type=int, default=10_000,
-                   help="Responses and conversations kept for previous_response_id, GET /v1/responses/{id} "
-                        "and /v1/conversations, least recently used dropped first (0: store none)")
+                   help="Responses, conversations and stored chat completions kept for previous_response_id, "
+                        "GET /v1/responses/{id}, /v1/conversations and GET /v1/chat/completions, least recently "
+                        "used dropped first (0: store none)")
     p.add_argument("--prompts", metavar="FILE",
                    help="stored prompts Responses may name in `prompt` (a JSON or YAML list of {id, version, "
                         "instructions, input}; README, Serving)")
@@ -92,8 +96,8 @@ def build_config(args):
     from cluster.config import AutoscalingConfig, BatchConfig, ModelGroupConfig, ResponseStoreConfig, ServeConfig
     from engine.core import EngineConfig
     fraction = args.kv_cache_fraction if args.kv_cache_fraction is not None else 0.9 if args.gpu else None
-    sizes = {k: getattr(args, k) for k in ("max_num_seqs", "max_tokens_per_step", "max_model_len", "max_draft_tokens")
-             if getattr(args, k) is not None}
+    sizes = {k: getattr(args, k) for k in ("max_num_seqs", "max_tokens_per_step", "max_model_len", "max_draft_tokens",
+                                           "flex_promote_s") if getattr(args, k) is not None}
     try:
         group = ModelGroupConfig(name=args.name, path=args.model, tp=args.tp, ep=args.ep, attn_dp=args.attn_dp,
                                  use_gpu=args.gpu,

@@ -47,6 +47,10 @@ class EngineConfig(BaseModel):
     max_draft_tokens: int = Field(
         8, ge=0, description="a request with a predicted output (chat `prediction`) verifies up to this many of "
                              "its tokens each step (engine.prediction); 0 ignores predictions")
+    flex_promote_s: float = Field(
+        60.0, ge=0, description="the floor under flex: a flex request that has waited this long since it arrived "
+                                "is scheduled as default work (in arrival order among it, and default work no "
+                                "longer takes its place), so sustained load cannot starve it; 0: never")
     overlap_scheduling: bool | None = Field(
         None, description="schedule step N+1 while step N runs on the device (None: on where the executor "
                           "runs asynchronously, i.e. on CUDA)")
@@ -82,7 +86,8 @@ class LLMEngine:
         spec = CacheSpec(bs, {"full": config.num_blocks, "sliding": n_slide}, groups, config.kv_cache_dtype)
         self.executor = executor_factory(spec) if executor_factory else LocalExecutor(
             model, spec, graph_buckets=graph_buckets(config.max_num_seqs))
-        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_tokens_per_step)
+        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_tokens_per_step,
+                                   config.flex_promote_s)
         self.seqs: dict[str, list[Sequence]] = {}
         self.overlap = (config.overlap_scheduling if config.overlap_scheduling is not None
                         else getattr(self.executor, "asynchronous", False))

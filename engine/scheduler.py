@@ -13,6 +13,13 @@ Service tiers (`GenerateRequest.priority`, lower first; the API's
 sequence that finds the batch full (`max_num_seqs`) or its pools short takes
 the place of a running one of a strictly lower tier, so priority work never
 waits behind flex work. Within one tier the order is arrival, as with no tiers.
+
+The floor under flex (`promote_s`): a flex sequence that arrived `promote_s` ago
+or more is scheduled as default work from then on: it is admitted in arrival
+order among the default queue's sequences and default work no longer takes its
+place, so sustained default (or priority and default) load cannot starve it, nor
+a batch running on flex past its completion window. Priority work still comes
+first, and still takes its place.
 """
 
 from __future__ import annotations
@@ -23,13 +30,25 @@ from itertools import chain
 from typing import Iterator
 
 from .kv_cache import BlockManager
-from .request import ScheduledSeq, SchedulerOutput, Sequence
+from .request import SERVICE_TIERS, ScheduledSeq, SchedulerOutput, Sequence
+
+DEFAULT_TIER = SERVICE_TIERS["default"]
+
+
+def tier_now(seq: Sequence, now: float, promote_s: float) -> int:
+    """The tier `seq` is scheduled on at `now`: its own, or default once a lower one has waited promote_s
+    since it arrived (0: never)."""
+    if promote_s and seq.priority > DEFAULT_TIER and now - seq.t_arrival >= promote_s:
+        return DEFAULT_TIER
+    return seq.priority
 
 
 class WaitQueue:
-    """Waiting sequences: one FIFO per tier, the tiers served lowest priority value first."""
+    """Waiting sequences: one FIFO per tier, the tiers served lowest priority value first (a lower tier's
+    oldest sequence, once promoted (tier_now), in arrival order among the tier it is promoted to)."""
 
-    def __init__(self):
+    def __init__(self, promote_s: float = 0.0):
+        self.promote_s = promote_s
         self._tiers: dict[int, deque[Sequence]] = {}
 
     def _tier(self, seq: Sequence) -> deque[Sequence]:
@@ -46,11 +65,13 @@ class WaitQueue:
         """To the front of its own tier (a preempted or skipped sequence keeps its turn)."""
         self._tier(seq).appendleft(seq)
 
-    def popleft(self) -> Sequence:
-        for q in self._tiers.values():
-            if q:
-                return q.popleft()
-        raise IndexError("pop from an empty WaitQueue")
+    def popleft(self, now: float | None = None) -> Sequence:
+        """The next sequence to admit: each tier's head is its longest waiting, so only heads compete."""
+        now = time.monotonic() if now is None else now
+        heads = [q for q in self._tiers.values() if q]
+        if not heads:
+            raise IndexError("pop from an empty WaitQueue")
+        return min(heads, key=lambda q: (tier_now(q[0], now, self.promote_s), q[0].t_arrival)).popleft()
 
     def remove(self, seq: Sequence):
         self._tiers[seq.priority].remove(seq)
@@ -72,11 +93,14 @@ class WaitQueue:
 
 
 class Scheduler:
-    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_tokens_per_step: int):
+    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_tokens_per_step: int, promote_s: float = 0.0):
+        """promote_s: the floor under flex (module docstring; 0: none)."""
         self.blocks = blocks
         self.max_num_seqs = max_num_seqs
         self.max_tokens_per_step = max_tokens_per_step
-        self.waiting = WaitQueue()
+        self.promote_s = promote_s
+        self.waiting = WaitQueue(promote_s)
+        self._now = 0.0
         self.running: list[Sequence] = []
         self.num_preemptions = 0
 
@@ -100,17 +124,21 @@ class Scheduler:
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
+    def _tier(self, seq: Sequence) -> int:
+        return tier_now(seq, self._now, self.promote_s)
+
     def _victim(self, seq: Sequence) -> Sequence:
         """Who gives up blocks for seq: the lowest tier's most recently admitted, among those whose
         blocks come from the same pools (attention groups); seq itself when it is that one."""
         return max((v for v in reversed(self.running) if self.blocks.shares_pool(v.blocks, seq.blocks)),
-                   key=lambda v: v.priority)
+                   key=self._tier)
 
     def _lower(self, seq: Sequence, pools: bool) -> Sequence | None:
         """A running sequence of a strictly lower tier than waiting seq (sharing its pools if asked)."""
-        cands = [v for v in reversed(self.running) if v.priority > seq.priority and
+        tier = self._tier(seq)
+        cands = [v for v in reversed(self.running) if self._tier(v) > tier and
                  (not pools or self.blocks.shares_pool(v.blocks, seq.blocks))]
-        return max(cands, key=lambda v: v.priority, default=None)
+        return max(cands, key=self._tier, default=None)
 
     def _evict(self, victim: Sequence, items: list[ScheduledSeq], evicted: set[int]) -> int:
         """Preempt victim; if this step already scheduled it, unschedule it and give back its tokens."""
@@ -123,6 +151,7 @@ class Scheduler:
         return 0
 
     def schedule(self) -> SchedulerOutput:
+        self._now = time.monotonic()  # one instant for the step: a sequence's tier does not change within it
         budget = self.max_tokens_per_step
         items: list[ScheduledSeq] = []
         evicted: set[int] = set()  # ids of sequences preempted below to make room
@@ -143,7 +172,7 @@ class Scheduler:
         # admit waiting sequences; a sibling waits until the first choice's prompt is computed
         skipped: list[Sequence] = []
         while self.waiting and budget > 0:
-            seq = self.waiting.popleft()
+            seq = self.waiting.popleft(self._now)
             if seq.pending:  # preempted while a step was in flight: recompute once its token is known
                 skipped.append(seq)
                 continue

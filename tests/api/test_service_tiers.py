@@ -105,3 +105,35 @@ def test_flex_leaves_room_for_priority_at_the_admission_limit(api):
     assert with_one == {"flex": 429, "default": 200}
     assert with_two == {"flex": 429, "default": 429, "priority": 200}
     assert api.wait_idle("limited")["running"] == 0
+
+
+def test_a_flex_request_runs_under_endless_default_load_once_it_has_waited_the_floor(tiny_ckpt):
+    """One sequence at a time and three clients keeping default work queued: the flex request, promoted after
+    flex_promote_s, runs while that load still goes on (without the floor it would wait for the load to end)."""
+    from engine.core import EngineConfig
+    cfg = EngineConfig(max_model_len=1024, max_num_seqs=1, flex_promote_s=0.5)
+    with own_server(tiny_ckpt, "one", cfg) as srv:
+        client, stop, served = srv.client(), threading.Event(), []
+
+        def load():
+            while not stop.is_set():
+                client.completions.create(model="one", prompt="Hello", max_tokens=8, extra_body={"ignore_eos": True})
+                served.append(time.monotonic())
+        workers = [threading.Thread(target=load) for _ in range(3)]
+        for w in workers:
+            w.start()
+        try:
+            while len(served) < 3:  # the load is flowing
+                time.sleep(0.01)
+            t0 = time.monotonic()
+            r = client.completions.create(model="one", prompt="Once", max_tokens=4,
+                                          extra_body={"ignore_eos": True, "service_tier": "flex"})
+            took, after = time.monotonic() - t0, len(served)
+            time.sleep(0.5)
+            assert len(served) > after  # the default load was still going when it finished
+        finally:
+            stop.set()
+            for w in workers:
+                w.join(60)
+        assert r.model_extra["service_tier"] == "flex" and r.usage.completion_tokens == 4
+        assert 0.5 <= took < 30, took

@@ -195,3 +195,15 @@ def test_serve_answers_then_stops_cleanly_on_sigterm(tiny_ckpt, tmp_path):
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # would bind it: past our connections' TIME_WAIT)
         s.bind(("127.0.0.1", port))
         s.listen()
+
+
+def test_serve_config_carries_the_flex_floor_and_names_a_bad_one(tmp_path, capsys):
+    import yaml
+
+    from cli.main import main
+    out = tmp_path / "serve.yaml"
+    assert main(["serve-config", "--flex-promote-s", "5", "--out", str(out)]) == 0
+    cfg = yaml.safe_load(out.read_text())["applications"][0]["args"]["config"]
+    assert cfg["models"][0]["engine"]["flex_promote_s"] == 5.0
+    assert main(["serve-config", "--flex-promote-s", "-1"]) == 2
+    assert "--flex-promote-s" in capsys.readouterr().err

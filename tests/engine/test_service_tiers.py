@@ -99,6 +99,50 @@ def test_a_waiting_priority_sequence_takes_kv_from_a_running_flex_one():
     assert names(sched.waiting) == ["flex"]
 
 
+def aged(name: str, priority: int, waited: float, now: float) -> Sequence:
+    s = seq(name, priority)
+    s.t_arrival = now - waited
+    return s
+
+
+def test_a_flex_sequence_that_waited_promote_s_is_queued_as_default_work_by_arrival():
+    import time
+    now = time.monotonic()
+    q = WaitQueue(promote_s=10)
+    for s in [aged("f_older", FLEX, 30, now), aged("f_old", FLEX, 20, now), aged("d1", DEFAULT, 5, now),
+              aged("f_young", FLEX, 1, now), aged("d2", DEFAULT, 1, now), aged("p", PRIORITY, 0, now)]:
+        q.append(s)  # in arrival order, as the engine adds them
+    # priority first; then default work and the flex work past 10 s, oldest first; then the young flex
+    assert [q.popleft(now).req.request_id for _ in range(6)] == ["p", "f_older", "f_old", "d1", "d2", "f_young"]
+    assert q.by_tier() == {}
+    for s in [aged("f", FLEX, 3600, now), aged("d", DEFAULT, 1, now)]:
+        q.append(s)
+    q.promote_s = 0  # no floor: tiers strictly in order
+    assert [q.popleft(now).req.request_id for _ in range(2)] == ["d", "f"]
+
+
+def test_a_promoted_flex_sequence_is_not_displaced_by_default_work_but_is_by_priority_work():
+    import time
+    sched = Scheduler(BlockManager(64, 64, 4, None), max_num_seqs=1, max_tokens_per_step=64, promote_s=10)
+    old = aged("old", FLEX, 30, time.monotonic())
+    sched.add(old)
+    advance(sched.schedule())
+    sched.add(seq("d"))
+    out = sched.schedule()
+    assert names(i.seq for i in out.items) == ["old"] and out.preempted == 0  # default waits for it
+    advance(out)
+    sched.add(seq("p", PRIORITY))
+    out = sched.schedule()
+    assert names(i.seq for i in out.items) == ["p"] and out.preempted == 1
+    # without the floor, default work takes a flex sequence's place however long it waited
+    sched = Scheduler(BlockManager(64, 64, 4, None), max_num_seqs=1, max_tokens_per_step=64, promote_s=0)
+    old = aged("old", FLEX, 3600, time.monotonic())
+    sched.add(old)
+    advance(sched.schedule())
+    sched.add(seq("d"))
+    assert names(i.seq for i in sched.schedule().items) == ["d"]
+
+
 # ------------------------------------------------------------------ the engine
 
 
@@ -157,3 +201,24 @@ def test_priority_overtakes_a_full_batch_of_flex_work_and_outputs_stay_exact(mod
         while engine.has_work():
             alone += engine.step()
         assert toks[r.request_id] == output_tokens(alone), r.request_id
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("promote_s", [0.0, 0.05])
+def test_sustained_default_load_starves_flex_work_only_without_the_floor(model, promote_s):
+    """One batch slot, two default requests always queued behind it: flex work waits for ever without the
+    floor, and with it runs once it has waited promote_s, while the default load goes on."""
+    import time
+    gen = torch.Generator().manual_seed(5)
+    engine = LLMEngine(model, EngineConfig(block_size=4, max_num_seqs=1, flex_promote_s=promote_s))
+    engine.add_request(request("flex", gen, 4, FLEX))
+    n, done, t0 = 0, set(), time.monotonic()
+    while "flex" not in done and (time.monotonic() - t0 < 1.0 or n < 60):
+        while engine.stats()["waiting"] < 3:  # the flex request and two default ones
+            engine.add_request(request(f"d{n}", gen, 4, DEFAULT))
+            n += 1
+        done |= {o.request_id for o in engine.step() if o.finished}
+    if promote_s:
+        assert "flex" in done and time.monotonic() - t0 < 1.0, n
+    else:
+        assert "flex" not in done and n >= 60  # every default request ran first
