@@ -43,11 +43,14 @@ def router(stored: StoredResponses, background: BackgroundResponses, seal: Reaso
                            starting_after: Optional[int] = Query(None, ge=0),
                            include: Optional[list[Includable]] = Query(None, alias="include[]")):
         """stream=true: a background stream's events after `starting_after`, live until it ends;
-        include[]=reasoning.encrypted_content: reasoning items sealed as a response created with it has them."""
+        include[]=reasoning.encrypted_content: reasoning items sealed as a response created with it has them
+        (in the resumed stream's events too)."""
+        sealing = "reasoning.encrypted_content" in (include or ())
         if stream:
-            return SSEResponse(await background.follow(response_id, starting_after), on_close=nothing)
+            events = await background.follow(response_id, starting_after)
+            return SSEResponse(seal.seal_events(events) if sealing else events, on_close=nothing)
         response = (await stored.get(response_id)).response
-        if "reasoning.encrypted_content" in (include or ()):
+        if sealing:
             response = {**response, "output": seal.seal_items(response["output"])}
         return JSONResponse(response)
 

@@ -12,12 +12,13 @@ the app makes one when it is built: sealed content then outlives neither the app
 
 from __future__ import annotations
 
+import json
 import os
-from typing import Optional
+from typing import AsyncIterator, Optional
 
 from cryptography.fernet import Fernet, InvalidToken
 
-from .api_common import APIError
+from .api_common import APIError, sse
 
 ENV = "GPTOSS_REASONING_KEY"
 
@@ -55,6 +56,24 @@ class ReasoningSeal:
         """Output items with each reasoning item's text sealed (those sealed already stay as they are)."""
         return [{**it, "encrypted_content": self.seal("".join(p["text"] for p in it.get("content") or []))}
                 if it["type"] == "reasoning" and not it.get("encrypted_content") else it for it in items]
+
+    def seal_event(self, event: str) -> str:
+        """A stored stream's SSE event with its reasoning items sealed: the finished item
+        (`response.output_item.done`) and the Response object's output (`response.completed` and the
+        other ends), as a stream created with `include` has them."""
+        if '"reasoning"' not in event:
+            return event
+        head, _, data = event.partition("data: ")
+        ev = json.loads(data)
+        if ev.get("type") == "response.output_item.done":
+            ev["item"] = self.seal_items([ev["item"]])[0]
+        elif isinstance(ev.get("response"), dict) and ev["response"].get("output"):
+            ev["response"] = {**ev["response"], "output": self.seal_items(ev["response"]["output"])}
+        return sse(ev, head[len("event: "):].strip() or None)
+
+    async def seal_events(self, events: AsyncIterator[str]) -> AsyncIterator[str]:
+        async for ev in events:
+            yield self.seal_event(ev)
 
     def open(self, token: str, item_id: Optional[str]) -> str:
         try:

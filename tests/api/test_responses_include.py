@@ -177,3 +177,36 @@ def test_a_stored_response_is_read_back_with_its_reasoning_sealed(client, api):
     import httpx
     bad = httpx.get(f"{api.url}/v1/responses/{r.id}", params={"include[]": "reasoning.summary"})
     assert bad.status_code == 400 and "include" in bad.json()["error"]["param"]
+
+
+def test_a_resumed_background_stream_seals_its_reasoning_when_the_get_asks(client):
+    """A background stream created without `include`, resumed with include[]=reasoning.encrypted_content:
+    the finished reasoning item and the final Response carry it sealed, as a stream created with it would;
+    every other event is as stored."""
+    for seed in range(24):
+        events = list(client.responses.create(model="demo", input="Say hi.", stream=True, background=True,
+                                              max_output_tokens=40, extra_body={**SHORT, "seed": seed}))
+        if any(e.type == "response.output_item.done" and e.item.type == "reasoning" for e in events):
+            break
+    rid = events[0].response.id
+    plain = list(client.responses.retrieve(rid, stream=True, starting_after=0))
+    sealed = list(client.responses.retrieve(rid, stream=True, starting_after=0,
+                                            include=["reasoning.encrypted_content"]))
+    assert [e.type for e in sealed] == [e.type for e in plain] == [e.type for e in events[1:]]
+    done = [(p, s) for p, s in zip(plain, sealed)
+            if s.type == "response.output_item.done" and s.item.type == "reasoning"]
+    assert done and done[0][0].item.encrypted_content is None
+    token = done[0][1].item.encrypted_content
+    assert token and done[0][1].item.content == done[0][0].item.content
+    assert sealed[-1].response.output[0].encrypted_content and plain[-1].response.output[0].encrypted_content is None
+    changed = [p.type for p, s in zip(plain, sealed) if p != s]
+    assert set(changed) <= {"response.output_item.done", "response.completed", "response.incomplete"}, changed
+    # the seal opens to the item's text: it goes back into a prompt (before a call, so it is kept) as that text
+    call = [{"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": "{}"},
+            {"type": "function_call_output", "call_id": "c1", "output": "{}"}]
+    n = [client.responses.input_tokens.count(input=[{"role": "user", "content": "Say hi."}, {
+        "type": "reasoning", "summary": [], **part}, *call]).input_tokens
+         for part in ({"encrypted_content": token}, {"content": [{"type": "reasoning_text",
+                                                                  "text": done[0][0].item.content[0].text}]},
+                      {"content": [{"type": "reasoning_text", "text": ""}]})]
+    assert n[0] == n[1] > n[2]
