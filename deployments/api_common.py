@@ -340,6 +340,12 @@ def cap_tier(body, requests: list, tier: str) -> None:
         r.priority = max(r.priority, cap)
 
 
+def who(request) -> Optional[str]:
+    """Whose a request's stored objects are: its API key's digest (BearerAuth's `principal`; None without keys).
+    Each key sees only its own files, batches, responses, conversations and chat completions."""
+    return getattr(request.state, "principal", None)
+
+
 def principal(key: str) -> str:
     """Whose an object is (uploaded files, batches): a digest of the API key, never the key itself, so a
     store that writes it to disk keeps no secret."""

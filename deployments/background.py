@@ -142,14 +142,14 @@ class BackgroundResponses:
                 task.cancel()
                 return
 
-    async def follow(self, rid: str, after: Optional[int]) -> AsyncIterator[str]:
-        """The events of a background stream after sequence number `after` (None: all), live to its end.
+    async def follow(self, rid: str, who: Optional[str], after: Optional[int]) -> AsyncIterator[str]:
+        """The events of `who`'s background stream after sequence number `after` (None: all), live to its end.
         Checks now that there is one to follow (404, 400), so the caller can still answer with an error."""
         nxt = 0 if after is None else after + 1
         live = self.live.get(rid)
-        if live is not None and live.handler.events is not None:
+        if live is not None and live.handler.events is not None and live.handler.owner == who:
             return self._follow_live(live, nxt)
-        rec = await self.stored.get(rid)
+        rec = await self.stored.get(rid, who)
         if rec.events is None:
             raise APIError(400, f"Response '{rid}' cannot be streamed: only a response created with "
                                 "background=true and stream=true can.", param="stream", code="invalid_value")
@@ -186,8 +186,8 @@ class BackgroundResponses:
                                                  code="response_not_found"))
                 return
 
-    async def cancel(self, rid: str) -> dict:
-        rec = await self.stored.get(rid)
+    async def cancel(self, rid: str, who: Optional[str]) -> dict:
+        rec = await self.stored.get(rid, who)
         status = rec.response["status"]
         if not rec.response.get("background"):
             raise APIError(400, f"Only background responses can be cancelled; '{rid}' was not run in the "
@@ -201,7 +201,7 @@ class BackgroundResponses:
         if task is not None:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)  # it stores what it had, as cancelled
-            return (await self.stored.get(rid)).response
+            return (await self.stored.get(rid, who)).response
         rec.response["status"] = "cancelled"  # the replica running it stops within POLL_S
         await self.stored.put(rec)
         return rec.response

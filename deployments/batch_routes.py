@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
-from .api_common import APIError, describe_errors, new_id, now
+from .api_common import APIError, describe_errors, new_id, now, who
 from .batch_runner import ENDPOINTS, BatchRunner, read_input
 from .batch_store import BatchJob, BatchStoreClient, StoredFile, new_batch
 from .protocol import ErrorResponse, Metadata
@@ -70,10 +70,6 @@ def router(store: BatchStoreClient, runner: BatchRunner, models: Callable[[], Co
            max_file_bytes: int, max_requests: int) -> APIRouter:
     r = APIRouter()
     errors = {status: {"model": ErrorResponse} for status in (400, 404, 409, 413)}
-
-    def who(request: Request) -> Optional[str]:
-        """The caller's API key digest (None without keys): each key sees only its own files and batches."""
-        return getattr(request.state, "principal", None)
 
     def file_missing(fid: str, param: str = "file_id") -> APIError:
         return APIError(404, f"No such File object: {fid}", param=param, code="file_not_found")

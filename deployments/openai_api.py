@@ -40,7 +40,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from engine.async_engine import EngineClient
 from engine.request import SERVICE_TIERS, GenerateRequest, RequestOutput, tier_name
 
-from .api_common import PRINCIPAL_HEADER, APIError, BearerAuth, cap_tier, check_unicode, describe_errors
+from .api_common import PRINCIPAL_HEADER, APIError, BearerAuth, cap_tier, check_unicode, describe_errors, who
 from .prompts import PromptTemplates
 from .chat_api import ChatHandler
 from .completions_api import CompletionHandler
@@ -409,7 +409,7 @@ def build_app(engines: Mapping[str, EngineClient], *, max_pending: Union[int, Ma
                     starting.result()  # a refusal: the client's error, as in the foreground
                 body = await background.start(handler, starting)
                 if handler.stream_requested:  # a client that goes away stops its stream, not the run
-                    return SSEResponse(await background.follow(handler.id, None), on_close=nothing)
+                    return SSEResponse(await background.follow(handler.id, handler.owner, None), on_close=nothing)
                 return JSONResponse(body)
             if handler.stream_requested:
                 await _unless_disconnected(request, start())
@@ -456,7 +456,7 @@ def build_app(engines: Mapping[str, EngineClient], *, max_pending: Union[int, Ma
               "description": "chat.completion, or with stream=true an SSE stream of chat.completion.chunk"},
         **_ERRORS})
     async def chat_completions(body: ChatCompletionRequest, request: Request):
-        save = chats.saver(body, getattr(request.state, "principal", None))
+        save = chats.saver(body, who(request))
         return await serve(request, body.model, lambda: ChatHandler(body, system_fingerprint, save))
 
     @app.post("/v1/completions", response_model=None, responses={
@@ -469,12 +469,14 @@ def build_app(engines: Mapping[str, EngineClient], *, max_pending: Union[int, Ma
         **_ERRORS})
     async def responses(body: ResponsesRequest, request: Request):
         body, prompt_messages = templates.apply(body)
+        owner = who(request)
 
         async def before_input() -> list[dict]:  # the stored prompt's messages, then the stored history
-            return prompt_messages + await stored.history(body)
+            return prompt_messages + await stored.history(body, owner)
         return await serve(request, body.model,
                            lambda history: ResponseBuilder(body, system_fingerprint, history, stored.saver(body),
-                                                           stored.appender(body), seal, pinned=len(prompt_messages)),
+                                                           stored.appender(body, owner), seal,
+                                                           pinned=len(prompt_messages), owner=owner),
                            prepare=before_input, detach=bool(body.background))
 
     app.include_router(responses_router(stored, background, seal, engine_for, templates))

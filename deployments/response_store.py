@@ -59,6 +59,7 @@ class StoredResponse:
     input: list[dict]  # the input items of this request only, with ids
     response: dict  # the Response object as the client got it
     events: Optional[list[str]] = None  # a background stream's SSE events; index = sequence_number
+    principal: Optional[str] = None  # the creating API key's digest (api_common.principal); None: no keys
     size: int = field(default=0, compare=False)
     beat: float = field(default=0.0, compare=False)  # the store's clock at its last put or update
     saved: float = field(default=0.0, compare=False)  # ... at its last write to the file
@@ -78,6 +79,7 @@ class StoredConversation:
     created_at: int
     metadata: dict
     items: list[dict]  # oldest first, each with an id
+    principal: Optional[str] = None  # as StoredResponse's
     size: int = field(default=0, compare=False)
     beat: float = field(default=0.0, compare=False)
     saved: float = field(default=0.0, compare=False)

@@ -139,13 +139,15 @@ class ResponseBuilder:
     def __init__(self, body: ResponsesRequest, fingerprint: Optional[str] = None, history: Sequence[dict] = (),
                  store: Optional[Callable[[StoredResponse], Awaitable]] = None,
                  conversation: Optional[Callable[[list[dict]], Awaitable]] = None,
-                 seal: Optional[ReasoningSeal] = None, pinned: int = 0):
+                 seal: Optional[ReasoningSeal] = None, pinned: int = 0, owner: Optional[str] = None):
         """history: the stored conversation `previous_response_id` or `conversation` continues (item dicts,
         oldest first); store: saves the finished response (None: not stored); conversation: adds its input
         and output items to the conversation it belongs to; seal: opens reasoning items sent back with only
         their encrypted_content, and seals output reasoning when `include` asks (None: a key of its own);
-        pinned: how many of history's first items truncation always keeps (a stored prompt's messages)."""
+        pinned: how many of history's first items truncation always keeps (a stored prompt's messages);
+        owner: whose the stored response is (api_common.who: its API key's digest; None without keys)."""
         self.body = body
+        self.owner = owner
         self.pinned = pinned
         self.id = new_id("resp_")
         self.created = now()
@@ -395,7 +397,7 @@ class ResponseBuilder:
     def record(self) -> StoredResponse:
         # a copy: the items of a running response keep changing, the stored record must not
         return StoredResponse(self.id, self.body.previous_response_id, self.input, self.snapshot(),
-                              None if self.events is None else list(self.events))
+                              None if self.events is None else list(self.events), self.owner)
 
     def snapshot(self) -> dict:
         return json.loads(json.dumps(self.response()))

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from .api_common import check_unicode
+from .api_common import check_unicode, who
 from .background import BackgroundResponses
 from .prompts import PromptTemplates
 from .protocol import ErrorResponse, Includable, InputTokenCount, InputTokensRequest, ResponseObject
@@ -34,12 +34,12 @@ def router(stored: StoredResponses, background: BackgroundResponses, seal: Reaso
             engine_for(body.model)
         body = body.model_copy(update={"input": body.input or [], "model": body.model or ""})
         body, prompt_messages = templates.apply(body)
-        history = prompt_messages + await stored.history(body)
+        history = prompt_messages + await stored.history(body, who(request))
         builder = await run_in_threadpool(ResponseBuilder, body, history=history, seal=seal)
         return {"object": "response.input_tokens", "input_tokens": builder.usage.prompt}
 
     @r.get("/v1/responses/{response_id}", response_model=ResponseObject, responses=errors)
-    async def get_response(response_id: str, stream: bool = False,
+    async def get_response(response_id: str, request: Request, stream: bool = False,
                            starting_after: Optional[int] = Query(None, ge=0),
                            include: Optional[list[Includable]] = Query(None, alias="include[]")):
         """stream=true: a background stream's events after `starting_after`, live until it ends;
@@ -47,24 +47,24 @@ def router(stored: StoredResponses, background: BackgroundResponses, seal: Reaso
         (in the resumed stream's events too)."""
         sealing = "reasoning.encrypted_content" in (include or ())
         if stream:
-            events = await background.follow(response_id, starting_after)
+            events = await background.follow(response_id, who(request), starting_after)
             return SSEResponse(seal.seal_events(events) if sealing else events, on_close=nothing)
-        response = (await stored.get(response_id)).response
+        response = (await stored.get(response_id, who(request))).response
         if sealing:
             response = {**response, "output": seal.seal_items(response["output"])}
         return JSONResponse(response)
 
     @r.delete("/v1/responses/{response_id}", responses=errors)
-    async def delete_response(response_id: str):
-        return await stored.delete(response_id)
+    async def delete_response(response_id: str, request: Request):
+        return await stored.delete(response_id, who(request))
 
     @r.post("/v1/responses/{response_id}/cancel", response_model=ResponseObject, responses=errors)
-    async def cancel_response(response_id: str):
-        return JSONResponse(await background.cancel(response_id))
+    async def cancel_response(response_id: str, request: Request):
+        return JSONResponse(await background.cancel(response_id, who(request)))
 
     @r.get("/v1/responses/{response_id}/input_items", responses=errors)
-    async def response_input_items(response_id: str, limit: int = Query(20, ge=1, le=100),
+    async def response_input_items(response_id: str, request: Request, limit: int = Query(20, ge=1, le=100),
                                    order: Literal["asc", "desc"] = "desc", after: Optional[str] = None):
-        return await stored.input_items(response_id, limit, order, after)
+        return await stored.input_items(response_id, who(request), limit, order, after)
 
     return r

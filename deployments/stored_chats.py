@@ -21,7 +21,7 @@ from typing import Awaitable, Callable, Literal, Optional
 
 from fastapi import APIRouter, Query, Request
 
-from .api_common import APIError
+from .api_common import APIError, who
 from .chat_api import text_of
 from .protocol import ChatCompletionRequest, ChatCompletionUpdateRequest, ErrorResponse
 from .response_store import ResponseNotFound, StoredChatCompletion
@@ -143,10 +143,6 @@ class StoredChats:
         return {"id": cid, "object": "chat.completion.deleted", "deleted": True}
 
 
-def _who(request: Request) -> Optional[str]:
-    return getattr(request.state, "principal", None)
-
-
 def router(chats: StoredChats) -> APIRouter:
     r = APIRouter()
     errors = {status: {"model": ErrorResponse} for status in (400, 404, 503)}
@@ -160,26 +156,26 @@ def router(chats: StoredChats) -> APIRouter:
         whose metadata has every pair."""
         metadata = {m.group(1): v for k, v in request.query_params.multi_items()
                     if (m := _METADATA_PARAM.fullmatch(k))}
-        return await chats.list(_who(request), model, metadata, after, limit, order)
+        return await chats.list(who(request), model, metadata, after, limit, order)
 
     @r.get(one, responses=errors)
     async def get_chat_completion(completion_id: str, request: Request):
-        return (await chats.get(completion_id, _who(request))).completion
+        return (await chats.get(completion_id, who(request))).completion
 
     @r.post(one, responses=errors)
     async def update_chat_completion(completion_id: str, body: ChatCompletionUpdateRequest, request: Request):
         """Replaces the stored completion's metadata (the only field that can change)."""
-        return await chats.update(completion_id, _who(request), body.metadata)
+        return await chats.update(completion_id, who(request), body.metadata)
 
     @r.delete(one, responses=errors)
     async def delete_chat_completion(completion_id: str, request: Request):
-        return await chats.delete(completion_id, _who(request))
+        return await chats.delete(completion_id, who(request))
 
     @r.get(one + "/messages", responses=errors)
     async def chat_completion_messages(completion_id: str, request: Request, after: Optional[str] = None,
                                        limit: int = Query(20, ge=1, le=100),
                                        order: Literal["asc", "desc"] = "asc"):
         """The messages the completion was asked (not its answer: that is the completion's `choices`)."""
-        return await chats.messages(completion_id, _who(request), after, limit, order)
+        return await chats.messages(completion_id, who(request), after, limit, order)
 
     return r

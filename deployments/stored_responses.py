@@ -41,12 +41,12 @@ class StoredResponses:
             return None
         return self.put
 
-    def appender(self, body: ResponsesRequest) -> Optional[Callable[[list[dict]], Awaitable]]:
+    def appender(self, body: ResponsesRequest, who: Optional[str]) -> Optional[Callable[[list[dict]], Awaitable]]:
         """Adds a finished response's items to its `conversation` (None: it names none)."""
         cid = conversation_id(body)
         if cid is None:
             return None
-        return lambda items: self.conversations.add(cid, items)
+        return lambda items: self.conversations.add(cid, who, items)
 
     async def put(self, rec: StoredResponse) -> bool:
         return await self._call("put", rec)
@@ -58,12 +58,12 @@ class StoredResponses:
     async def events(self, rid: str, start: int) -> Optional[tuple[str, Optional[list[str]]]]:
         return await self._call("events", rid, start)
 
-    async def history(self, body: ResponsesRequest) -> list[dict]:
-        """The items of the conversation `previous_response_id` names, oldest first; refuses what needs
-        a store when there is none."""
+    async def history(self, body: ResponsesRequest, who: Optional[str]) -> list[dict]:
+        """The items of the conversation `previous_response_id` names, oldest first (`who`'s only: another API
+        key's is not found); refuses what needs a store when there is none."""
         prev = body.previous_response_id
         if conversation_id(body) is not None:
-            return await self.conversations.history(conversation_id(body))
+            return await self.conversations.history(conversation_id(body), who)
         if self.store is None and body.background:
             raise APIError(400, "background: this server does not store responses, so a background response "
                                 "could not be read back; use stream=true", param="background", code="invalid_value")
@@ -75,6 +75,8 @@ class StoredResponses:
                            param="previous_response_id", code="previous_response_not_found")
         try:
             links = await self._call("chain", prev)
+            if links[-1].principal != who:
+                raise ResponseNotFound(prev)
         except ResponseNotFound as e:
             why = "not found" if e.missing == prev else f"cannot be continued: its earlier response " \
                                                         f"'{e.missing}' was deleted"
@@ -86,25 +88,26 @@ class StoredResponses:
     def _not_found(rid: str) -> APIError:
         return APIError(404, f"No response found with id '{rid}'.", param="response_id", code="response_not_found")
 
-    async def get(self, rid: str) -> StoredResponse:
+    async def get(self, rid: str, who: Optional[str]) -> StoredResponse:
+        """The stored response `rid` if it is `who`'s (the API key digest that created it; None: no keys)."""
         if self.store is not None:
             try:
                 rec = await self._call("get", rid)
-                if isinstance(rec, StoredResponse):  # not a conversation's record
+                if isinstance(rec, StoredResponse) and rec.principal == who:  # not a conversation's, nor another's
                     return rec
             except ResponseNotFound:
                 pass
         raise self._not_found(rid)
 
-    async def delete(self, rid: str) -> dict:
-        await self.get(rid)
+    async def delete(self, rid: str, who: Optional[str]) -> dict:
+        await self.get(rid, who)
         if not await self._call("delete", rid):
             raise self._not_found(rid)
         return {"id": rid, "object": "response", "deleted": True}
 
-    async def input_items(self, rid: str, limit: int, order: str, after: Optional[str]) -> dict:
+    async def input_items(self, rid: str, who: Optional[str], limit: int, order: str, after: Optional[str]) -> dict:
         """A cursor page of the response's own input items (OpenAI's list shape)."""
-        return cursor_page((await self.get(rid)).input, limit, order, after, f"response '{rid}'")
+        return cursor_page((await self.get(rid, who)).input, limit, order, after, f"response '{rid}'")
 
 
 def cursor_page(items: Sequence[dict], limit: int, order: str, after: Optional[str], owner: str) -> dict:

@@ -209,7 +209,7 @@ def test_a_cancel_from_another_ingress_replica_stops_the_run(client, api):
                                 extra_body={"seed": 7})
     other = BackgroundResponses(StoredResponses(api.response_store))
     t0 = time.time()
-    assert asyncio.run(other.cancel(r.id))["status"] == "cancelled"
+    assert asyncio.run(other.cancel(r.id, None))["status"] == "cancelled"
     tasks = api.app.state.background.tasks
     while tasks and time.time() - t0 < POLL_S + 5:  # the run ends (stored, aborted, slot freed)
         time.sleep(0.02)
@@ -363,7 +363,7 @@ def test_another_replica_follows_a_running_stream_through_the_store(client, api,
 
     async def follow():
         assert api.response_store.events(rid, 0)[0] == "in_progress"  # it follows a run, not a record
-        return [chunk async for chunk in await other.follow(rid, 3)]
+        return [chunk async for chunk in await other.follow(rid, None, 3)]
 
     chunks = asyncio.run(follow())
     events = [json.loads(c.split("data: ", 1)[1]) for c in chunks]
@@ -483,3 +483,53 @@ def test_a_background_request_the_engine_has_not_started_is_answered_queued(clie
     gone = client.responses.create(**{**kw, "max_output_tokens": 900})
     assert client.responses.cancel(gone.id).status == "cancelled"
     assert api.wait_idle("demo")["running"] == 0 and api.app.state.pending.get("demo", 0) == 0
+
+
+def test_each_api_key_reads_and_continues_only_its_own_responses_and_conversations(tiny_ckpt):
+    """With API keys a stored response or conversation is its creating key's: another key gets what an unknown
+    id gets (404, or 400 previous_response_not_found), and a batch line's stored response is its creator's."""
+    from cluster.config import BatchConfig
+    from deployments.response_store import MemoryResponseStore
+    from engine.core import EngineConfig
+
+    from .conftest import own_server
+    from .test_batches import upload, wait
+    cfg = EngineConfig(max_model_len=1024, num_blocks=64)
+    with own_server(tiny_ckpt, "demo", cfg, api_keys={"a": "priority", "b": "priority"},
+                    response_store=MemoryResponseStore(), batches=BatchConfig(concurrency=2)) as srv:
+        a, b = (openai.OpenAI(base_url=f"{srv.url}/v1", api_key=k, max_retries=0, timeout=60) for k in "ab")
+        kw = dict(model="demo", max_output_tokens=4, extra_body={"max_reasoning_tokens": 0})
+        r = a.responses.create(input="One", **kw)
+        bg = a.responses.create(input="Two", background=True, stream=True, **kw)
+        bg_id = next(iter(bg)).response.id
+        conv = a.conversations.create(items=[{"role": "user", "content": "Hi"}])
+
+        def status(call):
+            with pytest.raises(openai.APIStatusError) as e:
+                call()
+            return e.value.status_code, e.value.body.get("code")
+        for call in (lambda: b.responses.retrieve(r.id), lambda: b.responses.delete(r.id),
+                     lambda: b.responses.input_items.list(r.id), lambda: b.responses.cancel(bg_id),
+                     lambda: list(b.responses.retrieve(bg_id, stream=True, starting_after=0))):
+            assert status(call) == (404, "response_not_found")
+        assert status(lambda: b.responses.create(input="x", previous_response_id=r.id, **kw)) == (
+            400, "previous_response_not_found")
+        assert status(lambda: b.responses.input_tokens.count(input="x", previous_response_id=r.id)) == (
+            400, "previous_response_not_found")
+        for call in (lambda: b.conversations.retrieve(conv.id), lambda: b.conversations.delete(conv.id),
+                     lambda: b.conversations.update(conv.id, metadata={"x": "y"}),
+                     lambda: b.conversations.items.list(conv.id),
+                     lambda: b.conversations.items.create(conv.id, items=[{"role": "user", "content": "x"}]),
+                     lambda: b.responses.create(input="x", conversation=conv.id, **kw)):
+            assert status(call) == (404, "conversation_not_found")
+        # the owner still has all of it, unchanged
+        assert a.responses.retrieve(r.id).output_text == r.output_text
+        assert a.responses.create(input="Three", previous_response_id=r.id, **kw).previous_response_id == r.id
+        assert [it.content[0].text for it in a.conversations.items.list(conv.id)] == ["Hi"]
+        assert a.conversations.retrieve(conv.id).metadata == {}
+        line = {"custom_id": "s", "method": "POST", "url": "/v1/responses",
+                "body": {"input": "Four", "store": True, **{k: v for k, v in kw.items() if k != "extra_body"}}}
+        batch = wait(a, a.batches.create(input_file_id=upload(a, [line]).id, endpoint="/v1/responses",
+                                         completion_window="24h").id)
+        rid = json.loads(a.files.content(batch.output_file_id).text)["response"]["body"]["id"]
+        assert a.responses.retrieve(rid).id == rid and status(lambda: b.responses.retrieve(rid))[0] == 404
