@@ -94,6 +94,10 @@ class BatchConfig(BaseModel):
     concurrency: int = Field(64, ge=1, description="batch requests in flight at once, per ingress replica")
     max_batches: int = Field(4, ge=1, description="batches an ingress replica runs at once, taking turns line "
                                                   "by line (so a small batch is not held behind a large one)")
+    file_expiry_days: float = Field(30.0, ge=0, description="an uploaded batch file, and a batch's output and "
+                                                            "error files, without `expires_after` are deleted "
+                                                            "this long after they are made (OpenAI's default); "
+                                                            "0: kept until deleted")
     path: str | None = Field(None, description="a SQLite file (on a persistent volume) the store also writes "
                                                "its files and batches to and reads back when it starts, so "
                                                "running batches go on after a restart; its replica then runs "

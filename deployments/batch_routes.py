@@ -67,7 +67,9 @@ def _too_large(limit: int) -> APIError:
 
 
 def router(store: BatchStoreClient, runner: BatchRunner, models: Callable[[], Collection[str]],
-           max_file_bytes: int, max_requests: int) -> APIRouter:
+           max_file_bytes: int, max_requests: int, default_expiry_s: Optional[int] = None) -> APIRouter:
+    """default_expiry_s: the lifetime of a file (uploaded, or a batch's output) made without `expires_after`
+    (None: until deleted)."""
     r = APIRouter()
     errors = {status: {"model": ErrorResponse} for status in (400, 404, 409, 413)}
 
@@ -99,7 +101,7 @@ def router(store: BatchStoreClient, runner: BatchRunner, models: Callable[[], Co
         if purpose != "batch":
             raise APIError(400, f"purpose: this server keeps files for the Batch API only ('batch'), not "
                                 f"{purpose!r}", param="purpose", code="invalid_value")
-        expires_s = _form_expiry(form)
+        expires_s = _form_expiry(form) or default_expiry_s
         data = await upload.read(max_file_bytes + 1)
         if len(data) > max_file_bytes:
             raise _too_large(max_file_bytes)
@@ -159,7 +161,7 @@ def router(store: BatchStoreClient, runner: BatchRunner, models: Callable[[], Co
         data = await store.call("content", body.input_file_id, who(request))
         lines, problems, model = await run_in_threadpool(read_input, data, body.endpoint, max_requests,
                                                          list(models()))
-        expiry = body.output_expires_after.seconds if body.output_expires_after else None
+        expiry = body.output_expires_after.seconds if body.output_expires_after else default_expiry_s
         job = BatchJob(new_batch(body.input_file_id, body.endpoint, model, len(lines), body.metadata, problems),
                        tier_cap=getattr(request.state, "tier_cap", None), output_expires_s=expiry,
                        principal=who(request))

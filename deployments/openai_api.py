@@ -495,7 +495,7 @@ def build_app(engines: Mapping[str, EngineClient], *, max_pending: Union[int, Ma
             return {"Authorization": f"Bearer {internal_keys[tier_cap or 'priority']}", PRINCIPAL_HEADER: who or ""}
         runner = BatchRunner(bstore, app, loopback_headers, batches.concurrency, batches.max_batches)
         app.include_router(batch_router(bstore, runner, lambda: list(engines), int(batches.max_file_mb * (1 << 20)),
-                                        batches.max_requests))
+                                        batches.max_requests, int(batches.file_expiry_days * 86400) or None))
 
     @app.get("/v1/models", response_model=ModelList)
     async def models():

@@ -68,7 +68,9 @@ def test_batch_lines_get_what_their_requests_get(client):
     (bad,) = jsonl(client, b.error_file_id)
     assert bad["custom_id"] == "hot" and bad["response"]["status_code"] == 400
     assert bad["response"]["body"]["error"]["param"] == "temperature"
-    assert client.files.retrieve(b.output_file_id).purpose == "batch_output"
+    for fid in (b.output_file_id, b.error_file_id):  # deleted after 30 days, as OpenAI's (file_expiry_days)
+        got = client.files.retrieve(fid)
+        assert got.purpose == "batch_output" and got.expires_at == got.created_at + 30 * 86400
     assert b.id in [x.id for x in client.batches.list(limit=100).data]
 
 
@@ -152,7 +154,8 @@ def test_files_lifecycle(client):
     a = upload(client, [chat_line("a", "x")], name="a.jsonl", expires_after={"anchor": "created_at",
                                                                               "seconds": 3600})
     b = upload(client, [chat_line("b", "y")], name="b.jsonl")
-    assert a.expires_at == a.created_at + 3600 and b.expires_at is None and a.filename == "a.jsonl"
+    month = 30 * 86400  # OpenAI's default for batch files, and the server's (serve.batches.file_expiry_days)
+    assert a.expires_at == a.created_at + 3600 and b.expires_at == b.created_at + month and a.filename == "a.jsonl"
     assert client.files.retrieve(b.id).bytes == b.bytes
     assert json.loads(client.files.content(b.id).text)["custom_id"] == "b"
     ids = [f.id for f in client.files.list(purpose="batch").data]
@@ -217,6 +220,13 @@ def test_limits_and_off_switch(tiny_ckpt):
         upload(c, ["x" * 1500])
         upload(c, ["x" * 1500])  # 3,000+ of 4,096 bytes
         assert _error(lambda: upload(c, ["x" * 1500]), 400)["code"] == "storage_limit_exceeded"
+    with own_server(tiny_ckpt, "demo", cfg, batches=BatchConfig(file_expiry_days=0)) as srv:
+        c = srv.client()
+        f = upload(c, [chat_line("a", "x")])  # kept until deleted
+        b = wait(c, c.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h",
+                                     output_expires_after={"anchor": "created_at", "seconds": 7200}).id)
+        out = c.files.retrieve(b.output_file_id)
+        assert f.expires_at is None and out.expires_at == out.created_at + 7200
     with own_server(tiny_ckpt, "demo", cfg, batches=BatchConfig(max_mb=0)) as srv:
         assert httpx.get(f"{srv.url}/v1/batches").status_code == 404
         assert httpx.post(f"{srv.url}/v1/files").status_code == 404
