@@ -252,7 +252,10 @@ def engine_failure(out) -> APIError:
 
 
 def service_tier(requested: Optional[str]) -> str:
-    """The tier a request runs on: auto, scale and none run as default (the response names it, as OpenAI's)."""
+    """The tier a request runs on: fast is priority (OpenAI's fast mode); auto, scale and none run as default
+    (the response names it, as OpenAI's)."""
+    if requested == "fast":
+        return "priority"
     return requested if requested in SERVICE_TIERS else "default"
 
 

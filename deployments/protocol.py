@@ -61,10 +61,10 @@ def _metadata_limits(v: Optional[dict[str, str]]) -> Optional[dict[str, str]]:
 Metadata = Annotated[dict[str, str], AfterValidator(_metadata_limits)]
 
 
-ServiceTier = Literal["auto", "default", "flex", "scale", "priority"]
+ServiceTier = Literal["auto", "default", "flex", "scale", "priority", "fast"]
 TIER_HELP = ("priority: scheduled before default and flex work, taking a running lower tier's place when the batch "
-             "or KV cache is full; flex: after the others, first to give way; auto, default and scale: default. "
-             "The response names the tier it ran on")
+             "or KV cache is full; fast: priority (OpenAI's fast mode); flex: after the others, first to give way; "
+             "auto, default and scale: default. The response names the tier it ran on")
 
 
 class SamplingFields(_Req):

@@ -41,7 +41,8 @@ def test_a_keys_tier_caps_its_requests(tiny_ckpt):
             flex_before = ran_on("flex")
             assert post("batch", {**chat, "service_tier": "priority"}) == "flex"  # more than its key has
             assert post("batch", chat) == "flex"                                  # and by default
-            assert ran_on("flex") == flex_before + 2 and ran_on("priority") == 1  # as the engine ran them
+            assert post("batch", {**chat, "service_tier": "fast"}) == "flex"     # fast is priority: capped too
+            assert ran_on("flex") == flex_before + 3 and ran_on("priority") == 1  # as the engine ran them
             assert post("batch", {"model": "m", "input": "hi", "max_output_tokens": 16, "service_tier": "default"},
                         "/v1/responses") == "flex"
     finally:

@@ -15,7 +15,7 @@ HI = [{"role": "user", "content": "Say hi."}]
 
 def test_every_endpoint_names_the_tier_it_ran_on(client):
     for asked, ran in [("priority", "priority"), ("flex", "flex"), ("auto", "default"), (None, "default"),
-                       ("scale", "default")]:
+                       ("scale", "default"), ("fast", "priority")]:  # fast: OpenAI's fast mode, priority
         kw = {"service_tier": asked} if asked else {}
         r = client.chat.completions.create(model="demo", messages=HI, max_tokens=4, **kw)
         assert r.service_tier == ran, asked
