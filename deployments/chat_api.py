@@ -30,7 +30,14 @@ def text_of(content) -> Optional[str]:
 
 
 def effort_of(e: Optional[str]) -> str:
-    return "low" if e == "minimal" else (e or "medium")
+    """The harmony reasoning effort an API one is served at (protocol.EFFORT_HELP)."""
+    e = e or "medium"
+    return {"none": "low", "minimal": "low", "xhigh": "high", "max": "high"}.get(e, e)
+
+
+def reasoning_cap(effort: Optional[str], max_reasoning_tokens: Optional[int]) -> Optional[int]:
+    """The grammar's cap on reasoning tokens: effort none is no reasoning at all."""
+    return 0 if effort == "none" else max_reasoning_tokens
 
 
 def tool_choice_for_grammar(choice, names: list[str], param: str = "tool_choice"):
@@ -94,7 +101,7 @@ def build_request(req: ChatCompletionRequest, rid: str) -> GenerateRequest:
     except (harmony.HarmonyInputError, ValueError) as e:
         raise APIError(400, str(e), param="messages", code="invalid_value") from None
     spec = GrammarSpec(response_format=rf, tools=callable_tools, tool_choice=choice,
-                       max_reasoning_tokens=req.max_reasoning_tokens, harmony=True)
+                       max_reasoning_tokens=reasoning_cap(req.reasoning_effort, req.max_reasoning_tokens), harmony=True)
     check_grammar(spec, "response_format" if rf else "tools")
     params = sampling_params(
         temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p,

@@ -15,7 +15,9 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field
 
 from engine.sampler import MAX_LOGIT_BIAS, Seed
 
-Effort = Literal["minimal", "low", "medium", "high"]
+Effort = Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"]  # as the SDK's ReasoningEffort
+EFFORT_HELP = ("gpt-oss reasons at low, medium or high: none is low with no reasoning (max_reasoning_tokens 0, "
+               "grammar-enforced), minimal is low, xhigh and max are high")
 
 
 class _Req(BaseModel):
@@ -196,7 +198,7 @@ class ChatCompletionRequest(SamplingFields):
     tool_choice: Optional[Union[Literal["none", "auto", "required"], NamedToolChoice, AllowedToolChoice]] = None
     parallel_tool_calls: Optional[bool] = None
     response_format: Optional[ResponseFormat] = None
-    reasoning_effort: Optional[Effort] = Field(None, description="minimal is served as low")
+    reasoning_effort: Optional[Effort] = Field(None, description=EFFORT_HELP)
     max_reasoning_tokens: Optional[int] = Field(
         None, ge=0, description="extension: cap on reasoning tokens (0 = no reasoning), grammar-enforced")
     prediction: Optional[PredictionContent] = Field(None, description=PREDICTION_HELP)
@@ -347,7 +349,7 @@ class TextConfig(_Req):
 
 
 class ReasoningConfig(_Req):
-    effort: Optional[Effort] = None
+    effort: Optional[Effort] = Field(None, description=EFFORT_HELP)
     summary: Optional[str] = None
 
 

@@ -28,7 +28,7 @@ from engine.request import GenerateRequest, RequestOutput
 
 from .api_common import (APIError, SSE_DONE, UsageTotals, answer_logprobs, engine_failure, error_fields, new_id,
                          now, sampling_params, service_tier, sse, tier_priority)
-from .chat_api import check_grammar, effort_of, grammar_tools, text_of
+from .chat_api import check_grammar, effort_of, grammar_tools, reasoning_cap, text_of
 from .protocol import (FunctionCallItem, FunctionCallOutputItem, InputItem, InputMessage, ReasoningItem,
                        ResponsesRequest)
 from .response_store import StoredResponse
@@ -108,6 +108,11 @@ def wants_logprobs(req: ResponsesRequest) -> bool:
     return "message.output_text.logprobs" in (req.include or ()) or bool(req.top_logprobs)
 
 
+def _shown_effort(e: Optional[str]) -> str:
+    """The effort a Response reports: the one it was served at, or none (low, with no reasoning)."""
+    return "none" if e == "none" else effort_of(e)
+
+
 def build_request(req: ResponsesRequest, rid: str, items: Sequence) -> GenerateRequest:
     """`items`: the whole conversation (stored history, then this request's input)."""
     tools = [{"name": t.name, "description": t.description, "parameters": t.parameters} for t in req.tools or []]
@@ -121,7 +126,8 @@ def build_request(req: ResponsesRequest, rid: str, items: Sequence) -> GenerateR
                        code="invalid_value") from None
     rf = _response_format(req)
     spec = GrammarSpec(response_format=rf, tools=callable_tools, tool_choice=choice,
-                       max_reasoning_tokens=req.max_reasoning_tokens, harmony=True)
+                       max_reasoning_tokens=reasoning_cap(req.reasoning and req.reasoning.effort,
+                                                          req.max_reasoning_tokens), harmony=True)
     check_grammar(spec, "text.format" if rf else "tools")
     params = sampling_params(temperature=req.temperature, top_p=req.top_p, seed=req.seed,
                              max_tokens=req.max_output_tokens, logprobs=wants_logprobs(req),
@@ -198,7 +204,7 @@ class ResponseBuilder:
             "parallel_tool_calls": b.parallel_tool_calls if b.parallel_tool_calls is not None else True,
             "previous_response_id": b.previous_response_id,
             "conversation": {"id": conversation_id(b)} if b.conversation else None,
-            "reasoning": {"effort": effort_of(b.reasoning.effort if b.reasoning else None), "summary": None},
+            "reasoning": {"effort": _shown_effort(b.reasoning.effort if b.reasoning else None), "summary": None},
             "store": self._store is not None, "temperature": b.temperature if b.temperature is not None else 1.0,
             "text": {"format": fmt}, "tool_choice": tc or "auto",
             "tools": [t.model_dump(exclude_none=True) for t in b.tools or []],

@@ -87,6 +87,24 @@ def test_no_reasoning_when_budget_is_zero(client):
     assert 3 < r.usage.completion_tokens <= 3 * 8
 
 
+def test_every_sdk_reasoning_effort_is_served_at_one_of_gpt_oss_three(client, api):
+    """The SDK's efforts (none, minimal, low, medium, high, xhigh, max) map onto gpt-oss' low / medium / high:
+    the same prompt tokens as that effort; none also reasons not at all."""
+    import httpx
+
+    def prompt(effort):
+        return httpx.post(f"{api.url}/tokenize", json={"messages": HI, "reasoning_effort": effort}).json()["tokens"]
+    assert prompt("none") == prompt("minimal") == prompt("low") != prompt("medium")
+    assert prompt("xhigh") == prompt("max") == prompt("high") != prompt("medium")
+    r = client.chat.completions.create(model="demo", messages=HI, max_tokens=8, n=3, seed=1, reasoning_effort="none")
+    assert r.usage.completion_tokens_details.reasoning_tokens == 0 and all(c.message.content for c in r.choices)
+    resp = client.responses.create(model="demo", input="hi", max_output_tokens=8, reasoning={"effort": "none"})
+    assert resp.reasoning.effort == "none" and resp.usage.output_tokens_details.reasoning_tokens == 0
+    assert [it.type for it in resp.output] == ["message"]
+    assert client.responses.create(model="demo", input="hi", max_output_tokens=2,
+                                   reasoning={"effort": "xhigh"}).reasoning.effort == "high"
+
+
 def test_required_tool_call_is_valid(client):
     r = client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "Weather in Paris?"}],
                                        tools=CHAT_TOOLS, tool_choice="required", max_tokens=120, seed=3,

@@ -56,7 +56,7 @@ def test_bad_parameters_400_name_the_param(api, client):
         ("/v1/responses", {"model": "demo", "input": "x", "max_output_tokens": 0}, "max_output_tokens"),
         ("/v1/responses", {"model": "demo", "input": []}, "input"),
         # a field named like a tagged union's member ("reasoning" items of `input`) keeps its name
-        ("/v1/responses", {"model": "demo", "input": "x", "reasoning": {"effort": "max"}}, "reasoning.effort"),
+        ("/v1/responses", {"model": "demo", "input": "x", "reasoning": {"effort": "maximal"}}, "reasoning.effort"),
         ("/v1/responses", {"model": "demo", "input": [{"type": "message", "role": "user"}]}, "input[0].content"),
         ("/v1/responses", {"model": "demo", "input": "x", "previous_response_id": "resp_1"},
          "previous_response_id"),  # never stored
