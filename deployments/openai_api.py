@@ -44,9 +44,11 @@ from .api_common import PRINCIPAL_HEADER, APIError, BearerAuth, cap_tier, check_
 from .prompts import PromptTemplates
 from .chat_api import ChatHandler
 from .completions_api import CompletionHandler
-from .protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse,
-                       ErrorResponse, ModelCard, ModelList, ResponseObject, ResponsesRequest)
+from .protocol import (ChatCompletionRequest, ChatCompletionResponse, CompactedResponse, CompactRequest,
+                       CompletionRequest, CompletionResponse, ErrorResponse, ModelCard, ModelList, ResponseObject,
+                       ResponsesRequest)
 from .background import BackgroundResponses, detached
+from .compaction import Compaction, compaction_request
 from .conversations import router as conversations_router
 from .responses_api import ResponseBuilder
 from .responses_routes import router as responses_router
@@ -478,6 +480,17 @@ def build_app(engines: Mapping[str, EngineClient], *, max_pending: Union[int, Ma
                                                            stored.appender(body, owner), seal,
                                                            pinned=len(prompt_messages), owner=owner),
                            prepare=before_input, detach=bool(body.background))
+
+    @app.post("/v1/responses/compact", response_model=CompactedResponse, responses=_ERRORS)
+    async def compact(body: CompactRequest, request: Request):
+        """The conversation's user messages, then a compaction item holding a summary of the rest
+        (deployments.compaction); sent back as input, it continues the conversation in fewer tokens."""
+        req, owner = compaction_request(body), who(request)
+
+        async def before_input() -> list[dict]:
+            return await stored.history(req, owner)
+        return await serve(request, req.model, lambda history: Compaction(req, system_fingerprint, history, seal=seal),
+                           prepare=before_input)
 
     app.include_router(responses_router(stored, background, seal, engine_for, templates))
     app.include_router(conversations_router(stored.conversations))

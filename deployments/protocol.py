@@ -287,6 +287,16 @@ class ReasoningItem(_Req):
     encrypted_content: Optional[str] = None
 
 
+class CompactionItem(_Req):
+    """What POST /v1/responses/compact returns in place of a conversation's turns: its summary, sealed (as
+    reasoning is, deployments.sealed_reasoning); sent back as input, it is opened and goes into the prompt."""
+    type: Literal["compaction"]
+    encrypted_content: str
+    id: Optional[str] = None
+    created_by: Optional[str] = None
+    summary: Optional[str] = Field(None, description="the opened summary (the server fills it; stored, not sent)")
+
+
 def _item_kind(v: Any) -> Optional[str]:
     if isinstance(v, dict):
         return v.get("type") or ("message" if "role" in v else None)
@@ -296,7 +306,7 @@ def _item_kind(v: Any) -> Optional[str]:
 InputItem = Annotated[
     Union[Annotated[InputMessage, Tag("message")], Annotated[FunctionCallItem, Tag("function_call")],
           Annotated[FunctionCallOutputItem, Tag("function_call_output")],
-          Annotated[ReasoningItem, Tag("reasoning")]],
+          Annotated[ReasoningItem, Tag("reasoning")], Annotated[CompactionItem, Tag("compaction")]],
     Discriminator(_item_kind)]
 
 
@@ -434,6 +444,26 @@ class ResponsesRequest(_Req):
         if isinstance(v, list) and not v:  # as chat's empty `messages`: nothing to answer
             raise ValueError("must hold at least one item")
         return v
+
+
+class CompactRequest(_Req):
+    """POST /v1/responses/compact: a conversation (`input`, after `previous_response_id`'s) made short: its user
+    messages, then one compaction item holding a summary of the rest."""
+    model: str
+    input: Optional[Union[str, list[InputItem]]] = None
+    instructions: Optional[str] = None
+    previous_response_id: Optional[str] = Field(None, max_length=128)
+    max_output_tokens: Optional[int] = Field(None, ge=1, description="extension: cap on the summary's tokens "
+                                                                     "(default 2048)")
+    service_tier: Optional[ServiceTier] = Field(None, description=TIER_HELP)
+
+
+class CompactedResponse(BaseModel):
+    id: str
+    object: Literal["response.compaction"] = "response.compaction"
+    created_at: int
+    output: list[dict[str, Any]]
+    usage: dict[str, Any]
 
 
 class InputTokensRequest(ResponsesRequest):

@@ -29,14 +29,17 @@ from engine.request import GenerateRequest, RequestOutput
 from .api_common import (APIError, SSE_DONE, UsageTotals, answer_logprobs, engine_failure, error_fields, new_id,
                          now, sampling_params, service_tier, sse, tier_priority)
 from .chat_api import check_grammar, effort_of, grammar_tools, reasoning_cap, text_of
-from .protocol import (FunctionCallItem, FunctionCallOutputItem, InputItem, InputMessage, ReasoningItem,
-                       ResponsesRequest)
+from .protocol import (CompactionItem, FunctionCallItem, FunctionCallOutputItem, InputItem, InputMessage,
+                       ReasoningItem, ResponsesRequest)
 from .response_store import StoredResponse
 from .sealed_reasoning import ReasoningSeal
 
 log = logging.getLogger(__name__)
 _ITEMS = TypeAdapter(list[InputItem])
-_ID_PREFIX = {"message": "msg_", "function_call": "fc_", "function_call_output": "fco_", "reasoning": "rs_"}
+_ID_PREFIX = {"message": "msg_", "function_call": "fc_", "function_call_output": "fco_", "reasoning": "rs_",
+              "compaction": "cmp_"}
+# how a compaction item's summary (deployments.compaction) goes into the prompt: a user message saying what it is
+SUMMARY_NOTE = "[The conversation before this point was compacted. A summary of it follows.]\n\n"
 
 
 def input_items(req: ResponsesRequest) -> list[dict]:
@@ -91,6 +94,8 @@ def to_messages(instructions: Optional[str], items: Sequence) -> list[dict]:
                 reasoning = []
         elif isinstance(item, FunctionCallOutputItem):
             msgs.append({"role": "tool", "tool_call_id": item.call_id, "content": text_of(item.output)})
+        elif isinstance(item, CompactionItem):
+            msgs.append({"role": "user", "content": SUMMARY_NOTE + (item.summary or "")})
         prev = item
     return msgs
 
@@ -164,6 +169,8 @@ class ResponseBuilder:
             if item["type"] == "reasoning" and not item.get("content") and item.get("encrypted_content"):
                 item["content"] = [{"type": "reasoning_text",
                                     "text": self._seal.open(item["encrypted_content"], item.get("id"))}]
+            elif item["type"] == "compaction":  # whatever `summary` it came with: only what was sealed counts
+                item["summary"] = self._seal.open(item["encrypted_content"], item.get("id"), "compaction")
         self._store = store
         self._conversation = conversation
         self.history = list(history)

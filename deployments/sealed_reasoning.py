@@ -75,11 +75,11 @@ class ReasoningSeal:
         async for ev in events:
             yield self.seal_event(ev)
 
-    def open(self, token: str, item_id: Optional[str]) -> str:
+    def open(self, token: str, item_id: Optional[str], kind: str = "reasoning") -> str:
         try:
             return self._f.decrypt(token.encode()).decode()
         except (InvalidToken, ValueError, UnicodeDecodeError):
             # OpenAI's code for the same case; most often the key changed (a restart without GPTOSS_REASONING_KEY)
-            raise APIError(400, f"the encrypted content of reasoning item {item_id or '(no id)'} could not be "
+            raise APIError(400, f"the encrypted content of {kind} item {item_id or '(no id)'} could not be "
                                 "verified: it was sealed with another key or altered", param="input",
                            code="invalid_encrypted_content") from None

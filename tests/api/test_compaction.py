@@ -1,0 +1,94 @@
+"""POST /v1/responses/compact through the openai SDK (`client.responses.compact`): a conversation comes back
+as its user messages and one sealed compaction item, and that list continues the conversation with the
+summary in the prompt where the turns were."""
+
+import openai
+import pytest
+
+from deployments.compaction import DIRECTIVE
+from deployments.responses_api import SUMMARY_NOTE
+from deployments.sealed_reasoning import ReasoningSeal, new_key
+from engine.core import EngineConfig
+
+from .conftest import own_server
+
+KEY = new_key()
+CALL = [{"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": '{"city": "Paris"}'},
+        {"type": "function_call_output", "call_id": "c1", "output": '{"temp_c": 21}'}]
+CONVERSATION = [{"role": "user", "content": "Weather in Paris?"}, *CALL,
+                {"role": "assistant", "content": "It is 21 C in Paris."},
+                {"role": "user", "content": [{"type": "input_text", "text": "And "}, {"type": "input_text",
+                                                                                    "text": "tomorrow?"}]}]
+
+
+@pytest.fixture(scope="module")
+def srv(tiny_ckpt):
+    from deployments.response_store import MemoryResponseStore
+    with own_server(tiny_ckpt, "demo", EngineConfig(max_model_len=1024, num_blocks=128), reasoning_key=KEY,
+                    response_store=MemoryResponseStore(), api_keys={"a": "priority", "b": "priority"}) as s:
+        yield s
+
+
+def client(srv, key="a"):
+    return openai.OpenAI(base_url=f"{srv.url}/v1", api_key=key, max_retries=0, timeout=60)
+
+
+def cap(n: int) -> dict:
+    return {"max_output_tokens": n}  # the summary's cap: an extension, so not among the SDK's arguments
+
+
+def tokens(c, items) -> int:
+    return c.responses.input_tokens.count(model="demo", input=items).input_tokens
+
+
+def test_a_conversation_compacts_to_its_user_messages_and_a_sealed_summary(srv):
+    c = client(srv)
+    done = c.responses.compact(model="demo", input=CONVERSATION, instructions="Be brief.", extra_body=cap(48))
+    assert done.object == "response.compaction" and done.id.startswith("resp_")
+    *users, item = [o.model_dump(exclude_none=True) for o in done.output]
+    assert [(u["role"], [p["text"] for p in u["content"]]) for u in users] == [
+        ("user", ["Weather in Paris?"]), ("user", ["And ", "tomorrow?"])]
+    assert item["type"] == "compaction" and item["id"].startswith("cmp_") and item["created_by"] == "demo"
+    summary = ReasoningSeal(KEY).open(item["encrypted_content"], None)
+    # the model was asked for the summary after the whole conversation (at low effort): its prompt is exactly that
+    asked = c.responses.input_tokens.count(model="demo", input=[*CONVERSATION, {"role": "user", "content": DIRECTIVE}],
+                                           instructions="Be brief.", reasoning={"effort": "low"}).input_tokens
+    assert done.usage.input_tokens == asked and 0 < done.usage.output_tokens <= 48
+
+    # sent back, the item is the summary as a user message where the turns were
+    nxt = [*users, item, {"role": "user", "content": "Thanks."}]
+    plain = [*users, {"role": "user", "content": SUMMARY_NOTE + summary}, {"role": "user", "content": "Thanks."}]
+    assert tokens(c, nxt) == tokens(c, plain)
+    r = c.responses.create(model="demo", input=nxt, max_output_tokens=4)
+    assert r.status in ("completed", "incomplete") and r.usage.input_tokens == tokens(c, plain)
+    # compacting again folds the old summary into the new one
+    again = c.responses.compact(model="demo", input=nxt, extra_body=cap(16))
+    assert [o.type for o in again.output] == ["message", "message", "message", "compaction"]
+
+
+def test_a_stored_conversation_compacts_for_its_owner_only(srv):
+    a, b = client(srv, "a"), client(srv, "b")
+    r = a.responses.create(model="demo", input="Remember the number 42.", max_output_tokens=8)
+    done = a.responses.compact(model="demo", previous_response_id=r.id, input="What was it?", extra_body=cap(8))
+    assert [o.type for o in done.output] == ["message", "message", "compaction"]
+    assert [o.content[0].text for o in done.output[:2]] == ["Remember the number 42.", "What was it?"]
+    with pytest.raises(openai.BadRequestError) as e:
+        b.responses.compact(model="demo", previous_response_id=r.id, extra_body=cap(8))
+    assert e.value.body["code"] == "previous_response_not_found"
+
+
+def test_bad_compactions_get_openai_errors(srv):
+    c = client(srv)
+    with pytest.raises(openai.BadRequestError) as e:
+        c.responses.compact(model="demo")
+    assert e.value.body["param"] == "input"
+    token = c.responses.compact(model="demo", input="hi", extra_body=cap(4)).output[-1].encrypted_content
+    for bad in (token[:-6] + ("AAAAAA" if not token.endswith("AAAAAA") else "BBBBBB"),
+                ReasoningSeal(new_key()).seal("forged")):
+        with pytest.raises(openai.BadRequestError) as e:
+            c.responses.create(model="demo", input=[{"type": "compaction", "id": "cmp_x", "encrypted_content": bad},
+                                                    {"role": "user", "content": "go on"}], max_output_tokens=4)
+        assert e.value.body["code"] == "invalid_encrypted_content" and "compaction item cmp_x" in \
+            e.value.body["message"]
+    with pytest.raises(openai.NotFoundError):
+        c.responses.compact(model="nope", input="hi")
