@@ -18,12 +18,12 @@ import json
 import random
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from bench import small_model
 from kernels._cli import at_least
 
 
@@ -72,11 +72,7 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="bench/results/flex_floor.json")
     a = ap.parse_args()
-    from models import load_model
-    from models.checkpoint import make_checkpoint
-    with tempfile.TemporaryDirectory() as tmp:
-        model = load_model(make_checkpoint(Path(tmp) / "small", "small", "hf", "bf16", seed=0, overwrite=True),
-                           dtype=torch.float32)
+    model = small_model()
     runs = []
     for promote_s in (0.0, a.floor):
         r = run(model, a, promote_s)

@@ -18,12 +18,12 @@ import datetime
 import json
 import random
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from bench import small_model
 from kernels._cli import at_least, counts
 
 
@@ -60,11 +60,7 @@ def main():
     a = ap.parse_args()
     from engine.request import GenerateRequest
     from engine.sampler import SamplingParams
-    from models import load_model
-    from models.checkpoint import make_checkpoint
-    with tempfile.TemporaryDirectory() as tmp:
-        model = load_model(make_checkpoint(Path(tmp) / "small", "small", "hf", "bf16", seed=0, overwrite=True),
-                           dtype=torch.float32)
+    model = small_model()
     rng = random.Random(a.seed)
     prompts = [[rng.randrange(199998) for _ in range(rng.randint(64, 192))] for _ in range(a.requests)]
 

@@ -10,6 +10,23 @@ from deployments.response_store import (MemoryResponseStore, RemoteResponseStore
                                         ResponseStoreServer, StoredResponse)
 
 
+class FakeHandle:
+    """A Serve handle's shape over a ResponseStoreServer in this process (`handle.put.remote(...)`); the live
+    Ray suite runs the real one."""
+
+    def __init__(self, server):
+        self.server = server
+
+    def __getattr__(self, name):
+        fn = getattr(self.server, name)
+
+        class Method:
+            @staticmethod
+            async def remote(*args):
+                return fn(*args)
+        return Method
+
+
 def rec(rid, prev=None, text="x"):
     return StoredResponse(rid, prev, [{"type": "message", "id": f"msg_{rid}", "content": text}],
                           {"id": rid, "output": []})
@@ -82,19 +99,7 @@ def test_byte_budget_and_a_record_too_big_to_keep():
 def test_the_remote_client_over_the_serve_replica_class():
     """RemoteResponseStore speaks to ResponseStoreServer (the handle is faked; the live Ray suite runs it for
     real): the same answers, errors included."""
-    class Method:
-        def __init__(self, fn):
-            self.fn = fn
-
-        async def remote(self, *args):
-            return self.fn(*args)
-
-    class Handle:
-        def __init__(self, server):
-            for name in ("put", "get", "chain", "delete"):
-                setattr(self, name, Method(getattr(server, name)))
-
-    store = RemoteResponseStore(Handle(ResponseStoreServer(10, 1 << 20, None, metrics_s=0)))
+    store = RemoteResponseStore(FakeHandle(ResponseStoreServer(10, 1 << 20, None, metrics_s=0)))
 
     async def go():
         assert await store.put(rec("a")) and await store.put(rec("b", "a"))
@@ -257,16 +262,7 @@ def test_stored_chat_completions_are_paged_where_they_are_held_and_come_back_fro
     assert ids(s.query(ChatQuery(**{**q, "after": "c1", "model": "m"}))) == ["c3"]
     assert s.query(ChatQuery(**{**q, "after": "o"})) is None  # another principal's: unknown here
 
-    class Method:
-        def __init__(self, fn):
-            self.fn = fn
-
-        async def remote(self, *args):
-            return self.fn(*args)
-
-    class Handle:
-        query = Method(server.query)
-    assert ids(asyncio.run(RemoteResponseStore(Handle()).query(ChatQuery(**q)))) == ["c1", "c2", "c3"]
+    assert ids(asyncio.run(RemoteResponseStore(FakeHandle(server)).query(ChatQuery(**q)))) == ["c1", "c2", "c3"]
 
     again = MemoryResponseStore(path=path)
     assert again.counts()["chat_completion"] == 4 and again.get("c2").completion["metadata"] == {"tag": "x"}
