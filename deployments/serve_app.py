@@ -174,6 +174,11 @@ def build_application(cfg: ServeConfig):
                         batch_store_deployment(cfg, in_flight))
 
 
+# The stores' calls are the app's own (a runner polls for batches every few seconds, a background run sends
+# its progress): one access-log line each would bury the log; their errors are still logged.
+_QUIET = {"enable_access_log": False}
+
+
 def store_deployment(cfg: ServeConfig, in_flight: int):
     """The one replica every ingress replica stores Responses in (None when storing nothing). One, not
     autoscaled: its calls are dict lookups, and a second replica would not see the first's records."""
@@ -185,8 +190,8 @@ def store_deployment(cfg: ServeConfig, in_flight: int):
     if r.path:  # the file is on the head node's volume (the Helm chart mounts it there)
         actor["resources"] = {"node:__internal_head__": 0.001}
     return serve.deployment(ResponseStoreServer).options(
-        name="responses", num_replicas=1, ray_actor_options=actor,
-        max_ongoing_requests=in_flight).bind(r.max_entries, int(r.max_mb * (1 << 20)), r.path)
+        name="responses", num_replicas=1, ray_actor_options=actor, max_ongoing_requests=in_flight,
+        logging_config=_QUIET).bind(r.max_entries, int(r.max_mb * (1 << 20)), r.path)
 
 
 def batch_store_deployment(cfg: ServeConfig, in_flight: int):
@@ -200,8 +205,8 @@ def batch_store_deployment(cfg: ServeConfig, in_flight: int):
     if b.path:  # on the head node's volume, as the response store's file
         actor["resources"] = {"node:__internal_head__": 0.001}
     return serve.deployment(BatchStoreServer).options(
-        name="batches", num_replicas=1, ray_actor_options=actor,
-        max_ongoing_requests=in_flight).bind(int(b.max_mb * (1 << 20)), b.path)
+        name="batches", num_replicas=1, ray_actor_options=actor, max_ongoing_requests=in_flight,
+        logging_config=_QUIET).bind(int(b.max_mb * (1 << 20)), b.path)
 
 
 def app_builder(args: dict):

@@ -148,3 +148,12 @@ def test_a_batch_cancelled_while_its_runner_was_lost_is_finished_by_the_next_wit
     b = s.batch(bid)
     assert b["status"] == "cancelled" and b["output_file_id"]
     assert b["request_counts"] == {"total": 3, "completed": 1, "failed": 0}  # lines 2 and 3 never ran
+
+
+def test_the_store_deployments_keep_their_calls_out_of_the_access_log():
+    """A runner polls the batch store every few seconds and background runs update the response store: one
+    access-log line a call buried `make serve`'s log (their errors are still logged)."""
+    from cluster.config import ServeConfig
+    from deployments.serve_app import batch_store_deployment, store_deployment
+    for app in (store_deployment(ServeConfig(), 64), batch_store_deployment(ServeConfig(), 64)):
+        assert app._bound_deployment.logging_config["enable_access_log"] is False
