@@ -115,7 +115,7 @@ def build_request(req: ChatCompletionRequest, rid: str) -> GenerateRequest:
     return GenerateRequest(rid, prompt, params, harmony=True, grammar=spec, hold=not req.stream and not req.stop,
                            priority=tier_priority(req.service_tier),
                            prediction=harmony.answer_tokens(text_of(req.prediction.content)) if req.prediction
-                           else None)
+                           else None, cache_key=req.prompt_cache_key)
 
 
 class ChatChoice(ChoiceState):

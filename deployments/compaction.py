@@ -37,7 +37,7 @@ def compaction_request(body: CompactRequest) -> ResponsesRequest:
                             instructions=body.instructions, previous_response_id=body.previous_response_id,
                             max_output_tokens=body.max_output_tokens or MAX_SUMMARY_TOKENS, store=False,
                             reasoning=ReasoningConfig(effort="low"), truncation="auto",
-                            service_tier=body.service_tier)
+                            service_tier=body.service_tier, prompt_cache_key=body.prompt_cache_key)
 
 
 class Compaction(ResponseBuilder):

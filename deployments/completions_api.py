@@ -91,7 +91,7 @@ class CompletionHandler(ChoicesHandler):
         prediction = harmony.text_tokens(text_of(body.prediction.content)) if body.prediction else None
         self.requests = [GenerateRequest(f"{self.id}-{i}", ids, params, harmony=False, grammar=None,
                                          hold=not body.stream, priority=tier_priority(body.service_tier),
-                                         prediction=prediction)
+                                         prediction=prediction, cache_key=body.prompt_cache_key)
                          for i, (_, ids) in enumerate(prompts)]
         self.choices = [_Choice(i * body.n + j, text if body.echo else "")
                         for i, (text, _) in enumerate(prompts) for j in range(body.n)]

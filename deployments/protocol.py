@@ -69,6 +69,11 @@ TIER_HELP = ("priority: scheduled before default and flex work, taking a running
              "auto, default and scale: default. The response names the tier it ran on")
 
 
+CACHE_KEY_HELP = ("requests with the same key and prompt prefix go to the same replica group (whose prefix "
+                  "cache holds it); give each user or conversation its own, and a prompt prefix many share spreads "
+                  "over the groups by key")
+
+
 class SamplingFields(_Req):
     """Sampling knobs shared by every endpoint (OpenAI names plus vLLM's common extras)."""
     temperature: Optional[float] = Field(None, ge=0.0, le=2.0)
@@ -84,6 +89,7 @@ class SamplingFields(_Req):
     stop: Optional[Union[str, list[str]]] = Field(None, description="up to 4 stop strings")
     user: Optional[str] = None
     service_tier: Optional[ServiceTier] = Field(None, description=TIER_HELP)
+    prompt_cache_key: Optional[str] = Field(None, max_length=1024, description=CACHE_KEY_HELP)
 
     @field_validator("logit_bias")
     @classmethod
@@ -422,6 +428,7 @@ class ResponsesRequest(_Req):
     max_reasoning_tokens: Optional[int] = Field(None, ge=0, description="extension: cap on reasoning tokens")
     user: Optional[str] = None
     service_tier: Optional[ServiceTier] = Field(None, description=TIER_HELP)
+    prompt_cache_key: Optional[str] = Field(None, max_length=1024, description=CACHE_KEY_HELP)
 
     @field_validator("conversation")
     @classmethod
@@ -456,6 +463,7 @@ class CompactRequest(_Req):
     max_output_tokens: Optional[int] = Field(None, ge=1, description="extension: cap on the summary's tokens "
                                                                      "(default 2048)")
     service_tier: Optional[ServiceTier] = Field(None, description=TIER_HELP)
+    prompt_cache_key: Optional[str] = Field(None, max_length=1024, description=CACHE_KEY_HELP)
 
 
 class CompactedResponse(BaseModel):

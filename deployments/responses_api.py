@@ -139,7 +139,7 @@ def build_request(req: ResponsesRequest, rid: str, items: Sequence) -> GenerateR
                              top_logprobs=req.top_logprobs)
     # a background run is read while it runs (its record, its events), so it streams from the engine too
     return GenerateRequest(rid, prompt, params, harmony=True, grammar=spec, hold=not (req.stream or req.background),
-                           priority=tier_priority(req.service_tier))
+                           priority=tier_priority(req.service_tier), cache_key=req.prompt_cache_key)
 
 
 class ResponseBuilder:

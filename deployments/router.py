@@ -17,9 +17,12 @@ from collections import OrderedDict
 from ray.serve.request_router import FIFOMixin, LocalityMixin, PendingRequest, RequestRouter, RunningReplica
 
 
-def prefix_keys(prompt_ids: list[int], block: int, max_tokens: int) -> list[bytes]:
-    """Hash-chained keys of the prompt's full blocks, shortest prefix first."""
-    keys, h = [], b""
+def prefix_keys(prompt_ids: list[int], block: int, max_tokens: int, cache_key: str | None = None) -> list[bytes]:
+    """Hash-chained keys of the prompt's full blocks, shortest prefix first. A cache key (the API's
+    prompt_cache_key) starts the chain, so the same prefix under another key is another entry: traffic sharing
+    a long system prompt spreads by key instead of piling onto the one group that computed it first."""
+    keys = []
+    h = b"" if cache_key is None else hashlib.blake2b(cache_key.encode(), digest_size=16).digest()
     n = min(len(prompt_ids), max_tokens) // block * block
     for i in range(0, n, block):
         h = hashlib.blake2b(h + repr(prompt_ids[i:i + block]).encode(), digest_size=16).digest()
@@ -36,8 +39,8 @@ class PrefixTable:
         self.imbalance, self.max_entries = imbalance, max_entries
         self.owner: OrderedDict[bytes, str] = OrderedDict()
 
-    def keys(self, prompt_ids: list[int]) -> list[bytes]:
-        return prefix_keys(prompt_ids, self.block, self.max_tokens)
+    def keys(self, prompt_ids: list[int], cache_key: str | None = None) -> list[bytes]:
+        return prefix_keys(prompt_ids, self.block, self.max_tokens, cache_key)
 
     def lookup(self, keys: list[bytes], live: set[str]) -> tuple[str | None, int]:
         """The live replica holding the longest cached prefix (of >= min_tokens), and its length in blocks."""
@@ -79,21 +82,20 @@ class PrefixAffinityRouter(FIFOMixin, LocalityMixin, RequestRouter):
                          imbalance: int = 8, **_):
         self.table = PrefixTable(block, min_prefix_tokens, max_prefix_tokens, imbalance)
 
-    @staticmethod
-    def _prompt(pending: PendingRequest | None) -> list[int]:
+    def _keys(self, pending: PendingRequest | None) -> list[bytes]:
         req = pending.args[0] if pending is not None and pending.args else None
-        return list(getattr(req, "prompt_ids", None) or [])
+        return self.table.keys(list(getattr(req, "prompt_ids", None) or []), getattr(req, "cache_key", None))
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
         cache = self.replica_queue_len_cache
         lens = {rid: cache.get(r.replica_id) for rid, r in by_id.items()}
-        ranks = self.table.rank(self.table.keys(self._prompt(pending_request)), lens)
+        ranks = self.table.rank(self._keys(pending_request), lens)
         return [[by_id[i] for i in rank] for rank in ranks]
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id, result) -> None:
-        self.table.record(self.table.keys(self._prompt(pending_request)), replica_id.unique_id)
+        self.table.record(self._keys(pending_request), replica_id.unique_id)
 
     def on_replica_actor_died(self, replica_id) -> None:
         super().on_replica_actor_died(replica_id)

@@ -62,6 +62,9 @@ class GenerateRequest:
     priority: int = 0
     # a predicted output, as tokens of the output it predicts (engine.prediction): drafts verified each step
     prediction: list[int] | None = None
+    # the API's prompt_cache_key: the router keeps requests with the same key and prefix on one replica group
+    # (deployments.router); requests with other keys route independently of them
+    cache_key: str | None = None
 
 
 @dataclass

@@ -74,3 +74,44 @@ def test_router_class_ranks_real_candidates_and_learns_from_routing():
     again = SimpleNamespace(args=[SimpleNamespace(prompt_ids=SYSTEM + [7] * 9)], kwargs={})
     ranks = asyncio.run(router.choose_replicas(reps, again))
     assert ranks[0] == [reps[3]]
+
+
+def test_a_prompt_cache_key_keeps_its_own_affinity_for_a_shared_prefix():
+    """prompt_cache_key starts the key chain: the same key and prefix go back where they ran, another key's
+    requests with that prefix route on their own (spreading a prefix many share), and no key is its own space."""
+    assert prefix_keys(SYSTEM, 16, 4096, "user-1") == prefix_keys(SYSTEM, 16, 4096, "user-1")
+    assert not set(prefix_keys(SYSTEM, 16, 4096, "user-1")) & set(prefix_keys(SYSTEM, 16, 4096, "user-2"))
+    assert not set(prefix_keys(SYSTEM, 16, 4096, "user-1")) & set(prefix_keys(SYSTEM, 16, 4096))
+    t = PrefixTable(block=16, min_tokens=64)
+    lens = {"r0": 0, "r1": 0, "r2": 0}
+    t.record(t.keys(SYSTEM + [5] * 20, "user-1"), "r1")
+    assert t.rank(t.keys(SYSTEM + [6] * 30, "user-1"), lens, random.Random(0))[0] == ["r1"]
+    assert len(t.rank(t.keys(SYSTEM + [6] * 30, "user-2"), lens)) == 1  # unknown under its key: two random
+    assert len(t.rank(t.keys(SYSTEM + [6] * 30), lens)) == 1
+    # the router class reads it from the request it routes
+    router = PrefixAffinityRouter.__new__(PrefixAffinityRouter)
+    router.initialize_state(block=16, min_prefix_tokens=64)
+    router.__dict__["_replica_queue_len_cache"] = SimpleNamespace(get=lambda rid: 0)
+    reps = [_Replica(f"r{i}") for i in range(4)]
+
+    def req(key):
+        return SimpleNamespace(args=[SimpleNamespace(prompt_ids=SYSTEM, cache_key=key)], kwargs={})
+    router.on_request_routed(req("user-1"), reps[2].replica_id, None)
+    assert [r.replica_id.unique_id for r in asyncio.run(router.choose_replicas(reps, req("user-1")))[0]] == ["r2"]
+    assert len(asyncio.run(router.choose_replicas(reps, req("user-2")))) == 1
+
+
+def test_every_endpoint_hands_its_prompt_cache_key_to_the_router():
+    """What the router reads (the engine request's cache_key) is the body's prompt_cache_key, on every endpoint."""
+    from deployments.chat_api import ChatHandler
+    from deployments.compaction import compaction_request
+    from deployments.completions_api import CompletionHandler
+    from deployments.protocol import ChatCompletionRequest, CompactRequest, CompletionRequest, ResponsesRequest
+    from deployments.responses_api import ResponseBuilder
+    msgs = [{"role": "user", "content": "hi"}]
+    handlers = [ChatHandler(ChatCompletionRequest(model="m", messages=msgs, prompt_cache_key="k"), None),
+                CompletionHandler(CompletionRequest(model="m", prompt=["a", "b"], prompt_cache_key="k"), None),
+                ResponseBuilder(ResponsesRequest(model="m", input="hi", prompt_cache_key="k")),
+                ResponseBuilder(compaction_request(CompactRequest(model="m", input="hi", prompt_cache_key="k")))]
+    assert [[r.cache_key for r in h.requests] for h in handlers] == [["k"], ["k", "k"], ["k"], ["k"]]
+    assert ChatHandler(ChatCompletionRequest(model="m", messages=msgs), None).requests[0].cache_key is None
