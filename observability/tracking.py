@@ -65,7 +65,7 @@ class TrackedEngine:
         return self.engine.stats()
 
 
-ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
+ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/responses/compact")  # POSTs: runs
 
 
 class RequestCounter:
@@ -89,7 +89,8 @@ class RequestCounter:
         finally:
             model = (scope.get("state") or {}).get("model", "")
             path = scope["path"]
-            endpoint = "/v1/models" if path.startswith("/v1/models") else path if path in ENDPOINTS else "other"
+            runs = path in ENDPOINTS and scope.get("method") == "POST"  # not GET /v1/chat/completions (a list)
+            endpoint = "/v1/models" if path.startswith("/v1/models") else path if runs else "other"
             self.rec.inc("gptoss_requests", 1, model=model, endpoint=endpoint, status=status["code"])
 
 

@@ -92,6 +92,15 @@ def test_streams_and_errors_are_counted_by_status(api):
     assert sample(reg, "gptoss_requests", model="m", endpoint=ep, status="200") == ok0 + 1
     assert sample(reg, "gptoss_requests", model="", endpoint=ep, status="400") == bad0 + 1
     assert sample(reg, "gptoss_requests", model="", endpoint=ep, status="404") >= 1
+    # a compaction runs the model: its own endpoint; reading stored chat completions is not a chat request
+    chat_ep = "/v1/chat/completions"
+    compact0 = sample(reg, "gptoss_requests", model="m", endpoint="/v1/responses/compact", status="200")
+    chats0 = sample(reg, "gptoss_requests", model="", endpoint=chat_ep, status="200")
+    r = client.post("/v1/responses/compact", json={"model": "m", "input": "hi", "max_output_tokens": 2})
+    assert r.status_code == 200, r.text
+    assert client.get(chat_ep).status_code == 200
+    assert sample(reg, "gptoss_requests", model="m", endpoint="/v1/responses/compact", status="200") == compact0 + 1
+    assert sample(reg, "gptoss_requests", model="", endpoint=chat_ep, status="200") == chats0
 
 
 def test_engine_publisher_gauges_and_expert_load(api):
