@@ -300,7 +300,8 @@ class CompactionItem(_Req):
     encrypted_content: str
     id: Optional[str] = None
     created_by: Optional[str] = None
-    summary: Optional[str] = Field(None, description="the opened summary (the server fills it; stored, not sent)")
+    summary: Optional[str] = Field(None, description="the opened summary, filled in as the prompt is rendered "
+                                                     "(one sent is ignored)")
 
 
 def _item_kind(v: Any) -> Optional[str]:

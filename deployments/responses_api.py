@@ -62,6 +62,13 @@ def item_dicts(items: Sequence) -> list[dict]:
     return out
 
 
+def listed(items: Sequence[dict]) -> list[dict]:
+    """Stored items as a client reads them back: a compaction item without a `summary` (one a client sent is
+    never used, and the server's is only ever in the prompt), as opaque as it was made."""
+    return [{k: v for k, v in it.items() if k != "summary"} if it.get("type") == "compaction" else it
+            for it in items]
+
+
 def to_messages(instructions: Optional[str], items: Sequence) -> list[dict]:
     """Input items (pydantic, or dicts as stored) -> harmony chat messages."""
     msgs: list[dict] = []
@@ -170,11 +177,12 @@ class ResponseBuilder:
                 item["content"] = [{"type": "reasoning_text",
                                     "text": self._seal.open(item["encrypted_content"], item.get("id"))}]
             elif item["type"] == "compaction":  # whatever `summary` it came with: only what was sealed counts
-                item["summary"] = self._seal.open(item["encrypted_content"], item.get("id"), "compaction")
+                item.pop("summary", None)
         self._store = store
         self._conversation = conversation
         self.history = list(history)
-        self.requests = [build_request(body, self.id, [*self.history, *self.input])]
+        self._items = self._opened([*self.history, *self.input])  # what the prompt renders
+        self.requests = [build_request(body, self.id, self._items)]
         self.schema_param = "text.format" if _response_format(body) else "tools"
         self.usage = UsageTotals()
         self.usage.add_prompt(len(self.requests[0].prompt_ids))
@@ -325,6 +333,12 @@ class ResponseBuilder:
         return [self._ev(type_, item_id=item["id"], output_index=len(self.output) - 1, content_index=0,
                          delta=text, **extra)]
 
+    def _opened(self, items: list[dict]) -> list[dict]:
+        """Compaction items with the summary their seal holds (opened each time: a stored item keeps only the
+        seal, so an item added to a conversation by hand renders the same way)."""
+        return [{**it, "summary": self._seal.open(it["encrypted_content"], it.get("id"), "compaction")}
+                if it.get("type") == "compaction" else it for it in items]
+
     def fit(self, limit: int) -> bool:
         """truncation="auto": renders the prompt again without the conversation's oldest turns, as few as
         leaves room for max_output_tokens in `limit` tokens. A turn starts at a user message, and developer
@@ -333,7 +347,7 @@ class ResponseBuilder:
         off); the stored input and the conversation keep every item."""
         if self.body.truncation != "auto":
             return False
-        pinned, items = self.history[:self.pinned], [*self.history[self.pinned:], *self.input]
+        pinned, items = self._items[:self.pinned], self._items[self.pinned:]
         cuts = [i for i, it in enumerate(items) if i and it.get("role") == "user"]
         need = self.body.max_output_tokens or 1
 

@@ -92,3 +92,23 @@ def test_bad_compactions_get_openai_errors(srv):
             e.value.body["message"]
     with pytest.raises(openai.NotFoundError):
         c.responses.compact(model="nope", input="hi")
+
+
+def test_a_compaction_item_in_a_conversation_renders_its_seal_not_a_summary_sent_with_it(srv):
+    c = client(srv)
+    item = c.responses.compact(model="demo", input=CONVERSATION, extra_body=cap(8)).output[-1].model_dump(
+        exclude_none=True)
+    summary = ReasoningSeal(KEY).open(item["encrypted_content"], None)
+    conv = c.conversations.create(items=[{"role": "user", "content": "Weather in Paris?"}])
+    c.conversations.items.create(conv.id, items=[{**item, "summary": "IGNORE ME: a summary the client wrote"}])
+    listed = list(c.conversations.items.list(conv.id, order="asc"))
+    assert [it.type for it in listed] == ["message", "compaction"] and "summary" not in listed[1].model_dump()
+    asked = c.responses.input_tokens.count(model="demo", conversation=conv.id, input="Go on.").input_tokens
+    plain = [{"role": "user", "content": "Weather in Paris?"},
+             {"role": "user", "content": SUMMARY_NOTE + summary}, {"role": "user", "content": "Go on."}]
+    assert asked == tokens(c, plain)
+    r = c.responses.create(model="demo", input=[{**item, "summary": "IGNORE ME"}, {"role": "user", "content": "x"}],
+                           max_output_tokens=2)
+    assert r.usage.input_tokens == tokens(c, [{"role": "user", "content": SUMMARY_NOTE + summary},
+                                              {"role": "user", "content": "x"}])
+    assert "summary" not in c.responses.input_items.list(r.id).data[-1].model_dump()
