@@ -22,7 +22,7 @@ from fastapi import APIRouter, Query, Request
 from .api_common import APIError, check_unicode, new_id, now, who
 from .protocol import ConversationCreateRequest, ConversationItemsRequest, ConversationUpdateRequest, ErrorResponse
 from .response_store import ResponseNotFound, StoredConversation
-from .responses_api import item_dicts, listed
+from .responses_api import item_dicts
 from .stored_responses import cursor_page
 
 if TYPE_CHECKING:
@@ -81,10 +81,10 @@ class Conversations:
                 "last_id": items[-1]["id"] if items else None, "has_more": False}
 
     async def list_items(self, cid: str, who: Optional[str], limit: int, order: str, after: Optional[str]) -> dict:
-        return cursor_page(listed((await self.get(cid, who)).items), limit, order, after, f"conversation '{cid}'")
+        return cursor_page((await self.get(cid, who)).items, limit, order, after, f"conversation '{cid}'")
 
     async def get_item(self, cid: str, who: Optional[str], item_id: str) -> dict:
-        for it in listed((await self.get(cid, who)).items):
+        for it in (await self.get(cid, who)).items:
             if it["id"] == item_id:
                 return it
         raise self._item_not_found(cid, item_id)

@@ -300,8 +300,6 @@ class CompactionItem(_Req):
     encrypted_content: str
     id: Optional[str] = None
     created_by: Optional[str] = None
-    summary: Optional[str] = Field(None, description="the opened summary, filled in as the prompt is rendered "
-                                                     "(one sent is ignored)")
 
 
 def _item_kind(v: Any) -> Optional[str]:

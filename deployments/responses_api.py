@@ -29,7 +29,7 @@ from engine.request import GenerateRequest, RequestOutput
 from .api_common import (APIError, SSE_DONE, UsageTotals, answer_logprobs, engine_failure, error_fields, new_id,
                          now, sampling_params, service_tier, sse, tier_priority)
 from .chat_api import check_grammar, effort_of, grammar_tools, reasoning_cap, text_of
-from .protocol import (CompactionItem, FunctionCallItem, FunctionCallOutputItem, InputItem, InputMessage,
+from .protocol import (FunctionCallItem, FunctionCallOutputItem, InputItem, InputMessage,
                        ReasoningItem, ResponsesRequest)
 from .response_store import StoredResponse
 from .sealed_reasoning import ReasoningSeal
@@ -38,8 +38,7 @@ log = logging.getLogger(__name__)
 _ITEMS = TypeAdapter(list[InputItem])
 _ID_PREFIX = {"message": "msg_", "function_call": "fc_", "function_call_output": "fco_", "reasoning": "rs_",
               "compaction": "cmp_"}
-# how a compaction item's summary (deployments.compaction) goes into the prompt: a user message saying what it is
-SUMMARY_NOTE = "[The conversation before this point was compacted. A summary of it follows.]\n\n"
+
 
 
 def input_items(req: ResponsesRequest) -> list[dict]:
@@ -60,13 +59,6 @@ def item_dicts(items: Sequence) -> list[dict]:
             d.setdefault("status", "completed")
         out.append(d)
     return out
-
-
-def listed(items: Sequence[dict]) -> list[dict]:
-    """Stored items as a client reads them back: a compaction item without a `summary` (one a client sent is
-    never used, and the server's is only ever in the prompt), as opaque as it was made."""
-    return [{k: v for k, v in it.items() if k != "summary"} if it.get("type") == "compaction" else it
-            for it in items]
 
 
 def to_messages(instructions: Optional[str], items: Sequence) -> list[dict]:
@@ -101,8 +93,6 @@ def to_messages(instructions: Optional[str], items: Sequence) -> list[dict]:
                 reasoning = []
         elif isinstance(item, FunctionCallOutputItem):
             msgs.append({"role": "tool", "tool_call_id": item.call_id, "content": text_of(item.output)})
-        elif isinstance(item, CompactionItem):
-            msgs.append({"role": "user", "content": SUMMARY_NOTE + (item.summary or "")})
         prev = item
     return msgs
 
@@ -176,8 +166,8 @@ class ResponseBuilder:
             if item["type"] == "reasoning" and not item.get("content") and item.get("encrypted_content"):
                 item["content"] = [{"type": "reasoning_text",
                                     "text": self._seal.open(item["encrypted_content"], item.get("id"))}]
-            elif item["type"] == "compaction":  # whatever `summary` it came with: only what was sealed counts
-                item.pop("summary", None)
+            elif item["type"] == "compaction":  # checked now (a 400 naming it); opened as the prompt renders
+                self._seal.open(item["encrypted_content"], item.get("id"), "compaction")
         self._store = store
         self._conversation = conversation
         self.history = list(history)
@@ -334,10 +324,10 @@ class ResponseBuilder:
                          delta=text, **extra)]
 
     def _opened(self, items: list[dict]) -> list[dict]:
-        """Compaction items with the summary their seal holds (opened each time: a stored item keeps only the
-        seal, so an item added to a conversation by hand renders the same way)."""
-        return [{**it, "summary": self._seal.open(it["encrypted_content"], it.get("id"), "compaction")}
-                if it.get("type") == "compaction" else it for it in items]
+        """The items the prompt renders: from the last compaction item on, that item opened (deployments.compaction;
+        opened each time, so one added to a conversation by hand renders the same way)."""
+        from .compaction import expand
+        return expand(items, self._seal, self.pinned)
 
     def fit(self, limit: int) -> bool:
         """truncation="auto": renders the prompt again without the conversation's oldest turns, as few as

@@ -11,7 +11,7 @@ from typing import Awaitable, Callable, Optional, Sequence
 from .api_common import APIError
 from .protocol import ResponsesRequest
 from .response_store import ResponseNotFound, StoredResponse
-from .responses_api import conversation_id, listed
+from .responses_api import conversation_id
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ class StoredResponses:
 
     async def input_items(self, rid: str, who: Optional[str], limit: int, order: str, after: Optional[str]) -> dict:
         """A cursor page of the response's own input items (OpenAI's list shape)."""
-        return cursor_page(listed((await self.get(rid, who)).input), limit, order, after, f"response '{rid}'")
+        return cursor_page((await self.get(rid, who)).input, limit, order, after, f"response '{rid}'")
 
 
 def cursor_page(items: Sequence[dict], limit: int, order: str, after: Optional[str], owner: str) -> dict:

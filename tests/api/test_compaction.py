@@ -1,12 +1,13 @@
 """POST /v1/responses/compact through the openai SDK (`client.responses.compact`): a conversation comes back
-as its user messages and one sealed compaction item, and that list continues the conversation with the
-summary in the prompt where the turns were."""
+as its user messages and one sealed compaction item, and the item continues the conversation: the prompt
+renders from it on, as the user messages and the summary."""
+
+import json
 
 import openai
 import pytest
 
-from deployments.compaction import DIRECTIVE
-from deployments.responses_api import SUMMARY_NOTE
+from deployments.compaction import DIRECTIVE, SUMMARY_NOTE
 from deployments.sealed_reasoning import ReasoningSeal, new_key
 from engine.core import EngineConfig
 
@@ -47,23 +48,32 @@ def test_a_conversation_compacts_to_its_user_messages_and_a_sealed_summary(srv):
     assert done.object == "response.compaction" and done.id.startswith("resp_")
     *users, item = [o.model_dump(exclude_none=True) for o in done.output]
     assert [(u["role"], [p["text"] for p in u["content"]]) for u in users] == [
-        ("user", ["Weather in Paris?"]), ("user", ["And ", "tomorrow?"])]
+        ("user", ["Weather in Paris?"]), ("user", ["And tomorrow?"])]  # each as one text
     assert item["type"] == "compaction" and item["id"].startswith("cmp_") and item["created_by"] == "demo"
-    summary = ReasoningSeal(KEY).open(item["encrypted_content"], None)
+    sealed = json.loads(ReasoningSeal(KEY).open(item["encrypted_content"], None))
+    assert sealed["users"] == ["Weather in Paris?", "And tomorrow?"]
+    summary = sealed["summary"]
     # the model was asked for the summary after the whole conversation (at low effort): its prompt is exactly that
     asked = c.responses.input_tokens.count(model="demo", input=[*CONVERSATION, {"role": "user", "content": DIRECTIVE}],
                                            instructions="Be brief.", reasoning={"effort": "low"}).input_tokens
     assert done.usage.input_tokens == asked and 0 < done.usage.output_tokens <= 48
 
-    # sent back, the item is the summary as a user message where the turns were
+    # sent back, the item is its user messages, then the summary; what came before it may be dropped
     nxt = [*users, item, {"role": "user", "content": "Thanks."}]
-    plain = [*users, {"role": "user", "content": SUMMARY_NOTE + summary}, {"role": "user", "content": "Thanks."}]
-    assert tokens(c, nxt) == tokens(c, plain)
+    plain = [{"role": "user", "content": "Weather in Paris?"}, {"role": "user", "content": "And tomorrow?"},
+             {"role": "user", "content": SUMMARY_NOTE + summary}, {"role": "user", "content": "Thanks."}]
+    assert tokens(c, nxt) == tokens(c, plain) == tokens(c, [item, {"role": "user", "content": "Thanks."}])
+    assert tokens(c, [*CONVERSATION, item, {"role": "user", "content": "Thanks."}]) == tokens(c, plain)
     r = c.responses.create(model="demo", input=nxt, max_output_tokens=4)
     assert r.status in ("completed", "incomplete") and r.usage.input_tokens == tokens(c, plain)
-    # compacting again folds the old summary into the new one
+    # compacting again folds the old summary into the new one and keeps every user message
     again = c.responses.compact(model="demo", input=nxt, extra_body=cap(16))
     assert [o.type for o in again.output] == ["message", "message", "message", "compaction"]
+    assert json.loads(ReasoningSeal(KEY).open(again.output[-1].encrypted_content, None))["users"] == [
+        "Weather in Paris?", "And tomorrow?", "Thanks."]
+    redo = c.responses.input_tokens.count(model="demo", input=[*plain, {"role": "user", "content": DIRECTIVE}],
+                                          reasoning={"effort": "low"}).input_tokens
+    assert again.usage.input_tokens == redo  # it summarised the opened conversation
 
 
 def test_a_stored_conversation_compacts_for_its_owner_only(srv):
@@ -94,21 +104,19 @@ def test_bad_compactions_get_openai_errors(srv):
         c.responses.compact(model="nope", input="hi")
 
 
-def test_a_compaction_item_in_a_conversation_renders_its_seal_not_a_summary_sent_with_it(srv):
+def test_a_compaction_item_in_a_conversation_renders_from_its_seal(srv):
     c = client(srv)
     item = c.responses.compact(model="demo", input=CONVERSATION, extra_body=cap(8)).output[-1].model_dump(
         exclude_none=True)
-    summary = ReasoningSeal(KEY).open(item["encrypted_content"], None)
-    conv = c.conversations.create(items=[{"role": "user", "content": "Weather in Paris?"}])
+    summary = json.loads(ReasoningSeal(KEY).open(item["encrypted_content"], None))["summary"]
+    conv = c.conversations.create(items=[{"role": "developer", "content": "Be brief."},
+                                         {"role": "user", "content": "an older question"}])
     c.conversations.items.create(conv.id, items=[{**item, "summary": "IGNORE ME: a summary the client wrote"}])
     listed = list(c.conversations.items.list(conv.id, order="asc"))
-    assert [it.type for it in listed] == ["message", "compaction"] and "summary" not in listed[1].model_dump()
+    assert [it.type for it in listed] == ["message", "message", "compaction"]
+    assert "summary" not in listed[2].model_dump()  # what a client adds beyond the item's fields is not kept
     asked = c.responses.input_tokens.count(model="demo", conversation=conv.id, input="Go on.").input_tokens
-    plain = [{"role": "user", "content": "Weather in Paris?"},
+    plain = [{"role": "developer", "content": "Be brief."},  # kept; the older question is the item's to carry
+             {"role": "user", "content": "Weather in Paris?"}, {"role": "user", "content": "And tomorrow?"},
              {"role": "user", "content": SUMMARY_NOTE + summary}, {"role": "user", "content": "Go on."}]
     assert asked == tokens(c, plain)
-    r = c.responses.create(model="demo", input=[{**item, "summary": "IGNORE ME"}, {"role": "user", "content": "x"}],
-                           max_output_tokens=2)
-    assert r.usage.input_tokens == tokens(c, [{"role": "user", "content": SUMMARY_NOTE + summary},
-                                              {"role": "user", "content": "x"}])
-    assert "summary" not in c.responses.input_items.list(r.id).data[-1].model_dump()
