@@ -24,7 +24,7 @@ from engine.request import RequestOutput
 
 from .api_common import APIError, new_id
 from .protocol import CompactRequest, InputMessage, ReasoningConfig, ResponsesRequest
-from .responses_api import ResponseBuilder
+from .responses_api import ResponseBuilder, build_request
 from .sealed_reasoning import ReasoningSeal
 
 MAX_SUMMARY_TOKENS = 2048
@@ -68,6 +68,17 @@ def expand(items: list[dict], seal: ReasoningSeal, pinned: int = 0) -> list[dict
 class Compaction(ResponseBuilder):
     """A ResponseBuilder whose answer is the compacted conversation rather than the Response."""
 
+    def fit(self, limit: int) -> bool:
+        """Over the context length: the summary's cap comes down to a quarter of it first, then the oldest
+        turns go (truncation="auto")."""
+        cap = max(1, min(self.body.max_output_tokens, limit // 4))
+        self.body = self.body.model_copy(update={"max_output_tokens": cap})
+        req = build_request(self.body, self.id, self._items)
+        if len(req.prompt_ids) + cap > limit:
+            return super().fit(limit)
+        self.requests = [req]
+        return True
+
     async def collect(self, outputs: AsyncIterator[tuple[int, RequestOutput]],
                       progress: Optional[Callable[[], None]] = None) -> dict:
         response = await super().collect(outputs, progress)
@@ -81,3 +92,12 @@ class Compaction(ResponseBuilder):
         item = {"id": new_id("cmp_"), "type": "compaction", "created_by": self.body.model, "encrypted_content": sealed}
         return {"id": self.id, "object": "response.compaction", "created_at": self.created,
                 "output": [*messages, item], "usage": response["usage"]}
+
+
+def server_compaction_request(body: ResponsesRequest) -> ResponsesRequest:
+    """The compaction a Responses request with `context_management` runs first: of its whole conversation
+    (the builder's history), with its instructions and tier."""
+    return ResponsesRequest(model=body.model, input=[InputMessage(role="user", content=DIRECTIVE)],
+                            instructions=body.instructions, max_output_tokens=MAX_SUMMARY_TOKENS, store=False,
+                            reasoning=ReasoningConfig(effort="low"), truncation="auto",
+                            service_tier=body.service_tier, prompt_cache_key=body.prompt_cache_key)

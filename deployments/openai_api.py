@@ -97,8 +97,8 @@ def _engine_error(e: BaseException, param: str, schema_param: Optional[str] = No
 
 
 class _Slot:
-    def __init__(self, counts: dict, model: str):
-        self._counts, self._model, self._held = counts, model, True
+    def __init__(self, counts: dict, model: str, held: bool = True):
+        self._counts, self._model, self._held = counts, model, held
 
     def release(self) -> None:
         if self._held:
@@ -109,6 +109,13 @@ class _Slot:
         """The slot of a request admitted already, once more (its first try was refused and released it)."""
         self._counts[self._model] += 1
         return _Slot(self._counts, self._model)
+
+    def shared(self) -> "_Slot":
+        """The slot for a run a request makes before its own (a compaction): it counts once, so this one
+        gives nothing back, and a retry of that run takes nothing."""
+        s = _Slot(self._counts, self._model, held=False)
+        s.again = lambda: s
+        return s
 
 
 class _Run:
@@ -381,19 +388,45 @@ def build_app(engines: Mapping[str, EngineClient], *, max_pending: Union[int, Ma
             cap_tier(handler.body, handler.requests, tier_cap)
         run = _Run(engine, handler.requests, admit(model, min((r.priority for r in handler.requests), default=0)))
 
-        async def start() -> _Run:
-            """Starts the run; a prompt over the context length that its handler can shorten (Responses'
+        async def started(h, r: _Run) -> _Run:
+            """r (h's requests), started; a prompt over the context length that h can shorten (Responses'
             truncation="auto") starts once more, shortened."""
-            nonlocal run
             try:
-                await run.start(handler.prompt_param, handler.schema_param)
+                await r.start(h.prompt_param, h.schema_param)
             except APIError as e:
-                fit, limit = getattr(handler, "fit", None), getattr(e, "limit", None)
+                fit, limit = getattr(h, "fit", None), getattr(e, "limit", None)
                 if e.code != "context_length_exceeded" or fit is None or limit is None \
                         or not await run_in_threadpool(fit, limit):
                     raise
+                r = _Run(engine, h.requests, r.slot.again())  # the refused run gave its slot back
+                await r.start(h.prompt_param, h.schema_param)
+            return r
+
+        async def compact(slot: _Slot) -> None:
+            """Responses' context_management: the conversation compacted first (in the request's admission
+            slot), the answer then written from the compaction."""
+            comp = await run_in_threadpool(handler.compactor)
+            pre = await started(comp, _Run(engine, comp.requests, slot.shared()))
+            try:
+                done = await comp.collect(pre)
+            finally:
+                await pre.close()
+            await run_in_threadpool(handler.rebase, done)
+
+        async def start() -> _Run:
+            nonlocal run
+            wants = getattr(handler, "wants_compaction", None)
+            if wants is not None and wants():
+                await compact(run.slot)
+                run = _Run(engine, handler.requests, run.slot)
+            try:
+                run = await started(handler, run)
+            except APIError as e:
+                if e.code != "context_length_exceeded" or wants is None or not wants(refused=True):
+                    raise
                 run = _Run(engine, handler.requests, run.slot.again())  # the refused run gave its slot back
-                await run.start(handler.prompt_param, handler.schema_param)
+                await compact(run.slot)
+                run = await started(handler, _Run(engine, handler.requests, run.slot))
             return run
 
         try:

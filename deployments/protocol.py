@@ -386,6 +386,12 @@ Includable = Literal["file_search_call.results", "web_search_call.results", "web
                      "code_interpreter_call.outputs", "reasoning.encrypted_content", "message.output_text.logprobs"]
 
 
+class ContextManagement(_Req):
+    type: Literal["compaction"]
+    compact_threshold: Optional[int] = Field(None, ge=1, description="compact once the prompt has more tokens "
+                                                                     "than this; unset: once it would not fit")
+
+
 class ResponsesRequest(_Req):
     model: str
     input: Union[str, list[InputItem]]
@@ -414,6 +420,11 @@ class ResponsesRequest(_Req):
     background: Optional[bool] = Field(None, description="run on after the request returns; poll GET "
                                                          "/v1/responses/{id} (with stream: resume it with "
                                                          "?stream=true&starting_after=N), stop with POST .../cancel")
+    context_management: Optional[list[ContextManagement]] = Field(
+        None, max_length=1, description="[{type: compaction, compact_threshold}]: a prompt over the threshold (or "
+                                        "over the context, without one) is compacted first (as POST "
+                                        "/v1/responses/compact) and the response answers from the compaction, "
+                                        "which is its first output item")
     truncation: Optional[Literal["auto", "disabled"]] = Field(
         None, description="auto: a conversation over the context length drops its oldest turns (from a user "
                           "message on) until it fits, keeping developer and system messages; disabled (default): "

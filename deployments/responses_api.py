@@ -177,6 +177,7 @@ class ResponseBuilder:
         self.usage = UsageTotals()
         self.usage.add_prompt(len(self.requests[0].prompt_ids))
         self.output: list[dict] = []
+        self._unannounced: list[dict] = []  # items made before the run (a compaction): streamed with its first output
         self._cur: Optional[str] = None  # kind of the open item: reasoning | message | tool
         self._seq = 0
         self._tokens = 0
@@ -284,12 +285,17 @@ class ResponseBuilder:
         return evs
 
     def feed(self, out: RequestOutput) -> list[dict]:
+        evs: list[dict] = []
+        for item in self._unannounced:
+            idx = self.output.index(item)
+            evs += [self._ev(f"response.output_item.{kind}", output_index=idx, item=_copy(item))
+                    for kind in ("added", "done")]
+        self._unannounced = []
         self._tokens += len(out.token_ids)
         if out.finished and out.finish_reason == "error":
             raise engine_failure(out)
         if self._want_lp:
             self._pending_lp.extend(answer_logprobs(out))
-        evs: list[dict] = []
         for ev in out.events:
             if isinstance(ev, ReasoningDelta):
                 if self._cur != "reasoning":
@@ -328,6 +334,33 @@ class ResponseBuilder:
         opened each time, so one added to a conversation by hand renders the same way)."""
         from .compaction import expand
         return expand(items, self._seal, self.pinned)
+
+    # ------------------------------------------------- server-side compaction
+    def wants_compaction(self, refused: bool = False) -> bool:
+        """Whether to compact before answering (`context_management`): the prompt is over its compact_threshold,
+        or (`refused`: the engine found it over its context length) in any case. Once at most."""
+        cm = [c for c in self.body.context_management or () if c.type == "compaction"]
+        if not cm or self.output:
+            return False
+        return refused or (cm[0].compact_threshold or float("inf")) < len(self.requests[0].prompt_ids)
+
+    def compactor(self) -> "ResponseBuilder":
+        """What writes the compaction of this response's conversation (deployments.compaction)."""
+        from .compaction import Compaction, server_compaction_request
+        return Compaction(server_compaction_request(self.body), history=[*self.history, *self.input],
+                          seal=self._seal, pinned=self.pinned, owner=self.owner)
+
+    def rebase(self, compacted: dict) -> None:
+        """Answers from the compaction instead (its first output item; its pass counts in the usage)."""
+        item, used = compacted["output"][-1], compacted["usage"]
+        self.output = [item]
+        self._unannounced = [item]
+        self._items = self._opened([*self.history, *self.input, item])
+        self.requests = [build_request(self.body, self.id, self._items)]
+        self.usage = UsageTotals()
+        self.usage.add_prompt(len(self.requests[0].prompt_ids) + used["input_tokens"])
+        self.usage.completion += used["output_tokens"]
+        self.usage.reasoning += used["output_tokens_details"]["reasoning_tokens"]
 
     def fit(self, limit: int) -> bool:
         """truncation="auto": renders the prompt again without the conversation's oldest turns, as few as

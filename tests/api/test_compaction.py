@@ -3,6 +3,7 @@ as its user messages and one sealed compaction item, and the item continues the 
 renders from it on, as the user messages and the summary."""
 
 import json
+import time
 
 import openai
 import pytest
@@ -120,3 +121,59 @@ def test_a_compaction_item_in_a_conversation_renders_from_its_seal(srv):
              {"role": "user", "content": "Weather in Paris?"}, {"role": "user", "content": "And tomorrow?"},
              {"role": "user", "content": SUMMARY_NOTE + summary}, {"role": "user", "content": "Go on."}]
     assert asked == tokens(c, plain)
+
+
+LONG_TOOL = [{"type": "function_call", "call_id": "c2", "name": "read_file", "arguments": '{"path": "a.txt"}'},
+             {"type": "function_call_output", "call_id": "c2", "output": "lorem ipsum dolor " * 150}]
+
+
+def test_context_management_compacts_first_and_answers_from_the_compaction(srv):
+    """Over compact_threshold the conversation is compacted first: the compaction is the response's first output
+    item, the answer's prompt is that item opened, its pass counts in the usage, and the next turn renders from
+    it (previous_response_id, or the items sent back)."""
+    c = client(srv)
+    manage = [{"type": "compaction", "compact_threshold": 200}]
+    convo = [{"role": "user", "content": "Summarise a.txt"}, *LONG_TOOL, {"role": "user", "content": "Shorter?"}]
+    assert tokens(c, convo) > 200
+    r = c.responses.create(model="demo", input=convo, max_output_tokens=6, extra_body={"context_management": manage})
+    assert [o.type for o in r.output][:1] == ["compaction"]
+    item = r.output[0].model_dump(exclude_none=True)
+    answered_from = tokens(c, [item])  # the item opened: the two user messages and the summary
+    assert answered_from < tokens(c, convo)
+    sealed = json.loads(ReasoningSeal(KEY).open(item["encrypted_content"], None))
+    assert sealed["users"] == ["Summarise a.txt", "Shorter?"]
+    assert r.usage.input_tokens > answered_from  # the answer's prompt, and the compaction pass's
+    # the next turn, chained: the prompt starts at the compaction item
+    nxt = c.responses.create(model="demo", previous_response_id=r.id, input="Thanks.", max_output_tokens=2,
+                             extra_body={"context_management": [{"type": "compaction", "compact_threshold": 10**6}]})
+    resent = [item, *[o.model_dump(exclude_none=True) for o in r.output[1:]], {"role": "user", "content": "Thanks."}]
+    assert nxt.usage.input_tokens == tokens(c, resent) and "compaction" not in [o.type for o in nxt.output]
+    # a background response compacts the same way, in its run
+    bg = c.responses.create(model="demo", input=convo, max_output_tokens=4, background=True,
+                            extra_body={"context_management": manage})
+    for _ in range(600):
+        if (got := c.responses.retrieve(bg.id)).status not in ("queued", "in_progress"):
+            break
+        time.sleep(0.05)
+    assert got.status in ("completed", "incomplete") and got.output[0].type == "compaction"
+    # under the threshold nothing is compacted
+    small = c.responses.create(model="demo", input="hi", max_output_tokens=2, extra_body={"context_management": manage})
+    assert "compaction" not in [o.type for o in small.output]
+
+
+def test_context_management_streams_the_compaction_first_and_compacts_what_would_not_fit(srv):
+    c = client(srv)
+    big = [{"role": "user", "content": "Read them all"}, *LONG_TOOL, *[
+        {**it, "call_id": f"x{i}"} for i in range(3) for it in LONG_TOOL]]
+    with pytest.raises(openai.BadRequestError) as e:  # over the 1,024-token context
+        c.responses.create(model="demo", input=big, max_output_tokens=4)
+    assert e.value.body["code"] == "context_length_exceeded"
+    events = list(c.responses.create(model="demo", input=big, max_output_tokens=4, stream=True,
+                                     extra_body={"context_management": [{"type": "compaction"}]}))
+    kinds = [e.type for e in events]
+    assert kinds[:4] == ["response.created", "response.in_progress", "response.output_item.added",
+                         "response.output_item.done"]
+    assert events[2].item.type == events[3].item.type == "compaction" and events[2].output_index == 0
+    assert kinds[-1] in ("response.completed", "response.incomplete")
+    assert events[-1].response.output[0].type == "compaction"  # then the answer's items, if 4 tokens made any
+    assert [e.sequence_number for e in events] == list(range(len(events)))
