@@ -126,6 +126,12 @@ def test_responses_are_stored_and_continued_through_the_store_replica(app):
     r5 = app.responses.create(conversation=conv.id, input="Six", **kw)
     assert r5.conversation.id == conv.id and r5.usage.input_tokens > 0
     assert len(list(app.conversations.items.list(conv.id))) == 2 + len(r5.output)
+    # compaction through Serve: the item continues a stored conversation from the store replica
+    compact = app.responses.compact(model="tiny", previous_response_id=r5.id, extra_body={"max_output_tokens": 8})
+    assert compact.output[-1].type == "compaction"
+    on = app.responses.create(input=[compact.output[-1].model_dump(exclude_none=True),
+                                     {"role": "user", "content": "Go on"}], **kw)
+    assert on.status in ("completed", "incomplete")
     # a stored chat completion: kept in the store replica and listed there (the page is built where it is held)
     tag = f"live-{time.time()}"
     chat = app.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Seven"}], max_tokens=4,
