@@ -221,7 +221,10 @@ class ChatHandler(ChoicesHandler):
             if all(c.done for c in self.choices):
                 break
         self._check_complete()
-        return await self._saved(self._completion())
+        completion = self._completion()
+        if self.save is not None:
+            await self.save(completion)
+        return completion
 
     def _completion(self) -> dict:
         choices = [{"index": c.index, "message": c.message(), "finish_reason": c.finish_reason,
@@ -229,11 +232,6 @@ class ChatHandler(ChoicesHandler):
         return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.body.model,
                 "system_fingerprint": self.fingerprint, "service_tier": service_tier(self.body.service_tier),
                 "choices": choices, "usage": self.usage.chat()}
-
-    async def _saved(self, completion: dict) -> dict:
-        if self.save is not None:
-            await self.save(completion)
-        return completion
 
     async def stream(self, outputs: AsyncIterator[tuple[int, RequestOutput]]) -> AsyncIterator[str]:
         for c in self.choices:
@@ -247,6 +245,7 @@ class ChatHandler(ChoicesHandler):
             if all(c.done for c in self.choices):
                 break
         end = self._stream_end()
-        await self._saved(self._completion())  # what the chunks add up to
+        if self.save is not None:
+            await self.save(self._completion())  # what the chunks add up to
         for event in end:
             yield event

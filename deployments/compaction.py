@@ -42,9 +42,22 @@ def compaction_request(body: CompactRequest) -> ResponsesRequest:
         raise APIError(400, "input: there is nothing to compact: send `input`, `previous_response_id` or both",
                        param="input", code="missing_required_parameter")
     items = [InputMessage(role="user", content=body.input)] if isinstance(body.input, str) else list(body.input or [])
+    return _summary_request(body, items, body.previous_response_id, body.max_output_tokens)
+
+
+def server_compaction_request(body: ResponsesRequest) -> ResponsesRequest:
+    """The compaction a Responses request with `context_management` runs first: of its whole conversation
+    (the builder's history), with its instructions and tier."""
+    return _summary_request(body, [], None, None)
+
+
+def _summary_request(body, items: list, previous_response_id: Optional[str],
+                     max_tokens: Optional[int]) -> ResponsesRequest:
+    """`items` then the directive, with `body`'s model, instructions, tier and cache key; at low effort, not
+    stored, its oldest turns dropped when it would not fit."""
     return ResponsesRequest(model=body.model, input=[*items, InputMessage(role="user", content=DIRECTIVE)],
-                            instructions=body.instructions, previous_response_id=body.previous_response_id,
-                            max_output_tokens=body.max_output_tokens or MAX_SUMMARY_TOKENS, store=False,
+                            instructions=body.instructions, previous_response_id=previous_response_id,
+                            max_output_tokens=max_tokens or MAX_SUMMARY_TOKENS, store=False,
                             reasoning=ReasoningConfig(effort="low"), truncation="auto",
                             service_tier=body.service_tier, prompt_cache_key=body.prompt_cache_key)
 
@@ -93,11 +106,3 @@ class Compaction(ResponseBuilder):
         return {"id": self.id, "object": "response.compaction", "created_at": self.created,
                 "output": [*messages, item], "usage": response["usage"]}
 
-
-def server_compaction_request(body: ResponsesRequest) -> ResponsesRequest:
-    """The compaction a Responses request with `context_management` runs first: of its whole conversation
-    (the builder's history), with its instructions and tier."""
-    return ResponsesRequest(model=body.model, input=[InputMessage(role="user", content=DIRECTIVE)],
-                            instructions=body.instructions, max_output_tokens=MAX_SUMMARY_TOKENS, store=False,
-                            reasoning=ReasoningConfig(effort="low"), truncation="auto",
-                            service_tier=body.service_tier, prompt_cache_key=body.prompt_cache_key)

@@ -21,7 +21,7 @@ from fastapi import APIRouter, Query, Request
 
 from .api_common import APIError, check_unicode, new_id, now, who
 from .protocol import ConversationCreateRequest, ConversationItemsRequest, ConversationUpdateRequest, ErrorResponse
-from .response_store import ResponseNotFound, StoredConversation
+from .response_store import StoredConversation
 from .responses_api import item_dicts
 from .stored_responses import cursor_page
 
@@ -40,15 +40,10 @@ class Conversations:
         return APIError(404, f"Conversation with id '{cid}' not found.", param=param, code="conversation_not_found")
 
     async def get(self, cid: str, who: Optional[str], param: str = "conversation_id") -> StoredConversation:
-        """The conversation `cid` if it is `who`'s (the API key digest that created it; None: no keys)."""
-        if self.stored.store is not None:
-            try:
-                rec = await self.stored._call("get", cid)
-                if isinstance(rec, StoredConversation) and rec.principal == who:
-                    return rec
-            except ResponseNotFound:
-                pass
-        raise self._not_found(cid, param)
+        rec = await self.stored.owned(cid, StoredConversation, who)
+        if rec is None:
+            raise self._not_found(cid, param)
+        return rec
 
     async def _edit(self, cid: str, who: Optional[str], add: list[dict] = (), remove: Optional[str] = None,
                     metadata: Optional[dict] = None) -> tuple[dict, bool]:

@@ -40,7 +40,6 @@ _ID_PREFIX = {"message": "msg_", "function_call": "fc_", "function_call_output":
               "compaction": "cmp_"}
 
 
-
 def input_items(req: ResponsesRequest) -> list[dict]:
     """The request's input as stored and listed: item dicts, each with an id, text in typed parts."""
     return item_dicts([InputMessage(role="user", content=req.input)] if isinstance(req.input, str) else req.input)
@@ -166,8 +165,6 @@ class ResponseBuilder:
             if item["type"] == "reasoning" and not item.get("content") and item.get("encrypted_content"):
                 item["content"] = [{"type": "reasoning_text",
                                     "text": self._seal.open(item["encrypted_content"], item.get("id"))}]
-            elif item["type"] == "compaction":  # checked now (a 400 naming it); opened as the prompt renders
-                self._seal.open(item["encrypted_content"], item.get("id"), "compaction")
         self._store = store
         self._conversation = conversation
         self.history = list(history)

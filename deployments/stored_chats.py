@@ -24,8 +24,8 @@ from fastapi import APIRouter, Query, Request
 from .api_common import APIError, who
 from .chat_api import text_of
 from .protocol import ChatCompletionRequest, ChatCompletionUpdateRequest, ErrorResponse
-from .response_store import ResponseNotFound, StoredChatCompletion
-from .stored_responses import StoredResponses
+from .response_store import StoredChatCompletion
+from .stored_responses import StoredResponses, cursor_page
 
 log = logging.getLogger(__name__)
 _METADATA_PARAM = re.compile(r"metadata\[(.+)\]")
@@ -86,15 +86,13 @@ class StoredChats:
         if self.stored.store is None:
             raise APIError(400, "store: this server does not store chat completions (its response store is off)",
                            param="store", code="store_disabled")
-        messages = None
 
         async def save(completion: dict) -> None:
-            nonlocal messages
-            messages = messages or stored_messages(completion["id"], body)
             completion = {**completion, "metadata": dict(body.metadata or {})}
+            rec = StoredChatCompletion(completion["id"], time.time(), who, completion,
+                                       stored_messages(completion["id"], body))
             try:
-                if not await self.stored._call("put", StoredChatCompletion(completion["id"], time.time(), who,
-                                                                           completion, messages)):
+                if not await self.stored._call("put", rec):
                     log.warning("chat completion %s is larger than the whole store: not stored", completion["id"])
             except APIError:  # the answer stands; only its record is lost
                 log.warning("storing chat completion %s failed", completion["id"])
@@ -106,14 +104,10 @@ class StoredChats:
                         code="not_found")
 
     async def get(self, cid: str, who: Optional[str]) -> StoredChatCompletion:
-        if self.stored.store is not None:
-            try:
-                rec = await self.stored._call("get", cid)
-                if isinstance(rec, StoredChatCompletion) and rec.principal == who:
-                    return rec
-            except ResponseNotFound:
-                pass
-        raise self._not_found(cid)
+        rec = await self.stored.owned(cid, StoredChatCompletion, who)
+        if rec is None:
+            raise self._not_found(cid)
+        return rec
 
     async def list(self, who: Optional[str], model: Optional[str], metadata: dict[str, str],
                    after: Optional[str], limit: int, order: str) -> dict:
@@ -126,7 +120,6 @@ class StoredChats:
         return page
 
     async def messages(self, cid: str, who: Optional[str], after: Optional[str], limit: int, order: str) -> dict:
-        from .stored_responses import cursor_page
         return cursor_page((await self.get(cid, who)).messages, limit, order, after, f"chat completion '{cid}'")
 
     async def update(self, cid: str, who: Optional[str], metadata: Optional[dict[str, str]]) -> dict:

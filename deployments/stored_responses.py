@@ -88,16 +88,22 @@ class StoredResponses:
     def _not_found(rid: str) -> APIError:
         return APIError(404, f"No response found with id '{rid}'.", param="response_id", code="response_not_found")
 
+    async def owned(self, rid: str, kind: type, who: Optional[str]):
+        """The stored record `rid` if it is a `kind` (StoredResponse, StoredConversation, ...) and `who`'s (the
+        API key digest that created it; None: no keys); None otherwise, so another key's reads as unknown."""
+        if self.store is None:
+            return None
+        try:
+            rec = await self._call("get", rid)
+        except ResponseNotFound:
+            return None
+        return rec if isinstance(rec, kind) and rec.principal == who else None
+
     async def get(self, rid: str, who: Optional[str]) -> StoredResponse:
-        """The stored response `rid` if it is `who`'s (the API key digest that created it; None: no keys)."""
-        if self.store is not None:
-            try:
-                rec = await self._call("get", rid)
-                if isinstance(rec, StoredResponse) and rec.principal == who:  # not a conversation's, nor another's
-                    return rec
-            except ResponseNotFound:
-                pass
-        raise self._not_found(rid)
+        rec = await self.owned(rid, StoredResponse, who)
+        if rec is None:
+            raise self._not_found(rid)
+        return rec
 
     async def delete(self, rid: str, who: Optional[str]) -> dict:
         await self.get(rid, who)

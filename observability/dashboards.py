@@ -178,9 +178,10 @@ def overview():
          .with_panel(ts("Reasoning share of generated tokens", "Reasoning tokens / generated tokens.",
                         [(f"{rate('gptoss_reasoning_tokens', 'model')} / {rate('gptoss_generation_tokens', 'model')}",
                           "{{model}}")], "percentunit"))
-         .with_row(db.Row("Stored responses and conversations"))
-         .with_panel(ts("Stored records", "Responses (`store`, background runs) and conversations the response "
-                        "store holds, all models; at `max_entries` the least recently used go first.",
+         .with_row(db.Row("Stored responses, conversations and chat completions"))
+         .with_panel(ts("Stored records", "Responses (`store`, background runs), conversations and chat "
+                        "completions (`store: true`) the response store holds, all models; at `max_entries` the "
+                        "least recently used go first.",
                         [(gauge("gptoss_stored_records", "kind", per_model=False), "{{kind}}")]))
          .with_panel(ts("Response store memory", "Bytes its records take, all models; at `max_mb` the least "
                         "recently used go first.",
