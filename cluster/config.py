@@ -83,6 +83,18 @@ class ResponseStoreConfig(BaseModel):
                                                "memory only")
 
 
+class WebSocketConfig(BaseModel):
+    """Responses over a WebSocket (ws(s)://.../v1/responses, the SDK's `client.responses.connect()`):
+    deployments/responses_ws.py."""
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    max_minutes: float = Field(60.0, ge=0, description="how long a connection lasts: then, its queued work "
+                                                       "done, it gets `websocket_connection_limit_reached` and "
+                                                       "closes (OpenAI's limit); 0: no WebSocket mode")
+    max_streams: int = Field(16, ge=1, description="lanes (`stream_id`s) one connection runs at once")
+    cached_responses: int = Field(16, ge=1, description="responses a connection remembers to continue with "
+                                                        "`previous_response_id`, store=false ones too")
+
+
 class BatchConfig(BaseModel):
     """The Files and Batch APIs (/v1/files, /v1/batches): one store shared by the ingress replicas, and a
     runner in each that runs batches on the flex tier."""
@@ -129,6 +141,7 @@ class ServeConfig(BaseModel):
     models: list[ModelGroupConfig] = Field(default_factory=lambda: [ModelGroupConfig()])
     responses: ResponseStoreConfig = ResponseStoreConfig()
     batches: BatchConfig = BatchConfig()
+    websockets: WebSocketConfig = WebSocketConfig()
     prompts: list[PromptTemplate] = Field(default_factory=list, description="stored prompts Responses may "
                                                                           "name in `prompt`")
 

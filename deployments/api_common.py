@@ -360,6 +360,24 @@ _KEYED = frozenset({"/tokenize", "/detokenize"})  # outside /v1/ (vLLM's paths),
 PRINCIPAL_HEADER = "x-gptoss-principal"  # whose a loopback request is (a batch's line): heard from internal keys only
 
 
+async def _unauthorized(scope, receive, send) -> None:
+    """401 with OpenAI's error JSON; a WebSocket upgrade gets it too where the server can answer one with a
+    response (ASGI's websocket.http.response), and is refused (403) where not."""
+    import json
+    body = json.dumps(APIError(401, "Incorrect API key provided. Pass it as 'Authorization: Bearer <key>'.",
+                               code="invalid_api_key").body()).encode()
+    start = {"status": 401, "headers": [(b"content-type", b"application/json"),
+                                        (b"content-length", str(len(body)).encode())]}
+    if scope["type"] == "http":
+        await send({"type": "http.response.start", **start})
+        return await send({"type": "http.response.body", "body": body})
+    await receive()  # websocket.connect
+    if "websocket.http.response" in (scope.get("extensions") or {}):
+        await send({"type": "websocket.http.response.start", **start})
+        return await send({"type": "websocket.http.response.body", "body": body})
+    await send({"type": "websocket.close", "code": 1008})
+
+
 class BearerAuth:
     """ASGI middleware: /v1/*, /tokenize and /detokenize need `Authorization: Bearer <one of keys>`; /health
     and /ready stay open for probes. Constant-time comparison, so a key cannot be guessed byte by byte from
@@ -372,21 +390,13 @@ class BearerAuth:
         self.app, self.keys = app, [(k.encode(), tier, k in internal) for k, tier in keys.items()]
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and (scope["path"].startswith("/v1/") or scope["path"] in _KEYED):
+        if scope["type"] in ("http", "websocket") and (scope["path"].startswith("/v1/") or scope["path"] in _KEYED):
             headers = dict(scope.get("headers") or [])
             scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
             tier, internal = next(((t, i) for k, t, i in self.keys if secrets.compare_digest(token.strip(), k)),
                                   (None, False))
             if scheme.lower() != b"bearer" or tier is None:
-                import json
-                err = APIError(401, "Incorrect API key provided. Pass it as 'Authorization: Bearer <key>'.",
-                               code="invalid_api_key")
-                body = json.dumps(err.body()).encode()
-                await send({"type": "http.response.start", "status": 401,
-                            "headers": [(b"content-type", b"application/json"),
-                                        (b"content-length", str(len(body)).encode())]})
-                await send({"type": "http.response.body", "body": body})
-                return
+                return await _unauthorized(scope, receive, send)
             state = scope.setdefault("state", {})
             state["tier_cap"] = tier
             state["principal"] = (headers.get(PRINCIPAL_HEADER.encode(), b"").decode() or None) if internal \

@@ -256,7 +256,7 @@ def build_app(engines: Mapping[str, EngineClient], *, max_pending: Union[int, Ma
               title: str = "gpt-oss OpenAI-compatible API", metrics=None,
               api_keys: Optional[Union[frozenset, Mapping[str, str]]] = None, response_store=None,
               reasoning_key: Optional[str] = None, prompts: Sequence = (), batches=None,
-              batch_store=None) -> FastAPI:
+              batch_store=None, websockets=None) -> FastAPI:
     """The API over `engines` (model name -> engine client; read on every request,
     so a caller may fill it after building the app).
 
@@ -272,11 +272,14 @@ def build_app(engines: Mapping[str, EngineClient], *, max_pending: Union[int, Ma
         (deployments.sealed_reasoning); None: one made here, good for this app only.
     prompts: the stored prompts Responses may name (cluster.config.PromptTemplate; deployments.prompts).
     batches: the Files and Batch APIs' limits (cluster.config.BatchConfig; default: its defaults; max_mb 0: off).
+    websockets: Responses over a WebSocket (cluster.config.WebSocketConfig; default: its defaults; max_minutes
+        0: off).
     batch_store: where files and batches are kept (a deployments.batch_store.BatchStoreClient); None: a store
         in this process.
     """
-    from cluster.config import BatchConfig
+    from cluster.config import BatchConfig, WebSocketConfig
     batches = BatchConfig() if batches is None else batches
+    websockets = WebSocketConfig() if websockets is None else websockets
     internal_keys = {tier: secrets.token_urlsafe(32) for tier in SERVICE_TIERS}  # a batch's lines, run here
     stored = StoredResponses(response_store)
     seal = ReasoningSeal(reasoning_key)
@@ -528,6 +531,9 @@ def build_app(engines: Mapping[str, EngineClient], *, max_pending: Union[int, Ma
     app.include_router(responses_router(stored, background, seal, engine_for, templates))
     app.include_router(conversations_router(stored.conversations))
     app.include_router(stored_chats_router(chats))
+    if websockets.max_minutes > 0:
+        from .responses_ws import router as websocket_router
+        app.include_router(websocket_router(app, websockets))
     app.include_router(tokenize_router(engine_for))
     if batches.max_mb > 0:
         from .batch_routes import router as batch_router

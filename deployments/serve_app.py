@@ -128,7 +128,7 @@ class Ingress:
         store = RemoteResponseStore(self.store) if self.store is not None else None
         return build_app(engines, max_pending=limits, metrics=MetricsRecorder("ray"), api_keys=api_keys_from_env(),
                          response_store=store, reasoning_key=key_from_env() or self.reasoning_key,
-                         prompts=self.cfg.prompts, batches=self.cfg.batches,
+                         prompts=self.cfg.prompts, batches=self.cfg.batches, websockets=self.cfg.websockets,
                          batch_store=None if self.batch_store is None else BatchStoreClient(handle=self.batch_store))
 
 
