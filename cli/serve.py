@@ -52,6 +52,9 @@ def _add_common(p) -> None:
     p.add_argument("--batch-file", metavar="PATH",
                    help="also keep uploaded files and batches in this SQLite file, so they (and running batches) "
                         "outlive a restart (default: memory only)")
+    p.add_argument("--websocket-max-minutes", type=float, default=60.0,
+                   help="how long a Responses WebSocket (ws://.../v1/responses, client.responses.connect()) "
+                        "lasts before it closes, its work done (0: no WebSocket mode)")
     p.add_argument("--responses-file", metavar="PATH",
                    help="also keep stored responses and conversations in this SQLite file, read back when the "
                         "server starts again (default: memory only)")
@@ -93,7 +96,8 @@ def build_config(args):
     from pydantic import ValidationError
 
     from cli.generate import UsageError
-    from cluster.config import AutoscalingConfig, BatchConfig, ModelGroupConfig, ResponseStoreConfig, ServeConfig
+    from cluster.config import (AutoscalingConfig, BatchConfig, ModelGroupConfig, ResponseStoreConfig, ServeConfig,
+                                WebSocketConfig)
     from engine.core import EngineConfig
     fraction = args.kv_cache_fraction if args.kv_cache_fraction is not None else 0.9 if args.gpu else None
     sizes = {k: getattr(args, k) for k in ("max_num_seqs", "max_tokens_per_step", "max_model_len", "max_draft_tokens",
@@ -111,6 +115,7 @@ def build_config(args):
                                                         path=args.responses_file),
                           batches=BatchConfig(max_mb=args.batch_store_mb, concurrency=args.batch_concurrency,
                                               path=args.batch_file),
+                          websockets=WebSocketConfig(max_minutes=args.websocket_max_minutes),
                           prompts=read_prompts(args.prompts) if args.prompts else [])
     except ValidationError as e:
         err = e.errors()[0]
@@ -123,7 +128,8 @@ def build_config(args):
                       if f in err["msg"]), None)
         field = named or (loc[-1] if loc else "config")
         flag = {"path": "model", "use_gpu": "gpu", "max_entries": "max_stored_responses",
-                "max_mb": "batch_store_mb", "concurrency": "batch_concurrency"}.get(field, field)
+                "max_mb": "batch_store_mb", "concurrency": "batch_concurrency",
+                "max_minutes": "websocket_max_minutes"}.get(field, field)
         raise UsageError(f"--{flag.replace('_', '-')}: {err['msg']}") from None
     return cfg
 

@@ -533,7 +533,7 @@ def build_app(engines: Mapping[str, EngineClient], *, max_pending: Union[int, Ma
     app.include_router(stored_chats_router(chats))
     if websockets.max_minutes > 0:
         from .responses_ws import router as websocket_router
-        app.include_router(websocket_router(app, websockets))
+        app.include_router(websocket_router(app, websockets, metrics))
     app.include_router(tokenize_router(engine_for))
     if batches.max_mb > 0:
         from .batch_routes import router as batch_router

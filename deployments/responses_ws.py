@@ -264,16 +264,27 @@ class Session:
         return resp
 
 
-def router(app, cfg) -> APIRouter:
+def router(app, cfg, metrics=None) -> APIRouter:
     """The WebSocket route; app: the app it is part of (each turn is a request to it); cfg: a
-    cluster.config.WebSocketConfig."""
+    cluster.config.WebSocketConfig; metrics: a MetricsRecorder for the open-connection gauge (None: off)."""
     r = APIRouter()
+    open_now = [0]
+
+    def count(n: int) -> None:
+        open_now[0] += n
+        if metrics is not None:
+            metrics.set("gptoss_websocket_connections", open_now[0])
+    count(0)  # the series exists (at 0) before the first connection
 
     @r.websocket("/v1/responses")
     async def responses_socket(ws: WebSocket):
         await ws.accept()
         started = time.monotonic()
-        await Session(ws, app, cfg).run()
+        count(1)
+        try:
+            await Session(ws, app, cfg).run()
+        finally:
+            count(-1)
         log.info("WebSocket connection closed after %.1f s", time.monotonic() - started)
 
     return r

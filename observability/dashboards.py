@@ -162,6 +162,10 @@ def overview():
                         "(429 = past the admission limit, 503 = no healthy replica group).",
                         [(rate(req, "model, endpoint, status", non2xx), "{{model}} {{endpoint}} {{status}}")],
                         "reqps"))
+         .with_panel(ts("Open Responses WebSockets", "Connections to ws(s)://.../v1/responses, all ingress "
+                        "replicas (each turn also counts above as a POST /v1/responses). Each is held by one "
+                        "ingress replica until it closes (at most `websockets.max_minutes`).",
+                        [(gauge("gptoss_websocket_connections", "", agg="sum", per_model=False), "open")]))
          .with_row(db.Row("Latency"))
          .with_panel(ts("Time to first token", "Arrival to first output token.",
                         quantiles("gptoss_time_to_first_token_seconds"), "s", span=8))

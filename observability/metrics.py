@@ -79,6 +79,9 @@ CATALOGUE: tuple[MetricSpec, ...] = (
     MetricSpec("gptoss_batches", "gauge", "Batches the batch store holds, by status", ("status",)),
     MetricSpec("gptoss_batch_requests", "gauge", "Requests of running batches: pending, completed, failed",
                ("state",)),
+    # the ingress replicas, each its own series (Ray's WorkerId)
+    MetricSpec("gptoss_websocket_connections", "gauge", "Open Responses WebSocket connections of an ingress "
+                                                        "replica", ()),
     MetricSpec("gptoss_batch_store_bytes", "gauge", "Bytes of uploaded files and batch results held (max_mb "
                "bounds uploads)", ()),
     # autoscaling policy (in the Serve controller)
@@ -123,7 +126,7 @@ class _PromBackend:
         return pc.Histogram(name, s.help, s.labels, buckets=s.buckets, registry=self.registry)
 
     def record(self, m, s: MetricSpec, value: float, labels: dict) -> None:
-        child = m.labels(**labels)
+        child = m.labels(**labels) if s.labels else m  # a metric without labels has no children
         if s.kind == "counter":
             child.inc(value)
         elif s.kind == "gauge":

@@ -218,16 +218,26 @@ def test_steering_a_response_that_calls_a_tool_waits_for_its_output(srv):
         output = {"type": "function_call_output", "call_id": fc.call_id, "output": '{"temp_c": 21}'}
         create(conn, input=[output], previous_response_id=done.id, max_output_tokens=4, tools=TOOLS, store=False)
         r = until(conn)[-1].response
-    history = [{"role": "user", "content": "Weather in Paris?"}, *[it.model_dump(exclude_none=True) for it in done.output],
+    history = [{"role": "user", "content": "Weather in Paris?"},
+               *[it.model_dump(exclude_none=True) for it in done.output],
                {"role": "user", "content": "In Celsius, please."}, output]
     assert r.usage.input_tokens == c.responses.input_tokens.count(model="demo", input=history,
                                                                   tools=TOOLS).input_tokens
 
 
 def test_a_connection_closes_at_its_time_limit_once_its_work_is_done(tiny_ckpt):
-    with own_server(tiny_ckpt, "demo", EngineConfig(max_model_len=512, num_blocks=64),
-                    websockets=WebSocketConfig(max_minutes=0.01)) as s:  # 0.6 s
+    from observability.metrics import BY_NAME, MetricsRecorder
+    rec = MetricsRecorder("prometheus")
+
+    def open_now():
+        return rec.registry.get_sample_value(BY_NAME["gptoss_websocket_connections"].exported_name(), {})
+    with own_server(tiny_ckpt, "demo", EngineConfig(max_model_len=512, num_blocks=64), metrics=rec,
+                    websockets=WebSocketConfig(max_minutes=0.05)) as s:  # 3 s
+        assert open_now() == 0
         with client(s).responses.connect() as conn:
+            create(conn, input="x", max_output_tokens=2, store=False)  # the connection is open once it answers
+            until(conn)
+            assert open_now() == 1
             create(conn, input="Tell me a long story.", max_output_tokens=120, store=False)
             events = until(conn, lambda ev: False)
             assert events[-2].type in FINAL  # the running response finished first
@@ -236,6 +246,10 @@ def test_a_connection_closes_at_its_time_limit_once_its_work_is_done(tiny_ckpt):
             with pytest.raises(Exception):
                 until(conn)  # then the server closes it
             assert time.time() - t0 < 10
+        t0 = time.time()
+        while open_now() and time.time() - t0 < 10:
+            time.sleep(0.05)
+        assert open_now() == 0
     with own_server(tiny_ckpt, "demo", EngineConfig(max_model_len=512, num_blocks=64),
                     websockets=WebSocketConfig(max_minutes=0)) as s:  # off: no WebSocket route
         with pytest.raises(Exception):

@@ -34,6 +34,8 @@ def _serve(*flags: str, timeout: int = 240) -> subprocess.CompletedProcess:
     (("--batch-file", "/proc/none/b.sqlite"), "gptoss serve: --batch-file: cannot use /proc/none/b.sqlite"),
     (("--batch-store-mb", "-1"), "gptoss serve: --batch-store-mb: Input should be greater than or equal to 0"),
     (("--batch-concurrency", "0"), "gptoss serve: --batch-concurrency: Input should be greater than or equal to 1"),
+    (("--websocket-max-minutes", "-1"),
+     "gptoss serve: --websocket-max-minutes: Input should be greater than or equal to 0"),
 ])
 def test_serve_names_a_bad_model_or_layout_before_starting_ray(tiny_ckpt, flags, says, capsys):
     """What a replica would fail on (no checkpoint there, heads --tp cannot split) is the user's input: it is

@@ -163,6 +163,30 @@ def test_responses_are_stored_and_continued_through_the_store_replica(app):
     assert r1.id in e.value.body["message"] and e.value.body["param"] == "previous_response_id"
 
 
+def test_a_responses_websocket_runs_through_the_serve_proxy(app):
+    """Serve's proxy upgrades the connection to the ingress replica: lanes run, a store=false turn is continued
+    on the connection, a stored one from the store replica."""
+    final = ("response.completed", "response.incomplete", "response.failed", "error")
+    kw = {"type": "response.create", "model": "tiny", "max_output_tokens": 4, "max_reasoning_tokens": 0}
+    with app.responses.connect() as conn:
+        for sid in ("x", "y"):
+            conn.send({**kw, "input": f"Hi {sid}", "store": sid == "y", "stream_id": sid})
+        done = {}
+        for ev in conn:
+            if ev.type in final:
+                done[ev.stream_id] = ev
+                if len(done) == 2:
+                    break
+        assert {k: ev.type in ("response.completed", "response.incomplete") for k, ev in done.items()} == {
+            "x": True, "y": True}
+        for sid in ("x", "y"):
+            conn.send({**kw, "input": "More", "previous_response_id": done[sid].response.id, "store": False})
+            ev = next(ev for ev in conn if ev.type in final)
+            assert ev.response.previous_response_id == done[sid].response.id
+            assert ev.response.usage.input_tokens > done[sid].response.usage.input_tokens
+    assert app.responses.retrieve(done["y"].response.id).id == done["y"].response.id
+
+
 def test_a_batch_runs_through_the_batch_store_replica(app):
     """Upload, create, poll, download through Serve: the files and the batch live in the batch store replica,
     an ingress replica's runner runs the lines (on the flex tier) over the EP2 group."""
