@@ -45,10 +45,13 @@ _FINAL = ("response.completed", "response.incomplete", "response.failed")
 _QUEUED = 64  # creates one lane holds waiting
 
 
-def _items(value) -> list:
+def _items(value) -> Optional[list]:
+    """A create's `input` as items; None when it is neither a string nor a list (the POST names the error)."""
     if value is None:
         return []
-    return [{"type": "message", "role": "user", "content": value}] if isinstance(value, str) else list(value)
+    if isinstance(value, str):
+        return [{"type": "message", "role": "user", "content": value}]
+    return list(value) if isinstance(value, list) else None
 
 
 @dataclass
@@ -183,14 +186,19 @@ class Session:
             return await self.error(APIError(400, "background: a WebSocket response streams on its connection; "
                                                   "use POST /v1/responses for a background one",
                                              param="background", code="invalid_value"), sid, steers)
+        generate = event.get("generate", True) is not False
+        if not generate and body.get("conversation"):  # its warm-up run would join the conversation
+            return await self.error(APIError(400, "generate: a response in a conversation cannot be prepared "
+                                                  "without output", param="generate", code="invalid_value"),
+                                    sid, steers)
         settings = {k: v for k, v in body.items() if k not in ("input", "previous_response_id")}
         prev = body.get("previous_response_id")
         claimed = self.steering.claim(prev, sid)
-        if claimed:  # the steering queued while `prev` waited for these tool outputs comes first
+        if claimed and _items(body.get("input")) is not None:  # the steering queued for these tool outputs first
             body["input"] = [it for s in claimed for it in s.items] + _items(body.get("input"))
-            steers += claimed
+        steers += claimed
         body, base, items = self._continued(body)
-        if event.get("generate", True) is False:
+        if not generate:
             final = await self._prefill(sid, body, prev, steers)
         else:
             final = await self._stream(sid, body, prev, steers, settings)
@@ -208,8 +216,8 @@ class Session:
         conversation goes on from; the items after it."""
         prev, own = body.get("previous_response_id"), _items(body.get("input"))
         turn = self.turns.get(prev) if isinstance(prev, str) else None
-        if turn is None:
-            return body, prev, own  # a stored response (or none; or unknown, and the POST says so)
+        if turn is None or own is None:
+            return body, prev, own or []  # a stored response (or none; or unknown, and the POST says so)
         self.turns.move_to_end(prev)
         return {**body, "input": turn.items + own, "previous_response_id": turn.base}, turn.base, turn.items + own
 
@@ -224,7 +232,7 @@ class Session:
         try:
             if await call.start() != 200:
                 return await self._refused(call, sid, steers)
-            buf, final, text = "", None, codecs.getincrementaldecoder("utf-8")()
+            buf, rid, final, text = "", None, None, codecs.getincrementaldecoder("utf-8")()
             async for chunk in call.chunks():
                 events, buf = sse_events(buf + text.decode(chunk))
                 for ev in events:
@@ -232,10 +240,13 @@ class Session:
                     if isinstance(resp, dict):
                         resp["previous_response_id"] = prev  # as asked, whatever it was continued from here
                         if ev.get("type") == "response.created":
-                            self.steering.began(resp["id"], sid, settings)
+                            rid = resp["id"]
+                            self.steering.began(rid, sid, settings)
                         elif ev.get("type") in _FINAL:
                             final = resp
                     await self.emit(ev, sid)
+            if final is None and rid is not None:  # the stream broke off (its error event was relayed)
+                final = {"id": rid, "status": "failed", "output": []}
             return final
         finally:
             await call.close()  # a client gone mid-stream: the engine request is aborted

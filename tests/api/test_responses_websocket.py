@@ -145,6 +145,12 @@ def test_bad_events_get_error_events_and_the_connection_goes_on(srv):
         create(conn, input="x", max_output_tokens=-1)
         (err,) = until(conn)
         assert err.status == 400 and err.error.param == "max_output_tokens"
+        create(conn, input=5, previous_response_id="resp_x")
+        (err,) = until(conn)
+        assert err.status == 400 and err.error.param.startswith("input")
+        create(conn, input="x", generate=False, conversation="conv_x")
+        (err,) = until(conn)
+        assert err.status == 400 and err.error.param == "generate"
         create(conn, input="still here", max_output_tokens=2, store=False)
         assert until(conn)[-1].type in FINAL
     with pytest.raises(Exception, match="401"):
@@ -257,3 +263,27 @@ def test_a_connection_closes_at_its_time_limit_once_its_work_is_done(tiny_ckpt):
                 create(conn, input="x")
                 until(conn)
     assert threading.active_count() < 50
+
+
+def test_a_response_that_fails_mid_stream_fails_its_steering_and_the_connection_goes_on(api):
+    flaky = api.engines["flaky"].engine
+    flaky.fail_after = 12
+    try:
+        with api.client().responses.connect() as conn:
+            create(conn, model="flaky", input="Write a poem.", max_output_tokens=200, store=False)
+            created = until(conn, lambda ev: ev.type == "response.created")[-1].response
+            conn.response.steer(previous_response_id=created.id, input="Shorter.")
+            events = []
+            for ev in conn:
+                events.append(ev)
+                if ev.type == "response.steer.failed":
+                    break
+            flaky.fail_after = None
+            create(conn, input="Still there?", max_output_tokens=2, store=False)
+            assert until(conn)[-1].type in FINAL
+    finally:
+        flaky.fail_after = None
+    kinds = [ev.type for ev in events]
+    assert "response.steer.accepted" in kinds and ("error" in kinds or "response.failed" in kinds)
+    assert events[-1].error.code == "response_not_active" and events[-1].steer.input == "Shorter."
+    assert kinds.index("response.steer.failed") > max(i for i, k in enumerate(kinds) if k in ("error", *FINAL))
