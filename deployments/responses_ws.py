@@ -12,7 +12,8 @@ handlers: a WebSocket turn is a POST in every respect but the transport. Beyond 
   remembered here, a stored one from the store;
 - `generate: false` prepares a turn: its prompt is prefilled (so it lands in the prefix cache) and the response
   comes back without output, to be continued;
-- `response.steer` queues user input for a running response (deployments.ws_steering);
+- `response.steer` queues user input for a running response, which then ends at its next boundary between
+  output items (deployments.ws_steering);
 - a connection lasts at most `max_minutes`: then, its queued work done, it gets a
   `websocket_connection_limit_reached` error and closes.
 Errors come as `{"type": "error", "status", "error": {...}}` events (with the lane's stream_id); the
@@ -232,24 +233,42 @@ class Session:
         try:
             if await call.start() != 200:
                 return await self._refused(call, sid, steers)
-            buf, rid, final, text = "", None, None, codecs.getincrementaldecoder("utf-8")()
+            buf, created, final, done, text = "", None, None, [], codecs.getincrementaldecoder("utf-8")()
+            cut = None  # steering is queued and an item is done: where the response ends if another item follows
             async for chunk in call.chunks():
                 events, buf = sse_events(buf + text.decode(chunk))
                 for ev in events:
-                    resp = ev.get("response")
+                    kind, resp = ev.get("type"), ev.get("response")
+                    if cut is not None and kind not in (*_FINAL, "error"):  # not its end, nor a failure's
+                        return await self._steered(created, done, cut, sid)
+                    cut = None
                     if isinstance(resp, dict):
                         resp["previous_response_id"] = prev  # as asked, whatever it was continued from here
-                        if ev.get("type") == "response.created":
-                            rid = resp["id"]
-                            self.steering.began(rid, sid, settings)
-                        elif ev.get("type") in _FINAL:
+                        if kind == "response.created":
+                            created = resp
+                            self.steering.began(resp["id"], sid, settings)
+                        elif kind in _FINAL:
                             final = resp
                     await self.emit(ev, sid)
-            if final is None and rid is not None:  # the stream broke off (its error event was relayed)
-                final = {"id": rid, "status": "failed", "output": []}
+                    if kind == "response.output_item.done" and created is not None and final is None:
+                        done.append(ev["item"])
+                        # a call's output is the client's to give: steering waits for it (pending)
+                        if self.steering.queued(created["id"]) and ev["item"].get("type") != "function_call":
+                            cut = ev.get("sequence_number", 0) + 1
+            if final is None and created is not None:  # the stream broke off (its error event was relayed)
+                final = {**created, "status": "failed"}
             return final
         finally:
-            await call.close()  # a client gone mid-stream: the engine request is aborted
+            await call.close()  # a client gone mid-stream (or a steered response): the engine request is aborted
+
+    async def _steered(self, created: dict, done: list, seq: int, sid: Optional[str]) -> dict:
+        """Steering is queued: the response ends at this boundary between output items, as the next one starts
+        (the rest of its run is aborted), as incomplete for `steered`. Its usage is not known: the engine counts a
+        run when it ends."""
+        final = {**created, "status": "incomplete", "incomplete_details": {"reason": "steered"}, "output": done,
+                 "usage": None, "store": False}  # a run cut off is not stored: the connection continues it
+        await self.emit({"type": "response.incomplete", "sequence_number": seq, "response": final}, sid)
+        return final
 
     async def _prefill(self, sid: Optional[str], body: dict, prev: Optional[str],
                        steers: list[Steer]) -> Optional[dict]:

@@ -9,7 +9,8 @@ input queued for a response while it runs, which a successor response then conti
 - Input that cannot be committed comes back in `response.steer.failed` (the successor failed to start, the
   response failed, the target is unknown or already over, the input is not user messages).
 
-The running response is not cut short: a successor starts when it ends on its own.
+A running response with steering queued ends at its next boundary between output items (after a reasoning or
+message item; a function call ends it anyway) as `incomplete` for `steered` (deployments.responses_ws).
 """
 
 from __future__ import annotations
@@ -82,6 +83,11 @@ class Steering:
         for s in steers:
             await self._send("failed", {"id": s.id, "previous_response_id": s.target, "input": s.input}, sid,
                              error={"type": "invalid_request_error", "code": code, "message": message})
+
+    def queued(self, rid: str) -> bool:
+        """Steering waits for the running response `rid` (so it should end at its next boundary)."""
+        t = self._running.get(rid)
+        return t is not None and bool(t.steers)
 
     def began(self, rid: str, sid: Optional[str], settings: dict) -> None:
         self._running[rid] = _Target(sid, settings)

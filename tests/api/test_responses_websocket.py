@@ -207,6 +207,33 @@ def test_steering_starts_a_successor_with_the_queued_input(srv):
         assert ev.error.code == "response_not_found"  # another connection does not know it
 
 
+def test_steering_ends_a_response_at_its_next_item_boundary(srv):
+    c = client(srv)
+    poem = dict(input="Write a poem.", max_output_tokens=300, store=False, reasoning={"effort": "high"},
+                max_reasoning_tokens=150, seed=3)
+    full = c.responses.create(model="demo", **{k: v for k, v in poem.items() if k not in ("max_reasoning_tokens",
+                                                                                           "seed")},
+                              extra_body={"max_reasoning_tokens": 150, "seed": 3})
+    assert [it.type for it in full.output] == ["reasoning", "message"]  # left alone: it reasons, then answers
+    with c.responses.connect() as conn:
+        create(conn, **poem)
+        created = until(conn, lambda ev: ev.type == "response.created")[-1].response
+        conn.response.steer(previous_response_id=created.id, input="Make it rhyme.")
+        events = until(conn, lambda ev: ev.type in FINAL and ev.response.id != created.id)
+    first = next(ev for ev in events if ev.type in FINAL).response
+    assert first.id == created.id and first.status == "incomplete" and first.incomplete_details.reason == "steered"
+    assert [it.type for it in first.output] == ["reasoning"] and first.usage is None  # cut after its reasoning
+    assert first.output[0].content[0].text == full.output[0].content[0].text
+    before_end = events[:next(i for i, ev in enumerate(events) if ev.type in FINAL)]
+    assert [ev.type for ev in before_end].count("response.output_item.added") == 1  # the message never started
+    successor = events[-1].response
+    history = [{"role": "user", "content": "Write a poem."}, first.output[0].model_dump(exclude_none=True),
+               {"role": "user", "content": "Make it rhyme."}]
+    assert successor.previous_response_id == created.id
+    assert successor.usage.input_tokens == c.responses.input_tokens.count(
+        model="demo", reasoning={"effort": "high"}, input=history).input_tokens
+
+
 def test_steering_a_response_that_calls_a_tool_waits_for_its_output(srv):
     c = client(srv)
     call = dict(tools=TOOLS, tool_choice={"type": "function", "name": "get_weather"}, store=False, seed=1)
@@ -270,7 +297,8 @@ def test_a_response_that_fails_mid_stream_fails_its_steering_and_the_connection_
     flaky.fail_after = 12
     try:
         with api.client().responses.connect() as conn:
-            create(conn, model="flaky", input="Write a poem.", max_output_tokens=200, store=False)
+            create(conn, model="flaky", input="Write a poem.", max_output_tokens=200, store=False,
+                   max_reasoning_tokens=0)  # one message item: no boundary to end at before the failure
             created = until(conn, lambda ev: ev.type == "response.created")[-1].response
             conn.response.steer(previous_response_id=created.id, input="Shorter.")
             events = []
