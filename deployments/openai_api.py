@@ -51,6 +51,7 @@ from .background import BackgroundResponses, detached
 from .compaction import Compaction, compaction_request
 from .conversations import router as conversations_router
 from .responses_api import ResponseBuilder
+from .responses_ws import OpenSockets
 from .responses_routes import router as responses_router
 from .sealed_reasoning import ReasoningSeal
 from .sse_response import SSEResponse, nothing
@@ -286,6 +287,7 @@ def build_app(engines: Mapping[str, EngineClient], *, max_pending: Union[int, Ma
     templates = PromptTemplates(prompts)
     background = BackgroundResponses(stored)
     chats = StoredChats(stored)
+    sockets = OpenSockets(metrics)
 
     runner = None
 
@@ -293,7 +295,10 @@ def build_app(engines: Mapping[str, EngineClient], *, max_pending: Union[int, Ma
     async def lifespan(_):
         if runner is not None:
             runner.start()
+        publishing = asyncio.ensure_future(sockets.publish()) if metrics is not None else None
         yield
+        if publishing is not None:
+            publishing.cancel()
         if runner is not None:
             await runner.stop()  # another replica takes its batch on from where it was
         await background.shutdown()  # runs still going are stored as cancelled, not left in_progress
@@ -533,7 +538,7 @@ def build_app(engines: Mapping[str, EngineClient], *, max_pending: Union[int, Ma
     app.include_router(stored_chats_router(chats))
     if websockets.max_minutes > 0:
         from .responses_ws import router as websocket_router
-        app.include_router(websocket_router(app, websockets, metrics))
+        app.include_router(websocket_router(app, websockets, sockets))
     app.include_router(tokenize_router(engine_for))
     if batches.max_mb > 0:
         from .batch_routes import router as batch_router

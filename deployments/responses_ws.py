@@ -294,27 +294,42 @@ class Session:
         return resp
 
 
-def router(app, cfg, metrics=None) -> APIRouter:
-    """The WebSocket route; app: the app it is part of (each turn is a request to it); cfg: a
-    cluster.config.WebSocketConfig; metrics: a MetricsRecorder for the open-connection gauge (None: off)."""
-    r = APIRouter()
-    open_now = [0]
+class OpenSockets:
+    """The app's open WebSocket connections, and their gauge (`publish` re-sets it every few seconds: a gauge
+    nobody sets goes stale where it is scraped)."""
 
-    def count(n: int) -> None:
-        open_now[0] += n
-        if metrics is not None:
-            metrics.set("gptoss_websocket_connections", open_now[0])
-    count(0)  # the series exists (at 0) before the first connection
+    def __init__(self, metrics=None):
+        self.n, self.metrics = 0, metrics
+        self._set()
+
+    def add(self, d: int) -> None:
+        self.n += d
+        self._set()
+
+    def _set(self) -> None:
+        if self.metrics is not None:
+            self.metrics.set("gptoss_websocket_connections", self.n)
+
+    async def publish(self, every_s: float = 2.0) -> None:
+        while True:
+            self._set()
+            await asyncio.sleep(every_s)
+
+
+def router(app, cfg, sockets: OpenSockets) -> APIRouter:
+    """The WebSocket route; app: the app it is part of (each turn is a request to it); cfg: a
+    cluster.config.WebSocketConfig."""
+    r = APIRouter()
 
     @r.websocket("/v1/responses")
     async def responses_socket(ws: WebSocket):
         await ws.accept()
         started = time.monotonic()
-        count(1)
+        sockets.add(1)
         try:
             await Session(ws, app, cfg).run()
         finally:
-            count(-1)
+            sockets.add(-1)
         log.info("WebSocket connection closed after %.1f s", time.monotonic() - started)
 
     return r
