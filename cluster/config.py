@@ -95,6 +95,17 @@ class WebSocketConfig(BaseModel):
                                                         "`previous_response_id`, store=false ones too")
 
 
+class WebhookConfig(BaseModel):
+    """Webhook deliveries (/v1/webhook_endpoints, `client.webhooks`): batch and background-response events,
+    signed, POSTed to each endpoint of the key that made the batch or response (deployments/webhooks.py). The
+    endpoints live in the batch store, so they need `batches.max_mb` > 0."""
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    max_attempts: int = Field(6, ge=1, description="tries per delivery: until the endpoint answers 2xx")
+    first_retry_s: float = Field(5.0, gt=0, description="the wait before the second try; it doubles each try "
+                                                        "after")
+    timeout_s: float = Field(10.0, gt=0, description="how long one try waits for the endpoint's answer")
+
+
 class BatchConfig(BaseModel):
     """The Files and Batch APIs (/v1/files, /v1/batches): one store shared by the ingress replicas, and a
     runner in each that runs batches on the flex tier."""
@@ -142,6 +153,7 @@ class ServeConfig(BaseModel):
     responses: ResponseStoreConfig = ResponseStoreConfig()
     batches: BatchConfig = BatchConfig()
     websockets: WebSocketConfig = WebSocketConfig()
+    webhooks: WebhookConfig = WebhookConfig()
     prompts: list[PromptTemplate] = Field(default_factory=list, description="stored prompts Responses may "
                                                                           "name in `prompt`")
 

@@ -70,6 +70,7 @@ class BackgroundResponses:
 
     def __init__(self, stored: StoredResponses):
         self.stored = stored
+        self.hooks = None  # deployments.webhooks.Webhooks: told of each background response that ends
         self.tasks: dict[str, asyncio.Task] = {}
         self.live: dict[str, _Live] = {}
 
@@ -113,6 +114,8 @@ class BackgroundResponses:
             await handler.save()
         finally:
             syncer.cancel()
+            if self.hooks is not None and handler.status in ("completed", "failed", "cancelled", "incomplete"):
+                self.hooks.emit(handler.owner, f"response.{handler.status}", handler.id)
             live.show(done=True)
             starting.cancel()  # still starting: it closes the run itself
             await _closed(starting)

@@ -4,7 +4,8 @@ was running goes on from its last reported line (its runner's reports now answer
 runner stops; the next claim skips the lines the file holds).
 
 What reaches the file: every file added, expired or deleted, every batch created, cancelled or
-finished, and every report's lines (with the batch's counts), each in one transaction.
+finished, and every report's lines (with the batch's counts), each in one transaction; and every webhook
+endpoint created, changed or deleted (deployments.webhook_store).
 """
 
 from __future__ import annotations
@@ -31,6 +32,18 @@ class BatchFile:
                         "TEXT, output_expires_s INTEGER, principal TEXT)")
         self.db.execute("CREATE TABLE IF NOT EXISTS results (batch TEXT NOT NULL, line INTEGER NOT NULL, ok INTEGER "
                         "NOT NULL, text TEXT NOT NULL, PRIMARY KEY (batch, line))")
+        self.db.execute("CREATE TABLE IF NOT EXISTS webhooks (id TEXT PRIMARY KEY, record TEXT NOT NULL)")
+
+    def save_endpoint(self, eid: str, record: dict) -> None:
+        self.db.execute("INSERT INTO webhooks (id, record) VALUES (?, ?) ON CONFLICT (id) DO UPDATE SET record = "
+                        "excluded.record", (eid, json.dumps(record)))
+
+    def drop_endpoint(self, eid: str) -> None:
+        self.db.execute("DELETE FROM webhooks WHERE id = ?", (eid,))
+
+    def load_endpoints(self) -> list[dict]:
+        """Oldest first."""
+        return [json.loads(r) for (r,) in self.db.execute("SELECT record FROM webhooks ORDER BY rowid")]
 
     def add_files(self, files: Iterable) -> None:
         self.db.executemany("INSERT OR REPLACE INTO files (id, meta, data) VALUES (?, ?, ?)",

@@ -166,6 +166,8 @@ def router(store: BatchStoreClient, runner: BatchRunner, models: Callable[[], Co
                        tier_cap=getattr(request.state, "tier_cap", None), output_expires_s=expiry,
                        principal=who(request))
         await store.call("add_batch", job)
+        if job.batch["status"] == "failed":
+            runner.ended(job.batch, who(request))
         runner.wake()
         return job.batch
 
@@ -190,6 +192,8 @@ def router(store: BatchStoreClient, runner: BatchRunner, models: Callable[[], Co
         if b["status"] in ("completed", "failed", "expired"):
             raise APIError(409, f"Cannot cancel a batch that is {b['status']}.", param="batch_id",
                            code="invalid_state")
+        if b["status"] == "cancelled":  # nobody ran it: cancelled here, not by a runner
+            runner.ended(b, who(request))
         return b
 
     return r

@@ -112,11 +112,11 @@ def read_input(data: bytes, endpoint: str, max_requests: int,
 
 class BatchRunner:
     def __init__(self, store: BatchStoreClient, app, headers: Callable[[Optional[str], Optional[str]], dict],
-                 concurrency: int, max_batches: int = 4, poll_s: float = POLL_S):
+                 concurrency: int, max_batches: int = 4, poll_s: float = POLL_S, hooks=None):
         """app: this replica's ASGI app; headers(tier_cap, principal): what lets a line through its API-key check
         with that tier cap, as the batch's creator (None, None: the creator had no key), so what a line stores
-        (`store: true`) is the creator's."""
-        self.store, self.app, self.headers = store, app, headers
+        (`store: true`) is the creator's. hooks: deployments.webhooks.Webhooks, told of each batch that ends."""
+        self.store, self.app, self.headers, self.hooks = store, app, headers, hooks
         self.max_batches, self.poll_s = max_batches, poll_s
         self.owner = new_id("runner_")
         self.slots = asyncio.Semaphore(concurrency)  # lines in flight, over every batch this runner runs
@@ -126,6 +126,16 @@ class BatchRunner:
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    def ended(self, batch: Optional[dict], who: Optional[str]) -> None:
+        """`batch` (as the store answered) has ended, or it is None: the creator's webhooks hear of it."""
+        if batch is not None and self.hooks is not None and batch["status"] in ("completed", "failed", "expired",
+                                                                                "cancelled"):
+            self.hooks.emit(who, f"batch.{batch['status']}", batch["id"])
+
+    async def _finish(self, bid: str, who: Optional[str], status: str, error: Optional[dict] = None) -> None:
+        self.ended(await self.store.call("finish", bid, self.owner, status, *(() if error is None else (error,))),
+                   who)
 
     def wake(self) -> None:
         """A batch was just created: look now, not at the next poll."""
@@ -169,11 +179,11 @@ class BatchRunner:
     async def _run(self, batch: dict, done: list[int], tier_cap: Optional[str], who: Optional[str]) -> None:
         bid = batch["id"]
         if batch["status"] == "cancelling":  # cancelled while its runner was being lost: nothing more runs
-            await self.store.call("finish", bid, self.owner, "cancelled")
+            await self._finish(bid, who, "cancelled")
             return
         data = await self.store.call("content", batch["input_file_id"])
         if data is None:
-            await self.store.call("finish", bid, self.owner, "failed", {
+            await self._finish(bid, who, "failed", {
                 "code": "file_not_found", "message": f"the input file {batch['input_file_id']} is gone",
                 "param": "input_file_id", "line": None})
             return
@@ -192,7 +202,7 @@ class BatchRunner:
         if stop == "expired":
             run.pending.extend(run.expired(i) for i in todo if i not in run.ran)
         if await self.store.call("report", bid, self.owner, run.take()) is not None:
-            await self.store.call("finish", bid, self.owner, stop)
+            await self._finish(bid, who, stop)
 
     async def _handover(self, bid: str, run: "_Run") -> None:
         try:

@@ -111,6 +111,13 @@ class MemoryBatchStore:
             self.files = {f.id: f for f in files}
             self.jobs = {j.id: j for j in jobs}
             self.bytes = sum(len(f.data) for f in files) + sum(len(t) for j in jobs for _, t in j.results.values())
+        from .webhook_store import EndpointBook
+        self.webhooks = EndpointBook(self._file)
+
+    def webhook(self, name: str, *args):
+        """An EndpointBook call (deployments.webhook_store): the webhook endpoints live here too."""
+        with self._lock:
+            return getattr(self.webhooks, name)(*args)
 
     # ---------------------------------------------------------------- files
     def add_file(self, f: StoredFile) -> bool:

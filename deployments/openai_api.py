@@ -7,7 +7,9 @@ background stream, GET .../{id}?stream=true to resume it: all in
 deployments.responses_routes, with POST /v1/responses/input_tokens),
 /v1/conversations (deployments.conversations), stored chat completions (GET
 /v1/chat/completions and /v1/chat/completions/{id}...: deployments.stored_chats), /v1/completions,
-/v1/models, /tokenize and /detokenize (deployments.tokenize_routes), /health and /ready. An engine is
+/v1/models, /tokenize and /detokenize (deployments.tokenize_routes), /health and /ready; with the Batch
+API on, /v1/files and /v1/batches (deployments.batch_routes) and /v1/webhook_endpoints
+(deployments.webhook_routes); the Responses WebSocket at /v1/responses (deployments.responses_ws). An engine is
 anything with the `EngineClient` shape (engine.async_engine): an in-process
 `AsyncEngine`, or a client of a remote one (the Ray Serve layer wraps this app
 and supplies such clients; nothing here knows about Ray).
@@ -257,7 +259,7 @@ def build_app(engines: Mapping[str, EngineClient], *, max_pending: Union[int, Ma
               title: str = "gpt-oss OpenAI-compatible API", metrics=None,
               api_keys: Optional[Union[frozenset, Mapping[str, str]]] = None, response_store=None,
               reasoning_key: Optional[str] = None, prompts: Sequence = (), batches=None,
-              batch_store=None, websockets=None) -> FastAPI:
+              batch_store=None, websockets=None, webhooks=None) -> FastAPI:
     """The API over `engines` (model name -> engine client; read on every request,
     so a caller may fill it after building the app).
 
@@ -275,11 +277,14 @@ def build_app(engines: Mapping[str, EngineClient], *, max_pending: Union[int, Ma
     batches: the Files and Batch APIs' limits (cluster.config.BatchConfig; default: its defaults; max_mb 0: off).
     websockets: Responses over a WebSocket (cluster.config.WebSocketConfig; default: its defaults; max_minutes
         0: off).
+    webhooks: how batch and background-response events are delivered to the webhook endpoints
+        (/v1/webhook_endpoints, kept in the batch store: only with the Batch API on; cluster.config.WebhookConfig).
     batch_store: where files and batches are kept (a deployments.batch_store.BatchStoreClient); None: a store
         in this process.
     """
-    from cluster.config import BatchConfig, WebSocketConfig
+    from cluster.config import BatchConfig, WebhookConfig, WebSocketConfig
     batches = BatchConfig() if batches is None else batches
+    webhooks = WebhookConfig() if webhooks is None else webhooks
     websockets = WebSocketConfig() if websockets is None else websockets
     internal_keys = {tier: secrets.token_urlsafe(32) for tier in SERVICE_TIERS}  # a batch's lines, run here
     stored = StoredResponses(response_store)
@@ -302,6 +307,8 @@ def build_app(engines: Mapping[str, EngineClient], *, max_pending: Union[int, Ma
         if runner is not None:
             await runner.stop()  # another replica takes its batch on from where it was
         await background.shutdown()  # runs still going are stored as cancelled, not left in_progress
+        if background.hooks is not None:
+            await background.hooks.shutdown()
 
     app = FastAPI(title=title, version="1.0", lifespan=lifespan)
     if api_keys:
@@ -550,7 +557,12 @@ def build_app(engines: Mapping[str, EngineClient], *, max_pending: Union[int, Ma
             if not api_keys:
                 return {}
             return {"Authorization": f"Bearer {internal_keys[tier_cap or 'priority']}", PRINCIPAL_HEADER: who or ""}
-        runner = BatchRunner(bstore, app, loopback_headers, batches.concurrency, batches.max_batches)
+        from .webhook_routes import router as webhook_router
+        from .webhooks import Webhooks
+        hooks = Webhooks(lambda *a: bstore.call("webhook", *a), webhooks, metrics)
+        background.hooks = hooks
+        app.include_router(webhook_router(hooks))
+        runner = BatchRunner(bstore, app, loopback_headers, batches.concurrency, batches.max_batches, hooks=hooks)
         app.include_router(batch_router(bstore, runner, lambda: list(engines), int(batches.max_file_mb * (1 << 20)),
                                         batches.max_requests, int(batches.file_expiry_days * 86400) or None))
 

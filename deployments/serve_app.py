@@ -129,6 +129,7 @@ class Ingress:
         return build_app(engines, max_pending=limits, metrics=MetricsRecorder("ray"), api_keys=api_keys_from_env(),
                          response_store=store, reasoning_key=key_from_env() or self.reasoning_key,
                          prompts=self.cfg.prompts, batches=self.cfg.batches, websockets=self.cfg.websockets,
+                         webhooks=self.cfg.webhooks,
                          batch_store=None if self.batch_store is None else BatchStoreClient(handle=self.batch_store))
 
 

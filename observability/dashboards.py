@@ -53,10 +53,12 @@ def sel(name: str, suffix: str = "", match: str = "") -> str:
     return f"{_m(name, suffix, *labels)}{{{MODEL}{', ' + match if match else ''}}}"
 
 
-def rate(name: str, by: str = "", match: str = "", suffix: str = "") -> str:
-    """Per-second rate summed by `by` (empty: one series)."""
+def rate(name: str, by: str = "", match: str = "", suffix: str = "", per_model: bool = True) -> str:
+    """Per-second rate summed by `by` (empty: one series); per_model False: an app-wide metric (no model
+    label: the model selection does not apply)."""
     _m(name, suffix, *[b.strip() for b in by.split(",") if b.strip()])
-    return f"sum{f' by ({by}) ' if by else ''}(rate({sel(name, suffix, match)}{RI}))"
+    series = sel(name, suffix, match) if per_model else _m(name, suffix)
+    return f"sum{f' by ({by}) ' if by else ''}(rate({series}{RI}))"
 
 
 def gauge(name: str, by: str, agg: str = "max", per_model: bool = True) -> str:
@@ -199,7 +201,11 @@ def overview():
                         [(gauge("gptoss_batch_requests", "state", per_model=False), "{{state}}")]))
          .with_panel(ts("Batch store memory", "Bytes of uploaded files and batch results; an upload past "
                         "`max_mb` is refused.",
-                        [(gauge("gptoss_batch_store_bytes", "", per_model=False), "bytes")], "bytes")))
+                        [(gauge("gptoss_batch_store_bytes", "", per_model=False), "bytes")], "bytes"))
+         .with_panel(ts("Webhook deliveries/s", "Batch and background-response events sent to webhook "
+                        "endpoints: delivered (a 2xx answer, retries included) or given up after "
+                        "`webhooks.max_attempts` tries (the endpoint is down or refuses them), all models.",
+                        [(rate("gptoss_webhook_deliveries", "outcome", per_model=False), "{{outcome}}")])))
     return d
 
 

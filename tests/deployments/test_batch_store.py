@@ -115,6 +115,24 @@ def test_a_store_file_keeps_files_and_batches_across_a_restart(tmp_path):
     assert s.file(got["output_file_id"], "team-a") and s.file(got["output_file_id"], "team-b") is None
 
 
+def test_webhook_endpoints_are_each_keys_own_and_outlive_a_restart_with_their_secrets(tmp_path):
+    path = str(tmp_path / "batches.sqlite")
+    s = MemoryBatchStore(path=path)
+    a = s.webhook("create", "team-a", "ops", "https://a.example/hook", ["batch.completed", "response.failed"])
+    b = s.webhook("create", "team-b", "theirs", "https://b.example/hook", ["batch.completed"])
+    kept = s.webhook("rotate", a["id"], "team-a", True)  # the old secret stays valid a day
+    s.webhook("update", b["id"], "team-b", {"name": "renamed"})
+    assert s.webhook("rotate", a["id"], "team-b", False) is None  # not b's
+    s = MemoryBatchStore(path=path)  # the replica restarted
+    assert [e["id"] for e in s.webhook("list", "team-a")] == [a["id"]]
+    assert s.webhook("get", b["id"], "team-b")["name"] == "renamed" and s.webhook("get", b["id"], "team-a") is None
+    assert s.webhook("targets", "team-a", "batch.completed") == [
+        (a["id"], "https://a.example/hook", [kept["signing_secret"], a["signing_secret"]])]
+    assert s.webhook("targets", "team-a", "batch.failed") == [] and s.webhook("targets", None, "batch.completed") == []
+    assert s.webhook("delete", a["id"], "team-a") and not s.webhook("delete", a["id"], "team-a")
+    assert MemoryBatchStore(path=path).webhook("list", "team-a") == []
+
+
 def test_a_batch_cancelled_while_its_runner_was_lost_is_finished_by_the_next_without_running_a_line():
     import asyncio
 

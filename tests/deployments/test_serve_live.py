@@ -196,6 +196,9 @@ def test_a_batch_runs_through_the_batch_store_replica(app):
               "body": {"model": "tiny-ep2", "messages": [{"role": "user", "content": f"Say {i}"}], "max_tokens": 6,
                        "temperature": 0}} for i in range(3)]
     lines[2]["body"].update(store=True, metadata={"from": "live-batch"})  # stored by the store replica
+    from tests.api.test_webhooks import Receiver
+    hook = Receiver()  # its endpoint is kept in the batch store replica; the runner's replica delivers
+    endpoint = app.webhooks.create(name="live", url=hook.url, event_types=["batch.completed"])
     f = app.files.create(file=("in.jsonl", io.BytesIO("".join(json.dumps(x) + "\n" for x in lines).encode())),
                          purpose="batch")
     b = app.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
@@ -209,6 +212,10 @@ def test_a_batch_runs_through_the_batch_store_replica(app):
     assert {x["response"]["body"]["service_tier"] for x in out} == {"flex"}
     stored = app.chat.completions.list(metadata={"from": "live-batch"})
     assert [c.id for c in stored] == [out[2]["response"]["body"]["id"]]
+    headers, body = hook.wait(1)[0]
+    assert app.webhooks.unwrap(body, headers, secret=endpoint.signing_secret).data.id == b.id
+    app.webhooks.delete(endpoint.id)
+    hook.server.shutdown()
 
 
 def test_ep2_group_gives_the_same_greedy_output(app):

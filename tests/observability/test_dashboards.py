@@ -97,12 +97,13 @@ def test_metric_names_come_from_the_catalogue(dashboards):
 
 
 def test_every_selector_filters_by_the_model_variable(dashboards):
-    """...except an app-wide metric's (the response and batch stores', the ingress's open WebSockets), which has no
-    model label to filter on."""
+    """...except an app-wide metric's (the response and batch stores', the ingress's open WebSockets and webhook
+    deliveries), which has no model label to filter on."""
     from observability.metrics import CATALOGUE
     app_wide = {m.exported_name() for m in CATALOGUE if "model" not in m.labels}
     assert app_wide == {"ray_gptoss_stored_records", "ray_gptoss_response_store_bytes", "ray_gptoss_batches",
-                        "ray_gptoss_batch_requests", "ray_gptoss_batch_store_bytes", "ray_gptoss_websocket_connections"}
+                        "ray_gptoss_batch_requests", "ray_gptoss_batch_store_bytes", "ray_gptoss_websocket_connections",
+                        "ray_gptoss_webhook_deliveries_total"}
     for uid, title, expr in all_exprs(dashboards):
         selectors = re.findall(r"(ray_gptoss_\w+)(\{[^}]*\})?", expr)
         assert selectors, f"{uid} / {title}: {expr}"
