@@ -51,6 +51,7 @@ def rules() -> dict:
     kv_full = _sel("gptoss_kv_cache_usage", 'pool="full"')
     interactive = _sel("gptoss_requests_waiting", 'service_tier!="flex"', "", "replica")
     ttft = _rate("gptoss_time_to_first_token_seconds", by="model, le", suffix="_bucket")
+    gave_up = _rate("gptoss_webhook_deliveries", 'outcome="gave_up"', by="outcome")
     return {"groups": [{"name": "gptoss", "rules": [
         _rule("GptossServerErrors",
               f"{server_errors} / {requests} > {SERVER_ERROR_RATIO}", "5m",
@@ -90,6 +91,12 @@ def rules() -> dict:
               "0m", "warning", "Running batches have made no progress for 30 minutes",
               "Batch lines run on the flex tier: interactive traffic may be taking every slot, or no ingress "
               "replica runs the batch (see the ingress logs)."),
+        _rule("GptossWebhooksFailing",
+              f"{gave_up} > 0",
+              "15m", "warning", "Webhook events are being given up on",
+              "An endpoint did not answer 2xx to any of a delivery's tries (webhooks.max_attempts): it is down, "
+              "refuses the signature, or its URL is wrong. The ingress logs name the endpoint; its owner can "
+              "check it with client.webhooks.test()."),
     ]}]}
 
 

@@ -36,7 +36,7 @@ def test_every_rule_names_catalogue_metrics_and_says_what_to_do():
 @needs_promtool
 def test_promtool_accepts_the_rules():
     r = subprocess.run([PROMTOOL, "check", "rules", str(SHIPPED)], capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0 and "SUCCESS: 7 rules found" in r.stdout, r.stdout + r.stderr
+    assert r.returncode == 0 and "SUCCESS: 8 rules found" in r.stdout, r.stdout + r.stderr
 
 
 def _annotations(alert: str, model: str) -> dict:
@@ -75,6 +75,13 @@ def test_rules_fire_on_what_they_watch_and_only_then(tmp_path):
          "alert_rule_test": [{"eval_time": "20m", "alertname": "GptossBatchStalled", "exp_alerts": []},
                              _expect("GptossBatchStalled", "35m", model=None),
                              {"eval_time": "45m", "alertname": "GptossBatchStalled", "exp_alerts": []}]},
+        {"interval": "1m", "input_series": [  # deliveries that succeed, then some given up on for 20 minutes
+            {"series": 'ray_gptoss_webhook_deliveries_total{outcome="delivered"}', "values": "0+5x60"},
+            {"series": 'ray_gptoss_webhook_deliveries_total{outcome="gave_up"}', "values": "0x20 0+1x40"}],
+         "alert_rule_test": [{"eval_time": "15m", "alertname": "GptossWebhooksFailing", "exp_alerts": []},
+                             {"eval_time": "45m", "alertname": "GptossWebhooksFailing", "exp_alerts": [
+                                 {"exp_labels": {"severity": "warning", "outcome": "gave_up"},
+                                  "exp_annotations": _annotations("GptossWebhooksFailing", "")}]}]},
     ]
     spec = tmp_path / "alerts-test.yaml"
     spec.write_text(yaml.safe_dump({"rule_files": [str(SHIPPED)], "evaluation_interval": "1m", "tests": tests}))
