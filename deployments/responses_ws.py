@@ -6,7 +6,8 @@ in-process (deployments.loopback), so it passes the same API-key check, tier cap
 handlers: a WebSocket turn is a POST in every respect but the transport. Beyond it:
 
 - lanes: a create's `stream_id` names its lane; a lane runs its creates in order, lanes run at once, and every
-  event of a lane's responses carries its stream_id;
+  event of a lane's responses carries its stream_id; a create continuing a response still running on another
+  lane (a fork) starts once that one has ended;
 - the connection remembers its last responses (store=false ones too), so a turn continues one by
   `previous_response_id` sending only its new input: a store=false response is continued from the items
   remembered here, a stored one from the store;
@@ -77,6 +78,7 @@ class Session:
         self.headers = forwarded(list(ws.scope.get("headers") or []))
         self.lanes: dict[Optional[str], _Lane] = {}
         self.turns: OrderedDict[str, _Turn] = OrderedDict()
+        self.running: dict[str, tuple[Optional[str], asyncio.Event]] = {}  # response -> (its lane, set at its end)
         self.steering = Steering(self.emit)
         self.closing = False
         self._sending = asyncio.Lock()
@@ -198,18 +200,24 @@ class Session:
         if claimed and _items(body.get("input")) is not None:  # the steering queued for these tool outputs first
             body["input"] = [it for s in claimed for it in s.items] + _items(body.get("input"))
         steers += claimed
+        if prev in self.running:  # still running on another lane: a fork continues it once it has ended
+            await self.running[prev][1].wait()
         body, base, items = self._continued(body)
-        if not generate:
-            final = await self._prefill(sid, body, prev, steers)
-        else:
-            final = await self._stream(sid, body, prev, steers, settings)
-        if final is None:
-            return None
-        if final.get("status") in ("completed", "incomplete") and not body.get("conversation"):
-            self.turns[final["id"]] = _Turn(final["id"], []) if final.get("store") else \
-                _Turn(base, items + list(final.get("output") or []))
-            while len(self.turns) > self.cfg.cached_responses:
-                self.turns.popitem(last=False)
+        try:
+            if not generate:
+                final = await self._prefill(sid, body, prev, steers)
+            else:
+                final = await self._stream(sid, body, prev, steers, settings)
+            if final is None:
+                return None
+            if final.get("status") in ("completed", "incomplete") and not body.get("conversation"):
+                self.turns[final["id"]] = _Turn(final["id"], []) if final.get("store") else \
+                    _Turn(base, items + list(final.get("output") or []))
+                while len(self.turns) > self.cfg.cached_responses:
+                    self.turns.popitem(last=False)
+        finally:  # this lane's response (one at a time) has ended, and is remembered: a fork may go on
+            for rid in [r for r, (lane, _) in self.running.items() if lane == sid]:
+                self.running.pop(rid)[1].set()
         return await self.steering.ended(final["id"], final)
 
     def _continued(self, body: dict) -> tuple[dict, Optional[str], list]:
@@ -246,6 +254,7 @@ class Session:
                         resp["previous_response_id"] = prev  # as asked, whatever it was continued from here
                         if kind == "response.created":
                             created = resp
+                            self.running[resp["id"]] = (sid, asyncio.Event())
                             self.steering.began(resp["id"], sid, settings)
                         elif kind in _FINAL:
                             final = resp

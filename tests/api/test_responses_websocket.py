@@ -111,6 +111,24 @@ def test_lanes_run_at_once_and_in_order_each(srv):
     assert len(ended) == 3
 
 
+def test_a_fork_on_another_lane_waits_for_the_response_it_continues(srv):
+    c = client(srv)
+    with c.responses.connect() as conn:
+        create(conn, input="Tell me a long story.", max_output_tokens=120, store=False, stream_id="a")
+        first = until(conn, lambda ev: ev.type == "response.created")[-1].response
+        create(conn, input="Shorter.", max_output_tokens=4, store=False, stream_id="b",
+               previous_response_id=first.id)
+        events = until(conn, lambda ev: ev.type in FINAL and ev.stream_id == "b")
+    ended = next(i for i, ev in enumerate(events) if ev.type in FINAL and ev.stream_id == "a")
+    fork = next(i for i, ev in enumerate(events) if ev.type == "response.created" and ev.stream_id == "b")
+    assert ended < fork  # the fork started once the story had ended
+    story, r = events[ended].response, events[-1].response
+    history = [{"role": "user", "content": "Tell me a long story."},
+               *[it.model_dump(exclude_none=True) for it in story.output], {"role": "user", "content": "Shorter."}]
+    assert r.previous_response_id == first.id
+    assert r.usage.input_tokens == c.responses.input_tokens.count(model="demo", input=history).input_tokens
+
+
 def test_generate_false_prefills_a_turn_without_output(srv):
     c = client(srv)
     tools_prompt = dict(instructions="You are a weather bot.", tools=TOOLS)
