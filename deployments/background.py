@@ -114,7 +114,7 @@ class BackgroundResponses:
             await handler.save()
         finally:
             syncer.cancel()
-            if self.hooks is not None and handler.status in ("completed", "failed", "cancelled", "incomplete"):
+            if self.hooks is not None and handler.status in _ENDED:
                 self.hooks.emit(handler.owner, f"response.{handler.status}", handler.id)
             live.show(done=True)
             starting.cancel()  # still starting: it closes the run itself

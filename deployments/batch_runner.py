@@ -28,7 +28,7 @@ from typing import Callable, Collection, Optional
 import httpx
 
 from .api_common import new_id, now
-from .batch_store import BatchStoreClient
+from .batch_store import ENDED, BatchStoreClient
 
 log = logging.getLogger(__name__)
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
@@ -129,13 +129,11 @@ class BatchRunner:
 
     def ended(self, batch: Optional[dict], who: Optional[str]) -> None:
         """`batch` (as the store answered) has ended, or it is None: the creator's webhooks hear of it."""
-        if batch is not None and self.hooks is not None and batch["status"] in ("completed", "failed", "expired",
-                                                                                "cancelled"):
+        if batch is not None and self.hooks is not None and batch["status"] in ENDED:
             self.hooks.emit(who, f"batch.{batch['status']}", batch["id"])
 
     async def _finish(self, bid: str, who: Optional[str], status: str, error: Optional[dict] = None) -> None:
-        self.ended(await self.store.call("finish", bid, self.owner, status, *(() if error is None else (error,))),
-                   who)
+        self.ended(await self.store.call("finish", bid, self.owner, status, error), who)
 
     def wake(self) -> None:
         """A batch was just created: look now, not at the next poll."""

@@ -28,6 +28,7 @@ from typing import Optional
 from .api_common import new_id, now
 
 RUNNING = ("validating", "in_progress", "finalizing", "cancelling")
+ENDED = ("completed", "failed", "expired", "cancelled")
 ANY = "*"  # the principal of a call that may see every object (the runner); never an API key's digest
 
 
@@ -332,7 +333,7 @@ class BatchStoreServer:
 
 def publish_counts(rec, store: MemoryBatchStore, every_s: float) -> None:
     """Sets the batch gauges every `every_s`, each status and state every time (an emptied one reads 0)."""
-    statuses = RUNNING + ("completed", "failed", "expired", "cancelled")
+    statuses = RUNNING + ENDED
     while True:
         c = store.counts()
         for s in statuses:

@@ -94,12 +94,15 @@ class Call:
             await self._task
 
 
-def sse_events(buffer: str) -> tuple[list[dict], str]:
-    """The complete events at the front of an SSE `buffer` (their `data` JSON), and what is left of it."""
+def sse_events(buffer: str) -> tuple[list[tuple[str, str]], str]:
+    """The complete events at the front of an SSE `buffer`, each (its `event` name, its `data` text: JSON, left
+    unparsed, so relaying a token's event costs no parse), and what is left of the buffer."""
     events = []
     while "\n\n" in buffer:
         block, buffer = buffer.split("\n\n", 1)
-        data = "\n".join(line[5:].lstrip() for line in block.splitlines() if line.startswith("data:"))
+        lines = block.splitlines()
+        data = "\n".join(line[5:].lstrip() for line in lines if line.startswith("data:"))
         if data and data != "[DONE]":
-            events.append(json.loads(data))
+            name = next((line[6:].strip() for line in lines if line.startswith("event:")), None)
+            events.append((name or json.loads(data).get("type", ""), data))
     return events, buffer

@@ -84,10 +84,14 @@ class Session:
         self._sending = asyncio.Lock()
 
     async def emit(self, event: dict, sid: Optional[str] = None) -> None:
+        await self.send(json.dumps(event), sid)
+
+    async def send(self, text: str, sid: Optional[str] = None) -> None:
+        """An event's JSON text, with the lane's stream_id added as its last field."""
         if sid is not None:
-            event = {**event, "stream_id": sid}
+            text = f"{text[:-1]},\"stream_id\":{json.dumps(sid)}}}"
         async with self._sending:
-            await self.ws.send_text(json.dumps(event))
+            await self.ws.send_text(text)
 
     async def error(self, err: APIError, sid: Optional[str] = None, steers: list[Steer] = ()) -> None:
         await self.emit({"type": "error", "status": err.status, "error": err.body()["error"]}, sid)
@@ -197,8 +201,9 @@ class Session:
         settings = {k: v for k, v in body.items() if k not in ("input", "previous_response_id")}
         prev = body.get("previous_response_id")
         claimed = self.steering.claim(prev, sid)
-        if claimed and _items(body.get("input")) is not None:  # the steering queued for these tool outputs first
-            body["input"] = [it for s in claimed for it in s.items] + _items(body.get("input"))
+        own = _items(body.get("input"))
+        if claimed and own is not None:  # the steering queued for these tool outputs comes first
+            body["input"] = [it for s in claimed for it in s.items] + own
         steers += claimed
         if prev in self.running:  # still running on another lane: a fork continues it once it has ended
             await self.running[prev][1].wait()
@@ -245,12 +250,16 @@ class Session:
             cut = None  # steering is queued and an item is done: where the response ends if another item follows
             async for chunk in call.chunks():
                 events, buf = sse_events(buf + text.decode(chunk))
-                for ev in events:
-                    kind, resp = ev.get("type"), ev.get("response")
+                for kind, data in events:
                     if cut is not None and kind not in (*_FINAL, "error"):  # not its end, nor a failure's
                         return await self._steered(created, done, cut, sid)
                     cut = None
-                    if isinstance(resp, dict):
+                    if kind.count(".") != 1 and kind != "response.output_item.done":
+                        await self.send(data, sid)  # a token's event (most of them): relayed as it came
+                        continue
+                    ev = json.loads(data)
+                    resp = ev.get("response")
+                    if isinstance(resp, dict):  # response.created, .in_progress, ..., .completed
                         resp["previous_response_id"] = prev  # as asked, whatever it was continued from here
                         if kind == "response.created":
                             created = resp

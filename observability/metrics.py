@@ -79,9 +79,9 @@ CATALOGUE: tuple[MetricSpec, ...] = (
     MetricSpec("gptoss_batches", "gauge", "Batches the batch store holds, by status", ("status",)),
     MetricSpec("gptoss_batch_requests", "gauge", "Requests of running batches: pending, completed, failed",
                ("state",)),
+    # the ingress replicas, each its own series (Ray's WorkerId)
     MetricSpec("gptoss_webhook_deliveries", "counter", "Webhook events delivered (a 2xx answer) or given up on "
                                                        "after every try, by outcome", ("outcome",)),
-    # the ingress replicas, each its own series (Ray's WorkerId)
     MetricSpec("gptoss_websocket_connections", "gauge", "Open Responses WebSocket connections of an ingress "
                                                         "replica", ()),
     MetricSpec("gptoss_batch_store_bytes", "gauge", "Bytes of uploaded files and batch results held (max_mb "
